@@ -1,0 +1,47 @@
+#!/bin/bash
+# Build the sanblk guest kernel (Rust-enabled 6.12, debug flavour) from Debian's
+# linux-source-6.12, cached outside the work tree so fresh clones reuse it.
+# The cache key covers the source package version, the config fragment and this script.
+# Prints the kernel build directory (usable as KDIR) on its last line.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+tarball=/usr/src/linux-source-6.12.tar.xz
+fragment="$here/kernel.config"
+[ -f "$tarball" ] || { echo "missing $tarball: run 'make deps'" >&2; exit 1; }
+
+pkg_version=$(dpkg-query -W -f='${Version}' linux-source-6.12)
+key=$( { echo "$pkg_version"; cat "$fragment" "$0"; } | sha256sum | cut -c1-16)
+cache_root=${SANBLK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sanblk}
+dir="$cache_root/kernel-$key"
+tree="$dir/linux-source-6.12"
+
+if [ -f "$dir/.built" ]; then
+    echo "kernel: cached build $key ($pkg_version)" >&2
+    echo "$tree"
+    exit 0
+fi
+
+echo "kernel: building $key ($pkg_version) in $dir; about 10 minutes on 2 cores" >&2
+rm -rf "$dir"
+mkdir -p "$dir"
+tar -C "$dir" -xf "$tarball"
+cd "$tree"
+make -s LLVM=1 tinyconfig >/dev/null
+./scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null
+make -s LLVM=1 olddefconfig >/dev/null
+# merge_config silently drops options whose dependencies fail; the build must not.
+missing=0
+while IFS= read -r line; do
+    case "$line" in CONFIG_*=y)
+        grep -qx "$line" .config || { echo "kernel: option not satisfied: $line" >&2; missing=1; } ;;
+    esac
+done < "$fragment"
+if [ "$missing" != 0 ]; then
+    make -s LLVM=1 rustavailable >&2 || true
+    exit 1
+fi
+jobs=$(( $(nproc) + 1 ))
+make -s LLVM=1 -j"$jobs" bzImage modules >&2
+touch "$dir/.built"
+echo "kernel: built $tree/arch/x86/boot/bzImage" >&2
+echo "$tree"

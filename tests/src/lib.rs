@@ -1,0 +1,1 @@
+//! QEMU harness for sanblk end-to-end tests.

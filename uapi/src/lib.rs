@@ -1,0 +1,10 @@
+//! Wire formats shared by the sanblk kernel module and userspace.
+//!
+//! `#![no_std]`, no dependencies and no allocation, so the kernel module compiles these very
+//! source files (`#[path]`) and there is exactly one definition of every format.
+
+#![no_std]
+#![forbid(unsafe_code)]
+
+pub mod frame;
+pub mod netlink;

@@ -1,0 +1,303 @@
+//! The `sanblk` generic-netlink family: name, commands, attributes and their policy.
+//!
+//! The attribute table below is the single source of truth: the kernel module's C shim gets its
+//! `nla_policy` from a header generated out of [`ATTRIBUTES`] (see `examples/c_header.rs`), and
+//! userspace encodes with the same numbers.
+
+/// Generic-netlink family name (at most 15 bytes, kernel `GENL_NAMSIZ`).
+pub const FAMILY_NAME: &str = "sanblk";
+/// Family version announced in the genl header; bumped on incompatible changes.
+pub const FAMILY_VERSION: u8 = 1;
+/// Multicast group on which the module reports events (path failures, lease lapses, ...).
+pub const EVENTS_GROUP: &str = "events";
+/// Protocol version reported by STATUS in [`Attr::ProtocolVersion`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Commands of the family. Values are part of the ABI: never renumber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Command {
+    /// Attach a volume: map, device paths, server addresses, session token.
+    Create = 1,
+    /// Replace the map of an attached volume by a newer epoch.
+    UpdateMap = 2,
+    /// Hold new I/O and drain in-flight I/O before a configuration change.
+    Quiesce = 3,
+    /// Release held I/O after a configuration change.
+    Resume = 4,
+    /// Detach a volume.
+    Destroy = 5,
+    /// Report the module's state.
+    Status = 6,
+    /// Start or end a copy-on-write snapshot.
+    Snapshot = 7,
+    /// Multicast notification from the module.
+    Event = 8,
+}
+
+impl Command {
+    /// Every command, in numeric order.
+    pub const ALL: [Command; 8] = [
+        Command::Create,
+        Command::UpdateMap,
+        Command::Quiesce,
+        Command::Resume,
+        Command::Destroy,
+        Command::Status,
+        Command::Snapshot,
+        Command::Event,
+    ];
+
+    /// Decodes a command number; `None` for anything the family does not define.
+    pub fn from_u8(value: u8) -> Option<Command> {
+        Command::ALL.iter().copied().find(|c| *c as u8 == value)
+    }
+
+    /// Name used in the generated C header (`SANBLK_CMD_<NAME>`) and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Create => "CREATE",
+            Command::UpdateMap => "UPDATE_MAP",
+            Command::Quiesce => "QUIESCE",
+            Command::Resume => "RESUME",
+            Command::Destroy => "DESTROY",
+            Command::Status => "STATUS",
+            Command::Snapshot => "SNAPSHOT",
+            Command::Event => "EVENT",
+        }
+    }
+
+    /// Whether the sender needs `CAP_NET_ADMIN` (everything but reading status).
+    pub fn needs_admin(self) -> bool {
+        !matches!(self, Command::Status)
+    }
+
+    /// Whether userspace may send this command (EVENT only flows from the kernel).
+    pub fn accepted_from_userspace(self) -> bool {
+        !matches!(self, Command::Event)
+    }
+}
+
+/// Attribute payload kinds, mapped onto the kernel's `nla_policy` types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttrKind {
+    /// `NLA_U32`: exactly 4 bytes.
+    U32,
+    /// `NLA_U64`: exactly 8 bytes.
+    U64,
+    /// `NLA_NUL_STRING` with at most `max` bytes before the terminator.
+    String { max: u16 },
+    /// `NLA_BINARY` with at most `max` bytes.
+    Binary { max: u16 },
+    /// `NLA_NESTED`: contains attributes of this same table.
+    Nested,
+}
+
+/// Attributes of the family. Values are part of the ABI: never renumber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Attr {
+    /// STATUS reply: [`PROTOCOL_VERSION`] of the module.
+    ProtocolVersion = 1,
+    /// STATUS reply: module version string.
+    ModuleVersion = 2,
+    /// STATUS reply: block major the module registered.
+    BlockMajor = 3,
+    /// STATUS reply: number of attached volumes.
+    VolumeCount = 4,
+    /// Volume identifier assigned by the server.
+    VolumeId = 5,
+    /// Volume name (also the sysfs-visible name of the block device).
+    VolumeName = 6,
+    /// Map epoch.
+    Epoch = 7,
+    /// Encoded volume map.
+    Map = 8,
+    /// Local path of one SAN device (repeated inside [`Attr::Devices`]).
+    DevicePath = 9,
+    /// Nested list of [`Attr::DevicePath`].
+    Devices = 10,
+    /// Server I/O address, `a.b.c.d:port` (repeated inside [`Attr::Servers`]).
+    ServerAddr = 11,
+    /// Nested list of [`Attr::ServerAddr`].
+    Servers = 12,
+    /// Session token for the server I/O path.
+    Token = 13,
+    /// Minor index of a sanblk block device (`/dev/sanblkN`).
+    DeviceIndex = 14,
+    /// Event kind in an EVENT notification.
+    EventKind = 15,
+    /// Nested description of one attached volume in a STATUS reply.
+    Volume = 16,
+}
+
+/// One row of the attribute table.
+#[derive(Clone, Copy, Debug)]
+pub struct AttrSpec {
+    /// Attribute number.
+    pub attr: Attr,
+    /// Name used in the generated C header (`SANBLK_ATTR_<NAME>`).
+    pub name: &'static str,
+    /// Payload policy.
+    pub kind: AttrKind,
+}
+
+/// Largest encoded map the module accepts, in bytes.
+pub const MAX_MAP_BYTES: u16 = 32 * 1024;
+/// Largest session token, in bytes.
+pub const MAX_TOKEN_BYTES: u16 = 64;
+/// Longest device path, in bytes.
+pub const MAX_PATH_BYTES: u16 = 255;
+/// Longest volume name, in bytes.
+pub const MAX_VOLUME_NAME_BYTES: u16 = 63;
+
+/// The attribute table: numbers, names and policy.
+pub const ATTRIBUTES: [AttrSpec; 16] = [
+    AttrSpec {
+        attr: Attr::ProtocolVersion,
+        name: "PROTOCOL_VERSION",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::ModuleVersion,
+        name: "MODULE_VERSION",
+        kind: AttrKind::String { max: 31 },
+    },
+    AttrSpec {
+        attr: Attr::BlockMajor,
+        name: "BLOCK_MAJOR",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::VolumeCount,
+        name: "VOLUME_COUNT",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::VolumeId,
+        name: "VOLUME_ID",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::VolumeName,
+        name: "VOLUME_NAME",
+        kind: AttrKind::String {
+            max: MAX_VOLUME_NAME_BYTES,
+        },
+    },
+    AttrSpec {
+        attr: Attr::Epoch,
+        name: "EPOCH",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::Map,
+        name: "MAP",
+        kind: AttrKind::Binary { max: MAX_MAP_BYTES },
+    },
+    AttrSpec {
+        attr: Attr::DevicePath,
+        name: "DEVICE_PATH",
+        kind: AttrKind::String {
+            max: MAX_PATH_BYTES,
+        },
+    },
+    AttrSpec {
+        attr: Attr::Devices,
+        name: "DEVICES",
+        kind: AttrKind::Nested,
+    },
+    AttrSpec {
+        attr: Attr::ServerAddr,
+        name: "SERVER_ADDR",
+        kind: AttrKind::String { max: 63 },
+    },
+    AttrSpec {
+        attr: Attr::Servers,
+        name: "SERVERS",
+        kind: AttrKind::Nested,
+    },
+    AttrSpec {
+        attr: Attr::Token,
+        name: "TOKEN",
+        kind: AttrKind::Binary {
+            max: MAX_TOKEN_BYTES,
+        },
+    },
+    AttrSpec {
+        attr: Attr::DeviceIndex,
+        name: "DEVICE_INDEX",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::EventKind,
+        name: "EVENT_KIND",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::Volume,
+        name: "VOLUME",
+        kind: AttrKind::Nested,
+    },
+];
+
+/// Highest attribute number (`maxattr` of the family).
+pub const ATTR_MAX: u16 = Attr::Volume as u16;
+
+impl Attr {
+    /// Decodes an attribute number; `None` for numbers the family does not define.
+    pub fn from_u16(value: u16) -> Option<Attr> {
+        ATTRIBUTES
+            .iter()
+            .map(|s| s.attr)
+            .find(|a| *a as u16 == value)
+    }
+
+    /// The policy row of this attribute.
+    pub fn spec(self) -> &'static AttrSpec {
+        // ATTRIBUTES is ordered by number starting at 1 (checked by a unit test).
+        &ATTRIBUTES[self as usize - 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_table_is_dense_and_ordered() {
+        for (index, spec) in ATTRIBUTES.iter().enumerate() {
+            assert_eq!(spec.attr as usize, index + 1, "{} out of order", spec.name);
+            assert_eq!(spec.attr.spec().name, spec.name);
+        }
+        assert_eq!(ATTRIBUTES.len(), ATTR_MAX as usize);
+    }
+
+    #[test]
+    fn attribute_numbers_round_trip_and_unknowns_are_rejected() {
+        for spec in ATTRIBUTES.iter() {
+            assert_eq!(Attr::from_u16(spec.attr as u16), Some(spec.attr));
+        }
+        assert_eq!(Attr::from_u16(0), None);
+        assert_eq!(Attr::from_u16(ATTR_MAX + 1), None);
+    }
+
+    #[test]
+    fn commands_round_trip_and_unknowns_are_rejected() {
+        for cmd in Command::ALL {
+            assert_eq!(Command::from_u8(cmd as u8), Some(cmd));
+        }
+        assert_eq!(Command::from_u8(0), None);
+        assert_eq!(Command::from_u8(200), None);
+        assert!(!Command::Status.needs_admin());
+        assert!(Command::Create.needs_admin());
+        assert!(!Command::Event.accepted_from_userspace());
+    }
+
+    #[test]
+    fn names_fit_kernel_limits() {
+        // GENL_NAMSIZ is 16 including the terminator.
+        assert!(FAMILY_NAME.len() < 16);
+        assert!(EVENTS_GROUP.len() < 16);
+    }
+}
