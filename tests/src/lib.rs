@@ -1,1 +1,31 @@
 //! QEMU harness for sanblk end-to-end tests.
+//!
+//! A test describes a guest with [`VmConfig`] (a shell script plus disks, forwarded ports and
+//! resources) and runs it with [`run`], or [`spawn`] + [`RunningVm::wait`] to have several
+//! guests up at once. The guest boots the project's debug kernel (KASAN, lockdep) on the
+//! host's root filesystem, so host binaries (`target/debug/*`, `kmod/sanblk.ko`, fio,
+//! dmsetup, busybox) run in the guest at their host paths. The script runs in `$SANBLK_OUT`
+//! (`/run/sanblk-out` in the guest), which is the run's log directory on the host
+//! ([`GuestOutcome::log_dir`]). Kernel splats in the serial log fail
+//! [`GuestOutcome::assert_clean_success`] even when the script succeeded.
+//!
+//! ```no_run
+//! use sanblk_tests::{run, VmConfig};
+//! let outcome = run(&VmConfig::new("hello", "uname -r > uname.txt")).expect("guest ran");
+//! outcome.assert_clean_success();
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod marker;
+pub mod paths;
+pub mod splat;
+pub mod vm;
+
+pub use config::{Disk, VmConfig};
+pub use error::{FailedRun, HarnessError};
+pub use paths::{
+    guest_init, kernel_image, kernel_tree, module_path, repo_root, sparse_image, target_bin,
+};
+pub use splat::find_splats;
+pub use vm::{run, spawn, GuestOutcome, RunningVm, GUEST_OUT_DIR, HOST_ADDR_FROM_GUEST};
