@@ -76,6 +76,26 @@ impl Command {
     pub fn accepted_from_userspace(self) -> bool {
         !matches!(self, Command::Event)
     }
+
+    /// Attributes a request must carry; the module refuses the request with `EINVAL` and an
+    /// extack message naming the first one missing.
+    pub fn required_attributes(self) -> &'static [Attr] {
+        match self {
+            Command::Create => &[
+                Attr::VolumeId,
+                Attr::VolumeName,
+                Attr::Epoch,
+                Attr::Map,
+                Attr::Devices,
+                Attr::Token,
+            ],
+            Command::UpdateMap => &[Attr::VolumeId, Attr::Epoch, Attr::Map],
+            Command::Quiesce | Command::Resume => &[Attr::VolumeId, Attr::Epoch],
+            Command::Destroy => &[Attr::VolumeId],
+            Command::Snapshot => &[Attr::VolumeId, Attr::Epoch, Attr::Map],
+            Command::Status | Command::Event => &[],
+        }
+    }
 }
 
 /// Attribute payload kinds, mapped onto the kernel's `nla_policy` types.
@@ -91,6 +111,8 @@ pub enum AttrKind {
     Binary { max: u16 },
     /// `NLA_NESTED`: contains attributes of this same table.
     Nested,
+    /// Alignment padding for 64-bit values sent by the kernel; refused from userspace.
+    Pad,
 }
 
 /// Attributes of the family. Values are part of the ABI: never renumber.
@@ -129,6 +151,8 @@ pub enum Attr {
     EventKind = 15,
     /// Nested description of one attached volume in a STATUS reply.
     Volume = 16,
+    /// Padding the kernel may insert before 64-bit attributes.
+    Pad = 17,
 }
 
 /// One row of the attribute table.
@@ -152,7 +176,7 @@ pub const MAX_PATH_BYTES: u16 = 255;
 pub const MAX_VOLUME_NAME_BYTES: u16 = 63;
 
 /// The attribute table: numbers, names and policy.
-pub const ATTRIBUTES: [AttrSpec; 16] = [
+pub const ATTRIBUTES: [AttrSpec; 17] = [
     AttrSpec {
         attr: Attr::ProtocolVersion,
         name: "PROTOCOL_VERSION",
@@ -239,10 +263,15 @@ pub const ATTRIBUTES: [AttrSpec; 16] = [
         name: "VOLUME",
         kind: AttrKind::Nested,
     },
+    AttrSpec {
+        attr: Attr::Pad,
+        name: "PAD",
+        kind: AttrKind::Pad,
+    },
 ];
 
 /// Highest attribute number (`maxattr` of the family).
-pub const ATTR_MAX: u16 = Attr::Volume as u16;
+pub const ATTR_MAX: u16 = Attr::Pad as u16;
 
 impl Attr {
     /// Decodes an attribute number; `None` for numbers the family does not define.
