@@ -25,7 +25,8 @@ pub mod vm;
 pub use config::{Disk, VmConfig};
 pub use error::{FailedRun, HarnessError};
 pub use paths::{
-    guest_init, kernel_image, kernel_tree, module_path, repo_root, sparse_image, target_bin,
+    guest_init, kernel_image, kernel_tree, module_path, repo_root, scratch_dir, sparse_image,
+    target_bin,
 };
 pub use splat::find_splats;
 pub use vm::{run, spawn, GuestOutcome, RunningVm, GUEST_OUT_DIR, HOST_ADDR_FROM_GUEST};

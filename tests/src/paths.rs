@@ -1,10 +1,11 @@
 //! Host paths that tests need. The guest sees the host's root filesystem at the same paths,
 //! so every path returned here can also be used inside a guest script.
 
-use std::fs::OpenOptions;
+use std::fs::{self, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use crate::error::HarnessError;
@@ -79,6 +80,38 @@ pub fn module_path() -> PathBuf {
 /// `<repo>/target/debug/<name>`: a workspace binary the guest can execute directly.
 pub fn target_bin(name: &str) -> PathBuf {
     repo_root().join("target/debug").join(name)
+}
+
+/// A fresh, empty directory `<repo>/target/qemu-scratch/<name>-<pid>-<counter>` for a test's
+/// disk images and host-side files. Guests see it at the same path (read-only via the root
+/// share; write through disks or `$SANBLK_OUT`).
+pub fn scratch_dir(name: &str) -> io::Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = repo_root().join("target/qemu-scratch").join(format!(
+        "{}-{}-{}",
+        sanitize_name(name),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// `name` with everything but ASCII letters, digits, '-' and '_' replaced by '_', so it is
+/// safe in file names, QEMU options and the kernel command line.
+pub(crate) fn sanitize_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// Creates (or truncates) `path` as a sparse file of `bytes` bytes, e.g. a SAN disk image.

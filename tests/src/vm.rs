@@ -302,16 +302,7 @@ fn create_log_dir(name: &str) -> Result<PathBuf, HarnessError> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    let safe_name: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let safe_name = paths::sanitize_name(name);
     let dir = base.join(format!(
         "{safe_name}-{millis}-{}-{}",
         std::process::id(),
