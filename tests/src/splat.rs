@@ -77,11 +77,24 @@ pub(crate) fn kernel_message(line: &str) -> Option<&str> {
     while let Some(open) = line[search_from..].find('[') {
         let start = search_from + open;
         if let Some(message) = strip_timestamp(&line[start..]) {
-            return Some(message.trim_start());
+            return Some(strip_caller_id(message.trim_start()));
         }
         search_from = start + 1;
     }
     None
+}
+
+/// Drops the `[    T123]` / `[     C1]` field that `CONFIG_PRINTK_CALLER` adds after the
+/// timestamp, so prefix patterns still match the message itself.
+fn strip_caller_id(message: &str) -> &str {
+    let caller = message.strip_prefix('[').and_then(|rest| {
+        let close = rest.find(']')?;
+        let id = rest[..close].trim_start();
+        let digits = id.strip_prefix('T').or_else(|| id.strip_prefix('C'))?;
+        (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| rest[close + 1..].trim_start())
+    });
+    caller.unwrap_or(message)
 }
 
 /// If `text` starts with `[<spaces><digits>.<digits>]`, returns what follows.
@@ -173,6 +186,17 @@ mod tests {
         ] {
             assert_no_splat(line);
         }
+    }
+
+    #[test]
+    fn caller_id_field_is_skipped() {
+        assert_splat("[    5.123456][    T1] WARNING: CPU: 0 PID: 1 at x");
+        assert_splat("[    5.123456][     C0] BUG: KASAN: use-after-free in y");
+        assert_eq!(kernel_message("[    1.000000][  T42] hello"), Some("hello"));
+        assert_eq!(
+            kernel_message("[    1.000000][vda] hello"),
+            Some("[vda] hello")
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sanblk_tests::{run, scratch_dir, sparse_image, spawn, HarnessError, VmConfig};
+use sanblk_tests::{
+    run, scratch_dir, sparse_image, spawn, Disk, HarnessError, VmConfig, GUEST_OUT_DIR,
+};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: usize = 4096;
@@ -29,8 +31,18 @@ fn read_block(image: &Path, offset: u64) -> Vec<u8> {
 
 #[test]
 fn boots_and_runs_script_on_the_project_kernel() {
-    let outcome = run(&VmConfig::new("boot", "uname -r > uname.txt\n")).expect("guest run");
+    // The script runs in $SANBLK_OUT, which is the host's log directory; env() reaches it.
+    let script = "uname -r > uname.txt\n\
+                  printf '%s|%s|%s' \"$SANBLK_GREETING\" \"$SANBLK_OUT\" \"$PWD\" > env.txt\n";
+    let config = VmConfig::new("boot", script).env("SANBLK_GREETING", "it's \"quoted\" $HOME");
+    let outcome = run(&config).expect("guest run");
     outcome.assert_clean_success();
+    assert_eq!(
+        outcome
+            .read_out_file("env.txt")
+            .expect("guest wrote env.txt"),
+        format!("it's \"quoted\" $HOME|{GUEST_OUT_DIR}|{GUEST_OUT_DIR}")
+    );
     let release = outcome
         .read_out_file("uname.txt")
         .expect("guest wrote uname.txt");
@@ -99,16 +111,33 @@ fn shared_disk_is_read_and_written_by_host_and_guest() {
     fs::write(&host_expected, &host_block).expect("write expected block");
     fs::write(&guest_source, &guest_block).expect("write guest block");
 
+    // A second disk attached through a raw -drive spec must become /dev/vdb.
+    let second_image = dir.join("second.img");
+    sparse_image(&second_image, 8 * MIB).expect("create second image");
+    let second_spec = format!(
+        "file={},format=raw,cache=none,file.locking=off",
+        second_image.display()
+    );
+
     let script = format!(
         "set -e\n\
          dd if=/dev/vda of=got.bin bs={BLOCK} skip=256 count=1 iflag=direct\n\
          cmp got.bin {expected}\n\
-         dd if={source} of=/dev/vda bs={BLOCK} seek=512 count=1 oflag=direct conv=notrunc\n",
+         dd if={source} of=/dev/vda bs={BLOCK} seek=512 count=1 oflag=direct conv=notrunc\n\
+         dd if={source} of=/dev/vdb bs={BLOCK} count=1 oflag=direct conv=notrunc\n",
         expected = host_expected.display(),
         source = guest_source.display(),
     );
-    let outcome = run(&VmConfig::new("shared-disk", &script).disk(&image)).expect("guest run");
+    let config = VmConfig::new("shared-disk", &script)
+        .disk(&image)
+        .disk_spec(Disk::RawDriveSpec(second_spec));
+    let outcome = run(&config).expect("guest run");
     outcome.assert_clean_success();
+    assert_eq!(
+        read_block(&second_image, 0),
+        guest_block,
+        "guest write to /dev/vdb not in the second image"
+    );
     assert_eq!(read_block(&image, MIB), host_block, "host block changed");
     assert_eq!(
         read_block(&image, 2 * MIB),
