@@ -244,7 +244,7 @@ fn timeout_kills_qemu() {
         panic!("expected a timeout, got: {error}");
     };
     assert!(
-        elapsed < Duration::from_secs(30),
+        elapsed >= Duration::from_secs(20) && elapsed < Duration::from_secs(30),
         "timeout took {elapsed:?}"
     );
     assert!(
@@ -282,4 +282,24 @@ fn probe() {
         "exit code {}, splats {:?}",
         outcome.exit_code, outcome.splats
     );
+}
+
+#[test]
+fn qemu_failure_is_reported_with_its_output() {
+    let missing = Path::new("/nonexistent/sanblk-missing.img");
+    let config = VmConfig::new("bad-drive", "true\n").disk_spec(Disk::RawDriveSpec(format!(
+        "file={},format=raw",
+        missing.display()
+    )));
+    match run(&config) {
+        Err(HarnessError::NoExitMarker { qemu_stderr, .. }) => assert!(
+            qemu_stderr.contains("sanblk-missing.img"),
+            "QEMU's complaint should name the image: {qemu_stderr}"
+        ),
+        Err(other) => panic!("expected NoExitMarker, got: {other}"),
+        Ok(outcome) => panic!(
+            "expected a QEMU failure, got exit code {}",
+            outcome.exit_code
+        ),
+    }
 }
