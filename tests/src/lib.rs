@@ -9,6 +9,15 @@
 //! ([`GuestOutcome::log_dir`]). Kernel splats in the serial log fail
 //! [`GuestOutcome::assert_clean_success`] even when the script succeeded.
 //!
+//! Inside the guest (`qemu/guest-init.sh` is PID 1): the host's `/` read-only over 9p;
+//! fresh proc, sysfs, devtmpfs and tmpfs on `/tmp`, `/run`, `/var/tmp`; `$SANBLK_OUT` =
+//! `/run/sanblk-out` (read-write 9p, the host log dir, also the script's working directory;
+//! the right place for files the host writes or reads while the guest runs, since the root
+//! share is read-only); disks as `/dev/vda`, `/dev/vdb`, ... in the order added; `eth0` =
+//! 10.0.2.15/24 with forwarded host ports at [`HOST_ADDR_FROM_GUEST`] (10.0.2.100);
+//! `HOME=/tmp`, `DM_DISABLE_UDEV=1`, plus [`VmConfig::env`] variables. The script runs as
+//! `sh script.sh`; its exit code comes back as [`GuestOutcome::exit_code`].
+//!
 //! ```no_run
 //! use sanblk_tests::{run, VmConfig};
 //! let outcome = run(&VmConfig::new("hello", "uname -r > uname.txt")).expect("guest ran");
