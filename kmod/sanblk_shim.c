@@ -5,6 +5,7 @@
  * tables are data generated from uapi; every function is a one-line wrapper. No logic here:
  * all decisions are made in Rust (genl.rs).
  */
+#include <linux/bio.h>
 #include <net/genetlink.h>
 #include "sanblk_uapi.h"
 
@@ -59,3 +60,5 @@ u32 sanblk_nla_get_u32(const struct nlattr *attr) { return nla_get_u32(attr); }
 u64 sanblk_nla_get_u64(const struct nlattr *attr) { return nla_get_u64(attr); }
 const void *sanblk_nla_data(const struct nlattr *attr) { return nla_data(attr); }
 int sanblk_nla_len(const struct nlattr *attr) { return nla_len(attr); }
+
+void sanblk_bio_inc_remaining(struct bio *bio) { bio_inc_remaining(bio); }

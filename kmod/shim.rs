@@ -45,6 +45,8 @@ extern "C" {
     fn sanblk_nla_put_u32(skb: *mut SkBuff, attr_type: c_int, value: u32) -> c_int;
     fn sanblk_nla_put_u64(skb: *mut SkBuff, attr_type: c_int, value: u64) -> c_int;
     fn sanblk_nla_put_string(skb: *mut SkBuff, attr_type: c_int, value: *const c_char) -> c_int;
+    fn sanblk_nla_nest_start(skb: *mut SkBuff, attr_type: c_int) -> *mut NlAttr;
+    fn sanblk_nla_nest_end(skb: *mut SkBuff, start: *mut NlAttr);
     fn sanblk_nla_get_u32(attr: *const NlAttr) -> u32;
     fn sanblk_nla_get_u64(attr: *const NlAttr) -> u64;
     fn sanblk_nla_data(attr: *const NlAttr) -> *const c_void;
@@ -165,6 +167,9 @@ impl Attribute<'_> {
     }
 }
 
+/// An open nested attribute of a reply.
+pub(crate) struct Nest(*mut NlAttr);
+
 /// A reply being built; freed on drop unless sent.
 pub(crate) struct Reply<'a> {
     skb: *mut SkBuff,
@@ -188,6 +193,21 @@ impl Reply<'_> {
         to_result(unsafe {
             sanblk_nla_put_string(self.skb, attr_type as c_int, value.as_char_ptr())
         })
+    }
+
+    /// Opens a nested attribute; close it with [`Reply::end_nest`].
+    pub(crate) fn begin_nest(&mut self, attr_type: u16) -> Result<Nest> {
+        // SAFETY: `skb` is owned by this reply and not yet sent.
+        let start = unsafe { sanblk_nla_nest_start(self.skb, attr_type as c_int) };
+        if start.is_null() {
+            return Err(emsgsize());
+        }
+        Ok(Nest(start))
+    }
+
+    pub(crate) fn end_nest(&mut self, nest: Nest) {
+        // SAFETY: `nest` was opened on this reply's skb, and nests are closed in order.
+        unsafe { sanblk_nla_nest_end(self.skb, nest.0) };
     }
 
     /// Finalises and unicasts the reply to the requester.

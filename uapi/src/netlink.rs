@@ -153,6 +153,45 @@ pub enum Attr {
     Volume = 16,
     /// Padding the kernel may insert before 64-bit attributes.
     Pad = 17,
+    /// Volume size in bytes (STATUS).
+    SizeBytes = 18,
+    /// Flag (u32 0/1): attach read-only.
+    ReadOnly = 19,
+    /// Completed read bios (STATUS).
+    ReadIos = 20,
+    /// Completed write bios (STATUS).
+    WriteIos = 21,
+    /// Bytes read (STATUS).
+    ReadBytes = 22,
+    /// Bytes written (STATUS).
+    WrittenBytes = 23,
+    /// Path state of one SAN device ([`DeviceState`]).
+    DeviceState = 24,
+    /// I/O errors seen (STATUS, per volume or per device).
+    ErrorCount = 25,
+    /// Nested description of one SAN device in a STATUS reply.
+    Device = 26,
+}
+
+/// Path state of a SAN device as the module sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum DeviceState {
+    /// Direct I/O goes to the device.
+    Healthy = 0,
+    /// Direct I/O failed; the device's extents go to the server path.
+    Failed = 1,
+}
+
+impl DeviceState {
+    /// Decodes a state number.
+    pub fn from_u32(value: u32) -> Option<DeviceState> {
+        match value {
+            0 => Some(DeviceState::Healthy),
+            1 => Some(DeviceState::Failed),
+            _ => None,
+        }
+    }
 }
 
 /// One row of the attribute table.
@@ -176,7 +215,7 @@ pub const MAX_PATH_BYTES: u16 = 255;
 pub const MAX_VOLUME_NAME_BYTES: u16 = 63;
 
 /// The attribute table: numbers, names and policy.
-pub const ATTRIBUTES: [AttrSpec; 17] = [
+pub const ATTRIBUTES: [AttrSpec; 26] = [
     AttrSpec {
         attr: Attr::ProtocolVersion,
         name: "PROTOCOL_VERSION",
@@ -268,10 +307,55 @@ pub const ATTRIBUTES: [AttrSpec; 17] = [
         name: "PAD",
         kind: AttrKind::Pad,
     },
+    AttrSpec {
+        attr: Attr::SizeBytes,
+        name: "SIZE_BYTES",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::ReadOnly,
+        name: "READ_ONLY",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::ReadIos,
+        name: "READ_IOS",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::WriteIos,
+        name: "WRITE_IOS",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::ReadBytes,
+        name: "READ_BYTES",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::WrittenBytes,
+        name: "WRITTEN_BYTES",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::DeviceState,
+        name: "DEVICE_STATE",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::ErrorCount,
+        name: "ERROR_COUNT",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::Device,
+        name: "DEVICE",
+        kind: AttrKind::Nested,
+    },
 ];
 
 /// Highest attribute number (`maxattr` of the family).
-pub const ATTR_MAX: u16 = Attr::Pad as u16;
+pub const ATTR_MAX: u16 = Attr::Device as u16;
 
 impl Attr {
     /// Decodes an attribute number; `None` for numbers the family does not define.

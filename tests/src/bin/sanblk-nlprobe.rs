@@ -127,45 +127,128 @@ fn status(link: &Link) -> Result<(), String> {
     }
 }
 
-/// A truncated netlink message (header length larger than what is sent), written on a raw
-/// socket because no library will build one.
-fn send_truncated(family: u16) -> Result<i32, String> {
-    // SAFETY: plain socket(2) call; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_GENERIC) };
-    if fd < 0 {
-        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+/// A raw generic-netlink socket for hostile requests: sizes and layouts no library would
+/// build, errors read straight from `nlmsgerr` (with `NETLINK_CAP_ACK`, so a huge request is not
+/// echoed back, and `NETLINK_EXT_ACK` for the kernel's message).
+struct RawLink {
+    fd: i32,
+    family: u16,
+}
+
+const NLMSGERR_ATTR_MSG: u16 = 1;
+const NLM_F_ACK_TLVS: u16 = 0x200;
+
+impl RawLink {
+    fn open(family: u16) -> Result<RawLink, String> {
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_GENERIC) };
+        if fd < 0 {
+            return Err(format!("socket: {}", std::io::Error::last_os_error()));
+        }
+        let link = RawLink { fd, family };
+        for option in [libc::NETLINK_CAP_ACK, libc::NETLINK_EXT_ACK] {
+            let one: libc::c_int = 1;
+            // SAFETY: `one` outlives the call and the length matches its type.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_NETLINK,
+                    option,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            if rc < 0 {
+                return Err(format!("setsockopt: {}", std::io::Error::last_os_error()));
+            }
+        }
+        Ok(link)
     }
-    let mut message = Vec::new();
-    message.extend_from_slice(&64u32.to_ne_bytes()); // claims 64 bytes
-    message.extend_from_slice(&family.to_ne_bytes());
-    message.extend_from_slice(&(libc::NLM_F_REQUEST as u16 | libc::NLM_F_ACK as u16).to_ne_bytes());
-    message.extend_from_slice(&1u32.to_ne_bytes());
-    message.extend_from_slice(&0u32.to_ne_bytes());
-    message.extend_from_slice(&[Command::Status as u8, FAMILY_VERSION, 0, 0]);
-    // SAFETY: a zeroed sockaddr_nl addressed to the kernel (pid 0).
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: `message` and `kernel` are valid for the lengths given.
-    let sent = unsafe {
-        libc::sendto(
-            fd,
-            message.as_ptr().cast(),
-            message.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    let result = if sent < 0 {
-        Ok(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    } else {
-        // The kernel drops a message whose length exceeds the datagram; an error reply, if
-        // any, is not required. Report 0 = "sent, silently ignored".
-        Ok(0)
-    };
-    // SAFETY: `fd` is the socket opened above.
-    unsafe { libc::close(fd) };
-    result
+
+    /// Sends one message whose header claims `claimed_len` (normally the real length).
+    fn send(&self, command: u8, attributes: &[(u16, Vec<u8>)], claimed_len: Option<u32>) -> Result<(), String> {
+        let mut body = vec![command, FAMILY_VERSION, 0, 0];
+        for (attr_type, payload) in attributes {
+            let len = 4 + payload.len();
+            body.extend_from_slice(&(len as u16).to_ne_bytes());
+            body.extend_from_slice(&attr_type.to_ne_bytes());
+            body.extend_from_slice(payload);
+            body.resize(body.len() + (4 - len % 4) % 4, 0);
+        }
+        let total = 16 + body.len();
+        let mut message = Vec::with_capacity(total);
+        message.extend_from_slice(&claimed_len.unwrap_or(total as u32).to_ne_bytes());
+        message.extend_from_slice(&self.family.to_ne_bytes());
+        message.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+        message.extend_from_slice(&1u32.to_ne_bytes());
+        message.extend_from_slice(&0u32.to_ne_bytes());
+        message.extend_from_slice(&body);
+        // SAFETY: a zeroed sockaddr_nl addressed to the kernel (pid 0).
+        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        kernel.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: `message` and `kernel` are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd,
+                message.as_ptr().cast(),
+                message.len(),
+                0,
+                (&kernel as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(format!("sendto: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Waits up to a second for the kernel's answer: `Some((errno, message))` for an error,
+    /// `Some((0, ""))` for a reply or ack, `None` if the kernel stayed silent.
+    fn receive(&self) -> Result<Option<(i32, String)>, String> {
+        let mut poll = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut poll, 1, 1000) } <= 0 {
+            return Ok(None);
+        }
+        let mut buffer = vec![0u8; 65536];
+        // SAFETY: `buffer` is writable for its whole length.
+        let got = unsafe { libc::recv(self.fd, buffer.as_mut_ptr().cast(), buffer.len(), 0) };
+        if got < 16 {
+            return Err(format!("short netlink read: {}", std::io::Error::last_os_error()));
+        }
+        let got = got as usize;
+        let message_type = u16::from_ne_bytes([buffer[4], buffer[5]]);
+        let flags = u16::from_ne_bytes([buffer[6], buffer[7]]);
+        if message_type != libc::NLMSG_ERROR as u16 {
+            return Ok(Some((0, String::new())));
+        }
+        let error = i32::from_ne_bytes([buffer[16], buffer[17], buffer[18], buffer[19]]);
+        let mut text = String::new();
+        if flags & NLM_F_ACK_TLVS != 0 {
+            // nlmsghdr, error code, then the echoed request header only (NETLINK_CAP_ACK).
+            let mut at = 16 + 4 + 16;
+            while at + 4 <= got {
+                let len = u16::from_ne_bytes([buffer[at], buffer[at + 1]]) as usize;
+                let attr_type = u16::from_ne_bytes([buffer[at + 2], buffer[at + 3]]) & 0x3fff;
+                if len < 4 || at + len > got {
+                    break;
+                }
+                if attr_type == NLMSGERR_ATTR_MSG {
+                    text = String::from_utf8_lossy(&buffer[at + 4..at + len]).trim_end_matches('\0').to_string();
+                }
+                at += (len + 3) & !3;
+            }
+        }
+        Ok(Some((-error, text)))
+    }
+}
+
+impl Drop for RawLink {
+    fn drop(&mut self) {
+        // SAFETY: `fd` is the socket this value owns.
+        unsafe { libc::close(self.fd) };
+    }
 }
 
 fn hostile(link: &Link) -> Result<bool, String> {
@@ -199,19 +282,28 @@ fn hostile(link: &Link) -> Result<bool, String> {
         ("status-pad-attribute", Command::Status as u8, vec![(Attr::Pad as u16, vec![0u8; 4])]),
         ("destroy-missing-volume", Command::Destroy as u8, vec![]),
     ];
+    let raw = RawLink::open(link.family)?;
     let mut all_refused = true;
     for (name, command, list) in cases {
-        match link.request(command, attrs(list)?)? {
-            Outcome::Reply(_) => {
+        raw.send(command, &list, None)?;
+        match raw.receive()? {
+            Some((0, _)) => {
                 println!("case={name} accepted");
                 all_refused = false;
             }
-            Outcome::Error { errno, message } => {
-                println!("case={name} errno={errno} msg={message}");
+            Some((errno, message)) => println!("case={name} errno={errno} msg={message}"),
+            None => {
+                println!("case={name} no-answer");
+                all_refused = false;
             }
         }
     }
-    println!("case=truncated-message sendto_errno={}", send_truncated(link.family)?);
+    // A header claiming more bytes than the datagram holds: the kernel drops it silently.
+    raw.send(Command::Status as u8, &[], Some(4096))?;
+    match raw.receive()? {
+        None => println!("case=truncated-message ignored"),
+        Some((errno, message)) => println!("case=truncated-message errno={errno} msg={message}"),
+    }
     Ok(all_refused)
 }
 
