@@ -154,7 +154,8 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> StoreResult<
 }
 
 async fn device_infos(state: &Arc<ServerState>) -> StoreResult<Vec<DeviceInfo>> {
-    let (devices, pool) = blocking(state, |s| s.store.pool_space()).await?;
+    let (mut devices, pool) = blocking(state, |s| s.store.pool_space()).await?;
+    devices.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(devices
         .into_iter()
         .map(|d| {
