@@ -333,3 +333,181 @@ pub fn merge_adjacent(extents: Vec<Extent>) -> Vec<Extent> {
     }
     merged
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::DEFAULT_STRIPE_UNIT_BYTES;
+    use proptest::prelude::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn devices_from(blocks: &[u64]) -> Vec<DeviceSpace> {
+        blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| DeviceSpace {
+                uuid: Uuid::from_u128(i as u128 + 1),
+                data_start: MIB,
+                data_end: MIB + b * BLOCK_SIZE,
+            })
+            .collect()
+    }
+
+    fn layout_from(choice: u8) -> Layout {
+        match choice % 4 {
+            0 => Layout::Linear,
+            1 => Layout::Mirror,
+            2 => Layout::Striped { stripe_count: 2, stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES },
+            _ => Layout::Striped { stripe_count: 3, stripe_unit_bytes: 64 * 1024 },
+        }
+    }
+
+    /// Checks the shape of freshly allocated extents for `[offset, offset + length)`.
+    fn check_allocation(layout: Layout, offset: u64, length: u64, extents: &[Extent]) -> Result<(), TestCaseError> {
+        let mut cursor = offset;
+        for extent in extents {
+            prop_assert_eq!(extent.volume_offset, cursor, "extents must be contiguous");
+            prop_assert!(extent.length > 0 && extent.length % BLOCK_SIZE == 0);
+            for replica in &extent.replicas {
+                prop_assert_eq!(replica.device_offset % BLOCK_SIZE, 0);
+            }
+            cursor += extent.length;
+            match layout {
+                Layout::Linear => prop_assert_eq!(extent.replicas.len(), 1),
+                Layout::Mirror => {
+                    prop_assert_eq!(extent.replicas.len(), 2);
+                    prop_assert_ne!(extent.replicas[0].device_uuid, extent.replicas[1].device_uuid);
+                }
+                Layout::Striped { stripe_count, stripe_unit_bytes } => {
+                    prop_assert_eq!(extent.replicas.len(), 1);
+                    let chunk = (extent.volume_offset - offset) / stripe_unit_bytes;
+                    let chunk_end = (extent.volume_offset + extent.length - 1 - offset) / stripe_unit_bytes;
+                    prop_assert_eq!(chunk, chunk_end, "an extent never crosses a stripe unit");
+                    let _ = stripe_count;
+                }
+            }
+        }
+        prop_assert_eq!(cursor - offset, length, "allocated size must be exact");
+        if let Layout::Striped { stripe_count, stripe_unit_bytes } = layout {
+            // Chunk k lives on the device of chunk k mod N, and the N devices are distinct.
+            let mut device_of_slot: Vec<Option<Uuid>> = vec![None; stripe_count as usize];
+            for extent in extents {
+                let chunk = (extent.volume_offset - offset) / stripe_unit_bytes;
+                let slot = (chunk % u64::from(stripe_count)) as usize;
+                let device = extent.replicas[0].device_uuid;
+                match device_of_slot[slot] {
+                    None => device_of_slot[slot] = Some(device),
+                    Some(expected) => prop_assert_eq!(expected, device),
+                }
+            }
+            let used: Vec<Uuid> = device_of_slot.iter().flatten().copied().collect();
+            let mut distinct = used.clone();
+            distinct.sort();
+            distinct.dedup();
+            prop_assert_eq!(distinct.len(), used.len(), "stripe members must be distinct devices");
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn allocations_never_overlap_and_are_exact(
+            device_blocks in prop::collection::vec(16u64..4096, 1..5),
+            operations in prop::collection::vec((0u8..3, any::<u8>(), 1u64..1500, any::<prop::sample::Index>()), 1..40),
+        ) {
+            let devices = devices_from(&device_blocks);
+            let capacity: u64 = devices.iter().map(DeviceSpace::capacity).sum();
+            let mut volumes: Vec<(Layout, u64, Vec<Extent>)> = Vec::new();
+            for (kind, layout_choice, blocks, pick) in operations {
+                let mut pool = PoolSpace::new(&devices, volumes.iter().map(|v| v.2.as_slice()))
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let used: u64 = volumes.iter().flat_map(|v| &v.2).map(|e| e.length * e.replicas.len() as u64).sum();
+                prop_assert_eq!(pool.total_free() + used, capacity, "free + used must equal capacity");
+                let length = blocks * BLOCK_SIZE;
+                let free_before = pool.total_free();
+                match kind {
+                    0 => {
+                        let layout = layout_from(layout_choice);
+                        let mirror_capacity = pool.mirror_capacity();
+                        match pool.allocate(layout, 0, length) {
+                            Ok(extents) => {
+                                check_allocation(layout, 0, length, &extents)?;
+                                volumes.push((layout, length, extents));
+                            }
+                            Err(error) => {
+                                prop_assert_eq!(pool.total_free(), free_before, "a failed allocation takes nothing");
+                                match layout {
+                                    Layout::Linear => prop_assert!(length > free_before, "linear refused with room: {}", error),
+                                    Layout::Mirror => prop_assert!(length > mirror_capacity, "mirror refused with room: {}", error),
+                                    Layout::Striped { .. } => {}
+                                }
+                            }
+                        }
+                    }
+                    1 if !volumes.is_empty() => {
+                        let index = pick.index(volumes.len());
+                        let (layout, size, _) = volumes[index].clone();
+                        if let Ok(added) = pool.allocate(layout, size, length) {
+                            check_allocation(layout, size, length, &added)?;
+                            let volume = &mut volumes[index];
+                            volume.1 += length;
+                            let mut extents = std::mem::take(&mut volume.2);
+                            extents.extend(added);
+                            volume.2 = merge_adjacent(extents);
+                            let total: u64 = volume.2.iter().map(|e| e.length).sum();
+                            prop_assert_eq!(total, volume.1);
+                        } else {
+                            prop_assert_eq!(pool.total_free(), free_before);
+                        }
+                    }
+                    _ if !volumes.is_empty() => {
+                        volumes.remove(pick.index(volumes.len()));
+                    }
+                    _ => {}
+                }
+            }
+            // Final consistency: rebuilding the free space from all volumes finds no overlap.
+            let pool = PoolSpace::new(&devices, volumes.iter().map(|v| v.2.as_slice()))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let used: u64 = volumes.iter().flat_map(|v| &v.2).map(|e| e.length * e.replicas.len() as u64).sum();
+            prop_assert_eq!(pool.total_free() + used, capacity);
+        }
+    }
+
+    #[test]
+    fn overlapping_extents_are_detected() {
+        let devices = devices_from(&[1024]);
+        let extent = |offset| Extent {
+            volume_offset: 0,
+            length: 8 * BLOCK_SIZE,
+            replicas: vec![Replica { device_uuid: devices[0].uuid, device_offset: offset }],
+        };
+        let volumes = [vec![extent(MIB)], vec![extent(MIB + 4 * BLOCK_SIZE)]];
+        assert!(matches!(
+            PoolSpace::new(&devices, volumes.iter().map(Vec::as_slice)),
+            Err(AllocError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn mirror_uses_three_devices_fully() {
+        // 3 equal devices hold a mirror of 1.5 devices' worth only if the pairs rotate.
+        let devices = devices_from(&[2560, 2560, 2560]);
+        let mut pool = PoolSpace::new(&devices, std::iter::empty()).unwrap_or_else(|e| panic!("{e}"));
+        let length = 3840 * BLOCK_SIZE;
+        let extents = pool.allocate(Layout::Mirror, 0, length).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), length);
+        assert_eq!(pool.total_free(), 0);
+    }
+
+    #[test]
+    fn not_enough_space_is_reported() {
+        let devices = devices_from(&[256]);
+        let mut pool = PoolSpace::new(&devices, std::iter::empty()).unwrap_or_else(|e| panic!("{e}"));
+        let error = pool.allocate(Layout::Linear, 0, 512 * BLOCK_SIZE).err();
+        assert!(matches!(error, Some(AllocError::NoSpace { .. })), "{error:?}");
+        assert!(matches!(pool.allocate(Layout::Mirror, 0, BLOCK_SIZE), Err(AllocError::NotEnoughDevices { .. })));
+    }
+}
