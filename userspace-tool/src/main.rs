@@ -1,6 +1,77 @@
-//! `sanctl`, the sanblk admin CLI and client agent.
+//! `sanctl`, the sanblk admin CLI (and, later, the client agent).
+//!
+//! One module per subcommand group; each returns `Result<(), CliError>` and main turns that
+//! into an exit code: 0 ok, 1 the server said no, 2 usage, 3 cannot reach the server.
 
-fn main() {
-    eprintln!("sanctl: not implemented yet");
-    std::process::exit(2);
+mod client_cmd;
+mod context;
+mod output;
+mod pool;
+mod volume;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use context::{CliError, Context};
+
+pub const DEFAULT_ADMIN_SOCKET: &str = "/var/lib/sand/admin.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sanctl",
+    version,
+    about = "Administer a sanblk server (sand): storage pool, volumes, clients",
+    after_help = "Examples:\n  sanctl pool add /dev/sdb\n  sanctl pool list\n  sanctl volume create db1 10G --layout mirror\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret\n  sanctl client grant host1 db1 rw\n  sanctl --json volume show db1\n\nExit codes: 0 ok, 1 the server refused (message on stderr), 2 usage error,\n3 cannot reach the server."
+)]
+struct Cli {
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Admin socket of the server.
+    #[arg(long, global = true, env = "SAND_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    admin_socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Storage pool: label SAN devices and show their space.
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
+    /// Volumes: create, grow, delete, list, show.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// Clients: secrets and grants.
+    #[command(subcommand)]
+    Client(client_cmd::ClientCommand),
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let mut context = Context::new(cli.admin_socket, cli.json);
+    match cli.command {
+        Command::Pool(command) => pool::run(command, &mut context).await,
+        Command::Volume(command) => volume::run(command, &mut context).await,
+        Command::Client(command) => client_cmd::run(command, &mut context).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("sanctl: cannot start: {error}");
+            return ExitCode::from(context::EXIT_UNREACHABLE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sanctl: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
 }

@@ -1,0 +1,270 @@
+//! Admin service: `sanctl` requests over the Unix socket (mode 0600, so only root or the
+//! server's own user can connect; there is no further authentication).
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use log::{info, warn};
+use serde::Serialize;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::auth;
+use crate::label::{self, Label, LabelError, DATA_START_OFFSET};
+use crate::map::{AccessMode, Layout};
+use crate::protocol::{
+    write_frame, AdminReply, AdminRequest, ClientCreated, ClientInfo, DeviceInfo, ErrorBody, ErrorCode, FrameError,
+    FrameReader, GrantedVolume, VolumeDetail, VolumeSummary,
+};
+use crate::state::{blocking, ServerState};
+use crate::store::{DeviceRecord, StoreResult};
+
+/// Smallest device accepted: the label area plus 1 MiB of data.
+const MIN_DEVICE_BYTES: u64 = DATA_START_OFFSET + 1024 * 1024;
+
+pub async fn serve_admin_connection(stream: UnixStream, state: Arc<ServerState>, mut shutdown: watch::Receiver<bool>) {
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = FrameReader::new(read_half);
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.changed() => return,
+            request = reader.read::<AdminRequest>() => request,
+        };
+        let reply = match request {
+            Ok(request) => match handle(request, &state).await {
+                Ok(result) => AdminReply::Ok { result },
+                Err(error) => AdminReply::Error(error),
+            },
+            Err(FrameError::Closed) => return,
+            Err(error) => {
+                warn!("admin connection: {error}; closing it");
+                let body = ErrorBody::new(ErrorCode::BadFrame, error.to_string());
+                let _ = write_frame(&mut write_half, &AdminReply::Error(body)).await;
+                return;
+            }
+        };
+        if let Err(error) = write_frame(&mut write_half, &reply).await {
+            warn!("admin connection: cannot reply: {error}");
+            return;
+        }
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> StoreResult<serde_json::Value> {
+    serde_json::to_value(value).map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))
+}
+
+async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> StoreResult<serde_json::Value> {
+    match request {
+        AdminRequest::PoolAdd { path, force } => {
+            let device = blocking(state, move |s| add_device(s, Path::new(&path), force)).await?;
+            info!("pool: added {} as device {} ({} bytes)", device.path, device.uuid, device.size_bytes);
+            to_json(&device_infos(state).await?.into_iter().find(|d| d.uuid == device.uuid))
+        }
+        AdminRequest::PoolList => to_json(&device_infos(state).await?),
+        AdminRequest::VolumeCreate { name, size_bytes, layout } => {
+            let record = blocking(state, move |s| s.store.create_volume(&name, size_bytes, layout)).await?;
+            info!("volume {} (id {}) created: {} bytes, {}", record.name, record.id, record.size_bytes, record.layout);
+            to_json(&record.map(state.config.lease_ms))
+        }
+        AdminRequest::VolumeGrow { name, new_size_bytes } => {
+            let record = blocking(state, move |s| {
+                let volume = s.store.volume_by_name(&name)?;
+                s.store.grow_volume(volume.id, new_size_bytes)
+            })
+            .await?;
+            state.publish(&record);
+            info!("volume {} grown to {} bytes, epoch {}", record.name, record.size_bytes, record.epoch);
+            to_json(&record.map(state.config.lease_ms))
+        }
+        AdminRequest::VolumeDelete { name } => {
+            let record = blocking(state, move |s| {
+                let volume = s.store.volume_by_name(&name)?;
+                s.delete_volume(volume.id)
+            })
+            .await?;
+            info!("volume {} (id {}) deleted", record.name, record.id);
+            to_json(&serde_json::json!({ "deleted": record.name }))
+        }
+        AdminRequest::VolumeList => {
+            let volumes = blocking(state, |s| s.store.volumes()).await?;
+            let summaries: Vec<VolumeSummary> = volumes
+                .into_iter()
+                .map(|v| VolumeSummary {
+                    id: v.id,
+                    extent_count: v.extents.len(),
+                    name: v.name,
+                    size_bytes: v.size_bytes,
+                    layout: v.layout,
+                    epoch: v.epoch,
+                })
+                .collect();
+            to_json(&summaries)
+        }
+        AdminRequest::VolumeShow { name } => {
+            let record = blocking(state, move |s| s.store.volume_by_name(&name)).await?;
+            let detail =
+                VolumeDetail { map: record.map(state.config.lease_ms), attachments: state.attachments(record.id) };
+            to_json(&detail)
+        }
+        AdminRequest::ClientAdd { name } => {
+            let secret = auth::new_secret_hex();
+            let stored = secret.clone();
+            let client = name.clone();
+            blocking(state, move |s| s.store.add_client(&client, &stored)).await?;
+            info!("client {name} added");
+            to_json(&ClientCreated { name, secret })
+        }
+        AdminRequest::ClientGrant { name, volume, mode } => {
+            let client = name.clone();
+            blocking(state, move |s| {
+                let volume = s.store.volume_by_name(&volume)?;
+                s.store.set_grant(&client, volume.id, Some(mode))
+            })
+            .await?;
+            // A downgrade to ro must not leave a read-write attachment in place.
+            if mode == AccessMode::Ro {
+                state.disconnect_client(&name);
+            }
+            info!("client {name}: grant changed");
+            client_infos(state).await.and_then(|c| to_json(&c.into_iter().find(|c| c.name == name)))
+        }
+        AdminRequest::ClientRevoke { name, volume } => {
+            let client = name.clone();
+            blocking(state, move |s| {
+                let volume = s.store.volume_by_name(&volume)?;
+                s.store.set_grant(&client, volume.id, None)
+            })
+            .await?;
+            state.disconnect_client(&name);
+            info!("client {name}: grant revoked");
+            client_infos(state).await.and_then(|c| to_json(&c.into_iter().find(|c| c.name == name)))
+        }
+        AdminRequest::ClientRemove { name } => {
+            let client = name.clone();
+            blocking(state, move |s| s.store.remove_client(&client)).await?;
+            state.disconnect_client(&name);
+            info!("client {name} removed");
+            to_json(&serde_json::json!({ "removed": name }))
+        }
+        AdminRequest::ClientList => to_json(&client_infos(state).await?),
+    }
+}
+
+async fn device_infos(state: &Arc<ServerState>) -> StoreResult<Vec<DeviceInfo>> {
+    let (mut devices, pool) = blocking(state, |s| s.store.pool_space()).await?;
+    devices.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(devices
+        .into_iter()
+        .map(|d| {
+            let free_bytes = pool.free_bytes(d.uuid);
+            let state = if Path::new(&d.path).exists() { d.state.clone() } else { "missing".to_string() };
+            DeviceInfo {
+                uuid: d.uuid,
+                capacity_bytes: d.space().capacity(),
+                size_bytes: d.size_bytes,
+                path: d.path,
+                free_bytes,
+                state,
+            }
+        })
+        .collect())
+}
+
+async fn client_infos(state: &Arc<ServerState>) -> StoreResult<Vec<ClientInfo>> {
+    blocking(state, |s| {
+        let volumes = s.store.volumes()?;
+        let clients = s.store.clients()?;
+        Ok(clients
+            .into_iter()
+            .map(|c| ClientInfo {
+                grants: c
+                    .grants
+                    .iter()
+                    .filter_map(|(id, mode)| {
+                        volumes.iter().find(|v| v.id == *id).map(|v| GrantedVolume { name: v.name.clone(), mode: *mode })
+                    })
+                    .collect(),
+                name: c.name,
+            })
+            .collect())
+    })
+    .await
+}
+
+fn label_error(error: LabelError) -> ErrorBody {
+    ErrorBody::new(ErrorCode::Io, error.to_string())
+}
+
+/// Labels a device and records it in the pool. The label is written before the record is
+/// committed; a crash in between leaves a labelled device of this pool that a repeated
+/// `pool add` adopts.
+fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<DeviceRecord> {
+    let path = path
+        .canonicalize()
+        .map_err(|e| ErrorBody::new(ErrorCode::NotFound, format!("{}: {e}", path.display())))?;
+    let shown = path.display().to_string();
+    let kind = std::fs::metadata(&path).map_err(|e| ErrorBody::new(ErrorCode::Io, format!("{shown}: {e}")))?;
+    if !kind.is_file() && !kind.file_type().is_block_device() {
+        return Err(ErrorBody::new(ErrorCode::BadRequest, format!("{shown} is neither a block device nor an image file")));
+    }
+    let size = label::device_size(&path).map_err(label_error)?;
+    if size < MIN_DEVICE_BYTES {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("{shown} is {size} bytes; a SAN device needs at least {MIN_DEVICE_BYTES}"),
+        ));
+    }
+    let pool_uuid = state.store.pool_uuid();
+    let known = state.store.devices()?;
+    if let Some(existing) = known.iter().find(|d| d.path == shown) {
+        return Err(ErrorBody::new(ErrorCode::AlreadyExists, format!("{shown} is already in the pool as {}", existing.uuid)));
+    }
+    let refuse = |what: String| {
+        ErrorBody::new(ErrorCode::ForeignSignature, format!("{shown} carries {what}; use --force to overwrite it"))
+    };
+    let mut device_uuid = Uuid::new_v4();
+    match label::read_label(&path) {
+        Ok(Some(existing)) if existing.pool_uuid == pool_uuid => {
+            if known.iter().any(|d| d.uuid == existing.device_uuid) {
+                return Err(ErrorBody::new(
+                    ErrorCode::AlreadyExists,
+                    format!("{shown} is device {} of this pool already", existing.device_uuid),
+                ));
+            }
+            // Labelled by us but never recorded (crash during an earlier pool add): adopt it.
+            device_uuid = existing.device_uuid;
+        }
+        Ok(Some(existing)) if !force => {
+            return Err(refuse(format!("the label of another sanblk pool ({})", existing.pool_uuid)));
+        }
+        Err(LabelError::BadChecksum { .. }) if !force => return Err(refuse("a corrupt sanblk label".into())),
+        Err(error @ LabelError::Io { .. }) => return Err(label_error(error)),
+        _ => {
+            if let Some(signature) = label::detect_foreign_signature(&path).map_err(label_error)? {
+                if !force {
+                    return Err(refuse(format!("a foreign signature ({signature})")));
+                }
+                warn!("pool add --force: overwriting {signature} on {shown}");
+            }
+        }
+    }
+    let label = Label { device_uuid, pool_uuid, device_size: size, data_start: DATA_START_OFFSET };
+    label::write_label(&path, &label).map_err(label_error)?;
+    let record = DeviceRecord {
+        uuid: device_uuid,
+        path: shown,
+        size_bytes: size,
+        data_start: DATA_START_OFFSET,
+        state: "online".into(),
+    };
+    state.store.add_device(&record)?;
+    Ok(record)
+}
+
+/// Layout names as accepted by the admin API (re-exported for sanctl's parser).
+pub fn parse_layout(text: &str) -> Result<Layout, String> {
+    text.parse()
+}

@@ -1,0 +1,266 @@
+//! Agent service: authenticated TCP connections from client agents. One task per connection.
+//!
+//! Nothing about volumes is sent before the handshake succeeds. After it, the connection serves
+//! requests and pushes `map_update` frames for every attached volume that changes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::auth;
+use crate::map::{AccessMode, VolumeMap};
+use crate::protocol::{write_frame, AgentReply, AgentRequest, ErrorBody, ErrorCode, FrameError, FrameReader, GrantedVolume};
+use crate::state::{blocking, ConnectionId, ServerState};
+use crate::store::StoreResult;
+
+/// A frame that has started arriving must be complete within this time (slowloris guard for
+/// authenticated connections; unauthenticated ones have the handshake timeout).
+const PARTIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pushed maps waiting to be written to one connection.
+const PUSH_QUEUE_DEPTH: usize = 16;
+
+const AUTH_FAILED: &str = "authentication failed";
+
+pub async fn serve_agent_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<ServerState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (read_half, mut writer) = stream.into_split();
+    let mut reader = FrameReader::new(read_half);
+    let handshake = tokio::time::timeout(state.config.handshake_timeout, authenticate(&mut reader, &mut writer, &state));
+    let client = tokio::select! {
+        _ = shutdown.changed() => return,
+        outcome = handshake => match outcome {
+            Ok(Ok(client)) => client,
+            Ok(Err(error)) => {
+                warn!("{peer}: handshake failed: {error}");
+                let _ = write_frame(&mut writer, &AgentReply::Error(error)).await;
+                return;
+            }
+            Err(_) => {
+                warn!("{peer}: handshake timed out");
+                let body = ErrorBody::new(ErrorCode::BadFrame, "handshake timed out");
+                let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
+                return;
+            }
+        },
+    };
+    debug!("{peer}: client {client} authenticated");
+    let (connection, kick) = state.register_connection(&client);
+    let mut session = Session {
+        connection,
+        client,
+        state: state.clone(),
+        forwarders: HashMap::new(),
+        push_sender: None,
+    };
+    let (push_sender, mut pushes) = mpsc::channel::<Arc<VolumeMap>>(PUSH_QUEUE_DEPTH);
+    session.push_sender = Some(push_sender);
+    loop {
+        let partial = reader.has_partial_frame();
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = kick.notified() => {
+                info!("{peer}: disconnecting client {} (removed or grant changed)", session.client);
+                let body = ErrorBody::new(ErrorCode::NotGranted, "access changed by the administrator");
+                let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
+                break;
+            }
+            _ = tokio::time::sleep(PARTIAL_FRAME_TIMEOUT), if partial => {
+                warn!("{peer}: incomplete frame timed out");
+                break;
+            }
+            Some(map) = pushes.recv() => {
+                if let Err(error) = write_frame(&mut writer, &AgentReply::MapUpdate { map: (*map).clone() }).await {
+                    debug!("{peer}: cannot push map: {error}");
+                    break;
+                }
+            }
+            request = reader.read::<AgentRequest>() => {
+                let reply = match request {
+                    Ok(request) => session.handle(request).await,
+                    Err(FrameError::Closed) => break,
+                    Err(error) => {
+                        warn!("{peer}: bad frame from client {}: {error}; closing", session.client);
+                        let body = ErrorBody::new(ErrorCode::BadFrame, error.to_string());
+                        let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
+                        break;
+                    }
+                };
+                if let Some(reply) = reply {
+                    if let Err(error) = write_frame(&mut writer, &reply).await {
+                        debug!("{peer}: cannot reply: {error}");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    session.close();
+}
+
+/// Runs the server side of the mutual challenge–response handshake; returns the client name.
+async fn authenticate(
+    reader: &mut FrameReader<OwnedReadHalf>,
+    writer: &mut OwnedWriteHalf,
+    state: &Arc<ServerState>,
+) -> StoreResult<String> {
+    let failed = || ErrorBody::new(ErrorCode::AuthenticationFailed, AUTH_FAILED);
+    let bad_frame = |e: FrameError| ErrorBody::new(ErrorCode::BadFrame, e.to_string());
+    let (client, client_nonce) = match reader.read::<AgentRequest>().await.map_err(bad_frame)? {
+        AgentRequest::Hello { client, client_nonce } => (client, client_nonce),
+        _ => return Err(ErrorBody::new(ErrorCode::BadRequest, "expected hello")),
+    };
+    let client_nonce = hex::decode(&client_nonce)
+        .ok()
+        .filter(|n| n.len() == auth::NONCE_BYTES)
+        .ok_or_else(|| ErrorBody::new(ErrorCode::BadRequest, "client nonce must be 32 bytes of hex"))?;
+    let name = client.clone();
+    let stored = blocking(state, move |s| s.store.client_secret(&name)).await?;
+    // An unknown client gets a challenge made with a throwaway key, so the reply looks the same
+    // as for a known client with a wrong secret: no oracle for client names.
+    let secret = match stored.as_deref().map(auth::decode_secret) {
+        Some(Ok(secret)) => Some(secret),
+        _ => None,
+    };
+    let key = secret.clone().unwrap_or_else(|| auth::random_bytes::<{ auth::SECRET_BYTES }>().to_vec());
+    let server_nonce = auth::new_nonce();
+    let challenge = AgentReply::Challenge {
+        server_nonce: hex::encode(server_nonce),
+        mac: hex::encode(auth::server_proof(&key, &client_nonce, &server_nonce)),
+    };
+    write_frame(writer, &challenge).await.map_err(bad_frame)?;
+    let proof = match reader.read::<AgentRequest>().await.map_err(bad_frame)? {
+        AgentRequest::AuthResponse { mac } => hex::decode(mac).map_err(|_| failed())?,
+        _ => return Err(failed()),
+    };
+    match secret {
+        Some(secret) if auth::verify_client_proof(&secret, &server_nonce, &client_nonce, &proof) => {
+            write_frame(writer, &AgentReply::AuthOk).await.map_err(bad_frame)?;
+            Ok(client)
+        }
+        _ => {
+            info!("authentication failed for client name {client:?}");
+            Err(failed())
+        }
+    }
+}
+
+struct Session {
+    connection: ConnectionId,
+    client: String,
+    state: Arc<ServerState>,
+    /// One task per attached volume, forwarding its map changes into the push queue.
+    forwarders: HashMap<u64, JoinHandle<()>>,
+    push_sender: Option<mpsc::Sender<Arc<VolumeMap>>>,
+}
+
+impl Session {
+    async fn handle(&mut self, request: AgentRequest) -> Option<AgentReply> {
+        let outcome = match request {
+            AgentRequest::Ack { volume_id, epoch } => {
+                self.state.record_ack(self.connection, volume_id, epoch);
+                return None;
+            }
+            AgentRequest::Hello { .. } | AgentRequest::AuthResponse { .. } => {
+                Err(ErrorBody::new(ErrorCode::BadRequest, "already authenticated"))
+            }
+            AgentRequest::ListVolumes => self.list_volumes().await,
+            AgentRequest::Attach { volume, mode } => self.attach(volume, mode).await,
+            AgentRequest::Detach { volume_id } => {
+                if let Some(forwarder) = self.forwarders.remove(&volume_id) {
+                    forwarder.abort();
+                }
+                if self.state.detach(self.connection, volume_id) {
+                    Ok(AgentReply::Detached { volume_id })
+                } else {
+                    Err(ErrorBody::new(ErrorCode::NotFound, "not attached to that volume"))
+                }
+            }
+            AgentRequest::Renew { volume_id } => match self.state.attachment_mode(self.connection, volume_id) {
+                Some(_) => Ok(AgentReply::Renewed { volume_id, lease_ms: self.state.config.lease_ms }),
+                None => Err(ErrorBody::new(ErrorCode::NotFound, "not attached to that volume")),
+            },
+            AgentRequest::Grow { volume_id, new_size_bytes } => self.grow(volume_id, new_size_bytes).await,
+        };
+        Some(outcome.unwrap_or_else(AgentReply::Error))
+    }
+
+    async fn list_volumes(&self) -> StoreResult<AgentReply> {
+        let client = self.client.clone();
+        let volumes = blocking(&self.state, move |s| {
+            let Some(record) = s.store.client(&client)? else { return Ok(Vec::new()) };
+            let volumes = s.store.volumes()?;
+            Ok(record
+                .grants
+                .iter()
+                .filter_map(|(id, mode)| {
+                    volumes.iter().find(|v| v.id == *id).map(|v| GrantedVolume { name: v.name.clone(), mode: *mode })
+                })
+                .collect())
+        })
+        .await?;
+        Ok(AgentReply::Volumes { volumes })
+    }
+
+    async fn attach(&mut self, volume: String, mode: AccessMode) -> StoreResult<AgentReply> {
+        let client = self.client.clone();
+        // Same answer whether the volume does not exist or is not granted: a client learns
+        // nothing about volumes it may not see.
+        let not_granted = ErrorBody::new(ErrorCode::NotGranted, format!("no volume {volume:?} is granted to you"));
+        let lookup = blocking(&self.state, move |s| {
+            let grant = s.store.client(&client)?.and_then(|c| {
+                s.store.volume_by_name(&volume).ok().and_then(|v| c.grants.get(&v.id).map(|g| (v.id, *g)))
+            });
+            Ok(grant)
+        })
+        .await?;
+        let Some((volume_id, granted)) = lookup else { return Err(not_granted) };
+        if !granted.permits(mode) {
+            return Err(ErrorBody::new(ErrorCode::NotGranted, format!("volume is granted {granted}, not {mode}")));
+        }
+        let session_token = auth::new_session_token_hex();
+        let grant = self.state.attach(self.connection, &self.client, volume_id, mode, session_token.clone())?;
+        if let Some(sender) = self.push_sender.clone() {
+            let mut updates = grant.updates;
+            let forwarder = tokio::spawn(async move {
+                while updates.changed().await.is_ok() {
+                    let map = updates.borrow_and_update().clone();
+                    if sender.send(map).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            self.forwarders.insert(volume_id, forwarder);
+        }
+        info!("client {} attached volume {} ({mode}) at epoch {}", self.client, grant.map.name, grant.map.epoch);
+        Ok(AgentReply::Attached { map: (*grant.map).clone(), session_token })
+    }
+
+    async fn grow(&self, volume_id: u64, new_size_bytes: u64) -> StoreResult<AgentReply> {
+        if self.state.attachment_mode(self.connection, volume_id) != Some(AccessMode::Rw) {
+            return Err(ErrorBody::new(ErrorCode::NotGranted, "grow needs a read-write attachment to the volume"));
+        }
+        let record = blocking(&self.state, move |s| s.store.grow_volume(volume_id, new_size_bytes)).await?;
+        self.state.publish(&record);
+        info!("client {} grew volume {} to {} bytes (epoch {})", self.client, record.name, record.size_bytes, record.epoch);
+        Ok(AgentReply::Grown { map: record.map(self.state.config.lease_ms) })
+    }
+
+    fn close(&mut self) {
+        for (_, forwarder) in self.forwarders.drain() {
+            forwarder.abort();
+        }
+        self.state.unregister_connection(self.connection);
+    }
+}

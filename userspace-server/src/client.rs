@@ -1,0 +1,231 @@
+//! Clients of the control protocol: `AdminClient` (sanctl admin commands, Unix socket) and
+//! `AgentClient` (client agents, TCP with mutual authentication, attach, map updates).
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tokio::net::{tcp, unix, TcpStream, ToSocketAddrs, UnixStream};
+
+use crate::auth;
+use crate::map::{AccessMode, VolumeMap};
+use crate::protocol::{
+    write_frame, AdminReply, AdminRequest, AgentReply, AgentRequest, ErrorBody, ErrorCode, FrameError, FrameReader,
+    GrantedVolume,
+};
+
+/// Default time to wait for a reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {target}: {source}")]
+    Connect { target: String, source: std::io::Error },
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// The server answered with an error.
+    #[error("{0}")]
+    Server(ErrorBody),
+    #[error("the server is not who it claims to be (bad server proof)")]
+    ServerNotAuthenticated,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ClientError {
+    /// The server's error code, if the server said no.
+    pub fn server_code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server(body) => Some(body.code),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub struct AdminClient {
+    reader: FrameReader<unix::OwnedReadHalf>,
+    writer: unix::OwnedWriteHalf,
+}
+
+impl AdminClient {
+    pub async fn connect(socket: &Path) -> Result<AdminClient, ClientError> {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| ClientError::Connect { target: socket.display().to_string(), source })?;
+        let (read_half, writer) = stream.into_split();
+        Ok(AdminClient { reader: FrameReader::new(read_half), writer })
+    }
+
+    /// Sends one request and returns the result JSON (or the server's error).
+    pub async fn request(&mut self, request: &AdminRequest) -> Result<serde_json::Value, ClientError> {
+        write_frame(&mut self.writer, request).await?;
+        let reply = tokio::time::timeout(REPLY_TIMEOUT, self.reader.read::<AdminReply>())
+            .await
+            .map_err(|_| ClientError::Timeout(REPLY_TIMEOUT))??;
+        match reply {
+            AdminReply::Ok { result } => Ok(result),
+            AdminReply::Error(body) => Err(ClientError::Server(body)),
+        }
+    }
+
+    /// Like `request`, decoding the result into `T`.
+    pub async fn call<T: DeserializeOwned>(&mut self, request: &AdminRequest) -> Result<T, ClientError> {
+        let value = self.request(request).await?;
+        serde_json::from_value(value).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// What an attach returns.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub map: VolumeMap,
+    /// Token for the server I/O path (hex of 32 random bytes).
+    pub session_token: String,
+}
+
+/// An authenticated agent connection.
+///
+/// Requests are answered in order; `map_update` frames that arrive while waiting for an answer
+/// are queued and returned by [`AgentClient::next_map_update`].
+pub struct AgentClient {
+    reader: FrameReader<tcp::OwnedReadHalf>,
+    writer: tcp::OwnedWriteHalf,
+    queued_updates: VecDeque<VolumeMap>,
+}
+
+/// Reads a client secret file (hex, as printed by `sanctl client add`).
+pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    auth::decode_secret(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl AgentClient {
+    /// Connects and runs the mutual authentication handshake.
+    pub async fn connect(
+        address: impl ToSocketAddrs + std::fmt::Debug,
+        client: &str,
+        secret: &[u8],
+    ) -> Result<AgentClient, ClientError> {
+        let target = format!("{address:?}");
+        let stream = TcpStream::connect(address).await.map_err(|source| ClientError::Connect { target, source })?;
+        AgentClient::authenticate(stream, client, secret).await
+    }
+
+    /// Runs the client side of the handshake on an already-connected stream.
+    pub async fn authenticate(stream: TcpStream, client: &str, secret: &[u8]) -> Result<AgentClient, ClientError> {
+        let _ = stream.set_nodelay(true);
+        let (read_half, writer) = stream.into_split();
+        let mut agent = AgentClient { reader: FrameReader::new(read_half), writer, queued_updates: VecDeque::new() };
+        let client_nonce = auth::new_nonce();
+        agent.send(&AgentRequest::Hello { client: client.to_string(), client_nonce: hex::encode(client_nonce) }).await?;
+        let (server_nonce, server_mac) = match agent.receive_reply().await? {
+            AgentReply::Challenge { server_nonce, mac } => (server_nonce, mac),
+            other => return Err(unexpected(&other)),
+        };
+        let server_nonce = hex::decode(server_nonce).map_err(|_| ClientError::Protocol("bad server nonce".into()))?;
+        let server_mac = hex::decode(server_mac).map_err(|_| ClientError::Protocol("bad server proof".into()))?;
+        if server_nonce.len() != auth::NONCE_BYTES {
+            return Err(ClientError::Protocol("server nonce has the wrong length".into()));
+        }
+        if !auth::verify_server_proof(secret, &client_nonce, &server_nonce, &server_mac) {
+            return Err(ClientError::ServerNotAuthenticated);
+        }
+        let proof = auth::client_proof(secret, &server_nonce, &client_nonce);
+        agent.send(&AgentRequest::AuthResponse { mac: hex::encode(proof) }).await?;
+        match agent.receive_reply().await? {
+            AgentReply::AuthOk => Ok(agent),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends a raw request without waiting (used for acks, and by tests for odd sequences).
+    pub async fn send(&mut self, request: &AgentRequest) -> Result<(), ClientError> {
+        write_frame(&mut self.writer, request).await.map_err(ClientError::from)
+    }
+
+    /// Waits for the next non-push frame; pushes received meanwhile are queued.
+    /// Server errors come back as `ClientError::Server`.
+    pub async fn receive_reply(&mut self) -> Result<AgentReply, ClientError> {
+        loop {
+            let frame = tokio::time::timeout(REPLY_TIMEOUT, self.reader.read::<AgentReply>())
+                .await
+                .map_err(|_| ClientError::Timeout(REPLY_TIMEOUT))??;
+            match frame {
+                AgentReply::MapUpdate { map } => self.queued_updates.push_back(map),
+                AgentReply::Error(body) => return Err(ClientError::Server(body)),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    pub async fn list_volumes(&mut self) -> Result<Vec<GrantedVolume>, ClientError> {
+        self.send(&AgentRequest::ListVolumes).await?;
+        match self.receive_reply().await? {
+            AgentReply::Volumes { volumes } => Ok(volumes),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn attach(&mut self, volume: &str, mode: AccessMode) -> Result<Attachment, ClientError> {
+        self.send(&AgentRequest::Attach { volume: volume.to_string(), mode }).await?;
+        match self.receive_reply().await? {
+            AgentReply::Attached { map, session_token } => Ok(Attachment { map, session_token }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn detach(&mut self, volume_id: u64) -> Result<(), ClientError> {
+        self.send(&AgentRequest::Detach { volume_id }).await?;
+        match self.receive_reply().await? {
+            AgentReply::Detached { .. } => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Renews the lease; returns the lease duration in milliseconds.
+    pub async fn renew(&mut self, volume_id: u64) -> Result<u64, ClientError> {
+        self.send(&AgentRequest::Renew { volume_id }).await?;
+        match self.receive_reply().await? {
+            AgentReply::Renewed { lease_ms, .. } => Ok(lease_ms),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Client-requested allocation: grows an rw-attached volume; returns the new map.
+    pub async fn grow(&mut self, volume_id: u64, new_size_bytes: u64) -> Result<VolumeMap, ClientError> {
+        self.send(&AgentRequest::Grow { volume_id, new_size_bytes }).await?;
+        match self.receive_reply().await? {
+            AgentReply::Grown { map } => Ok(map),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Tells the server which epoch this agent now holds.
+    pub async fn ack(&mut self, volume_id: u64, epoch: u64) -> Result<(), ClientError> {
+        self.send(&AgentRequest::Ack { volume_id, epoch }).await
+    }
+
+    /// Waits for the next pushed map (queued ones first). Cancellation safe. The caller
+    /// should install the map and then [`AgentClient::ack`] its epoch.
+    pub async fn next_map_update(&mut self) -> Result<VolumeMap, ClientError> {
+        if let Some(map) = self.queued_updates.pop_front() {
+            return Ok(map);
+        }
+        match self.reader.read::<AgentReply>().await? {
+            AgentReply::MapUpdate { map } => Ok(map),
+            AgentReply::Error(body) => Err(ClientError::Server(body)),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(reply: &AgentReply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {reply:?}"))
+}

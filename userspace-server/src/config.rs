@@ -1,0 +1,105 @@
+//! Server configuration: an optional TOML file, overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::map::DEFAULT_LEASE_MS;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+pub const DEFAULT_METADATA_DIR: &str = "/var/lib/sand";
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// File in the metadata dir where sand writes the address it actually listens on (useful with
+/// port 0).
+pub const AGENT_ADDRESS_FILE: &str = "agent.addr";
+pub const ADMIN_SOCKET_FILE: &str = "admin.sock";
+pub const SECRETS_FILE: &str = "secrets.redb";
+
+/// Command-line flags of `sand`. Every flag overrides the same key of the config file.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "sand",
+    version,
+    about = "sanblk server: storage pool, volumes, clients and volume maps",
+    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n\nConfig file keys (TOML): listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, lease_ms. Logging: RUST_LOG=debug."
+)]
+pub struct Flags {
+    /// TOML configuration file.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// TCP address for agents (default 127.0.0.1:7700; port 0 picks a free port, written to
+    /// METADATA_DIR/agent.addr).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Directory holding the metadata store and the admin socket (default /var/lib/sand).
+    #[arg(long)]
+    pub metadata_dir: Option<PathBuf>,
+    /// Client secrets store, created with mode 0600 (default METADATA_DIR/secrets.redb).
+    #[arg(long)]
+    pub secrets_file: Option<PathBuf>,
+    /// Admin Unix socket, mode 0600 (default METADATA_DIR/admin.sock).
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    /// How long an unauthenticated connection may take to authenticate.
+    #[arg(long)]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Lease duration put in every map.
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    metadata_dir: Option<PathBuf>,
+    secrets_file: Option<PathBuf>,
+    admin_socket: Option<PathBuf>,
+    handshake_timeout_ms: Option<u64>,
+    lease_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metadata_dir: PathBuf,
+    pub secrets_file: PathBuf,
+    pub admin_socket: PathBuf,
+    pub handshake_timeout: Duration,
+    pub lease_ms: u64,
+}
+
+impl Config {
+    pub fn from_flags(flags: Flags) -> anyhow::Result<Config> {
+        let file = match &flags.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let default_listen: SocketAddr = DEFAULT_LISTEN.parse()?;
+        let metadata_dir = flags
+            .metadata_dir
+            .or(file.metadata_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_METADATA_DIR));
+        Ok(Config {
+            listen: flags.listen.or(file.listen).unwrap_or(default_listen),
+            secrets_file: flags.secrets_file.or(file.secrets_file).unwrap_or_else(|| metadata_dir.join(SECRETS_FILE)),
+            admin_socket: flags
+                .admin_socket
+                .or(file.admin_socket)
+                .unwrap_or_else(|| metadata_dir.join(ADMIN_SOCKET_FILE)),
+            handshake_timeout: Duration::from_millis(
+                flags.handshake_timeout_ms.or(file.handshake_timeout_ms).unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
+            ),
+            lease_ms: flags.lease_ms.or(file.lease_ms).unwrap_or(DEFAULT_LEASE_MS),
+            metadata_dir,
+        })
+    }
+}
+
+fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}

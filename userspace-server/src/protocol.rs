@@ -1,0 +1,286 @@
+//! Control protocol framing and messages (agent/sanctl <-> sand).
+//!
+//! A frame is a 4-byte big-endian payload length followed by that many bytes of JSON. Every JSON
+//! object carries `"v": PROTOCOL_VERSION` and a `"type"` tag. The reader is cancellation safe (it
+//! buffers partial frames), so it can sit in a `tokio::select!` next to map pushes.
+
+use bytes::{Buf, BytesMut};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::map::{AccessMode, Layout, VolumeMap};
+
+/// Version carried in every frame; a frame with another version is rejected.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest accepted frame payload. A length prefix above this closes the connection.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Bytes of the length prefix.
+const LENGTH_PREFIX_BYTES: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("frame of {0} bytes exceeds the maximum of {MAX_FRAME_BYTES}")]
+    Oversized(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("unsupported protocol version {0} (expected {PROTOCOL_VERSION})")]
+    BadVersion(u64),
+    #[error("timed out")]
+    Timeout,
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Cancellation-safe frame reader over any byte stream.
+pub struct FrameReader<R> {
+    stream: R,
+    buffer: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(stream: R) -> Self {
+        FrameReader { stream, buffer: BytesMut::with_capacity(4096) }
+    }
+
+    /// True when part of a frame has been received but not all of it.
+    pub fn has_partial_frame(&self) -> bool {
+        !self.buffer.is_empty()
+    }
+
+    /// Reads the next frame and decodes it as `T`. Safe to cancel: partial data stays buffered.
+    pub async fn read<T: DeserializeOwned>(&mut self) -> Result<T, FrameError> {
+        loop {
+            if let Some(payload) = self.take_buffered_frame()? {
+                return decode_payload(&payload);
+            }
+            let read = self.stream.read_buf(&mut self.buffer).await?;
+            if read == 0 {
+                return Err(if self.buffer.is_empty() { FrameError::Closed } else { FrameError::Truncated });
+            }
+        }
+    }
+
+    fn take_buffered_frame(&mut self) -> Result<Option<BytesMut>, FrameError> {
+        if self.buffer.len() < LENGTH_PREFIX_BYTES {
+            return Ok(None);
+        }
+        let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+        prefix.copy_from_slice(&self.buffer[..LENGTH_PREFIX_BYTES]);
+        let length = u32::from_be_bytes(prefix) as usize;
+        // Checked before buffering anything more, so an attacker cannot make us hold a huge frame.
+        if length > MAX_FRAME_BYTES {
+            return Err(FrameError::Oversized(length));
+        }
+        if self.buffer.len() < LENGTH_PREFIX_BYTES + length {
+            self.buffer.reserve(LENGTH_PREFIX_BYTES + length - self.buffer.len());
+            return Ok(None);
+        }
+        self.buffer.advance(LENGTH_PREFIX_BYTES);
+        Ok(Some(self.buffer.split_to(length)))
+    }
+}
+
+/// Decodes one payload: must be a JSON object with the right `v`, then a valid `T`.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let version = value
+        .get("v")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| FrameError::Malformed("missing version field \"v\"".into()))?;
+    if version != u64::from(PROTOCOL_VERSION) {
+        return Err(FrameError::BadVersion(version));
+    }
+    serde_json::from_value(value).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Encodes a message as a complete frame (length prefix + JSON with `v`).
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let mut value = serde_json::to_value(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let object = value
+        .as_object_mut()
+        .ok_or_else(|| FrameError::Malformed("message is not a JSON object".into()))?;
+    object.insert("v".into(), PROTOCOL_VERSION.into());
+    let payload = serde_json::to_vec(&value).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if payload.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::Oversized(payload.len()));
+    }
+    let length = u32::try_from(payload.len()).map_err(|_| FrameError::Oversized(payload.len()))?;
+    let mut frame = Vec::with_capacity(LENGTH_PREFIX_BYTES + payload.len());
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(&payload);
+    Ok(frame)
+}
+
+/// Writes one message as a frame.
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    writer: &mut W,
+    message: &T,
+) -> Result<(), FrameError> {
+    let frame = encode_frame(message)?;
+    writer.write_all(&frame).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+/// Machine-readable error classes, so scripts and agents need not parse messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    BadFrame,
+    AuthenticationFailed,
+    NotFound,
+    AlreadyExists,
+    NotGranted,
+    Busy,
+    NoSpace,
+    ForeignSignature,
+    Io,
+    Internal,
+}
+
+/// Everything an error frame carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody { code, message: message.into() }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent protocol (TCP, authenticated)
+// ---------------------------------------------------------------------------------------------
+
+/// Frames an agent sends to the server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentRequest {
+    /// Step 1 of the handshake: who I am and my fresh nonce (hex, 32 bytes).
+    Hello { client: String, client_nonce: String },
+    /// Step 3: HMAC(secret, "client" | server_nonce | client_nonce), hex.
+    AuthResponse { mac: String },
+    /// Volumes this client is granted (names and modes only).
+    ListVolumes,
+    Attach { volume: String, mode: AccessMode },
+    Detach { volume_id: u64 },
+    /// The agent now holds `epoch` of `volume_id` (answer to a `map_update`).
+    Ack { volume_id: u64, epoch: u64 },
+    Renew { volume_id: u64 },
+    /// Client-requested allocation: grow an rw-attached volume to `new_size_bytes`.
+    Grow { volume_id: u64, new_size_bytes: u64 },
+}
+
+/// A volume the authenticated client may attach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantedVolume {
+    pub name: String,
+    pub mode: AccessMode,
+}
+
+/// Frames the server sends to an agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentReply {
+    /// Step 2: my nonce and HMAC(secret, "server" | client_nonce | server_nonce), hex.
+    Challenge { server_nonce: String, mac: String },
+    AuthOk,
+    Volumes { volumes: Vec<GrantedVolume> },
+    Attached { map: VolumeMap, session_token: String },
+    Detached { volume_id: u64 },
+    Renewed { volume_id: u64, lease_ms: u64 },
+    /// Answer to a client `grow`.
+    Grown { map: VolumeMap },
+    /// Unsolicited: the volume changed; the agent must ack with the epoch.
+    MapUpdate { map: VolumeMap },
+    Error(ErrorBody),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin protocol (Unix socket, protected by file permissions)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AdminRequest {
+    PoolAdd { path: String, force: bool },
+    PoolList,
+    VolumeCreate { name: String, size_bytes: u64, layout: Layout },
+    VolumeGrow { name: String, new_size_bytes: u64 },
+    VolumeDelete { name: String },
+    VolumeList,
+    VolumeShow { name: String },
+    ClientAdd { name: String },
+    ClientGrant { name: String, volume: String, mode: AccessMode },
+    ClientRevoke { name: String, volume: String },
+    ClientRemove { name: String },
+    ClientList,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AdminReply {
+    Ok { result: serde_json::Value },
+    Error(ErrorBody),
+}
+
+/// A device of the pool as `pool list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub uuid: uuid::Uuid,
+    pub path: String,
+    pub size_bytes: u64,
+    /// Bytes usable for volumes (size minus label area, rounded to the block size).
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    pub state: String,
+}
+
+/// A volume as `volume list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSummary {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub layout: Layout,
+    pub epoch: u64,
+    pub extent_count: usize,
+}
+
+/// `volume show`: the map plus who is attached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeDetail {
+    pub map: VolumeMap,
+    pub attachments: Vec<AttachmentInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentInfo {
+    pub client: String,
+    pub mode: AccessMode,
+    /// Latest epoch the client acknowledged.
+    pub acked_epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub name: String,
+    pub grants: Vec<GrantedVolume>,
+}
+
+/// Answer to `client add`: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientCreated {
+    pub name: String,
+    pub secret: String,
+}

@@ -1,0 +1,105 @@
+//! Listeners and lifecycle: binds the agent TCP port and the admin Unix socket, spawns one
+//! task per connection, and shuts everything down when the shutdown channel flips.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use anyhow::Context;
+use log::{error, info, warn};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch};
+
+use crate::admin::serve_admin_connection;
+use crate::agent_service::serve_agent_connection;
+use crate::config::{Config, AGENT_ADDRESS_FILE};
+use crate::state::ServerState;
+use crate::store::Store;
+
+/// How long connection tasks get to finish after shutdown is signalled.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the server until `shutdown` becomes true.
+pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.metadata_dir)
+        .with_context(|| format!("creating metadata dir {}", config.metadata_dir.display()))?;
+    std::fs::set_permissions(&config.metadata_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", config.metadata_dir.display()))?;
+    let store = Store::open(&config.metadata_dir, &config.secrets_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    info!("pool {} metadata at {}", store.pool_uuid(), store.metadata_path.display());
+
+    let agent_listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let agent_address = agent_listener.local_addr()?;
+    std::fs::write(config.metadata_dir.join(AGENT_ADDRESS_FILE), agent_address.to_string())
+        .context("writing the agent address file")?;
+
+    // A stale socket from a killed server would make bind fail.
+    if config.admin_socket.exists() {
+        std::fs::remove_file(&config.admin_socket)
+            .with_context(|| format!("removing stale {}", config.admin_socket.display()))?;
+    }
+    let admin_listener = UnixListener::bind(&config.admin_socket)
+        .with_context(|| format!("binding admin socket {}", config.admin_socket.display()))?;
+    std::fs::set_permissions(&config.admin_socket, std::fs::Permissions::from_mode(0o600))
+        .context("restricting the admin socket")?;
+    info!("listening for agents on {agent_address}, admin on {}", config.admin_socket.display());
+
+    let admin_socket = config.admin_socket.clone();
+    let state = ServerState::new(store, config);
+    // Every connection task holds a clone of this sender; when all are gone, recv() ends.
+    let (task_alive, mut all_tasks_done) = mpsc::channel::<()>(1);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = agent_listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let (state, shutdown, alive) = (state.clone(), shutdown.clone(), task_alive.clone());
+                    tokio::spawn(async move {
+                        serve_agent_connection(stream, peer, state, shutdown).await;
+                        drop(alive);
+                    });
+                }
+                // Typically EMFILE under load: back off instead of spinning.
+                Err(e) => {
+                    warn!("accepting agent connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            accepted = admin_listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (state, shutdown, alive) = (state.clone(), shutdown.clone(), task_alive.clone());
+                    tokio::spawn(async move {
+                        serve_admin_connection(stream, state, shutdown).await;
+                        drop(alive);
+                    });
+                }
+                Err(e) => {
+                    warn!("accepting admin connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    info!("shutting down");
+    drop(agent_listener);
+    drop(admin_listener);
+    drop(task_alive);
+    if tokio::time::timeout(SHUTDOWN_GRACE, all_tasks_done.recv()).await.is_err() {
+        error!("connections did not close within {SHUTDOWN_GRACE:?}");
+    }
+    let _ = std::fs::remove_file(&admin_socket);
+    info!("stopped");
+    Ok(())
+}
+
+/// Flips `shutdown` on SIGTERM or SIGINT.
+pub async fn signal_shutdown(shutdown: watch::Sender<bool>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM received"),
+        _ = interrupt.recv() => info!("SIGINT received"),
+    }
+    let _ = shutdown.send(true);
+    Ok(())
+}

@@ -1,0 +1,456 @@
+//! Persistent metadata in redb (embedded, ACID). Every mutation is one write transaction, so
+//! an allocation and the volume record that owns it commit together: a crash (even kill -9)
+//! leaves either the old or the new state, never space allocated twice or lost. Free space is
+//! not stored at all; it is derived from the volumes' extents.
+//!
+//! Client secrets live in a second redb file (the secrets file, mode 0600) so the main
+//! metadata can be copied around for debugging without leaking secrets.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::allocator::{merge_adjacent, AllocError, DeviceSpace, PoolSpace};
+use crate::map::{AccessMode, Extent, Layout, VolumeMap, BLOCK_SIZE};
+use crate::protocol::{ErrorBody, ErrorCode};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const DEVICES: TableDefinition<u128, &[u8]> = TableDefinition::new("devices");
+const VOLUMES: TableDefinition<u64, &[u8]> = TableDefinition::new("volumes");
+const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("clients");
+const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
+
+const POOL_UUID_KEY: &str = "pool_uuid";
+const NEXT_VOLUME_ID_KEY: &str = "next_volume_id";
+const METADATA_FILE: &str = "metadata.redb";
+
+pub type StoreResult<T> = Result<T, ErrorBody>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub uuid: Uuid,
+    pub path: String,
+    pub size_bytes: u64,
+    pub data_start: u64,
+    pub state: String,
+}
+
+impl DeviceRecord {
+    pub fn space(&self) -> DeviceSpace {
+        DeviceSpace::for_device(self.uuid, self.data_start, self.size_bytes)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub layout: Layout,
+    pub epoch: u64,
+    pub extents: Vec<Extent>,
+}
+
+impl VolumeRecord {
+    pub fn map(&self, lease_ms: u64) -> VolumeMap {
+        VolumeMap {
+            volume_id: self.id,
+            name: self.name.clone(),
+            epoch: self.epoch,
+            size_bytes: self.size_bytes,
+            block_size: BLOCK_SIZE,
+            layout: self.layout,
+            extents: self.extents.clone(),
+            lease_ms,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRecord {
+    pub name: String,
+    /// Volume id -> granted mode.
+    pub grants: BTreeMap<u64, AccessMode>,
+}
+
+fn internal(error: impl std::fmt::Display) -> ErrorBody {
+    ErrorBody::new(ErrorCode::Internal, format!("metadata store: {error}"))
+}
+
+fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
+    serde_json::to_vec(value).map_err(internal)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(bytes).map_err(internal)
+}
+
+fn alloc_error(error: AllocError) -> ErrorBody {
+    let code = match error {
+        AllocError::NoSpace { .. } | AllocError::NotEnoughDevices { .. } => ErrorCode::NoSpace,
+        AllocError::BadSize(_) => ErrorCode::BadRequest,
+        AllocError::Corrupt(_) => ErrorCode::Internal,
+    };
+    ErrorBody::new(code, error.to_string())
+}
+
+fn not_found(what: &str, name: &str) -> ErrorBody {
+    ErrorBody::new(ErrorCode::NotFound, format!("no {what} named {name:?}"))
+}
+
+/// Creates (or opens) a redb file and restricts it to the owner.
+fn open_database(path: &Path) -> StoreResult<Database> {
+    let database = Database::create(path).map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    Ok(database)
+}
+
+pub struct Store {
+    metadata: Database,
+    secrets: Database,
+    pool_uuid: Uuid,
+    pub metadata_path: PathBuf,
+}
+
+impl Store {
+    /// Opens the metadata in `metadata_dir` and the secrets file, creating both on first start.
+    pub fn open(metadata_dir: &Path, secrets_path: &Path) -> StoreResult<Store> {
+        let metadata_path = metadata_dir.join(METADATA_FILE);
+        let metadata = open_database(&metadata_path)?;
+        let secrets = open_database(secrets_path)?;
+        let txn = metadata.begin_write().map_err(internal)?;
+        let pool_uuid = {
+            let mut meta = txn.open_table(META).map_err(internal)?;
+            txn.open_table(DEVICES).map_err(internal)?;
+            txn.open_table(VOLUMES).map_err(internal)?;
+            txn.open_table(CLIENTS).map_err(internal)?;
+            let existing = meta.get(POOL_UUID_KEY).map_err(internal)?.map(|v| v.value().to_vec());
+            match existing {
+                Some(bytes) => Uuid::from_slice(&bytes).map_err(internal)?,
+                None => {
+                    let fresh = Uuid::new_v4();
+                    meta.insert(POOL_UUID_KEY, fresh.as_bytes().as_slice()).map_err(internal)?;
+                    fresh
+                }
+            }
+        };
+        txn.commit().map_err(internal)?;
+        let txn = secrets.begin_write().map_err(internal)?;
+        txn.open_table(SECRETS).map_err(internal)?;
+        txn.commit().map_err(internal)?;
+        Ok(Store { metadata, secrets, pool_uuid, metadata_path })
+    }
+
+    pub fn pool_uuid(&self) -> Uuid {
+        self.pool_uuid
+    }
+
+    // ----- devices -----------------------------------------------------------------------
+
+    pub fn devices(&self) -> StoreResult<Vec<DeviceRecord>> {
+        let txn = self.metadata.begin_read().map_err(internal)?;
+        let table = txn.open_table(DEVICES).map_err(internal)?;
+        let mut devices = Vec::new();
+        for entry in table.iter().map_err(internal)? {
+            let (_, value) = entry.map_err(internal)?;
+            devices.push(decode(value.value())?);
+        }
+        Ok(devices)
+    }
+
+    pub fn add_device(&self, device: &DeviceRecord) -> StoreResult<()> {
+        let txn = self.metadata.begin_write().map_err(internal)?;
+        {
+            let mut table = txn.open_table(DEVICES).map_err(internal)?;
+            for entry in table.iter().map_err(internal)? {
+                let (_, value) = entry.map_err(internal)?;
+                let existing: DeviceRecord = decode(value.value())?;
+                if existing.uuid == device.uuid || existing.path == device.path {
+                    return Err(ErrorBody::new(
+                        ErrorCode::AlreadyExists,
+                        format!("{} is already in the pool (device {})", existing.path, existing.uuid),
+                    ));
+                }
+            }
+            table.insert(device.uuid.as_u128(), encode(device)?.as_slice()).map_err(internal)?;
+        }
+        txn.commit().map_err(internal)
+    }
+
+    // ----- volumes -----------------------------------------------------------------------
+
+    pub fn volumes(&self) -> StoreResult<Vec<VolumeRecord>> {
+        let txn = self.metadata.begin_read().map_err(internal)?;
+        let table = txn.open_table(VOLUMES).map_err(internal)?;
+        read_volumes(&table)
+    }
+
+    pub fn volume_by_name(&self, name: &str) -> StoreResult<VolumeRecord> {
+        self.volumes()?.into_iter().find(|v| v.name == name).ok_or_else(|| not_found("volume", name))
+    }
+
+    pub fn volume_by_id(&self, id: u64) -> StoreResult<VolumeRecord> {
+        let txn = self.metadata.begin_read().map_err(internal)?;
+        let table = txn.open_table(VOLUMES).map_err(internal)?;
+        let value = table.get(id).map_err(internal)?;
+        match value {
+            Some(bytes) => decode(bytes.value()),
+            None => Err(ErrorBody::new(ErrorCode::NotFound, format!("no volume with id {id}"))),
+        }
+    }
+
+    /// Current free space of the pool, derived from all volumes.
+    pub fn pool_space(&self) -> StoreResult<(Vec<DeviceRecord>, PoolSpace)> {
+        let devices = self.devices()?;
+        let volumes = self.volumes()?;
+        let spaces: Vec<DeviceSpace> = devices.iter().map(DeviceRecord::space).collect();
+        let pool = PoolSpace::new(&spaces, volumes.iter().map(|v| v.extents.as_slice())).map_err(alloc_error)?;
+        Ok((devices, pool))
+    }
+
+    /// Creates a volume and allocates its space in one transaction.
+    pub fn create_volume(&self, name: &str, size_bytes: u64, layout: Layout) -> StoreResult<VolumeRecord> {
+        validate_volume_name(name)?;
+        let txn = self.metadata.begin_write().map_err(internal)?;
+        let record = {
+            let mut meta = txn.open_table(META).map_err(internal)?;
+            let mut volumes = txn.open_table(VOLUMES).map_err(internal)?;
+            let devices = txn.open_table(DEVICES).map_err(internal)?;
+            let existing = read_volumes(&volumes)?;
+            if existing.iter().any(|v| v.name == name) {
+                return Err(ErrorBody::new(ErrorCode::AlreadyExists, format!("volume {name:?} already exists")));
+            }
+            let mut pool = pool_space_in(&devices, &existing)?;
+            let extents = pool.allocate(layout, 0, size_bytes).map_err(alloc_error)?;
+            let id = match meta.get(NEXT_VOLUME_ID_KEY).map_err(internal)? {
+                Some(bytes) => bytes
+                    .value()
+                    .try_into()
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| internal("corrupt next volume id"))?,
+                None => 1,
+            };
+            meta.insert(NEXT_VOLUME_ID_KEY, (id + 1).to_le_bytes().as_slice()).map_err(internal)?;
+            let record = VolumeRecord {
+                id,
+                name: name.to_string(),
+                size_bytes,
+                layout,
+                epoch: 1,
+                extents: merge_adjacent(extents),
+            };
+            volumes.insert(id, encode(&record)?.as_slice()).map_err(internal)?;
+            record
+        };
+        txn.commit().map_err(internal)?;
+        Ok(record)
+    }
+
+    /// Grows a volume (allocation + new epoch in one transaction).
+    pub fn grow_volume(&self, id: u64, new_size_bytes: u64) -> StoreResult<VolumeRecord> {
+        let txn = self.metadata.begin_write().map_err(internal)?;
+        let record = {
+            let mut volumes = txn.open_table(VOLUMES).map_err(internal)?;
+            let devices = txn.open_table(DEVICES).map_err(internal)?;
+            let existing = read_volumes(&volumes)?;
+            let mut record = existing
+                .iter()
+                .find(|v| v.id == id)
+                .cloned()
+                .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, format!("no volume with id {id}")))?;
+            if new_size_bytes <= record.size_bytes {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "new size {new_size_bytes} must be larger than the current size {} (shrinking is not supported)",
+                        record.size_bytes
+                    ),
+                ));
+            }
+            let mut pool = pool_space_in(&devices, &existing)?;
+            let added = pool
+                .allocate(record.layout, record.size_bytes, new_size_bytes - record.size_bytes)
+                .map_err(alloc_error)?;
+            let mut extents = std::mem::take(&mut record.extents);
+            extents.extend(added);
+            record.extents = merge_adjacent(extents);
+            record.size_bytes = new_size_bytes;
+            record.epoch += 1;
+            volumes.insert(id, encode(&record)?.as_slice()).map_err(internal)?;
+            record
+        };
+        txn.commit().map_err(internal)?;
+        Ok(record)
+    }
+
+    /// Deletes a volume, frees its space and drops every grant on it, in one transaction.
+    pub fn delete_volume(&self, id: u64) -> StoreResult<VolumeRecord> {
+        let txn = self.metadata.begin_write().map_err(internal)?;
+        let record = {
+            let mut volumes = txn.open_table(VOLUMES).map_err(internal)?;
+            let removed = volumes.remove(id).map_err(internal)?.map(|v| v.value().to_vec());
+            let record: VolumeRecord = match removed {
+                Some(bytes) => decode(&bytes)?,
+                None => return Err(ErrorBody::new(ErrorCode::NotFound, format!("no volume with id {id}"))),
+            };
+            let mut clients = txn.open_table(CLIENTS).map_err(internal)?;
+            let mut updated = Vec::new();
+            for entry in clients.iter().map_err(internal)? {
+                let (_, value) = entry.map_err(internal)?;
+                let mut client: ClientRecord = decode(value.value())?;
+                if client.grants.remove(&id).is_some() {
+                    updated.push(client);
+                }
+            }
+            for client in updated {
+                clients.insert(client.name.as_str(), encode(&client)?.as_slice()).map_err(internal)?;
+            }
+            record
+        };
+        txn.commit().map_err(internal)?;
+        Ok(record)
+    }
+
+    // ----- clients -----------------------------------------------------------------------
+
+    pub fn clients(&self) -> StoreResult<Vec<ClientRecord>> {
+        let txn = self.metadata.begin_read().map_err(internal)?;
+        let table = txn.open_table(CLIENTS).map_err(internal)?;
+        let mut clients = Vec::new();
+        for entry in table.iter().map_err(internal)? {
+            let (_, value) = entry.map_err(internal)?;
+            clients.push(decode(value.value())?);
+        }
+        Ok(clients)
+    }
+
+    pub fn client(&self, name: &str) -> StoreResult<Option<ClientRecord>> {
+        let txn = self.metadata.begin_read().map_err(internal)?;
+        let table = txn.open_table(CLIENTS).map_err(internal)?;
+        let value = table.get(name).map_err(internal)?;
+        value.map(|v| decode(v.value())).transpose()
+    }
+
+    /// Registers a client with a fresh secret (secret first: a crash in between leaves an
+    /// unused secret, never a client without one).
+    pub fn add_client(&self, name: &str, secret_hex: &str) -> StoreResult<()> {
+        validate_client_name(name)?;
+        if self.client(name)?.is_some() {
+            return Err(ErrorBody::new(ErrorCode::AlreadyExists, format!("client {name:?} already exists")));
+        }
+        let txn = self.secrets.begin_write().map_err(internal)?;
+        txn.open_table(SECRETS).map_err(internal)?.insert(name, secret_hex).map_err(internal)?;
+        txn.commit().map_err(internal)?;
+        let txn = self.metadata.begin_write().map_err(internal)?;
+        {
+            let mut table = txn.open_table(CLIENTS).map_err(internal)?;
+            if table.get(name).map_err(internal)?.is_some() {
+                return Err(ErrorBody::new(ErrorCode::AlreadyExists, format!("client {name:?} already exists")));
+            }
+            let record = ClientRecord { name: name.to_string(), grants: BTreeMap::new() };
+            table.insert(name, encode(&record)?.as_slice()).map_err(internal)?;
+        }
+        txn.commit().map_err(internal)
+    }
+
+    /// Removes a client and then its secret.
+    pub fn remove_client(&self, name: &str) -> StoreResult<()> {
+        let txn = self.metadata.begin_write().map_err(internal)?;
+        {
+            let mut table = txn.open_table(CLIENTS).map_err(internal)?;
+            if table.remove(name).map_err(internal)?.is_none() {
+                return Err(not_found("client", name));
+            }
+        }
+        txn.commit().map_err(internal)?;
+        let txn = self.secrets.begin_write().map_err(internal)?;
+        txn.open_table(SECRETS).map_err(internal)?.remove(name).map_err(internal)?;
+        txn.commit().map_err(internal)
+    }
+
+    /// Sets (`Some`) or removes (`None`) a client's grant on a volume.
+    pub fn set_grant(&self, name: &str, volume_id: u64, mode: Option<AccessMode>) -> StoreResult<ClientRecord> {
+        let txn = self.metadata.begin_write().map_err(internal)?;
+        let record = {
+            let mut table = txn.open_table(CLIENTS).map_err(internal)?;
+            let current = table.get(name).map_err(internal)?.map(|v| v.value().to_vec());
+            let mut record: ClientRecord = match current {
+                Some(bytes) => decode(&bytes)?,
+                None => return Err(not_found("client", name)),
+            };
+            let volumes = txn.open_table(VOLUMES).map_err(internal)?;
+            if volumes.get(volume_id).map_err(internal)?.is_none() {
+                return Err(ErrorBody::new(ErrorCode::NotFound, format!("no volume with id {volume_id}")));
+            }
+            match mode {
+                Some(mode) => {
+                    record.grants.insert(volume_id, mode);
+                }
+                None => {
+                    record.grants.remove(&volume_id);
+                }
+            }
+            table.insert(name, encode(&record)?.as_slice()).map_err(internal)?;
+            record
+        };
+        txn.commit().map_err(internal)?;
+        Ok(record)
+    }
+
+    /// The client's secret (hex), if the client exists.
+    pub fn client_secret(&self, name: &str) -> StoreResult<Option<String>> {
+        let txn = self.secrets.begin_read().map_err(internal)?;
+        let table = txn.open_table(SECRETS).map_err(internal)?;
+        let value = table.get(name).map_err(internal)?;
+        Ok(value.map(|v| v.value().to_string()))
+    }
+}
+
+fn read_volumes(table: &impl ReadableTable<u64, &'static [u8]>) -> StoreResult<Vec<VolumeRecord>> {
+    let mut volumes = Vec::new();
+    for entry in table.iter().map_err(internal)? {
+        let (_, value) = entry.map_err(internal)?;
+        volumes.push(decode(value.value())?);
+    }
+    Ok(volumes)
+}
+
+fn pool_space_in(
+    devices: &impl ReadableTable<u128, &'static [u8]>,
+    volumes: &[VolumeRecord],
+) -> StoreResult<PoolSpace> {
+    let mut spaces = Vec::new();
+    for entry in devices.iter().map_err(internal)? {
+        let (_, value) = entry.map_err(internal)?;
+        let device: DeviceRecord = decode(value.value())?;
+        spaces.push(device.space());
+    }
+    PoolSpace::new(&spaces, volumes.iter().map(|v| v.extents.as_slice())).map_err(alloc_error)
+}
+
+fn validate_name(kind: &str, name: &str) -> StoreResult<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("{kind} name {name:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."),
+        ))
+    }
+}
+
+pub fn validate_volume_name(name: &str) -> StoreResult<()> {
+    validate_name("volume", name)
+}
+
+pub fn validate_client_name(name: &str) -> StoreResult<()> {
+    validate_name("client", name)
+}

@@ -1,0 +1,121 @@
+//! `sanctl client ...` (administration of clients; the agent itself is `sanctl attach`).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use sand::map::AccessMode;
+use sand::protocol::{AdminRequest, ClientCreated, ClientInfo};
+
+use crate::context::{CliError, Context};
+use crate::output::print_table;
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Register a client and print its secret (shown once; the server keeps it 0600).
+    #[command(after_help = "Examples:\n  sanctl client add host1\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret")]
+    Add {
+        name: String,
+        /// Also write the secret to this file (created with mode 0600, must not exist).
+        #[arg(long)]
+        secret_out: Option<PathBuf>,
+    },
+    /// Allow a client to attach a volume read-only or read-write.
+    #[command(after_help = "Example:\n  sanctl client grant host1 db1 rw")]
+    Grant {
+        name: String,
+        volume: String,
+        #[arg(value_parser = parse_mode)]
+        mode: AccessMode,
+    },
+    /// Withdraw a client's grant on a volume (its connections are closed).
+    Revoke { name: String, volume: String },
+    /// Remove a client and its secret (its connections are closed).
+    Remove { name: String },
+    /// List clients and their grants.
+    List,
+}
+
+fn parse_mode(text: &str) -> Result<AccessMode, String> {
+    text.parse()
+}
+
+/// Creates the secret file before asking the server, so a bad path cannot lose the secret.
+fn create_secret_file(path: &PathBuf) -> Result<std::fs::File, CliError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| CliError::Local(format!("{}: {e}", path.display())))
+}
+
+pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), CliError> {
+    match command {
+        ClientCommand::Add { name, secret_out } => {
+            let secret_file = secret_out.as_ref().map(create_secret_file).transpose()?;
+            let created: ClientCreated = match context.call(AdminRequest::ClientAdd { name }).await {
+                Ok(created) => created,
+                Err(error) => {
+                    if let Some(path) = &secret_out {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(error);
+                }
+            };
+            if let (Some(mut file), Some(path)) = (secret_file, &secret_out) {
+                writeln!(file, "{}", created.secret)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| CliError::Local(format!("{}: {e}", path.display())))?;
+            }
+            if context.json {
+                return context.print_json(&created);
+            }
+            println!("client {} added; its secret (shown only now):", created.name);
+            println!("{}", created.secret);
+            Ok(())
+        }
+        ClientCommand::Grant { name, volume, mode } => {
+            let client: Option<ClientInfo> =
+                context.call(AdminRequest::ClientGrant { name: name.clone(), volume: volume.clone(), mode }).await?;
+            if context.json {
+                return context.print_json(&client);
+            }
+            println!("client {name} may attach {volume} {mode}");
+            Ok(())
+        }
+        ClientCommand::Revoke { name, volume } => {
+            let client: Option<ClientInfo> =
+                context.call(AdminRequest::ClientRevoke { name: name.clone(), volume: volume.clone() }).await?;
+            if context.json {
+                return context.print_json(&client);
+            }
+            println!("client {name} may no longer attach {volume}");
+            Ok(())
+        }
+        ClientCommand::Remove { name } => {
+            let result: serde_json::Value = context.call(AdminRequest::ClientRemove { name: name.clone() }).await?;
+            if context.json {
+                return context.print_json(&result);
+            }
+            println!("removed client {name}");
+            Ok(())
+        }
+        ClientCommand::List => {
+            let clients: Vec<ClientInfo> = context.call(AdminRequest::ClientList).await?;
+            if context.json {
+                return context.print_json(&clients);
+            }
+            let rows: Vec<Vec<String>> = clients
+                .iter()
+                .map(|c| {
+                    let grants: Vec<String> = c.grants.iter().map(|g| format!("{}:{}", g.name, g.mode)).collect();
+                    vec![c.name.clone(), grants.join(",")]
+                })
+                .collect();
+            print_table(&["CLIENT", "GRANTS"], &rows);
+            Ok(())
+        }
+    }
+}

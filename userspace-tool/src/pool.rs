@@ -1,0 +1,61 @@
+//! `sanctl pool ...`
+
+use clap::Subcommand;
+use sand::map::format_size;
+use sand::protocol::{AdminRequest, DeviceInfo};
+
+use crate::context::{CliError, Context};
+use crate::output::print_table;
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Label a SAN device (block device or image file) and add it to the pool.
+    #[command(after_help = "Examples:\n  sanctl pool add /dev/sdb\n  sanctl pool add /srv/san/disk0.img --force")]
+    Add {
+        /// Path of the device as the server sees it.
+        path: String,
+        /// Overwrite a foreign signature (filesystem, partition table, LVM, another pool).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the pool's devices with size, free space and state.
+    List,
+}
+
+pub async fn run(command: PoolCommand, context: &mut Context) -> Result<(), CliError> {
+    match command {
+        PoolCommand::Add { path, force } => {
+            let path = std::path::absolute(&path).map_err(|e| CliError::Usage(format!("{path}: {e}")))?;
+            let device: Option<DeviceInfo> =
+                context.call(AdminRequest::PoolAdd { path: path.display().to_string(), force }).await?;
+            if context.json {
+                return context.print_json(&device);
+            }
+            if let Some(device) = device {
+                println!("added {} as device {} ({} usable)", device.path, device.uuid, format_size(device.capacity_bytes));
+            }
+            Ok(())
+        }
+        PoolCommand::List => {
+            let devices: Vec<DeviceInfo> = context.call(AdminRequest::PoolList).await?;
+            if context.json {
+                return context.print_json(&devices);
+            }
+            let rows: Vec<Vec<String>> = devices
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.uuid.to_string(),
+                        d.path.clone(),
+                        format_size(d.size_bytes),
+                        format_size(d.capacity_bytes),
+                        format_size(d.free_bytes),
+                        d.state.clone(),
+                    ]
+                })
+                .collect();
+            print_table(&["DEVICE", "PATH", "SIZE", "USABLE", "FREE", "STATE"], &rows);
+            Ok(())
+        }
+    }
+}
