@@ -46,7 +46,10 @@ fn locations(layout: &str, offset: u64) -> Vec<(usize, u64)> {
         "striped" => {
             let unit = 65536;
             let chunk = offset / unit;
-            vec![((chunk % 2) as usize, MIB + (chunk / 2) * unit + offset % unit)]
+            vec![(
+                (chunk % 2) as usize,
+                MIB + (chunk / 2) * unit + offset % unit,
+            )]
         }
         other => panic!("unknown layout {other}"),
     }
@@ -66,7 +69,10 @@ fn verify_layout(layout: &str, images: &[PathBuf], expected: &[u8]) {
     }
     // Nothing outside the layout's space was written: the first MiB of every image is zero.
     for image in images {
-        assert!(read_at(image, 0, MIB).iter().all(|b| *b == 0), "{layout}: write below 1 MiB in {image:?}");
+        assert!(
+            read_at(image, 0, MIB).iter().all(|b| *b == 0),
+            "{layout}: write below 1 MiB in {image:?}"
+        );
     }
 }
 
@@ -88,7 +94,11 @@ fn volumes_place_every_block_where_the_map_says() {
     let striped = images(&dir, "striped");
     let patterns: Vec<(&str, u8)> = vec![("linear", 11), ("mirror", 22), ("striped", 33)];
     for (layout, seed) in &patterns {
-        fs::write(dir.join(format!("{layout}.pattern")), pattern(*seed, VOLUME)).expect("pattern");
+        fs::write(
+            dir.join(format!("{layout}.pattern")),
+            pattern(*seed, VOLUME),
+        )
+        .expect("pattern");
     }
     let probe = target_bin("sanblk-nlprobe").display().to_string();
     let dir_text = dir.display().to_string();
@@ -144,7 +154,9 @@ rmmod sanblk
 
     let fio = outcome.read_out_file("fio.txt").expect("fio output");
     assert!(fio.contains("err= 0"), "fio reported errors: {fio}");
-    let ext4 = outcome.read_out_file("ext4-verify.txt").expect("ext4 verify");
+    let ext4 = outcome
+        .read_out_file("ext4-verify.txt")
+        .expect("ext4 verify");
     assert_eq!(ext4.matches(": OK").count(), 4, "{ext4}");
     let status = outcome.read_out_file("status.txt").expect("status");
     assert!(status.contains("volume_count=3"), "{status}");
@@ -174,7 +186,9 @@ rmmod sanblk
 "#,
         module = module_path().display(),
     );
-    let config = VmConfig::new("datapath-hostile-maps", &script).disk(&disks[0]).disk(&disks[1]);
+    let config = VmConfig::new("datapath-hostile-maps", &script)
+        .disk(&disks[0])
+        .disk(&disks[1]);
     let outcome = run(&config).expect("guest ran");
     outcome.assert_clean_success();
     let hostile = outcome.read_out_file("hostile.txt").expect("hostile.txt");
@@ -202,7 +216,10 @@ rmmod sanblk
             .find(|l| l.starts_with(&format!("case={case} ")))
             .unwrap_or_else(|| panic!("case {case} missing: {hostile}"));
         assert!(line.contains("errno="), "{case} not refused: {line}");
-        assert!(!line.ends_with("msg="), "{case} has no extack message: {line}");
+        assert!(
+            !line.ends_with("msg="),
+            "{case} has no extack message: {line}"
+        );
     }
     let status = outcome.read_out_file("status.txt").expect("status");
     assert!(status.contains("volume_count=1"), "{status}");

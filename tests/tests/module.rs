@@ -34,15 +34,35 @@ if {probe} status 2> after.txt; then echo "family still answers" >&2; exit 4; fi
     outcome.assert_clean_success();
 
     let status = key_values(&outcome.read_out_file("status.txt").expect("status.txt"));
-    assert_eq!(status.get("protocol_version").map(String::as_str), Some("1"));
-    assert_eq!(status.get("module_version").map(String::as_str), Some("0.1.0"));
+    assert_eq!(
+        status.get("protocol_version").map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(
+        status.get("module_version").map(String::as_str),
+        Some("0.1.0")
+    );
     assert_eq!(status.get("volume_count").map(String::as_str), Some("0"));
     let major = outcome.read_out_file("devices.txt").expect("devices.txt");
-    let major_number = major.split_whitespace().next().unwrap_or_default().to_string();
-    assert!(!major_number.is_empty(), "no sanblk line in /proc/devices: {major:?}");
-    assert_eq!(status.get("block_major"), Some(&major_number), "STATUS major != /proc/devices");
+    let major_number = major
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !major_number.is_empty(),
+        "no sanblk line in /proc/devices: {major:?}"
+    );
+    assert_eq!(
+        status.get("block_major"),
+        Some(&major_number),
+        "STATUS major != /proc/devices"
+    );
     let after = outcome.read_out_file("after.txt").expect("after.txt");
-    assert!(after.contains("not found"), "unexpected probe error after unload: {after}");
+    assert!(
+        after.contains("not found"),
+        "unexpected probe error after unload: {after}"
+    );
     assert!(outcome.serial_log.contains("sanblk: loaded, block major"));
     assert!(outcome.serial_log.contains("sanblk: unloading"));
 }
@@ -76,8 +96,13 @@ rmmod sanblk
         .map(|(name, rest)| (name.to_string(), rest.to_string()))
         .collect();
     let errno_of = |case: &str| -> i32 {
-        let rest = cases.get(case).unwrap_or_else(|| panic!("case {case} missing in {hostile}"));
-        assert!(!rest.starts_with("accepted"), "{case} was accepted: {hostile}");
+        let rest = cases
+            .get(case)
+            .unwrap_or_else(|| panic!("case {case} missing in {hostile}"));
+        assert!(
+            !rest.starts_with("accepted"),
+            "{case} was accepted: {hostile}"
+        );
         rest.strip_prefix("errno=")
             .and_then(|r| r.split_whitespace().next())
             .and_then(|n| n.parse().ok())
@@ -105,10 +130,14 @@ rmmod sanblk
     let after = outcome.read_out_file("after.txt").expect("after.txt");
     assert_eq!(before, after);
     assert_eq!(
-        outcome.read_out_file("unprivileged-status.txt").expect("unprivileged status"),
+        outcome
+            .read_out_file("unprivileged-status.txt")
+            .expect("unprivileged status"),
         before
     );
-    let unprivileged = outcome.read_out_file("unprivileged-hostile.txt").expect("unpriv hostile");
+    let unprivileged = outcome
+        .read_out_file("unprivileged-hostile.txt")
+        .expect("unpriv hostile");
     const EPERM: i32 = 1;
     assert!(
         unprivileged.contains(&format!("case=create-missing-attributes errno={EPERM} ")),

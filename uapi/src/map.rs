@@ -338,12 +338,12 @@ impl<'a> MapView<'a> {
 
     fn validate(&self) -> Result<(), MapError> {
         let block = self.header.block_size as u64;
-        if self.header.size == 0 || self.header.size % block != 0 {
+        if self.header.size == 0 || !self.header.size.is_multiple_of(block) {
             return Err(MapError::Misaligned);
         }
         for i in 0..self.header.device_count {
             let device = self.device(i);
-            if device.size % block != 0 {
+            if !device.size.is_multiple_of(block) {
                 return Err(MapError::Misaligned);
             }
             for j in 0..i {
@@ -388,8 +388,8 @@ impl<'a> MapView<'a> {
                 let unit = extent.stripe_unit as u64;
                 if count < 2
                     || unit == 0
-                    || unit % block != 0
-                    || extent.length % (unit * count as u64) != 0
+                    || !unit.is_multiple_of(block)
+                    || !extent.length.is_multiple_of(unit * count as u64)
                 {
                     return Err(MapError::BadMembers);
                 }
@@ -618,9 +618,7 @@ mod tests {
 
     fn parse_err(h: &MapHeader, d: &[Device], e: &[Extent]) -> MapError {
         let buf = encode_vec(h, d, e);
-        MapView::parse(&buf[..encoded_len(d.len(), e.len())])
-            .err()
-            .expect("must be refused")
+        MapView::parse(&buf[..encoded_len(d.len(), e.len())]).expect_err("must be refused")
     }
 
     #[test]

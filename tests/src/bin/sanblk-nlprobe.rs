@@ -29,6 +29,8 @@ const MIB: u64 = 1 << 20;
 const NLA_F_NESTED: u16 = 1 << 15;
 
 type Message = Genlmsghdr<u8, u16>;
+/// Attributes of a hand-built request: (type, payload).
+type RawAttrs = Vec<(u16, Vec<u8>)>;
 
 /// Outcome of one request: the kernel's reply or its errno and extack message.
 enum Outcome {
@@ -292,7 +294,7 @@ impl Drop for RawLink {
 
 fn hostile(link: &Link) -> Result<bool, String> {
     let long_name = nul_terminated(&"x".repeat(300));
-    let cases: Vec<(&str, u8, Vec<(u16, Vec<u8>)>)> = vec![
+    let cases: Vec<(&str, u8, RawAttrs)> = vec![
         ("unknown-command", 99, vec![]),
         ("zero-command", 0, vec![]),
         ("event-from-userspace", Command::Event as u8, vec![]),
@@ -571,7 +573,7 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
         extent_count: extents as u32,
     };
     let r = ExtentKind::Replicated;
-    let mut cases: Vec<(&str, Command, Vec<(u16, Vec<u8>)>)> = Vec::new();
+    let mut cases: Vec<(&str, Command, RawAttrs)> = Vec::new();
     let with_map = |map: Vec<u8>| {
         let mut attrs = good.create_attrs();
         attrs[3].1 = map;
