@@ -235,18 +235,45 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
     if header.block_size != current.view().header().block_size {
         return Err(request.fail(EINVAL, c_str!("block size cannot change")));
     }
-    if header.device_count as usize != volume.devices.len() {
-        return Err(request.fail(EINVAL, c_str!("map references devices not attached to this volume")));
-    }
-    for (i, device) in volume.devices.iter().enumerate() {
-        let wanted = view.device(i as u32);
-        if wanted.uuid != device.uuid {
-            return Err(request.fail(EINVAL, c_str!("map references devices not attached to this volume")));
+    // New devices (recovery, moves) come with the paths of the whole device table.
+    let paths = match request.attr(Attr::Devices as u16) {
+        Some(attr) => Some(nested_strings(request, attr.bytes(), Attr::DevicePath as u16)?),
+        None => None,
+    };
+    if let Some(paths) = &paths {
+        if paths.len() != header.device_count as usize {
+            return Err(request.fail(EINVAL, c_str!("number of device paths differs from the map's device table")));
         }
+    }
+    let mut slots = KVec::with_capacity(header.device_count as usize, GFP_KERNEL)?;
+    for i in 0..header.device_count {
+        let wanted = view.device(i);
+        let slot = match (volume.devices.find_uuid(&wanted.uuid), &paths) {
+            (Some(slot), _) => slot,
+            (None, Some(paths)) => {
+                let path = CString::try_from_fmt(fmt!("{}", &*paths[i as usize]))?;
+                let device = SanDevice::open(path, wanted.uuid, !volume.read_only).map_err(|err| {
+                    refuse(request, err, fmt!("cannot open SAN device {} (errno {})", i, -err.to_errno()))
+                })?;
+                if device.size_bytes() < wanted.size {
+                    return Err(request.fail(EINVAL, c_str!("map extends beyond the end of a device")));
+                }
+                volume.devices.insert(device)?
+            }
+            (None, None) => {
+                return Err(request.fail(EINVAL, c_str!("map references devices not attached to this volume")));
+            }
+        };
+        let Some(device) = volume.devices.get(slot) else {
+            return Err(EINVAL);
+        };
         if device.size_bytes() < wanted.size {
             return Err(request.fail(EINVAL, c_str!("map extends beyond the end of a device")));
         }
+        slots.push(slot, GFP_KERNEL)?;
     }
+    let mut map = map;
+    map.slots = slots;
     volume.replace_map(map)?;
     pr_info!("volume id {} now at epoch {}\n", volume_id, epoch);
     Ok(())
@@ -267,7 +294,7 @@ fn put_volume(reply: &mut Reply<'_>, volume: &Volume) -> Result {
     reply.put_u64(Attr::ReadBytes as u16, counters.read_bytes.load(Ordering::Relaxed))?;
     reply.put_u64(Attr::WrittenBytes as u16, counters.written_bytes.load(Ordering::Relaxed))?;
     reply.put_u64(Attr::ErrorCount as u16, counters.errors.load(Ordering::Relaxed))?;
-    for device in volume.devices.iter() {
+    for device in map.slots.iter().filter_map(|slot| volume.devices.get(*slot)) {
         let entry = reply.begin_nest(Attr::Device as u16)?;
         reply.put_str(Attr::DevicePath as u16, &device.path)?;
         reply.put_u32(Attr::DeviceState as u16, device.state())?;
@@ -280,7 +307,7 @@ fn put_volume(reply: &mut Reply<'_>, volume: &Volume) -> Result {
 
 fn status(request: &Request, registry: &registry::Registry) -> Result {
     let volumes = registry.lock();
-    let devices: usize = volumes.iter().map(|v| v.devices.len()).sum();
+    let devices: usize = volumes.iter().map(|v| v.current_map().slots.len()).sum();
     let room = STATUS_BYTES_BASE + volumes.len() * STATUS_BYTES_PER_VOLUME + devices * STATUS_BYTES_PER_DEVICE;
     let mut reply = request.reply(Command::Status as u8, room)?;
     reply.put_u32(Attr::ProtocolVersion as u16, PROTOCOL_VERSION)?;

@@ -80,8 +80,9 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
     if is_write && volume.read_only {
         return fail_bio(bio, BLK_STS_IOERR);
     }
+    let map = volume.current_map();
     if opf & REQ_PREFLUSH != 0 {
-        flush_all_devices(volume, bio);
+        flush_all_devices(volume, &map.slots, bio);
         if size == 0 {
             // SAFETY: drops the submission reference; completes once the flushes do.
             unsafe { bindings::bio_endio(bio) };
@@ -89,7 +90,6 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
         }
     }
 
-    let map = volume.current_map();
     let view = map.view();
     let offset = sector << 9;
     let piece = match view.map(offset, size as u64) {
@@ -128,31 +128,36 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
     let targets = &piece.targets[..count.min(MAX_MEMBERS)];
     if is_write {
         for target in targets {
-            clone_to(volume, bio, target.device, target.offset >> 9, true);
+            clone_to(volume, bio, slot_of(&map.slots, target.device), target.offset >> 9, true);
         }
     } else {
         let preferred = ((offset >> READ_BALANCE_SHIFT) as usize) % count.max(1);
         let chosen = (0..count)
             .map(|i| &targets[(preferred + i) % count])
-            .find(|t| device_healthy(volume, t.device))
+            .find(|t| device_healthy(volume, slot_of(&map.slots, t.device)))
             .unwrap_or(&targets[preferred]);
-        clone_to(volume, bio, chosen.device, chosen.offset >> 9, false);
+        clone_to(volume, bio, slot_of(&map.slots, chosen.device), chosen.offset >> 9, false);
     }
     // SAFETY: drops the submission reference; the bio completes when its clones do.
     unsafe { bindings::bio_endio(bio) };
 }
 
-fn device_healthy(volume: &Volume, index: u32) -> bool {
+/// The volume device slot of map device `index` (u32::MAX, an empty slot, if out of range).
+fn slot_of(slots: &[u32], index: u32) -> u32 {
+    slots.get(index as usize).copied().unwrap_or(u32::MAX)
+}
+
+fn device_healthy(volume: &Volume, slot: u32) -> bool {
     volume
         .devices
-        .get(index as usize)
+        .get(slot)
         .map(|d| d.state() == crate::abi::DeviceState::Healthy as u32)
         .unwrap_or(false)
 }
 
 /// Sends a clone of `bio` (same length and pages) to device `index` at `device_sector`.
 fn clone_to(volume: &Volume, bio: *mut bindings::bio, index: u32, device_sector: u64, strip_flush: bool) {
-    let Some(device) = volume.devices.get(index as usize) else {
+    let Some(device) = volume.devices.get(index) else {
         // SAFETY: `bio` is live; record the failure, the final bio_endio completes it.
         unsafe { (*bio).bi_status = BLK_STS_IOERR };
         return;
@@ -180,8 +185,8 @@ fn clone_to(volume: &Volume, bio: *mut bindings::bio, index: u32, device_sector:
 }
 
 /// Issues an empty PREFLUSH to every device of the volume, each completing into `bio`.
-fn flush_all_devices(volume: &Volume, bio: *mut bindings::bio) {
-    for device in volume.devices.iter() {
+fn flush_all_devices(volume: &Volume, slots: &[u32], bio: *mut bindings::bio) {
+    for device in slots.iter().filter_map(|slot| volume.devices.get(*slot)) {
         // SAFETY: a data-less bio from our bioset for an open device.
         let flush = unsafe {
             bindings::bio_alloc_bioset(
@@ -221,7 +226,7 @@ unsafe extern "C" fn clone_endio(clone: *mut bindings::bio) {
         let status = (*clone).bi_status;
         if status != 0 {
             let bdev = (*clone).bi_bdev;
-            if let Some(device) = volume.devices.iter().find(|d| d.bdev() == bdev) {
+            if let Some((_, device)) = volume.devices.iter().find(|(_, d)| d.bdev() == bdev) {
                 device.note_error();
             }
             volume.counters.errors.fetch_add(1, Ordering::Relaxed);

@@ -30,6 +30,8 @@ pub(crate) struct MapState {
     bytes: KVec<u8>,
     pub(crate) epoch: u64,
     pub(crate) size: u64,
+    /// For each entry of this map's device table, the volume's device slot.
+    pub(crate) slots: KVec<u32>,
 }
 
 impl MapState {
@@ -41,11 +43,62 @@ impl MapState {
         bytes
             .extend_from_slice(raw, GFP_KERNEL)
             .map_err(|_| (ENOMEM, "out of memory"))?;
-        Ok(MapState { bytes, epoch: header.epoch, size: header.size })
+        Ok(MapState { bytes, epoch: header.epoch, size: header.size, slots: KVec::new() })
     }
 
     pub(crate) fn view(&self) -> MapView<'_> {
         MapView::assume_valid(&self.bytes)
+    }
+}
+
+/// Most SAN devices one volume uses over its lifetime (maps may move it to new devices).
+pub(crate) const MAX_VOLUME_DEVICES: usize = 64;
+
+/// The SAN devices a volume has opened, in set-once slots: the data path and completions
+/// read them without locks, and a device stays open until the volume goes away, so a bio
+/// mapped with an older epoch can never reach a closed device. Slots are only added by
+/// netlink commands, which the registry lock serialises.
+pub(crate) struct DeviceSlots {
+    slots: [AtomicPtr<SanDevice>; MAX_VOLUME_DEVICES],
+}
+
+impl DeviceSlots {
+    fn new() -> Self {
+        DeviceSlots { slots: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_VOLUME_DEVICES] }
+    }
+
+    pub(crate) fn get(&self, slot: u32) -> Option<&SanDevice> {
+        let ptr = self.slots.get(slot as usize)?.load(Ordering::Acquire);
+        // SAFETY: a non-null slot points to a device boxed by `insert`, freed only in drop.
+        unsafe { ptr.as_ref() }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, &SanDevice)> {
+        (0..MAX_VOLUME_DEVICES as u32).filter_map(move |i| self.get(i).map(|d| (i, d)))
+    }
+
+    pub(crate) fn find_uuid(&self, uuid: &[u8; 16]) -> Option<u32> {
+        self.iter().find(|(_, d)| d.uuid == *uuid).map(|(i, _)| i)
+    }
+
+    /// Adds a device; callers hold the registry lock.
+    pub(crate) fn insert(&self, device: SanDevice) -> Result<u32> {
+        let free = (0..MAX_VOLUME_DEVICES).find(|i| self.slots[*i].load(Ordering::Acquire).is_null()).ok_or(ENOSPC)?;
+        let boxed = KBox::into_raw(KBox::new(device, GFP_KERNEL)?);
+        self.slots[free].store(boxed, Ordering::Release);
+        Ok(free as u32)
+    }
+}
+
+impl Drop for DeviceSlots {
+    fn drop(&mut self) {
+        for slot in self.slots.iter() {
+            let ptr = slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
+            if !ptr.is_null() {
+                // SAFETY: boxed by `insert`; the volume is gone, so no bio can use it.
+                drop(unsafe { KBox::from_raw(ptr) });
+            }
+        }
     }
 }
 
@@ -82,7 +135,7 @@ pub(crate) struct Volume {
     pub(crate) read_only: bool,
     #[pin]
     map: SpinLock<Arc<MapState>>,
-    pub(crate) devices: KVec<SanDevice>,
+    pub(crate) devices: DeviceSlots,
     pub(crate) token: KVec<u8>,
     pub(crate) counters: Counters,
     /// Clones submitted to SAN devices and not yet completed.
@@ -105,7 +158,14 @@ pub(crate) struct NewVolume {
 impl Volume {
     /// Builds the volume and publishes `/dev/sanblk<index>`.
     pub(crate) fn create(new: NewVolume, major: u32) -> Result<Arc<Volume>> {
-        let map = Arc::new(new.map, GFP_KERNEL)?;
+        let devices = DeviceSlots::new();
+        let mut map = new.map;
+        let mut slots = KVec::with_capacity(new.devices.len(), GFP_KERNEL)?;
+        for device in new.devices {
+            slots.push(devices.insert(device)?, GFP_KERNEL)?;
+        }
+        map.slots = slots;
+        let map = Arc::new(map, GFP_KERNEL)?;
         // SAFETY: an all-zero bio_set is the state bioset_init expects to start from.
         let bioset = KBox::new(Opaque::new(unsafe { core::mem::zeroed::<bindings::bio_set>() }), GFP_KERNEL)?;
         // SAFETY: `bioset` is zeroed, pinned in its box and exited in drop. Clones share the
@@ -118,7 +178,7 @@ impl Volume {
                 index: new.index,
                 read_only: new.read_only,
                 map <- new_spinlock!(map, "sanblk_volume_map"),
-                devices: new.devices,
+                devices,
                 token: new.token,
                 counters: Counters::default(),
                 inflight: AtomicU64::new(0),
