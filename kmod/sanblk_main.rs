@@ -19,6 +19,7 @@ mod genl;
 mod registry;
 mod remap;
 mod shim;
+mod sysfs;
 mod volume;
 
 module! {

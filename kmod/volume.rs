@@ -227,7 +227,7 @@ impl Volume {
             }
         }
         // SAFETY: the disk is fully set up; on failure it was never visible and we release it.
-        let ret = unsafe { bindings::device_add_disk(core::ptr::null_mut(), disk, core::ptr::null_mut()) };
+        let ret = unsafe { bindings::device_add_disk(core::ptr::null_mut(), disk, crate::sysfs::disk_groups()) };
         if ret != 0 {
             // SAFETY: undo the reference stored in private_data, then free the unadded disk.
             unsafe {

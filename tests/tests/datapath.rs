@@ -111,6 +111,16 @@ $P create lin 1 1 linear 16 /dev/vda /dev/vdb
 $P create mir 2 1 mirror 16 /dev/vdc /dev/vdd
 $P create str 3 1 striped 16 /dev/vde /dev/vdf
 ls -l /dev/sanblk* > devices.txt
+for n in 0 1 2; do
+    echo "$(cat /sys/block/sanblk$n/sanblk/volume_name) $(cat /sys/block/sanblk$n/sanblk/volume_id) $(cat /sys/block/sanblk$n/sanblk/epoch)" >> sysfs.txt
+done
+# A volume in use cannot be detached; I/O in flight is unaffected.
+fio --name=busy --filename=/dev/sanblk1 --rw=randwrite --bs=4k --size=16M --direct=1 \
+    --ioengine=libaio --iodepth=8 --runtime=4 --time_based --output=busy-fio.txt &
+exec 3</dev/sanblk1
+if $P destroy 2 2> busy-destroy.txt; then echo "detached a volume in use"; exit 8; fi
+exec 3<&-
+wait
 # Devices are held exclusively while attached.
 if dd if=/dev/zero of=/dev/vda bs=4k count=1 oflag=direct,excl 2>/dev/null; then echo "vda not exclusive"; exit 9; fi
 # fio verifies random writes through the linear volume before the pattern goes on it.
@@ -139,9 +149,10 @@ dd if=/dev/sanblk1 bs=4k skip=100 count=1 iflag=direct status=none | cmp - $D/mi
 $P status > status.txt
 $P destroy 1
 $P destroy 2
-$P destroy 3
 test ! -e /dev/sanblk0
+# Unloading with a volume still attached (not open) tears it down.
 rmmod sanblk
+test ! -e /dev/sanblk2
 "#,
         module = module_path().display(),
     );
@@ -160,6 +171,19 @@ rmmod sanblk
     assert_eq!(ext4.matches(": OK").count(), 4, "{ext4}");
     let status = outcome.read_out_file("status.txt").expect("status");
     assert!(status.contains("volume_count=3"), "{status}");
+    assert_eq!(
+        outcome.read_out_file("sysfs.txt").expect("sysfs"),
+        "lin 1 1\nmir 2 1\nstr 3 1\n"
+    );
+    let busy = outcome.read_out_file("busy-destroy.txt").expect("busy");
+    assert!(
+        busy.contains("errno=16") || busy.contains("in use"),
+        "{busy}"
+    );
+    assert!(outcome
+        .read_out_file("busy-fio.txt")
+        .expect("busy fio")
+        .contains("err= 0"));
 
     verify_layout("linear", &linear, &pattern(11, VOLUME));
     verify_layout("mirror", &mirror, &pattern(22, VOLUME));

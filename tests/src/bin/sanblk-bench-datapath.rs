@@ -25,18 +25,42 @@ enum Metric {
 }
 
 const JOBS: [Job; 4] = [
-    Job { name: "seq-read-1M", args: "--rw=read --bs=1M --iodepth=8", metric: Metric::ReadBandwidth },
-    Job { name: "seq-write-1M", args: "--rw=write --bs=1M --iodepth=8", metric: Metric::WriteBandwidth },
-    Job { name: "rand-read-4k-qd32", args: "--rw=randread --bs=4k --iodepth=32", metric: Metric::ReadIops },
-    Job { name: "rand-write-4k-qd32", args: "--rw=randwrite --bs=4k --iodepth=32", metric: Metric::WriteIops },
+    Job {
+        name: "seq-read-1M",
+        args: "--rw=read --bs=1M --iodepth=8",
+        metric: Metric::ReadBandwidth,
+    },
+    Job {
+        name: "seq-write-1M",
+        args: "--rw=write --bs=1M --iodepth=8",
+        metric: Metric::WriteBandwidth,
+    },
+    Job {
+        name: "rand-read-4k-qd32",
+        args: "--rw=randread --bs=4k --iodepth=32",
+        metric: Metric::ReadIops,
+    },
+    Job {
+        name: "rand-write-4k-qd32",
+        args: "--rw=randwrite --bs=4k --iodepth=32",
+        metric: Metric::WriteIops,
+    },
 ];
 
-const TARGETS: [(&str, &str); 3] = [("raw", "/dev/vda"), ("dm-linear", "/dev/mapper/bench-linear"), ("sanblk", "/dev/sanblk0")];
+const TARGETS: [(&str, &str); 3] = [
+    ("raw", "/dev/vda"),
+    ("dm-linear", "/dev/mapper/bench-linear"),
+    ("sanblk", "/dev/sanblk0"),
+];
 
 fn value(json: &str, metric: Metric) -> Result<f64, String> {
-    let parsed: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("fio json: {e}"))?;
+    let parsed: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("fio json: {e}"))?;
     let job = &parsed["jobs"][0];
-    let number = |v: &serde_json::Value| v.as_f64().ok_or_else(|| format!("fio json lacks a field: {v}"));
+    let number = |v: &serde_json::Value| {
+        v.as_f64()
+            .ok_or_else(|| format!("fio json lacks a field: {v}"))
+    };
     match metric {
         Metric::ReadBandwidth => number(&job["read"]["bw"]).map(|kib| kib / 1024.0),
         Metric::WriteBandwidth => number(&job["write"]["bw"]).map(|kib| kib / 1024.0),
@@ -48,7 +72,8 @@ fn value(json: &str, metric: Metric) -> Result<f64, String> {
 fn bench(runtime_s: u32) -> Result<String, String> {
     let dir = scratch_dir("bench-datapath").map_err(|e| e.to_string())?;
     for i in 0..3 {
-        sparse_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB).map_err(|e| e.to_string())?;
+        sparse_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB)
+            .map_err(|e| e.to_string())?;
     }
     let sectors = TARGET_MIB * MIB / 512;
     let mut script = format!(
@@ -61,10 +86,14 @@ fn bench(runtime_s: u32) -> Result<String, String> {
     // Same job order on every target, interleaved per job so drift affects all alike.
     for job in &JOBS {
         for (target, device) in TARGETS {
-            let size = if target == "raw" { format!("--size={TARGET_MIB}M") } else { String::new() };
+            let size = if target == "raw" {
+                format!("--size={TARGET_MIB}M")
+            } else {
+                String::new()
+            };
             script.push_str(&format!(
                 "fio --name={name} --filename={device} {size} {args} --direct=1 --ioengine=libaio \
-                 --runtime={runtime_s} --time_based --ramp_time=1 --output-format=json \
+                 --runtime={runtime_s} --time_based --ramp_time=1 --eta=never --output-format=json \
                  --output={target}-{name}.json\n",
                 name = job.name,
                 args = job.args,
@@ -107,7 +136,10 @@ fn bench(runtime_s: u32) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let runtime_s = std::env::var("SANBLK_BENCH_RUNTIME").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let runtime_s = std::env::var("SANBLK_BENCH_RUNTIME")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     match bench(runtime_s) {
         Ok(table) => {
             println!("{table}");

@@ -11,7 +11,10 @@ const MIB: u64 = 1 << 20;
 
 fn demo() -> Result<(), String> {
     let dir = scratch_dir("demo").map_err(|e| e.to_string())?;
-    println!("== starting sand on 127.0.0.1 (metadata in {})", dir.display());
+    println!(
+        "== starting sand on 127.0.0.1 (metadata in {})",
+        dir.display()
+    );
     let server = SandServer::start(&dir)?;
     let mut images = Vec::new();
     for i in 0..2 {
@@ -20,11 +23,23 @@ fn demo() -> Result<(), String> {
         images.push(path);
     }
     for image in &images {
-        print!("{}", server.sanctl(&["pool", "add", &image.display().to_string()]));
+        print!(
+            "{}",
+            server.sanctl(&["pool", "add", &image.display().to_string()])
+        );
     }
-    print!("{}", server.sanctl(&["volume", "create", "demo", "64M", "--layout", "mirror"]));
+    print!(
+        "{}",
+        server.sanctl(&["volume", "create", "demo", "64M", "--layout", "mirror"])
+    );
     let secret = dir.join("client1.secret");
-    server.sanctl(&["client", "add", "client1", "--secret-out", &secret.display().to_string()]);
+    server.sanctl(&[
+        "client",
+        "add",
+        "client1",
+        "--secret-out",
+        &secret.display().to_string(),
+    ]);
     server.sanctl(&["client", "grant", "client1", "demo", "rw"]);
     println!("== server view");
     print!("{}", server.sanctl(&["pool", "list"]));
@@ -54,7 +69,9 @@ $S detach demo
         port = server.port,
         secret = secret.display(),
     );
-    let mut config = VmConfig::new("demo", &script).forward_port(server.port).timeout(Duration::from_secs(300));
+    let mut config = VmConfig::new("demo", &script)
+        .forward_port(server.port)
+        .timeout(Duration::from_secs(300));
     for image in &images {
         config = config.disk(image);
     }
