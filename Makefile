@@ -37,10 +37,15 @@ unit-test:
 
 # QEMU tests boot the kernel that `make kernel` built (or SANBLK_KERNEL_TREE=KDIR).
 test: deps kernel kmod build lint
-	$(CARGO) test --workspace $(if $(KDIR),,) -- --test-threads=2
+	SANBLK_KERNEL_TREE=$(KDIR) $(CARGO) test --workspace -- --test-threads=2
 
 demo: deps kernel kmod build
 	$(CARGO) run -q -p sanblk-tests --bin sanblk-demo
+
+# Benchmarks print markdown tables; BENCHMARKS.md records them with their commands.
+bench: deps kernel kmod build
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-datapath
+	$(CARGO) run -q --release -p sand --bin sand-bench -- --clients 10000
 
 clean:
 	$(CARGO) clean

@@ -46,7 +46,8 @@ pub fn kernel_image() -> Result<PathBuf, HarnessError> {
 }
 
 fn resolve_kernel_tree() -> Result<PathBuf, String> {
-    if let Some(tree) = std::env::var_os("SANBLK_KERNEL_TREE") {
+    // Empty means unset: `make test` passes its (possibly empty) KDIR through.
+    if let Some(tree) = std::env::var_os("SANBLK_KERNEL_TREE").filter(|t| !t.is_empty()) {
         return Ok(PathBuf::from(tree));
     }
     let script = repo_root().join("qemu/build-kernel.sh");
