@@ -275,7 +275,7 @@ fn hex_bytes(text: &str) -> Vec<u8> {
         .collect();
     // A token that is not hex is still an opaque token: pass its bytes.
     decoded
-        .filter(|d| !d.is_empty() && bytes.len() % 2 == 0)
+        .filter(|d| !d.is_empty() && bytes.len().is_multiple_of(2))
         .unwrap_or_else(|| bytes.to_vec())
 }
 
