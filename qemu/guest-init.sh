@@ -69,9 +69,24 @@ mount_fs() { # type source target [options]
 $bb mount -t proc proc /proc
 $bb mount -t sysfs sysfs /sys
 mount_fs devtmpfs devtmpfs /dev
+# The repository (module, binaries, test scratch files) may itself live under /tmp, /run or
+# /var/tmp on the host (CI clones wherever it likes). Those get the guest's own tmpfs, so keep
+# the repository visible at its host path: bind it aside first, then move it back on top.
+repo_aside=
+case "$SANBLK_REPO" in
+    /tmp/*|/run/*|/var/tmp/*)
+        $bb mount -t tmpfs -o mode=0700 tmpfs /mnt
+        $bb mkdir -p /mnt/repo
+        $bb mount -o bind "$SANBLK_REPO" /mnt/repo && repo_aside=/mnt/repo
+        ;;
+esac
 for dir in /tmp /run /var/tmp; do
     mount_fs tmpfs tmpfs "$dir" mode=1777
 done
+if [ -n "$repo_aside" ]; then
+    $bb mkdir -p "$SANBLK_REPO"
+    $bb mount -o bind "$repo_aside" "$SANBLK_REPO"
+fi
 $bb mkdir -p "$SANBLK_OUT"
 if ! mount_fs 9p "$out_tag" "$SANBLK_OUT" trans=virtio,version=9p2000.L,msize=262144; then
     log "sanblk-guest-init: cannot mount out share '$out_tag' at $SANBLK_OUT"

@@ -384,6 +384,8 @@ fn qemu_args(
         format!("SANBLK_OUT_TAG={OUT_TAG}"),
         format!("SANBLK_OUT={GUEST_OUT_DIR}"),
         format!("SANBLK_SCRIPT={SCRIPT_FILE}"),
+        // guest-init keeps the repository visible if it lives under a guest tmpfs (/tmp...).
+        format!("SANBLK_REPO={}", crate::paths::repo_root().display()),
     ];
     cmdline.extend(config.kernel_args.iter().cloned());
 

@@ -123,9 +123,13 @@ exec 3<&-
 wait
 # Devices are held exclusively while attached.
 if dd if=/dev/zero of=/dev/vda bs=4k count=1 oflag=direct,excl 2>/dev/null; then echo "vda not exclusive"; exit 9; fi
-# fio verifies random writes through the linear volume before the pattern goes on it.
+# fio verifies random writes through the linear volume before the pattern goes on it, while
+# new epochs of the same layout replace the map under it: each bio sees one whole epoch.
 fio --name=verify --filename=/dev/sanblk0 --rw=randwrite --bs=4k --size=16M --direct=1 \
-    --ioengine=libaio --iodepth=16 --verify=crc32c --do_verify=1 --output=fio.txt
+    --ioengine=libaio --iodepth=16 --verify=crc32c --do_verify=1 --output=fio.txt &
+for epoch in $(seq 2 21); do $P update lin 1 $epoch linear 16 /dev/vda /dev/vdb; done
+wait $!
+cat /sys/block/sanblk0/sanblk/epoch > epoch-after-updates.txt
 # ext4 on the striped volume: create, fill, unmount, mount again, verify.
 mkfs.ext4 -q -F /dev/sanblk2
 mkdir -p /tmp/mnt
@@ -165,6 +169,13 @@ test ! -e /dev/sanblk2
 
     let fio = outcome.read_out_file("fio.txt").expect("fio output");
     assert!(fio.contains("err= 0"), "fio reported errors: {fio}");
+    assert_eq!(
+        outcome
+            .read_out_file("epoch-after-updates.txt")
+            .expect("epoch")
+            .trim(),
+        "21"
+    );
     let ext4 = outcome
         .read_out_file("ext4-verify.txt")
         .expect("ext4 verify");
