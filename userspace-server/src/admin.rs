@@ -15,8 +15,8 @@ use crate::auth;
 use crate::label::{self, Label, LabelError, DATA_START_OFFSET};
 use crate::map::{AccessMode, Layout};
 use crate::protocol::{
-    write_frame, AdminReply, AdminRequest, ClientCreated, ClientInfo, DeviceInfo, ErrorBody, ErrorCode, FrameError,
-    FrameReader, GrantedVolume, VolumeDetail, VolumeSummary,
+    write_frame, AdminReply, AdminRequest, ClientCreated, ClientInfo, DeviceInfo, ErrorBody,
+    ErrorCode, FrameError, FrameReader, GrantedVolume, VolumeDetail, VolumeSummary,
 };
 use crate::state::{blocking, ServerState};
 use crate::store::{DeviceRecord, StoreResult};
@@ -24,7 +24,11 @@ use crate::store::{DeviceRecord, StoreResult};
 /// Smallest device accepted: the label area plus 1 MiB of data.
 const MIN_DEVICE_BYTES: u64 = DATA_START_OFFSET + 1024 * 1024;
 
-pub async fn serve_admin_connection(stream: UnixStream, state: Arc<ServerState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve_admin_connection(
+    stream: UnixStream,
+    state: Arc<ServerState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = FrameReader::new(read_half);
     loop {
@@ -60,23 +64,47 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> StoreResult<
     match request {
         AdminRequest::PoolAdd { path, force } => {
             let device = blocking(state, move |s| add_device(s, Path::new(&path), force)).await?;
-            info!("pool: added {} as device {} ({} bytes)", device.path, device.uuid, device.size_bytes);
-            to_json(&device_infos(state).await?.into_iter().find(|d| d.uuid == device.uuid))
+            info!(
+                "pool: added {} as device {} ({} bytes)",
+                device.path, device.uuid, device.size_bytes
+            );
+            to_json(
+                &device_infos(state)
+                    .await?
+                    .into_iter()
+                    .find(|d| d.uuid == device.uuid),
+            )
         }
         AdminRequest::PoolList => to_json(&device_infos(state).await?),
-        AdminRequest::VolumeCreate { name, size_bytes, layout } => {
-            let record = blocking(state, move |s| s.store.create_volume(&name, size_bytes, layout)).await?;
-            info!("volume {} (id {}) created: {} bytes, {}", record.name, record.id, record.size_bytes, record.layout);
+        AdminRequest::VolumeCreate {
+            name,
+            size_bytes,
+            layout,
+        } => {
+            let record = blocking(state, move |s| {
+                s.store.create_volume(&name, size_bytes, layout)
+            })
+            .await?;
+            info!(
+                "volume {} (id {}) created: {} bytes, {}",
+                record.name, record.id, record.size_bytes, record.layout
+            );
             to_json(&record.map(state.config.lease_ms))
         }
-        AdminRequest::VolumeGrow { name, new_size_bytes } => {
+        AdminRequest::VolumeGrow {
+            name,
+            new_size_bytes,
+        } => {
             let record = blocking(state, move |s| {
                 let volume = s.store.volume_by_name(&name)?;
                 s.store.grow_volume(volume.id, new_size_bytes)
             })
             .await?;
             state.publish(&record);
-            info!("volume {} grown to {} bytes, epoch {}", record.name, record.size_bytes, record.epoch);
+            info!(
+                "volume {} grown to {} bytes, epoch {}",
+                record.name, record.size_bytes, record.epoch
+            );
             to_json(&record.map(state.config.lease_ms))
         }
         AdminRequest::VolumeDelete { name } => {
@@ -105,8 +133,10 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> StoreResult<
         }
         AdminRequest::VolumeShow { name } => {
             let record = blocking(state, move |s| s.store.volume_by_name(&name)).await?;
-            let detail =
-                VolumeDetail { map: record.map(state.config.lease_ms), attachments: state.attachments(record.id) };
+            let detail = VolumeDetail {
+                map: record.map(state.config.lease_ms),
+                attachments: state.attachments(record.id),
+            };
             to_json(&detail)
         }
         AdminRequest::ClientAdd { name } => {
@@ -129,7 +159,9 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> StoreResult<
                 state.disconnect_client(&name);
             }
             info!("client {name}: grant changed");
-            client_infos(state).await.and_then(|c| to_json(&c.into_iter().find(|c| c.name == name)))
+            client_infos(state)
+                .await
+                .and_then(|c| to_json(&c.into_iter().find(|c| c.name == name)))
         }
         AdminRequest::ClientRevoke { name, volume } => {
             let client = name.clone();
@@ -140,7 +172,9 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> StoreResult<
             .await?;
             state.disconnect_client(&name);
             info!("client {name}: grant revoked");
-            client_infos(state).await.and_then(|c| to_json(&c.into_iter().find(|c| c.name == name)))
+            client_infos(state)
+                .await
+                .and_then(|c| to_json(&c.into_iter().find(|c| c.name == name)))
         }
         AdminRequest::ClientRemove { name } => {
             let client = name.clone();
@@ -160,7 +194,11 @@ async fn device_infos(state: &Arc<ServerState>) -> StoreResult<Vec<DeviceInfo>> 
         .into_iter()
         .map(|d| {
             let free_bytes = pool.free_bytes(d.uuid);
-            let state = if Path::new(&d.path).exists() { d.state.clone() } else { "missing".to_string() };
+            let state = if Path::new(&d.path).exists() {
+                d.state.clone()
+            } else {
+                "missing".to_string()
+            };
             DeviceInfo {
                 uuid: d.uuid,
                 capacity_bytes: d.space().capacity(),
@@ -184,7 +222,10 @@ async fn client_infos(state: &Arc<ServerState>) -> StoreResult<Vec<ClientInfo>> 
                     .grants
                     .iter()
                     .filter_map(|(id, mode)| {
-                        volumes.iter().find(|v| v.id == *id).map(|v| GrantedVolume { name: v.name.clone(), mode: *mode })
+                        volumes.iter().find(|v| v.id == *id).map(|v| GrantedVolume {
+                            name: v.name.clone(),
+                            mode: *mode,
+                        })
                     })
                     .collect(),
                 name: c.name,
@@ -206,9 +247,13 @@ fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<Devi
         .canonicalize()
         .map_err(|e| ErrorBody::new(ErrorCode::NotFound, format!("{}: {e}", path.display())))?;
     let shown = path.display().to_string();
-    let kind = std::fs::metadata(&path).map_err(|e| ErrorBody::new(ErrorCode::Io, format!("{shown}: {e}")))?;
+    let kind = std::fs::metadata(&path)
+        .map_err(|e| ErrorBody::new(ErrorCode::Io, format!("{shown}: {e}")))?;
     if !kind.is_file() && !kind.file_type().is_block_device() {
-        return Err(ErrorBody::new(ErrorCode::BadRequest, format!("{shown} is neither a block device nor an image file")));
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("{shown} is neither a block device nor an image file"),
+        ));
     }
     let size = label::device_size(&path).map_err(label_error)?;
     if size < MIN_DEVICE_BYTES {
@@ -220,10 +265,16 @@ fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<Devi
     let pool_uuid = state.store.pool_uuid();
     let known = state.store.devices()?;
     if let Some(existing) = known.iter().find(|d| d.path == shown) {
-        return Err(ErrorBody::new(ErrorCode::AlreadyExists, format!("{shown} is already in the pool as {}", existing.uuid)));
+        return Err(ErrorBody::new(
+            ErrorCode::AlreadyExists,
+            format!("{shown} is already in the pool as {}", existing.uuid),
+        ));
     }
     let refuse = |what: String| {
-        ErrorBody::new(ErrorCode::ForeignSignature, format!("{shown} carries {what}; use --force to overwrite it"))
+        ErrorBody::new(
+            ErrorCode::ForeignSignature,
+            format!("{shown} carries {what}; use --force to overwrite it"),
+        )
     };
     let mut device_uuid = Uuid::new_v4();
     match label::read_label(&path) {
@@ -231,16 +282,24 @@ fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<Devi
             if known.iter().any(|d| d.uuid == existing.device_uuid) {
                 return Err(ErrorBody::new(
                     ErrorCode::AlreadyExists,
-                    format!("{shown} is device {} of this pool already", existing.device_uuid),
+                    format!(
+                        "{shown} is device {} of this pool already",
+                        existing.device_uuid
+                    ),
                 ));
             }
             // Labelled by us but never recorded (crash during an earlier pool add): adopt it.
             device_uuid = existing.device_uuid;
         }
         Ok(Some(existing)) if !force => {
-            return Err(refuse(format!("the label of another sanblk pool ({})", existing.pool_uuid)));
+            return Err(refuse(format!(
+                "the label of another sanblk pool ({})",
+                existing.pool_uuid
+            )));
         }
-        Err(LabelError::BadChecksum { .. }) if !force => return Err(refuse("a corrupt sanblk label".into())),
+        Err(LabelError::BadChecksum { .. }) if !force => {
+            return Err(refuse("a corrupt sanblk label".into()))
+        }
         Err(error @ LabelError::Io { .. }) => return Err(label_error(error)),
         _ => {
             if let Some(signature) = label::detect_foreign_signature(&path).map_err(label_error)? {
@@ -251,7 +310,12 @@ fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<Devi
             }
         }
     }
-    let label = Label { device_uuid, pool_uuid, device_size: size, data_start: DATA_START_OFFSET };
+    let label = Label {
+        device_uuid,
+        pool_uuid,
+        device_size: size,
+        data_start: DATA_START_OFFSET,
+    };
     label::write_label(&path, &label).map_err(label_error)?;
     let record = DeviceRecord {
         uuid: device_uuid,

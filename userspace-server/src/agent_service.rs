@@ -16,7 +16,10 @@ use tokio::task::JoinHandle;
 
 use crate::auth;
 use crate::map::{AccessMode, VolumeMap};
-use crate::protocol::{write_frame, AgentReply, AgentRequest, ErrorBody, ErrorCode, FrameError, FrameReader, GrantedVolume};
+use crate::protocol::{
+    write_frame, AgentReply, AgentRequest, ErrorBody, ErrorCode, FrameError, FrameReader,
+    GrantedVolume,
+};
 use crate::state::{blocking, ConnectionId, ServerState};
 use crate::store::StoreResult;
 
@@ -37,7 +40,10 @@ pub async fn serve_agent_connection(
     let _ = stream.set_nodelay(true);
     let (read_half, mut writer) = stream.into_split();
     let mut reader = FrameReader::new(read_half);
-    let handshake = tokio::time::timeout(state.config.handshake_timeout, authenticate(&mut reader, &mut writer, &state));
+    let handshake = tokio::time::timeout(
+        state.config.handshake_timeout,
+        authenticate(&mut reader, &mut writer, &state),
+    );
     let client = tokio::select! {
         _ = shutdown.changed() => return,
         outcome = handshake => match outcome {
@@ -118,13 +124,21 @@ async fn authenticate(
     let failed = || ErrorBody::new(ErrorCode::AuthenticationFailed, AUTH_FAILED);
     let bad_frame = |e: FrameError| ErrorBody::new(ErrorCode::BadFrame, e.to_string());
     let (client, client_nonce) = match reader.read::<AgentRequest>().await.map_err(bad_frame)? {
-        AgentRequest::Hello { client, client_nonce } => (client, client_nonce),
+        AgentRequest::Hello {
+            client,
+            client_nonce,
+        } => (client, client_nonce),
         _ => return Err(ErrorBody::new(ErrorCode::BadRequest, "expected hello")),
     };
     let client_nonce = hex::decode(&client_nonce)
         .ok()
         .filter(|n| n.len() == auth::NONCE_BYTES)
-        .ok_or_else(|| ErrorBody::new(ErrorCode::BadRequest, "client nonce must be 32 bytes of hex"))?;
+        .ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::BadRequest,
+                "client nonce must be 32 bytes of hex",
+            )
+        })?;
     let name = client.clone();
     let stored = blocking(state, move |s| s.store.client_secret(&name)).await?;
     // An unknown client gets a challenge made with a throwaway key, so the reply looks the same
@@ -133,7 +147,9 @@ async fn authenticate(
         Some(Ok(secret)) => Some(secret),
         _ => None,
     };
-    let key = secret.clone().unwrap_or_else(|| auth::random_bytes::<{ auth::SECRET_BYTES }>().to_vec());
+    let key = secret
+        .clone()
+        .unwrap_or_else(|| auth::random_bytes::<{ auth::SECRET_BYTES }>().to_vec());
     let server_nonce = auth::new_nonce();
     let challenge = AgentReply::Challenge {
         server_nonce: hex::encode(server_nonce),
@@ -145,8 +161,12 @@ async fn authenticate(
         _ => return Err(failed()),
     };
     match secret {
-        Some(secret) if auth::verify_client_proof(&secret, &server_nonce, &client_nonce, &proof) => {
-            write_frame(writer, &AgentReply::AuthOk).await.map_err(bad_frame)?;
+        Some(secret)
+            if auth::verify_client_proof(&secret, &server_nonce, &client_nonce, &proof) =>
+        {
+            write_frame(writer, &AgentReply::AuthOk)
+                .await
+                .map_err(bad_frame)?;
             Ok(client)
         }
         _ => {
@@ -172,9 +192,10 @@ impl Session {
                 self.state.record_ack(self.connection, volume_id, epoch);
                 return None;
             }
-            AgentRequest::Hello { .. } | AgentRequest::AuthResponse { .. } => {
-                Err(ErrorBody::new(ErrorCode::BadRequest, "already authenticated"))
-            }
+            AgentRequest::Hello { .. } | AgentRequest::AuthResponse { .. } => Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                "already authenticated",
+            )),
             AgentRequest::ListVolumes => self.list_volumes().await,
             AgentRequest::Attach { volume, mode } => self.attach(volume, mode).await,
             AgentRequest::Detach { volume_id } => {
@@ -184,14 +205,28 @@ impl Session {
                 if self.state.detach(self.connection, volume_id) {
                     Ok(AgentReply::Detached { volume_id })
                 } else {
-                    Err(ErrorBody::new(ErrorCode::NotFound, "not attached to that volume"))
+                    Err(ErrorBody::new(
+                        ErrorCode::NotFound,
+                        "not attached to that volume",
+                    ))
                 }
             }
-            AgentRequest::Renew { volume_id } => match self.state.attachment_mode(self.connection, volume_id) {
-                Some(_) => Ok(AgentReply::Renewed { volume_id, lease_ms: self.state.config.lease_ms }),
-                None => Err(ErrorBody::new(ErrorCode::NotFound, "not attached to that volume")),
-            },
-            AgentRequest::Grow { volume_id, new_size_bytes } => self.grow(volume_id, new_size_bytes).await,
+            AgentRequest::Renew { volume_id } => {
+                match self.state.attachment_mode(self.connection, volume_id) {
+                    Some(_) => Ok(AgentReply::Renewed {
+                        volume_id,
+                        lease_ms: self.state.config.lease_ms,
+                    }),
+                    None => Err(ErrorBody::new(
+                        ErrorCode::NotFound,
+                        "not attached to that volume",
+                    )),
+                }
+            }
+            AgentRequest::Grow {
+                volume_id,
+                new_size_bytes,
+            } => self.grow(volume_id, new_size_bytes).await,
         };
         Some(outcome.unwrap_or_else(AgentReply::Error))
     }
@@ -199,13 +234,18 @@ impl Session {
     async fn list_volumes(&self) -> StoreResult<AgentReply> {
         let client = self.client.clone();
         let volumes = blocking(&self.state, move |s| {
-            let Some(record) = s.store.client(&client)? else { return Ok(Vec::new()) };
+            let Some(record) = s.store.client(&client)? else {
+                return Ok(Vec::new());
+            };
             let volumes = s.store.volumes()?;
             Ok(record
                 .grants
                 .iter()
                 .filter_map(|(id, mode)| {
-                    volumes.iter().find(|v| v.id == *id).map(|v| GrantedVolume { name: v.name.clone(), mode: *mode })
+                    volumes.iter().find(|v| v.id == *id).map(|v| GrantedVolume {
+                        name: v.name.clone(),
+                        mode: *mode,
+                    })
                 })
                 .collect())
         })
@@ -217,20 +257,37 @@ impl Session {
         let client = self.client.clone();
         // Same answer whether the volume does not exist or is not granted: a client learns
         // nothing about volumes it may not see.
-        let not_granted = ErrorBody::new(ErrorCode::NotGranted, format!("no volume {volume:?} is granted to you"));
+        let not_granted = ErrorBody::new(
+            ErrorCode::NotGranted,
+            format!("no volume {volume:?} is granted to you"),
+        );
         let lookup = blocking(&self.state, move |s| {
             let grant = s.store.client(&client)?.and_then(|c| {
-                s.store.volume_by_name(&volume).ok().and_then(|v| c.grants.get(&v.id).map(|g| (v.id, *g)))
+                s.store
+                    .volume_by_name(&volume)
+                    .ok()
+                    .and_then(|v| c.grants.get(&v.id).map(|g| (v.id, *g)))
             });
             Ok(grant)
         })
         .await?;
-        let Some((volume_id, granted)) = lookup else { return Err(not_granted) };
+        let Some((volume_id, granted)) = lookup else {
+            return Err(not_granted);
+        };
         if !granted.permits(mode) {
-            return Err(ErrorBody::new(ErrorCode::NotGranted, format!("volume is granted {granted}, not {mode}")));
+            return Err(ErrorBody::new(
+                ErrorCode::NotGranted,
+                format!("volume is granted {granted}, not {mode}"),
+            ));
         }
         let session_token = auth::new_session_token_hex();
-        let grant = self.state.attach(self.connection, &self.client, volume_id, mode, session_token.clone())?;
+        let grant = self.state.attach(
+            self.connection,
+            &self.client,
+            volume_id,
+            mode,
+            session_token.clone(),
+        )?;
         if let Some(sender) = self.push_sender.clone() {
             let mut updates = grant.updates;
             let forwarder = tokio::spawn(async move {
@@ -243,18 +300,35 @@ impl Session {
             });
             self.forwarders.insert(volume_id, forwarder);
         }
-        info!("client {} attached volume {} ({mode}) at epoch {}", self.client, grant.map.name, grant.map.epoch);
-        Ok(AgentReply::Attached { map: (*grant.map).clone(), session_token })
+        info!(
+            "client {} attached volume {} ({mode}) at epoch {}",
+            self.client, grant.map.name, grant.map.epoch
+        );
+        Ok(AgentReply::Attached {
+            map: (*grant.map).clone(),
+            session_token,
+        })
     }
 
     async fn grow(&self, volume_id: u64, new_size_bytes: u64) -> StoreResult<AgentReply> {
         if self.state.attachment_mode(self.connection, volume_id) != Some(AccessMode::Rw) {
-            return Err(ErrorBody::new(ErrorCode::NotGranted, "grow needs a read-write attachment to the volume"));
+            return Err(ErrorBody::new(
+                ErrorCode::NotGranted,
+                "grow needs a read-write attachment to the volume",
+            ));
         }
-        let record = blocking(&self.state, move |s| s.store.grow_volume(volume_id, new_size_bytes)).await?;
+        let record = blocking(&self.state, move |s| {
+            s.store.grow_volume(volume_id, new_size_bytes)
+        })
+        .await?;
         self.state.publish(&record);
-        info!("client {} grew volume {} to {} bytes (epoch {})", self.client, record.name, record.size_bytes, record.epoch);
-        Ok(AgentReply::Grown { map: record.map(self.state.config.lease_ms) })
+        info!(
+            "client {} grew volume {} to {} bytes (epoch {})",
+            self.client, record.name, record.size_bytes, record.epoch
+        );
+        Ok(AgentReply::Grown {
+            map: record.map(self.state.config.lease_ms),
+        })
     }
 
     fn close(&mut self) {

@@ -19,7 +19,11 @@ impl DeviceSpace {
     /// Region of a device of `size` bytes whose data starts at `data_start`, trimmed to blocks.
     pub fn for_device(uuid: Uuid, data_start: u64, size: u64) -> DeviceSpace {
         let usable = size.saturating_sub(data_start) / BLOCK_SIZE * BLOCK_SIZE;
-        DeviceSpace { uuid, data_start, data_end: data_start + usable }
+        DeviceSpace {
+            uuid,
+            data_start,
+            data_end: data_start + usable,
+        }
     }
 
     pub fn capacity(&self) -> u64 {
@@ -30,9 +34,17 @@ impl DeviceSpace {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
     #[error("not enough space: {requested} bytes requested for layout {layout}, at most {available} bytes can be allocated")]
-    NoSpace { requested: u64, available: u64, layout: String },
+    NoSpace {
+        requested: u64,
+        available: u64,
+        layout: String,
+    },
     #[error("layout {layout} needs {needed} devices with free space, the pool has {available}")]
-    NotEnoughDevices { layout: String, needed: usize, available: usize },
+    NotEnoughDevices {
+        layout: String,
+        needed: usize,
+        available: usize,
+    },
     #[error("invalid size: {0}")]
     BadSize(String),
     #[error("inconsistent metadata: {0}")]
@@ -49,7 +61,10 @@ struct DeviceFree {
 
 impl DeviceFree {
     fn largest_range(&self) -> Option<(u64, u64)> {
-        self.ranges.iter().map(|(s, l)| (*s, *l)).max_by_key(|(s, l)| (*l, std::cmp::Reverse(*s)))
+        self.ranges
+            .iter()
+            .map(|(s, l)| (*s, *l))
+            .max_by_key(|(s, l)| (*l, std::cmp::Reverse(*s)))
     }
 
     /// Removes `length` bytes from the start of the range at `start`.
@@ -66,7 +81,8 @@ impl DeviceFree {
     fn take(&mut self, mut length: u64) -> Vec<(u64, u64)> {
         let mut pieces = Vec::new();
         while length > 0 {
-            let Some((start, range_length)) = self.ranges.iter().next().map(|(s, l)| (*s, *l)) else {
+            let Some((start, range_length)) = self.ranges.iter().next().map(|(s, l)| (*s, *l))
+            else {
                 break;
             };
             let piece = range_length.min(length);
@@ -91,12 +107,16 @@ impl PoolSpace {
         devices: &[DeviceSpace],
         volumes: impl IntoIterator<Item = &'a [Extent]>,
     ) -> Result<PoolSpace, AllocError> {
-        let mut used: BTreeMap<Uuid, Vec<(u64, u64)>> = devices.iter().map(|d| (d.uuid, Vec::new())).collect();
+        let mut used: BTreeMap<Uuid, Vec<(u64, u64)>> =
+            devices.iter().map(|d| (d.uuid, Vec::new())).collect();
         for extents in volumes {
             for extent in extents {
                 for replica in &extent.replicas {
                     let ranges = used.get_mut(&replica.device_uuid).ok_or_else(|| {
-                        AllocError::Corrupt(format!("extent on unknown device {}", replica.device_uuid))
+                        AllocError::Corrupt(format!(
+                            "extent on unknown device {}",
+                            replica.device_uuid
+                        ))
                     })?;
                     ranges.push((replica.device_offset, extent.length));
                 }
@@ -127,13 +147,22 @@ impl PoolSpace {
                 free.insert(cursor, device.data_end - cursor);
             }
             let total = free.values().sum();
-            free_devices.push(DeviceFree { uuid: device.uuid, ranges: free, total });
+            free_devices.push(DeviceFree {
+                uuid: device.uuid,
+                ranges: free,
+                total,
+            });
         }
-        Ok(PoolSpace { devices: free_devices })
+        Ok(PoolSpace {
+            devices: free_devices,
+        })
     }
 
     pub fn free_bytes(&self, uuid: Uuid) -> u64 {
-        self.devices.iter().find(|d| d.uuid == uuid).map_or(0, |d| d.total)
+        self.devices
+            .iter()
+            .find(|d| d.uuid == uuid)
+            .map_or(0, |d| d.total)
     }
 
     pub fn total_free(&self) -> u64 {
@@ -142,14 +171,26 @@ impl PoolSpace {
 
     /// Device indices by decreasing free space (ties by UUID, so results are deterministic).
     fn by_free_space(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.devices.len()).filter(|i| self.devices[*i].total > 0).collect();
-        order.sort_by_key(|i| (std::cmp::Reverse(self.devices[*i].total), self.devices[*i].uuid));
+        let mut order: Vec<usize> = (0..self.devices.len())
+            .filter(|i| self.devices[*i].total > 0)
+            .collect();
+        order.sort_by_key(|i| {
+            (
+                std::cmp::Reverse(self.devices[*i].total),
+                self.devices[*i].uuid,
+            )
+        });
         order
     }
 
     /// Allocates `length` bytes of volume space starting at `volume_offset` in `layout`.
     /// On error nothing is allocated (the pool space is left unchanged).
-    pub fn allocate(&mut self, layout: Layout, volume_offset: u64, length: u64) -> Result<Vec<Extent>, AllocError> {
+    pub fn allocate(
+        &mut self,
+        layout: Layout,
+        volume_offset: u64,
+        length: u64,
+    ) -> Result<Vec<Extent>, AllocError> {
         if length == 0 || length % BLOCK_SIZE != 0 || volume_offset % BLOCK_SIZE != 0 {
             return Err(AllocError::BadSize(format!(
                 "sizes must be non-zero multiples of the {BLOCK_SIZE}-byte block size"
@@ -159,9 +200,16 @@ impl PoolSpace {
         let result = match layout {
             Layout::Linear => self.allocate_linear(volume_offset, length),
             Layout::Mirror => self.allocate_mirror(volume_offset, length),
-            Layout::Striped { stripe_count, stripe_unit_bytes } => {
-                self.allocate_striped(volume_offset, length, stripe_count as usize, stripe_unit_bytes, layout)
-            }
+            Layout::Striped {
+                stripe_count,
+                stripe_unit_bytes,
+            } => self.allocate_striped(
+                volume_offset,
+                length,
+                stripe_count as usize,
+                stripe_unit_bytes,
+                layout,
+            ),
         };
         if result.is_err() {
             self.devices = snapshot;
@@ -169,10 +217,18 @@ impl PoolSpace {
         result
     }
 
-    fn allocate_linear(&mut self, volume_offset: u64, length: u64) -> Result<Vec<Extent>, AllocError> {
+    fn allocate_linear(
+        &mut self,
+        volume_offset: u64,
+        length: u64,
+    ) -> Result<Vec<Extent>, AllocError> {
         let available = self.total_free();
         if length > available {
-            return Err(AllocError::NoSpace { requested: length, available, layout: Layout::Linear.to_string() });
+            return Err(AllocError::NoSpace {
+                requested: length,
+                available,
+                layout: Layout::Linear.to_string(),
+            });
         }
         let mut extents = Vec::new();
         let mut cursor = volume_offset;
@@ -187,7 +243,10 @@ impl PoolSpace {
                 extents.push(Extent {
                     volume_offset: cursor,
                     length: piece,
-                    replicas: vec![Replica { device_uuid: device.uuid, device_offset }],
+                    replicas: vec![Replica {
+                        device_uuid: device.uuid,
+                        device_offset,
+                    }],
                 });
                 cursor += piece;
                 remaining -= piece;
@@ -203,7 +262,11 @@ impl PoolSpace {
         (total / 2).min(total - largest) / BLOCK_SIZE * BLOCK_SIZE
     }
 
-    fn allocate_mirror(&mut self, volume_offset: u64, length: u64) -> Result<Vec<Extent>, AllocError> {
+    fn allocate_mirror(
+        &mut self,
+        volume_offset: u64,
+        length: u64,
+    ) -> Result<Vec<Extent>, AllocError> {
         let with_space = self.by_free_space().len();
         if with_space < MIRROR_COPIES {
             return Err(AllocError::NotEnoughDevices {
@@ -214,7 +277,11 @@ impl PoolSpace {
         }
         let available = self.mirror_capacity();
         if length > available {
-            return Err(AllocError::NoSpace { requested: length, available, layout: Layout::Mirror.to_string() });
+            return Err(AllocError::NoSpace {
+                requested: length,
+                available,
+                layout: Layout::Mirror.to_string(),
+            });
         }
         let mut extents = Vec::new();
         let mut cursor = volume_offset;
@@ -222,17 +289,27 @@ impl PoolSpace {
         while remaining > 0 {
             let order = self.by_free_space();
             let (Some(&first), Some(&second)) = (order.first(), order.get(1)) else {
-                return Err(AllocError::Corrupt("mirror allocation ran out of devices".into()));
+                return Err(AllocError::Corrupt(
+                    "mirror allocation ran out of devices".into(),
+                ));
             };
             let third_free = order.get(2).map_or(0, |i| self.devices[*i].total);
             let (first_start, first_len) = self.devices[first].largest_range().unwrap_or((0, 0));
             let (second_start, second_len) = self.devices[second].largest_range().unwrap_or((0, 0));
             // Taking more than this from the top two devices would leave the rest
             // concentrated on the third one, which cannot mirror with itself.
-            let balance_limit = self.total_free().saturating_sub(third_free).saturating_sub(remaining);
-            let chunk = remaining.min(first_len).min(second_len).min(balance_limit.max(BLOCK_SIZE));
+            let balance_limit = self
+                .total_free()
+                .saturating_sub(third_free)
+                .saturating_sub(remaining);
+            let chunk = remaining
+                .min(first_len)
+                .min(second_len)
+                .min(balance_limit.max(BLOCK_SIZE));
             if chunk == 0 {
-                return Err(AllocError::Corrupt("mirror allocation made no progress".into()));
+                return Err(AllocError::Corrupt(
+                    "mirror allocation made no progress".into(),
+                ));
             }
             self.devices[first].carve(first_start, chunk);
             self.devices[second].carve(second_start, chunk);
@@ -240,8 +317,14 @@ impl PoolSpace {
                 volume_offset: cursor,
                 length: chunk,
                 replicas: vec![
-                    Replica { device_uuid: self.devices[first].uuid, device_offset: first_start },
-                    Replica { device_uuid: self.devices[second].uuid, device_offset: second_start },
+                    Replica {
+                        device_uuid: self.devices[first].uuid,
+                        device_offset: first_start,
+                    },
+                    Replica {
+                        device_uuid: self.devices[second].uuid,
+                        device_offset: second_start,
+                    },
                 ],
             });
             cursor += chunk;
@@ -259,11 +342,17 @@ impl PoolSpace {
         layout: Layout,
     ) -> Result<Vec<Extent>, AllocError> {
         if stripe_unit == 0 || stripe_unit % BLOCK_SIZE != 0 || stripe_count < 2 {
-            return Err(AllocError::BadSize("stripe unit must be a multiple of the block size".into()));
+            return Err(AllocError::BadSize(
+                "stripe unit must be a multiple of the block size".into(),
+            ));
         }
         let order = self.by_free_space();
         if order.len() < stripe_count {
-            return Err(AllocError::NotEnoughDevices { layout: layout.to_string(), needed: stripe_count, available: order.len() });
+            return Err(AllocError::NotEnoughDevices {
+                layout: layout.to_string(),
+                needed: stripe_count,
+                available: order.len(),
+            });
         }
         let members = &order[..stripe_count];
         // Chunk k of this segment goes to member k % stripe_count.
@@ -276,9 +365,17 @@ impl PoolSpace {
         // Each member must hold its share; the smallest member bounds the whole stripe.
         for (slot, &index) in members.iter().enumerate() {
             if needed[slot] > self.devices[index].total {
-                let smallest = members.iter().map(|i| self.devices[*i].total).min().unwrap_or(0);
+                let smallest = members
+                    .iter()
+                    .map(|i| self.devices[*i].total)
+                    .min()
+                    .unwrap_or(0);
                 let available = smallest / stripe_unit * stripe_unit * stripe_count as u64;
-                return Err(AllocError::NoSpace { requested: length, available, layout: layout.to_string() });
+                return Err(AllocError::NoSpace {
+                    requested: length,
+                    available,
+                    layout: layout.to_string(),
+                });
             }
         }
         let mut pieces: Vec<std::collections::VecDeque<(u64, u64)>> = members
@@ -294,7 +391,9 @@ impl PoolSpace {
             let mut chunk_remaining = chunk_length(k);
             while chunk_remaining > 0 {
                 let Some((start, piece_length)) = pieces[slot].pop_front() else {
-                    return Err(AllocError::Corrupt("stripe member ran out of carved space".into()));
+                    return Err(AllocError::Corrupt(
+                        "stripe member ran out of carved space".into(),
+                    ));
                 };
                 let used = piece_length.min(chunk_remaining);
                 if piece_length > used {
@@ -303,7 +402,10 @@ impl PoolSpace {
                 extents.push(Extent {
                     volume_offset: chunk_offset,
                     length: used,
-                    replicas: vec![Replica { device_uuid, device_offset: start }],
+                    replicas: vec![Replica {
+                        device_uuid,
+                        device_offset: start,
+                    }],
                 });
                 chunk_offset += used;
                 chunk_remaining -= used;
@@ -321,9 +423,14 @@ pub fn merge_adjacent(extents: Vec<Extent>) -> Vec<Extent> {
         if let Some(previous) = merged.last_mut() {
             let continues = previous.volume_offset + previous.length == extent.volume_offset
                 && previous.replicas.len() == extent.replicas.len()
-                && previous.replicas.iter().zip(&extent.replicas).all(|(a, b)| {
-                    a.device_uuid == b.device_uuid && a.device_offset + previous.length == b.device_offset
-                });
+                && previous
+                    .replicas
+                    .iter()
+                    .zip(&extent.replicas)
+                    .all(|(a, b)| {
+                        a.device_uuid == b.device_uuid
+                            && a.device_offset + previous.length == b.device_offset
+                    });
             if continues {
                 previous.length += extent.length;
                 continue;
@@ -358,13 +465,24 @@ mod tests {
         match choice % 4 {
             0 => Layout::Linear,
             1 => Layout::Mirror,
-            2 => Layout::Striped { stripe_count: 2, stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES },
-            _ => Layout::Striped { stripe_count: 3, stripe_unit_bytes: 64 * 1024 },
+            2 => Layout::Striped {
+                stripe_count: 2,
+                stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES,
+            },
+            _ => Layout::Striped {
+                stripe_count: 3,
+                stripe_unit_bytes: 64 * 1024,
+            },
         }
     }
 
     /// Checks the shape of freshly allocated extents for `[offset, offset + length)`.
-    fn check_allocation(layout: Layout, offset: u64, length: u64, extents: &[Extent]) -> Result<(), TestCaseError> {
+    fn check_allocation(
+        layout: Layout,
+        offset: u64,
+        length: u64,
+        extents: &[Extent],
+    ) -> Result<(), TestCaseError> {
         let mut cursor = offset;
         for extent in extents {
             prop_assert_eq!(extent.volume_offset, cursor, "extents must be contiguous");
@@ -377,19 +495,30 @@ mod tests {
                 Layout::Linear => prop_assert_eq!(extent.replicas.len(), 1),
                 Layout::Mirror => {
                     prop_assert_eq!(extent.replicas.len(), 2);
-                    prop_assert_ne!(extent.replicas[0].device_uuid, extent.replicas[1].device_uuid);
+                    prop_assert_ne!(
+                        extent.replicas[0].device_uuid,
+                        extent.replicas[1].device_uuid
+                    );
                 }
-                Layout::Striped { stripe_count, stripe_unit_bytes } => {
+                Layout::Striped {
+                    stripe_count,
+                    stripe_unit_bytes,
+                } => {
                     prop_assert_eq!(extent.replicas.len(), 1);
                     let chunk = (extent.volume_offset - offset) / stripe_unit_bytes;
-                    let chunk_end = (extent.volume_offset + extent.length - 1 - offset) / stripe_unit_bytes;
+                    let chunk_end =
+                        (extent.volume_offset + extent.length - 1 - offset) / stripe_unit_bytes;
                     prop_assert_eq!(chunk, chunk_end, "an extent never crosses a stripe unit");
                     let _ = stripe_count;
                 }
             }
         }
         prop_assert_eq!(cursor - offset, length, "allocated size must be exact");
-        if let Layout::Striped { stripe_count, stripe_unit_bytes } = layout {
+        if let Layout::Striped {
+            stripe_count,
+            stripe_unit_bytes,
+        } = layout
+        {
             // Chunk k lives on the device of chunk k mod N, and the N devices are distinct.
             let mut device_of_slot: Vec<Option<Uuid>> = vec![None; stripe_count as usize];
             for extent in extents {
@@ -405,7 +534,11 @@ mod tests {
             let mut distinct = used.clone();
             distinct.sort();
             distinct.dedup();
-            prop_assert_eq!(distinct.len(), used.len(), "stripe members must be distinct devices");
+            prop_assert_eq!(
+                distinct.len(),
+                used.len(),
+                "stripe members must be distinct devices"
+            );
         }
         Ok(())
     }
@@ -482,7 +615,10 @@ mod tests {
         let extent = |offset| Extent {
             volume_offset: 0,
             length: 8 * BLOCK_SIZE,
-            replicas: vec![Replica { device_uuid: devices[0].uuid, device_offset: offset }],
+            replicas: vec![Replica {
+                device_uuid: devices[0].uuid,
+                device_offset: offset,
+            }],
         };
         let volumes = [vec![extent(MIB)], vec![extent(MIB + 4 * BLOCK_SIZE)]];
         assert!(matches!(
@@ -495,9 +631,12 @@ mod tests {
     fn mirror_uses_three_devices_fully() {
         // 3 equal devices hold a mirror of 1.5 devices' worth only if the pairs rotate.
         let devices = devices_from(&[2560, 2560, 2560]);
-        let mut pool = PoolSpace::new(&devices, std::iter::empty()).unwrap_or_else(|e| panic!("{e}"));
+        let mut pool =
+            PoolSpace::new(&devices, std::iter::empty()).unwrap_or_else(|e| panic!("{e}"));
         let length = 3840 * BLOCK_SIZE;
-        let extents = pool.allocate(Layout::Mirror, 0, length).unwrap_or_else(|e| panic!("{e}"));
+        let extents = pool
+            .allocate(Layout::Mirror, 0, length)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), length);
         assert_eq!(pool.total_free(), 0);
     }
@@ -505,9 +644,16 @@ mod tests {
     #[test]
     fn not_enough_space_is_reported() {
         let devices = devices_from(&[256]);
-        let mut pool = PoolSpace::new(&devices, std::iter::empty()).unwrap_or_else(|e| panic!("{e}"));
+        let mut pool =
+            PoolSpace::new(&devices, std::iter::empty()).unwrap_or_else(|e| panic!("{e}"));
         let error = pool.allocate(Layout::Linear, 0, 512 * BLOCK_SIZE).err();
-        assert!(matches!(error, Some(AllocError::NoSpace { .. })), "{error:?}");
-        assert!(matches!(pool.allocate(Layout::Mirror, 0, BLOCK_SIZE), Err(AllocError::NotEnoughDevices { .. })));
+        assert!(
+            matches!(error, Some(AllocError::NoSpace { .. })),
+            "{error:?}"
+        );
+        assert!(matches!(
+            pool.allocate(Layout::Mirror, 0, BLOCK_SIZE),
+            Err(AllocError::NotEnoughDevices { .. })
+        ));
     }
 }

@@ -42,9 +42,13 @@ pub fn new_session_token_hex() -> String {
 
 /// Decodes a hex secret (whitespace around it, e.g. a trailing newline in a file, is ignored).
 pub fn decode_secret(secret_hex: &str) -> Result<Vec<u8>, String> {
-    let bytes = hex::decode(secret_hex.trim()).map_err(|_| "secret is not valid hex".to_string())?;
+    let bytes =
+        hex::decode(secret_hex.trim()).map_err(|_| "secret is not valid hex".to_string())?;
     if bytes.len() != SECRET_BYTES {
-        return Err(format!("secret must be {SECRET_BYTES} bytes, got {}", bytes.len()));
+        return Err(format!(
+            "secret must be {SECRET_BYTES} bytes, got {}",
+            bytes.len()
+        ));
     }
     Ok(bytes)
 }
@@ -62,22 +66,42 @@ fn mac_over(secret: &[u8], role: &[u8], first: &[u8], second: &[u8]) -> HmacSha2
 
 /// The server's proof: HMAC(secret, "server" | client_nonce | server_nonce).
 pub fn server_proof(secret: &[u8], client_nonce: &[u8], server_nonce: &[u8]) -> Vec<u8> {
-    mac_over(secret, b"server", client_nonce, server_nonce).finalize().into_bytes().to_vec()
+    mac_over(secret, b"server", client_nonce, server_nonce)
+        .finalize()
+        .into_bytes()
+        .to_vec()
 }
 
 /// The client's proof: HMAC(secret, "client" | server_nonce | client_nonce).
 pub fn client_proof(secret: &[u8], server_nonce: &[u8], client_nonce: &[u8]) -> Vec<u8> {
-    mac_over(secret, b"client", server_nonce, client_nonce).finalize().into_bytes().to_vec()
+    mac_over(secret, b"client", server_nonce, client_nonce)
+        .finalize()
+        .into_bytes()
+        .to_vec()
 }
 
 /// Constant-time check of a server proof.
-pub fn verify_server_proof(secret: &[u8], client_nonce: &[u8], server_nonce: &[u8], proof: &[u8]) -> bool {
-    mac_over(secret, b"server", client_nonce, server_nonce).verify_slice(proof).is_ok()
+pub fn verify_server_proof(
+    secret: &[u8],
+    client_nonce: &[u8],
+    server_nonce: &[u8],
+    proof: &[u8],
+) -> bool {
+    mac_over(secret, b"server", client_nonce, server_nonce)
+        .verify_slice(proof)
+        .is_ok()
 }
 
 /// Constant-time check of a client proof.
-pub fn verify_client_proof(secret: &[u8], server_nonce: &[u8], client_nonce: &[u8], proof: &[u8]) -> bool {
-    mac_over(secret, b"client", server_nonce, client_nonce).verify_slice(proof).is_ok()
+pub fn verify_client_proof(
+    secret: &[u8],
+    server_nonce: &[u8],
+    client_nonce: &[u8],
+    proof: &[u8],
+) -> bool {
+    mac_over(secret, b"client", server_nonce, client_nonce)
+        .verify_slice(proof)
+        .is_ok()
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use tokio::net::{tcp, unix, TcpStream, ToSocketAddrs, UnixStream};
 use crate::auth;
 use crate::map::{AccessMode, VolumeMap};
 use crate::protocol::{
-    write_frame, AdminReply, AdminRequest, AgentReply, AgentRequest, ErrorBody, ErrorCode, FrameError, FrameReader,
-    GrantedVolume,
+    write_frame, AdminReply, AdminRequest, AgentReply, AgentRequest, ErrorBody, ErrorCode,
+    FrameError, FrameReader, GrantedVolume,
 };
 
 /// Default time to wait for a reply.
@@ -21,7 +21,10 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to {target}: {source}")]
-    Connect { target: String, source: std::io::Error },
+    Connect {
+        target: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Frame(#[from] FrameError),
     /// The server answered with an error.
@@ -56,13 +59,22 @@ impl AdminClient {
     pub async fn connect(socket: &Path) -> Result<AdminClient, ClientError> {
         let stream = UnixStream::connect(socket)
             .await
-            .map_err(|source| ClientError::Connect { target: socket.display().to_string(), source })?;
+            .map_err(|source| ClientError::Connect {
+                target: socket.display().to_string(),
+                source,
+            })?;
         let (read_half, writer) = stream.into_split();
-        Ok(AdminClient { reader: FrameReader::new(read_half), writer })
+        Ok(AdminClient {
+            reader: FrameReader::new(read_half),
+            writer,
+        })
     }
 
     /// Sends one request and returns the result JSON (or the server's error).
-    pub async fn request(&mut self, request: &AdminRequest) -> Result<serde_json::Value, ClientError> {
+    pub async fn request(
+        &mut self,
+        request: &AdminRequest,
+    ) -> Result<serde_json::Value, ClientError> {
         write_frame(&mut self.writer, request).await?;
         let reply = tokio::time::timeout(REPLY_TIMEOUT, self.reader.read::<AdminReply>())
             .await
@@ -74,7 +86,10 @@ impl AdminClient {
     }
 
     /// Like `request`, decoding the result into `T`.
-    pub async fn call<T: DeserializeOwned>(&mut self, request: &AdminRequest) -> Result<T, ClientError> {
+    pub async fn call<T: DeserializeOwned>(
+        &mut self,
+        request: &AdminRequest,
+    ) -> Result<T, ClientError> {
         let value = self.request(request).await?;
         serde_json::from_value(value).map_err(|e| ClientError::Protocol(e.to_string()))
     }
@@ -114,31 +129,54 @@ impl AgentClient {
         secret: &[u8],
     ) -> Result<AgentClient, ClientError> {
         let target = format!("{address:?}");
-        let stream = TcpStream::connect(address).await.map_err(|source| ClientError::Connect { target, source })?;
+        let stream = TcpStream::connect(address)
+            .await
+            .map_err(|source| ClientError::Connect { target, source })?;
         AgentClient::authenticate(stream, client, secret).await
     }
 
     /// Runs the client side of the handshake on an already-connected stream.
-    pub async fn authenticate(stream: TcpStream, client: &str, secret: &[u8]) -> Result<AgentClient, ClientError> {
+    pub async fn authenticate(
+        stream: TcpStream,
+        client: &str,
+        secret: &[u8],
+    ) -> Result<AgentClient, ClientError> {
         let _ = stream.set_nodelay(true);
         let (read_half, writer) = stream.into_split();
-        let mut agent = AgentClient { reader: FrameReader::new(read_half), writer, queued_updates: VecDeque::new() };
+        let mut agent = AgentClient {
+            reader: FrameReader::new(read_half),
+            writer,
+            queued_updates: VecDeque::new(),
+        };
         let client_nonce = auth::new_nonce();
-        agent.send(&AgentRequest::Hello { client: client.to_string(), client_nonce: hex::encode(client_nonce) }).await?;
+        agent
+            .send(&AgentRequest::Hello {
+                client: client.to_string(),
+                client_nonce: hex::encode(client_nonce),
+            })
+            .await?;
         let (server_nonce, server_mac) = match agent.receive_reply().await? {
             AgentReply::Challenge { server_nonce, mac } => (server_nonce, mac),
             other => return Err(unexpected(&other)),
         };
-        let server_nonce = hex::decode(server_nonce).map_err(|_| ClientError::Protocol("bad server nonce".into()))?;
-        let server_mac = hex::decode(server_mac).map_err(|_| ClientError::Protocol("bad server proof".into()))?;
+        let server_nonce = hex::decode(server_nonce)
+            .map_err(|_| ClientError::Protocol("bad server nonce".into()))?;
+        let server_mac = hex::decode(server_mac)
+            .map_err(|_| ClientError::Protocol("bad server proof".into()))?;
         if server_nonce.len() != auth::NONCE_BYTES {
-            return Err(ClientError::Protocol("server nonce has the wrong length".into()));
+            return Err(ClientError::Protocol(
+                "server nonce has the wrong length".into(),
+            ));
         }
         if !auth::verify_server_proof(secret, &client_nonce, &server_nonce, &server_mac) {
             return Err(ClientError::ServerNotAuthenticated);
         }
         let proof = auth::client_proof(secret, &server_nonce, &client_nonce);
-        agent.send(&AgentRequest::AuthResponse { mac: hex::encode(proof) }).await?;
+        agent
+            .send(&AgentRequest::AuthResponse {
+                mac: hex::encode(proof),
+            })
+            .await?;
         match agent.receive_reply().await? {
             AgentReply::AuthOk => Ok(agent),
             other => Err(unexpected(&other)),
@@ -147,7 +185,9 @@ impl AgentClient {
 
     /// Sends a raw request without waiting (used for acks, and by tests for odd sequences).
     pub async fn send(&mut self, request: &AgentRequest) -> Result<(), ClientError> {
-        write_frame(&mut self.writer, request).await.map_err(ClientError::from)
+        write_frame(&mut self.writer, request)
+            .await
+            .map_err(ClientError::from)
     }
 
     /// Waits for the next non-push frame; pushes received meanwhile are queued.
@@ -173,8 +213,16 @@ impl AgentClient {
         }
     }
 
-    pub async fn attach(&mut self, volume: &str, mode: AccessMode) -> Result<Attachment, ClientError> {
-        self.send(&AgentRequest::Attach { volume: volume.to_string(), mode }).await?;
+    pub async fn attach(
+        &mut self,
+        volume: &str,
+        mode: AccessMode,
+    ) -> Result<Attachment, ClientError> {
+        self.send(&AgentRequest::Attach {
+            volume: volume.to_string(),
+            mode,
+        })
+        .await?;
         match self.receive_reply().await? {
             AgentReply::Attached { map, session_token } => Ok(Attachment { map, session_token }),
             other => Err(unexpected(&other)),
@@ -199,8 +247,16 @@ impl AgentClient {
     }
 
     /// Client-requested allocation: grows an rw-attached volume; returns the new map.
-    pub async fn grow(&mut self, volume_id: u64, new_size_bytes: u64) -> Result<VolumeMap, ClientError> {
-        self.send(&AgentRequest::Grow { volume_id, new_size_bytes }).await?;
+    pub async fn grow(
+        &mut self,
+        volume_id: u64,
+        new_size_bytes: u64,
+    ) -> Result<VolumeMap, ClientError> {
+        self.send(&AgentRequest::Grow {
+            volume_id,
+            new_size_bytes,
+        })
+        .await?;
         match self.receive_reply().await? {
             AgentReply::Grown { map } => Ok(map),
             other => Err(unexpected(&other)),

@@ -85,13 +85,19 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_METADATA_DIR));
         Ok(Config {
             listen: flags.listen.or(file.listen).unwrap_or(default_listen),
-            secrets_file: flags.secrets_file.or(file.secrets_file).unwrap_or_else(|| metadata_dir.join(SECRETS_FILE)),
+            secrets_file: flags
+                .secrets_file
+                .or(file.secrets_file)
+                .unwrap_or_else(|| metadata_dir.join(SECRETS_FILE)),
             admin_socket: flags
                 .admin_socket
                 .or(file.admin_socket)
                 .unwrap_or_else(|| metadata_dir.join(ADMIN_SOCKET_FILE)),
             handshake_timeout: Duration::from_millis(
-                flags.handshake_timeout_ms.or(file.handshake_timeout_ms).unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
+                flags
+                    .handshake_timeout_ms
+                    .or(file.handshake_timeout_ms)
+                    .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
             ),
             lease_ms: flags.lease_ms.or(file.lease_ms).unwrap_or(DEFAULT_LEASE_MS),
             metadata_dir,
@@ -100,6 +106,7 @@ impl Config {
 }
 
 fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }

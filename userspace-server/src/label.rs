@@ -38,7 +38,10 @@ pub struct Label {
 #[derive(Debug, thiserror::Error)]
 pub enum LabelError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: sanblk label checksum mismatch (corrupt label)")]
     BadChecksum { path: String },
     #[error("{path}: sanblk label format version {version} is not supported")]
@@ -48,7 +51,10 @@ pub enum LabelError {
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> LabelError {
-    LabelError::Io { path: path.display().to_string(), source }
+    LabelError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn le_u64(bytes: &[u8], offset: usize) -> u64 {
@@ -90,11 +96,16 @@ impl Label {
         }
         let stored = le_u32(block, CHECKSUM_OFFSET);
         if crc32fast::hash(&block[..CHECKSUM_OFFSET]) != stored {
-            return Err(LabelError::BadChecksum { path: path.display().to_string() });
+            return Err(LabelError::BadChecksum {
+                path: path.display().to_string(),
+            });
         }
         let version = le_u32(block, 8);
         if version != LABEL_FORMAT_VERSION {
-            return Err(LabelError::UnsupportedVersion { path: path.display().to_string(), version });
+            return Err(LabelError::UnsupportedVersion {
+                path: path.display().to_string(),
+                version,
+            });
         }
         Ok(Some(Label {
             device_uuid: uuid_at(block, 16),
@@ -118,7 +129,9 @@ fn read_head(path: &Path) -> Result<[u8; LABEL_BYTES], LabelError> {
     let mut filled = 0;
     let mut reader = file.take(LABEL_BYTES as u64);
     loop {
-        let read = reader.read(&mut block[filled..]).map_err(|e| io_error(path, e))?;
+        let read = reader
+            .read(&mut block[filled..])
+            .map_err(|e| io_error(path, e))?;
         if read == 0 {
             break;
         }
@@ -137,9 +150,14 @@ pub fn read_label(path: &Path) -> Result<Option<Label>, LabelError> {
 /// Writes `label` at byte 0 and syncs. Overwrites the first 4 KiB, which also removes any
 /// foreign signature living there.
 pub fn write_label(path: &Path, label: &Label) -> Result<(), LabelError> {
-    let mut file = OpenOptions::new().write(true).open(path).map_err(|e| io_error(path, e))?;
-    file.seek(SeekFrom::Start(0)).map_err(|e| io_error(path, e))?;
-    file.write_all(&label.encode()).map_err(|e| io_error(path, e))?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| io_error(path, e))?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| io_error(path, e))?;
+    file.write_all(&label.encode())
+        .map_err(|e| io_error(path, e))?;
     file.sync_all().map_err(|e| io_error(path, e))
 }
 
@@ -186,7 +204,10 @@ mod tests {
         let path = Path::new("test");
         assert_eq!(Label::decode(&block, path).ok().flatten(), Some(label));
         block[50] ^= 1;
-        assert!(matches!(Label::decode(&block, path), Err(LabelError::BadChecksum { .. })));
+        assert!(matches!(
+            Label::decode(&block, path),
+            Err(LabelError::BadChecksum { .. })
+        ));
         assert!(matches!(Label::decode(&[0u8; LABEL_BYTES], path), Ok(None)));
     }
 

@@ -9,7 +9,9 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let flags = Flags::parse();
     let outcome = Config::from_flags(flags).and_then(|config| {
-        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
         runtime.block_on(async move {
             let (shutdown_sender, shutdown) = watch::channel(false);
             tokio::spawn(async move {

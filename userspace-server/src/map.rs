@@ -57,7 +57,10 @@ impl FromStr for AccessMode {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Layout {
     Linear,
-    Striped { stripe_count: u32, stripe_unit_bytes: u64 },
+    Striped {
+        stripe_count: u32,
+        stripe_unit_bytes: u64,
+    },
     Mirror,
 }
 
@@ -78,15 +81,19 @@ impl FromStr for Layout {
             "linear" => Ok(Layout::Linear),
             "mirror" => Ok(Layout::Mirror),
             _ => {
-                let count = s
-                    .strip_prefix("striped:")
-                    .ok_or_else(|| format!("layout must be linear, striped:N or mirror, not {s:?}"))?;
-                let stripe_count: u32 =
-                    count.parse().map_err(|_| format!("stripe count {count:?} is not a number"))?;
+                let count = s.strip_prefix("striped:").ok_or_else(|| {
+                    format!("layout must be linear, striped:N or mirror, not {s:?}")
+                })?;
+                let stripe_count: u32 = count
+                    .parse()
+                    .map_err(|_| format!("stripe count {count:?} is not a number"))?;
                 if stripe_count < 2 {
                     return Err("a striped layout needs at least 2 stripes".into());
                 }
-                Ok(Layout::Striped { stripe_count, stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES })
+                Ok(Layout::Striped {
+                    stripe_count,
+                    stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES,
+                })
             }
         }
     }
@@ -123,8 +130,12 @@ pub struct VolumeMap {
 impl VolumeMap {
     /// Finds the extent holding `volume_offset` (what the kernel's remap does).
     pub fn extent_at(&self, volume_offset: u64) -> Option<&Extent> {
-        let index = self.extents.partition_point(|e| e.volume_offset + e.length <= volume_offset);
-        self.extents.get(index).filter(|e| e.volume_offset <= volume_offset)
+        let index = self
+            .extents
+            .partition_point(|e| e.volume_offset + e.length <= volume_offset);
+        self.extents
+            .get(index)
+            .filter(|e| e.volume_offset <= volume_offset)
     }
 }
 
@@ -133,7 +144,10 @@ impl VolumeMap {
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     let upper = trimmed.to_ascii_uppercase();
-    let without_b = upper.strip_suffix("IB").or_else(|| upper.strip_suffix('B')).unwrap_or(&upper);
+    let without_b = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
     let (digits, multiplier) = match without_b.chars().last() {
         Some('K') => (&without_b[..without_b.len() - 1], 1u64 << 10),
         Some('M') => (&without_b[..without_b.len() - 1], 1 << 20),
@@ -141,13 +155,23 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         Some('T') => (&without_b[..without_b.len() - 1], 1 << 40),
         _ => (without_b, 1),
     };
-    let number: u64 = digits.trim().parse().map_err(|_| format!("invalid size {trimmed:?}"))?;
-    number.checked_mul(multiplier).ok_or_else(|| format!("size {trimmed:?} is too large"))
+    let number: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid size {trimmed:?}"))?;
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("size {trimmed:?} is too large"))
 }
 
 /// Formats bytes with a binary unit for humans.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("T", 1 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ];
     for (suffix, unit) in UNITS {
         if bytes >= unit && bytes % unit == 0 {
             return format!("{}{suffix}", bytes / unit);
@@ -179,7 +203,10 @@ mod tests {
         assert_eq!("mirror".parse(), Ok(Layout::Mirror));
         assert_eq!(
             "striped:3".parse(),
-            Ok(Layout::Striped { stripe_count: 3, stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES })
+            Ok(Layout::Striped {
+                stripe_count: 3,
+                stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES
+            })
         );
         assert!("striped:1".parse::<Layout>().is_err());
         assert!("raid5".parse::<Layout>().is_err());

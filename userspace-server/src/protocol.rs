@@ -43,7 +43,10 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(stream: R) -> Self {
-        FrameReader { stream, buffer: BytesMut::with_capacity(4096) }
+        FrameReader {
+            stream,
+            buffer: BytesMut::with_capacity(4096),
+        }
     }
 
     /// True when part of a frame has been received but not all of it.
@@ -59,7 +62,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             let read = self.stream.read_buf(&mut self.buffer).await?;
             if read == 0 {
-                return Err(if self.buffer.is_empty() { FrameError::Closed } else { FrameError::Truncated });
+                return Err(if self.buffer.is_empty() {
+                    FrameError::Closed
+                } else {
+                    FrameError::Truncated
+                });
             }
         }
     }
@@ -76,7 +83,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Err(FrameError::Oversized(length));
         }
         if self.buffer.len() < LENGTH_PREFIX_BYTES + length {
-            self.buffer.reserve(LENGTH_PREFIX_BYTES + length - self.buffer.len());
+            self.buffer
+                .reserve(LENGTH_PREFIX_BYTES + length - self.buffer.len());
             return Ok(None);
         }
         self.buffer.advance(LENGTH_PREFIX_BYTES);
@@ -100,7 +108,8 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameErr
 
 /// Encodes a message as a complete frame (length prefix + JSON with `v`).
 pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
-    let mut value = serde_json::to_value(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut value =
+        serde_json::to_value(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let object = value
         .as_object_mut()
         .ok_or_else(|| FrameError::Malformed("message is not a JSON object".into()))?;
@@ -154,7 +163,10 @@ pub struct ErrorBody {
 
 impl ErrorBody {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorBody { code, message: message.into() }
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -167,18 +179,36 @@ impl ErrorBody {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentRequest {
     /// Step 1 of the handshake: who I am and my fresh nonce (hex, 32 bytes).
-    Hello { client: String, client_nonce: String },
+    Hello {
+        client: String,
+        client_nonce: String,
+    },
     /// Step 3: HMAC(secret, "client" | server_nonce | client_nonce), hex.
-    AuthResponse { mac: String },
+    AuthResponse {
+        mac: String,
+    },
     /// Volumes this client is granted (names and modes only).
     ListVolumes,
-    Attach { volume: String, mode: AccessMode },
-    Detach { volume_id: u64 },
+    Attach {
+        volume: String,
+        mode: AccessMode,
+    },
+    Detach {
+        volume_id: u64,
+    },
     /// The agent now holds `epoch` of `volume_id` (answer to a `map_update`).
-    Ack { volume_id: u64, epoch: u64 },
-    Renew { volume_id: u64 },
+    Ack {
+        volume_id: u64,
+        epoch: u64,
+    },
+    Renew {
+        volume_id: u64,
+    },
     /// Client-requested allocation: grow an rw-attached volume to `new_size_bytes`.
-    Grow { volume_id: u64, new_size_bytes: u64 },
+    Grow {
+        volume_id: u64,
+        new_size_bytes: u64,
+    },
 }
 
 /// A volume the authenticated client may attach.
@@ -193,16 +223,33 @@ pub struct GrantedVolume {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentReply {
     /// Step 2: my nonce and HMAC(secret, "server" | client_nonce | server_nonce), hex.
-    Challenge { server_nonce: String, mac: String },
+    Challenge {
+        server_nonce: String,
+        mac: String,
+    },
     AuthOk,
-    Volumes { volumes: Vec<GrantedVolume> },
-    Attached { map: VolumeMap, session_token: String },
-    Detached { volume_id: u64 },
-    Renewed { volume_id: u64, lease_ms: u64 },
+    Volumes {
+        volumes: Vec<GrantedVolume>,
+    },
+    Attached {
+        map: VolumeMap,
+        session_token: String,
+    },
+    Detached {
+        volume_id: u64,
+    },
+    Renewed {
+        volume_id: u64,
+        lease_ms: u64,
+    },
     /// Answer to a client `grow`.
-    Grown { map: VolumeMap },
+    Grown {
+        map: VolumeMap,
+    },
     /// Unsolicited: the volume changed; the agent must ack with the epoch.
-    MapUpdate { map: VolumeMap },
+    MapUpdate {
+        map: VolumeMap,
+    },
     Error(ErrorBody),
 }
 
@@ -213,17 +260,42 @@ pub enum AgentReply {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AdminRequest {
-    PoolAdd { path: String, force: bool },
+    PoolAdd {
+        path: String,
+        force: bool,
+    },
     PoolList,
-    VolumeCreate { name: String, size_bytes: u64, layout: Layout },
-    VolumeGrow { name: String, new_size_bytes: u64 },
-    VolumeDelete { name: String },
+    VolumeCreate {
+        name: String,
+        size_bytes: u64,
+        layout: Layout,
+    },
+    VolumeGrow {
+        name: String,
+        new_size_bytes: u64,
+    },
+    VolumeDelete {
+        name: String,
+    },
     VolumeList,
-    VolumeShow { name: String },
-    ClientAdd { name: String },
-    ClientGrant { name: String, volume: String, mode: AccessMode },
-    ClientRevoke { name: String, volume: String },
-    ClientRemove { name: String },
+    VolumeShow {
+        name: String,
+    },
+    ClientAdd {
+        name: String,
+    },
+    ClientGrant {
+        name: String,
+        volume: String,
+        mode: AccessMode,
+    },
+    ClientRevoke {
+        name: String,
+        volume: String,
+    },
+    ClientRemove {
+        name: String,
+    },
     ClientList,
 }
 

@@ -24,13 +24,23 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         .with_context(|| format!("creating metadata dir {}", config.metadata_dir.display()))?;
     std::fs::set_permissions(&config.metadata_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting {}", config.metadata_dir.display()))?;
-    let store = Store::open(&config.metadata_dir, &config.secrets_file).map_err(|e| anyhow::anyhow!("{e}"))?;
-    info!("pool {} metadata at {}", store.pool_uuid(), store.metadata_path.display());
+    let store = Store::open(&config.metadata_dir, &config.secrets_file)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    info!(
+        "pool {} metadata at {}",
+        store.pool_uuid(),
+        store.metadata_path.display()
+    );
 
-    let agent_listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let agent_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
     let agent_address = agent_listener.local_addr()?;
-    std::fs::write(config.metadata_dir.join(AGENT_ADDRESS_FILE), agent_address.to_string())
-        .context("writing the agent address file")?;
+    std::fs::write(
+        config.metadata_dir.join(AGENT_ADDRESS_FILE),
+        agent_address.to_string(),
+    )
+    .context("writing the agent address file")?;
 
     // A stale socket from a killed server would make bind fail.
     if config.admin_socket.exists() {
@@ -41,7 +51,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         .with_context(|| format!("binding admin socket {}", config.admin_socket.display()))?;
     std::fs::set_permissions(&config.admin_socket, std::fs::Permissions::from_mode(0o600))
         .context("restricting the admin socket")?;
-    info!("listening for agents on {agent_address}, admin on {}", config.admin_socket.display());
+    info!(
+        "listening for agents on {agent_address}, admin on {}",
+        config.admin_socket.display()
+    );
 
     let admin_socket = config.admin_socket.clone();
     let state = ServerState::new(store, config);
@@ -83,7 +96,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     drop(agent_listener);
     drop(admin_listener);
     drop(task_alive);
-    if tokio::time::timeout(SHUTDOWN_GRACE, all_tasks_done.recv()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, all_tasks_done.recv())
+        .await
+        .is_err()
+    {
         error!("connections did not close within {SHUTDOWN_GRACE:?}");
     }
     let _ = std::fs::remove_file(&admin_socket);

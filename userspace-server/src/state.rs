@@ -1,6 +1,7 @@
 //! Shared server state: the metadata store plus the live attachments and the current map of
 //! every attached volume (a `watch` channel per volume, which is how changes reach clients).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,20 +50,29 @@ pub struct AttachGrant {
 
 impl ServerState {
     pub fn new(store: Store, config: Config) -> Arc<ServerState> {
-        Arc::new(ServerState { store, config, live: Mutex::new(Live::default()), next_connection_id: AtomicU64::new(1) })
+        Arc::new(ServerState {
+            store,
+            config,
+            live: Mutex::new(Live::default()),
+            next_connection_id: AtomicU64::new(1),
+        })
     }
 
     fn live(&self) -> MutexGuard<'_, Live> {
         // A panic while holding the lock cannot leave `Live` half-updated in a way that matters
         // more than losing the server, so keep serving with the inner value.
-        self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Registers an authenticated connection; the Notify fires when it must be disconnected.
     pub fn register_connection(&self, client: &str) -> (ConnectionId, Arc<Notify>) {
         let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
         let kick = Arc::new(Notify::new());
-        self.live().connections.insert(id, (client.to_string(), kick.clone()));
+        self.live()
+            .connections
+            .insert(id, (client.to_string(), kick.clone()));
         (id, kick)
     }
 
@@ -96,37 +106,59 @@ impl ServerState {
         session_token: String,
     ) -> StoreResult<AttachGrant> {
         let mut live = self.live();
-        if !live.volumes.contains_key(&volume_id) {
-            let record = self.store.volume_by_id(volume_id)?;
-            let (sender, _) = watch::channel(Arc::new(record.map(self.config.lease_ms)));
-            live.volumes.insert(volume_id, LiveVolume { map: sender, attachments: HashMap::new() });
-        }
-        let volume = live
-            .volumes
-            .get_mut(&volume_id)
-            .ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "live volume vanished"))?;
+        let volume = match live.volumes.entry(volume_id) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let record = self.store.volume_by_id(volume_id)?;
+                let (sender, _) = watch::channel(Arc::new(record.map(self.config.lease_ms)));
+                entry.insert(LiveVolume {
+                    map: sender,
+                    attachments: HashMap::new(),
+                })
+            }
+        };
         if volume.attachments.contains_key(&connection) {
-            return Err(ErrorBody::new(ErrorCode::Busy, "this connection is already attached to the volume"));
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                "this connection is already attached to the volume",
+            ));
         }
         if mode == AccessMode::Rw {
-            if let Some(holder) = volume.attachments.values().find(|a| a.mode == AccessMode::Rw) {
+            if let Some(holder) = volume
+                .attachments
+                .values()
+                .find(|a| a.mode == AccessMode::Rw)
+            {
                 return Err(ErrorBody::new(
                     ErrorCode::Busy,
-                    format!("volume is already attached read-write by client {:?}", holder.client),
+                    format!(
+                        "volume is already attached read-write by client {:?}",
+                        holder.client
+                    ),
                 ));
             }
         }
         let map = volume.map.borrow().clone();
         volume.attachments.insert(
             connection,
-            Attachment { client: client.to_string(), mode, acked_epoch: map.epoch, session_token },
+            Attachment {
+                client: client.to_string(),
+                mode,
+                acked_epoch: map.epoch,
+                session_token,
+            },
         );
-        Ok(AttachGrant { map, updates: volume.map.subscribe() })
+        Ok(AttachGrant {
+            map,
+            updates: volume.map.subscribe(),
+        })
     }
 
     pub fn detach(&self, connection: ConnectionId, volume_id: u64) -> bool {
         let mut live = self.live();
-        let Some(volume) = live.volumes.get_mut(&volume_id) else { return false };
+        let Some(volume) = live.volumes.get_mut(&volume_id) else {
+            return false;
+        };
         let removed = volume.attachments.remove(&connection).is_some();
         if volume.attachments.is_empty() {
             live.volumes.remove(&volume_id);
@@ -136,12 +168,20 @@ impl ServerState {
 
     /// The mode of this connection's attachment to the volume, if any.
     pub fn attachment_mode(&self, connection: ConnectionId, volume_id: u64) -> Option<AccessMode> {
-        self.live().volumes.get(&volume_id)?.attachments.get(&connection).map(|a| a.mode)
+        self.live()
+            .volumes
+            .get(&volume_id)?
+            .attachments
+            .get(&connection)
+            .map(|a| a.mode)
     }
 
     pub fn record_ack(&self, connection: ConnectionId, volume_id: u64, epoch: u64) -> bool {
         let mut live = self.live();
-        let Some(attachment) = live.volumes.get_mut(&volume_id).and_then(|v| v.attachments.get_mut(&connection))
+        let Some(attachment) = live
+            .volumes
+            .get_mut(&volume_id)
+            .and_then(|v| v.attachments.get_mut(&connection))
         else {
             return false;
         };
@@ -174,7 +214,11 @@ impl ServerState {
             .map(|v| {
                 v.attachments
                     .values()
-                    .map(|a| AttachmentInfo { client: a.client.clone(), mode: a.mode, acked_epoch: a.acked_epoch })
+                    .map(|a| AttachmentInfo {
+                        client: a.client.clone(),
+                        mode: a.mode,
+                        acked_epoch: a.acked_epoch,
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -190,7 +234,10 @@ impl ServerState {
             if !volume.attachments.is_empty() {
                 return Err(ErrorBody::new(
                     ErrorCode::Busy,
-                    format!("volume is attached by {} client(s); detach them first", volume.attachments.len()),
+                    format!(
+                        "volume is attached by {} client(s); detach them first",
+                        volume.attachments.len()
+                    ),
                 ));
             }
         }
@@ -208,5 +255,10 @@ pub async fn blocking<T: Send + 'static>(
     let state = state.clone();
     tokio::task::spawn_blocking(move || work(&state))
         .await
-        .unwrap_or_else(|e| Err(ErrorBody::new(ErrorCode::Internal, format!("worker failed: {e}"))))
+        .unwrap_or_else(|e| {
+            Err(ErrorBody::new(
+                ErrorCode::Internal,
+                format!("worker failed: {e}"),
+            ))
+        })
 }

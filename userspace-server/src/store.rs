@@ -104,7 +104,8 @@ fn not_found(what: &str, name: &str) -> ErrorBody {
 
 /// Creates (or opens) a redb file and restricts it to the owner.
 fn open_database(path: &Path) -> StoreResult<Database> {
-    let database = Database::create(path).map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    let database =
+        Database::create(path).map_err(|e| internal(format!("{}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| internal(format!("{}: {e}", path.display())))?;
     Ok(database)
@@ -129,12 +130,16 @@ impl Store {
             txn.open_table(DEVICES).map_err(internal)?;
             txn.open_table(VOLUMES).map_err(internal)?;
             txn.open_table(CLIENTS).map_err(internal)?;
-            let existing = meta.get(POOL_UUID_KEY).map_err(internal)?.map(|v| v.value().to_vec());
+            let existing = meta
+                .get(POOL_UUID_KEY)
+                .map_err(internal)?
+                .map(|v| v.value().to_vec());
             match existing {
                 Some(bytes) => Uuid::from_slice(&bytes).map_err(internal)?,
                 None => {
                     let fresh = Uuid::new_v4();
-                    meta.insert(POOL_UUID_KEY, fresh.as_bytes().as_slice()).map_err(internal)?;
+                    meta.insert(POOL_UUID_KEY, fresh.as_bytes().as_slice())
+                        .map_err(internal)?;
                     fresh
                 }
             }
@@ -143,7 +148,12 @@ impl Store {
         let txn = secrets.begin_write().map_err(internal)?;
         txn.open_table(SECRETS).map_err(internal)?;
         txn.commit().map_err(internal)?;
-        Ok(Store { metadata, secrets, pool_uuid, metadata_path })
+        Ok(Store {
+            metadata,
+            secrets,
+            pool_uuid,
+            metadata_path,
+        })
     }
 
     pub fn pool_uuid(&self) -> Uuid {
@@ -173,11 +183,16 @@ impl Store {
                 if existing.uuid == device.uuid || existing.path == device.path {
                     return Err(ErrorBody::new(
                         ErrorCode::AlreadyExists,
-                        format!("{} is already in the pool (device {})", existing.path, existing.uuid),
+                        format!(
+                            "{} is already in the pool (device {})",
+                            existing.path, existing.uuid
+                        ),
                     ));
                 }
             }
-            table.insert(device.uuid.as_u128(), encode(device)?.as_slice()).map_err(internal)?;
+            table
+                .insert(device.uuid.as_u128(), encode(device)?.as_slice())
+                .map_err(internal)?;
         }
         txn.commit().map_err(internal)
     }
@@ -191,7 +206,10 @@ impl Store {
     }
 
     pub fn volume_by_name(&self, name: &str) -> StoreResult<VolumeRecord> {
-        self.volumes()?.into_iter().find(|v| v.name == name).ok_or_else(|| not_found("volume", name))
+        self.volumes()?
+            .into_iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| not_found("volume", name))
     }
 
     pub fn volume_by_id(&self, id: u64) -> StoreResult<VolumeRecord> {
@@ -200,7 +218,10 @@ impl Store {
         let value = table.get(id).map_err(internal)?;
         match value {
             Some(bytes) => decode(bytes.value()),
-            None => Err(ErrorBody::new(ErrorCode::NotFound, format!("no volume with id {id}"))),
+            None => Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("no volume with id {id}"),
+            )),
         }
     }
 
@@ -209,12 +230,18 @@ impl Store {
         let devices = self.devices()?;
         let volumes = self.volumes()?;
         let spaces: Vec<DeviceSpace> = devices.iter().map(DeviceRecord::space).collect();
-        let pool = PoolSpace::new(&spaces, volumes.iter().map(|v| v.extents.as_slice())).map_err(alloc_error)?;
+        let pool = PoolSpace::new(&spaces, volumes.iter().map(|v| v.extents.as_slice()))
+            .map_err(alloc_error)?;
         Ok((devices, pool))
     }
 
     /// Creates a volume and allocates its space in one transaction.
-    pub fn create_volume(&self, name: &str, size_bytes: u64, layout: Layout) -> StoreResult<VolumeRecord> {
+    pub fn create_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        layout: Layout,
+    ) -> StoreResult<VolumeRecord> {
         validate_volume_name(name)?;
         let txn = self.metadata.begin_write().map_err(internal)?;
         let record = {
@@ -223,7 +250,10 @@ impl Store {
             let devices = txn.open_table(DEVICES).map_err(internal)?;
             let existing = read_volumes(&volumes)?;
             if existing.iter().any(|v| v.name == name) {
-                return Err(ErrorBody::new(ErrorCode::AlreadyExists, format!("volume {name:?} already exists")));
+                return Err(ErrorBody::new(
+                    ErrorCode::AlreadyExists,
+                    format!("volume {name:?} already exists"),
+                ));
             }
             let mut pool = pool_space_in(&devices, &existing)?;
             let extents = pool.allocate(layout, 0, size_bytes).map_err(alloc_error)?;
@@ -235,7 +265,8 @@ impl Store {
                     .map_err(|_| internal("corrupt next volume id"))?,
                 None => 1,
             };
-            meta.insert(NEXT_VOLUME_ID_KEY, (id + 1).to_le_bytes().as_slice()).map_err(internal)?;
+            meta.insert(NEXT_VOLUME_ID_KEY, (id + 1).to_le_bytes().as_slice())
+                .map_err(internal)?;
             let record = VolumeRecord {
                 id,
                 name: name.to_string(),
@@ -244,7 +275,9 @@ impl Store {
                 epoch: 1,
                 extents: merge_adjacent(extents),
             };
-            volumes.insert(id, encode(&record)?.as_slice()).map_err(internal)?;
+            volumes
+                .insert(id, encode(&record)?.as_slice())
+                .map_err(internal)?;
             record
         };
         txn.commit().map_err(internal)?;
@@ -262,7 +295,9 @@ impl Store {
                 .iter()
                 .find(|v| v.id == id)
                 .cloned()
-                .ok_or_else(|| ErrorBody::new(ErrorCode::NotFound, format!("no volume with id {id}")))?;
+                .ok_or_else(|| {
+                    ErrorBody::new(ErrorCode::NotFound, format!("no volume with id {id}"))
+                })?;
             if new_size_bytes <= record.size_bytes {
                 return Err(ErrorBody::new(
                     ErrorCode::BadRequest,
@@ -274,14 +309,20 @@ impl Store {
             }
             let mut pool = pool_space_in(&devices, &existing)?;
             let added = pool
-                .allocate(record.layout, record.size_bytes, new_size_bytes - record.size_bytes)
+                .allocate(
+                    record.layout,
+                    record.size_bytes,
+                    new_size_bytes - record.size_bytes,
+                )
                 .map_err(alloc_error)?;
             let mut extents = std::mem::take(&mut record.extents);
             extents.extend(added);
             record.extents = merge_adjacent(extents);
             record.size_bytes = new_size_bytes;
             record.epoch += 1;
-            volumes.insert(id, encode(&record)?.as_slice()).map_err(internal)?;
+            volumes
+                .insert(id, encode(&record)?.as_slice())
+                .map_err(internal)?;
             record
         };
         txn.commit().map_err(internal)?;
@@ -293,10 +334,18 @@ impl Store {
         let txn = self.metadata.begin_write().map_err(internal)?;
         let record = {
             let mut volumes = txn.open_table(VOLUMES).map_err(internal)?;
-            let removed = volumes.remove(id).map_err(internal)?.map(|v| v.value().to_vec());
+            let removed = volumes
+                .remove(id)
+                .map_err(internal)?
+                .map(|v| v.value().to_vec());
             let record: VolumeRecord = match removed {
                 Some(bytes) => decode(&bytes)?,
-                None => return Err(ErrorBody::new(ErrorCode::NotFound, format!("no volume with id {id}"))),
+                None => {
+                    return Err(ErrorBody::new(
+                        ErrorCode::NotFound,
+                        format!("no volume with id {id}"),
+                    ))
+                }
             };
             let mut clients = txn.open_table(CLIENTS).map_err(internal)?;
             let mut updated = Vec::new();
@@ -308,7 +357,9 @@ impl Store {
                 }
             }
             for client in updated {
-                clients.insert(client.name.as_str(), encode(&client)?.as_slice()).map_err(internal)?;
+                clients
+                    .insert(client.name.as_str(), encode(&client)?.as_slice())
+                    .map_err(internal)?;
             }
             record
         };
@@ -341,19 +392,33 @@ impl Store {
     pub fn add_client(&self, name: &str, secret_hex: &str) -> StoreResult<()> {
         validate_client_name(name)?;
         if self.client(name)?.is_some() {
-            return Err(ErrorBody::new(ErrorCode::AlreadyExists, format!("client {name:?} already exists")));
+            return Err(ErrorBody::new(
+                ErrorCode::AlreadyExists,
+                format!("client {name:?} already exists"),
+            ));
         }
         let txn = self.secrets.begin_write().map_err(internal)?;
-        txn.open_table(SECRETS).map_err(internal)?.insert(name, secret_hex).map_err(internal)?;
+        txn.open_table(SECRETS)
+            .map_err(internal)?
+            .insert(name, secret_hex)
+            .map_err(internal)?;
         txn.commit().map_err(internal)?;
         let txn = self.metadata.begin_write().map_err(internal)?;
         {
             let mut table = txn.open_table(CLIENTS).map_err(internal)?;
             if table.get(name).map_err(internal)?.is_some() {
-                return Err(ErrorBody::new(ErrorCode::AlreadyExists, format!("client {name:?} already exists")));
+                return Err(ErrorBody::new(
+                    ErrorCode::AlreadyExists,
+                    format!("client {name:?} already exists"),
+                ));
             }
-            let record = ClientRecord { name: name.to_string(), grants: BTreeMap::new() };
-            table.insert(name, encode(&record)?.as_slice()).map_err(internal)?;
+            let record = ClientRecord {
+                name: name.to_string(),
+                grants: BTreeMap::new(),
+            };
+            table
+                .insert(name, encode(&record)?.as_slice())
+                .map_err(internal)?;
         }
         txn.commit().map_err(internal)
     }
@@ -369,23 +434,37 @@ impl Store {
         }
         txn.commit().map_err(internal)?;
         let txn = self.secrets.begin_write().map_err(internal)?;
-        txn.open_table(SECRETS).map_err(internal)?.remove(name).map_err(internal)?;
+        txn.open_table(SECRETS)
+            .map_err(internal)?
+            .remove(name)
+            .map_err(internal)?;
         txn.commit().map_err(internal)
     }
 
     /// Sets (`Some`) or removes (`None`) a client's grant on a volume.
-    pub fn set_grant(&self, name: &str, volume_id: u64, mode: Option<AccessMode>) -> StoreResult<ClientRecord> {
+    pub fn set_grant(
+        &self,
+        name: &str,
+        volume_id: u64,
+        mode: Option<AccessMode>,
+    ) -> StoreResult<ClientRecord> {
         let txn = self.metadata.begin_write().map_err(internal)?;
         let record = {
             let mut table = txn.open_table(CLIENTS).map_err(internal)?;
-            let current = table.get(name).map_err(internal)?.map(|v| v.value().to_vec());
+            let current = table
+                .get(name)
+                .map_err(internal)?
+                .map(|v| v.value().to_vec());
             let mut record: ClientRecord = match current {
                 Some(bytes) => decode(&bytes)?,
                 None => return Err(not_found("client", name)),
             };
             let volumes = txn.open_table(VOLUMES).map_err(internal)?;
             if volumes.get(volume_id).map_err(internal)?.is_none() {
-                return Err(ErrorBody::new(ErrorCode::NotFound, format!("no volume with id {volume_id}")));
+                return Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("no volume with id {volume_id}"),
+                ));
             }
             match mode {
                 Some(mode) => {
@@ -395,7 +474,9 @@ impl Store {
                     record.grants.remove(&volume_id);
                 }
             }
-            table.insert(name, encode(&record)?.as_slice()).map_err(internal)?;
+            table
+                .insert(name, encode(&record)?.as_slice())
+                .map_err(internal)?;
             record
         };
         txn.commit().map_err(internal)?;
@@ -436,7 +517,9 @@ fn pool_space_in(
 fn validate_name(kind: &str, name: &str) -> StoreResult<()> {
     let valid = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if valid {
         Ok(())
     } else {

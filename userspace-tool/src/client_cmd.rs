@@ -14,7 +14,9 @@ use crate::output::print_table;
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// Register a client and print its secret (shown once; the server keeps it 0600).
-    #[command(after_help = "Examples:\n  sanctl client add host1\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret")]
+    #[command(
+        after_help = "Examples:\n  sanctl client add host1\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret"
+    )]
     Add {
         name: String,
         /// Also write the secret to this file (created with mode 0600, must not exist).
@@ -55,7 +57,8 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
     match command {
         ClientCommand::Add { name, secret_out } => {
             let secret_file = secret_out.as_ref().map(create_secret_file).transpose()?;
-            let created: ClientCreated = match context.call(AdminRequest::ClientAdd { name }).await {
+            let created: ClientCreated = match context.call(AdminRequest::ClientAdd { name }).await
+            {
                 Ok(created) => created,
                 Err(error) => {
                     if let Some(path) = &secret_out {
@@ -72,13 +75,21 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
             if context.json {
                 return context.print_json(&created);
             }
-            println!("client {} added; its secret (shown only now):", created.name);
+            println!(
+                "client {} added; its secret (shown only now):",
+                created.name
+            );
             println!("{}", created.secret);
             Ok(())
         }
         ClientCommand::Grant { name, volume, mode } => {
-            let client: Option<ClientInfo> =
-                context.call(AdminRequest::ClientGrant { name: name.clone(), volume: volume.clone(), mode }).await?;
+            let client: Option<ClientInfo> = context
+                .call(AdminRequest::ClientGrant {
+                    name: name.clone(),
+                    volume: volume.clone(),
+                    mode,
+                })
+                .await?;
             if context.json {
                 return context.print_json(&client);
             }
@@ -86,8 +97,12 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
             Ok(())
         }
         ClientCommand::Revoke { name, volume } => {
-            let client: Option<ClientInfo> =
-                context.call(AdminRequest::ClientRevoke { name: name.clone(), volume: volume.clone() }).await?;
+            let client: Option<ClientInfo> = context
+                .call(AdminRequest::ClientRevoke {
+                    name: name.clone(),
+                    volume: volume.clone(),
+                })
+                .await?;
             if context.json {
                 return context.print_json(&client);
             }
@@ -95,7 +110,9 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
             Ok(())
         }
         ClientCommand::Remove { name } => {
-            let result: serde_json::Value = context.call(AdminRequest::ClientRemove { name: name.clone() }).await?;
+            let result: serde_json::Value = context
+                .call(AdminRequest::ClientRemove { name: name.clone() })
+                .await?;
             if context.json {
                 return context.print_json(&result);
             }
@@ -110,7 +127,11 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
             let rows: Vec<Vec<String>> = clients
                 .iter()
                 .map(|c| {
-                    let grants: Vec<String> = c.grants.iter().map(|g| format!("{}:{}", g.name, g.mode)).collect();
+                    let grants: Vec<String> = c
+                        .grants
+                        .iter()
+                        .map(|g| format!("{}:{}", g.name, g.mode))
+                        .collect();
                     vec![c.name.clone(), grants.join(",")]
                 })
                 .collect();

@@ -59,24 +59,34 @@ pub struct Context {
 
 impl Context {
     pub fn new(admin_socket: PathBuf, json: bool) -> Context {
-        Context { admin_socket, json, connection: None }
+        Context {
+            admin_socket,
+            json,
+            connection: None,
+        }
     }
 
     async fn admin(&mut self) -> Result<&mut AdminClient, CliError> {
         if self.connection.is_none() {
             self.connection = Some(AdminClient::connect(&self.admin_socket).await?);
         }
-        self.connection.as_mut().ok_or_else(|| CliError::Unreachable("no connection".into()))
+        self.connection
+            .as_mut()
+            .ok_or_else(|| CliError::Unreachable("no connection".into()))
     }
 
     /// Sends an admin request and decodes its result.
-    pub async fn call<T: DeserializeOwned>(&mut self, request: AdminRequest) -> Result<T, CliError> {
+    pub async fn call<T: DeserializeOwned>(
+        &mut self,
+        request: AdminRequest,
+    ) -> Result<T, CliError> {
         Ok(self.admin().await?.call(&request).await?)
     }
 
     /// Prints `value` as JSON (for `--json`).
     pub fn print_json<T: serde::Serialize>(&self, value: &T) -> Result<(), CliError> {
-        let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Local(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(value).map_err(|e| CliError::Local(e.to_string()))?;
         println!("{text}");
         Ok(())
     }

@@ -10,7 +10,9 @@ use crate::output::print_table;
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
     /// Label a SAN device (block device or image file) and add it to the pool.
-    #[command(after_help = "Examples:\n  sanctl pool add /dev/sdb\n  sanctl pool add /srv/san/disk0.img --force")]
+    #[command(
+        after_help = "Examples:\n  sanctl pool add /dev/sdb\n  sanctl pool add /srv/san/disk0.img --force"
+    )]
     Add {
         /// Path of the device as the server sees it.
         path: String,
@@ -25,14 +27,24 @@ pub enum PoolCommand {
 pub async fn run(command: PoolCommand, context: &mut Context) -> Result<(), CliError> {
     match command {
         PoolCommand::Add { path, force } => {
-            let path = std::path::absolute(&path).map_err(|e| CliError::Usage(format!("{path}: {e}")))?;
-            let device: Option<DeviceInfo> =
-                context.call(AdminRequest::PoolAdd { path: path.display().to_string(), force }).await?;
+            let path =
+                std::path::absolute(&path).map_err(|e| CliError::Usage(format!("{path}: {e}")))?;
+            let device: Option<DeviceInfo> = context
+                .call(AdminRequest::PoolAdd {
+                    path: path.display().to_string(),
+                    force,
+                })
+                .await?;
             if context.json {
                 return context.print_json(&device);
             }
             if let Some(device) = device {
-                println!("added {} as device {} ({} usable)", device.path, device.uuid, format_size(device.capacity_bytes));
+                println!(
+                    "added {} as device {} ({} usable)",
+                    device.path,
+                    device.uuid,
+                    format_size(device.capacity_bytes)
+                );
             }
             Ok(())
         }
@@ -54,7 +66,10 @@ pub async fn run(command: PoolCommand, context: &mut Context) -> Result<(), CliE
                     ]
                 })
                 .collect();
-            print_table(&["DEVICE", "PATH", "SIZE", "USABLE", "FREE", "STATE"], &rows);
+            print_table(
+                &["DEVICE", "PATH", "SIZE", "USABLE", "FREE", "STATE"],
+                &rows,
+            );
             Ok(())
         }
     }

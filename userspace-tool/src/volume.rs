@@ -10,7 +10,9 @@ use crate::output::print_table;
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
     /// Create a volume and allocate its space.
-    #[command(after_help = "Examples:\n  sanctl volume create db1 10G\n  sanctl volume create scratch 512M --layout striped:2\n  sanctl volume create logs 1G --layout mirror")]
+    #[command(
+        after_help = "Examples:\n  sanctl volume create db1 10G\n  sanctl volume create scratch 512M --layout striped:2\n  sanctl volume create logs 1G --layout mirror"
+    )]
     Create {
         name: String,
         /// Size: bytes or with a unit (K, M, G, T; binary), a multiple of 4096.
@@ -38,7 +40,13 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
     match command {
         VolumeCommand::Create { name, size, layout } => {
             let size_bytes = parse_size_arg(&size)?;
-            let map: VolumeMap = context.call(AdminRequest::VolumeCreate { name, size_bytes, layout }).await?;
+            let map: VolumeMap = context
+                .call(AdminRequest::VolumeCreate {
+                    name,
+                    size_bytes,
+                    layout,
+                })
+                .await?;
             if context.json {
                 return context.print_json(&map);
             }
@@ -54,15 +62,27 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
         }
         VolumeCommand::Grow { name, size } => {
             let new_size_bytes = parse_size_arg(&size)?;
-            let map: VolumeMap = context.call(AdminRequest::VolumeGrow { name, new_size_bytes }).await?;
+            let map: VolumeMap = context
+                .call(AdminRequest::VolumeGrow {
+                    name,
+                    new_size_bytes,
+                })
+                .await?;
             if context.json {
                 return context.print_json(&map);
             }
-            println!("volume {} is now {} (epoch {})", map.name, format_size(map.size_bytes), map.epoch);
+            println!(
+                "volume {} is now {} (epoch {})",
+                map.name,
+                format_size(map.size_bytes),
+                map.epoch
+            );
             Ok(())
         }
         VolumeCommand::Delete { name } => {
-            let result: serde_json::Value = context.call(AdminRequest::VolumeDelete { name: name.clone() }).await?;
+            let result: serde_json::Value = context
+                .call(AdminRequest::VolumeDelete { name: name.clone() })
+                .await?;
             if context.json {
                 return context.print_json(&result);
             }
@@ -97,7 +117,11 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
             }
             let map = &detail.map;
             println!("volume {} (id {})", map.name, map.volume_id);
-            println!("  size    {} ({} bytes)", format_size(map.size_bytes), map.size_bytes);
+            println!(
+                "  size    {} ({} bytes)",
+                format_size(map.size_bytes),
+                map.size_bytes
+            );
             println!("  layout  {}", map.layout);
             println!("  epoch   {}", map.epoch);
             println!("  lease   {} ms", map.lease_ms);
@@ -106,18 +130,34 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
                 .extents
                 .iter()
                 .map(|e| {
-                    let replicas: Vec<String> =
-                        e.replicas.iter().map(|r| format!("{}@{}", r.device_uuid, r.device_offset)).collect();
-                    vec![e.volume_offset.to_string(), e.length.to_string(), replicas.join(" ")]
+                    let replicas: Vec<String> = e
+                        .replicas
+                        .iter()
+                        .map(|r| format!("{}@{}", r.device_uuid, r.device_offset))
+                        .collect();
+                    vec![
+                        e.volume_offset.to_string(),
+                        e.length.to_string(),
+                        replicas.join(" "),
+                    ]
                 })
                 .collect();
-            print_table(&["VOLUME_OFFSET", "LENGTH", "REPLICAS (device@offset)"], &rows);
+            print_table(
+                &["VOLUME_OFFSET", "LENGTH", "REPLICAS (device@offset)"],
+                &rows,
+            );
             if !detail.attachments.is_empty() {
                 println!();
                 let rows: Vec<Vec<String>> = detail
                     .attachments
                     .iter()
-                    .map(|a| vec![a.client.clone(), a.mode.to_string(), a.acked_epoch.to_string()])
+                    .map(|a| {
+                        vec![
+                            a.client.clone(),
+                            a.mode.to_string(),
+                            a.acked_epoch.to_string(),
+                        ]
+                    })
                     .collect();
                 print_table(&["CLIENT", "MODE", "ACKED_EPOCH"], &rows);
             }

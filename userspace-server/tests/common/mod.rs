@@ -79,10 +79,17 @@ impl TestServer {
             }
             if let Some(child) = server.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("sand exited during startup: {status}; log:\n{}", server.log());
+                    panic!(
+                        "sand exited during startup: {status}; log:\n{}",
+                        server.log()
+                    );
                 }
             }
-            assert!(Instant::now() < deadline, "sand did not start; log:\n{}", server.log());
+            assert!(
+                Instant::now() < deadline,
+                "sand did not start; log:\n{}",
+                server.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -110,7 +117,9 @@ impl TestServer {
 
     /// SIGTERM and wait for a clean exit; returns whether it exited successfully.
     pub fn stop(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else { return false };
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
         // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -128,14 +137,17 @@ impl TestServer {
     }
 
     pub async fn admin(&self) -> AdminClient {
-        AdminClient::connect(&self.admin_socket).await.unwrap_or_else(|e| panic!("admin connect: {e}"))
+        AdminClient::connect(&self.admin_socket)
+            .await
+            .unwrap_or_else(|e| panic!("admin connect: {e}"))
     }
 
     /// Creates a sparse image file of `size` bytes in the test dir.
     pub fn image(&self, name: &str, size: u64) -> PathBuf {
         let path = self.dir.join(name);
         let file = File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        file.set_len(size).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        file.set_len(size)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         path
     }
 
@@ -146,7 +158,10 @@ impl TestServer {
         for index in 0..count {
             let path = self.image(&format!("disk{index}.img"), size);
             admin
-                .request(&AdminRequest::PoolAdd { path: path.display().to_string(), force: false })
+                .request(&AdminRequest::PoolAdd {
+                    path: path.display().to_string(),
+                    force: false,
+                })
                 .await
                 .unwrap_or_else(|e| panic!("pool add: {e}"));
             paths.push(path);
@@ -155,10 +170,20 @@ impl TestServer {
     }
 
     /// Creates a volume, a client and a grant; returns the client's secret.
-    pub async fn volume_with_client(&self, volume: &str, size: u64, client: &str, mode: AccessMode) -> Vec<u8> {
+    pub async fn volume_with_client(
+        &self,
+        volume: &str,
+        size: u64,
+        client: &str,
+        mode: AccessMode,
+    ) -> Vec<u8> {
         let mut admin = self.admin().await;
         admin
-            .request(&AdminRequest::VolumeCreate { name: volume.into(), size_bytes: size, layout: Layout::Linear })
+            .request(&AdminRequest::VolumeCreate {
+                name: volume.into(),
+                size_bytes: size,
+                layout: Layout::Linear,
+            })
             .await
             .unwrap_or_else(|e| panic!("volume create: {e}"));
         let secret = self.client(client).await;
@@ -178,13 +203,19 @@ impl TestServer {
     pub async fn grant(&self, client: &str, volume: &str, mode: AccessMode) {
         let mut admin = self.admin().await;
         admin
-            .request(&AdminRequest::ClientGrant { name: client.into(), volume: volume.into(), mode })
+            .request(&AdminRequest::ClientGrant {
+                name: client.into(),
+                volume: volume.into(),
+                mode,
+            })
             .await
             .unwrap_or_else(|e| panic!("grant: {e}"));
     }
 
     pub async fn agent(&self, client: &str, secret: &[u8]) -> AgentClient {
-        AgentClient::connect(self.agent_address, client, secret).await.unwrap_or_else(|e| panic!("agent connect: {e}"))
+        AgentClient::connect(self.agent_address, client, secret)
+            .await
+            .unwrap_or_else(|e| panic!("agent connect: {e}"))
     }
 }
 
