@@ -15,13 +15,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::auth;
-use crate::map::{AccessMode, VolumeMap};
+use crate::map::AccessMode;
 use crate::protocol::{
     write_frame, AgentReply, AgentRequest, ErrorBody, ErrorCode, FrameError, FrameReader,
     GrantedVolume,
 };
-use crate::state::{blocking, ConnectionId, ServerState};
+use crate::state::{blocking, ConnectionId, PublishedMap, ServerState};
 use crate::store::StoreResult;
+use tokio::io::AsyncWriteExt;
 
 /// A frame that has started arriving must be complete within this time (slowloris guard for
 /// authenticated connections; unauthenticated ones have the handshake timeout).
@@ -70,7 +71,7 @@ pub async fn serve_agent_connection(
         forwarders: HashMap::new(),
         push_sender: None,
     };
-    let (push_sender, mut pushes) = mpsc::channel::<Arc<VolumeMap>>(PUSH_QUEUE_DEPTH);
+    let (push_sender, mut pushes) = mpsc::channel::<Arc<PublishedMap>>(PUSH_QUEUE_DEPTH);
     session.push_sender = Some(push_sender);
     loop {
         let partial = reader.has_partial_frame();
@@ -86,8 +87,11 @@ pub async fn serve_agent_connection(
                 warn!("{peer}: incomplete frame timed out");
                 break;
             }
-            Some(map) = pushes.recv() => {
-                if let Err(error) = write_frame(&mut writer, &AgentReply::MapUpdate { map: (*map).clone() }).await {
+            Some(published) = pushes.recv() => {
+                if published.update_frame.is_empty() {
+                    continue;
+                }
+                if let Err(error) = writer.write_all(&published.update_frame).await {
                     debug!("{peer}: cannot push map: {error}");
                     break;
                 }
@@ -182,7 +186,7 @@ struct Session {
     state: Arc<ServerState>,
     /// One task per attached volume, forwarding its map changes into the push queue.
     forwarders: HashMap<u64, JoinHandle<()>>,
-    push_sender: Option<mpsc::Sender<Arc<VolumeMap>>>,
+    push_sender: Option<mpsc::Sender<Arc<PublishedMap>>>,
 }
 
 impl Session {
@@ -305,7 +309,7 @@ impl Session {
             self.client, grant.map.name, grant.map.epoch
         );
         Ok(AgentReply::Attached {
-            map: (*grant.map).clone(),
+            map: grant.map,
             session_token,
         })
     }

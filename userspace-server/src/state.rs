@@ -10,7 +10,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::map::{AccessMode, VolumeMap};
-use crate::protocol::{AttachmentInfo, ErrorBody, ErrorCode};
+use crate::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode};
 use crate::store::{Store, StoreResult, VolumeRecord};
 
 pub type ConnectionId = u64;
@@ -23,8 +23,26 @@ struct Attachment {
     session_token: String,
 }
 
+/// A map as published to attached clients, with its `map_update` frame encoded once (not once
+/// per client: with thousands of clients the encoding dominated the push time).
+pub struct PublishedMap {
+    pub map: VolumeMap,
+    pub update_frame: Vec<u8>,
+}
+
+impl PublishedMap {
+    pub fn new(map: VolumeMap) -> Arc<PublishedMap> {
+        // Same JSON as `AgentReply::MapUpdate { map }`, built from a reference. Encoding fails
+        // only beyond the frame limit, which the allocator's extent counts stay far below; an
+        // empty frame is then not sent (the client still gets the map on its next attach).
+        let update = serde_json::json!({ "type": "map_update", "map": &map });
+        let update_frame = encode_frame(&update).unwrap_or_default();
+        Arc::new(PublishedMap { map, update_frame })
+    }
+}
+
 struct LiveVolume {
-    map: watch::Sender<Arc<VolumeMap>>,
+    map: watch::Sender<Arc<PublishedMap>>,
     attachments: HashMap<ConnectionId, Attachment>,
 }
 
@@ -44,8 +62,8 @@ pub struct ServerState {
 
 /// What a successful attach hands the connection.
 pub struct AttachGrant {
-    pub map: Arc<VolumeMap>,
-    pub updates: watch::Receiver<Arc<VolumeMap>>,
+    pub map: VolumeMap,
+    pub updates: watch::Receiver<Arc<PublishedMap>>,
 }
 
 impl ServerState {
@@ -110,7 +128,8 @@ impl ServerState {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 let record = self.store.volume_by_id(volume_id)?;
-                let (sender, _) = watch::channel(Arc::new(record.map(self.config.lease_ms)));
+                let (sender, _) =
+                    watch::channel(PublishedMap::new(record.map(self.config.lease_ms)));
                 entry.insert(LiveVolume {
                     map: sender,
                     attachments: HashMap::new(),
@@ -138,7 +157,7 @@ impl ServerState {
                 ));
             }
         }
-        let map = volume.map.borrow().clone();
+        let map = volume.map.borrow().map.clone();
         volume.attachments.insert(
             connection,
             Attachment {
@@ -194,9 +213,9 @@ impl ServerState {
     pub fn publish(&self, record: &VolumeRecord) {
         let live = self.live();
         if let Some(volume) = live.volumes.get(&record.id) {
-            let map = Arc::new(record.map(self.config.lease_ms));
+            let map = PublishedMap::new(record.map(self.config.lease_ms));
             volume.map.send_if_modified(|current| {
-                if map.epoch > current.epoch {
+                if map.map.epoch > current.map.epoch {
                     *current = map.clone();
                     true
                 } else {
