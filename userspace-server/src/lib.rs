@@ -2,9 +2,6 @@
 //! needs (control-protocol client with the client side of authentication, map types, label
 //! reader).
 
-// `u64::is_multiple_of` is newer than the workspace's rust-version (1.80); keep `%`.
-#![allow(clippy::manual_is_multiple_of)]
-
 pub mod admin;
 pub mod agent_service;
 pub mod allocator;
