@@ -110,3 +110,63 @@ fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("sand-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.join("sand.toml");
+        std::fs::write(
+            &file,
+            "listen = \"0.0.0.0:7800\"\nmetadata_dir = \"/srv/sand\"\nlease_ms = 5000\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let from_file = Config::from_flags(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(from_file.listen.to_string(), "0.0.0.0:7800");
+        assert_eq!(from_file.metadata_dir, PathBuf::from("/srv/sand"));
+        assert_eq!(
+            from_file.secrets_file,
+            PathBuf::from("/srv/sand/secrets.redb")
+        );
+        assert_eq!(
+            from_file.admin_socket,
+            PathBuf::from("/srv/sand/admin.sock")
+        );
+        assert_eq!(from_file.lease_ms, 5000);
+        assert_eq!(
+            from_file.handshake_timeout,
+            Duration::from_millis(DEFAULT_HANDSHAKE_TIMEOUT_MS)
+        );
+
+        let overridden = Config::from_flags(Flags {
+            config: Some(file.clone()),
+            metadata_dir: Some(PathBuf::from("/tmp/other")),
+            lease_ms: Some(100),
+            ..Flags::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(overridden.metadata_dir, PathBuf::from("/tmp/other"));
+        assert_eq!(
+            overridden.admin_socket,
+            PathBuf::from("/tmp/other/admin.sock")
+        );
+        assert_eq!(overridden.lease_ms, 100);
+        assert_eq!(overridden.listen.to_string(), "0.0.0.0:7800");
+
+        std::fs::write(&file, "listen_adress = \"typo\"\n").unwrap_or_else(|e| panic!("{e}"));
+        assert!(Config::from_flags(Flags {
+            config: Some(file),
+            ..Flags::default()
+        })
+        .is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
