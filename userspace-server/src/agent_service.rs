@@ -41,6 +41,14 @@ pub async fn serve_agent_connection(
     let _ = stream.set_nodelay(true);
     let (read_half, mut writer) = stream.into_split();
     let mut reader = FrameReader::new(read_half);
+    // Bound the connections that have not authenticated yet, so a flood of idle sockets
+    // cannot exhaust the server; authenticated agents do not count.
+    let Ok(handshake_slot) = state.handshake_slots.clone().try_acquire_owned() else {
+        warn!("{peer}: too many connections in handshake; refusing");
+        let body = ErrorBody::new(ErrorCode::Busy, "server busy, retry later");
+        let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
+        return;
+    };
     let handshake = tokio::time::timeout(
         state.config.handshake_timeout,
         authenticate(&mut reader, &mut writer, &state),
@@ -62,6 +70,7 @@ pub async fn serve_agent_connection(
             }
         },
     };
+    drop(handshake_slot);
     debug!("{peer}: client {client} authenticated");
     let (connection, kick) = state.register_connection(&client);
     let mut session = Session {

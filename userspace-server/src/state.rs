@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::Config;
 use crate::map::{AccessMode, VolumeMap};
@@ -53,9 +53,13 @@ struct Live {
     connections: HashMap<ConnectionId, (String, Arc<Notify>)>,
 }
 
+/// Connections allowed to be in the handshake at once.
+pub const MAX_PENDING_HANDSHAKES: usize = 4096;
+
 pub struct ServerState {
     pub store: Store,
     pub config: Config,
+    pub handshake_slots: Arc<Semaphore>,
     live: Mutex<Live>,
     next_connection_id: AtomicU64,
 }
@@ -71,6 +75,7 @@ impl ServerState {
         Arc::new(ServerState {
             store,
             config,
+            handshake_slots: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
             live: Mutex::new(Live::default()),
             next_connection_id: AtomicU64::new(1),
         })

@@ -252,6 +252,12 @@ async fn everything_survives_a_restart() {
         .unwrap_or_else(|e| panic!("{e}"));
     drop(admin);
     let before = snapshot(&server).await;
+    // Shutdown must be clean with an attached agent too; the agent sees its connection end.
+    let mut agent = server.agent("host1", &secret).await;
+    agent
+        .attach("data", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(
         server.stop(),
         "sand must exit cleanly on SIGTERM; log:\n{}",
@@ -262,6 +268,10 @@ async fn everything_survives_a_restart() {
         "clean shutdown removes the admin socket"
     );
 
+    assert!(
+        agent.next_map_update().await.is_err(),
+        "agent connection survived shutdown"
+    );
     let restarted = TestServer::start_in(&server.dir);
     let after = snapshot(&restarted).await;
     assert_eq!(before, after, "state after restart differs");
