@@ -70,10 +70,17 @@ fn main() -> ExitCode {
             return ExitCode::from(context::EXIT_UNREACHABLE);
         }
     };
+    let json = cli.json;
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("sanctl: {error}");
+            if json {
+                // Scripts get the error in the same format as results, on stderr.
+                let body = serde_json::json!({ "error": error.to_string(), "exit_code": error.exit_code() });
+                eprintln!("{body}");
+            } else {
+                eprintln!("sanctl: {error}");
+            }
             ExitCode::from(error.exit_code())
         }
     }

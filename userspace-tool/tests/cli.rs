@@ -121,6 +121,15 @@ fn admin_workflow_with_tables_json_and_exit_codes() {
     );
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("needs 2 devices"));
+    let refused = sanctl(
+        socket,
+        &[
+            "--json", "volume", "create", "m", "8M", "--layout", "mirror",
+        ],
+    );
+    let error: serde_json::Value = serde_json::from_slice(&refused.stderr)
+        .unwrap_or_else(|e| panic!("--json error is not JSON: {e}"));
+    assert_eq!(error["exit_code"], serde_json::json!(1));
     ok(socket, &["pool", "add", &second]);
     let devices = json(socket, &["pool", "list"]);
     assert_eq!(devices.as_array().map(Vec::len), Some(2));
