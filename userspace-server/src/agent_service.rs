@@ -117,7 +117,17 @@ pub async fn serve_agent_connection(
                     }
                 };
                 if let Some(reply) = reply {
-                    if let Err(error) = write_frame(&mut writer, &reply).await {
+                    let written = match write_frame(&mut writer, &reply).await {
+                        Err(FrameError::Oversized(size)) => {
+                            let body = ErrorBody::new(
+                                ErrorCode::Internal,
+                                format!("reply of {size} bytes exceeds the frame limit"),
+                            );
+                            write_frame(&mut writer, &AgentReply::Error(body)).await
+                        }
+                        other => other,
+                    };
+                    if let Err(error) = written {
                         debug!("{peer}: cannot reply: {error}");
                         break;
                     }

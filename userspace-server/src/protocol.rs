@@ -329,10 +329,19 @@ pub struct VolumeSummary {
     pub extent_count: usize,
 }
 
+/// At most this many attachments are listed in `volume show` (the counts cover all of them),
+/// so the reply stays far below the frame limit with many thousands of clients.
+pub const MAX_LISTED_ATTACHMENTS: usize = 1000;
+
 /// `volume show`: the map plus who is attached.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeDetail {
     pub map: VolumeMap,
+    /// Number of attached clients.
+    pub attachment_count: usize,
+    /// How many of them acknowledged the map's current epoch.
+    pub acked_current_epoch: usize,
+    /// The first `MAX_LISTED_ATTACHMENTS` attachments by client name.
     pub attachments: Vec<AttachmentInfo>,
 }
 

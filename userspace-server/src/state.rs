@@ -230,24 +230,34 @@ impl ServerState {
         }
     }
 
-    pub fn attachments(&self, volume_id: u64) -> Vec<AttachmentInfo> {
+    /// Attachment count, how many acked `epoch`, and up to `limit` attachments by client name.
+    pub fn attachments(
+        &self,
+        volume_id: u64,
+        epoch: u64,
+        limit: usize,
+    ) -> (usize, usize, Vec<AttachmentInfo>) {
         let live = self.live();
-        let mut list: Vec<AttachmentInfo> = live
-            .volumes
-            .get(&volume_id)
-            .map(|v| {
-                v.attachments
-                    .values()
-                    .map(|a| AttachmentInfo {
-                        client: a.client.clone(),
-                        mode: a.mode,
-                        acked_epoch: a.acked_epoch,
-                    })
-                    .collect()
+        let Some(volume) = live.volumes.get(&volume_id) else {
+            return (0, 0, Vec::new());
+        };
+        let acked = volume
+            .attachments
+            .values()
+            .filter(|a| a.acked_epoch >= epoch)
+            .count();
+        let mut list: Vec<AttachmentInfo> = volume
+            .attachments
+            .values()
+            .map(|a| AttachmentInfo {
+                client: a.client.clone(),
+                mode: a.mode,
+                acked_epoch: a.acked_epoch,
             })
-            .unwrap_or_default();
+            .collect();
         list.sort_by(|a, b| a.client.cmp(&b.client));
-        list
+        list.truncate(limit);
+        (volume.attachments.len(), acked, list)
     }
 
     /// Deletes a volume unless someone is attached (checked and deleted under the lock, so no

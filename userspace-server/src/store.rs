@@ -275,6 +275,7 @@ impl Store {
                 epoch: 1,
                 extents: merge_adjacent(extents),
             };
+            check_map_fits(&record)?;
             volumes
                 .insert(id, encode(&record)?.as_slice())
                 .map_err(internal)?;
@@ -320,6 +321,7 @@ impl Store {
             record.extents = merge_adjacent(extents);
             record.size_bytes = new_size_bytes;
             record.epoch += 1;
+            check_map_fits(&record)?;
             volumes
                 .insert(id, encode(&record)?.as_slice())
                 .map_err(internal)?;
@@ -512,6 +514,26 @@ fn pool_space_in(
         spaces.push(device.space());
     }
     PoolSpace::new(&spaces, volumes.iter().map(|v| v.extents.as_slice())).map_err(alloc_error)
+}
+
+/// Most extents one map may have: a map travels in one frame (1 MiB), and a mirrored extent
+/// takes about 210 bytes of JSON. Returning an error here (the transaction is dropped, nothing
+/// is allocated) beats creating a volume no client could ever attach.
+pub const MAX_EXTENTS_PER_MAP: usize = 4096;
+
+fn check_map_fits(record: &VolumeRecord) -> StoreResult<()> {
+    if record.extents.len() > MAX_EXTENTS_PER_MAP {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!(
+                "volume {} would need {} extents; a map holds at most {MAX_EXTENTS_PER_MAP} \
+                 (striped volumes use one extent per 1 MiB stripe unit, so at most 4 GiB)",
+                record.name,
+                record.extents.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_name(kind: &str, name: &str) -> StoreResult<()> {

@@ -313,3 +313,48 @@ async fn snapshot(server: &TestServer) -> String {
     assert!(!volumes.is_empty() && !devices.is_empty() && !clients.is_empty());
     serde_json::to_string_pretty(&(devices, volumes, maps, clients)).unwrap_or_default()
 }
+
+#[tokio::test]
+async fn maps_too_large_for_one_frame_are_refused_without_allocating() {
+    let server = TestServer::start();
+    server.pool_of(2, 3 * 1024 * MIB).await;
+    let mut admin = server.admin().await;
+    let striped = Layout::Striped {
+        stripe_count: 2,
+        stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES,
+    };
+    let refused = admin
+        .request(&AdminRequest::VolumeCreate {
+            name: "wide".into(),
+            size_bytes: 5 * 1024 * MIB,
+            layout: striped,
+        })
+        .await;
+    let error = refused
+        .err()
+        .unwrap_or_else(|| panic!("5120-extent map accepted"));
+    assert_eq!(error.server_code(), Some(ErrorCode::BadRequest));
+    assert!(error.to_string().contains("extents"), "{error}");
+    let devices = pool_list(&server).await;
+    assert!(
+        devices.iter().all(|d| d.free_bytes == d.capacity_bytes),
+        "refused volume left space allocated"
+    );
+    // The largest striped volume that fits is attachable: its map fits in one frame.
+    let secret = server.client("host1").await;
+    admin
+        .request(&AdminRequest::VolumeCreate {
+            name: "wide".into(),
+            size_bytes: 4 * 1024 * MIB,
+            layout: striped,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    server.grant("host1", "wide", AccessMode::Ro).await;
+    let mut agent = server.agent("host1", &secret).await;
+    let attached = agent
+        .attach("wide", AccessMode::Ro)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(attached.map.extents.len(), 4096);
+}

@@ -404,11 +404,9 @@ async fn run_sand(args: &Args, dir: &Path) -> anyhow::Result<SandResult> {
                     name: "bench".into(),
                 })
                 .await?;
-            if detail.attachments.len() == args.clients
-                && detail
-                    .attachments
-                    .iter()
-                    .all(|a| a.acked_epoch == expected_epoch)
+            if detail.map.epoch == expected_epoch
+                && detail.attachment_count == args.clients
+                && detail.acked_current_epoch == args.clients
             {
                 all_acked.push(changed.elapsed());
                 break;
