@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use log::{debug, info, warn};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -24,9 +23,6 @@ use crate::state::{blocking, ConnectionId, PublishedMap, ServerState};
 use crate::store::StoreResult;
 use tokio::io::AsyncWriteExt;
 
-/// A frame that has started arriving must be complete within this time (slowloris guard for
-/// authenticated connections; unauthenticated ones have the handshake timeout).
-const PARTIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pushed maps waiting to be written to one connection.
 const PUSH_QUEUE_DEPTH: usize = 16;
 
@@ -82,18 +78,16 @@ pub async fn serve_agent_connection(
     };
     let (push_sender, mut pushes) = mpsc::channel::<Arc<PublishedMap>>(PUSH_QUEUE_DEPTH);
     session.push_sender = Some(push_sender);
+    // A frame that has started arriving must be complete within this time (slowloris guard
+    // for authenticated connections; unauthenticated ones have the handshake timeout).
+    let frame_timeout = state.config.frame_timeout;
     loop {
-        let partial = reader.has_partial_frame();
         tokio::select! {
             _ = shutdown.changed() => break,
             _ = kick.notified() => {
                 info!("{peer}: disconnecting client {} (removed or grant changed)", session.client);
                 let body = ErrorBody::new(ErrorCode::NotGranted, "access changed by the administrator");
                 let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
-                break;
-            }
-            _ = tokio::time::sleep(PARTIAL_FRAME_TIMEOUT), if partial => {
-                warn!("{peer}: incomplete frame timed out");
                 break;
             }
             Some(published) = pushes.recv() => {
@@ -105,7 +99,7 @@ pub async fn serve_agent_connection(
                     break;
                 }
             }
-            request = reader.read::<AgentRequest>() => {
+            request = reader.read_within::<AgentRequest>(Some(frame_timeout)) => {
                 let reply = match request {
                     Ok(request) => session.handle(request).await,
                     Err(FrameError::Closed) => break,

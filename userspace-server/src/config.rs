@@ -12,6 +12,7 @@ use crate::map::DEFAULT_LEASE_MS;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 pub const DEFAULT_METADATA_DIR: &str = "/var/lib/sand";
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_FRAME_TIMEOUT_MS: u64 = 10_000;
 /// File in the metadata dir where sand writes the address it actually listens on (useful with
 /// port 0).
 pub const AGENT_ADDRESS_FILE: &str = "agent.addr";
@@ -24,7 +25,7 @@ pub const SECRETS_FILE: &str = "secrets.redb";
     name = "sand",
     version,
     about = "sanblk server: storage pool, volumes, clients and volume maps",
-    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n\nConfig file keys (TOML): listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, lease_ms. Logging: RUST_LOG=debug."
+    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n\nConfig file keys (TOML): listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, frame_timeout_ms, lease_ms. Logging: RUST_LOG=debug."
 )]
 pub struct Flags {
     /// TOML configuration file.
@@ -46,6 +47,9 @@ pub struct Flags {
     /// How long an unauthenticated connection may take to authenticate.
     #[arg(long)]
     pub handshake_timeout_ms: Option<u64>,
+    /// How long an authenticated connection may take to finish a frame it has started.
+    #[arg(long)]
+    pub frame_timeout_ms: Option<u64>,
     /// Lease duration put in every map.
     #[arg(long)]
     pub lease_ms: Option<u64>,
@@ -59,6 +63,7 @@ struct FileConfig {
     secrets_file: Option<PathBuf>,
     admin_socket: Option<PathBuf>,
     handshake_timeout_ms: Option<u64>,
+    frame_timeout_ms: Option<u64>,
     lease_ms: Option<u64>,
 }
 
@@ -69,6 +74,7 @@ pub struct Config {
     pub secrets_file: PathBuf,
     pub admin_socket: PathBuf,
     pub handshake_timeout: Duration,
+    pub frame_timeout: Duration,
     pub lease_ms: u64,
 }
 
@@ -98,6 +104,12 @@ impl Config {
                     .handshake_timeout_ms
                     .or(file.handshake_timeout_ms)
                     .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
+            ),
+            frame_timeout: Duration::from_millis(
+                flags
+                    .frame_timeout_ms
+                    .or(file.frame_timeout_ms)
+                    .unwrap_or(DEFAULT_FRAME_TIMEOUT_MS),
             ),
             lease_ms: flags.lease_ms.or(file.lease_ms).unwrap_or(DEFAULT_LEASE_MS),
             metadata_dir,

@@ -287,6 +287,23 @@ async fn bad_frames_close_only_their_connection() {
         reader.read::<AgentReply>().await.is_err(),
         "authenticated connection left open after garbage"
     );
+    // Slowloris after authentication: a started frame must finish within the frame timeout.
+    let (mut reader, mut write_half) = authenticated_raw(&server, &secret).await;
+    write_half
+        .write_all(&[0, 0, 0, 50, b'{'])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(4), reader.read::<AgentReply>()).await;
+    assert!(
+        matches!(&answer, Ok(Ok(AgentReply::Error(body))) if body.code == ErrorCode::BadFrame),
+        "authenticated slowloris not timed out: {answer:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        reader.read::<AgentReply>().await.is_err(),
+        "slowloris connection left open"
+    );
 
     // The good client is still served, and the server is still up for new clients.
     assert_eq!(
@@ -309,6 +326,42 @@ async fn bad_frames_close_only_their_connection() {
         .request(&AdminRequest::PoolList)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+}
+
+async fn authenticated_raw(
+    server: &TestServer,
+    secret: &[u8],
+) -> (
+    FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    let stream = TcpStream::connect(server.agent_address)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = FrameReader::new(read_half);
+    let client_nonce = sand::auth::new_nonce();
+    let hello = AgentRequest::Hello {
+        client: "host1".into(),
+        client_nonce: hex::encode(client_nonce),
+    };
+    write_frame(&mut write_half, &hello)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let Ok(AgentReply::Challenge { server_nonce, .. }) = reader.read().await else {
+        panic!("no challenge")
+    };
+    let server_nonce = hex::decode(server_nonce).unwrap_or_default();
+    let proof = hex::encode(sand::auth::client_proof(
+        secret,
+        &server_nonce,
+        &client_nonce,
+    ));
+    write_frame(&mut write_half, &AgentRequest::AuthResponse { mac: proof })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(reader.read().await, Ok(AgentReply::AuthOk)));
+    (reader, write_half)
 }
 
 #[tokio::test]

@@ -54,6 +54,8 @@ impl TestServer {
             .arg("127.0.0.1:0")
             .arg("--handshake-timeout-ms")
             .arg("1000")
+            .arg("--frame-timeout-ms")
+            .arg("1000")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
