@@ -19,8 +19,17 @@ struct Attachment {
     client: String,
     mode: AccessMode,
     acked_epoch: u64,
-    #[allow(dead_code)] // read by the server I/O path (later issue)
     session_token: String,
+}
+
+/// What a session token of the server I/O path stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub client: String,
+    pub volume_id: u64,
+    pub mode: AccessMode,
+    /// Current epoch of the volume's map (I/O carrying an older epoch is stale).
+    pub epoch: u64,
 }
 
 /// A map as published to attached clients, with its `map_update` frame encoded once (not once
@@ -51,6 +60,8 @@ struct Live {
     volumes: HashMap<u64, LiveVolume>,
     /// Authenticated connections: client name and a handle to disconnect them.
     connections: HashMap<ConnectionId, (String, Arc<Notify>)>,
+    /// Session token -> (volume, connection) of the attachment it was issued for.
+    sessions: HashMap<String, (u64, ConnectionId)>,
 }
 
 /// Connections allowed to be in the handshake at once.
@@ -102,9 +113,13 @@ impl ServerState {
     /// Drops every attachment of a closing connection.
     pub fn unregister_connection(&self, connection: ConnectionId) {
         let mut live = self.live();
+        let live = &mut *live;
         live.connections.remove(&connection);
+        let sessions = &mut live.sessions;
         live.volumes.retain(|_, volume| {
-            volume.attachments.remove(&connection);
+            if let Some(attachment) = volume.attachments.remove(&connection) {
+                sessions.remove(&attachment.session_token);
+            }
             !volume.attachments.is_empty()
         });
     }
@@ -163,6 +178,12 @@ impl ServerState {
             }
         }
         let map = volume.map.borrow().map.clone();
+        let updates = volume.map.subscribe();
+        live.sessions
+            .insert(session_token.clone(), (volume_id, connection));
+        let Some(volume) = live.volumes.get_mut(&volume_id) else {
+            return Err(ErrorBody::new(ErrorCode::Internal, "live volume vanished"));
+        };
         volume.attachments.insert(
             connection,
             Attachment {
@@ -172,10 +193,7 @@ impl ServerState {
                 session_token,
             },
         );
-        Ok(AttachGrant {
-            map,
-            updates: volume.map.subscribe(),
-        })
+        Ok(AttachGrant { map, updates })
     }
 
     pub fn detach(&self, connection: ConnectionId, volume_id: u64) -> bool {
@@ -183,11 +201,33 @@ impl ServerState {
         let Some(volume) = live.volumes.get_mut(&volume_id) else {
             return false;
         };
-        let removed = volume.attachments.remove(&connection).is_some();
+        let removed = volume.attachments.remove(&connection);
         if volume.attachments.is_empty() {
             live.volumes.remove(&volume_id);
         }
-        removed
+        match removed {
+            Some(attachment) => {
+                live.sessions.remove(&attachment.session_token);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Resolves a session token (handed out with a map) for the server I/O path. `None` once
+    /// the attachment is gone (detach, disconnect, client removed).
+    pub fn session(&self, token: &str) -> Option<SessionInfo> {
+        let live = self.live();
+        let (volume_id, connection) = *live.sessions.get(token)?;
+        let volume = live.volumes.get(&volume_id)?;
+        let attachment = volume.attachments.get(&connection)?;
+        let epoch = volume.map.borrow().map.epoch;
+        Some(SessionInfo {
+            client: attachment.client.clone(),
+            volume_id,
+            mode: attachment.mode,
+            epoch,
+        })
     }
 
     /// The mode of this connection's attachment to the volume, if any.
@@ -295,4 +335,64 @@ pub async fn blocking<T: Send + 'static>(
                 format!("worker failed: {e}"),
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Flags};
+    use crate::map::Layout;
+    use crate::store::DeviceRecord;
+
+    #[test]
+    fn session_tokens_resolve_while_attached() {
+        let dir = std::env::temp_dir().join(format!("sand-state-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let device = DeviceRecord {
+            uuid: uuid::Uuid::new_v4(),
+            path: "/dev/null-test".into(),
+            size_bytes: 64 << 20,
+            data_start: 1 << 20,
+            state: "online".into(),
+        };
+        store.add_device(&device).unwrap_or_else(|e| panic!("{e}"));
+        let volume = store
+            .create_volume("v", 1 << 20, Layout::Linear)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let config = Config::from_flags(Flags::default()).unwrap_or_else(|e| panic!("{e}"));
+        let state = ServerState::new(store, config);
+        let (connection, _) = state.register_connection("host1");
+        state
+            .attach(
+                connection,
+                "host1",
+                volume.id,
+                AccessMode::Rw,
+                "token-1".into(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let expected = SessionInfo {
+            client: "host1".into(),
+            volume_id: volume.id,
+            mode: AccessMode::Rw,
+            epoch: 1,
+        };
+        assert_eq!(state.session("token-1"), Some(expected));
+        assert_eq!(state.session("token-2"), None);
+        assert!(state.detach(connection, volume.id));
+        assert_eq!(state.session("token-1"), None);
+        state
+            .attach(
+                connection,
+                "host1",
+                volume.id,
+                AccessMode::Ro,
+                "token-3".into(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        state.unregister_connection(connection);
+        assert_eq!(state.session("token-3"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -358,3 +358,37 @@ async fn maps_too_large_for_one_frame_are_refused_without_allocating() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(attached.map.extents.len(), 4096);
 }
+
+#[tokio::test]
+async fn a_device_labelled_but_not_recorded_is_adopted() {
+    // The window `pool add` leaves open: the label is written, then the server dies before
+    // committing the device. Simulate it by labelling a device with this pool's UUID.
+    let server = TestServer::start();
+    let members = server.pool_of(1, 16 * MIB).await;
+    let pool_uuid = read_label(&members[0])
+        .ok()
+        .flatten()
+        .map(|l| l.pool_uuid)
+        .unwrap_or_default();
+    let orphan = server.image("orphan.img", 16 * MIB);
+    let label = sand::label::Label {
+        device_uuid: uuid::Uuid::new_v4(),
+        pool_uuid,
+        device_size: 16 * MIB,
+        data_start: DATA_START_OFFSET,
+    };
+    sand::label::write_label(&orphan, &label).unwrap_or_else(|e| panic!("{e}"));
+    let mut admin = server.admin().await;
+    admin
+        .request(&AdminRequest::PoolAdd {
+            path: orphan.display().to_string(),
+            force: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("orphan of this pool refused: {e}"));
+    let devices = pool_list(&server).await;
+    assert!(
+        devices.iter().any(|d| d.uuid == label.device_uuid),
+        "device UUID not kept"
+    );
+}
