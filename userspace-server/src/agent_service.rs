@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::auth;
-use crate::map::AccessMode;
+use crate::map::{AccessMode, VolumeMap};
 use crate::protocol::{
     write_frame, AgentReply, AgentRequest, ErrorBody, ErrorCode, FrameError, FrameReader,
     GrantedVolume,
@@ -75,6 +75,7 @@ pub async fn serve_agent_connection(
         state: state.clone(),
         forwarders: HashMap::new(),
         push_sender: None,
+        sent_epochs: HashMap::new(),
     };
     let (push_sender, mut pushes) = mpsc::channel::<Arc<PublishedMap>>(PUSH_QUEUE_DEPTH);
     session.push_sender = Some(push_sender);
@@ -91,7 +92,8 @@ pub async fn serve_agent_connection(
                 break;
             }
             Some(published) = pushes.recv() => {
-                if published.update_frame.is_empty() {
+                // Skip epochs this client already has (e.g. the answer to its own grow).
+                if published.update_frame.is_empty() || !session.learns(&published.map) {
                     continue;
                 }
                 if let Err(error) = writer.write_all(&published.update_frame).await {
@@ -200,9 +202,21 @@ struct Session {
     /// One task per attached volume, forwarding its map changes into the push queue.
     forwarders: HashMap<u64, JoinHandle<()>>,
     push_sender: Option<mpsc::Sender<Arc<PublishedMap>>>,
+    /// Newest epoch sent to this client, per attached volume.
+    sent_epochs: HashMap<u64, u64>,
 }
 
 impl Session {
+    /// Records that `map` is being sent; false if the client already has this epoch or newer.
+    fn learns(&mut self, map: &VolumeMap) -> bool {
+        let sent = self.sent_epochs.entry(map.volume_id).or_insert(0);
+        if map.epoch <= *sent {
+            return false;
+        }
+        *sent = map.epoch;
+        true
+    }
+
     async fn handle(&mut self, request: AgentRequest) -> Option<AgentReply> {
         let outcome = match request {
             AgentRequest::Ack { volume_id, epoch } => {
@@ -219,6 +233,7 @@ impl Session {
                 if let Some(forwarder) = self.forwarders.remove(&volume_id) {
                     forwarder.abort();
                 }
+                self.sent_epochs.remove(&volume_id);
                 if self.state.detach(self.connection, volume_id) {
                     Ok(AgentReply::Detached { volume_id })
                 } else {
@@ -321,13 +336,14 @@ impl Session {
             "client {} attached volume {} ({mode}) at epoch {}",
             self.client, grant.map.name, grant.map.epoch
         );
+        self.sent_epochs.insert(volume_id, grant.map.epoch);
         Ok(AgentReply::Attached {
             map: grant.map,
             session_token,
         })
     }
 
-    async fn grow(&self, volume_id: u64, new_size_bytes: u64) -> StoreResult<AgentReply> {
+    async fn grow(&mut self, volume_id: u64, new_size_bytes: u64) -> StoreResult<AgentReply> {
         if self.state.attachment_mode(self.connection, volume_id) != Some(AccessMode::Rw) {
             return Err(ErrorBody::new(
                 ErrorCode::NotGranted,
@@ -343,9 +359,9 @@ impl Session {
             "client {} grew volume {} to {} bytes (epoch {})",
             self.client, record.name, record.size_bytes, record.epoch
         );
-        Ok(AgentReply::Grown {
-            map: record.map(self.state.config.lease_ms),
-        })
+        let map = record.map(self.state.config.lease_ms);
+        self.learns(&map);
+        Ok(AgentReply::Grown { map })
     }
 
     fn close(&mut self) {

@@ -242,14 +242,15 @@ impl ServerState {
 
     pub fn record_ack(&self, connection: ConnectionId, volume_id: u64, epoch: u64) -> bool {
         let mut live = self.live();
-        let Some(attachment) = live
-            .volumes
-            .get_mut(&volume_id)
-            .and_then(|v| v.attachments.get_mut(&connection))
-        else {
+        let Some(volume) = live.volumes.get_mut(&volume_id) else {
             return false;
         };
-        attachment.acked_epoch = attachment.acked_epoch.max(epoch);
+        // An ack can never be for an epoch that was not published.
+        let current = volume.map.borrow().map.epoch;
+        let Some(attachment) = volume.attachments.get_mut(&connection) else {
+            return false;
+        };
+        attachment.acked_epoch = attachment.acked_epoch.max(epoch.min(current));
         true
     }
 

@@ -389,9 +389,25 @@ async fn changes_are_pushed_as_new_epochs() {
         .unwrap_or_else(|_| panic!("no push within 5 s"))
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(pushed, grown);
+    // The writer does not get its own grow pushed back: its next update is the next change.
+    admin
+        .request(&AdminRequest::VolumeGrow {
+            name: "vol".into(),
+            new_size_bytes: 9 * MIB,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let next = tokio::time::timeout(Duration::from_secs(5), writer.next_map_update())
+        .await
+        .unwrap_or_else(|_| panic!("no push within 5 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        next.epoch, 4,
+        "duplicate push of an epoch the client already had"
+    );
     // A read-only attachment may not allocate.
     assert_eq!(
-        code(reader.grow(volume_id, 10 * MIB).await),
+        code(reader.grow(volume_id, 16 * MIB).await),
         Some(ErrorCode::NotGranted)
     );
     // Deleting an attached volume is refused.
