@@ -30,6 +30,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         .with_context(|| format!("restricting {}", config.metadata_dir.display()))?;
     let store = Store::open(&config.metadata_dir, &config.secrets_file)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match raise_open_file_limit() {
+        Ok(limit) => info!("open file limit {limit}"),
+        Err(error) => warn!("cannot raise the open file limit: {error}"),
+    }
     info!(
         "pool {} metadata at {}",
         store.pool_uuid(),
@@ -121,6 +125,27 @@ fn bind_agent_listener(address: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the open-file soft limit to the hard limit: every agent holds a socket, and the
+/// usual soft default (1024) would cap the server at about a thousand clients.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid, local `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the valid, local `limit`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
 }
 
 /// Flips `shutdown` on SIGTERM or SIGINT.
