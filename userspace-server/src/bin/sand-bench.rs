@@ -54,26 +54,11 @@ struct Args {
 }
 
 fn raise_fd_limit(wanted: u64) -> anyhow::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        bail!("getrlimit: {}", std::io::Error::last_os_error());
+    let limit = sand::server::raise_open_file_limit().context("raising RLIMIT_NOFILE")?;
+    if limit < wanted {
+        bail!("RLIMIT_NOFILE hard limit is {limit}, {wanted} needed; raise it (ulimit -Hn)");
     }
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: as above.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        bail!("setrlimit: {}", std::io::Error::last_os_error());
-    }
-    if limit.rlim_cur < wanted {
-        bail!(
-            "RLIMIT_NOFILE hard limit is {}, {wanted} needed; raise it (ulimit -Hn)",
-            limit.rlim_cur
-        );
-    }
-    Ok(limit.rlim_cur)
+    Ok(limit)
 }
 
 struct Stats {
