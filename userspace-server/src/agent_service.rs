@@ -35,6 +35,8 @@ pub async fn serve_agent_connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    // A peer that stops reading must not pin this task (and its attachments) forever.
+    let write_limit = state.config.frame_timeout;
     let (read_half, mut writer) = stream.into_split();
     let mut reader = FrameReader::new(read_half);
     // Bound the connections that have not authenticated yet, so a flood of idle sockets
@@ -42,7 +44,7 @@ pub async fn serve_agent_connection(
     let Ok(handshake_slot) = state.handshake_slots.clone().try_acquire_owned() else {
         warn!("{peer}: too many connections in handshake; refusing");
         let body = ErrorBody::new(ErrorCode::Busy, "server busy, retry later");
-        let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
+        let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
         return;
     };
     let handshake = tokio::time::timeout(
@@ -55,13 +57,13 @@ pub async fn serve_agent_connection(
             Ok(Ok(client)) => client,
             Ok(Err(error)) => {
                 warn!("{peer}: handshake failed: {error}");
-                let _ = write_frame(&mut writer, &AgentReply::Error(error)).await;
+                let _ = send_within(&mut writer, write_limit, &AgentReply::Error(error)).await;
                 return;
             }
             Err(_) => {
                 warn!("{peer}: handshake timed out");
                 let body = ErrorBody::new(ErrorCode::BadFrame, "handshake timed out");
-                let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
+                let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
                 return;
             }
         },
@@ -88,7 +90,7 @@ pub async fn serve_agent_connection(
             _ = kick.notified() => {
                 info!("{peer}: disconnecting client {} (removed or grant changed)", session.client);
                 let body = ErrorBody::new(ErrorCode::NotGranted, "access changed by the administrator");
-                let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
+                let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
                 break;
             }
             Some(published) = pushes.recv() => {
@@ -96,7 +98,7 @@ pub async fn serve_agent_connection(
                 if published.update_frame.is_empty() || !session.learns(&published.map) {
                     continue;
                 }
-                if let Err(error) = writer.write_all(&published.update_frame).await {
+                if let Err(error) = send_bytes_within(&mut writer, write_limit, &published.update_frame).await {
                     debug!("{peer}: cannot push map: {error}");
                     break;
                 }
@@ -108,18 +110,18 @@ pub async fn serve_agent_connection(
                     Err(error) => {
                         warn!("{peer}: bad frame from client {}: {error}; closing", session.client);
                         let body = ErrorBody::new(ErrorCode::BadFrame, error.to_string());
-                        let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
+                        let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
                         break;
                     }
                 };
                 if let Some(reply) = reply {
-                    let written = match write_frame(&mut writer, &reply).await {
+                    let written = match send_within(&mut writer, write_limit, &reply).await {
                         Err(FrameError::Oversized(size)) => {
                             let body = ErrorBody::new(
                                 ErrorCode::Internal,
                                 format!("reply of {size} bytes exceeds the frame limit"),
                             );
-                            write_frame(&mut writer, &AgentReply::Error(body)).await
+                            send_within(&mut writer, write_limit, &AgentReply::Error(body)).await
                         }
                         other => other,
                     };
@@ -132,6 +134,29 @@ pub async fn serve_agent_connection(
         }
     }
     session.close();
+}
+
+/// Writes one message, giving up after `limit`.
+async fn send_within<T: serde::Serialize>(
+    writer: &mut OwnedWriteHalf,
+    limit: std::time::Duration,
+    message: &T,
+) -> Result<(), FrameError> {
+    tokio::time::timeout(limit, write_frame(writer, message))
+        .await
+        .map_err(|_| FrameError::Timeout)?
+}
+
+/// Writes pre-encoded frame bytes, giving up after `limit`.
+async fn send_bytes_within(
+    writer: &mut OwnedWriteHalf,
+    limit: std::time::Duration,
+    frame: &[u8],
+) -> Result<(), FrameError> {
+    tokio::time::timeout(limit, writer.write_all(frame))
+        .await
+        .map_err(|_| FrameError::Timeout)?
+        .map_err(FrameError::from)
 }
 
 /// Runs the server side of the mutual challenge–response handshake; returns the client name.
