@@ -36,6 +36,9 @@ struct Cli {
     command: Command,
 }
 
+/// One variant and one module per subcommand group. The agent side (`sanctl attach`,
+/// `sanctl status`) plugs in the same way, using `sand::client::AgentClient`; `Context` opens
+/// the admin socket only when a command makes an admin call, so such commands never need it.
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Storage pool: label SAN devices and show their space.
