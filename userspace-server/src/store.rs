@@ -114,6 +114,9 @@ fn open_database(path: &Path) -> StoreResult<Database> {
 pub struct Store {
     metadata: Database,
     secrets: Database,
+    /// Client add/remove touch both databases; this keeps two of them from interleaving
+    /// (e.g. two `client add` of one name leaving the secret of the one that failed).
+    client_changes: std::sync::Mutex<()>,
     pool_uuid: Uuid,
     pub metadata_path: PathBuf,
 }
@@ -151,6 +154,7 @@ impl Store {
         Ok(Store {
             metadata,
             secrets,
+            client_changes: std::sync::Mutex::new(()),
             pool_uuid,
             metadata_path,
         })
@@ -393,6 +397,10 @@ impl Store {
     /// unused secret, never a client without one).
     pub fn add_client(&self, name: &str, secret_hex: &str) -> StoreResult<()> {
         validate_client_name(name)?;
+        let _serialized = self
+            .client_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if self.client(name)?.is_some() {
             return Err(ErrorBody::new(
                 ErrorCode::AlreadyExists,
@@ -427,6 +435,10 @@ impl Store {
 
     /// Removes a client and then its secret.
     pub fn remove_client(&self, name: &str) -> StoreResult<()> {
+        let _serialized = self
+            .client_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let txn = self.metadata.begin_write().map_err(internal)?;
         {
             let mut table = txn.open_table(CLIENTS).map_err(internal)?;
