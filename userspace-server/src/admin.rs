@@ -259,6 +259,7 @@ fn label_error(error: LabelError) -> ErrorBody {
 /// committed; a crash in between leaves a labelled device of this pool that a repeated
 /// `pool add` adopts.
 fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<DeviceRecord> {
+    let _serialized = state.pool_changes.lock().unwrap_or_else(|p| p.into_inner());
     let path = path
         .canonicalize()
         .map_err(|e| ErrorBody::new(ErrorCode::NotFound, format!("{}: {e}", path.display())))?;

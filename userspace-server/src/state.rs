@@ -71,6 +71,9 @@ pub struct ServerState {
     pub store: Store,
     pub config: Config,
     pub handshake_slots: Arc<Semaphore>,
+    /// Held across a whole `pool add` (checks, label write, commit), so two adds of one device
+    /// cannot leave a label on disk that differs from the recorded device.
+    pub pool_changes: Mutex<()>,
     live: Mutex<Live>,
     next_connection_id: AtomicU64,
 }
@@ -87,6 +90,7 @@ impl ServerState {
             store,
             config,
             handshake_slots: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+            pool_changes: Mutex::new(()),
             live: Mutex::new(Live::default()),
             next_connection_id: AtomicU64::new(1),
         })
