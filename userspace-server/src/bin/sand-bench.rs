@@ -8,7 +8,7 @@
 //!    each client has received the new epoch (median, p99, max), and until the server has
 //!    recorded every ack.
 //!
-//! Usage: cargo build --release -p sand --bins && target/release/sand-bench --clients 10000
+//! Usage: cargo run --release -p sand --bin sand-bench -- --clients 10000
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
