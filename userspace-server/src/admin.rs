@@ -17,6 +17,7 @@ use crate::map::{AccessMode, Layout};
 use crate::protocol::{
     write_frame, AdminReply, AdminRequest, ClientCreated, ClientInfo, DeviceInfo, ErrorBody,
     ErrorCode, FrameError, FrameReader, GrantedVolume, VolumeDetail, VolumeSummary,
+    MAX_LISTED_ATTACHMENTS,
 };
 use crate::state::{blocking, ServerState};
 use crate::store::{DeviceRecord, StoreResult};
@@ -49,7 +50,18 @@ pub async fn serve_admin_connection(
                 return;
             }
         };
-        if let Err(error) = write_frame(&mut write_half, &reply).await {
+        let written = match write_frame(&mut write_half, &reply).await {
+            // The reply alone was too big: say so instead of leaving the caller waiting.
+            Err(FrameError::Oversized(size)) => {
+                let body = ErrorBody::new(
+                    ErrorCode::Internal,
+                    format!("reply of {size} bytes exceeds the frame limit"),
+                );
+                write_frame(&mut write_half, &AdminReply::Error(body)).await
+            }
+            other => other,
+        };
+        if let Err(error) = written {
             warn!("admin connection: cannot reply: {error}");
             return;
         }
@@ -133,9 +145,13 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> StoreResult<
         }
         AdminRequest::VolumeShow { name } => {
             let record = blocking(state, move |s| s.store.volume_by_name(&name)).await?;
+            let (attachment_count, acked_current_epoch, attachments) =
+                state.attachments(record.id, record.epoch, MAX_LISTED_ATTACHMENTS);
             let detail = VolumeDetail {
                 map: record.map(state.config.lease_ms),
-                attachments: state.attachments(record.id),
+                attachment_count,
+                acked_current_epoch,
+                attachments,
             };
             to_json(&detail)
         }
@@ -243,6 +259,7 @@ fn label_error(error: LabelError) -> ErrorBody {
 /// committed; a crash in between leaves a labelled device of this pool that a repeated
 /// `pool add` adopts.
 fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<DeviceRecord> {
+    let _serialized = state.pool_changes.lock().unwrap_or_else(|p| p.into_inner());
     let path = path
         .canonicalize()
         .map_err(|e| ErrorBody::new(ErrorCode::NotFound, format!("{}: {e}", path.display())))?;

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use log::{debug, info, warn};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -20,12 +19,10 @@ use crate::protocol::{
     write_frame, AgentReply, AgentRequest, ErrorBody, ErrorCode, FrameError, FrameReader,
     GrantedVolume,
 };
-use crate::state::{blocking, ConnectionId, ServerState};
+use crate::state::{blocking, ConnectionId, PublishedMap, ServerState};
 use crate::store::StoreResult;
+use tokio::io::AsyncWriteExt;
 
-/// A frame that has started arriving must be complete within this time (slowloris guard for
-/// authenticated connections; unauthenticated ones have the handshake timeout).
-const PARTIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pushed maps waiting to be written to one connection.
 const PUSH_QUEUE_DEPTH: usize = 16;
 
@@ -38,8 +35,18 @@ pub async fn serve_agent_connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    // A peer that stops reading must not pin this task (and its attachments) forever.
+    let write_limit = state.config.frame_timeout;
     let (read_half, mut writer) = stream.into_split();
     let mut reader = FrameReader::new(read_half);
+    // Bound the connections that have not authenticated yet, so a flood of idle sockets
+    // cannot exhaust the server; authenticated agents do not count.
+    let Ok(handshake_slot) = state.handshake_slots.clone().try_acquire_owned() else {
+        warn!("{peer}: too many connections in handshake; refusing");
+        let body = ErrorBody::new(ErrorCode::Busy, "server busy, retry later");
+        let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
+        return;
+    };
     let handshake = tokio::time::timeout(
         state.config.handshake_timeout,
         authenticate(&mut reader, &mut writer, &state),
@@ -50,17 +57,18 @@ pub async fn serve_agent_connection(
             Ok(Ok(client)) => client,
             Ok(Err(error)) => {
                 warn!("{peer}: handshake failed: {error}");
-                let _ = write_frame(&mut writer, &AgentReply::Error(error)).await;
+                let _ = send_within(&mut writer, write_limit, &AgentReply::Error(error)).await;
                 return;
             }
             Err(_) => {
                 warn!("{peer}: handshake timed out");
                 let body = ErrorBody::new(ErrorCode::BadFrame, "handshake timed out");
-                let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
+                let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
                 return;
             }
         },
     };
+    drop(handshake_slot);
     debug!("{peer}: client {client} authenticated");
     let (connection, kick) = state.register_connection(&client);
     let mut session = Session {
@@ -69,42 +77,55 @@ pub async fn serve_agent_connection(
         state: state.clone(),
         forwarders: HashMap::new(),
         push_sender: None,
+        sent_epochs: HashMap::new(),
     };
-    let (push_sender, mut pushes) = mpsc::channel::<Arc<VolumeMap>>(PUSH_QUEUE_DEPTH);
+    let (push_sender, mut pushes) = mpsc::channel::<Arc<PublishedMap>>(PUSH_QUEUE_DEPTH);
     session.push_sender = Some(push_sender);
+    // A frame that has started arriving must be complete within this time (slowloris guard
+    // for authenticated connections; unauthenticated ones have the handshake timeout).
+    let frame_timeout = state.config.frame_timeout;
     loop {
-        let partial = reader.has_partial_frame();
         tokio::select! {
             _ = shutdown.changed() => break,
             _ = kick.notified() => {
                 info!("{peer}: disconnecting client {} (removed or grant changed)", session.client);
                 let body = ErrorBody::new(ErrorCode::NotGranted, "access changed by the administrator");
-                let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
+                let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
                 break;
             }
-            _ = tokio::time::sleep(PARTIAL_FRAME_TIMEOUT), if partial => {
-                warn!("{peer}: incomplete frame timed out");
-                break;
-            }
-            Some(map) = pushes.recv() => {
-                if let Err(error) = write_frame(&mut writer, &AgentReply::MapUpdate { map: (*map).clone() }).await {
+            Some(published) = pushes.recv() => {
+                // Skip epochs this client already has (e.g. the answer to its own grow).
+                if published.update_frame.is_empty() || !session.learns(&published.map) {
+                    continue;
+                }
+                if let Err(error) = send_bytes_within(&mut writer, write_limit, &published.update_frame).await {
                     debug!("{peer}: cannot push map: {error}");
                     break;
                 }
             }
-            request = reader.read::<AgentRequest>() => {
+            request = reader.read_within::<AgentRequest>(Some(frame_timeout)) => {
                 let reply = match request {
                     Ok(request) => session.handle(request).await,
                     Err(FrameError::Closed) => break,
                     Err(error) => {
                         warn!("{peer}: bad frame from client {}: {error}; closing", session.client);
                         let body = ErrorBody::new(ErrorCode::BadFrame, error.to_string());
-                        let _ = write_frame(&mut writer, &AgentReply::Error(body)).await;
+                        let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
                         break;
                     }
                 };
                 if let Some(reply) = reply {
-                    if let Err(error) = write_frame(&mut writer, &reply).await {
+                    let written = match send_within(&mut writer, write_limit, &reply).await {
+                        Err(FrameError::Oversized(size)) => {
+                            let body = ErrorBody::new(
+                                ErrorCode::Internal,
+                                format!("reply of {size} bytes exceeds the frame limit"),
+                            );
+                            send_within(&mut writer, write_limit, &AgentReply::Error(body)).await
+                        }
+                        other => other,
+                    };
+                    if let Err(error) = written {
                         debug!("{peer}: cannot reply: {error}");
                         break;
                     }
@@ -113,6 +134,29 @@ pub async fn serve_agent_connection(
         }
     }
     session.close();
+}
+
+/// Writes one message, giving up after `limit`.
+async fn send_within<T: serde::Serialize>(
+    writer: &mut OwnedWriteHalf,
+    limit: std::time::Duration,
+    message: &T,
+) -> Result<(), FrameError> {
+    tokio::time::timeout(limit, write_frame(writer, message))
+        .await
+        .map_err(|_| FrameError::Timeout)?
+}
+
+/// Writes pre-encoded frame bytes, giving up after `limit`.
+async fn send_bytes_within(
+    writer: &mut OwnedWriteHalf,
+    limit: std::time::Duration,
+    frame: &[u8],
+) -> Result<(), FrameError> {
+    tokio::time::timeout(limit, writer.write_all(frame))
+        .await
+        .map_err(|_| FrameError::Timeout)?
+        .map_err(FrameError::from)
 }
 
 /// Runs the server side of the mutual challenge–response handshake; returns the client name.
@@ -182,10 +226,22 @@ struct Session {
     state: Arc<ServerState>,
     /// One task per attached volume, forwarding its map changes into the push queue.
     forwarders: HashMap<u64, JoinHandle<()>>,
-    push_sender: Option<mpsc::Sender<Arc<VolumeMap>>>,
+    push_sender: Option<mpsc::Sender<Arc<PublishedMap>>>,
+    /// Newest epoch sent to this client, per attached volume.
+    sent_epochs: HashMap<u64, u64>,
 }
 
 impl Session {
+    /// Records that `map` is being sent; false if the client already has this epoch or newer.
+    fn learns(&mut self, map: &VolumeMap) -> bool {
+        let sent = self.sent_epochs.entry(map.volume_id).or_insert(0);
+        if map.epoch <= *sent {
+            return false;
+        }
+        *sent = map.epoch;
+        true
+    }
+
     async fn handle(&mut self, request: AgentRequest) -> Option<AgentReply> {
         let outcome = match request {
             AgentRequest::Ack { volume_id, epoch } => {
@@ -202,6 +258,7 @@ impl Session {
                 if let Some(forwarder) = self.forwarders.remove(&volume_id) {
                     forwarder.abort();
                 }
+                self.sent_epochs.remove(&volume_id);
                 if self.state.detach(self.connection, volume_id) {
                     Ok(AgentReply::Detached { volume_id })
                 } else {
@@ -304,13 +361,14 @@ impl Session {
             "client {} attached volume {} ({mode}) at epoch {}",
             self.client, grant.map.name, grant.map.epoch
         );
+        self.sent_epochs.insert(volume_id, grant.map.epoch);
         Ok(AgentReply::Attached {
-            map: (*grant.map).clone(),
+            map: grant.map,
             session_token,
         })
     }
 
-    async fn grow(&self, volume_id: u64, new_size_bytes: u64) -> StoreResult<AgentReply> {
+    async fn grow(&mut self, volume_id: u64, new_size_bytes: u64) -> StoreResult<AgentReply> {
         if self.state.attachment_mode(self.connection, volume_id) != Some(AccessMode::Rw) {
             return Err(ErrorBody::new(
                 ErrorCode::NotGranted,
@@ -326,9 +384,9 @@ impl Session {
             "client {} grew volume {} to {} bytes (epoch {})",
             self.client, record.name, record.size_bytes, record.epoch
         );
-        Ok(AgentReply::Grown {
-            map: record.map(self.state.config.lease_ms),
-        })
+        let map = record.map(self.state.config.lease_ms);
+        self.learns(&map);
+        Ok(AgentReply::Grown { map })
     }
 
     fn close(&mut self) {

@@ -12,6 +12,7 @@ use crate::map::DEFAULT_LEASE_MS;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 pub const DEFAULT_METADATA_DIR: &str = "/var/lib/sand";
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_FRAME_TIMEOUT_MS: u64 = 10_000;
 /// File in the metadata dir where sand writes the address it actually listens on (useful with
 /// port 0).
 pub const AGENT_ADDRESS_FILE: &str = "agent.addr";
@@ -24,7 +25,7 @@ pub const SECRETS_FILE: &str = "secrets.redb";
     name = "sand",
     version,
     about = "sanblk server: storage pool, volumes, clients and volume maps",
-    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n\nConfig file keys (TOML): listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, lease_ms. Logging: RUST_LOG=debug."
+    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n\nConfig file keys (TOML): listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, frame_timeout_ms, lease_ms. Logging: RUST_LOG=debug."
 )]
 pub struct Flags {
     /// TOML configuration file.
@@ -46,6 +47,9 @@ pub struct Flags {
     /// How long an unauthenticated connection may take to authenticate.
     #[arg(long)]
     pub handshake_timeout_ms: Option<u64>,
+    /// How long an authenticated connection may take to finish a frame it has started.
+    #[arg(long)]
+    pub frame_timeout_ms: Option<u64>,
     /// Lease duration put in every map.
     #[arg(long)]
     pub lease_ms: Option<u64>,
@@ -59,6 +63,7 @@ struct FileConfig {
     secrets_file: Option<PathBuf>,
     admin_socket: Option<PathBuf>,
     handshake_timeout_ms: Option<u64>,
+    frame_timeout_ms: Option<u64>,
     lease_ms: Option<u64>,
 }
 
@@ -69,6 +74,7 @@ pub struct Config {
     pub secrets_file: PathBuf,
     pub admin_socket: PathBuf,
     pub handshake_timeout: Duration,
+    pub frame_timeout: Duration,
     pub lease_ms: u64,
 }
 
@@ -99,6 +105,12 @@ impl Config {
                     .or(file.handshake_timeout_ms)
                     .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS),
             ),
+            frame_timeout: Duration::from_millis(
+                flags
+                    .frame_timeout_ms
+                    .or(file.frame_timeout_ms)
+                    .unwrap_or(DEFAULT_FRAME_TIMEOUT_MS),
+            ),
             lease_ms: flags.lease_ms.or(file.lease_ms).unwrap_or(DEFAULT_LEASE_MS),
             metadata_dir,
         })
@@ -109,4 +121,64 @@ fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
     let text =
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("sand-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.join("sand.toml");
+        std::fs::write(
+            &file,
+            "listen = \"0.0.0.0:7800\"\nmetadata_dir = \"/srv/sand\"\nlease_ms = 5000\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let from_file = Config::from_flags(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(from_file.listen.to_string(), "0.0.0.0:7800");
+        assert_eq!(from_file.metadata_dir, PathBuf::from("/srv/sand"));
+        assert_eq!(
+            from_file.secrets_file,
+            PathBuf::from("/srv/sand/secrets.redb")
+        );
+        assert_eq!(
+            from_file.admin_socket,
+            PathBuf::from("/srv/sand/admin.sock")
+        );
+        assert_eq!(from_file.lease_ms, 5000);
+        assert_eq!(
+            from_file.handshake_timeout,
+            Duration::from_millis(DEFAULT_HANDSHAKE_TIMEOUT_MS)
+        );
+
+        let overridden = Config::from_flags(Flags {
+            config: Some(file.clone()),
+            metadata_dir: Some(PathBuf::from("/tmp/other")),
+            lease_ms: Some(100),
+            ..Flags::default()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(overridden.metadata_dir, PathBuf::from("/tmp/other"));
+        assert_eq!(
+            overridden.admin_socket,
+            PathBuf::from("/tmp/other/admin.sock")
+        );
+        assert_eq!(overridden.lease_ms, 100);
+        assert_eq!(overridden.listen.to_string(), "0.0.0.0:7800");
+
+        std::fs::write(&file, "listen_adress = \"typo\"\n").unwrap_or_else(|e| panic!("{e}"));
+        assert!(Config::from_flags(Flags {
+            config: Some(file),
+            ..Flags::default()
+        })
+        .is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -39,6 +39,9 @@ pub enum FrameError {
 pub struct FrameReader<R> {
     stream: R,
     buffer: BytesMut,
+    /// When the oldest incomplete frame started arriving (kept across cancellations, so a
+    /// `select!` that restarts the read does not restart the clock).
+    partial_since: Option<tokio::time::Instant>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -46,21 +49,40 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             stream,
             buffer: BytesMut::with_capacity(4096),
+            partial_since: None,
         }
-    }
-
-    /// True when part of a frame has been received but not all of it.
-    pub fn has_partial_frame(&self) -> bool {
-        !self.buffer.is_empty()
     }
 
     /// Reads the next frame and decodes it as `T`. Safe to cancel: partial data stays buffered.
     pub async fn read<T: DeserializeOwned>(&mut self) -> Result<T, FrameError> {
+        self.read_within(None).await
+    }
+
+    /// Like `read`, but once a frame has started arriving it must be complete within
+    /// `frame_timeout` (idle time between frames is not limited).
+    pub async fn read_within<T: DeserializeOwned>(
+        &mut self,
+        frame_timeout: Option<std::time::Duration>,
+    ) -> Result<T, FrameError> {
         loop {
             if let Some(payload) = self.take_buffered_frame()? {
+                self.partial_since = if self.buffer.is_empty() {
+                    None
+                } else {
+                    Some(tokio::time::Instant::now())
+                };
                 return decode_payload(&payload);
             }
-            let read = self.stream.read_buf(&mut self.buffer).await?;
+            let reading = self.stream.read_buf(&mut self.buffer);
+            let read = match (frame_timeout, self.partial_since) {
+                (Some(limit), Some(since)) => tokio::time::timeout_at(since + limit, reading)
+                    .await
+                    .map_err(|_| FrameError::Timeout)??,
+                _ => reading.await?,
+            };
+            if self.partial_since.is_none() && !self.buffer.is_empty() {
+                self.partial_since = Some(tokio::time::Instant::now());
+            }
             if read == 0 {
                 return Err(if self.buffer.is_empty() {
                     FrameError::Closed
@@ -329,10 +351,19 @@ pub struct VolumeSummary {
     pub extent_count: usize,
 }
 
+/// At most this many attachments are listed in `volume show` (the counts cover all of them),
+/// so the reply stays far below the frame limit with many thousands of clients.
+pub const MAX_LISTED_ATTACHMENTS: usize = 1000;
+
 /// `volume show`: the map plus who is attached.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeDetail {
     pub map: VolumeMap,
+    /// Number of attached clients.
+    pub attachment_count: usize,
+    /// How many of them acknowledged the map's current epoch.
+    pub acked_current_epoch: usize,
+    /// The first `MAX_LISTED_ATTACHMENTS` attachments by client name.
     pub attachments: Vec<AttachmentInfo>,
 }
 

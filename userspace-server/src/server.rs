@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use log::{error, info, warn};
-use tokio::net::{TcpListener, UnixListener};
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::serve_admin_connection;
@@ -17,6 +19,8 @@ use crate::store::Store;
 
 /// How long connection tasks get to finish after shutdown is signalled.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Accept queue length requested for the agent port (the kernel caps it at somaxconn).
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Runs the server until `shutdown` becomes true.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -26,15 +30,18 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         .with_context(|| format!("restricting {}", config.metadata_dir.display()))?;
     let store = Store::open(&config.metadata_dir, &config.secrets_file)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match raise_open_file_limit() {
+        Ok(limit) => info!("open file limit {limit}"),
+        Err(error) => warn!("cannot raise the open file limit: {error}"),
+    }
     info!(
         "pool {} metadata at {}",
         store.pool_uuid(),
         store.metadata_path.display()
     );
 
-    let agent_listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let agent_listener =
+        bind_agent_listener(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let agent_address = agent_listener.local_addr()?;
     std::fs::write(
         config.metadata_dir.join(AGENT_ADDRESS_FILE),
@@ -105,6 +112,40 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     let _ = std::fs::remove_file(&admin_socket);
     info!("stopped");
     Ok(())
+}
+
+/// Binds with a deep accept queue: after a server restart every agent reconnects at once, and
+/// the default backlog overflows (dropped SYNs cost clients a 1 s retransmit).
+fn bind_agent_listener(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the open-file soft limit to the hard limit: every agent holds a socket, and the
+/// usual soft default (1024) would cap the server at about a thousand clients.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid, local `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the valid, local `limit`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
 }
 
 /// Flips `shutdown` on SIGTERM or SIGINT.

@@ -1,15 +1,16 @@
 //! Shared server state: the metadata store plus the live attachments and the current map of
 //! every attached volume (a `watch` channel per volume, which is how changes reach clients).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::Config;
 use crate::map::{AccessMode, VolumeMap};
-use crate::protocol::{AttachmentInfo, ErrorBody, ErrorCode};
+use crate::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode};
 use crate::store::{Store, StoreResult, VolumeRecord};
 
 pub type ConnectionId = u64;
@@ -18,12 +19,39 @@ struct Attachment {
     client: String,
     mode: AccessMode,
     acked_epoch: u64,
-    #[allow(dead_code)] // read by the server I/O path (later issue)
     session_token: String,
 }
 
+/// What a session token of the server I/O path stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub client: String,
+    pub volume_id: u64,
+    pub mode: AccessMode,
+    /// Current epoch of the volume's map (I/O carrying an older epoch is stale).
+    pub epoch: u64,
+}
+
+/// A map as published to attached clients, with its `map_update` frame encoded once (not once
+/// per client: with thousands of clients the encoding dominated the push time).
+pub struct PublishedMap {
+    pub map: VolumeMap,
+    pub update_frame: Vec<u8>,
+}
+
+impl PublishedMap {
+    pub fn new(map: VolumeMap) -> Arc<PublishedMap> {
+        // Same JSON as `AgentReply::MapUpdate { map }`, built from a reference. Encoding fails
+        // only beyond the frame limit, which the allocator's extent counts stay far below; an
+        // empty frame is then not sent (the client still gets the map on its next attach).
+        let update = serde_json::json!({ "type": "map_update", "map": &map });
+        let update_frame = encode_frame(&update).unwrap_or_default();
+        Arc::new(PublishedMap { map, update_frame })
+    }
+}
+
 struct LiveVolume {
-    map: watch::Sender<Arc<VolumeMap>>,
+    map: watch::Sender<Arc<PublishedMap>>,
     attachments: HashMap<ConnectionId, Attachment>,
 }
 
@@ -32,19 +60,28 @@ struct Live {
     volumes: HashMap<u64, LiveVolume>,
     /// Authenticated connections: client name and a handle to disconnect them.
     connections: HashMap<ConnectionId, (String, Arc<Notify>)>,
+    /// Session token -> (volume, connection) of the attachment it was issued for.
+    sessions: HashMap<String, (u64, ConnectionId)>,
 }
+
+/// Connections allowed to be in the handshake at once.
+pub const MAX_PENDING_HANDSHAKES: usize = 4096;
 
 pub struct ServerState {
     pub store: Store,
     pub config: Config,
+    pub handshake_slots: Arc<Semaphore>,
+    /// Held across a whole `pool add` (checks, label write, commit), so two adds of one device
+    /// cannot leave a label on disk that differs from the recorded device.
+    pub pool_changes: Mutex<()>,
     live: Mutex<Live>,
     next_connection_id: AtomicU64,
 }
 
 /// What a successful attach hands the connection.
 pub struct AttachGrant {
-    pub map: Arc<VolumeMap>,
-    pub updates: watch::Receiver<Arc<VolumeMap>>,
+    pub map: VolumeMap,
+    pub updates: watch::Receiver<Arc<PublishedMap>>,
 }
 
 impl ServerState {
@@ -52,6 +89,8 @@ impl ServerState {
         Arc::new(ServerState {
             store,
             config,
+            handshake_slots: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+            pool_changes: Mutex::new(()),
             live: Mutex::new(Live::default()),
             next_connection_id: AtomicU64::new(1),
         })
@@ -78,9 +117,13 @@ impl ServerState {
     /// Drops every attachment of a closing connection.
     pub fn unregister_connection(&self, connection: ConnectionId) {
         let mut live = self.live();
+        let live = &mut *live;
         live.connections.remove(&connection);
+        let sessions = &mut live.sessions;
         live.volumes.retain(|_, volume| {
-            volume.attachments.remove(&connection);
+            if let Some(attachment) = volume.attachments.remove(&connection) {
+                sessions.remove(&attachment.session_token);
+            }
             !volume.attachments.is_empty()
         });
     }
@@ -105,18 +148,18 @@ impl ServerState {
         session_token: String,
     ) -> StoreResult<AttachGrant> {
         let mut live = self.live();
-        if let std::collections::hash_map::Entry::Vacant(e) = live.volumes.entry(volume_id) {
-            let record = self.store.volume_by_id(volume_id)?;
-            let (sender, _) = watch::channel(Arc::new(record.map(self.config.lease_ms)));
-            e.insert(LiveVolume {
-                map: sender,
-                attachments: HashMap::new(),
-            });
-        }
-        let volume = live
-            .volumes
-            .get_mut(&volume_id)
-            .ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "live volume vanished"))?;
+        let volume = match live.volumes.entry(volume_id) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let record = self.store.volume_by_id(volume_id)?;
+                let (sender, _) =
+                    watch::channel(PublishedMap::new(record.map(self.config.lease_ms)));
+                entry.insert(LiveVolume {
+                    map: sender,
+                    attachments: HashMap::new(),
+                })
+            }
+        };
         if volume.attachments.contains_key(&connection) {
             return Err(ErrorBody::new(
                 ErrorCode::Busy,
@@ -138,7 +181,13 @@ impl ServerState {
                 ));
             }
         }
-        let map = volume.map.borrow().clone();
+        let map = volume.map.borrow().map.clone();
+        let updates = volume.map.subscribe();
+        live.sessions
+            .insert(session_token.clone(), (volume_id, connection));
+        let Some(volume) = live.volumes.get_mut(&volume_id) else {
+            return Err(ErrorBody::new(ErrorCode::Internal, "live volume vanished"));
+        };
         volume.attachments.insert(
             connection,
             Attachment {
@@ -148,10 +197,7 @@ impl ServerState {
                 session_token,
             },
         );
-        Ok(AttachGrant {
-            map,
-            updates: volume.map.subscribe(),
-        })
+        Ok(AttachGrant { map, updates })
     }
 
     pub fn detach(&self, connection: ConnectionId, volume_id: u64) -> bool {
@@ -159,11 +205,33 @@ impl ServerState {
         let Some(volume) = live.volumes.get_mut(&volume_id) else {
             return false;
         };
-        let removed = volume.attachments.remove(&connection).is_some();
+        let removed = volume.attachments.remove(&connection);
         if volume.attachments.is_empty() {
             live.volumes.remove(&volume_id);
         }
-        removed
+        match removed {
+            Some(attachment) => {
+                live.sessions.remove(&attachment.session_token);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Resolves a session token (handed out with a map) for the server I/O path. `None` once
+    /// the attachment is gone (detach, disconnect, client removed).
+    pub fn session(&self, token: &str) -> Option<SessionInfo> {
+        let live = self.live();
+        let (volume_id, connection) = *live.sessions.get(token)?;
+        let volume = live.volumes.get(&volume_id)?;
+        let attachment = volume.attachments.get(&connection)?;
+        let epoch = volume.map.borrow().map.epoch;
+        Some(SessionInfo {
+            client: attachment.client.clone(),
+            volume_id,
+            mode: attachment.mode,
+            epoch,
+        })
     }
 
     /// The mode of this connection's attachment to the volume, if any.
@@ -178,14 +246,15 @@ impl ServerState {
 
     pub fn record_ack(&self, connection: ConnectionId, volume_id: u64, epoch: u64) -> bool {
         let mut live = self.live();
-        let Some(attachment) = live
-            .volumes
-            .get_mut(&volume_id)
-            .and_then(|v| v.attachments.get_mut(&connection))
-        else {
+        let Some(volume) = live.volumes.get_mut(&volume_id) else {
             return false;
         };
-        attachment.acked_epoch = attachment.acked_epoch.max(epoch);
+        // An ack can never be for an epoch that was not published.
+        let current = volume.map.borrow().map.epoch;
+        let Some(attachment) = volume.attachments.get_mut(&connection) else {
+            return false;
+        };
+        attachment.acked_epoch = attachment.acked_epoch.max(epoch.min(current));
         true
     }
 
@@ -194,9 +263,9 @@ impl ServerState {
     pub fn publish(&self, record: &VolumeRecord) {
         let live = self.live();
         if let Some(volume) = live.volumes.get(&record.id) {
-            let map = Arc::new(record.map(self.config.lease_ms));
+            let map = PublishedMap::new(record.map(self.config.lease_ms));
             volume.map.send_if_modified(|current| {
-                if map.epoch > current.epoch {
+                if map.map.epoch > current.map.epoch {
                     *current = map.clone();
                     true
                 } else {
@@ -206,24 +275,34 @@ impl ServerState {
         }
     }
 
-    pub fn attachments(&self, volume_id: u64) -> Vec<AttachmentInfo> {
+    /// Attachment count, how many acked `epoch`, and up to `limit` attachments by client name.
+    pub fn attachments(
+        &self,
+        volume_id: u64,
+        epoch: u64,
+        limit: usize,
+    ) -> (usize, usize, Vec<AttachmentInfo>) {
         let live = self.live();
-        let mut list: Vec<AttachmentInfo> = live
-            .volumes
-            .get(&volume_id)
-            .map(|v| {
-                v.attachments
-                    .values()
-                    .map(|a| AttachmentInfo {
-                        client: a.client.clone(),
-                        mode: a.mode,
-                        acked_epoch: a.acked_epoch,
-                    })
-                    .collect()
+        let Some(volume) = live.volumes.get(&volume_id) else {
+            return (0, 0, Vec::new());
+        };
+        let acked = volume
+            .attachments
+            .values()
+            .filter(|a| a.acked_epoch >= epoch)
+            .count();
+        let mut list: Vec<AttachmentInfo> = volume
+            .attachments
+            .values()
+            .map(|a| AttachmentInfo {
+                client: a.client.clone(),
+                mode: a.mode,
+                acked_epoch: a.acked_epoch,
             })
-            .unwrap_or_default();
+            .collect();
         list.sort_by(|a, b| a.client.cmp(&b.client));
-        list
+        list.truncate(limit);
+        (volume.attachments.len(), acked, list)
     }
 
     /// Deletes a volume unless someone is attached (checked and deleted under the lock, so no
@@ -261,4 +340,64 @@ pub async fn blocking<T: Send + 'static>(
                 format!("worker failed: {e}"),
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Flags};
+    use crate::map::Layout;
+    use crate::store::DeviceRecord;
+
+    #[test]
+    fn session_tokens_resolve_while_attached() {
+        let dir = std::env::temp_dir().join(format!("sand-state-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let device = DeviceRecord {
+            uuid: uuid::Uuid::new_v4(),
+            path: "/dev/null-test".into(),
+            size_bytes: 64 << 20,
+            data_start: 1 << 20,
+            state: "online".into(),
+        };
+        store.add_device(&device).unwrap_or_else(|e| panic!("{e}"));
+        let volume = store
+            .create_volume("v", 1 << 20, Layout::Linear)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let config = Config::from_flags(Flags::default()).unwrap_or_else(|e| panic!("{e}"));
+        let state = ServerState::new(store, config);
+        let (connection, _) = state.register_connection("host1");
+        state
+            .attach(
+                connection,
+                "host1",
+                volume.id,
+                AccessMode::Rw,
+                "token-1".into(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let expected = SessionInfo {
+            client: "host1".into(),
+            volume_id: volume.id,
+            mode: AccessMode::Rw,
+            epoch: 1,
+        };
+        assert_eq!(state.session("token-1"), Some(expected));
+        assert_eq!(state.session("token-2"), None);
+        assert!(state.detach(connection, volume.id));
+        assert_eq!(state.session("token-1"), None);
+        state
+            .attach(
+                connection,
+                "host1",
+                volume.id,
+                AccessMode::Ro,
+                "token-3".into(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        state.unregister_connection(connection);
+        assert_eq!(state.session("token-3"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -114,6 +114,9 @@ fn open_database(path: &Path) -> StoreResult<Database> {
 pub struct Store {
     metadata: Database,
     secrets: Database,
+    /// Client add/remove touch both databases; this keeps two of them from interleaving
+    /// (e.g. two `client add` of one name leaving the secret of the one that failed).
+    client_changes: std::sync::Mutex<()>,
     pool_uuid: Uuid,
     pub metadata_path: PathBuf,
 }
@@ -151,6 +154,7 @@ impl Store {
         Ok(Store {
             metadata,
             secrets,
+            client_changes: std::sync::Mutex::new(()),
             pool_uuid,
             metadata_path,
         })
@@ -275,6 +279,7 @@ impl Store {
                 epoch: 1,
                 extents: merge_adjacent(extents),
             };
+            check_map_fits(&record)?;
             volumes
                 .insert(id, encode(&record)?.as_slice())
                 .map_err(internal)?;
@@ -320,6 +325,7 @@ impl Store {
             record.extents = merge_adjacent(extents);
             record.size_bytes = new_size_bytes;
             record.epoch += 1;
+            check_map_fits(&record)?;
             volumes
                 .insert(id, encode(&record)?.as_slice())
                 .map_err(internal)?;
@@ -391,6 +397,10 @@ impl Store {
     /// unused secret, never a client without one).
     pub fn add_client(&self, name: &str, secret_hex: &str) -> StoreResult<()> {
         validate_client_name(name)?;
+        let _serialized = self
+            .client_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if self.client(name)?.is_some() {
             return Err(ErrorBody::new(
                 ErrorCode::AlreadyExists,
@@ -425,6 +435,10 @@ impl Store {
 
     /// Removes a client and then its secret.
     pub fn remove_client(&self, name: &str) -> StoreResult<()> {
+        let _serialized = self
+            .client_changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let txn = self.metadata.begin_write().map_err(internal)?;
         {
             let mut table = txn.open_table(CLIENTS).map_err(internal)?;
@@ -512,6 +526,26 @@ fn pool_space_in(
         spaces.push(device.space());
     }
     PoolSpace::new(&spaces, volumes.iter().map(|v| v.extents.as_slice())).map_err(alloc_error)
+}
+
+/// Most extents one map may have: a map travels in one frame (1 MiB), and a mirrored extent
+/// takes about 210 bytes of JSON. Returning an error here (the transaction is dropped, nothing
+/// is allocated) beats creating a volume no client could ever attach.
+pub const MAX_EXTENTS_PER_MAP: usize = 4096;
+
+fn check_map_fits(record: &VolumeRecord) -> StoreResult<()> {
+    if record.extents.len() > MAX_EXTENTS_PER_MAP {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!(
+                "volume {} would need {} extents; a map holds at most {MAX_EXTENTS_PER_MAP} \
+                 (striped volumes use one extent per 1 MiB stripe unit, so at most 4 GiB)",
+                record.name,
+                record.extents.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_name(kind: &str, name: &str) -> StoreResult<()> {

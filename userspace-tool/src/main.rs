@@ -39,6 +39,9 @@ struct Cli {
     command: Command,
 }
 
+/// One variant and one module per subcommand group. The agent side (`sanctl attach`,
+/// `sanctl status`) plugs in the same way, using `sand::client::AgentClient`; `Context` opens
+/// the admin socket only when a command makes an admin call, so such commands never need it.
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Storage pool: label SAN devices and show their space.
@@ -85,10 +88,17 @@ fn main() -> ExitCode {
             return ExitCode::from(context::EXIT_UNREACHABLE);
         }
     };
+    let json = cli.json;
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("sanctl: {error}");
+            if json {
+                // Scripts get the error in the same format as results, on stderr.
+                let body = serde_json::json!({ "error": error.to_string(), "exit_code": error.exit_code() });
+                eprintln!("{body}");
+            } else {
+                eprintln!("sanctl: {error}");
+            }
             ExitCode::from(error.exit_code())
         }
     }

@@ -146,8 +146,12 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
                 &["VOLUME_OFFSET", "LENGTH", "REPLICAS (device@offset)"],
                 &rows,
             );
-            if !detail.attachments.is_empty() {
+            if detail.attachment_count > 0 {
                 println!();
+                println!(
+                    "attached clients: {}, acknowledged epoch {}: {}",
+                    detail.attachment_count, map.epoch, detail.acked_current_epoch
+                );
                 let rows: Vec<Vec<String>> = detail
                     .attachments
                     .iter()

@@ -1,0 +1,228 @@
+//! Test harness: runs the real `sand` binary on loopback with a temp metadata dir and sparse
+//! image files, and kills it when the test ends (even on panic).
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sand::client::{AdminClient, AgentClient};
+use sand::map::{AccessMode, Layout};
+use sand::protocol::{AdminRequest, ClientCreated};
+
+pub const MIB: u64 = 1 << 20;
+
+pub struct TestServer {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub metadata_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub agent_address: SocketAddr,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    /// Starts a fresh server in a new temp dir.
+    pub fn start() -> TestServer {
+        let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let dir = temp.path().to_path_buf();
+        let mut server = TestServer::start_in(&dir);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts a server on an existing directory (restart after stop or kill).
+    pub fn start_in(dir: &Path) -> TestServer {
+        let metadata_dir = dir.join("meta");
+        let admin_socket = metadata_dir.join("admin.sock");
+        let address_file = metadata_dir.join("agent.addr");
+        // Leftovers of a killed server must not be mistaken for readiness.
+        let _ = std::fs::remove_file(&admin_socket);
+        let _ = std::fs::remove_file(&address_file);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("sand.log"))
+            .unwrap_or_else(|e| panic!("log file: {e}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_sand"))
+            .arg("--metadata-dir")
+            .arg(&metadata_dir)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--handshake-timeout-ms")
+            .arg("1000")
+            .arg("--frame-timeout-ms")
+            .arg("1000")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning sand: {e}"));
+        let mut server = TestServer {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            metadata_dir,
+            admin_socket: admin_socket.clone(),
+            agent_address: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
+            _temp: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if admin_socket.exists() {
+                if let Ok(text) = std::fs::read_to_string(&address_file) {
+                    if let Ok(address) = text.trim().parse() {
+                        server.agent_address = address;
+                        return server;
+                    }
+                }
+            }
+            if let Some(child) = server.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "sand exited during startup: {status}; log:\n{}",
+                        server.log()
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sand did not start; log:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sand.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// True while the server process is running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn admin(&self) -> AdminClient {
+        AdminClient::connect(&self.admin_socket)
+            .await
+            .unwrap_or_else(|e| panic!("admin connect: {e}"))
+    }
+
+    /// Creates a sparse image file of `size` bytes in the test dir.
+    pub fn image(&self, name: &str, size: u64) -> PathBuf {
+        let path = self.dir.join(name);
+        let file = File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        file.set_len(size)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        path
+    }
+
+    /// Adds `count` images of `size` bytes to the pool.
+    pub async fn pool_of(&self, count: usize, size: u64) -> Vec<PathBuf> {
+        let mut admin = self.admin().await;
+        let mut paths = Vec::new();
+        for index in 0..count {
+            let path = self.image(&format!("disk{index}.img"), size);
+            admin
+                .request(&AdminRequest::PoolAdd {
+                    path: path.display().to_string(),
+                    force: false,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("pool add: {e}"));
+            paths.push(path);
+        }
+        paths
+    }
+
+    /// Creates a volume, a client and a grant; returns the client's secret.
+    pub async fn volume_with_client(
+        &self,
+        volume: &str,
+        size: u64,
+        client: &str,
+        mode: AccessMode,
+    ) -> Vec<u8> {
+        let mut admin = self.admin().await;
+        admin
+            .request(&AdminRequest::VolumeCreate {
+                name: volume.into(),
+                size_bytes: size,
+                layout: Layout::Linear,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("volume create: {e}"));
+        let secret = self.client(client).await;
+        self.grant(client, volume, mode).await;
+        secret
+    }
+
+    pub async fn client(&self, name: &str) -> Vec<u8> {
+        let mut admin = self.admin().await;
+        let created: ClientCreated = admin
+            .call(&AdminRequest::ClientAdd { name: name.into() })
+            .await
+            .unwrap_or_else(|e| panic!("client add: {e}"));
+        hex::decode(created.secret).unwrap_or_else(|e| panic!("secret: {e}"))
+    }
+
+    pub async fn grant(&self, client: &str, volume: &str, mode: AccessMode) {
+        let mut admin = self.admin().await;
+        admin
+            .request(&AdminRequest::ClientGrant {
+                name: client.into(),
+                volume: volume.into(),
+                mode,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("grant: {e}"));
+    }
+
+    pub async fn agent(&self, client: &str, secret: &[u8]) -> AgentClient {
+        AgentClient::connect(self.agent_address, client, secret)
+            .await
+            .unwrap_or_else(|e| panic!("agent connect: {e}"))
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,401 @@
+//! kill -9 in the middle of allocations, and malformed frames, against a real `sand` process.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{TestServer, MIB};
+use sand::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
+use sand::protocol::{
+    write_frame, AdminRequest, AgentReply, AgentRequest, DeviceInfo, ErrorCode, FrameReader,
+    VolumeDetail, VolumeSummary,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn kill_9_mid_allocation_leaves_no_double_or_lost_space() {
+    let mut server = TestServer::start();
+    server.pool_of(3, 256 * MIB).await;
+    let socket = server.admin_socket.clone();
+    // Allocate in a loop until the connection breaks; remember what the server confirmed.
+    let worker = tokio::spawn(async move {
+        let mut confirmed: BTreeMap<String, VolumeMap> = BTreeMap::new();
+        let Ok(mut admin) = sand::client::AdminClient::connect(&socket).await else {
+            return confirmed;
+        };
+        let layouts = [
+            Layout::Linear,
+            Layout::Mirror,
+            Layout::Striped {
+                stripe_count: 3,
+                stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES,
+            },
+        ];
+        for index in 0u64.. {
+            let name = format!("v{index}");
+            let layout = layouts[(index % 3) as usize];
+            let request = if index % 4 == 3 {
+                // Grow an earlier volume instead of creating one.
+                let target = format!("v{}", index - 3);
+                let current = confirmed.get(&target).map_or(0, |m| m.size_bytes);
+                AdminRequest::VolumeGrow {
+                    name: target,
+                    new_size_bytes: current + MIB,
+                }
+            } else {
+                AdminRequest::VolumeCreate {
+                    name: name.clone(),
+                    size_bytes: (1 + index % 3) * MIB,
+                    layout,
+                }
+            };
+            match admin.call::<VolumeMap>(&request).await {
+                Ok(map) => {
+                    confirmed.insert(map.name.clone(), map);
+                }
+                Err(error) if error.server_code().is_some() => {} // e.g. pool full: keep going
+                Err(_) => break,                                  // server gone
+            }
+        }
+        confirmed
+    });
+    // Let the loop run, then kill the server while it allocates.
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.kill9();
+    let confirmed = worker.await.unwrap_or_else(|e| panic!("worker: {e}"));
+    eprintln!("{} allocations confirmed before the kill", confirmed.len());
+    assert!(
+        confirmed.len() >= 3,
+        "only {} allocations in {:?}; too slow to test",
+        confirmed.len(),
+        started.elapsed()
+    );
+
+    let restarted = TestServer::start_in(&server.dir);
+    let mut admin = restarted.admin().await;
+    let devices: Vec<DeviceInfo> = admin
+        .call(&AdminRequest::PoolList)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let volumes: Vec<VolumeSummary> = admin
+        .call(&AdminRequest::VolumeList)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut maps = Vec::new();
+    for volume in &volumes {
+        let detail: VolumeDetail = admin
+            .call(&AdminRequest::VolumeShow {
+                name: volume.name.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        maps.push(detail.map);
+    }
+    // Durability: every confirmed allocation is there, at least as large as confirmed (a grow
+    // in flight at the kill may have committed after all).
+    for (name, map) in &confirmed {
+        let now = maps
+            .iter()
+            .find(|m| &m.name == name)
+            .unwrap_or_else(|| panic!("confirmed volume {name} lost"));
+        assert!(
+            now.epoch >= map.epoch && now.size_bytes >= map.size_bytes,
+            "{name} went back in time"
+        );
+        assert_eq!(
+            now.extents[..map.extents.len() - 1],
+            map.extents[..map.extents.len() - 1]
+        );
+    }
+    // At most the one allocation in flight may have committed without confirmation.
+    assert!(
+        maps.len() <= confirmed.len() + 1,
+        "{} volumes, {} confirmed",
+        maps.len(),
+        confirmed.len()
+    );
+    // Consistency, checked independently of the server: every volume fully backed, no two
+    // replicas overlap, and free + used == capacity on every device.
+    let mut used: BTreeMap<Uuid, Vec<(u64, u64)>> = BTreeMap::new();
+    for map in &maps {
+        assert_eq!(
+            map.extents.iter().map(|e| e.length).sum::<u64>(),
+            map.size_bytes,
+            "{} not fully backed",
+            map.name
+        );
+        for extent in &map.extents {
+            for replica in &extent.replicas {
+                used.entry(replica.device_uuid)
+                    .or_default()
+                    .push((replica.device_offset, extent.length));
+            }
+        }
+    }
+    for device in &devices {
+        let mut ranges = used.remove(&device.uuid).unwrap_or_default();
+        ranges.sort_unstable();
+        for pair in ranges.windows(2) {
+            assert!(
+                pair[0].0 + pair[0].1 <= pair[1].0,
+                "overlap on {}: {:?}",
+                device.uuid,
+                pair
+            );
+        }
+        let used_bytes: u64 = ranges.iter().map(|r| r.1).sum();
+        assert_eq!(
+            device.free_bytes + used_bytes,
+            device.capacity_bytes,
+            "space lost on {}",
+            device.uuid
+        );
+    }
+    assert!(used.is_empty(), "extents on unknown devices: {used:?}");
+    // And the server keeps allocating after the crash.
+    admin
+        .request(&AdminRequest::VolumeCreate {
+            name: "after".into(),
+            size_bytes: MIB,
+            layout: Layout::Linear,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Sends raw bytes on a fresh connection and returns the server's answer (if any) and whether
+/// the server then closed the connection.
+async fn send_raw(
+    server: &TestServer,
+    bytes: &[u8],
+    wait_for_close: Duration,
+) -> (Option<AgentReply>, bool) {
+    let stream = TcpStream::connect(server.agent_address)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (read_half, mut write_half) = stream.into_split();
+    let _ = write_half.write_all(bytes).await;
+    let mut reader = FrameReader::new(read_half);
+    let first = tokio::time::timeout(wait_for_close, reader.read::<AgentReply>()).await;
+    let reply = match first {
+        Ok(Ok(reply)) => Some(reply),
+        Ok(Err(_)) => return (None, true),
+        Err(_) => return (None, false),
+    };
+    let closed = matches!(
+        tokio::time::timeout(wait_for_close, reader.read::<AgentReply>()).await,
+        Ok(Err(_))
+    );
+    (reply, closed)
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut bytes = (payload.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+#[tokio::test]
+async fn bad_frames_close_only_their_connection() {
+    let server = TestServer::start();
+    server.pool_of(1, 64 * MIB).await;
+    let secret = server
+        .volume_with_client("vol", MIB, "host1", AccessMode::Rw)
+        .await;
+    // A good client, attached before and used after the abuse.
+    let mut good = server.agent("host1", &secret).await;
+    let volume_id = good
+        .attach("vol", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map
+        .volume_id;
+
+    let oversized = (64u32 * 1024 * 1024).to_be_bytes().to_vec();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("oversized length prefix", oversized),
+        ("invalid JSON", frame(b"{\"v\":1, \"type\": hello")),
+        (
+            "wrong version",
+            frame(br#"{"v":99,"type":"hello","client":"x","client_nonce":"00"}"#),
+        ),
+        (
+            "missing version",
+            frame(br#"{"type":"hello","client":"x","client_nonce":"00"}"#),
+        ),
+        ("unknown type", frame(br#"{"v":1,"type":"format_disk"}"#)),
+        ("garbage", b"\x00\x00\x00\x05\xff\xfe\xfd\xfc\xfb".to_vec()),
+    ];
+    for (name, bytes) in cases {
+        let (reply, closed) = send_raw(&server, &bytes, Duration::from_secs(3)).await;
+        match reply {
+            Some(AgentReply::Error(body)) => assert!(
+                matches!(body.code, ErrorCode::BadFrame | ErrorCode::BadRequest),
+                "{name}: unexpected error code {:?}",
+                body.code
+            ),
+            other => panic!("{name}: expected an error frame, got {other:?}"),
+        }
+        assert!(closed, "{name}: connection left open");
+    }
+    // Slowloris: half a frame, then silence; the handshake timeout (1 s in tests) closes it.
+    let started = Instant::now();
+    let (_, closed) = send_raw(&server, &[0, 0, 0, 100, b'{'], Duration::from_secs(4)).await;
+    assert!(closed, "slowloris connection never closed");
+    assert!(started.elapsed() < Duration::from_secs(4));
+
+    // Garbage after authentication closes that connection too.
+    let stream = TcpStream::connect(server.agent_address)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = FrameReader::new(read_half);
+    let client_nonce = sand::auth::new_nonce();
+    let hello = AgentRequest::Hello {
+        client: "host1".into(),
+        client_nonce: hex::encode(client_nonce),
+    };
+    write_frame(&mut write_half, &hello)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let Ok(AgentReply::Challenge { server_nonce, .. }) = reader.read().await else {
+        panic!("no challenge")
+    };
+    let server_nonce = hex::decode(server_nonce).unwrap_or_default();
+    let proof = hex::encode(sand::auth::client_proof(
+        &secret,
+        &server_nonce,
+        &client_nonce,
+    ));
+    write_frame(&mut write_half, &AgentRequest::AuthResponse { mac: proof })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(reader.read().await, Ok(AgentReply::AuthOk)));
+    write_half
+        .write_all(&frame(b"\x01garbage"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        matches!(reader.read().await, Ok(AgentReply::Error(_))),
+        "no error frame after garbage"
+    );
+    assert!(
+        reader.read::<AgentReply>().await.is_err(),
+        "authenticated connection left open after garbage"
+    );
+    // Slowloris after authentication: a started frame must finish within the frame timeout.
+    let (mut reader, mut write_half) = authenticated_raw(&server, &secret).await;
+    write_half
+        .write_all(&[0, 0, 0, 50, b'{'])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(4), reader.read::<AgentReply>()).await;
+    assert!(
+        matches!(&answer, Ok(Ok(AgentReply::Error(body))) if body.code == ErrorCode::BadFrame),
+        "authenticated slowloris not timed out: {answer:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        reader.read::<AgentReply>().await.is_err(),
+        "slowloris connection left open"
+    );
+
+    // The good client is still served, and the server is still up for new clients.
+    assert_eq!(
+        good.renew(volume_id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        30_000
+    );
+    let mut fresh = server.agent("host1", &secret).await;
+    assert_eq!(
+        fresh
+            .list_volumes()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .len(),
+        1
+    );
+    let mut admin = server.admin().await;
+    admin
+        .request(&AdminRequest::PoolList)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+async fn authenticated_raw(
+    server: &TestServer,
+    secret: &[u8],
+) -> (
+    FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    let stream = TcpStream::connect(server.agent_address)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = FrameReader::new(read_half);
+    let client_nonce = sand::auth::new_nonce();
+    let hello = AgentRequest::Hello {
+        client: "host1".into(),
+        client_nonce: hex::encode(client_nonce),
+    };
+    write_frame(&mut write_half, &hello)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let Ok(AgentReply::Challenge { server_nonce, .. }) = reader.read().await else {
+        panic!("no challenge")
+    };
+    let server_nonce = hex::decode(server_nonce).unwrap_or_default();
+    let proof = hex::encode(sand::auth::client_proof(
+        secret,
+        &server_nonce,
+        &client_nonce,
+    ));
+    write_frame(&mut write_half, &AgentRequest::AuthResponse { mac: proof })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(reader.read().await, Ok(AgentReply::AuthOk)));
+    (reader, write_half)
+}
+
+#[tokio::test]
+async fn bad_admin_frames_do_not_hurt_the_server() {
+    use tokio::net::UnixStream;
+    let server = TestServer::start();
+    for bytes in [
+        frame(b"not json"),
+        (u32::MAX).to_be_bytes().to_vec(),
+        frame(br#"{"v":2,"type":"pool_list"}"#),
+    ] {
+        let stream = UnixStream::connect(&server.admin_socket)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (read_half, mut write_half) = stream.into_split();
+        write_half
+            .write_all(&bytes)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut reader = FrameReader::new(read_half);
+        let reply: sand::protocol::AdminReply =
+            reader.read().await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            matches!(reply, sand::protocol::AdminReply::Error(_)),
+            "{reply:?}"
+        );
+        assert!(
+            reader.read::<sand::protocol::AdminReply>().await.is_err(),
+            "admin connection left open"
+        );
+    }
+    let mut admin = server.admin().await;
+    admin
+        .request(&AdminRequest::PoolList)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}

@@ -1,0 +1,394 @@
+//! Pool labelling, volumes and restart persistence against a real `sand` process.
+
+mod common;
+
+use std::io::{Seek, SeekFrom, Write};
+
+use common::{TestServer, MIB};
+use sand::label::{read_label, DATA_START_OFFSET};
+use sand::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
+use sand::protocol::{
+    AdminRequest, ClientInfo, DeviceInfo, ErrorCode, VolumeDetail, VolumeSummary,
+};
+
+async fn pool_list(server: &TestServer) -> Vec<DeviceInfo> {
+    server
+        .admin()
+        .await
+        .call(&AdminRequest::PoolList)
+        .await
+        .unwrap_or_else(|e| panic!("pool list: {e}"))
+}
+
+#[tokio::test]
+async fn pool_add_writes_a_label_and_reports_space() {
+    let server = TestServer::start();
+    let paths = server.pool_of(2, 64 * MIB).await;
+    let devices = pool_list(&server).await;
+    assert_eq!(devices.len(), 2);
+    for path in &paths {
+        let label = read_label(path)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no label"));
+        let device = devices
+            .iter()
+            .find(|d| d.uuid == label.device_uuid)
+            .unwrap_or_else(|| panic!("label uuid unknown"));
+        assert_eq!(
+            device.path,
+            path.canonicalize()
+                .unwrap_or_default()
+                .display()
+                .to_string()
+        );
+        assert_eq!(label.device_size, 64 * MIB);
+        assert_eq!(label.data_start, DATA_START_OFFSET);
+        assert_eq!(device.capacity_bytes, 64 * MIB - DATA_START_OFFSET);
+        assert_eq!(device.free_bytes, device.capacity_bytes);
+        assert_eq!(device.state, "online");
+    }
+    let first = read_label(&paths[0]).ok().flatten().map(|l| l.pool_uuid);
+    let second = read_label(&paths[1]).ok().flatten().map(|l| l.pool_uuid);
+    assert_eq!(first, second, "both devices carry the same pool UUID");
+
+    // Adding the same device again is refused.
+    let mut admin = server.admin().await;
+    let again = admin
+        .request(&AdminRequest::PoolAdd {
+            path: paths[0].display().to_string(),
+            force: false,
+        })
+        .await;
+    assert_eq!(
+        again.err().and_then(|e| e.server_code()),
+        Some(ErrorCode::AlreadyExists)
+    );
+}
+
+#[tokio::test]
+async fn foreign_signatures_are_refused_unless_forced() {
+    let server = TestServer::start();
+    let mut admin = server.admin().await;
+    let cases: [(&str, u64, &[u8]); 4] = [
+        ("ext4", 1080, &[0x53, 0xEF]),
+        ("gpt", 512, b"EFI PART"),
+        ("lvm", 512, b"LABELONE"),
+        ("xfs", 0, b"XFSB"),
+    ];
+    for (name, offset, magic) in cases {
+        let path = server.image(&format!("{name}.img"), 16 * MIB);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{e}"));
+        file.seek(SeekFrom::Start(offset))
+            .unwrap_or_else(|e| panic!("{e}"));
+        file.write_all(magic).unwrap_or_else(|e| panic!("{e}"));
+        drop(file);
+        let refused = admin
+            .request(&AdminRequest::PoolAdd {
+                path: path.display().to_string(),
+                force: false,
+            })
+            .await;
+        assert_eq!(
+            refused.err().and_then(|e| e.server_code()),
+            Some(ErrorCode::ForeignSignature),
+            "{name}"
+        );
+        assert!(
+            read_label(&path).ok().flatten().is_none(),
+            "{name}: refused device must stay untouched"
+        );
+        admin
+            .request(&AdminRequest::PoolAdd {
+                path: path.display().to_string(),
+                force: true,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{name} --force: {e}"));
+        assert!(
+            read_label(&path).ok().flatten().is_some(),
+            "{name}: forced device is labelled"
+        );
+    }
+
+    // A device of another pool (labelled by a second server) is refused too.
+    let other = TestServer::start();
+    let foreign = other.pool_of(1, 16 * MIB).await;
+    let refused = admin
+        .request(&AdminRequest::PoolAdd {
+            path: foreign[0].display().to_string(),
+            force: false,
+        })
+        .await;
+    let error = refused
+        .err()
+        .unwrap_or_else(|| panic!("another pool's device was accepted"));
+    assert_eq!(error.server_code(), Some(ErrorCode::ForeignSignature));
+    assert!(error.to_string().contains("another sanblk pool"), "{error}");
+}
+
+#[tokio::test]
+async fn volumes_are_allocated_grown_and_deleted() {
+    let server = TestServer::start();
+    server.pool_of(3, 64 * MIB).await;
+    let mut admin = server.admin().await;
+    let create = |name: &str, size: u64, layout: Layout| AdminRequest::VolumeCreate {
+        name: name.into(),
+        size_bytes: size,
+        layout,
+    };
+
+    let mirror: VolumeMap = admin
+        .call(&create("m", 20 * MIB, Layout::Mirror))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(mirror.size_bytes, 20 * MIB);
+    assert_eq!(mirror.epoch, 1);
+    for extent in &mirror.extents {
+        assert_eq!(extent.replicas.len(), 2);
+        assert_ne!(
+            extent.replicas[0].device_uuid,
+            extent.replicas[1].device_uuid
+        );
+    }
+    let striped = Layout::Striped {
+        stripe_count: 3,
+        stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES,
+    };
+    let stripes: VolumeMap = admin
+        .call(&create("s", 6 * MIB, striped))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let first_three: Vec<_> = stripes
+        .extents
+        .iter()
+        .take(3)
+        .map(|e| e.replicas[0].device_uuid)
+        .collect();
+    assert_eq!(first_three.len(), 3);
+    assert!(
+        first_three[0] != first_three[1]
+            && first_three[1] != first_three[2]
+            && first_three[0] != first_three[2]
+    );
+
+    let too_big = admin
+        .request(&create("huge", 1024 * MIB, Layout::Linear))
+        .await;
+    let error = too_big
+        .err()
+        .unwrap_or_else(|| panic!("1 GiB fitted in 189 MiB"));
+    assert_eq!(error.server_code(), Some(ErrorCode::NoSpace));
+    assert!(error.to_string().contains("not enough space"), "{error}");
+
+    let duplicate = admin.request(&create("m", MIB, Layout::Linear)).await;
+    assert_eq!(
+        duplicate.err().and_then(|e| e.server_code()),
+        Some(ErrorCode::AlreadyExists)
+    );
+
+    let grown: VolumeMap = admin
+        .call(&AdminRequest::VolumeGrow {
+            name: "m".into(),
+            new_size_bytes: 30 * MIB,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(grown.epoch, 2);
+    assert_eq!(
+        grown.extents.iter().map(|e| e.length).sum::<u64>(),
+        30 * MIB
+    );
+    assert_eq!(
+        grown.extents[..mirror.extents.len() - 1],
+        mirror.extents[..mirror.extents.len() - 1],
+        "old data stays put"
+    );
+
+    let free_before: u64 = pool_list(&server).await.iter().map(|d| d.free_bytes).sum();
+    admin
+        .request(&AdminRequest::VolumeDelete { name: "m".into() })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let free_after: u64 = pool_list(&server).await.iter().map(|d| d.free_bytes).sum();
+    assert_eq!(
+        free_after - free_before,
+        2 * 30 * MIB,
+        "deleting a mirror frees both copies"
+    );
+    let missing = admin
+        .request(&AdminRequest::VolumeShow { name: "m".into() })
+        .await;
+    assert_eq!(
+        missing.err().and_then(|e| e.server_code()),
+        Some(ErrorCode::NotFound)
+    );
+}
+
+#[tokio::test]
+async fn everything_survives_a_restart() {
+    let mut server = TestServer::start();
+    server.pool_of(2, 64 * MIB).await;
+    let secret = server
+        .volume_with_client("data", 8 * MIB, "host1", AccessMode::Rw)
+        .await;
+    let mut admin = server.admin().await;
+    admin
+        .request(&AdminRequest::VolumeCreate {
+            name: "mirror".into(),
+            size_bytes: 4 * MIB,
+            layout: Layout::Mirror,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    admin
+        .request(&AdminRequest::VolumeGrow {
+            name: "data".into(),
+            new_size_bytes: 12 * MIB,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(admin);
+    let before = snapshot(&server).await;
+    // Shutdown must be clean with an attached agent too; the agent sees its connection end.
+    let mut agent = server.agent("host1", &secret).await;
+    agent
+        .attach("data", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        server.stop(),
+        "sand must exit cleanly on SIGTERM; log:\n{}",
+        server.log()
+    );
+    assert!(
+        !server.admin_socket.exists(),
+        "clean shutdown removes the admin socket"
+    );
+
+    assert!(
+        agent.next_map_update().await.is_err(),
+        "agent connection survived shutdown"
+    );
+    let restarted = TestServer::start_in(&server.dir);
+    let after = snapshot(&restarted).await;
+    assert_eq!(before, after, "state after restart differs");
+    // The client's secret and grant survived: it can still authenticate and attach.
+    let mut agent = restarted.agent("host1", &secret).await;
+    let attached = agent
+        .attach("data", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(attached.map.epoch, 2);
+    assert_eq!(attached.map.size_bytes, 12 * MIB);
+}
+
+/// Everything the admin API shows, as JSON text, for comparison.
+async fn snapshot(server: &TestServer) -> String {
+    let mut admin = server.admin().await;
+    let devices: Vec<DeviceInfo> = admin
+        .call(&AdminRequest::PoolList)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let volumes: Vec<VolumeSummary> = admin
+        .call(&AdminRequest::VolumeList)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut maps = Vec::new();
+    for volume in &volumes {
+        let detail: VolumeDetail = admin
+            .call(&AdminRequest::VolumeShow {
+                name: volume.name.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        maps.push(detail.map);
+    }
+    let clients: Vec<ClientInfo> = admin
+        .call(&AdminRequest::ClientList)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!volumes.is_empty() && !devices.is_empty() && !clients.is_empty());
+    serde_json::to_string_pretty(&(devices, volumes, maps, clients)).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn maps_too_large_for_one_frame_are_refused_without_allocating() {
+    let server = TestServer::start();
+    server.pool_of(2, 3 * 1024 * MIB).await;
+    let mut admin = server.admin().await;
+    let striped = Layout::Striped {
+        stripe_count: 2,
+        stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES,
+    };
+    let refused = admin
+        .request(&AdminRequest::VolumeCreate {
+            name: "wide".into(),
+            size_bytes: 5 * 1024 * MIB,
+            layout: striped,
+        })
+        .await;
+    let error = refused
+        .err()
+        .unwrap_or_else(|| panic!("5120-extent map accepted"));
+    assert_eq!(error.server_code(), Some(ErrorCode::BadRequest));
+    assert!(error.to_string().contains("extents"), "{error}");
+    let devices = pool_list(&server).await;
+    assert!(
+        devices.iter().all(|d| d.free_bytes == d.capacity_bytes),
+        "refused volume left space allocated"
+    );
+    // The largest striped volume that fits is attachable: its map fits in one frame.
+    let secret = server.client("host1").await;
+    admin
+        .request(&AdminRequest::VolumeCreate {
+            name: "wide".into(),
+            size_bytes: 4 * 1024 * MIB,
+            layout: striped,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    server.grant("host1", "wide", AccessMode::Ro).await;
+    let mut agent = server.agent("host1", &secret).await;
+    let attached = agent
+        .attach("wide", AccessMode::Ro)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(attached.map.extents.len(), 4096);
+}
+
+#[tokio::test]
+async fn a_device_labelled_but_not_recorded_is_adopted() {
+    // The window `pool add` leaves open: the label is written, then the server dies before
+    // committing the device. Simulate it by labelling a device with this pool's UUID.
+    let server = TestServer::start();
+    let members = server.pool_of(1, 16 * MIB).await;
+    let pool_uuid = read_label(&members[0])
+        .ok()
+        .flatten()
+        .map(|l| l.pool_uuid)
+        .unwrap_or_default();
+    let orphan = server.image("orphan.img", 16 * MIB);
+    let label = sand::label::Label {
+        device_uuid: uuid::Uuid::new_v4(),
+        pool_uuid,
+        device_size: 16 * MIB,
+        data_start: DATA_START_OFFSET,
+    };
+    sand::label::write_label(&orphan, &label).unwrap_or_else(|e| panic!("{e}"));
+    let mut admin = server.admin().await;
+    admin
+        .request(&AdminRequest::PoolAdd {
+            path: orphan.display().to_string(),
+            force: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("orphan of this pool refused: {e}"));
+    let devices = pool_list(&server).await;
+    assert!(
+        devices.iter().any(|d| d.uuid == label.device_uuid),
+        "device UUID not kept"
+    );
+}

@@ -1,0 +1,258 @@
+//! Drives the real `sanctl` binary against a real `sand` process.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sand::client::{read_secret_file, AgentClient};
+use sand::map::AccessMode;
+
+const MIB: u64 = 1 << 20;
+
+/// The `sand` binary: built next to `sanctl` by a workspace build; built on demand otherwise.
+fn sand_binary() -> PathBuf {
+    let sanctl = PathBuf::from(env!("CARGO_BIN_EXE_sanctl"));
+    let sand = sanctl.with_file_name("sand");
+    if !sand.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "sand", "--bin", "sand"])
+            .status()
+            .unwrap_or_else(|e| panic!("building sand: {e}"));
+        assert!(status.success(), "building sand failed");
+    }
+    sand
+}
+
+struct Server {
+    child: Child,
+    dir: tempfile::TempDir,
+    admin_socket: PathBuf,
+    agent_address: std::net::SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server() -> Server {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let metadata_dir = dir.path().join("meta");
+    let child = Command::new(sand_binary())
+        .arg("--metadata-dir")
+        .arg(&metadata_dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning sand: {e}"));
+    let admin_socket = metadata_dir.join("admin.sock");
+    // Owned by the guard before anything can panic, so the child is always reaped.
+    let mut server = Server {
+        child,
+        dir,
+        admin_socket: admin_socket.clone(),
+        agent_address: ([127, 0, 0, 1], 0).into(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if admin_socket.exists() {
+            if let Ok(text) = std::fs::read_to_string(metadata_dir.join("agent.addr")) {
+                if let Ok(agent_address) = text.trim().parse() {
+                    server.agent_address = agent_address;
+                    return server;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "sand did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sanctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sanctl"))
+        .args(args)
+        .env("SAND_ADMIN_SOCKET", socket)
+        .output()
+        .unwrap_or_else(|e| panic!("running sanctl: {e}"))
+}
+
+fn ok(socket: &Path, args: &[&str]) -> String {
+    let output = sanctl(socket, args);
+    assert!(
+        output.status.success(),
+        "sanctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn json(socket: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ok(socket, &all))
+        .unwrap_or_else(|e| panic!("sanctl {args:?}: bad JSON: {e}"))
+}
+
+fn image(dir: &Path, name: &str, size: u64) -> String {
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path).unwrap_or_else(|e| panic!("{e}"));
+    file.set_len(size).unwrap_or_else(|e| panic!("{e}"));
+    path.display().to_string()
+}
+
+#[test]
+fn admin_workflow_with_tables_json_and_exit_codes() {
+    let server = start_server();
+    let socket = server.admin_socket.as_path();
+    let first = image(server.dir.path(), "a.img", 64 * MIB);
+    let second = image(server.dir.path(), "b.img", 64 * MIB);
+
+    assert!(ok(socket, &["pool", "add", &first]).contains("added"));
+    // A mirror needs two devices: the server says no -> exit 1 with its message.
+    let refused = sanctl(
+        socket,
+        &["volume", "create", "m", "8M", "--layout", "mirror"],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("needs 2 devices"));
+    let refused = sanctl(
+        socket,
+        &[
+            "--json", "volume", "create", "m", "8M", "--layout", "mirror",
+        ],
+    );
+    let error: serde_json::Value = serde_json::from_slice(&refused.stderr)
+        .unwrap_or_else(|e| panic!("--json error is not JSON: {e}"));
+    assert_eq!(error["exit_code"], serde_json::json!(1));
+    ok(socket, &["pool", "add", &second]);
+    let devices = json(socket, &["pool", "list"]);
+    assert_eq!(devices.as_array().map(Vec::len), Some(2));
+    assert_eq!(devices[0]["free_bytes"], serde_json::json!(63 * MIB));
+    assert!(ok(socket, &["pool", "list"]).starts_with("DEVICE"));
+
+    ok(
+        socket,
+        &["volume", "create", "m", "8M", "--layout", "mirror"],
+    );
+    let shown = json(socket, &["volume", "show", "m"]);
+    assert_eq!(shown["map"]["size_bytes"], serde_json::json!(8 * MIB));
+    assert_eq!(
+        shown["map"]["extents"][0]["replicas"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    assert!(ok(socket, &["volume", "list"]).contains("mirror"));
+    ok(socket, &["volume", "grow", "m", "12M"]);
+    assert_eq!(
+        json(socket, &["volume", "show", "m"])["map"]["epoch"],
+        serde_json::json!(2)
+    );
+    let full = sanctl(socket, &["volume", "create", "big", "1G"]);
+    assert_eq!(full.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&full.stderr).contains("not enough space"));
+
+    // Usage errors -> 2; unreachable server -> 3.
+    assert_eq!(
+        sanctl(socket, &["volume", "create", "x", "12Q"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(sanctl(socket, &["volume", "create"]).status.code(), Some(2));
+    assert_eq!(
+        sanctl(
+            socket,
+            &["volume", "create", "x", "1M", "--layout", "raid5"]
+        )
+        .status
+        .code(),
+        Some(2)
+    );
+    let nowhere = server.dir.path().join("no.sock");
+    assert_eq!(sanctl(&nowhere, &["pool", "list"]).status.code(), Some(3));
+
+    // Client with the secret written 0600; the agent authenticates with it.
+    let secret_path = server.dir.path().join("host1.secret");
+    let secret_arg = secret_path.display().to_string();
+    let printed = ok(
+        socket,
+        &["client", "add", "host1", "--secret-out", &secret_arg],
+    );
+    let mode = std::fs::metadata(&secret_path)
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0);
+    assert_eq!(mode, 0o600);
+    let stored = std::fs::read_to_string(&secret_path).unwrap_or_default();
+    assert_eq!(stored.trim().len(), 64);
+    assert!(
+        printed.contains(stored.trim()),
+        "printed secret differs from the file"
+    );
+    ok(socket, &["client", "grant", "host1", "m", "rw"]);
+    let clients = json(socket, &["client", "list"]);
+    assert_eq!(clients[0]["grants"][0]["name"], serde_json::json!("m"));
+    assert_eq!(clients[0]["grants"][0]["mode"], serde_json::json!("rw"));
+    assert_eq!(
+        sanctl(socket, &["client", "grant", "host1", "m", "rwx"])
+            .status
+            .code(),
+        Some(2)
+    );
+
+    let secret = read_secret_file(&secret_path).unwrap_or_else(|e| panic!("{e}"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (agent, attachment) = runtime
+        .block_on(async {
+            let mut agent = AgentClient::connect(server.agent_address, "host1", &secret).await?;
+            let attachment = agent.attach("m", AccessMode::Rw).await?;
+            Ok::<_, sand::client::ClientError>((agent, attachment))
+        })
+        .unwrap_or_else(|e| panic!("attach: {e}"));
+    assert_eq!(attachment.map.size_bytes, 12 * MIB);
+
+    // Deleting an attached volume is refused; removing the client disconnects it, then the
+    // delete goes through.
+    let busy = sanctl(socket, &["volume", "delete", "m"]);
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("attached"));
+    ok(socket, &["client", "remove", "host1"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sanctl(socket, &["volume", "delete", "m"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "volume still attached after its client was removed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(agent);
+    assert_eq!(json(socket, &["volume", "list"]), serde_json::json!([]));
+}
+
+#[test]
+fn help_has_examples() {
+    let output = Command::new(env!("CARGO_BIN_EXE_sanctl"))
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    assert!(
+        text.contains("Examples:") && text.contains("Exit codes"),
+        "{text}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_sanctl"))
+        .args(["volume", "create", "--help"])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("--layout mirror"));
+}
