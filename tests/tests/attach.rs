@@ -5,38 +5,25 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use sanblk_tests::blocks::BLOCK;
 use sanblk_tests::{
-    module_path, scratch_dir, sparse_image, spawn, target_bin, SandServer, VmConfig,
+    blocks, module_path, scratch_dir, sparse_image, spawn, target_bin, SandServer, VmConfig,
 };
 use sand::map::VolumeMap;
 use sand::protocol::{DeviceInfo, VolumeDetail};
 
 const MIB: u64 = 1 << 20;
-const BLOCK: u64 = 4096;
 const VOLUME: u64 = 16 * MIB;
 
 fn pattern(seed: u8, size: u64) -> Vec<u8> {
-    let mut data = Vec::with_capacity(size as usize);
-    for block in 0..size / BLOCK {
-        let tag = format!("sand seed {seed:3} block {block:08}\n");
-        while data.len() < ((block + 1) * BLOCK) as usize {
-            data.extend_from_slice(tag.as_bytes());
-        }
-        data.truncate(((block + 1) * BLOCK) as usize);
-    }
-    data
+    blocks::pattern("sand", seed, size)
 }
 
 fn read_at(image: &Path, offset: u64, len: u64) -> Vec<u8> {
-    let mut file = fs::File::open(image).expect("open image");
-    file.seek(SeekFrom::Start(offset)).expect("seek");
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact(&mut buf).expect("read image");
-    buf
+    blocks::read_at(image, offset, len).expect("read image")
 }
 
 /// Checks every block of `expected` against every replica the server's map gives for it.

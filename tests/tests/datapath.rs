@@ -4,36 +4,21 @@
 //! block landed exactly where the layout puts it.
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use sanblk_tests::{module_path, run, scratch_dir, sparse_image, target_bin, VmConfig};
+use sanblk_tests::blocks::BLOCK;
+use sanblk_tests::{blocks, module_path, run, scratch_dir, sparse_image, target_bin, VmConfig};
 
 const MIB: u64 = 1 << 20;
-const BLOCK: u64 = 4096;
 const VOLUME: u64 = 16 * MIB;
 const IMAGE: u64 = 64 * MIB;
 
-/// Block `k` of a test pattern: its number and a per-test seed, repeated, so a misplaced or
-/// stale block is told apart from the right one.
 fn pattern(seed: u8, size: u64) -> Vec<u8> {
-    let mut data = Vec::with_capacity(size as usize);
-    for block in 0..size / BLOCK {
-        let tag = format!("sanblk seed {seed:3} block {block:08}\n");
-        while data.len() < ((block + 1) * BLOCK) as usize {
-            data.extend_from_slice(tag.as_bytes());
-        }
-        data.truncate(((block + 1) * BLOCK) as usize);
-    }
-    data
+    blocks::pattern("sanblk", seed, size)
 }
 
 fn read_at(image: &Path, offset: u64, len: u64) -> Vec<u8> {
-    let mut file = fs::File::open(image).expect("open image");
-    file.seek(SeekFrom::Start(offset)).expect("seek");
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact(&mut buf).expect("read image");
-    buf
+    blocks::read_at(image, offset, len).expect("read image")
 }
 
 /// Where byte `offset` of each layout lives: (image index, image offset) per copy. This is the
