@@ -69,7 +69,7 @@ fn value(json: &str, metric: Metric) -> Result<f64, String> {
     }
 }
 
-fn bench(runtime_s: u32) -> Result<String, String> {
+fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
     let dir = scratch_dir("bench-datapath").map_err(|e| e.to_string())?;
     for i in 0..3 {
         sparse_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB)
@@ -83,21 +83,24 @@ fn bench(runtime_s: u32) -> Result<String, String> {
         module = module_path().display(),
         probe = target_bin("sanblk-nlprobe").display(),
     );
-    // Same job order on every target, interleaved per job so drift affects all alike.
-    for job in &JOBS {
-        for (target, device) in TARGETS {
-            let size = if target == "raw" {
-                format!("--size={TARGET_MIB}M")
-            } else {
-                String::new()
-            };
-            script.push_str(&format!(
+    // Same job order on every target, interleaved per job so drift affects all alike; the
+    // whole round is repeated and the median reported.
+    for round in 0..rounds {
+        for job in &JOBS {
+            for (target, device) in TARGETS {
+                let size = if target == "raw" {
+                    format!("--size={TARGET_MIB}M")
+                } else {
+                    String::new()
+                };
+                script.push_str(&format!(
                 "fio --name={name} --filename={device} {size} {args} --direct=1 --ioengine=libaio \
                  --runtime={runtime_s} --time_based --ramp_time=1 --eta=never --output-format=json \
-                 --output={target}-{name}.json\n",
+                 --output={target}-{name}-{round}.json\n",
                 name = job.name,
                 args = job.args,
             ));
+            }
         }
     }
     script.push_str("dmsetup remove bench-linear\n");
@@ -113,10 +116,15 @@ fn bench(runtime_s: u32) -> Result<String, String> {
     for job in &JOBS {
         let mut values = Vec::new();
         for (target, _) in TARGETS {
-            let json = outcome
-                .read_out_file(&format!("{target}-{}.json", job.name))
-                .map_err(|e| format!("{target} {}: {e}", job.name))?;
-            values.push(value(&json, job.metric)?);
+            let mut samples = Vec::new();
+            for round in 0..rounds {
+                let json = outcome
+                    .read_out_file(&format!("{target}-{}-{round}.json", job.name))
+                    .map_err(|e| format!("{target} {}: {e}", job.name))?;
+                samples.push(value(&json, job.metric)?);
+            }
+            samples.sort_by(f64::total_cmp);
+            values.push(samples[samples.len() / 2]);
         }
         let unit = match job.metric {
             Metric::ReadBandwidth | Metric::WriteBandwidth => "MiB/s",
@@ -136,11 +144,16 @@ fn bench(runtime_s: u32) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let runtime_s = std::env::var("SANBLK_BENCH_RUNTIME")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
-    match bench(runtime_s) {
+    let setting = |name: &str, default: u32| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let runtime_s = setting("SANBLK_BENCH_RUNTIME", 6);
+    let rounds = setting("SANBLK_BENCH_ROUNDS", 3).max(1);
+    println!("fio: {rounds} rounds of {runtime_s} s per job and target; medians");
+    match bench(runtime_s, rounds) {
         Ok(table) => {
             println!("{table}");
             ExitCode::SUCCESS
