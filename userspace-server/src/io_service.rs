@@ -1,0 +1,488 @@
+//! Server I/O service: the server side of the second data path. A client kmod whose direct
+//! path to a SAN device fails re-issues the I/O here over TCP (frames of
+//! [`sanblk_uapi::frame`]); the server performs it on its own path to the devices.
+//!
+//! Connection protocol:
+//! - The first frame must be HELLO carrying the 32 raw bytes of the session token the agent
+//!   got on attach, within [`HELLO_TIMEOUT`] (or the handshake timeout if shorter). A known
+//!   token gets status 0, an unknown one -EACCES, and the connection is closed.
+//! - Then READ/WRITE/FLUSH frames, pipelined: up to [`MAX_IN_FLIGHT`] per connection execute
+//!   concurrently and replies may come back out of order, matched by handle.
+//! - Every request is checked against the session, looked up again per request: the volume
+//!   must be the session's (-EACCES; a session that has ended also gets -EACCES and the
+//!   connection is closed), WRITE needs a read-write session (-EROFS), the epoch must be the
+//!   volume's current one (-ESTALE, nothing is done), `offset + length` must lie within the
+//!   volume (-EINVAL). A device error gets -EIO; a mirrored write succeeds only if every
+//!   replica was written.
+//! - A malformed header, a second HELLO, or a frame not completed within the frame timeout
+//!   closes the connection (after in-flight replies are sent); other connections are
+//!   unaffected.
+//!
+//! Shape: one task per connection (as in mini-redis); in it the reader decodes frames and
+//! spawns one task per request, whose blocking disk I/O runs in `spawn_blocking`; a single
+//! writer task sends the replies it receives over an mpsc channel.
+
+mod device;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use sanblk_uapi::frame::{
+    FrameError, Op, ReplyHeader, RequestHeader, FLAG_FUA, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+
+pub use device::{plan, AlignedBuf, DeviceFile, DeviceTable, Piece, DIRECT_ALIGN};
+
+use crate::map::AccessMode;
+use crate::state::{ServerState, SessionInfo};
+use crate::store::VolumeRecord;
+
+/// File in the metadata dir where sand writes the address the I/O service listens on.
+pub const IO_ADDRESS_FILE: &str = "io.addr";
+/// Longest time a new connection may take to present its HELLO.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests executing at once per connection; the reader stops reading beyond this.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Accept queue length of the I/O port.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Default I/O address: the agent address with the next port (127.0.0.1:7700 gives
+/// 127.0.0.1:7701); port 0 (ephemeral) stays 0.
+pub fn default_io_listen(agent_listen: SocketAddr) -> SocketAddr {
+    let port = match agent_listen.port() {
+        0 => 0,
+        port => port.checked_add(1).unwrap_or(0),
+    };
+    SocketAddr::new(agent_listen.ip(), port)
+}
+
+/// Binds the I/O listener (SO_REUSEADDR, deep backlog).
+pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Negative errno carried in a reply.
+fn errno(code: i32) -> i32 {
+    -code
+}
+
+/// The I/O service: shared by all its connections.
+pub struct IoService {
+    state: Arc<ServerState>,
+    devices: DeviceTable,
+    /// Last volume record read per volume id (the map used for I/O of that epoch).
+    volumes: Mutex<HashMap<u64, Arc<VolumeRecord>>>,
+}
+
+/// A reply on its way to the writer task.
+struct Reply {
+    header: ReplyHeader,
+    data: Option<AlignedBuf>,
+}
+
+impl Reply {
+    fn status(handle: u64, status: i32) -> Reply {
+        Reply {
+            header: ReplyHeader {
+                handle,
+                status,
+                length: 0,
+            },
+            data: None,
+        }
+    }
+}
+
+impl IoService {
+    pub fn new(state: Arc<ServerState>) -> Arc<IoService> {
+        Arc::new(IoService {
+            devices: DeviceTable::new(state.clone()),
+            state,
+            volumes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Accepts connections until `shutdown` flips, then waits for the connections to finish
+    /// (each stops reading, completes its in-flight requests and closes).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let service = self.clone();
+                        let shutdown = shutdown.clone();
+                        connections.spawn(async move {
+                            service.serve_connection(stream, peer, shutdown).await;
+                        });
+                    }
+                    Err(error) => {
+                        warn!("accepting I/O connection: {error}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        while connections.join_next().await.is_some() {}
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let (mut reader, mut writer) = stream.into_split();
+        let frame_timeout = self.state.config.frame_timeout;
+        let hello_timeout = HELLO_TIMEOUT.min(self.state.config.handshake_timeout);
+
+        let hello = tokio::select! {
+            _ = shutdown.changed() => return,
+            hello = tokio::time::timeout(hello_timeout, read_hello(&mut reader)) => hello,
+        };
+        let (handle, token) = match hello {
+            Ok(Ok(hello)) => hello,
+            Ok(Err(error)) => {
+                warn!("I/O connection from {peer}: bad HELLO: {error}");
+                return;
+            }
+            Err(_) => {
+                warn!("I/O connection from {peer}: no HELLO within {hello_timeout:?}");
+                return;
+            }
+        };
+        let Some(session) = self.state.session(&token) else {
+            warn!("I/O connection from {peer}: unknown session token");
+            let reply = Reply::status(handle, errno(libc::EACCES));
+            let _ = tokio::time::timeout(frame_timeout, send_reply(&mut writer, &reply)).await;
+            return;
+        };
+        if !matches!(
+            tokio::time::timeout(
+                frame_timeout,
+                send_reply(&mut writer, &Reply::status(handle, 0))
+            )
+            .await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+        info!(
+            "I/O connection from {peer}: client {} volume {} ({})",
+            session.client, session.volume_id, session.mode
+        );
+
+        let (replies, reply_queue) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+        let writer_task = tokio::spawn(write_replies(writer, reply_queue, frame_timeout));
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        loop {
+            // Wait for a free slot, then for the first byte of the next frame without a
+            // deadline (an idle client is fine); the rest of the frame must follow promptly.
+            let permit = tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = replies.closed() => break,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let mut raw = [0u8; REQUEST_HEADER_LEN];
+            let first = tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = replies.closed() => break,
+                read = reader.read(&mut raw) => read,
+            };
+            let started = match first {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(error) => {
+                    debug!("I/O connection from {peer}: {error}");
+                    break;
+                }
+            };
+            let frame =
+                tokio::time::timeout(frame_timeout, read_rest(&mut reader, &mut raw, started))
+                    .await;
+            let (header, payload) = match frame {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(error)) => {
+                    warn!("I/O connection from {peer}: {error}; closing");
+                    break;
+                }
+                Err(_) => {
+                    warn!("I/O connection from {peer}: frame not completed within {frame_timeout:?}; closing");
+                    break;
+                }
+            };
+            if header.op == Op::Hello {
+                warn!("I/O connection from {peer}: second HELLO; closing");
+                break;
+            }
+            let current = self.state.session(&token);
+            let ended = current.is_none();
+            let task_replies = replies.clone();
+            let service = self.clone();
+            tokio::spawn(async move {
+                let reply = match check(current.as_ref(), &header) {
+                    Err(status) => Reply::status(header.handle, status),
+                    Ok(()) => service.execute(header, payload).await,
+                };
+                let _ = task_replies.send(reply).await;
+                drop(permit);
+            });
+            if ended {
+                info!("I/O connection from {peer}: session ended; closing");
+                break;
+            }
+        }
+        drop(replies);
+        let _ = writer_task.await;
+        debug!("I/O connection from {peer} closed");
+    }
+
+    /// The volume record of `epoch`, or -ESTALE if the store holds another epoch (a change
+    /// committed but not yet published: the client retries once it has the new map).
+    async fn volume(&self, volume_id: u64, epoch: u64) -> Result<Arc<VolumeRecord>, i32> {
+        let cached = self
+            .volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&volume_id)
+            .cloned();
+        if let Some(record) = cached.filter(|r| r.epoch == epoch) {
+            return Ok(record);
+        }
+        let state = self.state.clone();
+        let record = tokio::task::spawn_blocking(move || state.store.volume_by_id(volume_id))
+            .await
+            .map_err(|_| errno(libc::EIO))?
+            .map_err(|e| {
+                warn!("volume {volume_id}: {}", e.message);
+                errno(libc::EIO)
+            })?;
+        let record = Arc::new(record);
+        {
+            let mut volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
+            let newer = volumes
+                .get(&volume_id)
+                .map_or(true, |old| old.epoch < record.epoch);
+            if newer {
+                volumes.insert(volume_id, record.clone());
+            }
+        }
+        if record.epoch != epoch {
+            return Err(errno(libc::ESTALE));
+        }
+        Ok(record)
+    }
+
+    async fn execute(self: Arc<Self>, header: RequestHeader, payload: Option<AlignedBuf>) -> Reply {
+        match self.clone().try_execute(&header, payload).await {
+            Ok(data) => Reply {
+                header: ReplyHeader {
+                    handle: header.handle,
+                    status: 0,
+                    length: data.as_ref().map_or(0, |d| d.len() as u32),
+                },
+                data,
+            },
+            Err(status) => Reply::status(header.handle, status),
+        }
+    }
+
+    async fn try_execute(
+        self: Arc<Self>,
+        header: &RequestHeader,
+        payload: Option<AlignedBuf>,
+    ) -> Result<Option<AlignedBuf>, i32> {
+        let record = self.volume(header.volume_id, header.epoch).await?;
+        let io_error = |what: &str, error: io::Error| {
+            warn!(
+                "volume {} {what} at {} length {}: {error}",
+                header.volume_id, header.offset, header.length
+            );
+            errno(libc::EIO)
+        };
+        let length = u64::from(header.length);
+        if header.op == Op::Flush {
+            let service = self.clone();
+            return tokio::task::spawn_blocking(move || service.devices.flush(&record.extents))
+                .await
+                .map_err(|_| errno(libc::EIO))?
+                .map(|()| None)
+                .map_err(|e| io_error("flush", e));
+        }
+        let end = header.offset.checked_add(length);
+        if end.map_or(true, |end| end > record.size_bytes) {
+            return Err(errno(libc::EINVAL));
+        }
+        let pieces = plan(&record.extents, header.offset, length).ok_or_else(|| {
+            warn!(
+                "volume {} epoch {}: extents do not cover {}+{length}",
+                record.id, record.epoch, header.offset
+            );
+            errno(libc::EIO)
+        })?;
+        let service = self.clone();
+        match header.op {
+            Op::Read => {
+                let mut buf = AlignedBuf::zeroed(header.length as usize)
+                    .map_err(|e| io_error("read buffer", e))?;
+                tokio::task::spawn_blocking(move || {
+                    service.devices.read(&pieces, &mut buf).map(|()| buf)
+                })
+                .await
+                .map_err(|_| errno(libc::EIO))?
+                .map(Some)
+                .map_err(|e| io_error("read", e))
+            }
+            Op::Write => {
+                let buf = payload.ok_or(errno(libc::EINVAL))?;
+                let fua = header.flags & FLAG_FUA != 0;
+                tokio::task::spawn_blocking(move || service.devices.write(&pieces, &buf, fua))
+                    .await
+                    .map_err(|_| errno(libc::EIO))?
+                    .map(|()| None)
+                    .map_err(|e| io_error("write", e))
+            }
+            Op::Hello | Op::Flush => Err(errno(libc::EINVAL)),
+        }
+    }
+}
+
+/// Checks a request against the session as it is now.
+fn check(session: Option<&SessionInfo>, header: &RequestHeader) -> Result<(), i32> {
+    let Some(session) = session else {
+        return Err(errno(libc::EACCES));
+    };
+    if header.volume_id != session.volume_id {
+        return Err(errno(libc::EACCES));
+    }
+    if header.op == Op::Write && session.mode != AccessMode::Rw {
+        return Err(errno(libc::EROFS));
+    }
+    if header.epoch != session.epoch {
+        return Err(errno(libc::ESTALE));
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+enum ReadError {
+    Io(io::Error),
+    Frame(FrameError),
+    NotHello,
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Io(error) => write!(f, "{error}"),
+            ReadError::Frame(error) => write!(f, "malformed frame: {}", error.message()),
+            ReadError::NotHello => f.write_str("first frame is not HELLO"),
+        }
+    }
+}
+
+impl From<io::Error> for ReadError {
+    fn from(error: io::Error) -> Self {
+        ReadError::Io(error)
+    }
+}
+
+/// Reads the HELLO frame: its handle and the hex-encoded token.
+async fn read_hello(reader: &mut OwnedReadHalf) -> Result<(u64, String), ReadError> {
+    let mut raw = [0u8; REQUEST_HEADER_LEN];
+    let (header, payload) = read_rest(reader, &mut raw, 0).await?;
+    match (header.op, payload) {
+        (Op::Hello, Some(token)) => Ok((header.handle, hex::encode(&token[..]))),
+        _ => Err(ReadError::NotHello),
+    }
+}
+
+/// Completes a frame whose first `started` header bytes are already in `raw`: decodes the
+/// header and reads its payload (if any) into an aligned buffer.
+async fn read_rest(
+    reader: &mut OwnedReadHalf,
+    raw: &mut [u8; REQUEST_HEADER_LEN],
+    started: usize,
+) -> Result<(RequestHeader, Option<AlignedBuf>), ReadError> {
+    reader.read_exact(&mut raw[started..]).await?;
+    let header = RequestHeader::decode(raw).map_err(ReadError::Frame)?;
+    if !header.op.has_payload() {
+        return Ok((header, None));
+    }
+    let mut payload = AlignedBuf::zeroed(header.length as usize)?;
+    reader.read_exact(&mut payload).await?;
+    Ok((header, Some(payload)))
+}
+
+async fn send_reply(writer: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> io::Result<()> {
+    let mut raw = [0u8; REPLY_HEADER_LEN];
+    reply.header.encode(&mut raw);
+    writer.write_all(&raw).await?;
+    if let Some(data) = &reply.data {
+        writer.write_all(data).await?;
+    }
+    writer.flush().await
+}
+
+/// Sends replies in the order they complete; flushes when no other reply is waiting.
+async fn write_replies(
+    writer: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<Reply>,
+    frame_timeout: Duration,
+) {
+    let mut writer = BufWriter::with_capacity(256 * 1024, writer);
+    while let Some(reply) = queue.recv().await {
+        let sent = tokio::time::timeout(frame_timeout, async {
+            let mut raw = [0u8; REPLY_HEADER_LEN];
+            reply.header.encode(&mut raw);
+            writer.write_all(&raw).await?;
+            if let Some(data) = &reply.data {
+                writer.write_all(data).await?;
+            }
+            if queue.is_empty() {
+                writer.flush().await?;
+            }
+            Ok::<(), io::Error>(())
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                debug!("sending I/O reply: {error}");
+                return;
+            }
+            Err(_) => {
+                warn!("I/O peer did not take a reply within {frame_timeout:?}; closing");
+                return;
+            }
+        }
+    }
+    let _ = writer.shutdown().await;
+}
