@@ -160,6 +160,11 @@ impl IoService {
         let frame_timeout = self.state.config.frame_timeout;
         let hello_timeout = HELLO_TIMEOUT.min(self.state.config.handshake_timeout);
 
+        // Connections before HELLO share the agent port's bound on unauthenticated sockets.
+        let Ok(hello_slot) = self.state.handshake_slots.clone().try_acquire_owned() else {
+            warn!("I/O connection from {peer}: too many connections before HELLO; refusing");
+            return;
+        };
         let hello = tokio::select! {
             _ = shutdown.changed() => return,
             hello = tokio::time::timeout(hello_timeout, read_hello(&mut reader)) => hello,
@@ -191,6 +196,7 @@ impl IoService {
         ) {
             return;
         }
+        drop(hello_slot);
         info!(
             "I/O connection from {peer}: client {} volume {} ({})",
             session.client, session.volume_id, session.mode

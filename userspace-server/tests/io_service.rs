@@ -495,3 +495,45 @@ async fn read_only_sessions_cannot_write_and_sessions_end_with_the_attachment() 
     let mut again = IoClient::connect(&server).await;
     assert_eq!(again.hello(&rw.session_token).await, EACCES);
 }
+
+#[tokio::test]
+async fn shutdown_closes_io_connections_cleanly() {
+    let mut server = TestServer::start();
+    server.pool_of(1, 64 * MIB).await;
+    let (_agent, vol) = attached(&server, "vol", 4 * MIB, Layout::Linear, AccessMode::Rw).await;
+    let mut io = IoClient::session(&server, &vol).await;
+    assert_eq!(io.write(&vol.map, 0, &pattern(1, 4096)).await, 0);
+    let _idle = IoClient::connect(&server).await;
+    assert!(
+        server.stop(),
+        "sand did not exit cleanly; log:\n{}",
+        server.log()
+    );
+    assert!(io.is_closed().await);
+}
+
+#[tokio::test]
+async fn mirrored_reads_fall_back_to_the_other_replica() {
+    let server = TestServer::start();
+    server.pool_of(2, 64 * MIB).await;
+    let devices = devices(&server).await;
+    let (_agent, vol) = attached(&server, "mir", 4 * MIB, Layout::Mirror, AccessMode::Rw).await;
+    let mut io = IoClient::session(&server, &vol).await;
+    let data = pattern(21, 64 * 1024);
+    assert_eq!(io.write(&vol.map, 2 * MIB, &data).await, 0);
+    // Cut the first replica's image short: reading it now fails (end of file).
+    let first = vol
+        .map
+        .extent_at(2 * MIB)
+        .map(|e| e.replicas[0].device_uuid)
+        .unwrap_or_else(|| panic!("no extent"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&devices[&first])
+        .and_then(|f| f.set_len(4096))
+        .unwrap_or_else(|e| panic!("truncate: {e}"));
+    assert_eq!(
+        io.read(&vol.map, 2 * MIB, data.len() as u32).await,
+        (0, data)
+    );
+}
