@@ -536,4 +536,6 @@ async fn mirrored_reads_fall_back_to_the_other_replica() {
         io.read(&vol.map, 2 * MIB, data.len() as u32).await,
         (0, data)
     );
+    let log = server.log();
+    assert!(log.contains(&format!("device {first} (")), "{log}");
 }
