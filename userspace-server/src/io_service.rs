@@ -40,7 +40,9 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
-pub use device::{plan, AlignedBuf, DeviceFile, DeviceTable, Piece, DIRECT_ALIGN};
+pub use device::{
+    plan, AlignedBuf, BufferPool, DeviceFile, DeviceTable, Piece, PooledBuf, DIRECT_ALIGN,
+};
 
 use crate::map::AccessMode;
 use crate::state::{ServerState, SessionInfo};
@@ -86,6 +88,7 @@ fn errno(code: i32) -> i32 {
 pub struct IoService {
     state: Arc<ServerState>,
     devices: DeviceTable,
+    buffers: Arc<BufferPool>,
     /// Last volume record read per volume id (the map used for I/O of that epoch).
     volumes: Mutex<HashMap<u64, Arc<VolumeRecord>>>,
 }
@@ -93,7 +96,7 @@ pub struct IoService {
 /// A reply on its way to the writer task.
 struct Reply {
     header: ReplyHeader,
-    data: Option<AlignedBuf>,
+    data: Option<PooledBuf>,
 }
 
 impl Reply {
@@ -113,6 +116,7 @@ impl IoService {
     pub fn new(state: Arc<ServerState>) -> Arc<IoService> {
         Arc::new(IoService {
             devices: DeviceTable::new(state.clone()),
+            buffers: Arc::new(BufferPool::default()),
             state,
             volumes: Mutex::new(HashMap::new()),
         })
@@ -167,7 +171,7 @@ impl IoService {
         };
         let hello = tokio::select! {
             _ = shutdown.changed() => return,
-            hello = tokio::time::timeout(hello_timeout, read_hello(&mut reader)) => hello,
+            hello = tokio::time::timeout(hello_timeout, read_hello(&mut reader, &self.buffers)) => hello,
         };
         let (handle, token) = match hello {
             Ok(Ok(hello)) => hello,
@@ -230,9 +234,11 @@ impl IoService {
                     break;
                 }
             };
-            let frame =
-                tokio::time::timeout(frame_timeout, read_rest(&mut reader, &mut raw, started))
-                    .await;
+            let frame = tokio::time::timeout(
+                frame_timeout,
+                read_rest(&mut reader, &self.buffers, &mut raw, started),
+            )
+            .await;
             let (header, payload) = match frame {
                 Ok(Ok(frame)) => frame,
                 Ok(Err(error)) => {
@@ -306,7 +312,7 @@ impl IoService {
         Ok(record)
     }
 
-    async fn execute(self: Arc<Self>, header: RequestHeader, payload: Option<AlignedBuf>) -> Reply {
+    async fn execute(self: Arc<Self>, header: RequestHeader, payload: Option<PooledBuf>) -> Reply {
         match self.clone().try_execute(&header, payload).await {
             Ok(data) => Reply {
                 header: ReplyHeader {
@@ -323,8 +329,8 @@ impl IoService {
     async fn try_execute(
         self: Arc<Self>,
         header: &RequestHeader,
-        payload: Option<AlignedBuf>,
-    ) -> Result<Option<AlignedBuf>, i32> {
+        payload: Option<PooledBuf>,
+    ) -> Result<Option<PooledBuf>, i32> {
         let record = self.volume(header.volume_id, header.epoch).await?;
         let io_error = |what: &str, error: io::Error| {
             warn!(
@@ -356,7 +362,9 @@ impl IoService {
         let service = self.clone();
         match header.op {
             Op::Read => {
-                let mut buf = AlignedBuf::zeroed(header.length as usize)
+                let mut buf = self
+                    .buffers
+                    .get(header.length as usize)
                     .map_err(|e| io_error("read buffer", e))?;
                 tokio::task::spawn_blocking(move || {
                     service.devices.read(&pieces, &mut buf).map(|()| buf)
@@ -421,9 +429,12 @@ impl From<io::Error> for ReadError {
 }
 
 /// Reads the HELLO frame: its handle and the hex-encoded token.
-async fn read_hello(reader: &mut OwnedReadHalf) -> Result<(u64, String), ReadError> {
+async fn read_hello(
+    reader: &mut OwnedReadHalf,
+    buffers: &Arc<BufferPool>,
+) -> Result<(u64, String), ReadError> {
     let mut raw = [0u8; REQUEST_HEADER_LEN];
-    let (header, payload) = read_rest(reader, &mut raw, 0).await?;
+    let (header, payload) = read_rest(reader, buffers, &mut raw, 0).await?;
     match (header.op, payload) {
         (Op::Hello, Some(token)) => Ok((header.handle, hex::encode(&token[..]))),
         _ => Err(ReadError::NotHello),
@@ -434,15 +445,16 @@ async fn read_hello(reader: &mut OwnedReadHalf) -> Result<(u64, String), ReadErr
 /// header and reads its payload (if any) into an aligned buffer.
 async fn read_rest(
     reader: &mut OwnedReadHalf,
+    buffers: &Arc<BufferPool>,
     raw: &mut [u8; REQUEST_HEADER_LEN],
     started: usize,
-) -> Result<(RequestHeader, Option<AlignedBuf>), ReadError> {
+) -> Result<(RequestHeader, Option<PooledBuf>), ReadError> {
     reader.read_exact(&mut raw[started..]).await?;
     let header = RequestHeader::decode(raw).map_err(ReadError::Frame)?;
     if !header.op.has_payload() {
         return Ok((header, None));
     }
-    let mut payload = AlignedBuf::zeroed(header.length as usize)?;
+    let mut payload = buffers.get(header.length as usize)?;
     reader.read_exact(&mut payload).await?;
     Ok((header, Some(payload)))
 }
