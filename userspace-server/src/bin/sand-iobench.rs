@@ -262,7 +262,7 @@ async fn run(args: &Args, dir: &Path, size: u64) -> anyhow::Result<()> {
 
     let stream = TcpStream::connect(read_address(&metadata_dir.join("io.addr"))?).await?;
     stream.set_nodelay(true)?;
-    let mut stream = BufReader::with_capacity(2 * MAX_PAYLOAD as usize, stream);
+    let mut stream = BufReader::with_capacity(64 * 1024, stream);
     let token = hex::decode(&attached.session_token)?;
     let hello = RequestHeader {
         op: Op::Hello,
