@@ -504,3 +504,72 @@ async fn write_replies(
     }
     let _ = writer.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(mode: AccessMode) -> SessionInfo {
+        SessionInfo {
+            client: "host1".into(),
+            volume_id: 7,
+            mode,
+            epoch: 3,
+        }
+    }
+
+    fn header(op: Op, volume_id: u64, epoch: u64) -> RequestHeader {
+        RequestHeader {
+            op,
+            flags: 0,
+            handle: 1,
+            volume_id,
+            epoch,
+            offset: 0,
+            length: 4096,
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_against_the_session() {
+        let rw = session(AccessMode::Rw);
+        let ro = session(AccessMode::Ro);
+        assert_eq!(check(Some(&rw), &header(Op::Write, 7, 3)), Ok(()));
+        assert_eq!(check(Some(&ro), &header(Op::Read, 7, 3)), Ok(()));
+        assert_eq!(check(Some(&ro), &header(Op::Flush, 7, 3)), Ok(()));
+        assert_eq!(check(None, &header(Op::Read, 7, 3)), Err(-libc::EACCES));
+        assert_eq!(
+            check(Some(&rw), &header(Op::Read, 8, 3)),
+            Err(-libc::EACCES)
+        );
+        assert_eq!(
+            check(Some(&ro), &header(Op::Write, 7, 3)),
+            Err(-libc::EROFS)
+        );
+        assert_eq!(
+            check(Some(&rw), &header(Op::Write, 7, 2)),
+            Err(-libc::ESTALE)
+        );
+        assert_eq!(
+            check(Some(&rw), &header(Op::Read, 7, 4)),
+            Err(-libc::ESTALE)
+        );
+    }
+
+    #[test]
+    fn the_io_port_follows_the_agent_port() {
+        let address = |text: &str| -> SocketAddr { text.parse().unwrap_or_else(|e| panic!("{e}")) };
+        assert_eq!(
+            default_io_listen(address("127.0.0.1:7700")),
+            address("127.0.0.1:7701")
+        );
+        assert_eq!(
+            default_io_listen(address("0.0.0.0:0")),
+            address("0.0.0.0:0")
+        );
+        assert_eq!(
+            default_io_listen(address("[::1]:65535")),
+            address("[::1]:0")
+        );
+    }
+}
