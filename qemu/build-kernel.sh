@@ -1,7 +1,8 @@
 #!/bin/bash
 # Build the sanblk guest kernel (Rust-enabled 6.12, debug flavour) from Debian's
 # linux-source-6.12, cached outside the work tree so fresh clones reuse it.
-# The cache key covers the source package version, the config fragment and this script.
+# The cache key covers the source package version, the config fragment and RECIPE; bump
+# RECIPE whenever a change to this script changes what gets built.
 # Prints the kernel build directory (usable as KDIR) on its last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -9,11 +10,16 @@ tarball=/usr/src/linux-source-6.12.tar.xz
 fragment="$here/kernel.config"
 [ -f "$tarball" ] || { echo "missing $tarball: run 'make deps'" >&2; exit 1; }
 
+RECIPE=1
 pkg_version=$(dpkg-query -W -f='${Version}' linux-source-6.12)
-key=$( { echo "$pkg_version"; cat "$fragment" "$0"; } | sha256sum | cut -c1-16)
+key=$( { echo "$pkg_version"; echo "recipe $RECIPE"; cat "$fragment"; } | sha256sum | cut -c1-16)
 cache_root=${SANBLK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sanblk}
 dir="$cache_root/kernel-$key"
 tree="$dir/linux-source-6.12"
+mkdir -p "$cache_root"
+# Serialise concurrent builders (parallel make targets, two test runs).
+exec 9>"$cache_root/kernel-$key.lock"
+flock 9
 
 if [ -f "$dir/.built" ]; then
     echo "kernel: cached build $key ($pkg_version)" >&2

@@ -16,6 +16,9 @@ fn main() {
     for cmd in Command::ALL {
         println!("#define SANBLK_CMD_{} {}", cmd.name(), cmd as u8);
     }
+    for spec in ATTRIBUTES.iter() {
+        println!("#define SANBLK_ATTR_{} {}", spec.name, spec.attr as u16);
+    }
     println!("#define SANBLK_POLICY_ENTRIES \\");
     for spec in ATTRIBUTES.iter() {
         let policy = match spec.kind {
@@ -24,6 +27,7 @@ fn main() {
             AttrKind::String { max } => format!("{{ .type = NLA_NUL_STRING, .len = {max} }}"),
             AttrKind::Binary { max } => format!("{{ .type = NLA_BINARY, .len = {max} }}"),
             AttrKind::Nested => "{ .type = NLA_NESTED }".to_string(),
+            AttrKind::Pad => "{ .type = NLA_REJECT }".to_string(),
         };
         println!("\t[{}] = {policy}, \\", spec.attr as u16);
     }

@@ -175,8 +175,8 @@ impl RequestHeader {
         match self.op {
             Op::Read | Op::Write => {
                 if self.length == 0
-                    || self.length % SECTOR_SIZE != 0
-                    || self.offset % SECTOR_SIZE as u64 != 0
+                    || !self.length.is_multiple_of(SECTOR_SIZE)
+                    || !self.offset.is_multiple_of(SECTOR_SIZE as u64)
                 {
                     return Err(FrameError::Misaligned);
                 }

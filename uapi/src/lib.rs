@@ -7,4 +7,5 @@
 #![forbid(unsafe_code)]
 
 pub mod frame;
+pub mod map;
 pub mod netlink;

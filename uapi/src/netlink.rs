@@ -76,6 +76,26 @@ impl Command {
     pub fn accepted_from_userspace(self) -> bool {
         !matches!(self, Command::Event)
     }
+
+    /// Attributes a request must carry; the module refuses the request with `EINVAL` and an
+    /// extack message naming the first one missing.
+    pub fn required_attributes(self) -> &'static [Attr] {
+        match self {
+            Command::Create => &[
+                Attr::VolumeId,
+                Attr::VolumeName,
+                Attr::Epoch,
+                Attr::Map,
+                Attr::Devices,
+                Attr::Token,
+            ],
+            Command::UpdateMap => &[Attr::VolumeId, Attr::Epoch, Attr::Map],
+            Command::Quiesce | Command::Resume => &[Attr::VolumeId, Attr::Epoch],
+            Command::Destroy => &[Attr::VolumeId],
+            Command::Snapshot => &[Attr::VolumeId, Attr::Epoch, Attr::Map],
+            Command::Status | Command::Event => &[],
+        }
+    }
 }
 
 /// Attribute payload kinds, mapped onto the kernel's `nla_policy` types.
@@ -91,6 +111,8 @@ pub enum AttrKind {
     Binary { max: u16 },
     /// `NLA_NESTED`: contains attributes of this same table.
     Nested,
+    /// Alignment padding for 64-bit values sent by the kernel; refused from userspace.
+    Pad,
 }
 
 /// Attributes of the family. Values are part of the ABI: never renumber.
@@ -129,6 +151,47 @@ pub enum Attr {
     EventKind = 15,
     /// Nested description of one attached volume in a STATUS reply.
     Volume = 16,
+    /// Padding the kernel may insert before 64-bit attributes.
+    Pad = 17,
+    /// Volume size in bytes (STATUS).
+    SizeBytes = 18,
+    /// Flag (u32 0/1): attach read-only.
+    ReadOnly = 19,
+    /// Completed read bios (STATUS).
+    ReadIos = 20,
+    /// Completed write bios (STATUS).
+    WriteIos = 21,
+    /// Bytes read (STATUS).
+    ReadBytes = 22,
+    /// Bytes written (STATUS).
+    WrittenBytes = 23,
+    /// Path state of one SAN device ([`DeviceState`]).
+    DeviceState = 24,
+    /// I/O errors seen (STATUS, per volume or per device).
+    ErrorCount = 25,
+    /// Nested description of one SAN device in a STATUS reply.
+    Device = 26,
+}
+
+/// Path state of a SAN device as the module sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum DeviceState {
+    /// Direct I/O goes to the device.
+    Healthy = 0,
+    /// Direct I/O failed; the device's extents go to the server path.
+    Failed = 1,
+}
+
+impl DeviceState {
+    /// Decodes a state number.
+    pub fn from_u32(value: u32) -> Option<DeviceState> {
+        match value {
+            0 => Some(DeviceState::Healthy),
+            1 => Some(DeviceState::Failed),
+            _ => None,
+        }
+    }
 }
 
 /// One row of the attribute table.
@@ -152,7 +215,7 @@ pub const MAX_PATH_BYTES: u16 = 255;
 pub const MAX_VOLUME_NAME_BYTES: u16 = 63;
 
 /// The attribute table: numbers, names and policy.
-pub const ATTRIBUTES: [AttrSpec; 16] = [
+pub const ATTRIBUTES: [AttrSpec; 26] = [
     AttrSpec {
         attr: Attr::ProtocolVersion,
         name: "PROTOCOL_VERSION",
@@ -239,10 +302,60 @@ pub const ATTRIBUTES: [AttrSpec; 16] = [
         name: "VOLUME",
         kind: AttrKind::Nested,
     },
+    AttrSpec {
+        attr: Attr::Pad,
+        name: "PAD",
+        kind: AttrKind::Pad,
+    },
+    AttrSpec {
+        attr: Attr::SizeBytes,
+        name: "SIZE_BYTES",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::ReadOnly,
+        name: "READ_ONLY",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::ReadIos,
+        name: "READ_IOS",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::WriteIos,
+        name: "WRITE_IOS",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::ReadBytes,
+        name: "READ_BYTES",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::WrittenBytes,
+        name: "WRITTEN_BYTES",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::DeviceState,
+        name: "DEVICE_STATE",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::ErrorCount,
+        name: "ERROR_COUNT",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::Device,
+        name: "DEVICE",
+        kind: AttrKind::Nested,
+    },
 ];
 
 /// Highest attribute number (`maxattr` of the family).
-pub const ATTR_MAX: u16 = Attr::Volume as u16;
+pub const ATTR_MAX: u16 = Attr::Device as u16;
 
 impl Attr {
     /// Decodes an attribute number; `None` for numbers the family does not define.

@@ -191,7 +191,10 @@ impl PoolSpace {
         volume_offset: u64,
         length: u64,
     ) -> Result<Vec<Extent>, AllocError> {
-        if length == 0 || length % BLOCK_SIZE != 0 || volume_offset % BLOCK_SIZE != 0 {
+        if length == 0
+            || !length.is_multiple_of(BLOCK_SIZE)
+            || !volume_offset.is_multiple_of(BLOCK_SIZE)
+        {
             return Err(AllocError::BadSize(format!(
                 "sizes must be non-zero multiples of the {BLOCK_SIZE}-byte block size"
             )));
@@ -341,7 +344,7 @@ impl PoolSpace {
         stripe_unit: u64,
         layout: Layout,
     ) -> Result<Vec<Extent>, AllocError> {
-        if stripe_unit == 0 || stripe_unit % BLOCK_SIZE != 0 || stripe_count < 2 {
+        if stripe_unit == 0 || !stripe_unit.is_multiple_of(BLOCK_SIZE) || stripe_count < 2 {
             return Err(AllocError::BadSize(
                 "stripe unit must be a multiple of the block size".into(),
             ));

@@ -173,7 +173,7 @@ pub fn format_size(bytes: u64) -> String {
         ("K", 1 << 10),
     ];
     for (suffix, unit) in UNITS {
-        if bytes >= unit && bytes % unit == 0 {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
             return format!("{}{suffix}", bytes / unit);
         }
         if bytes >= unit {

@@ -3,8 +3,11 @@
 //! One module per subcommand group; each returns `Result<(), CliError>` and main turns that
 //! into an exit code: 0 ok, 1 the server said no, 2 usage, 3 cannot reach the server.
 
+mod agent;
 mod client_cmd;
 mod context;
+mod kernel_link;
+mod map_encoding;
 mod output;
 mod pool;
 mod volume;
@@ -22,7 +25,7 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/var/lib/sand/admin.sock";
 #[command(
     name = "sanctl",
     version,
-    about = "Administer a sanblk server (sand): storage pool, volumes, clients",
+    about = "Administer a sanblk server (sand) and attach its volumes on client hosts",
     after_help = "Examples:\n  sanctl pool add /dev/sdb\n  sanctl pool list\n  sanctl volume create db1 10G --layout mirror\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret\n  sanctl client grant host1 db1 rw\n  sanctl --json volume show db1\n\nExit codes: 0 ok, 1 the server refused (message on stderr), 2 usage error,\n3 cannot reach the server."
 )]
 struct Cli {
@@ -50,6 +53,15 @@ enum Command {
     /// Clients: secrets and grants.
     #[command(subcommand)]
     Client(client_cmd::ClientCommand),
+    /// Client agent: attach a volume on this host and keep it up to date (runs until detached).
+    #[command(
+        after_help = "Example:\n  sanctl attach db1 --server san1:7700 --client host1 --secret-file /etc/sanblk/host1.secret &\n\nPrints the block device (/dev/sanblkN) once attached; `sanctl detach db1` stops it."
+    )]
+    Attach(agent::AttachArgs),
+    /// Detach a volume attached by `sanctl attach` on this host.
+    Detach(agent::DetachArgs),
+    /// Show the kernel module's view: attached volumes, epochs, SAN device paths and counters.
+    Status,
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
@@ -58,6 +70,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Pool(command) => pool::run(command, &mut context).await,
         Command::Volume(command) => volume::run(command, &mut context).await,
         Command::Client(command) => client_cmd::run(command, &mut context).await,
+        Command::Attach(args) => agent::attach(args).await,
+        Command::Detach(args) => agent::detach(args).await,
+        Command::Status => agent::status(&context),
     }
 }
 

@@ -8,7 +8,7 @@
 //!    each client has received the new epoch (median, p99, max), and until the server has
 //!    recorded every ack.
 //!
-//! Usage: cargo build --release -p sand --bins && target/release/sand-bench --clients 10000
+//! Usage: cargo run --release -p sand --bin sand-bench -- --clients 10000
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -226,10 +226,27 @@ fn sand_binary(args: &Args) -> anyhow::Result<PathBuf> {
     if sibling.exists() {
         return Ok(sibling);
     }
-    bail!(
-        "{} not found; build it first: cargo build --release -p sand --bins (or pass --sand)",
-        sibling.display()
-    )
+    // `cargo run --bin sand-bench` builds only this binary; build the server the same way.
+    let cargo = std::env::var("CARGO").map_err(|_| {
+        anyhow!(
+            "{} not found; build it first: cargo build --release -p sand --bins (or pass --sand)",
+            sibling.display()
+        )
+    })?;
+    let release = exe
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|d| d == "release");
+    let mut build = Command::new(cargo);
+    build.args(["build", "-q", "-p", "sand", "--bin", "sand"]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().context("running cargo build for sand")?;
+    if !status.success() || !sibling.exists() {
+        bail!("building {} failed", sibling.display());
+    }
+    Ok(sibling)
 }
 
 fn start_sand(binary: &Path, dir: &Path) -> anyhow::Result<(Child, std::net::SocketAddr, PathBuf)> {

@@ -1,0 +1,54 @@
+# sanblk: `make test` builds everything (installing what is missing) and runs every test;
+# `make demo` boots a guest with the module. See README.md.
+
+# Build the module against your own Rust-enabled kernel tree with `make kmod KDIR=/path`.
+KDIR ?=
+KBUILD_FLAGS ?= LLVM=1
+CARGO ?= cargo
+
+.PHONY: all deps kernel kmod build test unit-test qemu-test lint demo bench clean
+
+all: kmod build
+
+deps:
+	@qemu/install-deps.sh
+
+kernel: deps
+	@qemu/build-kernel.sh >/dev/null
+
+kmod/generated/sanblk_uapi.h: uapi/src/netlink.rs uapi/examples/c_header.rs
+	@mkdir -p kmod/generated
+	$(CARGO) run -q -p sanblk-uapi --example c_header > $@.tmp && mv $@.tmp $@
+
+# Without KDIR, the project's cached kernel is used (and built on first use).
+kmod: kmod/generated/sanblk_uapi.h
+	@kdir="$(KDIR)"; [ -n "$$kdir" ] || kdir=$$(qemu/build-kernel.sh); \
+	$(MAKE) -C "$$kdir" M=$(CURDIR)/kmod $(KBUILD_FLAGS) modules
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit-test:
+	$(CARGO) test --workspace --lib --bins
+
+# QEMU tests boot the kernel that `make kernel` built (or SANBLK_KERNEL_TREE=KDIR).
+test: deps kernel kmod build lint
+	SANBLK_KERNEL_TREE=$(KDIR) $(CARGO) test --workspace -- --test-threads=2
+
+demo: deps kernel kmod build
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-demo
+
+# Benchmarks print markdown tables; BENCHMARKS.md records them with their commands.
+bench: deps kernel kmod build
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-datapath
+	$(CARGO) run -q --release -p sand --bin sand-bench -- --clients 10000
+
+clean:
+	$(CARGO) clean
+	rm -rf kmod/generated
+	@kdir="$(KDIR)"; [ -n "$$kdir" ] || kdir=$$(qemu/build-kernel.sh 2>/dev/null) || true; \
+	[ -z "$$kdir" ] || $(MAKE) -C "$$kdir" M=$(CURDIR)/kmod $(KBUILD_FLAGS) clean

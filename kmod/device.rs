@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A SAN device opened by the driver: exclusive while a volume uses it, closed on drop.
+
+use core::ffi::c_void;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use kernel::bindings;
+use kernel::error::from_err_ptr;
+use kernel::prelude::*;
+use kernel::str::CString;
+
+use crate::abi::DeviceState;
+
+const BLK_OPEN_READ: bindings::blk_mode_t = 1 << 0;
+const BLK_OPEN_WRITE: bindings::blk_mode_t = 1 << 1;
+const BLK_OPEN_EXCL: bindings::blk_mode_t = 1 << 2;
+
+/// The holder of every exclusive open: the module itself, so volumes of this module may share
+/// a SAN device (on different extents) while nobody else can open it exclusively or mount it.
+static HOLDER: u8 = 0;
+
+pub(crate) struct SanDevice {
+    file: *mut bindings::file,
+    bdev: *mut bindings::block_device,
+    pub(crate) path: CString,
+    /// UUID the map gives this device.
+    pub(crate) uuid: [u8; 16],
+    state: AtomicU32,
+    errors: AtomicU64,
+}
+
+// SAFETY: `file` and `bdev` are kernel objects usable from any thread; this value only reads
+// them (and closes the file once, in drop).
+unsafe impl Send for SanDevice {}
+// SAFETY: see `Send`; the mutable state is atomic.
+unsafe impl Sync for SanDevice {}
+
+impl SanDevice {
+    /// Opens the block device at `path` exclusively.
+    pub(crate) fn open(path: CString, uuid: [u8; 16], writable: bool) -> Result<Self> {
+        let mode = BLK_OPEN_READ | BLK_OPEN_EXCL | if writable { BLK_OPEN_WRITE } else { 0 };
+        let holder = core::ptr::addr_of!(HOLDER) as *mut c_void;
+        // SAFETY: `path` is NUL-terminated; the holder is a static address; no holder ops.
+        let file = from_err_ptr(unsafe {
+            bindings::bdev_file_open_by_path(path.as_char_ptr(), mode, holder, core::ptr::null())
+        })?;
+        // SAFETY: `file` was just opened as a block device file.
+        let bdev = unsafe { bindings::file_bdev(file) };
+        Ok(SanDevice {
+            file,
+            bdev,
+            path,
+            uuid,
+            state: AtomicU32::new(DeviceState::Healthy as u32),
+            errors: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn bdev(&self) -> *mut bindings::block_device {
+        self.bdev
+    }
+
+    /// Device size in bytes.
+    pub(crate) fn size_bytes(&self) -> u64 {
+        // SAFETY: `bdev` stays valid while the file is open (until drop).
+        let sectors = unsafe { (*self.bdev).bd_nr_sectors };
+        sectors << 9
+    }
+
+    pub(crate) fn state(&self) -> u32 {
+        self.state.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Records a failed direct I/O on this device.
+    pub(crate) fn note_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.state.store(DeviceState::Failed as u32, Ordering::Relaxed);
+    }
+}
+
+impl Drop for SanDevice {
+    fn drop(&mut self) {
+        // SAFETY: the file was opened by `open` and is closed exactly once; the volume has
+        // drained its I/O before dropping its devices.
+        unsafe { bindings::bdev_fput(self.file) };
+    }
+}

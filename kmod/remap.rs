@@ -1,0 +1,239 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The direct data path: `submit_bio` of a sanblk disk splits a bio at map boundaries and
+//! remaps each piece onto its SAN device(s) by cloning, as dm-linear does. No data is copied
+//! and nothing waits here beyond mempool allocations with guaranteed forward progress.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::Ordering;
+use kernel::bindings;
+use kernel::prelude::*;
+
+use crate::abi_map::MAX_MEMBERS;
+use crate::volume::Volume;
+
+const BLK_STS_NOTSUPP: bindings::blk_status_t = 1;
+const BLK_STS_IOERR: bindings::blk_status_t = 10;
+const REQ_OP_MASK: bindings::blk_opf_t = (1 << bindings::REQ_OP_BITS) - 1;
+const REQ_PREFLUSH: bindings::blk_opf_t = 1 << bindings::req_flag_bits___REQ_PREFLUSH;
+const GFP_NOIO: bindings::gfp_t =
+    (1 << bindings::___GFP_DIRECT_RECLAIM_BIT) | (1 << bindings::___GFP_KSWAPD_RECLAIM_BIT);
+/// Mirrored reads alternate between replicas in chunks of this many bytes.
+const READ_BALANCE_SHIFT: u32 = 20;
+
+extern "C" {
+    // `struct bio` as an opaque pointer: bindgen's layout is not FFI-safe by rustc's lints.
+    fn sanblk_bio_inc_remaining(bio: *mut core::ffi::c_void);
+}
+
+struct BlockOps(UnsafeCell<bindings::block_device_operations>);
+
+// SAFETY: written once in module init (`set_owner`) before any disk exists, read-only after.
+unsafe impl Sync for BlockOps {}
+
+static BLOCK_OPS: BlockOps = BlockOps(UnsafeCell::new(bindings::block_device_operations {
+    submit_bio: Some(sanblk_submit_bio),
+    // SAFETY: all other members are optional callbacks or pointers for which zero means none.
+    ..unsafe { core::mem::zeroed() }
+}));
+
+/// Makes open sanblk disks pin the module, so it cannot be unloaded under an opener.
+pub(crate) fn set_owner(module: &'static ThisModule) {
+    // SAFETY: called once from module init, before any disk (the only reader) exists.
+    unsafe { (*BLOCK_OPS.0.get()).owner = module.as_ptr() };
+}
+
+pub(crate) fn block_ops() -> *const bindings::block_device_operations {
+    BLOCK_OPS.0.get()
+}
+
+/// Completes `bio` with an error status.
+fn fail_bio(bio: *mut bindings::bio, status: bindings::blk_status_t) {
+    // SAFETY: `bio` is a live bio we own the completion of.
+    unsafe {
+        (*bio).bi_status = status;
+        bindings::bio_endio(bio);
+    }
+}
+
+/// # Safety
+///
+/// Called by the block layer with a valid bio addressed to a sanblk disk, whose private_data
+/// holds a reference to its `Volume` for as long as the disk exists.
+unsafe extern "C" fn sanblk_submit_bio(bio: *mut bindings::bio) {
+    // SAFETY: see the function's contract.
+    let volume = unsafe { &*((*(*(*bio).bi_bdev).bd_disk).private_data as *const Volume) };
+    submit(volume, bio);
+}
+
+fn submit(volume: &Volume, bio: *mut bindings::bio) {
+    // SAFETY: `bio` is valid for the duration of this call.
+    let (opf, sector, size) = unsafe { ((*bio).bi_opf, (*bio).bi_iter.bi_sector, (*bio).bi_iter.bi_size) };
+    let op = opf & REQ_OP_MASK;
+    let is_write = match op {
+        bindings::req_op_REQ_OP_READ => false,
+        bindings::req_op_REQ_OP_WRITE
+        | bindings::req_op_REQ_OP_DISCARD
+        | bindings::req_op_REQ_OP_WRITE_ZEROES => true,
+        _ => return fail_bio(bio, BLK_STS_NOTSUPP),
+    };
+    if is_write && volume.read_only {
+        return fail_bio(bio, BLK_STS_IOERR);
+    }
+    let map = volume.current_map();
+    if opf & REQ_PREFLUSH != 0 {
+        flush_all_devices(volume, &map.slots, bio);
+        if size == 0 {
+            // SAFETY: drops the submission reference; completes once the flushes do.
+            unsafe { bindings::bio_endio(bio) };
+            return;
+        }
+    }
+
+    let view = map.view();
+    let offset = sector << 9;
+    let piece = match view.map(offset, size as u64) {
+        Some(piece) => piece,
+        None => return fail_bio(bio, BLK_STS_IOERR),
+    };
+    let mut bio = bio;
+    if piece.length < size as u64 {
+        // Handle the front piece now and resubmit the rest, which re-enters here: at most one
+        // split and MAX_MEMBERS clones are allocated per call.
+        // SAFETY: `bio` is valid and longer than the piece; the split comes from our bioset.
+        let front = unsafe {
+            bindings::bio_split(bio, (piece.length >> 9) as i32, GFP_NOIO, volume.bioset())
+        };
+        if front.is_null() {
+            return fail_bio(bio, BLK_STS_IOERR);
+        }
+        // SAFETY: `front` completes into `bio`, whose remainder goes back to the block layer.
+        unsafe {
+            bindings::bio_chain(front, bio);
+            bindings::submit_bio_noacct(bio);
+        }
+        bio = front;
+    }
+
+    let counters = &volume.counters;
+    if is_write {
+        counters.write_ios.fetch_add(1, Ordering::Relaxed);
+        counters.written_bytes.fetch_add(piece.length, Ordering::Relaxed);
+    } else {
+        counters.read_ios.fetch_add(1, Ordering::Relaxed);
+        counters.read_bytes.fetch_add(piece.length, Ordering::Relaxed);
+    }
+
+    let count = piece.target_count as usize;
+    let targets = &piece.targets[..count.min(MAX_MEMBERS)];
+    if is_write {
+        for target in targets {
+            clone_to(volume, bio, slot_of(&map.slots, target.device), target.offset >> 9, true);
+        }
+    } else {
+        let preferred = ((offset >> READ_BALANCE_SHIFT) as usize) % count.max(1);
+        let chosen = (0..count)
+            .map(|i| &targets[(preferred + i) % count])
+            .find(|t| device_healthy(volume, slot_of(&map.slots, t.device)))
+            .unwrap_or(&targets[preferred]);
+        clone_to(volume, bio, slot_of(&map.slots, chosen.device), chosen.offset >> 9, false);
+    }
+    // SAFETY: drops the submission reference; the bio completes when its clones do.
+    unsafe { bindings::bio_endio(bio) };
+}
+
+/// The volume device slot of map device `index` (u32::MAX, an empty slot, if out of range).
+fn slot_of(slots: &[u32], index: u32) -> u32 {
+    slots.get(index as usize).copied().unwrap_or(u32::MAX)
+}
+
+fn device_healthy(volume: &Volume, slot: u32) -> bool {
+    volume
+        .devices
+        .get(slot)
+        .map(|d| d.state() == crate::abi::DeviceState::Healthy as u32)
+        .unwrap_or(false)
+}
+
+/// Sends a clone of `bio` (same length and pages) to device `index` at `device_sector`.
+fn clone_to(volume: &Volume, bio: *mut bindings::bio, index: u32, device_sector: u64, strip_flush: bool) {
+    let Some(device) = volume.devices.get(index) else {
+        // SAFETY: `bio` is live; record the failure, the final bio_endio completes it.
+        unsafe { (*bio).bi_status = BLK_STS_IOERR };
+        return;
+    };
+    // SAFETY: `bio` is live and the device's bdev is open; the clone comes from our bioset
+    // (GFP_NOIO with a mempool: may wait for a clone to complete, never fails).
+    let clone = unsafe { bindings::bio_alloc_clone(device.bdev(), bio, GFP_NOIO, volume.bioset()) };
+    if clone.is_null() {
+        // SAFETY: as above.
+        unsafe { (*bio).bi_status = BLK_STS_IOERR };
+        return;
+    }
+    volume.inflight.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: `clone` is ours until submitted; the parent gets one more completion to wait for.
+    unsafe {
+        (*clone).bi_iter.bi_sector = device_sector;
+        if strip_flush {
+            (*clone).bi_opf &= !REQ_PREFLUSH;
+        }
+        (*clone).bi_end_io = Some(clone_endio);
+        (*clone).bi_private = bio.cast();
+        sanblk_bio_inc_remaining(bio.cast());
+        bindings::submit_bio_noacct(clone);
+    }
+}
+
+/// Issues an empty PREFLUSH to every device of the volume, each completing into `bio`.
+fn flush_all_devices(volume: &Volume, slots: &[u32], bio: *mut bindings::bio) {
+    for device in slots.iter().filter_map(|slot| volume.devices.get(*slot)) {
+        // SAFETY: a data-less bio from our bioset for an open device.
+        let flush = unsafe {
+            bindings::bio_alloc_bioset(
+                device.bdev(),
+                0,
+                bindings::req_op_REQ_OP_WRITE | REQ_PREFLUSH,
+                GFP_NOIO,
+                volume.bioset(),
+            )
+        };
+        if flush.is_null() {
+            // SAFETY: `bio` is live.
+            unsafe { (*bio).bi_status = BLK_STS_IOERR };
+            continue;
+        }
+        volume.inflight.fetch_add(1, Ordering::AcqRel);
+        // SAFETY: as in `clone_to`.
+        unsafe {
+            (*flush).bi_end_io = Some(clone_endio);
+            (*flush).bi_private = bio.cast();
+            sanblk_bio_inc_remaining(bio.cast());
+            bindings::submit_bio_noacct(flush);
+        }
+    }
+}
+
+/// # Safety
+///
+/// Completion of a clone or flush issued by this module: `bi_private` is its parent bio,
+/// which waits for this completion and is addressed to a live sanblk disk.
+unsafe extern "C" fn clone_endio(clone: *mut bindings::bio) {
+    // SAFETY: see the function's contract; the volume outlives its in-flight clones because
+    // `Volume::remove_disk` waits for `inflight` to reach zero.
+    unsafe {
+        let parent = (*clone).bi_private as *mut bindings::bio;
+        let volume = &*((*(*(*parent).bi_bdev).bd_disk).private_data as *const Volume);
+        let status = (*clone).bi_status;
+        if status != 0 {
+            let bdev = (*clone).bi_bdev;
+            if let Some((_, device)) = volume.devices.iter().find(|(_, d)| d.bdev() == bdev) {
+                device.note_error();
+            }
+            volume.counters.errors.fetch_add(1, Ordering::Relaxed);
+            (*parent).bi_status = status;
+        }
+        bindings::bio_put(clone);
+        bindings::bio_endio(parent);
+        volume.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}

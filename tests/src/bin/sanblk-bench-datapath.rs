@@ -1,0 +1,153 @@
+//! `make bench` (data path): fio in one guest, one run, equal-sized targets on three identical
+//! virtio disks: the raw disk, dm-linear over a disk, and a sanblk linear volume over a disk.
+//! Prints a markdown table of throughput and the ratios against raw and dm-linear.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use sanblk_tests::{module_path, run, scratch_dir, sparse_image, target_bin, VmConfig};
+
+const MIB: u64 = 1 << 20;
+const TARGET_MIB: u64 = 256;
+
+struct Job {
+    name: &'static str,
+    args: &'static str,
+    metric: Metric,
+}
+
+#[derive(Clone, Copy)]
+enum Metric {
+    ReadBandwidth,
+    WriteBandwidth,
+    ReadIops,
+    WriteIops,
+}
+
+const JOBS: [Job; 4] = [
+    Job {
+        name: "seq-read-1M",
+        args: "--rw=read --bs=1M --iodepth=8",
+        metric: Metric::ReadBandwidth,
+    },
+    Job {
+        name: "seq-write-1M",
+        args: "--rw=write --bs=1M --iodepth=8",
+        metric: Metric::WriteBandwidth,
+    },
+    Job {
+        name: "rand-read-4k-qd32",
+        args: "--rw=randread --bs=4k --iodepth=32",
+        metric: Metric::ReadIops,
+    },
+    Job {
+        name: "rand-write-4k-qd32",
+        args: "--rw=randwrite --bs=4k --iodepth=32",
+        metric: Metric::WriteIops,
+    },
+];
+
+const TARGETS: [(&str, &str); 3] = [
+    ("raw", "/dev/vda"),
+    ("dm-linear", "/dev/mapper/bench-linear"),
+    ("sanblk", "/dev/sanblk0"),
+];
+
+fn value(json: &str, metric: Metric) -> Result<f64, String> {
+    let parsed: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("fio json: {e}"))?;
+    let job = &parsed["jobs"][0];
+    let number = |v: &serde_json::Value| {
+        v.as_f64()
+            .ok_or_else(|| format!("fio json lacks a field: {v}"))
+    };
+    match metric {
+        Metric::ReadBandwidth => number(&job["read"]["bw"]).map(|kib| kib / 1024.0),
+        Metric::WriteBandwidth => number(&job["write"]["bw"]).map(|kib| kib / 1024.0),
+        Metric::ReadIops => number(&job["read"]["iops"]),
+        Metric::WriteIops => number(&job["write"]["iops"]),
+    }
+}
+
+fn bench(runtime_s: u32) -> Result<String, String> {
+    let dir = scratch_dir("bench-datapath").map_err(|e| e.to_string())?;
+    for i in 0..3 {
+        sparse_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB)
+            .map_err(|e| e.to_string())?;
+    }
+    let sectors = TARGET_MIB * MIB / 512;
+    let mut script = format!(
+        "set -e\ninsmod {module}\n\
+         dmsetup create bench-linear --table '0 {sectors} linear /dev/vdb 2048'\n\
+         {probe} create bench 1 1 linear {TARGET_MIB} /dev/vdc\n",
+        module = module_path().display(),
+        probe = target_bin("sanblk-nlprobe").display(),
+    );
+    // Same job order on every target, interleaved per job so drift affects all alike.
+    for job in &JOBS {
+        for (target, device) in TARGETS {
+            let size = if target == "raw" {
+                format!("--size={TARGET_MIB}M")
+            } else {
+                String::new()
+            };
+            script.push_str(&format!(
+                "fio --name={name} --filename={device} {size} {args} --direct=1 --ioengine=libaio \
+                 --runtime={runtime_s} --time_based --ramp_time=1 --eta=never --output-format=json \
+                 --output={target}-{name}.json\n",
+                name = job.name,
+                args = job.args,
+            ));
+        }
+    }
+    script.push_str("dmsetup remove bench-linear\n");
+    let mut config = VmConfig::new("bench-datapath", &script).timeout(Duration::from_secs(1200));
+    for i in 0..3 {
+        config = config.disk(dir.join(format!("disk{i}.img")));
+    }
+    let outcome = run(&config).map_err(|e| format!("{e:?}"))?;
+    outcome.check_clean_success()?;
+    let mut table = String::from(
+        "| job | raw | dm-linear | sanblk | sanblk / raw | sanblk / dm-linear |\n|---|---|---|---|---|---|\n",
+    );
+    for job in &JOBS {
+        let mut values = Vec::new();
+        for (target, _) in TARGETS {
+            let json = outcome
+                .read_out_file(&format!("{target}-{}.json", job.name))
+                .map_err(|e| format!("{target} {}: {e}", job.name))?;
+            values.push(value(&json, job.metric)?);
+        }
+        let unit = match job.metric {
+            Metric::ReadBandwidth | Metric::WriteBandwidth => "MiB/s",
+            _ => "IOPS",
+        };
+        table.push_str(&format!(
+            "| {} | {:.1} {unit} | {:.1} {unit} | {:.1} {unit} | {:.3} | {:.3} |\n",
+            job.name,
+            values[0],
+            values[1],
+            values[2],
+            values[2] / values[0],
+            values[2] / values[1]
+        ));
+    }
+    Ok(table)
+}
+
+fn main() -> ExitCode {
+    let runtime_s = std::env::var("SANBLK_BENCH_RUNTIME")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    match bench(runtime_s) {
+        Ok(table) => {
+            println!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("benchmark failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

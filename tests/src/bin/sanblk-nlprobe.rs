@@ -1,0 +1,749 @@
+//! Guest-side generic-netlink probe for the sanblk module.
+//!
+//! `sanblk-nlprobe status` asks the module for STATUS and prints `key=value` lines.
+//! `sanblk-nlprobe hostile` sends malformed requests (unknown commands, missing, oversized,
+//! mistyped and unknown attributes, a truncated message) and prints one line per case:
+//! `case=<name> errno=<n> msg=<extack message>`; it exits 1 if any of them was accepted.
+//! The host test checks the printed errnos and that STATUS still works afterwards.
+//! `sanblk-nlprobe create NAME ID EPOCH LAYOUT SIZE_MIB DEV...` attaches a volume built from a
+//! fixed recipe (see [`recipe`]) on the given block devices, without a server: the host test
+//! knows the same recipe and checks where each block landed in the image files.
+//! `sanblk-nlprobe update ...` (same arguments) sends UPDATE_MAP; `destroy ID` detaches.
+//! `sanblk-nlprobe hostile-maps DEV DEV` sends CREATE/UPDATE_MAP requests with hostile maps.
+
+use std::process::ExitCode;
+
+use neli::{
+    consts::{nl::NlmF, socket::NlFamily},
+    err::RouterError,
+    genl::{AttrTypeBuilder, Genlmsghdr, GenlmsghdrBuilder, Nlattr, NlattrBuilder, NoUserHeader},
+    nl::{NlPayload, Nlmsghdr},
+    router::synchronous::NlRouter,
+    types::{Buffer, GenlBuffer},
+    utils::Groups,
+};
+use sanblk_uapi::map::{self, Device, Extent, ExtentKind, MapHeader, Member, MAX_MEMBERS};
+use sanblk_uapi::netlink::{Attr, Command, FAMILY_NAME, FAMILY_VERSION};
+
+const MIB: u64 = 1 << 20;
+const NLA_F_NESTED: u16 = 1 << 15;
+
+type Message = Genlmsghdr<u8, u16>;
+/// Attributes of a hand-built request: (type, payload).
+type RawAttrs = Vec<(u16, Vec<u8>)>;
+
+/// Outcome of one request: the kernel's reply or its errno and extack message.
+enum Outcome {
+    Reply(Box<Message>),
+    Error { errno: i32, message: String },
+}
+
+struct Link {
+    router: NlRouter,
+    family: u16,
+}
+
+impl Link {
+    fn open() -> Result<Link, String> {
+        let (router, _) = NlRouter::connect(NlFamily::Generic, None, Groups::empty())
+            .map_err(|e| format!("cannot open a generic netlink socket: {e}"))?;
+        router
+            .enable_ext_ack(true)
+            .map_err(|e| format!("cannot enable extended acks: {e}"))?;
+        let family = router
+            .resolve_genl_family(FAMILY_NAME)
+            .map_err(|e| format!("family {FAMILY_NAME} not found (is sanblk.ko loaded?): {e}"))?;
+        Ok(Link { router, family })
+    }
+
+    fn request(&self, command: u8, attrs: GenlBuffer<u16, Buffer>) -> Result<Outcome, String> {
+        let header = GenlmsghdrBuilder::<u8, u16, NoUserHeader>::default()
+            .cmd(command)
+            .version(FAMILY_VERSION)
+            .attrs(attrs)
+            .build()
+            .map_err(|e| format!("cannot build request: {e}"))?;
+        let mut replies = self
+            .router
+            .send::<_, _, u16, Message>(self.family, NlmF::ACK, NlPayload::Payload(header))
+            .map_err(|e| format!("send failed: {e}"))?;
+        match replies.next() {
+            Some(Ok(message)) => {
+                let message: Nlmsghdr<u16, Message> = message;
+                match message.get_payload() {
+                    Some(payload) => Ok(Outcome::Reply(Box::new(payload.clone()))),
+                    None => Err("reply without payload".to_string()),
+                }
+            }
+            Some(Err(RouterError::Nlmsgerr(err))) => {
+                let message = err
+                    .ext_ack()
+                    .iter()
+                    .find(|a| u16::from(a.nla_type()) == 1)
+                    .map(|a| {
+                        String::from_utf8_lossy(a.nla_payload().as_ref())
+                            .trim_end_matches('\0')
+                            .to_string()
+                    })
+                    .unwrap_or_default();
+                Ok(Outcome::Error {
+                    errno: -err.error(),
+                    message,
+                })
+            }
+            Some(Err(other)) => Err(format!("netlink error: {other}")),
+            None => Err("no answer from the kernel".to_string()),
+        }
+    }
+}
+
+fn attr(attr_type: u16, payload: Vec<u8>) -> Result<Nlattr<u16, Buffer>, String> {
+    NlattrBuilder::default()
+        .nla_type(
+            AttrTypeBuilder::default()
+                .nla_type(attr_type)
+                .build()
+                .map_err(|e| e.to_string())?,
+        )
+        .nla_payload(payload)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn attrs(list: Vec<(u16, Vec<u8>)>) -> Result<GenlBuffer<u16, Buffer>, String> {
+    list.into_iter().map(|(t, p)| attr(t, p)).collect()
+}
+
+fn nul_terminated(text: &str) -> Vec<u8> {
+    let mut bytes = text.as_bytes().to_vec();
+    bytes.push(0);
+    bytes
+}
+
+fn status(link: &Link) -> Result<(), String> {
+    match link.request(Command::Status as u8, attrs(vec![])?)? {
+        Outcome::Reply(reply) => {
+            let handle = reply.attrs().get_attr_handle();
+            let u32_of = |a: Attr| handle.get_attr_payload_as::<u32>(a as u16).ok();
+            let text_of = |a: Attr| {
+                handle.get_attribute(a as u16).map(|n| {
+                    String::from_utf8_lossy(n.nla_payload().as_ref())
+                        .trim_end_matches('\0')
+                        .to_string()
+                })
+            };
+            let show = |v: Option<String>| v.unwrap_or_else(|| "missing".to_string());
+            println!(
+                "protocol_version={}",
+                show(u32_of(Attr::ProtocolVersion).map(|v| v.to_string()))
+            );
+            println!("module_version={}", show(text_of(Attr::ModuleVersion)));
+            println!(
+                "block_major={}",
+                show(u32_of(Attr::BlockMajor).map(|v| v.to_string()))
+            );
+            println!(
+                "volume_count={}",
+                show(u32_of(Attr::VolumeCount).map(|v| v.to_string()))
+            );
+            Ok(())
+        }
+        Outcome::Error { errno, message } => {
+            Err(format!("STATUS failed: errno {errno}: {message}"))
+        }
+    }
+}
+
+/// A raw generic-netlink socket for hostile requests: sizes and layouts no library would
+/// build, errors read straight from `nlmsgerr` (with `NETLINK_CAP_ACK`, so a huge request is not
+/// echoed back, and `NETLINK_EXT_ACK` for the kernel's message).
+struct RawLink {
+    fd: i32,
+    family: u16,
+}
+
+const NLMSGERR_ATTR_MSG: u16 = 1;
+const NLM_F_ACK_TLVS: u16 = 0x200;
+
+impl RawLink {
+    fn open(family: u16) -> Result<RawLink, String> {
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_GENERIC) };
+        if fd < 0 {
+            return Err(format!("socket: {}", std::io::Error::last_os_error()));
+        }
+        let link = RawLink { fd, family };
+        for option in [libc::NETLINK_CAP_ACK, libc::NETLINK_EXT_ACK] {
+            let one: libc::c_int = 1;
+            // SAFETY: `one` outlives the call and the length matches its type.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_NETLINK,
+                    option,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            if rc < 0 {
+                return Err(format!("setsockopt: {}", std::io::Error::last_os_error()));
+            }
+        }
+        Ok(link)
+    }
+
+    /// Sends one message whose header claims `claimed_len` (normally the real length).
+    fn send(
+        &self,
+        command: u8,
+        attributes: &[(u16, Vec<u8>)],
+        claimed_len: Option<u32>,
+    ) -> Result<(), String> {
+        let mut body = vec![command, FAMILY_VERSION, 0, 0];
+        for (attr_type, payload) in attributes {
+            let len = 4 + payload.len();
+            body.extend_from_slice(&(len as u16).to_ne_bytes());
+            body.extend_from_slice(&attr_type.to_ne_bytes());
+            body.extend_from_slice(payload);
+            body.resize(body.len() + (4 - len % 4) % 4, 0);
+        }
+        let total = 16 + body.len();
+        let mut message = Vec::with_capacity(total);
+        message.extend_from_slice(&claimed_len.unwrap_or(total as u32).to_ne_bytes());
+        message.extend_from_slice(&self.family.to_ne_bytes());
+        message.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+        message.extend_from_slice(&1u32.to_ne_bytes());
+        message.extend_from_slice(&0u32.to_ne_bytes());
+        message.extend_from_slice(&body);
+        // SAFETY: a zeroed sockaddr_nl addressed to the kernel (pid 0).
+        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        kernel.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: `message` and `kernel` are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd,
+                message.as_ptr().cast(),
+                message.len(),
+                0,
+                (&kernel as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(format!("sendto: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Waits up to a second for the kernel's answer: `Some((errno, message))` for an error,
+    /// `Some((0, ""))` for a reply or ack, `None` if the kernel stayed silent.
+    fn receive(&self) -> Result<Option<(i32, String)>, String> {
+        let mut poll = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut poll, 1, 1000) } <= 0 {
+            return Ok(None);
+        }
+        let mut buffer = vec![0u8; 65536];
+        // SAFETY: `buffer` is writable for its whole length.
+        let got = unsafe { libc::recv(self.fd, buffer.as_mut_ptr().cast(), buffer.len(), 0) };
+        if got < 16 {
+            return Err(format!(
+                "short netlink read: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let got = got as usize;
+        let message_type = u16::from_ne_bytes([buffer[4], buffer[5]]);
+        let flags = u16::from_ne_bytes([buffer[6], buffer[7]]);
+        if message_type != libc::NLMSG_ERROR as u16 {
+            return Ok(Some((0, String::new())));
+        }
+        let error = i32::from_ne_bytes([buffer[16], buffer[17], buffer[18], buffer[19]]);
+        let mut text = String::new();
+        if flags & NLM_F_ACK_TLVS != 0 {
+            // nlmsghdr, error code, then the echoed request header only (NETLINK_CAP_ACK).
+            let mut at = 16 + 4 + 16;
+            while at + 4 <= got {
+                let len = u16::from_ne_bytes([buffer[at], buffer[at + 1]]) as usize;
+                let attr_type = u16::from_ne_bytes([buffer[at + 2], buffer[at + 3]]) & 0x3fff;
+                if len < 4 || at + len > got {
+                    break;
+                }
+                if attr_type == NLMSGERR_ATTR_MSG {
+                    text = String::from_utf8_lossy(&buffer[at + 4..at + len])
+                        .trim_end_matches('\0')
+                        .to_string();
+                }
+                at += (len + 3) & !3;
+            }
+        }
+        Ok(Some((-error, text)))
+    }
+}
+
+impl Drop for RawLink {
+    fn drop(&mut self) {
+        // SAFETY: `fd` is the socket this value owns.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+fn hostile(link: &Link) -> Result<bool, String> {
+    let long_name = nul_terminated(&"x".repeat(300));
+    let cases: Vec<(&str, u8, RawAttrs)> = vec![
+        ("unknown-command", 99, vec![]),
+        ("zero-command", 0, vec![]),
+        ("event-from-userspace", Command::Event as u8, vec![]),
+        ("create-missing-attributes", Command::Create as u8, vec![]),
+        (
+            "create-oversized-name",
+            Command::Create as u8,
+            vec![(Attr::VolumeName as u16, long_name)],
+        ),
+        (
+            "create-mistyped-volume-id",
+            Command::Create as u8,
+            vec![(Attr::VolumeId as u16, vec![1, 2, 3])],
+        ),
+        (
+            "create-unterminated-name",
+            Command::Create as u8,
+            vec![(Attr::VolumeName as u16, b"abc".to_vec())],
+        ),
+        (
+            "create-oversized-map",
+            Command::Create as u8,
+            vec![(Attr::Map as u16, vec![0u8; 40_000])],
+        ),
+        (
+            "status-unknown-attribute",
+            Command::Status as u8,
+            vec![(200, vec![0u8; 4])],
+        ),
+        (
+            "status-pad-attribute",
+            Command::Status as u8,
+            vec![(Attr::Pad as u16, vec![0u8; 4])],
+        ),
+        ("destroy-missing-volume", Command::Destroy as u8, vec![]),
+    ];
+    let raw = RawLink::open(link.family)?;
+    let mut all_refused = true;
+    for (name, command, list) in cases {
+        raw.send(command, &list, None)?;
+        match raw.receive()? {
+            Some((0, _)) => {
+                println!("case={name} accepted");
+                all_refused = false;
+            }
+            Some((errno, message)) => println!("case={name} errno={errno} msg={message}"),
+            None => {
+                println!("case={name} no-answer");
+                all_refused = false;
+            }
+        }
+    }
+    // A header claiming more bytes than the datagram holds: the kernel drops it silently.
+    raw.send(Command::Status as u8, &[], Some(4096))?;
+    match raw.receive()? {
+        None => println!("case=truncated-message ignored"),
+        Some((errno, message)) => println!("case=truncated-message errno={errno} msg={message}"),
+    }
+    Ok(all_refused)
+}
+
+/// Size in bytes of a block device, from sysfs.
+fn device_bytes(path: &str) -> Result<u64, String> {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let text = std::fs::read_to_string(format!("/sys/class/block/{name}/size"))
+        .map_err(|e| format!("size of {path}: {e}"))?;
+    text.trim()
+        .parse::<u64>()
+        .map(|s| s * 512)
+        .map_err(|e| format!("size of {path}: {e}"))
+}
+
+fn member(device: u32, offset: u64) -> Member {
+    Member { device, offset }
+}
+
+fn extent(
+    volume_offset: u64,
+    length: u64,
+    kind: ExtentKind,
+    unit: u32,
+    members: &[Member],
+) -> Extent {
+    let mut all = [Member::default(); MAX_MEMBERS];
+    all[..members.len()].copy_from_slice(members);
+    Extent {
+        volume_offset,
+        length,
+        kind,
+        stripe_unit: unit,
+        member_count: members.len() as u8,
+        members: all,
+    }
+}
+
+/// The fixed layouts the host tests verify independently:
+/// - `linear`: first half of the volume on device 0 at 1 MiB, second half on the last device
+///   at 3 MiB (one device: all of it on device 0 at 1 MiB);
+/// - `mirror`: replicas on device 0 at 1 MiB and device 1 at 2 MiB;
+/// - `striped`: 64 KiB units alternating between device 0 at 1 MiB and device 1 at 1 MiB.
+fn recipe(layout: &str, size: u64, devices: usize) -> Result<Vec<Extent>, String> {
+    let replicated = ExtentKind::Replicated;
+    Ok(match (layout, devices) {
+        ("linear", 1) => vec![extent(0, size, replicated, 0, &[member(0, MIB)])],
+        ("linear", n) if n >= 2 => vec![
+            extent(0, size / 2, replicated, 0, &[member(0, MIB)]),
+            extent(
+                size / 2,
+                size / 2,
+                replicated,
+                0,
+                &[member(n as u32 - 1, 3 * MIB)],
+            ),
+        ],
+        ("mirror", 2) => vec![extent(
+            0,
+            size,
+            replicated,
+            0,
+            &[member(0, MIB), member(1, 2 * MIB)],
+        )],
+        ("striped", 2) => vec![extent(
+            0,
+            size,
+            ExtentKind::Striped,
+            65536,
+            &[member(0, MIB), member(1, MIB)],
+        )],
+        _ => {
+            return Err(format!(
+                "no recipe for layout {layout} on {devices} devices"
+            ))
+        }
+    })
+}
+
+fn encode_map(
+    header: &MapHeader,
+    devices: &[Device],
+    extents: &[Extent],
+) -> Result<Vec<u8>, String> {
+    let mut bytes = vec![0u8; map::encoded_len(devices.len(), extents.len())];
+    map::encode(header, devices, extents, &mut bytes).map_err(|e| e.message().to_string())?;
+    Ok(bytes)
+}
+
+struct MapRequest {
+    name: String,
+    id: u64,
+    epoch: u64,
+    map: Vec<u8>,
+    paths: Vec<String>,
+}
+
+impl MapRequest {
+    fn from_args(args: &[String]) -> Result<MapRequest, String> {
+        let usage = "arguments: NAME ID EPOCH LAYOUT SIZE_MIB DEV...";
+        if args.len() < 6 {
+            return Err(usage.to_string());
+        }
+        let number = |s: &str| s.parse::<u64>().map_err(|e| format!("{s}: {e} ({usage})"));
+        let (id, epoch, size) = (
+            number(&args[1])?,
+            number(&args[2])?,
+            number(&args[4])? * MIB,
+        );
+        let paths: Vec<String> = args[5..].to_vec();
+        let mut devices = Vec::new();
+        for (i, path) in paths.iter().enumerate() {
+            devices.push(Device {
+                uuid: [i as u8 + 1; 16],
+                size: device_bytes(path)?,
+            });
+        }
+        let extents = recipe(&args[3], size, paths.len())?;
+        let header = MapHeader {
+            volume_id: id,
+            epoch,
+            size,
+            block_size: 4096,
+            lease_ms: 30_000,
+            device_count: devices.len() as u32,
+            extent_count: extents.len() as u32,
+        };
+        Ok(MapRequest {
+            name: args[0].clone(),
+            id,
+            epoch,
+            map: encode_map(&header, &devices, &extents)?,
+            paths,
+        })
+    }
+
+    fn devices_attr(&self) -> Vec<u8> {
+        let mut nested = Vec::new();
+        for path in &self.paths {
+            let payload = nul_terminated(path);
+            let len = 4 + payload.len();
+            nested.extend_from_slice(&(len as u16).to_ne_bytes());
+            nested.extend_from_slice(&(Attr::DevicePath as u16).to_ne_bytes());
+            nested.extend_from_slice(&payload);
+            nested.resize(nested.len() + (4 - len % 4) % 4, 0);
+        }
+        nested
+    }
+
+    fn create_attrs(&self) -> Vec<(u16, Vec<u8>)> {
+        vec![
+            (Attr::VolumeId as u16, self.id.to_ne_bytes().to_vec()),
+            (Attr::VolumeName as u16, nul_terminated(&self.name)),
+            (Attr::Epoch as u16, self.epoch.to_ne_bytes().to_vec()),
+            (Attr::Map as u16, self.map.clone()),
+            (Attr::Devices as u16 | NLA_F_NESTED, self.devices_attr()),
+            (Attr::Token as u16, b"test-token".to_vec()),
+        ]
+    }
+
+    fn update_attrs(&self) -> Vec<(u16, Vec<u8>)> {
+        vec![
+            (Attr::VolumeId as u16, self.id.to_ne_bytes().to_vec()),
+            (Attr::Epoch as u16, self.epoch.to_ne_bytes().to_vec()),
+            (Attr::Map as u16, self.map.clone()),
+        ]
+    }
+}
+
+/// Sends one request on a raw socket; `Ok(())` on success, the errno and message otherwise.
+fn raw_request(
+    family: u16,
+    command: Command,
+    attrs: &[(u16, Vec<u8>)],
+) -> Result<Result<(), (i32, String)>, String> {
+    let raw = RawLink::open(family)?;
+    raw.send(command as u8, attrs, None)?;
+    match raw.receive()? {
+        Some((0, _)) => Ok(Ok(())),
+        Some((errno, message)) => Ok(Err((errno, message))),
+        None => Err("no answer from the kernel".to_string()),
+    }
+}
+
+fn report(result: Result<(), (i32, String)>) -> Result<bool, String> {
+    match result {
+        Ok(()) => Ok(true),
+        Err((errno, message)) => Err(format!("refused: errno {errno}: {message}")),
+    }
+}
+
+/// CREATE/UPDATE_MAP requests with hostile maps against real devices; prints one line per
+/// case like `hostile`.
+fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
+    let base_args: Vec<String> = ["victim", "77", "5", "linear", "8"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(paths.iter().cloned())
+        .collect();
+    let good = MapRequest::from_args(&base_args)?;
+    let size_of = |p: &String| device_bytes(p);
+    let devices: Vec<Device> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            size_of(p).map(|size| Device {
+                uuid: [i as u8 + 1; 16],
+                size,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let header = |size: u64, extents: usize| MapHeader {
+        volume_id: 77,
+        epoch: 5,
+        size,
+        block_size: 4096,
+        lease_ms: 30_000,
+        device_count: devices.len() as u32,
+        extent_count: extents as u32,
+    };
+    let r = ExtentKind::Replicated;
+    let mut cases: Vec<(&str, Command, RawAttrs)> = Vec::new();
+    let with_map = |map: Vec<u8>| {
+        let mut attrs = good.create_attrs();
+        attrs[3].1 = map;
+        attrs
+    };
+    let overlapping = vec![
+        extent(0, 8 * MIB, r, 0, &[member(0, MIB)]),
+        extent(4 * MIB, 4 * MIB, r, 0, &[member(1, MIB)]),
+    ];
+    cases.push((
+        "overlapping-extents",
+        Command::Create,
+        with_map(encode_map(&header(8 * MIB, 2), &devices, &overlapping)?),
+    ));
+    let shared_space = vec![
+        extent(0, 4 * MIB, r, 0, &[member(0, MIB)]),
+        extent(4 * MIB, 4 * MIB, r, 0, &[member(0, 2 * MIB)]),
+    ];
+    cases.push((
+        "extents-share-device-space",
+        Command::Create,
+        with_map(encode_map(&header(8 * MIB, 2), &devices, &shared_space)?),
+    ));
+    let overflow = vec![extent(0, 8 * MIB, r, 0, &[member(0, u64::MAX - 4095)])];
+    cases.push((
+        "offset-overflow",
+        Command::Create,
+        with_map(encode_map(&header(8 * MIB, 1), &devices, &overflow)?),
+    ));
+    let beyond = vec![extent(
+        0,
+        8 * MIB,
+        r,
+        0,
+        &[member(0, devices[0].size - 4 * MIB)],
+    )];
+    cases.push((
+        "beyond-device-end",
+        Command::Create,
+        with_map(encode_map(&header(8 * MIB, 1), &devices, &beyond)?),
+    ));
+    let unknown = vec![extent(0, 8 * MIB, r, 0, &[member(9, MIB)])];
+    cases.push((
+        "unknown-device-index",
+        Command::Create,
+        with_map(encode_map(&header(8 * MIB, 1), &devices, &unknown)?),
+    ));
+    // The map claims a device larger than the real one: the kernel checks the real size.
+    let mut lying = devices.clone();
+    lying[0].size = devices[0].size * 4;
+    let far = vec![extent(
+        0,
+        8 * MIB,
+        r,
+        0,
+        &[member(0, devices[0].size + MIB)],
+    )];
+    cases.push((
+        "device-smaller-than-map",
+        Command::Create,
+        with_map(encode_map(&header(8 * MIB, 1), &lying, &far)?),
+    ));
+    let mut truncated = good.map.clone();
+    truncated.truncate(truncated.len() - 8);
+    cases.push(("truncated-map", Command::Create, with_map(truncated)));
+    let mut other_volume = good.create_attrs();
+    other_volume[0].1 = 78u64.to_ne_bytes().to_vec();
+    cases.push(("map-for-another-volume", Command::Create, other_volume));
+    let mut wrong_epoch = good.create_attrs();
+    wrong_epoch[2].1 = 6u64.to_ne_bytes().to_vec();
+    cases.push(("epoch-attribute-mismatch", Command::Create, wrong_epoch));
+    let mut missing_path = good.create_attrs();
+    missing_path[4].1 = MapRequest {
+        paths: vec!["/dev/does-not-exist".into(); paths.len()],
+        ..MapRequest::from_args(&base_args)?
+    }
+    .devices_attr();
+    cases.push(("nonexistent-device-path", Command::Create, missing_path));
+    let mut too_few = good.create_attrs();
+    too_few[4].1 = MapRequest {
+        paths: vec![paths[0].clone()],
+        ..MapRequest::from_args(&base_args)?
+    }
+    .devices_attr();
+    cases.push(("too-few-device-paths", Command::Create, too_few));
+    let mut not_nested = good.create_attrs();
+    not_nested[4].0 = Attr::Devices as u16;
+    cases.push(("devices-without-nested-flag", Command::Create, not_nested));
+    let mut bad_name = good.create_attrs();
+    bad_name[1].1 = nul_terminated("../etc");
+    cases.push(("bad-volume-name", Command::Create, bad_name));
+
+    let mut all_refused = true;
+    for (name, command, attrs) in cases {
+        match raw_request(link.family, command, &attrs)? {
+            Ok(()) => {
+                println!("case={name} accepted");
+                all_refused = false;
+            }
+            Err((errno, message)) => println!("case={name} errno={errno} msg={message}"),
+        }
+    }
+    // A real volume, then maps that must not replace its map.
+    report(raw_request(
+        link.family,
+        Command::Create,
+        &good.create_attrs(),
+    )?)?;
+    let duplicate = raw_request(link.family, Command::Create, &good.create_attrs())?;
+    match duplicate {
+        Ok(()) => {
+            println!("case=duplicate-create accepted");
+            all_refused = false;
+        }
+        Err((errno, message)) => println!("case=duplicate-create errno={errno} msg={message}"),
+    }
+    let stale = MapRequest::from_args(
+        &["victim", "77", "4", "linear", "8"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(paths.iter().cloned())
+            .collect::<Vec<_>>(),
+    )?;
+    let same = MapRequest::from_args(&base_args)?;
+    for (name, request) in [("epoch-regression", stale), ("epoch-repeat", same)] {
+        match raw_request(link.family, Command::UpdateMap, &request.update_attrs())? {
+            Ok(()) => {
+                println!("case={name} accepted");
+                all_refused = false;
+            }
+            Err((errno, message)) => println!("case={name} errno={errno} msg={message}"),
+        }
+    }
+    Ok(all_refused)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).cloned().unwrap_or_default();
+    let link = match Link::open() {
+        Ok(link) => link,
+        Err(e) => {
+            eprintln!("sanblk-nlprobe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match mode.as_str() {
+        "status" => status(&link).map(|()| true),
+        "hostile" => hostile(&link),
+        "hostile-maps" => hostile_maps(&link, &args[2..]),
+        "create" => MapRequest::from_args(&args[2..])
+            .and_then(|r| raw_request(link.family, Command::Create, &r.create_attrs()))
+            .and_then(report),
+        "update" => MapRequest::from_args(&args[2..])
+            .and_then(|r| raw_request(link.family, Command::UpdateMap, &r.update_attrs()))
+            .and_then(report),
+        "destroy" => args
+            .get(2)
+            .and_then(|id| id.parse::<u64>().ok())
+            .ok_or_else(|| "usage: destroy ID".to_string())
+            .and_then(|id| raw_request(link.family, Command::Destroy, &[(Attr::VolumeId as u16, id.to_ne_bytes().to_vec())]))
+            .and_then(report),
+        _ => Err("usage: sanblk-nlprobe status|hostile|hostile-maps DEV...|create ...|update ...|destroy ID".to_string()),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("sanblk-nlprobe: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

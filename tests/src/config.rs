@@ -1,0 +1,110 @@
+//! What a test guest looks like: script, disks, forwarded ports, resources.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A block device attached to the guest as virtio-blk (`/dev/vda`, `/dev/vdb`, ... in the
+/// order added).
+#[derive(Clone, Debug)]
+pub enum Disk {
+    /// A raw image file, attached shareable (`share-rw=on`, no host locking, `cache=none`) so
+    /// the same file can be attached to two guests and read by the host test. I/O errors are
+    /// reported to the guest instead of pausing the VM.
+    ImageFile(PathBuf),
+    /// A QEMU `-drive` option string, used as given plus `,if=none,id=<id>`: for drives that
+    /// are not plain files, e.g. `file=nbd:127.0.0.1:10809,format=raw,cache=none,
+    /// werror=report,rerror=report` in front of an nbdkit error-injection filter.
+    RawDriveSpec(String),
+}
+
+/// Configuration of one guest run. Build with [`VmConfig::new`] and the builder methods.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub(crate) name: String,
+    pub(crate) script: String,
+    pub(crate) disks: Vec<Disk>,
+    pub(crate) forwarded_ports: Vec<u16>,
+    pub(crate) memory_mb: u32,
+    pub(crate) cpus: u32,
+    pub(crate) timeout: Duration,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) kernel: Option<PathBuf>,
+    pub(crate) kernel_args: Vec<String>,
+}
+
+impl VmConfig {
+    /// A guest named `name` (used in the log directory name) that runs `script` with `sh` as
+    /// the only job after boot. The script runs in the out directory (`$SANBLK_OUT`), whose
+    /// files the host test finds in `GuestOutcome::log_dir`.
+    pub fn new(name: &str, script: &str) -> Self {
+        VmConfig {
+            name: name.to_string(),
+            script: script.to_string(),
+            disks: Vec::new(),
+            forwarded_ports: Vec::new(),
+            // KASAN's shadow memory and lockdep need room; 1 GiB boots comfortably.
+            memory_mb: 1024,
+            cpus: 2,
+            timeout: Duration::from_secs(300),
+            env: Vec::new(),
+            kernel: None,
+            kernel_args: Vec::new(),
+        }
+    }
+
+    /// Attaches a raw image file as the next virtio-blk disk.
+    pub fn disk(self, path: impl Into<PathBuf>) -> Self {
+        self.disk_spec(Disk::ImageFile(path.into()))
+    }
+
+    /// Attaches any [`Disk`] as the next virtio-blk disk.
+    pub fn disk_spec(mut self, disk: Disk) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// Makes the host's `127.0.0.1:port` reachable from the guest as `10.0.2.100:port`
+    /// (a new host connection per guest connection).
+    pub fn forward_port(mut self, port: u16) -> Self {
+        self.forwarded_ports.push(port);
+        self
+    }
+
+    pub fn memory_mb(mut self, megabytes: u32) -> Self {
+        self.memory_mb = megabytes;
+        self
+    }
+
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.cpus = cpus;
+        self
+    }
+
+    /// Wall-clock limit for the whole run, boot included; QEMU is killed when it is exceeded.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Exports `key=value` to the guest script (`key` must be a shell variable name).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Boots this bzImage instead of the one from `qemu/build-kernel.sh`.
+    pub fn kernel(mut self, bzimage: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(bzimage.into());
+        self
+    }
+
+    /// Appends a kernel command-line parameter (e.g. `sanblk.dyndbg=+p`).
+    pub fn kernel_arg(mut self, arg: &str) -> Self {
+        self.kernel_args.push(arg.to_string());
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}

@@ -1,0 +1,788 @@
+//! Binary encoding of a volume map, as the agent hands it to the kernel module, and the
+//! lookup the module does for every bio.
+//!
+//! Layout (little-endian):
+//! - header, [`HEADER_LEN`] bytes: magic "SBLM", version u16, flags u16, volume id u64,
+//!   epoch u64, size in bytes u64, block size u32, lease in ms u32, device count u32,
+//!   extent count u32, reserved (zero) to the end of the header;
+//! - device table, [`DEVICE_LEN`] bytes each: device UUID [16], usable size in bytes u64
+//!   (the device must be at least this large);
+//! - extent table, [`EXTENT_LEN`] bytes each, sorted, contiguous from 0 to the volume size:
+//!   volume offset u64, length u64, kind u8 ([`ExtentKind`]), member count u8, reserved u16,
+//!   stripe unit in bytes u32, then [`MAX_MEMBERS`] members of (device index u32, reserved u32,
+//!   device offset u64).
+//!
+//! A mirrored extent's members are replicas holding the same data; a striped extent's members
+//! take `stripe_unit` bytes in turn.
+
+/// Magic of an encoded map.
+pub const MAP_MAGIC: u32 = u32::from_le_bytes(*b"SBLM");
+/// Encoding version.
+pub const MAP_VERSION: u16 = 1;
+/// Encoded header size.
+pub const HEADER_LEN: usize = 64;
+/// Encoded device record size.
+pub const DEVICE_LEN: usize = 24;
+/// Most members (replicas or stripes) of one extent.
+pub const MAX_MEMBERS: usize = 4;
+/// Encoded extent record size.
+pub const EXTENT_LEN: usize = 24 + MAX_MEMBERS * 16;
+/// Most devices one map may reference.
+pub const MAX_DEVICES: u32 = 64;
+
+/// How an extent's members hold its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExtentKind {
+    /// Every member holds the whole extent (one member: linear; several: mirror).
+    Replicated = 0,
+    /// Members hold `stripe_unit` bytes in turn.
+    Striped = 1,
+}
+
+/// One device a map references.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Device {
+    /// UUID from the device's label.
+    pub uuid: [u8; 16],
+    /// Bytes of the device the map may address.
+    pub size: u64,
+}
+
+/// One member of an extent: where (a share of) its data lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Member {
+    /// Index into the map's device table.
+    pub device: u32,
+    /// Byte offset on that device.
+    pub offset: u64,
+}
+
+/// One extent of the volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Byte offset in the volume.
+    pub volume_offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Replicated or striped.
+    pub kind: ExtentKind,
+    /// Stripe unit in bytes (striped extents; 0 otherwise).
+    pub stripe_unit: u32,
+    /// Number of valid entries in `members`.
+    pub member_count: u8,
+    /// Members; only the first `member_count` are meaningful.
+    pub members: [Member; MAX_MEMBERS],
+}
+
+impl Extent {
+    /// The valid members.
+    pub fn members(&self) -> &[Member] {
+        &self.members[..self.member_count as usize]
+    }
+
+    /// Bytes of each member's device this extent occupies.
+    pub fn member_span(&self) -> u64 {
+        match self.kind {
+            ExtentKind::Replicated => self.length,
+            ExtentKind::Striped => self.length / self.member_count.max(1) as u64,
+        }
+    }
+}
+
+/// Map header fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapHeader {
+    /// Volume identifier.
+    pub volume_id: u64,
+    /// Epoch; every change makes a new one.
+    pub epoch: u64,
+    /// Volume size in bytes.
+    pub size: u64,
+    /// Block size in bytes (logical block size of the block device).
+    pub block_size: u32,
+    /// Lease duration in milliseconds.
+    pub lease_ms: u32,
+    /// Entries in the device table.
+    pub device_count: u32,
+    /// Entries in the extent table.
+    pub extent_count: u32,
+}
+
+/// Why a map was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// Buffer shorter than its tables, or longer.
+    BadLength,
+    /// Not a map.
+    BadMagic,
+    /// Unknown encoding version or flags, or non-zero reserved bytes.
+    BadVersion,
+    /// Block size not a power of two in 512..=65536.
+    BadBlockSize,
+    /// Zero or too many devices or extents, or a duplicate device.
+    BadCounts,
+    /// Extents not sorted and contiguous from 0 to the volume size (gap or overlap).
+    NotContiguous,
+    /// An offset or length not a multiple of the block size, or an extent of length 0.
+    Misaligned,
+    /// Arithmetic overflow in offsets or lengths.
+    Overflow,
+    /// Member count, kind or stripe unit invalid.
+    BadMembers,
+    /// A member refers to a device not in the table.
+    UnknownDevice,
+    /// A member lies beyond the end of its device.
+    BeyondDevice,
+    /// Two replicas of a mirror on the same device.
+    ReplicasShareDevice,
+    /// Two extents' members overlap on one device.
+    OverlappingSpace,
+}
+
+impl MapError {
+    /// Human-readable reason (also used as the netlink extack message).
+    pub fn message(self) -> &'static str {
+        match self {
+            MapError::BadLength => "map length does not match its tables",
+            MapError::BadMagic => "not a sanblk map (bad magic)",
+            MapError::BadVersion => "unsupported map version, flags or reserved bytes",
+            MapError::BadBlockSize => "map block size invalid",
+            MapError::BadCounts => "map device or extent count invalid, or duplicate device",
+            MapError::NotContiguous => "map extents overlap or leave gaps",
+            MapError::Misaligned => "map offset or length not block aligned",
+            MapError::Overflow => "map offsets overflow",
+            MapError::BadMembers => "map extent members invalid",
+            MapError::UnknownDevice => "map extent refers to an unknown device",
+            MapError::BeyondDevice => "map extent lies beyond the end of its device",
+            MapError::ReplicasShareDevice => "mirror replicas on the same device",
+            MapError::OverlappingSpace => "map extents overlap on a device",
+        }
+    }
+}
+
+fn get_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn get_u64(b: &[u8], at: usize) -> u64 {
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(raw)
+}
+
+fn put_u16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Encoded size of a map with these table sizes.
+pub const fn encoded_len(device_count: usize, extent_count: usize) -> usize {
+    HEADER_LEN + device_count * DEVICE_LEN + extent_count * EXTENT_LEN
+}
+
+/// Encodes a map into `out`, which must be exactly [`encoded_len`] bytes. The result is not
+/// validated here: [`MapView::parse`] is the single validator, on both sides.
+pub fn encode(
+    header: &MapHeader,
+    devices: &[Device],
+    extents: &[Extent],
+    out: &mut [u8],
+) -> Result<(), MapError> {
+    if out.len() != encoded_len(devices.len(), extents.len()) {
+        return Err(MapError::BadLength);
+    }
+    out.fill(0);
+    put_u32(out, 0, MAP_MAGIC);
+    put_u16(out, 4, MAP_VERSION);
+    put_u64(out, 8, header.volume_id);
+    put_u64(out, 16, header.epoch);
+    put_u64(out, 24, header.size);
+    put_u32(out, 32, header.block_size);
+    put_u32(out, 36, header.lease_ms);
+    put_u32(out, 40, devices.len() as u32);
+    put_u32(out, 44, extents.len() as u32);
+    for (i, device) in devices.iter().enumerate() {
+        let at = HEADER_LEN + i * DEVICE_LEN;
+        out[at..at + 16].copy_from_slice(&device.uuid);
+        put_u64(out, at + 16, device.size);
+    }
+    let table = HEADER_LEN + devices.len() * DEVICE_LEN;
+    for (i, extent) in extents.iter().enumerate() {
+        let at = table + i * EXTENT_LEN;
+        put_u64(out, at, extent.volume_offset);
+        put_u64(out, at + 8, extent.length);
+        out[at + 16] = extent.kind as u8;
+        out[at + 17] = extent.member_count;
+        put_u32(out, at + 20, extent.stripe_unit);
+        for (m, member) in extent.members.iter().enumerate() {
+            let mat = at + 24 + m * 16;
+            put_u32(out, mat, member.device);
+            put_u64(out, mat + 8, member.offset);
+        }
+    }
+    Ok(())
+}
+
+/// Where one piece of an I/O goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Device table index.
+    pub device: u32,
+    /// Byte offset on the device.
+    pub offset: u64,
+}
+
+/// The mapping of the longest prefix of an I/O that stays on one set of targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// Bytes of the I/O this piece covers (never crosses an extent or stripe-unit boundary).
+    pub length: u64,
+    /// Number of valid entries in `targets` (replicas: all of them; stripes: one).
+    pub target_count: u8,
+    /// Targets; a write goes to all of them, a read to any one.
+    pub targets: [Target; MAX_MEMBERS],
+}
+
+/// A validated, encoded map; lookups read the encoded tables directly.
+#[derive(Clone, Copy, Debug)]
+pub struct MapView<'a> {
+    bytes: &'a [u8],
+    header: MapHeader,
+}
+
+impl<'a> MapView<'a> {
+    /// Validates an encoded map completely (see [`MapError`] for what is checked).
+    pub fn parse(bytes: &'a [u8]) -> Result<MapView<'a>, MapError> {
+        if bytes.len() < HEADER_LEN {
+            return Err(MapError::BadLength);
+        }
+        if get_u32(bytes, 0) != MAP_MAGIC {
+            return Err(MapError::BadMagic);
+        }
+        if get_u16(bytes, 4) != MAP_VERSION
+            || get_u16(bytes, 6) != 0
+            || bytes[48..HEADER_LEN].iter().any(|b| *b != 0)
+        {
+            return Err(MapError::BadVersion);
+        }
+        let header = MapHeader {
+            volume_id: get_u64(bytes, 8),
+            epoch: get_u64(bytes, 16),
+            size: get_u64(bytes, 24),
+            block_size: get_u32(bytes, 32),
+            lease_ms: get_u32(bytes, 36),
+            device_count: get_u32(bytes, 40),
+            extent_count: get_u32(bytes, 44),
+        };
+        if !header.block_size.is_power_of_two() || !(512..=65536).contains(&header.block_size) {
+            return Err(MapError::BadBlockSize);
+        }
+        if header.device_count == 0
+            || header.device_count > MAX_DEVICES
+            || header.extent_count == 0
+            || header.extent_count as usize > bytes.len() / EXTENT_LEN
+        {
+            return Err(MapError::BadCounts);
+        }
+        if bytes.len() != encoded_len(header.device_count as usize, header.extent_count as usize) {
+            return Err(MapError::BadLength);
+        }
+        let view = MapView { bytes, header };
+        view.validate()?;
+        Ok(view)
+    }
+
+    /// Wraps bytes that [`MapView::parse`] accepted before and that were kept unchanged,
+    /// without validating them again (the per-I/O lookup path). Only for such bytes: lookups
+    /// on unvalidated bytes may index out of bounds and panic.
+    pub fn assume_valid(bytes: &'a [u8]) -> MapView<'a> {
+        let field = |at: usize| {
+            if bytes.len() >= HEADER_LEN {
+                get_u64(bytes, at)
+            } else {
+                0
+            }
+        };
+        let word = |at: usize| {
+            if bytes.len() >= HEADER_LEN {
+                get_u32(bytes, at)
+            } else {
+                0
+            }
+        };
+        MapView {
+            bytes,
+            header: MapHeader {
+                volume_id: field(8),
+                epoch: field(16),
+                size: field(24),
+                block_size: word(32),
+                lease_ms: word(36),
+                device_count: word(40),
+                extent_count: word(44),
+            },
+        }
+    }
+
+    fn validate(&self) -> Result<(), MapError> {
+        let block = self.header.block_size as u64;
+        if self.header.size == 0 || !self.header.size.is_multiple_of(block) {
+            return Err(MapError::Misaligned);
+        }
+        for i in 0..self.header.device_count {
+            let device = self.device(i);
+            if !device.size.is_multiple_of(block) {
+                return Err(MapError::Misaligned);
+            }
+            for j in 0..i {
+                if self.device(j).uuid == device.uuid {
+                    return Err(MapError::BadCounts);
+                }
+            }
+        }
+        let mut expected_offset = 0u64;
+        for i in 0..self.header.extent_count {
+            let extent = self.extent_unchecked(i).ok_or(MapError::BadMembers)?;
+            if extent.volume_offset != expected_offset {
+                return Err(MapError::NotContiguous);
+            }
+            if extent.length == 0 || extent.length % block != 0 {
+                return Err(MapError::Misaligned);
+            }
+            expected_offset = expected_offset
+                .checked_add(extent.length)
+                .ok_or(MapError::Overflow)?;
+            self.validate_members(&extent)?;
+        }
+        if expected_offset != self.header.size {
+            return Err(MapError::NotContiguous);
+        }
+        self.validate_no_shared_space()
+    }
+
+    fn validate_members(&self, extent: &Extent) -> Result<(), MapError> {
+        let count = extent.member_count as usize;
+        if count == 0 || count > MAX_MEMBERS {
+            return Err(MapError::BadMembers);
+        }
+        let block = self.header.block_size as u64;
+        match extent.kind {
+            ExtentKind::Replicated => {
+                if extent.stripe_unit != 0 {
+                    return Err(MapError::BadMembers);
+                }
+            }
+            ExtentKind::Striped => {
+                let unit = extent.stripe_unit as u64;
+                if count < 2
+                    || unit == 0
+                    || !unit.is_multiple_of(block)
+                    || !extent.length.is_multiple_of(unit * count as u64)
+                {
+                    return Err(MapError::BadMembers);
+                }
+            }
+        }
+        let span = extent.member_span();
+        for (m, member) in extent.members().iter().enumerate() {
+            if member.device >= self.header.device_count {
+                return Err(MapError::UnknownDevice);
+            }
+            if member.offset % block != 0 {
+                return Err(MapError::Misaligned);
+            }
+            let end = member.offset.checked_add(span).ok_or(MapError::Overflow)?;
+            if end > self.device(member.device).size {
+                return Err(MapError::BeyondDevice);
+            }
+            if extent.members()[..m]
+                .iter()
+                .any(|other| other.device == member.device)
+            {
+                return Err(MapError::ReplicasShareDevice);
+            }
+        }
+        if extent.members[count..]
+            .iter()
+            .any(|m| *m != Member::default())
+        {
+            return Err(MapError::BadVersion);
+        }
+        Ok(())
+    }
+
+    /// Quadratic, but maps are small (at most a few hundred extents) and parsed once per epoch.
+    fn validate_no_shared_space(&self) -> Result<(), MapError> {
+        for i in 0..self.header.extent_count {
+            let a = self.extent(i);
+            for j in 0..i {
+                let b = self.extent(j);
+                for ma in a.members() {
+                    for mb in b.members() {
+                        if ma.device == mb.device
+                            && ma.offset < mb.offset + b.member_span()
+                            && mb.offset < ma.offset + a.member_span()
+                        {
+                            return Err(MapError::OverlappingSpace);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Header fields.
+    pub fn header(&self) -> &MapHeader {
+        &self.header
+    }
+
+    /// Device `index` (< device_count).
+    pub fn device(&self, index: u32) -> Device {
+        let at = HEADER_LEN + index as usize * DEVICE_LEN;
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&self.bytes[at..at + 16]);
+        Device {
+            uuid,
+            size: get_u64(self.bytes, at + 16),
+        }
+    }
+
+    fn extent_unchecked(&self, index: u32) -> Option<Extent> {
+        let at = HEADER_LEN
+            + self.header.device_count as usize * DEVICE_LEN
+            + index as usize * EXTENT_LEN;
+        let b = self.bytes;
+        let kind = match b[at + 16] {
+            0 => ExtentKind::Replicated,
+            1 => ExtentKind::Striped,
+            _ => return None,
+        };
+        if get_u16(b, at + 18) != 0 {
+            return None;
+        }
+        let mut members = [Member::default(); MAX_MEMBERS];
+        for (m, member) in members.iter_mut().enumerate() {
+            let mat = at + 24 + m * 16;
+            if get_u32(b, mat + 4) != 0 {
+                return None;
+            }
+            *member = Member {
+                device: get_u32(b, mat),
+                offset: get_u64(b, mat + 8),
+            };
+        }
+        Some(Extent {
+            volume_offset: get_u64(b, at),
+            length: get_u64(b, at + 8),
+            kind,
+            stripe_unit: get_u32(b, at + 20),
+            member_count: b[at + 17],
+            members,
+        })
+    }
+
+    /// Extent `index` (< extent_count) of a validated map.
+    pub fn extent(&self, index: u32) -> Extent {
+        // Every extent was decoded successfully during `parse`.
+        self.extent_unchecked(index).unwrap_or(Extent {
+            volume_offset: 0,
+            length: 0,
+            kind: ExtentKind::Replicated,
+            stripe_unit: 0,
+            member_count: 0,
+            members: [Member::default(); MAX_MEMBERS],
+        })
+    }
+
+    /// Index of the extent containing byte `offset`, by binary search.
+    pub fn find_extent(&self, offset: u64) -> Option<u32> {
+        if offset >= self.header.size {
+            return None;
+        }
+        let (mut low, mut high) = (0u32, self.header.extent_count);
+        while low + 1 < high {
+            let mid = low + (high - low) / 2;
+            if self.extent(mid).volume_offset <= offset {
+                low = mid;
+            } else {
+                high = mid;
+            }
+        }
+        Some(low)
+    }
+
+    /// Maps the start of an I/O of `length` bytes at volume `offset`: the targets of its first
+    /// piece and that piece's length. `None` if the I/O starts beyond the volume.
+    pub fn map(&self, offset: u64, length: u64) -> Option<Piece> {
+        let extent = self.extent(self.find_extent(offset)?);
+        let within = offset - extent.volume_offset;
+        let mut piece = Piece {
+            length: 0,
+            target_count: 0,
+            targets: [Target {
+                device: 0,
+                offset: 0,
+            }; MAX_MEMBERS],
+        };
+        match extent.kind {
+            ExtentKind::Replicated => {
+                piece.length = length.min(extent.length - within);
+                for (slot, member) in piece.targets.iter_mut().zip(extent.members()) {
+                    *slot = Target {
+                        device: member.device,
+                        offset: member.offset + within,
+                    };
+                }
+                piece.target_count = extent.member_count;
+            }
+            ExtentKind::Striped => {
+                let unit = extent.stripe_unit as u64;
+                let count = extent.member_count as u64;
+                let chunk = within / unit;
+                let member = extent.members[(chunk % count) as usize];
+                let member_offset = (chunk / count) * unit + within % unit;
+                piece.length = length.min(unit - within % unit);
+                piece.targets[0] = Target {
+                    device: member.device,
+                    offset: member.offset + member_offset,
+                };
+                piece.target_count = 1;
+            }
+        }
+        Some(piece)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn device(n: u8, size: u64) -> Device {
+        Device {
+            uuid: [n; 16],
+            size,
+        }
+    }
+
+    fn replicated(volume_offset: u64, length: u64, members: &[(u32, u64)]) -> Extent {
+        let mut m = [Member::default(); MAX_MEMBERS];
+        for (slot, (device, offset)) in m.iter_mut().zip(members) {
+            *slot = Member {
+                device: *device,
+                offset: *offset,
+            };
+        }
+        Extent {
+            volume_offset,
+            length,
+            kind: ExtentKind::Replicated,
+            stripe_unit: 0,
+            member_count: members.len() as u8,
+            members: m,
+        }
+    }
+
+    fn header(size: u64, devices: usize, extents: usize) -> MapHeader {
+        MapHeader {
+            volume_id: 9,
+            epoch: 3,
+            size,
+            block_size: 4096,
+            lease_ms: 30_000,
+            device_count: devices as u32,
+            extent_count: extents as u32,
+        }
+    }
+
+    fn encode_vec(h: &MapHeader, d: &[Device], e: &[Extent]) -> [u8; 4096] {
+        let mut buf = [0u8; 4096];
+        let len = encoded_len(d.len(), e.len());
+        encode(h, d, e, &mut buf[..len]).expect("encode");
+        buf
+    }
+
+    fn parse_err(h: &MapHeader, d: &[Device], e: &[Extent]) -> MapError {
+        let buf = encode_vec(h, d, e);
+        MapView::parse(&buf[..encoded_len(d.len(), e.len())]).expect_err("must be refused")
+    }
+
+    #[test]
+    fn linear_map_round_trips_and_maps_across_extents() {
+        let devices = [device(1, 64 * MIB), device(2, 64 * MIB)];
+        let extents = [
+            replicated(0, 4 * MIB, &[(0, MIB)]),
+            replicated(4 * MIB, 4 * MIB, &[(1, 2 * MIB)]),
+        ];
+        let h = header(8 * MIB, 2, 2);
+        let buf = encode_vec(&h, &devices, &extents);
+        let view = MapView::parse(&buf[..encoded_len(2, 2)]).expect("valid");
+        assert_eq!(*view.header(), h);
+        assert_eq!(view.extent(1), extents[1]);
+        let piece = view.map(4 * MIB - 4096, 8192).expect("inside");
+        assert_eq!(piece.length, 4096);
+        assert_eq!(
+            piece.targets[0],
+            Target {
+                device: 0,
+                offset: MIB + 4 * MIB - 4096
+            }
+        );
+        let piece = view.map(4 * MIB, 8192).expect("inside");
+        assert_eq!(
+            piece.targets[0],
+            Target {
+                device: 1,
+                offset: 2 * MIB
+            }
+        );
+        assert_eq!(view.map(8 * MIB, 512), None);
+    }
+
+    #[test]
+    fn mirror_pieces_target_every_replica() {
+        let devices = [device(1, 64 * MIB), device(2, 64 * MIB)];
+        let extents = [replicated(0, 8 * MIB, &[(0, MIB), (1, 3 * MIB)])];
+        let buf = encode_vec(&header(8 * MIB, 2, 1), &devices, &extents);
+        let view = MapView::parse(&buf[..encoded_len(2, 1)]).expect("valid");
+        let piece = view.map(4096, 65536).expect("inside");
+        assert_eq!(piece.target_count, 2);
+        assert_eq!(
+            piece.targets[1],
+            Target {
+                device: 1,
+                offset: 3 * MIB + 4096
+            }
+        );
+    }
+
+    #[test]
+    fn striped_pieces_rotate_over_members() {
+        let devices = [device(1, 64 * MIB), device(2, 64 * MIB)];
+        let mut extent = replicated(0, 8 * MIB, &[(0, MIB), (1, MIB)]);
+        extent.kind = ExtentKind::Striped;
+        extent.stripe_unit = 65536;
+        let buf = encode_vec(&header(8 * MIB, 2, 1), &devices, &[extent]);
+        let view = MapView::parse(&buf[..encoded_len(2, 1)]).expect("valid");
+        let first = view.map(0, MIB).expect("inside");
+        assert_eq!(
+            (first.length, first.targets[0]),
+            (
+                65536,
+                Target {
+                    device: 0,
+                    offset: MIB
+                }
+            )
+        );
+        let second = view.map(65536 + 512, MIB).expect("inside");
+        assert_eq!(second.length, 65536 - 512);
+        assert_eq!(
+            second.targets[0],
+            Target {
+                device: 1,
+                offset: MIB + 512
+            }
+        );
+        let third = view.map(2 * 65536, 4096).expect("inside");
+        assert_eq!(
+            third.targets[0],
+            Target {
+                device: 0,
+                offset: MIB + 65536
+            }
+        );
+    }
+
+    #[test]
+    fn hostile_maps_are_refused() {
+        let d2 = [device(1, 64 * MIB), device(2, 64 * MIB)];
+        let ok = [replicated(0, 4 * MIB, &[(0, 0)])];
+        let h = header(4 * MIB, 2, 1);
+        // Overlapping extents in the volume.
+        let overlap = [
+            replicated(0, 4 * MIB, &[(0, 0)]),
+            replicated(2 * MIB, 2 * MIB, &[(1, 0)]),
+        ];
+        assert_eq!(
+            parse_err(&header(4 * MIB, 2, 2), &d2, &overlap),
+            MapError::NotContiguous
+        );
+        // Gap at the end.
+        assert_eq!(
+            parse_err(&header(8 * MIB, 2, 1), &d2, &ok),
+            MapError::NotContiguous
+        );
+        // Beyond the device end.
+        let far = [replicated(0, 4 * MIB, &[(0, 62 * MIB)])];
+        assert_eq!(parse_err(&h, &d2, &far), MapError::BeyondDevice);
+        // Overflowing offset.
+        let wrap = [replicated(0, 4 * MIB, &[(0, u64::MAX - 4095)])];
+        assert_eq!(parse_err(&h, &d2, &wrap), MapError::Overflow);
+        // Unknown device.
+        let unknown = [replicated(0, 4 * MIB, &[(7, 0)])];
+        assert_eq!(parse_err(&h, &d2, &unknown), MapError::UnknownDevice);
+        // Mirror on one device.
+        let same = [replicated(0, 4 * MIB, &[(0, 0), (0, 8 * MIB)])];
+        assert_eq!(parse_err(&h, &d2, &same), MapError::ReplicasShareDevice);
+        // Two extents sharing device space.
+        let shared = [
+            replicated(0, 2 * MIB, &[(0, 0)]),
+            replicated(2 * MIB, 2 * MIB, &[(0, MIB)]),
+        ];
+        assert_eq!(
+            parse_err(&header(4 * MIB, 2, 2), &d2, &shared),
+            MapError::OverlappingSpace
+        );
+        // Misaligned length.
+        let odd = [replicated(0, 4 * MIB + 512, &[(0, 0)])];
+        assert_eq!(
+            parse_err(&header(4 * MIB + 512, 2, 1), &d2, &odd),
+            MapError::Misaligned
+        );
+        // Duplicate devices.
+        assert_eq!(
+            parse_err(&h, &[device(1, MIB * 64), device(1, MIB * 64)], &ok),
+            MapError::BadCounts
+        );
+        // Bad block size.
+        let mut bad_block = h;
+        bad_block.block_size = 3000;
+        assert_eq!(parse_err(&bad_block, &d2, &ok), MapError::BadBlockSize);
+        // Truncated buffer and bad magic.
+        let buf = encode_vec(&h, &d2, &ok);
+        let len = encoded_len(2, 1);
+        assert_eq!(
+            MapView::parse(&buf[..len - 1]).err(),
+            Some(MapError::BadLength)
+        );
+        assert_eq!(MapView::parse(&buf[..10]).err(), Some(MapError::BadLength));
+        let mut wrong = buf;
+        wrong[0] = b'X';
+        assert_eq!(
+            MapView::parse(&wrong[..len]).err(),
+            Some(MapError::BadMagic)
+        );
+        // Absurd extent count.
+        let mut absurd = buf;
+        absurd[44..48].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            MapView::parse(&absurd[..len]).err(),
+            Some(MapError::BadCounts)
+        );
+    }
+}

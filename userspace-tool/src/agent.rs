@@ -1,0 +1,392 @@
+//! The client agent: `sanctl attach` authenticates to the server, receives the volume's map,
+//! finds the SAN devices by label, hands the map to the kernel module over netlink and then
+//! stays in the foreground relaying map updates and lease renewals (reconnecting with backoff
+//! if the server goes away). `sanctl detach` stops it; `sanctl status` shows the kernel's view.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use sand::client::{read_secret_file, AgentClient, Attachment, ClientError};
+use sand::map::{AccessMode, VolumeMap};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::context::{CliError, Context};
+use crate::kernel_link::{CreateRequest, KernelLink};
+use crate::map_encoding::{encode, scan_devices};
+use crate::output::print_table;
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long `sanctl detach` waits for the agent to detach.
+const DETACH_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Name of the volume on the server.
+    volume: String,
+    /// Server control address, host:port.
+    #[arg(long, env = "SANBLK_SERVER")]
+    server: String,
+    /// This host's client name (as given to `sanctl client add`).
+    #[arg(long)]
+    client: String,
+    /// File holding this client's secret (as written by `sanctl client add --secret-out`).
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// Attach read-only (the grant may be ro or rw).
+    #[arg(long)]
+    ro: bool,
+    /// Directory of block device nodes searched for SAN device labels.
+    #[arg(long, default_value = "/dev")]
+    dev_dir: PathBuf,
+    /// Directory for the agent's pid and device files (read by `sanctl detach`).
+    #[arg(long, default_value = "/run/sanblk")]
+    run_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// Name of the attached volume.
+    volume: String,
+    /// The agent's run directory (as given to `sanctl attach`).
+    #[arg(long, default_value = "/run/sanblk")]
+    run_dir: PathBuf,
+}
+
+fn local(message: impl std::fmt::Display) -> CliError {
+    CliError::Local(message.to_string())
+}
+
+struct RunFiles {
+    pid: PathBuf,
+    device: PathBuf,
+    error: PathBuf,
+}
+
+impl RunFiles {
+    fn new(run_dir: &Path, volume: &str) -> RunFiles {
+        RunFiles {
+            pid: run_dir.join(format!("{volume}.pid")),
+            device: run_dir.join(format!("{volume}.device")),
+            error: run_dir.join(format!("{volume}.error")),
+        }
+    }
+
+    fn remove(&self) {
+        for path in [&self.pid, &self.device, &self.error] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+async fn connect_and_attach(
+    args: &AttachArgs,
+    secret: &[u8],
+    mode: AccessMode,
+) -> Result<(AgentClient, Attachment), CliError> {
+    let mut client = AgentClient::connect(args.server.as_str(), &args.client, secret)
+        .await
+        .map_err(|e| match e {
+            ClientError::Connect { .. } | ClientError::Timeout(_) => {
+                CliError::Unreachable(format!("{}: {e}", args.server))
+            }
+            // A wrong secret fails the server's proof first: both sides derive it from the secret.
+            ClientError::ServerNotAuthenticated => CliError::Refused(format!(
+                "authentication failed with {} (wrong secret for {}?): {e}",
+                args.server, args.client
+            )),
+            other => CliError::Refused(format!(
+                "authentication failed with {}: {other}",
+                args.server
+            )),
+        })?;
+    let attachment = client
+        .attach(&args.volume, mode)
+        .await
+        .map_err(|e| CliError::Refused(format!("attach {}: {e}", args.volume)))?;
+    Ok((client, attachment))
+}
+
+fn install_update(kernel: &KernelLink, map: &VolumeMap, dev_dir: &Path) -> Result<(), CliError> {
+    let devices = scan_devices(dev_dir);
+    let encoded = encode(map, &devices).map_err(local)?;
+    kernel
+        .update_map(
+            map.volume_id,
+            map.epoch,
+            &encoded.bytes,
+            &encoded.device_paths,
+        )
+        .map_err(local)
+}
+
+pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
+    let secret = read_secret_file(&args.secret_file).map_err(CliError::Usage)?;
+    let mode = if args.ro {
+        AccessMode::Ro
+    } else {
+        AccessMode::Rw
+    };
+    let kernel = KernelLink::open().map_err(local)?;
+    let (mut client, attachment) = connect_and_attach(&args, &secret, mode).await?;
+    let map = attachment.map;
+    let volume_id = map.volume_id;
+    let devices = scan_devices(&args.dev_dir);
+    let encoded = match encode(&map, &devices) {
+        Ok(encoded) => encoded,
+        Err(error) => {
+            let _ = client.detach(volume_id).await;
+            return Err(local(format!("cannot attach {}: {error}", args.volume)));
+        }
+    };
+    let token = hex_bytes(&attachment.session_token);
+    let index = match kernel.create(&CreateRequest {
+        volume_id,
+        name: &map.name,
+        epoch: map.epoch,
+        map: &encoded.bytes,
+        device_paths: &encoded.device_paths,
+        token: &token,
+        read_only: args.ro,
+    }) {
+        Ok(index) => index,
+        Err(error) => {
+            let _ = client.detach(volume_id).await;
+            return Err(local(error));
+        }
+    };
+    let device = format!("/dev/sanblk{index}");
+    std::fs::create_dir_all(&args.run_dir)
+        .map_err(|e| local(format!("{}: {e}", args.run_dir.display())))?;
+    let files = RunFiles::new(&args.run_dir, &args.volume);
+    let _ = std::fs::remove_file(&files.error);
+    std::fs::write(&files.pid, std::process::id().to_string())
+        .map_err(|e| local(format!("{}: {e}", files.pid.display())))?;
+    std::fs::write(&files.device, &device)
+        .map_err(|e| local(format!("{}: {e}", files.device.display())))?;
+    println!(
+        "attached {} as {device} (epoch {}, devices {})",
+        args.volume,
+        map.epoch,
+        encoded.device_paths.join(",")
+    );
+
+    let mut epoch = map.epoch;
+    let lease = Duration::from_millis(map.lease_ms.max(3000));
+    let mut renew = tokio::time::interval(lease / 3);
+    renew.tick().await;
+    let mut terminate = signal(SignalKind::terminate()).map_err(local)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(local)?;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            update = client.next_map_update() => match update {
+                Ok(map) if map.volume_id == volume_id && map.epoch > epoch => {
+                    match install_update(&kernel, &map, &args.dev_dir) {
+                        Ok(()) => {
+                            epoch = map.epoch;
+                            println!("volume {} now at epoch {epoch} ({} bytes)", args.volume, map.size_bytes);
+                            if let Err(e) = client.ack(volume_id, epoch).await {
+                                eprintln!("sanctl attach: cannot acknowledge epoch {epoch}: {e}");
+                            }
+                        }
+                        Err(e) => eprintln!("sanctl attach: kernel refused epoch {}: {e}", map.epoch),
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    eprintln!("sanctl attach: lost the server ({error}); reconnecting");
+                    loop {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        match connect_and_attach(&args, &secret, mode).await {
+                            Ok((fresh, attachment)) => {
+                                client = fresh;
+                                backoff = Duration::from_secs(1);
+                                if attachment.map.epoch > epoch {
+                                    if let Err(e) = install_update(&kernel, &attachment.map, &args.dev_dir) {
+                                        eprintln!("sanctl attach: kernel refused epoch {}: {e}", attachment.map.epoch);
+                                    } else {
+                                        epoch = attachment.map.epoch;
+                                    }
+                                }
+                                println!("reconnected to {} at epoch {epoch}", args.server);
+                                break;
+                            }
+                            Err(e) => eprintln!("sanctl attach: reconnect failed: {e}"),
+                        }
+                    }
+                }
+            },
+            _ = renew.tick() => {
+                if let Err(e) = client.renew(volume_id).await {
+                    eprintln!("sanctl attach: lease renewal failed: {e}");
+                }
+            }
+            _ = terminate.recv() => {
+                if detach_now(&kernel, &mut client, volume_id, &files).await {
+                    return Ok(());
+                }
+            }
+            _ = interrupt.recv() => {
+                if detach_now(&kernel, &mut client, volume_id, &files).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Detaches from the kernel, then from the server. A busy volume stays attached, the reason
+/// is left for `sanctl detach`, and the agent keeps running.
+async fn detach_now(
+    kernel: &KernelLink,
+    client: &mut AgentClient,
+    volume_id: u64,
+    files: &RunFiles,
+) -> bool {
+    match kernel.destroy(volume_id) {
+        Ok(()) => {
+            if let Err(e) = client.detach(volume_id).await {
+                eprintln!("sanctl attach: detached locally, but the server did not confirm: {e}");
+            }
+            files.remove();
+            println!("detached");
+            true
+        }
+        Err(error) => {
+            eprintln!("sanctl attach: cannot detach: {error}");
+            let _ = std::fs::write(&files.error, error.to_string());
+            false
+        }
+    }
+}
+
+fn hex_bytes(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let decoded: Option<Vec<u8>> = bytes
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+        })
+        .collect();
+    // A token that is not hex is still an opaque token: pass its bytes.
+    decoded
+        .filter(|d| !d.is_empty() && bytes.len().is_multiple_of(2))
+        .unwrap_or_else(|| bytes.to_vec())
+}
+
+pub async fn detach(args: DetachArgs) -> Result<(), CliError> {
+    let files = RunFiles::new(&args.run_dir, &args.volume);
+    let pid_text = std::fs::read_to_string(&files.pid).map_err(|_| {
+        CliError::Refused(format!(
+            "volume {} is not attached by an agent on this host",
+            args.volume
+        ))
+    })?;
+    let pid: i32 = pid_text
+        .trim()
+        .parse()
+        .map_err(|_| local(format!("{}: not a pid", files.pid.display())))?;
+    let _ = std::fs::remove_file(&files.error);
+    // SAFETY: kill(2) with a pid read from the agent's own pid file; no memory is involved.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        files.remove();
+        return Err(CliError::Refused(format!(
+            "agent {pid} for {} is gone; cleaned up its files",
+            args.volume
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + DETACH_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if !files.pid.exists() {
+            println!("detached {}", args.volume);
+            return Ok(());
+        }
+        if let Ok(reason) = std::fs::read_to_string(&files.error) {
+            return Err(CliError::Refused(format!(
+                "cannot detach {}: {reason}",
+                args.volume
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(CliError::Refused(format!(
+        "agent {pid} did not detach {} within {DETACH_WAIT:?}",
+        args.volume
+    )))
+}
+
+pub fn status(context: &Context) -> Result<(), CliError> {
+    let kernel = KernelLink::open().map_err(local)?;
+    let status = kernel.status().map_err(local)?;
+    if context.json {
+        return context.print_json(&status);
+    }
+    println!(
+        "sanblk module {} (protocol {}, block major {})",
+        status.module_version, status.protocol_version, status.block_major
+    );
+    if status.volumes.is_empty() {
+        println!("no volumes attached");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = status
+        .volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.volume_id.to_string(),
+                v.device.clone(),
+                v.epoch.to_string(),
+                v.size_bytes.to_string(),
+                if v.read_only {
+                    "ro".into()
+                } else {
+                    "rw".into()
+                },
+                format!("{}/{}", v.read_ios, v.write_ios),
+                format!("{}/{}", v.read_bytes, v.written_bytes),
+                v.errors.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "VOLUME",
+            "ID",
+            "DEVICE",
+            "EPOCH",
+            "SIZE",
+            "MODE",
+            "READS/WRITES",
+            "BYTES R/W",
+            "ERRORS",
+        ],
+        &rows,
+    );
+    let device_rows: Vec<Vec<String>> = status
+        .volumes
+        .iter()
+        .flat_map(|v| {
+            v.devices.iter().map(move |d| {
+                vec![
+                    v.name.clone(),
+                    d.path.clone(),
+                    d.state.clone(),
+                    d.errors.to_string(),
+                ]
+            })
+        })
+        .collect();
+    println!();
+    print_table(
+        &["VOLUME", "SAN DEVICE", "PATH STATE", "ERRORS"],
+        &device_rows,
+    );
+    Ok(())
+}
