@@ -301,7 +301,7 @@ impl IoService {
             let mut volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
             let newer = volumes
                 .get(&volume_id)
-                .map_or(true, |old| old.epoch < record.epoch);
+                .is_none_or(|old| old.epoch < record.epoch);
             if newer {
                 volumes.insert(volume_id, record.clone());
             }
@@ -349,7 +349,7 @@ impl IoService {
                 .map_err(|e| io_error("flush", e));
         }
         let end = header.offset.checked_add(length);
-        if end.map_or(true, |end| end > record.size_bytes) {
+        if end.is_none_or(|end| end > record.size_bytes) {
             return Err(errno(libc::EINVAL));
         }
         let pieces = plan(&record.extents, header.offset, length).ok_or_else(|| {
