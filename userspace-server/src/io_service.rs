@@ -37,7 +37,7 @@ use sanblk_uapi::frame::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 pub use device::{
@@ -54,6 +54,11 @@ pub const IO_ADDRESS_FILE: &str = "io.addr";
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests executing at once per connection; the reader stops reading beyond this.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Request and reply data buffered at once by the whole service (WRITE payloads being
+/// received or written, READ data being read or sent): beyond it readers wait.
+pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
+/// Unit of the buffer budget.
+const BUDGET_UNIT: usize = 4096;
 /// Accept queue length of the I/O port.
 const LISTEN_BACKLOG: u32 = 1024;
 
@@ -89,14 +94,35 @@ pub struct IoService {
     state: Arc<ServerState>,
     devices: DeviceTable,
     buffers: Arc<BufferPool>,
+    /// [`MAX_BUFFERED_BYTES`] in units of [`BUDGET_UNIT`].
+    budget: Arc<Semaphore>,
     /// Last volume record read per volume id (the map used for I/O of that epoch).
     volumes: Mutex<HashMap<u64, Arc<VolumeRecord>>>,
+}
+
+/// A data buffer, counted against the service's budget until dropped.
+struct Buffer {
+    data: PooledBuf,
+    _budget: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
 }
 
 /// A reply on its way to the writer task.
 struct Reply {
     header: ReplyHeader,
-    data: Option<PooledBuf>,
+    data: Option<Buffer>,
 }
 
 impl Reply {
@@ -117,8 +143,25 @@ impl IoService {
         Arc::new(IoService {
             devices: DeviceTable::new(state.clone()),
             buffers: Arc::new(BufferPool::default()),
+            budget: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES / BUDGET_UNIT)),
             state,
             volumes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A buffer of `len` bytes, once the budget allows.
+    async fn buffer(&self, len: usize) -> io::Result<Buffer> {
+        let units = u32::try_from(len.div_ceil(BUDGET_UNIT).max(1))
+            .map_err(|_| io::Error::other("buffer too large"))?;
+        let budget = self
+            .budget
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| io::Error::other("buffer budget closed"))?;
+        Ok(Buffer {
+            data: self.buffers.get(len)?,
+            _budget: budget,
         })
     }
 
@@ -171,7 +214,7 @@ impl IoService {
         };
         let hello = tokio::select! {
             _ = shutdown.changed() => return,
-            hello = tokio::time::timeout(hello_timeout, read_hello(&mut reader, &self.buffers)) => hello,
+            hello = tokio::time::timeout(hello_timeout, read_hello(&mut reader)) => hello,
         };
         let (handle, token) = match hello {
             Ok(Ok(hello)) => hello,
@@ -234,13 +277,11 @@ impl IoService {
                     break;
                 }
             };
-            let frame = tokio::time::timeout(
-                frame_timeout,
-                read_rest(&mut reader, &self.buffers, &mut raw, started),
-            )
-            .await;
-            let (header, payload) = match frame {
-                Ok(Ok(frame)) => frame,
+            let header =
+                tokio::time::timeout(frame_timeout, read_header(&mut reader, &mut raw, started))
+                    .await;
+            let header = match header {
+                Ok(Ok(header)) => header,
                 Ok(Err(error)) => {
                     warn!("I/O connection from {peer}: {error}; closing");
                     break;
@@ -250,10 +291,39 @@ impl IoService {
                     break;
                 }
             };
-            if header.op == Op::Hello {
-                warn!("I/O connection from {peer}: second HELLO; closing");
-                break;
-            }
+            let payload = match header.op {
+                Op::Hello => {
+                    warn!("I/O connection from {peer}: second HELLO; closing");
+                    break;
+                }
+                Op::Write => {
+                    // Waiting for the budget is not the peer's fault: no deadline here.
+                    let buffer = tokio::select! {
+                        _ = shutdown.changed() => break,
+                        buffer = self.buffer(header.length as usize) => buffer,
+                    };
+                    let mut buffer = match buffer {
+                        Ok(buffer) => buffer,
+                        Err(error) => {
+                            warn!("I/O connection from {peer}: {error}; closing");
+                            break;
+                        }
+                    };
+                    match tokio::time::timeout(frame_timeout, reader.read_exact(&mut buffer)).await
+                    {
+                        Ok(Ok(_)) => Some(buffer),
+                        Ok(Err(error)) => {
+                            warn!("I/O connection from {peer}: {error}; closing");
+                            break;
+                        }
+                        Err(_) => {
+                            warn!("I/O connection from {peer}: payload not completed within {frame_timeout:?}; closing");
+                            break;
+                        }
+                    }
+                }
+                Op::Read | Op::Flush => None,
+            };
             let current = self.state.session(&token);
             let ended = current.is_none();
             let task_replies = replies.clone();
@@ -312,7 +382,7 @@ impl IoService {
         Ok(record)
     }
 
-    async fn execute(self: Arc<Self>, header: RequestHeader, payload: Option<PooledBuf>) -> Reply {
+    async fn execute(self: Arc<Self>, header: RequestHeader, payload: Option<Buffer>) -> Reply {
         match self.clone().try_execute(&header, payload).await {
             Ok(data) => Reply {
                 header: ReplyHeader {
@@ -329,8 +399,8 @@ impl IoService {
     async fn try_execute(
         self: Arc<Self>,
         header: &RequestHeader,
-        payload: Option<PooledBuf>,
-    ) -> Result<Option<PooledBuf>, i32> {
+        payload: Option<Buffer>,
+    ) -> Result<Option<Buffer>, i32> {
         let record = self.volume(header.volume_id, header.epoch).await?;
         let io_error = |what: &str, error: io::Error| {
             warn!(
@@ -363,8 +433,8 @@ impl IoService {
         match header.op {
             Op::Read => {
                 let mut buf = self
-                    .buffers
-                    .get(header.length as usize)
+                    .buffer(header.length as usize)
+                    .await
                     .map_err(|e| io_error("read buffer", e))?;
                 tokio::task::spawn_blocking(move || {
                     service.devices.read(&pieces, &mut buf).map(|()| buf)
@@ -428,35 +498,27 @@ impl From<io::Error> for ReadError {
     }
 }
 
-/// Reads the HELLO frame: its handle and the hex-encoded token.
-async fn read_hello(
-    reader: &mut OwnedReadHalf,
-    buffers: &Arc<BufferPool>,
-) -> Result<(u64, String), ReadError> {
+/// Reads the HELLO frame: its handle and the hex-encoded token (at most 64 bytes, checked by
+/// the header decoder).
+async fn read_hello(reader: &mut OwnedReadHalf) -> Result<(u64, String), ReadError> {
     let mut raw = [0u8; REQUEST_HEADER_LEN];
-    let (header, payload) = read_rest(reader, buffers, &mut raw, 0).await?;
-    match (header.op, payload) {
-        (Op::Hello, Some(token)) => Ok((header.handle, hex::encode(&token[..]))),
-        _ => Err(ReadError::NotHello),
+    let header = read_header(reader, &mut raw, 0).await?;
+    if header.op != Op::Hello {
+        return Err(ReadError::NotHello);
     }
+    let mut token = vec![0u8; header.length as usize];
+    reader.read_exact(&mut token).await?;
+    Ok((header.handle, hex::encode(token)))
 }
 
-/// Completes a frame whose first `started` header bytes are already in `raw`: decodes the
-/// header and reads its payload (if any) into an aligned buffer.
-async fn read_rest(
+/// Completes a header whose first `started` bytes are already in `raw` and decodes it.
+async fn read_header(
     reader: &mut OwnedReadHalf,
-    buffers: &Arc<BufferPool>,
     raw: &mut [u8; REQUEST_HEADER_LEN],
     started: usize,
-) -> Result<(RequestHeader, Option<PooledBuf>), ReadError> {
+) -> Result<RequestHeader, ReadError> {
     reader.read_exact(&mut raw[started..]).await?;
-    let header = RequestHeader::decode(raw).map_err(ReadError::Frame)?;
-    if !header.op.has_payload() {
-        return Ok((header, None));
-    }
-    let mut payload = buffers.get(header.length as usize)?;
-    reader.read_exact(&mut payload).await?;
-    Ok((header, Some(payload)))
+    RequestHeader::decode(raw).map_err(ReadError::Frame)
 }
 
 async fn send_reply(writer: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> io::Result<()> {
