@@ -37,6 +37,9 @@ struct Args {
     /// Bytes to write and read, in MiB.
     #[arg(long, default_value_t = 1024)]
     size_mib: u64,
+    /// Volume layout: linear, mirror or striped:N (one image file per copy or stripe).
+    #[arg(long, default_value = "linear")]
+    layout: Layout,
     /// Requests in flight on the connection.
     #[arg(long, default_value_t = 8)]
     depth: usize,
@@ -224,19 +227,26 @@ async fn run(args: &Args, dir: &Path, size: u64) -> anyhow::Result<()> {
     let (child, metadata_dir) = start_sand(&sand_binary(args)?, dir)?;
     let _guard = ChildGuard(child.id());
     let mut admin = AdminClient::connect(&metadata_dir.join("admin.sock")).await?;
-    let image = dir.join("disk0.img");
-    std::fs::File::create(&image)?.set_len(size + 64 * MIB)?;
-    admin
-        .request(&AdminRequest::PoolAdd {
-            path: image.display().to_string(),
-            force: false,
-        })
-        .await?;
+    let images = match args.layout {
+        Layout::Linear => 1,
+        Layout::Mirror => 2,
+        Layout::Striped { stripe_count, .. } => stripe_count as u64,
+    };
+    for index in 0..images {
+        let image = dir.join(format!("disk{index}.img"));
+        std::fs::File::create(&image)?.set_len(size + 64 * MIB)?;
+        admin
+            .request(&AdminRequest::PoolAdd {
+                path: image.display().to_string(),
+                force: false,
+            })
+            .await?;
+    }
     admin
         .request(&AdminRequest::VolumeCreate {
             name: "bench".into(),
             size_bytes: size,
-            layout: Layout::Linear,
+            layout: args.layout,
         })
         .await?;
     let created: ClientCreated = admin
@@ -291,9 +301,10 @@ async fn run(args: &Args, dir: &Path, size: u64) -> anyhow::Result<()> {
 
     let rate = |d: Duration| size as f64 / MIB as f64 / d.as_secs_f64();
     println!(
-        "sand-iobench: {} MiB sequential, 1 MiB frames, depth {}, files in {}",
+        "sand-iobench: {} MiB sequential, 1 MiB frames, depth {}, {} volume, files in {}",
         args.size_mib,
         args.depth,
+        args.layout,
         dir.display()
     );
     println!(

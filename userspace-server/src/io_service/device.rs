@@ -379,20 +379,45 @@ impl DeviceTable {
         Ok(())
     }
 
-    /// Writes every piece to all of its replicas; with `fua`, syncs the written devices.
-    /// Fails if any replica fails (no partial mirror writes are reported as success).
+    /// Writes every piece to all of its replicas (the copies of a mirrored piece in parallel);
+    /// with `fua`, syncs the written devices. Fails if any replica fails (no partial mirror
+    /// write is reported as success).
     pub fn write(&self, pieces: &[Piece], buf: &[u8], fua: bool) -> io::Result<()> {
         let mut touched: Vec<Arc<DeviceFile>> = Vec::new();
         for piece in pieces {
             let source = buf
                 .get(piece.buffer_offset..piece.buffer_offset + piece.length)
                 .ok_or_else(|| io::Error::other("piece outside the buffer"))?;
-            for &(uuid, offset) in &piece.replicas {
-                let device = self.get(uuid)?;
-                let result = device.write_at(source, offset);
-                device.note(&result, "write", offset);
-                result?;
-                if !touched.iter().any(|d| d.uuid == uuid) {
+            let targets = piece
+                .replicas
+                .iter()
+                .map(|&(uuid, offset)| Ok((self.get(uuid)?, offset)))
+                .collect::<io::Result<Vec<_>>>()?;
+            let write = |(device, offset): &(Arc<DeviceFile>, u64)| {
+                let result = device.write_at(source, *offset);
+                device.note(&result, "write", *offset);
+                result
+            };
+            let results: Vec<io::Result<()>> = match targets.split_first() {
+                None => Vec::new(),
+                Some((first, [])) => vec![write(first)],
+                Some((first, others)) => std::thread::scope(|scope| {
+                    let spawned: Vec<_> = others
+                        .iter()
+                        .map(|target| scope.spawn(move || write(target)))
+                        .collect();
+                    let mut results = vec![write(first)];
+                    results.extend(spawned.into_iter().map(|handle| {
+                        handle
+                            .join()
+                            .unwrap_or_else(|_| Err(io::Error::other("replica writer panicked")))
+                    }));
+                    results
+                }),
+            };
+            results.into_iter().collect::<io::Result<()>>()?;
+            for (device, _) in targets {
+                if !touched.iter().any(|d| d.uuid == device.uuid) {
                     touched.push(device);
                 }
             }
