@@ -619,6 +619,38 @@ mod tests {
     }
 
     #[test]
+    fn io_listen_comes_from_flags_then_file_then_the_agent_port() {
+        use crate::config::{Config, Flags};
+        let dir = std::env::temp_dir().join(format!("sand-io-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.join("sand.toml");
+        std::fs::write(&file, "listen = \"0.0.0.0:7800\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let config = |flags: Flags| Config::from_flags(flags).unwrap_or_else(|e| panic!("{e}"));
+        let derived = config(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        });
+        assert_eq!(derived.io_listen.to_string(), "0.0.0.0:7801");
+        std::fs::write(&file, "io_listen = \"10.0.0.1:9000\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let from_file = config(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        });
+        assert_eq!(from_file.io_listen.to_string(), "10.0.0.1:9000");
+        let from_flag = config(Flags {
+            config: Some(file),
+            io_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"))),
+            ..Flags::default()
+        });
+        assert_eq!(from_flag.io_listen.to_string(), "127.0.0.1:0");
+        assert_eq!(
+            config(Flags::default()).io_listen.to_string(),
+            "127.0.0.1:7701"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_io_port_follows_the_agent_port() {
         let address = |text: &str| -> SocketAddr { text.parse().unwrap_or_else(|e| panic!("{e}")) };
         assert_eq!(
