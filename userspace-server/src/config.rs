@@ -25,7 +25,7 @@ pub const SECRETS_FILE: &str = "secrets.redb";
     name = "sand",
     version,
     about = "sanblk server: storage pool, volumes, clients and volume maps",
-    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n\nConfig file keys (TOML): listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, frame_timeout_ms, lease_ms. Logging: RUST_LOG=debug."
+    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n\nConfig file keys (TOML): listen, io_listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, frame_timeout_ms, lease_ms. Logging: RUST_LOG=debug."
 )]
 pub struct Flags {
     /// TOML configuration file.
@@ -35,6 +35,10 @@ pub struct Flags {
     /// METADATA_DIR/agent.addr).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// TCP address of the server I/O path for client kmods (default: the --listen address with
+    /// the next port, 127.0.0.1:7701; port 0 picks a free port, written to METADATA_DIR/io.addr).
+    #[arg(long)]
+    pub io_listen: Option<SocketAddr>,
     /// Directory holding the metadata store and the admin socket (default /var/lib/sand).
     #[arg(long)]
     pub metadata_dir: Option<PathBuf>,
@@ -59,6 +63,7 @@ pub struct Flags {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    io_listen: Option<SocketAddr>,
     metadata_dir: Option<PathBuf>,
     secrets_file: Option<PathBuf>,
     admin_socket: Option<PathBuf>,
@@ -70,6 +75,7 @@ struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub io_listen: SocketAddr,
     pub metadata_dir: PathBuf,
     pub secrets_file: PathBuf,
     pub admin_socket: PathBuf,
@@ -89,8 +95,13 @@ impl Config {
             .metadata_dir
             .or(file.metadata_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_METADATA_DIR));
+        let listen = flags.listen.or(file.listen).unwrap_or(default_listen);
         Ok(Config {
-            listen: flags.listen.or(file.listen).unwrap_or(default_listen),
+            listen,
+            io_listen: flags
+                .io_listen
+                .or(file.io_listen)
+                .unwrap_or_else(|| crate::io_service::default_io_listen(listen)),
             secrets_file: flags
                 .secrets_file
                 .or(file.secrets_file)

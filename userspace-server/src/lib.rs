@@ -8,6 +8,7 @@ pub mod allocator;
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod io_service;
 pub mod label;
 pub mod map;
 pub mod protocol;

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::admin::serve_admin_connection;
 use crate::agent_service::serve_agent_connection;
 use crate::config::{Config, AGENT_ADDRESS_FILE};
+use crate::io_service::{self, IoService};
 use crate::state::ServerState;
 use crate::store::Store;
 
@@ -48,6 +49,14 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         agent_address.to_string(),
     )
     .context("writing the agent address file")?;
+    let io_listener = io_service::bind(config.io_listen)
+        .with_context(|| format!("binding the I/O service to {}", config.io_listen))?;
+    let io_address = io_listener.local_addr()?;
+    std::fs::write(
+        config.metadata_dir.join(io_service::IO_ADDRESS_FILE),
+        io_address.to_string(),
+    )
+    .context("writing the I/O address file")?;
 
     // A stale socket from a killed server would make bind fail.
     if config.admin_socket.exists() {
@@ -59,7 +68,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     std::fs::set_permissions(&config.admin_socket, std::fs::Permissions::from_mode(0o600))
         .context("restricting the admin socket")?;
     info!(
-        "listening for agents on {agent_address}, admin on {}",
+        "listening for agents on {agent_address}, server I/O on {io_address}, admin on {}",
         config.admin_socket.display()
     );
 
@@ -67,6 +76,15 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     let state = ServerState::new(store, config);
     // Every connection task holds a clone of this sender; when all are gone, recv() ends.
     let (task_alive, mut all_tasks_done) = mpsc::channel::<()>(1);
+    let (io, io_shutdown, io_alive) = (
+        IoService::new(state.clone()),
+        shutdown.clone(),
+        task_alive.clone(),
+    );
+    tokio::spawn(async move {
+        io.serve(io_listener, io_shutdown).await;
+        drop(io_alive);
+    });
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,

@@ -1,0 +1,669 @@
+//! Server I/O service: the server side of the second data path. A client kmod whose direct
+//! path to a SAN device fails re-issues the I/O here over TCP (frames of
+//! [`sanblk_uapi::frame`]); the server performs it on its own path to the devices.
+//!
+//! Connection protocol:
+//! - The first frame must be HELLO carrying the 32 raw bytes of the session token the agent
+//!   got on attach, within [`HELLO_TIMEOUT`] (or the handshake timeout if shorter). A known
+//!   token gets status 0, an unknown one -EACCES, and the connection is closed.
+//! - Then READ/WRITE/FLUSH frames, pipelined: up to [`MAX_IN_FLIGHT`] per connection execute
+//!   concurrently and replies may come back out of order, matched by handle.
+//! - Every request is checked against the session, looked up again per request: the volume
+//!   must be the session's (-EACCES; a session that has ended also gets -EACCES and the
+//!   connection is closed), WRITE needs a read-write session (-EROFS), the epoch must be the
+//!   volume's current one (-ESTALE, nothing is done), `offset + length` must lie within the
+//!   volume (-EINVAL). A device error gets -EIO; a mirrored write succeeds only if every
+//!   replica was written.
+//! - A malformed header, a second HELLO, or a frame not completed within the frame timeout
+//!   closes the connection (after in-flight replies are sent); other connections are
+//!   unaffected.
+//!
+//! Shape: one task per connection (as in mini-redis); in it the reader decodes frames and
+//! spawns one task per request, whose blocking disk I/O runs in `spawn_blocking`; a single
+//! writer task sends the replies it receives over an mpsc channel.
+
+mod device;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use sanblk_uapi::frame::{
+    FrameError, Op, ReplyHeader, RequestHeader, FLAG_FUA, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+pub use device::{
+    plan, AlignedBuf, BufferPool, DeviceFile, DeviceTable, Piece, PooledBuf, DIRECT_ALIGN,
+};
+
+use crate::map::AccessMode;
+use crate::state::{ServerState, SessionInfo};
+use crate::store::VolumeRecord;
+
+/// File in the metadata dir where sand writes the address the I/O service listens on.
+pub const IO_ADDRESS_FILE: &str = "io.addr";
+/// Longest time a new connection may take to present its HELLO.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests executing at once per connection; the reader stops reading beyond this.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Request and reply data buffered at once by the whole service (WRITE payloads being
+/// received or written, READ data being read or sent): beyond it readers wait.
+pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
+/// Unit of the buffer budget.
+const BUDGET_UNIT: usize = 4096;
+/// Accept queue length of the I/O port.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Default I/O address: the agent address with the next port (127.0.0.1:7700 gives
+/// 127.0.0.1:7701); port 0 (ephemeral) stays 0.
+pub fn default_io_listen(agent_listen: SocketAddr) -> SocketAddr {
+    let port = match agent_listen.port() {
+        0 => 0,
+        port => port.checked_add(1).unwrap_or(0),
+    };
+    SocketAddr::new(agent_listen.ip(), port)
+}
+
+/// Binds the I/O listener (SO_REUSEADDR, deep backlog).
+pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Negative errno carried in a reply.
+fn errno(code: i32) -> i32 {
+    -code
+}
+
+/// The I/O service: shared by all its connections.
+pub struct IoService {
+    state: Arc<ServerState>,
+    devices: DeviceTable,
+    buffers: Arc<BufferPool>,
+    /// [`MAX_BUFFERED_BYTES`] in units of [`BUDGET_UNIT`].
+    budget: Arc<Semaphore>,
+    /// Last volume record read per volume id (the map used for I/O of that epoch).
+    volumes: Mutex<HashMap<u64, Arc<VolumeRecord>>>,
+}
+
+/// A data buffer, counted against the service's budget until dropped.
+struct Buffer {
+    data: PooledBuf,
+    _budget: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+}
+
+/// A reply on its way to the writer task.
+struct Reply {
+    header: ReplyHeader,
+    data: Option<Buffer>,
+}
+
+impl Reply {
+    fn status(handle: u64, status: i32) -> Reply {
+        Reply {
+            header: ReplyHeader {
+                handle,
+                status,
+                length: 0,
+            },
+            data: None,
+        }
+    }
+}
+
+impl IoService {
+    pub fn new(state: Arc<ServerState>) -> Arc<IoService> {
+        Arc::new(IoService {
+            devices: DeviceTable::new(state.clone()),
+            buffers: Arc::new(BufferPool::default()),
+            budget: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES / BUDGET_UNIT)),
+            state,
+            volumes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A buffer of `len` bytes, once the budget allows.
+    async fn buffer(&self, len: usize) -> io::Result<Buffer> {
+        let units = u32::try_from(len.div_ceil(BUDGET_UNIT).max(1))
+            .map_err(|_| io::Error::other("buffer too large"))?;
+        let budget = self
+            .budget
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| io::Error::other("buffer budget closed"))?;
+        Ok(Buffer {
+            data: self.buffers.get(len)?,
+            _budget: budget,
+        })
+    }
+
+    /// Accepts connections until `shutdown` flips, then waits for the connections to finish
+    /// (each stops reading, completes its in-flight requests and closes).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let service = self.clone();
+                        let shutdown = shutdown.clone();
+                        connections.spawn(async move {
+                            service.serve_connection(stream, peer, shutdown).await;
+                        });
+                    }
+                    Err(error) => {
+                        warn!("accepting I/O connection: {error}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        while connections.join_next().await.is_some() {}
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let (mut reader, mut writer) = stream.into_split();
+        let frame_timeout = self.state.config.frame_timeout;
+        let hello_timeout = HELLO_TIMEOUT.min(self.state.config.handshake_timeout);
+
+        // Connections before HELLO share the agent port's bound on unauthenticated sockets.
+        let Ok(hello_slot) = self.state.handshake_slots.clone().try_acquire_owned() else {
+            warn!("I/O connection from {peer}: too many connections before HELLO; refusing");
+            return;
+        };
+        let hello = tokio::select! {
+            _ = shutdown.changed() => return,
+            hello = tokio::time::timeout(hello_timeout, read_hello(&mut reader)) => hello,
+        };
+        let (handle, token) = match hello {
+            Ok(Ok(hello)) => hello,
+            Ok(Err(error)) => {
+                warn!("I/O connection from {peer}: bad HELLO: {error}");
+                return;
+            }
+            Err(_) => {
+                warn!("I/O connection from {peer}: no HELLO within {hello_timeout:?}");
+                return;
+            }
+        };
+        let Some(session) = self.state.session(&token) else {
+            warn!("I/O connection from {peer}: unknown session token");
+            let reply = Reply::status(handle, errno(libc::EACCES));
+            let _ = tokio::time::timeout(frame_timeout, send_reply(&mut writer, &reply)).await;
+            return;
+        };
+        if !matches!(
+            tokio::time::timeout(
+                frame_timeout,
+                send_reply(&mut writer, &Reply::status(handle, 0))
+            )
+            .await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+        drop(hello_slot);
+        info!(
+            "I/O connection from {peer}: client {} volume {} ({})",
+            session.client, session.volume_id, session.mode
+        );
+
+        let (replies, reply_queue) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+        let writer_task = tokio::spawn(write_replies(writer, reply_queue, frame_timeout));
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        loop {
+            // Wait for a free slot, then for the first byte of the next frame without a
+            // deadline (an idle client is fine); the rest of the frame must follow promptly.
+            let permit = tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = replies.closed() => break,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let mut raw = [0u8; REQUEST_HEADER_LEN];
+            let first = tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = replies.closed() => break,
+                read = reader.read(&mut raw) => read,
+            };
+            let started = match first {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(error) => {
+                    debug!("I/O connection from {peer}: {error}");
+                    break;
+                }
+            };
+            let header =
+                tokio::time::timeout(frame_timeout, read_header(&mut reader, &mut raw, started))
+                    .await;
+            let header = match header {
+                Ok(Ok(header)) => header,
+                Ok(Err(error)) => {
+                    warn!("I/O connection from {peer}: {error}; closing");
+                    break;
+                }
+                Err(_) => {
+                    warn!("I/O connection from {peer}: frame not completed within {frame_timeout:?}; closing");
+                    break;
+                }
+            };
+            let payload = match header.op {
+                Op::Hello => {
+                    warn!("I/O connection from {peer}: second HELLO; closing");
+                    break;
+                }
+                Op::Write => {
+                    // Waiting for the budget is not the peer's fault: no deadline here.
+                    let buffer = tokio::select! {
+                        _ = shutdown.changed() => break,
+                        buffer = self.buffer(header.length as usize) => buffer,
+                    };
+                    let mut buffer = match buffer {
+                        Ok(buffer) => buffer,
+                        Err(error) => {
+                            warn!("I/O connection from {peer}: {error}; closing");
+                            break;
+                        }
+                    };
+                    match tokio::time::timeout(frame_timeout, reader.read_exact(&mut buffer)).await
+                    {
+                        Ok(Ok(_)) => Some(buffer),
+                        Ok(Err(error)) => {
+                            warn!("I/O connection from {peer}: {error}; closing");
+                            break;
+                        }
+                        Err(_) => {
+                            warn!("I/O connection from {peer}: payload not completed within {frame_timeout:?}; closing");
+                            break;
+                        }
+                    }
+                }
+                Op::Read | Op::Flush => None,
+            };
+            let current = self.state.session(&token);
+            let ended = current.is_none();
+            let task_replies = replies.clone();
+            let service = self.clone();
+            tokio::spawn(async move {
+                let reply = match check(current.as_ref(), &header) {
+                    Err(status) => Reply::status(header.handle, status),
+                    Ok(()) => service.execute(header, payload).await,
+                };
+                let _ = task_replies.send(reply).await;
+                drop(permit);
+            });
+            if ended {
+                info!("I/O connection from {peer}: session ended; closing");
+                break;
+            }
+        }
+        drop(replies);
+        let _ = writer_task.await;
+        debug!("I/O connection from {peer} closed");
+    }
+
+    /// The volume record of `epoch`, or -ESTALE if the store holds another epoch (a change
+    /// committed but not yet published: the client retries once it has the new map).
+    async fn volume(&self, volume_id: u64, epoch: u64) -> Result<Arc<VolumeRecord>, i32> {
+        let cached = self
+            .volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&volume_id)
+            .cloned();
+        if let Some(record) = cached.filter(|r| r.epoch == epoch) {
+            return Ok(record);
+        }
+        let state = self.state.clone();
+        let record = tokio::task::spawn_blocking(move || state.store.volume_by_id(volume_id))
+            .await
+            .map_err(|_| errno(libc::EIO))?
+            .map_err(|e| {
+                warn!("volume {volume_id}: {}", e.message);
+                errno(libc::EIO)
+            })?;
+        let record = Arc::new(record);
+        {
+            let mut volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
+            let newer = volumes
+                .get(&volume_id)
+                .is_none_or(|old| old.epoch < record.epoch);
+            if newer {
+                volumes.insert(volume_id, record.clone());
+            }
+        }
+        if record.epoch != epoch {
+            return Err(errno(libc::ESTALE));
+        }
+        Ok(record)
+    }
+
+    async fn execute(self: Arc<Self>, header: RequestHeader, payload: Option<Buffer>) -> Reply {
+        match self.clone().try_execute(&header, payload).await {
+            Ok(data) => Reply {
+                header: ReplyHeader {
+                    handle: header.handle,
+                    status: 0,
+                    length: data.as_ref().map_or(0, |d| d.len() as u32),
+                },
+                data,
+            },
+            Err(status) => Reply::status(header.handle, status),
+        }
+    }
+
+    async fn try_execute(
+        self: Arc<Self>,
+        header: &RequestHeader,
+        payload: Option<Buffer>,
+    ) -> Result<Option<Buffer>, i32> {
+        let record = self.volume(header.volume_id, header.epoch).await?;
+        let io_error = |what: &str, error: io::Error| {
+            warn!(
+                "volume {} {what} at {} length {}: {error}",
+                header.volume_id, header.offset, header.length
+            );
+            errno(libc::EIO)
+        };
+        let length = u64::from(header.length);
+        if header.op == Op::Flush {
+            let service = self.clone();
+            return tokio::task::spawn_blocking(move || service.devices.flush(&record.extents))
+                .await
+                .map_err(|_| errno(libc::EIO))?
+                .map(|()| None)
+                .map_err(|e| io_error("flush", e));
+        }
+        let end = header.offset.checked_add(length);
+        if end.is_none_or(|end| end > record.size_bytes) {
+            return Err(errno(libc::EINVAL));
+        }
+        let pieces = plan(&record.extents, header.offset, length).ok_or_else(|| {
+            warn!(
+                "volume {} epoch {}: extents do not cover {}+{length}",
+                record.id, record.epoch, header.offset
+            );
+            errno(libc::EIO)
+        })?;
+        let service = self.clone();
+        match header.op {
+            Op::Read => {
+                let mut buf = self
+                    .buffer(header.length as usize)
+                    .await
+                    .map_err(|e| io_error("read buffer", e))?;
+                tokio::task::spawn_blocking(move || {
+                    service.devices.read(&pieces, &mut buf).map(|()| buf)
+                })
+                .await
+                .map_err(|_| errno(libc::EIO))?
+                .map(Some)
+                .map_err(|e| io_error("read", e))
+            }
+            Op::Write => {
+                let buf = payload.ok_or(errno(libc::EINVAL))?;
+                let fua = header.flags & FLAG_FUA != 0;
+                tokio::task::spawn_blocking(move || service.devices.write(&pieces, &buf, fua))
+                    .await
+                    .map_err(|_| errno(libc::EIO))?
+                    .map(|()| None)
+                    .map_err(|e| io_error("write", e))
+            }
+            Op::Hello | Op::Flush => Err(errno(libc::EINVAL)),
+        }
+    }
+}
+
+/// Checks a request against the session as it is now.
+fn check(session: Option<&SessionInfo>, header: &RequestHeader) -> Result<(), i32> {
+    let Some(session) = session else {
+        return Err(errno(libc::EACCES));
+    };
+    if header.volume_id != session.volume_id {
+        return Err(errno(libc::EACCES));
+    }
+    if header.op == Op::Write && session.mode != AccessMode::Rw {
+        return Err(errno(libc::EROFS));
+    }
+    if header.epoch != session.epoch {
+        return Err(errno(libc::ESTALE));
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+enum ReadError {
+    Io(io::Error),
+    Frame(FrameError),
+    NotHello,
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Io(error) => write!(f, "{error}"),
+            ReadError::Frame(error) => write!(f, "malformed frame: {}", error.message()),
+            ReadError::NotHello => f.write_str("first frame is not HELLO"),
+        }
+    }
+}
+
+impl From<io::Error> for ReadError {
+    fn from(error: io::Error) -> Self {
+        ReadError::Io(error)
+    }
+}
+
+/// Reads the HELLO frame: its handle and the hex-encoded token (at most 64 bytes, checked by
+/// the header decoder).
+async fn read_hello(reader: &mut OwnedReadHalf) -> Result<(u64, String), ReadError> {
+    let mut raw = [0u8; REQUEST_HEADER_LEN];
+    let header = read_header(reader, &mut raw, 0).await?;
+    if header.op != Op::Hello {
+        return Err(ReadError::NotHello);
+    }
+    let mut token = vec![0u8; header.length as usize];
+    reader.read_exact(&mut token).await?;
+    Ok((header.handle, hex::encode(token)))
+}
+
+/// Completes a header whose first `started` bytes are already in `raw` and decodes it.
+async fn read_header(
+    reader: &mut OwnedReadHalf,
+    raw: &mut [u8; REQUEST_HEADER_LEN],
+    started: usize,
+) -> Result<RequestHeader, ReadError> {
+    reader.read_exact(&mut raw[started..]).await?;
+    RequestHeader::decode(raw).map_err(ReadError::Frame)
+}
+
+async fn send_reply(writer: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> io::Result<()> {
+    let mut raw = [0u8; REPLY_HEADER_LEN];
+    reply.header.encode(&mut raw);
+    writer.write_all(&raw).await?;
+    if let Some(data) = &reply.data {
+        writer.write_all(data).await?;
+    }
+    writer.flush().await
+}
+
+/// Sends replies in the order they complete; flushes when no other reply is waiting.
+async fn write_replies(
+    writer: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<Reply>,
+    frame_timeout: Duration,
+) {
+    let mut writer = BufWriter::with_capacity(256 * 1024, writer);
+    while let Some(reply) = queue.recv().await {
+        let sent = tokio::time::timeout(frame_timeout, async {
+            let mut raw = [0u8; REPLY_HEADER_LEN];
+            reply.header.encode(&mut raw);
+            writer.write_all(&raw).await?;
+            if let Some(data) = &reply.data {
+                writer.write_all(data).await?;
+            }
+            if queue.is_empty() {
+                writer.flush().await?;
+            }
+            Ok::<(), io::Error>(())
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                debug!("sending I/O reply: {error}");
+                return;
+            }
+            Err(_) => {
+                warn!("I/O peer did not take a reply within {frame_timeout:?}; closing");
+                return;
+            }
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(mode: AccessMode) -> SessionInfo {
+        SessionInfo {
+            client: "host1".into(),
+            volume_id: 7,
+            mode,
+            epoch: 3,
+        }
+    }
+
+    fn header(op: Op, volume_id: u64, epoch: u64) -> RequestHeader {
+        RequestHeader {
+            op,
+            flags: 0,
+            handle: 1,
+            volume_id,
+            epoch,
+            offset: 0,
+            length: 4096,
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_against_the_session() {
+        let rw = session(AccessMode::Rw);
+        let ro = session(AccessMode::Ro);
+        assert_eq!(check(Some(&rw), &header(Op::Write, 7, 3)), Ok(()));
+        assert_eq!(check(Some(&ro), &header(Op::Read, 7, 3)), Ok(()));
+        assert_eq!(check(Some(&ro), &header(Op::Flush, 7, 3)), Ok(()));
+        assert_eq!(check(None, &header(Op::Read, 7, 3)), Err(-libc::EACCES));
+        assert_eq!(
+            check(Some(&rw), &header(Op::Read, 8, 3)),
+            Err(-libc::EACCES)
+        );
+        assert_eq!(
+            check(Some(&ro), &header(Op::Write, 7, 3)),
+            Err(-libc::EROFS)
+        );
+        assert_eq!(
+            check(Some(&rw), &header(Op::Write, 7, 2)),
+            Err(-libc::ESTALE)
+        );
+        assert_eq!(
+            check(Some(&rw), &header(Op::Read, 7, 4)),
+            Err(-libc::ESTALE)
+        );
+    }
+
+    #[test]
+    fn io_listen_comes_from_flags_then_file_then_the_agent_port() {
+        use crate::config::{Config, Flags};
+        let dir = std::env::temp_dir().join(format!("sand-io-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.join("sand.toml");
+        std::fs::write(&file, "listen = \"0.0.0.0:7800\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let config = |flags: Flags| Config::from_flags(flags).unwrap_or_else(|e| panic!("{e}"));
+        let derived = config(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        });
+        assert_eq!(derived.io_listen.to_string(), "0.0.0.0:7801");
+        std::fs::write(&file, "io_listen = \"10.0.0.1:9000\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let from_file = config(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        });
+        assert_eq!(from_file.io_listen.to_string(), "10.0.0.1:9000");
+        let from_flag = config(Flags {
+            config: Some(file),
+            io_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"))),
+            ..Flags::default()
+        });
+        assert_eq!(from_flag.io_listen.to_string(), "127.0.0.1:0");
+        assert_eq!(
+            config(Flags::default()).io_listen.to_string(),
+            "127.0.0.1:7701"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_io_port_follows_the_agent_port() {
+        let address = |text: &str| -> SocketAddr { text.parse().unwrap_or_else(|e| panic!("{e}")) };
+        assert_eq!(
+            default_io_listen(address("127.0.0.1:7700")),
+            address("127.0.0.1:7701")
+        );
+        assert_eq!(
+            default_io_listen(address("0.0.0.0:0")),
+            address("0.0.0.0:0")
+        );
+        assert_eq!(
+            default_io_listen(address("[::1]:65535")),
+            address("[::1]:0")
+        );
+    }
+}
