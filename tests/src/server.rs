@@ -33,6 +33,9 @@ impl SandServer {
             .arg(&metadata)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            // The I/O port is written to io.addr; a fixed port+1 could clash with another test.
+            .arg("--io-listen")
+            .arg("127.0.0.1:0")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log)
