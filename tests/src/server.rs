@@ -61,6 +61,32 @@ impl SandServer {
         Ok(server)
     }
 
+    /// The port of the server's I/O service (the kernel's server path), from `io.addr`.
+    pub fn io_port(&self) -> Result<u16, String> {
+        let path = self.dir.join("sand-metadata").join("io.addr");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                if let Some(port) = text
+                    .trim()
+                    .parse::<std::net::SocketAddr>()
+                    .ok()
+                    .map(|a| a.port())
+                {
+                    return Ok(port);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: no I/O address: {}",
+                    path.display(),
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sand.log")).unwrap_or_default()
     }

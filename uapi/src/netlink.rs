@@ -171,6 +171,83 @@ pub enum Attr {
     ErrorCount = 25,
     /// Nested description of one SAN device in a STATUS reply.
     Device = 26,
+    /// State of a volume's server path ([`ServerPathState`], STATUS).
+    ServerState = 27,
+    /// Pieces of I/O completed over the server path (STATUS).
+    RedirectedIos = 28,
+}
+
+/// Most server I/O addresses one volume accepts in [`Attr::Servers`].
+pub const MAX_SERVERS: usize = 4;
+
+/// State of a volume's server path (the kernel TCP client) as the module sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ServerPathState {
+    /// No server address was given: failed direct I/O fails upward.
+    None = 0,
+    /// Not connected (connecting, or waiting to reconnect).
+    Disconnected = 1,
+    /// Connected and authenticated (HELLO accepted).
+    Connected = 2,
+    /// The server refused the session token; queued I/O fails.
+    Refused = 3,
+}
+
+impl ServerPathState {
+    /// Decodes a state number.
+    pub fn from_u32(value: u32) -> Option<ServerPathState> {
+        match value {
+            0 => Some(ServerPathState::None),
+            1 => Some(ServerPathState::Disconnected),
+            2 => Some(ServerPathState::Connected),
+            3 => Some(ServerPathState::Refused),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name for tools.
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerPathState::None => "none",
+            ServerPathState::Disconnected => "disconnected",
+            ServerPathState::Connected => "connected",
+            ServerPathState::Refused => "refused",
+        }
+    }
+}
+
+/// Parses a server I/O address `a.b.c.d:port` (decimal, no leading `+`, port 1..=65535) into
+/// the IPv4 address bytes in network order and the port.
+pub fn parse_server_addr(text: &[u8]) -> Option<([u8; 4], u16)> {
+    let colon = text.iter().position(|b| *b == b':')?;
+    let (host, port) = (&text[..colon], &text[colon + 1..]);
+    let mut ip = [0u8; 4];
+    let mut parts = 0;
+    for part in host.split(|b| *b == b'.') {
+        if parts == 4 {
+            return None;
+        }
+        ip[parts] = u8::try_from(parse_decimal(part, 3)?).ok()?;
+        parts += 1;
+    }
+    if parts != 4 {
+        return None;
+    }
+    let port = u16::try_from(parse_decimal(port, 5)?).ok()?;
+    if port == 0 {
+        return None;
+    }
+    Some((ip, port))
+}
+
+fn parse_decimal(digits: &[u8], max_len: usize) -> Option<u32> {
+    if digits.is_empty() || digits.len() > max_len {
+        return None;
+    }
+    digits.iter().try_fold(0u32, |acc, d| {
+        d.is_ascii_digit().then(|| acc * 10 + u32::from(d - b'0'))
+    })
 }
 
 /// Path state of a SAN device as the module sees it.
@@ -215,7 +292,7 @@ pub const MAX_PATH_BYTES: u16 = 255;
 pub const MAX_VOLUME_NAME_BYTES: u16 = 63;
 
 /// The attribute table: numbers, names and policy.
-pub const ATTRIBUTES: [AttrSpec; 26] = [
+pub const ATTRIBUTES: [AttrSpec; 28] = [
     AttrSpec {
         attr: Attr::ProtocolVersion,
         name: "PROTOCOL_VERSION",
@@ -352,10 +429,20 @@ pub const ATTRIBUTES: [AttrSpec; 26] = [
         name: "DEVICE",
         kind: AttrKind::Nested,
     },
+    AttrSpec {
+        attr: Attr::ServerState,
+        name: "SERVER_STATE",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::RedirectedIos,
+        name: "REDIRECTED_IOS",
+        kind: AttrKind::U64,
+    },
 ];
 
 /// Highest attribute number (`maxattr` of the family).
-pub const ATTR_MAX: u16 = Attr::Device as u16;
+pub const ATTR_MAX: u16 = Attr::RedirectedIos as u16;
 
 impl Attr {
     /// Decodes an attribute number; `None` for numbers the family does not define.
@@ -405,6 +492,30 @@ mod tests {
         assert!(!Command::Status.needs_admin());
         assert!(Command::Create.needs_admin());
         assert!(!Command::Event.accepted_from_userspace());
+    }
+
+    #[test]
+    fn server_addresses_parse_strictly() {
+        assert_eq!(
+            parse_server_addr(b"10.0.2.100:7701"),
+            Some(([10, 0, 2, 100], 7701))
+        );
+        for bad in [
+            &b""[..],
+            b"10.0.2.100",
+            b"10.0.2:1",
+            b"10.0.2.1.5:1",
+            b"256.0.0.1:1",
+            b"1.2.3.4:0",
+            b"1.2.3.4:65536",
+            b"1.2.3.4:",
+            b"a.b.c.d:1",
+            b"1..3.4:1",
+            b"1.2.3.4:12x",
+            b"[::1]:80",
+        ] {
+            assert_eq!(parse_server_addr(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

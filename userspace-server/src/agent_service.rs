@@ -365,6 +365,7 @@ impl Session {
         Ok(AgentReply::Attached {
             map: grant.map,
             session_token,
+            io_address: Some(self.state.config.io_listen.to_string()),
         })
     }
 

@@ -103,6 +103,8 @@ pub struct Attachment {
     pub map: VolumeMap,
     /// Token for the server I/O path (hex of 32 random bytes).
     pub session_token: String,
+    /// The server's I/O service address as it bound it (may be a wildcard address).
+    pub io_address: Option<String>,
 }
 
 /// An authenticated agent connection.
@@ -224,7 +226,15 @@ impl AgentClient {
         })
         .await?;
         match self.receive_reply().await? {
-            AgentReply::Attached { map, session_token } => Ok(Attachment { map, session_token }),
+            AgentReply::Attached {
+                map,
+                session_token,
+                io_address,
+            } => Ok(Attachment {
+                map,
+                session_token,
+                io_address,
+            }),
             other => Err(unexpected(&other)),
         }
     }

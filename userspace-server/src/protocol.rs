@@ -256,6 +256,9 @@ pub enum AgentReply {
     Attached {
         map: VolumeMap,
         session_token: String,
+        /// Address of the server's I/O service (the kernel's server path), as bound.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        io_address: Option<String>,
     },
     Detached {
         volume_id: u64,

@@ -73,6 +73,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     );
 
     let admin_socket = config.admin_socket.clone();
+    // Attach replies tell agents the address actually bound (an ephemeral port included).
+    let mut config = config;
+    config.io_listen = io_address;
     let state = ServerState::new(store, config);
     // Every connection task holds a clone of this sender; when all are gone, recv() ends.
     let (task_alive, mut all_tasks_done) = mpsc::channel::<()>(1);

@@ -3,6 +3,8 @@
 //! stays in the foreground relaying map updates and lease renewals (reconnecting with backoff
 //! if the server goes away). `sanctl detach` stops it; `sanctl status` shows the kernel's view.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,10 +12,11 @@ use clap::Args;
 use sand::client::{read_secret_file, AgentClient, Attachment, ClientError};
 use sand::map::{AccessMode, VolumeMap};
 use tokio::signal::unix::{signal, SignalKind};
+use uuid::Uuid;
 
 use crate::context::{CliError, Context};
 use crate::kernel_link::{CreateRequest, KernelLink};
-use crate::map_encoding::{encode, scan_devices};
+use crate::map_encoding::{encode, scan_devices, scan_paths, LocalDevice};
 use crate::output::print_table;
 
 /// Longest wait between reconnection attempts.
@@ -40,6 +43,13 @@ pub struct AttachArgs {
     /// Directory of block device nodes searched for SAN device labels.
     #[arg(long, default_value = "/dev")]
     dev_dir: PathBuf,
+    /// Only these block devices are considered SAN devices (repeatable); overrides --dev-dir.
+    #[arg(long = "device")]
+    devices: Vec<PathBuf>,
+    /// Server I/O address(es) `a.b.c.d:port` for the kernel's server path, tried in order
+    /// (repeatable); by default the address the server reports on attach.
+    #[arg(long = "io-server")]
+    io_servers: Vec<String>,
     /// Directory for the agent's pid and device files (read by `sanctl detach`).
     #[arg(long, default_value = "/run/sanblk")]
     run_dir: PathBuf,
@@ -108,8 +118,50 @@ async fn connect_and_attach(
     Ok((client, attachment))
 }
 
-fn install_update(kernel: &KernelLink, map: &VolumeMap, dev_dir: &Path) -> Result<(), CliError> {
-    let devices = scan_devices(dev_dir);
+fn local_devices(args: &AttachArgs) -> HashMap<Uuid, LocalDevice> {
+    if args.devices.is_empty() {
+        scan_devices(&args.dev_dir)
+    } else {
+        scan_paths(&args.devices)
+    }
+}
+
+/// The server I/O addresses handed to the kernel: `--io-server`, else the address the server
+/// reported, its wildcard IP replaced by the IP the agent reached the server at. The kernel
+/// takes IPv4 only; without an address failed direct I/O fails upward.
+fn io_servers(args: &AttachArgs, reported: Option<&str>) -> Vec<String> {
+    if !args.io_servers.is_empty() {
+        return args.io_servers.clone();
+    }
+    let Some(reported) = reported.and_then(|r| r.parse::<SocketAddr>().ok()) else {
+        return Vec::new();
+    };
+    let ip = if reported.ip().is_unspecified() {
+        match args
+            .server
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.find(|a| a.is_ipv4()))
+        {
+            Some(server) => server.ip(),
+            None => return Vec::new(),
+        }
+    } else {
+        reported.ip()
+    };
+    match ip {
+        IpAddr::V4(v4) => vec![format!("{v4}:{}", reported.port())],
+        IpAddr::V6(_) => Vec::new(),
+    }
+}
+
+fn install_update(
+    kernel: &KernelLink,
+    map: &VolumeMap,
+    args: &AttachArgs,
+    servers: &[String],
+) -> Result<(), CliError> {
+    let devices = local_devices(args);
     let encoded = encode(map, &devices).map_err(local)?;
     kernel
         .update_map(
@@ -117,6 +169,7 @@ fn install_update(kernel: &KernelLink, map: &VolumeMap, dev_dir: &Path) -> Resul
             map.epoch,
             &encoded.bytes,
             &encoded.device_paths,
+            servers,
         )
         .map_err(local)
 }
@@ -132,7 +185,8 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     let (mut client, attachment) = connect_and_attach(&args, &secret, mode).await?;
     let map = attachment.map;
     let volume_id = map.volume_id;
-    let devices = scan_devices(&args.dev_dir);
+    let mut servers = io_servers(&args, attachment.io_address.as_deref());
+    let devices = local_devices(&args);
     let encoded = match encode(&map, &devices) {
         Ok(encoded) => encoded,
         Err(error) => {
@@ -149,6 +203,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
         device_paths: &encoded.device_paths,
         token: &token,
         read_only: args.ro,
+        servers: &servers,
     }) {
         Ok(index) => index,
         Err(error) => {
@@ -166,10 +221,15 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     std::fs::write(&files.device, &device)
         .map_err(|e| local(format!("{}: {e}", files.device.display())))?;
     println!(
-        "attached {} as {device} (epoch {}, devices {})",
+        "attached {} as {device} (epoch {}, devices {}, server path {})",
         args.volume,
         map.epoch,
-        encoded.device_paths.join(",")
+        encoded.device_paths.join(","),
+        if servers.is_empty() {
+            "none".to_string()
+        } else {
+            servers.join(",")
+        }
     );
 
     let mut epoch = map.epoch;
@@ -183,7 +243,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
         tokio::select! {
             update = client.next_map_update() => match update {
                 Ok(map) if map.volume_id == volume_id && map.epoch > epoch => {
-                    match install_update(&kernel, &map, &args.dev_dir) {
+                    match install_update(&kernel, &map, &args, &servers) {
                         Ok(()) => {
                             epoch = map.epoch;
                             println!("volume {} now at epoch {epoch} ({} bytes)", args.volume, map.size_bytes);
@@ -204,8 +264,11 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                             Ok((fresh, attachment)) => {
                                 client = fresh;
                                 backoff = Duration::from_secs(1);
+                                // A restarted server may listen elsewhere; the kernel gets
+                                // the new addresses with the next map.
+                                servers = io_servers(&args, attachment.io_address.as_deref());
                                 if attachment.map.epoch > epoch {
-                                    if let Err(e) = install_update(&kernel, &attachment.map, &args.dev_dir) {
+                                    if let Err(e) = install_update(&kernel, &attachment.map, &args, &servers) {
                                         eprintln!("sanctl attach: kernel refused epoch {}: {e}", attachment.map.epoch);
                                     } else {
                                         epoch = attachment.map.epoch;
@@ -352,6 +415,12 @@ pub fn status(context: &Context) -> Result<(), CliError> {
                 format!("{}/{}", v.read_ios, v.write_ios),
                 format!("{}/{}", v.read_bytes, v.written_bytes),
                 v.errors.to_string(),
+                if v.servers.is_empty() {
+                    v.server_path.clone()
+                } else {
+                    format!("{} {}", v.server_path, v.servers.join(","))
+                },
+                v.redirected_ios.to_string(),
             ]
         })
         .collect();
@@ -366,6 +435,8 @@ pub fn status(context: &Context) -> Result<(), CliError> {
             "READS/WRITES",
             "BYTES R/W",
             "ERRORS",
+            "SERVER PATH",
+            "REDIRECTED",
         ],
         &rows,
     );

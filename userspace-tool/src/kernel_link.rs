@@ -10,7 +10,9 @@ use neli::{
     types::{Buffer, GenlBuffer},
     utils::Groups,
 };
-use sanblk_uapi::netlink::{Attr, Command, DeviceState, FAMILY_NAME, FAMILY_VERSION};
+use sanblk_uapi::netlink::{
+    Attr, Command, DeviceState, ServerPathState, FAMILY_NAME, FAMILY_VERSION,
+};
 use serde::Serialize;
 
 type Message = Genlmsghdr<u8, u16>;
@@ -44,6 +46,8 @@ pub struct CreateRequest<'a> {
     pub device_paths: &'a [String],
     pub token: &'a [u8],
     pub read_only: bool,
+    /// Server I/O addresses (`a.b.c.d:port`) for the kernel's server path; may be empty.
+    pub servers: &'a [String],
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -67,6 +71,11 @@ pub struct KernelVolume {
     pub written_bytes: u64,
     pub errors: u64,
     pub devices: Vec<KernelDevice>,
+    /// State of the kernel's server path: none, disconnected, connected, refused.
+    pub server_path: String,
+    pub servers: Vec<String>,
+    /// Pieces of I/O completed over the server path.
+    pub redirected_ios: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -401,6 +410,14 @@ impl KernelLink {
                 (request.read_only as u32).to_ne_bytes().to_vec(),
             ),
         ];
+        let mut attrs = attrs;
+        if !request.servers.is_empty() {
+            attrs.push((
+                Attr::Servers as u16,
+                true,
+                nested_strings(Attr::ServerAddr as u16, request.servers),
+            ));
+        }
         let reply = CommandSocket::open()?.request(self.family, Command::Create, &attrs)?;
         attributes(&reply)
             .into_iter()
@@ -417,8 +434,9 @@ impl KernelLink {
         epoch: u64,
         map: &[u8],
         device_paths: &[String],
+        servers: &[String],
     ) -> Result<(), KernelError> {
-        let attrs = vec![
+        let mut attrs = vec![
             (
                 Attr::VolumeId as u16,
                 false,
@@ -432,6 +450,13 @@ impl KernelLink {
                 nested_strings(Attr::DevicePath as u16, device_paths),
             ),
         ];
+        if !servers.is_empty() {
+            attrs.push((
+                Attr::Servers as u16,
+                true,
+                nested_strings(Attr::ServerAddr as u16, servers),
+            ));
+        }
         CommandSocket::open()?
             .request(self.family, Command::UpdateMap, &attrs)
             .map(|_| ())
@@ -488,6 +513,9 @@ fn parse_volume(nest: &Nlattr<u16, Buffer>) -> Result<KernelVolume, KernelError>
         written_bytes: 0,
         errors: 0,
         devices: Vec::new(),
+        server_path: ServerPathState::None.name().to_string(),
+        servers: Vec::new(),
+        redirected_ios: 0,
     };
     for attr in handle.iter() {
         match Attr::from_u16(u16::from(attr.nla_type()) & 0x3fff) {
@@ -502,6 +530,23 @@ fn parse_volume(nest: &Nlattr<u16, Buffer>) -> Result<KernelVolume, KernelError>
             Some(Attr::ReadBytes) => volume.read_bytes = u64_of(attr),
             Some(Attr::WrittenBytes) => volume.written_bytes = u64_of(attr),
             Some(Attr::ErrorCount) => volume.errors = u64_of(attr),
+            Some(Attr::ServerState) => {
+                volume.server_path = ServerPathState::from_u32(u32_of(attr))
+                    .map(|s| s.name())
+                    .unwrap_or("unknown")
+                    .to_string()
+            }
+            Some(Attr::RedirectedIos) => volume.redirected_ios = u64_of(attr),
+            Some(Attr::Servers) => {
+                let inner = attr
+                    .get_attr_handle::<u16>()
+                    .map_err(|e| KernelError::Netlink(e.to_string()))?;
+                for field in inner.iter() {
+                    if u16::from(field.nla_type()) & 0x3fff == Attr::ServerAddr as u16 {
+                        volume.servers.push(text_of(field));
+                    }
+                }
+            }
             Some(Attr::Device) => {
                 let inner = attr
                     .get_attr_handle::<u16>()

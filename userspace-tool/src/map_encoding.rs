@@ -60,6 +60,23 @@ pub fn scan_devices(dev_dir: &Path) -> HashMap<Uuid, LocalDevice> {
     found
 }
 
+/// Like [`scan_devices`], over an explicit list of device paths only.
+pub fn scan_paths(paths: &[PathBuf]) -> HashMap<Uuid, LocalDevice> {
+    let mut found = HashMap::new();
+    for path in paths {
+        if let Ok(Some(label)) = read_label(path) {
+            found.insert(
+                label.device_uuid,
+                LocalDevice {
+                    path: path.clone(),
+                    size: label.device_size,
+                },
+            );
+        }
+    }
+    found
+}
+
 /// The encoded map and the local path of each device in its device table, in order.
 pub struct EncodedMap {
     pub bytes: Vec<u8>,
