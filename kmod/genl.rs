@@ -10,16 +10,17 @@ use kernel::str::CString;
 use kernel::sync::Arc;
 use kernel::{c_str, fmt};
 
-use crate::abi::{Attr, Command, MAX_PATH_BYTES, PROTOCOL_VERSION};
+use crate::abi::{parse_server_addr, Attr, Command, MAX_PATH_BYTES, MAX_SERVERS, PROTOCOL_VERSION};
 use crate::device::SanDevice;
 use crate::errno::eopnotsupp;
 use crate::registry;
+use crate::server::ServerAddrs;
 use crate::shim::{GenlInfo, Reply, Request, SkBuff};
 use crate::volume::{MapState, NewVolume, Volume};
 
 /// Reply room per volume and per device in STATUS.
 const STATUS_BYTES_BASE: usize = 512;
-const STATUS_BYTES_PER_VOLUME: usize = 320;
+const STATUS_BYTES_PER_VOLUME: usize = 640;
 const STATUS_BYTES_PER_DEVICE: usize = 320;
 
 /// The doit callback of every command (referenced from the shim's op table).
@@ -112,6 +113,24 @@ fn nested_strings(request: &Request, bytes: &[u8], entry_type: u16) -> Result<KV
     Ok(list)
 }
 
+/// The optional SERVERS list: at most MAX_SERVERS `a.b.c.d:port` strings.
+fn parse_servers(request: &Request) -> Result<Option<ServerAddrs>> {
+    let Some(attr) = request.attr(Attr::Servers as u16) else {
+        return Ok(None);
+    };
+    let list = nested_strings(request, attr.bytes(), Attr::ServerAddr as u16)?;
+    if list.len() > MAX_SERVERS {
+        return Err(refuse(request, EINVAL, fmt!("at most {} server addresses", MAX_SERVERS)));
+    }
+    let mut addrs = ServerAddrs::default();
+    for (i, text) in list.iter().enumerate() {
+        let (ip, port) = parse_server_addr(text.as_bytes())
+            .ok_or_else(|| refuse(request, EINVAL, fmt!("server address {} is not a.b.c.d:port", i)))?;
+        addrs.push(ip, port);
+    }
+    Ok(Some(addrs))
+}
+
 fn parse_map(request: &Request, volume_id: u64, epoch: u64) -> Result<MapState> {
     let raw = request.attr(Attr::Map as u16).ok_or(EINVAL)?;
     let map = MapState::new(raw.bytes()).map_err(|(err, why)| refuse(request, err, fmt!("{}", why)))?;
@@ -140,6 +159,7 @@ fn create(request: &Request, registry: &registry::Registry) -> Result {
         return Err(request.fail(EINVAL, c_str!("empty session token")));
     }
     let map = parse_map(request, volume_id, epoch)?;
+    let servers = parse_servers(request)?;
     let devices_attr = request.attr(Attr::Devices as u16).ok_or(EINVAL)?;
     let paths = nested_strings(request, devices_attr.bytes(), Attr::DevicePath as u16)?;
     let view = map.view();
@@ -182,6 +202,7 @@ fn create(request: &Request, registry: &registry::Registry) -> Result {
             map,
             devices,
             token,
+            servers,
         },
         crate::block_major(),
     )
@@ -226,6 +247,7 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
     let position = find(request, &volumes, volume_id)?;
     let volume = &volumes[position];
     let map = parse_map(request, volume_id, epoch)?;
+    let servers = parse_servers(request)?;
     let current = volume.current_map();
     if epoch <= current.epoch {
         return Err(refuse(request, EINVAL, fmt!("epoch {} is not newer than {}", epoch, current.epoch)));
@@ -275,6 +297,9 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
     let mut map = map;
     map.slots = slots;
     volume.replace_map(map)?;
+    if let Some(servers) = servers {
+        volume.server.set_addrs(servers);
+    }
     pr_info!("volume id {} now at epoch {}\n", volume_id, epoch);
     Ok(())
 }
@@ -294,6 +319,17 @@ fn put_volume(reply: &mut Reply<'_>, volume: &Volume) -> Result {
     reply.put_u64(Attr::ReadBytes as u16, counters.read_bytes.load(Ordering::Relaxed))?;
     reply.put_u64(Attr::WrittenBytes as u16, counters.written_bytes.load(Ordering::Relaxed))?;
     reply.put_u64(Attr::ErrorCount as u16, counters.errors.load(Ordering::Relaxed))?;
+    reply.put_u32(Attr::ServerState as u16, volume.server.state() as u32)?;
+    reply.put_u64(Attr::RedirectedIos as u16, volume.server.redirected())?;
+    let addrs = volume.server.addrs();
+    if !addrs.is_empty() {
+        let servers = reply.begin_nest(Attr::Servers as u16)?;
+        for (ip, port) in addrs.iter() {
+            let text = CString::try_from_fmt(fmt!("{}.{}.{}.{}:{}", ip[0], ip[1], ip[2], ip[3], port))?;
+            reply.put_str(Attr::ServerAddr as u16, &text)?;
+        }
+        reply.end_nest(servers);
+    }
     for device in map.slots.iter().filter_map(|slot| volume.devices.get(*slot)) {
         let entry = reply.begin_nest(Attr::Device as u16)?;
         reply.put_str(Attr::DevicePath as u16, &device.path)?;

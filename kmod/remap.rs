@@ -9,13 +9,26 @@ use core::sync::atomic::Ordering;
 use kernel::bindings;
 use kernel::prelude::*;
 
+use crate::abi_frame::{Op, FLAG_FUA};
 use crate::abi_map::MAX_MEMBERS;
+use crate::server::Piece;
 use crate::volume::Volume;
 
 const BLK_STS_NOTSUPP: bindings::blk_status_t = 1;
 const BLK_STS_IOERR: bindings::blk_status_t = 10;
 const REQ_OP_MASK: bindings::blk_opf_t = (1 << bindings::REQ_OP_BITS) - 1;
 const REQ_PREFLUSH: bindings::blk_opf_t = 1 << bindings::req_flag_bits___REQ_PREFLUSH;
+const REQ_FUA: bindings::blk_opf_t = 1 << bindings::req_flag_bits___REQ_FUA;
+
+/// What the server path needs to re-issue a piece: its op (0: cannot be redirected), place
+/// in the volume and the epoch it was mapped with.
+#[derive(Clone, Copy)]
+struct PieceInfo {
+    op: u8,
+    flags: u8,
+    volume_offset: u64,
+    epoch: u64,
+}
 const GFP_NOIO: bindings::gfp_t =
     (1 << bindings::___GFP_DIRECT_RECLAIM_BIT) | (1 << bindings::___GFP_KSWAPD_RECLAIM_BIT);
 /// Mirrored reads alternate between replicas in chunks of this many bytes.
@@ -82,7 +95,7 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
     }
     let map = volume.current_map();
     if opf & REQ_PREFLUSH != 0 {
-        flush_all_devices(volume, &map.slots, bio);
+        flush_all_devices(volume, &map.slots, bio, map.epoch);
         if size == 0 {
             // SAFETY: drops the submission reference; completes once the flushes do.
             unsafe { bindings::bio_endio(bio) };
@@ -126,9 +139,26 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
 
     let count = piece.target_count as usize;
     let targets = &piece.targets[..count.min(MAX_MEMBERS)];
+    let info = PieceInfo {
+        op: match op {
+            bindings::req_op_REQ_OP_READ => Op::Read as u8,
+            bindings::req_op_REQ_OP_WRITE => Op::Write as u8,
+            _ => 0,
+        },
+        flags: if opf & REQ_FUA != 0 { FLAG_FUA } else { 0 },
+        volume_offset: offset,
+        epoch: map.epoch,
+    };
+    // Pieces touching a device already marked failed go straight to the server path (queued
+    // for its thread: nothing here waits for the network).
+    let redirect = info.op != 0 && volume.server.enabled();
     if is_write {
-        for target in targets {
-            clone_to(volume, bio, slot_of(&map.slots, target.device), target.offset >> 9, true);
+        if redirect && targets.iter().any(|t| !device_healthy(volume, slot_of(&map.slots, t.device))) {
+            to_server(volume, bio, &info);
+        } else {
+            for target in targets {
+                clone_to(volume, bio, slot_of(&map.slots, target.device), target.offset >> 9, true, &info);
+            }
         }
     } else {
         let preferred = ((offset >> READ_BALANCE_SHIFT) as usize) % count.max(1);
@@ -136,7 +166,12 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
             .map(|i| &targets[(preferred + i) % count])
             .find(|t| device_healthy(volume, slot_of(&map.slots, t.device)))
             .unwrap_or(&targets[preferred]);
-        clone_to(volume, bio, slot_of(&map.slots, chosen.device), chosen.offset >> 9, false);
+        let slot = slot_of(&map.slots, chosen.device);
+        if redirect && !device_healthy(volume, slot) {
+            to_server(volume, bio, &info);
+        } else {
+            clone_to(volume, bio, slot, chosen.offset >> 9, false, &info);
+        }
     }
     // SAFETY: drops the submission reference; the bio completes when its clones do.
     unsafe { bindings::bio_endio(bio) };
@@ -155,8 +190,48 @@ fn device_healthy(volume: &Volume, slot: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Records in the clone's reserved context what the server path needs to re-issue it.
+///
+/// # Safety
+///
+/// `clone` is a live bio of the volume's bioset, cloned from `parent` and not yet submitted.
+unsafe fn fill_piece(clone: *mut bindings::bio, parent: *mut bindings::bio, info: &PieceInfo) {
+    // SAFETY: the context lies in front of the clone in the same allocation (contract).
+    unsafe {
+        let piece = Piece::of(clone);
+        (*piece).parent = parent;
+        (*piece).volume_offset = info.volume_offset;
+        (*piece).epoch = info.epoch;
+        (*piece).iter = (*clone).bi_iter;
+        (*piece).bvecs = (*clone).bi_io_vec;
+        (*piece).op = info.op;
+        (*piece).flags = info.flags;
+    }
+}
+
+/// Hands the whole of `bio` to the server path (its target device is marked failed).
+fn to_server(volume: &Volume, bio: *mut bindings::bio, info: &PieceInfo) {
+    // SAFETY: `bio` is live; the clone only carries the piece (its iterator and vector) and
+    // is never submitted. GFP_NOIO with the bioset's mempool: never fails.
+    let clone = unsafe { bindings::bio_alloc_clone((*bio).bi_bdev, bio, GFP_NOIO, volume.bioset()) };
+    if clone.is_null() {
+        // SAFETY: `bio` is live; the final bio_endio completes it with the error.
+        unsafe { (*bio).bi_status = BLK_STS_IOERR };
+        return;
+    }
+    volume.inflight.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: `clone` is ours; the parent gets one more completion, given by the server path.
+    // The submission reference of `bio` (dropped by the caller after this) keeps the volume's
+    // disk, and so the server thread, alive during `queue`.
+    unsafe {
+        fill_piece(clone, bio, info);
+        sanblk_bio_inc_remaining(bio.cast());
+        volume.server.queue(Piece::of(clone));
+    }
+}
+
 /// Sends a clone of `bio` (same length and pages) to device `index` at `device_sector`.
-fn clone_to(volume: &Volume, bio: *mut bindings::bio, index: u32, device_sector: u64, strip_flush: bool) {
+fn clone_to(volume: &Volume, bio: *mut bindings::bio, index: u32, device_sector: u64, strip_flush: bool, info: &PieceInfo) {
     let Some(device) = volume.devices.get(index) else {
         // SAFETY: `bio` is live; record the failure, the final bio_endio completes it.
         unsafe { (*bio).bi_status = BLK_STS_IOERR };
@@ -173,6 +248,7 @@ fn clone_to(volume: &Volume, bio: *mut bindings::bio, index: u32, device_sector:
     volume.inflight.fetch_add(1, Ordering::AcqRel);
     // SAFETY: `clone` is ours until submitted; the parent gets one more completion to wait for.
     unsafe {
+        fill_piece(clone, bio, info);
         (*clone).bi_iter.bi_sector = device_sector;
         if strip_flush {
             (*clone).bi_opf &= !REQ_PREFLUSH;
@@ -185,7 +261,8 @@ fn clone_to(volume: &Volume, bio: *mut bindings::bio, index: u32, device_sector:
 }
 
 /// Issues an empty PREFLUSH to every device of the volume, each completing into `bio`.
-fn flush_all_devices(volume: &Volume, slots: &[u32], bio: *mut bindings::bio) {
+fn flush_all_devices(volume: &Volume, slots: &[u32], bio: *mut bindings::bio, epoch: u64) {
+    let info = PieceInfo { op: Op::Flush as u8, flags: 0, volume_offset: 0, epoch };
     for device in slots.iter().filter_map(|slot| volume.devices.get(*slot)) {
         // SAFETY: a data-less bio from our bioset for an open device.
         let flush = unsafe {
@@ -205,6 +282,7 @@ fn flush_all_devices(volume: &Volume, slots: &[u32], bio: *mut bindings::bio) {
         volume.inflight.fetch_add(1, Ordering::AcqRel);
         // SAFETY: as in `clone_to`.
         unsafe {
+            fill_piece(flush, bio, &info);
             (*flush).bi_end_io = Some(clone_endio);
             (*flush).bi_private = bio.cast();
             sanblk_bio_inc_remaining(bio.cast());
@@ -228,6 +306,17 @@ unsafe extern "C" fn clone_endio(clone: *mut bindings::bio) {
             let bdev = (*clone).bi_bdev;
             if let Some((_, device)) = volume.devices.iter().find(|(_, d)| d.bdev() == bdev) {
                 device.note_error();
+            }
+            let piece = Piece::of(clone);
+            if (*piece).op != 0 && volume.server.enabled() {
+                // Redirect instead of failing: the clone, its in-flight count and its share
+                // of the parent pass to the server path, which completes the parent. The
+                // extra count keeps the thread alive while it is woken (teardown waits for
+                // in-flight to reach zero before stopping it).
+                volume.inflight.fetch_add(1, Ordering::AcqRel);
+                volume.server.queue(piece);
+                volume.inflight.fetch_sub(1, Ordering::AcqRel);
+                return;
             }
             volume.counters.errors.fetch_add(1, Ordering::Relaxed);
             (*parent).bi_status = status;

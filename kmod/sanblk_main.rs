@@ -13,11 +13,15 @@ mod abi;
 #[allow(dead_code, unreachable_pub, missing_docs)]
 #[path = "../uapi/src/map.rs"]
 mod abi_map;
+#[allow(dead_code, unreachable_pub, missing_docs)]
+#[path = "../uapi/src/frame.rs"]
+mod abi_frame;
 mod device;
 mod errno;
 mod genl;
 mod registry;
 mod remap;
+mod server;
 mod shim;
 mod sysfs;
 mod volume;

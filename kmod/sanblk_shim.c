@@ -6,7 +6,12 @@
  * all decisions are made in Rust (genl.rs).
  */
 #include <linux/bio.h>
+#include <linux/llist.h>
+#include <linux/net.h>
+#include <linux/tcp.h>
 #include <net/genetlink.h>
+#include <net/net_namespace.h>
+#include <net/sock.h>
 #include "sanblk_uapi.h"
 
 /* Rust: the single doit for every command (genl.rs). */
@@ -62,3 +67,12 @@ const void *sanblk_nla_data(const struct nlattr *attr) { return nla_data(attr); 
 int sanblk_nla_len(const struct nlattr *attr) { return nla_len(attr); }
 
 void sanblk_bio_inc_remaining(struct bio *bio) { bio_inc_remaining(bio); }
+
+/* Server path (server.rs): init_net, socket timeouts and the static inlines it needs. */
+struct net *sanblk_init_net(void) { return &init_net; }
+void sanblk_sock_set_timeouts(struct socket *sock, long timeout) { sock->sk->sk_rcvtimeo = sock->sk->sk_sndtimeo = timeout; }
+void sanblk_sock_nodelay(struct socket *sock) { tcp_sock_set_nodelay(sock->sk); }
+bool sanblk_llist_add(struct llist_node *node, struct llist_head *head) { return llist_add(node, head); }
+struct llist_node *sanblk_llist_del_all(struct llist_head *head) { return llist_del_all(head); }
+void sanblk_set_current_interruptible(void) { set_current_state(TASK_INTERRUPTIBLE); }
+void sanblk_set_current_running(void) { __set_current_state(TASK_RUNNING); }

@@ -14,6 +14,7 @@ use kernel::types::Opaque;
 use crate::abi_map::MapView;
 use crate::device::SanDevice;
 use crate::remap;
+use crate::server::{ServerAddrs, ServerPath, FRONT_PAD};
 
 /// Bytes a disk name may hold (`DISK_NAME_LEN` minus the terminator).
 const DISK_NAME_MAX: usize = 31;
@@ -137,6 +138,8 @@ pub(crate) struct Volume {
     map: SpinLock<Arc<MapState>>,
     pub(crate) devices: DeviceSlots,
     pub(crate) token: KVec<u8>,
+    /// The second data path: failed direct pieces are re-issued to the server.
+    pub(crate) server: ServerPath,
     pub(crate) counters: Counters,
     /// Clones submitted to SAN devices and not yet completed.
     pub(crate) inflight: AtomicU64,
@@ -153,6 +156,7 @@ pub(crate) struct NewVolume {
     pub(crate) map: MapState,
     pub(crate) devices: KVec<SanDevice>,
     pub(crate) token: KVec<u8>,
+    pub(crate) servers: Option<ServerAddrs>,
 }
 
 impl Volume {
@@ -169,8 +173,9 @@ impl Volume {
         // SAFETY: an all-zero bio_set is the state bioset_init expects to start from.
         let bioset = KBox::new(Opaque::new(unsafe { core::mem::zeroed::<bindings::bio_set>() }), GFP_KERNEL)?;
         // SAFETY: `bioset` is zeroed, pinned in its box and exited in drop. Clones share the
-        // original bio's vectors, so no bvec pool is needed.
-        kernel::error::to_result(unsafe { bindings::bioset_init(bioset.get(), BIOSET_RESERVE, 0, 0) })?;
+        // original bio's vectors, so no bvec pool is needed. Every bio gets a server-path
+        // context in front of it (front_pad), so redirection never allocates.
+        kernel::error::to_result(unsafe { bindings::bioset_init(bioset.get(), BIOSET_RESERVE, FRONT_PAD, 0) })?;
         let volume = Arc::pin_init(
             pin_init!(Volume {
                 id: new.id,
@@ -180,6 +185,7 @@ impl Volume {
                 map <- new_spinlock!(map, "sanblk_volume_map"),
                 devices,
                 token: new.token,
+                server: ServerPath::new(new.servers),
                 counters: Counters::default(),
                 inflight: AtomicU64::new(0),
                 bioset: BioSet(bioset),
@@ -187,7 +193,12 @@ impl Volume {
             }),
             GFP_KERNEL,
         )?;
-        volume.add_disk(major)?;
+        // SAFETY: the thread is stopped in `remove_disk` (or below), before the volume goes.
+        unsafe { volume.server.start(&*volume as *const Volume, new.index)? };
+        if let Err(err) = volume.add_disk(major) {
+            volume.server.stop();
+            return Err(err);
+        }
         Ok(volume)
     }
 
@@ -273,10 +284,14 @@ impl Volume {
         // SAFETY: `disk` was added by `add_disk`. del_gendisk stops new bios and waits for
         // submit_bio calls in progress; the clones they issued are drained below.
         unsafe { bindings::del_gendisk(disk) };
+        // Pieces queued for an unreachable server fail now; connected ones complete, each
+        // bounded by the server path's I/O timeout.
+        self.server.close();
         while self.inflight.load(Ordering::Acquire) != 0 {
             // SAFETY: sleeping is fine here: process context, no locks held.
             unsafe { bindings::msleep(5) };
         }
+        self.server.stop();
         // SAFETY: no more bios can reach the driver through this disk; release the Arc held
         // in private_data and the disk itself.
         unsafe {
@@ -305,6 +320,8 @@ impl Volume {
 #[pinned_drop]
 impl PinnedDrop for Volume {
     fn drop(self: Pin<&mut Self>) {
+        // Normally stopped by `remove_disk` already.
+        self.server.stop();
         // SAFETY: the disk is gone and every clone completed (remove_disk ran before the last
         // reference was dropped), so the pool is unused.
         unsafe { bindings::bioset_exit(self.bioset.0.get()) };

@@ -1,0 +1,671 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The server path (second data path): a per-volume kernel thread owning a TCP connection to
+//! `sand`'s I/O service. Direct pieces that fail (or whose device is already marked failed)
+//! are queued here from any context (lock-free llist, then a wake-up) and re-issued to the
+//! server, which performs them on its own path to the SAN devices.
+//!
+//! Delivered shape: **sequential**. The thread sends one request, waits for its reply, and
+//! completes it before sending the next; the frame format allows pipelining and the server
+//! supports it, but this client does not use it yet. Reconnection: 100 ms doubling to 5 s,
+//! trying every address in order; a request interrupted by a connection loss is re-sent
+//! whole after reconnecting (reads and writes of a block device are idempotent).
+//!
+//! Failure policy (the I/O never hangs forever):
+//! - the server refuses the session token (HELLO status != 0): state `Refused`, every queued
+//!   piece fails with an I/O error; retries continue with backoff;
+//! - no server reachable for [`NO_PATH_TIMEOUT_NS`]: queued pieces fail with an I/O error;
+//! - a reply with an error status fails the piece, except -ESTALE (the server has a newer
+//!   epoch), retried a few times with the volume's current epoch;
+//! - teardown (`Volume::remove_disk`) sets `closing`: while disconnected, queued pieces fail
+//!   at once; while connected they complete, each bounded by [`IO_TIMEOUT_MS`].
+
+use core::ffi::{c_int, c_void};
+use kernel::ffi::c_long;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use kernel::bindings;
+use kernel::prelude::*;
+use kernel::types::Opaque;
+
+use crate::abi::{ServerPathState, MAX_SERVERS};
+use crate::abi_frame::{Op, ReplyHeader, RequestHeader, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
+use crate::volume::Volume;
+
+/// Socket send/receive timeout; a request not answered within it counts as a lost connection.
+const IO_TIMEOUT_MS: u32 = 30_000;
+/// Queued pieces fail once no server has been reachable for this long.
+const NO_PATH_TIMEOUT_NS: i64 = 30_000_000_000;
+const BACKOFF_MIN_MS: u32 = 100;
+const BACKOFF_MAX_MS: u32 = 5_000;
+/// Attempts of one piece that the server answers with -ESTALE.
+const STALE_RETRIES: u32 = 3;
+
+const BLK_STS_IOERR: bindings::blk_status_t = 10;
+const IPPROTO_TCP: c_int = 6;
+const ESTALE: i32 = 116;
+
+extern "C" {
+    fn sanblk_init_net() -> *mut bindings::net;
+    // `struct socket` as an opaque pointer: bindgen's layout is not FFI-safe by rustc's lints.
+    fn sanblk_sock_set_timeouts(sock: *mut c_void, timeout: c_long);
+    fn sanblk_sock_nodelay(sock: *mut c_void);
+    fn sanblk_llist_add(node: *mut bindings::llist_node, head: *mut bindings::llist_head) -> bool;
+    fn sanblk_llist_del_all(head: *mut bindings::llist_head) -> *mut bindings::llist_node;
+    fn sanblk_set_current_interruptible();
+    fn sanblk_set_current_running();
+}
+
+/// The server addresses of a volume, validated (IPv4 bytes in network order, port).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ServerAddrs {
+    addrs: [([u8; 4], u16); MAX_SERVERS],
+    count: usize,
+}
+
+impl ServerAddrs {
+    /// Appends an address (the caller checked the count against MAX_SERVERS).
+    pub(crate) fn push(&mut self, ip: [u8; 4], port: u16) {
+        if self.count < MAX_SERVERS {
+            self.addrs[self.count] = (ip, port);
+            self.count += 1;
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &([u8; 4], u16)> {
+        self.addrs[..self.count].iter()
+    }
+}
+
+/// Per-piece context, reserved in front of every bio of the volume's bioset (front_pad), so
+/// handing a failed clone to the server path needs no allocation in completion context.
+#[repr(C)]
+pub(crate) struct Piece {
+    node: bindings::llist_node,
+    /// The bio this piece completes into (its clone holds one `bi_remaining` count).
+    pub(crate) parent: *mut bindings::bio,
+    pub(crate) volume_offset: u64,
+    pub(crate) epoch: u64,
+    /// The clone's iterator at submission: position in `bvecs` and length.
+    pub(crate) iter: bindings::bvec_iter,
+    pub(crate) bvecs: *mut bindings::bio_vec,
+    /// Frame op, or 0 when the piece cannot go to the server (discard, write zeroes).
+    pub(crate) op: u8,
+    pub(crate) flags: u8,
+}
+
+/// Bytes reserved in front of each bio of the bioset (keeps the bio 8-byte aligned).
+pub(crate) const FRONT_PAD: u32 = ((core::mem::size_of::<Piece>() + 7) & !7) as u32;
+
+impl Piece {
+    /// The context of `bio`, a bio allocated from a volume's bioset.
+    ///
+    /// # Safety
+    ///
+    /// `bio` must come from a bioset initialised with [`FRONT_PAD`] and be live.
+    pub(crate) unsafe fn of(bio: *mut bindings::bio) -> *mut Piece {
+        // SAFETY: bioset allocations put FRONT_PAD bytes right before the bio (contract).
+        unsafe { bio.cast::<u8>().sub(FRONT_PAD as usize).cast::<Piece>() }
+    }
+
+    /// The bio this context belongs to.
+    fn bio(this: *mut Piece) -> *mut bindings::bio {
+        // SAFETY: pointer arithmetic within the same bioset allocation (inverse of `of`).
+        unsafe { this.cast::<u8>().add(FRONT_PAD as usize).cast::<bindings::bio>() }
+    }
+}
+
+/// The server path of one volume.
+pub(crate) struct ServerPath {
+    /// Packed addresses: bit 48 valid, bits 16..48 IPv4 (network order bytes), 0..16 port.
+    addrs: [AtomicU64; MAX_SERVERS],
+    state: AtomicU32,
+    redirected: AtomicU64,
+    pending: Opaque<bindings::llist_head>,
+    task: AtomicPtr<bindings::task_struct>,
+    closing: AtomicBool,
+}
+
+// SAFETY: `pending` is only touched through the lock-free llist primitives, the rest is atomic.
+unsafe impl Sync for ServerPath {}
+// SAFETY: see `Sync`.
+unsafe impl Send for ServerPath {}
+
+fn pack(ip: [u8; 4], port: u16) -> u64 {
+    (1 << 48) | (u64::from(u32::from_be_bytes(ip)) << 16) | u64::from(port)
+}
+
+fn unpack(packed: u64) -> Option<([u8; 4], u16)> {
+    if packed & (1 << 48) == 0 {
+        return None;
+    }
+    Some((((packed >> 16) as u32).to_be_bytes(), packed as u16))
+}
+
+impl ServerPath {
+    pub(crate) fn new(addrs: Option<ServerAddrs>) -> Self {
+        let path = ServerPath {
+            addrs: [const { AtomicU64::new(0) }; MAX_SERVERS],
+            state: AtomicU32::new(ServerPathState::None as u32),
+            redirected: AtomicU64::new(0),
+            pending: Opaque::new(bindings::llist_head { first: core::ptr::null_mut() }),
+            task: AtomicPtr::new(core::ptr::null_mut()),
+            closing: AtomicBool::new(false),
+        };
+        if let Some(addrs) = addrs {
+            path.set_addrs(addrs);
+        }
+        path
+    }
+
+    /// Replaces the address list (netlink, process context).
+    pub(crate) fn set_addrs(&self, addrs: ServerAddrs) {
+        for (i, slot) in self.addrs.iter().enumerate() {
+            let value = if i < addrs.count { pack(addrs.addrs[i].0, addrs.addrs[i].1) } else { 0 };
+            slot.store(value, Ordering::Release);
+        }
+        if !addrs.is_empty() {
+            let _ = self.state.compare_exchange(
+                ServerPathState::None as u32,
+                ServerPathState::Disconnected as u32,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    pub(crate) fn addrs(&self) -> ServerAddrs {
+        let mut out = ServerAddrs::default();
+        for slot in self.addrs.iter() {
+            if let Some((ip, port)) = unpack(slot.load(Ordering::Acquire)) {
+                out.push(ip, port);
+            }
+        }
+        out
+    }
+
+    pub(crate) fn state(&self) -> u32 {
+        self.state.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn redirected(&self) -> u64 {
+        self.redirected.load(Ordering::Relaxed)
+    }
+
+    /// Whether failed direct I/O can be redirected (an address and a running thread).
+    pub(crate) fn enabled(&self) -> bool {
+        !self.task.load(Ordering::Acquire).is_null() && unpack(self.addrs[0].load(Ordering::Acquire)).is_some()
+    }
+
+    /// Starts the volume's thread.
+    ///
+    /// # Safety
+    ///
+    /// `volume` owns this path and stays alive until [`ServerPath::stop`] has returned.
+    pub(crate) unsafe fn start(&self, volume: *const Volume, index: u32) -> Result {
+        // SAFETY: the thread function matches the kthread signature; `volume` outlives the
+        // thread (contract); the format takes one unsigned int.
+        let task = kernel::error::from_err_ptr(unsafe {
+            bindings::kthread_create_on_node(
+                Some(thread_main),
+                volume as *mut c_void,
+                bindings::NUMA_NO_NODE,
+                c"sanblk%u-srv".as_ptr().cast(),
+                index as core::ffi::c_uint,
+            )
+        })?;
+        self.task.store(task, Ordering::Release);
+        // SAFETY: `task` was just created and not yet stopped.
+        unsafe { bindings::wake_up_process(task) };
+        Ok(())
+    }
+
+    /// Marks the volume as going away: disconnected pieces fail instead of waiting.
+    pub(crate) fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// Stops the thread (after the volume's in-flight count reached zero).
+    pub(crate) fn stop(&self) {
+        let task = self.task.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        if !task.is_null() {
+            // SAFETY: `task` is our kthread, which only exits when asked to by kthread_stop.
+            unsafe { bindings::kthread_stop(task) };
+        }
+    }
+
+    fn wake(&self) {
+        let task = self.task.load(Ordering::Acquire);
+        if !task.is_null() {
+            // SAFETY: the task is alive until `stop`, which runs only when nothing is in
+            // flight (callers hold an in-flight count while waking).
+            unsafe { bindings::wake_up_process(task) };
+        }
+    }
+
+    /// Queues `piece` for the thread; callable from any context (hardirq included).
+    ///
+    /// # Safety
+    ///
+    /// `piece` is the context of a live clone whose completion the caller owns; the caller
+    /// holds an in-flight count of the volume until this returns.
+    pub(crate) unsafe fn queue(&self, piece: *mut Piece) {
+        // SAFETY: `pending` is a valid llist head; the node belongs to the piece, which is not
+        // on any list.
+        unsafe { sanblk_llist_add(core::ptr::addr_of_mut!((*piece).node), self.pending.get()) };
+        self.wake();
+    }
+}
+
+/// A connected, authenticated socket; released on drop.
+struct Conn(*mut bindings::socket);
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // SAFETY: created by sock_create_kern and released once.
+        unsafe { bindings::sock_release(self.0) };
+    }
+}
+
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port_be: u16,
+    addr: [u8; 4],
+    zero: [u8; 8],
+}
+
+enum ConnectError {
+    /// The server refused the token.
+    Refused,
+    /// Unreachable, timed out, or a protocol error.
+    Failed,
+}
+
+fn msecs_to_jiffies(ms: u32) -> c_long {
+    // SAFETY: pure conversion function.
+    unsafe { bindings::__msecs_to_jiffies(ms) as c_long }
+}
+
+fn now_ns() -> i64 {
+    // SAFETY: reads the monotonic clock.
+    unsafe { bindings::ktime_get() }
+}
+
+fn should_stop() -> bool {
+    // SAFETY: called from our kthread.
+    unsafe { bindings::kthread_should_stop() }
+}
+
+impl Conn {
+    fn send(&self, bytes: &[u8]) -> core::result::Result<(), ()> {
+        let mut vec = bindings::kvec { iov_base: bytes.as_ptr() as *mut c_void, iov_len: bytes.len() };
+        // SAFETY: an all-zero msghdr is a valid "no name, no control" header.
+        let mut msg: bindings::msghdr = unsafe { core::mem::zeroed() };
+        msg.msg_flags = bindings::MSG_NOSIGNAL;
+        // SAFETY: the socket is connected; `vec` describes `bytes`, live for the call.
+        let ret = unsafe { bindings::kernel_sendmsg(self.0, &mut msg, &mut vec, 1, bytes.len()) };
+        if ret == bytes.len() as c_int { Ok(()) } else { Err(()) }
+    }
+
+    fn recv(&self, bytes: &mut [u8]) -> core::result::Result<(), ()> {
+        let mut vec = bindings::kvec { iov_base: bytes.as_mut_ptr().cast(), iov_len: bytes.len() };
+        // SAFETY: as in `send`.
+        let mut msg: bindings::msghdr = unsafe { core::mem::zeroed() };
+        // SAFETY: the socket is connected; `vec` describes `bytes`, live for the call.
+        let ret = unsafe {
+            bindings::kernel_recvmsg(self.0, &mut msg, &mut vec, 1, bytes.len(), bindings::MSG_WAITALL as c_int)
+        };
+        if ret == bytes.len() as c_int { Ok(()) } else { Err(()) }
+    }
+
+    /// Sends (`write`) or receives into the bio pages of `piece`, bytes `off..off + len`.
+    ///
+    /// # Safety
+    ///
+    /// `piece` describes a live bio whose pages cover its iterator.
+    unsafe fn transfer_pages(&self, piece: &Piece, off: u32, len: u32, write: bool) -> core::result::Result<(), ()> {
+        let iter = piece.iter;
+        let needed = iter.bi_bvec_done as usize + iter.bi_size as usize;
+        // SAFETY: the bvecs from bi_idx on cover bi_bvec_done + bi_size bytes (bio invariant).
+        let first = unsafe { piece.bvecs.add(iter.bi_idx as usize) };
+        let mut segments = 0usize;
+        let mut covered = 0usize;
+        while covered < needed {
+            // SAFETY: within the covered range of the vector (see above).
+            covered += unsafe { (*first.add(segments)).bv_len } as usize;
+            segments += 1;
+        }
+        // SAFETY: an all-zero iov_iter is initialised by iov_iter_bvec below.
+        let mut it: bindings::iov_iter = unsafe { core::mem::zeroed() };
+        let start = iter.bi_bvec_done as usize + off as usize;
+        let direction = if write { bindings::ITER_SOURCE } else { bindings::ITER_DEST };
+        // SAFETY: `first[..segments]` is valid; the count stays within the piece.
+        unsafe {
+            bindings::iov_iter_bvec(&mut it, direction, first, segments as _, start + len as usize);
+            bindings::iov_iter_advance(&mut it, start);
+        }
+        // SAFETY: as in `send`.
+        let mut msg: bindings::msghdr = unsafe { core::mem::zeroed() };
+        msg.msg_iter = it;
+        let ret = if write {
+            msg.msg_flags = bindings::MSG_NOSIGNAL;
+            // SAFETY: connected socket; the iterator describes live pages of the bio.
+            unsafe { bindings::sock_sendmsg(self.0, &mut msg) }
+        } else {
+            // SAFETY: as above; the pages are the bio's destination pages.
+            unsafe { bindings::sock_recvmsg(self.0, &mut msg, bindings::MSG_WAITALL as c_int) }
+        };
+        if ret == len as c_int { Ok(()) } else { Err(()) }
+    }
+
+    fn connect(ip: [u8; 4], port: u16, volume: &Volume) -> core::result::Result<Conn, ConnectError> {
+        let mut sock: *mut bindings::socket = core::ptr::null_mut();
+        // SAFETY: creates a kernel TCP socket in init_net; `sock` receives it.
+        let ret = unsafe {
+            bindings::sock_create_kern(
+                sanblk_init_net(),
+                bindings::AF_INET as c_int,
+                bindings::sock_type_SOCK_STREAM as c_int,
+                IPPROTO_TCP,
+                &mut sock,
+            )
+        };
+        if ret < 0 || sock.is_null() {
+            return Err(ConnectError::Failed);
+        }
+        let conn = Conn(sock);
+        // SAFETY: `sock` is a live socket with its sock attached.
+        unsafe { sanblk_sock_set_timeouts(sock.cast(), msecs_to_jiffies(IO_TIMEOUT_MS)) };
+        let mut addr = SockaddrIn { family: bindings::AF_INET as u16, port_be: port.to_be(), addr: ip, zero: [0; 8] };
+        // SAFETY: `addr` is a sockaddr_in of the right size, live for the call.
+        let ret = unsafe {
+            bindings::kernel_connect(
+                sock,
+                core::ptr::addr_of_mut!(addr).cast(),
+                core::mem::size_of::<SockaddrIn>() as c_int,
+                0,
+            )
+        };
+        if ret < 0 {
+            return Err(ConnectError::Failed);
+        }
+        // SAFETY: connected TCP socket.
+        unsafe { sanblk_sock_nodelay(sock.cast()) };
+        let token = &volume.token[..volume.token.len().min(64)];
+        let header = RequestHeader {
+            op: Op::Hello,
+            flags: 0,
+            handle: 0,
+            volume_id: volume.id,
+            epoch: volume.current_map().epoch,
+            offset: 0,
+            length: token.len() as u32,
+        };
+        let mut raw = [0u8; REQUEST_HEADER_LEN];
+        header.encode(&mut raw);
+        conn.send(&raw).map_err(|_| ConnectError::Failed)?;
+        conn.send(token).map_err(|_| ConnectError::Failed)?;
+        let mut reply = [0u8; REPLY_HEADER_LEN];
+        conn.recv(&mut reply).map_err(|_| ConnectError::Failed)?;
+        let reply = ReplyHeader::decode(&reply).map_err(|_| ConnectError::Failed)?;
+        if reply.handle != 0 || reply.length != 0 {
+            return Err(ConnectError::Failed);
+        }
+        if reply.status != 0 {
+            return Err(ConnectError::Refused);
+        }
+        Ok(conn)
+    }
+
+    /// Performs `piece` on the server; `Ok(status)` is the server's answer (0 or -errno),
+    /// `Err` a lost connection (the piece is to be re-sent).
+    ///
+    /// # Safety
+    ///
+    /// `piece` describes a live, queued piece of `volume`.
+    unsafe fn execute(&self, volume: &Volume, piece: &Piece, handle: &mut u64) -> core::result::Result<i32, ()> {
+        let op = match piece.op {
+            2 => Op::Read,
+            3 => Op::Write,
+            4 => Op::Flush,
+            _ => return Ok(-(bindings::EOPNOTSUPP as i32)),
+        };
+        let total = if op == Op::Flush { 0 } else { piece.iter.bi_size };
+        let mut done = 0u32;
+        loop {
+            let len = (total - done).min(MAX_PAYLOAD);
+            *handle = handle.wrapping_add(1);
+            let header = RequestHeader {
+                op,
+                flags: piece.flags,
+                handle: *handle,
+                volume_id: volume.id,
+                epoch: piece.epoch,
+                offset: piece.volume_offset + u64::from(done),
+                length: len,
+            };
+            let mut raw = [0u8; REQUEST_HEADER_LEN];
+            header.encode(&mut raw);
+            self.send(&raw)?;
+            if op == Op::Write {
+                // SAFETY: the piece's pages are live until it completes (contract).
+                unsafe { self.transfer_pages(piece, done, len, true)? };
+            }
+            let mut reply = [0u8; REPLY_HEADER_LEN];
+            self.recv(&mut reply)?;
+            let reply = ReplyHeader::decode(&reply).map_err(|_| ())?;
+            // Sequential: the only valid answer is the one to the request just sent.
+            if reply.handle != *handle {
+                return Err(());
+            }
+            if reply.status != 0 {
+                return Ok(reply.status);
+            }
+            let expected = if op == Op::Read { len } else { 0 };
+            if reply.length != expected {
+                return Err(());
+            }
+            if op == Op::Read {
+                // SAFETY: as above; READ data lands in the bio's pages.
+                unsafe { self.transfer_pages(piece, done, len, false)? };
+            }
+            done += len;
+            if done >= total {
+                return Ok(0);
+            }
+        }
+    }
+}
+
+/// Completes a piece: its clone is released and its parent gets one completion.
+///
+/// # Safety
+///
+/// `piece` was queued by `ServerPath::queue` and is completed exactly once.
+unsafe fn complete(volume: &Volume, piece: *mut Piece, status: bindings::blk_status_t) {
+    // SAFETY: the piece and its clone are live until here (contract); the parent waits for
+    // this completion.
+    unsafe {
+        let parent = (*piece).parent;
+        if status != 0 {
+            (*parent).bi_status = status;
+            volume.counters.errors.fetch_add(1, Ordering::Relaxed);
+        } else {
+            volume.server.redirected.fetch_add(1, Ordering::Relaxed);
+        }
+        bindings::bio_put(Piece::bio(piece));
+        bindings::bio_endio(parent);
+    }
+    volume.inflight.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// FIFO of pieces owned by the thread (linked through their llist nodes).
+struct Queue {
+    head: *mut Piece,
+    tail: *mut Piece,
+}
+
+impl Queue {
+    /// Appends a batch from `llist_del_all` (newest first) in arrival order.
+    fn take(&mut self, mut node: *mut bindings::llist_node) {
+        let mut reversed: *mut bindings::llist_node = core::ptr::null_mut();
+        while !node.is_null() {
+            // SAFETY: nodes of a detached llist are ours; `node` is first in its Piece.
+            unsafe {
+                let next = (*node).next;
+                (*node).next = reversed;
+                reversed = node;
+                node = next;
+            }
+        }
+        while !reversed.is_null() {
+            let piece = reversed.cast::<Piece>();
+            // SAFETY: as above.
+            unsafe {
+                reversed = (*reversed).next;
+                (*piece).node.next = core::ptr::null_mut();
+                if self.tail.is_null() {
+                    self.head = piece;
+                } else {
+                    (*self.tail).node.next = piece.cast();
+                }
+            }
+            self.tail = piece;
+        }
+    }
+
+    fn pop(&mut self) -> *mut Piece {
+        let piece = self.head;
+        if !piece.is_null() {
+            // SAFETY: `piece` is on this queue.
+            self.head = unsafe { (*piece).node.next }.cast();
+            if self.head.is_null() {
+                self.tail = core::ptr::null_mut();
+            }
+        }
+        piece
+    }
+
+    fn fail_all(&mut self, volume: &Volume) {
+        loop {
+            let piece = self.pop();
+            if piece.is_null() {
+                break;
+            }
+            // SAFETY: popped pieces are ours to complete, once.
+            unsafe { complete(volume, piece, BLK_STS_IOERR) };
+        }
+    }
+}
+
+/// Sleeps up to `ms`, in short steps, returning early if the thread must stop.
+fn pause(ms: u32) {
+    let mut left = ms;
+    while left > 0 && !should_stop() {
+        let step = left.min(50);
+        // SAFETY: process context (our kthread), no locks held.
+        unsafe { bindings::msleep(step) };
+        left -= step;
+    }
+}
+
+/// # Safety
+///
+/// Started by `ServerPath::start` with `data` a volume that outlives the thread.
+unsafe extern "C" fn thread_main(data: *mut c_void) -> c_int {
+    // SAFETY: see the function's contract.
+    let volume = unsafe { &*(data as *const Volume) };
+    let path = &volume.server;
+    let mut queue = Queue { head: core::ptr::null_mut(), tail: core::ptr::null_mut() };
+    let mut conn: Option<Conn> = None;
+    let mut backoff = BACKOFF_MIN_MS;
+    let mut down_since: Option<i64> = None;
+    let mut handle = 0u64;
+    let mut stale_retries = 0u32;
+    loop {
+        // SAFETY: `pending` is a valid llist head.
+        queue.take(unsafe { sanblk_llist_del_all(path.pending.get()) });
+        if should_stop() {
+            queue.fail_all(volume);
+            break;
+        }
+        if queue.head.is_null() {
+            down_since = None;
+            // SAFETY: standard kthread sleep: state set before re-checking the condition, so
+            // a wake-up between the check and schedule() is not lost.
+            unsafe {
+                sanblk_set_current_interruptible();
+                if (*path.pending.get()).first.is_null() && !should_stop() {
+                    bindings::schedule_timeout(msecs_to_jiffies(1000));
+                }
+                sanblk_set_current_running();
+            }
+            continue;
+        }
+        let Some(active) = conn.as_ref() else {
+            let closing = path.closing.load(Ordering::Acquire);
+            let since = *down_since.get_or_insert_with(now_ns);
+            if closing || now_ns() - since > NO_PATH_TIMEOUT_NS {
+                queue.fail_all(volume);
+                continue;
+            }
+            let mut refused = false;
+            for (ip, port) in path.addrs().iter() {
+                match Conn::connect(*ip, *port, volume) {
+                    Ok(fresh) => {
+                        pr_info!("volume {}: server path connected to {}.{}.{}.{}:{}\n",
+                            volume.id, ip[0], ip[1], ip[2], ip[3], port);
+                        conn = Some(fresh);
+                        break;
+                    }
+                    Err(ConnectError::Refused) => refused = true,
+                    Err(ConnectError::Failed) => {}
+                }
+            }
+            if conn.is_some() {
+                path.state.store(ServerPathState::Connected as u32, Ordering::Relaxed);
+                backoff = BACKOFF_MIN_MS;
+                down_since = None;
+                continue;
+            }
+            if refused {
+                pr_warn!("volume {}: server refused the session token; failing queued I/O\n", volume.id);
+                path.state.store(ServerPathState::Refused as u32, Ordering::Relaxed);
+                queue.fail_all(volume);
+            } else {
+                path.state.store(ServerPathState::Disconnected as u32, Ordering::Relaxed);
+            }
+            pause(backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX_MS);
+            continue;
+        };
+        let piece = queue.head;
+        // SAFETY: the head piece is live and ours until completed.
+        match unsafe { active.execute(volume, &*piece, &mut handle) } {
+            Ok(status) if status == -ESTALE && stale_retries < STALE_RETRIES => {
+                stale_retries += 1;
+                // SAFETY: as above; the volume offset does not depend on the epoch.
+                unsafe { (*piece).epoch = volume.current_map().epoch };
+            }
+            Ok(status) => {
+                stale_retries = 0;
+                queue.pop();
+                // SAFETY: popped, completed once.
+                unsafe { complete(volume, piece, if status == 0 { 0 } else { BLK_STS_IOERR }) };
+            }
+            Err(()) => {
+                pr_warn!("volume {}: server path connection lost; reconnecting\n", volume.id);
+                conn = None;
+                down_since = Some(now_ns());
+                path.state.store(ServerPathState::Disconnected as u32, Ordering::Relaxed);
+            }
+        }
+    }
+    drop(conn);
+    0
+}
