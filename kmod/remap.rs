@@ -221,12 +221,13 @@ fn to_server(volume: &Volume, bio: *mut bindings::bio, info: &PieceInfo) {
     }
     volume.inflight.fetch_add(1, Ordering::AcqRel);
     // SAFETY: `clone` is ours; the parent gets one more completion, given by the server path.
-    // The submission reference of `bio` (dropped by the caller after this) keeps the volume's
-    // disk, and so the server thread, alive during `queue`.
+    // The extra in-flight count keeps the server thread alive while it is woken.
     unsafe {
         fill_piece(clone, bio, info);
         sanblk_bio_inc_remaining(bio.cast());
+        volume.inflight.fetch_add(1, Ordering::AcqRel);
         volume.server.queue(Piece::of(clone));
+        volume.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

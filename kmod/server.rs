@@ -33,6 +33,8 @@ use crate::volume::Volume;
 
 /// Socket send/receive timeout; a request not answered within it counts as a lost connection.
 const IO_TIMEOUT_MS: u32 = 30_000;
+/// Bound on connecting and on the HELLO exchange, so an unreachable address fails over fast.
+const CONNECT_TIMEOUT_MS: u32 = 5_000;
 /// Queued pieces fail once no server has been reachable for this long.
 const NO_PATH_TIMEOUT_NS: i64 = 30_000_000_000;
 const BACKOFF_MIN_MS: u32 = 100;
@@ -380,7 +382,7 @@ impl Conn {
         }
         let conn = Conn(sock);
         // SAFETY: `sock` is a live socket with its sock attached.
-        unsafe { sanblk_sock_set_timeouts(sock.cast(), msecs_to_jiffies(IO_TIMEOUT_MS)) };
+        unsafe { sanblk_sock_set_timeouts(sock.cast(), msecs_to_jiffies(CONNECT_TIMEOUT_MS)) };
         let mut addr = SockaddrIn { family: bindings::AF_INET as u16, port_be: port.to_be(), addr: ip, zero: [0; 8] };
         // SAFETY: `addr` is a sockaddr_in of the right size, live for the call.
         let ret = unsafe {
@@ -419,6 +421,8 @@ impl Conn {
         if reply.status != 0 {
             return Err(ConnectError::Refused);
         }
+        // SAFETY: `sock` is a live socket with its sock attached.
+        unsafe { sanblk_sock_set_timeouts(sock.cast(), msecs_to_jiffies(IO_TIMEOUT_MS)) };
         Ok(conn)
     }
 

@@ -1,0 +1,233 @@
+//! End-to-end: the second data path. A real `sand` on the host, a QEMU guest whose "SAN
+//! device" is a dm device over the virtio disk, so the test can fail it from inside the
+//! guest (dm-error) while I/O runs. Failed direct pieces must be redirected to the server
+//! over the kernel's TCP client: fio sees no error, and the host finds the data the guest
+//! wrote after the failure in the image file (written there by the server on its own path).
+//!
+//! Also: the first server address is unreachable (failover to the second), and a session
+//! token the server no longer knows is refused: the kernel reports the server path as
+//! `refused` and redirected I/O fails with EIO instead of hanging.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sanblk_tests::blocks::BLOCK;
+use sanblk_tests::{
+    blocks, module_path, run, scratch_dir, sparse_image, target_bin, SandServer, VmConfig,
+};
+use sand::map::VolumeMap;
+use sand::protocol::{DeviceInfo, VolumeDetail};
+
+const MIB: u64 = 1 << 20;
+const VOLUME: u64 = 16 * MIB;
+
+fn pattern(seed: u8, size: u64) -> Vec<u8> {
+    blocks::pattern("redirect", seed, size)
+}
+
+/// Checks every block of `expected` at every replica the server's map gives for it.
+fn verify_against_map(map: &VolumeMap, images: &HashMap<uuid::Uuid, PathBuf>, expected: &[u8]) {
+    for extent in &map.extents {
+        let mut offset = 0;
+        while offset < extent.length && extent.volume_offset + offset < expected.len() as u64 {
+            let at = (extent.volume_offset + offset) as usize;
+            let want = &expected[at..at + BLOCK as usize];
+            for replica in &extent.replicas {
+                let image = &images[&replica.device_uuid];
+                let got = blocks::read_at(image, replica.device_offset + offset, BLOCK)
+                    .expect("read image");
+                assert!(
+                    got == want,
+                    "{}: volume offset {at} not at {} offset {}",
+                    map.name,
+                    image.display(),
+                    replica.device_offset + offset
+                );
+            }
+            offset += BLOCK;
+        }
+    }
+}
+
+struct Setup {
+    dir: PathBuf,
+    server: SandServer,
+    image: PathBuf,
+    by_uuid: HashMap<uuid::Uuid, PathBuf>,
+}
+
+fn setup(name: &str, volumes: &[&str]) -> Setup {
+    let dir = scratch_dir(name).expect("scratch");
+    let server = SandServer::start(&dir).expect("sand");
+    let image = dir.join("san0.img");
+    sparse_image(&image, 64 * MIB).expect("image");
+    server.sanctl(&["pool", "add", &image.display().to_string()]);
+    let secret = dir.join("host1.secret");
+    server.sanctl(&[
+        "client",
+        "add",
+        "host1",
+        "--secret-out",
+        &secret.display().to_string(),
+    ]);
+    for volume in volumes {
+        server.sanctl(&["volume", "create", volume, "16M"]);
+        server.sanctl(&["client", "grant", "host1", volume, "rw"]);
+    }
+    let pool: Vec<DeviceInfo> =
+        serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
+    let by_uuid = pool
+        .iter()
+        .map(|d| (d.uuid, PathBuf::from(&d.path)))
+        .collect();
+    Setup {
+        dir,
+        server,
+        image,
+        by_uuid,
+    }
+}
+
+/// Shell prologue: module, dm "SAN device" over /dev/vda, helpers.
+fn prologue(setup: &Setup) -> String {
+    format!(
+        r#"set -ex
+insmod {module}
+S={sanctl}
+D={dir}
+wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }}
+SECTORS=$(blockdev --getsz /dev/vda)
+dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
+fail_san0() {{ dmsetup reload san0 --table "0 $SECTORS error"; dmsetup resume san0; }}
+"#,
+        module = module_path().display(),
+        sanctl = target_bin("sanctl").display(),
+        dir = setup.dir.display(),
+    )
+}
+
+fn volume_map(server: &SandServer, volume: &str) -> VolumeMap {
+    let detail: VolumeDetail =
+        serde_json::from_str(&server.sanctl(&["--json", "volume", "show", volume]))
+            .expect("volume json");
+    detail.map
+}
+
+#[test]
+fn failed_device_io_is_redirected_to_the_server_and_lands_on_disk() {
+    let setup = setup("redirect", &["vlin"]);
+    let port = setup.server.port;
+    let io_port = setup.server.io_port().expect("io port");
+    fs::write(setup.dir.join("before.pattern"), pattern(1, VOLUME)).expect("pattern");
+    fs::write(setup.dir.join("after.pattern"), pattern(2, VOLUME)).expect("pattern");
+    // The first I/O address is not forwarded: the kernel must fail over to the second.
+    let script = format!(
+        r#"{prologue}
+$S attach vlin --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
+    --device /dev/mapper/san0 --io-server 10.0.2.100:9 --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
+wait_for /run/sanblk/vlin.device
+dev=$(cat /run/sanblk/vlin.device)
+# Direct path first.
+dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+$S status > status-healthy.txt
+# fio writes and verifies while the SAN device fails under it.
+fio --name=redirect --filename=$dev --rw=randwrite --bs=4k --size=16M --direct=1 \
+    --ioengine=libaio --iodepth=8 --verify=crc32c --do_verify=1 --output=fio.txt &
+FIO=$!
+sleep 3
+fail_san0
+wait $FIO
+# Everything now goes through the server: write a pattern and read it back.
+dd if=$D/after.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/after.pattern
+$S status > status.txt
+$S --json status > status.json
+$S detach vlin
+test ! -e /dev/sanblk0
+rmmod sanblk
+dmsetup remove san0
+"#,
+        prologue = prologue(&setup),
+    );
+    let config = VmConfig::new("redirect-failover", &script)
+        .disk(&setup.image)
+        .forward_port(port)
+        .forward_port(io_port)
+        .timeout(Duration::from_secs(500));
+    let outcome = run(&config).expect("guest ran");
+    outcome.assert_clean_success();
+
+    let fio = outcome.read_out_file("fio.txt").expect("fio output");
+    assert!(fio.contains("err= 0"), "fio reported errors: {fio}");
+    let healthy = outcome.read_out_file("status-healthy.txt").expect("status");
+    assert!(healthy.contains("healthy"), "{healthy}");
+    let status: serde_json::Value =
+        serde_json::from_str(&outcome.read_out_file("status.json").expect("json")).expect("json");
+    let vlin = &status["volumes"][0];
+    assert_eq!(vlin["server_path"], "connected", "{vlin}");
+    assert_eq!(vlin["devices"][0]["state"], "failed", "{vlin}");
+    assert!(
+        vlin["redirected_ios"].as_u64().unwrap_or(0) > 0,
+        "nothing redirected: {vlin}"
+    );
+    assert_eq!(
+        vlin["servers"],
+        serde_json::json!(["10.0.2.100:9", format!("10.0.2.100:{io_port}")])
+    );
+    // The data written after the failure reached the disk through the server's own path.
+    verify_against_map(
+        &volume_map(&setup.server, "vlin"),
+        &setup.by_uuid,
+        &pattern(2, VOLUME),
+    );
+}
+
+#[test]
+fn a_token_the_server_does_not_know_is_refused_and_io_fails_without_hanging() {
+    let setup = setup("redirect-refused", &["vtok"]);
+    let port = setup.server.port;
+    let io_port = setup.server.io_port().expect("io port");
+    let script = format!(
+        r#"{prologue}
+$S attach vtok --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
+    --device /dev/mapper/san0 --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
+AGENT=$!
+wait_for /run/sanblk/vtok.device
+dev=$(cat /run/sanblk/vtok.device)
+# Killing the agent ends its server session: the kernel's token is no longer valid.
+kill -9 $AGENT
+sleep 2
+fail_san0
+start=$(date +%s)
+if dd if=/dev/zero of=$dev bs=4k count=16 oflag=direct status=none 2> dd.txt; then echo "write succeeded"; exit 20; fi
+end=$(date +%s)
+echo $((end - start)) > seconds.txt
+$S --json status > status.json
+{probe} destroy $(sed -n 's/.*"volume_id": *\([0-9]*\).*/\1/p' status.json | head -1)
+rmmod sanblk
+dmsetup remove san0
+"#,
+        prologue = prologue(&setup),
+        probe = target_bin("sanblk-nlprobe").display(),
+    );
+    let config = VmConfig::new("redirect-refused", &script)
+        .disk(&setup.image)
+        .forward_port(port)
+        .forward_port(io_port)
+        .timeout(Duration::from_secs(300));
+    let outcome = run(&config).expect("guest ran");
+    outcome.assert_clean_success();
+    let status: serde_json::Value =
+        serde_json::from_str(&outcome.read_out_file("status.json").expect("json")).expect("json");
+    assert_eq!(status["volumes"][0]["server_path"], "refused", "{status}");
+    let seconds: u64 = outcome
+        .read_out_file("seconds.txt")
+        .expect("seconds")
+        .trim()
+        .parse()
+        .expect("seconds");
+    assert!(seconds < 30, "the refused write took {seconds} s");
+}
