@@ -206,6 +206,7 @@ unsafe fn fill_piece(clone: *mut bindings::bio, parent: *mut bindings::bio, info
         (*piece).bvecs = (*clone).bi_io_vec;
         (*piece).op = info.op;
         (*piece).flags = info.flags;
+        (*piece).stale_retries = 0;
     }
 }
 

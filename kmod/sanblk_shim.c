@@ -76,3 +76,4 @@ bool sanblk_llist_add(struct llist_node *node, struct llist_head *head) { return
 struct llist_node *sanblk_llist_del_all(struct llist_head *head) { return llist_del_all(head); }
 void sanblk_set_current_interruptible(void) { set_current_state(TASK_INTERRUPTIBLE); }
 void sanblk_set_current_running(void) { __set_current_state(TASK_RUNNING); }
+void sanblk_sock_quickack(struct socket *sock) { tcp_sock_set_quickack(sock->sk, 1); }

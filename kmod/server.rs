@@ -5,11 +5,17 @@
 //! are queued here from any context (lock-free llist, then a wake-up) and re-issued to the
 //! server, which performs them on its own path to the SAN devices.
 //!
-//! Delivered shape: **sequential**. The thread sends one request, waits for its reply, and
-//! completes it before sending the next; the frame format allows pipelining and the server
-//! supports it, but this client does not use it yet. Reconnection: 100 ms doubling to 5 s,
-//! trying every address in order; a request interrupted by a connection loss is re-sent
-//! whole after reconnecting (reads and writes of a block device are idempotent).
+//! Delivered shape: **windowed pipelining in one thread**. The thread takes up to [`WINDOW`]
+//! queued pieces (at most [`WINDOW_BYTES`] of payload), sends all their requests back to
+//! back, then reads the replies in whatever order the server sends them, matched by handle
+//! against that window (a handle outside the window or answered twice is a protocol error
+//! and drops the connection). Pieces queued meanwhile wait for the next window: there is no
+//! separate receiver loop, so one slow request holds up the window it is in. A piece larger
+//! than one frame ([`MAX_PAYLOAD`]) goes alone, in sequential chunks.
+//!
+//! Reconnection: 100 ms doubling to 5 s, trying every address in order; the window that a
+//! connection loss interrupted is re-sent whole after reconnecting (none of its pieces has
+//! completed upward yet, and reads and writes of a block device are idempotent).
 //!
 //! Failure policy (the I/O never hangs forever):
 //! - the server refuses the session token (HELLO status != 0): state `Refused`, every queued
@@ -40,7 +46,11 @@ const NO_PATH_TIMEOUT_NS: i64 = 30_000_000_000;
 const BACKOFF_MIN_MS: u32 = 100;
 const BACKOFF_MAX_MS: u32 = 5_000;
 /// Attempts of one piece that the server answers with -ESTALE.
-const STALE_RETRIES: u32 = 3;
+const STALE_RETRIES: u8 = 3;
+/// Requests in flight at once on the connection (the server executes up to 64 concurrently).
+const WINDOW: usize = 16;
+/// Payload bytes one window may carry (bounds what the server buffers for this client).
+const WINDOW_BYTES: u64 = 4 << 20;
 
 const BLK_STS_IOERR: bindings::blk_status_t = 10;
 const IPPROTO_TCP: c_int = 6;
@@ -51,6 +61,7 @@ extern "C" {
     // `struct socket` as an opaque pointer: bindgen's layout is not FFI-safe by rustc's lints.
     fn sanblk_sock_set_timeouts(sock: *mut c_void, timeout: c_long);
     fn sanblk_sock_nodelay(sock: *mut c_void);
+    fn sanblk_sock_quickack(sock: *mut c_void);
     fn sanblk_llist_add(node: *mut bindings::llist_node, head: *mut bindings::llist_head) -> bool;
     fn sanblk_llist_del_all(head: *mut bindings::llist_head) -> *mut bindings::llist_node;
     fn sanblk_set_current_interruptible();
@@ -97,6 +108,8 @@ pub(crate) struct Piece {
     /// Frame op, or 0 when the piece cannot go to the server (discard, write zeroes).
     pub(crate) op: u8,
     pub(crate) flags: u8,
+    /// Times the server answered -ESTALE (the piece is re-sent with the current epoch).
+    pub(crate) stale_retries: u8,
 }
 
 /// Bytes reserved in front of each bio of the bioset (keeps the bio 8-byte aligned).
@@ -305,16 +318,30 @@ fn should_stop() -> bool {
 
 impl Conn {
     fn send(&self, bytes: &[u8]) -> core::result::Result<(), ()> {
+        self.send_flags(bytes, false)
+    }
+
+    /// Sends `bytes`; `more` tells TCP a payload follows (one segment for header + data, which
+    /// matters behind proxies that forward each read separately).
+    fn send_flags(&self, bytes: &[u8], more: bool) -> core::result::Result<(), ()> {
         let mut vec = bindings::kvec { iov_base: bytes.as_ptr() as *mut c_void, iov_len: bytes.len() };
         // SAFETY: an all-zero msghdr is a valid "no name, no control" header.
         let mut msg: bindings::msghdr = unsafe { core::mem::zeroed() };
-        msg.msg_flags = bindings::MSG_NOSIGNAL;
+        msg.msg_flags = bindings::MSG_NOSIGNAL | if more { bindings::MSG_MORE } else { 0 };
         // SAFETY: the socket is connected; `vec` describes `bytes`, live for the call.
         let ret = unsafe { bindings::kernel_sendmsg(self.0, &mut msg, &mut vec, 1, bytes.len()) };
         if ret == bytes.len() as c_int { Ok(()) } else { Err(()) }
     }
 
+    /// Asks TCP to acknowledge at once (delayed ACKs stall a request/reply protocol behind a
+    /// peer or proxy that uses Nagle).
+    fn quickack(&self) {
+        // SAFETY: `self.0` is a live, connected TCP socket.
+        unsafe { sanblk_sock_quickack(self.0.cast()) };
+    }
+
     fn recv(&self, bytes: &mut [u8]) -> core::result::Result<(), ()> {
+        self.quickack();
         let mut vec = bindings::kvec { iov_base: bytes.as_mut_ptr().cast(), iov_len: bytes.len() };
         // SAFETY: as in `send`.
         let mut msg: bindings::msghdr = unsafe { core::mem::zeroed() };
@@ -359,6 +386,7 @@ impl Conn {
             // SAFETY: connected socket; the iterator describes live pages of the bio.
             unsafe { bindings::sock_sendmsg(self.0, &mut msg) }
         } else {
+            self.quickack();
             // SAFETY: as above; the pages are the bio's destination pages.
             unsafe { bindings::sock_recvmsg(self.0, &mut msg, bindings::MSG_WAITALL as c_int) }
         };
@@ -455,7 +483,7 @@ impl Conn {
             };
             let mut raw = [0u8; REQUEST_HEADER_LEN];
             header.encode(&mut raw);
-            self.send(&raw)?;
+            self.send_flags(&raw, op == Op::Write)?;
             if op == Op::Write {
                 // SAFETY: the piece's pages are live until it completes (contract).
                 unsafe { self.transfer_pages(piece, done, len, true)? };
@@ -483,6 +511,97 @@ impl Conn {
                 return Ok(0);
             }
         }
+    }
+}
+
+fn frame_op(piece: &Piece) -> Option<Op> {
+    match piece.op {
+        2 => Some(Op::Read),
+        3 => Some(Op::Write),
+        4 => Some(Op::Flush),
+        _ => None,
+    }
+}
+
+fn frame_len(piece: &Piece, op: Op) -> u32 {
+    if op == Op::Flush {
+        0
+    } else {
+        piece.iter.bi_size
+    }
+}
+
+impl Conn {
+    /// Sends the first `count` pieces of `batch` back to back, then reads their replies in
+    /// whatever order the server sends them, matched by handle against this window only (a
+    /// handle not in the window, or answered twice, is a protocol error). Fills `status`.
+    /// `Err`: the connection is lost; nothing was completed and the window is re-sent whole.
+    ///
+    /// # Safety
+    ///
+    /// The pieces are live, queued and of at most MAX_PAYLOAD bytes each.
+    unsafe fn execute_window(
+        &self,
+        volume: &Volume,
+        batch: &[*mut Piece],
+        status: &mut [Option<i32>],
+        handle: &mut u64,
+    ) -> core::result::Result<(), ()> {
+        let mut handles = [0u64; WINDOW];
+        for (i, piece) in batch.iter().enumerate() {
+            // SAFETY: live piece (contract).
+            let piece = unsafe { &**piece };
+            let Some(op) = frame_op(piece) else {
+                status[i] = Some(-(bindings::EOPNOTSUPP as i32));
+                continue;
+            };
+            *handle = handle.wrapping_add(1);
+            handles[i] = *handle;
+            status[i] = None;
+            let len = frame_len(piece, op);
+            let header = RequestHeader {
+                op,
+                flags: piece.flags,
+                handle: *handle,
+                volume_id: volume.id,
+                epoch: piece.epoch,
+                offset: piece.volume_offset,
+                length: len,
+            };
+            let mut raw = [0u8; REQUEST_HEADER_LEN];
+            header.encode(&mut raw);
+            self.send_flags(&raw, op == Op::Write)?;
+            if op == Op::Write {
+                // SAFETY: the piece's pages are live until it completes (contract).
+                unsafe { self.transfer_pages(piece, 0, len, true)? };
+            }
+        }
+        let expected = status.iter().take(batch.len()).filter(|s| s.is_none()).count();
+        for _ in 0..expected {
+            let mut raw = [0u8; REPLY_HEADER_LEN];
+            self.recv(&mut raw)?;
+            let reply = ReplyHeader::decode(&raw).map_err(|_| ())?;
+            // Never trusted as a pointer: only a lookup key into this window.
+            let i = (0..batch.len())
+                .find(|i| handles[*i] == reply.handle && handles[*i] != 0 && status[*i].is_none())
+                .ok_or(())?;
+            // SAFETY: live piece (contract).
+            let piece = unsafe { &*batch[i] };
+            let op = frame_op(piece).ok_or(())?;
+            if reply.status == 0 {
+                let len = frame_len(piece, op);
+                let data = if op == Op::Read { len } else { 0 };
+                if reply.length != data {
+                    return Err(());
+                }
+                if op == Op::Read {
+                    // SAFETY: as above; READ data lands in the bio's pages.
+                    unsafe { self.transfer_pages(piece, 0, len, false)? };
+                }
+            }
+            status[i] = Some(reply.status);
+        }
+        Ok(())
     }
 }
 
@@ -543,6 +662,20 @@ impl Queue {
         }
     }
 
+    /// Appends one piece (taken off this queue before).
+    fn push(&mut self, piece: *mut Piece) {
+        // SAFETY: `piece` is ours and on no list.
+        unsafe {
+            (*piece).node.next = core::ptr::null_mut();
+            if self.tail.is_null() {
+                self.head = piece;
+            } else {
+                (*self.tail).node.next = piece.cast();
+            }
+        }
+        self.tail = piece;
+    }
+
     fn pop(&mut self) -> *mut Piece {
         let piece = self.head;
         if !piece.is_null() {
@@ -590,7 +723,6 @@ unsafe extern "C" fn thread_main(data: *mut c_void) -> c_int {
     let mut backoff = BACKOFF_MIN_MS;
     let mut down_since: Option<i64> = None;
     let mut handle = 0u64;
-    let mut stale_retries = 0u32;
     loop {
         // SAFETY: `pending` is a valid llist head.
         queue.take(unsafe { sanblk_llist_del_all(path.pending.get()) });
@@ -648,25 +780,59 @@ unsafe extern "C" fn thread_main(data: *mut c_void) -> c_int {
             backoff = (backoff * 2).min(BACKOFF_MAX_MS);
             continue;
         };
-        let piece = queue.head;
-        // SAFETY: the head piece is live and ours until completed.
-        match unsafe { active.execute(volume, &*piece, &mut handle) } {
-            Ok(status) if status == -ESTALE && stale_retries < STALE_RETRIES => {
-                stale_retries += 1;
-                // SAFETY: as above; the volume offset does not depend on the epoch.
-                unsafe { (*piece).epoch = volume.current_map().epoch };
+        // The window: the longest run of queued pieces from the head that fit in one frame
+        // each, up to WINDOW pieces and WINDOW_BYTES; a larger piece goes alone, in chunks.
+        let mut batch = [core::ptr::null_mut::<Piece>(); WINDOW];
+        let mut count = 0;
+        let mut bytes = 0u64;
+        let mut next = queue.head;
+        while count < WINDOW && !next.is_null() {
+            // SAFETY: queued pieces are live and ours.
+            let size = u64::from(unsafe { (*next).iter.bi_size });
+            if size > u64::from(MAX_PAYLOAD) || (count > 0 && bytes + size > WINDOW_BYTES) {
+                break;
             }
-            Ok(status) => {
-                stale_retries = 0;
-                queue.pop();
-                // SAFETY: popped, completed once.
-                unsafe { complete(volume, piece, if status == 0 { 0 } else { BLK_STS_IOERR }) };
+            batch[count] = next;
+            count += 1;
+            bytes += size;
+            // SAFETY: as above.
+            next = unsafe { (*next).node.next }.cast();
+        }
+        let mut status = [None; WINDOW];
+        let outcome = if count == 0 {
+            count = 1;
+            batch[0] = queue.head;
+            // SAFETY: the head piece is live and ours until completed.
+            unsafe { active.execute(volume, &*queue.head, &mut handle) }.map(|s| status[0] = Some(s))
+        } else {
+            // SAFETY: the window's pieces are live, queued, and each fits in one frame.
+            unsafe { active.execute_window(volume, &batch[..count], &mut status[..count], &mut handle) }
+        };
+        if outcome.is_err() {
+            pr_warn!("volume {}: server path connection lost; reconnecting\n", volume.id);
+            conn = None;
+            down_since = Some(now_ns());
+            path.state.store(ServerPathState::Disconnected as u32, Ordering::Relaxed);
+            continue;
+        }
+        for (piece, answer) in batch[..count].iter().zip(status.iter()) {
+            // The window is the head of the queue, in order (new pieces only go to the tail).
+            let popped = queue.pop();
+            if popped != *piece {
+                pr_err!("volume {}: server path queue out of order\n", volume.id);
             }
-            Err(()) => {
-                pr_warn!("volume {}: server path connection lost; reconnecting\n", volume.id);
-                conn = None;
-                down_since = Some(now_ns());
-                path.state.store(ServerPathState::Disconnected as u32, Ordering::Relaxed);
+            let answer = answer.unwrap_or(-(bindings::EIO as i32));
+            // SAFETY: popped pieces are ours; each is completed or re-queued exactly once.
+            unsafe {
+                if answer == -ESTALE && (**piece).stale_retries < STALE_RETRIES {
+                    // The volume offset does not depend on the epoch: re-send with the
+                    // epoch the server now expects.
+                    (**piece).stale_retries += 1;
+                    (**piece).epoch = volume.current_map().epoch;
+                    queue.push(*piece);
+                } else {
+                    complete(volume, *piece, if answer == 0 { 0 } else { BLK_STS_IOERR });
+                }
             }
         }
     }
