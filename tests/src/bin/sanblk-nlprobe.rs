@@ -545,6 +545,20 @@ fn report(result: Result<(), (i32, String)>) -> Result<bool, String> {
 
 /// CREATE/UPDATE_MAP requests with hostile maps against real devices; prints one line per
 /// case like `hostile`.
+/// A SERVERS attribute payload: nested SERVER_ADDR strings.
+fn servers_attr(servers: &[&str]) -> Vec<u8> {
+    let mut nested = Vec::new();
+    for server in servers {
+        let payload = nul_terminated(server);
+        let len = 4 + payload.len();
+        nested.extend_from_slice(&(len as u16).to_ne_bytes());
+        nested.extend_from_slice(&(Attr::ServerAddr as u16).to_ne_bytes());
+        nested.extend_from_slice(&payload);
+        nested.resize(nested.len() + (4 - len % 4) % 4, 0);
+    }
+    nested
+}
+
 fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
     let base_args: Vec<String> = ["victim", "77", "5", "linear", "8"]
         .iter()
@@ -665,6 +679,32 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
     let mut bad_name = good.create_attrs();
     bad_name[1].1 = nul_terminated("../etc");
     cases.push(("bad-volume-name", Command::Create, bad_name));
+    let with_servers = |servers: &[&str]| {
+        let mut attrs = good.create_attrs();
+        attrs.push((Attr::Servers as u16 | NLA_F_NESTED, servers_attr(servers)));
+        attrs
+    };
+    cases.push((
+        "bad-server-address",
+        Command::Create,
+        with_servers(&["10.0.2.100:7701", "server.example:7701"]),
+    ));
+    cases.push((
+        "server-port-zero",
+        Command::Create,
+        with_servers(&["10.0.2.100:0"]),
+    ));
+    cases.push((
+        "too-many-servers",
+        Command::Create,
+        with_servers(&[
+            "10.0.0.1:1",
+            "10.0.0.2:1",
+            "10.0.0.3:1",
+            "10.0.0.4:1",
+            "10.0.0.5:1",
+        ]),
+    ));
 
     let mut all_refused = true;
     for (name, command, attrs) in cases {
