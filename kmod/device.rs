@@ -3,7 +3,7 @@
 //! A SAN device opened by the driver: exclusive while a volume uses it, closed on drop.
 
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use kernel::bindings;
 use kernel::error::from_err_ptr;
 use kernel::prelude::*;
@@ -27,6 +27,8 @@ pub(crate) struct SanDevice {
     pub(crate) uuid: [u8; 16],
     state: AtomicU32,
     errors: AtomicU64,
+    /// Whether the failure of this device was multicast (by the volume's server thread).
+    pub(crate) failure_reported: AtomicBool,
 }
 
 // SAFETY: `file` and `bdev` are kernel objects usable from any thread; this value only reads
@@ -53,6 +55,7 @@ impl SanDevice {
             uuid,
             state: AtomicU32::new(DeviceState::Healthy as u32),
             errors: AtomicU64::new(0),
+            failure_reported: AtomicBool::new(false),
         })
     }
 

@@ -33,7 +33,8 @@ use kernel::bindings;
 use kernel::prelude::*;
 use kernel::types::Opaque;
 
-use crate::abi::{ServerPathState, MAX_SERVERS};
+use crate::abi::{Attr, Command, DeviceState, EventKind, ServerPathState, MAX_SERVERS};
+use crate::shim::Event;
 use crate::abi_frame::{Op, ReplyHeader, RequestHeader, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
 use crate::volume::Volume;
 
@@ -700,6 +701,27 @@ impl Queue {
     }
 }
 
+/// Multicasts PATH_FAILED once for each device of `volume` newly marked failed (the failure
+/// is noted in completion context, where no message can be allocated).
+fn report_failed_devices(volume: &Volume) {
+    for (_, device) in volume.devices.iter() {
+        if device.state() != DeviceState::Failed as u32 || device.failure_reported.swap(true, Ordering::AcqRel) {
+            continue;
+        }
+        pr_warn!("volume {}: direct path to {} failed; using the server path\n", volume.id, &*device.path);
+        let sent = Event::new(Command::Event as u8, 512).and_then(|mut event| {
+            event.put_u32(Attr::EventKind as u16, EventKind::PathFailed as u32)?;
+            event.put_u64(Attr::VolumeId as u16, volume.id)?;
+            event.put_str(Attr::DevicePath as u16, &device.path)?;
+            event.send();
+            Ok(())
+        });
+        if sent.is_err() {
+            pr_warn!("volume {}: cannot multicast the path failure event\n", volume.id);
+        }
+    }
+}
+
 /// Sleeps up to `ms`, in short steps, returning early if the thread must stop.
 fn pause(ms: u32) {
     let mut left = ms;
@@ -729,6 +751,9 @@ unsafe extern "C" fn thread_main(data: *mut c_void) -> c_int {
         if should_stop() {
             queue.fail_all(volume);
             break;
+        }
+        if !queue.head.is_null() {
+            report_failed_devices(volume);
         }
         if queue.head.is_null() {
             down_since = None;

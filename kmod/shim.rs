@@ -42,6 +42,8 @@ extern "C" {
     fn sanblk_genlmsg_end(skb: *mut SkBuff, hdr: *mut c_void);
     fn sanblk_genlmsg_reply(skb: *mut SkBuff, info: *mut GenlInfo) -> c_int;
     fn sanblk_nlmsg_free(skb: *mut SkBuff);
+    fn sanblk_genlmsg_put_event(skb: *mut SkBuff, cmd: u8) -> *mut c_void;
+    fn sanblk_genlmsg_multicast_events(skb: *mut SkBuff, flags: kernel::bindings::gfp_t) -> c_int;
     fn sanblk_nla_put_u32(skb: *mut SkBuff, attr_type: c_int, value: u32) -> c_int;
     fn sanblk_nla_put_u64(skb: *mut SkBuff, attr_type: c_int, value: u64) -> c_int;
     fn sanblk_nla_put_string(skb: *mut SkBuff, attr_type: c_int, value: *const c_char) -> c_int;
@@ -223,6 +225,62 @@ impl Reply<'_> {
 }
 
 impl Drop for Reply<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the skb is still owned by us (not sent).
+        unsafe { sanblk_nlmsg_free(self.skb) };
+    }
+}
+
+/// A multicast notification on the `events` group being built (process context only).
+pub(crate) struct Event {
+    skb: *mut SkBuff,
+    hdr: *mut c_void,
+}
+
+impl Event {
+    pub(crate) fn new(command: u8, payload: usize) -> Result<Self> {
+        // SAFETY: plain allocation (GFP_KERNEL); a null result is handled below.
+        let skb = unsafe { sanblk_genlmsg_new(payload) };
+        if skb.is_null() {
+            return Err(ENOMEM);
+        }
+        // SAFETY: `skb` is the fresh buffer above.
+        let hdr = unsafe { sanblk_genlmsg_put_event(skb, command) };
+        let event = Event { skb, hdr };
+        if hdr.is_null() {
+            return Err(emsgsize());
+        }
+        Ok(event)
+    }
+
+    pub(crate) fn put_u32(&mut self, attr_type: u16, value: u32) -> Result {
+        // SAFETY: `skb` is owned by this event and not yet sent.
+        to_result(unsafe { sanblk_nla_put_u32(self.skb, attr_type as c_int, value) })
+    }
+
+    pub(crate) fn put_u64(&mut self, attr_type: u16, value: u64) -> Result {
+        // SAFETY: `skb` is owned by this event and not yet sent.
+        to_result(unsafe { sanblk_nla_put_u64(self.skb, attr_type as c_int, value) })
+    }
+
+    pub(crate) fn put_str(&mut self, attr_type: u16, value: &CStr) -> Result {
+        // SAFETY: `skb` is owned by this event; `value` is NUL-terminated and copied.
+        to_result(unsafe { sanblk_nla_put_string(self.skb, attr_type as c_int, value.as_char_ptr()) })
+    }
+
+    /// Finalises and multicasts the event; no listener is not an error.
+    pub(crate) fn send(self) {
+        let this = core::mem::ManuallyDrop::new(self);
+        // SAFETY: `skb`/`hdr` come from `new`; genlmsg_multicast consumes the skb in every
+        // case (hence ManuallyDrop). Called from process context: GFP_KERNEL is allowed.
+        unsafe {
+            sanblk_genlmsg_end(this.skb, this.hdr);
+            let _ = sanblk_genlmsg_multicast_events(this.skb, kernel::bindings::GFP_KERNEL);
+        }
+    }
+}
+
+impl Drop for Event {
     fn drop(&mut self) {
         // SAFETY: the skb is still owned by us (not sent).
         unsafe { sanblk_nlmsg_free(self.skb) };

@@ -4,6 +4,8 @@
 //! over the kernel's TCP client: fio sees no error, and the host finds the data the guest
 //! wrote after the failure in the image file (written there by the server on its own path).
 //!
+//! The module multicasts the path failure (EVENT, kind PATH_FAILED) on the events group.
+//!
 //! Also: the first server address is unreachable (failover to the second), and a session
 //! token the server no longer knows is refused: the kernel reports the server path as
 //! `refused` and redirected I/O fails with EIO instead of hanging.
@@ -132,6 +134,10 @@ dev=$(cat /run/sanblk/vlin.device)
 # Direct path first.
 dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 $S status > status-healthy.txt
+# The module multicasts the path failure on the events group.
+timeout 600 {probe} events 1 > events.txt 2>&1 &
+EVENTS=$!
+for i in $(seq 1 100); do grep -q listening events.txt && break; sleep 0.1; done
 # fio writes and verifies while the SAN device fails under it.
 fio --name=redirect --filename=$dev --rw=randwrite --bs=4k --size=16M --direct=1 \
     --ioengine=libaio --iodepth=8 --verify=crc32c --do_verify=1 --output=fio.txt &
@@ -139,6 +145,8 @@ FIO=$!
 sleep 3
 fail_san0
 wait $FIO
+for i in $(seq 1 100); do grep -q "^event" events.txt && break; sleep 0.1; done
+kill $EVENTS 2>/dev/null || true
 # Everything now goes through the server: write a pattern and read it back.
 dd if=$D/after.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
@@ -151,6 +159,7 @@ rmmod sanblk
 dmsetup remove san0
 "#,
         prologue = prologue(&setup),
+        probe = target_bin("sanblk-nlprobe").display(),
     );
     let config = VmConfig::new("redirect-failover", &script)
         .disk(&setup.image)
@@ -162,6 +171,11 @@ dmsetup remove san0
 
     let fio = outcome.read_out_file("fio.txt").expect("fio output");
     assert!(fio.contains("err= 0"), "fio reported errors: {fio}");
+    let events = outcome.read_out_file("events.txt").expect("events");
+    assert!(
+        events.contains("event cmd=8 kind=1 volume_id=1 device=/dev/mapper/san0"),
+        "no path failure event: {events}"
+    );
     let healthy = outcome.read_out_file("status-healthy.txt").expect("status");
     assert!(healthy.contains("healthy"), "{healthy}");
     let status: serde_json::Value =

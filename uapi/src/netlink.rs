@@ -177,6 +177,15 @@ pub enum Attr {
     RedirectedIos = 28,
 }
 
+/// Kinds of EVENT notifications ([`Attr::EventKind`]) multicast on [`EVENTS_GROUP`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum EventKind {
+    /// Direct I/O to a SAN device failed: [`Attr::VolumeId`], [`Attr::DevicePath`]; its
+    /// extents now go to the server path.
+    PathFailed = 1,
+}
+
 /// Most server I/O addresses one volume accepts in [`Attr::Servers`].
 pub const MAX_SERVERS: usize = 4;
 

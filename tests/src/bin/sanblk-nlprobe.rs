@@ -23,7 +23,7 @@ use neli::{
     utils::Groups,
 };
 use sanblk_uapi::map::{self, Device, Extent, ExtentKind, MapHeader, Member, MAX_MEMBERS};
-use sanblk_uapi::netlink::{Attr, Command, FAMILY_NAME, FAMILY_VERSION};
+use sanblk_uapi::netlink::{Attr, Command, EVENTS_GROUP, FAMILY_NAME, FAMILY_VERSION};
 
 const MIB: u64 = 1 << 20;
 const NLA_F_NESTED: u16 = 1 << 15;
@@ -118,6 +118,53 @@ fn nul_terminated(text: &str) -> Vec<u8> {
     let mut bytes = text.as_bytes().to_vec();
     bytes.push(0);
     bytes
+}
+
+/// Prints the first `count` notifications of the `events` group, one line each.
+fn events(count: usize) -> Result<bool, String> {
+    use std::io::Write;
+    let (router, mut multicast) = NlRouter::connect(NlFamily::Generic, None, Groups::empty())
+        .map_err(|e| format!("cannot open a generic netlink socket: {e}"))?;
+    let group = router
+        .resolve_nl_mcast_group(FAMILY_NAME, EVENTS_GROUP)
+        .map_err(|e| format!("cannot resolve the events group: {e}"))?;
+    router
+        .add_mcast_membership(Groups::new_groups(&[group]))
+        .map_err(|e| format!("cannot join the events group: {e}"))?;
+    println!("listening");
+    let _ = std::io::stdout().flush();
+    let mut seen = 0;
+    while seen < count {
+        let Some(message) = multicast.next_typed::<u16, Message>() else {
+            break;
+        };
+        let message = message.map_err(|e| format!("receiving an event: {e}"))?;
+        let Some(payload) = message.get_payload() else {
+            continue;
+        };
+        let handle = payload.attrs().get_attr_handle();
+        let kind = handle
+            .get_attr_payload_as::<u32>(Attr::EventKind as u16)
+            .unwrap_or(0);
+        let volume = handle
+            .get_attr_payload_as::<u64>(Attr::VolumeId as u16)
+            .unwrap_or(0);
+        let device = handle
+            .get_attribute(Attr::DevicePath as u16)
+            .map(|n| {
+                String::from_utf8_lossy(n.nla_payload().as_ref())
+                    .trim_end_matches('\0')
+                    .to_string()
+            })
+            .unwrap_or_default();
+        println!(
+            "event cmd={} kind={kind} volume_id={volume} device={device}",
+            payload.cmd()
+        );
+        let _ = std::io::stdout().flush();
+        seen += 1;
+    }
+    Ok(seen == count)
 }
 
 fn status(link: &Link) -> Result<(), String> {
@@ -764,6 +811,7 @@ fn main() -> ExitCode {
         "status" => status(&link).map(|()| true),
         "hostile" => hostile(&link),
         "hostile-maps" => hostile_maps(&link, &args[2..]),
+        "events" => events(args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1)),
         "create" => MapRequest::from_args(&args[2..])
             .and_then(|r| raw_request(link.family, Command::Create, &r.create_attrs()))
             .and_then(report),
