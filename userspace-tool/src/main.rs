@@ -26,7 +26,7 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/var/lib/sand/admin.sock";
     name = "sanctl",
     version,
     about = "Administer a sanblk server (sand) and attach its volumes on client hosts",
-    after_help = "Examples:\n  sanctl pool add /dev/sdb\n  sanctl pool list\n  sanctl volume create db1 10G --layout mirror\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret\n  sanctl client grant host1 db1 rw\n  sanctl --json volume show db1\n\nExit codes: 0 ok, 1 the server refused (message on stderr), 2 usage error,\n3 cannot reach the server."
+    after_help = "Examples:\n  sanctl pool add /dev/sdb\n  sanctl pool list\n  sanctl volume create db1 10G --layout mirror\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret\n  sanctl client grant host1 db1 rw\n  sanctl --json volume show db1\n\nOn a client host (sanblk.ko loaded):\n  sanctl attach db1 --server san1:7700 --client host1 --secret-file /etc/sanblk/host1.secret &\n  sanctl status\n  sanctl detach db1\n\nExit codes: 0 ok, 1 the server refused (message on stderr), 2 usage error,\n3 cannot reach the server."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of tables.
