@@ -45,6 +45,7 @@ pub use device::{
 };
 
 use crate::map::AccessMode;
+use crate::recovery;
 use crate::state::{ServerState, SessionInfo};
 use crate::store::VolumeRecord;
 
@@ -447,11 +448,30 @@ impl IoService {
             Op::Write => {
                 let buf = payload.ok_or(errno(libc::EINVAL))?;
                 let fua = header.flags & FLAG_FUA != 0;
-                tokio::task::spawn_blocking(move || service.devices.write(&pieces, &buf, fua))
-                    .await
-                    .map_err(|_| errno(libc::EIO))?
-                    .map(|()| None)
-                    .map_err(|e| io_error("write", e))
+                // Recovery consistency rule: see the `recovery` module doc.
+                let gate = self.state.gate(header.volume_id);
+                let _shared = gate.lock.read().await;
+                if header.epoch < gate.min_epoch() {
+                    return Err(errno(libc::ESTALE));
+                }
+                let (required, best_effort) = match gate.recovery() {
+                    Some(active) => recovery::write_plan(pieces, header.offset, &active),
+                    None => (pieces, Vec::new()),
+                };
+                let volume_id = header.volume_id;
+                tokio::task::spawn_blocking(move || {
+                    service.devices.write(&required, &buf, fua)?;
+                    if !best_effort.is_empty() {
+                        if let Err(error) = service.devices.write(&best_effort, &buf, fua) {
+                            debug!("volume {volume_id}: write to the failed device: {error}");
+                        }
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|_| errno(libc::EIO))?
+                .map(|()| None)
+                .map_err(|e| io_error("write", e))
             }
             Op::Hello | Op::Flush => Err(errno(libc::EINVAL)),
         }
