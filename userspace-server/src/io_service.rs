@@ -44,7 +44,7 @@ pub use device::{
     plan, AlignedBuf, BufferPool, DeviceFile, DeviceTable, Piece, PooledBuf, DIRECT_ALIGN,
 };
 
-use crate::map::AccessMode;
+use crate::map::{AccessMode, Extent};
 use crate::recovery;
 use crate::state::{ServerState, SessionInfo};
 use crate::store::VolumeRecord;
@@ -413,7 +413,16 @@ impl IoService {
         let length = u64::from(header.length);
         if header.op == Op::Flush {
             let service = self.clone();
-            return tokio::task::spawn_blocking(move || service.devices.flush(&record.extents))
+            // Writes also went to the targets of a running recovery: flush those too.
+            let mut extents = record.extents.clone();
+            if let Some(active) = self.state.gate(header.volume_id).recovery() {
+                extents.extend(active.segments.iter().map(|s| Extent {
+                    volume_offset: s.volume_offset,
+                    length: s.length,
+                    replicas: vec![s.target],
+                }));
+            }
+            return tokio::task::spawn_blocking(move || service.devices.flush(&extents))
                 .await
                 .map_err(|_| errno(libc::EIO))?
                 .map(|()| None)

@@ -192,10 +192,23 @@ pub async fn report_failure(
         }
         None => {
             let why = reason.clone();
-            let record = blocking(state, move |s| {
+            let started = blocking(state, move |s| {
                 s.store.start_recovery(volume_id, device_uuid, &why)
             })
-            .await?;
+            .await;
+            let record = match started {
+                Ok(record) => record,
+                // A concurrent report (another client, or a retry) started it first.
+                Err(error) if error.code == ErrorCode::Busy => {
+                    match blocking(state, move |s| s.store.recovery(volume_id)).await? {
+                        Some(record) if record.failed_device == device_uuid => {
+                            return Ok(start_job(state, record).await)
+                        }
+                        _ => return Err(error),
+                    }
+                }
+                Err(error) => return Err(error),
+            };
             info!(
                 "volume {volume_id}: device {device_uuid} reported failed ({reason}); moving {} bytes in {} segment(s)",
                 record.bytes_total(),
@@ -227,16 +240,17 @@ pub async fn resume_all(state: &Arc<ServerState>) -> StoreResult<()> {
 /// Spawns the copy job unless one runs; returns the current status.
 async fn start_job(state: &Arc<ServerState>, record: RecoveryRecord) -> RecoveryStatus {
     let volume_id = record.volume_id;
-    if !claim(volume_id) {
-        if let Some(status) = state.recovery_status(volume_id) {
-            return status;
-        }
-    }
     let name = blocking(state, move |s| s.store.volume_by_id(volume_id))
         .await
         .map(|v| v.name)
         .unwrap_or_default();
     let progress = Progress::new(name, &record);
+    if !claim(volume_id) {
+        // Already running: its latest status (set before it was spawned) is the answer.
+        return state
+            .recovery_status(volume_id)
+            .unwrap_or_else(|| progress.status(RecoveryState::Queued, String::new()));
+    }
     let status = progress.status(RecoveryState::Queued, String::new());
     state.set_recovery_status(status.clone());
     let job_state = state.clone();
@@ -480,4 +494,124 @@ async fn run_job(
         ),
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::Replica;
+
+    fn replica(device: u128, device_offset: u64) -> Replica {
+        Replica {
+            device_uuid: Uuid::from_u128(device),
+            device_offset,
+        }
+    }
+
+    /// Volume [0, 2 MiB) on device 1 at 10 MiB; replacement in two pieces on devices 3 and 4.
+    fn linear_recovery() -> ActiveRecovery {
+        let mib = 1 << 20;
+        ActiveRecovery {
+            failed_device: Uuid::from_u128(1),
+            segments: vec![
+                RecoverySegment {
+                    volume_offset: 0,
+                    length: mib,
+                    failed: replica(1, 10 * mib),
+                    source: replica(1, 10 * mib),
+                    target: replica(3, 50 * mib),
+                },
+                RecoverySegment {
+                    volume_offset: mib,
+                    length: mib,
+                    failed: replica(1, 11 * mib),
+                    source: replica(1, 11 * mib),
+                    target: replica(4, 70 * mib),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn writes_to_a_recovering_range_also_go_to_the_target() {
+        let mib = 1 << 20;
+        let write = Piece {
+            buffer_offset: 0,
+            length: 8192,
+            replicas: vec![(Uuid::from_u128(1), 11 * mib - 4096)],
+        };
+        let (required, best_effort) = write_plan(vec![write], mib - 4096, &linear_recovery());
+        assert!(best_effort.is_empty());
+        assert_eq!(
+            required,
+            vec![
+                Piece {
+                    buffer_offset: 0,
+                    length: 4096,
+                    replicas: vec![
+                        (Uuid::from_u128(1), 11 * mib - 4096),
+                        (Uuid::from_u128(3), 51 * mib - 4096)
+                    ],
+                },
+                Piece {
+                    buffer_offset: 4096,
+                    length: 4096,
+                    replicas: vec![
+                        (Uuid::from_u128(1), 11 * mib),
+                        (Uuid::from_u128(4), 70 * mib)
+                    ],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn with_a_surviving_mirror_the_failed_copy_is_best_effort() {
+        let mib = 1 << 20;
+        let recovery = ActiveRecovery {
+            failed_device: Uuid::from_u128(1),
+            segments: vec![RecoverySegment {
+                volume_offset: 0,
+                length: mib,
+                failed: replica(1, 10 * mib),
+                source: replica(2, 20 * mib),
+                target: replica(3, 30 * mib),
+            }],
+        };
+        let write = Piece {
+            buffer_offset: 0,
+            length: 4096,
+            replicas: vec![
+                (Uuid::from_u128(1), 10 * mib + 4096),
+                (Uuid::from_u128(2), 20 * mib + 4096),
+            ],
+        };
+        let (required, best_effort) = write_plan(vec![write], 4096, &recovery);
+        assert_eq!(
+            required[0].replicas,
+            vec![
+                (Uuid::from_u128(2), 20 * mib + 4096),
+                (Uuid::from_u128(3), 30 * mib + 4096)
+            ]
+        );
+        assert_eq!(
+            best_effort[0].replicas,
+            vec![(Uuid::from_u128(1), 10 * mib + 4096)]
+        );
+        let elsewhere = Piece {
+            buffer_offset: 0,
+            length: 4096,
+            replicas: vec![(Uuid::from_u128(5), 0)],
+        };
+        let (required, best_effort) = write_plan(vec![elsewhere.clone()], mib, &recovery);
+        assert_eq!((required, best_effort), (vec![elsewhere], Vec::new()));
+    }
+
+    #[test]
+    fn the_cursor_locates_its_segment() {
+        let segments = linear_recovery().segments;
+        assert_eq!(locate(&segments, 0), Some((0, 0)));
+        assert_eq!(locate(&segments, (1 << 20) + 4096), Some((1, 4096)));
+        assert_eq!(locate(&segments, 2 << 20), None);
+    }
 }

@@ -899,3 +899,82 @@ pub fn validate_volume_name(name: &str) -> StoreResult<()> {
 pub fn validate_client_name(name: &str) -> StoreResult<()> {
     validate_name("client", name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_recovery_split_over_two_devices_replaces_the_failed_replica() {
+        let dir = std::env::temp_dir().join(format!("sand-store-recovery-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let device = |n: u128, size: u64| DeviceRecord {
+            uuid: Uuid::from_u128(n),
+            path: format!("/dev/test-{n}"),
+            size_bytes: size,
+            data_start: MIB,
+            state: "online".into(),
+        };
+        for record in [device(1, 16 * MIB), device(2, 3 * MIB), device(3, 3 * MIB)] {
+            store.add_device(&record).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let volume = store
+            .create_volume("v", 3 * MIB, Layout::Linear)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            volume.extents[0].replicas[0].device_uuid,
+            Uuid::from_u128(1)
+        );
+        let unknown = store.start_recovery(volume.id, Uuid::from_u128(9), "test");
+        assert_eq!(unknown.map_err(|e| e.code).err(), Some(ErrorCode::NotFound));
+        let unused = store.start_recovery(volume.id, Uuid::from_u128(2), "test");
+        assert_eq!(
+            unused.map_err(|e| e.code).err(),
+            Some(ErrorCode::BadRequest)
+        );
+
+        let recovery = store
+            .start_recovery(volume.id, Uuid::from_u128(1), "test")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(recovery.segments.len(), 2);
+        assert_eq!(recovery.bytes_total(), 3 * MIB);
+        // The targets are allocated: nothing is left on devices 2 and 3.
+        let (_, pool) = store.pool_space().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            pool.free_bytes(Uuid::from_u128(2)) + pool.free_bytes(Uuid::from_u128(3)),
+            MIB
+        );
+        let again = store.start_recovery(volume.id, Uuid::from_u128(1), "test");
+        assert_eq!(again.map_err(|e| e.code).err(), Some(ErrorCode::Busy));
+        let grow = store.grow_volume(volume.id, 4 * MIB);
+        assert_eq!(grow.map_err(|e| e.code).err(), Some(ErrorCode::Busy));
+        store
+            .save_recovery_cursor(volume.id, MIB)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let saved = store.recovery(volume.id).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(saved.map(|r| r.cursor), Some(MIB));
+
+        let done = store
+            .finish_recovery(volume.id)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(done.epoch, volume.epoch + 1);
+        assert_eq!(done.extents.len(), 2);
+        let mut at = 0;
+        for (extent, segment) in done.extents.iter().zip(&recovery.segments) {
+            assert_eq!(extent.volume_offset, at);
+            assert_eq!(extent.replicas, vec![segment.target]);
+            at += extent.length;
+        }
+        assert_eq!(at, 3 * MIB);
+        assert!(store
+            .recoveries()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_empty());
+        let (_, pool) = store.pool_space().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pool.free_bytes(Uuid::from_u128(1)), 15 * MIB);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
