@@ -442,6 +442,15 @@ impl IoService {
         let service = self.clone();
         match header.op {
             Op::Read => {
+                let mut pieces = pieces;
+                // A reported-failed device is read only when no other replica can be.
+                if let Some(active) = self.state.gate(header.volume_id).recovery() {
+                    for piece in &mut pieces {
+                        piece
+                            .replicas
+                            .sort_by_key(|(uuid, _)| *uuid == active.failed_device);
+                    }
+                }
                 let mut buf = self
                     .buffer(header.length as usize)
                     .await

@@ -64,6 +64,26 @@ impl IoClient {
     }
 
     async fn call(&mut self, header: &RequestHeader, payload: &[u8]) -> i32 {
+        self.call_for_data(header, payload).await.0
+    }
+
+    /// Reads `length` bytes at `offset`; panics on an error status.
+    async fn read(&mut self, map: &VolumeMap, offset: u64, length: u32) -> Vec<u8> {
+        let header = RequestHeader {
+            op: Op::Read,
+            flags: 0,
+            handle: offset + 7,
+            volume_id: map.volume_id,
+            epoch: map.epoch,
+            offset,
+            length,
+        };
+        let (status, data) = self.call_for_data(&header, &[]).await;
+        assert_eq!(status, 0, "read at {offset}");
+        data
+    }
+
+    async fn call_for_data(&mut self, header: &RequestHeader, payload: &[u8]) -> (i32, Vec<u8>) {
         let mut raw = [0u8; REQUEST_HEADER_LEN];
         header.encode(&mut raw);
         self.stream
@@ -86,7 +106,7 @@ impl IoClient {
             .await
             .unwrap_or_else(|e| panic!("reply data: {e}"));
         assert_eq!(reply.handle, header.handle);
-        reply.status
+        (reply.status, data)
     }
 
     /// Writes `data` at `offset` in 1 MiB frames; panics on any error status.
@@ -321,7 +341,17 @@ async fn writes_during_the_copy_reach_the_new_device() {
         let mut io = IoClient::session(&server, &setup.attached).await;
         let map = setup.attached.map.clone();
         io.write(&map, 0, &data).await;
-        let failed = map.extents[0].replicas[0].device_uuid;
+        let failed = map.extents[0].replicas[0];
+        if layout == Layout::Mirror {
+            // Stale data on the reported device: server-path reads must not use it.
+            let wipe = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&setup.devices[&failed.device_uuid])
+                .unwrap_or_else(|e| panic!("{e}"));
+            wipe.write_all_at(&vec![0u8; size as usize], failed.device_offset)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let failed = failed.device_uuid;
         setup
             .agent
             .report_failure(map.volume_id, failed, "timeout")
@@ -348,6 +378,11 @@ async fn writes_during_the_copy_reach_the_new_device() {
             io.write(&map, offset, &fresh).await;
             data[offset as usize..(offset + length) as usize].copy_from_slice(&fresh);
         }
+        let read = io.read(&map, 6 * MIB, 4 * MIB as u32 / 4).await;
+        assert!(
+            read == data[6 * MIB as usize..7 * MIB as usize],
+            "{layout}: stale read"
+        );
         let new_map = wait_for_recovery(&mut setup.agent, map.epoch).await;
         assert!(!on_device(&new_map, failed));
         assert_data(&setup.devices, &new_map, &data);
