@@ -413,9 +413,18 @@ impl IoService {
         let length = u64::from(header.length);
         if header.op == Op::Flush {
             let service = self.clone();
-            // Writes also went to the targets of a running recovery: flush those too.
+            // Writes also went to the targets of a running recovery: flush those too. The
+            // failed device is left out where a surviving mirror holds the data (writes to it
+            // are best effort then), so its errors do not fail every flush until recovered.
             let mut extents = record.extents.clone();
             if let Some(active) = self.state.gate(header.volume_id).recovery() {
+                for extent in &mut extents {
+                    if extent.replicas.len() > 1 {
+                        extent
+                            .replicas
+                            .retain(|r| r.device_uuid != active.failed_device);
+                    }
+                }
                 extents.extend(active.segments.iter().map(|s| Extent {
                     volume_offset: s.volume_offset,
                     length: s.length,
