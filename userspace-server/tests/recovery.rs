@@ -357,6 +357,24 @@ async fn writes_during_the_copy_reach_the_new_device() {
             .report_failure(map.volume_id, failed, "timeout")
             .await
             .unwrap_or_else(|e| panic!("report: {e}"));
+        // Reporting again joins the running recovery; another device must wait for it.
+        let again = setup
+            .agent
+            .report_failure(map.volume_id, failed, "timeout again")
+            .await
+            .unwrap_or_else(|e| panic!("second report: {e}"));
+        assert_eq!(again.device_uuid, failed);
+        if layout == Layout::Mirror {
+            let survivor = map.extents[0].replicas[1].device_uuid;
+            let busy = setup
+                .agent
+                .report_failure(map.volume_id, survivor, "both?")
+                .await;
+            assert_eq!(
+                busy.err().and_then(|e| e.server_code()),
+                Some(ErrorCode::Busy)
+            );
+        }
         // Wait until part of the volume is copied, then overwrite a copied range, a range not
         // copied yet, and a range straddling 8 MiB.
         let deadline = Instant::now() + WAIT;
