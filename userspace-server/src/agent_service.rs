@@ -433,7 +433,7 @@ impl Session {
         // Bounded, so a client cannot make the record (and the logs) huge.
         let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
         info!(
-            "client {} reports device {device_uuid} failed for volume {volume_id}: {reason}",
+            "client {} reports device {device_uuid} failed for volume {volume_id}: {reason:?}",
             self.client
         );
         let status = recovery::report_failure(&self.state, volume_id, device_uuid, reason).await?;

@@ -210,7 +210,7 @@ pub async fn report_failure(
                 Err(error) => return Err(error),
             };
             info!(
-                "volume {volume_id}: device {device_uuid} reported failed ({reason}); moving {} bytes in {} segment(s)",
+                "volume {volume_id}: device {device_uuid} reported failed ({reason:?}); moving {} bytes in {} segment(s)",
                 record.bytes_total(),
                 record.segments.len()
             );
