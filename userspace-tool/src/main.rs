@@ -10,6 +10,7 @@ mod kernel_link;
 mod map_encoding;
 mod output;
 mod pool;
+mod recovery_cmd;
 mod volume;
 
 use std::path::PathBuf;
@@ -53,6 +54,9 @@ enum Command {
     /// Clients: secrets and grants.
     #[command(subcommand)]
     Client(client_cmd::ClientCommand),
+    /// Recoveries: volumes being moved off failed devices, with progress.
+    #[command(subcommand)]
+    Recovery(recovery_cmd::RecoveryCommand),
     /// Client agent: attach a volume on this host and keep it up to date (runs until detached).
     #[command(
         after_help = "Example:\n  sanctl attach db1 --server san1:7700 --client host1 --secret-file /etc/sanblk/host1.secret &\n\nPrints the block device (/dev/sanblkN) once attached; `sanctl detach db1` stops it."
@@ -70,6 +74,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Pool(command) => pool::run(command, &mut context).await,
         Command::Volume(command) => volume::run(command, &mut context).await,
         Command::Client(command) => client_cmd::run(command, &mut context).await,
+        Command::Recovery(command) => recovery_cmd::run(command, &mut context).await,
         Command::Attach(args) => agent::attach(args).await,
         Command::Detach(args) => agent::detach(args).await,
         Command::Status => agent::status(&context),
