@@ -91,10 +91,12 @@ fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
         probe = target_bin("sanblk-nlprobe").display(),
     );
     // Same job order on every target, interleaved per job so drift affects all alike; the
-    // whole round is repeated and the median reported.
+    // whole round is repeated and the median reported. Each round starts at another target,
+    // so none always runs first or last.
     for round in 0..rounds {
         for job in &JOBS {
-            for (target, device) in TARGETS {
+            for k in 0..TARGETS.len() {
+                let (target, device) = TARGETS[(k + round as usize) % TARGETS.len()];
                 let size = if target == "raw" {
                     format!("--size={TARGET_MIB}M")
                 } else {
