@@ -161,16 +161,27 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
             }
         }
     } else {
-        let preferred = ((offset >> READ_BALANCE_SHIFT) as usize) % count.max(1);
-        let chosen = (0..count)
-            .map(|i| &targets[(preferred + i) % count])
+        let preferred = ((offset >> READ_BALANCE_SHIFT) as usize) % targets.len().max(1);
+        // Healthy replicas first, starting at the preferred one; without any, the preferred.
+        let chosen = targets
+            .iter()
+            .cycle()
+            .skip(preferred)
+            .take(targets.len())
             .find(|t| device_healthy(volume, slot_of(&map.slots, t.device)))
-            .unwrap_or(&targets[preferred]);
-        let slot = slot_of(&map.slots, chosen.device);
-        if redirect && !device_healthy(volume, slot) {
-            to_server(volume, bio, &info);
-        } else {
-            clone_to(volume, bio, slot, chosen.offset >> 9, false, &info);
+            .or_else(|| targets.get(preferred));
+        match chosen {
+            Some(target) => {
+                let slot = slot_of(&map.slots, target.device);
+                if redirect && !device_healthy(volume, slot) {
+                    to_server(volume, bio, &info);
+                } else {
+                    clone_to(volume, bio, slot, target.offset >> 9, false, &info);
+                }
+            }
+            // SAFETY: `bio` is live; an empty target list means a map without members,
+            // which validation rejects, so this only guards against the impossible.
+            None => unsafe { (*bio).bi_status = BLK_STS_IOERR },
         }
     }
     // SAFETY: drops the submission reference; the bio completes when its clones do.

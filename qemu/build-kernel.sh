@@ -1,18 +1,37 @@
 #!/bin/bash
-# Build the sanblk guest kernel (Rust-enabled 6.12, debug flavour) from Debian's
-# linux-source-6.12, cached outside the work tree so fresh clones reuse it.
+# Build the sanblk guest kernel (Rust-enabled 6.12) from Debian's linux-source-6.12, cached
+# outside the work tree so fresh clones reuse it.
+#   build-kernel.sh [debug]   the test kernel: kernel.config (KASAN, lockdep, ...)
+#   build-kernel.sh bench     kernel.config without its debug section + kernel-bench.config
 # The cache key covers the source package version, the config fragment and RECIPE; bump
 # RECIPE whenever a change to this script changes what gets built.
 # Prints the kernel build directory (usable as KDIR) on its last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 tarball=/usr/src/linux-source-6.12.tar.xz
-fragment="$here/kernel.config"
+flavour=${1:-debug}
 [ -f "$tarball" ] || { echo "missing $tarball: run 'make deps'" >&2; exit 1; }
 
 RECIPE=1
 pkg_version=$(dpkg-query -W -f='${Version}' linux-source-6.12)
-key=$( { echo "$pkg_version"; echo "recipe $RECIPE"; cat "$fragment"; } | sha256sum | cut -c1-16)
+fragment=$(mktemp)
+trap 'rm -f "$fragment"' EXIT
+case "$flavour" in
+    debug)
+        cp "$here/kernel.config" "$fragment"
+        key_extra=""
+        ;;
+    bench)
+        { sed '/^# Debug flavour/,$d' "$here/kernel.config"; cat "$here/kernel-bench.config"; } > "$fragment"
+        key_extra="flavour bench"
+        ;;
+    *)
+        echo "usage: $0 [debug|bench]" >&2
+        exit 2
+        ;;
+esac
+# The debug key is computed exactly as before flavours existed, so its cache stays valid.
+key=$( { echo "$pkg_version"; echo "recipe $RECIPE"; [ -z "$key_extra" ] || echo "$key_extra"; cat "$fragment"; } | sha256sum | cut -c1-16)
 cache_root=${SANBLK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sanblk}
 dir="$cache_root/kernel-$key"
 tree="$dir/linux-source-6.12"

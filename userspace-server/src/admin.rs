@@ -152,6 +152,7 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> StoreResult<
                 attachment_count,
                 acked_current_epoch,
                 attachments,
+                recovery: state.recovery_status(record.id),
             };
             to_json(&detail)
         }
@@ -200,6 +201,7 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> StoreResult<
             to_json(&serde_json::json!({ "removed": name }))
         }
         AdminRequest::ClientList => to_json(&client_infos(state).await?),
+        AdminRequest::RecoveryList => to_json(&state.recovery_statuses()),
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use log::{debug, info, warn};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::auth;
@@ -19,12 +19,16 @@ use crate::protocol::{
     write_frame, AgentReply, AgentRequest, ErrorBody, ErrorCode, FrameError, FrameReader,
     GrantedVolume,
 };
+use crate::recovery;
 use crate::state::{blocking, ConnectionId, PublishedMap, ServerState};
 use crate::store::StoreResult;
 use tokio::io::AsyncWriteExt;
 
 /// Pushed maps waiting to be written to one connection.
 const PUSH_QUEUE_DEPTH: usize = 16;
+
+/// Longest failure reason kept from a report.
+const MAX_REASON_CHARS: usize = 512;
 
 const AUTH_FAILED: &str = "authentication failed";
 
@@ -71,6 +75,7 @@ pub async fn serve_agent_connection(
     drop(handshake_slot);
     debug!("{peer}: client {client} authenticated");
     let (connection, kick) = state.register_connection(&client);
+    let mut recovery_events = state.subscribe_recovery_events();
     let mut session = Session {
         connection,
         client,
@@ -100,6 +105,21 @@ pub async fn serve_agent_connection(
                 }
                 if let Err(error) = send_bytes_within(&mut writer, write_limit, &published.update_frame).await {
                     debug!("{peer}: cannot push map: {error}");
+                    break;
+                }
+            }
+            event = recovery_events.recv() => {
+                let status = match event {
+                    Ok(status) => status,
+                    // A newer status follows; the skipped ones are superseded.
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if state.attachment_mode(session.connection, status.volume_id).is_none() {
+                    continue;
+                }
+                if let Err(error) = send_within(&mut writer, write_limit, &AgentReply::RecoveryStatus(status)).await {
+                    debug!("{peer}: cannot push recovery status: {error}");
                     break;
                 }
             }
@@ -284,6 +304,11 @@ impl Session {
                 volume_id,
                 new_size_bytes,
             } => self.grow(volume_id, new_size_bytes).await,
+            AgentRequest::ReportFailure {
+                volume_id,
+                device_uuid,
+                reason,
+            } => self.report_failure(volume_id, device_uuid, reason).await,
         };
         Some(outcome.unwrap_or_else(AgentReply::Error))
     }
@@ -388,6 +413,32 @@ impl Session {
         let map = record.map(self.state.config.lease_ms);
         self.learns(&map);
         Ok(AgentReply::Grown { map })
+    }
+
+    async fn report_failure(
+        &mut self,
+        volume_id: u64,
+        device_uuid: uuid::Uuid,
+        reason: String,
+    ) -> StoreResult<AgentReply> {
+        if self
+            .state
+            .attachment_mode(self.connection, volume_id)
+            .is_none()
+        {
+            return Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                "not attached to that volume",
+            ));
+        }
+        // Bounded, so a client cannot make the record (and the logs) huge.
+        let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
+        info!(
+            "client {} reports device {device_uuid} failed for volume {volume_id}: {reason:?}",
+            self.client
+        );
+        let status = recovery::report_failure(&self.state, volume_id, device_uuid, reason).await?;
+        Ok(AgentReply::FailureReported { status })
     }
 
     fn close(&mut self) {

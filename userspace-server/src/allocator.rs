@@ -220,6 +220,56 @@ impl PoolSpace {
         result
     }
 
+    /// Allocates `length` bytes for a replacement replica on devices not in `excluded` (the
+    /// failed device and the devices of the extent's other replicas, so mirror copies stay on
+    /// distinct devices). Largest free device first; may return several (device, offset,
+    /// length) pieces. On error nothing is allocated.
+    pub fn allocate_replacement(
+        &mut self,
+        length: u64,
+        excluded: &[Uuid],
+    ) -> Result<Vec<(Uuid, u64, u64)>, AllocError> {
+        if length == 0 || !length.is_multiple_of(BLOCK_SIZE) {
+            return Err(AllocError::BadSize(format!(
+                "sizes must be non-zero multiples of the {BLOCK_SIZE}-byte block size"
+            )));
+        }
+        let candidates: Vec<usize> = self
+            .by_free_space()
+            .into_iter()
+            .filter(|i| !excluded.contains(&self.devices[*i].uuid))
+            .collect();
+        let available: u64 = candidates.iter().map(|i| self.devices[*i].total).sum();
+        if candidates.is_empty() {
+            return Err(AllocError::NotEnoughDevices {
+                layout: "replacement".into(),
+                needed: 1,
+                available: 0,
+            });
+        }
+        if length > available {
+            return Err(AllocError::NoSpace {
+                requested: length,
+                available,
+                layout: "replacement".into(),
+            });
+        }
+        let mut pieces = Vec::new();
+        let mut remaining = length;
+        for index in candidates {
+            if remaining == 0 {
+                break;
+            }
+            let device = &mut self.devices[index];
+            let wanted = remaining.min(device.total);
+            for (device_offset, piece) in device.take(wanted) {
+                pieces.push((device.uuid, device_offset, piece));
+                remaining -= piece;
+            }
+        }
+        Ok(pieces)
+    }
+
     fn allocate_linear(
         &mut self,
         volume_offset: u64,
@@ -451,6 +501,27 @@ mod tests {
     use proptest::prelude::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn replacements_avoid_excluded_devices() {
+        let devices = devices_from(&[256, 256, 64]);
+        let mut pool =
+            PoolSpace::new(&devices, std::iter::empty()).unwrap_or_else(|e| panic!("{e}"));
+        let excluded = [devices[0].uuid, devices[1].uuid];
+        let pieces = pool
+            .allocate_replacement(32 * BLOCK_SIZE, &excluded)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pieces, vec![(devices[2].uuid, MIB, 32 * BLOCK_SIZE)]);
+        assert_eq!(pool.free_bytes(devices[2].uuid), 32 * BLOCK_SIZE);
+        let too_big = pool.allocate_replacement(64 * BLOCK_SIZE, &excluded);
+        assert!(matches!(too_big, Err(AllocError::NoSpace { .. })));
+        assert_eq!(pool.free_bytes(devices[2].uuid), 32 * BLOCK_SIZE);
+        let all = [devices[0].uuid, devices[1].uuid, devices[2].uuid];
+        assert!(matches!(
+            pool.allocate_replacement(BLOCK_SIZE, &all),
+            Err(AllocError::NotEnoughDevices { .. })
+        ));
+    }
 
     fn devices_from(blocks: &[u64]) -> Vec<DeviceSpace> {
         blocks

@@ -12,7 +12,7 @@ use crate::auth;
 use crate::map::{AccessMode, VolumeMap};
 use crate::protocol::{
     write_frame, AdminReply, AdminRequest, AgentReply, AgentRequest, ErrorBody, ErrorCode,
-    FrameError, FrameReader, GrantedVolume,
+    FrameError, FrameReader, GrantedVolume, RecoveryStatus,
 };
 
 /// Default time to wait for a reply.
@@ -107,14 +107,23 @@ pub struct Attachment {
     pub io_address: Option<String>,
 }
 
+/// An unsolicited frame from the server.
+#[derive(Debug, Clone)]
+pub enum Push {
+    /// A new map; install it, then [`AgentClient::ack`] its epoch.
+    MapUpdate(VolumeMap),
+    /// Progress of a recovery of an attached volume.
+    RecoveryStatus(RecoveryStatus),
+}
+
 /// An authenticated agent connection.
 ///
-/// Requests are answered in order; `map_update` frames that arrive while waiting for an answer
-/// are queued and returned by [`AgentClient::next_map_update`].
+/// Requests are answered in order; pushes that arrive while waiting for an answer are queued
+/// and returned by [`AgentClient::next_push`] (or, maps only, [`AgentClient::next_map_update`]).
 pub struct AgentClient {
     reader: FrameReader<tcp::OwnedReadHalf>,
     writer: tcp::OwnedWriteHalf,
-    queued_updates: VecDeque<VolumeMap>,
+    queued_pushes: VecDeque<Push>,
 }
 
 /// Reads a client secret file (hex, as printed by `sanctl client add`).
@@ -148,7 +157,7 @@ impl AgentClient {
         let mut agent = AgentClient {
             reader: FrameReader::new(read_half),
             writer,
-            queued_updates: VecDeque::new(),
+            queued_pushes: VecDeque::new(),
         };
         let client_nonce = auth::new_nonce();
         agent
@@ -200,7 +209,8 @@ impl AgentClient {
                 .await
                 .map_err(|_| ClientError::Timeout(REPLY_TIMEOUT))??;
             match frame {
-                AgentReply::MapUpdate { map } => self.queued_updates.push_back(map),
+                AgentReply::MapUpdate { map } => self.queue(Push::MapUpdate(map)),
+                AgentReply::RecoveryStatus(status) => self.queue(Push::RecoveryStatus(status)),
                 AgentReply::Error(body) => return Err(ClientError::Server(body)),
                 other => return Ok(other),
             }
@@ -278,16 +288,72 @@ impl AgentClient {
         self.send(&AgentRequest::Ack { volume_id, epoch }).await
     }
 
-    /// Waits for the next pushed map (queued ones first). Cancellation safe. The caller
-    /// should install the map and then [`AgentClient::ack`] its epoch.
-    pub async fn next_map_update(&mut self) -> Result<VolumeMap, ClientError> {
-        if let Some(map) = self.queued_updates.pop_front() {
-            return Ok(map);
+    /// Reports that this host's path to `device_uuid` failed for an attached volume; the
+    /// server starts (or already runs) a recovery and answers with its status. Progress then
+    /// arrives as [`Push::RecoveryStatus`].
+    pub async fn report_failure(
+        &mut self,
+        volume_id: u64,
+        device_uuid: uuid::Uuid,
+        reason: &str,
+    ) -> Result<RecoveryStatus, ClientError> {
+        self.send(&AgentRequest::ReportFailure {
+            volume_id,
+            device_uuid,
+            reason: reason.to_string(),
+        })
+        .await?;
+        match self.receive_reply().await? {
+            AgentReply::FailureReported { status } => Ok(status),
+            other => Err(unexpected(&other)),
         }
+    }
+
+    /// Waits for the next push of any kind (queued ones first). Cancellation safe.
+    pub async fn next_push(&mut self) -> Result<Push, ClientError> {
+        if let Some(push) = self.queued_pushes.pop_front() {
+            return Ok(push);
+        }
+        self.read_push().await
+    }
+
+    /// Queues a push. Only the newest status per volume is kept, so an agent that reads maps
+    /// only (`next_map_update`) does not pile up statuses.
+    fn queue(&mut self, push: Push) {
+        if let Push::RecoveryStatus(status) = &push {
+            let volume_id = status.volume_id;
+            self.queued_pushes.retain(
+                |queued| !matches!(queued, Push::RecoveryStatus(old) if old.volume_id == volume_id),
+            );
+        }
+        self.queued_pushes.push_back(push);
+    }
+
+    async fn read_push(&mut self) -> Result<Push, ClientError> {
         match self.reader.read::<AgentReply>().await? {
-            AgentReply::MapUpdate { map } => Ok(map),
+            AgentReply::MapUpdate { map } => Ok(Push::MapUpdate(map)),
+            AgentReply::RecoveryStatus(status) => Ok(Push::RecoveryStatus(status)),
             AgentReply::Error(body) => Err(ClientError::Server(body)),
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Waits for the next pushed map (queued ones first). Cancellation safe. The caller
+    /// should install the map and then [`AgentClient::ack`] its epoch. Recovery statuses
+    /// arriving meanwhile stay queued for [`AgentClient::next_push`].
+    pub async fn next_map_update(&mut self) -> Result<VolumeMap, ClientError> {
+        let queued = self
+            .queued_pushes
+            .iter()
+            .position(|p| matches!(p, Push::MapUpdate(_)));
+        if let Some(Push::MapUpdate(map)) = queued.and_then(|i| self.queued_pushes.remove(i)) {
+            return Ok(map);
+        }
+        loop {
+            match self.read_push().await? {
+                Push::MapUpdate(map) => return Ok(map),
+                status => self.queue(status),
+            }
         }
     }
 }

@@ -44,7 +44,8 @@ pub use device::{
     plan, AlignedBuf, BufferPool, DeviceFile, DeviceTable, Piece, PooledBuf, DIRECT_ALIGN,
 };
 
-use crate::map::AccessMode;
+use crate::map::{AccessMode, Extent};
+use crate::recovery;
 use crate::state::{ServerState, SessionInfo};
 use crate::store::VolumeRecord;
 
@@ -412,7 +413,25 @@ impl IoService {
         let length = u64::from(header.length);
         if header.op == Op::Flush {
             let service = self.clone();
-            return tokio::task::spawn_blocking(move || service.devices.flush(&record.extents))
+            // Writes also went to the targets of a running recovery: flush those too. The
+            // failed device is left out where a surviving mirror holds the data (writes to it
+            // are best effort then), so its errors do not fail every flush until recovered.
+            let mut extents = record.extents.clone();
+            if let Some(active) = self.state.gate(header.volume_id).recovery() {
+                for extent in &mut extents {
+                    if extent.replicas.len() > 1 {
+                        extent
+                            .replicas
+                            .retain(|r| r.device_uuid != active.failed_device);
+                    }
+                }
+                extents.extend(active.segments.iter().map(|s| Extent {
+                    volume_offset: s.volume_offset,
+                    length: s.length,
+                    replicas: vec![s.target],
+                }));
+            }
+            return tokio::task::spawn_blocking(move || service.devices.flush(&extents))
                 .await
                 .map_err(|_| errno(libc::EIO))?
                 .map(|()| None)
@@ -432,6 +451,15 @@ impl IoService {
         let service = self.clone();
         match header.op {
             Op::Read => {
+                let mut pieces = pieces;
+                // A reported-failed device is read only when no other replica can be.
+                if let Some(active) = self.state.gate(header.volume_id).recovery() {
+                    for piece in &mut pieces {
+                        piece
+                            .replicas
+                            .sort_by_key(|(uuid, _)| *uuid == active.failed_device);
+                    }
+                }
                 let mut buf = self
                     .buffer(header.length as usize)
                     .await
@@ -447,11 +475,30 @@ impl IoService {
             Op::Write => {
                 let buf = payload.ok_or(errno(libc::EINVAL))?;
                 let fua = header.flags & FLAG_FUA != 0;
-                tokio::task::spawn_blocking(move || service.devices.write(&pieces, &buf, fua))
-                    .await
-                    .map_err(|_| errno(libc::EIO))?
-                    .map(|()| None)
-                    .map_err(|e| io_error("write", e))
+                // Recovery consistency rule: see the `recovery` module doc.
+                let gate = self.state.gate(header.volume_id);
+                let _shared = gate.lock.read().await;
+                if header.epoch < gate.min_epoch() {
+                    return Err(errno(libc::ESTALE));
+                }
+                let (required, best_effort) = match gate.recovery() {
+                    Some(active) => recovery::write_plan(pieces, header.offset, &active),
+                    None => (pieces, Vec::new()),
+                };
+                let volume_id = header.volume_id;
+                tokio::task::spawn_blocking(move || {
+                    service.devices.write(&required, &buf, fua)?;
+                    if !best_effort.is_empty() {
+                        if let Err(error) = service.devices.write(&best_effort, &buf, fua) {
+                            debug!("volume {volume_id}: write to the failed device: {error}");
+                        }
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|_| errno(libc::EIO))?
+                .map(|()| None)
+                .map_err(|e| io_error("write", e))
             }
             Op::Hello | Op::Flush => Err(errno(libc::EINVAL)),
         }

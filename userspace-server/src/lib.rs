@@ -12,6 +12,7 @@ pub mod io_service;
 pub mod label;
 pub mod map;
 pub mod protocol;
+pub mod recovery;
 pub mod server;
 pub mod state;
 pub mod store;

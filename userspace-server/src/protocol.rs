@@ -231,6 +231,14 @@ pub enum AgentRequest {
         volume_id: u64,
         new_size_bytes: u64,
     },
+    /// The client's direct path to `device_uuid` failed for an attached volume: the server
+    /// moves that volume's data off the device (answer: `failure_reported`; progress then
+    /// arrives as `recovery_status` pushes).
+    ReportFailure {
+        volume_id: u64,
+        device_uuid: uuid::Uuid,
+        reason: String,
+    },
 }
 
 /// A volume the authenticated client may attach.
@@ -275,6 +283,12 @@ pub enum AgentReply {
     MapUpdate {
         map: VolumeMap,
     },
+    /// Answer to `report_failure`: the recovery it started (or the one already running).
+    FailureReported {
+        status: RecoveryStatus,
+    },
+    /// Unsolicited: progress of a recovery of an attached volume (no ack).
+    RecoveryStatus(RecoveryStatus),
     Error(ErrorBody),
 }
 
@@ -322,6 +336,8 @@ pub enum AdminRequest {
         name: String,
     },
     ClientList,
+    /// Every known recovery (running, failed, or finished since the server started).
+    RecoveryList,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -368,6 +384,9 @@ pub struct VolumeDetail {
     pub acked_current_epoch: usize,
     /// The first `MAX_LISTED_ATTACHMENTS` attachments by client name.
     pub attachments: Vec<AttachmentInfo>,
+    /// Recovery of this volume, if one is running or happened since the server started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -389,4 +408,46 @@ pub struct ClientInfo {
 pub struct ClientCreated {
     pub name: String,
     pub secret: String,
+}
+
+/// Phase of a recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecoveryState {
+    /// Space allocated and recorded; copying has not started.
+    Queued,
+    Copying,
+    /// The new map without the failed device is published.
+    Done,
+    /// Copying stopped on an error; the record is kept and resumed at the next server start
+    /// or failure report.
+    Failed,
+}
+
+impl std::fmt::Display for RecoveryState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecoveryState::Queued => "queued",
+            RecoveryState::Copying => "copying",
+            RecoveryState::Done => "done",
+            RecoveryState::Failed => "failed",
+        })
+    }
+}
+
+/// Progress of moving one volume's data off a failed device (pushed to agents as
+/// `recovery_status`, listed by `recovery_list` and `volume show`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryStatus {
+    pub volume_id: u64,
+    pub volume_name: String,
+    pub device_uuid: uuid::Uuid,
+    pub state: RecoveryState,
+    /// 0.0 to 100.0.
+    pub percent: f64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Estimated seconds left at the rate seen since the copy (re)started; `None` until known.
+    pub eta_seconds: Option<u64>,
+    pub message: String,
 }

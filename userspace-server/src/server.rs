@@ -88,6 +88,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         io.serve(io_listener, io_shutdown).await;
         drop(io_alive);
     });
+    // After the I/O service is up: resumed jobs register with the volumes' write gates.
+    if let Err(error) = crate::recovery::resume_all(&state).await {
+        error!("cannot resume recoveries: {error}");
+    }
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,

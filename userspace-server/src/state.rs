@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{broadcast, watch, Notify, Semaphore};
 
 use crate::config::Config;
 use crate::map::{AccessMode, VolumeMap};
-use crate::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode};
+use crate::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode, RecoveryStatus};
+use crate::recovery::VolumeGate;
 use crate::store::{Store, StoreResult, VolumeRecord};
 
 pub type ConnectionId = u64;
@@ -76,7 +77,16 @@ pub struct ServerState {
     pub pool_changes: Mutex<()>,
     live: Mutex<Live>,
     next_connection_id: AtomicU64,
+    /// Per-volume write gate (see `recovery`), created on first use.
+    gates: Mutex<HashMap<u64, Arc<VolumeGate>>>,
+    /// Latest status of every recovery since the server started, by volume id.
+    recovery_statuses: Mutex<HashMap<u64, RecoveryStatus>>,
+    /// Every status change, for the agent connections attached to the volume.
+    recovery_events: broadcast::Sender<RecoveryStatus>,
 }
+
+/// Status changes buffered per agent connection; a slower one skips to newer ones.
+const RECOVERY_EVENT_BACKLOG: usize = 256;
 
 /// What a successful attach hands the connection.
 pub struct AttachGrant {
@@ -93,6 +103,9 @@ impl ServerState {
             pool_changes: Mutex::new(()),
             live: Mutex::new(Live::default()),
             next_connection_id: AtomicU64::new(1),
+            gates: Mutex::new(HashMap::new()),
+            recovery_statuses: Mutex::new(HashMap::new()),
+            recovery_events: broadcast::channel(RECOVERY_EVENT_BACKLOG).0,
         })
     }
 
@@ -102,6 +115,50 @@ impl ServerState {
         self.live
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The write gate of a volume.
+    pub fn gate(&self, volume_id: u64) -> Arc<VolumeGate> {
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(volume_id)
+            .or_default()
+            .clone()
+    }
+
+    /// Records a recovery's status and sends it to the agents attached to its volume.
+    pub fn set_recovery_status(&self, status: RecoveryStatus) {
+        self.recovery_statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(status.volume_id, status.clone());
+        // No receiver (no agent connected) is fine.
+        let _ = self.recovery_events.send(status);
+    }
+
+    pub fn recovery_status(&self, volume_id: u64) -> Option<RecoveryStatus> {
+        self.recovery_statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&volume_id)
+            .cloned()
+    }
+
+    pub fn recovery_statuses(&self) -> Vec<RecoveryStatus> {
+        let mut statuses: Vec<RecoveryStatus> = self
+            .recovery_statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        statuses.sort_by_key(|s| s.volume_id);
+        statuses
+    }
+
+    pub fn subscribe_recovery_events(&self) -> broadcast::Receiver<RecoveryStatus> {
+        self.recovery_events.subscribe()
     }
 
     /// Registers an authenticated connection; the Notify fires when it must be disconnected.

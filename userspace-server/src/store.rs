@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::allocator::{merge_adjacent, AllocError, DeviceSpace, PoolSpace};
-use crate::map::{AccessMode, Extent, Layout, VolumeMap, BLOCK_SIZE};
+use crate::map::{AccessMode, Extent, Layout, Replica, VolumeMap, BLOCK_SIZE};
 use crate::protocol::{ErrorBody, ErrorCode};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -23,6 +23,8 @@ const DEVICES: TableDefinition<u128, &[u8]> = TableDefinition::new("devices");
 const VOLUMES: TableDefinition<u64, &[u8]> = TableDefinition::new("volumes");
 const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("clients");
 const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
+/// Volume id -> unfinished `RecoveryRecord` (at most one per volume).
+const RECOVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("recoveries");
 
 const POOL_UUID_KEY: &str = "pool_uuid";
 const NEXT_VOLUME_ID_KEY: &str = "next_volume_id";
@@ -67,6 +69,50 @@ impl VolumeRecord {
             extents: self.extents.clone(),
             lease_ms,
         }
+    }
+}
+
+/// One piece of a volume being moved off a failed device: `[volume_offset, +length)` whose
+/// replica `failed` is copied from `source` to the newly allocated `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverySegment {
+    pub volume_offset: u64,
+    pub length: u64,
+    pub failed: Replica,
+    /// The surviving mirror replica, or `failed` itself (linear/striped: read through the
+    /// server's own path to the failing device).
+    pub source: Replica,
+    pub target: Replica,
+}
+
+/// A recovery in progress, persisted so a restarted server resumes it. The targets count as
+/// allocated space from the moment the record is committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryRecord {
+    pub volume_id: u64,
+    pub failed_device: Uuid,
+    pub reason: String,
+    /// In volume order.
+    pub segments: Vec<RecoverySegment>,
+    /// Bytes of the segments (taken in order) already copied and synced to their targets.
+    pub cursor: u64,
+}
+
+impl RecoveryRecord {
+    pub fn bytes_total(&self) -> u64 {
+        self.segments.iter().map(|s| s.length).sum()
+    }
+
+    /// The targets as extents, so free-space accounting sees them as used.
+    fn target_extents(&self) -> Vec<Extent> {
+        self.segments
+            .iter()
+            .map(|s| Extent {
+                volume_offset: s.volume_offset,
+                length: s.length,
+                replicas: vec![s.target],
+            })
+            .collect()
     }
 }
 
@@ -133,6 +179,7 @@ impl Store {
             txn.open_table(DEVICES).map_err(internal)?;
             txn.open_table(VOLUMES).map_err(internal)?;
             txn.open_table(CLIENTS).map_err(internal)?;
+            txn.open_table(RECOVERIES).map_err(internal)?;
             let existing = meta
                 .get(POOL_UUID_KEY)
                 .map_err(internal)?
@@ -231,11 +278,16 @@ impl Store {
 
     /// Current free space of the pool, derived from all volumes.
     pub fn pool_space(&self) -> StoreResult<(Vec<DeviceRecord>, PoolSpace)> {
-        let devices = self.devices()?;
-        let volumes = self.volumes()?;
-        let spaces: Vec<DeviceSpace> = devices.iter().map(DeviceRecord::space).collect();
-        let pool = PoolSpace::new(&spaces, volumes.iter().map(|v| v.extents.as_slice()))
-            .map_err(alloc_error)?;
+        let txn = self.metadata.begin_read().map_err(internal)?;
+        let device_table = txn.open_table(DEVICES).map_err(internal)?;
+        let volumes = read_volumes(&txn.open_table(VOLUMES).map_err(internal)?)?;
+        let recoveries = read_recoveries(&txn.open_table(RECOVERIES).map_err(internal)?)?;
+        let pool = pool_space_in(&device_table, &volumes, &recoveries)?;
+        let mut devices = Vec::new();
+        for entry in device_table.iter().map_err(internal)? {
+            let (_, value) = entry.map_err(internal)?;
+            devices.push(decode(value.value())?);
+        }
         Ok((devices, pool))
     }
 
@@ -259,7 +311,8 @@ impl Store {
                     format!("volume {name:?} already exists"),
                 ));
             }
-            let mut pool = pool_space_in(&devices, &existing)?;
+            let recoveries = read_recoveries(&txn.open_table(RECOVERIES).map_err(internal)?)?;
+            let mut pool = pool_space_in(&devices, &existing, &recoveries)?;
             let extents = pool.allocate(layout, 0, size_bytes).map_err(alloc_error)?;
             let id = match meta.get(NEXT_VOLUME_ID_KEY).map_err(internal)? {
                 Some(bytes) => bytes
@@ -312,7 +365,13 @@ impl Store {
                     ),
                 ));
             }
-            let mut pool = pool_space_in(&devices, &existing)?;
+            let recoveries = read_recoveries(&txn.open_table(RECOVERIES).map_err(internal)?)?;
+            // The recovery's segments are fixed when it starts; a grow meanwhile could land
+            // on the failed device and would not be moved.
+            if recoveries.iter().any(|r| r.volume_id == id) {
+                return Err(recovery_busy(id));
+            }
+            let mut pool = pool_space_in(&devices, &existing, &recoveries)?;
             let added = pool
                 .allocate(
                     record.layout,
@@ -339,6 +398,10 @@ impl Store {
     pub fn delete_volume(&self, id: u64) -> StoreResult<VolumeRecord> {
         let txn = self.metadata.begin_write().map_err(internal)?;
         let record = {
+            let recoveries = txn.open_table(RECOVERIES).map_err(internal)?;
+            if recoveries.get(id).map_err(internal)?.is_some() {
+                return Err(recovery_busy(id));
+            }
             let mut volumes = txn.open_table(VOLUMES).map_err(internal)?;
             let removed = volumes
                 .remove(id)
@@ -367,6 +430,194 @@ impl Store {
                     .insert(client.name.as_str(), encode(&client)?.as_slice())
                     .map_err(internal)?;
             }
+            record
+        };
+        txn.commit().map_err(internal)?;
+        Ok(record)
+    }
+
+    // ----- recoveries --------------------------------------------------------------------
+
+    /// Starts moving volume `volume_id` off `failed_device`: allocates a replacement for every
+    /// replica on it (on a device holding no other replica of that extent) and records the
+    /// recovery, in one transaction. Nothing changes on error.
+    pub fn start_recovery(
+        &self,
+        volume_id: u64,
+        failed_device: Uuid,
+        reason: &str,
+    ) -> StoreResult<RecoveryRecord> {
+        let txn = self.metadata.begin_write().map_err(internal)?;
+        let record = {
+            let devices = txn.open_table(DEVICES).map_err(internal)?;
+            if devices
+                .get(failed_device.as_u128())
+                .map_err(internal)?
+                .is_none()
+            {
+                return Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("device {failed_device} is not in the pool"),
+                ));
+            }
+            let volumes = read_volumes(&txn.open_table(VOLUMES).map_err(internal)?)?;
+            let volume = volumes.iter().find(|v| v.id == volume_id).ok_or_else(|| {
+                ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("no volume with id {volume_id}"),
+                )
+            })?;
+            let mut recoveries_table = txn.open_table(RECOVERIES).map_err(internal)?;
+            let recoveries = read_recoveries(&recoveries_table)?;
+            if recoveries.iter().any(|r| r.volume_id == volume_id) {
+                return Err(recovery_busy(volume_id));
+            }
+            let mut pool = pool_space_in(&devices, &volumes, &recoveries)?;
+            let mut segments = Vec::new();
+            for extent in &volume.extents {
+                let Some(failed) = extent
+                    .replicas
+                    .iter()
+                    .find(|r| r.device_uuid == failed_device)
+                    .copied()
+                else {
+                    continue;
+                };
+                let source = extent
+                    .replicas
+                    .iter()
+                    .find(|r| r.device_uuid != failed_device)
+                    .copied()
+                    .unwrap_or(failed);
+                let excluded: Vec<Uuid> = extent.replicas.iter().map(|r| r.device_uuid).collect();
+                let pieces = pool
+                    .allocate_replacement(extent.length, &excluded)
+                    .map_err(alloc_error)?;
+                let mut inside = 0;
+                for (device_uuid, device_offset, length) in pieces {
+                    let shift = |replica: Replica| Replica {
+                        device_uuid: replica.device_uuid,
+                        device_offset: replica.device_offset + inside,
+                    };
+                    segments.push(RecoverySegment {
+                        volume_offset: extent.volume_offset + inside,
+                        length,
+                        failed: shift(failed),
+                        source: shift(source),
+                        target: Replica {
+                            device_uuid,
+                            device_offset,
+                        },
+                    });
+                    inside += length;
+                }
+            }
+            if segments.is_empty() {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "volume {} has no data on device {failed_device}",
+                        volume.name
+                    ),
+                ));
+            }
+            let record = RecoveryRecord {
+                volume_id,
+                failed_device,
+                reason: reason.to_string(),
+                segments,
+                cursor: 0,
+            };
+            recoveries_table
+                .insert(volume_id, encode(&record)?.as_slice())
+                .map_err(internal)?;
+            record
+        };
+        txn.commit().map_err(internal)?;
+        Ok(record)
+    }
+
+    pub fn recoveries(&self) -> StoreResult<Vec<RecoveryRecord>> {
+        let txn = self.metadata.begin_read().map_err(internal)?;
+        read_recoveries(&txn.open_table(RECOVERIES).map_err(internal)?)
+    }
+
+    pub fn recovery(&self, volume_id: u64) -> StoreResult<Option<RecoveryRecord>> {
+        let txn = self.metadata.begin_read().map_err(internal)?;
+        let table = txn.open_table(RECOVERIES).map_err(internal)?;
+        let value = table.get(volume_id).map_err(internal)?;
+        value.map(|v| decode(v.value())).transpose()
+    }
+
+    /// Records how far the copy got (the bytes below `cursor` are synced on their targets).
+    pub fn save_recovery_cursor(&self, volume_id: u64, cursor: u64) -> StoreResult<()> {
+        let txn = self.metadata.begin_write().map_err(internal)?;
+        {
+            let mut table = txn.open_table(RECOVERIES).map_err(internal)?;
+            let current = table
+                .get(volume_id)
+                .map_err(internal)?
+                .map(|v| v.value().to_vec());
+            let Some(bytes) = current else {
+                return Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("no recovery of volume {volume_id}"),
+                ));
+            };
+            let mut record: RecoveryRecord = decode(&bytes)?;
+            record.cursor = cursor;
+            table
+                .insert(volume_id, encode(&record)?.as_slice())
+                .map_err(internal)?;
+        }
+        txn.commit().map_err(internal)
+    }
+
+    /// Ends a completed recovery in one transaction: the targets replace the failed replicas,
+    /// the epoch goes up, the record is deleted.
+    pub fn finish_recovery(&self, volume_id: u64) -> StoreResult<VolumeRecord> {
+        let txn = self.metadata.begin_write().map_err(internal)?;
+        let record = {
+            let mut recoveries = txn.open_table(RECOVERIES).map_err(internal)?;
+            let removed = recoveries
+                .remove(volume_id)
+                .map_err(internal)?
+                .map(|v| v.value().to_vec());
+            let Some(bytes) = removed else {
+                return Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("no recovery of volume {volume_id}"),
+                ));
+            };
+            let recovery: RecoveryRecord = decode(&bytes)?;
+            let mut volumes = txn.open_table(VOLUMES).map_err(internal)?;
+            let current = volumes
+                .get(volume_id)
+                .map_err(internal)?
+                .map(|v| v.value().to_vec());
+            let Some(bytes) = current else {
+                return Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("no volume with id {volume_id}"),
+                ));
+            };
+            let mut record: VolumeRecord = decode(&bytes)?;
+            let extents = replace_failed_replicas(
+                &record.extents,
+                recovery.failed_device,
+                &recovery.segments,
+            )
+            .ok_or_else(|| {
+                internal(format!(
+                    "recovery of volume {volume_id} does not match its extents"
+                ))
+            })?;
+            record.extents = merge_adjacent(extents);
+            record.epoch += 1;
+            check_map_fits(&record)?;
+            volumes
+                .insert(volume_id, encode(&record)?.as_slice())
+                .map_err(internal)?;
             record
         };
         txn.commit().map_err(internal)?;
@@ -515,9 +766,30 @@ fn read_volumes(table: &impl ReadableTable<u64, &'static [u8]>) -> StoreResult<V
     Ok(volumes)
 }
 
+fn read_recoveries(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+) -> StoreResult<Vec<RecoveryRecord>> {
+    let mut recoveries = Vec::new();
+    for entry in table.iter().map_err(internal)? {
+        let (_, value) = entry.map_err(internal)?;
+        recoveries.push(decode(value.value())?);
+    }
+    Ok(recoveries)
+}
+
+fn recovery_busy(volume_id: u64) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Busy,
+        format!("volume {volume_id} is being recovered; retry when the recovery is done"),
+    )
+}
+
+/// Free space given the devices, every volume's extents and the targets of unfinished
+/// recoveries (allocated, but not yet in any volume).
 fn pool_space_in(
     devices: &impl ReadableTable<u128, &'static [u8]>,
     volumes: &[VolumeRecord],
+    recoveries: &[RecoveryRecord],
 ) -> StoreResult<PoolSpace> {
     let mut spaces = Vec::new();
     for entry in devices.iter().map_err(internal)? {
@@ -525,7 +797,63 @@ fn pool_space_in(
         let device: DeviceRecord = decode(value.value())?;
         spaces.push(device.space());
     }
-    PoolSpace::new(&spaces, volumes.iter().map(|v| v.extents.as_slice())).map_err(alloc_error)
+    let targets: Vec<Vec<Extent>> = recoveries
+        .iter()
+        .map(RecoveryRecord::target_extents)
+        .collect();
+    let used = volumes
+        .iter()
+        .map(|v| v.extents.as_slice())
+        .chain(targets.iter().map(Vec::as_slice));
+    PoolSpace::new(&spaces, used).map_err(alloc_error)
+}
+
+/// Replaces the replica on `failed` by the segments' targets, splitting extents where a
+/// replacement came in several pieces. `None` if a segment does not match the extents.
+fn replace_failed_replicas(
+    extents: &[Extent],
+    failed: Uuid,
+    segments: &[RecoverySegment],
+) -> Option<Vec<Extent>> {
+    let mut replaced = Vec::with_capacity(extents.len() + segments.len());
+    for extent in extents {
+        let Some(position) = extent.replicas.iter().position(|r| r.device_uuid == failed) else {
+            replaced.push(extent.clone());
+            continue;
+        };
+        let end = extent.volume_offset + extent.length;
+        let mut at = extent.volume_offset;
+        for segment in segments
+            .iter()
+            .filter(|s| s.volume_offset >= extent.volume_offset && s.volume_offset < end)
+        {
+            if segment.volume_offset != at || segment.volume_offset + segment.length > end {
+                return None;
+            }
+            let inside = at - extent.volume_offset;
+            let mut replicas: Vec<Replica> = extent
+                .replicas
+                .iter()
+                .map(|r| Replica {
+                    device_uuid: r.device_uuid,
+                    device_offset: r.device_offset + inside,
+                })
+                .collect();
+            if let Some(slot) = replicas.get_mut(position) {
+                *slot = segment.target;
+            }
+            replaced.push(Extent {
+                volume_offset: at,
+                length: segment.length,
+                replicas,
+            });
+            at += segment.length;
+        }
+        if at != end {
+            return None;
+        }
+    }
+    Some(replaced)
 }
 
 /// Most extents one map may have: a map travels in one frame (1 MiB), and a mirrored extent
@@ -570,4 +898,83 @@ pub fn validate_volume_name(name: &str) -> StoreResult<()> {
 
 pub fn validate_client_name(name: &str) -> StoreResult<()> {
     validate_name("client", name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_recovery_split_over_two_devices_replaces_the_failed_replica() {
+        let dir = std::env::temp_dir().join(format!("sand-store-recovery-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let device = |n: u128, size: u64| DeviceRecord {
+            uuid: Uuid::from_u128(n),
+            path: format!("/dev/test-{n}"),
+            size_bytes: size,
+            data_start: MIB,
+            state: "online".into(),
+        };
+        for record in [device(1, 16 * MIB), device(2, 3 * MIB), device(3, 3 * MIB)] {
+            store.add_device(&record).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let volume = store
+            .create_volume("v", 3 * MIB, Layout::Linear)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            volume.extents[0].replicas[0].device_uuid,
+            Uuid::from_u128(1)
+        );
+        let unknown = store.start_recovery(volume.id, Uuid::from_u128(9), "test");
+        assert_eq!(unknown.map_err(|e| e.code).err(), Some(ErrorCode::NotFound));
+        let unused = store.start_recovery(volume.id, Uuid::from_u128(2), "test");
+        assert_eq!(
+            unused.map_err(|e| e.code).err(),
+            Some(ErrorCode::BadRequest)
+        );
+
+        let recovery = store
+            .start_recovery(volume.id, Uuid::from_u128(1), "test")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(recovery.segments.len(), 2);
+        assert_eq!(recovery.bytes_total(), 3 * MIB);
+        // The targets are allocated: nothing is left on devices 2 and 3.
+        let (_, pool) = store.pool_space().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            pool.free_bytes(Uuid::from_u128(2)) + pool.free_bytes(Uuid::from_u128(3)),
+            MIB
+        );
+        let again = store.start_recovery(volume.id, Uuid::from_u128(1), "test");
+        assert_eq!(again.map_err(|e| e.code).err(), Some(ErrorCode::Busy));
+        let grow = store.grow_volume(volume.id, 4 * MIB);
+        assert_eq!(grow.map_err(|e| e.code).err(), Some(ErrorCode::Busy));
+        store
+            .save_recovery_cursor(volume.id, MIB)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let saved = store.recovery(volume.id).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(saved.map(|r| r.cursor), Some(MIB));
+
+        let done = store
+            .finish_recovery(volume.id)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(done.epoch, volume.epoch + 1);
+        assert_eq!(done.extents.len(), 2);
+        let mut at = 0;
+        for (extent, segment) in done.extents.iter().zip(&recovery.segments) {
+            assert_eq!(extent.volume_offset, at);
+            assert_eq!(extent.replicas, vec![segment.target]);
+            at += extent.length;
+        }
+        assert_eq!(at, 3 * MIB);
+        assert!(store
+            .recoveries()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_empty());
+        let (_, pool) = store.pool_space().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pool.free_bytes(Uuid::from_u128(1)), 15 * MIB);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

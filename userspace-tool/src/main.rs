@@ -10,6 +10,7 @@ mod kernel_link;
 mod map_encoding;
 mod output;
 mod pool;
+mod recovery_cmd;
 mod volume;
 
 use std::path::PathBuf;
@@ -26,7 +27,7 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/var/lib/sand/admin.sock";
     name = "sanctl",
     version,
     about = "Administer a sanblk server (sand) and attach its volumes on client hosts",
-    after_help = "Examples:\n  sanctl pool add /dev/sdb\n  sanctl pool list\n  sanctl volume create db1 10G --layout mirror\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret\n  sanctl client grant host1 db1 rw\n  sanctl --json volume show db1\n\nExit codes: 0 ok, 1 the server refused (message on stderr), 2 usage error,\n3 cannot reach the server."
+    after_help = "Examples:\n  sanctl pool add /dev/sdb\n  sanctl pool list\n  sanctl volume create db1 10G --layout mirror\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret\n  sanctl client grant host1 db1 rw\n  sanctl --json volume show db1\n\nOn a client host (sanblk.ko loaded):\n  sanctl attach db1 --server san1:7700 --client host1 --secret-file /etc/sanblk/host1.secret &\n  sanctl status\n  sanctl detach db1\n\nExit codes: 0 ok, 1 the server refused (message on stderr), 2 usage error,\n3 cannot reach the server."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of tables.
@@ -53,6 +54,9 @@ enum Command {
     /// Clients: secrets and grants.
     #[command(subcommand)]
     Client(client_cmd::ClientCommand),
+    /// Recoveries: volumes being moved off failed devices, with progress.
+    #[command(subcommand)]
+    Recovery(recovery_cmd::RecoveryCommand),
     /// Client agent: attach a volume on this host and keep it up to date (runs until detached).
     #[command(
         after_help = "Example:\n  sanctl attach db1 --server san1:7700 --client host1 --secret-file /etc/sanblk/host1.secret &\n\nPrints the block device (/dev/sanblkN) once attached; `sanctl detach db1` stops it."
@@ -70,6 +74,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Pool(command) => pool::run(command, &mut context).await,
         Command::Volume(command) => volume::run(command, &mut context).await,
         Command::Client(command) => client_cmd::run(command, &mut context).await,
+        Command::Recovery(command) => recovery_cmd::run(command, &mut context).await,
         Command::Attach(args) => agent::attach(args).await,
         Command::Detach(args) => agent::detach(args).await,
         Command::Status => agent::status(&context),

@@ -125,6 +125,17 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
             println!("  layout  {}", map.layout);
             println!("  epoch   {}", map.epoch);
             println!("  lease   {} ms", map.lease_ms);
+            if let Some(recovery) = &detail.recovery {
+                println!(
+                    "  recovery {} off device {}: {}",
+                    recovery.state,
+                    recovery.device_uuid,
+                    crate::recovery_cmd::progress_line(recovery)
+                );
+                if !recovery.message.is_empty() {
+                    println!("           {}", recovery.message);
+                }
+            }
             println!();
             let rows: Vec<Vec<String>> = map
                 .extents

@@ -256,3 +256,67 @@ fn help_has_examples() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(String::from_utf8_lossy(&output.stdout).contains("--layout mirror"));
 }
+
+#[test]
+fn recovery_list_and_volume_show_draw_progress() {
+    let server = start_server();
+    let socket = server.admin_socket.as_path();
+    for name in ["a.img", "b.img"] {
+        ok(
+            socket,
+            &["pool", "add", &image(server.dir.path(), name, 64 * MIB)],
+        );
+    }
+    ok(socket, &["volume", "create", "v", "4M"]);
+    assert_eq!(json(socket, &["recovery", "list"]), serde_json::json!([]));
+    let secret_path = server.dir.path().join("host1.secret");
+    let secret_arg = secret_path.display().to_string();
+    ok(
+        socket,
+        &["client", "add", "host1", "--secret-out", &secret_arg],
+    );
+    ok(socket, &["client", "grant", "host1", "v", "rw"]);
+    let secret = read_secret_file(&secret_path).unwrap_or_else(|e| panic!("{e}"));
+    let shown = json(socket, &["volume", "show", "v"]);
+    let device: uuid::Uuid =
+        serde_json::from_value(shown["map"]["extents"][0]["replicas"][0]["device_uuid"].clone())
+            .unwrap_or_else(|e| panic!("{e}"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The agent stays connected (attached) while the CLI looks at the recovery.
+    let _agent = runtime.block_on(async {
+        let mut agent = AgentClient::connect(server.agent_address, "host1", &secret)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let attached = agent
+            .attach("v", AccessMode::Rw)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        agent
+            .report_failure(attached.map.volume_id, device, "test")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        agent
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let list = json(socket, &["recovery", "list"]);
+        if list[0]["state"] == serde_json::json!("done") {
+            assert_eq!(list[0]["bytes_done"], serde_json::json!(4 * MIB));
+            assert_eq!(list[0]["percent"], serde_json::json!(100.0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "recovery did not finish: {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let table = ok(socket, &["recovery", "list"]);
+    assert!(table.starts_with("VOLUME"), "{table}");
+    assert!(
+        table.contains(&format!("[{}] 100.0%", "#".repeat(30))),
+        "{table}"
+    );
+    let shown = ok(socket, &["volume", "show", "v"]);
+    assert!(shown.contains("recovery done off device"), "{shown}");
+}

@@ -1,7 +1,10 @@
 //! `make bench` (data path): fio in one guest, one run, equal-sized targets on three identical
 //! virtio disks: the raw disk, dm-linear over a disk, and a sanblk linear volume over a disk.
 //! Prints a markdown table of throughput and the ratios against raw and dm-linear.
+//! `make bench` boots the non-debug bench kernel (SANBLK_BENCH_KERNEL, a bzImage) with a
+//! module built for it (SANBLK_BENCH_MODULE); without them, the debug test kernel and module.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -70,6 +73,10 @@ fn value(json: &str, metric: Metric) -> Result<f64, String> {
 }
 
 fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
+    let module = std::env::var_os("SANBLK_BENCH_MODULE")
+        .map(PathBuf::from)
+        .unwrap_or_else(module_path);
+    let kernel = std::env::var_os("SANBLK_BENCH_KERNEL").map(PathBuf::from);
     let dir = scratch_dir("bench-datapath").map_err(|e| e.to_string())?;
     for i in 0..3 {
         sparse_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB)
@@ -80,14 +87,16 @@ fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
         "set -e\ninsmod {module}\n\
          dmsetup create bench-linear --table '0 {sectors} linear /dev/vdb 2048'\n\
          {probe} create bench 1 1 linear {TARGET_MIB} /dev/vdc\n",
-        module = module_path().display(),
+        module = module.display(),
         probe = target_bin("sanblk-nlprobe").display(),
     );
     // Same job order on every target, interleaved per job so drift affects all alike; the
-    // whole round is repeated and the median reported.
+    // whole round is repeated and the median reported. Each round starts at another target,
+    // so none always runs first or last.
     for round in 0..rounds {
         for job in &JOBS {
-            for (target, device) in TARGETS {
+            for k in 0..TARGETS.len() {
+                let (target, device) = TARGETS[(k + round as usize) % TARGETS.len()];
                 let size = if target == "raw" {
                     format!("--size={TARGET_MIB}M")
                 } else {
@@ -107,6 +116,10 @@ fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
     let mut config = VmConfig::new("bench-datapath", &script).timeout(Duration::from_secs(1200));
     for i in 0..3 {
         config = config.disk(dir.join(format!("disk{i}.img")));
+    }
+    if let Some(kernel) = kernel {
+        println!("kernel: {}", kernel.display());
+        config = config.kernel(kernel);
     }
     let outcome = run(&config).map_err(|e| format!("{e:?}"))?;
     outcome.check_clean_success()?;

@@ -27,15 +27,25 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a fresh server in a new temp dir.
     pub fn start() -> TestServer {
+        TestServer::start_with_env(&[])
+    }
+
+    /// Starts a fresh server in a new temp dir with extra environment variables.
+    pub fn start_with_env(env: &[(&str, &str)]) -> TestServer {
         let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let dir = temp.path().to_path_buf();
-        let mut server = TestServer::start_in(&dir);
+        let mut server = TestServer::start_in_with_env(&dir, env);
         server._temp = Some(temp);
         server
     }
 
     /// Starts a server on an existing directory (restart after stop or kill).
     pub fn start_in(dir: &Path) -> TestServer {
+        TestServer::start_in_with_env(dir, &[])
+    }
+
+    /// Like `start_in`, with extra environment variables for the server process.
+    pub fn start_in_with_env(dir: &Path, env: &[(&str, &str)]) -> TestServer {
         let metadata_dir = dir.join("meta");
         let admin_socket = metadata_dir.join("admin.sock");
         let address_file = metadata_dir.join("agent.addr");
@@ -57,6 +67,7 @@ impl TestServer {
             .arg("--frame-timeout-ms")
             .arg("1000")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -1,0 +1,617 @@
+//! Recovery after a reported path failure: moves one volume's replicas off a failed device.
+//!
+//! 1. `report_failure` allocates a replacement for every replica on the failed device (on a
+//!    device holding no other replica of that extent) and records the recovery in redb, in one
+//!    transaction (`Store::start_recovery`). The record is the persisted "device failed for
+//!    this volume" mark.
+//! 2. A job copies the segments in chunks of [`CHUNK_BYTES`] from the surviving mirror replica,
+//!    or, without one, from the failed device through the server's own path (the client's path
+//!    failed, the server's may not have). Every [`CHUNKS_PER_SAVE`] chunks the targets are
+//!    synced and the cursor is saved (one transaction), so a restarted server resumes there.
+//! 3. Done: one transaction replaces the failed replicas by the targets, bumps the epoch and
+//!    deletes the record; the new map is published and a `done` status pushed.
+//!
+//! Consistency with redirected writes (the rule the I/O service follows): every volume has a
+//! [`VolumeGate`], an async RwLock. Writes hold it shared; copying one chunk (read source +
+//! write target) and the completion hold it exclusively, so a write and a chunk copy of the
+//! same range never interleave. While a recovery is registered in the gate, a write to a
+//! recovering range goes to the extent's replicas *and* the target, whatever the cursor: if the
+//! chunk was already copied the target needs the write; if not, the later copy reads the new
+//! data anyway. The write to the failed replica is best effort when a surviving mirror exists
+//! (the copy does not read it), and required when the failed device is the copy source.
+//! Registration is followed by taking the gate exclusively once (a barrier), so a write that
+//! started before the recovery was registered finishes before the first chunk is read. The
+//! completion raises the gate's minimum epoch under the exclusive lock, so a write that was
+//! planned with the old map (without the target) gets -ESTALE instead of missing the target.
+
+use std::collections::HashSet;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use tokio::sync::RwLock;
+use uuid::Uuid;
+
+use crate::io_service::{AlignedBuf, DeviceTable, Piece};
+use crate::protocol::{ErrorBody, ErrorCode, RecoveryState, RecoveryStatus};
+use crate::state::{blocking, ServerState};
+use crate::store::{RecoveryRecord, RecoverySegment, StoreResult};
+
+/// Bytes copied per step (the exclusive hold of the gate lasts one chunk).
+pub const CHUNK_BYTES: u64 = 1 << 20;
+/// Chunks between two cursor saves (each save syncs the targets first).
+pub const CHUNKS_PER_SAVE: u64 = 4;
+/// Shortest interval between two `copying` status pushes.
+const STATUS_INTERVAL: Duration = Duration::from_millis(500);
+/// Test-only: milliseconds to sleep after every chunk, so tests can act mid-recovery.
+pub const CHUNK_DELAY_ENV: &str = "SAND_RECOVERY_CHUNK_DELAY_MS";
+
+/// Serialises redirected writes against recovery copying of one volume (module doc).
+#[derive(Default)]
+pub struct VolumeGate {
+    /// Writes hold it shared; a chunk copy and the completion exclusively.
+    pub lock: RwLock<()>,
+    /// Writes carrying an older epoch are stale (raised at completion, under `lock`).
+    min_epoch: AtomicU64,
+    recovery: Mutex<Option<Arc<ActiveRecovery>>>,
+}
+
+/// What a write must know about a running recovery of its volume.
+#[derive(Debug, Clone)]
+pub struct ActiveRecovery {
+    pub failed_device: Uuid,
+    /// In volume order.
+    pub segments: Vec<RecoverySegment>,
+}
+
+impl VolumeGate {
+    pub fn min_epoch(&self) -> u64 {
+        self.min_epoch.load(Ordering::Acquire)
+    }
+
+    pub fn recovery(&self) -> Option<Arc<ActiveRecovery>> {
+        self.recovery
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_recovery(&self, recovery: Option<Arc<ActiveRecovery>>) {
+        *self.recovery.lock().unwrap_or_else(|p| p.into_inner()) = recovery;
+    }
+}
+
+/// Splits the pieces of a write to a recovering volume and adds the recovery targets:
+/// returns (pieces that must all succeed, pieces whose failure is only logged).
+pub fn write_plan(
+    pieces: Vec<Piece>,
+    request_offset: u64,
+    recovery: &ActiveRecovery,
+) -> (Vec<Piece>, Vec<Piece>) {
+    let failed = recovery.failed_device;
+    let segments = &recovery.segments;
+    let mut required = Vec::with_capacity(pieces.len());
+    let mut best_effort = Vec::new();
+    for piece in pieces {
+        if !piece.replicas.iter().any(|(uuid, _)| *uuid == failed) {
+            required.push(piece);
+            continue;
+        }
+        let start = request_offset + piece.buffer_offset as u64;
+        let end = start + piece.length as u64;
+        let sub_piece = |at: u64, until: u64| Piece {
+            buffer_offset: piece.buffer_offset + (at - start) as usize,
+            length: (until - at) as usize,
+            replicas: piece
+                .replicas
+                .iter()
+                .map(|&(uuid, offset)| (uuid, offset + (at - start)))
+                .collect(),
+        };
+        let mut at = start;
+        while at < end {
+            let index = segments.partition_point(|s| s.volume_offset + s.length <= at);
+            match segments.get(index) {
+                Some(segment) if segment.volume_offset <= at => {
+                    let until = end.min(segment.volume_offset + segment.length);
+                    let mut part = sub_piece(at, until);
+                    let failed_is_source = segment.source.device_uuid == failed;
+                    if !failed_is_source {
+                        let (failed_copies, others): (Vec<_>, Vec<_>) =
+                            part.replicas.into_iter().partition(|(u, _)| *u == failed);
+                        part.replicas = others;
+                        best_effort.push(Piece {
+                            buffer_offset: part.buffer_offset,
+                            length: part.length,
+                            replicas: failed_copies,
+                        });
+                    }
+                    part.replicas.push((
+                        segment.target.device_uuid,
+                        segment.target.device_offset + (at - segment.volume_offset),
+                    ));
+                    required.push(part);
+                    at = until;
+                }
+                // Not in a segment (cannot happen for an extent on the failed device): keep
+                // the plain write.
+                other => {
+                    let until = other.map_or(end, |s| s.volume_offset.min(end));
+                    required.push(sub_piece(at, until));
+                    at = until;
+                }
+            }
+        }
+    }
+    (required, best_effort)
+}
+
+/// Volumes whose copy job runs in this process.
+fn running() -> &'static Mutex<HashSet<u64>> {
+    static RUNNING: std::sync::OnceLock<Mutex<HashSet<u64>>> = std::sync::OnceLock::new();
+    RUNNING.get_or_init(|| Mutex::new(HashSet::new()))
+}
+
+/// Claims the job slot of a volume; false if a job already runs.
+fn claim(volume_id: u64) -> bool {
+    running()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(volume_id)
+}
+
+fn release(volume_id: u64) {
+    running()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&volume_id);
+}
+
+/// Handles an agent's failure report for a volume it is attached to: starts a recovery, or
+/// returns the status of the one already recorded for this device (restarting its job if it
+/// had failed). Another device of a recovering volume gets `Busy`.
+pub async fn report_failure(
+    state: &Arc<ServerState>,
+    volume_id: u64,
+    device_uuid: Uuid,
+    reason: String,
+) -> StoreResult<RecoveryStatus> {
+    let existing = blocking(state, move |s| s.store.recovery(volume_id)).await?;
+    let record = match existing {
+        Some(record) if record.failed_device == device_uuid => record,
+        Some(record) => {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                format!(
+                    "volume {volume_id} is already being moved off device {}; report again when that is done",
+                    record.failed_device
+                ),
+            ))
+        }
+        None => {
+            let why = reason.clone();
+            let started = blocking(state, move |s| {
+                s.store.start_recovery(volume_id, device_uuid, &why)
+            })
+            .await;
+            let record = match started {
+                Ok(record) => record,
+                // A concurrent report (another client, or a retry) started it first.
+                Err(error) if error.code == ErrorCode::Busy => {
+                    match blocking(state, move |s| s.store.recovery(volume_id)).await? {
+                        Some(record) if record.failed_device == device_uuid => {
+                            return Ok(start_job(state, record).await)
+                        }
+                        _ => return Err(error),
+                    }
+                }
+                Err(error) => return Err(error),
+            };
+            info!(
+                "volume {volume_id}: device {device_uuid} reported failed ({reason:?}); moving {} bytes in {} segment(s)",
+                record.bytes_total(),
+                record.segments.len()
+            );
+            record
+        }
+    };
+    let status = start_job(state, record).await;
+    Ok(status)
+}
+
+/// Resumes every recorded recovery (at server start).
+pub async fn resume_all(state: &Arc<ServerState>) -> StoreResult<()> {
+    let records = blocking(state, |s| s.store.recoveries()).await?;
+    for record in records {
+        info!(
+            "volume {}: resuming recovery off device {} at byte {} of {}",
+            record.volume_id,
+            record.failed_device,
+            record.cursor,
+            record.bytes_total()
+        );
+        start_job(state, record).await;
+    }
+    Ok(())
+}
+
+/// Spawns the copy job unless one runs; returns the current status.
+async fn start_job(state: &Arc<ServerState>, record: RecoveryRecord) -> RecoveryStatus {
+    let volume_id = record.volume_id;
+    let name = blocking(state, move |s| s.store.volume_by_id(volume_id))
+        .await
+        .map(|v| v.name)
+        .unwrap_or_default();
+    let progress = Progress::new(name, &record);
+    if !claim(volume_id) {
+        // Already running: its latest status (set before it was spawned) is the answer.
+        return state
+            .recovery_status(volume_id)
+            .unwrap_or_else(|| progress.status(RecoveryState::Queued, String::new()));
+    }
+    let status = progress.status(RecoveryState::Queued, String::new());
+    state.set_recovery_status(status.clone());
+    let job_state = state.clone();
+    tokio::spawn(async move {
+        let outcome = run_job(&job_state, record, progress).await;
+        if let Err((progress, error)) = outcome {
+            warn!("volume {volume_id}: recovery failed: {error}");
+            job_state.set_recovery_status(progress.status(RecoveryState::Failed, error));
+        }
+        release(volume_id);
+    });
+    status
+}
+
+/// Copy progress and rate since the job started.
+struct Progress {
+    volume_name: String,
+    volume_id: u64,
+    device_uuid: Uuid,
+    bytes_total: u64,
+    bytes_done: u64,
+    started_at: Instant,
+    started_bytes: u64,
+}
+
+impl Progress {
+    fn new(volume_name: String, record: &RecoveryRecord) -> Progress {
+        Progress {
+            volume_name,
+            volume_id: record.volume_id,
+            device_uuid: record.failed_device,
+            bytes_total: record.bytes_total(),
+            bytes_done: record.cursor,
+            started_at: Instant::now(),
+            started_bytes: record.cursor,
+        }
+    }
+
+    fn status(&self, state: RecoveryState, message: String) -> RecoveryStatus {
+        let percent = if self.bytes_total == 0 {
+            100.0
+        } else {
+            self.bytes_done as f64 * 100.0 / self.bytes_total as f64
+        };
+        let copied = self.bytes_done.saturating_sub(self.started_bytes);
+        let elapsed = self.started_at.elapsed().as_secs_f64();
+        let eta_seconds = match state {
+            RecoveryState::Done => Some(0),
+            _ if copied > 0 && elapsed > 0.0 => {
+                let rate = copied as f64 / elapsed;
+                Some(((self.bytes_total - self.bytes_done) as f64 / rate).ceil() as u64)
+            }
+            _ => None,
+        };
+        RecoveryStatus {
+            volume_id: self.volume_id,
+            volume_name: self.volume_name.clone(),
+            device_uuid: self.device_uuid,
+            state,
+            percent,
+            bytes_done: self.bytes_done,
+            bytes_total: self.bytes_total,
+            eta_seconds,
+            message,
+        }
+    }
+}
+
+/// Where byte `cursor` of the concatenated segments lies: (segment index, offset inside).
+fn locate(segments: &[RecoverySegment], mut cursor: u64) -> Option<(usize, u64)> {
+    for (index, segment) in segments.iter().enumerate() {
+        if cursor < segment.length {
+            return Some((index, cursor));
+        }
+        cursor -= segment.length;
+    }
+    None
+}
+
+/// Copies `buf.len()` bytes at `inside` of `segment` from its source (falling back to the
+/// failed replica when the source is another device) to its target.
+fn copy_chunk(
+    devices: &DeviceTable,
+    segment: &RecoverySegment,
+    inside: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let read = |uuid: Uuid, offset: u64, buf: &mut [u8]| devices.get(uuid)?.read_at(buf, offset);
+    let from_source = read(
+        segment.source.device_uuid,
+        segment.source.device_offset + inside,
+        buf,
+    );
+    if let Err(error) = from_source {
+        if segment.source == segment.failed {
+            return Err(error);
+        }
+        warn!(
+            "recovery: reading device {}: {error}; trying the failed replica",
+            segment.source.device_uuid
+        );
+        read(
+            segment.failed.device_uuid,
+            segment.failed.device_offset + inside,
+            buf,
+        )?;
+    }
+    devices
+        .get(segment.target.device_uuid)?
+        .write_at(buf, segment.target.device_offset + inside)
+}
+
+/// Syncs every target device, so the saved cursor never runs ahead of durable data.
+fn sync_targets(devices: &DeviceTable, segments: &[RecoverySegment]) -> io::Result<()> {
+    let mut targets: Vec<Uuid> = segments.iter().map(|s| s.target.device_uuid).collect();
+    targets.sort();
+    targets.dedup();
+    for uuid in targets {
+        devices.get(uuid)?.sync()?;
+    }
+    Ok(())
+}
+
+async fn run_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| format!("worker failed: {e}"))?
+        .map_err(|e| e.to_string())
+}
+
+type JobError = (Progress, String);
+
+async fn run_job(
+    state: &Arc<ServerState>,
+    record: RecoveryRecord,
+    mut progress: Progress,
+) -> Result<(), JobError> {
+    let volume_id = record.volume_id;
+    let gate = state.gate(volume_id);
+    let active = Arc::new(ActiveRecovery {
+        failed_device: record.failed_device,
+        segments: record.segments.clone(),
+    });
+    gate.set_recovery(Some(active.clone()));
+    // Barrier: writes planned before the registration finish before anything is copied.
+    drop(gate.lock.write().await);
+
+    let delay = std::env::var(CHUNK_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis);
+    let devices = Arc::new(DeviceTable::new(state.clone()));
+    let segments = Arc::new(record.segments);
+    let total = progress.bytes_total;
+    let mut cursor = record.cursor.min(total);
+    let mut buffer = match AlignedBuf::zeroed(CHUNK_BYTES as usize) {
+        Ok(buffer) => Some(buffer),
+        Err(error) => return Err((progress, format!("copy buffer: {error}"))),
+    };
+    let mut unsaved_chunks = 0;
+    let mut last_push = Instant::now();
+    state.set_recovery_status(progress.status(RecoveryState::Copying, String::new()));
+    while let Some((index, inside)) = locate(&segments, cursor) {
+        let Some(segment_length) = segments.get(index).map(|s| s.length) else {
+            break;
+        };
+        let length = CHUNK_BYTES.min(segment_length - inside);
+        let Some(mut chunk) = buffer.take() else {
+            return Err((progress, "copy buffer lost".into()));
+        };
+        let copied = {
+            let _exclusive = gate.lock.write().await;
+            let (devices, segments) = (devices.clone(), segments.clone());
+            run_blocking(move || {
+                let segment = segments
+                    .get(index)
+                    .ok_or_else(|| io::Error::other("segment vanished"))?;
+                let result = copy_chunk(&devices, segment, inside, &mut chunk[..length as usize]);
+                result.map(|()| chunk)
+            })
+            .await
+        };
+        match copied {
+            Ok(chunk) => buffer = Some(chunk),
+            Err(error) => {
+                return Err((progress, format!("copying at byte {cursor}: {error}")));
+            }
+        }
+        cursor += length;
+        progress.bytes_done = cursor;
+        unsaved_chunks += 1;
+        if unsaved_chunks >= CHUNKS_PER_SAVE || cursor == total {
+            let (devices, segments) = (devices.clone(), segments.clone());
+            if let Err(error) = run_blocking(move || sync_targets(&devices, &segments)).await {
+                return Err((progress, format!("syncing targets: {error}")));
+            }
+            let saved = blocking(state, move |s| {
+                s.store.save_recovery_cursor(volume_id, cursor)
+            });
+            if let Err(error) = saved.await {
+                return Err((progress, format!("saving progress: {}", error.message)));
+            }
+            unsaved_chunks = 0;
+        }
+        if last_push.elapsed() >= STATUS_INTERVAL {
+            state.set_recovery_status(progress.status(RecoveryState::Copying, String::new()));
+            last_push = Instant::now();
+        }
+        match delay {
+            Some(delay) => tokio::time::sleep(delay).await,
+            None => tokio::task::yield_now().await,
+        }
+    }
+
+    let finished = {
+        let _exclusive = gate.lock.write().await;
+        let finished = blocking(state, move |s| s.store.finish_recovery(volume_id)).await;
+        if let Ok(record) = &finished {
+            gate.min_epoch.fetch_max(record.epoch, Ordering::AcqRel);
+            gate.set_recovery(None);
+        }
+        finished
+    };
+    let record = match finished {
+        Ok(record) => record,
+        Err(error) => return Err((progress, format!("committing: {}", error.message))),
+    };
+    state.publish(&record);
+    info!(
+        "volume {}: recovery off device {} done, epoch {}",
+        record.name, active.failed_device, record.epoch
+    );
+    state.set_recovery_status(progress.status(
+        RecoveryState::Done,
+        format!(
+            "moved off device {}; epoch {}",
+            active.failed_device, record.epoch
+        ),
+    ));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::Replica;
+
+    fn replica(device: u128, device_offset: u64) -> Replica {
+        Replica {
+            device_uuid: Uuid::from_u128(device),
+            device_offset,
+        }
+    }
+
+    /// Volume [0, 2 MiB) on device 1 at 10 MiB; replacement in two pieces on devices 3 and 4.
+    fn linear_recovery() -> ActiveRecovery {
+        let mib = 1 << 20;
+        ActiveRecovery {
+            failed_device: Uuid::from_u128(1),
+            segments: vec![
+                RecoverySegment {
+                    volume_offset: 0,
+                    length: mib,
+                    failed: replica(1, 10 * mib),
+                    source: replica(1, 10 * mib),
+                    target: replica(3, 50 * mib),
+                },
+                RecoverySegment {
+                    volume_offset: mib,
+                    length: mib,
+                    failed: replica(1, 11 * mib),
+                    source: replica(1, 11 * mib),
+                    target: replica(4, 70 * mib),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn writes_to_a_recovering_range_also_go_to_the_target() {
+        let mib = 1 << 20;
+        let write = Piece {
+            buffer_offset: 0,
+            length: 8192,
+            replicas: vec![(Uuid::from_u128(1), 11 * mib - 4096)],
+        };
+        let (required, best_effort) = write_plan(vec![write], mib - 4096, &linear_recovery());
+        assert!(best_effort.is_empty());
+        assert_eq!(
+            required,
+            vec![
+                Piece {
+                    buffer_offset: 0,
+                    length: 4096,
+                    replicas: vec![
+                        (Uuid::from_u128(1), 11 * mib - 4096),
+                        (Uuid::from_u128(3), 51 * mib - 4096)
+                    ],
+                },
+                Piece {
+                    buffer_offset: 4096,
+                    length: 4096,
+                    replicas: vec![
+                        (Uuid::from_u128(1), 11 * mib),
+                        (Uuid::from_u128(4), 70 * mib)
+                    ],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn with_a_surviving_mirror_the_failed_copy_is_best_effort() {
+        let mib = 1 << 20;
+        let recovery = ActiveRecovery {
+            failed_device: Uuid::from_u128(1),
+            segments: vec![RecoverySegment {
+                volume_offset: 0,
+                length: mib,
+                failed: replica(1, 10 * mib),
+                source: replica(2, 20 * mib),
+                target: replica(3, 30 * mib),
+            }],
+        };
+        let write = Piece {
+            buffer_offset: 0,
+            length: 4096,
+            replicas: vec![
+                (Uuid::from_u128(1), 10 * mib + 4096),
+                (Uuid::from_u128(2), 20 * mib + 4096),
+            ],
+        };
+        let (required, best_effort) = write_plan(vec![write], 4096, &recovery);
+        assert_eq!(
+            required[0].replicas,
+            vec![
+                (Uuid::from_u128(2), 20 * mib + 4096),
+                (Uuid::from_u128(3), 30 * mib + 4096)
+            ]
+        );
+        assert_eq!(
+            best_effort[0].replicas,
+            vec![(Uuid::from_u128(1), 10 * mib + 4096)]
+        );
+        let elsewhere = Piece {
+            buffer_offset: 0,
+            length: 4096,
+            replicas: vec![(Uuid::from_u128(5), 0)],
+        };
+        let (required, best_effort) = write_plan(vec![elsewhere.clone()], mib, &recovery);
+        assert_eq!((required, best_effort), (vec![elsewhere], Vec::new()));
+    }
+
+    #[test]
+    fn the_cursor_locates_its_segment() {
+        let segments = linear_recovery().segments;
+        assert_eq!(locate(&segments, 0), Some((0, 0)));
+        assert_eq!(locate(&segments, (1 << 20) + 4096), Some((1, 4096)));
+        assert_eq!(locate(&segments, 2 << 20), None);
+    }
+}

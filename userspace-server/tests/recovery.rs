@@ -1,0 +1,552 @@
+//! Recovery after a reported path failure, against a real `sand` process: an agent reports a
+//! device failed, the server moves the volume's data to another device, pushes progress and
+//! publishes a map without the failed device. Image files are read directly to prove that
+//! every block (including writes made during the copy) is on the new device.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{TestServer, MIB};
+use sanblk_uapi::frame::{Op, ReplyHeader, RequestHeader, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
+use sand::client::{AgentClient, Attachment, Push};
+use sand::map::{AccessMode, Layout, VolumeMap};
+use sand::protocol::{
+    AdminRequest, DeviceInfo, ErrorCode, RecoveryState, RecoveryStatus, VolumeDetail,
+};
+use sand::recovery::CHUNK_DELAY_ENV;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const POOL_DEVICE_BYTES: u64 = 64 * MIB;
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Distinct, position-dependent bytes.
+fn pattern(seed: u64, length: usize) -> Vec<u8> {
+    (0..length)
+        .map(|i| ((i as u64).wrapping_mul(31) ^ seed.wrapping_mul(0x9e37_79b9)) as u8)
+        .collect()
+}
+
+/// A minimal server-path client (what the kmod's TCP path does).
+struct IoClient {
+    stream: TcpStream,
+}
+
+impl IoClient {
+    async fn session(server: &TestServer, attached: &Attachment) -> IoClient {
+        let text = std::fs::read_to_string(server.metadata_dir.join("io.addr"))
+            .unwrap_or_else(|e| panic!("io.addr: {e}"));
+        let address: SocketAddr = text
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("io.addr: {e}"));
+        let stream = TcpStream::connect(address)
+            .await
+            .unwrap_or_else(|e| panic!("io connect: {e}"));
+        let mut client = IoClient { stream };
+        let token = hex::decode(&attached.session_token).unwrap_or_else(|e| panic!("{e}"));
+        let hello = RequestHeader {
+            op: Op::Hello,
+            flags: 0,
+            handle: 0,
+            volume_id: 0,
+            epoch: 0,
+            offset: 0,
+            length: token.len() as u32,
+        };
+        assert_eq!(client.call(&hello, &token).await, 0, "hello refused");
+        client
+    }
+
+    async fn call(&mut self, header: &RequestHeader, payload: &[u8]) -> i32 {
+        self.call_for_data(header, payload).await.0
+    }
+
+    /// Reads `length` bytes at `offset`; panics on an error status.
+    async fn read(&mut self, map: &VolumeMap, offset: u64, length: u32) -> Vec<u8> {
+        let header = RequestHeader {
+            op: Op::Read,
+            flags: 0,
+            handle: offset + 7,
+            volume_id: map.volume_id,
+            epoch: map.epoch,
+            offset,
+            length,
+        };
+        let (status, data) = self.call_for_data(&header, &[]).await;
+        assert_eq!(status, 0, "read at {offset}");
+        data
+    }
+
+    async fn call_for_data(&mut self, header: &RequestHeader, payload: &[u8]) -> (i32, Vec<u8>) {
+        let mut raw = [0u8; REQUEST_HEADER_LEN];
+        header.encode(&mut raw);
+        self.stream
+            .write_all(&raw)
+            .await
+            .unwrap_or_else(|e| panic!("send: {e}"));
+        self.stream
+            .write_all(payload)
+            .await
+            .unwrap_or_else(|e| panic!("send: {e}"));
+        let mut raw = [0u8; REPLY_HEADER_LEN];
+        tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut raw))
+            .await
+            .unwrap_or_else(|_| panic!("no reply to {header:?}"))
+            .unwrap_or_else(|e| panic!("reply: {e}"));
+        let reply = ReplyHeader::decode(&raw).unwrap_or_else(|e| panic!("{}", e.message()));
+        let mut data = vec![0u8; reply.length as usize];
+        self.stream
+            .read_exact(&mut data)
+            .await
+            .unwrap_or_else(|e| panic!("reply data: {e}"));
+        assert_eq!(reply.handle, header.handle);
+        (reply.status, data)
+    }
+
+    /// Writes `data` at `offset` in 1 MiB frames; panics on any error status.
+    async fn write(&mut self, map: &VolumeMap, offset: u64, data: &[u8]) {
+        for (index, chunk) in data.chunks(MIB as usize).enumerate() {
+            let at = offset + index as u64 * MIB;
+            let header = RequestHeader {
+                op: Op::Write,
+                flags: 0,
+                handle: at + 1,
+                volume_id: map.volume_id,
+                epoch: map.epoch,
+                offset: at,
+                length: chunk.len() as u32,
+            };
+            assert_eq!(self.call(&header, chunk).await, 0, "write at {at}");
+        }
+    }
+}
+
+/// A server with three pool devices, a volume of `layout` and an attached rw agent.
+struct Setup {
+    agent: AgentClient,
+    attached: Attachment,
+    devices: HashMap<uuid::Uuid, PathBuf>,
+}
+
+async fn setup(server: &TestServer, layout: Layout, size: u64) -> Setup {
+    server.pool_of(3, POOL_DEVICE_BYTES).await;
+    let mut admin = server.admin().await;
+    admin
+        .request(&AdminRequest::VolumeCreate {
+            name: "vol".into(),
+            size_bytes: size,
+            layout,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("volume create: {e}"));
+    let secret = server.client("host1").await;
+    server.grant("host1", "vol", AccessMode::Rw).await;
+    let mut agent = server.agent("host1", &secret).await;
+    let attached = agent
+        .attach("vol", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("attach: {e}"));
+    Setup {
+        agent,
+        attached,
+        devices: devices(server).await,
+    }
+}
+
+async fn devices(server: &TestServer) -> HashMap<uuid::Uuid, PathBuf> {
+    let list: Vec<DeviceInfo> = server
+        .admin()
+        .await
+        .call(&AdminRequest::PoolList)
+        .await
+        .unwrap_or_else(|e| panic!("pool list: {e}"));
+    list.into_iter()
+        .map(|d| (d.uuid, PathBuf::from(d.path)))
+        .collect()
+}
+
+async fn volume_detail(server: &TestServer) -> VolumeDetail {
+    server
+        .admin()
+        .await
+        .call(&AdminRequest::VolumeShow { name: "vol".into() })
+        .await
+        .unwrap_or_else(|e| panic!("volume show: {e}"))
+}
+
+async fn recoveries(server: &TestServer) -> Vec<RecoveryStatus> {
+    server
+        .admin()
+        .await
+        .call(&AdminRequest::RecoveryList)
+        .await
+        .unwrap_or_else(|e| panic!("recovery list: {e}"))
+}
+
+/// Checks every replica of every extent of `map` holds `expected`, by reading image files.
+fn assert_data(devices: &HashMap<uuid::Uuid, PathBuf>, map: &VolumeMap, expected: &[u8]) {
+    for extent in &map.extents {
+        for replica in &extent.replicas {
+            let path = &devices[&replica.device_uuid];
+            let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{e}"));
+            let mut data = vec![0u8; extent.length as usize];
+            file.read_exact_at(&mut data, replica.device_offset)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let start = extent.volume_offset as usize;
+            let wanted = &expected[start..start + extent.length as usize];
+            if let Some(block) = (0..data.len() / 4096)
+                .find(|b| data[b * 4096..(b + 1) * 4096] != wanted[b * 4096..(b + 1) * 4096])
+            {
+                panic!(
+                    "volume block at {} differs on device {} offset {}",
+                    extent.volume_offset + block as u64 * 4096,
+                    replica.device_uuid,
+                    replica.device_offset + block as u64 * 4096
+                );
+            }
+        }
+    }
+}
+
+/// Waits for the `done` status and the map of a newer epoch; returns the map.
+async fn wait_for_recovery(agent: &mut AgentClient, old_epoch: u64) -> VolumeMap {
+    let mut done = false;
+    let mut new_map = None;
+    let deadline = Instant::now() + WAIT;
+    while !done || new_map.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let push = tokio::time::timeout(left, agent.next_push())
+            .await
+            .unwrap_or_else(|_| panic!("recovery did not finish within {WAIT:?}"))
+            .unwrap_or_else(|e| panic!("push: {e}"));
+        match push {
+            Push::RecoveryStatus(status) => {
+                assert_ne!(
+                    status.state,
+                    RecoveryState::Failed,
+                    "recovery failed: {}",
+                    status.message
+                );
+                if status.state == RecoveryState::Done {
+                    assert_eq!(status.bytes_done, status.bytes_total);
+                    assert!((status.percent - 100.0).abs() < 1e-9);
+                    done = true;
+                }
+            }
+            Push::MapUpdate(map) if map.epoch > old_epoch => {
+                agent
+                    .ack(map.volume_id, map.epoch)
+                    .await
+                    .unwrap_or_else(|e| panic!("ack: {e}"));
+                new_map = Some(map);
+            }
+            Push::MapUpdate(_) => {}
+        }
+    }
+    new_map.unwrap_or_else(|| panic!("no map"))
+}
+
+fn on_device(map: &VolumeMap, device: uuid::Uuid) -> bool {
+    map.extents
+        .iter()
+        .any(|e| e.replicas.iter().any(|r| r.device_uuid == device))
+}
+
+/// Reports the device of replica `copy` of the first extent failed and checks the outcome.
+async fn recover_and_check(
+    server: &TestServer,
+    setup: &mut Setup,
+    copy: usize,
+    expected: &[u8],
+) -> VolumeMap {
+    let map = setup.attached.map.clone();
+    let failed = map.extents[0].replicas[copy].device_uuid;
+    let status = setup
+        .agent
+        .report_failure(map.volume_id, failed, "I/O error on direct path")
+        .await
+        .unwrap_or_else(|e| panic!("report: {e}"));
+    assert_eq!(status.device_uuid, failed);
+    assert_eq!(status.bytes_total, map.size_bytes);
+    let new_map = wait_for_recovery(&mut setup.agent, map.epoch).await;
+    assert_eq!(new_map.epoch, map.epoch + 1);
+    assert!(!on_device(&new_map, failed), "new map still uses {failed}");
+    assert_eq!(
+        new_map.extents[0].replicas.len(),
+        map.extents[0].replicas.len()
+    );
+    assert_data(&setup.devices, &new_map, expected);
+    let detail = volume_detail(server).await;
+    assert_eq!(detail.map, new_map);
+    let shown = detail
+        .recovery
+        .unwrap_or_else(|| panic!("no recovery shown"));
+    assert_eq!(shown.state, RecoveryState::Done);
+    new_map
+}
+
+#[tokio::test]
+async fn mirrored_volume_moves_off_a_failed_device_from_its_surviving_mirror() {
+    let server = TestServer::start();
+    let size = 8 * MIB;
+    let mut setup = setup(&server, Layout::Mirror, size).await;
+    let data = pattern(1, size as usize);
+    let mut io = IoClient::session(&server, &setup.attached).await;
+    io.write(&setup.attached.map, 0, &data).await;
+    // The failed device's copy is wiped: the data can only come from the surviving mirror.
+    let map = setup.attached.map.clone();
+    let failed = map.extents[0].replicas[0];
+    let wipe = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&setup.devices[&failed.device_uuid])
+        .unwrap_or_else(|e| panic!("{e}"));
+    wipe.write_all_at(&vec![0u8; size as usize], failed.device_offset)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let new_map = recover_and_check(&server, &mut setup, 0, &data).await;
+    let survivor = map.extents[0].replicas[1].device_uuid;
+    assert!(new_map
+        .extents
+        .iter()
+        .all(|e| e.replicas.iter().any(|r| r.device_uuid == survivor)));
+}
+
+#[tokio::test]
+async fn linear_volume_is_copied_from_the_still_readable_failed_device() {
+    let server = TestServer::start();
+    let size = 8 * MIB;
+    let mut setup = setup(&server, Layout::Linear, size).await;
+    let data = pattern(2, size as usize);
+    let mut io = IoClient::session(&server, &setup.attached).await;
+    io.write(&setup.attached.map, 0, &data).await;
+    recover_and_check(&server, &mut setup, 0, &data).await;
+    assert!(recoveries(&server)
+        .await
+        .iter()
+        .all(|r| r.state == RecoveryState::Done));
+}
+
+#[tokio::test]
+async fn writes_during_the_copy_reach_the_new_device() {
+    for layout in [Layout::Linear, Layout::Mirror] {
+        let server = TestServer::start_with_env(&[(CHUNK_DELAY_ENV, "150")]);
+        let size = 16 * MIB;
+        let mut setup = setup(&server, layout, size).await;
+        let mut data = pattern(3, size as usize);
+        let mut io = IoClient::session(&server, &setup.attached).await;
+        let map = setup.attached.map.clone();
+        io.write(&map, 0, &data).await;
+        let failed = map.extents[0].replicas[0];
+        if layout == Layout::Mirror {
+            // Stale data on the reported device: server-path reads must not use it.
+            let wipe = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&setup.devices[&failed.device_uuid])
+                .unwrap_or_else(|e| panic!("{e}"));
+            wipe.write_all_at(&vec![0u8; size as usize], failed.device_offset)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let failed = failed.device_uuid;
+        setup
+            .agent
+            .report_failure(map.volume_id, failed, "timeout")
+            .await
+            .unwrap_or_else(|e| panic!("report: {e}"));
+        // Reporting again joins the running recovery; another device must wait for it.
+        let again = setup
+            .agent
+            .report_failure(map.volume_id, failed, "timeout again")
+            .await
+            .unwrap_or_else(|e| panic!("second report: {e}"));
+        assert_eq!(again.device_uuid, failed);
+        if layout == Layout::Mirror {
+            let survivor = map.extents[0].replicas[1].device_uuid;
+            let busy = setup
+                .agent
+                .report_failure(map.volume_id, survivor, "both?")
+                .await;
+            assert_eq!(
+                busy.err().and_then(|e| e.server_code()),
+                Some(ErrorCode::Busy)
+            );
+        }
+        // Wait until part of the volume is copied, then overwrite a copied range, a range not
+        // copied yet, and a range straddling 8 MiB.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let status = recoveries(&server).await;
+            if status.first().is_some_and(|s| s.bytes_done >= 2 * MIB) {
+                assert_eq!(status[0].state, RecoveryState::Copying);
+                break;
+            }
+            assert!(Instant::now() < deadline, "copy did not progress");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for (offset, length, seed) in [
+            (0, MIB, 10),
+            (14 * MIB, MIB, 11),
+            (8 * MIB - 8192, 16384, 12),
+        ] {
+            let fresh = pattern(seed, length as usize);
+            io.write(&map, offset, &fresh).await;
+            data[offset as usize..(offset + length) as usize].copy_from_slice(&fresh);
+        }
+        let read = io.read(&map, 6 * MIB, 4 * MIB as u32 / 4).await;
+        assert!(
+            read == data[6 * MIB as usize..7 * MIB as usize],
+            "{layout}: stale read"
+        );
+        let new_map = wait_for_recovery(&mut setup.agent, map.epoch).await;
+        assert!(!on_device(&new_map, failed));
+        assert_data(&setup.devices, &new_map, &data);
+    }
+}
+
+#[tokio::test]
+async fn a_killed_server_resumes_the_recovery_from_its_saved_cursor() {
+    let mut server = TestServer::start_with_env(&[(CHUNK_DELAY_ENV, "100")]);
+    let size = 16 * MIB;
+    let mut setup = setup(&server, Layout::Linear, size).await;
+    let data = pattern(4, size as usize);
+    let mut io = IoClient::session(&server, &setup.attached).await;
+    let map = setup.attached.map.clone();
+    io.write(&map, 0, &data).await;
+    let failed = map.extents[0].replicas[0].device_uuid;
+    setup
+        .agent
+        .report_failure(map.volume_id, failed, "gone")
+        .await
+        .unwrap_or_else(|e| panic!("report: {e}"));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = recoveries(&server).await;
+        if status.first().is_some_and(|s| s.bytes_done >= 6 * MIB) {
+            assert!(status[0].bytes_done < size, "finished before the kill");
+            break;
+        }
+        assert!(Instant::now() < deadline, "copy did not progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill9();
+    drop(io);
+    drop(setup.agent);
+    let restarted = TestServer::start_in(&server.dir);
+    let deadline = Instant::now() + WAIT;
+    let finished = loop {
+        let status = recoveries(&restarted).await;
+        if let Some(done) = status.iter().find(|s| s.state == RecoveryState::Done) {
+            break done.clone();
+        }
+        assert!(
+            status.iter().all(|s| s.state != RecoveryState::Failed),
+            "recovery failed: {status:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no resume; log:\n{}",
+            restarted.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(finished.bytes_done, size);
+    let log = restarted.log();
+    let resumed_at = log
+        .lines()
+        .filter_map(|l| l.split("resuming recovery off device ").nth(1))
+        .filter_map(|rest| rest.split(" at byte ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|n| n.parse::<u64>().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no resume in the log:\n{log}"));
+    assert!(
+        resumed_at >= 4 * MIB,
+        "resumed at {resumed_at}, not from the saved cursor"
+    );
+    let detail = volume_detail(&restarted).await;
+    assert_eq!(detail.map.epoch, map.epoch + 1);
+    assert!(!on_device(&detail.map, failed));
+    assert_data(&setup.devices, &detail.map, &data);
+}
+
+#[tokio::test]
+async fn bad_failure_reports_are_refused_and_change_nothing() {
+    let server = TestServer::start();
+    let mut setup = setup(&server, Layout::Linear, 4 * MIB).await;
+    let mut admin = server.admin().await;
+    admin
+        .request(&AdminRequest::VolumeCreate {
+            name: "other".into(),
+            size_bytes: 4 * MIB,
+            layout: Layout::Linear,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("volume create: {e}"));
+    let other: VolumeDetail = admin
+        .call(&AdminRequest::VolumeShow {
+            name: "other".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pool_before: Vec<DeviceInfo> = admin
+        .call(&AdminRequest::PoolList)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let map = setup.attached.map.clone();
+    let used = map.extents[0].replicas[0].device_uuid;
+    let unused = *setup
+        .devices
+        .keys()
+        .find(|d| !on_device(&map, **d) && !on_device(&other.map, **d))
+        .unwrap_or_else(|| panic!("no unused device"));
+    let cases = [
+        (
+            other.map.volume_id,
+            used,
+            ErrorCode::NotFound,
+            "not attached",
+        ),
+        (999, used, ErrorCode::NotFound, "unknown volume"),
+        (
+            map.volume_id,
+            uuid::Uuid::new_v4(),
+            ErrorCode::NotFound,
+            "unknown device",
+        ),
+        (
+            map.volume_id,
+            unused,
+            ErrorCode::BadRequest,
+            "device not in volume",
+        ),
+    ];
+    for (volume_id, device, code, what) in cases {
+        let refused = setup.agent.report_failure(volume_id, device, what).await;
+        match refused {
+            Err(error) => assert_eq!(error.server_code(), Some(code), "{what}: {error}"),
+            Ok(status) => panic!("{what}: accepted: {status:?}"),
+        }
+    }
+    // The connection still works, and nothing changed.
+    assert_eq!(
+        setup
+            .agent
+            .renew(map.volume_id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        map.lease_ms
+    );
+    assert!(recoveries(&server).await.is_empty());
+    let detail = volume_detail(&server).await;
+    assert_eq!(detail.map, map);
+    assert!(detail.recovery.is_none());
+    let pool_after: Vec<DeviceInfo> = admin
+        .call(&AdminRequest::PoolList)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(pool_before, pool_after);
+}
