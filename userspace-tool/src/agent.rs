@@ -15,9 +15,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use uuid::Uuid;
 
 use crate::context::{CliError, Context};
-use crate::kernel_link::{CreateRequest, KernelLink};
+use crate::kernel_link::{listen_events, CreateRequest, KernelLink};
 use crate::map_encoding::{encode, scan_devices, scan_paths, LocalDevice};
 use crate::output::print_table;
+use crate::recovery_cmd::progress_line;
+use sanblk_uapi::netlink::EventKind;
+use sand::client::Push;
+use sand::protocol::RecoveryStatus;
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -72,6 +76,8 @@ struct RunFiles {
     pid: PathBuf,
     device: PathBuf,
     error: PathBuf,
+    /// The latest recovery status the server pushed, as JSON (read by `sanctl status`).
+    recovery: PathBuf,
 }
 
 impl RunFiles {
@@ -80,11 +86,12 @@ impl RunFiles {
             pid: run_dir.join(format!("{volume}.pid")),
             device: run_dir.join(format!("{volume}.device")),
             error: run_dir.join(format!("{volume}.error")),
+            recovery: run_dir.join(format!("{volume}.recovery")),
         }
     }
 
     fn remove(&self) {
-        for path in [&self.pid, &self.device, &self.error] {
+        for path in [&self.pid, &self.device, &self.error, &self.recovery] {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -187,6 +194,11 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     let volume_id = map.volume_id;
     let mut servers = io_servers(&args, attachment.io_address.as_deref());
     let devices = local_devices(&args);
+    // Remembered now: once a device fails, its label may no longer be readable.
+    let mut known_paths: HashMap<String, Uuid> = devices
+        .iter()
+        .map(|(uuid, d)| (d.path.display().to_string(), *uuid))
+        .collect();
     let encoded = match encode(&map, &devices) {
         Ok(encoded) => encoded,
         Err(error) => {
@@ -236,13 +248,40 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     let lease = Duration::from_millis(map.lease_ms.max(3000));
     let mut renew = tokio::time::interval(lease / 3);
     renew.tick().await;
+    // Path failures the module reports are relayed to the server, which starts recovery.
+    let (event_sender, mut events) = tokio::sync::mpsc::unbounded_channel();
+    if let Err(e) = listen_events(event_sender) {
+        eprintln!(
+            "sanctl attach: kernel events unavailable, path failures will not be reported: {e}"
+        );
+    }
     let mut terminate = signal(SignalKind::terminate()).map_err(local)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(local)?;
     let mut backoff = Duration::from_secs(1);
     loop {
         tokio::select! {
-            update = client.next_map_update() => match update {
-                Ok(map) if map.volume_id == volume_id && map.epoch > epoch => {
+            Some(event) = events.recv() => {
+                if event.volume_id == volume_id && event.kind == EventKind::PathFailed as u32 {
+                    for (uuid, device) in local_devices(&args) {
+                        known_paths.entry(device.path.display().to_string()).or_insert(uuid);
+                    }
+                    report_path_failure(&mut client, &known_paths, volume_id, &event.device_path).await;
+                }
+            }
+            push = client.next_push() => match push {
+                Ok(Push::RecoveryStatus(status)) if status.volume_id == volume_id => {
+                    println!("recovery of {}: {:?} {}", args.volume, status.state, progress_line(&status));
+                    match serde_json::to_vec(&status) {
+                        Ok(json) => {
+                            if let Err(e) = std::fs::write(&files.recovery, json) {
+                                eprintln!("sanctl attach: {}: {e}", files.recovery.display());
+                            }
+                        }
+                        Err(e) => eprintln!("sanctl attach: recovery status: {e}"),
+                    }
+                }
+                Ok(Push::RecoveryStatus(_)) => {}
+                Ok(Push::MapUpdate(map)) if map.volume_id == volume_id && map.epoch > epoch => {
                     match install_update(&kernel, &map, &args, &servers) {
                         Ok(()) => {
                             epoch = map.epoch;
@@ -254,7 +293,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                         Err(e) => eprintln!("sanctl attach: kernel refused epoch {}: {e}", map.epoch),
                     }
                 }
-                Ok(_) => {}
+                Ok(Push::MapUpdate(_)) => {}
                 Err(error) => {
                     eprintln!("sanctl attach: lost the server ({error}); reconnecting");
                     loop {
@@ -298,6 +337,28 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                 }
             }
         }
+    }
+}
+
+/// Tells the server that the kernel lost its direct path to the device at `path`, so it
+/// starts recovering the volume's data onto another device.
+async fn report_path_failure(
+    client: &mut AgentClient,
+    known_paths: &HashMap<String, Uuid>,
+    volume_id: u64,
+    path: &str,
+) {
+    let Some(uuid) = known_paths.get(path).copied() else {
+        eprintln!("sanctl attach: the kernel reports {path} failed, but no SAN device label is found there");
+        return;
+    };
+    let reason = format!("direct I/O to {path} failed on this host");
+    match client.report_failure(volume_id, uuid, &reason).await {
+        Ok(status) => println!(
+            "reported failure of {uuid} ({path}): recovery {:?}",
+            status.state
+        ),
+        Err(e) => eprintln!("sanctl attach: cannot report the failure of {uuid}: {e}"),
     }
 }
 
@@ -383,11 +444,52 @@ pub async fn detach(args: DetachArgs) -> Result<(), CliError> {
     )))
 }
 
-pub fn status(context: &Context) -> Result<(), CliError> {
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The agents' run directory, where they leave recovery progress.
+    #[arg(long, default_value = "/run/sanblk")]
+    run_dir: PathBuf,
+}
+
+/// Recovery progress the agents on this host received, by volume name.
+fn recoveries(run_dir: &Path) -> Vec<(String, RecoveryStatus)> {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, RecoveryStatus)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry
+                .file_name()
+                .to_string_lossy()
+                .strip_suffix(".recovery")?
+                .to_string();
+            let text = std::fs::read(entry.path()).ok()?;
+            serde_json::from_slice(&text)
+                .ok()
+                .map(|status| (name, status))
+        })
+        .collect();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found
+}
+
+pub fn status(context: &Context, args: &StatusArgs) -> Result<(), CliError> {
     let kernel = KernelLink::open().map_err(local)?;
     let status = kernel.status().map_err(local)?;
     if context.json {
-        return context.print_json(&status);
+        let recoveries: Vec<RecoveryStatus> = recoveries(&args.run_dir)
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        let mut json = serde_json::to_value(&status).map_err(local)?;
+        if let Some(object) = json.as_object_mut() {
+            object.insert(
+                "recoveries".into(),
+                serde_json::to_value(recoveries).map_err(local)?,
+            );
+        }
+        return context.print_json(&json);
     }
     println!(
         "sanblk module {} (protocol {}, block major {})",
@@ -459,5 +561,17 @@ pub fn status(context: &Context) -> Result<(), CliError> {
         &["VOLUME", "SAN DEVICE", "PATH STATE", "ERRORS"],
         &device_rows,
     );
+    let recoveries = recoveries(&args.run_dir);
+    if !recoveries.is_empty() {
+        println!();
+        for (volume, recovery) in recoveries {
+            println!(
+                "recovery of {volume} (device {}): {:?} {}",
+                recovery.device_uuid,
+                recovery.state,
+                progress_line(&recovery)
+            );
+        }
+    }
     Ok(())
 }

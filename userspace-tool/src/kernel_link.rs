@@ -577,3 +577,53 @@ fn parse_volume(nest: &Nlattr<u16, Buffer>) -> Result<KernelVolume, KernelError>
     }
     Ok(volume)
 }
+
+/// A notification the module multicasts on the `events` group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelEvent {
+    pub kind: u32,
+    pub volume_id: u64,
+    pub device_path: String,
+}
+
+/// Joins the module's `events` multicast group and forwards every notification to `sender`
+/// from a thread of its own (neli's receiver blocks); the thread ends with the receiver.
+pub fn listen_events(
+    sender: tokio::sync::mpsc::UnboundedSender<KernelEvent>,
+) -> Result<(), KernelError> {
+    let (router, mut multicast) = NlRouter::connect(NlFamily::Generic, None, Groups::empty())
+        .map_err(|e| KernelError::Netlink(format!("cannot open a generic netlink socket: {e}")))?;
+    let group = router
+        .resolve_nl_mcast_group(FAMILY_NAME, sanblk_uapi::netlink::EVENTS_GROUP)
+        .map_err(|e| KernelError::NotLoaded(e.to_string()))?;
+    router
+        .add_mcast_membership(Groups::new_groups(&[group]))
+        .map_err(|e| KernelError::Netlink(format!("cannot join the events group: {e}")))?;
+    std::thread::spawn(move || {
+        // The router must live as long as its multicast receiver.
+        let _router = router;
+        while let Some(message) = multicast.next_typed::<u16, Message>() {
+            let Ok(message) = message else { continue };
+            let Some(payload) = message.get_payload() else {
+                continue;
+            };
+            let mut event = KernelEvent {
+                kind: 0,
+                volume_id: 0,
+                device_path: String::new(),
+            };
+            for attr in payload.attrs().iter() {
+                match Attr::from_u16(u16::from(attr.nla_type()) & 0x3fff) {
+                    Some(Attr::EventKind) => event.kind = u32_of(attr),
+                    Some(Attr::VolumeId) => event.volume_id = u64_of(attr),
+                    Some(Attr::DevicePath) => event.device_path = text_of(attr),
+                    _ => {}
+                }
+            }
+            if sender.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}

@@ -65,7 +65,7 @@ enum Command {
     /// Detach a volume attached by `sanctl attach` on this host.
     Detach(agent::DetachArgs),
     /// Show the kernel module's view: attached volumes, epochs, SAN device paths and counters.
-    Status,
+    Status(agent::StatusArgs),
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
@@ -77,7 +77,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Recovery(command) => recovery_cmd::run(command, &mut context).await,
         Command::Attach(args) => agent::attach(args).await,
         Command::Detach(args) => agent::detach(args).await,
-        Command::Status => agent::status(&context),
+        Command::Status(args) => agent::status(&context, &args),
     }
 }
 
