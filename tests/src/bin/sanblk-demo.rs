@@ -1,6 +1,8 @@
 //! `make demo`: a server on the host with two image files as SAN disks, one QEMU client guest
-//! running the real module. The guest attaches a mirrored volume through the agent, writes and
-//! reads it, and shows `sanctl status`; the host shows the server's view.
+//! running the real module. The guest attaches a volume through the agent, writes and reads
+//! it, and shows `sanctl status`; the host shows the server's view. Then the volume's SAN disk
+//! fails under load (dm-error inside the guest): I/O is redirected to the server, the server
+//! recovers the volume onto the spare disk with progress reports, and direct I/O resumes there.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -22,15 +24,15 @@ fn demo() -> Result<(), String> {
         sparse_image(&path, 256 * MIB).map_err(|e| e.to_string())?;
         images.push(path);
     }
-    for image in &images {
-        print!(
-            "{}",
-            server.sanctl(&["pool", "add", &image.display().to_string()])
-        );
-    }
+    // The volume lands on san0, the only device when it is created; san1 is the spare.
     print!(
         "{}",
-        server.sanctl(&["volume", "create", "demo", "64M", "--layout", "mirror"])
+        server.sanctl(&["pool", "add", &images[0].display().to_string()])
+    );
+    print!("{}", server.sanctl(&["volume", "create", "demo", "64M"]));
+    print!(
+        "{}",
+        server.sanctl(&["pool", "add", &images[1].display().to_string()])
     );
     let secret = dir.join("client1.secret");
     server.sanctl(&[
@@ -45,13 +47,17 @@ fn demo() -> Result<(), String> {
     print!("{}", server.sanctl(&["pool", "list"]));
     print!("{}", server.sanctl(&["volume", "show", "demo"]));
 
+    let io_port = server.io_port()?;
     let script = format!(
         r#"exec > demo.txt 2>&1
 set -e
-echo "== guest: loading sanblk.ko"
+echo "== guest: loading sanblk.ko; SAN disk san0 is a dm device over /dev/vda so it can fail"
 insmod {module}
 S={sanctl}
-$S attach demo --server 10.0.2.100:{port} --client client1 --secret-file {secret} > agent.txt 2>&1 &
+SECTORS=$(blockdev --getsz /dev/vda)
+dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
+$S attach demo --server 10.0.2.100:{port} --client client1 --secret-file {secret} \
+    --device /dev/mapper/san0 --device /dev/vdb --io-server 10.0.2.100:{io_port} > agent.txt 2>&1 &
 for i in $(seq 1 200); do [ -e /run/sanblk/demo.device ] && break; sleep 0.2; done
 cat agent.txt
 dev=$(cat /run/sanblk/demo.device)
@@ -62,7 +68,22 @@ dd if=$dev of=/tmp/back bs=1M count=32 iflag=direct status=none
 cmp /tmp/data /tmp/back && echo "read back identical"
 echo "== guest: sanctl status"
 $S status
+echo "== guest: san0 fails (dm-error); a writer keeps going"
+dd if=/dev/urandom of=/tmp/more bs=1M count=16 status=none
+dmsetup reload san0 --table "0 $SECTORS error"
+dmsetup resume san0
+dd if=/tmp/more of=$dev bs=1M seek=32 oflag=direct status=none && echo "writer finished without an error"
+$S status
+for i in $(seq 1 300); do grep -q "now at epoch" agent.txt && break; sleep 0.2; done
+echo "== guest: agent log (failure reported, recovery progress, new epoch)"
+cat agent.txt
+echo "== guest: sanctl status after recovery (direct I/O on the spare disk)"
+$S status
+dd if=$dev of=/tmp/back bs=1M count=32 iflag=direct status=none
+dd if=$dev of=/tmp/moreback bs=1M skip=32 count=16 iflag=direct status=none
+cmp /tmp/data /tmp/back && cmp /tmp/more /tmp/moreback && echo "all 48 MiB read back identical"
 $S detach demo
+dmsetup remove san0
 "#,
         module = module_path().display(),
         sanctl = target_bin("sanctl").display(),
@@ -71,6 +92,7 @@ $S detach demo
     );
     let mut config = VmConfig::new("demo", &script)
         .forward_port(server.port)
+        .forward_port(io_port)
         .timeout(Duration::from_secs(300));
     for image in &images {
         config = config.disk(image);
@@ -79,7 +101,8 @@ $S detach demo
     let outcome = run(&config).map_err(|e| format!("{e:?}"))?;
     print!("{}", outcome.read_out_file("demo.txt").unwrap_or_default());
     outcome.check_clean_success()?;
-    println!("== server view after detach");
+    println!("== server view after recovery and detach");
+    print!("{}", server.sanctl(&["pool", "list"]));
     print!("{}", server.sanctl(&["volume", "show", "demo"]));
     println!("== guest log: {}", outcome.log_dir.display());
     Ok(())
