@@ -12,7 +12,6 @@ use sanblk_tests::blocks::BLOCK;
 use sanblk_tests::{
     blocks, module_path, scratch_dir, sparse_image, spawn, target_bin, SandServer, VmConfig,
 };
-use sand::map::VolumeMap;
 use sand::protocol::{DeviceInfo, VolumeDetail};
 
 const MIB: u64 = 1 << 20;
@@ -20,41 +19,6 @@ const VOLUME: u64 = 16 * MIB;
 
 fn pattern(seed: u8, size: u64) -> Vec<u8> {
     blocks::pattern("sand", seed, size)
-}
-
-fn read_at(image: &Path, offset: u64, len: u64) -> Vec<u8> {
-    blocks::read_at(image, offset, len).expect("read image")
-}
-
-/// Checks every block of `expected` against every replica the server's map gives for it.
-fn verify_against_map(
-    map: &VolumeMap,
-    images: &HashMap<uuid::Uuid, PathBuf>,
-    expected: &[u8],
-) -> usize {
-    let mut checked = 0;
-    for extent in &map.extents {
-        let mut offset = 0;
-        while offset < extent.length && extent.volume_offset + offset < expected.len() as u64 {
-            let at = (extent.volume_offset + offset) as usize;
-            let want = &expected[at..at + BLOCK as usize];
-            for replica in &extent.replicas {
-                let image = &images[&replica.device_uuid];
-                let got = read_at(image, replica.device_offset + offset, BLOCK);
-                assert!(
-                    got == want,
-                    "{}: volume offset {at} not at {} offset {}: found {:?}",
-                    map.name,
-                    image.display(),
-                    replica.device_offset + offset,
-                    String::from_utf8_lossy(&got[..32])
-                );
-                checked += 1;
-            }
-            offset += BLOCK;
-        }
-    }
-    checked
 }
 
 fn wait_for_file(path: &Path, timeout: Duration) -> bool {
@@ -221,7 +185,7 @@ rmmod sanblk
         let detail: VolumeDetail =
             serde_json::from_str(&server.sanctl(&["--json", "volume", "show", volume]))
                 .expect("volume json");
-        checked += verify_against_map(&detail.map, &by_uuid, &pattern(seed, VOLUME));
+        checked += blocks::verify_against_map(&detail.map, &by_uuid, &pattern(seed, VOLUME));
     }
     // 16 MiB per volume, mirror twice: every block was checked.
     assert_eq!(checked as u64, 4 * VOLUME / BLOCK);

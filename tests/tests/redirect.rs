@@ -15,7 +15,6 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sanblk_tests::blocks::BLOCK;
 use sanblk_tests::{
     blocks, module_path, run, scratch_dir, sparse_image, target_bin, SandServer, VmConfig,
 };
@@ -27,30 +26,6 @@ const VOLUME: u64 = 16 * MIB;
 
 fn pattern(seed: u8, size: u64) -> Vec<u8> {
     blocks::pattern("redirect", seed, size)
-}
-
-/// Checks every block of `expected` at every replica the server's map gives for it.
-fn verify_against_map(map: &VolumeMap, images: &HashMap<uuid::Uuid, PathBuf>, expected: &[u8]) {
-    for extent in &map.extents {
-        let mut offset = 0;
-        while offset < extent.length && extent.volume_offset + offset < expected.len() as u64 {
-            let at = (extent.volume_offset + offset) as usize;
-            let want = &expected[at..at + BLOCK as usize];
-            for replica in &extent.replicas {
-                let image = &images[&replica.device_uuid];
-                let got = blocks::read_at(image, replica.device_offset + offset, BLOCK)
-                    .expect("read image");
-                assert!(
-                    got == want,
-                    "{}: volume offset {at} not at {} offset {}",
-                    map.name,
-                    image.display(),
-                    replica.device_offset + offset
-                );
-            }
-            offset += BLOCK;
-        }
-    }
 }
 
 struct Setup {
@@ -192,7 +167,7 @@ dmsetup remove san0
         serde_json::json!(["10.0.2.100:9", format!("10.0.2.100:{io_port}")])
     );
     // The data written after the failure reached the disk through the server's own path.
-    verify_against_map(
+    blocks::verify_against_map(
         &volume_map(&setup.server, "vlin"),
         &setup.by_uuid,
         &pattern(2, VOLUME),
