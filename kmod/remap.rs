@@ -10,9 +10,9 @@ use kernel::bindings;
 use kernel::prelude::*;
 
 use crate::abi_frame::{Op, FLAG_FUA};
-use crate::abi_map::MAX_MEMBERS;
-use crate::server::Piece;
-use crate::volume::Volume;
+use crate::abi_map::{Piece, Target, MAX_MEMBERS};
+use crate::server::Piece as ServerPiece;
+use crate::volume::{MapState, Volume, MAX_VOLUME_DEVICES};
 
 const BLK_STS_NOTSUPP: bindings::blk_status_t = 1;
 const BLK_STS_IOERR: bindings::blk_status_t = 10;
@@ -93,22 +93,22 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
     if is_write && volume.read_only {
         return fail_bio(bio, BLK_STS_IOERR);
     }
-    let map = volume.current_map();
-    if opf & REQ_PREFLUSH != 0 {
-        flush_all_devices(volume, &map.slots, bio, map.epoch);
+    let offset = sector << 9;
+    let preflush = opf & REQ_PREFLUSH != 0;
+    // One RCU read section maps the whole bio, so it sees exactly one epoch; what the rest
+    // needs (targets resolved to device slots) is copied out, since allocating may sleep.
+    let Some(mapped) = volume.with_map(|map| Mapped::new(map, offset, size as u64, preflush)) else {
+        return fail_bio(bio, BLK_STS_IOERR);
+    };
+    if preflush {
+        flush_all_devices(volume, &mapped.all_slots[..mapped.all_slot_count], bio, mapped.epoch);
         if size == 0 {
             // SAFETY: drops the submission reference; completes once the flushes do.
             unsafe { bindings::bio_endio(bio) };
             return;
         }
     }
-
-    let view = map.view();
-    let offset = sector << 9;
-    let piece = match view.map(offset, size as u64) {
-        Some(piece) => piece,
-        None => return fail_bio(bio, BLK_STS_IOERR),
-    };
+    let piece = mapped.piece;
     let mut bio = bio;
     if piece.length < size as u64 {
         // Handle the front piece now and resubmit the rest, which re-enters here: at most one
@@ -147,17 +147,17 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
         },
         flags: if opf & REQ_FUA != 0 { FLAG_FUA } else { 0 },
         volume_offset: offset,
-        epoch: map.epoch,
+        epoch: mapped.epoch,
     };
     // Pieces touching a device already marked failed go straight to the server path (queued
     // for its thread: nothing here waits for the network).
     let redirect = info.op != 0 && volume.server.enabled();
     if is_write {
-        if redirect && targets.iter().any(|t| !device_healthy(volume, slot_of(&map.slots, t.device))) {
+        if redirect && targets.iter().any(|t| !device_healthy(volume, t.device)) {
             to_server(volume, bio, &info);
         } else {
             for target in targets {
-                clone_to(volume, bio, slot_of(&map.slots, target.device), target.offset >> 9, true, &info);
+                clone_to(volume, bio, target.device, target.offset >> 9, true, &info);
             }
         }
     } else {
@@ -168,11 +168,11 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
             .cycle()
             .skip(preferred)
             .take(targets.len())
-            .find(|t| device_healthy(volume, slot_of(&map.slots, t.device)))
+            .find(|t| device_healthy(volume, t.device))
             .or_else(|| targets.get(preferred));
         match chosen {
             Some(target) => {
-                let slot = slot_of(&map.slots, target.device);
+                let slot = target.device;
                 if redirect && !device_healthy(volume, slot) {
                     to_server(volume, bio, &info);
                 } else {
@@ -186,6 +186,39 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
     }
     // SAFETY: drops the submission reference; the bio completes when its clones do.
     unsafe { bindings::bio_endio(bio) };
+}
+
+/// What one RCU read section of the map yields for a bio.
+struct Mapped {
+    /// The front piece, its targets' `device` already translated to volume device slots.
+    piece: Piece,
+    epoch: u64,
+    /// Every device slot of the map, filled only for a PREFLUSH.
+    all_slots: [u32; MAX_VOLUME_DEVICES],
+    all_slot_count: usize,
+}
+
+impl Mapped {
+    /// `None` when the range lies outside the map (an empty PREFLUSH maps to a zero-length piece).
+    fn new(map: &MapState, offset: u64, length: u64, preflush: bool) -> Option<Mapped> {
+        let mut piece = if length == 0 && preflush {
+            Piece { length: 0, target_count: 0, targets: [Target { device: 0, offset: 0 }; MAX_MEMBERS] }
+        } else {
+            map.view().map(offset, length)?
+        };
+        for target in piece.targets.iter_mut().take(piece.target_count as usize) {
+            target.device = slot_of(&map.slots, target.device);
+        }
+        let mut all_slots = [u32::MAX; MAX_VOLUME_DEVICES];
+        let mut all_slot_count = 0;
+        if preflush {
+            for (dst, src) in all_slots.iter_mut().zip(map.slots.iter()) {
+                *dst = *src;
+                all_slot_count += 1;
+            }
+        }
+        Some(Mapped { piece, epoch: map.epoch, all_slots, all_slot_count })
+    }
 }
 
 /// The volume device slot of map device `index` (u32::MAX, an empty slot, if out of range).
@@ -209,7 +242,7 @@ fn device_healthy(volume: &Volume, slot: u32) -> bool {
 unsafe fn fill_piece(clone: *mut bindings::bio, parent: *mut bindings::bio, info: &PieceInfo) {
     // SAFETY: the context lies in front of the clone in the same allocation (contract).
     unsafe {
-        let piece = Piece::of(clone);
+        let piece = ServerPiece::of(clone);
         (*piece).parent = parent;
         (*piece).volume_offset = info.volume_offset;
         (*piece).epoch = info.epoch;
@@ -238,7 +271,7 @@ fn to_server(volume: &Volume, bio: *mut bindings::bio, info: &PieceInfo) {
         fill_piece(clone, bio, info);
         sanblk_bio_inc_remaining(bio.cast());
         volume.inflight.fetch_add(1, Ordering::AcqRel);
-        volume.server.queue(Piece::of(clone));
+        volume.server.queue(ServerPiece::of(clone));
         volume.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -320,7 +353,7 @@ unsafe extern "C" fn clone_endio(clone: *mut bindings::bio) {
             if let Some((_, device)) = volume.devices.iter().find(|(_, d)| d.bdev() == bdev) {
                 device.note_error();
             }
-            let piece = Piece::of(clone);
+            let piece = ServerPiece::of(clone);
             if (*piece).op != 0 && volume.server.enabled() {
                 // Redirect instead of failing: the clone, its in-flight count and its share
                 // of the parent pass to the server path, which completes the parent. The

@@ -7,6 +7,7 @@
  */
 #include <linux/bio.h>
 #include <linux/llist.h>
+#include <linux/rcupdate.h>
 #include <linux/net.h>
 #include <linux/tcp.h>
 #include <net/genetlink.h>
@@ -67,6 +68,8 @@ const void *sanblk_nla_data(const struct nlattr *attr) { return nla_data(attr); 
 int sanblk_nla_len(const struct nlattr *attr) { return nla_len(attr); }
 
 void sanblk_bio_inc_remaining(struct bio *bio) { bio_inc_remaining(bio); }
+void sanblk_rcu_read_lock(void) { rcu_read_lock(); }
+void sanblk_rcu_read_unlock(void) { rcu_read_unlock(); }
 
 /* Server path (server.rs): init_net, socket timeouts and the static inlines it needs. */
 struct net *sanblk_init_net(void) { return &init_net; }

@@ -5,10 +5,10 @@
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use kernel::bindings;
-use kernel::{fmt, new_spinlock};
+use kernel::{fmt, new_mutex};
 use kernel::prelude::*;
 use kernel::str::CString;
-use kernel::sync::{Arc, SpinLock};
+use kernel::sync::{Arc, ArcBorrow, Mutex};
 use kernel::types::Opaque;
 
 use crate::abi_map::MapView;
@@ -22,11 +22,17 @@ const DISK_NAME_MAX: usize = 31;
 /// Reserved bios: one call of submit_bio takes at most one split and MAX_MEMBERS clones.
 const BIOSET_RESERVE: u32 = 16;
 
+extern "C" {
+    fn sanblk_rcu_read_lock();
+    fn sanblk_rcu_read_unlock();
+}
+
 const BLK_FEAT_WRITE_CACHE: bindings::blk_features_t = 1 << 0;
 const BLK_FEAT_FUA: bindings::blk_features_t = 1 << 1;
 
-/// An immutable, validated map of one epoch. Bios hold an `Arc` to the map they were mapped
-/// with, so a map update never changes the mapping of a bio in flight.
+/// An immutable, validated map of one epoch. A bio is mapped inside one RCU read section
+/// (`Volume::with_map`), so it sees exactly one epoch; clones only keep device slots, which
+/// are set once per volume and outlive every map.
 pub(crate) struct MapState {
     bytes: KVec<u8>,
     pub(crate) epoch: u64,
@@ -134,8 +140,12 @@ pub(crate) struct Volume {
     pub(crate) name: CString,
     pub(crate) index: u32,
     pub(crate) read_only: bool,
+    /// The current map: one `Arc` reference, read under RCU by submit_bio (no lock, no
+    /// reference count on the hot path), replaced under `map_update` then freed after a grace
+    /// period.
+    map: AtomicPtr<MapState>,
     #[pin]
-    map: SpinLock<Arc<MapState>>,
+    map_update: Mutex<()>,
     pub(crate) devices: DeviceSlots,
     pub(crate) token: KVec<u8>,
     /// The second data path: failed direct pieces are re-issued to the server.
@@ -182,7 +192,8 @@ impl Volume {
                 name: new.name,
                 index: new.index,
                 read_only: new.read_only,
-                map <- new_spinlock!(map, "sanblk_volume_map"),
+                map: AtomicPtr::new(Arc::into_raw(map).cast_mut()),
+                map_update <- new_mutex!((), "sanblk_volume_map_update"),
                 devices,
                 token: new.token,
                 server: ServerPath::new(new.servers),
@@ -251,9 +262,24 @@ impl Volume {
         Ok(())
     }
 
-    /// The map new bios are mapped with.
+    /// Runs `f` on the current map inside an RCU read section: `f` must not sleep. The hot
+    /// path of submit_bio, which copies out what it needs.
+    pub(crate) fn with_map<R>(&self, f: impl FnOnce(&MapState) -> R) -> R {
+        // SAFETY: one-line wrapper of rcu_read_lock; paired with the unlock below.
+        unsafe { sanblk_rcu_read_lock() };
+        // SAFETY: the pointer always holds an `Arc` reference (set in `create`); an old map is
+        // released only after `synchronize_rcu` in `replace_map`, so it outlives this section.
+        let result = f(unsafe { &*self.map.load(Ordering::Acquire) });
+        // SAFETY: closes the section opened above.
+        unsafe { sanblk_rcu_read_unlock() };
+        result
+    }
+
+    /// The map new bios are mapped with, as a reference the caller may keep (slow paths).
     pub(crate) fn current_map(&self) -> Arc<MapState> {
-        self.map.lock().clone()
+        // SAFETY: see `with_map`; the reference taken here is a new one, the published one
+        // stays owned by the pointer.
+        self.with_map(|map| unsafe { ArcBorrow::from_raw(map as *const MapState).into() })
     }
 
     /// Installs a newer epoch atomically with respect to bio mapping.
@@ -261,10 +287,14 @@ impl Volume {
         let new_size = map.size;
         let map = Arc::new(map, GFP_KERNEL)?;
         let old_size = {
-            let mut current = self.map.lock();
-            let old = current.size;
-            *current = map;
-            old
+            let _writer = self.map_update.lock();
+            let old = self.map.swap(Arc::into_raw(map).cast_mut(), Ordering::AcqRel);
+            // Every submit_bio that could still see the old map finishes its read section.
+            // SAFETY: process context (netlink), no spinlock held.
+            unsafe { bindings::synchronize_rcu() };
+            // SAFETY: `old` came from `Arc::into_raw` and no reader can reach it any more.
+            let old = unsafe { Arc::from_raw(old) };
+            old.size
         };
         let disk = self.disk.load(Ordering::Acquire);
         if new_size != old_size && !disk.is_null() {
@@ -325,5 +355,7 @@ impl PinnedDrop for Volume {
         // SAFETY: the disk is gone and every clone completed (remove_disk ran before the last
         // reference was dropped), so the pool is unused.
         unsafe { bindings::bioset_exit(self.bioset.0.get()) };
+        // SAFETY: the published map reference; no reader is left (the disk is gone).
+        drop(unsafe { Arc::from_raw(self.map.load(Ordering::Acquire)) });
     }
 }
