@@ -258,7 +258,7 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
     let servers = parse_servers(request)?;
     let token = parse_token(request)?;
     let current = volume.current_map();
-    if epoch == current.epoch && map.same_bytes(&current) {
+    if epoch == current.epoch && (token.is_some() || servers.is_some()) && map.same_bytes(&current) {
         // Re-delivery of the current map after the agent reconnected to the server: only the
         // session token and the server addresses change.
         apply_server_settings(volume, token, servers);

@@ -21,7 +21,8 @@ pub enum Command {
     Create = 1,
     /// Replace the map of an attached volume by a newer epoch. Optional TOKEN and SERVERS
     /// replace the server path's session token and addresses; the current epoch with the
-    /// identical map is accepted too, to deliver only those (agent reconnected to the server).
+    /// identical map is accepted too when one of them is present, to deliver only those (the
+    /// agent reconnected to the server).
     UpdateMap = 2,
     /// Hold new I/O and drain in-flight I/O before a configuration change.
     Quiesce = 3,
