@@ -454,3 +454,147 @@ dmsetup remove san0
     );
     blocks::verify_against_map(&volume_map(&server, "vrun"), &by_uuid, &during);
 }
+
+/// A `sand` started by hand on fixed ports (a restart of the test's server); killed on drop.
+struct RestartedSand(std::process::Child);
+
+impl Drop for RestartedSand {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for the guest to create `dir/restart-sand`, kills `server` and starts `sand` again on
+/// the same metadata and ports, then creates `dir/sand-restarted`.
+fn restart_on_request(
+    server: SandServer,
+    io_port: u16,
+) -> std::thread::JoinHandle<Option<RestartedSand>> {
+    std::thread::spawn(move || {
+        let dir = server.dir.clone();
+        let port = server.port;
+        let deadline = std::time::Instant::now() + Duration::from_secs(400);
+        while !dir.join("restart-sand").exists() {
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drop(server);
+        let log = fs::File::create(dir.join("sand-restarted.log")).ok()?;
+        let child = std::process::Command::new(target_bin("sand"))
+            .arg("--metadata-dir")
+            .arg(dir.join("sand-metadata"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--io-listen")
+            .arg(format!("127.0.0.1:{io_port}"))
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().ok()?)
+            .stderr(log)
+            .spawn()
+            .ok()?;
+        let restarted = RestartedSand(child);
+        let listening = |p: u16| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !(listening(port) && listening(io_port)) {
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        fs::write(dir.join("sand-restarted"), b"").ok()?;
+        Some(restarted)
+    })
+}
+
+/// After the server restarts, the agent reconnects and gets a new session token; it hands the
+/// token to the kernel with UPDATE_MAP (same epoch), the server path reconnects with it, and
+/// redirected I/O keeps working instead of being refused with the stale token.
+#[test]
+fn new_session_token_reaches_the_kernel_after_the_agent_reconnects() {
+    let setup = setup("redirect-token", &["vtk"]);
+    let port = setup.server.port;
+    let io_port = setup.server.io_port().expect("io port");
+    let one = pattern(31, VOLUME / 4);
+    let two = pattern(32, VOLUME);
+    fs::write(setup.dir.join("one.pattern"), &one).expect("pattern");
+    fs::write(setup.dir.join("two.pattern"), &two).expect("pattern");
+    let script = format!(
+        r#"{prologue}
+$S attach vtk --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
+    --device /dev/mapper/san0 --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
+wait_for /run/sanblk/vtk.device
+dev=$(cat /run/sanblk/vtk.device)
+# The server path is in use (connected, authenticated with the first token).
+fail_san0
+dd if=$D/one.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+$S --json status > first.json
+touch $D/restart-sand
+wait_for $D/sand-restarted
+# The agent reconnects (new session, new token) and re-delivers the map with the token.
+for i in $(seq 1 300); do grep -q "reconnected to" agent.log && break; sleep 0.2; done
+grep "reconnected to" agent.log
+dd if=$D/two.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/two.pattern
+$S --json status > second.json
+$S detach vtk
+rmmod sanblk
+dmsetup remove san0
+"#,
+        prologue = prologue(&setup),
+    );
+    let config = VmConfig::new("redirect-token", &script)
+        .disk(&setup.image)
+        .forward_port(port)
+        .forward_port(io_port)
+        .timeout(Duration::from_secs(500));
+    let Setup {
+        dir,
+        server,
+        by_uuid,
+        ..
+    } = setup;
+    let restarter = restart_on_request(server, io_port);
+    let outcome = run(&config).expect("guest ran");
+    let restarted = restarter.join().expect("restart thread");
+    outcome.assert_clean_success();
+    assert!(restarted.is_some(), "sand was not restarted");
+
+    let json = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&outcome.read_out_file(name).expect("status file")).expect("json")
+    };
+    let (first, second) = (json("first.json"), json("second.json"));
+    assert_eq!(first["volumes"][0]["server_path"], "connected", "{first}");
+    assert_eq!(second["volumes"][0]["server_path"], "connected", "{second}");
+    assert!(
+        counter(&second, "redirected_ios") > counter(&first, "redirected_ios"),
+        "nothing went over the server path after the restart: {first} {second}"
+    );
+    assert!(
+        outcome
+            .serial_log
+            .contains("new session token; reconnecting the server path"),
+        "the kernel did not reconnect with the new token"
+    );
+    // The restarted server wrote the data through its own path.
+    let map: VolumeMap = {
+        let text = fs::read_to_string(dir.join("sand-restarted.log")).unwrap_or_default();
+        assert!(!text.contains("panicked"), "{text}");
+        serde_json::from_str::<VolumeDetail>(&String::from_utf8_lossy(
+            &std::process::Command::new(target_bin("sanctl"))
+                .arg("--admin-socket")
+                .arg(dir.join("sand-metadata").join("admin.sock"))
+                .args(["--json", "volume", "show", "vtk"])
+                .output()
+                .expect("sanctl")
+                .stdout,
+        ))
+        .expect("volume json")
+        .map
+    };
+    blocks::verify_against_map(&map, &by_uuid, &two);
+    drop(restarted);
+}
