@@ -12,11 +12,11 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sanblk_tests::{
-    blocks, module_path, run, scratch_dir, sparse_image, target_bin, SandServer, VmConfig,
+    blocks, module_path, run, scratch_dir, sparse_image, spawn, target_bin, SandServer, VmConfig,
 };
 use sand::map::VolumeMap;
 use sand::protocol::{DeviceInfo, VolumeDetail};
@@ -465,48 +465,36 @@ impl Drop for RestartedSand {
     }
 }
 
-/// Waits for the guest to create `dir/restart-sand`, kills `server` and starts `sand` again on
-/// the same metadata and ports, then creates `dir/sand-restarted`.
-fn restart_on_request(
-    server: SandServer,
-    io_port: u16,
-) -> std::thread::JoinHandle<Option<RestartedSand>> {
-    std::thread::spawn(move || {
-        let dir = server.dir.clone();
-        let port = server.port;
-        let deadline = std::time::Instant::now() + Duration::from_secs(400);
-        while !dir.join("restart-sand").exists() {
-            if std::time::Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+/// Waits until the guest creates `restart-sand` in its output directory `out` (or exits), then
+/// kills `server` and starts `sand` again on the same metadata and ports.
+fn restart_on_request(out: &Path, server: SandServer, io_port: u16) -> Option<RestartedSand> {
+    let dir = server.dir.clone();
+    let port = server.port;
+    let deadline = std::time::Instant::now() + Duration::from_secs(400);
+    while !out.join("restart-sand").exists() {
+        let exited = fs::read_to_string(out.join("serial.log"))
+            .map(|log| log.contains(sanblk_tests::marker::EXIT_MARKER))
+            .unwrap_or(false);
+        if exited || std::time::Instant::now() > deadline {
+            return None;
         }
-        drop(server);
-        let log = fs::File::create(dir.join("sand-restarted.log")).ok()?;
-        let child = std::process::Command::new(target_bin("sand"))
-            .arg("--metadata-dir")
-            .arg(dir.join("sand-metadata"))
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--io-listen")
-            .arg(format!("127.0.0.1:{io_port}"))
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().ok()?)
-            .stderr(log)
-            .spawn()
-            .ok()?;
-        let restarted = RestartedSand(child);
-        let listening = |p: u16| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !(listening(port) && listening(io_port)) {
-            if std::time::Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        fs::write(dir.join("sand-restarted"), b"").ok()?;
-        Some(restarted)
-    })
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(server);
+    let log = fs::File::create(dir.join("sand-restarted.log")).ok()?;
+    let child = std::process::Command::new(target_bin("sand"))
+        .arg("--metadata-dir")
+        .arg(dir.join("sand-metadata"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--io-listen")
+        .arg(format!("127.0.0.1:{io_port}"))
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().ok()?)
+        .stderr(log)
+        .spawn()
+        .ok()?;
+    Some(RestartedSand(child))
 }
 
 /// After the server restarts, the agent reconnects and gets a new session token; it hands the
@@ -531,8 +519,7 @@ dev=$(cat /run/sanblk/vtk.device)
 fail_san0
 dd if=$D/one.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 $S --json status > first.json
-touch $D/restart-sand
-wait_for $D/sand-restarted
+touch restart-sand
 # The agent reconnects (new session, new token) and re-delivers the map with the token.
 for i in $(seq 1 300); do grep -q "reconnected to" agent.log && break; sleep 0.2; done
 grep "reconnected to" agent.log
@@ -557,9 +544,9 @@ dmsetup remove san0
         by_uuid,
         ..
     } = setup;
-    let restarter = restart_on_request(server, io_port);
-    let outcome = run(&config).expect("guest ran");
-    let restarted = restarter.join().expect("restart thread");
+    let vm = spawn(&config).expect("guest started");
+    let restarted = restart_on_request(vm.log_dir(), server, io_port);
+    let outcome = vm.wait().expect("guest ran");
     outcome.assert_clean_success();
     assert!(restarted.is_some(), "sand was not restarted");
 

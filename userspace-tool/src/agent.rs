@@ -164,15 +164,18 @@ fn io_servers(args: &AttachArgs, reported: Option<&str>) -> Vec<String> {
 
 /// Hands `map` to the kernel with the current session token and server addresses (the
 /// kernel also takes the epoch it already has, to get only a new token after a reconnect).
+/// Devices are found by label; `known` remembers every device seen, since a failed device's
+/// label may be unreadable while the kernel still has it open.
 fn install_update(
     kernel: &KernelLink,
     map: &VolumeMap,
     args: &AttachArgs,
     servers: &[String],
     token: &[u8],
+    known: &mut HashMap<Uuid, LocalDevice>,
 ) -> Result<(), CliError> {
-    let devices = local_devices(args);
-    let encoded = encode(map, &devices).map_err(local)?;
+    known.extend(local_devices(args));
+    let encoded = encode(map, known).map_err(local)?;
     kernel
         .update_map(
             map.volume_id,
@@ -199,6 +202,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     let mut servers = io_servers(&args, attachment.io_address.as_deref());
     let devices = local_devices(&args);
     // Remembered now: once a device fails, its label may no longer be readable.
+    let mut known_devices = devices.clone();
     let mut known_paths: HashMap<String, Uuid> = devices
         .iter()
         .map(|(uuid, d)| (d.path.display().to_string(), *uuid))
@@ -288,7 +292,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                 }
                 Ok(Push::RecoveryStatus(_)) => {}
                 Ok(Push::MapUpdate(map)) if map.volume_id == volume_id && map.epoch > epoch => {
-                    match install_update(&kernel, &map, &args, &servers, &token) {
+                    match install_update(&kernel, &map, &args, &servers, &token, &mut known_devices) {
                         Ok(()) => {
                             epoch = map.epoch;
                             println!("volume {} now at epoch {epoch} ({} bytes)", args.volume, map.size_bytes);
@@ -316,7 +320,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                                 // must present it, also when the epoch did not change.
                                 token = hex_bytes(&attachment.session_token);
                                 if attachment.map.epoch >= epoch {
-                                    if let Err(e) = install_update(&kernel, &attachment.map, &args, &servers, &token) {
+                                    if let Err(e) = install_update(&kernel, &attachment.map, &args, &servers, &token, &mut known_devices) {
                                         eprintln!("sanctl attach: kernel refused epoch {}: {e}", attachment.map.epoch);
                                     } else {
                                         epoch = attachment.map.epoch;
