@@ -34,6 +34,9 @@ pub(crate) struct SanDevice {
     pub(crate) probe: AtomicU32,
     /// Destination page of the probe READ (one page, allocated with the device).
     pub(crate) probe_page: Page,
+    /// Set when the device is reported failed while a probe is in flight: that probe's
+    /// outcome predates the failure and is discarded.
+    pub(crate) probe_stale: AtomicBool,
     /// When the last probe was issued (ktime ns; 0: never).
     pub(crate) probe_issued_ns: AtomicI64,
     /// When PATH_HEALED was last multicast for this device (ktime ns; 0: never).
@@ -87,6 +90,7 @@ impl SanDevice {
             failure_reported: AtomicBool::new(false),
             probe: AtomicU32::new(Probe::Idle as u32),
             probe_page,
+            probe_stale: AtomicBool::new(false),
             probe_issued_ns: AtomicI64::new(0),
             healed_reported_ns: AtomicI64::new(0),
         })

@@ -46,6 +46,10 @@ pub(crate) fn multicast_device_event(volume: &Volume, device: &SanDevice, kind: 
 /// Starts over for a device that has just been reported failed: an old probe result does not
 /// count, and the first probe waits one interval.
 pub(crate) fn restart(device: &SanDevice) {
+    if device.probe.load(Ordering::Acquire) == Probe::InFlight as u32 {
+        // At worst (it completed meanwhile) the next probe's success is ignored once.
+        device.probe_stale.store(true, Ordering::Release);
+    }
     let _ = device.probe.compare_exchange(
         Probe::Succeeded as u32,
         Probe::Idle as u32,
@@ -131,7 +135,8 @@ unsafe extern "C" fn probe_endio(bio: *mut bindings::bio) {
         let ok = (*bio).bi_status == 0;
         let bdev = (*bio).bi_bdev;
         if let Some((_, device)) = volume.devices.iter().find(|(_, d)| d.bdev() == bdev) {
-            let outcome = if ok { Probe::Succeeded } else { Probe::Idle };
+            let stale = device.probe_stale.swap(false, Ordering::AcqRel);
+            let outcome = if ok && !stale { Probe::Succeeded } else { Probe::Idle };
             device.probe.store(outcome as u32, Ordering::Release);
         }
         bindings::bio_put(bio);

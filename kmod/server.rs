@@ -16,6 +16,11 @@
 //! Reconnection: 100 ms doubling to 5 s, trying every address in order; the window that a
 //! connection loss interrupted is re-sent whole after reconnecting (none of its pieces has
 //! completed upward yet, and reads and writes of a block device are idempotent).
+//! A new session token (UPDATE_MAP with TOKEN, after the agent reconnected to the server)
+//! drops the connection between two windows and authenticates again with it; pieces still
+//! queued go out on the new connection.
+//!
+//! The thread also drives fail-back probes of failed devices (`health.rs`).
 //!
 //! Failure policy (the I/O never hangs forever):
 //! - the server refuses the session token (HELLO status != 0): state `Refused`, every queued

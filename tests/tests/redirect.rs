@@ -12,11 +12,12 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use sanblk_tests::{
-    blocks, module_path, run, scratch_dir, sparse_image, spawn, target_bin, SandServer, VmConfig,
+    blocks, module_path, run, scratch_dir, sparse_image, spawn, target_bin, RunningVm, SandServer,
+    VmConfig,
 };
 use sand::map::VolumeMap;
 use sand::protocol::{DeviceInfo, VolumeDetail};
@@ -465,17 +466,31 @@ impl Drop for RestartedSand {
     }
 }
 
-/// Waits until the guest creates `restart-sand` in its output directory `out` (or exits), then
-/// kills `server` and starts `sand` again on the same metadata and ports.
-fn restart_on_request(out: &Path, server: SandServer, io_port: u16) -> Option<RestartedSand> {
+/// Whether process `pid` (QEMU) still runs (not gone, not a zombie).
+fn running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// Waits until the guest creates `restart-sand` in the output directory of `vm` (or the guest
+/// ends), then kills `server` and starts `sand` again on the same metadata and ports.
+fn restart_on_request(vm: &RunningVm, server: SandServer, io_port: u16) -> Option<RestartedSand> {
+    let out = vm.log_dir();
     let dir = server.dir.clone();
     let port = server.port;
     let deadline = std::time::Instant::now() + Duration::from_secs(400);
     while !out.join("restart-sand").exists() {
-        let exited = fs::read_to_string(out.join("serial.log"))
-            .map(|log| log.contains(sanblk_tests::marker::EXIT_MARKER))
-            .unwrap_or(false);
-        if exited || std::time::Instant::now() > deadline {
+        if !running(vm.pid()) || std::time::Instant::now() > deadline {
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -545,7 +560,7 @@ dmsetup remove san0
         ..
     } = setup;
     let vm = spawn(&config).expect("guest started");
-    let restarted = restart_on_request(vm.log_dir(), server, io_port);
+    let restarted = restart_on_request(&vm, server, io_port);
     let outcome = vm.wait().expect("guest ran");
     outcome.assert_clean_success();
     assert!(restarted.is_some(), "sand was not restarted");
