@@ -448,6 +448,16 @@ dmsetup remove san0
         !outcome.serial_log.contains("is healthy again"),
         "the kernel failed back during the recovery"
     );
+    // The new map no longer has the device: probing (and PATH_HEALED) ends with it.
+    let after_epoch = outcome
+        .serial_log
+        .split("now at epoch 2")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no epoch 2 in the kernel log"));
+    assert!(
+        !after_epoch.contains("reporting PATH_HEALED"),
+        "still probing a device the map dropped"
+    );
     assert!(
         server.log().contains("fail-back refused"),
         "the server did not refuse: {}",
