@@ -3,9 +3,10 @@
 //! A SAN device opened by the driver: exclusive while a volume uses it, closed on drop.
 
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use kernel::bindings;
 use kernel::error::from_err_ptr;
+use kernel::page::Page;
 use kernel::prelude::*;
 use kernel::str::CString;
 
@@ -29,6 +30,29 @@ pub(crate) struct SanDevice {
     errors: AtomicU64,
     /// Whether the failure of this device was multicast (by the volume's server thread).
     pub(crate) failure_reported: AtomicBool,
+    /// Health probe of a failed device ([`Probe`] as u32), driven by the server thread.
+    pub(crate) probe: AtomicU32,
+    /// Destination page of the probe READ (one page, allocated with the device).
+    pub(crate) probe_page: Page,
+    /// Set when the device is reported failed while a probe is in flight: that probe's
+    /// outcome predates the failure and is discarded.
+    pub(crate) probe_stale: AtomicBool,
+    /// When the last probe was issued (ktime ns; 0: never).
+    pub(crate) probe_issued_ns: AtomicI64,
+    /// When PATH_HEALED was last multicast for this device (ktime ns; 0: never).
+    pub(crate) healed_reported_ns: AtomicI64,
+}
+
+/// States of a device's health probe.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum Probe {
+    /// No probe in flight and no result pending.
+    Idle = 0,
+    /// A probe READ is in flight (its completion holds an in-flight count of the volume).
+    InFlight = 1,
+    /// The last probe READ succeeded.
+    Succeeded = 2,
 }
 
 // SAFETY: `file` and `bdev` are kernel objects usable from any thread; this value only reads
@@ -46,6 +70,14 @@ impl SanDevice {
         let file = from_err_ptr(unsafe {
             bindings::bdev_file_open_by_path(path.as_char_ptr(), mode, holder, core::ptr::null())
         })?;
+        let probe_page = match Page::alloc_page(GFP_KERNEL) {
+            Ok(page) => page,
+            Err(_) => {
+                // SAFETY: opened just above, closed once here.
+                unsafe { bindings::bdev_fput(file) };
+                return Err(ENOMEM);
+            }
+        };
         // SAFETY: `file` was just opened as a block device file.
         let bdev = unsafe { bindings::file_bdev(file) };
         Ok(SanDevice {
@@ -56,6 +88,11 @@ impl SanDevice {
             state: AtomicU32::new(DeviceState::Healthy as u32),
             errors: AtomicU64::new(0),
             failure_reported: AtomicBool::new(false),
+            probe: AtomicU32::new(Probe::Idle as u32),
+            probe_page,
+            probe_stale: AtomicBool::new(false),
+            probe_issued_ns: AtomicI64::new(0),
+            healed_reported_ns: AtomicI64::new(0),
         })
     }
 
@@ -82,6 +119,14 @@ impl SanDevice {
     pub(crate) fn note_error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         self.state.store(DeviceState::Failed as u32, Ordering::Relaxed);
+    }
+
+    /// Fail-back (SET_DEVICE_STATE healthy): new bios go direct again; a later failure is
+    /// reported again, and probing restarts from scratch.
+    pub(crate) fn mark_healthy(&self) {
+        self.healed_reported_ns.store(0, Ordering::Relaxed);
+        self.failure_reported.store(false, Ordering::Release);
+        self.state.store(DeviceState::Healthy as u32, Ordering::Release);
     }
 }
 

@@ -10,13 +10,15 @@ use kernel::str::CString;
 use kernel::sync::Arc;
 use kernel::{c_str, fmt};
 
-use crate::abi::{parse_server_addr, Attr, Command, MAX_PATH_BYTES, MAX_SERVERS, PROTOCOL_VERSION};
+use crate::abi::{
+    parse_server_addr, Attr, Command, DeviceState, MAX_PATH_BYTES, MAX_SERVERS, MAX_TOKEN_BYTES, PROTOCOL_VERSION,
+};
 use crate::device::SanDevice;
 use crate::errno::eopnotsupp;
 use crate::registry;
 use crate::server::ServerAddrs;
 use crate::shim::{GenlInfo, Reply, Request, SkBuff};
-use crate::volume::{MapState, NewVolume, Volume};
+use crate::volume::{MapState, NewVolume, SessionToken, Volume};
 
 /// Reply room per volume and per device in STATUS.
 const STATUS_BYTES_BASE: usize = 512;
@@ -65,6 +67,7 @@ fn dispatch(request: &Request) -> Result {
         Command::Create => create(request, registry),
         Command::Destroy => destroy(request, registry),
         Command::UpdateMap => update_map(request, registry),
+        Command::SetDeviceState => set_device_state(request, registry),
         _ => Err(request.fail(eopnotsupp(), c_str!("command not supported by this module version"))),
     }
 }
@@ -131,6 +134,16 @@ fn parse_servers(request: &Request) -> Result<Option<ServerAddrs>> {
     Ok(Some(addrs))
 }
 
+/// The optional TOKEN: 1..=MAX_TOKEN_BYTES bytes.
+fn parse_token(request: &Request) -> Result<Option<SessionToken>> {
+    let Some(attr) = request.attr(Attr::Token as u16) else {
+        return Ok(None);
+    };
+    SessionToken::new(attr.bytes()).map(Some).ok_or_else(|| {
+        refuse(request, EINVAL, fmt!("session token must have 1 to {} bytes", MAX_TOKEN_BYTES))
+    })
+}
+
 fn parse_map(request: &Request, volume_id: u64, epoch: u64) -> Result<MapState> {
     let raw = request.attr(Attr::Map as u16).ok_or(EINVAL)?;
     let map = MapState::new(raw.bytes()).map_err(|(err, why)| refuse(request, err, fmt!("{}", why)))?;
@@ -154,10 +167,7 @@ fn create(request: &Request, registry: &registry::Registry) -> Result {
     }
     let name = core::str::from_utf8(name).map_err(|_| EINVAL)?;
     let read_only = request.attr(Attr::ReadOnly as u16).map(|a| a.u32() != 0).unwrap_or(false);
-    let token_attr = request.attr(Attr::Token as u16).ok_or(EINVAL)?;
-    if token_attr.bytes().is_empty() {
-        return Err(request.fail(EINVAL, c_str!("empty session token")));
-    }
+    let token = parse_token(request)?.ok_or(EINVAL)?;
     let map = parse_map(request, volume_id, epoch)?;
     let servers = parse_servers(request)?;
     let devices_attr = request.attr(Attr::Devices as u16).ok_or(EINVAL)?;
@@ -191,8 +201,6 @@ fn create(request: &Request, registry: &registry::Registry) -> Result {
         }
         devices.push(device, GFP_KERNEL)?;
     }
-    let mut token = KVec::new();
-    token.extend_from_slice(token_attr.bytes(), GFP_KERNEL)?;
     let volume = Volume::create(
         NewVolume {
             id: volume_id,
@@ -248,7 +256,15 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
     let volume = &volumes[position];
     let map = parse_map(request, volume_id, epoch)?;
     let servers = parse_servers(request)?;
+    let token = parse_token(request)?;
     let current = volume.current_map();
+    if epoch == current.epoch && (token.is_some() || servers.is_some()) && map.same_bytes(&current) {
+        // Re-delivery of the current map after the agent reconnected to the server: only the
+        // session token and the server addresses change.
+        apply_server_settings(volume, token, servers);
+        pr_info!("volume id {} keeps epoch {}; server path settings updated\n", volume_id, epoch);
+        return Ok(());
+    }
     if epoch <= current.epoch {
         return Err(refuse(request, EINVAL, fmt!("epoch {} is not newer than {}", epoch, current.epoch)));
     }
@@ -297,10 +313,45 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
     let mut map = map;
     map.slots = slots;
     volume.replace_map(map)?;
+    apply_server_settings(volume, token, servers);
+    pr_info!("volume id {} now at epoch {}\n", volume_id, epoch);
+    Ok(())
+}
+
+/// Installs a validated new server address list and session token (either optional).
+fn apply_server_settings(volume: &Volume, token: Option<SessionToken>, servers: Option<ServerAddrs>) {
     if let Some(servers) = servers {
         volume.server.set_addrs(servers);
     }
-    pr_info!("volume id {} now at epoch {}\n", volume_id, epoch);
+    if let Some(token) = token {
+        volume.set_token(token);
+    }
+}
+
+/// SET_DEVICE_STATE: fail-back. Only `healthy` may be set, for a device of the volume's
+/// current map; new bios go direct to it again, pieces already on the server path finish there.
+fn set_device_state(request: &Request, registry: &registry::Registry) -> Result {
+    let volume_id = required_u64(request, Attr::VolumeId)?;
+    let path_attr = request.attr(Attr::DevicePath as u16).ok_or(EINVAL)?;
+    let path = string_bytes(path_attr.bytes());
+    let state = request.attr(Attr::DeviceState as u16).map(|a| a.u32()).ok_or(EINVAL)?;
+    if state != DeviceState::Healthy as u32 {
+        return Err(refuse(request, EINVAL, fmt!("device state {} cannot be set (only healthy, 0)", state)));
+    }
+    let volumes = registry.lock();
+    let position = find(request, &volumes, volume_id)?;
+    let volume = &volumes[position];
+    let map = volume.current_map();
+    let device = map
+        .slots
+        .iter()
+        .filter_map(|slot| volume.devices.get(*slot))
+        .find(|d| d.path.as_bytes() == path)
+        .ok_or_else(|| request.fail(ENOENT, c_str!("no device with this path in the volume's current map")))?;
+    if device.state() != DeviceState::Healthy as u32 {
+        device.mark_healthy();
+        pr_info!("volume id {}: {} is healthy again; direct I/O resumes\n", volume_id, &*device.path);
+    }
     Ok(())
 }
 

@@ -19,6 +19,7 @@ mod abi_frame;
 mod device;
 mod errno;
 mod genl;
+mod health;
 mod registry;
 mod remap;
 mod server;

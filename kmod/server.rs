@@ -16,6 +16,11 @@
 //! Reconnection: 100 ms doubling to 5 s, trying every address in order; the window that a
 //! connection loss interrupted is re-sent whole after reconnecting (none of its pieces has
 //! completed upward yet, and reads and writes of a block device are idempotent).
+//! A new session token (UPDATE_MAP with TOKEN, after the agent reconnected to the server)
+//! drops the connection between two windows and authenticates again with it; pieces still
+//! queued go out on the new connection.
+//!
+//! The thread also drives fail-back probes of failed devices (`health.rs`).
 //!
 //! Failure policy (the I/O never hangs forever):
 //! - the server refuses the session token (HELLO status != 0): state `Refused`, every queued
@@ -33,8 +38,8 @@ use kernel::bindings;
 use kernel::prelude::*;
 use kernel::types::Opaque;
 
-use crate::abi::{Attr, Command, DeviceState, EventKind, ServerPathState, MAX_SERVERS};
-use crate::shim::Event;
+use crate::abi::{DeviceState, EventKind, ServerPathState, MAX_SERVERS};
+use crate::health;
 use crate::abi_frame::{Op, ReplyHeader, RequestHeader, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
 use crate::volume::Volume;
 
@@ -143,6 +148,9 @@ pub(crate) struct ServerPath {
     pending: Opaque<bindings::llist_head>,
     task: AtomicPtr<bindings::task_struct>,
     closing: AtomicBool,
+    /// Bumped whenever UPDATE_MAP delivers a new session token: the thread drops its
+    /// connection and authenticates again with the new token.
+    token_generation: AtomicU64,
 }
 
 // SAFETY: `pending` is only touched through the lock-free llist primitives, the rest is atomic.
@@ -170,6 +178,7 @@ impl ServerPath {
             pending: Opaque::new(bindings::llist_head { first: core::ptr::null_mut() }),
             task: AtomicPtr::new(core::ptr::null_mut()),
             closing: AtomicBool::new(false),
+            token_generation: AtomicU64::new(0),
         };
         if let Some(addrs) = addrs {
             path.set_addrs(addrs);
@@ -237,6 +246,23 @@ impl ServerPath {
         // SAFETY: `task` was just created and not yet stopped.
         unsafe { bindings::wake_up_process(task) };
         Ok(())
+    }
+
+    /// A new session token is in place (`Volume::set_token`): reconnect with it.
+    pub(crate) fn token_changed(&self) {
+        self.token_generation.fetch_add(1, Ordering::AcqRel);
+        // A refused path gets another chance at once (the thread reconnects when it has I/O).
+        let _ = self.state.compare_exchange(
+            ServerPathState::Refused as u32,
+            ServerPathState::Disconnected as u32,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        self.wake();
+    }
+
+    fn token_generation(&self) -> u64 {
+        self.token_generation.load(Ordering::Acquire)
     }
 
     /// Marks the volume as going away: disconnected pieces fail instead of waiting.
@@ -427,7 +453,8 @@ impl Conn {
         }
         // SAFETY: connected TCP socket.
         unsafe { sanblk_sock_nodelay(sock.cast()) };
-        let token = &volume.token[..volume.token.len().min(64)];
+        let session = volume.session_token();
+        let token = session.bytes();
         let header = RequestHeader {
             op: Op::Hello,
             flags: 0,
@@ -709,23 +736,18 @@ fn report_failed_devices(volume: &Volume) {
             continue;
         }
         pr_warn!("volume {}: direct path to {} failed; using the server path\n", volume.id, &*device.path);
-        let sent = Event::new(Command::Event as u8, 512).and_then(|mut event| {
-            event.put_u32(Attr::EventKind as u16, EventKind::PathFailed as u32)?;
-            event.put_u64(Attr::VolumeId as u16, volume.id)?;
-            event.put_str(Attr::DevicePath as u16, &device.path)?;
-            event.send();
-            Ok(())
-        });
-        if sent.is_err() {
+        health::restart(device);
+        if health::multicast_device_event(volume, device, EventKind::PathFailed).is_err() {
             pr_warn!("volume {}: cannot multicast the path failure event\n", volume.id);
         }
     }
 }
 
 /// Sleeps up to `ms`, in short steps, returning early if the thread must stop.
-fn pause(ms: u32) {
+/// Also returns early when a new session token arrives (`token_generation` moves off `seen`).
+fn pause(ms: u32, path: &ServerPath, seen: u64) {
     let mut left = ms;
-    while left > 0 && !should_stop() {
+    while left > 0 && !should_stop() && path.token_generation() == seen {
         let step = left.min(50);
         // SAFETY: process context (our kthread), no locks held.
         unsafe { bindings::msleep(step) };
@@ -745,7 +767,22 @@ unsafe extern "C" fn thread_main(data: *mut c_void) -> c_int {
     let mut backoff = BACKOFF_MIN_MS;
     let mut down_since: Option<i64> = None;
     let mut handle = 0u64;
+    let mut seen_token = path.token_generation();
     loop {
+        let generation = path.token_generation();
+        if generation != seen_token {
+            // No request is in flight between windows: pieces not yet completed stay queued
+            // and go out on the new connection.
+            seen_token = generation;
+            backoff = BACKOFF_MIN_MS;
+            if conn.take().is_some() {
+                pr_info!("volume {}: new session token; reconnecting the server path\n", volume.id);
+                path.state.store(ServerPathState::Disconnected as u32, Ordering::Relaxed);
+            }
+        }
+        if !path.closing.load(Ordering::Acquire) {
+            health::tick(volume);
+        }
         // SAFETY: `pending` is a valid llist head.
         queue.take(unsafe { sanblk_llist_del_all(path.pending.get()) });
         if should_stop() {
@@ -801,7 +838,7 @@ unsafe extern "C" fn thread_main(data: *mut c_void) -> c_int {
             } else {
                 path.state.store(ServerPathState::Disconnected as u32, Ordering::Relaxed);
             }
-            pause(backoff);
+            pause(backoff, path, seen_token);
             backoff = (backoff * 2).min(BACKOFF_MAX_MS);
             continue;
         };

@@ -5,12 +5,13 @@
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use kernel::bindings;
-use kernel::{fmt, new_mutex};
+use kernel::{fmt, new_mutex, new_spinlock};
 use kernel::prelude::*;
 use kernel::str::CString;
-use kernel::sync::{Arc, ArcBorrow, Mutex};
+use kernel::sync::{Arc, ArcBorrow, Mutex, SpinLock};
 use kernel::types::Opaque;
 
+use crate::abi::MAX_TOKEN_BYTES;
 use crate::abi_map::MapView;
 use crate::device::SanDevice;
 use crate::remap;
@@ -55,6 +56,34 @@ impl MapState {
 
     pub(crate) fn view(&self) -> MapView<'_> {
         MapView::assume_valid(&self.bytes)
+    }
+
+    /// Whether `other` was built from the same encoded map.
+    pub(crate) fn same_bytes(&self, other: &MapState) -> bool {
+        self.bytes[..] == other.bytes[..]
+    }
+}
+
+/// The server path's session token (validated non-empty, at most MAX_TOKEN_BYTES bytes).
+#[derive(Clone, Copy)]
+pub(crate) struct SessionToken {
+    bytes: [u8; MAX_TOKEN_BYTES as usize],
+    len: usize,
+}
+
+impl SessionToken {
+    /// `None` for an empty or oversized token.
+    pub(crate) fn new(token: &[u8]) -> Option<Self> {
+        if token.is_empty() || token.len() > MAX_TOKEN_BYTES as usize {
+            return None;
+        }
+        let mut bytes = [0u8; MAX_TOKEN_BYTES as usize];
+        bytes[..token.len()].copy_from_slice(token);
+        Some(SessionToken { bytes, len: token.len() })
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -147,7 +176,8 @@ pub(crate) struct Volume {
     #[pin]
     map_update: Mutex<()>,
     pub(crate) devices: DeviceSlots,
-    pub(crate) token: KVec<u8>,
+    #[pin]
+    token: SpinLock<SessionToken>,
     /// The second data path: failed direct pieces are re-issued to the server.
     pub(crate) server: ServerPath,
     pub(crate) counters: Counters,
@@ -165,7 +195,7 @@ pub(crate) struct NewVolume {
     pub(crate) read_only: bool,
     pub(crate) map: MapState,
     pub(crate) devices: KVec<SanDevice>,
-    pub(crate) token: KVec<u8>,
+    pub(crate) token: SessionToken,
     pub(crate) servers: Option<ServerAddrs>,
 }
 
@@ -195,7 +225,7 @@ impl Volume {
                 map: AtomicPtr::new(Arc::into_raw(map).cast_mut()),
                 map_update <- new_mutex!((), "sanblk_volume_map_update"),
                 devices,
-                token: new.token,
+                token <- new_spinlock!(new.token, "sanblk_volume_token"),
                 server: ServerPath::new(new.servers),
                 counters: Counters::default(),
                 inflight: AtomicU64::new(0),
@@ -282,6 +312,24 @@ impl Volume {
         self.with_map(|map| unsafe { ArcBorrow::from_raw(map as *const MapState).into() })
     }
 
+    /// The session token the server path authenticates with.
+    pub(crate) fn session_token(&self) -> SessionToken {
+        *self.token.lock()
+    }
+
+    /// Replaces the session token; the server path reconnects with it if it differs.
+    pub(crate) fn set_token(&self, token: SessionToken) {
+        let changed = {
+            let mut current = self.token.lock();
+            let changed = current.bytes() != token.bytes();
+            *current = token;
+            changed
+        };
+        if changed {
+            self.server.token_changed();
+        }
+    }
+
     /// Installs a newer epoch atomically with respect to bio mapping.
     pub(crate) fn replace_map(&self, map: MapState) -> Result {
         let new_size = map.size;
@@ -322,6 +370,12 @@ impl Volume {
             unsafe { bindings::msleep(5) };
         }
         self.server.stop();
+        // The thread may have issued a health probe after the wait above; it is stopped now,
+        // so no new one can start.
+        while self.inflight.load(Ordering::Acquire) != 0 {
+            // SAFETY: as above.
+            unsafe { bindings::msleep(5) };
+        }
         // SAFETY: no more bios can reach the driver through this disk; release the Arc held
         // in private_data and the disk itself.
         unsafe {

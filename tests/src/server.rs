@@ -22,6 +22,11 @@ fn free_port() -> std::io::Result<u16> {
 impl SandServer {
     /// Starts `sand` with its metadata under `dir` and waits for its admin socket.
     pub fn start(dir: &Path) -> Result<SandServer, String> {
+        SandServer::start_with_env(dir, &[])
+    }
+
+    /// As [`SandServer::start`], with extra environment variables (test knobs of `sand`).
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Result<SandServer, String> {
         let port = free_port().map_err(|e| format!("free port: {e}"))?;
         let metadata = dir.join("sand-metadata");
         std::fs::create_dir_all(&metadata).map_err(|e| format!("{}: {e}", metadata.display()))?;
@@ -37,6 +42,7 @@ impl SandServer {
             .arg("--io-listen")
             .arg("127.0.0.1:0")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

@@ -232,6 +232,12 @@ rmmod sanblk
         "duplicate-create",
         "epoch-regression",
         "epoch-repeat",
+        "update-empty-token",
+        "update-oversized-token",
+        "set-state-unknown-device",
+        "set-state-wrong-volume",
+        "set-state-failed",
+        "set-state-bad-state",
     ];
     for case in expected_cases {
         let line = hostile
@@ -244,6 +250,33 @@ rmmod sanblk
             "{case} has no extack message: {line}"
         );
     }
+    let errno_of = |case: &str| -> Option<i32> {
+        let line = hostile
+            .lines()
+            .find(|l| l.starts_with(&format!("case={case} ")))?;
+        line.split("errno=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    const ENOENT: i32 = 2;
+    const EINVAL: i32 = 22;
+    const ERANGE: i32 = 34;
+    assert_eq!(errno_of("update-empty-token"), Some(EINVAL));
+    assert!(matches!(
+        errno_of("update-oversized-token"),
+        Some(EINVAL | ERANGE)
+    ));
+    assert_eq!(errno_of("set-state-unknown-device"), Some(ENOENT));
+    assert_eq!(errno_of("set-state-wrong-volume"), Some(ENOENT));
+    assert_eq!(errno_of("set-state-failed"), Some(EINVAL));
+    assert_eq!(errno_of("set-state-bad-state"), Some(EINVAL));
+    assert!(
+        hostile.contains("case=valid-token-and-state accepted-as-expected"),
+        "a valid token update or SET_DEVICE_STATE was refused: {hostile}"
+    );
     let status = outcome.read_out_file("status.txt").expect("status");
     assert!(status.contains("volume_count=1"), "{status}");
 }

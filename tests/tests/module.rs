@@ -123,6 +123,11 @@ rmmod sanblk
     assert_eq!(errno_of("status-unknown-attribute"), EINVAL);
     assert_eq!(errno_of("status-pad-attribute"), EINVAL);
     assert_eq!(errno_of("destroy-missing-volume"), EINVAL);
+    assert_eq!(errno_of("set-state-missing-attributes"), EINVAL);
+    assert!(cases["set-state-missing-attributes"]
+        .contains("SET_DEVICE_STATE needs attribute VOLUME_ID"));
+    const ENOENT: i32 = 2;
+    assert_eq!(errno_of("set-state-no-such-volume"), ENOENT);
     assert!(hostile.contains("case=truncated-message"), "{hostile}");
 
     // Nothing changed: the module answers STATUS identically afterwards.

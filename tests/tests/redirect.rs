@@ -16,7 +16,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sanblk_tests::{
-    blocks, module_path, run, scratch_dir, sparse_image, target_bin, SandServer, VmConfig,
+    blocks, module_path, run, scratch_dir, sparse_image, spawn, target_bin, RunningVm, SandServer,
+    VmConfig,
 };
 use sand::map::VolumeMap;
 use sand::protocol::{DeviceInfo, VolumeDetail};
@@ -219,4 +220,393 @@ dmsetup remove san0
         .parse()
         .expect("seconds");
     assert!(seconds < 30, "the refused write took {seconds} s");
+}
+
+fn device_state(status: &serde_json::Value) -> &serde_json::Value {
+    &status["volumes"][0]["devices"][0]["state"]
+}
+
+fn counter(status: &serde_json::Value, name: &str) -> u64 {
+    status["volumes"][0][name].as_u64().unwrap_or(0)
+}
+
+/// Fail-back: with no spare in the pool the server cannot recover, so when the failed path
+/// heals (the dm device gets its linear table back) the module's probe succeeds, it reports
+/// PATH_HEALED, the server accepts, the agent marks the device healthy, and new I/O goes
+/// direct again: the server-path counter stops growing while direct writes continue.
+#[test]
+fn path_heals_and_io_goes_direct_again() {
+    let setup = setup("redirect-failback", &["vfb"]);
+    let port = setup.server.port;
+    let io_port = setup.server.io_port().expect("io port");
+    let before = pattern(11, VOLUME);
+    let during = pattern(12, VOLUME);
+    let after = pattern(13, VOLUME / 2);
+    let mut expected = after.clone();
+    expected.extend_from_slice(&during[(VOLUME / 2) as usize..]);
+    fs::write(setup.dir.join("before.pattern"), &before).expect("pattern");
+    fs::write(setup.dir.join("during.pattern"), &during).expect("pattern");
+    fs::write(setup.dir.join("after.pattern"), &after).expect("pattern");
+    fs::write(setup.dir.join("expected.pattern"), &expected).expect("pattern");
+    let script = format!(
+        r#"{prologue}
+$S attach vfb --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
+    --device /dev/mapper/san0 --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
+wait_for /run/sanblk/vfb.device
+dev=$(cat /run/sanblk/vfb.device)
+timeout 600 {probe} events 2 > events.txt 2>&1 &
+EVENTS=$!
+for i in $(seq 1 100); do grep -q listening events.txt && break; sleep 0.1; done
+dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+# The SAN device fails under a writer: its I/O goes to the server, dd sees no error.
+dd if=$D/during.pattern of=$dev bs=64k oflag=direct conv=fsync status=none &
+DD=$!
+sleep 1
+fail_san0
+wait $DD
+# Same data again, surely after the failure.
+dd if=$D/during.pattern of=$dev bs=1M count=4 oflag=direct conv=fsync status=none
+$S --json status > failed.json
+# The path heals; the module's probe notices, the server agrees (no recovery: no spare).
+dmsetup reload san0 --table "0 $SECTORS linear /dev/vda 0"
+dmsetup resume san0
+for i in $(seq 1 300); do
+    $S --json status > healed.json
+    grep -q '"state": *"healthy"' healed.json && break
+    sleep 0.2
+done
+$S status > status-healed.txt
+grep -q '"state": *"healthy"' healed.json
+dd if=$D/after.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+$S --json status > final.json
+dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/expected.pattern
+for i in $(seq 1 100); do [ $(grep -c "^event" events.txt) -ge 2 ] && break; sleep 0.1; done
+kill $EVENTS 2>/dev/null || true
+$S detach vfb
+test ! -e /dev/sanblk0
+rmmod sanblk
+dmsetup remove san0
+"#,
+        prologue = prologue(&setup),
+        probe = target_bin("sanblk-nlprobe").display(),
+    );
+    let config = VmConfig::new("redirect-failback", &script)
+        .disk(&setup.image)
+        .forward_port(port)
+        .forward_port(io_port)
+        .timeout(Duration::from_secs(500));
+    let outcome = run(&config).expect("guest ran");
+    outcome.assert_clean_success();
+
+    let json = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&outcome.read_out_file(name).expect("status file")).expect("json")
+    };
+    let (failed, healed, last) = (json("failed.json"), json("healed.json"), json("final.json"));
+    assert_eq!(device_state(&failed), "failed", "{failed}");
+    assert!(
+        counter(&failed, "redirected_ios") > 0,
+        "nothing redirected: {failed}"
+    );
+    assert_eq!(device_state(&healed), "healthy", "{healed}");
+    assert_eq!(device_state(&last), "healthy", "{last}");
+    // Direct again: writes went on, none of them over the server path.
+    assert!(counter(&last, "write_ios") > counter(&healed, "write_ios"));
+    assert_eq!(
+        counter(&last, "redirected_ios"),
+        counter(&healed, "redirected_ios"),
+        "writes after fail-back still went to the server: {healed} {last}"
+    );
+    let events = outcome.read_out_file("events.txt").expect("events");
+    assert!(
+        events.contains("kind=1 volume_id=1 device=/dev/mapper/san0"),
+        "no path failure event: {events}"
+    );
+    assert!(
+        events.contains("kind=2 volume_id=1 device=/dev/mapper/san0"),
+        "no path healed event: {events}"
+    );
+    let text = outcome.read_out_file("status-healed.txt").expect("status");
+    assert!(text.contains("healthy"), "{text}");
+    let agent = outcome.read_out_file("agent.log").expect("agent log");
+    assert!(agent.contains("failed back to direct I/O"), "{agent}");
+    assert!(
+        outcome
+            .serial_log
+            .contains("is healthy again; direct I/O resumes"),
+        "no fail-back in the kernel log"
+    );
+    blocks::verify_against_map(&volume_map(&setup.server, "vfb"), &setup.by_uuid, &expected);
+}
+
+/// While the server recovers the volume off the failed device onto a spare, a healed path is
+/// not failed back (direct writes would bypass the recovery's copy): the device stays failed
+/// until the recovery publishes a map without it, and every block is on the new disk.
+#[test]
+fn healed_path_is_not_failed_back_while_a_recovery_runs() {
+    let dir = scratch_dir("redirect-failback-recovering").expect("scratch");
+    // Slow copying, so the path heals while the recovery runs.
+    let server = SandServer::start_with_env(&dir, &[("SAND_RECOVERY_CHUNK_DELAY_MS", "3000")])
+        .expect("sand");
+    let images: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let path = dir.join(format!("san{i}.img"));
+            sparse_image(&path, 64 * MIB).expect("image");
+            path
+        })
+        .collect();
+    // The volume lands on san0 (the only device when it is created); san1 is the spare.
+    server.sanctl(&["pool", "add", &images[0].display().to_string()]);
+    server.sanctl(&["volume", "create", "vrun", "16M"]);
+    server.sanctl(&["pool", "add", &images[1].display().to_string()]);
+    let secret = dir.join("host1.secret");
+    server.sanctl(&[
+        "client",
+        "add",
+        "host1",
+        "--secret-out",
+        &secret.display().to_string(),
+    ]);
+    server.sanctl(&["client", "grant", "host1", "vrun", "rw"]);
+    let pool: Vec<DeviceInfo> =
+        serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
+    let by_uuid: HashMap<uuid::Uuid, PathBuf> = pool
+        .iter()
+        .map(|d| (d.uuid, PathBuf::from(&d.path)))
+        .collect();
+    let during = pattern(21, VOLUME);
+    fs::write(dir.join("during.pattern"), &during).expect("pattern");
+    let port = server.port;
+    let io_port = server.io_port().expect("io port");
+    let script = format!(
+        r#"set -ex
+insmod {module}
+S={sanctl}
+D={dir}
+wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; return 1; }}
+SECTORS=$(blockdev --getsz /dev/vda)
+dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
+$S attach vrun --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
+    --device /dev/mapper/san0 --device /dev/vdb --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
+wait_for /run/sanblk/vrun.device
+dev=$(cat /run/sanblk/vrun.device)
+dmsetup reload san0 --table "0 $SECTORS error"
+dmsetup resume san0
+dd if=$D/during.pattern of=$dev bs=1M count=4 oflag=direct conv=fsync status=none
+for i in $(seq 1 300); do grep -q "reported failure" agent.log && break; sleep 0.2; done
+# Heal the path while the recovery copies.
+dmsetup reload san0 --table "0 $SECTORS linear /dev/vda 0"
+dmsetup resume san0
+for i in $(seq 1 300); do grep -q "fail-back refused" agent.log && break; sleep 0.2; done
+grep "fail-back refused" agent.log
+$S --json status > refused.json
+dd if=$D/during.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+# The recovery ends with a map whose only device is the spare.
+for i in $(seq 1 600); do
+    $S --json status > recovered.json
+    if grep -q '"/dev/vdb"' recovered.json && ! grep -q 'mapper/san0' recovered.json; then break; fi
+    sleep 0.5
+done
+dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/during.pattern
+$S detach vrun
+rmmod sanblk
+dmsetup remove san0
+"#,
+        module = module_path().display(),
+        sanctl = target_bin("sanctl").display(),
+        dir = dir.display(),
+    );
+    let config = VmConfig::new("redirect-failback-recovering", &script)
+        .disk(&images[0])
+        .disk(&images[1])
+        .forward_port(port)
+        .forward_port(io_port)
+        .timeout(Duration::from_secs(500));
+    let outcome = run(&config).expect("guest ran");
+    outcome.assert_clean_success();
+
+    let json = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&outcome.read_out_file(name).expect("status file")).expect("json")
+    };
+    let refused = json("refused.json");
+    assert_eq!(
+        refused["volumes"][0]["devices"][0]["path"], "/dev/mapper/san0",
+        "{refused}"
+    );
+    assert_eq!(
+        device_state(&refused),
+        "failed",
+        "failed back during recovery: {refused}"
+    );
+    let recovered = json("recovered.json");
+    assert_eq!(
+        recovered["volumes"][0]["devices"][0]["path"], "/dev/vdb",
+        "not recovered: {recovered}"
+    );
+    assert!(
+        !outcome.serial_log.contains("is healthy again"),
+        "the kernel failed back during the recovery"
+    );
+    // The new map no longer has the device: probing (and PATH_HEALED) ends with it.
+    let after_epoch = outcome
+        .serial_log
+        .split("now at epoch 2")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no epoch 2 in the kernel log"));
+    assert!(
+        !after_epoch.contains("reporting PATH_HEALED"),
+        "still probing a device the map dropped"
+    );
+    assert!(
+        server.log().contains("fail-back refused"),
+        "the server did not refuse: {}",
+        server.log()
+    );
+    blocks::verify_against_map(&volume_map(&server, "vrun"), &by_uuid, &during);
+}
+
+/// A `sand` started by hand on fixed ports (a restart of the test's server); killed on drop.
+struct RestartedSand(std::process::Child);
+
+impl Drop for RestartedSand {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether process `pid` (QEMU) still runs (not gone, not a zombie).
+fn running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
+/// Waits until the guest creates `restart-sand` in the output directory of `vm` (or the guest
+/// ends), then kills `server` and starts `sand` again on the same metadata and ports.
+fn restart_on_request(vm: &RunningVm, server: SandServer, io_port: u16) -> Option<RestartedSand> {
+    let out = vm.log_dir();
+    let dir = server.dir.clone();
+    let port = server.port;
+    let deadline = std::time::Instant::now() + Duration::from_secs(400);
+    while !out.join("restart-sand").exists() {
+        if !running(vm.pid()) || std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(server);
+    let log = fs::File::create(dir.join("sand-restarted.log")).ok()?;
+    let child = std::process::Command::new(target_bin("sand"))
+        .arg("--metadata-dir")
+        .arg(dir.join("sand-metadata"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--io-listen")
+        .arg(format!("127.0.0.1:{io_port}"))
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().ok()?)
+        .stderr(log)
+        .spawn()
+        .ok()?;
+    Some(RestartedSand(child))
+}
+
+/// After the server restarts, the agent reconnects and gets a new session token; it hands the
+/// token to the kernel with UPDATE_MAP (same epoch), the server path reconnects with it, and
+/// redirected I/O keeps working instead of being refused with the stale token.
+#[test]
+fn new_session_token_reaches_the_kernel_after_the_agent_reconnects() {
+    let setup = setup("redirect-token", &["vtk"]);
+    let port = setup.server.port;
+    let io_port = setup.server.io_port().expect("io port");
+    let one = pattern(31, VOLUME / 4);
+    let two = pattern(32, VOLUME);
+    fs::write(setup.dir.join("one.pattern"), &one).expect("pattern");
+    fs::write(setup.dir.join("two.pattern"), &two).expect("pattern");
+    let script = format!(
+        r#"{prologue}
+$S attach vtk --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
+    --device /dev/mapper/san0 --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
+wait_for /run/sanblk/vtk.device
+dev=$(cat /run/sanblk/vtk.device)
+# The server path is in use (connected, authenticated with the first token).
+fail_san0
+dd if=$D/one.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+$S --json status > first.json
+touch restart-sand
+# The agent reconnects (new session, new token) and re-delivers the map with the token.
+for i in $(seq 1 300); do grep -q "reconnected to" agent.log && break; sleep 0.2; done
+grep "reconnected to" agent.log
+dd if=$D/two.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/two.pattern
+$S --json status > second.json
+$S detach vtk
+rmmod sanblk
+dmsetup remove san0
+"#,
+        prologue = prologue(&setup),
+    );
+    let config = VmConfig::new("redirect-token", &script)
+        .disk(&setup.image)
+        .forward_port(port)
+        .forward_port(io_port)
+        .timeout(Duration::from_secs(500));
+    let Setup {
+        dir,
+        server,
+        by_uuid,
+        ..
+    } = setup;
+    let vm = spawn(&config).expect("guest started");
+    let restarted = restart_on_request(&vm, server, io_port);
+    let outcome = vm.wait().expect("guest ran");
+    outcome.assert_clean_success();
+    assert!(restarted.is_some(), "sand was not restarted");
+
+    let json = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&outcome.read_out_file(name).expect("status file")).expect("json")
+    };
+    let (first, second) = (json("first.json"), json("second.json"));
+    assert_eq!(first["volumes"][0]["server_path"], "connected", "{first}");
+    assert_eq!(second["volumes"][0]["server_path"], "connected", "{second}");
+    assert!(
+        counter(&second, "redirected_ios") > counter(&first, "redirected_ios"),
+        "nothing went over the server path after the restart: {first} {second}"
+    );
+    assert!(
+        outcome
+            .serial_log
+            .contains("new session token; reconnecting the server path"),
+        "the kernel did not reconnect with the new token"
+    );
+    // The restarted server wrote the data through its own path.
+    let map: VolumeMap = {
+        let text = fs::read_to_string(dir.join("sand-restarted.log")).unwrap_or_default();
+        assert!(!text.contains("panicked"), "{text}");
+        serde_json::from_str::<VolumeDetail>(&String::from_utf8_lossy(
+            &std::process::Command::new(target_bin("sanctl"))
+                .arg("--admin-socket")
+                .arg(dir.join("sand-metadata").join("admin.sock"))
+                .args(["--json", "volume", "show", "vtk"])
+                .output()
+                .expect("sanctl")
+                .stdout,
+        ))
+        .expect("volume json")
+        .map
+    };
+    blocks::verify_against_map(&map, &by_uuid, &two);
+    drop(restarted);
 }

@@ -19,7 +19,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub enum Command {
     /// Attach a volume: map, device paths, server addresses, session token.
     Create = 1,
-    /// Replace the map of an attached volume by a newer epoch.
+    /// Replace the map of an attached volume by a newer epoch. Optional TOKEN and SERVERS
+    /// replace the server path's session token and addresses; the current epoch with the
+    /// identical map is accepted too when one of them is present, to deliver only those (the
+    /// agent reconnected to the server).
     UpdateMap = 2,
     /// Hold new I/O and drain in-flight I/O before a configuration change.
     Quiesce = 3,
@@ -33,11 +36,13 @@ pub enum Command {
     Snapshot = 7,
     /// Multicast notification from the module.
     Event = 8,
+    /// Set the path state of one SAN device of a volume (fail-back after PATH_HEALED).
+    SetDeviceState = 9,
 }
 
 impl Command {
     /// Every command, in numeric order.
-    pub const ALL: [Command; 8] = [
+    pub const ALL: [Command; 9] = [
         Command::Create,
         Command::UpdateMap,
         Command::Quiesce,
@@ -46,6 +51,7 @@ impl Command {
         Command::Status,
         Command::Snapshot,
         Command::Event,
+        Command::SetDeviceState,
     ];
 
     /// Decodes a command number; `None` for anything the family does not define.
@@ -64,6 +70,7 @@ impl Command {
             Command::Status => "STATUS",
             Command::Snapshot => "SNAPSHOT",
             Command::Event => "EVENT",
+            Command::SetDeviceState => "SET_DEVICE_STATE",
         }
     }
 
@@ -93,6 +100,7 @@ impl Command {
             Command::Quiesce | Command::Resume => &[Attr::VolumeId, Attr::Epoch],
             Command::Destroy => &[Attr::VolumeId],
             Command::Snapshot => &[Attr::VolumeId, Attr::Epoch, Attr::Map],
+            Command::SetDeviceState => &[Attr::VolumeId, Attr::DevicePath, Attr::DeviceState],
             Command::Status | Command::Event => &[],
         }
     }
@@ -143,7 +151,8 @@ pub enum Attr {
     ServerAddr = 11,
     /// Nested list of [`Attr::ServerAddr`].
     Servers = 12,
-    /// Session token for the server I/O path.
+    /// Session token for the server I/O path (CREATE; optional in UPDATE_MAP, where a new
+    /// token makes the server path reconnect with it).
     Token = 13,
     /// Minor index of a sanblk block device (`/dev/sanblkN`).
     DeviceIndex = 14,
@@ -184,6 +193,11 @@ pub enum EventKind {
     /// Direct I/O to a SAN device failed: [`Attr::VolumeId`], [`Attr::DevicePath`]; its
     /// extents now go to the server path.
     PathFailed = 1,
+    /// A probe READ to a device marked failed succeeded: [`Attr::VolumeId`],
+    /// [`Attr::DevicePath`]. The device stays failed until userspace sets it healthy
+    /// ([`Command::SetDeviceState`]) once the server agrees. Repeated at most every
+    /// few seconds while the device stays failed and in the map.
+    PathHealed = 2,
 }
 
 /// Most server I/O addresses one volume accepts in [`Attr::Servers`].

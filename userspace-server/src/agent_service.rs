@@ -309,6 +309,10 @@ impl Session {
                 device_uuid,
                 reason,
             } => self.report_failure(volume_id, device_uuid, reason).await,
+            AgentRequest::ReportPathHealed {
+                volume_id,
+                device_uuid,
+            } => self.report_path_healed(volume_id, device_uuid).await,
         };
         Some(outcome.unwrap_or_else(AgentReply::Error))
     }
@@ -415,22 +419,39 @@ impl Session {
         Ok(AgentReply::Grown { map })
     }
 
+    fn require_attached(&self, volume_id: u64) -> StoreResult<()> {
+        match self.state.attachment_mode(self.connection, volume_id) {
+            Some(_) => Ok(()),
+            None => Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                "not attached to that volume",
+            )),
+        }
+    }
+
+    async fn report_path_healed(
+        &mut self,
+        volume_id: u64,
+        device_uuid: uuid::Uuid,
+    ) -> StoreResult<AgentReply> {
+        self.require_attached(volume_id)?;
+        let (accepted, message) =
+            recovery::report_path_healed(&self.state, volume_id, device_uuid).await?;
+        info!(
+            "client {} reports its path to device {device_uuid} healed for volume {volume_id}: {} ({message})",
+            self.client,
+            if accepted { "fail-back accepted" } else { "fail-back refused" }
+        );
+        Ok(AgentReply::PathHealedReported { accepted, message })
+    }
+
     async fn report_failure(
         &mut self,
         volume_id: u64,
         device_uuid: uuid::Uuid,
         reason: String,
     ) -> StoreResult<AgentReply> {
-        if self
-            .state
-            .attachment_mode(self.connection, volume_id)
-            .is_none()
-        {
-            return Err(ErrorBody::new(
-                ErrorCode::NotFound,
-                "not attached to that volume",
-            ));
-        }
+        self.require_attached(volume_id)?;
         // Bounded, so a client cannot make the record (and the logs) huge.
         let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
         info!(

@@ -309,6 +309,24 @@ impl AgentClient {
         }
     }
 
+    /// Asks whether this host may fail back to `device_uuid` (its direct path answers again);
+    /// `Ok((accepted, message))`.
+    pub async fn report_path_healed(
+        &mut self,
+        volume_id: u64,
+        device_uuid: uuid::Uuid,
+    ) -> Result<(bool, String), ClientError> {
+        self.send(&AgentRequest::ReportPathHealed {
+            volume_id,
+            device_uuid,
+        })
+        .await?;
+        match self.receive_reply().await? {
+            AgentReply::PathHealedReported { accepted, message } => Ok((accepted, message)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Waits for the next push of any kind (queued ones first). Cancellation safe.
     pub async fn next_push(&mut self) -> Result<Push, ClientError> {
         if let Some(push) = self.queued_pushes.pop_front() {

@@ -239,6 +239,12 @@ pub enum AgentRequest {
         device_uuid: uuid::Uuid,
         reason: String,
     },
+    /// The client's direct path to `device_uuid`, reported failed before, answers again: may
+    /// the client fail back to it? (answer: `path_healed_reported`).
+    ReportPathHealed {
+        volume_id: u64,
+        device_uuid: uuid::Uuid,
+    },
 }
 
 /// A volume the authenticated client may attach.
@@ -286,6 +292,14 @@ pub enum AgentReply {
     /// Answer to `report_failure`: the recovery it started (or the one already running).
     FailureReported {
         status: RecoveryStatus,
+    },
+    /// Answer to `report_path_healed`. `accepted`: the client may send I/O direct to the
+    /// device again. Refused while a recovery moves the volume off that device (direct writes
+    /// would bypass the recovery's copy and be missing on the replacement); the recovery
+    /// publishes a map without the device instead.
+    PathHealedReported {
+        accepted: bool,
+        message: String,
     },
     /// Unsolicited: progress of a recovery of an attached volume (no ack).
     RecoveryStatus(RecoveryStatus),

@@ -221,6 +221,31 @@ pub async fn report_failure(
     Ok(status)
 }
 
+/// Decides on a client's fail-back request for `device_uuid` of `volume_id` (its direct path
+/// healed): refused while a recovery of the volume moves it off that device (its record is
+/// the persisted "device failed for this volume" mark, kept until the new map is published,
+/// also when the job failed and waits to be resumed); accepted otherwise, e.g. when no
+/// replacement could be allocated so no recovery started. Returns (accepted, explanation).
+pub async fn report_path_healed(
+    state: &Arc<ServerState>,
+    volume_id: u64,
+    device_uuid: Uuid,
+) -> StoreResult<(bool, String)> {
+    let existing = blocking(state, move |s| s.store.recovery(volume_id)).await?;
+    Ok(match existing {
+        Some(record) if record.failed_device == device_uuid => (
+            false,
+            format!(
+                "volume {volume_id} is being recovered off device {device_uuid}; the new map will not use it"
+            ),
+        ),
+        _ => (
+            true,
+            format!("no recovery of volume {volume_id} off device {device_uuid}; direct I/O may resume"),
+        ),
+    })
+}
+
 /// Resumes every recorded recovery (at server start).
 pub async fn resume_all(state: &Arc<ServerState>) -> StoreResult<()> {
     let records = blocking(state, |s| s.store.recoveries()).await?;

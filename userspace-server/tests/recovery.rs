@@ -550,3 +550,53 @@ async fn bad_failure_reports_are_refused_and_change_nothing() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(pool_before, pool_after);
 }
+
+#[tokio::test]
+async fn fail_back_is_refused_while_the_device_is_recovered_and_accepted_otherwise() {
+    let server = TestServer::start_with_env(&[(CHUNK_DELAY_ENV, "100")]);
+    let mut setup = setup(&server, Layout::Linear, 4 * MIB).await;
+    let map = setup.attached.map.clone();
+    let failed = map.extents[0].replicas[0].device_uuid;
+    // No recovery recorded: the client may fail back.
+    let (accepted, message) = setup
+        .agent
+        .report_path_healed(map.volume_id, failed)
+        .await
+        .unwrap_or_else(|e| panic!("report healed: {e}"));
+    assert!(accepted, "{message}");
+    setup
+        .agent
+        .report_failure(map.volume_id, failed, "EIO")
+        .await
+        .unwrap_or_else(|e| panic!("report: {e}"));
+    // While the volume is moved off the device, direct writes there would miss the copy.
+    let (accepted, message) = setup
+        .agent
+        .report_path_healed(map.volume_id, failed)
+        .await
+        .unwrap_or_else(|e| panic!("report healed: {e}"));
+    assert!(
+        !accepted,
+        "fail-back accepted during the recovery: {message}"
+    );
+    // Another device of the volume is not being recovered.
+    let other = *setup
+        .devices
+        .keys()
+        .find(|d| **d != failed)
+        .unwrap_or_else(|| panic!("no other device"));
+    let (accepted, message) = setup
+        .agent
+        .report_path_healed(map.volume_id, other)
+        .await
+        .unwrap_or_else(|e| panic!("report healed: {e}"));
+    assert!(accepted, "{message}");
+    // Not attached: refused with not_found.
+    let refused = setup.agent.report_path_healed(999, failed).await;
+    assert_eq!(
+        refused.err().and_then(|e| e.server_code()),
+        Some(ErrorCode::NotFound)
+    );
+    let new_map = wait_for_recovery(&mut setup.agent, map.epoch).await;
+    assert!(!on_device(&new_map, failed));
+}

@@ -162,14 +162,20 @@ fn io_servers(args: &AttachArgs, reported: Option<&str>) -> Vec<String> {
     }
 }
 
+/// Hands `map` to the kernel with the current session token and server addresses (the
+/// kernel also takes the epoch it already has, to get only a new token after a reconnect).
+/// Devices are found by label; `known` remembers every device seen, since a failed device's
+/// label may be unreadable while the kernel still has it open.
 fn install_update(
     kernel: &KernelLink,
     map: &VolumeMap,
     args: &AttachArgs,
     servers: &[String],
+    token: &[u8],
+    known: &mut HashMap<Uuid, LocalDevice>,
 ) -> Result<(), CliError> {
-    let devices = local_devices(args);
-    let encoded = encode(map, &devices).map_err(local)?;
+    known.extend(local_devices(args));
+    let encoded = encode(map, known).map_err(local)?;
     kernel
         .update_map(
             map.volume_id,
@@ -177,6 +183,7 @@ fn install_update(
             &encoded.bytes,
             &encoded.device_paths,
             servers,
+            Some(token),
         )
         .map_err(local)
 }
@@ -195,6 +202,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     let mut servers = io_servers(&args, attachment.io_address.as_deref());
     let devices = local_devices(&args);
     // Remembered now: once a device fails, its label may no longer be readable.
+    let mut known_devices = devices.clone();
     let mut known_paths: HashMap<String, Uuid> = devices
         .iter()
         .map(|(uuid, d)| (d.path.display().to_string(), *uuid))
@@ -206,7 +214,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
             return Err(local(format!("cannot attach {}: {error}", args.volume)));
         }
     };
-    let token = hex_bytes(&attachment.session_token);
+    let mut token = hex_bytes(&attachment.session_token);
     let index = match kernel.create(&CreateRequest {
         volume_id,
         name: &map.name,
@@ -266,6 +274,8 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                         known_paths.entry(device.path.display().to_string()).or_insert(uuid);
                     }
                     report_path_failure(&mut client, &known_paths, volume_id, &event.device_path).await;
+                } else if event.volume_id == volume_id && event.kind == EventKind::PathHealed as u32 {
+                    fail_back(&kernel, &mut client, &known_paths, volume_id, &event.device_path).await;
                 }
             }
             push = client.next_push() => match push {
@@ -282,7 +292,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                 }
                 Ok(Push::RecoveryStatus(_)) => {}
                 Ok(Push::MapUpdate(map)) if map.volume_id == volume_id && map.epoch > epoch => {
-                    match install_update(&kernel, &map, &args, &servers) {
+                    match install_update(&kernel, &map, &args, &servers, &token, &mut known_devices) {
                         Ok(()) => {
                             epoch = map.epoch;
                             println!("volume {} now at epoch {epoch} ({} bytes)", args.volume, map.size_bytes);
@@ -306,8 +316,11 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                                 // A restarted server may listen elsewhere; the kernel gets
                                 // the new addresses with the next map.
                                 servers = io_servers(&args, attachment.io_address.as_deref());
-                                if attachment.map.epoch > epoch {
-                                    if let Err(e) = install_update(&kernel, &attachment.map, &args, &servers) {
+                                // A new session means a new token: the kernel's server path
+                                // must present it, also when the epoch did not change.
+                                token = hex_bytes(&attachment.session_token);
+                                if attachment.map.epoch >= epoch {
+                                    if let Err(e) = install_update(&kernel, &attachment.map, &args, &servers, &token, &mut known_devices) {
                                         eprintln!("sanctl attach: kernel refused epoch {}: {e}", attachment.map.epoch);
                                     } else {
                                         epoch = attachment.map.epoch;
@@ -359,6 +372,35 @@ async fn report_path_failure(
             status.state
         ),
         Err(e) => eprintln!("sanctl attach: cannot report the failure of {uuid}: {e}"),
+    }
+}
+
+/// The kernel's probe reads the device at `path` again: asks the server whether this host may
+/// fail back to it and, if so, marks it healthy in the kernel (new I/O goes direct again).
+async fn fail_back(
+    kernel: &KernelLink,
+    client: &mut AgentClient,
+    known_paths: &HashMap<String, Uuid>,
+    volume_id: u64,
+    path: &str,
+) {
+    let Some(uuid) = known_paths.get(path).copied() else {
+        eprintln!(
+            "sanctl attach: the kernel reports {path} healed, but it is not a known SAN device"
+        );
+        return;
+    };
+    match client.report_path_healed(volume_id, uuid).await {
+        Ok((true, message)) => match kernel.set_device_healthy(volume_id, path) {
+            Ok(()) => {
+                println!("path to {uuid} ({path}) healed; failed back to direct I/O ({message})")
+            }
+            Err(e) => eprintln!("sanctl attach: cannot fail back to {path}: {e}"),
+        },
+        Ok((false, message)) => {
+            println!("path to {uuid} ({path}) healed; fail-back refused by the server: {message}")
+        }
+        Err(e) => eprintln!("sanctl attach: cannot report that {path} healed: {e}"),
     }
 }
 

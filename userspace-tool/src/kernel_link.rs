@@ -427,7 +427,9 @@ impl KernelLink {
     }
 
     /// Installs a newer epoch; `device_paths` covers the new map's whole device table, so the
-    /// kernel can open devices the volume did not use before.
+    /// kernel can open devices the volume did not use before. With `token`, the server path
+    /// re-authenticates with it; the current epoch and map may be re-sent to deliver only a
+    /// new token and server list.
     pub fn update_map(
         &self,
         volume_id: u64,
@@ -435,6 +437,7 @@ impl KernelLink {
         map: &[u8],
         device_paths: &[String],
         servers: &[String],
+        token: Option<&[u8]>,
     ) -> Result<(), KernelError> {
         let mut attrs = vec![
             (
@@ -457,8 +460,32 @@ impl KernelLink {
                 nested_strings(Attr::ServerAddr as u16, servers),
             ));
         }
+        if let Some(token) = token {
+            attrs.push((Attr::Token as u16, false, token.to_vec()));
+        }
         CommandSocket::open()?
             .request(self.family, Command::UpdateMap, &attrs)
+            .map(|_| ())
+    }
+
+    /// Fail-back: marks the SAN device at `device_path` of a volume healthy again, so new I/O
+    /// goes direct to it.
+    pub fn set_device_healthy(&self, volume_id: u64, device_path: &str) -> Result<(), KernelError> {
+        let attrs = vec![
+            (
+                Attr::VolumeId as u16,
+                false,
+                volume_id.to_ne_bytes().to_vec(),
+            ),
+            (Attr::DevicePath as u16, false, nul_terminated(device_path)),
+            (
+                Attr::DeviceState as u16,
+                false,
+                (DeviceState::Healthy as u32).to_ne_bytes().to_vec(),
+            ),
+        ];
+        CommandSocket::open()?
+            .request(self.family, Command::SetDeviceState, &attrs)
             .map(|_| ())
     }
 

@@ -339,6 +339,15 @@ impl Drop for RawLink {
     }
 }
 
+/// Attributes of SET_DEVICE_STATE.
+fn set_state_attrs(volume_id: u64, path: &str, state: u32) -> RawAttrs {
+    vec![
+        (Attr::VolumeId as u16, volume_id.to_ne_bytes().to_vec()),
+        (Attr::DevicePath as u16, nul_terminated(path)),
+        (Attr::DeviceState as u16, state.to_ne_bytes().to_vec()),
+    ]
+}
+
 fn hostile(link: &Link) -> Result<bool, String> {
     let long_name = nul_terminated(&"x".repeat(300));
     let cases: Vec<(&str, u8, RawAttrs)> = vec![
@@ -377,6 +386,16 @@ fn hostile(link: &Link) -> Result<bool, String> {
             vec![(Attr::Pad as u16, vec![0u8; 4])],
         ),
         ("destroy-missing-volume", Command::Destroy as u8, vec![]),
+        (
+            "set-state-missing-attributes",
+            Command::SetDeviceState as u8,
+            vec![],
+        ),
+        (
+            "set-state-no-such-volume",
+            Command::SetDeviceState as u8,
+            set_state_attrs(4242, "/dev/vda", 0),
+        ),
     ];
     let raw = RawLink::open(link.family)?;
     let mut all_refused = true;
@@ -785,8 +804,34 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
             .collect::<Vec<_>>(),
     )?;
     let same = MapRequest::from_args(&base_args)?;
-    for (name, request) in [("epoch-regression", stale), ("epoch-repeat", same)] {
-        match raw_request(link.family, Command::UpdateMap, &request.update_attrs())? {
+    let with_token = |token: Vec<u8>| {
+        let mut attrs = good.update_attrs();
+        attrs.push((Attr::Token as u16, token));
+        attrs
+    };
+    let mut later = [
+        ("epoch-regression", stale.update_attrs()),
+        ("epoch-repeat", same.update_attrs()),
+    ]
+    .to_vec();
+    later.extend([
+        ("update-empty-token", with_token(Vec::new())),
+        ("update-oversized-token", with_token(vec![7u8; 65])),
+        (
+            "set-state-unknown-device",
+            set_state_attrs(77, "/dev/does-not-exist", 0),
+        ),
+        ("set-state-wrong-volume", set_state_attrs(78, &paths[0], 0)),
+        ("set-state-failed", set_state_attrs(77, &paths[0], 1)),
+        ("set-state-bad-state", set_state_attrs(77, &paths[0], 9)),
+    ]);
+    for (name, attrs) in later {
+        let command = if name.starts_with("set-state") {
+            Command::SetDeviceState
+        } else {
+            Command::UpdateMap
+        };
+        match raw_request(link.family, command, &attrs)? {
             Ok(()) => {
                 println!("case={name} accepted");
                 all_refused = false;
@@ -794,6 +839,19 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
             Err((errno, message)) => println!("case={name} errno={errno} msg={message}"),
         }
     }
+    // Valid requests of the same kinds are taken: a new token for the current epoch (what the
+    // agent sends after reconnecting), and healthy for a healthy device (no change).
+    report(raw_request(
+        link.family,
+        Command::UpdateMap,
+        &with_token(b"fresh-token".to_vec()),
+    )?)?;
+    report(raw_request(
+        link.family,
+        Command::SetDeviceState,
+        &set_state_attrs(77, &paths[0], 0),
+    )?)?;
+    println!("case=valid-token-and-state accepted-as-expected");
     Ok(all_refused)
 }
 

@@ -1,0 +1,145 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Fail-back, kernel half: the volume's server thread probes every SAN device that is marked
+//! failed and still in the current map with a one-page asynchronous READ every
+//! [`PROBE_INTERVAL_MS`]. A probe that succeeds does not switch the device back: it multicasts
+//! EVENT kind PATH_HEALED (at most every [`HEALED_REPEAT_MS`] per device) and userspace asks
+//! the server, which refuses while a recovery copies that device's data elsewhere. Only
+//! SET_DEVICE_STATE (genl.rs) makes the device healthy again.
+//!
+//! Probes never wait: they are submitted from the thread and complete in interrupt context,
+//! where the completion only records the outcome. Each probe holds an in-flight count of the
+//! volume, so teardown (`Volume::remove_disk`) waits for it like for any clone.
+
+use core::sync::atomic::Ordering;
+use kernel::bindings;
+use kernel::prelude::*;
+
+use crate::abi::{Attr, Command, DeviceState, EventKind};
+use crate::device::{Probe, SanDevice};
+use crate::shim::Event;
+use crate::volume::Volume;
+
+/// Interval between two probes of one failed device.
+pub(crate) const PROBE_INTERVAL_MS: i64 = 2_000;
+/// Shortest interval between two PATH_HEALED events for one device.
+const HEALED_REPEAT_MS: i64 = 10_000;
+const NS_PER_MS: i64 = 1_000_000;
+/// Bytes one probe reads at the start of the device.
+const PROBE_BYTES: u32 = 4096;
+
+fn now_ns() -> i64 {
+    // SAFETY: reads the monotonic clock.
+    unsafe { bindings::ktime_get() }
+}
+
+/// Multicasts an EVENT of `kind` for `device` of `volume` (process context).
+pub(crate) fn multicast_device_event(volume: &Volume, device: &SanDevice, kind: EventKind) -> Result {
+    let mut event = Event::new(Command::Event as u8, 512)?;
+    event.put_u32(Attr::EventKind as u16, kind as u32)?;
+    event.put_u64(Attr::VolumeId as u16, volume.id)?;
+    event.put_str(Attr::DevicePath as u16, &device.path)?;
+    event.send();
+    Ok(())
+}
+
+/// Starts over for a device that has just been reported failed: an old probe result does not
+/// count, and the first probe waits one interval.
+pub(crate) fn restart(device: &SanDevice) {
+    if device.probe.load(Ordering::Acquire) == Probe::InFlight as u32 {
+        // At worst (it completed meanwhile) the next probe's success is ignored once.
+        device.probe_stale.store(true, Ordering::Release);
+    }
+    let _ = device.probe.compare_exchange(
+        Probe::Succeeded as u32,
+        Probe::Idle as u32,
+        Ordering::AcqRel,
+        Ordering::Relaxed,
+    );
+    device.probe_issued_ns.store(now_ns(), Ordering::Relaxed);
+}
+
+/// One round: reports probes that succeeded and issues the ones that are due. Called by the
+/// volume's server thread (process context, no locks held) unless the volume is closing.
+pub(crate) fn tick(volume: &Volume) {
+    let map = volume.current_map();
+    let now = now_ns();
+    for device in map.slots.iter().filter_map(|slot| volume.devices.get(*slot)) {
+        if device.state() != DeviceState::Failed as u32 {
+            continue;
+        }
+        let probe = device.probe.load(Ordering::Acquire);
+        if probe == Probe::InFlight as u32 {
+            continue;
+        }
+        if probe == Probe::Succeeded as u32 {
+            let last = device.healed_reported_ns.load(Ordering::Relaxed);
+            if last == 0 || now - last >= HEALED_REPEAT_MS * NS_PER_MS {
+                device.healed_reported_ns.store(now, Ordering::Relaxed);
+                pr_info!("volume {}: {} answers again; reporting PATH_HEALED\n", volume.id, &*device.path);
+                if multicast_device_event(volume, device, EventKind::PathHealed).is_err() {
+                    pr_warn!("volume {}: cannot multicast the path healed event\n", volume.id);
+                }
+            }
+            // Keep probing: the event is repeated only while the device keeps answering.
+            device.probe.store(Probe::Idle as u32, Ordering::Release);
+        }
+        if now - device.probe_issued_ns.load(Ordering::Relaxed) >= PROBE_INTERVAL_MS * NS_PER_MS {
+            device.probe_issued_ns.store(now, Ordering::Relaxed);
+            submit(volume, device);
+        }
+    }
+}
+
+/// Issues one asynchronous READ of the device's first page.
+fn submit(volume: &Volume, device: &SanDevice) {
+    if device.size_bytes() < u64::from(PROBE_BYTES) {
+        return;
+    }
+    // SAFETY: process context; the device is open; `fs_bio_set` is the kernel's general bio
+    // pool (one inline vector is enough for one page). GFP_KERNEL may fail: no probe this round.
+    let bio = unsafe {
+        bindings::bio_alloc_bioset(
+            device.bdev(),
+            1,
+            bindings::req_op_REQ_OP_READ,
+            bindings::GFP_KERNEL,
+            core::ptr::addr_of_mut!(bindings::fs_bio_set),
+        )
+    };
+    if bio.is_null() {
+        return;
+    }
+    device.probe.store(Probe::InFlight as u32, Ordering::Release);
+    volume.inflight.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: `bio` is ours until submitted; the page belongs to the device, which outlives
+    // the probe (the device is dropped with the volume, after in-flight reaches zero); only
+    // one probe per device is in flight (state InFlight), so the page has a single user.
+    unsafe {
+        (*bio).bi_iter.bi_sector = 0;
+        bindings::__bio_add_page(bio, device.probe_page.as_ptr(), PROBE_BYTES, 0);
+        (*bio).bi_private = (volume as *const Volume).cast_mut().cast();
+        (*bio).bi_end_io = Some(probe_endio);
+        bindings::submit_bio(bio);
+    }
+}
+
+/// # Safety
+///
+/// Completion of a probe issued by `submit`: `bi_private` is the volume, which waits for the
+/// in-flight count this probe holds before it goes away.
+unsafe extern "C" fn probe_endio(bio: *mut bindings::bio) {
+    // SAFETY: see the function's contract.
+    unsafe {
+        let volume = &*((*bio).bi_private as *const Volume);
+        let ok = (*bio).bi_status == 0;
+        let bdev = (*bio).bi_bdev;
+        if let Some((_, device)) = volume.devices.iter().find(|(_, d)| d.bdev() == bdev) {
+            let stale = device.probe_stale.swap(false, Ordering::AcqRel);
+            let outcome = if ok && !stale { Probe::Succeeded } else { Probe::Idle };
+            device.probe.store(outcome as u32, Ordering::Release);
+        }
+        bindings::bio_put(bio);
+        volume.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
