@@ -1,115 +1,181 @@
 //! End-to-end recovery: a real `sand` with two SAN disks, a guest whose first SAN device is a
 //! dm device over the virtio disk so the test can fail it from inside (dm-error). After the
-//! failure, writes are redirected to the server; the module multicasts the path failure, the
+//! failure, I/O is redirected to the server; the module multicasts the path failure, the
 //! agent reports it, the server copies the volume onto the second disk (keeping redirected
 //! writes consistent), publishes a new epoch, and the kernel resumes direct I/O on the new
 //! disk. The host then finds every block where the final map says, on the new disk.
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use sanblk_tests::blocks::BLOCK;
 use sanblk_tests::{
-    blocks, module_path, run, scratch_dir, sparse_image, target_bin, SandServer, VmConfig,
+    blocks, module_path, run, scratch_dir, sparse_image, spawn, target_bin, SandServer, VmConfig,
 };
-use sand::protocol::{DeviceInfo, VolumeDetail};
+use sand::protocol::{DeviceInfo, RecoveryState, RecoveryStatus, VolumeDetail};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
 
-#[test]
-fn failed_device_is_recovered_onto_a_new_disk_and_direct_io_resumes() {
-    let dir = scratch_dir("recovery-e2e").expect("scratch");
-    let server = SandServer::start(&dir).expect("sand");
-    let images: Vec<PathBuf> = (0..2)
-        .map(|i| {
-            let path = dir.join(format!("san{i}.img"));
-            sparse_image(&path, 64 * MIB).expect("image");
-            path
-        })
-        .collect();
-    // The volume lands on san0 (the only device when it is created); san1 is the spare.
-    server.sanctl(&["pool", "add", &images[0].display().to_string()]);
-    server.sanctl(&["volume", "create", "vrec", "16M"]);
-    server.sanctl(&["pool", "add", &images[1].display().to_string()]);
-    let secret = dir.join("host1.secret");
-    server.sanctl(&[
-        "client",
-        "add",
-        "host1",
-        "--secret-out",
-        &secret.display().to_string(),
-    ]);
-    server.sanctl(&["client", "grant", "host1", "vrec", "rw"]);
-    let pool: Vec<DeviceInfo> =
-        serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
-    let by_uuid: HashMap<uuid::Uuid, PathBuf> = pool
-        .iter()
-        .map(|d| (d.uuid, PathBuf::from(&d.path)))
-        .collect();
-    let spare = pool
-        .iter()
-        .find(|d| d.path == images[1].display().to_string())
-        .expect("san1 in pool")
-        .uuid;
+/// A running `sand` with two SAN disk images: the 16 MiB linear volume `vrec` on san0, san1
+/// the spare; client `host1` granted rw.
+struct Setup {
+    dir: PathBuf,
+    server: SandServer,
+    images: Vec<PathBuf>,
+    by_uuid: HashMap<uuid::Uuid, PathBuf>,
+    spare: uuid::Uuid,
+}
 
-    // Written direct before the failure, then through the server, then direct on the new disk.
-    let before = blocks::pattern("recovery", 1, VOLUME);
-    let after = blocks::pattern("recovery", 2, VOLUME);
-    let last = blocks::pattern("recovery", 3, VOLUME / 2);
-    let mut expected = last.clone();
-    expected.extend_from_slice(&after[(VOLUME / 2) as usize..]);
-    fs::write(dir.join("before.pattern"), &before).expect("pattern");
-    fs::write(dir.join("after.pattern"), &after).expect("pattern");
-    fs::write(dir.join("last.pattern"), &last).expect("pattern");
-    fs::write(dir.join("expected.pattern"), &expected).expect("pattern");
+impl Setup {
+    fn new(name: &str, env: &[(&str, &str)]) -> Setup {
+        let dir = scratch_dir(name).expect("scratch");
+        let server = SandServer::start_with_env(&dir, env).expect("sand");
+        let images: Vec<PathBuf> = (0..2)
+            .map(|i| {
+                let path = dir.join(format!("san{i}.img"));
+                sparse_image(&path, 64 * MIB).expect("image");
+                path
+            })
+            .collect();
+        // The volume lands on san0 (the only device when it is created); san1 is the spare.
+        server.sanctl(&["pool", "add", &images[0].display().to_string()]);
+        server.sanctl(&["volume", "create", "vrec", "16M"]);
+        server.sanctl(&["pool", "add", &images[1].display().to_string()]);
+        let secret = dir.join("host1.secret");
+        server.sanctl(&[
+            "client",
+            "add",
+            "host1",
+            "--secret-out",
+            &secret.display().to_string(),
+        ]);
+        server.sanctl(&["client", "grant", "host1", "vrec", "rw"]);
+        let pool: Vec<DeviceInfo> =
+            serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
+        let by_uuid = pool
+            .iter()
+            .map(|d| (d.uuid, PathBuf::from(&d.path)))
+            .collect();
+        let spare = pool
+            .iter()
+            .find(|d| d.path == images[1].display().to_string())
+            .expect("san1 in pool")
+            .uuid;
+        Setup {
+            dir,
+            server,
+            images,
+            by_uuid,
+            spare,
+        }
+    }
 
-    let port = server.port;
-    let io_port = server.io_port().expect("io port");
-    let script = format!(
-        r#"set -ex
+    /// Writes `data` as `name` in the scratch dir (read by the guest).
+    fn file(&self, name: &str, data: &[u8]) {
+        fs::write(self.dir.join(name), data).expect("pattern");
+    }
+
+    /// Guest script: the module loaded, san0 as a dm-linear device over /dev/vda, the agent
+    /// attached in the background, `$dev` the volume's device, then `body`. Helpers:
+    /// `wait_for FILE`, `fail_san0` (dm-error under the volume), `wait_recovered` (until the
+    /// kernel's map has only the spare).
+    fn script(&self, body: &str) -> String {
+        let io_port = self.server.io_port().expect("io port");
+        format!(
+            r#"set -ex
 insmod {module}
 S={sanctl}
 D={dir}
 wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; return 1; }}
+fail_san0() {{ dmsetup reload san0 --table "0 $SECTORS error"; dmsetup resume san0; }}
+wait_recovered() {{
+    for i in $(seq 1 1200); do
+        $S --json status > recovered.json
+        if grep -q '"/dev/vdb"' recovered.json && ! grep -q 'mapper/san0' recovered.json; then return 0; fi
+        sleep 0.5
+    done
+    return 1
+}}
 SECTORS=$(blockdev --getsz /dev/vda)
 dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
 $S attach vrec --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
     --device /dev/mapper/san0 --device /dev/vdb --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
 wait_for /run/sanblk/vrec.device
 dev=$(cat /run/sanblk/vrec.device)
-dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
-dmsetup reload san0 --table "0 $SECTORS error"
-dmsetup resume san0
-dd if=$D/after.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
-# Recovery ends with a new epoch whose only device is the spare.
-for i in $(seq 1 600); do
-    $S --json status > recovered.json
-    if grep -q '"/dev/vdb"' recovered.json && ! grep -q 'mapper/san0' recovered.json; then break; fi
-    sleep 0.5
-done
-dd if=$D/last.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
-$S --json status > final.json
-$S status > status.txt
-dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
-cmp /tmp/back $D/expected.pattern
+{body}
 $S detach vrec
 rmmod sanblk
 dmsetup remove san0
 "#,
-        module = module_path().display(),
-        sanctl = target_bin("sanctl").display(),
-        dir = dir.display(),
-    );
-    let config = VmConfig::new("recovery-e2e", &script)
-        .disk(&images[0])
-        .disk(&images[1])
-        .forward_port(port)
-        .forward_port(io_port)
-        .timeout(Duration::from_secs(500));
-    let outcome = run(&config).expect("guest ran");
+            module = module_path().display(),
+            sanctl = target_bin("sanctl").display(),
+            dir = self.dir.display(),
+            port = self.server.port,
+        )
+    }
+
+    fn vm(&self, name: &str, body: &str) -> VmConfig {
+        let io_port = self.server.io_port().expect("io port");
+        VmConfig::new(name, &self.script(body))
+            .disk(&self.images[0])
+            .disk(&self.images[1])
+            .forward_port(self.server.port)
+            .forward_port(io_port)
+            .timeout(Duration::from_secs(600))
+    }
+
+    /// The server's map of `vrec` is entirely on the spare, and the spare image holds
+    /// `expected` at every block of it.
+    fn check_on_spare(&self, expected: &[u8]) {
+        let detail: VolumeDetail =
+            serde_json::from_str(&self.server.sanctl(&["--json", "volume", "show", "vrec"]))
+                .expect("json");
+        for extent in &detail.map.extents {
+            for replica in &extent.replicas {
+                assert_eq!(
+                    replica.device_uuid, self.spare,
+                    "extent still on the failed disk: {extent:?}"
+                );
+            }
+        }
+        let checked = blocks::verify_against_map(&detail.map, &self.by_uuid, expected);
+        assert_eq!(checked as u64, VOLUME / BLOCK);
+    }
+
+    fn recoveries(&self) -> Vec<RecoveryStatus> {
+        serde_json::from_str(&self.server.sanctl(&["--json", "recovery", "list"]))
+            .expect("recovery json")
+    }
+}
+
+#[test]
+fn failed_device_is_recovered_onto_a_new_disk_and_direct_io_resumes() {
+    let setup = Setup::new("recovery-e2e", &[]);
+    // Written direct before the failure, then through the server, then direct on the new disk.
+    let before = blocks::pattern("recovery", 1, VOLUME);
+    let after = blocks::pattern("recovery", 2, VOLUME);
+    let last = blocks::pattern("recovery", 3, VOLUME / 2);
+    let mut expected = last.clone();
+    expected.extend_from_slice(&after[(VOLUME / 2) as usize..]);
+    setup.file("before.pattern", &before);
+    setup.file("after.pattern", &after);
+    setup.file("last.pattern", &last);
+    setup.file("expected.pattern", &expected);
+
+    let body = r#"dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+fail_san0
+dd if=$D/after.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+# Recovery ends with a new epoch whose only device is the spare.
+wait_recovered
+dd if=$D/last.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+$S --json status > final.json
+$S status > status.txt
+dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/expected.pattern"#;
+    let outcome = run(&setup.vm("recovery-e2e", body)).expect("guest ran");
     outcome.assert_clean_success();
 
     let recovered: serde_json::Value =
@@ -133,33 +199,71 @@ dmsetup remove san0
         status.contains("recovery of vrec"),
         "no recovery progress shown: {status}"
     );
+    setup.check_on_spare(&expected);
+}
 
-    let detail: VolumeDetail =
-        serde_json::from_str(&server.sanctl(&["--json", "volume", "show", "vrec"])).expect("json");
-    let mut checked = 0;
-    for extent in &detail.map.extents {
-        for replica in &extent.replicas {
-            assert_eq!(
-                replica.device_uuid, spare,
-                "extent still on the failed disk: {extent:?}"
-            );
-            let mut offset = 0;
-            while offset < extent.length {
-                let at = (extent.volume_offset + offset) as usize;
-                let got = blocks::read_at(
-                    &by_uuid[&replica.device_uuid],
-                    replica.device_offset + offset,
-                    BLOCK,
-                )
-                .expect("read image");
-                assert!(
-                    got == expected[at..at + BLOCK as usize],
-                    "volume offset {at} wrong on the new disk"
-                );
-                offset += BLOCK;
-                checked += 1;
-            }
-        }
-    }
-    assert_eq!(checked as u64, VOLUME / BLOCK);
+/// Regression test: the first I/O after the path failure is a READ of the single-copy volume,
+/// issued while the server starts recovering it; reads then go on, continuously, while the
+/// (slowed-down) copy runs, across its completion (new epoch: the server refuses the old
+/// epoch with -ESTALE until the kernel has the new map) and once more on the new disk. Every
+/// read must return the data written before the failure, never EIO: the server serves them
+/// from the failed-for-the-client source device (or the target for the copied part), and a
+/// stale-epoch refusal is retried once the new map is in.
+#[test]
+fn reads_right_after_the_failure_during_recovery_return_the_data() {
+    let setup = Setup::new(
+        "recovery-read-first",
+        &[("SAND_RECOVERY_CHUNK_DELAY_MS", "300")],
+    );
+    let before = blocks::pattern("readfirst", 1, VOLUME);
+    setup.file("before.pattern", &before);
+    let body = r#"dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+fail_san0
+# The first I/O after the failure: a read (redirected; the agent reports the failure and
+# the server starts recovering meanwhile).
+dd if=$dev of=/tmp/first bs=64K count=16 iflag=direct status=none
+dd if=$D/before.pattern of=/tmp/want bs=64K count=16 status=none
+cmp /tmp/first /tmp/want
+# Whole-volume reads in 64 KiB requests until the kernel has the recovered map.
+n=0
+while :; do
+    $S --json status > sample.json
+    grep -q '"copying"\|"queued"' sample.json && echo copying >> reads-during-copy.txt || true
+    dd if=$dev of=/tmp/during bs=64K iflag=direct status=none
+    cmp /tmp/during $D/before.pattern
+    n=$((n + 1))
+    $S --json status > recovered.json
+    if grep -q '"/dev/vdb"' recovered.json && ! grep -q 'mapper/san0' recovered.json; then break; fi
+    [ $n -lt 100 ]
+done
+$S --json status > final.json
+dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/before.pattern
+$S --json status > final2.json"#;
+    let outcome = run(&setup.vm("recovery-read-first", body)).expect("guest ran");
+    outcome.assert_clean_success();
+    // Some reads overlapped the copy (else this test proves nothing about the bug).
+    let during = outcome
+        .read_out_file("reads-during-copy.txt")
+        .unwrap_or_default();
+    assert!(
+        during.lines().count() >= 1,
+        "no read overlapped the recovery copy"
+    );
+    let final_status: serde_json::Value =
+        serde_json::from_str(&outcome.read_out_file("final.json").expect("json")).expect("json");
+    let final2: serde_json::Value =
+        serde_json::from_str(&outcome.read_out_file("final2.json").expect("json")).expect("json");
+    let volume = &final_status["volumes"][0];
+    assert!(volume["epoch"].as_u64().unwrap_or(0) >= 2, "{volume}");
+    assert_eq!(
+        volume["errors"], final2["volumes"][0]["errors"],
+        "errors after recovery"
+    );
+    // The last read went direct to the new disk.
+    assert_eq!(
+        volume["redirected_ios"], final2["volumes"][0]["redirected_ios"],
+        "reads after recovery still went to the server"
+    );
+    setup.check_on_spare(&before);
 }

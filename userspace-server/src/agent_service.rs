@@ -21,7 +21,7 @@ use crate::protocol::{
 };
 use crate::recovery;
 use crate::state::{blocking, ConnectionId, PublishedMap, ServerState};
-use crate::store::StoreResult;
+use crate::store::{SessionRecord, StoreResult};
 use tokio::io::AsyncWriteExt;
 
 /// Pushed maps waiting to be written to one connection.
@@ -280,6 +280,14 @@ impl Session {
                 }
                 self.sent_epochs.remove(&volume_id);
                 if self.state.detach(self.connection, volume_id) {
+                    let client = self.client.clone();
+                    let forgotten = blocking(&self.state, move |s| {
+                        s.store
+                            .delete_sessions(|p| p.client == client && p.volume_id == volume_id)
+                    });
+                    if let Err(error) = forgotten.await {
+                        warn!("volume {volume_id}: forgetting the session token: {error}");
+                    }
                     Ok(AgentReply::Detached { volume_id })
                 } else {
                     Err(ErrorBody::new(
@@ -362,7 +370,15 @@ impl Session {
                 format!("volume is granted {granted}, not {mode}"),
             ));
         }
-        let session_token = auth::new_session_token_hex();
+        // The token of this client's attachment survives disconnects and server restarts
+        // (the client's kernel keeps using it), until the volume is detached.
+        let client = self.client.clone();
+        let persisted = blocking(&self.state, move |s| s.store.session_of(&client, volume_id))
+            .await?
+            .filter(|p| !self.state.session_is_live(&p.token));
+        let session_token = persisted
+            .as_ref()
+            .map_or_else(auth::new_session_token_hex, |p| p.token.clone());
         let grant = self.state.attach(
             self.connection,
             &self.client,
@@ -370,6 +386,19 @@ impl Session {
             mode,
             session_token.clone(),
         )?;
+        if persisted.map(|p| p.mode) != Some(mode) {
+            let session = SessionRecord {
+                token: session_token.clone(),
+                client: self.client.clone(),
+                volume_id,
+                mode,
+            };
+            if let Err(error) = blocking(&self.state, move |s| s.store.save_session(&session)).await
+            {
+                self.state.detach(self.connection, volume_id);
+                return Err(error);
+            }
+        }
         if let Some(sender) = self.push_sender.clone() {
             let mut updates = grant.updates;
             let forwarder = tokio::spawn(async move {

@@ -275,20 +275,59 @@ impl ServerState {
         }
     }
 
-    /// Resolves a session token (handed out with a map) for the server I/O path. `None` once
-    /// the attachment is gone (detach, disconnect, client removed).
+    /// Resolves a session token (handed out with a map) for the server I/O path: a live
+    /// attachment's token, or a persisted one whose agent is not connected (yet: a restarted
+    /// server, a reconnecting agent), as long as no other client holds the volume read-write.
+    /// `None` once the attachment is detached (or the client removed, its grant changed, the
+    /// volume deleted).
     pub fn session(&self, token: &str) -> Option<SessionInfo> {
-        let live = self.live();
-        let (volume_id, connection) = *live.sessions.get(token)?;
-        let volume = live.volumes.get(&volume_id)?;
-        let attachment = volume.attachments.get(&connection)?;
-        let epoch = volume.map.borrow().map.epoch;
+        {
+            let live = self.live();
+            if let Some(&(volume_id, connection)) = live.sessions.get(token) {
+                let volume = live.volumes.get(&volume_id)?;
+                let attachment = volume.attachments.get(&connection)?;
+                let epoch = volume.map.borrow().map.epoch;
+                return Some(SessionInfo {
+                    client: attachment.client.clone(),
+                    volume_id,
+                    mode: attachment.mode,
+                    epoch,
+                });
+            }
+        }
+        let persisted = self.store.session(token).ok()??;
+        let live_epoch = {
+            let live = self.live();
+            match live.volumes.get(&persisted.volume_id) {
+                Some(volume) => {
+                    let taken = volume.attachments.values().any(|a| {
+                        a.client != persisted.client
+                            && a.mode == AccessMode::Rw
+                            && persisted.mode == AccessMode::Rw
+                    });
+                    if taken {
+                        return None;
+                    }
+                    Some(volume.map.borrow().map.epoch)
+                }
+                None => None,
+            }
+        };
+        let epoch = match live_epoch {
+            Some(epoch) => epoch,
+            None => self.store.volume_by_id(persisted.volume_id).ok()?.epoch,
+        };
         Some(SessionInfo {
-            client: attachment.client.clone(),
-            volume_id,
-            mode: attachment.mode,
+            client: persisted.client,
+            volume_id: persisted.volume_id,
+            mode: persisted.mode,
             epoch,
         })
+    }
+
+    /// Whether a live attachment holds `token`.
+    pub fn session_is_live(&self, token: &str) -> bool {
+        self.live().sessions.contains_key(token)
     }
 
     /// The mode of this connection's attachment to the volume, if any.
