@@ -51,21 +51,24 @@ impl SandServer {
         Ok(server)
     }
 
-    /// Kills `sand` with SIGKILL (no clean shutdown), then starts it again on the same
-    /// metadata dir, agent port and I/O port, and waits for its admin socket. The log is
-    /// appended to.
+    /// Kills `sand` with SIGKILL (no clean shutdown) and reaps it.
+    pub fn kill9(&mut self) {
+        // An error means it has exited already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts `sand` again (after [`SandServer::kill9`], which it does first if needed) on the
+    /// same metadata dir, agent port and I/O port, and waits until both listen again. The log
+    /// is appended to.
     pub fn restart(&mut self) -> Result<(), String> {
         let io_port = self.io_port()?;
-        self.child
-            .kill()
-            .map_err(|e| format!("cannot kill sand: {e}"))?;
-        let _ = self.child.wait();
-        // A killed sand leaves its admin socket behind: wait for the new one.
+        self.kill9();
+        // A killed sand leaves these behind: wait for the new ones.
         let _ = std::fs::remove_file(&self.admin_socket);
         let _ = std::fs::remove_file(self.dir.join("sand-metadata").join("io.addr"));
         self.child = spawn_sand(&self.dir, self.port, io_port, &self.env)?;
         self.wait_ready()?;
-        // Ready only once the I/O service is bound again (io.addr is rewritten then).
         self.io_port().map(|_| ())
     }
 

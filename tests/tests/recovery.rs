@@ -267,3 +267,135 @@ $S --json status > final2.json"#;
     );
     setup.check_on_spare(&before);
 }
+
+/// Waits until `path` exists (a file the guest writes into its log dir).
+fn wait_for_file(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The server killed with SIGKILL mid-recovery and restarted on the same data dir and ports
+/// finishes the recovery from its persisted cursor (not from zero), and the guest never sees
+/// an error:
+/// - the guest writes a pattern direct, san0 fails (dm-error), redirected writes go on while
+///   the (slowed-down) copy runs; the host kills `sand` once a cursor has been saved;
+/// - while the server is down the guest issues more I/O to the failed device: it is queued in
+///   the kernel's server path, which reconnects with backoff (100 ms doubling to 5 s) and
+///   completes it once the server is back (it would fail only after 30 s without a server).
+///   I/O that can go direct (healthy devices) does not involve the server at all, so it goes
+///   on unaffected while the server is down; this volume has no such extent until the end;
+/// - the agent reconnects (backoff) and re-attaches; the session token is stable across the
+///   restart (persisted with the attachment), so the kernel's server path, which keeps its
+///   token, is accepted again, even before the agent is back;
+/// - the new map (new epoch, only the spare) reaches the kernel; later direct I/O goes to the
+///   new disk; the host reads the spare image and finds every block right.
+#[test]
+fn server_killed_mid_recovery_restarts_and_finishes_it() {
+    let mut setup = Setup::new(
+        "recovery-restart",
+        &[("SAND_RECOVERY_CHUNK_DELAY_MS", "700")],
+    );
+    let before = blocks::pattern("restart", 1, VOLUME);
+    let after = blocks::pattern("restart", 2, VOLUME);
+    let last = blocks::pattern("restart", 3, 4 * MIB);
+    // last [0, 4M) + after [4M, 12M) + before [12M, 16M).
+    let mut expected = last.clone();
+    expected.extend_from_slice(&after[(4 * MIB) as usize..(12 * MIB) as usize]);
+    expected.extend_from_slice(&before[(12 * MIB) as usize..]);
+    setup.file("before.pattern", &before);
+    setup.file("after.pattern", &after);
+    setup.file("last.pattern", &last);
+    setup.file("expected.pattern", &expected);
+    let body = r#"dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+fail_san0
+# Redirected writes: the failure is reported, the recovery starts.
+dd if=$D/after.pattern of=$dev bs=1M count=8 oflag=direct conv=fsync status=none
+touch phase1
+# The host kills the server; I/O for the failed device while it is down.
+wait_for server-down
+dd if=$D/after.pattern of=$dev bs=1M skip=8 seek=8 count=4 oflag=direct conv=fsync status=none
+dd if=$dev of=/tmp/head bs=1M count=4 iflag=direct status=none
+dd if=$D/after.pattern of=/tmp/want bs=1M count=4 status=none
+cmp /tmp/head /tmp/want
+touch down-io-done
+wait_recovered
+dd if=$D/last.pattern of=$dev bs=1M count=4 oflag=direct conv=fsync status=none
+$S --json status > final.json
+dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/expected.pattern"#;
+    let vm = spawn(&setup.vm("recovery-restart", body)).expect("guest started");
+    let log_dir = vm.log_dir().to_path_buf();
+    wait_for_file(&log_dir.join("phase1"), Duration::from_secs(400));
+
+    // Kill once a cursor is saved (every 4 chunks) and the copy is not done.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let before_kill = loop {
+        let statuses = setup.recoveries();
+        if let Some(status) = statuses.first() {
+            assert_ne!(status.state, RecoveryState::Done, "finished before the kill");
+            if status.bytes_done >= 5 * MIB {
+                break status.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "no recovery progress: {statuses:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    setup.server.kill9();
+    fs::write(log_dir.join("server-down"), b"").expect("signal");
+    // Down for a while: the guest's I/O waits in the kernel's server path.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        !log_dir.join("down-io-done").exists(),
+        "I/O to the failed device completed without a server"
+    );
+    setup.server.restart().expect("restart");
+    let resumed = setup.recoveries();
+    let outcome = vm.wait().expect("guest ran");
+    outcome.assert_clean_success();
+
+    // Resumed from the saved cursor, not from zero.
+    let log = setup.server.log();
+    let resumed_at = log
+        .lines()
+        .filter_map(|l| l.split("resuming recovery off device ").nth(1))
+        .filter_map(|rest| rest.split(" at byte ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|n| n.parse::<u64>().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no resume in the log:\n{log}"));
+    assert!(
+        resumed_at >= 4 * MIB && resumed_at <= before_kill.bytes_done,
+        "resumed at {resumed_at}, killed at {}",
+        before_kill.bytes_done
+    );
+    if let Some(status) = resumed.first() {
+        assert!(status.bytes_done >= 4 * MIB, "restarted from zero: {status:?}");
+    }
+    let done = setup.recoveries();
+    assert!(
+        done.iter().any(|s| s.state == RecoveryState::Done && s.bytes_done == VOLUME),
+        "{done:?}"
+    );
+    // The kernel's session survived the restart: its token was accepted again.
+    assert!(
+        log.matches("I/O connection from").count() >= 2,
+        "no server-path reconnection: {log}"
+    );
+    let recovered: serde_json::Value =
+        serde_json::from_str(&outcome.read_out_file("recovered.json").expect("json"))
+            .expect("json");
+    let final_status: serde_json::Value =
+        serde_json::from_str(&outcome.read_out_file("final.json").expect("json")).expect("json");
+    let volume = &final_status["volumes"][0];
+    assert!(volume["epoch"].as_u64().unwrap_or(0) >= 2, "{volume}");
+    assert_eq!(volume["errors"], recovered["volumes"][0]["errors"], "{volume}");
+    // Direct I/O resumed on the new disk: the last write was not redirected.
+    assert_eq!(
+        volume["redirected_ios"], recovered["volumes"][0]["redirected_ios"],
+        "writes after recovery still went to the server"
+    );
+    setup.check_on_spare(&expected);
+}
