@@ -272,7 +272,11 @@ $S --json status > final2.json"#;
 fn wait_for_file(path: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -335,12 +339,19 @@ cmp /tmp/back $D/expected.pattern"#;
     let before_kill = loop {
         let statuses = setup.recoveries();
         if let Some(status) = statuses.first() {
-            assert_ne!(status.state, RecoveryState::Done, "finished before the kill");
+            assert_ne!(
+                status.state,
+                RecoveryState::Done,
+                "finished before the kill"
+            );
             if status.bytes_done >= 5 * MIB {
                 break status.clone();
             }
         }
-        assert!(Instant::now() < deadline, "no recovery progress: {statuses:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no recovery progress: {statuses:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     setup.server.kill9();
@@ -372,11 +383,15 @@ cmp /tmp/back $D/expected.pattern"#;
         before_kill.bytes_done
     );
     if let Some(status) = resumed.first() {
-        assert!(status.bytes_done >= 4 * MIB, "restarted from zero: {status:?}");
+        assert!(
+            status.bytes_done >= 4 * MIB,
+            "restarted from zero: {status:?}"
+        );
     }
     let done = setup.recoveries();
     assert!(
-        done.iter().any(|s| s.state == RecoveryState::Done && s.bytes_done == VOLUME),
+        done.iter()
+            .any(|s| s.state == RecoveryState::Done && s.bytes_done == VOLUME),
         "{done:?}"
     );
     // The kernel's session survived the restart: its token was accepted again.
@@ -391,7 +406,10 @@ cmp /tmp/back $D/expected.pattern"#;
         serde_json::from_str(&outcome.read_out_file("final.json").expect("json")).expect("json");
     let volume = &final_status["volumes"][0];
     assert!(volume["epoch"].as_u64().unwrap_or(0) >= 2, "{volume}");
-    assert_eq!(volume["errors"], recovered["volumes"][0]["errors"], "{volume}");
+    assert_eq!(
+        volume["errors"], recovered["volumes"][0]["errors"],
+        "{volume}"
+    );
     // Direct I/O resumed on the new disk: the last write was not redirected.
     assert_eq!(
         volume["redirected_ios"], recovered["volumes"][0]["redirected_ios"],

@@ -550,3 +550,56 @@ async fn bad_failure_reports_are_refused_and_change_nothing() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(pool_before, pool_after);
 }
+
+/// Reads of a single-copy volume while it recovers come from the failed device (the server's
+/// own path to it), and when that is unreadable too, from the recovery target for the part
+/// already copied; only the part neither holds gets -EIO.
+#[tokio::test]
+async fn reads_during_recovery_fall_back_to_the_target_for_the_copied_part() {
+    let server = TestServer::start_with_env(&[(CHUNK_DELAY_ENV, "200")]);
+    let size = 16 * MIB;
+    let mut setup = setup(&server, Layout::Linear, size).await;
+    let data = pattern(7, size as usize);
+    let mut io = IoClient::session(&server, &setup.attached).await;
+    let map = setup.attached.map.clone();
+    io.write(&map, 0, &data).await;
+    let failed = map.extents[0].replicas[0].device_uuid;
+    setup
+        .agent
+        .report_failure(map.volume_id, failed, "gone")
+        .await
+        .unwrap_or_else(|e| panic!("report: {e}"));
+    // Recovering, nothing unreadable yet: the failed device serves reads.
+    assert!(io.read(&map, 12 * MIB, 65536).await == data[12 * MIB as usize..][..65536]);
+    let deadline = Instant::now() + WAIT;
+    let copied = loop {
+        let status = recoveries(&server).await;
+        if let Some(status) = status.first().filter(|s| s.bytes_done >= 4 * MIB) {
+            assert!(status.bytes_done <= 12 * MIB, "copied too fast: {status:?}");
+            break status.bytes_done;
+        }
+        assert!(Instant::now() < deadline, "copy did not progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Now the server cannot read the failed device either.
+    let failed_image = &setup.devices[&failed];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(failed_image)
+        .and_then(|f| f.set_len(0))
+        .unwrap_or_else(|e| panic!("{}: {e}", failed_image.display()));
+    // Copied: from the target.
+    assert!(io.read(&map, 0, MIB as u32).await == data[..MIB as usize]);
+    assert!(io.read(&map, copied - 8192, 8192).await == data[(copied - 8192) as usize..][..8192]);
+    // Not copied: nowhere to read it from.
+    let header = RequestHeader {
+        op: Op::Read,
+        flags: 0,
+        handle: 99,
+        volume_id: map.volume_id,
+        epoch: map.epoch,
+        offset: size - 4096,
+        length: 4096,
+    };
+    assert_eq!(io.call(&header, &[]).await, -libc::EIO);
+}
