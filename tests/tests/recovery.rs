@@ -7,14 +7,16 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use sanblk_tests::blocks::BLOCK;
 use sanblk_tests::{
-    blocks, module_path, run, scratch_dir, sparse_image, spawn, target_bin, SandServer, VmConfig,
+    blocks, module_path, run, scratch_dir, sparse_image, spawn, target_bin, GuestOutcome,
+    SandServer, VmConfig,
 };
 use sand::protocol::{DeviceInfo, RecoveryState, RecoveryStatus, VolumeDetail};
+use sand::recovery::last_resume_cursor;
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
@@ -76,6 +78,15 @@ impl Setup {
     /// Writes `data` as `name` in the scratch dir (read by the guest).
     fn file(&self, name: &str, data: &[u8]) {
         fs::write(self.dir.join(name), data).expect("pattern");
+    }
+
+    /// The patterns of a failure test: written before the failure, after it, after the
+    /// recovery, and what the volume must hold at the end.
+    fn patterns(&self, before: &[u8], after: &[u8], last: &[u8], expected: &[u8]) {
+        self.file("before.pattern", before);
+        self.file("after.pattern", after);
+        self.file("last.pattern", last);
+        self.file("expected.pattern", expected);
     }
 
     /// Guest script: the module loaded, san0 as a dm-linear device over /dev/vda, the agent
@@ -160,10 +171,7 @@ fn failed_device_is_recovered_onto_a_new_disk_and_direct_io_resumes() {
     let last = blocks::pattern("recovery", 3, VOLUME / 2);
     let mut expected = last.clone();
     expected.extend_from_slice(&after[(VOLUME / 2) as usize..]);
-    setup.file("before.pattern", &before);
-    setup.file("after.pattern", &after);
-    setup.file("last.pattern", &last);
-    setup.file("expected.pattern", &expected);
+    setup.patterns(&before, &after, &last, &expected);
 
     let body = r#"dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 fail_san0
@@ -178,22 +186,13 @@ cmp /tmp/back $D/expected.pattern"#;
     let outcome = run(&setup.vm("recovery-e2e", body)).expect("guest ran");
     outcome.assert_clean_success();
 
-    let recovered: serde_json::Value =
-        serde_json::from_str(&outcome.read_out_file("recovered.json").expect("json"))
-            .expect("json");
-    let final_status: serde_json::Value =
-        serde_json::from_str(&outcome.read_out_file("final.json").expect("json")).expect("json");
+    let recovered = json_out(&outcome, "recovered.json");
     let volume = &recovered["volumes"][0];
     assert_eq!(
         volume["devices"][0]["path"], "/dev/vdb",
         "not recovered: {volume}"
     );
-    assert!(volume["epoch"].as_u64().unwrap_or(0) >= 2, "{volume}");
-    // Direct I/O resumed: the last write was not redirected.
-    assert_eq!(
-        volume["redirected_ios"], final_status["volumes"][0]["redirected_ios"],
-        "writes after recovery still went to the server"
-    );
+    assert_direct_after_recovery(&recovered, &json_out(&outcome, "final.json"));
     let status = outcome.read_out_file("status.txt").expect("status");
     assert!(
         status.contains("recovery of vrec"),
@@ -250,35 +249,37 @@ $S --json status > final2.json"#;
         during.lines().count() >= 1,
         "no read overlapped the recovery copy"
     );
-    let final_status: serde_json::Value =
-        serde_json::from_str(&outcome.read_out_file("final.json").expect("json")).expect("json");
-    let final2: serde_json::Value =
-        serde_json::from_str(&outcome.read_out_file("final2.json").expect("json")).expect("json");
-    let volume = &final_status["volumes"][0];
-    assert!(volume["epoch"].as_u64().unwrap_or(0) >= 2, "{volume}");
-    assert_eq!(
-        volume["errors"], final2["volumes"][0]["errors"],
-        "errors after recovery"
-    );
-    // The last read went direct to the new disk.
-    assert_eq!(
-        volume["redirected_ios"], final2["volumes"][0]["redirected_ios"],
-        "reads after recovery still went to the server"
+    assert_direct_after_recovery(
+        &json_out(&outcome, "final.json"),
+        &json_out(&outcome, "final2.json"),
     );
     setup.check_on_spare(&before);
 }
 
-/// Waits until `path` exists (a file the guest writes into its log dir).
-fn wait_for_file(path: &Path, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// A JSON file the guest wrote into its log dir.
+fn json_out(outcome: &GuestOutcome, name: &str) -> serde_json::Value {
+    let text = outcome
+        .read_out_file(name)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Between the kernel status `recovered` (taken once the recovered map was in) and `later`:
+/// a new epoch, no I/O error, and nothing redirected (the I/O in between went direct, to the
+/// new disk).
+fn assert_direct_after_recovery(recovered: &serde_json::Value, later: &serde_json::Value) {
+    let volume = &recovered["volumes"][0];
+    assert!(volume["epoch"].as_u64().unwrap_or(0) >= 2, "{volume}");
+    let later = &later["volumes"][0];
+    assert!(volume["errors"].is_u64(), "no error counter: {volume}");
+    assert_eq!(
+        volume["errors"], later["errors"],
+        "I/O errors after recovery"
+    );
+    assert_eq!(
+        volume["redirected_ios"], later["redirected_ios"],
+        "I/O after recovery still went to the server"
+    );
 }
 
 /// The server killed with SIGKILL mid-recovery and restarted on the same data dir and ports
@@ -300,7 +301,7 @@ fn wait_for_file(path: &Path, timeout: Duration) {
 fn server_killed_mid_recovery_restarts_and_finishes_it() {
     let mut setup = Setup::new(
         "recovery-restart",
-        &[("SAND_RECOVERY_CHUNK_DELAY_MS", "700")],
+        &[("SAND_RECOVERY_CHUNK_DELAY_MS", "1000")],
     );
     let before = blocks::pattern("restart", 1, VOLUME);
     let after = blocks::pattern("restart", 2, VOLUME);
@@ -309,15 +310,11 @@ fn server_killed_mid_recovery_restarts_and_finishes_it() {
     let mut expected = last.clone();
     expected.extend_from_slice(&after[(4 * MIB) as usize..(12 * MIB) as usize]);
     expected.extend_from_slice(&before[(12 * MIB) as usize..]);
-    setup.file("before.pattern", &before);
-    setup.file("after.pattern", &after);
-    setup.file("last.pattern", &last);
-    setup.file("expected.pattern", &expected);
+    setup.patterns(&before, &after, &last, &expected);
     let body = r#"dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 fail_san0
 # Redirected writes: the failure is reported, the recovery starts.
 dd if=$D/after.pattern of=$dev bs=1M count=8 oflag=direct conv=fsync status=none
-touch phase1
 # The host kills the server; I/O for the failed device while it is down.
 wait_for server-down
 dd if=$D/after.pattern of=$dev bs=1M skip=8 seek=8 count=4 oflag=direct conv=fsync status=none
@@ -332,10 +329,10 @@ dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
 cmp /tmp/back $D/expected.pattern"#;
     let vm = spawn(&setup.vm("recovery-restart", body)).expect("guest started");
     let log_dir = vm.log_dir().to_path_buf();
-    wait_for_file(&log_dir.join("phase1"), Duration::from_secs(400));
 
-    // Kill once a cursor is saved (every 4 chunks) and the copy is not done.
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Kill once a cursor is saved (every 4 chunks) and the copy is not done (redirected
+    // writes may still be running).
+    let deadline = Instant::now() + Duration::from_secs(400);
     let before_kill = loop {
         let statuses = setup.recoveries();
         if let Some(status) = statuses.first() {
@@ -369,14 +366,8 @@ cmp /tmp/back $D/expected.pattern"#;
 
     // Resumed from the saved cursor, not from zero.
     let log = setup.server.log();
-    let resumed_at = log
-        .lines()
-        .filter_map(|l| l.split("resuming recovery off device ").nth(1))
-        .filter_map(|rest| rest.split(" at byte ").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .filter_map(|n| n.parse::<u64>().ok())
-        .next_back()
-        .unwrap_or_else(|| panic!("no resume in the log:\n{log}"));
+    let resumed_at =
+        last_resume_cursor(&log).unwrap_or_else(|| panic!("no resume in the log:\n{log}"));
     assert!(
         resumed_at >= 4 * MIB && resumed_at <= before_kill.bytes_done,
         "resumed at {resumed_at}, killed at {}",
@@ -399,21 +390,9 @@ cmp /tmp/back $D/expected.pattern"#;
         log.matches("I/O connection from").count() >= 2,
         "no server-path reconnection: {log}"
     );
-    let recovered: serde_json::Value =
-        serde_json::from_str(&outcome.read_out_file("recovered.json").expect("json"))
-            .expect("json");
-    let final_status: serde_json::Value =
-        serde_json::from_str(&outcome.read_out_file("final.json").expect("json")).expect("json");
-    let volume = &final_status["volumes"][0];
-    assert!(volume["epoch"].as_u64().unwrap_or(0) >= 2, "{volume}");
-    assert_eq!(
-        volume["errors"], recovered["volumes"][0]["errors"],
-        "{volume}"
-    );
-    // Direct I/O resumed on the new disk: the last write was not redirected.
-    assert_eq!(
-        volume["redirected_ios"], recovered["volumes"][0]["redirected_ios"],
-        "writes after recovery still went to the server"
+    assert_direct_after_recovery(
+        &json_out(&outcome, "recovered.json"),
+        &json_out(&outcome, "final.json"),
     );
     setup.check_on_spare(&expected);
 }

@@ -309,12 +309,25 @@ pub async fn report_failure(
     Ok(status)
 }
 
+/// What the log says when a recovery resumes (followed by the device, "at byte", the cursor).
+const RESUMING: &str = "resuming recovery off device ";
+
+/// The cursor of the last resumed recovery in a server log (for tests and operators).
+pub fn last_resume_cursor(log: &str) -> Option<u64> {
+    log.lines()
+        .filter_map(|l| l.split(RESUMING).nth(1))
+        .filter_map(|rest| rest.split(" at byte ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|n| n.parse::<u64>().ok())
+        .next_back()
+}
+
 /// Resumes every recorded recovery (at server start).
 pub async fn resume_all(state: &Arc<ServerState>) -> StoreResult<()> {
     let records = blocking(state, |s| s.store.recoveries()).await?;
     for record in records {
         info!(
-            "volume {}: resuming recovery off device {} at byte {} of {}",
+            "volume {}: {RESUMING}{} at byte {} of {}",
             record.volume_id,
             record.failed_device,
             record.cursor,

@@ -206,7 +206,8 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
             return Err(local(format!("cannot attach {}: {error}", args.volume)));
         }
     };
-    let token = hex_bytes(&attachment.session_token);
+    let session_token = attachment.session_token.clone();
+    let token = hex_bytes(&session_token);
     let index = match kernel.create(&CreateRequest {
         volume_id,
         name: &map.name,
@@ -300,9 +301,15 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         match connect_and_attach(&args, &secret, mode).await {
-                            Ok((fresh, attachment)) => {
+                            Ok((fresh, reattached)) => {
                                 client = fresh;
                                 backoff = Duration::from_secs(1);
+                                // The server re-issues the attachment's token (it is persisted
+                                // with it); the kernel keeps the one it was created with.
+                                if reattached.session_token != session_token {
+                                    eprintln!("sanctl attach: the server issued a new session token; the kernel's server path keeps the old one and may be refused");
+                                }
+                                let attachment = reattached;
                                 // A restarted server may listen elsewhere; the kernel gets
                                 // the new addresses with the next map.
                                 servers = io_servers(&args, attachment.io_address.as_deref());
