@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sanblk_tests::blocks::BLOCK;
@@ -90,7 +90,8 @@ impl Setup {
     }
 
     /// Guest script: the module loaded, san0 as a dm-linear device over /dev/vda, the agent
-    /// attached in the background, `$dev` the volume's device, then `body`. Helpers:
+    /// attached in the background, `$dev` the volume's device (`$SERVER`, `$IO_SERVER` the
+    /// server's addresses), then `body`. Helpers:
     /// `wait_for FILE`, `fail_san0` (dm-error under the volume), `wait_recovered` (until the
     /// kernel's map has only the spare).
     fn script(&self, body: &str) -> String {
@@ -112,8 +113,10 @@ wait_recovered() {{
 }}
 SECTORS=$(blockdev --getsz /dev/vda)
 dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
-$S attach vrec --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
-    --device /dev/mapper/san0 --device /dev/vdb --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
+SERVER=10.0.2.100:{port}
+IO_SERVER=10.0.2.100:{io_port}
+$S attach vrec --server $SERVER --client host1 --secret-file $D/host1.secret \
+    --device /dev/mapper/san0 --device /dev/vdb --io-server $IO_SERVER > agent.log 2>&1 &
 wait_for /run/sanblk/vrec.device
 dev=$(cat /run/sanblk/vrec.device)
 {body}
@@ -187,7 +190,7 @@ cmp /tmp/back $D/expected.pattern"#;
     outcome.assert_clean_success();
 
     let recovered = json_out(&outcome, "recovered.json");
-    let volume = &recovered["volumes"][0];
+    let volume = volume_status(&recovered, "vrec");
     assert_eq!(
         volume["devices"][0]["path"], "/dev/vdb",
         "not recovered: {volume}"
@@ -264,13 +267,21 @@ fn json_out(outcome: &GuestOutcome, name: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
+/// The volume `name` in a `sanctl --json status`.
+fn volume_status<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == name))
+        .unwrap_or_else(|| panic!("no volume {name} in {status}"))
+}
+
 /// Between the kernel status `recovered` (taken once the recovered map was in) and `later`:
 /// a new epoch, no I/O error, and nothing redirected (the I/O in between went direct, to the
 /// new disk).
 fn assert_direct_after_recovery(recovered: &serde_json::Value, later: &serde_json::Value) {
-    let volume = &recovered["volumes"][0];
+    let volume = volume_status(recovered, "vrec");
     assert!(volume["epoch"].as_u64().unwrap_or(0) >= 2, "{volume}");
-    let later = &later["volumes"][0];
+    let later = volume_status(later, "vrec");
     assert!(volume["errors"].is_u64(), "no error counter: {volume}");
     assert_eq!(
         volume["errors"], later["errors"],
@@ -287,11 +298,11 @@ fn assert_direct_after_recovery(recovered: &serde_json::Value, later: &serde_jso
 /// an error:
 /// - the guest writes a pattern direct, san0 fails (dm-error), redirected writes go on while
 ///   the (slowed-down) copy runs; the host kills `sand` once a cursor has been saved;
-/// - while the server is down the guest issues more I/O to the failed device: it is queued in
-///   the kernel's server path, which reconnects with backoff (100 ms doubling to 5 s) and
-///   completes it once the server is back (it would fail only after 30 s without a server).
-///   I/O that can go direct (healthy devices) does not involve the server at all, so it goes
-///   on unaffected while the server is down; this volume has no such extent until the end;
+/// - while the server is down, direct I/O of the guest (a second volume, `vok`, on the healthy
+///   spare) goes on without the server at all and completes before it is back; I/O to the
+///   failed device is queued in the kernel's server path, which reconnects with backoff
+///   (100 ms doubling to 5 s) and completes it once the server is back (it would fail only
+///   after 30 s without a server);
 /// - the agent reconnects (backoff) and re-attaches; the session token is stable across the
 ///   restart (persisted with the attachment), so the kernel's server path, which keeps its
 ///   token, is accepted again, even before the agent is back;
@@ -303,6 +314,24 @@ fn server_killed_mid_recovery_restarts_and_finishes_it() {
         "recovery-restart",
         &[("SAND_RECOVERY_CHUNK_DELAY_MS", "1000")],
     );
+    // A second volume, on the healthy spare (the device with the most free space).
+    setup.server.sanctl(&["volume", "create", "vok", "4M"]);
+    setup
+        .server
+        .sanctl(&["client", "grant", "host1", "vok", "rw"]);
+    let vok: VolumeDetail =
+        serde_json::from_str(&setup.server.sanctl(&["--json", "volume", "show", "vok"]))
+            .expect("json");
+    assert!(
+        vok.map
+            .extents
+            .iter()
+            .all(|e| e.replicas.iter().all(|r| r.device_uuid == setup.spare)),
+        "vok is not on the spare: {:?}",
+        vok.map
+    );
+    let ok_pattern = blocks::pattern("restart-ok", 4, 4 * MIB);
+    setup.file("ok.pattern", &ok_pattern);
     let before = blocks::pattern("restart", 1, VOLUME);
     let after = blocks::pattern("restart", 2, VOLUME);
     let last = blocks::pattern("restart", 3, 4 * MIB);
@@ -311,12 +340,21 @@ fn server_killed_mid_recovery_restarts_and_finishes_it() {
     expected.extend_from_slice(&after[(4 * MIB) as usize..(12 * MIB) as usize]);
     expected.extend_from_slice(&before[(12 * MIB) as usize..]);
     setup.patterns(&before, &after, &last, &expected);
-    let body = r#"dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+    let body = r#"$S attach vok --server $SERVER --client host1 --secret-file $D/host1.secret \
+    --device /dev/vdb --io-server $IO_SERVER > agent-ok.log 2>&1 &
+wait_for /run/sanblk/vok.device
+ok=$(cat /run/sanblk/vok.device)
+dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 fail_san0
 # Redirected writes: the failure is reported, the recovery starts.
 dd if=$D/after.pattern of=$dev bs=1M count=8 oflag=direct conv=fsync status=none
-# The host kills the server; I/O for the failed device while it is down.
+touch phase1
+# The host kills the server. Direct I/O goes on; I/O for the failed device waits for it.
 wait_for server-down
+dd if=$D/ok.pattern of=$ok bs=1M oflag=direct conv=fsync status=none
+dd if=$ok of=/tmp/okback bs=1M iflag=direct status=none
+cmp /tmp/okback $D/ok.pattern
+touch ok-io-done
 dd if=$D/after.pattern of=$dev bs=1M skip=8 seek=8 count=4 oflag=direct conv=fsync status=none
 dd if=$dev of=/tmp/head bs=1M count=4 iflag=direct status=none
 dd if=$D/after.pattern of=/tmp/want bs=1M count=4 status=none
@@ -326,13 +364,14 @@ wait_recovered
 dd if=$D/last.pattern of=$dev bs=1M count=4 oflag=direct conv=fsync status=none
 $S --json status > final.json
 dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
-cmp /tmp/back $D/expected.pattern"#;
+cmp /tmp/back $D/expected.pattern
+$S detach vok"#;
     let vm = spawn(&setup.vm("recovery-restart", body)).expect("guest started");
     let log_dir = vm.log_dir().to_path_buf();
+    wait_for_file(&log_dir.join("phase1"), Duration::from_secs(400));
 
-    // Kill once a cursor is saved (every 4 chunks) and the copy is not done (redirected
-    // writes may still be running).
-    let deadline = Instant::now() + Duration::from_secs(400);
+    // Kill once a cursor is saved (every 4 chunks) and the copy is not done.
+    let deadline = Instant::now() + Duration::from_secs(120);
     let before_kill = loop {
         let statuses = setup.recoveries();
         if let Some(status) = statuses.first() {
@@ -353,8 +392,10 @@ cmp /tmp/back $D/expected.pattern"#;
     };
     setup.server.kill9();
     fs::write(log_dir.join("server-down"), b"").expect("signal");
-    // Down for a while: the guest's I/O waits in the kernel's server path.
-    std::thread::sleep(Duration::from_secs(4));
+    // Direct I/O completes without the server; then the guest's I/O to the failed device
+    // waits in the kernel's server path for a while.
+    wait_for_file(&log_dir.join("ok-io-done"), Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(3));
     assert!(
         !log_dir.join("down-io-done").exists(),
         "I/O to the failed device completed without a server"
@@ -395,4 +436,22 @@ cmp /tmp/back $D/expected.pattern"#;
         &json_out(&outcome, "final.json"),
     );
     setup.check_on_spare(&expected);
+    let final_status = json_out(&outcome, "final.json");
+    let vok_status = volume_status(&final_status, "vok");
+    assert_eq!(vok_status["redirected_ios"], 0, "{vok_status}");
+    let checked = blocks::verify_against_map(&vok.map, &setup.by_uuid, &ok_pattern);
+    assert_eq!(checked as u64, 4 * MIB / BLOCK);
+}
+
+/// Waits until `path` exists (a file the guest writes into its log dir).
+fn wait_for_file(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -153,7 +153,8 @@ pub async fn serve_agent_connection(
             }
         }
     }
-    session.close();
+    let shutting_down = *shutdown.borrow();
+    session.close(shutting_down).await;
 }
 
 /// Writes one message, giving up after `limit`.
@@ -386,12 +387,13 @@ impl Session {
             mode,
             session_token.clone(),
         )?;
-        if persisted.map(|p| p.mode) != Some(mode) {
+        if persisted.is_none_or(|p| p.mode != mode || p.agent_gone) {
             let session = SessionRecord {
                 token: session_token.clone(),
                 client: self.client.clone(),
                 volume_id,
                 mode,
+                agent_gone: false,
             };
             if let Err(error) = blocking(&self.state, move |s| s.store.save_session(&session)).await
             {
@@ -470,10 +472,29 @@ impl Session {
         Ok(AgentReply::FailureReported { status })
     }
 
-    fn close(&mut self) {
+    /// Ends the connection's attachments. Unless the server is shutting down, their persisted
+    /// tokens stop being accepted until the agent attaches again (a server stopping or dying
+    /// leaves them valid, for the clients' kernels after the restart).
+    async fn close(&mut self, shutting_down: bool) {
         for (_, forwarder) in self.forwarders.drain() {
             forwarder.abort();
         }
-        self.state.unregister_connection(self.connection);
+        let volumes = self.state.unregister_connection(self.connection);
+        if shutting_down || volumes.is_empty() {
+            return;
+        }
+        let client = self.client.clone();
+        let marked = blocking(&self.state, move |s| {
+            for volume_id in volumes {
+                if let Some(mut session) = s.store.session_of(&client, volume_id)? {
+                    session.agent_gone = true;
+                    s.store.save_session(&session)?;
+                }
+            }
+            Ok(())
+        });
+        if let Err(error) = marked.await {
+            warn!("client {}: marking its sessions: {error}", self.client);
+        }
     }
 }

@@ -171,18 +171,21 @@ impl ServerState {
         (id, kick)
     }
 
-    /// Drops every attachment of a closing connection.
-    pub fn unregister_connection(&self, connection: ConnectionId) {
+    /// Drops every attachment of a closing connection; returns the ids of their volumes.
+    pub fn unregister_connection(&self, connection: ConnectionId) -> Vec<u64> {
         let mut live = self.live();
         let live = &mut *live;
         live.connections.remove(&connection);
         let sessions = &mut live.sessions;
-        live.volumes.retain(|_, volume| {
+        let mut dropped = Vec::new();
+        live.volumes.retain(|volume_id, volume| {
             if let Some(attachment) = volume.attachments.remove(&connection) {
                 sessions.remove(&attachment.session_token);
+                dropped.push(*volume_id);
             }
             !volume.attachments.is_empty()
         });
+        dropped
     }
 
     /// Disconnects every connection of `client` (after removal or a revoked grant).
@@ -276,8 +279,9 @@ impl ServerState {
     }
 
     /// Resolves a session token (handed out with a map) for the server I/O path: a live
-    /// attachment's token, or a persisted one whose agent is not connected (yet: a restarted
-    /// server, a reconnecting agent), as long as no other client holds the volume read-write.
+    /// attachment's token, or a persisted one whose agent was connected when the server last
+    /// stopped (a restarted server, before the agent is back), as long as no other client holds
+    /// the volume read-write.
     /// `None` once the attachment is detached (or the client removed, its grant changed, the
     /// volume deleted).
     pub fn session(&self, token: &str) -> Option<SessionInfo> {
@@ -296,6 +300,9 @@ impl ServerState {
             }
         }
         let persisted = self.store.session(token).ok()??;
+        if persisted.agent_gone {
+            return None;
+        }
         let live_epoch = {
             let live = self.live();
             match live.volumes.get(&persisted.volume_id) {

@@ -133,6 +133,11 @@ pub struct SessionRecord {
     pub client: String,
     pub volume_id: u64,
     pub mode: AccessMode,
+    /// The agent's connection closed while the server ran (agent stopped or killed): the token
+    /// is re-issued on re-attach but not accepted on its own meanwhile. A server that dies
+    /// does not set it, so its clients' kernels are accepted again after the restart.
+    #[serde(default)]
+    pub agent_gone: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -542,8 +542,9 @@ async fn mirrored_reads_fall_back_to_the_other_replica() {
 
 /// The session token is persisted with the attachment: after `sand` is killed and restarted,
 /// the client's kernel (which keeps its token) is accepted again even before its agent is
-/// back, and the agent's re-attach hands out the same token. After a detach the token is dead,
-/// also across another restart; another client's attach gets another token.
+/// back, and the agent's re-attach hands out the same token. An agent that disconnects from a
+/// running server suspends its token until it attaches again (same token). After a detach the
+/// token is dead, also across another restart; another client's attach gets another token.
 #[tokio::test]
 async fn session_tokens_survive_a_restart_and_die_with_the_detach() {
     let mut server = TestServer::start();
@@ -576,6 +577,28 @@ async fn session_tokens_survive_a_restart_and_die_with_the_detach() {
         .await
         .unwrap_or_else(|e| panic!("re-attach: {e}"));
     assert_eq!(again.session_token, rw.session_token);
+    // The agent goes away while the server runs: the token is not accepted on its own any
+    // more (as before tokens were persisted), and comes back with the next attach.
+    drop(agent);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut probe = IoClient::connect(&restarted).await;
+        if probe.hello(&rw.session_token).await == EACCES {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "token still accepted without its agent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut agent = restarted.agent("host1", &secret).await;
+    let again = agent
+        .attach("keep", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("re-attach: {e}"));
+    assert_eq!(again.session_token, rw.session_token);
+    let mut io = IoClient::session(&restarted, &rw).await;
     // Another client, another token.
     let mut other = restarted.agent("host2", &other_secret).await;
     let ro = other
