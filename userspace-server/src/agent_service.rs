@@ -395,8 +395,7 @@ impl Session {
                 mode,
                 agent_gone: false,
             };
-            if let Err(error) = blocking(&self.state, move |s| s.store.save_session(&session)).await
-            {
+            if let Err(error) = self.state.persist_sessions(vec![session]).await {
                 self.state.detach(self.connection, volume_id);
                 return Err(error);
             }
@@ -484,16 +483,21 @@ impl Session {
             return;
         }
         let client = self.client.clone();
-        let marked = blocking(&self.state, move |s| {
+        let gone = blocking(&self.state, move |s| {
+            let mut gone = Vec::new();
             for volume_id in volumes {
                 if let Some(mut session) = s.store.session_of(&client, volume_id)? {
                     session.agent_gone = true;
-                    s.store.save_session(&session)?;
+                    gone.push(session);
                 }
             }
-            Ok(())
+            Ok(gone)
         });
-        if let Err(error) = marked.await {
+        let marked = match gone.await {
+            Ok(gone) => self.state.persist_sessions(gone).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = marked {
             warn!("client {}: marking its sessions: {error}", self.client);
         }
     }

@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{broadcast, watch, Notify, Semaphore};
+use tokio::sync::{broadcast, oneshot, watch, Notify, Semaphore};
 
 use crate::config::Config;
 use crate::map::{AccessMode, VolumeMap};
 use crate::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode, RecoveryStatus};
 use crate::recovery::VolumeGate;
-use crate::store::{Store, StoreResult, VolumeRecord};
+use crate::store::{SessionRecord, Store, StoreResult, VolumeRecord};
 
 pub type ConnectionId = u64;
 
@@ -83,6 +83,10 @@ pub struct ServerState {
     recovery_statuses: Mutex<HashMap<u64, RecoveryStatus>>,
     /// Every status change, for the agent connections attached to the volume.
     recovery_events: broadcast::Sender<RecoveryStatus>,
+    /// Session records waiting to be persisted, each with whoever waits for its commit.
+    pending_sessions: Mutex<Vec<(SessionRecord, oneshot::Sender<StoreResult<()>>)>>,
+    /// Held by the task committing a batch of `pending_sessions` (group commit).
+    session_writer: tokio::sync::Mutex<()>,
 }
 
 /// Status changes buffered per agent connection; a slower one skips to newer ones.
@@ -106,6 +110,8 @@ impl ServerState {
             gates: Mutex::new(HashMap::new()),
             recovery_statuses: Mutex::new(HashMap::new()),
             recovery_events: broadcast::channel(RECOVERY_EVENT_BACKLOG).0,
+            pending_sessions: Mutex::new(Vec::new()),
+            session_writer: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -330,6 +336,54 @@ impl ServerState {
             mode: persisted.mode,
             epoch,
         })
+    }
+
+    /// Persists session records, many attaches sharing one transaction (group commit: one
+    /// redb commit per attach would cap the attach rate at the commit rate). Returns once
+    /// `sessions` are committed.
+    pub async fn persist_sessions(
+        self: &Arc<Self>,
+        sessions: Vec<SessionRecord>,
+    ) -> StoreResult<()> {
+        let mut waiting = Vec::with_capacity(sessions.len());
+        {
+            let mut pending = self
+                .pending_sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for session in sessions {
+                let (sender, receiver) = oneshot::channel();
+                pending.push((session, sender));
+                waiting.push(receiver);
+            }
+        }
+        {
+            // Whoever holds the writer commits everything queued so far: ours, if an earlier
+            // writer has not taken it already.
+            let _writer = self.session_writer.lock().await;
+            let batch = std::mem::take(
+                &mut *self
+                    .pending_sessions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            if !batch.is_empty() {
+                let (records, senders): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let result = blocking(self, move |s| s.store.save_sessions(&records)).await;
+                for sender in senders {
+                    let _ = sender.send(result.clone());
+                }
+            }
+        }
+        for receiver in waiting {
+            receiver.await.unwrap_or_else(|_| {
+                Err(ErrorBody::new(
+                    ErrorCode::Internal,
+                    "session writer vanished",
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     /// Whether a live attachment holds `token`.

@@ -760,26 +760,28 @@ impl Store {
         value.map(|v| decode(v.value())).transpose()
     }
 
-    /// Records (or updates) an attachment's session. Written without waiting for the disk
-    /// (redb `Eventual`): it survives a killed server, and a lost one after a power loss only
-    /// costs the client a new token.
-    pub fn save_session(&self, session: &SessionRecord) -> StoreResult<()> {
+    /// Records (or updates) attachments' sessions, in one transaction. Written without waiting
+    /// for the disk (redb `Eventual`): they survive a killed server, and one lost to a power
+    /// loss only costs its client a new token.
+    pub fn save_sessions(&self, sessions: &[SessionRecord]) -> StoreResult<()> {
         let mut txn = self.secrets.begin_write().map_err(internal)?;
         txn.set_durability(redb::Durability::Eventual);
         {
             let mut keys = txn.open_table(SESSION_KEYS).map_err(internal)?;
             let mut table = txn.open_table(SESSIONS).map_err(internal)?;
-            let key = session_key(&session.client, session.volume_id);
-            let previous = keys
-                .insert(key.as_str(), session.token.as_str())
-                .map_err(internal)?
-                .map(|v| v.value().to_string());
-            if let Some(previous) = previous.filter(|p| *p != session.token) {
-                table.remove(previous.as_str()).map_err(internal)?;
+            for session in sessions {
+                let key = session_key(&session.client, session.volume_id);
+                let previous = keys
+                    .insert(key.as_str(), session.token.as_str())
+                    .map_err(internal)?
+                    .map(|v| v.value().to_string());
+                if let Some(previous) = previous.filter(|p| *p != session.token) {
+                    table.remove(previous.as_str()).map_err(internal)?;
+                }
+                table
+                    .insert(session.token.as_str(), encode(session)?.as_slice())
+                    .map_err(internal)?;
             }
-            table
-                .insert(session.token.as_str(), encode(session)?.as_slice())
-                .map_err(internal)?;
         }
         txn.commit().map_err(internal)
     }
