@@ -352,6 +352,9 @@ impl Session {
             ErrorCode::NotGranted,
             format!("no volume {volume:?} is granted to you"),
         );
+        // With the grant, the persisted session of this client's attachment, if any: its
+        // token survives disconnects and server restarts (the client's kernel keeps using
+        // it), until the volume is detached.
         let lookup = blocking(&self.state, move |s| {
             let grant = s.store.client(&client)?.and_then(|c| {
                 s.store
@@ -359,10 +362,16 @@ impl Session {
                     .ok()
                     .and_then(|v| c.grants.get(&v.id).map(|g| (v.id, *g)))
             });
-            Ok(grant)
+            match grant {
+                Some((volume_id, granted)) => {
+                    let persisted = s.store.session_of(&client, volume_id)?;
+                    Ok(Some((volume_id, granted, persisted)))
+                }
+                None => Ok(None),
+            }
         })
         .await?;
-        let Some((volume_id, granted)) = lookup else {
+        let Some((volume_id, granted, persisted)) = lookup else {
             return Err(not_granted);
         };
         if !granted.permits(mode) {
@@ -371,12 +380,8 @@ impl Session {
                 format!("volume is granted {granted}, not {mode}"),
             ));
         }
-        // The token of this client's attachment survives disconnects and server restarts
-        // (the client's kernel keeps using it), until the volume is detached.
-        let client = self.client.clone();
-        let persisted = blocking(&self.state, move |s| s.store.session_of(&client, volume_id))
-            .await?
-            .filter(|p| !self.state.session_is_live(&p.token));
+        // Another connection of this client holding it live keeps it; this one gets a new one.
+        let persisted = persisted.filter(|p| !self.state.session_is_live(&p.token));
         let session_token = persisted
             .as_ref()
             .map_or_else(auth::new_session_token_hex, |p| p.token.clone());
