@@ -557,4 +557,40 @@ mod tests {
         assert_eq!(state.session("token-3"), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_session_saves_are_all_committed() {
+        let dir = std::env::temp_dir().join(format!("sand-state-sessions-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let config = Config::from_flags(Flags::default()).unwrap_or_else(|e| panic!("{e}"));
+        let state = ServerState::new(store, config);
+        let mut saves = tokio::task::JoinSet::new();
+        for i in 0..200u64 {
+            let state = state.clone();
+            saves.spawn(async move {
+                let session = SessionRecord {
+                    token: format!("token-{i}"),
+                    client: format!("host{}", i % 20),
+                    volume_id: i / 20,
+                    mode: AccessMode::Ro,
+                    agent_gone: false,
+                };
+                state.persist_sessions(vec![session]).await
+            });
+        }
+        while let Some(saved) = saves.join_next().await {
+            saved
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let sessions = state.store.sessions().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sessions.len(), 200);
+        let found = state
+            .store
+            .session_of("host7", 3)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(found.map(|s| s.token), Some("token-67".to_string()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -736,6 +736,18 @@ impl Store {
 
     // ----- session tokens (secrets file) -------------------------------------------------
 
+    /// Every persisted session.
+    pub fn sessions(&self) -> StoreResult<Vec<SessionRecord>> {
+        let txn = self.secrets.begin_read().map_err(internal)?;
+        let table = txn.open_table(SESSIONS).map_err(internal)?;
+        let mut sessions = Vec::new();
+        for entry in table.iter().map_err(internal)? {
+            let (_, value) = entry.map_err(internal)?;
+            sessions.push(decode(value.value())?);
+        }
+        Ok(sessions)
+    }
+
     /// The persisted session of a token.
     pub fn session(&self, token: &str) -> StoreResult<Option<SessionRecord>> {
         let txn = self.secrets.begin_read().map_err(internal)?;

@@ -559,6 +559,16 @@ async fn session_tokens_survive_a_restart_and_die_with_the_detach() {
         .attach("keep", AccessMode::Rw)
         .await
         .unwrap_or_else(|e| panic!("attach: {e}"));
+    // host1 attaches "keep" again (new connection): the token of `first` again.
+    async fn reattach(server: &TestServer, secret: &[u8], first: &Attachment) -> AgentClient {
+        let mut agent = server.agent("host1", secret).await;
+        let again = agent
+            .attach("keep", AccessMode::Rw)
+            .await
+            .unwrap_or_else(|e| panic!("re-attach: {e}"));
+        assert_eq!(again.session_token, first.session_token);
+        agent
+    }
     let data = pattern(21, 4096);
     let mut io = IoClient::session(&server, &rw).await;
     assert_eq!(io.write(&rw.map, 0, &data).await, 0);
@@ -571,12 +581,7 @@ async fn session_tokens_survive_a_restart_and_die_with_the_detach() {
     assert_eq!(io.read(&rw.map, 0, 4096).await, (0, data.clone()));
     assert_eq!(io.write(&rw.map, 4096, &data).await, 0);
     // The agent re-attaches: the same token again.
-    let mut agent = restarted.agent("host1", &secret).await;
-    let again = agent
-        .attach("keep", AccessMode::Rw)
-        .await
-        .unwrap_or_else(|e| panic!("re-attach: {e}"));
-    assert_eq!(again.session_token, rw.session_token);
+    let agent = reattach(&restarted, &secret, &rw).await;
     // The agent goes away while the server runs: the token is not accepted on its own any
     // more (as before tokens were persisted), and comes back with the next attach.
     drop(agent);
@@ -592,12 +597,7 @@ async fn session_tokens_survive_a_restart_and_die_with_the_detach() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut agent = restarted.agent("host1", &secret).await;
-    let again = agent
-        .attach("keep", AccessMode::Rw)
-        .await
-        .unwrap_or_else(|e| panic!("re-attach: {e}"));
-    assert_eq!(again.session_token, rw.session_token);
+    let mut agent = reattach(&restarted, &secret, &rw).await;
     let mut io = IoClient::session(&restarted, &rw).await;
     // Another client, another token.
     let mut other = restarted.agent("host2", &other_secret).await;
