@@ -27,7 +27,8 @@
 //!   piece fails with an I/O error; retries continue with backoff;
 //! - no server reachable for [`NO_PATH_TIMEOUT_NS`]: queued pieces fail with an I/O error;
 //! - a reply with an error status fails the piece, except -ESTALE (the server has a newer
-//!   epoch), retried a few times with the volume's current epoch;
+//!   epoch): the piece is re-sent with the volume's current epoch, after a short pause while
+//!   the new map has not arrived yet (bounded, see [`STALE_RETRIES`]);
 //! - teardown (`Volume::remove_disk`) sets `closing`: while disconnected, queued pieces fail
 //!   at once; while connected they complete, each bounded by [`IO_TIMEOUT_MS`].
 
@@ -51,8 +52,13 @@ const CONNECT_TIMEOUT_MS: u32 = 5_000;
 const NO_PATH_TIMEOUT_NS: i64 = 30_000_000_000;
 const BACKOFF_MIN_MS: u32 = 100;
 const BACKOFF_MAX_MS: u32 = 5_000;
-/// Attempts of one piece that the server answers with -ESTALE.
-const STALE_RETRIES: u8 = 3;
+/// Attempts of one piece that the server answers with -ESTALE. The server refuses the old
+/// epoch as soon as it commits a new map, but the map reaches this module only after the agent
+/// relays it (tens to hundreds of milliseconds): a piece whose map has not changed yet is
+/// re-sent after [`STALE_PAUSE_MS`], so this bounds the wait for the new map to about 20 s.
+const STALE_RETRIES: u8 = 200;
+/// Pause before re-sending pieces refused with -ESTALE while the map is still the old one.
+const STALE_PAUSE_MS: u32 = 100;
 /// Requests in flight at once on the connection (the server executes up to 64 concurrently).
 const WINDOW: usize = 16;
 /// Payload bytes one window may carry (bounds what the server buffers for this client).
@@ -877,6 +883,7 @@ unsafe extern "C" fn thread_main(data: *mut c_void) -> c_int {
             path.state.store(ServerPathState::Disconnected as u32, Ordering::Relaxed);
             continue;
         }
+        let mut stale_wait = false;
         for (piece, answer) in batch[..count].iter().zip(status.iter()) {
             // The window is the head of the queue, in order (new pieces only go to the tail).
             let popped = queue.pop();
@@ -888,14 +895,19 @@ unsafe extern "C" fn thread_main(data: *mut c_void) -> c_int {
             unsafe {
                 if answer == -ESTALE && (**piece).stale_retries < STALE_RETRIES {
                     // The volume offset does not depend on the epoch: re-send with the
-                    // epoch the server now expects.
+                    // epoch the server now expects, once the agent has delivered it.
                     (**piece).stale_retries += 1;
-                    (**piece).epoch = volume.current_map().epoch;
+                    let current = volume.current_map().epoch;
+                    stale_wait |= current == (**piece).epoch;
+                    (**piece).epoch = current;
                     queue.push(*piece);
                 } else {
                     complete(volume, *piece, if answer == 0 { 0 } else { BLK_STS_IOERR });
                 }
             }
+        }
+        if stale_wait {
+            pause(STALE_PAUSE_MS, path, path.token_generation());
         }
     }
     drop(conn);

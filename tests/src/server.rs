@@ -1,5 +1,6 @@
 //! A real `sand` server process on the host's loopback for end-to-end tests, administered with
-//! the real `sanctl` binary. Killed and reaped on drop.
+//! the real `sanctl` binary. Killed and reaped on drop; [`SandServer::restart`] kills it with
+//! SIGKILL and starts it again on the same metadata dir and ports.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,8 @@ pub struct SandServer {
     pub dir: PathBuf,
     pub admin_socket: PathBuf,
     pub port: u16,
+    /// Extra environment of the server process (kept for restarts).
+    env: Vec<(String, String)>,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -25,46 +28,70 @@ impl SandServer {
         SandServer::start_with_env(dir, &[])
     }
 
-    /// As [`SandServer::start`], with extra environment variables (test knobs of `sand`).
+    /// As [`SandServer::start`], with extra environment variables for `sand` (such as
+    /// `SAND_RECOVERY_CHUNK_DELAY_MS`), kept across restarts.
     pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Result<SandServer, String> {
         let port = free_port().map_err(|e| format!("free port: {e}"))?;
         let metadata = dir.join("sand-metadata");
         std::fs::create_dir_all(&metadata).map_err(|e| format!("{}: {e}", metadata.display()))?;
-        let log =
-            std::fs::File::create(dir.join("sand.log")).map_err(|e| format!("sand.log: {e}"))?;
-        let log_err = log.try_clone().map_err(|e| format!("sand.log: {e}"))?;
-        let child = Command::new(target_bin("sand"))
-            .arg("--metadata-dir")
-            .arg(&metadata)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            // The I/O port is written to io.addr; a fixed port+1 could clash with another test.
-            .arg("--io-listen")
-            .arg("127.0.0.1:0")
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|e| format!("cannot start sand: {e}"))?;
-        let server = SandServer {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        // The I/O port is written to io.addr; a fixed port+1 could clash with another test.
+        let child = spawn_sand(dir, port, 0, &env)?;
+        let mut server = SandServer {
             child,
             dir: dir.to_path_buf(),
             admin_socket: metadata.join("admin.sock"),
             port,
+            env,
         };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    /// Kills `sand` with SIGKILL (no clean shutdown) and reaps it.
+    pub fn kill9(&mut self) {
+        // An error means it has exited already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts `sand` again (after [`SandServer::kill9`], which it does first if needed) on the
+    /// same metadata dir, agent port and I/O port, and waits until both listen again. The log
+    /// is appended to.
+    pub fn restart(&mut self) -> Result<(), String> {
+        let io_port = self.io_port()?;
+        self.kill9();
+        // A killed sand leaves these behind: wait for the new ones.
+        let _ = std::fs::remove_file(&self.admin_socket);
+        let _ = std::fs::remove_file(self.dir.join("sand-metadata").join("io.addr"));
+        self.child = spawn_sand(&self.dir, self.port, io_port, &self.env)?;
+        self.wait_ready()?;
+        self.io_port().map(|_| ())
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !server.admin_socket.exists() {
+        while !self.admin_socket.exists() {
             if Instant::now() > deadline {
                 return Err(format!(
                     "sand did not open its admin socket: {}",
-                    server.log()
+                    self.log()
                 ));
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("sand exited ({status}): {}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(server)
+        Ok(())
+    }
+
+    /// Process id of the running `sand`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The port of the server's I/O service (the kernel's server path), from `io.addr`.
@@ -126,4 +153,34 @@ impl Drop for SandServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns `sand` on `dir/sand-metadata`, appending to `dir/sand.log`; `io_port` 0 lets it
+/// pick one.
+fn spawn_sand(
+    dir: &Path,
+    port: u16,
+    io_port: u16,
+    env: &[(String, String)],
+) -> Result<Child, String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("sand.log"))
+        .map_err(|e| format!("sand.log: {e}"))?;
+    let log_err = log.try_clone().map_err(|e| format!("sand.log: {e}"))?;
+    Command::new(target_bin("sand"))
+        .arg("--metadata-dir")
+        .arg(dir.join("sand-metadata"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--io-listen")
+        .arg(format!("127.0.0.1:{io_port}"))
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| format!("cannot start sand: {e}"))
 }

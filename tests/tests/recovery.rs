@@ -1,165 +1,457 @@
 //! End-to-end recovery: a real `sand` with two SAN disks, a guest whose first SAN device is a
 //! dm device over the virtio disk so the test can fail it from inside (dm-error). After the
-//! failure, writes are redirected to the server; the module multicasts the path failure, the
+//! failure, I/O is redirected to the server; the module multicasts the path failure, the
 //! agent reports it, the server copies the volume onto the second disk (keeping redirected
 //! writes consistent), publishes a new epoch, and the kernel resumes direct I/O on the new
 //! disk. The host then finds every block where the final map says, on the new disk.
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use sanblk_tests::blocks::BLOCK;
 use sanblk_tests::{
-    blocks, module_path, run, scratch_dir, sparse_image, target_bin, SandServer, VmConfig,
+    blocks, module_path, run, scratch_dir, sparse_image, spawn, target_bin, GuestOutcome,
+    SandServer, VmConfig,
 };
-use sand::protocol::{DeviceInfo, VolumeDetail};
+use sand::protocol::{DeviceInfo, RecoveryState, RecoveryStatus, VolumeDetail};
+use sand::recovery::last_resume_cursor;
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
 
+/// A running `sand` with two SAN disk images: the 16 MiB linear volume `vrec` on san0, san1
+/// the spare; client `host1` granted rw.
+struct Setup {
+    dir: PathBuf,
+    server: SandServer,
+    images: Vec<PathBuf>,
+    by_uuid: HashMap<uuid::Uuid, PathBuf>,
+    spare: uuid::Uuid,
+}
+
+impl Setup {
+    fn new(name: &str, env: &[(&str, &str)]) -> Setup {
+        let dir = scratch_dir(name).expect("scratch");
+        let server = SandServer::start_with_env(&dir, env).expect("sand");
+        let images: Vec<PathBuf> = (0..2)
+            .map(|i| {
+                let path = dir.join(format!("san{i}.img"));
+                sparse_image(&path, 64 * MIB).expect("image");
+                path
+            })
+            .collect();
+        // The volume lands on san0 (the only device when it is created); san1 is the spare.
+        server.sanctl(&["pool", "add", &images[0].display().to_string()]);
+        server.sanctl(&["volume", "create", "vrec", "16M"]);
+        server.sanctl(&["pool", "add", &images[1].display().to_string()]);
+        let secret = dir.join("host1.secret");
+        server.sanctl(&[
+            "client",
+            "add",
+            "host1",
+            "--secret-out",
+            &secret.display().to_string(),
+        ]);
+        server.sanctl(&["client", "grant", "host1", "vrec", "rw"]);
+        let pool: Vec<DeviceInfo> =
+            serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
+        let by_uuid = pool
+            .iter()
+            .map(|d| (d.uuid, PathBuf::from(&d.path)))
+            .collect();
+        let spare = pool
+            .iter()
+            .find(|d| d.path == images[1].display().to_string())
+            .expect("san1 in pool")
+            .uuid;
+        Setup {
+            dir,
+            server,
+            images,
+            by_uuid,
+            spare,
+        }
+    }
+
+    /// Writes `data` as `name` in the scratch dir (read by the guest).
+    fn file(&self, name: &str, data: &[u8]) {
+        fs::write(self.dir.join(name), data).expect("pattern");
+    }
+
+    /// The patterns of a failure test: written before the failure, after it, after the
+    /// recovery, and what the volume must hold at the end.
+    fn patterns(&self, before: &[u8], after: &[u8], last: &[u8], expected: &[u8]) {
+        self.file("before.pattern", before);
+        self.file("after.pattern", after);
+        self.file("last.pattern", last);
+        self.file("expected.pattern", expected);
+    }
+
+    /// Guest script: the module loaded, san0 as a dm-linear device over /dev/vda, the agent
+    /// attached in the background, `$dev` the volume's device (`$SERVER`, `$IO_SERVER` the
+    /// server's addresses), then `body`. Helpers:
+    /// `wait_for FILE`, `fail_san0` (dm-error under the volume), `wait_recovered` (until the
+    /// kernel's map has only the spare).
+    fn script(&self, body: &str) -> String {
+        let io_port = self.server.io_port().expect("io port");
+        format!(
+            r#"set -ex
+insmod {module}
+S={sanctl}
+D={dir}
+wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; return 1; }}
+fail_san0() {{ dmsetup reload san0 --table "0 $SECTORS error"; dmsetup resume san0; }}
+wait_recovered() {{
+    for i in $(seq 1 1200); do
+        $S --json status > recovered.json
+        if grep -q '"/dev/vdb"' recovered.json && ! grep -q 'mapper/san0' recovered.json; then return 0; fi
+        sleep 0.5
+    done
+    return 1
+}}
+SECTORS=$(blockdev --getsz /dev/vda)
+dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
+SERVER=10.0.2.100:{port}
+IO_SERVER=10.0.2.100:{io_port}
+$S attach vrec --server $SERVER --client host1 --secret-file $D/host1.secret \
+    --device /dev/mapper/san0 --device /dev/vdb --io-server $IO_SERVER > agent.log 2>&1 &
+wait_for /run/sanblk/vrec.device
+dev=$(cat /run/sanblk/vrec.device)
+{body}
+$S detach vrec
+rmmod sanblk
+dmsetup remove san0
+"#,
+            module = module_path().display(),
+            sanctl = target_bin("sanctl").display(),
+            dir = self.dir.display(),
+            port = self.server.port,
+        )
+    }
+
+    fn vm(&self, name: &str, body: &str) -> VmConfig {
+        let io_port = self.server.io_port().expect("io port");
+        VmConfig::new(name, &self.script(body))
+            .disk(&self.images[0])
+            .disk(&self.images[1])
+            .forward_port(self.server.port)
+            .forward_port(io_port)
+            .timeout(Duration::from_secs(600))
+    }
+
+    /// The server's map of `vrec` is entirely on the spare, and the spare image holds
+    /// `expected` at every block of it.
+    fn check_on_spare(&self, expected: &[u8]) {
+        let detail: VolumeDetail =
+            serde_json::from_str(&self.server.sanctl(&["--json", "volume", "show", "vrec"]))
+                .expect("json");
+        for extent in &detail.map.extents {
+            for replica in &extent.replicas {
+                assert_eq!(
+                    replica.device_uuid, self.spare,
+                    "extent still on the failed disk: {extent:?}"
+                );
+            }
+        }
+        let checked = blocks::verify_against_map(&detail.map, &self.by_uuid, expected);
+        assert_eq!(checked as u64, VOLUME / BLOCK);
+    }
+
+    fn recoveries(&self) -> Vec<RecoveryStatus> {
+        serde_json::from_str(&self.server.sanctl(&["--json", "recovery", "list"]))
+            .expect("recovery json")
+    }
+}
+
 #[test]
 fn failed_device_is_recovered_onto_a_new_disk_and_direct_io_resumes() {
-    let dir = scratch_dir("recovery-e2e").expect("scratch");
-    let server = SandServer::start(&dir).expect("sand");
-    let images: Vec<PathBuf> = (0..2)
-        .map(|i| {
-            let path = dir.join(format!("san{i}.img"));
-            sparse_image(&path, 64 * MIB).expect("image");
-            path
-        })
-        .collect();
-    // The volume lands on san0 (the only device when it is created); san1 is the spare.
-    server.sanctl(&["pool", "add", &images[0].display().to_string()]);
-    server.sanctl(&["volume", "create", "vrec", "16M"]);
-    server.sanctl(&["pool", "add", &images[1].display().to_string()]);
-    let secret = dir.join("host1.secret");
-    server.sanctl(&[
-        "client",
-        "add",
-        "host1",
-        "--secret-out",
-        &secret.display().to_string(),
-    ]);
-    server.sanctl(&["client", "grant", "host1", "vrec", "rw"]);
-    let pool: Vec<DeviceInfo> =
-        serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
-    let by_uuid: HashMap<uuid::Uuid, PathBuf> = pool
-        .iter()
-        .map(|d| (d.uuid, PathBuf::from(&d.path)))
-        .collect();
-    let spare = pool
-        .iter()
-        .find(|d| d.path == images[1].display().to_string())
-        .expect("san1 in pool")
-        .uuid;
-
+    let setup = Setup::new("recovery-e2e", &[]);
     // Written direct before the failure, then through the server, then direct on the new disk.
     let before = blocks::pattern("recovery", 1, VOLUME);
     let after = blocks::pattern("recovery", 2, VOLUME);
     let last = blocks::pattern("recovery", 3, VOLUME / 2);
     let mut expected = last.clone();
     expected.extend_from_slice(&after[(VOLUME / 2) as usize..]);
-    fs::write(dir.join("before.pattern"), &before).expect("pattern");
-    fs::write(dir.join("after.pattern"), &after).expect("pattern");
-    fs::write(dir.join("last.pattern"), &last).expect("pattern");
-    fs::write(dir.join("expected.pattern"), &expected).expect("pattern");
+    setup.patterns(&before, &after, &last, &expected);
 
-    let port = server.port;
-    let io_port = server.io_port().expect("io port");
-    let script = format!(
-        r#"set -ex
-insmod {module}
-S={sanctl}
-D={dir}
-wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; return 1; }}
-SECTORS=$(blockdev --getsz /dev/vda)
-dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
-$S attach vrec --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
-    --device /dev/mapper/san0 --device /dev/vdb --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
-wait_for /run/sanblk/vrec.device
-dev=$(cat /run/sanblk/vrec.device)
-dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
-dmsetup reload san0 --table "0 $SECTORS error"
-dmsetup resume san0
+    let body = r#"dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+fail_san0
 dd if=$D/after.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 # Recovery ends with a new epoch whose only device is the spare.
-for i in $(seq 1 600); do
-    $S --json status > recovered.json
-    if grep -q '"/dev/vdb"' recovered.json && ! grep -q 'mapper/san0' recovered.json; then break; fi
-    sleep 0.5
-done
+wait_recovered
 dd if=$D/last.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 $S --json status > final.json
 $S status > status.txt
 dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
-cmp /tmp/back $D/expected.pattern
-$S detach vrec
-rmmod sanblk
-dmsetup remove san0
-"#,
-        module = module_path().display(),
-        sanctl = target_bin("sanctl").display(),
-        dir = dir.display(),
-    );
-    let config = VmConfig::new("recovery-e2e", &script)
-        .disk(&images[0])
-        .disk(&images[1])
-        .forward_port(port)
-        .forward_port(io_port)
-        .timeout(Duration::from_secs(500));
-    let outcome = run(&config).expect("guest ran");
+cmp /tmp/back $D/expected.pattern"#;
+    let outcome = run(&setup.vm("recovery-e2e", body)).expect("guest ran");
     outcome.assert_clean_success();
 
-    let recovered: serde_json::Value =
-        serde_json::from_str(&outcome.read_out_file("recovered.json").expect("json"))
-            .expect("json");
-    let final_status: serde_json::Value =
-        serde_json::from_str(&outcome.read_out_file("final.json").expect("json")).expect("json");
-    let volume = &recovered["volumes"][0];
+    let recovered = json_out(&outcome, "recovered.json");
+    let volume = volume_status(&recovered, "vrec");
     assert_eq!(
         volume["devices"][0]["path"], "/dev/vdb",
         "not recovered: {volume}"
     );
-    assert!(volume["epoch"].as_u64().unwrap_or(0) >= 2, "{volume}");
-    // Direct I/O resumed: the last write was not redirected.
-    assert_eq!(
-        volume["redirected_ios"], final_status["volumes"][0]["redirected_ios"],
-        "writes after recovery still went to the server"
-    );
+    assert_direct_after_recovery(&recovered, &json_out(&outcome, "final.json"));
     let status = outcome.read_out_file("status.txt").expect("status");
     assert!(
         status.contains("recovery of vrec"),
         "no recovery progress shown: {status}"
     );
+    setup.check_on_spare(&expected);
+}
 
-    let detail: VolumeDetail =
-        serde_json::from_str(&server.sanctl(&["--json", "volume", "show", "vrec"])).expect("json");
-    let mut checked = 0;
-    for extent in &detail.map.extents {
-        for replica in &extent.replicas {
-            assert_eq!(
-                replica.device_uuid, spare,
-                "extent still on the failed disk: {extent:?}"
+/// Regression test: the first I/O after the path failure is a READ of the single-copy volume,
+/// issued while the server starts recovering it; reads then go on, continuously, while the
+/// (slowed-down) copy runs, across its completion (new epoch: the server refuses the old
+/// epoch with -ESTALE until the kernel has the new map) and once more on the new disk. Every
+/// read must return the data written before the failure, never EIO: the server serves them
+/// from the failed-for-the-client source device (or the target for the copied part), and a
+/// stale-epoch refusal is retried once the new map is in.
+#[test]
+fn reads_right_after_the_failure_during_recovery_return_the_data() {
+    let setup = Setup::new(
+        "recovery-read-first",
+        &[("SAND_RECOVERY_CHUNK_DELAY_MS", "300")],
+    );
+    let before = blocks::pattern("readfirst", 1, VOLUME);
+    setup.file("before.pattern", &before);
+    let body = r#"dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+fail_san0
+# The first I/O after the failure: a read (redirected; the agent reports the failure and
+# the server starts recovering meanwhile).
+dd if=$dev of=/tmp/first bs=64K count=16 iflag=direct status=none
+dd if=$D/before.pattern of=/tmp/want bs=64K count=16 status=none
+cmp /tmp/first /tmp/want
+# Whole-volume reads in 64 KiB requests until the kernel has the recovered map.
+n=0
+while :; do
+    $S --json status > sample.json
+    grep -q '"copying"\|"queued"' sample.json && echo copying >> reads-during-copy.txt || true
+    dd if=$dev of=/tmp/during bs=64K iflag=direct status=none
+    cmp /tmp/during $D/before.pattern
+    n=$((n + 1))
+    $S --json status > recovered.json
+    if grep -q '"/dev/vdb"' recovered.json && ! grep -q 'mapper/san0' recovered.json; then break; fi
+    [ $n -lt 100 ]
+done
+$S --json status > final.json
+dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/before.pattern
+$S --json status > final2.json"#;
+    let outcome = run(&setup.vm("recovery-read-first", body)).expect("guest ran");
+    outcome.assert_clean_success();
+    // Some reads overlapped the copy (else this test proves nothing about the bug).
+    let during = outcome
+        .read_out_file("reads-during-copy.txt")
+        .unwrap_or_default();
+    assert!(
+        during.lines().count() >= 1,
+        "no read overlapped the recovery copy"
+    );
+    assert_direct_after_recovery(
+        &json_out(&outcome, "final.json"),
+        &json_out(&outcome, "final2.json"),
+    );
+    setup.check_on_spare(&before);
+}
+
+/// A JSON file the guest wrote into its log dir.
+fn json_out(outcome: &GuestOutcome, name: &str) -> serde_json::Value {
+    let text = outcome
+        .read_out_file(name)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The volume `name` in a `sanctl --json status`.
+fn volume_status<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == name))
+        .unwrap_or_else(|| panic!("no volume {name} in {status}"))
+}
+
+/// Between the kernel status `recovered` (taken once the recovered map was in) and `later`:
+/// a new epoch, no I/O error, and nothing redirected (the I/O in between went direct, to the
+/// new disk).
+fn assert_direct_after_recovery(recovered: &serde_json::Value, later: &serde_json::Value) {
+    let volume = volume_status(recovered, "vrec");
+    assert!(volume["epoch"].as_u64().unwrap_or(0) >= 2, "{volume}");
+    let later = volume_status(later, "vrec");
+    assert!(volume["errors"].is_u64(), "no error counter: {volume}");
+    assert_eq!(
+        volume["errors"], later["errors"],
+        "I/O errors after recovery"
+    );
+    assert_eq!(
+        volume["redirected_ios"], later["redirected_ios"],
+        "I/O after recovery still went to the server"
+    );
+}
+
+/// The server killed with SIGKILL mid-recovery and restarted on the same data dir and ports
+/// finishes the recovery from its persisted cursor (not from zero), and the guest never sees
+/// an error:
+/// - the guest writes a pattern direct, san0 fails (dm-error), redirected writes go on while
+///   the (slowed-down) copy runs; the host kills `sand` once a cursor has been saved;
+/// - while the server is down, direct I/O of the guest (a second volume, `vok`, on the healthy
+///   spare) goes on without the server at all and completes before it is back; I/O to the
+///   failed device is queued in the kernel's server path, which reconnects with backoff
+///   (100 ms doubling to 5 s) and completes it once the server is back (it would fail only
+///   after 30 s without a server);
+/// - the agent reconnects (backoff) and re-attaches; the session token is stable across the
+///   restart (persisted with the attachment), so the kernel's server path, which keeps its
+///   token, is accepted again, even before the agent is back;
+/// - the new map (new epoch, only the spare) reaches the kernel; later direct I/O goes to the
+///   new disk; the host reads the spare image and finds every block right.
+#[test]
+fn server_killed_mid_recovery_restarts_and_finishes_it() {
+    let mut setup = Setup::new(
+        "recovery-restart",
+        &[("SAND_RECOVERY_CHUNK_DELAY_MS", "1000")],
+    );
+    // A second volume, on the healthy spare (the device with the most free space).
+    setup.server.sanctl(&["volume", "create", "vok", "4M"]);
+    setup
+        .server
+        .sanctl(&["client", "grant", "host1", "vok", "rw"]);
+    let vok: VolumeDetail =
+        serde_json::from_str(&setup.server.sanctl(&["--json", "volume", "show", "vok"]))
+            .expect("json");
+    assert!(
+        vok.map
+            .extents
+            .iter()
+            .all(|e| e.replicas.iter().all(|r| r.device_uuid == setup.spare)),
+        "vok is not on the spare: {:?}",
+        vok.map
+    );
+    let ok_pattern = blocks::pattern("restart-ok", 4, 4 * MIB);
+    setup.file("ok.pattern", &ok_pattern);
+    let before = blocks::pattern("restart", 1, VOLUME);
+    let after = blocks::pattern("restart", 2, VOLUME);
+    let last = blocks::pattern("restart", 3, 4 * MIB);
+    // last [0, 4M) + after [4M, 12M) + before [12M, 16M).
+    let mut expected = last.clone();
+    expected.extend_from_slice(&after[(4 * MIB) as usize..(12 * MIB) as usize]);
+    expected.extend_from_slice(&before[(12 * MIB) as usize..]);
+    setup.patterns(&before, &after, &last, &expected);
+    let body = r#"$S attach vok --server $SERVER --client host1 --secret-file $D/host1.secret \
+    --device /dev/vdb --io-server $IO_SERVER > agent-ok.log 2>&1 &
+wait_for /run/sanblk/vok.device
+ok=$(cat /run/sanblk/vok.device)
+dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+fail_san0
+# Redirected writes: the failure is reported, the recovery starts.
+dd if=$D/after.pattern of=$dev bs=1M count=8 oflag=direct conv=fsync status=none
+touch phase1
+# The host kills the server. Direct I/O goes on; I/O for the failed device waits for it.
+wait_for server-down
+dd if=$D/ok.pattern of=$ok bs=1M oflag=direct conv=fsync status=none
+dd if=$ok of=/tmp/okback bs=1M iflag=direct status=none
+cmp /tmp/okback $D/ok.pattern
+touch ok-io-done
+dd if=$D/after.pattern of=$dev bs=1M skip=8 seek=8 count=4 oflag=direct conv=fsync status=none
+dd if=$dev of=/tmp/head bs=1M count=4 iflag=direct status=none
+dd if=$D/after.pattern of=/tmp/want bs=1M count=4 status=none
+cmp /tmp/head /tmp/want
+touch down-io-done
+wait_recovered
+dd if=$D/last.pattern of=$dev bs=1M count=4 oflag=direct conv=fsync status=none
+$S --json status > final.json
+dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/expected.pattern
+$S detach vok"#;
+    let vm = spawn(&setup.vm("recovery-restart", body)).expect("guest started");
+    let log_dir = vm.log_dir().to_path_buf();
+    wait_for_file(&log_dir.join("phase1"), Duration::from_secs(400));
+
+    // Kill once a cursor is saved (every 4 chunks) and the copy is not done.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let before_kill = loop {
+        let statuses = setup.recoveries();
+        if let Some(status) = statuses.first() {
+            assert_ne!(
+                status.state,
+                RecoveryState::Done,
+                "finished before the kill"
             );
-            let mut offset = 0;
-            while offset < extent.length {
-                let at = (extent.volume_offset + offset) as usize;
-                let got = blocks::read_at(
-                    &by_uuid[&replica.device_uuid],
-                    replica.device_offset + offset,
-                    BLOCK,
-                )
-                .expect("read image");
-                assert!(
-                    got == expected[at..at + BLOCK as usize],
-                    "volume offset {at} wrong on the new disk"
-                );
-                offset += BLOCK;
-                checked += 1;
+            if status.bytes_done >= 5 * MIB {
+                break status.clone();
             }
         }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery progress: {statuses:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    setup.server.kill9();
+    fs::write(log_dir.join("server-down"), b"").expect("signal");
+    // Direct I/O completes without the server; then the guest's I/O to the failed device
+    // waits in the kernel's server path for a while.
+    wait_for_file(&log_dir.join("ok-io-done"), Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !log_dir.join("down-io-done").exists(),
+        "I/O to the failed device completed without a server"
+    );
+    setup.server.restart().expect("restart");
+    let resumed = setup.recoveries();
+    let outcome = vm.wait().expect("guest ran");
+    outcome.assert_clean_success();
+
+    // Resumed from the saved cursor, not from zero.
+    let log = setup.server.log();
+    let resumed_at =
+        last_resume_cursor(&log).unwrap_or_else(|| panic!("no resume in the log:\n{log}"));
+    assert!(
+        resumed_at >= 4 * MIB && resumed_at <= before_kill.bytes_done,
+        "resumed at {resumed_at}, killed at {}",
+        before_kill.bytes_done
+    );
+    if let Some(status) = resumed.first() {
+        assert!(
+            status.bytes_done >= 4 * MIB,
+            "restarted from zero: {status:?}"
+        );
     }
-    assert_eq!(checked as u64, VOLUME / BLOCK);
+    let done = setup.recoveries();
+    assert!(
+        done.iter()
+            .any(|s| s.state == RecoveryState::Done && s.bytes_done == VOLUME),
+        "{done:?}"
+    );
+    // The kernel's session survived the restart: its token was accepted again.
+    assert!(
+        log.matches("I/O connection from").count() >= 2,
+        "no server-path reconnection: {log}"
+    );
+    assert_direct_after_recovery(
+        &json_out(&outcome, "recovered.json"),
+        &json_out(&outcome, "final.json"),
+    );
+    setup.check_on_spare(&expected);
+    let final_status = json_out(&outcome, "final.json");
+    let vok_status = volume_status(&final_status, "vok");
+    assert_eq!(vok_status["redirected_ios"], 0, "{vok_status}");
+    let checked = blocks::verify_against_map(&vok.map, &setup.by_uuid, &ok_pattern);
+    assert_eq!(checked as u64, 4 * MIB / BLOCK);
+}
+
+/// Waits until `path` exists (a file the guest writes into its log dir).
+fn wait_for_file(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

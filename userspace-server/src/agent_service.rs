@@ -21,7 +21,7 @@ use crate::protocol::{
 };
 use crate::recovery;
 use crate::state::{blocking, ConnectionId, PublishedMap, ServerState};
-use crate::store::StoreResult;
+use crate::store::{SessionRecord, StoreResult};
 use tokio::io::AsyncWriteExt;
 
 /// Pushed maps waiting to be written to one connection.
@@ -153,7 +153,8 @@ pub async fn serve_agent_connection(
             }
         }
     }
-    session.close();
+    let shutting_down = *shutdown.borrow();
+    session.close(shutting_down).await;
 }
 
 /// Writes one message, giving up after `limit`.
@@ -280,6 +281,14 @@ impl Session {
                 }
                 self.sent_epochs.remove(&volume_id);
                 if self.state.detach(self.connection, volume_id) {
+                    let client = self.client.clone();
+                    let forgotten = blocking(&self.state, move |s| {
+                        s.store
+                            .delete_sessions(|p| p.client == client && p.volume_id == volume_id)
+                    });
+                    if let Err(error) = forgotten.await {
+                        warn!("volume {volume_id}: forgetting the session token: {error}");
+                    }
                     Ok(AgentReply::Detached { volume_id })
                 } else {
                     Err(ErrorBody::new(
@@ -347,6 +356,9 @@ impl Session {
             ErrorCode::NotGranted,
             format!("no volume {volume:?} is granted to you"),
         );
+        // With the grant, the persisted session of this client's attachment, if any: its
+        // token survives disconnects and server restarts (the client's kernel keeps using
+        // it), until the volume is detached.
         let lookup = blocking(&self.state, move |s| {
             let grant = s.store.client(&client)?.and_then(|c| {
                 s.store
@@ -354,10 +366,16 @@ impl Session {
                     .ok()
                     .and_then(|v| c.grants.get(&v.id).map(|g| (v.id, *g)))
             });
-            Ok(grant)
+            match grant {
+                Some((volume_id, granted)) => {
+                    let persisted = s.store.session_of(&client, volume_id)?;
+                    Ok(Some((volume_id, granted, persisted)))
+                }
+                None => Ok(None),
+            }
         })
         .await?;
-        let Some((volume_id, granted)) = lookup else {
+        let Some((volume_id, granted, persisted)) = lookup else {
             return Err(not_granted);
         };
         if !granted.permits(mode) {
@@ -366,7 +384,11 @@ impl Session {
                 format!("volume is granted {granted}, not {mode}"),
             ));
         }
-        let session_token = auth::new_session_token_hex();
+        // Another connection of this client holding it live keeps it; this one gets a new one.
+        let persisted = persisted.filter(|p| !self.state.session_is_live(&p.token));
+        let session_token = persisted
+            .as_ref()
+            .map_or_else(auth::new_session_token_hex, |p| p.token.clone());
         let grant = self.state.attach(
             self.connection,
             &self.client,
@@ -374,6 +396,19 @@ impl Session {
             mode,
             session_token.clone(),
         )?;
+        if persisted.is_none_or(|p| p.mode != mode || p.agent_gone) {
+            let session = SessionRecord {
+                token: session_token.clone(),
+                client: self.client.clone(),
+                volume_id,
+                mode,
+                agent_gone: false,
+            };
+            if let Err(error) = self.state.persist_sessions(vec![session]).await {
+                self.state.detach(self.connection, volume_id);
+                return Err(error);
+            }
+        }
         if let Some(sender) = self.push_sender.clone() {
             let mut updates = grant.updates;
             let forwarder = tokio::spawn(async move {
@@ -462,10 +497,34 @@ impl Session {
         Ok(AgentReply::FailureReported { status })
     }
 
-    fn close(&mut self) {
+    /// Ends the connection's attachments. Unless the server is shutting down, their persisted
+    /// tokens stop being accepted until the agent attaches again (a server stopping or dying
+    /// leaves them valid, for the clients' kernels after the restart).
+    async fn close(&mut self, shutting_down: bool) {
         for (_, forwarder) in self.forwarders.drain() {
             forwarder.abort();
         }
-        self.state.unregister_connection(self.connection);
+        let volumes = self.state.unregister_connection(self.connection);
+        if shutting_down || volumes.is_empty() {
+            return;
+        }
+        let client = self.client.clone();
+        let gone = blocking(&self.state, move |s| {
+            let mut gone = Vec::new();
+            for volume_id in volumes {
+                if let Some(mut session) = s.store.session_of(&client, volume_id)? {
+                    session.agent_gone = true;
+                    gone.push(session);
+                }
+            }
+            Ok(gone)
+        });
+        let marked = match gone.await {
+            Ok(gone) => self.state.persist_sessions(gone).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = marked {
+            warn!("client {}: marking its sessions: {error}", self.client);
+        }
     }
 }

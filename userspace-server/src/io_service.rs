@@ -451,15 +451,12 @@ impl IoService {
         let service = self.clone();
         match header.op {
             Op::Read => {
-                let mut pieces = pieces;
-                // A reported-failed device is read only when no other replica can be.
-                if let Some(active) = self.state.gate(header.volume_id).recovery() {
-                    for piece in &mut pieces {
-                        piece
-                            .replicas
-                            .sort_by_key(|(uuid, _)| *uuid == active.failed_device);
-                    }
-                }
+                // A reported-failed device is read only when no other replica can be; the
+                // recovery target serves the part already copied if it cannot be either.
+                let pieces = match self.state.gate(header.volume_id).recovery() {
+                    Some(active) => recovery::read_plan(pieces, header.offset, &active),
+                    None => pieces,
+                };
                 let mut buf = self
                     .buffer(header.length as usize)
                     .await

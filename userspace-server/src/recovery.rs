@@ -58,12 +58,24 @@ pub struct VolumeGate {
     recovery: Mutex<Option<Arc<ActiveRecovery>>>,
 }
 
-/// What a write must know about a running recovery of its volume.
-#[derive(Debug, Clone)]
+/// What reads and writes must know about a running recovery of their volume.
+#[derive(Debug)]
 pub struct ActiveRecovery {
     pub failed_device: Uuid,
     /// In volume order.
     pub segments: Vec<RecoverySegment>,
+    /// Bytes of the segments (taken in order) already copied to their targets.
+    pub copied: AtomicU64,
+}
+
+impl ActiveRecovery {
+    pub fn new(failed_device: Uuid, segments: Vec<RecoverySegment>, copied: u64) -> Self {
+        ActiveRecovery {
+            failed_device,
+            segments,
+            copied: AtomicU64::new(copied),
+        }
+    }
 }
 
 impl VolumeGate {
@@ -83,6 +95,59 @@ impl VolumeGate {
     }
 }
 
+/// A part of a piece inside one recovery segment: the segment, and the position of the part's
+/// first byte in the copy order (bytes of the segments before it plus the offset inside).
+type InSegment<'a> = Option<(&'a RecoverySegment, u64)>;
+
+/// Splits `piece` (of a request at `request_offset`) at the boundaries of the recovery
+/// segments it overlaps.
+fn split_by_segments<'a>(
+    piece: &Piece,
+    request_offset: u64,
+    segments: &'a [RecoverySegment],
+) -> Vec<(Piece, InSegment<'a>)> {
+    let start = request_offset + piece.buffer_offset as u64;
+    let end = start + piece.length as u64;
+    let sub_piece = |at: u64, until: u64| Piece {
+        buffer_offset: piece.buffer_offset + (at - start) as usize,
+        length: (until - at) as usize,
+        replicas: piece
+            .replicas
+            .iter()
+            .map(|&(uuid, offset)| (uuid, offset + (at - start)))
+            .collect(),
+    };
+    let mut parts = Vec::new();
+    let mut at = start;
+    while at < end {
+        let index = segments.partition_point(|s| s.volume_offset + s.length <= at);
+        match segments.get(index) {
+            Some(segment) if segment.volume_offset <= at => {
+                let until = end.min(segment.volume_offset + segment.length);
+                let before: u64 = segments.iter().take(index).map(|s| s.length).sum();
+                let position = before + (at - segment.volume_offset);
+                parts.push((sub_piece(at, until), Some((segment, position))));
+                at = until;
+            }
+            // Not in a segment (cannot happen for an extent on the failed device).
+            other => {
+                let until = other.map_or(end, |s| s.volume_offset.min(end));
+                parts.push((sub_piece(at, until), None));
+                at = until;
+            }
+        }
+    }
+    parts
+}
+
+/// The target replica of the bytes of `segment` at `volume_offset`.
+fn target_of(segment: &RecoverySegment, volume_offset: u64) -> (Uuid, u64) {
+    (
+        segment.target.device_uuid,
+        segment.target.device_offset + (volume_offset - segment.volume_offset),
+    )
+}
+
 /// Splits the pieces of a write to a recovering volume and adds the recovery targets:
 /// returns (pieces that must all succeed, pieces whose failure is only logged).
 pub fn write_plan(
@@ -91,7 +156,6 @@ pub fn write_plan(
     recovery: &ActiveRecovery,
 ) -> (Vec<Piece>, Vec<Piece>) {
     let failed = recovery.failed_device;
-    let segments = &recovery.segments;
     let mut required = Vec::with_capacity(pieces.len());
     let mut best_effort = Vec::new();
     for piece in pieces {
@@ -99,53 +163,77 @@ pub fn write_plan(
             required.push(piece);
             continue;
         }
-        let start = request_offset + piece.buffer_offset as u64;
-        let end = start + piece.length as u64;
-        let sub_piece = |at: u64, until: u64| Piece {
-            buffer_offset: piece.buffer_offset + (at - start) as usize,
-            length: (until - at) as usize,
-            replicas: piece
-                .replicas
-                .iter()
-                .map(|&(uuid, offset)| (uuid, offset + (at - start)))
-                .collect(),
-        };
-        let mut at = start;
-        while at < end {
-            let index = segments.partition_point(|s| s.volume_offset + s.length <= at);
-            match segments.get(index) {
-                Some(segment) if segment.volume_offset <= at => {
-                    let until = end.min(segment.volume_offset + segment.length);
-                    let mut part = sub_piece(at, until);
-                    let failed_is_source = segment.source.device_uuid == failed;
-                    if !failed_is_source {
-                        let (failed_copies, others): (Vec<_>, Vec<_>) =
-                            part.replicas.into_iter().partition(|(u, _)| *u == failed);
-                        part.replicas = others;
-                        best_effort.push(Piece {
-                            buffer_offset: part.buffer_offset,
-                            length: part.length,
-                            replicas: failed_copies,
-                        });
-                    }
-                    part.replicas.push((
-                        segment.target.device_uuid,
-                        segment.target.device_offset + (at - segment.volume_offset),
-                    ));
-                    required.push(part);
-                    at = until;
-                }
-                // Not in a segment (cannot happen for an extent on the failed device): keep
-                // the plain write.
-                other => {
-                    let until = other.map_or(end, |s| s.volume_offset.min(end));
-                    required.push(sub_piece(at, until));
-                    at = until;
-                }
+        for (mut part, segment) in split_by_segments(&piece, request_offset, &recovery.segments) {
+            let Some((segment, _)) = segment else {
+                required.push(part);
+                continue;
+            };
+            if segment.source.device_uuid != failed {
+                let (failed_copies, others): (Vec<_>, Vec<_>) =
+                    part.replicas.into_iter().partition(|(u, _)| *u == failed);
+                part.replicas = others;
+                best_effort.push(Piece {
+                    buffer_offset: part.buffer_offset,
+                    length: part.length,
+                    replicas: failed_copies,
+                });
             }
+            let at = request_offset + part.buffer_offset as u64;
+            part.replicas.push(target_of(segment, at));
+            required.push(part);
         }
     }
     (required, best_effort)
+}
+
+/// The replicas a read of a recovering volume may use, in order of preference: the
+/// extent's other replicas, then the failed device (the client's path to it failed, the
+/// server's may not have: for a single-copy extent it is the copy source), then, for the part
+/// already copied, the recovery target (same data: writes go to both while the copy runs).
+/// A read fails only if none of them can be read.
+pub fn read_plan(pieces: Vec<Piece>, request_offset: u64, recovery: &ActiveRecovery) -> Vec<Piece> {
+    let failed = recovery.failed_device;
+    let copied = recovery.copied.load(Ordering::Acquire);
+    let mut planned = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        if !piece.replicas.iter().any(|(uuid, _)| *uuid == failed) {
+            planned.push(piece);
+            continue;
+        }
+        for (mut part, segment) in split_by_segments(&piece, request_offset, &recovery.segments) {
+            part.replicas.sort_by_key(|(uuid, _)| *uuid == failed);
+            let Some((segment, position)) = segment else {
+                planned.push(part);
+                continue;
+            };
+            let done = (copied.saturating_sub(position) as usize).min(part.length);
+            if done == 0 {
+                planned.push(part);
+                continue;
+            }
+            let at = request_offset + part.buffer_offset as u64;
+            let mut head = Piece {
+                buffer_offset: part.buffer_offset,
+                length: done,
+                replicas: part.replicas.clone(),
+            };
+            head.replicas.push(target_of(segment, at));
+            planned.push(head);
+            if done < part.length {
+                let shift = done as u64;
+                planned.push(Piece {
+                    buffer_offset: part.buffer_offset + done,
+                    length: part.length - done,
+                    replicas: part
+                        .replicas
+                        .iter()
+                        .map(|&(uuid, offset)| (uuid, offset + shift))
+                        .collect(),
+                });
+            }
+        }
+    }
+    planned
 }
 
 /// Volumes whose copy job runs in this process.
@@ -246,12 +334,25 @@ pub async fn report_path_healed(
     })
 }
 
+/// What the log says when a recovery resumes (followed by the device, "at byte", the cursor).
+const RESUMING: &str = "resuming recovery off device ";
+
+/// The cursor of the last resumed recovery in a server log (for tests and operators).
+pub fn last_resume_cursor(log: &str) -> Option<u64> {
+    log.lines()
+        .filter_map(|l| l.split(RESUMING).nth(1))
+        .filter_map(|rest| rest.split(" at byte ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|n| n.parse::<u64>().ok())
+        .next_back()
+}
+
 /// Resumes every recorded recovery (at server start).
 pub async fn resume_all(state: &Arc<ServerState>) -> StoreResult<()> {
     let records = blocking(state, |s| s.store.recoveries()).await?;
     for record in records {
         info!(
-            "volume {}: resuming recovery off device {} at byte {} of {}",
+            "volume {}: {RESUMING}{} at byte {} of {}",
             record.volume_id,
             record.failed_device,
             record.cursor,
@@ -417,10 +518,11 @@ async fn run_job(
 ) -> Result<(), JobError> {
     let volume_id = record.volume_id;
     let gate = state.gate(volume_id);
-    let active = Arc::new(ActiveRecovery {
-        failed_device: record.failed_device,
-        segments: record.segments.clone(),
-    });
+    let active = Arc::new(ActiveRecovery::new(
+        record.failed_device,
+        record.segments.clone(),
+        record.cursor,
+    ));
     gate.set_recovery(Some(active.clone()));
     // Barrier: writes planned before the registration finish before anything is copied.
     drop(gate.lock.write().await);
@@ -468,6 +570,7 @@ async fn run_job(
             }
         }
         cursor += length;
+        active.copied.store(cursor, Ordering::Release);
         progress.bytes_done = cursor;
         unsaved_chunks += 1;
         if unsaved_chunks >= CHUNKS_PER_SAVE || cursor == total {
@@ -536,9 +639,9 @@ mod tests {
     /// Volume [0, 2 MiB) on device 1 at 10 MiB; replacement in two pieces on devices 3 and 4.
     fn linear_recovery() -> ActiveRecovery {
         let mib = 1 << 20;
-        ActiveRecovery {
-            failed_device: Uuid::from_u128(1),
-            segments: vec![
+        ActiveRecovery::new(
+            Uuid::from_u128(1),
+            vec![
                 RecoverySegment {
                     volume_offset: 0,
                     length: mib,
@@ -554,7 +657,49 @@ mod tests {
                     target: replica(4, 70 * mib),
                 },
             ],
-        }
+            0,
+        )
+    }
+
+    #[test]
+    fn reads_of_a_recovering_range_fall_back_to_the_target_where_copied() {
+        let mib = 1 << 20;
+        let recovery = linear_recovery();
+        // Copied: the first segment and 4 KiB of the second.
+        recovery.copied.store(mib + 4096, Ordering::Release);
+        let read = Piece {
+            buffer_offset: 0,
+            length: 12288,
+            replicas: vec![(Uuid::from_u128(1), 11 * mib - 4096)],
+        };
+        let failed = |offset: u64| (Uuid::from_u128(1), offset);
+        assert_eq!(
+            read_plan(vec![read.clone()], mib - 4096, &recovery),
+            vec![
+                Piece {
+                    buffer_offset: 0,
+                    length: 4096,
+                    replicas: vec![
+                        failed(11 * mib - 4096),
+                        (Uuid::from_u128(3), 51 * mib - 4096)
+                    ],
+                },
+                Piece {
+                    buffer_offset: 4096,
+                    length: 4096,
+                    replicas: vec![failed(11 * mib), (Uuid::from_u128(4), 70 * mib)],
+                },
+                Piece {
+                    buffer_offset: 8192,
+                    length: 4096,
+                    replicas: vec![failed(11 * mib + 4096)],
+                },
+            ]
+        );
+        // Nothing copied yet: the failed device only.
+        recovery.copied.store(0, Ordering::Release);
+        let plan = read_plan(vec![read], mib - 4096, &recovery);
+        assert!(plan.iter().all(|p| p.replicas.len() == 1), "{plan:?}");
     }
 
     #[test]
@@ -593,16 +738,17 @@ mod tests {
     #[test]
     fn with_a_surviving_mirror_the_failed_copy_is_best_effort() {
         let mib = 1 << 20;
-        let recovery = ActiveRecovery {
-            failed_device: Uuid::from_u128(1),
-            segments: vec![RecoverySegment {
+        let recovery = ActiveRecovery::new(
+            Uuid::from_u128(1),
+            vec![RecoverySegment {
                 volume_offset: 0,
                 length: mib,
                 failed: replica(1, 10 * mib),
                 source: replica(2, 20 * mib),
                 target: replica(3, 30 * mib),
             }],
-        };
+            0,
+        );
         let write = Piece {
             buffer_offset: 0,
             length: 4096,

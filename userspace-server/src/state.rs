@@ -6,13 +6,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{broadcast, watch, Notify, Semaphore};
+use tokio::sync::{broadcast, oneshot, watch, Notify, Semaphore};
 
 use crate::config::Config;
 use crate::map::{AccessMode, VolumeMap};
 use crate::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode, RecoveryStatus};
 use crate::recovery::VolumeGate;
-use crate::store::{Store, StoreResult, VolumeRecord};
+use crate::store::{SessionRecord, Store, StoreResult, VolumeRecord};
 
 pub type ConnectionId = u64;
 
@@ -83,6 +83,10 @@ pub struct ServerState {
     recovery_statuses: Mutex<HashMap<u64, RecoveryStatus>>,
     /// Every status change, for the agent connections attached to the volume.
     recovery_events: broadcast::Sender<RecoveryStatus>,
+    /// Session records waiting to be persisted, each with whoever waits for its commit.
+    pending_sessions: Mutex<Vec<(SessionRecord, oneshot::Sender<StoreResult<()>>)>>,
+    /// Held by the task committing a batch of `pending_sessions` (group commit).
+    session_writer: tokio::sync::Mutex<()>,
 }
 
 /// Status changes buffered per agent connection; a slower one skips to newer ones.
@@ -106,6 +110,8 @@ impl ServerState {
             gates: Mutex::new(HashMap::new()),
             recovery_statuses: Mutex::new(HashMap::new()),
             recovery_events: broadcast::channel(RECOVERY_EVENT_BACKLOG).0,
+            pending_sessions: Mutex::new(Vec::new()),
+            session_writer: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -171,18 +177,21 @@ impl ServerState {
         (id, kick)
     }
 
-    /// Drops every attachment of a closing connection.
-    pub fn unregister_connection(&self, connection: ConnectionId) {
+    /// Drops every attachment of a closing connection; returns the ids of their volumes.
+    pub fn unregister_connection(&self, connection: ConnectionId) -> Vec<u64> {
         let mut live = self.live();
         let live = &mut *live;
         live.connections.remove(&connection);
         let sessions = &mut live.sessions;
-        live.volumes.retain(|_, volume| {
+        let mut dropped = Vec::new();
+        live.volumes.retain(|volume_id, volume| {
             if let Some(attachment) = volume.attachments.remove(&connection) {
                 sessions.remove(&attachment.session_token);
+                dropped.push(*volume_id);
             }
             !volume.attachments.is_empty()
         });
+        dropped
     }
 
     /// Disconnects every connection of `client` (after removal or a revoked grant).
@@ -275,20 +284,111 @@ impl ServerState {
         }
     }
 
-    /// Resolves a session token (handed out with a map) for the server I/O path. `None` once
-    /// the attachment is gone (detach, disconnect, client removed).
+    /// Resolves a session token (handed out with a map) for the server I/O path: a live
+    /// attachment's token, or a persisted one whose agent was connected when the server last
+    /// stopped (a restarted server, before the agent is back), as long as no other client holds
+    /// the volume read-write.
+    /// `None` once the attachment is detached (or the client removed, its grant changed, the
+    /// volume deleted).
     pub fn session(&self, token: &str) -> Option<SessionInfo> {
-        let live = self.live();
-        let (volume_id, connection) = *live.sessions.get(token)?;
-        let volume = live.volumes.get(&volume_id)?;
-        let attachment = volume.attachments.get(&connection)?;
-        let epoch = volume.map.borrow().map.epoch;
+        {
+            let live = self.live();
+            if let Some(&(volume_id, connection)) = live.sessions.get(token) {
+                let volume = live.volumes.get(&volume_id)?;
+                let attachment = volume.attachments.get(&connection)?;
+                let epoch = volume.map.borrow().map.epoch;
+                return Some(SessionInfo {
+                    client: attachment.client.clone(),
+                    volume_id,
+                    mode: attachment.mode,
+                    epoch,
+                });
+            }
+        }
+        let persisted = self.store.session(token).ok()??;
+        if persisted.agent_gone {
+            return None;
+        }
+        let live_epoch = {
+            let live = self.live();
+            match live.volumes.get(&persisted.volume_id) {
+                Some(volume) => {
+                    let taken = volume.attachments.values().any(|a| {
+                        a.client != persisted.client
+                            && a.mode == AccessMode::Rw
+                            && persisted.mode == AccessMode::Rw
+                    });
+                    if taken {
+                        return None;
+                    }
+                    Some(volume.map.borrow().map.epoch)
+                }
+                None => None,
+            }
+        };
+        let epoch = match live_epoch {
+            Some(epoch) => epoch,
+            None => self.store.volume_by_id(persisted.volume_id).ok()?.epoch,
+        };
         Some(SessionInfo {
-            client: attachment.client.clone(),
-            volume_id,
-            mode: attachment.mode,
+            client: persisted.client,
+            volume_id: persisted.volume_id,
+            mode: persisted.mode,
             epoch,
         })
+    }
+
+    /// Persists session records, many attaches sharing one transaction (group commit: one
+    /// redb commit per attach would cap the attach rate at the commit rate). Returns once
+    /// `sessions` are committed.
+    pub async fn persist_sessions(
+        self: &Arc<Self>,
+        sessions: Vec<SessionRecord>,
+    ) -> StoreResult<()> {
+        let mut waiting = Vec::with_capacity(sessions.len());
+        {
+            let mut pending = self
+                .pending_sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for session in sessions {
+                let (sender, receiver) = oneshot::channel();
+                pending.push((session, sender));
+                waiting.push(receiver);
+            }
+        }
+        {
+            // Whoever holds the writer commits everything queued so far: ours, if an earlier
+            // writer has not taken it already.
+            let _writer = self.session_writer.lock().await;
+            let batch = std::mem::take(
+                &mut *self
+                    .pending_sessions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            if !batch.is_empty() {
+                let (records, senders): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let result = blocking(self, move |s| s.store.save_sessions(&records)).await;
+                for sender in senders {
+                    let _ = sender.send(result.clone());
+                }
+            }
+        }
+        for receiver in waiting {
+            receiver.await.unwrap_or_else(|_| {
+                Err(ErrorBody::new(
+                    ErrorCode::Internal,
+                    "session writer vanished",
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether a live attachment holds `token`.
+    pub fn session_is_live(&self, token: &str) -> bool {
+        self.live().sessions.contains_key(token)
     }
 
     /// The mode of this connection's attachment to the volume, if any.
@@ -455,6 +555,42 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         state.unregister_connection(connection);
         assert_eq!(state.session("token-3"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_session_saves_are_all_committed() {
+        let dir = std::env::temp_dir().join(format!("sand-state-sessions-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let config = Config::from_flags(Flags::default()).unwrap_or_else(|e| panic!("{e}"));
+        let state = ServerState::new(store, config);
+        let mut saves = tokio::task::JoinSet::new();
+        for i in 0..200u64 {
+            let state = state.clone();
+            saves.spawn(async move {
+                let session = SessionRecord {
+                    token: format!("token-{i}"),
+                    client: format!("host{}", i % 20),
+                    volume_id: i / 20,
+                    mode: AccessMode::Ro,
+                    agent_gone: false,
+                };
+                state.persist_sessions(vec![session]).await
+            });
+        }
+        while let Some(saved) = saves.join_next().await {
+            saved
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let sessions = state.store.sessions().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sessions.len(), 200);
+        let found = state
+            .store
+            .session_of("host7", 3)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(found.map(|s| s.token), Some("token-67".to_string()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

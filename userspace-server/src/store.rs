@@ -23,6 +23,16 @@ const DEVICES: TableDefinition<u128, &[u8]> = TableDefinition::new("devices");
 const VOLUMES: TableDefinition<u64, &[u8]> = TableDefinition::new("volumes");
 const CLIENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("clients");
 const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
+/// Session token (hex) -> `SessionRecord`, in the secrets file: the server-path credential of
+/// an attachment, kept until the attachment is detached so that a restarted server (or a
+/// reconnecting agent) re-issues the token the client's kernel already holds.
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// "volume id:client name" -> session token (index of `SESSIONS`).
+const SESSION_KEYS: TableDefinition<&str, &str> = TableDefinition::new("session_keys");
+
+fn session_key(client: &str, volume_id: u64) -> String {
+    format!("{volume_id}:{client}")
+}
 /// Volume id -> unfinished `RecoveryRecord` (at most one per volume).
 const RECOVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("recoveries");
 
@@ -116,6 +126,20 @@ impl RecoveryRecord {
     }
 }
 
+/// A persisted attachment: who holds the session token, for which volume, in which mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub token: String,
+    pub client: String,
+    pub volume_id: u64,
+    pub mode: AccessMode,
+    /// The agent's connection closed while the server ran (agent stopped or killed): the token
+    /// is re-issued on re-attach but not accepted on its own meanwhile. A server that dies
+    /// does not set it, so its clients' kernels are accepted again after the restart.
+    #[serde(default)]
+    pub agent_gone: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientRecord {
     pub name: String,
@@ -197,6 +221,8 @@ impl Store {
         txn.commit().map_err(internal)?;
         let txn = secrets.begin_write().map_err(internal)?;
         txn.open_table(SECRETS).map_err(internal)?;
+        txn.open_table(SESSIONS).map_err(internal)?;
+        txn.open_table(SESSION_KEYS).map_err(internal)?;
         txn.commit().map_err(internal)?;
         Ok(Store {
             metadata,
@@ -433,6 +459,7 @@ impl Store {
             record
         };
         txn.commit().map_err(internal)?;
+        self.delete_sessions(|s| s.volume_id == id)?;
         Ok(record)
     }
 
@@ -703,7 +730,100 @@ impl Store {
             .map_err(internal)?
             .remove(name)
             .map_err(internal)?;
+        txn.commit().map_err(internal)?;
+        self.delete_sessions(|s| s.client == name).map(|_| ())
+    }
+
+    // ----- session tokens (secrets file) -------------------------------------------------
+
+    /// Every persisted session.
+    pub fn sessions(&self) -> StoreResult<Vec<SessionRecord>> {
+        let txn = self.secrets.begin_read().map_err(internal)?;
+        let table = txn.open_table(SESSIONS).map_err(internal)?;
+        let mut sessions = Vec::new();
+        for entry in table.iter().map_err(internal)? {
+            let (_, value) = entry.map_err(internal)?;
+            sessions.push(decode(value.value())?);
+        }
+        Ok(sessions)
+    }
+
+    /// The persisted session of a token.
+    pub fn session(&self, token: &str) -> StoreResult<Option<SessionRecord>> {
+        let txn = self.secrets.begin_read().map_err(internal)?;
+        let table = txn.open_table(SESSIONS).map_err(internal)?;
+        let value = table.get(token).map_err(internal)?;
+        value.map(|v| decode(v.value())).transpose()
+    }
+
+    /// The persisted session of `client`'s attachment to a volume.
+    pub fn session_of(&self, client: &str, volume_id: u64) -> StoreResult<Option<SessionRecord>> {
+        let txn = self.secrets.begin_read().map_err(internal)?;
+        let keys = txn.open_table(SESSION_KEYS).map_err(internal)?;
+        let Some(token) = keys
+            .get(session_key(client, volume_id).as_str())
+            .map_err(internal)?
+            .map(|v| v.value().to_string())
+        else {
+            return Ok(None);
+        };
+        let table = txn.open_table(SESSIONS).map_err(internal)?;
+        let value = table.get(token.as_str()).map_err(internal)?;
+        value.map(|v| decode(v.value())).transpose()
+    }
+
+    /// Records (or updates) attachments' sessions, in one transaction. Written without waiting
+    /// for the disk (redb `Eventual`): they survive a killed server, and one lost to a power
+    /// loss only costs its client a new token.
+    pub fn save_sessions(&self, sessions: &[SessionRecord]) -> StoreResult<()> {
+        let mut txn = self.secrets.begin_write().map_err(internal)?;
+        txn.set_durability(redb::Durability::Eventual);
+        {
+            let mut keys = txn.open_table(SESSION_KEYS).map_err(internal)?;
+            let mut table = txn.open_table(SESSIONS).map_err(internal)?;
+            for session in sessions {
+                let key = session_key(&session.client, session.volume_id);
+                let previous = keys
+                    .insert(key.as_str(), session.token.as_str())
+                    .map_err(internal)?
+                    .map(|v| v.value().to_string());
+                if let Some(previous) = previous.filter(|p| *p != session.token) {
+                    table.remove(previous.as_str()).map_err(internal)?;
+                }
+                table
+                    .insert(session.token.as_str(), encode(session)?.as_slice())
+                    .map_err(internal)?;
+            }
+        }
         txn.commit().map_err(internal)
+    }
+
+    /// Deletes the persisted sessions `doomed` selects (durably); returns them.
+    pub fn delete_sessions(
+        &self,
+        doomed: impl Fn(&SessionRecord) -> bool,
+    ) -> StoreResult<Vec<SessionRecord>> {
+        let txn = self.secrets.begin_write().map_err(internal)?;
+        let removed = {
+            let mut table = txn.open_table(SESSIONS).map_err(internal)?;
+            let mut removed = Vec::new();
+            for entry in table.iter().map_err(internal)? {
+                let (_, value) = entry.map_err(internal)?;
+                let session: SessionRecord = decode(value.value())?;
+                if doomed(&session) {
+                    removed.push(session);
+                }
+            }
+            let mut keys = txn.open_table(SESSION_KEYS).map_err(internal)?;
+            for session in &removed {
+                table.remove(session.token.as_str()).map_err(internal)?;
+                keys.remove(session_key(&session.client, session.volume_id).as_str())
+                    .map_err(internal)?;
+            }
+            removed
+        };
+        txn.commit().map_err(internal)?;
+        Ok(removed)
     }
 
     /// Sets (`Some`) or removes (`None`) a client's grant on a volume.
@@ -745,6 +865,9 @@ impl Store {
             record
         };
         txn.commit().map_err(internal)?;
+        // A changed grant ends the persisted session: the client attaches again, checked
+        // against the new grant, and gets a new token.
+        self.delete_sessions(|s| s.client == name && s.volume_id == volume_id)?;
         Ok(record)
     }
 

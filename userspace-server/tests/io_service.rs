@@ -539,3 +539,88 @@ async fn mirrored_reads_fall_back_to_the_other_replica() {
     let log = server.log();
     assert!(log.contains(&format!("device {first} (")), "{log}");
 }
+
+/// The session token is persisted with the attachment: after `sand` is killed and restarted,
+/// the client's kernel (which keeps its token) is accepted again even before its agent is
+/// back, and the agent's re-attach hands out the same token. An agent that disconnects from a
+/// running server suspends its token until it attaches again (same token). After a detach the
+/// token is dead, also across another restart; another client's attach gets another token.
+#[tokio::test]
+async fn session_tokens_survive_a_restart_and_die_with_the_detach() {
+    let mut server = TestServer::start();
+    server.pool_of(1, 64 * MIB).await;
+    create_volume(&server, "keep", 4 * MIB, Layout::Linear).await;
+    let secret = server.client("host1").await;
+    server.grant("host1", "keep", AccessMode::Rw).await;
+    let other_secret = server.client("host2").await;
+    server.grant("host2", "keep", AccessMode::Ro).await;
+    let mut agent = server.agent("host1", &secret).await;
+    let rw = agent
+        .attach("keep", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("attach: {e}"));
+    // host1 attaches "keep" again (new connection): the token of `first` again.
+    async fn reattach(server: &TestServer, secret: &[u8], first: &Attachment) -> AgentClient {
+        let mut agent = server.agent("host1", secret).await;
+        let again = agent
+            .attach("keep", AccessMode::Rw)
+            .await
+            .unwrap_or_else(|e| panic!("re-attach: {e}"));
+        assert_eq!(again.session_token, first.session_token);
+        agent
+    }
+    let data = pattern(21, 4096);
+    let mut io = IoClient::session(&server, &rw).await;
+    assert_eq!(io.write(&rw.map, 0, &data).await, 0);
+
+    server.kill9();
+    drop((agent, io));
+    let mut restarted = TestServer::start_in(&server.dir);
+    // The kernel reconnects before the agent: same token, same volume, still read-write.
+    let mut io = IoClient::session(&restarted, &rw).await;
+    assert_eq!(io.read(&rw.map, 0, 4096).await, (0, data.clone()));
+    assert_eq!(io.write(&rw.map, 4096, &data).await, 0);
+    // The agent re-attaches: the same token again.
+    let agent = reattach(&restarted, &secret, &rw).await;
+    // The agent goes away while the server runs: the token is not accepted on its own any
+    // more (as before tokens were persisted), and comes back with the next attach.
+    drop(agent);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut probe = IoClient::connect(&restarted).await;
+        if probe.hello(&rw.session_token).await == EACCES {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "token still accepted without its agent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut agent = reattach(&restarted, &secret, &rw).await;
+    let mut io = IoClient::session(&restarted, &rw).await;
+    // Another client, another token.
+    let mut other = restarted.agent("host2", &other_secret).await;
+    let ro = other
+        .attach("keep", AccessMode::Ro)
+        .await
+        .unwrap_or_else(|e| panic!("attach host2: {e}"));
+    assert_ne!(ro.session_token, rw.session_token);
+
+    // Detached: refused at once, and after another restart.
+    agent
+        .detach(rw.map.volume_id)
+        .await
+        .unwrap_or_else(|e| panic!("detach: {e}"));
+    assert_eq!(io.read(&rw.map, 0, 4096).await.0, EACCES);
+    let mut refused = IoClient::connect(&restarted).await;
+    assert_eq!(refused.hello(&rw.session_token).await, EACCES);
+    restarted.kill9();
+    drop((agent, other));
+    let third = TestServer::start_in(&server.dir);
+    let mut refused = IoClient::connect(&third).await;
+    assert_eq!(refused.hello(&rw.session_token).await, EACCES);
+    // host2 did not detach: its token still works.
+    let mut io = IoClient::session(&third, &ro).await;
+    assert_eq!(io.read(&ro.map, 0, 4096).await, (0, data));
+}

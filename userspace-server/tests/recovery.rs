@@ -18,7 +18,7 @@ use sand::map::{AccessMode, Layout, VolumeMap};
 use sand::protocol::{
     AdminRequest, DeviceInfo, ErrorCode, RecoveryState, RecoveryStatus, VolumeDetail,
 };
-use sand::recovery::CHUNK_DELAY_ENV;
+use sand::recovery::{last_resume_cursor, CHUNK_DELAY_ENV};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -156,6 +156,37 @@ async fn setup(server: &TestServer, layout: Layout, size: u64) -> Setup {
         agent,
         attached,
         devices: devices(server).await,
+    }
+}
+
+/// A linear volume written with a pattern through the server path, whose device the agent
+/// has just reported failed (the recovery runs).
+struct Failed {
+    setup: Setup,
+    io: IoClient,
+    map: VolumeMap,
+    data: Vec<u8>,
+    failed: uuid::Uuid,
+}
+
+async fn failed_linear(server: &TestServer, size: u64, seed: u64) -> Failed {
+    let mut setup = setup(server, Layout::Linear, size).await;
+    let data = pattern(seed, size as usize);
+    let mut io = IoClient::session(server, &setup.attached).await;
+    let map = setup.attached.map.clone();
+    io.write(&map, 0, &data).await;
+    let failed = map.extents[0].replicas[0].device_uuid;
+    setup
+        .agent
+        .report_failure(map.volume_id, failed, "gone")
+        .await
+        .unwrap_or_else(|e| panic!("report: {e}"));
+    Failed {
+        setup,
+        io,
+        map,
+        data,
+        failed,
     }
 }
 
@@ -411,17 +442,13 @@ async fn writes_during_the_copy_reach_the_new_device() {
 async fn a_killed_server_resumes_the_recovery_from_its_saved_cursor() {
     let mut server = TestServer::start_with_env(&[(CHUNK_DELAY_ENV, "100")]);
     let size = 16 * MIB;
-    let mut setup = setup(&server, Layout::Linear, size).await;
-    let data = pattern(4, size as usize);
-    let mut io = IoClient::session(&server, &setup.attached).await;
-    let map = setup.attached.map.clone();
-    io.write(&map, 0, &data).await;
-    let failed = map.extents[0].replicas[0].device_uuid;
-    setup
-        .agent
-        .report_failure(map.volume_id, failed, "gone")
-        .await
-        .unwrap_or_else(|e| panic!("report: {e}"));
+    let Failed {
+        setup,
+        io,
+        map,
+        data,
+        failed,
+    } = failed_linear(&server, size, 4).await;
     let deadline = Instant::now() + WAIT;
     loop {
         let status = recoveries(&server).await;
@@ -455,14 +482,8 @@ async fn a_killed_server_resumes_the_recovery_from_its_saved_cursor() {
     };
     assert_eq!(finished.bytes_done, size);
     let log = restarted.log();
-    let resumed_at = log
-        .lines()
-        .filter_map(|l| l.split("resuming recovery off device ").nth(1))
-        .filter_map(|rest| rest.split(" at byte ").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .filter_map(|n| n.parse::<u64>().ok())
-        .next_back()
-        .unwrap_or_else(|| panic!("no resume in the log:\n{log}"));
+    let resumed_at =
+        last_resume_cursor(&log).unwrap_or_else(|| panic!("no resume in the log:\n{log}"));
     assert!(
         resumed_at >= 4 * MIB,
         "resumed at {resumed_at}, not from the saved cursor"
@@ -599,4 +620,53 @@ async fn fail_back_is_refused_while_the_device_is_recovered_and_accepted_otherwi
     );
     let new_map = wait_for_recovery(&mut setup.agent, map.epoch).await;
     assert!(!on_device(&new_map, failed));
+}
+
+/// Reads of a single-copy volume while it recovers come from the failed device (the server's
+/// own path to it), and when that is unreadable too, from the recovery target for the part
+/// already copied; only the part neither holds gets -EIO.
+#[tokio::test]
+async fn reads_during_recovery_fall_back_to_the_target_for_the_copied_part() {
+    let server = TestServer::start_with_env(&[(CHUNK_DELAY_ENV, "200")]);
+    let size = 16 * MIB;
+    let Failed {
+        setup,
+        mut io,
+        map,
+        data,
+        failed,
+    } = failed_linear(&server, size, 7).await;
+    // Recovering, nothing unreadable yet: the failed device serves reads.
+    assert!(io.read(&map, 12 * MIB, 65536).await == data[12 * MIB as usize..][..65536]);
+    let deadline = Instant::now() + WAIT;
+    let copied = loop {
+        let status = recoveries(&server).await;
+        if let Some(status) = status.first().filter(|s| s.bytes_done >= 4 * MIB) {
+            assert!(status.bytes_done <= 12 * MIB, "copied too fast: {status:?}");
+            break status.bytes_done;
+        }
+        assert!(Instant::now() < deadline, "copy did not progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Now the server cannot read the failed device either.
+    let failed_image = &setup.devices[&failed];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(failed_image)
+        .and_then(|f| f.set_len(0))
+        .unwrap_or_else(|e| panic!("{}: {e}", failed_image.display()));
+    // Copied: from the target.
+    assert!(io.read(&map, 0, MIB as u32).await == data[..MIB as usize]);
+    assert!(io.read(&map, copied - 8192, 8192).await == data[(copied - 8192) as usize..][..8192]);
+    // Not copied: nowhere to read it from.
+    let header = RequestHeader {
+        op: Op::Read,
+        flags: 0,
+        handle: 99,
+        volume_id: map.volume_id,
+        epoch: map.epoch,
+        offset: size - 4096,
+        length: 4096,
+    };
+    assert_eq!(io.call(&header, &[]).await, -libc::EIO);
 }

@@ -310,13 +310,15 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         match connect_and_attach(&args, &secret, mode).await {
-                            Ok((fresh, attachment)) => {
+                            Ok((fresh, reattached)) => {
                                 client = fresh;
                                 backoff = Duration::from_secs(1);
+                                let attachment = reattached;
                                 // A restarted server may listen elsewhere; the kernel gets
                                 // the new addresses with the next map.
                                 servers = io_servers(&args, attachment.io_address.as_deref());
-                                // A new session means a new token: the kernel's server path
+                                // The server re-issues the attachment's persisted token; should it
+                                // be a new one (e.g. its store was lost), the kernel's server path
                                 // must present it, also when the epoch did not change.
                                 token = hex_bytes(&attachment.session_token);
                                 if attachment.map.epoch >= epoch {
