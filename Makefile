@@ -50,7 +50,9 @@ bench: deps kernel kmod build
 	rm -rf target/bench && mkdir -p target/bench && cp -r kmod target/bench/kmod && ln -s ../../uapi target/bench/uapi && \
 	$(MAKE) -s -C "$$benchtree" M=$(CURDIR)/target/bench/kmod $(KBUILD_FLAGS) clean modules >/dev/null && \
 	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
-	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-datapath
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-datapath && \
+	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-failure
 	$(CARGO) run -q --release -p sand --bin sand-bench -- --clients 10000
 
 clean:

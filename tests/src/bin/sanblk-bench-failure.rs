@@ -100,6 +100,18 @@ struct Settings {
     rounds: u32,
 }
 
+/// Beside the data-path jobs: random 4 KiB reads one at a time, the round-trip latency of
+/// each path without pipelining (tells per-request cost from pipelining depth).
+const QD1: fio::Job = fio::Job {
+    name: "rand-read-4k-qd1",
+    args: "--rw=randread --bs=4k --iodepth=1",
+    metric: fio::Metric::ReadIops,
+};
+
+fn tput_jobs() -> impl Iterator<Item = &'static fio::Job> {
+    JOBS.iter().chain(std::iter::once(&QD1))
+}
+
 const TPUT_TARGETS: [(&str, &str); 2] = [("sanblk-redirected", "$TPUT"), ("nbd", "/dev/nbd0")];
 
 fn script(
@@ -161,7 +173,7 @@ nbd-client 10.0.2.100 {nbd_port} /dev/nbd0 -N bench > nbd-client.log 2>&1
 "#
     ));
     for round in 0..settings.rounds {
-        for job in &JOBS {
+        for job in tput_jobs() {
             for k in 0..TPUT_TARGETS.len() {
                 let (target, device) = TPUT_TARGETS[(k + round as usize) % TPUT_TARGETS.len()];
                 script.push_str(&fio::command(
@@ -185,6 +197,7 @@ nbd-client 10.0.2.100 {nbd_port} /dev/nbd0 -N bench > nbd-client.log 2>&1
 struct Stall {
     inject_ms: f64,
     stall_ms: f64,
+    after_ms: f64,
     max_gap_ms: f64,
     errors: u64,
 }
@@ -203,6 +216,7 @@ fn stalls(text: &str) -> Result<Vec<Stall>, String> {
             Ok(Stall {
                 inject_ms: f("inject_ms")?,
                 stall_ms: f("stall_ms")?,
+                after_ms: f("after_ms")?,
                 max_gap_ms: f("max_gap_ms")?,
                 errors: v["errors"].as_u64().unwrap_or(u64::MAX),
             })
@@ -223,8 +237,9 @@ fn stall_table(fault: &[Stall], noop: &[Stall]) -> String {
         "| ms | fault p50 | fault p99 | fault max | no-op resume p50 | no-op p99 | no-op max |\n\
          |---|---|---|---|---|---|---|\n",
     );
-    let rows: [(&str, fn(&Stall) -> f64); 3] = [
+    let rows: [(&str, fn(&Stall) -> f64); 4] = [
         ("fault start -> first redirected I/O done", |s| s.stall_ms),
+        ("resume end -> first redirected I/O done", |s| s.after_ms),
         ("longest completion gap from fault start", |s| s.max_gap_ms),
         ("dmsetup resume itself", |s| s.inject_ms),
     ];
@@ -311,7 +326,7 @@ fn bench(settings: &Settings) -> Result<String, String> {
          | job | sanblk redirected | nbd (qemu-nbd) | sanblk / nbd |\n|---|---|---|---|\n",
         volume["redirected_ios"]
     ));
-    for job in &JOBS {
+    for job in tput_jobs() {
         let mut medians = Vec::new();
         for (target, _) in TPUT_TARGETS {
             let mut samples = Vec::new();

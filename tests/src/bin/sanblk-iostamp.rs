@@ -10,6 +10,8 @@
 //! - `stall_ms`: from the start of the fault command to the completion of the first I/O that
 //!   was submitted after the command ended (that I/O met the error table, or went straight to
 //!   the server path): the stall an application sees from the fault to redirected service;
+//! - `after_ms`: from the end of the fault command to that completion (the latency of the
+//!   first I/O that met the fault: failure detection plus the trip over the server path);
 //! - `max_gap_ms`: the longest time without a completion from the fault command's start on;
 //! - `gap_before_ms`: the same before the fault (the loop's normal jitter);
 //! - `ios`, `errors` (an I/O error is counted, not retried).
@@ -165,9 +167,10 @@ fn measure(args: &Args) -> Result<String, String> {
         previous = stamp.completed;
     }
     Ok(format!(
-        "{{\"inject_ms\":{:.3},\"stall_ms\":{:.3},\"max_gap_ms\":{:.3},\"gap_before_ms\":{:.3},\"ios\":{},\"errors\":{}}}",
+        "{{\"inject_ms\":{:.3},\"stall_ms\":{:.3},\"after_ms\":{:.3},\"max_gap_ms\":{:.3},\"gap_before_ms\":{:.3},\"ios\":{},\"errors\":{}}}",
         ms(fault.end - fault.start),
         ms(first_after.completed - fault.start),
+        ms(first_after.completed - fault.end),
         ms(max_gap),
         ms(gap_before),
         stamps.len(),
