@@ -74,7 +74,12 @@ fn free_port() -> Result<u16, String> {
 fn start_qemu_nbd(image: &Path, port: u16, log: &Path) -> Result<ChildGuard, String> {
     let log = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let child = Command::new("qemu-nbd")
-        .args(["--format=raw", "--export-name=bench", "--persistent", "--cache=none"])
+        .args([
+            "--format=raw",
+            "--export-name=bench",
+            "--persistent",
+            "--cache=none",
+        ])
         .arg("--bind=127.0.0.1")
         .arg(format!("--port={port}"))
         .arg(image)
@@ -208,11 +213,7 @@ fn stalls(text: &str) -> Result<Vec<Stall>, String> {
         .map(|line| {
             let v: serde_json::Value =
                 serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
-            let f = |key: &str| {
-                v[key]
-                    .as_f64()
-                    .ok_or_else(|| format!("{line}: no {key}"))
-            };
+            let f = |key: &str| v[key].as_f64().ok_or_else(|| format!("{line}: no {key}"));
             Ok(Stall {
                 inject_ms: f("inject_ms")?,
                 stall_ms: f("stall_ms")?,
@@ -224,8 +225,11 @@ fn stalls(text: &str) -> Result<Vec<Stall>, String> {
         .collect()
 }
 
+/// Which figure of a [`Stall`] a table row shows.
+type Pick = fn(&Stall) -> f64;
+
 fn stall_table(fault: &[Stall], noop: &[Stall]) -> String {
-    let stats = |samples: &[Stall], pick: fn(&Stall) -> f64| {
+    let stats = |samples: &[Stall], pick: Pick| {
         let values: Vec<f64> = samples.iter().map(pick).collect();
         (
             fio::quantile(values.clone(), 0.5),
@@ -237,7 +241,7 @@ fn stall_table(fault: &[Stall], noop: &[Stall]) -> String {
         "| ms | fault p50 | fault p99 | fault max | no-op resume p50 | no-op p99 | no-op max |\n\
          |---|---|---|---|---|---|---|\n",
     );
-    let rows: [(&str, fn(&Stall) -> f64); 4] = [
+    let rows: [(&str, Pick); 4] = [
         ("fault start -> first redirected I/O done", |s| s.stall_ms),
         ("resume end -> first redirected I/O done", |s| s.after_ms),
         ("longest completion gap from fault start", |s| s.max_gap_ms),
@@ -319,7 +323,9 @@ fn bench(settings: &Settings) -> Result<String, String> {
         .map_err(|e| format!("status-tput-end.json: {e}"))?;
     let volume = &status["volumes"][0];
     if volume["devices"][0]["state"] != "failed" {
-        return Err(format!("the throughput volume's device is not failed: {volume}"));
+        return Err(format!(
+            "the throughput volume's device is not failed: {volume}"
+        ));
     }
     report.push_str(&format!(
         "\n### Redirected path vs nbd (device failed, {} redirected I/Os)\n\n\
