@@ -329,26 +329,30 @@ fn bench(settings: &Settings) -> Result<String, String> {
     }
     report.push_str(&format!(
         "\n### Redirected path vs nbd (device failed, {} redirected I/Os)\n\n\
-         | job | sanblk redirected | nbd (qemu-nbd) | sanblk / nbd |\n|---|---|---|---|\n",
+         | job | sanblk redirected | nbd (qemu-nbd) | sanblk / nbd | per round (sanblk / nbd) |\n\
+         |---|---|---|---|---|\n",
         volume["redirected_ios"]
     ));
     for job in tput_jobs() {
-        let mut medians = Vec::new();
-        for (target, _) in TPUT_TARGETS {
-            let mut samples = Vec::new();
+        let mut samples = [Vec::new(), Vec::new()];
+        for (side, (target, _)) in samples.iter_mut().zip(TPUT_TARGETS) {
             for round in 0..settings.rounds {
                 let json = read(&fio::output_name(target, job, round))?;
-                samples.push(fio::value(&json, job.metric)?);
+                side.push(fio::value(&json, job.metric)?);
             }
-            medians.push(fio::median(samples));
         }
+        let per_round: Vec<String> = samples[0]
+            .iter()
+            .zip(&samples[1])
+            .map(|(ours, theirs)| format!("{:.2}", ours / theirs))
+            .collect();
+        let [ours, theirs] = samples.map(fio::median);
         let unit = job.metric.unit();
         report.push_str(&format!(
-            "| {} | {:.1} {unit} | {:.1} {unit} | {:.3} |\n",
+            "| {} | {ours:.1} {unit} | {theirs:.1} {unit} | {:.3} | {} |\n",
             job.name,
-            medians[0],
-            medians[1],
-            medians[0] / medians[1]
+            ours / theirs,
+            per_round.join(" ")
         ));
     }
     Ok(report)
