@@ -44,7 +44,9 @@ demo: deps kernel kmod build
 
 # Benchmarks print markdown tables; BENCHMARKS.md records them with their commands. The data
 # path is measured on the non-debug "bench" kernel flavour, with the module built for it in
-# target/bench (a copy of kmod/ beside a link to uapi/, which the module includes).
+# target/bench (a copy of kmod/ beside a link to uapi/, which the module includes), as is the
+# failure-path bench (fault stall, redirected path vs nbd); then the server control plane and
+# rebuild-vs-copy benches run on the host.
 bench: deps kernel kmod build
 	@benchtree=$$(qemu/build-kernel.sh bench); \
 	rm -rf target/bench && mkdir -p target/bench && cp -r kmod target/bench/kmod && ln -s ../../uapi target/bench/uapi && \

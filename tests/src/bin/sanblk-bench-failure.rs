@@ -219,7 +219,9 @@ fn stalls(text: &str) -> Result<Vec<Stall>, String> {
                 stall_ms: f("stall_ms")?,
                 after_ms: f("after_ms")?,
                 max_gap_ms: f("max_gap_ms")?,
-                errors: v["errors"].as_u64().unwrap_or(u64::MAX),
+                errors: v["errors"]
+                    .as_u64()
+                    .ok_or_else(|| format!("{line}: no errors"))?,
             })
         })
         .collect()
