@@ -44,14 +44,19 @@ demo: deps kernel kmod build
 
 # Benchmarks print markdown tables; BENCHMARKS.md records them with their commands. The data
 # path is measured on the non-debug "bench" kernel flavour, with the module built for it in
-# target/bench (a copy of kmod/ beside a link to uapi/, which the module includes).
+# target/bench (a copy of kmod/ beside a link to uapi/, which the module includes), as is the
+# failure-path bench (fault stall, redirected path vs nbd); then the server control plane and
+# rebuild-vs-copy benches run on the host.
 bench: deps kernel kmod build
 	@benchtree=$$(qemu/build-kernel.sh bench); \
 	rm -rf target/bench && mkdir -p target/bench && cp -r kmod target/bench/kmod && ln -s ../../uapi target/bench/uapi && \
 	$(MAKE) -s -C "$$benchtree" M=$(CURDIR)/target/bench/kmod $(KBUILD_FLAGS) clean modules >/dev/null && \
 	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
-	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-datapath
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-datapath && \
+	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-failure
 	$(CARGO) run -q --release -p sand --bin sand-bench -- --clients 10000
+	$(CARGO) build -q --release -p sand --bins && target/release/sand-iobench --rebuild --size-mib 1024 --rounds 5 --dir target
 
 clean:
 	$(CARGO) clean

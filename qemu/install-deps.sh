@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
     linux-source-6.12 clang lld llvm libclang-dev flex bison bc libelf-dev libssl-dev cpio kmod
-    qemu-system-x86 qemu-utils busybox-static fio nbdkit dmsetup e2fsprogs iproute2 util-linux
+    qemu-system-x86 qemu-utils busybox-static fio nbdkit nbd-client dmsetup e2fsprogs iproute2 util-linux
 )
 missing=()
 for pkg in "${packages[@]}"; do

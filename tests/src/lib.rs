@@ -27,6 +27,7 @@
 pub mod blocks;
 pub mod config;
 pub mod error;
+pub mod fio;
 pub mod marker;
 pub mod paths;
 pub mod server;

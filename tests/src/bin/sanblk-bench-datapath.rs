@@ -8,69 +8,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use sanblk_tests::fio::{self, JOBS};
 use sanblk_tests::{module_path, run, scratch_dir, sparse_image, target_bin, VmConfig};
 
 const MIB: u64 = 1 << 20;
 const TARGET_MIB: u64 = 256;
-
-struct Job {
-    name: &'static str,
-    args: &'static str,
-    metric: Metric,
-}
-
-#[derive(Clone, Copy)]
-enum Metric {
-    ReadBandwidth,
-    WriteBandwidth,
-    ReadIops,
-    WriteIops,
-}
-
-const JOBS: [Job; 4] = [
-    Job {
-        name: "seq-read-1M",
-        args: "--rw=read --bs=1M --iodepth=8",
-        metric: Metric::ReadBandwidth,
-    },
-    Job {
-        name: "seq-write-1M",
-        args: "--rw=write --bs=1M --iodepth=8",
-        metric: Metric::WriteBandwidth,
-    },
-    Job {
-        name: "rand-read-4k-qd32",
-        args: "--rw=randread --bs=4k --iodepth=32",
-        metric: Metric::ReadIops,
-    },
-    Job {
-        name: "rand-write-4k-qd32",
-        args: "--rw=randwrite --bs=4k --iodepth=32",
-        metric: Metric::WriteIops,
-    },
-];
 
 const TARGETS: [(&str, &str); 3] = [
     ("raw", "/dev/vda"),
     ("dm-linear", "/dev/mapper/bench-linear"),
     ("sanblk", "/dev/sanblk0"),
 ];
-
-fn value(json: &str, metric: Metric) -> Result<f64, String> {
-    let parsed: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| format!("fio json: {e}"))?;
-    let job = &parsed["jobs"][0];
-    let number = |v: &serde_json::Value| {
-        v.as_f64()
-            .ok_or_else(|| format!("fio json lacks a field: {v}"))
-    };
-    match metric {
-        Metric::ReadBandwidth => number(&job["read"]["bw"]).map(|kib| kib / 1024.0),
-        Metric::WriteBandwidth => number(&job["write"]["bw"]).map(|kib| kib / 1024.0),
-        Metric::ReadIops => number(&job["read"]["iops"]),
-        Metric::WriteIops => number(&job["write"]["iops"]),
-    }
-}
 
 fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
     let module = std::env::var_os("SANBLK_BENCH_MODULE")
@@ -102,13 +50,7 @@ fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
                 } else {
                     String::new()
                 };
-                script.push_str(&format!(
-                "fio --name={name} --filename={device} {size} {args} --direct=1 --ioengine=libaio \
-                 --runtime={runtime_s} --time_based --ramp_time=1 --eta=never --output-format=json \
-                 --output={target}-{name}-{round}.json\n",
-                name = job.name,
-                args = job.args,
-            ));
+                script.push_str(&fio::command(job, target, device, &size, runtime_s, round));
             }
         }
     }
@@ -132,17 +74,13 @@ fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
             let mut samples = Vec::new();
             for round in 0..rounds {
                 let json = outcome
-                    .read_out_file(&format!("{target}-{}-{round}.json", job.name))
+                    .read_out_file(&fio::output_name(target, job, round))
                     .map_err(|e| format!("{target} {}: {e}", job.name))?;
-                samples.push(value(&json, job.metric)?);
+                samples.push(fio::value(&json, job.metric)?);
             }
-            samples.sort_by(f64::total_cmp);
-            values.push(samples[samples.len() / 2]);
+            values.push(fio::median(samples));
         }
-        let unit = match job.metric {
-            Metric::ReadBandwidth | Metric::WriteBandwidth => "MiB/s",
-            _ => "IOPS",
-        };
+        let unit = job.metric.unit();
         table.push_str(&format!(
             "| {} | {:.1} {unit} | {:.1} {unit} | {:.1} {unit} | {:.3} | {:.3} |\n",
             job.name,

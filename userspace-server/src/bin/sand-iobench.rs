@@ -6,7 +6,15 @@
 //! sequential copy of the same size, 1 MiB blocks, O_DIRECT (`dd oflag=direct conv=fdatasync`
 //! then `dd iflag=direct`), one block at a time.
 //!
+//! `--rebuild`: rebuild throughput instead. A linear volume written through the I/O path on
+//! one image file, a second (spare) image added, then the agent reports the first device failed
+//! and we time the recovery (the server copies the volume onto the spare) until the `done`
+//! push. Baseline in the same run, same filesystem: an in-process O_DIRECT copy of the same
+//! size between two files, 1 MiB blocks, one at a time, `fdatasync` at the end. `--rounds`
+//! rounds alternating which one goes first; medians.
+//!
 //! Usage: cargo build --release -p sand --bins && target/release/sand-iobench --size-mib 1024
+//!        target/release/sand-iobench --rebuild --size-mib 512 --rounds 3
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -19,10 +27,10 @@ use clap::Parser;
 use sanblk_uapi::frame::{
     Op, ReplyHeader, RequestHeader, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
-use sand::client::{AdminClient, AgentClient};
+use sand::client::{AdminClient, AgentClient, Push};
 use sand::io_service::AlignedBuf;
 use sand::map::{AccessMode, Layout, VolumeMap};
-use sand::protocol::{AdminRequest, ClientCreated};
+use sand::protocol::{AdminRequest, ClientCreated, RecoveryState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -49,6 +57,12 @@ struct Args {
     /// The sand binary (default: next to this one).
     #[arg(long)]
     sand: Option<PathBuf>,
+    /// Measure recovery (rebuild onto a spare) against a plain O_DIRECT copy instead.
+    #[arg(long)]
+    rebuild: bool,
+    /// Rounds of the rebuild measurement (alternating order), medians reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
 }
 
 /// Kills a child process by pid when dropped.
@@ -203,6 +217,140 @@ fn baseline(path: &Path, size: u64, data: &[u8]) -> anyhow::Result<(Duration, Du
     Ok((write, read))
 }
 
+/// An in-process `dd iflag=direct oflag=direct bs=1M` of `size` bytes between two fresh files
+/// in `dir` (the source written first, untimed), `fdatasync` of the target included.
+fn copy_baseline(dir: &Path, size: u64, data: &[u8]) -> anyhow::Result<Duration> {
+    let open = |path: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .with_context(|| path.display().to_string())
+    };
+    let (source_path, target_path) = (dir.join("copy-source.img"), dir.join("copy-target.img"));
+    let source = open(&source_path)?;
+    let target = open(&target_path)?;
+    let blocks = size / MAX_PAYLOAD as u64;
+    for block in 0..blocks {
+        source.write_all_at(data, block * MAX_PAYLOAD as u64)?;
+    }
+    source.sync_data()?;
+    let mut buf = AlignedBuf::zeroed(MAX_PAYLOAD as usize)?;
+    let started = Instant::now();
+    for block in 0..blocks {
+        source.read_exact_at(&mut buf, block * MAX_PAYLOAD as u64)?;
+        target.write_all_at(&buf, block * MAX_PAYLOAD as u64)?;
+    }
+    target.sync_data()?;
+    let elapsed = started.elapsed();
+    let _ = std::fs::remove_file(source_path);
+    let _ = std::fs::remove_file(target_path);
+    Ok(elapsed)
+}
+
+/// A volume written through the I/O path, a spare added, the volume's device reported
+/// failed: the time from the report to the `done` push.
+async fn rebuild_once(args: &Args, dir: &Path, size: u64, data: &[u8]) -> anyhow::Result<Duration> {
+    let mut served = serve(args, dir, size, 1).await?;
+    sequential(&mut served.stream, &served.map, Op::Write, args.depth, data).await?;
+    let spare = dir.join("spare.img");
+    std::fs::File::create(&spare)?.set_len(size + 64 * MIB)?;
+    served
+        .admin
+        .request(&AdminRequest::PoolAdd {
+            path: spare.display().to_string(),
+            force: false,
+        })
+        .await?;
+    let volume_id = served.map.volume_id;
+    let device = served
+        .map
+        .extents
+        .first()
+        .and_then(|extent| extent.replicas.first())
+        .map(|replica| replica.device_uuid)
+        .ok_or_else(|| anyhow!("the volume map has no replica"))?;
+    let started = Instant::now();
+    let mut status = served
+        .agent
+        .report_failure(volume_id, device, "sand-iobench --rebuild")
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+    loop {
+        match status.state {
+            RecoveryState::Done => break,
+            RecoveryState::Failed => bail!("recovery failed: {}", status.message),
+            RecoveryState::Queued | RecoveryState::Copying => {}
+        }
+        status = loop {
+            let push = tokio::time::timeout_at(deadline, served.agent.next_push())
+                .await
+                .map_err(|_| anyhow!("no recovery `done` within an hour"))??;
+            match push {
+                Push::RecoveryStatus(status) if status.volume_id == volume_id => break status,
+                _ => {}
+            }
+        };
+    }
+    let elapsed = started.elapsed();
+    if status.bytes_total != size {
+        bail!("recovery moved {} bytes, not {size}", status.bytes_total);
+    }
+    Ok(elapsed)
+}
+
+async fn rebuild(args: &Args, dir: &Path, size: u64) -> anyhow::Result<()> {
+    if args.layout != Layout::Linear {
+        bail!("--rebuild measures a linear volume");
+    }
+    let data = pattern(MAX_PAYLOAD as usize)?;
+    let rate = |d: Duration| size as f64 / MIB as f64 / d.as_secs_f64();
+    println!(
+        "sand-iobench --rebuild: {} MiB linear volume recovered onto a spare vs O_DIRECT copy \
+         (1 MiB blocks), files in {}, {} rounds alternating order",
+        args.size_mib,
+        dir.display(),
+        args.rounds
+    );
+    println!("| round | rebuild | copy | rebuild / copy |\n|---|---|---|---|");
+    let (mut rebuilds, mut copies, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.rounds.max(1) {
+        let round_dir = dir.join(format!("round{round}"));
+        std::fs::create_dir_all(&round_dir)?;
+        let (rebuilt, copied) = if round % 2 == 0 {
+            let copied = copy_baseline(&round_dir, size, &data)?;
+            (rebuild_once(args, &round_dir, size, &data).await?, copied)
+        } else {
+            let rebuilt = rebuild_once(args, &round_dir, size, &data).await?;
+            (rebuilt, copy_baseline(&round_dir, size, &data)?)
+        };
+        let _ = std::fs::remove_dir_all(&round_dir);
+        println!(
+            "| {round} | {:.1} MiB/s | {:.1} MiB/s | {:.3} |",
+            rate(rebuilt),
+            rate(copied),
+            rate(rebuilt) / rate(copied)
+        );
+        rebuilds.push(rate(rebuilt));
+        copies.push(rate(copied));
+        ratios.push(rate(rebuilt) / rate(copied));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "| median | {:.1} MiB/s | {:.1} MiB/s | {:.3} |",
+        median(rebuilds),
+        median(copies),
+        median(ratios)
+    );
+    Ok(())
+}
+
 async fn benchmark(args: Args) -> anyhow::Result<()> {
     let size = args.size_mib * MIB;
     if size == 0 || args.depth == 0 {
@@ -214,24 +362,29 @@ async fn benchmark(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(std::env::temp_dir)
         .join(format!("sand-iobench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let outcome = run(&args, &dir, size).await;
+    let outcome = if args.rebuild {
+        rebuild(&args, &dir, size).await
+    } else {
+        run(&args, &dir, size).await
+    };
     let _ = std::fs::remove_dir_all(&dir);
     outcome
 }
 
-async fn run(args: &Args, dir: &Path, size: u64) -> anyhow::Result<()> {
-    let data = pattern(MAX_PAYLOAD as usize)?;
-    let (base_write, base_read) = baseline(&dir.join("baseline.img"), size, &data)?;
-    let _ = std::fs::remove_file(dir.join("baseline.img"));
+/// A running sand with one volume `bench` of `size` bytes (on `images` image files) attached
+/// by an agent, and an I/O connection that said HELLO with its token.
+struct Served {
+    _guard: ChildGuard,
+    admin: AdminClient,
+    agent: AgentClient,
+    map: VolumeMap,
+    stream: BufReader<TcpStream>,
+}
 
+async fn serve(args: &Args, dir: &Path, size: u64, images: u64) -> anyhow::Result<Served> {
     let (child, metadata_dir) = start_sand(&sand_binary(args)?, dir)?;
-    let _guard = ChildGuard(child.id());
+    let guard = ChildGuard(child.id());
     let mut admin = AdminClient::connect(&metadata_dir.join("admin.sock")).await?;
-    let images = match args.layout {
-        Layout::Linear => 1,
-        Layout::Mirror => 2,
-        Layout::Striped { stripe_count, .. } => stripe_count as u64,
-    };
     for index in 0..images {
         let image = dir.join(format!("disk{index}.img"));
         std::fs::File::create(&image)?.set_len(size + 64 * MIB)?;
@@ -295,9 +448,33 @@ async fn run(args: &Args, dir: &Path, size: u64) -> anyhow::Result<()> {
     if status != 0 {
         bail!("HELLO refused: status {status}");
     }
+    Ok(Served {
+        _guard: guard,
+        admin,
+        agent,
+        map: attached.map,
+        stream,
+    })
+}
 
-    let write = sequential(&mut stream, &attached.map, Op::Write, args.depth, &data).await?;
-    let read = sequential(&mut stream, &attached.map, Op::Read, args.depth, &data).await?;
+async fn run(args: &Args, dir: &Path, size: u64) -> anyhow::Result<()> {
+    let data = pattern(MAX_PAYLOAD as usize)?;
+    let (base_write, base_read) = baseline(&dir.join("baseline.img"), size, &data)?;
+    let _ = std::fs::remove_file(dir.join("baseline.img"));
+
+    let images = match args.layout {
+        Layout::Linear => 1,
+        Layout::Mirror => 2,
+        Layout::Striped { stripe_count, .. } => stripe_count as u64,
+    };
+    let Served {
+        _guard,
+        map,
+        mut stream,
+        ..
+    } = serve(args, dir, size, images).await?;
+    let write = sequential(&mut stream, &map, Op::Write, args.depth, &data).await?;
+    let read = sequential(&mut stream, &map, Op::Read, args.depth, &data).await?;
 
     let rate = |d: Duration| size as f64 / MIB as f64 / d.as_secs_f64();
     println!(
