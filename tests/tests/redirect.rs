@@ -494,7 +494,14 @@ fn running(pid: u32) -> bool {
 
 /// Waits until the guest creates `restart-sand` in the output directory of `vm` (or the guest
 /// ends), then kills `server` and starts `sand` again on the same metadata and ports.
-fn restart_on_request(vm: &RunningVm, server: SandServer, io_port: u16) -> Option<RestartedSand> {
+/// Session tokens survive a restart, so first the grant of host1 on `volume` is set again:
+/// that ends the persisted session, and the agent's re-attach gets a new token.
+fn restart_on_request(
+    vm: &RunningVm,
+    server: SandServer,
+    io_port: u16,
+    volume: &str,
+) -> Option<RestartedSand> {
     let out = vm.log_dir();
     let dir = server.dir.clone();
     let port = server.port;
@@ -505,6 +512,7 @@ fn restart_on_request(vm: &RunningVm, server: SandServer, io_port: u16) -> Optio
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    server.sanctl(&["client", "grant", "host1", volume, "rw"]);
     drop(server);
     let log = fs::File::create(dir.join("sand-restarted.log")).ok()?;
     let child = std::process::Command::new(target_bin("sand"))
@@ -522,7 +530,8 @@ fn restart_on_request(vm: &RunningVm, server: SandServer, io_port: u16) -> Optio
     Some(RestartedSand(child))
 }
 
-/// After the server restarts, the agent reconnects and gets a new session token; it hands the
+/// After the server restarts (with host1's session ended by a grant change, so the persisted
+/// token is not re-issued), the agent reconnects and gets a new session token; it hands the
 /// token to the kernel with UPDATE_MAP (same epoch), the server path reconnects with it, and
 /// redirected I/O keeps working instead of being refused with the stale token.
 #[test]
@@ -570,7 +579,7 @@ dmsetup remove san0
         ..
     } = setup;
     let vm = spawn(&config).expect("guest started");
-    let restarted = restart_on_request(&vm, server, io_port);
+    let restarted = restart_on_request(&vm, server, io_port, "vtk");
     let outcome = vm.wait().expect("guest ran");
     outcome.assert_clean_success();
     assert!(restarted.is_some(), "sand was not restarted");
