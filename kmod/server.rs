@@ -5,19 +5,21 @@
 //! are queued here from any context (lock-free llist, then a wake-up) and re-issued to the
 //! server, which performs them on its own path to the SAN devices.
 //!
-//! Delivered shape: **windowed pipelining in one thread**. The thread takes up to [`WINDOW`]
-//! queued pieces (at most [`WINDOW_BYTES`] of payload), sends all their requests back to
-//! back, then reads the replies in whatever order the server sends them, matched by handle
-//! against that window (a handle outside the window or answered twice is a protocol error
-//! and drops the connection). Pieces queued meanwhile wait for the next window: there is no
-//! separate receiver loop, so one slow request holds up the window it is in. A piece larger
-//! than one frame ([`MAX_PAYLOAD`]) goes alone, in sequential chunks.
+//! Delivered shape: **continuous pipelining in one thread**, like nbd's stream of requests
+//! but without a second thread: the thread keeps up to [`MAX_IN_FLIGHT`] requests (at most
+//! [`WINDOW_BYTES`] of payload) on the wire, reads one reply at a time (matched by handle
+//! against the requests on the wire; an unknown or repeated handle is a protocol error that
+//! drops the connection), completes its piece at once, and tops the wire up with pieces queued
+//! meanwhile before reading the next reply. The bound stays below the server's own
+//! per-connection limit, so the server always reads every request sent and neither side can
+//! block the other. A piece larger than one frame ([`MAX_PAYLOAD`]) goes alone, in
+//! sequential chunks, once the wire is empty.
 //!
-//! Reconnection: 100 ms doubling to 5 s, trying every address in order; the window that a
-//! connection loss interrupted is re-sent whole after reconnecting (none of its pieces has
+//! Reconnection: 100 ms doubling to 5 s, trying every address in order; the requests a
+//! connection loss left on the wire are re-sent after reconnecting (none of them has
 //! completed upward yet, and reads and writes of a block device are idempotent).
 //! A new session token (UPDATE_MAP with TOKEN, after the agent reconnected to the server)
-//! drops the connection between two windows and authenticates again with it; pieces still
+//! drops the connection once the requests on the wire are answered and authenticates again with it; pieces still
 //! queued go out on the new connection.
 //!
 //! The thread also drives fail-back probes of failed devices (`health.rs`).
@@ -60,8 +62,8 @@ const STALE_RETRIES: u8 = 200;
 /// Pause before re-sending pieces refused with -ESTALE while the map is still the old one.
 const STALE_PAUSE_MS: u32 = 100;
 /// Requests in flight at once on the connection (the server executes up to 64 concurrently).
-const WINDOW: usize = 16;
-/// Payload bytes one window may carry (bounds what the server buffers for this client).
+const MAX_IN_FLIGHT: usize = 32;
+/// Payload bytes on the wire at once (bounds what the server buffers for this client).
 const WINDOW_BYTES: u64 = 4 << 20;
 
 const BLK_STS_IOERR: bindings::blk_status_t = 10;
@@ -565,77 +567,225 @@ fn frame_len(piece: &Piece, op: Op) -> u32 {
     }
 }
 
+/// Requests on the wire, matched to replies by handle (never trusted as a pointer).
+struct InFlight {
+    slots: [(u64, *mut Piece); MAX_IN_FLIGHT],
+    count: usize,
+    bytes: u64,
+}
+
+impl InFlight {
+    fn new() -> Self {
+        InFlight { slots: [(0, core::ptr::null_mut()); MAX_IN_FLIGHT], count: 0, bytes: 0 }
+    }
+
+    fn add(&mut self, handle: u64, piece: *mut Piece, bytes: u64) {
+        self.slots[self.count] = (handle, piece);
+        self.count += 1;
+        self.bytes += bytes;
+    }
+
+    /// Takes the request answered by `handle` off the wire list.
+    fn remove(&mut self, handle: u64) -> Option<*mut Piece> {
+        let i = self.slots[..self.count].iter().position(|(h, _)| *h == handle)?;
+        let piece = self.slots[i].1;
+        self.count -= 1;
+        self.slots[i] = self.slots[self.count];
+        // SAFETY: pieces on the wire are live and ours.
+        self.bytes -= u64::from(unsafe { (*piece).iter.bi_size });
+        Some(piece)
+    }
+
+    /// After a lost connection: every request on the wire goes back to the queue, to be
+    /// re-sent (none completed upward; block reads and writes are idempotent).
+    fn requeue(&mut self, queue: &mut Queue) {
+        for (_, piece) in &self.slots[..self.count] {
+            queue.push(*piece);
+        }
+        self.count = 0;
+        self.bytes = 0;
+    }
+}
+
+/// Why `Conn::stream` returned with the connection intact.
+enum StreamEnd {
+    /// Nothing queued and nothing on the wire.
+    Idle,
+    /// A piece came back -ESTALE before the new map arrived: pause, then go on.
+    StaleWait,
+    /// The session token changed or the thread must stop: nothing is on the wire.
+    Drained,
+}
+
 impl Conn {
-    /// Sends the first `count` pieces of `batch` back to back, then reads their replies in
-    /// whatever order the server sends them, matched by handle against this window only (a
-    /// handle not in the window, or answered twice, is a protocol error). Fills `status`.
-    /// `Err`: the connection is lost; nothing was completed and the window is re-sent whole.
+    /// Continuous pipelining: keeps up to [`MAX_IN_FLIGHT`] requests (at most [`WINDOW_BYTES`]
+    /// of payload) on the wire, sending newly queued pieces as soon as a reply frees room, and
+    /// completes each piece when its reply arrives, in whatever order. A piece larger than one
+    /// frame goes alone, in sequential chunks, once the wire is empty.
+    /// `Err`: the connection is lost; the requests on the wire are left in `inflight`.
     ///
     /// # Safety
     ///
-    /// The pieces are live, queued and of at most MAX_PAYLOAD bytes each.
-    unsafe fn execute_window(
+    /// The queued pieces are live and ours until completed.
+    unsafe fn stream(
         &self,
         volume: &Volume,
-        batch: &[*mut Piece],
-        status: &mut [Option<i32>],
+        queue: &mut Queue,
+        inflight: &mut InFlight,
         handle: &mut u64,
-    ) -> core::result::Result<(), ()> {
-        let mut handles = [0u64; WINDOW];
-        for (i, piece) in batch.iter().enumerate() {
-            // SAFETY: live piece (contract).
-            let piece = unsafe { &**piece };
-            let Some(op) = frame_op(piece) else {
-                status[i] = Some(-(bindings::EOPNOTSUPP as i32));
-                continue;
-            };
-            *handle = handle.wrapping_add(1);
-            handles[i] = *handle;
-            status[i] = None;
-            let len = frame_len(piece, op);
-            let header = RequestHeader {
-                op,
-                flags: piece.flags,
-                handle: *handle,
-                volume_id: volume.id,
-                epoch: piece.epoch,
-                offset: piece.volume_offset,
-                length: len,
-            };
-            let mut raw = [0u8; REQUEST_HEADER_LEN];
-            header.encode(&mut raw);
-            self.send_flags(&raw, op == Op::Write)?;
-            if op == Op::Write {
-                // SAFETY: the piece's pages are live until it completes (contract).
-                unsafe { self.transfer_pages(piece, 0, len, true)? };
+        seen_token: u64,
+    ) -> core::result::Result<StreamEnd, ()> {
+        let path = &volume.server;
+        let mut stale_wait = false;
+        loop {
+            // SAFETY: `pending` is a valid llist head.
+            queue.take(unsafe { sanblk_llist_del_all(path.pending.get()) });
+            if !queue.head.is_null() {
+                report_failed_devices(volume);
             }
-        }
-        let expected = status.iter().take(batch.len()).filter(|s| s.is_none()).count();
-        for _ in 0..expected {
+            if !path.closing.load(Ordering::Acquire) {
+                health::tick(volume);
+            }
+            let draining = stale_wait || should_stop() || path.token_generation() != seen_token;
+            while !draining && inflight.count < MAX_IN_FLIGHT && !queue.head.is_null() {
+                let piece = queue.head;
+                // SAFETY: queued pieces are live and ours.
+                let size = u64::from(unsafe { (*piece).iter.bi_size });
+                if size > u64::from(MAX_PAYLOAD) {
+                    if inflight.count > 0 {
+                        break;
+                    }
+                    queue.pop();
+                    // SAFETY: as above; on a lost connection the piece is re-queued first.
+                    match unsafe { self.execute(volume, &*piece, handle) } {
+                        Ok(answer) => stale_wait |= unsafe { settle(volume, queue, piece, answer) },
+                        Err(()) => {
+                            inflight.add(0, piece, size);
+                            return Err(());
+                        }
+                    }
+                    continue;
+                }
+                if inflight.count > 0 && inflight.bytes + size > WINDOW_BYTES {
+                    break;
+                }
+                queue.pop();
+                // SAFETY: live piece (contract).
+                let Some(op) = frame_op(unsafe { &*piece }) else {
+                    // SAFETY: popped, completed once.
+                    unsafe { complete(volume, piece, BLK_STS_IOERR) };
+                    continue;
+                };
+                *handle = handle.wrapping_add(1);
+                if *handle == 0 {
+                    *handle = 1;
+                }
+                // On the wire list before sending: a failed send re-queues it with the rest.
+                inflight.add(*handle, piece, size);
+                // SAFETY: live piece (contract).
+                unsafe { self.send_request(volume, &*piece, op, *handle)? };
+            }
+            if inflight.count == 0 {
+                return Ok(if stale_wait {
+                    StreamEnd::StaleWait
+                } else if draining {
+                    StreamEnd::Drained
+                } else if queue.head.is_null() {
+                    StreamEnd::Idle
+                } else {
+                    continue;
+                });
+            }
             let mut raw = [0u8; REPLY_HEADER_LEN];
             self.recv(&mut raw)?;
             let reply = ReplyHeader::decode(&raw).map_err(|_| ())?;
-            // Never trusted as a pointer: only a lookup key into this window.
-            let i = (0..batch.len())
-                .find(|i| handles[*i] == reply.handle && handles[*i] != 0 && status[*i].is_none())
-                .ok_or(())?;
-            // SAFETY: live piece (contract).
-            let piece = unsafe { &*batch[i] };
-            let op = frame_op(piece).ok_or(())?;
-            if reply.status == 0 {
-                let len = frame_len(piece, op);
-                let data = if op == Op::Read { len } else { 0 };
-                if reply.length != data {
-                    return Err(());
-                }
-                if op == Op::Read {
-                    // SAFETY: as above; READ data lands in the bio's pages.
-                    unsafe { self.transfer_pages(piece, 0, len, false)? };
-                }
+            // A handle not on the wire (unknown or answered twice) is a protocol error.
+            let piece = inflight.remove(reply.handle).ok_or(())?;
+            // SAFETY: the piece was on the wire: live and ours.
+            let result = unsafe { self.receive_data(&*piece, &reply) };
+            if result.is_err() {
+                // Back on the wire list, so the caller re-queues it with the rest.
+                // SAFETY: as above.
+                inflight.add(reply.handle, piece, u64::from(unsafe { (*piece).iter.bi_size }));
+                return Err(());
             }
-            status[i] = Some(reply.status);
+            // SAFETY: taken off the wire: completed or re-queued exactly once.
+            stale_wait |= unsafe { settle(volume, queue, piece, reply.status) };
+        }
+    }
+
+    /// Sends the request frame of `piece` (and a WRITE's data).
+    ///
+    /// # Safety
+    ///
+    /// `piece` is live and fits in one frame.
+    unsafe fn send_request(&self, volume: &Volume, piece: &Piece, op: Op, handle: u64) -> core::result::Result<(), ()> {
+        let len = frame_len(piece, op);
+        let header = RequestHeader {
+            op,
+            flags: piece.flags,
+            handle,
+            volume_id: volume.id,
+            epoch: piece.epoch,
+            offset: piece.volume_offset,
+            length: len,
+        };
+        let mut raw = [0u8; REQUEST_HEADER_LEN];
+        header.encode(&mut raw);
+        self.send_flags(&raw, op == Op::Write)?;
+        if op == Op::Write {
+            // SAFETY: the piece's pages are live until it completes (contract).
+            unsafe { self.transfer_pages(piece, 0, len, true)? };
         }
         Ok(())
+    }
+
+    /// Checks a reply against its request and reads a successful READ's data into the pages.
+    ///
+    /// # Safety
+    ///
+    /// `piece` is live and was sent whole in one frame.
+    unsafe fn receive_data(&self, piece: &Piece, reply: &ReplyHeader) -> core::result::Result<(), ()> {
+        if reply.status != 0 {
+            return if reply.length == 0 { Ok(()) } else { Err(()) };
+        }
+        let op = frame_op(piece).ok_or(())?;
+        let len = frame_len(piece, op);
+        let data = if op == Op::Read { len } else { 0 };
+        if reply.length != data {
+            return Err(());
+        }
+        if op == Op::Read {
+            // SAFETY: as above; READ data lands in the bio's pages.
+            unsafe { self.transfer_pages(piece, 0, len, false)? };
+        }
+        Ok(())
+    }
+}
+
+/// Completes `piece` with the server's `answer`, or re-queues it with the current epoch on
+/// -ESTALE (bounded by [`STALE_RETRIES`]). Returns whether the new map has not arrived yet,
+/// so the caller should pause before re-sending.
+///
+/// # Safety
+///
+/// `piece` is live, ours, on no list, and is completed or re-queued exactly once here.
+unsafe fn settle(volume: &Volume, queue: &mut Queue, piece: *mut Piece, answer: i32) -> bool {
+    // SAFETY: see the function's contract.
+    unsafe {
+        if answer == -ESTALE && (*piece).stale_retries < STALE_RETRIES {
+            // The volume offset does not depend on the epoch: re-send with the epoch the
+            // server now expects, once the agent has delivered it.
+            (*piece).stale_retries += 1;
+            let current = volume.current_map().epoch;
+            let wait = current == (*piece).epoch;
+            (*piece).epoch = current;
+            queue.push(piece);
+            wait
+        } else {
+            complete(volume, piece, if answer == 0 { 0 } else { BLK_STS_IOERR });
+            false
+        }
     }
 }
 
@@ -777,7 +927,7 @@ unsafe extern "C" fn thread_main(data: *mut c_void) -> c_int {
     loop {
         let generation = path.token_generation();
         if generation != seen_token {
-            // No request is in flight between windows: pieces not yet completed stay queued
+            // Nothing is on the wire here (the stream drains on a new token): pieces not yet completed stay queued
             // and go out on the new connection.
             seen_token = generation;
             backoff = BACKOFF_MIN_MS;
@@ -848,66 +998,18 @@ unsafe extern "C" fn thread_main(data: *mut c_void) -> c_int {
             backoff = (backoff * 2).min(BACKOFF_MAX_MS);
             continue;
         };
-        // The window: the longest run of queued pieces from the head that fit in one frame
-        // each, up to WINDOW pieces and WINDOW_BYTES; a larger piece goes alone, in chunks.
-        let mut batch = [core::ptr::null_mut::<Piece>(); WINDOW];
-        let mut count = 0;
-        let mut bytes = 0u64;
-        let mut next = queue.head;
-        while count < WINDOW && !next.is_null() {
-            // SAFETY: queued pieces are live and ours.
-            let size = u64::from(unsafe { (*next).iter.bi_size });
-            if size > u64::from(MAX_PAYLOAD) || (count > 0 && bytes + size > WINDOW_BYTES) {
-                break;
+        let mut inflight = InFlight::new();
+        // SAFETY: the queued pieces are live and ours until completed.
+        match unsafe { active.stream(volume, &mut queue, &mut inflight, &mut handle, seen_token) } {
+            Ok(StreamEnd::Idle) | Ok(StreamEnd::Drained) => {}
+            Ok(StreamEnd::StaleWait) => pause(STALE_PAUSE_MS, path, path.token_generation()),
+            Err(()) => {
+                pr_warn!("volume {}: server path connection lost; reconnecting\n", volume.id);
+                inflight.requeue(&mut queue);
+                conn = None;
+                down_since = Some(now_ns());
+                path.state.store(ServerPathState::Disconnected as u32, Ordering::Relaxed);
             }
-            batch[count] = next;
-            count += 1;
-            bytes += size;
-            // SAFETY: as above.
-            next = unsafe { (*next).node.next }.cast();
-        }
-        let mut status = [None; WINDOW];
-        let outcome = if count == 0 {
-            count = 1;
-            batch[0] = queue.head;
-            // SAFETY: the head piece is live and ours until completed.
-            unsafe { active.execute(volume, &*queue.head, &mut handle) }.map(|s| status[0] = Some(s))
-        } else {
-            // SAFETY: the window's pieces are live, queued, and each fits in one frame.
-            unsafe { active.execute_window(volume, &batch[..count], &mut status[..count], &mut handle) }
-        };
-        if outcome.is_err() {
-            pr_warn!("volume {}: server path connection lost; reconnecting\n", volume.id);
-            conn = None;
-            down_since = Some(now_ns());
-            path.state.store(ServerPathState::Disconnected as u32, Ordering::Relaxed);
-            continue;
-        }
-        let mut stale_wait = false;
-        for (piece, answer) in batch[..count].iter().zip(status.iter()) {
-            // The window is the head of the queue, in order (new pieces only go to the tail).
-            let popped = queue.pop();
-            if popped != *piece {
-                pr_err!("volume {}: server path queue out of order\n", volume.id);
-            }
-            let answer = answer.unwrap_or(-(bindings::EIO as i32));
-            // SAFETY: popped pieces are ours; each is completed or re-queued exactly once.
-            unsafe {
-                if answer == -ESTALE && (**piece).stale_retries < STALE_RETRIES {
-                    // The volume offset does not depend on the epoch: re-send with the
-                    // epoch the server now expects, once the agent has delivered it.
-                    (**piece).stale_retries += 1;
-                    let current = volume.current_map().epoch;
-                    stale_wait |= current == (**piece).epoch;
-                    (**piece).epoch = current;
-                    queue.push(*piece);
-                } else {
-                    complete(volume, *piece, if answer == 0 { 0 } else { BLK_STS_IOERR });
-                }
-            }
-        }
-        if stale_wait {
-            pause(STALE_PAUSE_MS, path, path.token_generation());
         }
     }
     drop(conn);
