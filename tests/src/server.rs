@@ -2,12 +2,15 @@
 //! the real `sanctl` binary. Killed and reaped on drop; [`SandServer::restart`] kills it with
 //! SIGKILL and starts it again on the same metadata dir and ports.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::paths::target_bin;
+use sand::protocol::DeviceInfo;
+
+use crate::paths::{scratch_dir, sparse_image, target_bin};
 
 pub struct SandServer {
     child: Child,
@@ -183,4 +186,70 @@ fn spawn_sand(
         .stderr(log_err)
         .spawn()
         .map_err(|e| format!("cannot start sand: {e}"))
+}
+
+/// A server provisioned the way the end-to-end tests need it: image files in the pool,
+/// volumes, and client `host1` (secret in `dir/host1.secret`) granted `rw` on each volume.
+pub struct Provisioned {
+    pub dir: PathBuf,
+    pub server: SandServer,
+    /// `san0.img`, then `san1.img` if a spare was asked for.
+    pub images: Vec<PathBuf>,
+    /// Pool device UUID -> image file.
+    pub by_uuid: HashMap<uuid::Uuid, PathBuf>,
+    /// UUID of `san1.img`, the spare, if any.
+    pub spare: Option<uuid::Uuid>,
+}
+
+/// Starts `sand` (with `env`) in scratch dir `name`; a 64 MiB `san0.img` in the pool holds
+/// every volume (16 MiB each); with `spare`, `san1.img` joins the pool only after the volumes
+/// exist, so it is free for a recovery.
+pub fn provision(name: &str, env: &[(&str, &str)], volumes: &[&str], spare: bool) -> Provisioned {
+    const IMAGE_BYTES: u64 = 64 << 20;
+    let dir = scratch_dir(name).expect("scratch dir");
+    let server = SandServer::start_with_env(&dir, env).expect("sand started");
+    let image = |i: usize| {
+        let path = dir.join(format!("san{i}.img"));
+        sparse_image(&path, IMAGE_BYTES).expect("image");
+        path
+    };
+    let mut images = vec![image(0)];
+    server.sanctl(&["pool", "add", &images[0].display().to_string()]);
+    for volume in volumes {
+        server.sanctl(&["volume", "create", volume, "16M"]);
+    }
+    if spare {
+        images.push(image(1));
+        server.sanctl(&["pool", "add", &images[1].display().to_string()]);
+    }
+    let secret = dir.join("host1.secret");
+    server.sanctl(&[
+        "client",
+        "add",
+        "host1",
+        "--secret-out",
+        &secret.display().to_string(),
+    ]);
+    for volume in volumes {
+        server.sanctl(&["client", "grant", "host1", volume, "rw"]);
+    }
+    let pool: Vec<DeviceInfo> =
+        serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
+    let by_uuid: HashMap<uuid::Uuid, PathBuf> = pool
+        .iter()
+        .map(|d| (d.uuid, PathBuf::from(&d.path)))
+        .collect();
+    let spare = images.get(1).and_then(|path| {
+        by_uuid
+            .iter()
+            .find(|(_, p)| *p == path)
+            .map(|(uuid, _)| *uuid)
+    });
+    Provisioned {
+        dir,
+        server,
+        images,
+        by_uuid,
+        spare,
+    }
 }

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 
 use sanblk_tests::blocks::BLOCK;
 use sanblk_tests::{
-    blocks, module_path, run, scratch_dir, sparse_image, spawn, target_bin, GuestOutcome,
-    SandServer, VmConfig,
+    blocks, module_path, provision, run, spawn, target_bin, GuestOutcome, SandServer, VmConfig,
 };
-use sand::protocol::{DeviceInfo, RecoveryState, RecoveryStatus, VolumeDetail};
+use sand::protocol::{RecoveryState, RecoveryStatus, VolumeDetail};
 use sand::recovery::last_resume_cursor;
 
 const MIB: u64 = 1 << 20;
@@ -33,45 +32,14 @@ struct Setup {
 
 impl Setup {
     fn new(name: &str, env: &[(&str, &str)]) -> Setup {
-        let dir = scratch_dir(name).expect("scratch");
-        let server = SandServer::start_with_env(&dir, env).expect("sand");
-        let images: Vec<PathBuf> = (0..2)
-            .map(|i| {
-                let path = dir.join(format!("san{i}.img"));
-                sparse_image(&path, 64 * MIB).expect("image");
-                path
-            })
-            .collect();
         // The volume lands on san0 (the only device when it is created); san1 is the spare.
-        server.sanctl(&["pool", "add", &images[0].display().to_string()]);
-        server.sanctl(&["volume", "create", "vrec", "16M"]);
-        server.sanctl(&["pool", "add", &images[1].display().to_string()]);
-        let secret = dir.join("host1.secret");
-        server.sanctl(&[
-            "client",
-            "add",
-            "host1",
-            "--secret-out",
-            &secret.display().to_string(),
-        ]);
-        server.sanctl(&["client", "grant", "host1", "vrec", "rw"]);
-        let pool: Vec<DeviceInfo> =
-            serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
-        let by_uuid = pool
-            .iter()
-            .map(|d| (d.uuid, PathBuf::from(&d.path)))
-            .collect();
-        let spare = pool
-            .iter()
-            .find(|d| d.path == images[1].display().to_string())
-            .expect("san1 in pool")
-            .uuid;
+        let provisioned = provision(name, env, &["vrec"], true);
         Setup {
-            dir,
-            server,
-            images,
-            by_uuid,
-            spare,
+            spare: provisioned.spare.expect("san1 in pool"),
+            dir: provisioned.dir,
+            server: provisioned.server,
+            images: provisioned.images,
+            by_uuid: provisioned.by_uuid,
         }
     }
 

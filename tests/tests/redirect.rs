@@ -16,11 +16,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sanblk_tests::{
-    blocks, module_path, run, scratch_dir, sparse_image, spawn, target_bin, RunningVm, SandServer,
+    blocks, module_path, provision, run, spawn, target_bin, Provisioned, RunningVm, SandServer,
     VmConfig,
 };
 use sand::map::VolumeMap;
-use sand::protocol::{DeviceInfo, VolumeDetail};
+use sand::protocol::VolumeDetail;
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
@@ -37,34 +37,12 @@ struct Setup {
 }
 
 fn setup(name: &str, volumes: &[&str]) -> Setup {
-    let dir = scratch_dir(name).expect("scratch");
-    let server = SandServer::start(&dir).expect("sand");
-    let image = dir.join("san0.img");
-    sparse_image(&image, 64 * MIB).expect("image");
-    server.sanctl(&["pool", "add", &image.display().to_string()]);
-    let secret = dir.join("host1.secret");
-    server.sanctl(&[
-        "client",
-        "add",
-        "host1",
-        "--secret-out",
-        &secret.display().to_string(),
-    ]);
-    for volume in volumes {
-        server.sanctl(&["volume", "create", volume, "16M"]);
-        server.sanctl(&["client", "grant", "host1", volume, "rw"]);
-    }
-    let pool: Vec<DeviceInfo> =
-        serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
-    let by_uuid = pool
-        .iter()
-        .map(|d| (d.uuid, PathBuf::from(&d.path)))
-        .collect();
+    let provisioned = provision(name, &[], volumes, false);
     Setup {
-        dir,
-        server,
-        image,
-        by_uuid,
+        image: provisioned.images[0].clone(),
+        dir: provisioned.dir,
+        server: provisioned.server,
+        by_uuid: provisioned.by_uuid,
     }
 }
 
@@ -344,36 +322,19 @@ dmsetup remove san0
 /// until the recovery publishes a map without it, and every block is on the new disk.
 #[test]
 fn healed_path_is_not_failed_back_while_a_recovery_runs() {
-    let dir = scratch_dir("redirect-failback-recovering").expect("scratch");
-    // Slow copying, so the path heals while the recovery runs.
-    let server = SandServer::start_with_env(&dir, &[("SAND_RECOVERY_CHUNK_DELAY_MS", "3000")])
-        .expect("sand");
-    let images: Vec<PathBuf> = (0..2)
-        .map(|i| {
-            let path = dir.join(format!("san{i}.img"));
-            sparse_image(&path, 64 * MIB).expect("image");
-            path
-        })
-        .collect();
-    // The volume lands on san0 (the only device when it is created); san1 is the spare.
-    server.sanctl(&["pool", "add", &images[0].display().to_string()]);
-    server.sanctl(&["volume", "create", "vrun", "16M"]);
-    server.sanctl(&["pool", "add", &images[1].display().to_string()]);
-    let secret = dir.join("host1.secret");
-    server.sanctl(&[
-        "client",
-        "add",
-        "host1",
-        "--secret-out",
-        &secret.display().to_string(),
-    ]);
-    server.sanctl(&["client", "grant", "host1", "vrun", "rw"]);
-    let pool: Vec<DeviceInfo> =
-        serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
-    let by_uuid: HashMap<uuid::Uuid, PathBuf> = pool
-        .iter()
-        .map(|d| (d.uuid, PathBuf::from(&d.path)))
-        .collect();
+    // Slow copying, so the path heals while the recovery runs; san1 is the spare.
+    let Provisioned {
+        dir,
+        server,
+        images,
+        by_uuid,
+        ..
+    } = provision(
+        "redirect-failback-recovering",
+        &[("SAND_RECOVERY_CHUNK_DELAY_MS", "3000")],
+        &["vrun"],
+        true,
+    );
     let during = pattern(21, VOLUME);
     fs::write(dir.join("during.pattern"), &during).expect("pattern");
     let port = server.port;
@@ -466,16 +427,6 @@ dmsetup remove san0
     blocks::verify_against_map(&volume_map(&server, "vrun"), &by_uuid, &during);
 }
 
-/// A `sand` started by hand on fixed ports (a restart of the test's server); killed on drop.
-struct RestartedSand(std::process::Child);
-
-impl Drop for RestartedSand {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Whether process `pid` (QEMU) still runs (not gone, not a zombie).
 fn running(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -493,41 +444,21 @@ fn running(pid: u32) -> bool {
 }
 
 /// Waits until the guest creates `restart-sand` in the output directory of `vm` (or the guest
-/// ends), then kills `server` and starts `sand` again on the same metadata and ports.
-/// Session tokens survive a restart, so first the grant of host1 on `volume` is set again:
-/// that ends the persisted session, and the agent's re-attach gets a new token.
-fn restart_on_request(
-    vm: &RunningVm,
-    server: SandServer,
-    io_port: u16,
-    volume: &str,
-) -> Option<RestartedSand> {
+/// ends), then kills `server` and starts it again on the same metadata and ports. Session
+/// tokens survive a restart, so first the grant of host1 on `volume` is set again: that ends
+/// the persisted session, and the agent's re-attach gets a new token. Whether it restarted.
+fn restart_on_request(vm: &RunningVm, server: &mut SandServer, volume: &str) -> bool {
     let out = vm.log_dir();
-    let dir = server.dir.clone();
-    let port = server.port;
     let deadline = std::time::Instant::now() + Duration::from_secs(400);
     while !out.join("restart-sand").exists() {
         if !running(vm.pid()) || std::time::Instant::now() > deadline {
-            return None;
+            return false;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     server.sanctl(&["client", "grant", "host1", volume, "rw"]);
-    drop(server);
-    let log = fs::File::create(dir.join("sand-restarted.log")).ok()?;
-    let child = std::process::Command::new(target_bin("sand"))
-        .arg("--metadata-dir")
-        .arg(dir.join("sand-metadata"))
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--io-listen")
-        .arg(format!("127.0.0.1:{io_port}"))
-        .env("RUST_LOG", "info")
-        .stdout(log.try_clone().ok()?)
-        .stderr(log)
-        .spawn()
-        .ok()?;
-    Some(RestartedSand(child))
+    server.restart().expect("sand restarted");
+    true
 }
 
 /// After the server restarts (with host1's session ended by a grant change, so the persisted
@@ -573,16 +504,15 @@ dmsetup remove san0
         .forward_port(io_port)
         .timeout(Duration::from_secs(500));
     let Setup {
-        dir,
-        server,
+        mut server,
         by_uuid,
         ..
     } = setup;
     let vm = spawn(&config).expect("guest started");
-    let restarted = restart_on_request(&vm, server, io_port, "vtk");
+    let restarted = restart_on_request(&vm, &mut server, "vtk");
     let outcome = vm.wait().expect("guest ran");
     outcome.assert_clean_success();
-    assert!(restarted.is_some(), "sand was not restarted");
+    assert!(restarted, "sand was not restarted");
 
     let json = |name: &str| -> serde_json::Value {
         serde_json::from_str(&outcome.read_out_file(name).expect("status file")).expect("json")
@@ -601,21 +531,7 @@ dmsetup remove san0
         "the kernel did not reconnect with the new token"
     );
     // The restarted server wrote the data through its own path.
-    let map: VolumeMap = {
-        let text = fs::read_to_string(dir.join("sand-restarted.log")).unwrap_or_default();
-        assert!(!text.contains("panicked"), "{text}");
-        serde_json::from_str::<VolumeDetail>(&String::from_utf8_lossy(
-            &std::process::Command::new(target_bin("sanctl"))
-                .arg("--admin-socket")
-                .arg(dir.join("sand-metadata").join("admin.sock"))
-                .args(["--json", "volume", "show", "vtk"])
-                .output()
-                .expect("sanctl")
-                .stdout,
-        ))
-        .expect("volume json")
-        .map
-    };
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+    let map = volume_map(&server, "vtk");
     blocks::verify_against_map(&map, &by_uuid, &two);
-    drop(restarted);
 }
