@@ -75,6 +75,9 @@ void sanblk_rcu_read_unlock(void) { rcu_read_unlock(); }
 struct net *sanblk_init_net(void) { return &init_net; }
 void sanblk_sock_set_timeouts(struct socket *sock, long timeout) { sock->sk->sk_rcvtimeo = sock->sk->sk_sndtimeo = timeout; }
 void sanblk_sock_nodelay(struct socket *sock) { tcp_sock_set_nodelay(sock->sk); }
+unsigned int sanblk_sock_poll(struct socket *sock) { return sock->ops->poll(NULL, sock, NULL); }
+struct wait_queue_head *sanblk_sock_wait_head(struct socket *sock) { return sk_sleep(sock->sk); }
+void sanblk_wait_entry_init(struct wait_queue_entry *entry) { init_waitqueue_entry(entry, current); }
 bool sanblk_llist_add(struct llist_node *node, struct llist_head *head) { return llist_add(node, head); }
 struct llist_node *sanblk_llist_del_all(struct llist_head *head) { return llist_del_all(head); }
 void sanblk_set_current_interruptible(void) { set_current_state(TASK_INTERRUPTIBLE); }

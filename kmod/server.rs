@@ -67,6 +67,8 @@ const MAX_IN_FLIGHT: usize = 32;
 const WINDOW_BYTES: u64 = 4 << 20;
 
 const BLK_STS_IOERR: bindings::blk_status_t = 10;
+/// poll(2) bits meaning "a read will not block": data, hang-up or error.
+const POLL_READABLE: u32 = 0x1 | 0x8 | 0x10 | 0x2000;
 const IPPROTO_TCP: c_int = 6;
 const ESTALE: i32 = 116;
 
@@ -75,6 +77,9 @@ extern "C" {
     // `struct socket` as an opaque pointer: bindgen's layout is not FFI-safe by rustc's lints.
     fn sanblk_sock_set_timeouts(sock: *mut c_void, timeout: c_long);
     fn sanblk_sock_nodelay(sock: *mut c_void);
+    fn sanblk_sock_poll(sock: *mut c_void) -> u32;
+    fn sanblk_sock_wait_head(sock: *mut c_void) -> *mut bindings::wait_queue_head;
+    fn sanblk_wait_entry_init(entry: *mut bindings::wait_queue_entry);
     fn sanblk_sock_quickack(sock: *mut c_void);
     fn sanblk_llist_add(node: *mut bindings::llist_node, head: *mut bindings::llist_head) -> bool;
     fn sanblk_llist_del_all(head: *mut bindings::llist_head) -> *mut bindings::llist_node;
@@ -341,6 +346,12 @@ fn msecs_to_jiffies(ms: u32) -> c_long {
     unsafe { bindings::__msecs_to_jiffies(ms) as c_long }
 }
 
+fn nsecs_to_jiffies(ns: i64) -> c_long {
+    // At least one jiffy, at most the I/O timeout.
+    let ms = (ns / 1_000_000).clamp(1, i64::from(IO_TIMEOUT_MS)) as u32;
+    msecs_to_jiffies(ms)
+}
+
 fn now_ns() -> i64 {
     // SAFETY: reads the monotonic clock.
     unsafe { bindings::ktime_get() }
@@ -373,6 +384,48 @@ impl Conn {
     fn quickack(&self) {
         // SAFETY: `self.0` is a live, connected TCP socket.
         unsafe { sanblk_sock_quickack(self.0.cast()) };
+    }
+
+    /// Whether a read would not block (a reply is arriving, or the connection failed).
+    fn readable(&self) -> bool {
+        // SAFETY: the socket is live and connected; a NULL file and poll table only query.
+        unsafe { sanblk_sock_poll(self.0.cast()) & POLL_READABLE != 0 }
+    }
+
+    /// Sleeps until the socket is readable or new pieces are queued for the thread; `false`
+    /// when neither happened by `deadline_ns`. The thread is on the socket's wait queue (as
+    /// poll(2) would be) and is woken directly by `ServerPath::queue`.
+    fn wait_for_input(&self, path: &ServerPath, deadline_ns: i64) -> bool {
+        // SAFETY: an all-zero entry is what init_waitqueue_entry starts from.
+        let mut entry: bindings::wait_queue_entry = unsafe { core::mem::zeroed() };
+        // SAFETY: the entry outlives its time on the socket's wait queue (removed below);
+        // the head lives as long as the socket.
+        let head = unsafe {
+            sanblk_wait_entry_init(&mut entry);
+            let head = sanblk_sock_wait_head(self.0.cast());
+            bindings::add_wait_queue(head, &mut entry);
+            head
+        };
+        let woken = loop {
+            // SAFETY: state set before the checks, so a wake-up in between is not lost.
+            unsafe { sanblk_set_current_interruptible() };
+            // SAFETY: `pending` is a valid llist head.
+            if self.readable() || !unsafe { (*path.pending.get()).first.is_null() } {
+                break true;
+            }
+            let left = deadline_ns - now_ns();
+            if left <= 0 {
+                break false;
+            }
+            // SAFETY: process context (our kthread), no locks held.
+            unsafe { bindings::schedule_timeout(nsecs_to_jiffies(left)) };
+        };
+        // SAFETY: undoes the state and the wait queue entry set up above.
+        unsafe {
+            sanblk_set_current_running();
+            bindings::remove_wait_queue(head, &mut entry);
+        }
+        woken
     }
 
     fn recv(&self, bytes: &mut [u8]) -> core::result::Result<(), ()> {
@@ -637,6 +690,8 @@ impl Conn {
     ) -> core::result::Result<StreamEnd, ()> {
         let path = &volume.server;
         let mut stale_wait = false;
+        // Last sign of life of the server while requests are on the wire.
+        let mut progress = now_ns();
         loop {
             // SAFETY: `pending` is a valid llist head.
             queue.take(unsafe { sanblk_llist_del_all(path.pending.get()) });
@@ -696,8 +751,19 @@ impl Conn {
                     continue;
                 });
             }
+            // Read only when a reply is arriving: pieces queued meanwhile go out first, so
+            // the wire stays full instead of waiting for the next reply.
+            if !self.readable() {
+                // SAFETY: `pending` is a valid llist head.
+                let queued = !unsafe { (*path.pending.get()).first.is_null() };
+                if !queued && !self.wait_for_input(path, progress + i64::from(IO_TIMEOUT_MS) * 1_000_000) {
+                    return Err(());
+                }
+                continue;
+            }
             let mut raw = [0u8; REPLY_HEADER_LEN];
             self.recv(&mut raw)?;
+            progress = now_ns();
             let reply = ReplyHeader::decode(&raw).map_err(|_| ())?;
             // A handle not on the wire (unknown or answered twice) is a protocol error.
             let piece = inflight.remove(reply.handle).ok_or(())?;
