@@ -10,7 +10,9 @@
 //! [`WINDOW_BYTES`] of payload) on the wire, reads one reply at a time (matched by handle
 //! against the requests on the wire; an unknown or repeated handle is a protocol error that
 //! drops the connection), completes its piece at once, and tops the wire up with pieces queued
-//! meanwhile before reading the next reply. The bound stays below the server's own
+//! meanwhile before reading the next reply. It reads only when the socket is readable: until
+//! then it sleeps on the socket's wait queue, also woken by newly queued pieces, which go out
+//! at once. The bound stays below the server's own
 //! per-connection limit, so the server always reads every request sent and neither side can
 //! block the other. A piece larger than one frame ([`MAX_PAYLOAD`]) goes alone, in
 //! sequential chunks, once the wire is empty.
