@@ -6,8 +6,9 @@
 //!    this volume" mark.
 //! 2. A job copies the segments in chunks of [`CHUNK_BYTES`] from the surviving mirror replica,
 //!    or, without one, from the failed device through the server's own path (the client's path
-//!    failed, the server's may not have). Every [`CHUNKS_PER_SAVE`] chunks the targets are
-//!    synced and the cursor is saved (one transaction), so a restarted server resumes there.
+//!    failed, the server's may not have). Every [`SAVE_INTERVAL`] (or [`MAX_UNSAVED_CHUNKS`]
+//!    chunks, whichever comes first) the targets are synced and the cursor is saved (one
+//!    transaction), so a restarted server resumes there, re-copying at most that much.
 //! 3. Done: one transaction replaces the failed replicas by the targets, bumps the epoch and
 //!    deletes the record; the new map is published and a `done` status pushed.
 //!
@@ -41,8 +42,11 @@ use crate::store::{RecoveryRecord, RecoverySegment, StoreResult};
 
 /// Bytes copied per step (the exclusive hold of the gate lasts one chunk).
 pub const CHUNK_BYTES: u64 = 1 << 20;
-/// Chunks between two cursor saves (each save syncs the targets first).
-pub const CHUNKS_PER_SAVE: u64 = 4;
+/// Longest time between two cursor saves (each save syncs the targets first): a sync and a
+/// commit per few MiB cost a tenth of the copy rate, twice a second costs nothing visible.
+pub const SAVE_INTERVAL: Duration = Duration::from_millis(500);
+/// Most chunks copied between two cursor saves (bounds what a restart copies again).
+pub const MAX_UNSAVED_CHUNKS: u64 = 64;
 /// Shortest interval between two `copying` status pushes.
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// Test-only: milliseconds to sleep after every chunk, so tests can act mid-recovery.
@@ -542,6 +546,7 @@ async fn run_job(
     };
     let mut unsaved_chunks = 0;
     let mut last_push = Instant::now();
+    let mut last_save = Instant::now();
     state.set_recovery_status(progress.status(RecoveryState::Copying, String::new()));
     while let Some((index, inside)) = locate(&segments, cursor) {
         let Some(segment_length) = segments.get(index).map(|s| s.length) else {
@@ -573,7 +578,10 @@ async fn run_job(
         active.copied.store(cursor, Ordering::Release);
         progress.bytes_done = cursor;
         unsaved_chunks += 1;
-        if unsaved_chunks >= CHUNKS_PER_SAVE || cursor == total {
+        if unsaved_chunks >= MAX_UNSAVED_CHUNKS
+            || last_save.elapsed() >= SAVE_INTERVAL
+            || cursor == total
+        {
             let (devices, segments) = (devices.clone(), segments.clone());
             if let Err(error) = run_blocking(move || sync_targets(&devices, &segments)).await {
                 return Err((progress, format!("syncing targets: {error}")));
@@ -585,6 +593,7 @@ async fn run_job(
                 return Err((progress, format!("saving progress: {}", error.message)));
             }
             unsaved_chunks = 0;
+            last_save = Instant::now();
         }
         if last_push.elapsed() >= STATUS_INTERVAL {
             state.set_recovery_status(progress.status(RecoveryState::Copying, String::new()));
