@@ -65,6 +65,8 @@ const STALE_RETRIES: u8 = 200;
 const STALE_PAUSE_MS: u32 = 100;
 /// Requests in flight at once on the connection (the server executes up to 64 concurrently).
 const MAX_IN_FLIGHT: usize = 32;
+/// How often a busy stream reports newly failed devices and drives fail-back probes.
+const UPKEEP_INTERVAL_NS: i64 = 100_000_000;
 /// Payload bytes on the wire at once (bounds what the server buffers for this client).
 const WINDOW_BYTES: u64 = 4 << 20;
 
@@ -563,22 +565,8 @@ impl Conn {
         loop {
             let len = (total - done).min(MAX_PAYLOAD);
             *handle = handle.wrapping_add(1);
-            let header = RequestHeader {
-                op,
-                flags: piece.flags,
-                handle: *handle,
-                volume_id: volume.id,
-                epoch: piece.epoch,
-                offset: piece.volume_offset + u64::from(done),
-                length: len,
-            };
-            let mut raw = [0u8; REQUEST_HEADER_LEN];
-            header.encode(&mut raw);
-            self.send_flags(&raw, op == Op::Write)?;
-            if op == Op::Write {
-                // SAFETY: the piece's pages are live until it completes (contract).
-                unsafe { self.transfer_pages(piece, done, len, true)? };
-            }
+            // SAFETY: the piece is live until it completes (contract).
+            unsafe { self.send_request(volume, piece, op, *handle, done, len)? };
             let mut reply = [0u8; REPLY_HEADER_LEN];
             self.recv(&mut reply)?;
             let reply = ReplyHeader::decode(&reply).map_err(|_| ())?;
@@ -694,14 +682,17 @@ impl Conn {
         let mut stale_wait = false;
         // Last sign of life of the server while requests are on the wire.
         let mut progress = now_ns();
+        // Device bookkeeping walks every slot and takes the map: not once per reply.
+        let mut last_upkeep = 0i64;
         loop {
             // SAFETY: `pending` is a valid llist head.
             queue.take(unsafe { sanblk_llist_del_all(path.pending.get()) });
-            if !queue.head.is_null() {
+            if now_ns() - last_upkeep >= UPKEEP_INTERVAL_NS {
+                last_upkeep = now_ns();
                 report_failed_devices(volume);
-            }
-            if !path.closing.load(Ordering::Acquire) {
-                health::tick(volume);
+                if !path.closing.load(Ordering::Acquire) {
+                    health::tick(volume);
+                }
             }
             let draining = stale_wait || should_stop() || path.token_generation() != seen_token;
             while !draining && inflight.count < MAX_IN_FLIGHT && !queue.head.is_null() {
@@ -715,6 +706,7 @@ impl Conn {
                     queue.pop();
                     // SAFETY: as above; on a lost connection the piece is re-queued first.
                     match unsafe { self.execute(volume, &*piece, handle) } {
+                        // SAFETY: popped above: completed or re-queued exactly once here.
                         Ok(answer) => stale_wait |= unsafe { settle(volume, queue, piece, answer) },
                         Err(()) => {
                             inflight.add(0, piece, size);
@@ -740,7 +732,7 @@ impl Conn {
                 // On the wire list before sending: a failed send re-queues it with the rest.
                 inflight.add(*handle, piece, size);
                 // SAFETY: live piece (contract).
-                unsafe { self.send_request(volume, &*piece, op, *handle)? };
+                unsafe { self.send_request(volume, &*piece, op, *handle, 0, frame_len(&*piece, op))? };
             }
             if inflight.count == 0 {
                 return Ok(if stale_wait {
@@ -787,15 +779,22 @@ impl Conn {
     /// # Safety
     ///
     /// `piece` is live and fits in one frame.
-    unsafe fn send_request(&self, volume: &Volume, piece: &Piece, op: Op, handle: u64) -> core::result::Result<(), ()> {
-        let len = frame_len(piece, op);
+    unsafe fn send_request(
+        &self,
+        volume: &Volume,
+        piece: &Piece,
+        op: Op,
+        handle: u64,
+        off: u32,
+        len: u32,
+    ) -> core::result::Result<(), ()> {
         let header = RequestHeader {
             op,
             flags: piece.flags,
             handle,
             volume_id: volume.id,
             epoch: piece.epoch,
-            offset: piece.volume_offset,
+            offset: piece.volume_offset + u64::from(off),
             length: len,
         };
         let mut raw = [0u8; REQUEST_HEADER_LEN];
@@ -803,7 +802,7 @@ impl Conn {
         self.send_flags(&raw, op == Op::Write)?;
         if op == Op::Write {
             // SAFETY: the piece's pages are live until it completes (contract).
-            unsafe { self.transfer_pages(piece, 0, len, true)? };
+            unsafe { self.transfer_pages(piece, off, len, true)? };
         }
         Ok(())
     }
@@ -901,16 +900,8 @@ impl Queue {
         while !reversed.is_null() {
             let piece = reversed.cast::<Piece>();
             // SAFETY: as above.
-            unsafe {
-                reversed = (*reversed).next;
-                (*piece).node.next = core::ptr::null_mut();
-                if self.tail.is_null() {
-                    self.head = piece;
-                } else {
-                    (*self.tail).node.next = piece.cast();
-                }
-            }
-            self.tail = piece;
+            reversed = unsafe { (*reversed).next };
+            self.push(piece);
         }
     }
 
