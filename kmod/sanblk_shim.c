@@ -83,3 +83,6 @@ struct llist_node *sanblk_llist_del_all(struct llist_head *head) { return llist_
 void sanblk_set_current_interruptible(void) { set_current_state(TASK_INTERRUPTIBLE); }
 void sanblk_set_current_running(void) { __set_current_state(TASK_RUNNING); }
 void sanblk_sock_quickack(struct socket *sock) { tcp_sock_set_quickack(sock->sk, 1); }
+void sanblk_lock_sock(struct socket *sock) { lock_sock(sock->sk); }
+void sanblk_release_sock(struct socket *sock) { release_sock(sock->sk); }
+int sanblk_sock_read(struct socket *sock, read_descriptor_t *desc, sk_read_actor_t actor) { return sock->ops->read_sock(sock->sk, desc, actor); }

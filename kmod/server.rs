@@ -85,6 +85,13 @@ extern "C" {
     fn sanblk_sock_wait_head(sock: *mut c_void) -> *mut bindings::wait_queue_head;
     fn sanblk_wait_entry_init(entry: *mut bindings::wait_queue_entry);
     fn sanblk_sock_quickack(sock: *mut c_void);
+    fn sanblk_lock_sock(sock: *mut c_void);
+    fn sanblk_release_sock(sock: *mut c_void);
+    fn sanblk_sock_read(
+        sock: *mut c_void,
+        desc: *mut bindings::read_descriptor_t,
+        actor: bindings::sk_read_actor_t,
+    ) -> c_int;
     fn sanblk_llist_add(node: *mut bindings::llist_node, head: *mut bindings::llist_head) -> bool;
     fn sanblk_llist_del_all(head: *mut bindings::llist_head) -> *mut bindings::llist_node;
     fn sanblk_set_current_interruptible();
@@ -147,6 +154,37 @@ impl Piece {
     pub(crate) unsafe fn of(bio: *mut bindings::bio) -> *mut Piece {
         // SAFETY: bioset allocations put FRONT_PAD bytes right before the bio (contract).
         unsafe { bio.cast::<u8>().sub(FRONT_PAD as usize).cast::<Piece>() }
+    }
+
+    /// An iterator over bytes `off..off + len` of the piece's pages: the source of a WRITE's
+    /// data (`write`) or the destination of a READ's.
+    ///
+    /// # Safety
+    ///
+    /// The piece describes a live bio whose pages cover its iterator, and `off + len` is
+    /// within it.
+    unsafe fn pages(&self, off: u32, len: u32, write: bool) -> bindings::iov_iter {
+        let iter = self.iter;
+        let needed = iter.bi_bvec_done as usize + iter.bi_size as usize;
+        // SAFETY: the bvecs from bi_idx on cover bi_bvec_done + bi_size bytes (bio invariant).
+        let first = unsafe { self.bvecs.add(iter.bi_idx as usize) };
+        let mut segments = 0usize;
+        let mut covered = 0usize;
+        while covered < needed {
+            // SAFETY: within the covered range of the vector (see above).
+            covered += unsafe { (*first.add(segments)).bv_len } as usize;
+            segments += 1;
+        }
+        // SAFETY: an all-zero iov_iter is initialised by iov_iter_bvec below.
+        let mut it: bindings::iov_iter = unsafe { core::mem::zeroed() };
+        let start = iter.bi_bvec_done as usize + off as usize;
+        let direction = if write { bindings::ITER_SOURCE } else { bindings::ITER_DEST };
+        // SAFETY: `first[..segments]` is valid; the count stays within the piece.
+        unsafe {
+            bindings::iov_iter_bvec(&mut it, direction, first, segments as _, start + len as usize);
+            bindings::iov_iter_advance(&mut it, start);
+        }
+        it
     }
 
     /// The bio this context belongs to.
@@ -444,37 +482,27 @@ impl Conn {
         if ret == bytes.len() as c_int { Ok(()) } else { Err(()) }
     }
 
-    /// Sends (`write`) or receives into the bio pages of `piece`, bytes `off..off + len`.
+    /// Sends (`write`) or receives into the bio pages of `piece`, bytes `off..off + len`;
+    /// `more` (sending only) tells TCP another request follows at once.
     ///
     /// # Safety
     ///
     /// `piece` describes a live bio whose pages cover its iterator.
-    unsafe fn transfer_pages(&self, piece: &Piece, off: u32, len: u32, write: bool) -> core::result::Result<(), ()> {
-        let iter = piece.iter;
-        let needed = iter.bi_bvec_done as usize + iter.bi_size as usize;
-        // SAFETY: the bvecs from bi_idx on cover bi_bvec_done + bi_size bytes (bio invariant).
-        let first = unsafe { piece.bvecs.add(iter.bi_idx as usize) };
-        let mut segments = 0usize;
-        let mut covered = 0usize;
-        while covered < needed {
-            // SAFETY: within the covered range of the vector (see above).
-            covered += unsafe { (*first.add(segments)).bv_len } as usize;
-            segments += 1;
-        }
-        // SAFETY: an all-zero iov_iter is initialised by iov_iter_bvec below.
-        let mut it: bindings::iov_iter = unsafe { core::mem::zeroed() };
-        let start = iter.bi_bvec_done as usize + off as usize;
-        let direction = if write { bindings::ITER_SOURCE } else { bindings::ITER_DEST };
-        // SAFETY: `first[..segments]` is valid; the count stays within the piece.
-        unsafe {
-            bindings::iov_iter_bvec(&mut it, direction, first, segments as _, start + len as usize);
-            bindings::iov_iter_advance(&mut it, start);
-        }
+    unsafe fn transfer_pages(
+        &self,
+        piece: &Piece,
+        off: u32,
+        len: u32,
+        write: bool,
+        more: bool,
+    ) -> core::result::Result<(), ()> {
+        // SAFETY: contract of this function.
+        let it = unsafe { piece.pages(off, len, write) };
         // SAFETY: as in `send`.
         let mut msg: bindings::msghdr = unsafe { core::mem::zeroed() };
         msg.msg_iter = it;
         let ret = if write {
-            msg.msg_flags = bindings::MSG_NOSIGNAL;
+            msg.msg_flags = bindings::MSG_NOSIGNAL | if more { bindings::MSG_MORE } else { 0 };
             // SAFETY: connected socket; the iterator describes live pages of the bio.
             unsafe { bindings::sock_sendmsg(self.0, &mut msg) }
         } else {
@@ -566,7 +594,7 @@ impl Conn {
             let len = (total - done).min(MAX_PAYLOAD);
             *handle = handle.wrapping_add(1);
             // SAFETY: the piece is live until it completes (contract).
-            unsafe { self.send_request(volume, piece, op, *handle, done, len)? };
+            unsafe { self.send_request(volume, piece, op, *handle, done, len, false)? };
             let mut reply = [0u8; REPLY_HEADER_LEN];
             self.recv(&mut reply)?;
             let reply = ReplyHeader::decode(&reply).map_err(|_| ())?;
@@ -583,7 +611,7 @@ impl Conn {
             }
             if op == Op::Read {
                 // SAFETY: as above; READ data lands in the bio's pages.
-                unsafe { self.transfer_pages(piece, done, len, false)? };
+                unsafe { self.transfer_pages(piece, done, len, false, false)? };
             }
             done += len;
             if done >= total {
@@ -626,6 +654,11 @@ impl InFlight {
         self.slots[self.count] = (handle, piece);
         self.count += 1;
         self.bytes += bytes;
+    }
+
+    /// The piece of the request `handle`, left on the wire list.
+    fn find(&self, handle: u64) -> Option<*mut Piece> {
+        self.slots[..self.count].iter().find(|(h, _)| *h == handle).map(|(_, piece)| *piece)
     }
 
     /// Takes the request answered by `handle` off the wire list.
@@ -684,6 +717,7 @@ impl Conn {
         let mut progress = now_ns();
         // Device bookkeeping walks every slot and takes the map: not once per reply.
         let mut last_upkeep = 0i64;
+        let mut cursor = ReplyCursor::default();
         loop {
             // SAFETY: `pending` is a valid llist head.
             queue.take(unsafe { sanblk_llist_del_all(path.pending.get()) });
@@ -731,8 +765,16 @@ impl Conn {
                 }
                 // On the wire list before sending: a failed send re-queues it with the rest.
                 inflight.add(*handle, piece, size);
+                // Exactly the loop's condition for sending the next piece in this batch.
+                // SAFETY: queued pieces are live and ours.
+                let more = inflight.count < MAX_IN_FLIGHT
+                    && unsafe { queue.head.as_ref() }.is_some_and(|next| {
+                        frame_op(next).is_some()
+                            && next.iter.bi_size <= MAX_PAYLOAD
+                            && inflight.bytes + u64::from(next.iter.bi_size) <= WINDOW_BYTES
+                    });
                 // SAFETY: live piece (contract).
-                unsafe { self.send_request(volume, &*piece, op, *handle, 0, frame_len(&*piece, op))? };
+                unsafe { self.send_request(volume, &*piece, op, *handle, 0, frame_len(&*piece, op), more)? };
             }
             if inflight.count == 0 {
                 return Ok(if stale_wait {
@@ -755,30 +797,66 @@ impl Conn {
                 }
                 continue;
             }
-            let mut raw = [0u8; REPLY_HEADER_LEN];
-            self.recv(&mut raw)?;
-            progress = now_ns();
-            let reply = ReplyHeader::decode(&raw).map_err(|_| ())?;
-            // A handle not on the wire (unknown or answered twice) is a protocol error.
-            let piece = inflight.remove(reply.handle).ok_or(())?;
-            // SAFETY: the piece was on the wire: live and ours.
-            let result = unsafe { self.receive_data(&*piece, &reply) };
-            if result.is_err() {
-                // Back on the wire list, so the caller re-queues it with the rest.
-                // SAFETY: as above.
-                inflight.add(reply.handle, piece, u64::from(unsafe { (*piece).iter.bi_size }));
-                return Err(());
+            // SAFETY: the pieces on the wire are live and ours (contract).
+            if unsafe { self.receive_replies(volume, queue, inflight, &mut cursor, &mut stale_wait)? } {
+                progress = now_ns();
             }
-            // SAFETY: taken off the wire: completed or re-queued exactly once.
-            stale_wait |= unsafe { settle(volume, queue, piece, reply.status) };
         }
     }
 
-    /// Sends the request frame of `piece` (and a WRITE's data).
+    /// Consumes every reply byte the socket holds, without blocking: completes each piece
+    /// whose reply is whole, and leaves a partly received reply in `cursor` for the next call.
+    /// `Ok(true)` when bytes arrived; `Err` on a protocol error or a closed connection.
+    ///
+    /// Reads through the socket's `read_sock` (as nvme-tcp and iscsi do): one socket lock per
+    /// batch of replies, and READ data copied from the received buffers straight into the bio
+    /// pages, instead of two blocking `recvmsg` calls per reply.
+    ///
+    /// # Safety
+    ///
+    /// The pieces in `inflight` are live and ours.
+    unsafe fn receive_replies(
+        &self,
+        volume: &Volume,
+        queue: &mut Queue,
+        inflight: &mut InFlight,
+        cursor: &mut ReplyCursor,
+        stale_wait: &mut bool,
+    ) -> core::result::Result<bool, ()> {
+        self.quickack();
+        let mut batch = ReceiveBatch { volume, queue, inflight, cursor, stale_wait: false, failed: false };
+        // SAFETY: an all-zero descriptor is valid; `count` must be non-zero to read at all.
+        let mut desc: bindings::read_descriptor_t = unsafe { core::mem::zeroed() };
+        desc.count = 1;
+        desc.arg.data = core::ptr::addr_of_mut!(batch).cast();
+        // SAFETY: the socket is live and connected; the actor runs within this call with
+        // `desc.arg.data` pointing at `batch`, which outlives it; the socket lock is taken
+        // and released around the read as `read_sock` requires.
+        let copied = unsafe {
+            sanblk_lock_sock(self.0.cast());
+            let copied = sanblk_sock_read(self.0.cast(), &mut desc, Some(receive_actor));
+            sanblk_release_sock(self.0.cast());
+            copied
+        };
+        *stale_wait |= batch.stale_wait;
+        if batch.failed {
+            return Err(());
+        }
+        // Readable yet nothing to read: the peer closed the connection or it failed.
+        if copied <= 0 {
+            return Err(());
+        }
+        Ok(true)
+    }
+
+    /// Sends the request frame of `piece` (and a WRITE's data); `more`: another request
+    /// follows at once, so TCP may pack them into full segments (the last one of a batch is
+    /// sent without it, which pushes everything out).
     ///
     /// # Safety
     ///
     /// `piece` is live and fits in one frame.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn send_request(
         &self,
         volume: &Volume,
@@ -787,6 +865,7 @@ impl Conn {
         handle: u64,
         off: u32,
         len: u32,
+        more: bool,
     ) -> core::result::Result<(), ()> {
         let header = RequestHeader {
             op,
@@ -799,34 +878,155 @@ impl Conn {
         };
         let mut raw = [0u8; REQUEST_HEADER_LEN];
         header.encode(&mut raw);
-        self.send_flags(&raw, op == Op::Write)?;
+        self.send_flags(&raw, more || op == Op::Write)?;
         if op == Op::Write {
             // SAFETY: the piece's pages are live until it completes (contract).
-            unsafe { self.transfer_pages(piece, off, len, true)? };
+            unsafe { self.transfer_pages(piece, off, len, true, more)? };
         }
         Ok(())
     }
+}
 
-    /// Checks a reply against its request and reads a successful READ's data into the pages.
+/// Where the reply stream stands between two reads: a partly received header, or the READ
+/// whose data is arriving (its piece stays on the wire list until the data is complete, so a
+/// lost connection re-sends it).
+#[derive(Default)]
+struct ReplyCursor {
+    header: [u8; REPLY_HEADER_LEN],
+    header_received: usize,
+    data: Option<DataInProgress>,
+}
+
+struct DataInProgress {
+    handle: u64,
+    piece: *mut Piece,
+    received: u32,
+    len: u32,
+}
+
+/// What `receive_actor` works on during one `read_sock` call.
+struct ReceiveBatch<'a> {
+    volume: &'a Volume,
+    queue: &'a mut Queue,
+    inflight: &'a mut InFlight,
+    cursor: &'a mut ReplyCursor,
+    stale_wait: bool,
+    failed: bool,
+}
+
+impl ReceiveBatch<'_> {
+    /// A whole reply header arrived: checks it against its request and either completes the
+    /// piece or expects its READ data next. `Err`: protocol error.
     ///
     /// # Safety
     ///
-    /// `piece` is live and was sent whole in one frame.
-    unsafe fn receive_data(&self, piece: &Piece, reply: &ReplyHeader) -> core::result::Result<(), ()> {
-        if reply.status != 0 {
-            return if reply.length == 0 { Ok(()) } else { Err(()) };
-        }
-        let op = frame_op(piece).ok_or(())?;
-        let len = frame_len(piece, op);
-        let data = if op == Op::Read { len } else { 0 };
+    /// The pieces on the wire are live and ours.
+    unsafe fn header_done(&mut self) -> core::result::Result<(), ()> {
+        let reply = ReplyHeader::decode(&self.cursor.header).map_err(|_| ())?;
+        // A handle not on the wire (unknown or answered twice) is a protocol error.
+        let piece = self.inflight.find(reply.handle).ok_or(())?;
+        // SAFETY: pieces on the wire are live (contract).
+        let op = frame_op(unsafe { &*piece }).ok_or(())?;
+        // SAFETY: as above.
+        let len = frame_len(unsafe { &*piece }, op);
+        let data = if reply.status == 0 && op == Op::Read { len } else { 0 };
         if reply.length != data {
             return Err(());
         }
-        if op == Op::Read {
-            // SAFETY: as above; READ data lands in the bio's pages.
-            unsafe { self.transfer_pages(piece, 0, len, false)? };
+        if data > 0 {
+            self.cursor.data = Some(DataInProgress { handle: reply.handle, piece, received: 0, len });
+            return Ok(());
         }
+        // SAFETY: on the wire until now, so live; settled exactly once here.
+        unsafe { self.finish(reply.handle, reply.status) };
         Ok(())
+    }
+
+    /// Takes the answered piece off the wire and completes (or re-queues) it.
+    ///
+    /// # Safety
+    ///
+    /// `handle` is on the wire, with a live piece.
+    unsafe fn finish(&mut self, handle: u64, status: i32) {
+        if let Some(piece) = self.inflight.remove(handle) {
+            // SAFETY: taken off the wire: completed or re-queued exactly once.
+            self.stale_wait |= unsafe { settle(self.volume, self.queue, piece, status) };
+        }
+    }
+
+    /// Consumes up to `len` bytes of `skb` from `offset`; returns how many.
+    ///
+    /// # Safety
+    ///
+    /// `skb` holds `offset + len` bytes; the pieces on the wire are live and ours.
+    unsafe fn consume(&mut self, skb: *const bindings::sk_buff, offset: usize, len: usize) -> core::result::Result<usize, ()> {
+        let mut used = 0usize;
+        while used < len {
+            let at = offset + used;
+            let available = len - used;
+            if let Some(data) = self.cursor.data.as_mut() {
+                let n = available.min((data.len - data.received) as usize);
+                // SAFETY: the piece is on the wire (live) and `received + n` is within it.
+                let mut pages = unsafe { (*data.piece).pages(data.received, n as u32, false) };
+                // SAFETY: `skb` holds `at + n` bytes (contract); `pages` has room for `n`.
+                if unsafe { bindings::skb_copy_datagram_iter(skb, at as c_int, &mut pages, n as c_int) } != 0 {
+                    return Err(());
+                }
+                data.received += n as u32;
+                used += n;
+                if data.received == data.len {
+                    let handle = data.handle;
+                    self.cursor.data = None;
+                    // SAFETY: still on the wire until now.
+                    unsafe { self.finish(handle, 0) };
+                }
+                continue;
+            }
+            // Nothing asked for: leave further bytes unread (a misbehaving server's extra
+            // reply is caught as an unknown handle once something is on the wire again).
+            if self.cursor.header_received == 0 && self.inflight.count == 0 {
+                break;
+            }
+            let n = available.min(REPLY_HEADER_LEN - self.cursor.header_received);
+            let into = &mut self.cursor.header[self.cursor.header_received..][..n];
+            // SAFETY: `skb` holds `at + n` bytes; `into` has room for `n`.
+            if unsafe { bindings::skb_copy_bits(skb, at as c_int, into.as_mut_ptr().cast(), n as c_int) } != 0 {
+                return Err(());
+            }
+            self.cursor.header_received += n;
+            used += n;
+            if self.cursor.header_received == REPLY_HEADER_LEN {
+                self.cursor.header_received = 0;
+                // SAFETY: contract.
+                unsafe { self.header_done()? };
+            }
+        }
+        Ok(used)
+    }
+}
+
+/// `read_sock` actor: called with the socket locked, in our thread, for each received buffer.
+///
+/// # Safety
+///
+/// Called by `read_sock` from `Conn::receive_replies`, whose descriptor points at a live
+/// `ReceiveBatch`.
+unsafe extern "C" fn receive_actor(
+    desc: *mut bindings::read_descriptor_t,
+    skb: *mut bindings::sk_buff,
+    offset: core::ffi::c_uint,
+    len: usize,
+) -> c_int {
+    // SAFETY: `arg.data` is the batch `receive_replies` set, live for the read_sock call.
+    let batch = unsafe { &mut *(*desc).arg.data.cast::<ReceiveBatch<'_>>() };
+    // SAFETY: read_sock hands bytes `offset..offset + len` of a live skb.
+    match unsafe { batch.consume(skb, offset as usize, len) } {
+        Ok(used) => used as c_int,
+        Err(()) => {
+            batch.failed = true;
+            // Stops read_sock; the connection is dropped and everything on the wire re-sent.
+            -1
+        }
     }
 }
 
