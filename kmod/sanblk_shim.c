@@ -86,3 +86,4 @@ void sanblk_sock_quickack(struct socket *sock) { tcp_sock_set_quickack(sock->sk,
 void sanblk_lock_sock(struct socket *sock) { lock_sock(sock->sk); }
 void sanblk_release_sock(struct socket *sock) { release_sock(sock->sk); }
 int sanblk_sock_read(struct socket *sock, read_descriptor_t *desc, sk_read_actor_t actor) { return sock->ops->read_sock(sock->sk, desc, actor); }
+int sanblk_sock_set_rcvlowat(struct socket *sock, int bytes) { return sock->ops->set_rcvlowat(sock->sk, bytes); }

@@ -7,12 +7,16 @@
 //!
 //! Delivered shape: **continuous pipelining in one thread**, like nbd's stream of requests
 //! but without a second thread: the thread keeps up to [`MAX_IN_FLIGHT`] requests (at most
-//! [`WINDOW_BYTES`] of payload) on the wire, reads one reply at a time (matched by handle
-//! against the requests on the wire; an unknown or repeated handle is a protocol error that
-//! drops the connection), completes its piece at once, and tops the wire up with pieces queued
-//! meanwhile before reading the next reply. It reads only when the socket is readable: until
-//! then it sleeps on the socket's wait queue, also woken by newly queued pieces, which go out
-//! at once. The bound stays below the server's own
+//! [`WINDOW_BYTES`] of payload) on the wire, sending the pieces queued at one time as one
+//! batch (`MSG_MORE` on all but the last). It never blocks in a receive: when the socket is
+//! readable it takes every reply byte there through the socket's `read_sock` (as nvme-tcp
+//! and iscsi do: one socket lock per batch, READ data copied from the received buffers
+//! straight into the bio pages), matching each reply by handle against the requests on the
+//! wire (an unknown or repeated handle is a protocol error that drops the connection) and
+//! completing its piece at once; a reply cut between two reads waits in a cursor. Between
+//! reads it sleeps on the socket's wait queue, woken by arriving replies (low-water mark:
+//! the rest of the reply under way, up to [`WAKE_BYTES`]) or by newly queued pieces, which go
+//! out at once. The bound stays below the server's own
 //! per-connection limit, so the server always reads every request sent and neither side can
 //! block the other. A piece larger than one frame ([`MAX_PAYLOAD`]) goes alone, in
 //! sequential chunks, once the wire is empty.
@@ -69,6 +73,8 @@ const MAX_IN_FLIGHT: usize = 32;
 const UPKEEP_INTERVAL_NS: i64 = 100_000_000;
 /// Payload bytes on the wire at once (bounds what the server buffers for this client).
 const WINDOW_BYTES: u64 = 4 << 20;
+/// Most reply bytes the thread waits for before reading (socket low-water mark).
+const WAKE_BYTES: usize = 32 << 10;
 
 const BLK_STS_IOERR: bindings::blk_status_t = 10;
 /// poll(2) bits meaning "a read will not block": data, hang-up or error.
@@ -87,6 +93,7 @@ extern "C" {
     fn sanblk_sock_quickack(sock: *mut c_void);
     fn sanblk_lock_sock(sock: *mut c_void);
     fn sanblk_release_sock(sock: *mut c_void);
+    fn sanblk_sock_set_rcvlowat(sock: *mut c_void, bytes: c_int) -> c_int;
     fn sanblk_sock_read(
         sock: *mut c_void,
         desc: *mut bindings::read_descriptor_t,
@@ -835,6 +842,10 @@ impl Conn {
         let copied = unsafe {
             sanblk_lock_sock(self.0.cast());
             let copied = sanblk_sock_read(self.0.cast(), &mut desc, Some(receive_actor));
+            // Be woken when a good part of the reply under way is here, not for every segment
+            // of it (a 1 MiB READ is hundreds of segments): the low-water mark is never more
+            // than the server still owes, so it cannot hold back an answer.
+            sanblk_sock_set_rcvlowat(self.0.cast(), batch.wake_bytes());
             sanblk_release_sock(self.0.cast());
             copied
         };
@@ -915,6 +926,20 @@ struct ReceiveBatch<'a> {
 }
 
 impl ReceiveBatch<'_> {
+    /// Bytes to be woken for: what the server certainly still sends (the rest of the reply
+    /// under way, or a header when requests await an answer; 1 when none does), at most
+    /// [`WAKE_BYTES`] so the receive window never fills up waiting for us.
+    fn wake_bytes(&self) -> c_int {
+        let owed = match &self.cursor.data {
+            Some(data) => (data.len - data.received) as usize,
+            None if self.cursor.header_received > 0 || self.inflight.count > 0 => {
+                REPLY_HEADER_LEN - self.cursor.header_received
+            }
+            None => 1,
+        };
+        owed.min(WAKE_BYTES) as c_int
+    }
+
     /// A whole reply header arrived: checks it against its request and either completes the
     /// piece or expects its READ data next. `Err`: protocol error.
     ///
