@@ -40,6 +40,6 @@ pub use paths::{
     guest_init, kernel_image, kernel_tree, module_path, repo_root, scratch_dir, sparse_image,
     target_bin,
 };
-pub use server::{provision, Provisioned, SandServer};
+pub use server::{paths_by_uuid, provision, Provisioned, SandServer};
 pub use splat::find_splats;
 pub use vm::{run, spawn, GuestOutcome, RunningVm, GUEST_OUT_DIR, HOST_ADDR_FROM_GUEST};

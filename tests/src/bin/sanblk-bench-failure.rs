@@ -19,12 +19,12 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use sanblk_tests::fio::{self, JOBS};
+use sanblk_tests::server::free_port;
 use sanblk_tests::{module_path, run, scratch_dir, target_bin, SandServer, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -61,13 +61,6 @@ fn filled_image(path: &Path, bytes: u64) -> Result<(), String> {
     }
     file.sync_all()
         .map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("free port: {e}"))
 }
 
 /// `qemu-nbd` serving `image` as export `bench` on 127.0.0.1:`port`, O_DIRECT like sand.
@@ -276,24 +269,17 @@ fn bench(settings: &Settings) -> Result<String, String> {
         (u64::from(settings.faults) * FAULT_VOLUME_MIB + TPUT_MIB + 64) * MIB,
     )?;
     filled_image(&nbd_image, TPUT_MIB * MIB)?;
-    server.sanctl(&["pool", "add", &san.display().to_string()]);
-    let secret = dir.join("host1.secret");
-    server.sanctl(&[
-        "client",
-        "add",
-        "host1",
-        "--secret-out",
-        &secret.display().to_string(),
-    ]);
+    server.pool_add(&san);
     let mut volumes: Vec<(String, u64)> = (0..settings.faults)
         .map(|i| (format!("f{i}"), FAULT_VOLUME_MIB))
         .collect();
     volumes.push(("tput".into(), TPUT_MIB));
     for (name, mib) in &volumes {
         server.sanctl(&["volume", "create", name, &format!("{mib}M")]);
-        server.sanctl(&["client", "grant", "host1", name, "rw"]);
     }
-    let nbd_port = free_port()?;
+    let names: Vec<&str> = volumes.iter().map(|(name, _)| name.as_str()).collect();
+    let secret = server.add_client("host1", &names);
+    let nbd_port = free_port().map_err(|e| format!("free port: {e}"))?;
     let _nbd = start_qemu_nbd(&nbd_image, nbd_port, &dir.join("qemu-nbd.log"))?;
 
     let script = script(settings, &server, io_port, nbd_port, &secret)?;
