@@ -24,6 +24,7 @@
 //! outcome.assert_clean_success();
 //! ```
 
+pub mod bench;
 pub mod blocks;
 pub mod config;
 pub mod error;

@@ -19,13 +19,14 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use sanblk_tests::bench::{self, setting};
 use sanblk_tests::fio::{self, JOBS};
 use sanblk_tests::server::free_port;
-use sanblk_tests::{module_path, run, scratch_dir, target_bin, SandServer, VmConfig};
+use sanblk_tests::{run, scratch_dir, target_bin, SandServer, VmConfig};
 
 const MIB: u64 = 1 << 20;
 /// Size of each part-1 volume.
@@ -119,9 +120,6 @@ fn script(
     nbd_port: u16,
     secret: &Path,
 ) -> Result<String, String> {
-    let module = std::env::var_os("SANBLK_BENCH_MODULE")
-        .map(PathBuf::from)
-        .unwrap_or_else(module_path);
     let mut script = format!(
         r#"set -e
 insmod {module}
@@ -138,7 +136,7 @@ attach() {{
     wait_for /run/sanblk/$1.device
 }}
 "#,
-        module = module.display(),
+        module = bench::module().display(),
         sanctl = target_bin("sanctl").display(),
         stamp = target_bin("sanblk-iostamp").display(),
         port = server.port,
@@ -172,8 +170,7 @@ nbd-client 10.0.2.100 {nbd_port} /dev/nbd0 -N bench > nbd-client.log 2>&1
     ));
     for round in 0..settings.rounds {
         for job in tput_jobs() {
-            for k in 0..TPUT_TARGETS.len() {
-                let (target, device) = TPUT_TARGETS[(k + round as usize) % TPUT_TARGETS.len()];
+            for &(target, device) in fio::rotated(&TPUT_TARGETS, round) {
                 script.push_str(&fio::command(
                     job,
                     target,
@@ -258,7 +255,7 @@ fn stall_table(fault: &[Stall], noop: &[Stall]) -> String {
     table
 }
 
-fn bench(settings: &Settings) -> Result<String, String> {
+fn run_bench(settings: &Settings) -> Result<String, String> {
     let dir = scratch_dir("bench-failure").map_err(|e| e.to_string())?;
     let server = SandServer::start(&dir)?;
     let io_port = server.io_port()?;
@@ -283,17 +280,13 @@ fn bench(settings: &Settings) -> Result<String, String> {
     let _nbd = start_qemu_nbd(&nbd_image, nbd_port, &dir.join("qemu-nbd.log"))?;
 
     let script = script(settings, &server, io_port, nbd_port, &secret)?;
-    let mut config = VmConfig::new("bench-failure", &script)
+    let config = VmConfig::new("bench-failure", &script)
         .disk(&san)
         .forward_port(server.port)
         .forward_port(io_port)
         .forward_port(nbd_port)
         .timeout(Duration::from_secs(3000));
-    if let Some(kernel) = std::env::var_os("SANBLK_BENCH_KERNEL") {
-        println!("kernel: {}", PathBuf::from(&kernel).display());
-        config = config.kernel(PathBuf::from(kernel));
-    }
-    let outcome = run(&config).map_err(|e| format!("{e:?}"))?;
+    let outcome = run(&bench::with_kernel(config)).map_err(|e| format!("{e:?}"))?;
     outcome.check_clean_success()?;
     println!("guest log: {}", outcome.log_dir.display());
 
@@ -347,12 +340,6 @@ fn bench(settings: &Settings) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let setting = |name: &str, default: u32| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let settings = Settings {
         faults: setting("SANBLK_BENCH_FAULTS", 20).max(1),
         runtime_s: setting("SANBLK_BENCH_RUNTIME", 6),
@@ -362,7 +349,7 @@ fn main() -> ExitCode {
         "failure bench: {} fault rounds; fio {} rounds of {} s per job and target; medians",
         settings.faults, settings.rounds, settings.runtime_s
     );
-    match bench(&settings) {
+    match run_bench(&settings) {
         Ok(report) => {
             println!("{report}");
             ExitCode::SUCCESS
