@@ -27,6 +27,7 @@
 pub mod bench;
 pub mod blocks;
 pub mod config;
+pub mod dm_san;
 pub mod error;
 pub mod fio;
 pub mod marker;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use sanblk_tests::bench::{self, setting};
 use sanblk_tests::fio::{self, JOBS};
 use sanblk_tests::server::free_port;
-use sanblk_tests::{run, scratch_dir, target_bin, SandServer, VmConfig};
+use sanblk_tests::{dm_san, run, scratch_dir, target_bin, SandServer, VmConfig};
 
 const MIB: u64 = 1 << 20;
 /// Size of each part-1 volume.
@@ -122,22 +122,14 @@ fn script(
 ) -> Result<String, String> {
     let mut script = format!(
         r#"set -e
-insmod {module}
-S={sanctl}
-STAMP={stamp}
-wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }}
-SECTORS=$(blockdev --getsz /dev/vda)
-LINEAR="0 $SECTORS linear /dev/vda 0"
-ERROR="0 $SECTORS error"
-dmsetup create san0 --table "$LINEAR"
+{prologue}STAMP={stamp}
 attach() {{
     $S attach $1 --server 10.0.2.100:{port} --client host1 --secret-file {secret} \
         --device /dev/mapper/san0 --io-server 10.0.2.100:{io_port} > agent-$1.log 2>&1 &
     wait_for /run/sanblk/$1.device
 }}
 "#,
-        module = bench::module().display(),
-        sanctl = target_bin("sanctl").display(),
+        prologue = dm_san::prologue(&bench::module()),
         stamp = target_bin("sanblk-iostamp").display(),
         port = server.port,
         secret = secret.display(),
