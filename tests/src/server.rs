@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sand::protocol::DeviceInfo;
+use sand::protocol::{DeviceInfo, VolumeDetail};
 
 use crate::paths::{scratch_dir, sparse_image, target_bin};
 
@@ -159,6 +159,12 @@ impl SandServer {
     /// The pool's devices as the server lists them.
     pub fn pool(&self) -> Vec<DeviceInfo> {
         serde_json::from_str(&self.sanctl(&["--json", "pool", "list"])).expect("pool json")
+    }
+
+    /// The server's view of `volume`, its map included.
+    pub fn volume(&self, volume: &str) -> VolumeDetail {
+        serde_json::from_str(&self.sanctl(&["--json", "volume", "show", volume]))
+            .expect("volume json")
     }
 
     /// Adds client `name`, its secret written to `DIR/NAME.secret`, granted `rw` on each of

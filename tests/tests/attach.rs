@@ -12,7 +12,6 @@ use sanblk_tests::{
     blocks, module_path, paths_by_uuid, scratch_dir, sparse_image, spawn, target_bin, SandServer,
     VmConfig,
 };
-use sand::protocol::VolumeDetail;
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
@@ -168,10 +167,8 @@ rmmod sanblk
 
     let mut checked = 0;
     for (volume, seed) in seeds {
-        let detail: VolumeDetail =
-            serde_json::from_str(&server.sanctl(&["--json", "volume", "show", volume]))
-                .expect("volume json");
-        checked += blocks::verify_against_map(&detail.map, &by_uuid, &pattern(seed, VOLUME));
+        let map = server.volume(volume).map;
+        checked += blocks::verify_against_map(&map, &by_uuid, &pattern(seed, VOLUME));
     }
     // 16 MiB per volume, mirror twice: every block was checked.
     assert_eq!(checked as u64, 4 * VOLUME / BLOCK);

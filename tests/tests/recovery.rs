@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sanblk_tests::blocks::BLOCK;
-use sanblk_tests::{blocks, dm_san, provision, run, spawn, Provisioned, VmConfig};
-use sand::protocol::{RecoveryState, RecoveryStatus, VolumeDetail};
+use sanblk_tests::{blocks, dm_san, provision, run, spawn, Provisioned, SandServer, VmConfig};
+use sand::protocol::{RecoveryState, RecoveryStatus};
 use sand::recovery::last_resume_cursor;
 
 const MIB: u64 = 1 << 20;
@@ -32,6 +32,10 @@ impl Setup {
             spare: provisioned.spare.expect("san1 in pool"),
             provisioned,
         }
+    }
+
+    fn server(&self) -> &SandServer {
+        &self.provisioned.server
     }
 
     /// Writes `data` as `name` in the scratch dir (read by the guest).
@@ -78,13 +82,7 @@ $S detach vrec"#
     /// The server's map of `vrec` is entirely on the spare, and the spare image holds
     /// `expected` at every block of it.
     fn check_on_spare(&self, expected: &[u8]) {
-        let detail: VolumeDetail = serde_json::from_str(
-            &self
-                .provisioned
-                .server
-                .sanctl(&["--json", "volume", "show", "vrec"]),
-        )
-        .expect("json");
+        let detail = self.server().volume("vrec");
         for extent in &detail.map.extents {
             for replica in &extent.replicas {
                 assert_eq!(
@@ -98,13 +96,8 @@ $S detach vrec"#
     }
 
     fn recoveries(&self) -> Vec<RecoveryStatus> {
-        serde_json::from_str(
-            &self
-                .provisioned
-                .server
-                .sanctl(&["--json", "recovery", "list"]),
-        )
-        .expect("recovery json")
+        serde_json::from_str(&self.server().sanctl(&["--json", "recovery", "list"]))
+            .expect("recovery json")
     }
 }
 
@@ -250,21 +243,11 @@ fn server_killed_mid_recovery_restarts_and_finishes_it() {
         &[("SAND_RECOVERY_CHUNK_DELAY_MS", "1000")],
     );
     // A second volume, on the healthy spare (the device with the most free space).
+    setup.server().sanctl(&["volume", "create", "vok", "4M"]);
     setup
-        .provisioned
-        .server
-        .sanctl(&["volume", "create", "vok", "4M"]);
-    setup
-        .provisioned
-        .server
+        .server()
         .sanctl(&["client", "grant", "host1", "vok", "rw"]);
-    let vok: VolumeDetail = serde_json::from_str(
-        &setup
-            .provisioned
-            .server
-            .sanctl(&["--json", "volume", "show", "vok"]),
-    )
-    .expect("json");
+    let vok = setup.server().volume("vok");
     assert!(
         vok.map
             .extents
@@ -349,7 +332,7 @@ $S detach vok"#;
     outcome.assert_clean_success();
 
     // Resumed from the saved cursor, not from zero.
-    let log = setup.provisioned.server.log();
+    let log = setup.server().log();
     let resumed_at =
         last_resume_cursor(&log).unwrap_or_else(|| panic!("no resume in the log:\n{log}"));
     assert!(

@@ -17,8 +17,6 @@ use sanblk_tests::{
     blocks, dm_san, provision, run, spawn, target_bin, GuestOutcome, Provisioned, RunningVm,
     SandServer,
 };
-use sand::map::VolumeMap;
-use sand::protocol::VolumeDetail;
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
@@ -54,13 +52,6 @@ watch_events() {{
     let outcome = run(&config).expect("guest ran");
     outcome.assert_clean_success();
     outcome
-}
-
-fn volume_map(server: &SandServer, volume: &str) -> VolumeMap {
-    let detail: VolumeDetail =
-        serde_json::from_str(&server.sanctl(&["--json", "volume", "show", volume]))
-            .expect("volume json");
-    detail.map
 }
 
 #[test]
@@ -124,7 +115,7 @@ test ! -e /dev/sanblk0"#;
     );
     // The data written after the failure reached the disk through the server's own path.
     blocks::verify_against_map(
-        &volume_map(&setup.server, "vlin"),
+        &setup.server.volume("vlin").map,
         &setup.by_uuid,
         &pattern(2, VOLUME),
     );
@@ -248,7 +239,7 @@ test ! -e /dev/sanblk0"#;
             .contains("is healthy again; direct I/O resumes"),
         "no fail-back in the kernel log"
     );
-    blocks::verify_against_map(&volume_map(&setup.server, "vfb"), &setup.by_uuid, &expected);
+    blocks::verify_against_map(&setup.server.volume("vfb").map, &setup.by_uuid, &expected);
 }
 
 /// While the server recovers the volume off the failed device onto a spare, a healed path is
@@ -328,7 +319,7 @@ $S detach vrun"#;
         "the server did not refuse: {}",
         server.log()
     );
-    blocks::verify_against_map(&volume_map(server, "vrun"), &setup.by_uuid, &during);
+    blocks::verify_against_map(&server.volume("vrun").map, &setup.by_uuid, &during);
 }
 
 /// Whether process `pid` (QEMU) still runs (not gone, not a zombie).
@@ -426,6 +417,6 @@ $S detach vtk"#;
     );
     // The restarted server wrote the data through its own path.
     assert!(!server.log().contains("panicked"), "{}", server.log());
-    let map = volume_map(&server, "vtk");
+    let map = server.volume("vtk").map;
     blocks::verify_against_map(&map, &by_uuid, &two);
 }
