@@ -69,6 +69,13 @@ pub fn command(
     )
 }
 
+/// `targets` in round `round`'s order: each round starts one further along, so drift over the
+/// run does not always fall on the same target.
+pub fn rotated<T>(targets: &[T], round: u32) -> impl Iterator<Item = &T> {
+    let start = round as usize % targets.len().max(1);
+    targets[start..].iter().chain(&targets[..start])
+}
+
 /// The out-file name of one run.
 pub fn output_name(target: &str, job: &Job, round: u32) -> String {
     format!("{target}-{}-{round}.json", job.name)
@@ -122,6 +129,15 @@ mod tests {
         assert_eq!(quantile(samples.clone(), 1.0), 20.0);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert!(median(Vec::new()).is_nan());
+    }
+
+    #[test]
+    fn rounds_start_one_target_further() {
+        let order = |round| rotated(&['a', 'b', 'c'], round).collect::<String>();
+        assert_eq!(order(0), "abc");
+        assert_eq!(order(1), "bca");
+        assert_eq!(order(5), "cab");
+        assert_eq!(rotated::<char>(&[], 3).count(), 0);
     }
 
     #[test]

@@ -24,8 +24,10 @@
 //! outcome.assert_clean_success();
 //! ```
 
+pub mod bench;
 pub mod blocks;
 pub mod config;
+pub mod dm_san;
 pub mod error;
 pub mod fio;
 pub mod marker;
@@ -40,6 +42,6 @@ pub use paths::{
     guest_init, kernel_image, kernel_tree, module_path, repo_root, scratch_dir, sparse_image,
     target_bin,
 };
-pub use server::{provision, Provisioned, SandServer};
+pub use server::{paths_by_uuid, provision, Provisioned, SandServer};
 pub use splat::find_splats;
 pub use vm::{run, spawn, GuestOutcome, RunningVm, GUEST_OUT_DIR, HOST_ADDR_FROM_GUEST};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sand::protocol::DeviceInfo;
+use sand::protocol::{DeviceInfo, VolumeDetail};
 
 use crate::paths::{scratch_dir, sparse_image, target_bin};
 
@@ -21,7 +21,8 @@ pub struct SandServer {
     env: Vec<(String, String)>,
 }
 
-fn free_port() -> std::io::Result<u16> {
+/// A loopback port free at the time of asking.
+pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -149,6 +150,46 @@ impl SandServer {
         );
         String::from_utf8_lossy(&output.stdout).to_string()
     }
+
+    /// Labels the image file (or device) `path` and adds it to the pool.
+    pub fn pool_add(&self, path: &Path) {
+        self.sanctl(&["pool", "add", &path.display().to_string()]);
+    }
+
+    /// The pool's devices as the server lists them.
+    pub fn pool(&self) -> Vec<DeviceInfo> {
+        serde_json::from_str(&self.sanctl(&["--json", "pool", "list"])).expect("pool json")
+    }
+
+    /// The server's view of `volume`, its map included.
+    pub fn volume(&self, volume: &str) -> VolumeDetail {
+        serde_json::from_str(&self.sanctl(&["--json", "volume", "show", volume]))
+            .expect("volume json")
+    }
+
+    /// Adds client `name`, its secret written to `DIR/NAME.secret`, granted `rw` on each of
+    /// `volumes`; returns the secret's path.
+    pub fn add_client(&self, name: &str, volumes: &[&str]) -> PathBuf {
+        let secret = self.dir.join(format!("{name}.secret"));
+        self.sanctl(&[
+            "client",
+            "add",
+            name,
+            "--secret-out",
+            &secret.display().to_string(),
+        ]);
+        for volume in volumes {
+            self.sanctl(&["client", "grant", name, volume, "rw"]);
+        }
+        secret
+    }
+}
+
+/// Pool device UUID -> the path the server opens it by.
+pub fn paths_by_uuid(pool: &[DeviceInfo]) -> HashMap<uuid::Uuid, PathBuf> {
+    pool.iter()
+        .map(|d| (d.uuid, PathBuf::from(&d.path)))
+        .collect()
 }
 
 impl Drop for SandServer {
@@ -214,31 +255,16 @@ pub fn provision(name: &str, env: &[(&str, &str)], volumes: &[&str], spare: bool
         path
     };
     let mut images = vec![image(0)];
-    server.sanctl(&["pool", "add", &images[0].display().to_string()]);
+    server.pool_add(&images[0]);
     for volume in volumes {
         server.sanctl(&["volume", "create", volume, "16M"]);
     }
     if spare {
         images.push(image(1));
-        server.sanctl(&["pool", "add", &images[1].display().to_string()]);
+        server.pool_add(&images[1]);
     }
-    let secret = dir.join("host1.secret");
-    server.sanctl(&[
-        "client",
-        "add",
-        "host1",
-        "--secret-out",
-        &secret.display().to_string(),
-    ]);
-    for volume in volumes {
-        server.sanctl(&["client", "grant", "host1", volume, "rw"]);
-    }
-    let pool: Vec<DeviceInfo> =
-        serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
-    let by_uuid: HashMap<uuid::Uuid, PathBuf> = pool
-        .iter()
-        .map(|d| (d.uuid, PathBuf::from(&d.path)))
-        .collect();
+    server.add_client("host1", volumes);
+    let by_uuid = paths_by_uuid(&server.pool());
     let spare = images.get(1).and_then(|path| {
         by_uuid
             .iter()

@@ -63,6 +63,15 @@ impl GuestOutcome {
         fs::read_to_string(self.out_file(name))
     }
 
+    /// A JSON file the guest script wrote into `$SANBLK_OUT` (such as `sanctl --json status`);
+    /// panics naming the file if it is missing or not JSON.
+    pub fn out_json(&self, name: &str) -> serde_json::Value {
+        let text = self
+            .read_out_file(name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
     /// `Ok` if the script exited 0 and the kernel log has no splat; otherwise a report with
     /// the exit code, the splats, the end of the serial log and the log directory.
     pub fn check_clean_success(&self) -> Result<(), String> {

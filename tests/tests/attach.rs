@@ -3,16 +3,15 @@
 //! lookup, written through /dev/sanblkN, grown while attached (the new epoch reaches the
 //! kernel), detached; the host then finds every block where the server's map says.
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sanblk_tests::blocks::BLOCK;
 use sanblk_tests::{
-    blocks, module_path, scratch_dir, sparse_image, spawn, target_bin, SandServer, VmConfig,
+    blocks, module_path, paths_by_uuid, scratch_dir, sparse_image, spawn, target_bin, SandServer,
+    VmConfig,
 };
-use sand::protocol::{DeviceInfo, VolumeDetail};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
@@ -48,31 +47,17 @@ fn agent_attaches_server_volumes_follows_epochs_and_data_lands_per_map() {
             path
         })
         .collect();
-    server.sanctl(&["pool", "add", &images[2].display().to_string()]);
+    server.pool_add(&images[2]);
     server.sanctl(&["volume", "create", "vmiss", "12M"]);
     for image in &images[..2] {
-        server.sanctl(&["pool", "add", &image.display().to_string()]);
+        server.pool_add(image);
     }
     server.sanctl(&["volume", "create", "vlin", "16M"]);
     server.sanctl(&["volume", "create", "vmir", "16M", "--layout", "mirror"]);
     server.sanctl(&["volume", "create", "vstr", "16M", "--layout", "striped:2"]);
-    let secret = dir.join("host1.secret");
-    server.sanctl(&[
-        "client",
-        "add",
-        "host1",
-        "--secret-out",
-        &secret.display().to_string(),
-    ]);
-    for volume in ["vlin", "vmir", "vstr", "vmiss"] {
-        server.sanctl(&["client", "grant", "host1", volume, "rw"]);
-    }
-    let pool: Vec<DeviceInfo> =
-        serde_json::from_str(&server.sanctl(&["--json", "pool", "list"])).expect("pool json");
-    let by_uuid: HashMap<uuid::Uuid, PathBuf> = pool
-        .iter()
-        .map(|d| (d.uuid, PathBuf::from(&d.path)))
-        .collect();
+    server.add_client("host1", &["vlin", "vmir", "vstr", "vmiss"]);
+    let pool = server.pool();
+    let by_uuid = paths_by_uuid(&pool);
 
     let seeds = [("vlin", 1u8), ("vmir", 2), ("vstr", 3)];
     for (volume, seed) in seeds {
@@ -182,10 +167,8 @@ rmmod sanblk
 
     let mut checked = 0;
     for (volume, seed) in seeds {
-        let detail: VolumeDetail =
-            serde_json::from_str(&server.sanctl(&["--json", "volume", "show", volume]))
-                .expect("volume json");
-        checked += blocks::verify_against_map(&detail.map, &by_uuid, &pattern(seed, VOLUME));
+        let map = server.volume(volume).map;
+        checked += blocks::verify_against_map(&map, &by_uuid, &pattern(seed, VOLUME));
     }
     // 16 MiB per volume, mirror twice: every block was checked.
     assert_eq!(checked as u64, 4 * VOLUME / BLOCK);

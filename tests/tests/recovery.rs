@@ -5,16 +5,13 @@
 //! writes consistent), publishes a new epoch, and the kernel resumes direct I/O on the new
 //! disk. The host then finds every block where the final map says, on the new disk.
 
-use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sanblk_tests::blocks::BLOCK;
-use sanblk_tests::{
-    blocks, module_path, provision, run, spawn, target_bin, GuestOutcome, SandServer, VmConfig,
-};
-use sand::protocol::{RecoveryState, RecoveryStatus, VolumeDetail};
+use sanblk_tests::{blocks, dm_san, provision, run, spawn, Provisioned, SandServer, VmConfig};
+use sand::protocol::{RecoveryState, RecoveryStatus};
 use sand::recovery::last_resume_cursor;
 
 const MIB: u64 = 1 << 20;
@@ -23,10 +20,7 @@ const VOLUME: u64 = 16 * MIB;
 /// A running `sand` with two SAN disk images: the 16 MiB linear volume `vrec` on san0, san1
 /// the spare; client `host1` granted rw.
 struct Setup {
-    dir: PathBuf,
-    server: SandServer,
-    images: Vec<PathBuf>,
-    by_uuid: HashMap<uuid::Uuid, PathBuf>,
+    provisioned: Provisioned,
     spare: uuid::Uuid,
 }
 
@@ -36,16 +30,17 @@ impl Setup {
         let provisioned = provision(name, env, &["vrec"], true);
         Setup {
             spare: provisioned.spare.expect("san1 in pool"),
-            dir: provisioned.dir,
-            server: provisioned.server,
-            images: provisioned.images,
-            by_uuid: provisioned.by_uuid,
+            provisioned,
         }
+    }
+
+    fn server(&self) -> &SandServer {
+        &self.provisioned.server
     }
 
     /// Writes `data` as `name` in the scratch dir (read by the guest).
     fn file(&self, name: &str, data: &[u8]) {
-        fs::write(self.dir.join(name), data).expect("pattern");
+        fs::write(self.provisioned.dir.join(name), data).expect("pattern");
     }
 
     /// The patterns of a failure test: written before the failure, after it, after the
@@ -57,21 +52,12 @@ impl Setup {
         self.file("expected.pattern", expected);
     }
 
-    /// Guest script: the module loaded, san0 as a dm-linear device over /dev/vda, the agent
-    /// attached in the background, `$dev` the volume's device (`$SERVER`, `$IO_SERVER` the
-    /// server's addresses), then `body`. Helpers:
-    /// `wait_for FILE`, `fail_san0` (dm-error under the volume), `wait_recovered` (until the
+    /// A guest running `body` with `vrec` attached as `$dev` over the dm san0 and the spare
+    /// (see [`dm_san::script`]), then detached. One more helper: `wait_recovered` (until the
     /// kernel's map has only the spare).
-    fn script(&self, body: &str) -> String {
-        let io_port = self.server.io_port().expect("io port");
-        format!(
-            r#"set -ex
-insmod {module}
-S={sanctl}
-D={dir}
-wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; return 1; }}
-fail_san0() {{ dmsetup reload san0 --table "0 $SECTORS error"; dmsetup resume san0; }}
-wait_recovered() {{
+    fn vm(&self, name: &str, body: &str) -> VmConfig {
+        let body = format!(
+            r#"wait_recovered() {{
     for i in $(seq 1 1200); do
         $S --json status > recovered.json
         if grep -q '"/dev/vdb"' recovered.json && ! grep -q 'mapper/san0' recovered.json; then return 0; fi
@@ -79,42 +65,24 @@ wait_recovered() {{
     done
     return 1
 }}
-SECTORS=$(blockdev --getsz /dev/vda)
-dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
-SERVER=10.0.2.100:{port}
-IO_SERVER=10.0.2.100:{io_port}
-$S attach vrec --server $SERVER --client host1 --secret-file $D/host1.secret \
-    --device /dev/mapper/san0 --device /dev/vdb --io-server $IO_SERVER > agent.log 2>&1 &
-wait_for /run/sanblk/vrec.device
-dev=$(cat /run/sanblk/vrec.device)
 {body}
-$S detach vrec
-rmmod sanblk
-dmsetup remove san0
-"#,
-            module = module_path().display(),
-            sanctl = target_bin("sanctl").display(),
-            dir = self.dir.display(),
-            port = self.server.port,
+$S detach vrec"#
+        );
+        let timeout = Duration::from_secs(600);
+        dm_san::vm(
+            &self.provisioned,
+            name,
+            "vrec",
+            "--device /dev/vdb",
+            &body,
+            timeout,
         )
-    }
-
-    fn vm(&self, name: &str, body: &str) -> VmConfig {
-        let io_port = self.server.io_port().expect("io port");
-        VmConfig::new(name, &self.script(body))
-            .disk(&self.images[0])
-            .disk(&self.images[1])
-            .forward_port(self.server.port)
-            .forward_port(io_port)
-            .timeout(Duration::from_secs(600))
     }
 
     /// The server's map of `vrec` is entirely on the spare, and the spare image holds
     /// `expected` at every block of it.
     fn check_on_spare(&self, expected: &[u8]) {
-        let detail: VolumeDetail =
-            serde_json::from_str(&self.server.sanctl(&["--json", "volume", "show", "vrec"]))
-                .expect("json");
+        let detail = self.server().volume("vrec");
         for extent in &detail.map.extents {
             for replica in &extent.replicas {
                 assert_eq!(
@@ -123,12 +91,12 @@ dmsetup remove san0
                 );
             }
         }
-        let checked = blocks::verify_against_map(&detail.map, &self.by_uuid, expected);
+        let checked = blocks::verify_against_map(&detail.map, &self.provisioned.by_uuid, expected);
         assert_eq!(checked as u64, VOLUME / BLOCK);
     }
 
     fn recoveries(&self) -> Vec<RecoveryStatus> {
-        serde_json::from_str(&self.server.sanctl(&["--json", "recovery", "list"]))
+        serde_json::from_str(&self.server().sanctl(&["--json", "recovery", "list"]))
             .expect("recovery json")
     }
 }
@@ -157,13 +125,13 @@ cmp /tmp/back $D/expected.pattern"#;
     let outcome = run(&setup.vm("recovery-e2e", body)).expect("guest ran");
     outcome.assert_clean_success();
 
-    let recovered = json_out(&outcome, "recovered.json");
+    let recovered = outcome.out_json("recovered.json");
     let volume = volume_status(&recovered, "vrec");
     assert_eq!(
         volume["devices"][0]["path"], "/dev/vdb",
         "not recovered: {volume}"
     );
-    assert_direct_after_recovery(&recovered, &json_out(&outcome, "final.json"));
+    assert_direct_after_recovery(&recovered, &outcome.out_json("final.json"));
     let status = outcome.read_out_file("status.txt").expect("status");
     assert!(
         status.contains("recovery of vrec"),
@@ -221,18 +189,10 @@ $S --json status > final2.json"#;
         "no read overlapped the recovery copy"
     );
     assert_direct_after_recovery(
-        &json_out(&outcome, "final.json"),
-        &json_out(&outcome, "final2.json"),
+        &outcome.out_json("final.json"),
+        &outcome.out_json("final2.json"),
     );
     setup.check_on_spare(&before);
-}
-
-/// A JSON file the guest wrote into its log dir.
-fn json_out(outcome: &GuestOutcome, name: &str) -> serde_json::Value {
-    let text = outcome
-        .read_out_file(name)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// The volume `name` in a `sanctl --json status`.
@@ -283,13 +243,11 @@ fn server_killed_mid_recovery_restarts_and_finishes_it() {
         &[("SAND_RECOVERY_CHUNK_DELAY_MS", "1000")],
     );
     // A second volume, on the healthy spare (the device with the most free space).
-    setup.server.sanctl(&["volume", "create", "vok", "4M"]);
+    setup.server().sanctl(&["volume", "create", "vok", "4M"]);
     setup
-        .server
+        .server()
         .sanctl(&["client", "grant", "host1", "vok", "rw"]);
-    let vok: VolumeDetail =
-        serde_json::from_str(&setup.server.sanctl(&["--json", "volume", "show", "vok"]))
-            .expect("json");
+    let vok = setup.server().volume("vok");
     assert!(
         vok.map
             .extents
@@ -358,7 +316,7 @@ $S detach vok"#;
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    setup.server.kill9();
+    setup.provisioned.server.kill9();
     fs::write(log_dir.join("server-down"), b"").expect("signal");
     // Direct I/O completes without the server; then the guest's I/O to the failed device
     // waits in the kernel's server path for a while.
@@ -368,13 +326,13 @@ $S detach vok"#;
         !log_dir.join("down-io-done").exists(),
         "I/O to the failed device completed without a server"
     );
-    setup.server.restart().expect("restart");
+    setup.provisioned.server.restart().expect("restart");
     let resumed = setup.recoveries();
     let outcome = vm.wait().expect("guest ran");
     outcome.assert_clean_success();
 
     // Resumed from the saved cursor, not from zero.
-    let log = setup.server.log();
+    let log = setup.server().log();
     let resumed_at =
         last_resume_cursor(&log).unwrap_or_else(|| panic!("no resume in the log:\n{log}"));
     assert!(
@@ -400,14 +358,14 @@ $S detach vok"#;
         "no server-path reconnection: {log}"
     );
     assert_direct_after_recovery(
-        &json_out(&outcome, "recovered.json"),
-        &json_out(&outcome, "final.json"),
+        &outcome.out_json("recovered.json"),
+        &outcome.out_json("final.json"),
     );
     setup.check_on_spare(&expected);
-    let final_status = json_out(&outcome, "final.json");
+    let final_status = outcome.out_json("final.json");
     let vok_status = volume_status(&final_status, "vok");
     assert_eq!(vok_status["redirected_ios"], 0, "{vok_status}");
-    let checked = blocks::verify_against_map(&vok.map, &setup.by_uuid, &ok_pattern);
+    let checked = blocks::verify_against_map(&vok.map, &setup.provisioned.by_uuid, &ok_pattern);
     assert_eq!(checked as u64, 4 * MIB / BLOCK);
 }
 

@@ -10,17 +10,13 @@
 //! token the server no longer knows is refused: the kernel reports the server path as
 //! `refused` and redirected I/O fails with EIO instead of hanging.
 
-use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use sanblk_tests::{
-    blocks, module_path, provision, run, spawn, target_bin, Provisioned, RunningVm, SandServer,
-    VmConfig,
+    blocks, dm_san, provision, run, spawn, target_bin, GuestOutcome, Provisioned, RunningVm,
+    SandServer,
 };
-use sand::map::VolumeMap;
-use sand::protocol::VolumeDetail;
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
@@ -29,69 +25,45 @@ fn pattern(seed: u8, size: u64) -> Vec<u8> {
     blocks::pattern("redirect", seed, size)
 }
 
-struct Setup {
-    dir: PathBuf,
-    server: SandServer,
-    image: PathBuf,
-    by_uuid: HashMap<uuid::Uuid, PathBuf>,
-}
-
-fn setup(name: &str, volumes: &[&str]) -> Setup {
-    let provisioned = provision(name, &[], volumes, false);
-    Setup {
-        image: provisioned.images[0].clone(),
-        dir: provisioned.dir,
-        server: provisioned.server,
-        by_uuid: provisioned.by_uuid,
-    }
-}
-
-/// Shell prologue: module, dm "SAN device" over /dev/vda, helpers.
-fn prologue(setup: &Setup) -> String {
-    format!(
-        r#"set -ex
-insmod {module}
-S={sanctl}
-D={dir}
-wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }}
-SECTORS=$(blockdev --getsz /dev/vda)
-dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
-fail_san0() {{ dmsetup reload san0 --table "0 $SECTORS error"; dmsetup resume san0; }}
-"#,
-        module = module_path().display(),
-        sanctl = target_bin("sanctl").display(),
-        dir = setup.dir.display(),
-    )
-}
-
-fn volume_map(server: &SandServer, volume: &str) -> VolumeMap {
-    let detail: VolumeDetail =
-        serde_json::from_str(&server.sanctl(&["--json", "volume", "show", volume]))
-            .expect("volume json");
-    detail.map
+/// Runs `body` in a guest with `volume` attached over the dm san0 (see [`dm_san::script`])
+/// and fails unless the guest succeeded without kernel splats. For `body` also: `$P` is
+/// sanblk-nlprobe, and `watch_events N` collects up to N of the module's netlink events in
+/// events.txt in the background (`$EVENTS` its pid).
+fn run_attached(
+    setup: &Provisioned,
+    name: &str,
+    volume: &str,
+    attach_args: &str,
+    body: &str,
+    timeout_s: u64,
+) -> GuestOutcome {
+    let body = format!(
+        r#"P={probe}
+watch_events() {{
+    timeout 600 $P events $1 > events.txt 2>&1 &
+    EVENTS=$!
+    for i in $(seq 1 100); do grep -q listening events.txt && break; sleep 0.1; done
+}}
+{body}"#,
+        probe = target_bin("sanblk-nlprobe").display(),
+    );
+    let timeout = Duration::from_secs(timeout_s);
+    let config = dm_san::vm(setup, name, volume, attach_args, &body, timeout);
+    let outcome = run(&config).expect("guest ran");
+    outcome.assert_clean_success();
+    outcome
 }
 
 #[test]
 fn failed_device_io_is_redirected_to_the_server_and_lands_on_disk() {
-    let setup = setup("redirect", &["vlin"]);
-    let port = setup.server.port;
-    let io_port = setup.server.io_port().expect("io port");
+    let setup = provision("redirect", &[], &["vlin"], false);
     fs::write(setup.dir.join("before.pattern"), pattern(1, VOLUME)).expect("pattern");
     fs::write(setup.dir.join("after.pattern"), pattern(2, VOLUME)).expect("pattern");
-    // The first I/O address is not forwarded: the kernel must fail over to the second.
-    let script = format!(
-        r#"{prologue}
-$S attach vlin --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
-    --device /dev/mapper/san0 --io-server 10.0.2.100:9 --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
-wait_for /run/sanblk/vlin.device
-dev=$(cat /run/sanblk/vlin.device)
-# Direct path first.
+    let body = r#"# Direct path first.
 dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 $S status > status-healthy.txt
 # The module multicasts the path failure on the events group.
-timeout 600 {probe} events 1 > events.txt 2>&1 &
-EVENTS=$!
-for i in $(seq 1 100); do grep -q listening events.txt && break; sleep 0.1; done
+watch_events 1
 # fio writes and verifies while the SAN device fails under it.
 fio --name=redirect --filename=$dev --rw=randwrite --bs=4k --size=16M --direct=1 \
     --ioengine=libaio --iodepth=8 --verify=crc32c --do_verify=1 --output=fio.txt &
@@ -108,20 +80,16 @@ cmp /tmp/back $D/after.pattern
 $S status > status.txt
 $S --json status > status.json
 $S detach vlin
-test ! -e /dev/sanblk0
-rmmod sanblk
-dmsetup remove san0
-"#,
-        prologue = prologue(&setup),
-        probe = target_bin("sanblk-nlprobe").display(),
+test ! -e /dev/sanblk0"#;
+    // The first I/O address is not forwarded: the kernel must fail over to the second.
+    let outcome = run_attached(
+        &setup,
+        "redirect-failover",
+        "vlin",
+        "--io-server 10.0.2.100:9",
+        body,
+        500,
     );
-    let config = VmConfig::new("redirect-failover", &script)
-        .disk(&setup.image)
-        .forward_port(port)
-        .forward_port(io_port)
-        .timeout(Duration::from_secs(500));
-    let outcome = run(&config).expect("guest ran");
-    outcome.assert_clean_success();
 
     let fio = outcome.read_out_file("fio.txt").expect("fio output");
     assert!(fio.contains("err= 0"), "fio reported errors: {fio}");
@@ -132,8 +100,7 @@ dmsetup remove san0
     );
     let healthy = outcome.read_out_file("status-healthy.txt").expect("status");
     assert!(healthy.contains("healthy"), "{healthy}");
-    let status: serde_json::Value =
-        serde_json::from_str(&outcome.read_out_file("status.json").expect("json")).expect("json");
+    let status = outcome.out_json("status.json");
     let vlin = &status["volumes"][0];
     assert_eq!(vlin["server_path"], "connected", "{vlin}");
     assert_eq!(vlin["devices"][0]["state"], "failed", "{vlin}");
@@ -141,13 +108,14 @@ dmsetup remove san0
         vlin["redirected_ios"].as_u64().unwrap_or(0) > 0,
         "nothing redirected: {vlin}"
     );
+    let io_port = setup.server.io_port().expect("io port");
     assert_eq!(
         vlin["servers"],
         serde_json::json!(["10.0.2.100:9", format!("10.0.2.100:{io_port}")])
     );
     // The data written after the failure reached the disk through the server's own path.
     blocks::verify_against_map(
-        &volume_map(&setup.server, "vlin"),
+        &setup.server.volume("vlin").map,
         &setup.by_uuid,
         &pattern(2, VOLUME),
     );
@@ -155,17 +123,8 @@ dmsetup remove san0
 
 #[test]
 fn a_token_the_server_does_not_know_is_refused_and_io_fails_without_hanging() {
-    let setup = setup("redirect-refused", &["vtok"]);
-    let port = setup.server.port;
-    let io_port = setup.server.io_port().expect("io port");
-    let script = format!(
-        r#"{prologue}
-$S attach vtok --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
-    --device /dev/mapper/san0 --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
-AGENT=$!
-wait_for /run/sanblk/vtok.device
-dev=$(cat /run/sanblk/vtok.device)
-# Killing the agent ends its server session: the kernel's token is no longer valid.
+    let setup = provision("redirect-refused", &[], &["vtok"], false);
+    let body = r#"# Killing the agent ends its server session: the kernel's token is no longer valid.
 kill -9 $AGENT
 sleep 2
 fail_san0
@@ -174,22 +133,9 @@ if dd if=/dev/zero of=$dev bs=4k count=16 oflag=direct status=none 2> dd.txt; th
 end=$(date +%s)
 echo $((end - start)) > seconds.txt
 $S --json status > status.json
-{probe} destroy $(sed -n 's/.*"volume_id": *\([0-9]*\).*/\1/p' status.json | head -1)
-rmmod sanblk
-dmsetup remove san0
-"#,
-        prologue = prologue(&setup),
-        probe = target_bin("sanblk-nlprobe").display(),
-    );
-    let config = VmConfig::new("redirect-refused", &script)
-        .disk(&setup.image)
-        .forward_port(port)
-        .forward_port(io_port)
-        .timeout(Duration::from_secs(300));
-    let outcome = run(&config).expect("guest ran");
-    outcome.assert_clean_success();
-    let status: serde_json::Value =
-        serde_json::from_str(&outcome.read_out_file("status.json").expect("json")).expect("json");
+$P destroy $(sed -n 's/.*"volume_id": *\([0-9]*\).*/\1/p' status.json | head -1)"#;
+    let outcome = run_attached(&setup, "redirect-refused", "vtok", "", body, 300);
+    let status = outcome.out_json("status.json");
     assert_eq!(status["volumes"][0]["server_path"], "refused", "{status}");
     let seconds: u64 = outcome
         .read_out_file("seconds.txt")
@@ -214,9 +160,7 @@ fn counter(status: &serde_json::Value, name: &str) -> u64 {
 /// direct again: the server-path counter stops growing while direct writes continue.
 #[test]
 fn path_heals_and_io_goes_direct_again() {
-    let setup = setup("redirect-failback", &["vfb"]);
-    let port = setup.server.port;
-    let io_port = setup.server.io_port().expect("io port");
+    let setup = provision("redirect-failback", &[], &["vfb"], false);
     let before = pattern(11, VOLUME);
     let during = pattern(12, VOLUME);
     let after = pattern(13, VOLUME / 2);
@@ -226,15 +170,7 @@ fn path_heals_and_io_goes_direct_again() {
     fs::write(setup.dir.join("during.pattern"), &during).expect("pattern");
     fs::write(setup.dir.join("after.pattern"), &after).expect("pattern");
     fs::write(setup.dir.join("expected.pattern"), &expected).expect("pattern");
-    let script = format!(
-        r#"{prologue}
-$S attach vfb --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
-    --device /dev/mapper/san0 --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
-wait_for /run/sanblk/vfb.device
-dev=$(cat /run/sanblk/vfb.device)
-timeout 600 {probe} events 2 > events.txt 2>&1 &
-EVENTS=$!
-for i in $(seq 1 100); do grep -q listening events.txt && break; sleep 0.1; done
+    let body = r#"watch_events 2
 dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 # The SAN device fails under a writer: its I/O goes to the server, dd sees no error.
 dd if=$D/during.pattern of=$dev bs=64k oflag=direct conv=fsync status=none &
@@ -246,7 +182,7 @@ wait $DD
 dd if=$D/during.pattern of=$dev bs=1M count=4 oflag=direct conv=fsync status=none
 $S --json status > failed.json
 # The path heals; the module's probe notices, the server agrees (no recovery: no spare).
-dmsetup reload san0 --table "0 $SECTORS linear /dev/vda 0"
+dmsetup reload san0 --table "$LINEAR"
 dmsetup resume san0
 for i in $(seq 1 300); do
     $S --json status > healed.json
@@ -262,25 +198,14 @@ cmp /tmp/back $D/expected.pattern
 for i in $(seq 1 100); do [ $(grep -c "^event" events.txt) -ge 2 ] && break; sleep 0.1; done
 kill $EVENTS 2>/dev/null || true
 $S detach vfb
-test ! -e /dev/sanblk0
-rmmod sanblk
-dmsetup remove san0
-"#,
-        prologue = prologue(&setup),
-        probe = target_bin("sanblk-nlprobe").display(),
-    );
-    let config = VmConfig::new("redirect-failback", &script)
-        .disk(&setup.image)
-        .forward_port(port)
-        .forward_port(io_port)
-        .timeout(Duration::from_secs(500));
-    let outcome = run(&config).expect("guest ran");
-    outcome.assert_clean_success();
+test ! -e /dev/sanblk0"#;
+    let outcome = run_attached(&setup, "redirect-failback", "vfb", "", body, 500);
 
-    let json = |name: &str| -> serde_json::Value {
-        serde_json::from_str(&outcome.read_out_file(name).expect("status file")).expect("json")
-    };
-    let (failed, healed, last) = (json("failed.json"), json("healed.json"), json("final.json"));
+    let (failed, healed, last) = (
+        outcome.out_json("failed.json"),
+        outcome.out_json("healed.json"),
+        outcome.out_json("final.json"),
+    );
     assert_eq!(device_state(&failed), "failed", "{failed}");
     assert!(
         counter(&failed, "redirected_ios") > 0,
@@ -314,7 +239,7 @@ dmsetup remove san0
             .contains("is healthy again; direct I/O resumes"),
         "no fail-back in the kernel log"
     );
-    blocks::verify_against_map(&volume_map(&setup.server, "vfb"), &setup.by_uuid, &expected);
+    blocks::verify_against_map(&setup.server.volume("vfb").map, &setup.by_uuid, &expected);
 }
 
 /// While the server recovers the volume off the failed device onto a spare, a healed path is
@@ -323,40 +248,19 @@ dmsetup remove san0
 #[test]
 fn healed_path_is_not_failed_back_while_a_recovery_runs() {
     // Slow copying, so the path heals while the recovery runs; san1 is the spare.
-    let Provisioned {
-        dir,
-        server,
-        images,
-        by_uuid,
-        ..
-    } = provision(
+    let setup = provision(
         "redirect-failback-recovering",
         &[("SAND_RECOVERY_CHUNK_DELAY_MS", "3000")],
         &["vrun"],
         true,
     );
     let during = pattern(21, VOLUME);
-    fs::write(dir.join("during.pattern"), &during).expect("pattern");
-    let port = server.port;
-    let io_port = server.io_port().expect("io port");
-    let script = format!(
-        r#"set -ex
-insmod {module}
-S={sanctl}
-D={dir}
-wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; return 1; }}
-SECTORS=$(blockdev --getsz /dev/vda)
-dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
-$S attach vrun --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
-    --device /dev/mapper/san0 --device /dev/vdb --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
-wait_for /run/sanblk/vrun.device
-dev=$(cat /run/sanblk/vrun.device)
-dmsetup reload san0 --table "0 $SECTORS error"
-dmsetup resume san0
+    fs::write(setup.dir.join("during.pattern"), &during).expect("pattern");
+    let body = r#"fail_san0
 dd if=$D/during.pattern of=$dev bs=1M count=4 oflag=direct conv=fsync status=none
 for i in $(seq 1 300); do grep -q "reported failure" agent.log && break; sleep 0.2; done
 # Heal the path while the recovery copies.
-dmsetup reload san0 --table "0 $SECTORS linear /dev/vda 0"
+dmsetup reload san0 --table "$LINEAR"
 dmsetup resume san0
 for i in $(seq 1 300); do grep -q "fail-back refused" agent.log && break; sleep 0.2; done
 grep "fail-back refused" agent.log
@@ -370,27 +274,17 @@ for i in $(seq 1 600); do
 done
 dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
 cmp /tmp/back $D/during.pattern
-$S detach vrun
-rmmod sanblk
-dmsetup remove san0
-"#,
-        module = module_path().display(),
-        sanctl = target_bin("sanctl").display(),
-        dir = dir.display(),
+$S detach vrun"#;
+    let outcome = run_attached(
+        &setup,
+        "redirect-failback-recovering",
+        "vrun",
+        "--device /dev/vdb",
+        body,
+        500,
     );
-    let config = VmConfig::new("redirect-failback-recovering", &script)
-        .disk(&images[0])
-        .disk(&images[1])
-        .forward_port(port)
-        .forward_port(io_port)
-        .timeout(Duration::from_secs(500));
-    let outcome = run(&config).expect("guest ran");
-    outcome.assert_clean_success();
 
-    let json = |name: &str| -> serde_json::Value {
-        serde_json::from_str(&outcome.read_out_file(name).expect("status file")).expect("json")
-    };
-    let refused = json("refused.json");
+    let refused = outcome.out_json("refused.json");
     assert_eq!(
         refused["volumes"][0]["devices"][0]["path"], "/dev/mapper/san0",
         "{refused}"
@@ -400,7 +294,7 @@ dmsetup remove san0
         "failed",
         "failed back during recovery: {refused}"
     );
-    let recovered = json("recovered.json");
+    let recovered = outcome.out_json("recovered.json");
     assert_eq!(
         recovered["volumes"][0]["devices"][0]["path"], "/dev/vdb",
         "not recovered: {recovered}"
@@ -419,12 +313,13 @@ dmsetup remove san0
         !after_epoch.contains("reporting PATH_HEALED"),
         "still probing a device the map dropped"
     );
+    let server = &setup.server;
     assert!(
         server.log().contains("fail-back refused"),
         "the server did not refuse: {}",
         server.log()
     );
-    blocks::verify_against_map(&volume_map(&server, "vrun"), &by_uuid, &during);
+    blocks::verify_against_map(&server.volume("vrun").map, &setup.by_uuid, &during);
 }
 
 /// Whether process `pid` (QEMU) still runs (not gone, not a zombie).
@@ -467,20 +362,12 @@ fn restart_on_request(vm: &RunningVm, server: &mut SandServer, volume: &str) -> 
 /// redirected I/O keeps working instead of being refused with the stale token.
 #[test]
 fn new_session_token_reaches_the_kernel_after_the_agent_reconnects() {
-    let setup = setup("redirect-token", &["vtk"]);
-    let port = setup.server.port;
-    let io_port = setup.server.io_port().expect("io port");
+    let setup = provision("redirect-token", &[], &["vtk"], false);
     let one = pattern(31, VOLUME / 4);
     let two = pattern(32, VOLUME);
     fs::write(setup.dir.join("one.pattern"), &one).expect("pattern");
     fs::write(setup.dir.join("two.pattern"), &two).expect("pattern");
-    let script = format!(
-        r#"{prologue}
-$S attach vtk --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret \
-    --device /dev/mapper/san0 --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
-wait_for /run/sanblk/vtk.device
-dev=$(cat /run/sanblk/vtk.device)
-# The server path is in use (connected, authenticated with the first token).
+    let body = r#"# The server path is in use (connected, authenticated with the first token).
 fail_san0
 dd if=$D/one.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 $S --json status > first.json
@@ -492,18 +379,16 @@ dd if=$D/two.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
 cmp /tmp/back $D/two.pattern
 $S --json status > second.json
-$S detach vtk
-rmmod sanblk
-dmsetup remove san0
-"#,
-        prologue = prologue(&setup),
+$S detach vtk"#;
+    let config = dm_san::vm(
+        &setup,
+        "redirect-token",
+        "vtk",
+        "",
+        body,
+        Duration::from_secs(500),
     );
-    let config = VmConfig::new("redirect-token", &script)
-        .disk(&setup.image)
-        .forward_port(port)
-        .forward_port(io_port)
-        .timeout(Duration::from_secs(500));
-    let Setup {
+    let Provisioned {
         mut server,
         by_uuid,
         ..
@@ -514,10 +399,10 @@ dmsetup remove san0
     outcome.assert_clean_success();
     assert!(restarted, "sand was not restarted");
 
-    let json = |name: &str| -> serde_json::Value {
-        serde_json::from_str(&outcome.read_out_file(name).expect("status file")).expect("json")
-    };
-    let (first, second) = (json("first.json"), json("second.json"));
+    let (first, second) = (
+        outcome.out_json("first.json"),
+        outcome.out_json("second.json"),
+    );
     assert_eq!(first["volumes"][0]["server_path"], "connected", "{first}");
     assert_eq!(second["volumes"][0]["server_path"], "connected", "{second}");
     assert!(
@@ -532,6 +417,6 @@ dmsetup remove san0
     );
     // The restarted server wrote the data through its own path.
     assert!(!server.log().contains("panicked"), "{}", server.log());
-    let map = volume_map(&server, "vtk");
+    let map = server.volume("vtk").map;
     blocks::verify_against_map(&map, &by_uuid, &two);
 }

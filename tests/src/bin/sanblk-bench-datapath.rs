@@ -4,12 +4,12 @@
 //! `make bench` boots the non-debug bench kernel (SANBLK_BENCH_KERNEL, a bzImage) with a
 //! module built for it (SANBLK_BENCH_MODULE); without them, the debug test kernel and module.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use sanblk_tests::bench::{self, setting};
 use sanblk_tests::fio::{self, JOBS};
-use sanblk_tests::{module_path, run, scratch_dir, sparse_image, target_bin, VmConfig};
+use sanblk_tests::{run, scratch_dir, sparse_image, target_bin, VmConfig};
 
 const MIB: u64 = 1 << 20;
 const TARGET_MIB: u64 = 256;
@@ -20,11 +20,7 @@ const TARGETS: [(&str, &str); 3] = [
     ("sanblk", "/dev/sanblk0"),
 ];
 
-fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
-    let module = std::env::var_os("SANBLK_BENCH_MODULE")
-        .map(PathBuf::from)
-        .unwrap_or_else(module_path);
-    let kernel = std::env::var_os("SANBLK_BENCH_KERNEL").map(PathBuf::from);
+fn run_bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
     let dir = scratch_dir("bench-datapath").map_err(|e| e.to_string())?;
     for i in 0..3 {
         sparse_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB)
@@ -35,16 +31,14 @@ fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
         "set -e\ninsmod {module}\n\
          dmsetup create bench-linear --table '0 {sectors} linear /dev/vdb 2048'\n\
          {probe} create bench 1 1 linear {TARGET_MIB} /dev/vdc\n",
-        module = module.display(),
+        module = bench::module().display(),
         probe = target_bin("sanblk-nlprobe").display(),
     );
     // Same job order on every target, interleaved per job so drift affects all alike; the
-    // whole round is repeated and the median reported. Each round starts at another target,
-    // so none always runs first or last.
+    // whole round is repeated and the median reported.
     for round in 0..rounds {
         for job in &JOBS {
-            for k in 0..TARGETS.len() {
-                let (target, device) = TARGETS[(k + round as usize) % TARGETS.len()];
+            for &(target, device) in fio::rotated(&TARGETS, round) {
                 let size = if target == "raw" {
                     format!("--size={TARGET_MIB}M")
                 } else {
@@ -59,11 +53,7 @@ fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
     for i in 0..3 {
         config = config.disk(dir.join(format!("disk{i}.img")));
     }
-    if let Some(kernel) = kernel {
-        println!("kernel: {}", kernel.display());
-        config = config.kernel(kernel);
-    }
-    let outcome = run(&config).map_err(|e| format!("{e:?}"))?;
+    let outcome = run(&bench::with_kernel(config)).map_err(|e| format!("{e:?}"))?;
     outcome.check_clean_success()?;
     let mut table = String::from(
         "| job | raw | dm-linear | sanblk | sanblk / raw | sanblk / dm-linear |\n|---|---|---|---|---|---|\n",
@@ -95,16 +85,10 @@ fn bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let setting = |name: &str, default: u32| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let runtime_s = setting("SANBLK_BENCH_RUNTIME", 6);
     let rounds = setting("SANBLK_BENCH_ROUNDS", 3).max(1);
     println!("fio: {rounds} rounds of {runtime_s} s per job and target; medians");
-    match bench(runtime_s, rounds) {
+    match run_bench(runtime_s, rounds) {
         Ok(table) => {
             println!("{table}");
             ExitCode::SUCCESS

@@ -19,13 +19,14 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use sanblk_tests::bench::{self, setting};
 use sanblk_tests::fio::{self, JOBS};
-use sanblk_tests::{module_path, run, scratch_dir, target_bin, SandServer, VmConfig};
+use sanblk_tests::server::free_port;
+use sanblk_tests::{dm_san, run, scratch_dir, target_bin, SandServer, VmConfig};
 
 const MIB: u64 = 1 << 20;
 /// Size of each part-1 volume.
@@ -61,13 +62,6 @@ fn filled_image(path: &Path, bytes: u64) -> Result<(), String> {
     }
     file.sync_all()
         .map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("free port: {e}"))
 }
 
 /// `qemu-nbd` serving `image` as export `bench` on 127.0.0.1:`port`, O_DIRECT like sand.
@@ -126,27 +120,16 @@ fn script(
     nbd_port: u16,
     secret: &Path,
 ) -> Result<String, String> {
-    let module = std::env::var_os("SANBLK_BENCH_MODULE")
-        .map(PathBuf::from)
-        .unwrap_or_else(module_path);
     let mut script = format!(
         r#"set -e
-insmod {module}
-S={sanctl}
-STAMP={stamp}
-wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }}
-SECTORS=$(blockdev --getsz /dev/vda)
-LINEAR="0 $SECTORS linear /dev/vda 0"
-ERROR="0 $SECTORS error"
-dmsetup create san0 --table "$LINEAR"
+{prologue}STAMP={stamp}
 attach() {{
     $S attach $1 --server 10.0.2.100:{port} --client host1 --secret-file {secret} \
         --device /dev/mapper/san0 --io-server 10.0.2.100:{io_port} > agent-$1.log 2>&1 &
     wait_for /run/sanblk/$1.device
 }}
 "#,
-        module = module.display(),
-        sanctl = target_bin("sanctl").display(),
+        prologue = dm_san::prologue(&bench::module()),
         stamp = target_bin("sanblk-iostamp").display(),
         port = server.port,
         secret = secret.display(),
@@ -179,8 +162,7 @@ nbd-client 10.0.2.100 {nbd_port} /dev/nbd0 -N bench > nbd-client.log 2>&1
     ));
     for round in 0..settings.rounds {
         for job in tput_jobs() {
-            for k in 0..TPUT_TARGETS.len() {
-                let (target, device) = TPUT_TARGETS[(k + round as usize) % TPUT_TARGETS.len()];
+            for &(target, device) in fio::rotated(&TPUT_TARGETS, round) {
                 script.push_str(&fio::command(
                     job,
                     target,
@@ -265,7 +247,7 @@ fn stall_table(fault: &[Stall], noop: &[Stall]) -> String {
     table
 }
 
-fn bench(settings: &Settings) -> Result<String, String> {
+fn run_bench(settings: &Settings) -> Result<String, String> {
     let dir = scratch_dir("bench-failure").map_err(|e| e.to_string())?;
     let server = SandServer::start(&dir)?;
     let io_port = server.io_port()?;
@@ -276,38 +258,27 @@ fn bench(settings: &Settings) -> Result<String, String> {
         (u64::from(settings.faults) * FAULT_VOLUME_MIB + TPUT_MIB + 64) * MIB,
     )?;
     filled_image(&nbd_image, TPUT_MIB * MIB)?;
-    server.sanctl(&["pool", "add", &san.display().to_string()]);
-    let secret = dir.join("host1.secret");
-    server.sanctl(&[
-        "client",
-        "add",
-        "host1",
-        "--secret-out",
-        &secret.display().to_string(),
-    ]);
+    server.pool_add(&san);
     let mut volumes: Vec<(String, u64)> = (0..settings.faults)
         .map(|i| (format!("f{i}"), FAULT_VOLUME_MIB))
         .collect();
     volumes.push(("tput".into(), TPUT_MIB));
     for (name, mib) in &volumes {
         server.sanctl(&["volume", "create", name, &format!("{mib}M")]);
-        server.sanctl(&["client", "grant", "host1", name, "rw"]);
     }
-    let nbd_port = free_port()?;
+    let names: Vec<&str> = volumes.iter().map(|(name, _)| name.as_str()).collect();
+    let secret = server.add_client("host1", &names);
+    let nbd_port = free_port().map_err(|e| format!("free port: {e}"))?;
     let _nbd = start_qemu_nbd(&nbd_image, nbd_port, &dir.join("qemu-nbd.log"))?;
 
     let script = script(settings, &server, io_port, nbd_port, &secret)?;
-    let mut config = VmConfig::new("bench-failure", &script)
+    let config = VmConfig::new("bench-failure", &script)
         .disk(&san)
         .forward_port(server.port)
         .forward_port(io_port)
         .forward_port(nbd_port)
         .timeout(Duration::from_secs(3000));
-    if let Some(kernel) = std::env::var_os("SANBLK_BENCH_KERNEL") {
-        println!("kernel: {}", PathBuf::from(&kernel).display());
-        config = config.kernel(PathBuf::from(kernel));
-    }
-    let outcome = run(&config).map_err(|e| format!("{e:?}"))?;
+    let outcome = run(&bench::with_kernel(config)).map_err(|e| format!("{e:?}"))?;
     outcome.check_clean_success()?;
     println!("guest log: {}", outcome.log_dir.display());
 
@@ -361,12 +332,6 @@ fn bench(settings: &Settings) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let setting = |name: &str, default: u32| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let settings = Settings {
         faults: setting("SANBLK_BENCH_FAULTS", 20).max(1),
         runtime_s: setting("SANBLK_BENCH_RUNTIME", 6),
@@ -376,7 +341,7 @@ fn main() -> ExitCode {
         "failure bench: {} fault rounds; fio {} rounds of {} s per job and target; medians",
         settings.faults, settings.rounds, settings.runtime_s
     );
-    match bench(&settings) {
+    match run_bench(&settings) {
         Ok(report) => {
             println!("{report}");
             ExitCode::SUCCESS
