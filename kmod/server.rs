@@ -7,8 +7,8 @@
 //!
 //! Delivered shape: **continuous pipelining in one thread**, like nbd's stream of requests
 //! but without a second thread: the thread keeps up to [`MAX_IN_FLIGHT`] requests (at most
-//! [`WINDOW_BYTES`] of payload) on the wire, sending the pieces queued at one time as one
-//! batch (`MSG_MORE` on all but the last). It never blocks in a receive: when the socket is
+//! [`WINDOW_BYTES`] of payload) on the wire, each request sent as soon as it is queued. It
+//! never blocks in a receive: when the socket is
 //! readable it takes every reply byte there through the socket's `read_sock` (as nvme-tcp
 //! and iscsi do: one socket lock per batch, READ data copied from the received buffers
 //! straight into the bio pages), matching each reply by handle against the requests on the
@@ -489,27 +489,19 @@ impl Conn {
         if ret == bytes.len() as c_int { Ok(()) } else { Err(()) }
     }
 
-    /// Sends (`write`) or receives into the bio pages of `piece`, bytes `off..off + len`;
-    /// `more` (sending only) tells TCP another request follows at once.
+    /// Sends (`write`) or receives into the bio pages of `piece`, bytes `off..off + len`.
     ///
     /// # Safety
     ///
     /// `piece` describes a live bio whose pages cover its iterator.
-    unsafe fn transfer_pages(
-        &self,
-        piece: &Piece,
-        off: u32,
-        len: u32,
-        write: bool,
-        more: bool,
-    ) -> core::result::Result<(), ()> {
+    unsafe fn transfer_pages(&self, piece: &Piece, off: u32, len: u32, write: bool) -> core::result::Result<(), ()> {
         // SAFETY: contract of this function.
         let it = unsafe { piece.pages(off, len, write) };
         // SAFETY: as in `send`.
         let mut msg: bindings::msghdr = unsafe { core::mem::zeroed() };
         msg.msg_iter = it;
         let ret = if write {
-            msg.msg_flags = bindings::MSG_NOSIGNAL | if more { bindings::MSG_MORE } else { 0 };
+            msg.msg_flags = bindings::MSG_NOSIGNAL;
             // SAFETY: connected socket; the iterator describes live pages of the bio.
             unsafe { bindings::sock_sendmsg(self.0, &mut msg) }
         } else {
@@ -601,7 +593,7 @@ impl Conn {
             let len = (total - done).min(MAX_PAYLOAD);
             *handle = handle.wrapping_add(1);
             // SAFETY: the piece is live until it completes (contract).
-            unsafe { self.send_request(volume, piece, op, *handle, done, len, false)? };
+            unsafe { self.send_request(volume, piece, op, *handle, done, len)? };
             let mut reply = [0u8; REPLY_HEADER_LEN];
             self.recv(&mut reply)?;
             let reply = ReplyHeader::decode(&reply).map_err(|_| ())?;
@@ -618,7 +610,7 @@ impl Conn {
             }
             if op == Op::Read {
                 // SAFETY: as above; READ data lands in the bio's pages.
-                unsafe { self.transfer_pages(piece, done, len, false, false)? };
+                unsafe { self.transfer_pages(piece, done, len, false)? };
             }
             done += len;
             if done >= total {
@@ -772,16 +764,10 @@ impl Conn {
                 }
                 // On the wire list before sending: a failed send re-queues it with the rest.
                 inflight.add(*handle, piece, size);
-                // Exactly the loop's condition for sending the next piece in this batch.
-                // SAFETY: queued pieces are live and ours.
-                let more = inflight.count < MAX_IN_FLIGHT
-                    && unsafe { queue.head.as_ref() }.is_some_and(|next| {
-                        frame_op(next).is_some()
-                            && next.iter.bi_size <= MAX_PAYLOAD
-                            && inflight.bytes + u64::from(next.iter.bi_size) <= WINDOW_BYTES
-                    });
+                // Each request goes out at once: corking a batch (MSG_MORE) measured slower
+                // (4 KiB random writes 0.83-0.96x nbd with it, 1.46x without).
                 // SAFETY: live piece (contract).
-                unsafe { self.send_request(volume, &*piece, op, *handle, 0, frame_len(&*piece, op), more)? };
+                unsafe { self.send_request(volume, &*piece, op, *handle, 0, frame_len(&*piece, op))? };
             }
             if inflight.count == 0 {
                 return Ok(if stale_wait {
@@ -860,14 +846,11 @@ impl Conn {
         Ok(true)
     }
 
-    /// Sends the request frame of `piece` (and a WRITE's data); `more`: another request
-    /// follows at once, so TCP may pack them into full segments (the last one of a batch is
-    /// sent without it, which pushes everything out).
+    /// Sends the request frame of `piece` (and a WRITE's data).
     ///
     /// # Safety
     ///
     /// `piece` is live and fits in one frame.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn send_request(
         &self,
         volume: &Volume,
@@ -876,7 +859,6 @@ impl Conn {
         handle: u64,
         off: u32,
         len: u32,
-        more: bool,
     ) -> core::result::Result<(), ()> {
         let header = RequestHeader {
             op,
@@ -889,10 +871,10 @@ impl Conn {
         };
         let mut raw = [0u8; REQUEST_HEADER_LEN];
         header.encode(&mut raw);
-        self.send_flags(&raw, more || op == Op::Write)?;
+        self.send_flags(&raw, op == Op::Write)?;
         if op == Op::Write {
             // SAFETY: the piece's pages are live until it completes (contract).
-            unsafe { self.transfer_pages(piece, off, len, true, more)? };
+            unsafe { self.transfer_pages(piece, off, len, true)? };
         }
         Ok(())
     }
