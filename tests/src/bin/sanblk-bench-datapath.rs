@@ -56,29 +56,44 @@ fn run_bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
     let outcome = run(&bench::with_kernel(config)).map_err(|e| format!("{e:?}"))?;
     outcome.check_clean_success()?;
     let mut table = String::from(
-        "| job | raw | dm-linear | sanblk | sanblk / raw | sanblk / dm-linear |\n|---|---|---|---|---|---|\n",
+        "| job | raw | dm-linear | sanblk | sanblk / raw | sanblk / dm-linear | dm-linear / raw \
+         | per round sanblk / raw | per round sanblk / dm-linear |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for job in &JOBS {
-        let mut values = Vec::new();
+        // samples[target][round]
+        let mut samples: Vec<Vec<f64>> = Vec::new();
         for (target, _) in TARGETS {
-            let mut samples = Vec::new();
+            let mut per_round = Vec::new();
             for round in 0..rounds {
                 let json = outcome
                     .read_out_file(&fio::output_name(target, job, round))
                     .map_err(|e| format!("{target} {}: {e}", job.name))?;
-                samples.push(fio::value(&json, job.metric)?);
+                per_round.push(fio::value(&json, job.metric)?);
             }
-            values.push(fio::median(samples));
+            samples.push(per_round);
         }
+        let medians: Vec<f64> = samples.iter().map(|s| fio::median(s.clone())).collect();
+        // Ratios of the same round: the targets ran back to back, so they share that
+        // round's conditions on the host.
+        let per_round = |over: usize| {
+            (0..rounds as usize)
+                .map(|r| format!("{:.2}", samples[2][r] / samples[over][r]))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         let unit = job.metric.unit();
         table.push_str(&format!(
-            "| {} | {:.1} {unit} | {:.1} {unit} | {:.1} {unit} | {:.3} | {:.3} |\n",
+            "| {} | {:.1} {unit} | {:.1} {unit} | {:.1} {unit} | {:.3} | {:.3} | {:.3} | {} | {} |\n",
             job.name,
-            values[0],
-            values[1],
-            values[2],
-            values[2] / values[0],
-            values[2] / values[1]
+            medians[0],
+            medians[1],
+            medians[2],
+            medians[2] / medians[0],
+            medians[2] / medians[1],
+            medians[1] / medians[0],
+            per_round(0),
+            per_round(1),
         ));
     }
     Ok(table)
