@@ -8,17 +8,16 @@
 //! Delivered shape: **continuous pipelining in one thread**, like nbd's stream of requests
 //! but without a second thread: the thread keeps up to [`MAX_IN_FLIGHT`] requests (at most
 //! [`WINDOW_BYTES`] of payload) on the wire, each request sent as soon as it is queued. It
-//! never blocks in a receive: when the socket is
-//! readable it takes every reply byte there through the socket's `read_sock` (as nvme-tcp
-//! and iscsi do: one socket lock per batch, READ data copied from the received buffers
-//! straight into the bio pages), matching each reply by handle against the requests on the
-//! wire (an unknown or repeated handle is a protocol error that drops the connection) and
-//! completing its piece at once; a reply cut between two reads waits in a cursor. Between
-//! reads it sleeps on the socket's wait queue, woken by arriving replies (low-water mark:
-//! the rest of the reply under way, up to [`WAKE_BYTES`]) or by newly queued pieces, which go
-//! out at once. The bound stays below the server's own
-//! per-connection limit, so the server always reads every request sent and neither side can
-//! block the other. A piece larger than one frame ([`MAX_PAYLOAD`]) goes alone, in
+//! never blocks in a receive: when the socket is readable it takes every reply byte there
+//! through the socket's `read_sock` (as nvme-tcp and iscsi do: one socket lock per batch,
+//! READ data copied from the received buffers straight into the bio pages), matching each
+//! reply by handle against the requests on the wire (an unknown or repeated handle is a
+//! protocol error that drops the connection) and completing its piece at once; a reply cut
+//! between two reads waits in a cursor. Between reads it sleeps on the socket's wait queue,
+//! woken by arriving replies (low-water mark: the rest of the reply under way, up to
+//! [`WAKE_BYTES`]) or by newly queued pieces, which go out at once. The bound stays below the
+//! server's own per-connection limit, so the server always reads every request sent and
+//! neither side can block the other. A piece larger than one frame ([`MAX_PAYLOAD`]) goes alone, in
 //! sequential chunks, once the wire is empty.
 //!
 //! Reconnection: 100 ms doubling to 5 s, trying every address in order; the requests a
@@ -581,13 +580,10 @@ impl Conn {
     ///
     /// `piece` describes a live, queued piece of `volume`.
     unsafe fn execute(&self, volume: &Volume, piece: &Piece, handle: &mut u64) -> core::result::Result<i32, ()> {
-        let op = match piece.op {
-            2 => Op::Read,
-            3 => Op::Write,
-            4 => Op::Flush,
-            _ => return Ok(-(bindings::EOPNOTSUPP as i32)),
+        let Some(op) = frame_op(piece) else {
+            return Ok(-(bindings::EOPNOTSUPP as i32));
         };
-        let total = if op == Op::Flush { 0 } else { piece.iter.bi_size };
+        let total = frame_len(piece, op);
         let mut done = 0u32;
         loop {
             let len = (total - done).min(MAX_PAYLOAD);
@@ -791,15 +787,14 @@ impl Conn {
                 continue;
             }
             // SAFETY: the pieces on the wire are live and ours (contract).
-            if unsafe { self.receive_replies(volume, queue, inflight, &mut cursor, &mut stale_wait)? } {
-                progress = now_ns();
-            }
+            unsafe { self.receive_replies(volume, queue, inflight, &mut cursor, &mut stale_wait)? };
+            progress = now_ns();
         }
     }
 
     /// Consumes every reply byte the socket holds, without blocking: completes each piece
     /// whose reply is whole, and leaves a partly received reply in `cursor` for the next call.
-    /// `Ok(true)` when bytes arrived; `Err` on a protocol error or a closed connection.
+    /// `Err` on a protocol error or a closed connection (readable, yet nothing to read).
     ///
     /// Reads through the socket's `read_sock` (as nvme-tcp and iscsi do): one socket lock per
     /// batch of replies, and READ data copied from the received buffers straight into the bio
@@ -815,7 +810,7 @@ impl Conn {
         inflight: &mut InFlight,
         cursor: &mut ReplyCursor,
         stale_wait: &mut bool,
-    ) -> core::result::Result<bool, ()> {
+    ) -> core::result::Result<(), ()> {
         self.quickack();
         let mut batch = ReceiveBatch { volume, queue, inflight, cursor, stale_wait: false, failed: false };
         // SAFETY: an all-zero descriptor is valid; `count` must be non-zero to read at all.
@@ -843,7 +838,7 @@ impl Conn {
         if copied <= 0 {
             return Err(());
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Sends the request frame of `piece` (and a WRITE's data).
