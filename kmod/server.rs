@@ -70,8 +70,9 @@ const STALE_PAUSE_MS: u32 = 100;
 const MAX_IN_FLIGHT: usize = 32;
 /// How often a busy stream reports newly failed devices and drives fail-back probes.
 const UPKEEP_INTERVAL_NS: i64 = 100_000_000;
-/// Payload bytes on the wire at once (bounds what the server buffers for this client).
-const WINDOW_BYTES: u64 = 4 << 20;
+/// Payload bytes on the wire at once (bounds what the server buffers for this client; room for
+/// a queue of 8 x 1 MiB reads or writes at once, as nbd has).
+const WINDOW_BYTES: u64 = 16 << 20;
 /// Most reply bytes the thread waits for before reading (socket low-water mark).
 const WAKE_BYTES: usize = 32 << 10;
 

@@ -15,6 +15,14 @@ pub enum Disk {
     /// are not plain files, e.g. `file=nbd:127.0.0.1:10809,format=raw,cache=none,
     /// werror=report,rerror=report` in front of an nbdkit error-injection filter.
     RawDriveSpec(String),
+    /// An [`Disk::ImageFile`] behind QEMU's I/O throttling: at most `iops` requests and
+    /// `bytes_per_s` bytes per second, like a SAN LUN with a service limit. Benchmarks use it
+    /// to compare drivers when the device, not the emulated CPU, is the bottleneck.
+    ThrottledImageFile {
+        path: PathBuf,
+        iops: u32,
+        bytes_per_s: u64,
+    },
 }
 
 /// Configuration of one guest run. Build with [`VmConfig::new`] and the builder methods.

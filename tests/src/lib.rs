@@ -39,8 +39,8 @@ pub mod vm;
 pub use config::{Disk, VmConfig};
 pub use error::{FailedRun, HarnessError};
 pub use paths::{
-    guest_init, kernel_image, kernel_tree, module_path, repo_root, scratch_dir, sparse_image,
-    target_bin,
+    filled_image, guest_init, kernel_image, kernel_tree, module_path, repo_root, scratch_dir,
+    sparse_image, target_bin,
 };
 pub use server::{paths_by_uuid, provision, Provisioned, SandServer};
 pub use splat::find_splats;

@@ -125,6 +125,26 @@ pub fn sparse_image(path: &Path, bytes: u64) -> io::Result<()> {
     file.set_len(bytes)
 }
 
+/// Creates (or truncates) `path` as an image of `bytes` bytes (rounded down to whole MiB)
+/// filled with a non-zero pattern: unlike a sparse image every block is allocated on the
+/// host, so benchmark targets start in the same state (no hole reads, no allocation on
+/// first write) and reads hit real data.
+pub fn filled_image(path: &Path, bytes: u64) -> io::Result<()> {
+    const MIB: u64 = 1 << 20;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    let chunk: Vec<u8> = (0..MIB)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8 | 1)
+        .collect();
+    for _ in 0..bytes / MIB {
+        io::Write::write_all(&mut file, &chunk)?;
+    }
+    file.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

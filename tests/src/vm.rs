@@ -447,6 +447,15 @@ fn qemu_args(
                 qemu_path(path)?
             ),
             Disk::RawDriveSpec(spec) => spec.clone(),
+            Disk::ThrottledImageFile {
+                path,
+                iops,
+                bytes_per_s,
+            } => format!(
+                "file={},format=raw,cache=none,file.locking=off,werror=report,rerror=report,\
+                 throttling.iops-total={iops},throttling.bps-total={bytes_per_s}",
+                qemu_path(path)?
+            ),
         };
         args.push("-drive".to_string());
         args.push(format!("{drive},if=none,id=disk{index}"));

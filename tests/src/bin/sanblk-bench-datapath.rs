@@ -1,6 +1,13 @@
 //! `make bench` (data path): fio in one guest, one run, equal-sized targets on three identical
 //! virtio disks: the raw disk, dm-linear over a disk, and a sanblk linear volume over a disk.
-//! Prints a markdown table of throughput and the ratios against raw and dm-linear.
+//! Prints a markdown table of throughput and the ratios against raw and dm-linear, twice:
+//! with the disks unthrottled (under TCG the emulated CPU is then the bottleneck, so the table
+//! measures each driver's CPU cost per I/O, magnified by emulation) and with every disk
+//! throttled by QEMU to the same service limit (the device is the bottleneck, as a SAN LUN is
+//! on real hardware; the table measures what each driver delivers of the device's capacity).
+//! Settings: SANBLK_BENCH_RUNTIME, SANBLK_BENCH_ROUNDS, SANBLK_BENCH_CPUS (guest vCPUs,
+//! default 2), SANBLK_BENCH_DEVICE_IOPS and SANBLK_BENCH_DEVICE_MIBPS (the throttled run's
+//! limit, default 4000 IOPS and 300 MiB/s; 0 IOPS skips that run).
 //! `make bench` boots the non-debug bench kernel (SANBLK_BENCH_KERNEL, a bzImage) with a
 //! module built for it (SANBLK_BENCH_MODULE); without them, the debug test kernel and module.
 
@@ -9,7 +16,7 @@ use std::time::Duration;
 
 use sanblk_tests::bench::{self, setting};
 use sanblk_tests::fio::{self, JOBS};
-use sanblk_tests::{run, scratch_dir, sparse_image, target_bin, VmConfig};
+use sanblk_tests::{filled_image, run, scratch_dir, target_bin, Disk, VmConfig};
 
 const MIB: u64 = 1 << 20;
 const TARGET_MIB: u64 = 256;
@@ -20,10 +27,28 @@ const TARGETS: [(&str, &str); 3] = [
     ("sanblk", "/dev/sanblk0"),
 ];
 
-fn run_bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
+struct Settings {
+    runtime_s: u32,
+    rounds: u32,
+    cpus: u32,
+}
+
+/// A per-disk service limit: requests and bytes per second.
+#[derive(Clone, Copy)]
+struct Throttle {
+    iops: u32,
+    bytes_per_s: u64,
+}
+
+fn run_bench(settings: &Settings, throttle: Option<Throttle>) -> Result<String, String> {
+    let Settings {
+        runtime_s,
+        rounds,
+        cpus,
+    } = *settings;
     let dir = scratch_dir("bench-datapath").map_err(|e| e.to_string())?;
     for i in 0..3 {
-        sparse_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB)
+        filled_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB)
             .map_err(|e| e.to_string())?;
     }
     let sectors = TARGET_MIB * MIB / 512;
@@ -49,9 +74,19 @@ fn run_bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
         }
     }
     script.push_str("dmsetup remove bench-linear\n");
-    let mut config = VmConfig::new("bench-datapath", &script).timeout(Duration::from_secs(1200));
+    let mut config = VmConfig::new("bench-datapath", &script)
+        .cpus(cpus)
+        .timeout(Duration::from_secs(1200));
     for i in 0..3 {
-        config = config.disk(dir.join(format!("disk{i}.img")));
+        let path = dir.join(format!("disk{i}.img"));
+        config = match throttle {
+            Some(Throttle { iops, bytes_per_s }) => config.disk_spec(Disk::ThrottledImageFile {
+                path,
+                iops,
+                bytes_per_s,
+            }),
+            None => config.disk(path),
+        };
     }
     let outcome = run(&bench::with_kernel(config)).map_err(|e| format!("{e:?}"))?;
     outcome.check_clean_success()?;
@@ -100,17 +135,35 @@ fn run_bench(runtime_s: u32, rounds: u32) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let runtime_s = setting("SANBLK_BENCH_RUNTIME", 6);
-    let rounds = setting("SANBLK_BENCH_ROUNDS", 3).max(1);
-    println!("fio: {rounds} rounds of {runtime_s} s per job and target; medians");
-    match run_bench(runtime_s, rounds) {
-        Ok(table) => {
-            println!("{table}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("benchmark failed: {e}");
-            ExitCode::FAILURE
+    let settings = Settings {
+        runtime_s: setting("SANBLK_BENCH_RUNTIME", 6),
+        rounds: setting("SANBLK_BENCH_ROUNDS", 3).max(1),
+        cpus: setting("SANBLK_BENCH_CPUS", 2).max(1),
+    };
+    let device_iops = setting("SANBLK_BENCH_DEVICE_IOPS", 4000);
+    let device_mibps = setting("SANBLK_BENCH_DEVICE_MIBPS", 300).max(1);
+    println!(
+        "fio: {} rounds of {} s per job and target, {} vCPUs; medians",
+        settings.rounds, settings.runtime_s, settings.cpus
+    );
+    let mut runs = vec![("disks unthrottled (CPU-bound under TCG)".to_string(), None)];
+    if device_iops > 0 {
+        runs.push((
+            format!("disks throttled to {device_iops} IOPS and {device_mibps} MiB/s each (device-bound)"),
+            Some(Throttle {
+                iops: device_iops,
+                bytes_per_s: u64::from(device_mibps) * MIB,
+            }),
+        ));
+    }
+    for (title, throttle) in runs {
+        match run_bench(&settings, throttle) {
+            Ok(table) => println!("### {title}\n\n{table}"),
+            Err(e) => {
+                eprintln!("benchmark failed ({title}): {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
+    ExitCode::SUCCESS
 }

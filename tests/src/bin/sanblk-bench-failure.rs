@@ -17,8 +17,6 @@
 //! fio job, default 6), SANBLK_BENCH_ROUNDS (fio rounds, default 3), SANBLK_BENCH_KERNEL and
 //! SANBLK_BENCH_MODULE (as for `sanblk-bench-datapath`).
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +24,7 @@ use std::time::{Duration, Instant};
 use sanblk_tests::bench::{self, setting};
 use sanblk_tests::fio::{self, JOBS};
 use sanblk_tests::server::free_port;
-use sanblk_tests::{dm_san, run, scratch_dir, target_bin, SandServer, VmConfig};
+use sanblk_tests::{dm_san, filled_image, run, scratch_dir, target_bin, SandServer, VmConfig};
 
 const MIB: u64 = 1 << 20;
 /// Size of each part-1 volume.
@@ -42,26 +40,6 @@ impl Drop for ChildGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// A file of `bytes` bytes filled with a non-zero pattern, so reads hit allocated blocks on
-/// both sides of the throughput comparison.
-fn filled_image(path: &Path, bytes: u64) -> Result<(), String> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let chunk: Vec<u8> = (0..MIB)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8 | 1)
-        .collect();
-    for _ in 0..bytes / MIB {
-        file.write_all(&chunk)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    file.sync_all()
-        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// `qemu-nbd` serving `image` as export `bench` on 127.0.0.1:`port`, O_DIRECT like sand.
@@ -253,11 +231,14 @@ fn run_bench(settings: &Settings) -> Result<String, String> {
     let io_port = server.io_port()?;
     let san = dir.join("san0.img");
     let nbd_image = dir.join("nbd.img");
-    filled_image(
+    let fill = |path: &Path, bytes: u64| {
+        filled_image(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    fill(
         &san,
         (u64::from(settings.faults) * FAULT_VOLUME_MIB + TPUT_MIB + 64) * MIB,
     )?;
-    filled_image(&nbd_image, TPUT_MIB * MIB)?;
+    fill(&nbd_image, TPUT_MIB * MIB)?;
     server.pool_add(&san);
     let mut volumes: Vec<(String, u64)> = (0..settings.faults)
         .map(|i| (format!("f{i}"), FAULT_VOLUME_MIB))
