@@ -97,17 +97,33 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
     let preflush = opf & REQ_PREFLUSH != 0;
     // One RCU read section maps the whole bio, so it sees exactly one epoch; what the rest
     // needs (targets resolved to device slots) is copied out, since allocating may sleep.
-    let Some(mapped) = volume.with_map(|map| Mapped::new(map, offset, size as u64, preflush)) else {
-        return fail_bio(bio, BLK_STS_IOERR);
-    };
-    if let Some((slots, count)) = &mapped.all_slots {
-        flush_all_devices(volume, &slots[..*count], bio, mapped.epoch);
+    let mapped = if preflush {
+        // Only a PREFLUSH copies every device slot of the map (in the same section).
+        let mut slots = [u32::MAX; MAX_VOLUME_DEVICES];
+        let mut count = 0;
+        let mapped = volume.with_map(|map| {
+            for (dst, src) in slots.iter_mut().zip(map.slots.iter()) {
+                *dst = *src;
+                count += 1;
+            }
+            Mapped::new(map, offset, size as u64, true)
+        });
+        let Some(mapped) = mapped else {
+            return fail_bio(bio, BLK_STS_IOERR);
+        };
+        flush_all_devices(volume, &slots[..count], bio, mapped.epoch);
         if size == 0 {
             // SAFETY: drops the submission reference; completes once the flushes do.
             unsafe { bindings::bio_endio(bio) };
             return;
         }
-    }
+        mapped
+    } else {
+        match volume.with_map(|map| Mapped::new(map, offset, size as u64, false)) {
+            Some(mapped) => mapped,
+            None => return fail_bio(bio, BLK_STS_IOERR),
+        }
+    };
     let piece = mapped.piece;
     let mut bio = bio;
     if piece.length < size as u64 {
@@ -193,32 +209,21 @@ struct Mapped {
     /// The front piece, its targets' `device` already translated to volume device slots.
     piece: Piece,
     epoch: u64,
-    /// Every device slot of the map and how many there are, only for a PREFLUSH (left out
-    /// otherwise: no 256-byte copy per bio on the hot path).
-    all_slots: Option<([u32; MAX_VOLUME_DEVICES], usize)>,
 }
 
 impl Mapped {
     /// `None` when the range lies outside the map (an empty PREFLUSH maps to a zero-length piece).
+    #[inline]
     fn new(map: &MapState, offset: u64, length: u64, preflush: bool) -> Option<Mapped> {
         let mut piece = if length == 0 && preflush {
             Piece { length: 0, target_count: 0, targets: [Target { device: 0, offset: 0 }; MAX_MEMBERS] }
         } else {
-            map.view().map(offset, length)?
+            map.map(offset, length)?
         };
         for target in piece.targets.iter_mut().take(piece.target_count as usize) {
             target.device = slot_of(&map.slots, target.device);
         }
-        let all_slots = preflush.then(|| {
-            let mut slots = [u32::MAX; MAX_VOLUME_DEVICES];
-            let mut count = 0;
-            for (dst, src) in slots.iter_mut().zip(map.slots.iter()) {
-                *dst = *src;
-                count += 1;
-            }
-            (slots, count)
-        });
-        Some(Mapped { piece, epoch: map.epoch, all_slots })
+        Some(Mapped { piece, epoch: map.epoch })
     }
 }
 

@@ -12,7 +12,7 @@ use kernel::sync::{Arc, ArcBorrow, Mutex, SpinLock};
 use kernel::types::Opaque;
 
 use crate::abi::MAX_TOKEN_BYTES;
-use crate::abi_map::MapView;
+use crate::abi_map::{Extent, MapView, Piece};
 use crate::device::SanDevice;
 use crate::remap;
 use crate::server::{ServerAddrs, ServerPath, FRONT_PAD};
@@ -36,6 +36,8 @@ const BLK_FEAT_FUA: bindings::blk_features_t = 1 << 1;
 /// are set once per volume and outlive every map.
 pub(crate) struct MapState {
     bytes: KVec<u8>,
+    /// The extents decoded once, in volume order, so mapping a bio decodes nothing.
+    extents: KVec<Extent>,
     pub(crate) epoch: u64,
     pub(crate) size: u64,
     /// For each entry of this map's device table, the volume's device slot.
@@ -51,7 +53,24 @@ impl MapState {
         bytes
             .extend_from_slice(raw, GFP_KERNEL)
             .map_err(|_| (ENOMEM, "out of memory"))?;
-        Ok(MapState { bytes, epoch: header.epoch, size: header.size, slots: KVec::new() })
+        let mut extents =
+            KVec::with_capacity(header.extent_count as usize, GFP_KERNEL).map_err(|_| (ENOMEM, "out of memory"))?;
+        for index in 0..header.extent_count {
+            extents.push(view.extent(index), GFP_KERNEL).map_err(|_| (ENOMEM, "out of memory"))?;
+        }
+        Ok(MapState { bytes, extents, epoch: header.epoch, size: header.size, slots: KVec::new() })
+    }
+
+    /// The first piece of an I/O of `length` bytes at volume `offset` (the submit_bio lookup:
+    /// a binary search over the decoded extents); `None` if it starts beyond the volume.
+    #[inline]
+    pub(crate) fn map(&self, offset: u64, length: u64) -> Option<Piece> {
+        if offset >= self.size {
+            return None;
+        }
+        let after = self.extents.partition_point(|extent| extent.volume_offset <= offset);
+        let extent = self.extents.get(after.checked_sub(1)?)?;
+        Some(extent.piece(offset - extent.volume_offset, length))
     }
 
     pub(crate) fn view(&self) -> MapView<'_> {

@@ -81,6 +81,46 @@ impl Extent {
         &self.members[..self.member_count as usize]
     }
 
+    /// The first piece of an I/O of `length` bytes starting `within` bytes into this extent
+    /// (`within` < `length` of the extent): its targets and how much of the I/O it covers.
+    #[inline]
+    pub fn piece(&self, within: u64, length: u64) -> Piece {
+        let mut piece = Piece {
+            length: 0,
+            target_count: 0,
+            targets: [Target {
+                device: 0,
+                offset: 0,
+            }; MAX_MEMBERS],
+        };
+        match self.kind {
+            ExtentKind::Replicated => {
+                piece.length = length.min(self.length - within);
+                for (slot, member) in piece.targets.iter_mut().zip(self.members()) {
+                    *slot = Target {
+                        device: member.device,
+                        offset: member.offset + within,
+                    };
+                }
+                piece.target_count = self.member_count;
+            }
+            ExtentKind::Striped => {
+                let unit = self.stripe_unit as u64;
+                let count = self.member_count as u64;
+                let chunk = within / unit;
+                let member = self.members[(chunk % count) as usize];
+                let member_offset = (chunk / count) * unit + within % unit;
+                piece.length = length.min(unit - within % unit);
+                piece.targets[0] = Target {
+                    device: member.device,
+                    offset: member.offset + member_offset,
+                };
+                piece.target_count = 1;
+            }
+        }
+        piece
+    }
+
     /// Bytes of each member's device this extent occupies.
     pub fn member_span(&self) -> u64 {
         match self.kind {
@@ -528,41 +568,7 @@ impl<'a> MapView<'a> {
     /// piece and that piece's length. `None` if the I/O starts beyond the volume.
     pub fn map(&self, offset: u64, length: u64) -> Option<Piece> {
         let extent = self.extent(self.find_extent(offset)?);
-        let within = offset - extent.volume_offset;
-        let mut piece = Piece {
-            length: 0,
-            target_count: 0,
-            targets: [Target {
-                device: 0,
-                offset: 0,
-            }; MAX_MEMBERS],
-        };
-        match extent.kind {
-            ExtentKind::Replicated => {
-                piece.length = length.min(extent.length - within);
-                for (slot, member) in piece.targets.iter_mut().zip(extent.members()) {
-                    *slot = Target {
-                        device: member.device,
-                        offset: member.offset + within,
-                    };
-                }
-                piece.target_count = extent.member_count;
-            }
-            ExtentKind::Striped => {
-                let unit = extent.stripe_unit as u64;
-                let count = extent.member_count as u64;
-                let chunk = within / unit;
-                let member = extent.members[(chunk % count) as usize];
-                let member_offset = (chunk / count) * unit + within % unit;
-                piece.length = length.min(unit - within % unit);
-                piece.targets[0] = Target {
-                    device: member.device,
-                    offset: member.offset + member_offset,
-                };
-                piece.target_count = 1;
-            }
-        }
-        Some(piece)
+        Some(extent.piece(offset - extent.volume_offset, length))
     }
 }
 

@@ -7,7 +7,9 @@
 //! on real hardware; the table measures what each driver delivers of the device's capacity).
 //! Settings: SANBLK_BENCH_RUNTIME, SANBLK_BENCH_ROUNDS, SANBLK_BENCH_CPUS (guest vCPUs,
 //! default 2), SANBLK_BENCH_DEVICE_IOPS and SANBLK_BENCH_DEVICE_MIBPS (the throttled run's
-//! limit, default 4000 IOPS and 300 MiB/s; 0 IOPS skips that run).
+//! limit, default 4000 IOPS and 300 MiB/s; 0 IOPS skips that run), SANBLK_BENCH_PROFILE=1
+//! (after the unthrottled rounds, one more 4 KiB random-read run per target under
+//! `perf record -a` in the guest; prints each target's hottest kernel symbols).
 //! `make bench` boots the non-debug bench kernel (SANBLK_BENCH_KERNEL, a bzImage) with a
 //! module built for it (SANBLK_BENCH_MODULE); without them, the debug test kernel and module.
 
@@ -31,6 +33,35 @@ struct Settings {
     runtime_s: u32,
     rounds: u32,
     cpus: u32,
+    profile: bool,
+}
+
+/// The random-read job, the one profiled.
+const PROFILED_JOB: usize = 2;
+/// Lines of each target's perf report printed (symbols above 0.3 % of samples).
+const PROFILE_LINES: usize = 14;
+
+/// Guest commands profiling the random-read job once per target (round index `round`, after
+/// the measured rounds); reports in `profile-<target>.txt`.
+fn profile_script(runtime_s: u32, round: u32) -> String {
+    let mut script = String::from(
+        "echo 0 > /proc/sys/kernel/kptr_restrict\necho -1 > /proc/sys/kernel/perf_event_paranoid\n",
+    );
+    let job = &JOBS[PROFILED_JOB];
+    for (target, device) in TARGETS {
+        let size = if target == "raw" {
+            format!("--size={TARGET_MIB}M")
+        } else {
+            String::new()
+        };
+        script.push_str(&format!(
+            "perf record -q -a -F 997 -o /run/{target}.perf -- {fio}\
+             perf report -i /run/{target}.perf --stdio --no-children --sort sym \
+             --percent-limit 0.3 2>/dev/null | grep -v '^#' | grep -v '^$' > profile-{target}.txt\n",
+            fio = fio::command(job, target, device, &size, runtime_s, round),
+        ));
+    }
+    script
 }
 
 /// A per-disk service limit: requests and bytes per second.
@@ -45,7 +76,9 @@ fn run_bench(settings: &Settings, throttle: Option<Throttle>) -> Result<String, 
         runtime_s,
         rounds,
         cpus,
+        profile,
     } = *settings;
+    let profile = profile && throttle.is_none();
     let dir = scratch_dir("bench-datapath").map_err(|e| e.to_string())?;
     for i in 0..3 {
         filled_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB)
@@ -72,6 +105,9 @@ fn run_bench(settings: &Settings, throttle: Option<Throttle>) -> Result<String, 
                 script.push_str(&fio::command(job, target, device, &size, runtime_s, round));
             }
         }
+    }
+    if profile {
+        script.push_str(&profile_script(runtime_s, rounds));
     }
     script.push_str("dmsetup remove bench-linear\n");
     let mut config = VmConfig::new("bench-datapath", &script)
@@ -131,6 +167,31 @@ fn run_bench(settings: &Settings, throttle: Option<Throttle>) -> Result<String, 
             per_round(1),
         ));
     }
+    if profile {
+        table.push_str(&format!(
+            "\nProfile of {} (one more run per target under `perf record -a -F 997`):\n",
+            JOBS[PROFILED_JOB].name
+        ));
+        for (target, _) in TARGETS {
+            let job = &JOBS[PROFILED_JOB];
+            let json = outcome
+                .read_out_file(&fio::output_name(target, job, rounds))
+                .map_err(|e| format!("{target} profile run: {e}"))?;
+            let report = outcome
+                .read_out_file(&format!("profile-{target}.txt"))
+                .map_err(|e| format!("{target} profile: {e}"))?;
+            table.push_str(&format!(
+                "\n{target}: {:.0} {}\n```\n",
+                fio::value(&json, job.metric)?,
+                job.metric.unit()
+            ));
+            for line in report.lines().take(PROFILE_LINES) {
+                table.push_str(line.trim_end());
+                table.push('\n');
+            }
+            table.push_str("```\n");
+        }
+    }
     Ok(table)
 }
 
@@ -139,6 +200,7 @@ fn main() -> ExitCode {
         runtime_s: setting("SANBLK_BENCH_RUNTIME", 6),
         rounds: setting("SANBLK_BENCH_ROUNDS", 3).max(1),
         cpus: setting("SANBLK_BENCH_CPUS", 2).max(1),
+        profile: setting("SANBLK_BENCH_PROFILE", 0) == 1,
     };
     let device_iops = setting("SANBLK_BENCH_DEVICE_IOPS", 4000);
     let device_mibps = setting("SANBLK_BENCH_DEVICE_MIBPS", 300).max(1);
