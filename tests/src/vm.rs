@@ -546,6 +546,27 @@ mod tests {
     }
 
     #[test]
+    fn throttled_disk_gets_qemu_io_limits() {
+        let config = VmConfig::new("t", "true").disk_spec(Disk::ThrottledImageFile {
+            path: "/images/lun.img".into(),
+            iops: 4000,
+            bytes_per_s: 300 << 20,
+        });
+        let args = qemu_args(
+            &config,
+            Path::new("/k/bzImage"),
+            Path::new("/logs/run1"),
+            Path::new("/repo/qemu/guest-init.sh"),
+        )
+        .expect("valid config");
+        let drive = &args[args.iter().position(|a| a == "-drive").expect("-drive") + 1];
+        assert!(drive.starts_with("file=/images/lun.img,format=raw,cache=none,"));
+        assert!(drive.contains(
+            ",throttling.iops-total=4000,throttling.bps-total=314572800,if=none,id=disk0"
+        ));
+    }
+
+    #[test]
     fn guest_init_path_with_spaces_is_rejected() {
         let result = qemu_args(
             &VmConfig::new("t", "true"),
