@@ -12,7 +12,7 @@ use kernel::sync::{Arc, ArcBorrow, Mutex, SpinLock};
 use kernel::types::Opaque;
 
 use crate::abi::MAX_TOKEN_BYTES;
-use crate::abi_map::{Extent, MapView, Piece};
+use crate::abi_map::{piece_at, Extent, MapView, Piece};
 use crate::device::SanDevice;
 use crate::remap;
 use crate::server::{ServerAddrs, ServerPath, FRONT_PAD};
@@ -65,12 +65,7 @@ impl MapState {
     /// a binary search over the decoded extents); `None` if it starts beyond the volume.
     #[inline]
     pub(crate) fn map(&self, offset: u64, length: u64) -> Option<Piece> {
-        if offset >= self.size {
-            return None;
-        }
-        let after = self.extents.partition_point(|extent| extent.volume_offset <= offset);
-        let extent = self.extents.get(after.checked_sub(1)?)?;
-        Some(extent.piece(offset - extent.volume_offset, length))
+        piece_at(self.extents.len() as u32, |i| &self.extents[i as usize], self.size, offset, length)
     }
 
     pub(crate) fn view(&self) -> MapView<'_> {

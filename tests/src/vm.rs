@@ -441,20 +441,22 @@ fn qemu_args(
     ]);
     // Disks first so they get the lowest PCI slots and /dev/vda.. follow the order added.
     for (index, disk) in config.disks.iter().enumerate() {
-        let drive = match disk {
-            Disk::ImageFile(path) => format!(
+        let image_drive = |path: &Path| -> Result<String, HarnessError> {
+            Ok(format!(
                 "file={},format=raw,cache=none,file.locking=off,werror=report,rerror=report",
                 qemu_path(path)?
-            ),
+            ))
+        };
+        let drive = match disk {
+            Disk::ImageFile(path) => image_drive(path)?,
             Disk::RawDriveSpec(spec) => spec.clone(),
             Disk::ThrottledImageFile {
                 path,
                 iops,
                 bytes_per_s,
             } => format!(
-                "file={},format=raw,cache=none,file.locking=off,werror=report,rerror=report,\
-                 throttling.iops-total={iops},throttling.bps-total={bytes_per_s}",
-                qemu_path(path)?
+                "{},throttling.iops-total={iops},throttling.bps-total={bytes_per_s}",
+                image_drive(path)?
             ),
         };
         args.push("-drive".to_string());
@@ -514,6 +516,22 @@ pub(crate) fn log_tail(log: &str, lines: usize) -> String {
 mod tests {
     use super::*;
 
+    /// The QEMU arguments of `config` with fixed kernel, log and guest-init paths.
+    fn args_of(config: &VmConfig) -> Vec<String> {
+        qemu_args(
+            config,
+            Path::new("/k/bzImage"),
+            Path::new("/logs/run1"),
+            Path::new("/repo/qemu/guest-init.sh"),
+        )
+        .expect("valid config")
+    }
+
+    /// The argument following the first `flag`.
+    fn value_after<'a>(args: &'a [String], flag: &str) -> &'a str {
+        &args[args.iter().position(|a| a == flag).expect(flag) + 1]
+    }
+
     #[test]
     fn qemu_args_attach_disks_ports_and_shares() {
         let config = VmConfig::new("t", "true")
@@ -525,13 +543,7 @@ mod tests {
             .memory_mb(512)
             .cpus(1)
             .kernel_arg("foo=bar");
-        let args = qemu_args(
-            &config,
-            Path::new("/k/bzImage"),
-            Path::new("/logs/run1"),
-            Path::new("/repo/qemu/guest-init.sh"),
-        )
-        .expect("valid config");
+        let args = args_of(&config);
         let joined = args.join(" ");
         assert!(joined.contains("-drive file=/images/a,,b.img,format=raw,cache=none,"));
         assert!(joined.contains("werror=report,rerror=report,if=none,id=disk0"));
@@ -540,7 +552,7 @@ mod tests {
         assert!(joined.contains("guestfwd=tcp:10.0.2.100:4000-cmd:busybox nc 127.0.0.1 4000"));
         assert!(joined.contains("-smp 1 -m 512 -kernel /k/bzImage"));
         assert!(joined.contains("path=/logs/run1/serial.log"));
-        let append = &args[args.iter().position(|a| a == "-append").expect("-append") + 1];
+        let append = value_after(&args, "-append");
         assert!(append.contains("init=/repo/qemu/guest-init.sh"));
         assert!(append.ends_with(" foo=bar"));
     }
@@ -552,14 +564,8 @@ mod tests {
             iops: 4000,
             bytes_per_s: 300 << 20,
         });
-        let args = qemu_args(
-            &config,
-            Path::new("/k/bzImage"),
-            Path::new("/logs/run1"),
-            Path::new("/repo/qemu/guest-init.sh"),
-        )
-        .expect("valid config");
-        let drive = &args[args.iter().position(|a| a == "-drive").expect("-drive") + 1];
+        let args = args_of(&config);
+        let drive = value_after(&args, "-drive");
         assert!(drive.starts_with("file=/images/lun.img,format=raw,cache=none,"));
         assert!(drive.contains(
             ",throttling.iops-total=4000,throttling.bps-total=314572800,if=none,id=disk0"

@@ -547,29 +547,46 @@ impl<'a> MapView<'a> {
         })
     }
 
-    /// Index of the extent containing byte `offset`, by binary search.
-    pub fn find_extent(&self, offset: u64) -> Option<u32> {
-        if offset >= self.header.size {
-            return None;
-        }
-        let (mut low, mut high) = (0u32, self.header.extent_count);
-        while low + 1 < high {
-            let mid = low + (high - low) / 2;
-            if self.extent(mid).volume_offset <= offset {
-                low = mid;
-            } else {
-                high = mid;
-            }
-        }
-        Some(low)
-    }
-
-    /// Maps the start of an I/O of `length` bytes at volume `offset`: the targets of its first
-    /// piece and that piece's length. `None` if the I/O starts beyond the volume.
+    /// Maps the start of an I/O of `length` bytes at volume `offset`: see [`piece_at`].
     pub fn map(&self, offset: u64, length: u64) -> Option<Piece> {
-        let extent = self.extent(self.find_extent(offset)?);
-        Some(extent.piece(offset - extent.volume_offset, length))
+        piece_at(
+            self.header.extent_count,
+            |i| self.extent(i),
+            self.header.size,
+            offset,
+            length,
+        )
     }
+}
+
+/// Maps the start of an I/O of `length` bytes at volume `offset` of a `size`-byte volume: the
+/// targets of its first piece and that piece's length. `extent_at(i)` gives extent `i` of
+/// `count` (by value or by reference), sorted and contiguous from 0 to `size` (as validation guarantees); the one holding
+/// `offset` is found by binary search. `None` if the I/O starts beyond the volume. Shared by
+/// [`MapView::map`] and the kernel module's per-bio lookup over extents it decoded once.
+#[inline]
+pub fn piece_at<E: core::borrow::Borrow<Extent>>(
+    count: u32,
+    extent_at: impl Fn(u32) -> E,
+    size: u64,
+    offset: u64,
+    length: u64,
+) -> Option<Piece> {
+    if offset >= size || count == 0 {
+        return None;
+    }
+    let (mut low, mut high) = (0u32, count);
+    while low + 1 < high {
+        let mid = low + (high - low) / 2;
+        if extent_at(mid).borrow().volume_offset <= offset {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    let extent = extent_at(low);
+    let extent = extent.borrow();
+    Some(extent.piece(offset - extent.volume_offset, length))
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! `make bench` (data path): fio in one guest, one run, equal-sized targets on three identical
 //! virtio disks: the raw disk, dm-linear over a disk, and a sanblk linear volume over a disk.
 //! Prints a markdown table of throughput and the ratios against raw and dm-linear, twice:
-//! with the disks unthrottled (under TCG the emulated CPU is then the bottleneck, so the table
-//! measures each driver's CPU cost per I/O, magnified by emulation) and with every disk
+//! with the disks unthrottled (under TCG the emulated CPU and QEMU's emulation of the virtio
+//! disks are then the bottleneck, and each driver's CPU cost per I/O counts, magnified) and with every disk
 //! throttled by QEMU to the same service limit (the device is the bottleneck, as a SAN LUN is
 //! on real hardware; the table measures what each driver delivers of the device's capacity).
 //! Settings: SANBLK_BENCH_RUNTIME, SANBLK_BENCH_ROUNDS, SANBLK_BENCH_CPUS (guest vCPUs,
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use sanblk_tests::bench::{self, setting};
 use sanblk_tests::fio::{self, JOBS};
-use sanblk_tests::{filled_image, run, scratch_dir, target_bin, Disk, VmConfig};
+use sanblk_tests::{filled_image, run, scratch_dir, target_bin, Disk, GuestOutcome, VmConfig};
 
 const MIB: u64 = 1 << 20;
 const TARGET_MIB: u64 = 256;
@@ -36,6 +36,15 @@ struct Settings {
     profile: bool,
 }
 
+/// fio's size argument for `target`: the raw disk is larger than the others' 256 MiB.
+fn size_arg(target: &str) -> String {
+    if target == "raw" {
+        format!("--size={TARGET_MIB}M")
+    } else {
+        String::new()
+    }
+}
+
 /// The random-read job, the one profiled.
 const PROFILED_JOB: usize = 2;
 /// Lines of each target's perf report printed (symbols above 0.3 % of samples).
@@ -49,19 +58,42 @@ fn profile_script(runtime_s: u32, round: u32) -> String {
     );
     let job = &JOBS[PROFILED_JOB];
     for (target, device) in TARGETS {
-        let size = if target == "raw" {
-            format!("--size={TARGET_MIB}M")
-        } else {
-            String::new()
-        };
         script.push_str(&format!(
             "perf record -q -a -F 997 -o /run/{target}.perf -- {fio}\
              perf report -i /run/{target}.perf --stdio --no-children --sort sym \
              --percent-limit 0.3 2>/dev/null | grep -v '^#' | grep -v '^$' > profile-{target}.txt\n",
-            fio = fio::command(job, target, device, &size, runtime_s, round),
+            fio = fio::command(job, target, device, &size_arg(target), runtime_s, round),
         ));
     }
     script
+}
+
+/// The profiled run's figure and hottest symbols per target, from [`profile_script`]'s files.
+fn profile_report(outcome: &GuestOutcome, round: u32) -> Result<String, String> {
+    let job = &JOBS[PROFILED_JOB];
+    let mut report = format!(
+        "\nProfile of {} (one more run per target under `perf record -a -F 997`):\n",
+        job.name
+    );
+    for (target, _) in TARGETS {
+        let json = outcome
+            .read_out_file(&fio::output_name(target, job, round))
+            .map_err(|e| format!("{target} profile run: {e}"))?;
+        let symbols = outcome
+            .read_out_file(&format!("profile-{target}.txt"))
+            .map_err(|e| format!("{target} profile: {e}"))?;
+        report.push_str(&format!(
+            "\n{target}: {:.0} {}\n```\n",
+            fio::value(&json, job.metric)?,
+            job.metric.unit()
+        ));
+        for line in symbols.lines().take(PROFILE_LINES) {
+            report.push_str(line.trim_end());
+            report.push('\n');
+        }
+        report.push_str("```\n");
+    }
+    Ok(report)
 }
 
 /// A per-disk service limit: requests and bytes per second.
@@ -97,12 +129,14 @@ fn run_bench(settings: &Settings, throttle: Option<Throttle>) -> Result<String, 
     for round in 0..rounds {
         for job in &JOBS {
             for &(target, device) in fio::rotated(&TARGETS, round) {
-                let size = if target == "raw" {
-                    format!("--size={TARGET_MIB}M")
-                } else {
-                    String::new()
-                };
-                script.push_str(&fio::command(job, target, device, &size, runtime_s, round));
+                script.push_str(&fio::command(
+                    job,
+                    target,
+                    device,
+                    &size_arg(target),
+                    runtime_s,
+                    round,
+                ));
             }
         }
     }
@@ -168,29 +202,7 @@ fn run_bench(settings: &Settings, throttle: Option<Throttle>) -> Result<String, 
         ));
     }
     if profile {
-        table.push_str(&format!(
-            "\nProfile of {} (one more run per target under `perf record -a -F 997`):\n",
-            JOBS[PROFILED_JOB].name
-        ));
-        for (target, _) in TARGETS {
-            let job = &JOBS[PROFILED_JOB];
-            let json = outcome
-                .read_out_file(&fio::output_name(target, job, rounds))
-                .map_err(|e| format!("{target} profile run: {e}"))?;
-            let report = outcome
-                .read_out_file(&format!("profile-{target}.txt"))
-                .map_err(|e| format!("{target} profile: {e}"))?;
-            table.push_str(&format!(
-                "\n{target}: {:.0} {}\n```\n",
-                fio::value(&json, job.metric)?,
-                job.metric.unit()
-            ));
-            for line in report.lines().take(PROFILE_LINES) {
-                table.push_str(line.trim_end());
-                table.push('\n');
-            }
-            table.push_str("```\n");
-        }
+        table.push_str(&profile_report(&outcome, rounds)?);
     }
     Ok(table)
 }
