@@ -362,6 +362,16 @@ fn qemu_path(path: &Path) -> Result<String, HarnessError> {
         .ok_or_else(|| HarnessError::Config(format!("path {} is not UTF-8", path.display())))
 }
 
+/// QEMU's `-smp` value for `cpus` vCPUs. Never a machine of at most one CPU: TCG before QEMU
+/// 8.1 (Debian 12 ships 7.2) drops every guest memory barrier when `maxcpus` is 1, yet QEMU's
+/// own threads still complete virtio requests concurrently with the vCPU, so the ring
+/// handshake can lose a completion interrupt and a guest's I/O stalls for good (upstream fix
+/// c914d46d0a, "tcg: Do not elide memory barriers for !CF_PARALLEL in system mode").
+/// A second, offline, possible CPU makes TCG emit the barriers.
+fn smp_arg(cpus: u32) -> String {
+    format!("{cpus},maxcpus={}", cpus.max(2))
+}
+
 /// The QEMU command line (without the binary) for `config`.
 fn qemu_args(
     config: &VmConfig,
@@ -419,7 +429,7 @@ fn qemu_args(
     .collect();
     args.extend([
         "-smp".to_string(),
-        config.cpus.to_string(),
+        smp_arg(config.cpus),
         "-m".to_string(),
         config.memory_mb.to_string(),
         "-kernel".to_string(),
@@ -550,7 +560,7 @@ mod tests {
         assert!(joined.contains("-drive file=nbd:127.0.0.1:10809,format=raw,if=none,id=disk1"));
         assert!(joined.contains("virtio-blk-pci,drive=disk1,share-rw=on,serial=sanblk1"));
         assert!(joined.contains("guestfwd=tcp:10.0.2.100:4000-cmd:busybox nc 127.0.0.1 4000"));
-        assert!(joined.contains("-smp 1 -m 512 -kernel /k/bzImage"));
+        assert!(joined.contains("-smp 1,maxcpus=2 -m 512 -kernel /k/bzImage"));
         assert!(joined.contains("path=/logs/run1/serial.log"));
         let append = value_after(&args, "-append");
         assert!(append.contains("init=/repo/qemu/guest-init.sh"));
