@@ -38,6 +38,7 @@ pub struct VmConfig {
     pub(crate) env: Vec<(String, String)>,
     pub(crate) kernel: Option<PathBuf>,
     pub(crate) kernel_args: Vec<String>,
+    pub(crate) instruction_clock_shift: Option<u8>,
 }
 
 impl VmConfig {
@@ -57,6 +58,7 @@ impl VmConfig {
             env: Vec::new(),
             kernel: None,
             kernel_args: Vec::new(),
+            instruction_clock_shift: None,
         }
     }
 
@@ -109,6 +111,14 @@ impl VmConfig {
     /// Appends a kernel command-line parameter (e.g. `sanblk.dyndbg=+p`).
     pub fn kernel_arg(mut self, arg: &str) -> Self {
         self.kernel_args.push(arg.to_string());
+        self
+    }
+
+    /// Runs the guest on QEMU's instruction-counting clock (`-icount shift=N,sleep=on`): guest
+    /// time advances 2^N ns per executed instruction (idle time still passes in real time),
+    /// so a CPU-bound guest measures its work in instructions, not in the host's varying speed.
+    pub fn instruction_clock(mut self, shift: u8) -> Self {
+        self.instruction_clock_shift = Some(shift);
         self
     }
 

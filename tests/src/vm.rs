@@ -427,6 +427,9 @@ fn qemu_args(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Some(shift) = config.instruction_clock_shift {
+        args.extend(["-icount".to_string(), format!("shift={shift},sleep=on")]);
+    }
     args.extend([
         "-smp".to_string(),
         smp_arg(config.cpus),
@@ -565,6 +568,13 @@ mod tests {
         let append = value_after(&args, "-append");
         assert!(append.contains("init=/repo/qemu/guest-init.sh"));
         assert!(append.ends_with(" foo=bar"));
+    }
+
+    #[test]
+    fn instruction_clock_is_passed_to_qemu() {
+        let args = args_of(&VmConfig::new("t", "true").instruction_clock(3));
+        assert_eq!(value_after(&args, "-icount"), "shift=3,sleep=on");
+        assert!(!args_of(&VmConfig::new("t", "true")).contains(&"-icount".to_string()));
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //! on real hardware; the table measures what each driver delivers of the device's capacity).
 //! Settings: SANBLK_BENCH_RUNTIME, SANBLK_BENCH_ROUNDS, SANBLK_BENCH_CPUS (guest vCPUs,
 //! default 2), SANBLK_BENCH_DEVICE_IOPS and SANBLK_BENCH_DEVICE_MIBPS (the throttled run's
-//! limit, default 4000 IOPS and 300 MiB/s; 0 IOPS skips that run), SANBLK_BENCH_PROFILE=1
+//! limit, default 4000 IOPS and 300 MiB/s; 0 IOPS skips that run), SANBLK_BENCH_ICOUNT_SHIFT
+//! (a third run, unthrottled, on QEMU's instruction-counting clock at 2^shift ns per guest
+//! instruction, default 3; 0 skips it: CPU-bound throughput in guest instructions, free of the
+//! host's speed swings that move the plain unthrottled run ±20 %), SANBLK_BENCH_PROFILE=1
 //! (after the unthrottled rounds, one more 4 KiB random-read run per target under
 //! `perf record -a` in the guest; prints each target's hottest kernel symbols).
 //! `make bench` boots the non-debug bench kernel (SANBLK_BENCH_KERNEL, a bzImage) with a
@@ -103,14 +106,27 @@ struct Throttle {
     bytes_per_s: u64,
 }
 
-fn run_bench(settings: &Settings, throttle: Option<Throttle>) -> Result<String, String> {
+/// How the guest of one bench run is set up.
+#[derive(Clone, Copy)]
+struct RunKind {
+    /// Every disk limited to the same service rate (device-bound).
+    throttle: Option<Throttle>,
+    /// QEMU's instruction-counting clock with this shift (CPU-bound, measured in instructions).
+    instruction_clock_shift: Option<u8>,
+}
+
+fn run_bench(settings: &Settings, kind: RunKind) -> Result<String, String> {
     let Settings {
         runtime_s,
         rounds,
         cpus,
         profile,
     } = *settings;
-    let profile = profile && throttle.is_none();
+    let RunKind {
+        throttle,
+        instruction_clock_shift,
+    } = kind;
+    let profile = profile && throttle.is_none() && instruction_clock_shift.is_none();
     let dir = scratch_dir("bench-datapath").map_err(|e| e.to_string())?;
     for i in 0..3 {
         filled_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB)
@@ -147,6 +163,9 @@ fn run_bench(settings: &Settings, throttle: Option<Throttle>) -> Result<String, 
     let mut config = VmConfig::new("bench-datapath", &script)
         .cpus(cpus)
         .timeout(Duration::from_secs(1200));
+    if let Some(shift) = instruction_clock_shift {
+        config = config.instruction_clock(shift);
+    }
     for i in 0..3 {
         let path = dir.join(format!("disk{i}.img"));
         config = match throttle {
@@ -220,18 +239,44 @@ fn main() -> ExitCode {
         "fio: {} rounds of {} s per job and target, {} vCPUs; medians",
         settings.rounds, settings.runtime_s, settings.cpus
     );
-    let mut runs = vec![("disks unthrottled (CPU-bound under TCG)".to_string(), None)];
+    let icount_shift = setting("SANBLK_BENCH_ICOUNT_SHIFT", 3);
+    let unthrottled = RunKind {
+        throttle: None,
+        instruction_clock_shift: None,
+    };
+    let mut runs = vec![(
+        "disks unthrottled (CPU-bound under TCG)".to_string(),
+        unthrottled,
+    )];
+    if icount_shift > 0 {
+        // Bounded so the shift stays a valid QEMU setting (guest time 2^shift ns per instruction).
+        let shift = icount_shift.min(10) as u8;
+        runs.push((
+            format!(
+                "disks unthrottled, guest clock counting instructions ({} ns each): CPU-bound, \
+                 host speed taken out",
+                1u32 << shift
+            ),
+            RunKind {
+                instruction_clock_shift: Some(shift),
+                ..unthrottled
+            },
+        ));
+    }
     if device_iops > 0 {
         runs.push((
             format!("disks throttled to {device_iops} IOPS and {device_mibps} MiB/s each (device-bound)"),
-            Some(Throttle {
-                iops: device_iops,
-                bytes_per_s: u64::from(device_mibps) * MIB,
-            }),
+            RunKind {
+                throttle: Some(Throttle {
+                    iops: device_iops,
+                    bytes_per_s: u64::from(device_mibps) * MIB,
+                }),
+                ..unthrottled
+            },
         ));
     }
-    for (title, throttle) in runs {
-        match run_bench(&settings, throttle) {
+    for (title, kind) in runs {
+        match run_bench(&settings, kind) {
             Ok(table) => println!("### {title}\n\n{table}"),
             Err(e) => {
                 eprintln!("benchmark failed ({title}): {e}");
