@@ -1,10 +1,11 @@
 //! `make bench` (data path): fio in one guest, one run, equal-sized targets on three identical
 //! virtio disks: the raw disk, dm-linear over a disk, and a sanblk linear volume over a disk.
-//! Prints a markdown table of throughput and the ratios against raw and dm-linear, twice:
+//! Prints a markdown table of throughput and the ratios against raw and dm-linear per run:
 //! with the disks unthrottled (under TCG the emulated CPU and QEMU's emulation of the virtio
-//! disks are then the bottleneck, and each driver's CPU cost per I/O counts, magnified) and with every disk
-//! throttled by QEMU to the same service limit (the device is the bottleneck, as a SAN LUN is
-//! on real hardware; the table measures what each driver delivers of the device's capacity).
+//! disks are then the bottleneck, and each driver's CPU cost per I/O counts, magnified), the
+//! same on QEMU's instruction-counting clock (CPU cost counted in guest instructions), and with
+//! every disk throttled by QEMU to the same service limit (the device is the bottleneck, as a
+//! SAN LUN is on real hardware; the table measures what each driver delivers of its capacity).
 //! Settings: SANBLK_BENCH_RUNTIME, SANBLK_BENCH_ROUNDS, SANBLK_BENCH_CPUS (guest vCPUs,
 //! default 2), SANBLK_BENCH_DEVICE_IOPS and SANBLK_BENCH_DEVICE_MIBPS (the throttled run's
 //! limit, default 4000 IOPS and 300 MiB/s; 0 IOPS skips that run), SANBLK_BENCH_ICOUNT_SHIFT
@@ -105,6 +106,9 @@ struct Throttle {
     iops: u32,
     bytes_per_s: u64,
 }
+
+/// QEMU accepts shifts up to 10 (1 µs of guest time per instruction).
+const MAX_ICOUNT_SHIFT: u32 = 10;
 
 /// How the guest of one bench run is set up.
 #[derive(Clone, Copy)]
@@ -235,11 +239,18 @@ fn main() -> ExitCode {
     };
     let device_iops = setting("SANBLK_BENCH_DEVICE_IOPS", 4000);
     let device_mibps = setting("SANBLK_BENCH_DEVICE_MIBPS", 300).max(1);
+    let icount_shift = setting("SANBLK_BENCH_ICOUNT_SHIFT", 3);
+    if icount_shift > MAX_ICOUNT_SHIFT {
+        eprintln!(
+            "SANBLK_BENCH_ICOUNT_SHIFT={icount_shift}: at most {MAX_ICOUNT_SHIFT} \
+             (guest time 2^shift ns per instruction), or 0 to skip that run"
+        );
+        return ExitCode::FAILURE;
+    }
     println!(
         "fio: {} rounds of {} s per job and target, {} vCPUs; medians",
         settings.rounds, settings.runtime_s, settings.cpus
     );
-    let icount_shift = setting("SANBLK_BENCH_ICOUNT_SHIFT", 3);
     let unthrottled = RunKind {
         throttle: None,
         instruction_clock_shift: None,
@@ -249,8 +260,7 @@ fn main() -> ExitCode {
         unthrottled,
     )];
     if icount_shift > 0 {
-        // Bounded so the shift stays a valid QEMU setting (guest time 2^shift ns per instruction).
-        let shift = icount_shift.min(10) as u8;
+        let shift = icount_shift as u8;
         runs.push((
             format!(
                 "disks unthrottled, guest clock counting instructions ({} ns each): CPU-bound, \
