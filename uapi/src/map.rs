@@ -561,8 +561,8 @@ impl<'a> MapView<'a> {
 
 /// Maps the start of an I/O of `length` bytes at volume `offset` of a `size`-byte volume: the
 /// targets of its first piece and that piece's length. `extent_at(i)` gives extent `i` of
-/// `count` (by value or by reference), sorted and contiguous from 0 to `size` (as validation guarantees); the one holding
-/// `offset` is found by binary search. `None` if the I/O starts beyond the volume. Shared by
+/// `count` (by value or by reference), sorted and contiguous from 0 to `size` (as validation
+/// guarantees); the one holding `offset` is found by binary search. `None` if the I/O starts beyond the volume. Shared by
 /// [`MapView::map`] and the kernel module's per-bio lookup over extents it decoded once.
 #[inline]
 pub fn piece_at<E: core::borrow::Borrow<Extent>>(

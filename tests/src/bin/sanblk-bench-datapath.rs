@@ -112,11 +112,30 @@ const MAX_ICOUNT_SHIFT: u32 = 10;
 
 /// How the guest of one bench run is set up.
 #[derive(Clone, Copy)]
-struct RunKind {
+enum RunKind {
+    /// Disks unthrottled, guest on the host's clock (CPU-bound, host speed included).
+    WallClock,
+    /// Disks unthrottled, guest clock counting instructions at 2^shift ns each.
+    InstructionClock { shift: u8 },
     /// Every disk limited to the same service rate (device-bound).
-    throttle: Option<Throttle>,
-    /// QEMU's instruction-counting clock with this shift (CPU-bound, measured in instructions).
-    instruction_clock_shift: Option<u8>,
+    Throttled(Throttle),
+}
+
+impl RunKind {
+    fn title(self) -> String {
+        match self {
+            RunKind::WallClock => "disks unthrottled (CPU-bound under TCG)".to_string(),
+            RunKind::InstructionClock { shift } => format!(
+                "disks unthrottled, guest clock counting instructions ({} ns each): CPU-bound, \
+                 host speed taken out",
+                1u32 << shift
+            ),
+            RunKind::Throttled(Throttle { iops, bytes_per_s }) => format!(
+                "disks throttled to {iops} IOPS and {} MiB/s each (device-bound)",
+                bytes_per_s / MIB
+            ),
+        }
+    }
 }
 
 fn run_bench(settings: &Settings, kind: RunKind) -> Result<String, String> {
@@ -126,11 +145,7 @@ fn run_bench(settings: &Settings, kind: RunKind) -> Result<String, String> {
         cpus,
         profile,
     } = *settings;
-    let RunKind {
-        throttle,
-        instruction_clock_shift,
-    } = kind;
-    let profile = profile && throttle.is_none() && instruction_clock_shift.is_none();
+    let profile = profile && matches!(kind, RunKind::WallClock);
     let dir = scratch_dir("bench-datapath").map_err(|e| e.to_string())?;
     for i in 0..3 {
         filled_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB)
@@ -167,18 +182,20 @@ fn run_bench(settings: &Settings, kind: RunKind) -> Result<String, String> {
     let mut config = VmConfig::new("bench-datapath", &script)
         .cpus(cpus)
         .timeout(Duration::from_secs(1200));
-    if let Some(shift) = instruction_clock_shift {
+    if let RunKind::InstructionClock { shift } = kind {
         config = config.instruction_clock(shift);
     }
     for i in 0..3 {
         let path = dir.join(format!("disk{i}.img"));
-        config = match throttle {
-            Some(Throttle { iops, bytes_per_s }) => config.disk_spec(Disk::ThrottledImageFile {
-                path,
-                iops,
-                bytes_per_s,
-            }),
-            None => config.disk(path),
+        config = match kind {
+            RunKind::Throttled(Throttle { iops, bytes_per_s }) => {
+                config.disk_spec(Disk::ThrottledImageFile {
+                    path,
+                    iops,
+                    bytes_per_s,
+                })
+            }
+            _ => config.disk(path),
         };
     }
     let outcome = run(&bench::with_kernel(config)).map_err(|e| format!("{e:?}"))?;
@@ -251,41 +268,20 @@ fn main() -> ExitCode {
         "fio: {} rounds of {} s per job and target, {} vCPUs; medians",
         settings.rounds, settings.runtime_s, settings.cpus
     );
-    let unthrottled = RunKind {
-        throttle: None,
-        instruction_clock_shift: None,
-    };
-    let mut runs = vec![(
-        "disks unthrottled (CPU-bound under TCG)".to_string(),
-        unthrottled,
-    )];
+    let mut runs = vec![RunKind::WallClock];
     if icount_shift > 0 {
-        let shift = icount_shift as u8;
-        runs.push((
-            format!(
-                "disks unthrottled, guest clock counting instructions ({} ns each): CPU-bound, \
-                 host speed taken out",
-                1u32 << shift
-            ),
-            RunKind {
-                instruction_clock_shift: Some(shift),
-                ..unthrottled
-            },
-        ));
+        runs.push(RunKind::InstructionClock {
+            shift: icount_shift as u8,
+        });
     }
     if device_iops > 0 {
-        runs.push((
-            format!("disks throttled to {device_iops} IOPS and {device_mibps} MiB/s each (device-bound)"),
-            RunKind {
-                throttle: Some(Throttle {
-                    iops: device_iops,
-                    bytes_per_s: u64::from(device_mibps) * MIB,
-                }),
-                ..unthrottled
-            },
-        ));
+        runs.push(RunKind::Throttled(Throttle {
+            iops: device_iops,
+            bytes_per_s: u64::from(device_mibps) * MIB,
+        }));
     }
-    for (title, kind) in runs {
+    for kind in runs {
+        let title = kind.title();
         match run_bench(&settings, kind) {
             Ok(table) => println!("### {title}\n\n{table}"),
             Err(e) => {
