@@ -1,17 +1,22 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! The direct data path: `submit_bio` of a sanblk disk splits a bio at map boundaries and
-//! remaps each piece onto its SAN device(s) by cloning, as dm-linear does. No data is copied
-//! and nothing waits here beyond mempool allocations with guaranteed forward progress.
+//! remaps each piece onto its SAN device(s). A piece going to one device is remapped in place:
+//! the bio itself is sent on with its completion hooked (as dm-cache's `dm_hook_bio` does),
+//! which costs a small slab object instead of a clone; mirrored writes, PREFLUSHes and chained
+//! bios are cloned, as dm-linear does for every bio. No data is copied and nothing waits here
+//! beyond mempool allocations with guaranteed forward progress.
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::Ordering;
+use core::ffi::c_void;
+use core::ptr::addr_of_mut;
+use core::sync::atomic::{AtomicPtr, Ordering};
 use kernel::bindings;
 use kernel::prelude::*;
 
 use crate::abi_frame::{Op, FLAG_FUA};
 use crate::abi_map::{Piece, Target, MAX_MEMBERS};
-use crate::server::Piece as ServerPiece;
+use crate::server::{Piece as ServerPiece, PieceOwner};
 use crate::volume::{MapState, Volume, MAX_VOLUME_DEVICES};
 
 const BLK_STS_NOTSUPP: bindings::blk_status_t = 1;
@@ -31,12 +36,17 @@ struct PieceInfo {
 }
 const GFP_NOIO: bindings::gfp_t =
     (1 << bindings::___GFP_DIRECT_RECLAIM_BIT) | (1 << bindings::___GFP_KSWAPD_RECLAIM_BIT);
+/// Never waits; a failure is handled by cloning instead (whose pool guarantees progress).
+const GFP_NOWAIT: bindings::gfp_t =
+    (1 << bindings::___GFP_KSWAPD_RECLAIM_BIT) | (1 << bindings::___GFP_NOWARN_BIT);
+const BIO_CHAIN_FLAG: u16 = 1 << bindings::BIO_CHAIN;
 /// Mirrored reads alternate between replicas in chunks of this many bytes.
 const READ_BALANCE_SHIFT: u32 = 20;
 
 extern "C" {
     // `struct bio` as an opaque pointer: bindgen's layout is not FFI-safe by rustc's lints.
-    fn sanblk_bio_inc_remaining(bio: *mut core::ffi::c_void);
+    fn sanblk_bio_inc_remaining(bio: *mut c_void);
+    fn sanblk_bio_set_dev(bio: *mut c_void, bdev: *mut c_void);
 }
 
 struct BlockOps(UnsafeCell<bindings::block_device_operations>);
@@ -168,9 +178,19 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
     // Pieces touching a device already marked failed go straight to the server path (queued
     // for its thread: nothing here waits for the network).
     let redirect = info.op != 0 && volume.server.enabled();
+    // A chained bio's status may be set by its children, so its own device's failure could
+    // not be told apart: it is cloned, as is a PREFLUSH (its flag is stripped, see above).
+    // SAFETY: `bio` is live.
+    let in_place = !preflush && unsafe { (*bio).bi_flags } & BIO_CHAIN_FLAG == 0;
     if is_write {
         if redirect && targets.iter().any(|t| !device_healthy(volume, t.device)) {
             to_server(volume, bio, &info);
+        } else if let ([target], true) = (targets, in_place) {
+            if !remap_in_place(volume, bio, target.device, target.offset >> 9, &info) {
+                clone_to(volume, bio, target.device, target.offset >> 9, true, &info);
+            } else {
+                return;
+            }
         } else {
             for target in targets {
                 clone_to(volume, bio, target.device, target.offset >> 9, true, &info);
@@ -191,6 +211,8 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
                 let slot = target.device;
                 if redirect && !device_healthy(volume, slot) {
                     to_server(volume, bio, &info);
+                } else if in_place && remap_in_place(volume, bio, slot, target.offset >> 9, &info) {
+                    return;
                 } else {
                     clone_to(volume, bio, slot, target.offset >> 9, false, &info);
                 }
@@ -247,16 +269,167 @@ fn device_healthy(volume: &Volume, slot: u32) -> bool {
 /// `clone` is a live bio of the volume's bioset, cloned from `parent` and not yet submitted.
 unsafe fn fill_piece(clone: *mut bindings::bio, parent: *mut bindings::bio, info: &PieceInfo) {
     // SAFETY: the context lies in front of the clone in the same allocation (contract).
+    unsafe { record_piece(ServerPiece::of(clone), clone, parent, info, PieceOwner::Clone) };
+}
+
+/// Records in `piece` what the server path needs to re-issue `data` (its iterator and
+/// vector, as they are before submission) and to complete `parent`.
+///
+/// # Safety
+///
+/// `piece` is writable and ours; `data` is a live bio not yet submitted.
+unsafe fn record_piece(
+    piece: *mut ServerPiece,
+    data: *mut bindings::bio,
+    parent: *mut bindings::bio,
+    info: &PieceInfo,
+    owner: PieceOwner,
+) {
+    // SAFETY: see the function's contract.
     unsafe {
-        let piece = ServerPiece::of(clone);
         (*piece).parent = parent;
         (*piece).volume_offset = info.volume_offset;
         (*piece).epoch = info.epoch;
-        (*piece).iter = (*clone).bi_iter;
-        (*piece).bvecs = (*clone).bi_io_vec;
+        (*piece).iter = (*data).bi_iter;
+        (*piece).bvecs = (*data).bi_io_vec;
         (*piece).op = info.op;
         (*piece).flags = info.flags;
         (*piece).stale_retries = 0;
+        (*piece).owner = owner;
+    }
+}
+
+/// The context of a bio remapped in place: its server-path piece first (so a failed bio can
+/// be redirected like a failed clone), then what the remap replaced, restored on completion.
+#[repr(C)]
+pub(crate) struct InPlace {
+    piece: ServerPiece,
+    end_io: bindings::bio_end_io_t,
+    private: *mut c_void,
+    /// The sanblk disk's block device the bio was addressed to.
+    bdev: *mut bindings::block_device,
+    /// The volume device slot it was sent to.
+    slot: u32,
+}
+
+/// The slab of [`InPlace`] contexts, shared by all volumes; null outside the module's life.
+static IN_PLACE_CACHE: AtomicPtr<bindings::kmem_cache> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Owns [`IN_PLACE_CACHE`]: created in module init, destroyed after every volume is gone.
+pub(crate) struct InPlaceCache(());
+
+impl InPlaceCache {
+    pub(crate) fn create() -> Result<Self> {
+        // SAFETY: zero is "no alignment, no usercopy region, no constructor".
+        let mut args: bindings::kmem_cache_args = unsafe { core::mem::zeroed() };
+        // SAFETY: the name is a static string; the cache is destroyed in drop.
+        let cache = unsafe {
+            bindings::__kmem_cache_create_args(
+                kernel::c_str!("sanblk_in_place").as_char_ptr(),
+                core::mem::size_of::<InPlace>() as u32,
+                &mut args,
+                0,
+            )
+        };
+        if cache.is_null() {
+            return Err(ENOMEM);
+        }
+        IN_PLACE_CACHE.store(cache, Ordering::Release);
+        Ok(InPlaceCache(()))
+    }
+}
+
+impl Drop for InPlaceCache {
+    fn drop(&mut self) {
+        let cache = IN_PLACE_CACHE.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        // SAFETY: every volume drained its in-flight bios (and so freed their contexts)
+        // before the registry that owns them was dropped, which happens before this.
+        unsafe { bindings::kmem_cache_destroy(cache) };
+    }
+}
+
+/// Releases the context of a piece the server path completed.
+///
+/// # Safety
+///
+/// `piece` is the `piece` of a live [`InPlace`] context, used no more after this.
+pub(crate) unsafe fn release_in_place(piece: *mut ServerPiece) {
+    // SAFETY: `piece` is the first member of a repr(C) InPlace from the cache (contract).
+    unsafe { bindings::kmem_cache_free(IN_PLACE_CACHE.load(Ordering::Relaxed), piece.cast()) };
+}
+
+/// Sends `bio` itself on to device `slot` at `device_sector`, its completion hooked so a
+/// failure can still be redirected. `false`, with `bio` untouched, when no context could be
+/// had without waiting: the caller clones instead.
+fn remap_in_place(volume: &Volume, bio: *mut bindings::bio, slot: u32, device_sector: u64, info: &PieceInfo) -> bool {
+    let Some(device) = volume.devices.get(slot) else {
+        return false;
+    };
+    let cache = IN_PLACE_CACHE.load(Ordering::Relaxed);
+    if cache.is_null() {
+        return false;
+    }
+    // SAFETY: a live cache; GFP_NOWAIT never sleeps.
+    let context = unsafe { bindings::kmem_cache_alloc_noprof(cache, GFP_NOWAIT) }.cast::<InPlace>();
+    if context.is_null() {
+        return false;
+    }
+    volume.inflight.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: `context` is ours; `bio` is live, ours until submitted, and unchained (checked
+    // by the caller), so its own completion is the only one its status can come from. The
+    // device's bdev is open while the volume exists.
+    unsafe {
+        record_piece(addr_of_mut!((*context).piece), bio, bio, info, PieceOwner::InPlace);
+        (*context).end_io = (*bio).bi_end_io;
+        (*context).private = (*bio).bi_private;
+        (*context).bdev = (*bio).bi_bdev;
+        (*context).slot = slot;
+        sanblk_bio_set_dev(bio.cast(), device.bdev().cast());
+        (*bio).bi_iter.bi_sector = device_sector;
+        (*bio).bi_end_io = Some(in_place_endio);
+        (*bio).bi_private = context.cast();
+        bindings::submit_bio_noacct(bio);
+    }
+    true
+}
+
+/// # Safety
+///
+/// Completion of a bio sent on by [`remap_in_place`]: `bi_private` is its context.
+unsafe extern "C" fn in_place_endio(bio: *mut bindings::bio) {
+    // SAFETY: see the function's contract; the volume outlives its in-flight bios because
+    // `Volume::remove_disk` waits for `inflight` to reach zero.
+    unsafe {
+        let context = (*bio).bi_private.cast::<InPlace>();
+        // Back to the sanblk disk as it came. bio_endio already released the SAN device's
+        // cgroup association, so the block device pointer is all there is to restore.
+        (*bio).bi_end_io = (*context).end_io;
+        (*bio).bi_private = (*context).private;
+        (*bio).bi_bdev = (*context).bdev;
+        let volume = &*((*(*(*context).bdev).bd_disk).private_data as *const Volume);
+        if (*bio).bi_status != 0 {
+            if let Some(device) = volume.devices.get((*context).slot) {
+                device.note_error();
+            }
+            let piece = addr_of_mut!((*context).piece);
+            if (*piece).op != 0 && volume.server.enabled() {
+                // Redirect instead of failing, as for a clone: the server path re-issues the
+                // piece from the recorded iterator and completes the bio (with an error only
+                // if the server fails it too). The extra count keeps its thread alive while it
+                // is woken.
+                (*bio).bi_iter = (*piece).iter;
+                (*bio).bi_status = 0;
+                volume.inflight.fetch_add(1, Ordering::AcqRel);
+                volume.server.queue(piece);
+                volume.inflight.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+            volume.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        bindings::kmem_cache_free(IN_PLACE_CACHE.load(Ordering::Relaxed), context.cast());
+        // Completes the bio to its submitter: the end_io restored above runs now.
+        bindings::bio_endio(bio);
+        volume.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

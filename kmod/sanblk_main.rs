@@ -80,9 +80,10 @@ impl Drop for BlockMajor {
 
 struct SanBlk {
     // Field order is teardown order: netlink goes first so no command runs against a
-    // half-torn-down module, then the volumes, then the major.
+    // half-torn-down module, then the volumes, then the slab their bios used, then the major.
     genl: Option<shim::GenlFamily>,
     registry: Pin<KBox<registry::Registry>>,
+    _in_place_cache: remap::InPlaceCache,
     _major: BlockMajor,
 }
 
@@ -90,6 +91,7 @@ impl kernel::Module for SanBlk {
     fn init(module: &'static ThisModule) -> Result<Self> {
         remap::set_owner(module);
         let major = BlockMajor::register()?;
+        let in_place_cache = remap::InPlaceCache::create()?;
         BLOCK_MAJOR.store(major.0, Ordering::Relaxed);
         let registry = KBox::pin_init(registry::Registry::new(), GFP_KERNEL)?;
         let registry_ptr = &*registry as *const registry::Registry as *mut registry::Registry;
@@ -102,7 +104,7 @@ impl kernel::Module for SanBlk {
             }
         };
         pr_info!("loaded, block major {}\n", major.0);
-        Ok(SanBlk { genl: Some(genl), registry, _major: major })
+        Ok(SanBlk { genl: Some(genl), registry, _in_place_cache: in_place_cache, _major: major })
     }
 }
 

@@ -68,6 +68,7 @@ const void *sanblk_nla_data(const struct nlattr *attr) { return nla_data(attr); 
 int sanblk_nla_len(const struct nlattr *attr) { return nla_len(attr); }
 
 void sanblk_bio_inc_remaining(struct bio *bio) { bio_inc_remaining(bio); }
+void sanblk_bio_set_dev(struct bio *bio, struct block_device *bdev) { bio_set_dev(bio, bdev); }
 void sanblk_rcu_read_lock(void) { rcu_read_lock(); }
 void sanblk_rcu_read_unlock(void) { rcu_read_unlock(); }
 

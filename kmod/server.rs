@@ -130,8 +130,9 @@ impl ServerAddrs {
     }
 }
 
-/// Per-piece context, reserved in front of every bio of the volume's bioset (front_pad), so
-/// handing a failed clone to the server path needs no allocation in completion context.
+/// Per-piece context, reserved in front of every bio of the volume's bioset (front_pad) and
+/// at the head of every in-place context, so handing a failed piece to the server path needs
+/// no allocation in completion context.
 #[repr(C)]
 pub(crate) struct Piece {
     node: bindings::llist_node,
@@ -147,6 +148,18 @@ pub(crate) struct Piece {
     pub(crate) flags: u8,
     /// Times the server answered -ESTALE (the piece is re-sent with the current epoch).
     pub(crate) stale_retries: u8,
+    /// Where the piece lives, which decides how it is released once complete.
+    pub(crate) owner: PieceOwner,
+}
+
+/// Where a [`Piece`] lives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum PieceOwner {
+    /// In front of a clone from the volume's bioset; `parent` is the bio it was cloned from.
+    Clone,
+    /// In the context of a bio remapped in place (`remap::InPlace`); `parent` is that bio.
+    InPlace,
 }
 
 /// Bytes reserved in front of each bio of the bioset (keeps the bio 8-byte aligned).
@@ -1059,7 +1072,8 @@ unsafe fn settle(volume: &Volume, queue: &mut Queue, piece: *mut Piece, answer: 
     }
 }
 
-/// Completes a piece: its clone is released and its parent gets one completion.
+/// Completes a piece: its clone or in-place context is released and its parent gets one
+/// completion.
 ///
 /// # Safety
 ///
@@ -1075,7 +1089,10 @@ unsafe fn complete(volume: &Volume, piece: *mut Piece, status: bindings::blk_sta
         } else {
             volume.server.redirected.fetch_add(1, Ordering::Relaxed);
         }
-        bindings::bio_put(Piece::bio(piece));
+        match (*piece).owner {
+            PieceOwner::Clone => bindings::bio_put(Piece::bio(piece)),
+            PieceOwner::InPlace => crate::remap::release_in_place(piece),
+        }
         bindings::bio_endio(parent);
     }
     volume.inflight.fetch_sub(1, Ordering::AcqRel);
