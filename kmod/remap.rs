@@ -9,7 +9,7 @@
 
 use core::cell::UnsafeCell;
 use core::ffi::c_void;
-use core::ptr::addr_of_mut;
+use core::ptr::{addr_of, addr_of_mut};
 use core::sync::atomic::{AtomicPtr, Ordering};
 use kernel::bindings;
 use kernel::prelude::*;
@@ -40,6 +40,7 @@ const GFP_NOIO: bindings::gfp_t =
 const GFP_NOWAIT: bindings::gfp_t =
     (1 << bindings::___GFP_KSWAPD_RECLAIM_BIT) | (1 << bindings::___GFP_NOWARN_BIT);
 const BIO_CHAIN_FLAG: u16 = 1 << bindings::BIO_CHAIN;
+const BLK_FEAT_IO_STAT: bindings::blk_features_t = 1 << 4;
 /// Mirrored reads alternate between replicas in chunks of this many bytes.
 const READ_BALANCE_SHIFT: u32 = 20;
 
@@ -184,14 +185,16 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
     let in_place = !preflush && unsafe { (*bio).bi_flags } & BIO_CHAIN_FLAG == 0;
     if is_write {
         if redirect && targets.iter().any(|t| !device_healthy(volume, t.device)) {
+            account_at_completion(bio, op);
             to_server(volume, bio, &info);
         } else if let ([target], true) = (targets, in_place) {
-            if !remap_in_place(volume, bio, target.device, target.offset >> 9, &info) {
-                clone_to(volume, bio, target.device, target.offset >> 9, true, &info);
-            } else {
+            if remap_in_place(volume, bio, op, target.device, target.offset >> 9, &info) {
                 return;
             }
+            account_at_completion(bio, op);
+            clone_to(volume, bio, target.device, target.offset >> 9, true, &info);
         } else {
+            account_at_completion(bio, op);
             for target in targets {
                 clone_to(volume, bio, target.device, target.offset >> 9, true, &info);
             }
@@ -210,10 +213,12 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
             Some(target) => {
                 let slot = target.device;
                 if redirect && !device_healthy(volume, slot) {
+                    account_at_completion(bio, op);
                     to_server(volume, bio, &info);
-                } else if in_place && remap_in_place(volume, bio, slot, target.offset >> 9, &info) {
+                } else if in_place && remap_in_place(volume, bio, op, slot, target.offset >> 9, &info) {
                     return;
                 } else {
+                    account_at_completion(bio, op);
                     clone_to(volume, bio, slot, target.offset >> 9, false, &info);
                 }
             }
@@ -299,8 +304,10 @@ unsafe fn record_piece(
     }
 }
 
-/// The context of a bio remapped in place: its server-path piece first (so a failed bio can
-/// be redirected like a failed clone), then what the remap replaced, restored on completion.
+/// The context of a bio whose completion this module hooks: one remapped in place, or one
+/// cloned whose completion ends its block-layer statistics. Its server-path piece comes first
+/// (so a failed in-place bio can be redirected like a failed clone), then what the hook
+/// replaced, restored on completion.
 #[repr(C)]
 pub(crate) struct InPlace {
     piece: ServerPiece,
@@ -308,8 +315,99 @@ pub(crate) struct InPlace {
     private: *mut c_void,
     /// The sanblk disk's block device the bio was addressed to.
     bdev: *mut bindings::block_device,
-    /// The volume device slot it was sent to.
+    /// The volume device slot it was sent to (in place only).
     slot: u32,
+    /// Block-layer statistics: the bio's op and size, and when they started for it (`None`:
+    /// not accounted, the disk's `queue/iostats` is off).
+    block_op: bindings::req_op,
+    sectors: u32,
+    io_start: Option<usize>,
+}
+
+/// A context from the slab, or null (never waits).
+fn alloc_context() -> *mut InPlace {
+    let cache = IN_PLACE_CACHE.load(Ordering::Relaxed);
+    if cache.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: a live cache; GFP_NOWAIT never sleeps.
+    unsafe { bindings::kmem_cache_alloc_noprof(cache, GFP_NOWAIT) }.cast::<InPlace>()
+}
+
+/// Records `bio`'s end_io, private data, device and size in `context` and starts its
+/// block-layer statistics on the sanblk disk (`/sys/block/sanblkN/stat`, what iostat reads),
+/// unless they are switched off in `queue/iostats`.
+///
+/// # Safety
+///
+/// `context` is ours; `bio` is live, addressed to a sanblk disk, and not yet sent on.
+unsafe fn hook(context: *mut InPlace, bio: *mut bindings::bio, op: bindings::req_op) {
+    // SAFETY: see the function's contract; the disk and its queue live while the bio does.
+    unsafe {
+        let bdev = (*bio).bi_bdev;
+        (*context).end_io = (*bio).bi_end_io;
+        (*context).private = (*bio).bi_private;
+        (*context).bdev = bdev;
+        (*context).block_op = op;
+        (*context).sectors = (*bio).bi_iter.bi_size >> 9;
+        let queue = (*(*bdev).bd_disk).queue;
+        (*context).io_start = if (*queue).limits.features & BLK_FEAT_IO_STAT != 0 {
+            Some(bindings::bdev_start_io_acct(bdev, op, core::ptr::read_volatile(addr_of!(bindings::jiffies))))
+        } else {
+            None
+        };
+    }
+}
+
+/// Ends the context's statistics and frees it.
+///
+/// # Safety
+///
+/// `context` came from [`alloc_context`], was set up by [`hook`], and is used no more.
+unsafe fn finish(context: *mut InPlace) {
+    // SAFETY: see the function's contract; the sanblk disk outlives its bios.
+    unsafe {
+        if let Some(start) = (*context).io_start {
+            bindings::bdev_end_io_acct((*context).bdev, (*context).block_op, (*context).sectors, start);
+        }
+        bindings::kmem_cache_free(IN_PLACE_CACHE.load(Ordering::Relaxed), context.cast());
+    }
+}
+
+/// For a bio whose pieces are cloned: hooks its completion to end its block-layer statistics,
+/// if they are on. Without a context (the slab gave none without waiting), the bio goes
+/// unaccounted; its I/O is unaffected.
+fn account_at_completion(bio: *mut bindings::bio, op: bindings::req_op) {
+    // SAFETY: `bio` is live and ours until its submission reference is dropped.
+    let enabled = unsafe { (*(*(*(*bio).bi_bdev).bd_disk).queue).limits.features } & BLK_FEAT_IO_STAT != 0;
+    if !enabled {
+        return;
+    }
+    let context = alloc_context();
+    if context.is_null() {
+        return;
+    }
+    // SAFETY: `context` is ours; the bio cannot complete before the caller drops its
+    // submission reference, so its end_io is not read before it is replaced here.
+    unsafe {
+        hook(context, bio, op);
+        (*bio).bi_end_io = Some(accounted_endio);
+        (*bio).bi_private = context.cast();
+    }
+}
+
+/// # Safety
+///
+/// Completion of a bio hooked by [`account_at_completion`]: `bi_private` is its context.
+unsafe extern "C" fn accounted_endio(bio: *mut bindings::bio) {
+    // SAFETY: see the function's contract.
+    unsafe {
+        let context = (*bio).bi_private.cast::<InPlace>();
+        (*bio).bi_end_io = (*context).end_io;
+        (*bio).bi_private = (*context).private;
+        finish(context);
+        bindings::bio_endio(bio);
+    }
 }
 
 /// The slab of [`InPlace`] contexts, shared by all volumes; null outside the module's life.
@@ -354,23 +452,25 @@ impl Drop for InPlaceCache {
 ///
 /// `piece` is the `piece` of a live [`InPlace`] context, used no more after this.
 pub(crate) unsafe fn release_in_place(piece: *mut ServerPiece) {
-    // SAFETY: `piece` is the first member of a repr(C) InPlace from the cache (contract).
-    unsafe { bindings::kmem_cache_free(IN_PLACE_CACHE.load(Ordering::Relaxed), piece.cast()) };
+    // SAFETY: `piece` is the first member of a repr(C) InPlace set up by `hook` (contract).
+    unsafe { finish(piece.cast()) };
 }
 
 /// Sends `bio` itself on to device `slot` at `device_sector`, its completion hooked so a
 /// failure can still be redirected. `false`, with `bio` untouched, when no context could be
 /// had without waiting: the caller clones instead.
-fn remap_in_place(volume: &Volume, bio: *mut bindings::bio, slot: u32, device_sector: u64, info: &PieceInfo) -> bool {
+fn remap_in_place(
+    volume: &Volume,
+    bio: *mut bindings::bio,
+    op: bindings::req_op,
+    slot: u32,
+    device_sector: u64,
+    info: &PieceInfo,
+) -> bool {
     let Some(device) = volume.devices.get(slot) else {
         return false;
     };
-    let cache = IN_PLACE_CACHE.load(Ordering::Relaxed);
-    if cache.is_null() {
-        return false;
-    }
-    // SAFETY: a live cache; GFP_NOWAIT never sleeps.
-    let context = unsafe { bindings::kmem_cache_alloc_noprof(cache, GFP_NOWAIT) }.cast::<InPlace>();
+    let context = alloc_context();
     if context.is_null() {
         return false;
     }
@@ -380,9 +480,7 @@ fn remap_in_place(volume: &Volume, bio: *mut bindings::bio, slot: u32, device_se
     // device's bdev is open while the volume exists.
     unsafe {
         record_piece(addr_of_mut!((*context).piece), bio, bio, info, PieceOwner::InPlace);
-        (*context).end_io = (*bio).bi_end_io;
-        (*context).private = (*bio).bi_private;
-        (*context).bdev = (*bio).bi_bdev;
+        hook(context, bio, op);
         (*context).slot = slot;
         sanblk_bio_set_dev(bio.cast(), device.bdev().cast());
         (*bio).bi_iter.bi_sector = device_sector;
@@ -426,7 +524,7 @@ unsafe extern "C" fn in_place_endio(bio: *mut bindings::bio) {
             }
             volume.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
-        bindings::kmem_cache_free(IN_PLACE_CACHE.load(Ordering::Relaxed), context.cast());
+        finish(context);
         // Completes the bio to its submitter: the end_io restored above runs now.
         bindings::bio_endio(bio);
         volume.inflight.fetch_sub(1, Ordering::AcqRel);

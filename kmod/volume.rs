@@ -30,6 +30,7 @@ extern "C" {
 
 const BLK_FEAT_WRITE_CACHE: bindings::blk_features_t = 1 << 0;
 const BLK_FEAT_FUA: bindings::blk_features_t = 1 << 1;
+const BLK_FEAT_IO_STAT: bindings::blk_features_t = 1 << 4;
 
 /// An immutable, validated map of one epoch. A bio is mapped inside one RCU read section
 /// (`Volume::with_map`), so it sees exactly one epoch; clones only keep device slots, which
@@ -264,7 +265,8 @@ impl Volume {
         let mut limits: bindings::queue_limits = unsafe { core::mem::zeroed() };
         limits.logical_block_size = block_size;
         limits.physical_block_size = block_size;
-        limits.features = BLK_FEAT_WRITE_CACHE | BLK_FEAT_FUA;
+        // I/O statistics on by default, as for any disk (`queue/iostats` switches them off).
+        limits.features = BLK_FEAT_WRITE_CACHE | BLK_FEAT_FUA | BLK_FEAT_IO_STAT;
         limits.max_hw_discard_sectors = u32::MAX >> 9;
         // SAFETY: `limits` is initialised; the lock class is a static key.
         let disk = kernel::error::from_err_ptr(unsafe {

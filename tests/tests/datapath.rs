@@ -71,6 +71,38 @@ fn images(dir: &Path, prefix: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// `/sys/block/sanblkN/stat` of the three volumes, one line each, before and after every
+/// volume was written and read whole: each disk counted at least that many sectors each way
+/// (linear bios go in place, mirrored writes are cloned, striped bios are split and chained:
+/// every path accounts), and no I/O is left counted in flight.
+fn verify_block_statistics(before: &str, after: &str) {
+    let fields = |text: &str| -> Vec<Vec<u64>> {
+        text.lines()
+            .map(|line| {
+                line.split_whitespace()
+                    .map(|f| f.parse().expect("numeric stat field"))
+                    .collect()
+            })
+            .collect()
+    };
+    let (before, after) = (fields(before), fields(after));
+    assert_eq!((before.len(), after.len()), (3, 3), "{before:?} {after:?}");
+    // Documentation/block/stat.rst: read I/Os, read sectors, write I/Os, write sectors, in flight.
+    const READ_IOS: usize = 0;
+    const READ_SECTORS: usize = 2;
+    const WRITE_IOS: usize = 4;
+    const WRITE_SECTORS: usize = 6;
+    const IN_FLIGHT: usize = 8;
+    let sectors = VOLUME / 512;
+    for (disk, (b, a)) in before.iter().zip(&after).enumerate() {
+        let delta = |field: usize| a[field] - b[field];
+        assert!(delta(READ_IOS) > 0 && delta(WRITE_IOS) > 0, "sanblk{disk}: {b:?} -> {a:?}");
+        assert!(delta(READ_SECTORS) >= sectors, "sanblk{disk} reads: {b:?} -> {a:?}");
+        assert!(delta(WRITE_SECTORS) >= sectors, "sanblk{disk} writes: {b:?} -> {a:?}");
+        assert_eq!(a[IN_FLIGHT], 0, "sanblk{disk} I/O left in flight: {a:?}");
+    }
+}
+
 #[test]
 fn volumes_place_every_block_where_the_map_says() {
     let dir = scratch_dir("datapath").expect("scratch dir");
@@ -128,13 +160,16 @@ umount /tmp/mnt
 # Discard and flush pass through.
 blkdiscard -o 0 -l 1048576 /dev/sanblk0
 blockdev --flushbufs /dev/sanblk0
-# Known patterns for the host to find in the image files.
+# Known patterns for the host to find in the image files; the disks' block-layer statistics
+# (what iostat reads) must count them.
+for n in 0 1 2; do echo $(cat /sys/block/sanblk$n/stat) >> stat-before.txt; done
 dd if=$D/linear.pattern of=/dev/sanblk0 bs=1M oflag=direct conv=fsync status=none
 dd if=$D/mirror.pattern of=/dev/sanblk1 bs=256k oflag=direct conv=fsync status=none
 dd if=$D/striped.pattern of=/dev/sanblk2 bs=1M oflag=direct conv=fsync status=none
 for n in 0 1 2; do dd if=/dev/sanblk$n of=/tmp/readback bs=1M iflag=direct status=none; done
 cmp /tmp/readback $D/striped.pattern
 dd if=/dev/sanblk1 bs=4k skip=100 count=1 iflag=direct status=none | cmp - $D/mirror.pattern -n 4096 -i 0:409600
+for n in 0 1 2; do echo $(cat /sys/block/sanblk$n/stat) >> stat-after.txt; done
 $P status > status.txt
 $P destroy 1
 $P destroy 2
@@ -180,6 +215,11 @@ test ! -e /dev/sanblk2
         .read_out_file("busy-fio.txt")
         .expect("busy fio")
         .contains("err= 0"));
+
+    verify_block_statistics(
+        &outcome.read_out_file("stat-before.txt").expect("stat before"),
+        &outcome.read_out_file("stat-after.txt").expect("stat after"),
+    );
 
     verify_layout("linear", &linear, &pattern(11, VOLUME));
     verify_layout("mirror", &mirror, &pattern(22, VOLUME));
