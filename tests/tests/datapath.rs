@@ -96,9 +96,18 @@ fn verify_block_statistics(before: &str, after: &str) {
     let sectors = VOLUME / 512;
     for (disk, (b, a)) in before.iter().zip(&after).enumerate() {
         let delta = |field: usize| a[field] - b[field];
-        assert!(delta(READ_IOS) > 0 && delta(WRITE_IOS) > 0, "sanblk{disk}: {b:?} -> {a:?}");
-        assert!(delta(READ_SECTORS) >= sectors, "sanblk{disk} reads: {b:?} -> {a:?}");
-        assert!(delta(WRITE_SECTORS) >= sectors, "sanblk{disk} writes: {b:?} -> {a:?}");
+        assert!(
+            delta(READ_IOS) > 0 && delta(WRITE_IOS) > 0,
+            "sanblk{disk}: {b:?} -> {a:?}"
+        );
+        assert!(
+            delta(READ_SECTORS) >= sectors,
+            "sanblk{disk} reads: {b:?} -> {a:?}"
+        );
+        assert!(
+            delta(WRITE_SECTORS) >= sectors,
+            "sanblk{disk} writes: {b:?} -> {a:?}"
+        );
         assert_eq!(a[IN_FLIGHT], 0, "sanblk{disk} I/O left in flight: {a:?}");
     }
 }
@@ -217,7 +226,9 @@ test ! -e /dev/sanblk2
         .contains("err= 0"));
 
     verify_block_statistics(
-        &outcome.read_out_file("stat-before.txt").expect("stat before"),
+        &outcome
+            .read_out_file("stat-before.txt")
+            .expect("stat before"),
         &outcome.read_out_file("stat-after.txt").expect("stat after"),
     );
 
