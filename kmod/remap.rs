@@ -259,6 +259,13 @@ fn slot_of(slots: &[u32], index: u32) -> u32 {
     slots.get(index as usize).copied().unwrap_or(u32::MAX)
 }
 
+/// Whether a piece's error status means its device failed, rather than that the device does
+/// not support the request (a discard on a disk without discard): only a failure marks the
+/// path failed and is redirected.
+fn device_failed(status: bindings::blk_status_t) -> bool {
+    status != 0 && status != BLK_STS_NOTSUPP
+}
+
 fn device_healthy(volume: &Volume, slot: u32) -> bool {
     volume
         .devices
@@ -505,7 +512,8 @@ unsafe extern "C" fn in_place_endio(bio: *mut bindings::bio) {
         (*bio).bi_private = (*context).private;
         (*bio).bi_bdev = (*context).bdev;
         let volume = &*((*(*(*context).bdev).bd_disk).private_data as *const Volume);
-        if (*bio).bi_status != 0 {
+        let status = (*bio).bi_status;
+        if device_failed(status) {
             if let Some(device) = volume.devices.get((*context).slot) {
                 device.note_error();
             }
@@ -522,6 +530,8 @@ unsafe extern "C" fn in_place_endio(bio: *mut bindings::bio) {
                 volume.inflight.fetch_sub(1, Ordering::AcqRel);
                 return;
             }
+        }
+        if status != 0 {
             volume.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
         finish(context);
@@ -625,7 +635,7 @@ unsafe extern "C" fn clone_endio(clone: *mut bindings::bio) {
         let parent = (*clone).bi_private as *mut bindings::bio;
         let volume = &*((*(*(*parent).bi_bdev).bd_disk).private_data as *const Volume);
         let status = (*clone).bi_status;
-        if status != 0 {
+        if device_failed(status) {
             let bdev = (*clone).bi_bdev;
             if let Some((_, device)) = volume.devices.iter().find(|(_, d)| d.bdev() == bdev) {
                 device.note_error();
@@ -641,6 +651,8 @@ unsafe extern "C" fn clone_endio(clone: *mut bindings::bio) {
                 volume.inflight.fetch_sub(1, Ordering::AcqRel);
                 return;
             }
+        }
+        if status != 0 {
             volume.counters.errors.fetch_add(1, Ordering::Relaxed);
             (*parent).bi_status = status;
         }

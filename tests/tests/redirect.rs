@@ -154,6 +154,35 @@ fn counter(status: &serde_json::Value, name: &str) -> u64 {
     status["volumes"][0][name].as_u64().unwrap_or(0)
 }
 
+/// A discard the SAN device does not support (its queue's `discard_max_bytes` set to 0)
+/// completes with BLK_STS_NOTSUPP (which `blkdiscard`, through blkdev_issue_discard, treats as
+/// a no-op), but it is no device failure: the path stays healthy, the device's error count
+/// stays 0, nothing goes to the server, and I/O carries on direct. The volume's error counter
+/// shows the discard did reach the device and fail there.
+#[test]
+fn an_unsupported_discard_fails_without_failing_the_path() {
+    let setup = provision("redirect-discard", &[], &["vdis"], false);
+    let data = pattern(21, VOLUME);
+    fs::write(setup.dir.join("data.pattern"), &data).expect("pattern");
+    let body = r#"for d in /sys/block/dm-*; do [ "$(cat $d/dm/name)" = san0 ] && san=$d; done
+echo 0 > $san/queue/discard_max_bytes
+blkdiscard -o 0 -l 1048576 $dev
+dd if=$D/data.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/data.pattern
+$S --json status > after.json
+$S detach vdis
+test ! -e /dev/sanblk0"#;
+    let outcome = run_attached(&setup, "redirect-discard", "vdis", "", body, 300);
+
+    let status = outcome.out_json("after.json");
+    assert_eq!(device_state(&status), "healthy", "{status}");
+    assert_eq!(status["volumes"][0]["devices"][0]["errors"], 0, "{status}");
+    assert!(counter(&status, "errors") >= 1, "{status}");
+    assert_eq!(counter(&status, "redirected_ios"), 0, "{status}");
+    blocks::verify_against_map(&setup.server.volume("vdis").map, &setup.by_uuid, &data);
+}
+
 /// Fail-back: with no spare in the pool the server cannot recover, so when the failed path
 /// heals (the dm device gets its linear table back) the module's probe succeeds, it reports
 /// PATH_HEALED, the server accepts, the agent marks the device healthy, and new I/O goes
