@@ -11,9 +11,11 @@
 //! limit, default 4000 IOPS and 300 MiB/s; 0 IOPS skips that run), SANBLK_BENCH_ICOUNT_SHIFT
 //! (a third run, unthrottled, on QEMU's instruction-counting clock at 2^shift ns per guest
 //! instruction, default 3; 0 skips it: CPU-bound throughput in guest instructions, free of the
-//! host's speed swings that move the plain unthrottled run ±20 %), SANBLK_BENCH_PROFILE=1
-//! (after the unthrottled rounds, one more 4 KiB random-read run per target under
-//! `perf record -a` in the guest; prints each target's hottest kernel symbols).
+//! host's speed swings that move the plain unthrottled run ±20 %), SANBLK_BENCH_WALL_CLOCK=0
+//! (skips the plain unthrottled run), SANBLK_BENCH_PROFILE=1 (after the rounds of the
+//! instruction-clock run, or of the wall-clock run if that one is skipped, one more 4 KiB
+//! random-read run per target under `perf record -a` in the guest; prints each target's
+//! hottest symbols, which on the instruction clock weigh guest instructions).
 //! `make bench` boots the non-debug bench kernel (SANBLK_BENCH_KERNEL, a bzImage) with a
 //! module built for it (SANBLK_BENCH_MODULE); without them, the debug test kernel and module.
 
