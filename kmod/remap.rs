@@ -9,13 +9,14 @@
 
 use core::cell::UnsafeCell;
 use core::ffi::c_void;
-use core::ptr::{addr_of, addr_of_mut};
-use core::sync::atomic::{AtomicPtr, Ordering};
+use core::ptr::addr_of_mut;
+use core::sync::atomic::Ordering;
 use kernel::bindings;
 use kernel::prelude::*;
 
 use crate::abi_frame::{Op, FLAG_FUA};
 use crate::abi_map::{Piece, Target, MAX_MEMBERS};
+use crate::hook::{account_at_completion, alloc_context, finish, hook, HookedBio};
 use crate::server::{Piece as ServerPiece, PieceOwner};
 use crate::volume::{MapState, Volume, MAX_VOLUME_DEVICES};
 
@@ -36,11 +37,7 @@ struct PieceInfo {
 }
 const GFP_NOIO: bindings::gfp_t =
     (1 << bindings::___GFP_DIRECT_RECLAIM_BIT) | (1 << bindings::___GFP_KSWAPD_RECLAIM_BIT);
-/// Never waits; a failure is handled by cloning instead (whose pool guarantees progress).
-const GFP_NOWAIT: bindings::gfp_t =
-    (1 << bindings::___GFP_KSWAPD_RECLAIM_BIT) | (1 << bindings::___GFP_NOWARN_BIT);
 const BIO_CHAIN_FLAG: u16 = 1 << bindings::BIO_CHAIN;
-const BLK_FEAT_IO_STAT: bindings::blk_features_t = 1 << 4;
 /// Mirrored reads alternate between replicas in chunks of this many bytes.
 const READ_BALANCE_SHIFT: u32 = 20;
 
@@ -311,158 +308,6 @@ unsafe fn record_piece(
     }
 }
 
-/// The context of a bio whose completion this module hooks: one remapped in place, or one
-/// cloned whose completion ends its block-layer statistics. Its server-path piece comes first
-/// (so a failed in-place bio can be redirected like a failed clone), then what the hook
-/// replaced, restored on completion.
-#[repr(C)]
-pub(crate) struct InPlace {
-    piece: ServerPiece,
-    end_io: bindings::bio_end_io_t,
-    private: *mut c_void,
-    /// The sanblk disk's block device the bio was addressed to.
-    bdev: *mut bindings::block_device,
-    /// The volume device slot it was sent to (in place only).
-    slot: u32,
-    /// Block-layer statistics: the bio's op and size, and when they started for it (`None`:
-    /// not accounted, the disk's `queue/iostats` is off).
-    block_op: bindings::req_op,
-    sectors: u32,
-    io_start: Option<usize>,
-}
-
-/// A context from the slab, or null (never waits).
-fn alloc_context() -> *mut InPlace {
-    let cache = IN_PLACE_CACHE.load(Ordering::Relaxed);
-    if cache.is_null() {
-        return core::ptr::null_mut();
-    }
-    // SAFETY: a live cache; GFP_NOWAIT never sleeps.
-    unsafe { bindings::kmem_cache_alloc_noprof(cache, GFP_NOWAIT) }.cast::<InPlace>()
-}
-
-/// Records `bio`'s end_io, private data, device and size in `context` and starts its
-/// block-layer statistics on the sanblk disk (`/sys/block/sanblkN/stat`, what iostat reads),
-/// unless they are switched off in `queue/iostats`.
-///
-/// # Safety
-///
-/// `context` is ours; `bio` is live, addressed to a sanblk disk, and not yet sent on.
-unsafe fn hook(context: *mut InPlace, bio: *mut bindings::bio, op: bindings::req_op) {
-    // SAFETY: see the function's contract; the disk and its queue live while the bio does.
-    unsafe {
-        let bdev = (*bio).bi_bdev;
-        (*context).end_io = (*bio).bi_end_io;
-        (*context).private = (*bio).bi_private;
-        (*context).bdev = bdev;
-        (*context).block_op = op;
-        (*context).sectors = (*bio).bi_iter.bi_size >> 9;
-        let queue = (*(*bdev).bd_disk).queue;
-        (*context).io_start = if (*queue).limits.features & BLK_FEAT_IO_STAT != 0 {
-            Some(bindings::bdev_start_io_acct(bdev, op, core::ptr::read_volatile(addr_of!(bindings::jiffies))))
-        } else {
-            None
-        };
-    }
-}
-
-/// Ends the context's statistics and frees it.
-///
-/// # Safety
-///
-/// `context` came from [`alloc_context`], was set up by [`hook`], and is used no more.
-unsafe fn finish(context: *mut InPlace) {
-    // SAFETY: see the function's contract; the sanblk disk outlives its bios.
-    unsafe {
-        if let Some(start) = (*context).io_start {
-            bindings::bdev_end_io_acct((*context).bdev, (*context).block_op, (*context).sectors, start);
-        }
-        bindings::kmem_cache_free(IN_PLACE_CACHE.load(Ordering::Relaxed), context.cast());
-    }
-}
-
-/// For a bio whose pieces are cloned: hooks its completion to end its block-layer statistics,
-/// if they are on. Without a context (the slab gave none without waiting), the bio goes
-/// unaccounted; its I/O is unaffected.
-fn account_at_completion(bio: *mut bindings::bio, op: bindings::req_op) {
-    // SAFETY: `bio` is live and ours until its submission reference is dropped.
-    let enabled = unsafe { (*(*(*(*bio).bi_bdev).bd_disk).queue).limits.features } & BLK_FEAT_IO_STAT != 0;
-    if !enabled {
-        return;
-    }
-    let context = alloc_context();
-    if context.is_null() {
-        return;
-    }
-    // SAFETY: `context` is ours; the bio cannot complete before the caller drops its
-    // submission reference, so its end_io is not read before it is replaced here.
-    unsafe {
-        hook(context, bio, op);
-        (*bio).bi_end_io = Some(accounted_endio);
-        (*bio).bi_private = context.cast();
-    }
-}
-
-/// # Safety
-///
-/// Completion of a bio hooked by [`account_at_completion`]: `bi_private` is its context.
-unsafe extern "C" fn accounted_endio(bio: *mut bindings::bio) {
-    // SAFETY: see the function's contract.
-    unsafe {
-        let context = (*bio).bi_private.cast::<InPlace>();
-        (*bio).bi_end_io = (*context).end_io;
-        (*bio).bi_private = (*context).private;
-        finish(context);
-        bindings::bio_endio(bio);
-    }
-}
-
-/// The slab of [`InPlace`] contexts, shared by all volumes; null outside the module's life.
-static IN_PLACE_CACHE: AtomicPtr<bindings::kmem_cache> = AtomicPtr::new(core::ptr::null_mut());
-
-/// Owns [`IN_PLACE_CACHE`]: created in module init, destroyed after every volume is gone.
-pub(crate) struct InPlaceCache(());
-
-impl InPlaceCache {
-    pub(crate) fn create() -> Result<Self> {
-        // SAFETY: zero is "no alignment, no usercopy region, no constructor".
-        let mut args: bindings::kmem_cache_args = unsafe { core::mem::zeroed() };
-        // SAFETY: the name is a static string; the cache is destroyed in drop.
-        let cache = unsafe {
-            bindings::__kmem_cache_create_args(
-                kernel::c_str!("sanblk_in_place").as_char_ptr(),
-                core::mem::size_of::<InPlace>() as u32,
-                &mut args,
-                0,
-            )
-        };
-        if cache.is_null() {
-            return Err(ENOMEM);
-        }
-        IN_PLACE_CACHE.store(cache, Ordering::Release);
-        Ok(InPlaceCache(()))
-    }
-}
-
-impl Drop for InPlaceCache {
-    fn drop(&mut self) {
-        let cache = IN_PLACE_CACHE.swap(core::ptr::null_mut(), Ordering::AcqRel);
-        // SAFETY: every volume drained its in-flight bios (and so freed their contexts)
-        // before the registry that owns them was dropped, which happens before this.
-        unsafe { bindings::kmem_cache_destroy(cache) };
-    }
-}
-
-/// Releases the context of a piece the server path completed.
-///
-/// # Safety
-///
-/// `piece` is the `piece` of a live [`InPlace`] context, used no more after this.
-pub(crate) unsafe fn release_in_place(piece: *mut ServerPiece) {
-    // SAFETY: `piece` is the first member of a repr(C) InPlace set up by `hook` (contract).
-    unsafe { finish(piece.cast()) };
-}
-
 /// Sends `bio` itself on to device `slot` at `device_sector`, its completion hooked so a
 /// failure can still be redirected. `false`, with `bio` untouched, when no context could be
 /// had without waiting: the caller clones instead.
@@ -505,7 +350,7 @@ unsafe extern "C" fn in_place_endio(bio: *mut bindings::bio) {
     // SAFETY: see the function's contract; the volume outlives its in-flight bios because
     // `Volume::remove_disk` waits for `inflight` to reach zero.
     unsafe {
-        let context = (*bio).bi_private.cast::<InPlace>();
+        let context = (*bio).bi_private.cast::<HookedBio>();
         // Back to the sanblk disk as it came. bio_endio already released the SAN device's
         // cgroup association, so the block device pointer is all there is to restore.
         (*bio).bi_end_io = (*context).end_io;

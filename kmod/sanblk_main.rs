@@ -20,6 +20,7 @@ mod device;
 mod errno;
 mod genl;
 mod health;
+mod hook;
 mod registry;
 mod remap;
 mod server;
@@ -83,7 +84,7 @@ struct SanBlk {
     // half-torn-down module, then the volumes, then the slab their bios used, then the major.
     genl: Option<shim::GenlFamily>,
     registry: Pin<KBox<registry::Registry>>,
-    _in_place_cache: remap::InPlaceCache,
+    _hooked_bio_cache: hook::HookedBioCache,
     _major: BlockMajor,
 }
 
@@ -91,7 +92,7 @@ impl kernel::Module for SanBlk {
     fn init(module: &'static ThisModule) -> Result<Self> {
         remap::set_owner(module);
         let major = BlockMajor::register()?;
-        let in_place_cache = remap::InPlaceCache::create()?;
+        let hooked_bio_cache = hook::HookedBioCache::create()?;
         BLOCK_MAJOR.store(major.0, Ordering::Relaxed);
         let registry = KBox::pin_init(registry::Registry::new(), GFP_KERNEL)?;
         let registry_ptr = &*registry as *const registry::Registry as *mut registry::Registry;
@@ -104,7 +105,7 @@ impl kernel::Module for SanBlk {
             }
         };
         pr_info!("loaded, block major {}\n", major.0);
-        Ok(SanBlk { genl: Some(genl), registry, _in_place_cache: in_place_cache, _major: major })
+        Ok(SanBlk { genl: Some(genl), registry, _hooked_bio_cache: hooked_bio_cache, _major: major })
     }
 }
 

@@ -158,7 +158,7 @@ pub(crate) struct Piece {
 pub(crate) enum PieceOwner {
     /// In front of a clone from the volume's bioset; `parent` is the bio it was cloned from.
     Clone,
-    /// In the context of a bio remapped in place (`remap::InPlace`); `parent` is that bio.
+    /// In the context of a bio remapped in place (`hook::HookedBio`); `parent` is that bio.
     InPlace,
 }
 
@@ -1091,7 +1091,7 @@ unsafe fn complete(volume: &Volume, piece: *mut Piece, status: bindings::blk_sta
         }
         match (*piece).owner {
             PieceOwner::Clone => bindings::bio_put(Piece::bio(piece)),
-            PieceOwner::InPlace => crate::remap::release_in_place(piece),
+            PieceOwner::InPlace => crate::hook::release_in_place(piece),
         }
         bindings::bio_endio(parent);
     }
