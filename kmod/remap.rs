@@ -25,6 +25,9 @@ const BLK_STS_IOERR: bindings::blk_status_t = 10;
 const REQ_OP_MASK: bindings::blk_opf_t = (1 << bindings::REQ_OP_BITS) - 1;
 const REQ_PREFLUSH: bindings::blk_opf_t = 1 << bindings::req_flag_bits___REQ_PREFLUSH;
 const REQ_FUA: bindings::blk_opf_t = 1 << bindings::req_flag_bits___REQ_FUA;
+const REQ_NOWAIT: bindings::blk_opf_t = 1 << bindings::req_flag_bits___REQ_NOWAIT;
+const BLK_STS_AGAIN: bindings::blk_status_t = 12;
+const BLK_FEAT_NOWAIT: bindings::blk_features_t = 1 << 7;
 
 /// What the server path needs to re-issue a piece: its op (0: cannot be redirected), place
 /// in the volume and the epoch it was mapped with.
@@ -103,6 +106,13 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
     }
     let offset = sector << 9;
     let preflush = opf & REQ_PREFLUSH != 0;
+    // REQ_NOWAIT (io_uring): only a bio that can be remapped in place is served without
+    // waiting; any other is refused with BLK_STS_AGAIN, and its submitter re-issues it
+    // from a context that may wait (as dm does).
+    let nowait = opf & REQ_NOWAIT != 0;
+    if nowait && preflush {
+        return fail_bio(bio, BLK_STS_AGAIN);
+    }
     // One RCU read section maps the whole bio, so it sees exactly one epoch; what the rest
     // needs (targets resolved to device slots) is copied out, since allocating may sleep.
     let mapped = if preflush {
@@ -133,6 +143,9 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
         }
     };
     let piece = mapped.piece;
+    if nowait && piece.length < size as u64 {
+        return fail_bio(bio, BLK_STS_AGAIN);
+    }
     let mut bio = bio;
     if piece.length < size as u64 {
         // Handle the front piece now and resubmit the rest, which re-enters here: at most one
@@ -150,15 +163,6 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
             bindings::submit_bio_noacct(bio);
         }
         bio = front;
-    }
-
-    let counters = &volume.counters;
-    if is_write {
-        counters.write_ios.fetch_add(1, Ordering::Relaxed);
-        counters.written_bytes.fetch_add(piece.length, Ordering::Relaxed);
-    } else {
-        counters.read_ios.fetch_add(1, Ordering::Relaxed);
-        counters.read_bytes.fetch_add(piece.length, Ordering::Relaxed);
     }
 
     let count = piece.target_count as usize;
@@ -180,21 +184,13 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
     // not be told apart: it is cloned, as is a PREFLUSH (its flag is stripped, see above).
     // SAFETY: `bio` is live.
     let in_place = !preflush && unsafe { (*bio).bi_flags } & BIO_CHAIN_FLAG == 0;
-    if is_write {
+    let route = if is_write {
         if redirect && targets.iter().any(|t| !device_healthy(volume, t.device)) {
-            account_at_completion(bio, op);
-            to_server(volume, bio, &info);
+            Route::ToServer
         } else if let ([target], true) = (targets, in_place) {
-            if remap_in_place(volume, bio, op, target.device, target.offset >> 9, &info) {
-                return;
-            }
-            account_at_completion(bio, op);
-            clone_to(volume, bio, target.device, target.offset >> 9, true, &info);
+            Route::InPlace(target)
         } else {
-            account_at_completion(bio, op);
-            for target in targets {
-                clone_to(volume, bio, target.device, target.offset >> 9, true, &info);
-            }
+            Route::Clones(targets)
         }
     } else {
         let preferred = ((offset >> READ_BALANCE_SHIFT) as usize) % targets.len().max(1);
@@ -207,25 +203,65 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
             .find(|t| device_healthy(volume, t.device))
             .or_else(|| targets.get(preferred));
         match chosen {
-            Some(target) => {
-                let slot = target.device;
-                if redirect && !device_healthy(volume, slot) {
-                    account_at_completion(bio, op);
-                    to_server(volume, bio, &info);
-                } else if in_place && remap_in_place(volume, bio, op, slot, target.offset >> 9, &info) {
-                    return;
-                } else {
-                    account_at_completion(bio, op);
-                    clone_to(volume, bio, slot, target.offset >> 9, false, &info);
-                }
+            Some(target) if redirect && !device_healthy(volume, target.device) => Route::ToServer,
+            Some(target) if in_place => Route::InPlace(target),
+            Some(target) => Route::Clones(core::slice::from_ref(target)),
+            // An empty target list means a map without members, which validation rejects:
+            // this only guards against the impossible.
+            None => return fail_bio(bio, BLK_STS_IOERR),
+        }
+    };
+    if nowait && !matches!(route, Route::InPlace(_)) {
+        return fail_bio(bio, BLK_STS_AGAIN);
+    }
+
+    let counters = &volume.counters;
+    if is_write {
+        counters.write_ios.fetch_add(1, Ordering::Relaxed);
+        counters.written_bytes.fetch_add(piece.length, Ordering::Relaxed);
+    } else {
+        counters.read_ios.fetch_add(1, Ordering::Relaxed);
+        counters.read_bytes.fetch_add(piece.length, Ordering::Relaxed);
+    }
+
+    match route {
+        Route::ToServer => {
+            account_at_completion(bio, op);
+            to_server(volume, bio, &info);
+        }
+        Route::InPlace(target) => {
+            if remap_in_place(volume, bio, op, target.device, target.offset >> 9, &info) {
+                return;
             }
-            // SAFETY: `bio` is live; an empty target list means a map without members,
-            // which validation rejects, so this only guards against the impossible.
-            None => unsafe { (*bio).bi_status = BLK_STS_IOERR },
+            if nowait {
+                // No context without waiting (or a SAN device that cannot take REQ_NOWAIT):
+                // re-issued by the submitter. The final bio_endio below completes it.
+                // SAFETY: `bio` is live and ours.
+                unsafe { (*bio).bi_status = BLK_STS_AGAIN };
+            } else {
+                account_at_completion(bio, op);
+                clone_to(volume, bio, target.device, target.offset >> 9, is_write, &info);
+            }
+        }
+        Route::Clones(targets) => {
+            account_at_completion(bio, op);
+            for target in targets {
+                clone_to(volume, bio, target.device, target.offset >> 9, is_write, &info);
+            }
         }
     }
     // SAFETY: drops the submission reference; the bio completes when its clones do.
     unsafe { bindings::bio_endio(bio) };
+}
+
+/// Where the front piece of a bio goes.
+enum Route<'a> {
+    /// A device it touches is marked failed: the whole piece goes to the server path.
+    ToServer,
+    /// One healthy target, the bio unchained and no PREFLUSH: the bio itself is sent on.
+    InPlace(&'a Target),
+    /// A clone to each target (mirrored writes; chained or PREFLUSH bios).
+    Clones(&'a [Target]),
 }
 
 /// What one RCU read section of the map yields for a bio.
@@ -257,10 +293,11 @@ fn slot_of(slots: &[u32], index: u32) -> u32 {
 }
 
 /// Whether a piece's error status means its device failed, rather than that the device does
-/// not support the request (a discard on a disk without discard): only a failure marks the
+/// not support the request (a discard on a disk without discard) or would have had to wait
+/// for a REQ_NOWAIT one (BLK_STS_AGAIN: its submitter re-issues it): only a failure marks the
 /// path failed and is redirected.
 fn device_failed(status: bindings::blk_status_t) -> bool {
-    status != 0 && status != BLK_STS_NOTSUPP
+    status != 0 && status != BLK_STS_NOTSUPP && status != BLK_STS_AGAIN
 }
 
 fn device_healthy(volume: &Volume, slot: u32) -> bool {
@@ -322,6 +359,14 @@ fn remap_in_place(
     let Some(device) = volume.devices.get(slot) else {
         return false;
     };
+    // SAFETY: `bio` is live; the device's bdev is open, its disk and queue live with it.
+    let refuses_nowait = unsafe {
+        (*bio).bi_opf & REQ_NOWAIT != 0
+            && (*(*(*device.bdev()).bd_disk).queue).limits.features & BLK_FEAT_NOWAIT == 0
+    };
+    if refuses_nowait {
+        return false;
+    }
     let context = alloc_context();
     if context.is_null() {
         return false;
@@ -376,7 +421,8 @@ unsafe extern "C" fn in_place_endio(bio: *mut bindings::bio) {
                 return;
             }
         }
-        if status != 0 {
+        // A REQ_NOWAIT bio refused with BLK_STS_AGAIN is re-issued, not an error.
+        if status != 0 && status != BLK_STS_AGAIN {
             volume.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
         finish(context);

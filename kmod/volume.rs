@@ -31,6 +31,7 @@ extern "C" {
 const BLK_FEAT_WRITE_CACHE: bindings::blk_features_t = 1 << 0;
 const BLK_FEAT_FUA: bindings::blk_features_t = 1 << 1;
 const BLK_FEAT_IO_STAT: bindings::blk_features_t = 1 << 4;
+const BLK_FEAT_NOWAIT: bindings::blk_features_t = 1 << 7;
 
 /// An immutable, validated map of one epoch. A bio is mapped inside one RCU read section
 /// (`Volume::with_map`), so it sees exactly one epoch; clones only keep device slots, which
@@ -266,7 +267,9 @@ impl Volume {
         limits.logical_block_size = block_size;
         limits.physical_block_size = block_size;
         // I/O statistics on by default, as for any disk (`queue/iostats` switches them off).
-        limits.features = BLK_FEAT_WRITE_CACHE | BLK_FEAT_FUA | BLK_FEAT_IO_STAT;
+        // REQ_NOWAIT bios are taken (io_uring issues inline): submit_bio serves those it can
+        // without waiting and refuses the others with BLK_STS_AGAIN.
+        limits.features = BLK_FEAT_WRITE_CACHE | BLK_FEAT_FUA | BLK_FEAT_IO_STAT | BLK_FEAT_NOWAIT;
         limits.max_hw_discard_sectors = u32::MAX >> 9;
         // SAFETY: `limits` is initialised; the lock class is a static key.
         let disk = kernel::error::from_err_ptr(unsafe {

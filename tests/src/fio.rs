@@ -49,10 +49,31 @@ pub const JOBS: [Job; 4] = [
     },
 ];
 
+/// How fio submits its I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// Linux AIO: every I/O is issued from the `io_submit` call, which may wait.
+    Libaio,
+    /// io_uring: I/O is issued inline with REQ_NOWAIT where the device takes it, else by
+    /// io_uring's worker threads.
+    IoUring,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Libaio => "libaio",
+            Engine::IoUring => "io_uring",
+        }
+    }
+}
+
 /// The guest shell line running `job` on `device` for `runtime_s` seconds (1 s ramp, direct
-/// libaio), its JSON written to [`output_name`]. `extra` is appended (e.g. `--size=256M`).
+/// I/O through `engine`), its JSON written to [`output_name`]. `extra` is appended (e.g.
+/// `--size=256M`).
 pub fn command(
     job: &Job,
+    engine: Engine,
     target: &str,
     device: &str,
     extra: &str,
@@ -60,11 +81,12 @@ pub fn command(
     round: u32,
 ) -> String {
     format!(
-        "fio --name={name} --filename={device} {extra} {args} --direct=1 --ioengine=libaio \
+        "fio --name={name} --filename={device} {extra} {args} --direct=1 --ioengine={engine} \
          --runtime={runtime_s} --time_based --ramp_time=1 --eta=never --output-format=json \
          --output={output}\n",
         name = job.name,
         args = job.args,
+        engine = engine.name(),
         output = output_name(target, job, round),
     )
 }
@@ -129,6 +151,14 @@ mod tests {
         assert_eq!(quantile(samples.clone(), 1.0), 20.0);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert!(median(Vec::new()).is_nan());
+    }
+
+    #[test]
+    fn the_engine_is_passed_to_fio() {
+        let line = |engine| command(&JOBS[2], engine, "raw", "/dev/vda", "", 6, 0);
+        assert!(line(Engine::Libaio).contains(" --ioengine=libaio "));
+        assert!(line(Engine::IoUring).contains(" --ioengine=io_uring "));
+        assert!(!line(Engine::IoUring).contains("libaio"));
     }
 
     #[test]

@@ -147,6 +147,22 @@ exec 3</dev/sanblk1
 if $P destroy 2 2> busy-destroy.txt; then echo "detached a volume in use"; exit 8; fi
 exec 3<&-
 wait
+# io_uring issues REQ_NOWAIT I/O inline on a sanblk disk: no io-wq worker (iou-wrk) has to
+# take the linear volume's I/O. Mirrored writes are refused with BLK_STS_AGAIN and re-issued
+# by io_uring from its workers: fio sees no error either way.
+fio --name=uring --filename=/dev/sanblk0 --rw=randrw --bs=4k --size=16M --direct=1 \
+    --ioengine=io_uring --iodepth=16 --runtime=4 --time_based --output=uring-fio.txt &
+URING=$!
+workers=0
+while kill -0 $URING 2>/dev/null; do
+    n=$(cat /proc/[0-9]*/task/*/comm 2>/dev/null | grep -c '^iou-wrk' || true)
+    [ "$n" -gt "$workers" ] && workers=$n
+    sleep 0.3
+done
+echo $workers > uring-workers.txt
+wait $URING
+fio --name=uring-mirror --filename=/dev/sanblk1 --rw=randwrite --bs=4k --size=16M --direct=1 \
+    --ioengine=io_uring --iodepth=16 --verify=crc32c --do_verify=1 --output=uring-mirror.txt
 # Devices are held exclusively while attached.
 if dd if=/dev/zero of=/dev/vda bs=4k count=1 oflag=direct,excl 2>/dev/null; then echo "vda not exclusive"; exit 9; fi
 # fio verifies random writes through the linear volume before the pattern goes on it, while
@@ -198,6 +214,18 @@ test ! -e /dev/sanblk2
 
     let fio = outcome.read_out_file("fio.txt").expect("fio output");
     assert!(fio.contains("err= 0"), "fio reported errors: {fio}");
+    for name in ["uring-fio.txt", "uring-mirror.txt"] {
+        let fio = outcome.read_out_file(name).expect("io_uring fio output");
+        assert!(fio.contains("err= 0"), "{name}: {fio}");
+    }
+    assert_eq!(
+        outcome
+            .read_out_file("uring-workers.txt")
+            .expect("io_uring workers")
+            .trim(),
+        "0",
+        "io_uring punted I/O on /dev/sanblk0 to io-wq workers: REQ_NOWAIT not taken inline"
+    );
     assert_eq!(
         outcome
             .read_out_file("epoch-after-updates.txt")

@@ -12,7 +12,8 @@
 //! (a third run, unthrottled, on QEMU's instruction-counting clock at 2^shift ns per guest
 //! instruction, default 3; 0 skips it: CPU-bound throughput in guest instructions, free of the
 //! host's speed swings that move the plain unthrottled run ±20 %), SANBLK_BENCH_WALL_CLOCK=0
-//! (skips the plain unthrottled run), SANBLK_BENCH_PROFILE=1 (after the rounds of the
+//! (skips the plain unthrottled run), SANBLK_BENCH_IO_URING=1 (fio's io_uring engine instead
+//! of libaio: REQ_NOWAIT issue inline), SANBLK_BENCH_PROFILE=1 (after the rounds of the
 //! instruction-clock run, or of the wall-clock run if that one is skipped, one more 4 KiB
 //! random-read run per target under `perf record -a` in the guest; prints each target's
 //! hottest symbols, which on the instruction clock weigh guest instructions).
@@ -39,6 +40,7 @@ struct Settings {
     runtime_s: u32,
     rounds: u32,
     cpus: u32,
+    engine: fio::Engine,
     profile: bool,
     /// No instruction-clock run: the profile is taken in the wall-clock run instead.
     wall_clock_only_profile: bool,
@@ -60,7 +62,7 @@ const PROFILE_LINES: usize = 40;
 
 /// Guest commands profiling the random-read job once per target (round index `round`, after
 /// the measured rounds); reports in `profile-<target>.txt`.
-fn profile_script(runtime_s: u32, round: u32) -> String {
+fn profile_script(engine: fio::Engine, runtime_s: u32, round: u32) -> String {
     let mut script = String::from(
         "echo 0 > /proc/sys/kernel/kptr_restrict\necho -1 > /proc/sys/kernel/perf_event_paranoid\n",
     );
@@ -70,7 +72,7 @@ fn profile_script(runtime_s: u32, round: u32) -> String {
             "perf record -q -a -F 997 -o /run/{target}.perf -- {fio}\
              perf report -i /run/{target}.perf --stdio --no-children --sort sym \
              --percent-limit 0.2 2>/dev/null | grep -v '^#' | grep -v '^$' > profile-{target}.txt\n",
-            fio = fio::command(job, target, device, &size_arg(target), runtime_s, round),
+            fio = fio::command(job, engine, target, device, &size_arg(target), runtime_s, round),
         ));
     }
     script
@@ -157,6 +159,7 @@ fn run_bench(settings: &Settings, kind: RunKind) -> Result<String, String> {
         runtime_s,
         rounds,
         cpus,
+        engine,
         profile,
         wall_clock_only_profile,
     } = *settings;
@@ -181,6 +184,7 @@ fn run_bench(settings: &Settings, kind: RunKind) -> Result<String, String> {
             for &(target, device) in fio::rotated(&TARGETS, round) {
                 script.push_str(&fio::command(
                     job,
+                    engine,
                     target,
                     device,
                     &size_arg(target),
@@ -191,7 +195,7 @@ fn run_bench(settings: &Settings, kind: RunKind) -> Result<String, String> {
         }
     }
     if profile {
-        script.push_str(&profile_script(runtime_s, rounds));
+        script.push_str(&profile_script(engine, runtime_s, rounds));
     }
     script.push_str("dmsetup remove bench-linear\n");
     let mut config = VmConfig::new("bench-datapath", &script)
@@ -268,6 +272,11 @@ fn main() -> ExitCode {
         runtime_s: setting("SANBLK_BENCH_RUNTIME", 6),
         rounds: setting("SANBLK_BENCH_ROUNDS", 3).max(1),
         cpus: setting("SANBLK_BENCH_CPUS", 2).max(1),
+        engine: if setting("SANBLK_BENCH_IO_URING", 0) == 1 {
+            fio::Engine::IoUring
+        } else {
+            fio::Engine::Libaio
+        },
         profile: setting("SANBLK_BENCH_PROFILE", 0) == 1,
         wall_clock_only_profile: icount_shift == 0,
     };
@@ -281,8 +290,11 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!(
-        "fio: {} rounds of {} s per job and target, {} vCPUs; medians",
-        settings.rounds, settings.runtime_s, settings.cpus
+        "fio ({}): {} rounds of {} s per job and target, {} vCPUs; medians",
+        settings.engine.name(),
+        settings.rounds,
+        settings.runtime_s,
+        settings.cpus
     );
     let mut runs = Vec::new();
     if setting("SANBLK_BENCH_WALL_CLOCK", 1) != 0 {

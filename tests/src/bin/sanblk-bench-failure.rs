@@ -143,6 +143,7 @@ nbd-client 10.0.2.100 {nbd_port} /dev/nbd0 -N bench > nbd-client.log 2>&1
             for &(target, device) in fio::rotated(&TPUT_TARGETS, round) {
                 script.push_str(&fio::command(
                     job,
+                    fio::Engine::Libaio,
                     target,
                     device,
                     "",
