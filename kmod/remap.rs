@@ -258,7 +258,8 @@ fn submit(volume: &Volume, bio: *mut bindings::bio) {
 enum Route<'a> {
     /// A device it touches is marked failed: the whole piece goes to the server path.
     ToServer,
-    /// One healthy target, the bio unchained and no PREFLUSH: the bio itself is sent on.
+    /// One target (healthy, or the server path is off), the bio unchained and no PREFLUSH:
+    /// the bio itself is sent on.
     InPlace(&'a Target),
     /// A clone to each target (mirrored writes; chained or PREFLUSH bios).
     Clones(&'a [Target]),
