@@ -65,13 +65,19 @@ pub(crate) unsafe fn hook(context: *mut HookedBio, bio: *mut bindings::bio, op: 
         (*context).bdev = bdev;
         (*context).block_op = op;
         (*context).sectors = (*bio).bi_iter.bi_size >> 9;
-        let queue = (*(*bdev).bd_disk).queue;
-        (*context).io_start = if (*queue).limits.features & BLK_FEAT_IO_STAT != 0 {
+        (*context).io_start = if io_stat_enabled(bdev) {
             Some(bindings::bdev_start_io_acct(bdev, op, core::ptr::read_volatile(addr_of!(bindings::jiffies))))
         } else {
             None
         };
     }
+}
+
+/// Whether the sanblk disk of `bdev` keeps I/O statistics (its `queue/iostats`).
+fn io_stat_enabled(bdev: *mut bindings::block_device) -> bool {
+    // SAFETY: callers pass the block device of a live bio addressed to a sanblk disk, whose
+    // disk and queue live while the bio does.
+    unsafe { (*(*(*bdev).bd_disk).queue).limits.features & BLK_FEAT_IO_STAT != 0 }
 }
 
 /// Ends the context's statistics and frees it.
@@ -94,8 +100,7 @@ pub(crate) unsafe fn finish(context: *mut HookedBio) {
 /// unaccounted; its I/O is unaffected.
 pub(crate) fn account_at_completion(bio: *mut bindings::bio, op: bindings::req_op) {
     // SAFETY: `bio` is live and ours until its submission reference is dropped.
-    let enabled = unsafe { (*(*(*(*bio).bi_bdev).bd_disk).queue).limits.features } & BLK_FEAT_IO_STAT != 0;
-    if !enabled {
+    if !io_stat_enabled(unsafe { (*bio).bi_bdev }) {
         return;
     }
     let context = alloc_context();

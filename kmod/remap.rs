@@ -301,6 +301,12 @@ fn device_failed(status: bindings::blk_status_t) -> bool {
     status != 0 && status != BLK_STS_NOTSUPP && status != BLK_STS_AGAIN
 }
 
+/// Whether a completion status counts in the volume's error counter: a REQ_NOWAIT bio refused
+/// with BLK_STS_AGAIN is re-issued by its submitter, not failed.
+fn counts_as_error(status: bindings::blk_status_t) -> bool {
+    status != 0 && status != BLK_STS_AGAIN
+}
+
 fn device_healthy(volume: &Volume, slot: u32) -> bool {
     volume
         .devices
@@ -409,21 +415,17 @@ unsafe extern "C" fn in_place_endio(bio: *mut bindings::bio) {
                 device.note_error();
             }
             let piece = addr_of_mut!((*context).piece);
-            if (*piece).op != 0 && volume.server.enabled() {
+            if redirectable(volume, piece) {
                 // Redirect instead of failing, as for a clone: the server path re-issues the
                 // piece from the recorded iterator and completes the bio (with an error only
-                // if the server fails it too). The extra count keeps its thread alive while it
-                // is woken.
+                // if the server fails it too).
                 (*bio).bi_iter = (*piece).iter;
                 (*bio).bi_status = 0;
-                volume.inflight.fetch_add(1, Ordering::AcqRel);
-                volume.server.queue(piece);
-                volume.inflight.fetch_sub(1, Ordering::AcqRel);
+                queue_to_server(volume, piece);
                 return;
             }
         }
-        // A REQ_NOWAIT bio refused with BLK_STS_AGAIN is re-issued, not an error.
-        if status != 0 && status != BLK_STS_AGAIN {
+        if counts_as_error(status) {
             volume.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
         finish(context);
@@ -445,14 +447,37 @@ fn to_server(volume: &Volume, bio: *mut bindings::bio, info: &PieceInfo) {
     }
     volume.inflight.fetch_add(1, Ordering::AcqRel);
     // SAFETY: `clone` is ours; the parent gets one more completion, given by the server path.
-    // The extra in-flight count keeps the server thread alive while it is woken.
     unsafe {
         fill_piece(clone, bio, info);
         sanblk_bio_inc_remaining(bio.cast());
-        volume.inflight.fetch_add(1, Ordering::AcqRel);
-        volume.server.queue(ServerPiece::of(clone));
-        volume.inflight.fetch_sub(1, Ordering::AcqRel);
+        queue_to_server(volume, ServerPiece::of(clone));
     }
+}
+
+/// Whether a failed piece can go to the server path instead of failing: a read or write
+/// (not a discard) of a volume with a server path.
+///
+/// # Safety
+///
+/// `piece` is live.
+unsafe fn redirectable(volume: &Volume, piece: *const ServerPiece) -> bool {
+    // SAFETY: see the function's contract.
+    let op = unsafe { (*piece).op };
+    op != 0 && volume.server.enabled()
+}
+
+/// Queues `piece`, with the in-flight count it holds, for the server thread, which completes
+/// it. The extra count around the wake-up keeps the thread alive while it is woken (teardown
+/// waits for in-flight to reach zero before stopping it).
+///
+/// # Safety
+///
+/// `piece` is live, ours, on no list, and counted in `volume.inflight`.
+unsafe fn queue_to_server(volume: &Volume, piece: *mut ServerPiece) {
+    volume.inflight.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: see the function's contract.
+    unsafe { volume.server.queue(piece) };
+    volume.inflight.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// Sends a clone of `bio` (same length and pages) to device `index` at `device_sector`.
@@ -533,19 +558,17 @@ unsafe extern "C" fn clone_endio(clone: *mut bindings::bio) {
                 device.note_error();
             }
             let piece = ServerPiece::of(clone);
-            if (*piece).op != 0 && volume.server.enabled() {
+            if redirectable(volume, piece) {
                 // Redirect instead of failing: the clone, its in-flight count and its share
-                // of the parent pass to the server path, which completes the parent. The
-                // extra count keeps the thread alive while it is woken (teardown waits for
-                // in-flight to reach zero before stopping it).
-                volume.inflight.fetch_add(1, Ordering::AcqRel);
-                volume.server.queue(piece);
-                volume.inflight.fetch_sub(1, Ordering::AcqRel);
+                // of the parent pass to the server path, which completes the parent.
+                queue_to_server(volume, piece);
                 return;
             }
         }
         if status != 0 {
-            volume.counters.errors.fetch_add(1, Ordering::Relaxed);
+            if counts_as_error(status) {
+                volume.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
             (*parent).bi_status = status;
         }
         bindings::bio_put(clone);

@@ -42,8 +42,6 @@ struct Settings {
     cpus: u32,
     engine: fio::Engine,
     profile: bool,
-    /// No instruction-clock run: the profile is taken in the wall-clock run instead.
-    wall_clock_only_profile: bool,
 }
 
 /// fio's size argument for `target`: the raw disk is larger than the others' 256 MiB.
@@ -154,16 +152,15 @@ impl RunKind {
     }
 }
 
-fn run_bench(settings: &Settings, kind: RunKind) -> Result<String, String> {
+/// One bench guest of `kind`; `profile`: with the profiled run after the rounds.
+fn run_bench(settings: &Settings, kind: RunKind, profile: bool) -> Result<String, String> {
     let Settings {
         runtime_s,
         rounds,
         cpus,
         engine,
-        profile,
-        wall_clock_only_profile,
+        ..
     } = *settings;
-    let profile = profile && kind.profiled(wall_clock_only_profile);
     let dir = scratch_dir("bench-datapath").map_err(|e| e.to_string())?;
     for i in 0..3 {
         filled_image(&dir.join(format!("disk{i}.img")), (TARGET_MIB + 8) * MIB)
@@ -278,7 +275,6 @@ fn main() -> ExitCode {
             fio::Engine::Libaio
         },
         profile: setting("SANBLK_BENCH_PROFILE", 0) == 1,
-        wall_clock_only_profile: icount_shift == 0,
     };
     let device_iops = setting("SANBLK_BENCH_DEVICE_IOPS", 4000);
     let device_mibps = setting("SANBLK_BENCH_DEVICE_MIBPS", 300).max(1);
@@ -313,7 +309,8 @@ fn main() -> ExitCode {
     }
     for kind in runs {
         let title = kind.title();
-        match run_bench(&settings, kind) {
+        let profile = settings.profile && kind.profiled(icount_shift == 0);
+        match run_bench(&settings, kind, profile) {
             Ok(table) => println!("### {title}\n\n{table}"),
             Err(e) => {
                 eprintln!("benchmark failed ({title}): {e}");
