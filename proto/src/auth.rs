@@ -8,6 +8,13 @@
 //! The secret never crosses the wire. Because each side contributes a fresh nonce, a recorded
 //! response is useless in a later handshake. The two MACs use distinct prefixes and nonce
 //! orders, so a server MAC cannot be reflected back as a client MAC.
+//!
+//! Both roles' MACs are defined here, side by side, because they are one definition: the
+//! server computes the MAC the client verifies and the other way round. The client's own
+//! part (its secret file, the handshake it drives) is in this crate too; the server's (issuing
+//! secrets and session tokens, the handshake it answers) is in sand.
+
+use std::path::Path;
 
 use hmac::{Hmac, Mac};
 use rand::rngs::OsRng;
@@ -18,7 +25,6 @@ type HmacSha256 = Hmac<Sha256>;
 
 pub const NONCE_BYTES: usize = 32;
 pub const SECRET_BYTES: usize = 32;
-pub const SESSION_TOKEN_BYTES: usize = 32;
 
 /// Fresh random bytes from the OS.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
@@ -29,15 +35,6 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 
 pub fn new_nonce() -> [u8; NONCE_BYTES] {
     random_bytes()
-}
-
-/// A new client secret, hex encoded (that is how it is printed, stored and read back).
-pub fn new_secret_hex() -> String {
-    hex::encode(random_bytes::<SECRET_BYTES>())
-}
-
-pub fn new_session_token_hex() -> String {
-    hex::encode(random_bytes::<SESSION_TOKEN_BYTES>())
 }
 
 /// Decodes a hex secret (whitespace around it, e.g. a trailing newline in a file, is ignored).
@@ -51,6 +48,12 @@ pub fn decode_secret(secret_hex: &str) -> Result<Vec<u8>, String> {
         ));
     }
     Ok(bytes)
+}
+
+/// Reads a client secret file (hex, as printed by `sanctl client add`).
+pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    decode_secret(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn mac_over(secret: &[u8], role: &[u8], first: &[u8], second: &[u8]) -> HmacSha256 {

@@ -126,12 +126,6 @@ pub struct AgentClient {
     queued_pushes: VecDeque<Push>,
 }
 
-/// Reads a client secret file (hex, as printed by `sanctl client add`).
-pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    auth::decode_secret(&text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 impl AgentClient {
     /// Connects and runs the mutual authentication handshake.
     pub async fn connect(

@@ -1,5 +1,6 @@
 //! On-disk label at byte 0 of every SAN device, so each host finds "device X" by UUID whatever
-//! its local name is.
+//! its local name is: the format (encode, decode) and the reader. Writing labels onto devices
+//! is the server's job (`pool add`) and lives in sand.
 //!
 //! Layout (4096 bytes, integers little-endian):
 //!
@@ -15,8 +16,8 @@
 //! | 64 | 4028 | zero |
 //! | 4092 | 4 | CRC32 (IEEE) of bytes 0..4092 |
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::Read;
 use std::path::Path;
 use uuid::Uuid;
 
@@ -50,10 +51,13 @@ pub enum LabelError {
     TooSmall { path: String, size: u64 },
 }
 
-fn io_error(path: &Path, source: std::io::Error) -> LabelError {
-    LabelError::Io {
-        path: path.display().to_string(),
-        source,
+impl LabelError {
+    /// An I/O error on the device at `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> LabelError {
+        LabelError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 }
 
@@ -116,22 +120,16 @@ impl Label {
     }
 }
 
-/// Size of a block device or image file in bytes.
-pub fn device_size(path: &Path) -> Result<u64, LabelError> {
-    let mut file = File::open(path).map_err(|e| io_error(path, e))?;
-    file.seek(SeekFrom::End(0)).map_err(|e| io_error(path, e))
-}
-
 /// Reads the first label-sized block (shorter devices yield a zero-padded block).
-fn read_head(path: &Path) -> Result<[u8; LABEL_BYTES], LabelError> {
-    let file = File::open(path).map_err(|e| io_error(path, e))?;
+pub fn read_head(path: &Path) -> Result<[u8; LABEL_BYTES], LabelError> {
+    let file = File::open(path).map_err(|e| LabelError::io(path, e))?;
     let mut block = [0u8; LABEL_BYTES];
     let mut filled = 0;
     let mut reader = file.take(LABEL_BYTES as u64);
     loop {
         let read = reader
             .read(&mut block[filled..])
-            .map_err(|e| io_error(path, e))?;
+            .map_err(|e| LabelError::io(path, e))?;
         if read == 0 {
             break;
         }
@@ -145,47 +143,6 @@ fn read_head(path: &Path) -> Result<[u8; LABEL_BYTES], LabelError> {
 pub fn read_label(path: &Path) -> Result<Option<Label>, LabelError> {
     let block = read_head(path)?;
     Label::decode(&block, path)
-}
-
-/// Writes `label` at byte 0 and syncs. Overwrites the first 4 KiB, which also removes any
-/// foreign signature living there.
-pub fn write_label(path: &Path, label: &Label) -> Result<(), LabelError> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| io_error(path, e))?;
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| io_error(path, e))?;
-    file.write_all(&label.encode())
-        .map_err(|e| io_error(path, e))?;
-    file.sync_all().map_err(|e| io_error(path, e))
-}
-
-/// Looks for signatures of other owners (filesystems, partition tables, LVM) in the first
-/// 4 KiB. Returns a human description of the first one found.
-pub fn detect_foreign_signature(path: &Path) -> Result<Option<&'static str>, LabelError> {
-    let block = read_head(path)?;
-    Ok(foreign_signature_in(&block))
-}
-
-fn foreign_signature_in(block: &[u8; LABEL_BYTES]) -> Option<&'static str> {
-    const SECTOR: usize = 512;
-    if &block[0..4] == b"XFSB" {
-        return Some("XFS filesystem");
-    }
-    if block[1080..1082] == [0x53, 0xEF] {
-        return Some("ext2/3/4 filesystem");
-    }
-    if &block[512..520] == b"EFI PART" {
-        return Some("GPT partition table");
-    }
-    if (0..4).any(|sector| &block[sector * SECTOR..sector * SECTOR + 8] == b"LABELONE") {
-        return Some("LVM physical volume");
-    }
-    if block[510..512] == [0x55, 0xAA] {
-        return Some("MBR partition table or boot sector");
-    }
-    None
 }
 
 #[cfg(test)]
@@ -209,25 +166,5 @@ mod tests {
             Err(LabelError::BadChecksum { .. })
         ));
         assert!(matches!(Label::decode(&[0u8; LABEL_BYTES], path), Ok(None)));
-    }
-
-    #[test]
-    fn foreign_signatures_are_recognised() {
-        let mut block = [0u8; LABEL_BYTES];
-        assert_eq!(foreign_signature_in(&block), None);
-        block[1080] = 0x53;
-        block[1081] = 0xEF;
-        assert_eq!(foreign_signature_in(&block), Some("ext2/3/4 filesystem"));
-        let mut block = [0u8; LABEL_BYTES];
-        block[512..520].copy_from_slice(b"EFI PART");
-        block[510] = 0x55;
-        block[511] = 0xAA;
-        assert_eq!(foreign_signature_in(&block), Some("GPT partition table"));
-        let mut block = [0u8; LABEL_BYTES];
-        block[1024..1032].copy_from_slice(b"LABELONE");
-        assert_eq!(foreign_signature_in(&block), Some("LVM physical volume"));
-        let mut block = [0u8; LABEL_BYTES];
-        block[0..4].copy_from_slice(b"XFSB");
-        assert_eq!(foreign_signature_in(&block), Some("XFS filesystem"));
     }
 }

@@ -34,7 +34,7 @@ pub fn read_at(image: &Path, offset: u64, len: u64) -> io::Result<Vec<u8>> {
 /// Checks every block of `expected` at every replica the server's `map` gives for it, reading
 /// the image files (`images`, by device UUID) directly. Returns the number of blocks checked.
 pub fn verify_against_map(
-    map: &sand::map::VolumeMap,
+    map: &sanblk_proto::map::VolumeMap,
     images: &std::collections::HashMap<uuid::Uuid, std::path::PathBuf>,
     expected: &[u8],
 ) -> usize {

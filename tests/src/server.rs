@@ -8,9 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sand::protocol::{DeviceInfo, VolumeDetail};
+use sanblk_proto::protocol::{DeviceInfo, VolumeDetail};
 
 use crate::paths::{scratch_dir, sparse_image, target_bin};
+
+// sand's own tests parse its log with the same file; one parser for one log line.
+#[path = "../../userspace-server/tests/common/sand_log.rs"]
+mod sand_log;
+pub use sand_log::last_resume_cursor;
 
 pub struct SandServer {
     child: Child,

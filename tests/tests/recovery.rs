@@ -9,10 +9,10 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use sanblk_proto::protocol::{RecoveryState, RecoveryStatus};
 use sanblk_tests::blocks::BLOCK;
+use sanblk_tests::server::last_resume_cursor;
 use sanblk_tests::{blocks, dm_san, provision, run, spawn, Provisioned, SandServer, VmConfig};
-use sand::protocol::{RecoveryState, RecoveryStatus};
-use sand::recovery::last_resume_cursor;
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;

@@ -11,14 +11,16 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::auth;
-use crate::label::{self, Label, LabelError, DATA_START_OFFSET};
-use crate::map::{AccessMode, Layout};
-use crate::protocol::{
+use sanblk_proto::label::{self, Label, LabelError, DATA_START_OFFSET};
+use sanblk_proto::map::AccessMode;
+use sanblk_proto::protocol::{
     write_frame, AdminReply, AdminRequest, ClientCreated, ClientInfo, DeviceInfo, ErrorBody,
     ErrorCode, FrameError, FrameReader, GrantedVolume, VolumeDetail, VolumeSummary,
     MAX_LISTED_ATTACHMENTS,
 };
+
+use crate::labelling;
+use crate::secrets;
 use crate::state::{blocking, ServerState};
 use crate::store::{DeviceRecord, StoreResult};
 
@@ -157,7 +159,7 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> StoreResult<
             to_json(&detail)
         }
         AdminRequest::ClientAdd { name } => {
-            let secret = auth::new_secret_hex();
+            let secret = secrets::new_secret_hex();
             let stored = secret.clone();
             let client = name.clone();
             blocking(state, move |s| s.store.add_client(&client, &stored)).await?;
@@ -274,7 +276,7 @@ fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<Devi
             format!("{shown} is neither a block device nor an image file"),
         ));
     }
-    let size = label::device_size(&path).map_err(label_error)?;
+    let size = labelling::device_size(&path).map_err(label_error)?;
     if size < MIN_DEVICE_BYTES {
         return Err(ErrorBody::new(
             ErrorCode::BadRequest,
@@ -321,7 +323,9 @@ fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<Devi
         }
         Err(error @ LabelError::Io { .. }) => return Err(label_error(error)),
         _ => {
-            if let Some(signature) = label::detect_foreign_signature(&path).map_err(label_error)? {
+            if let Some(signature) =
+                labelling::detect_foreign_signature(&path).map_err(label_error)?
+            {
                 if !force {
                     return Err(refuse(format!("a foreign signature ({signature})")));
                 }
@@ -335,7 +339,7 @@ fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<Devi
         device_size: size,
         data_start: DATA_START_OFFSET,
     };
-    label::write_label(&path, &label).map_err(label_error)?;
+    labelling::write_label(&path, &label).map_err(label_error)?;
     let record = DeviceRecord {
         uuid: device_uuid,
         path: shown,
@@ -345,9 +349,4 @@ fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<Devi
     };
     state.store.add_device(&record)?;
     Ok(record)
-}
-
-/// Layout names as accepted by the admin API (re-exported for sanctl's parser).
-pub fn parse_layout(text: &str) -> Result<Layout, String> {
-    text.parse()
 }

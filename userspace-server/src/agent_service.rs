@@ -13,13 +13,15 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::auth;
-use crate::map::{AccessMode, VolumeMap};
-use crate::protocol::{
+use sanblk_proto::auth;
+use sanblk_proto::map::{AccessMode, VolumeMap};
+use sanblk_proto::protocol::{
     write_frame, AgentReply, AgentRequest, ErrorBody, ErrorCode, FrameError, FrameReader,
     GrantedVolume,
 };
+
 use crate::recovery;
+use crate::secrets;
 use crate::state::{blocking, ConnectionId, PublishedMap, ServerState};
 use crate::store::{SessionRecord, StoreResult};
 use tokio::io::AsyncWriteExt;
@@ -388,7 +390,7 @@ impl Session {
         let persisted = persisted.filter(|p| !self.state.session_is_live(&p.token));
         let session_token = persisted
             .as_ref()
-            .map_or_else(auth::new_session_token_hex, |p| p.token.clone());
+            .map_or_else(secrets::new_session_token_hex, |p| p.token.clone());
         let grant = self.state.attach(
             self.connection,
             &self.client,

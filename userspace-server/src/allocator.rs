@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
-use crate::map::{Extent, Layout, Replica, BLOCK_SIZE, MIRROR_COPIES};
+use sanblk_proto::map::{Extent, Layout, Replica, BLOCK_SIZE, MIRROR_COPIES};
 
 /// The allocatable region of one device: `[data_start, data_end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -497,8 +497,8 @@ pub fn merge_adjacent(extents: Vec<Extent>) -> Vec<Extent> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map::DEFAULT_STRIPE_UNIT_BYTES;
     use proptest::prelude::*;
+    use sanblk_proto::map::DEFAULT_STRIPE_UNIT_BYTES;
 
     const MIB: u64 = 1 << 20;
 

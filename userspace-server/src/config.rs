@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::map::DEFAULT_LEASE_MS;
+use sanblk_proto::map::DEFAULT_LEASE_MS;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 pub const DEFAULT_METADATA_DIR: &str = "/var/lib/sand";

@@ -40,11 +40,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-pub use device::{
-    plan, AlignedBuf, BufferPool, DeviceFile, DeviceTable, Piece, PooledBuf, DIRECT_ALIGN,
-};
+pub use device::{plan, AlignedBuf, BufferPool, DeviceTable, Piece, PooledBuf};
 
-use crate::map::{AccessMode, Extent};
+use sanblk_proto::map::{AccessMode, Extent};
+
 use crate::recovery;
 use crate::state::{ServerState, SessionInfo};
 use crate::store::VolumeRecord;

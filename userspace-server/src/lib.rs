@@ -1,16 +1,18 @@
-//! `sand`, the sanblk server, as a library: the server itself plus everything a client agent
-//! needs (control-protocol client with the client side of authentication, map types, label
-//! reader).
+//! `sand`, the sanblk server, as a library for its binaries: `sand` itself (`config`,
+//! `server`) and the benches (`sand-bench`, `sand-iobench`). Everything else is private; the
+//! control protocol, map, clients and label reader that clients need are in `sanblk-proto`.
 
-// Moved to `sanblk-proto`; re-exported until sand's users import it from there.
-pub use sanblk_proto::{auth, client, label, map, protocol};
-
-pub mod admin;
-pub mod agent_service;
-pub mod allocator;
+mod admin;
+mod agent_service;
+mod allocator;
 pub mod config;
-pub mod io_service;
-pub mod recovery;
+mod io_service;
+mod labelling;
+mod recovery;
+mod secrets;
 pub mod server;
-pub mod state;
-pub mod store;
+mod state;
+mod store;
+
+/// The I/O bench builds its payloads in the same aligned buffers as the server's O_DIRECT I/O.
+pub use io_service::AlignedBuf;

@@ -35,8 +35,9 @@ use log::{info, warn};
 use tokio::sync::RwLock;
 use uuid::Uuid;
 
+use sanblk_proto::protocol::{ErrorBody, ErrorCode, RecoveryState, RecoveryStatus};
+
 use crate::io_service::{AlignedBuf, DeviceTable, Piece};
-use crate::protocol::{ErrorBody, ErrorCode, RecoveryState, RecoveryStatus};
 use crate::state::{blocking, ServerState};
 use crate::store::{RecoveryRecord, RecoverySegment, StoreResult};
 
@@ -50,7 +51,7 @@ pub const MAX_UNSAVED_CHUNKS: u64 = 64;
 /// Shortest interval between two `copying` status pushes.
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// Test-only: milliseconds to sleep after every chunk, so tests can act mid-recovery.
-pub const CHUNK_DELAY_ENV: &str = "SAND_RECOVERY_CHUNK_DELAY_MS";
+const CHUNK_DELAY_ENV: &str = "SAND_RECOVERY_CHUNK_DELAY_MS";
 
 /// Serialises redirected writes against recovery copying of one volume (module doc).
 #[derive(Default)]
@@ -339,17 +340,8 @@ pub async fn report_path_healed(
 }
 
 /// What the log says when a recovery resumes (followed by the device, "at byte", the cursor).
+/// The tests read the cursor back from this line (`userspace-server/tests/common/sand_log.rs`).
 const RESUMING: &str = "resuming recovery off device ";
-
-/// The cursor of the last resumed recovery in a server log (for tests and operators).
-pub fn last_resume_cursor(log: &str) -> Option<u64> {
-    log.lines()
-        .filter_map(|l| l.split(RESUMING).nth(1))
-        .filter_map(|rest| rest.split(" at byte ").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .filter_map(|n| n.parse::<u64>().ok())
-        .next_back()
-}
 
 /// Resumes every recorded recovery (at server start).
 pub async fn resume_all(state: &Arc<ServerState>) -> StoreResult<()> {
@@ -636,7 +628,7 @@ async fn run_job(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map::Replica;
+    use sanblk_proto::map::Replica;
 
     fn replica(device: u128, device_offset: u64) -> Replica {
         Replica {

@@ -14,9 +14,10 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use sanblk_proto::map::{AccessMode, Extent, Layout, Replica, VolumeMap, BLOCK_SIZE};
+use sanblk_proto::protocol::{ErrorBody, ErrorCode};
+
 use crate::allocator::{merge_adjacent, AllocError, DeviceSpace, PoolSpace};
-use crate::map::{AccessMode, Extent, Layout, Replica, VolumeMap, BLOCK_SIZE};
-use crate::protocol::{ErrorBody, ErrorCode};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const DEVICES: TableDefinition<u128, &[u8]> = TableDefinition::new("devices");
@@ -735,18 +736,6 @@ impl Store {
     }
 
     // ----- session tokens (secrets file) -------------------------------------------------
-
-    /// Every persisted session.
-    pub fn sessions(&self) -> StoreResult<Vec<SessionRecord>> {
-        let txn = self.secrets.begin_read().map_err(internal)?;
-        let table = txn.open_table(SESSIONS).map_err(internal)?;
-        let mut sessions = Vec::new();
-        for entry in table.iter().map_err(internal)? {
-            let (_, value) = entry.map_err(internal)?;
-            sessions.push(decode(value.value())?);
-        }
-        Ok(sessions)
-    }
 
     /// The persisted session of a token.
     pub fn session(&self, token: &str) -> StoreResult<Option<SessionRecord>> {

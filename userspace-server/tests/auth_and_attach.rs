@@ -5,10 +5,10 @@ mod common;
 use std::time::Duration;
 
 use common::{TestServer, MIB};
-use sand::auth;
-use sand::client::{AgentClient, ClientError};
-use sand::map::AccessMode;
-use sand::protocol::{
+use sanblk_proto::auth;
+use sanblk_proto::client::{AgentClient, ClientError};
+use sanblk_proto::map::AccessMode;
+use sanblk_proto::protocol::{
     write_frame, AdminRequest, AgentReply, AgentRequest, ErrorCode, FrameReader, VolumeDetail,
 };
 use tokio::net::TcpStream;

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, MIB};
-use sand::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
-use sand::protocol::{
+use sanblk_proto::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
+use sanblk_proto::protocol::{
     write_frame, AdminRequest, AgentReply, AgentRequest, DeviceInfo, ErrorCode, FrameReader,
     VolumeDetail, VolumeSummary,
 };
@@ -23,7 +23,7 @@ async fn kill_9_mid_allocation_leaves_no_double_or_lost_space() {
     // Allocate in a loop until the connection breaks; remember what the server confirmed.
     let worker = tokio::spawn(async move {
         let mut confirmed: BTreeMap<String, VolumeMap> = BTreeMap::new();
-        let Ok(mut admin) = sand::client::AdminClient::connect(&socket).await else {
+        let Ok(mut admin) = sanblk_proto::client::AdminClient::connect(&socket).await else {
             return confirmed;
         };
         let layouts = [
@@ -254,7 +254,7 @@ async fn bad_frames_close_only_their_connection() {
         .unwrap_or_else(|e| panic!("{e}"));
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = FrameReader::new(read_half);
-    let client_nonce = sand::auth::new_nonce();
+    let client_nonce = sanblk_proto::auth::new_nonce();
     let hello = AgentRequest::Hello {
         client: "host1".into(),
         client_nonce: hex::encode(client_nonce),
@@ -266,7 +266,7 @@ async fn bad_frames_close_only_their_connection() {
         panic!("no challenge")
     };
     let server_nonce = hex::decode(server_nonce).unwrap_or_default();
-    let proof = hex::encode(sand::auth::client_proof(
+    let proof = hex::encode(sanblk_proto::auth::client_proof(
         &secret,
         &server_nonce,
         &client_nonce,
@@ -340,7 +340,7 @@ async fn authenticated_raw(
         .unwrap_or_else(|e| panic!("{e}"));
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = FrameReader::new(read_half);
-    let client_nonce = sand::auth::new_nonce();
+    let client_nonce = sanblk_proto::auth::new_nonce();
     let hello = AgentRequest::Hello {
         client: "host1".into(),
         client_nonce: hex::encode(client_nonce),
@@ -352,7 +352,7 @@ async fn authenticated_raw(
         panic!("no challenge")
     };
     let server_nonce = hex::decode(server_nonce).unwrap_or_default();
-    let proof = hex::encode(sand::auth::client_proof(
+    let proof = hex::encode(sanblk_proto::auth::client_proof(
         secret,
         &server_nonce,
         &client_nonce,
@@ -382,14 +382,17 @@ async fn bad_admin_frames_do_not_hurt_the_server() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let mut reader = FrameReader::new(read_half);
-        let reply: sand::protocol::AdminReply =
+        let reply: sanblk_proto::protocol::AdminReply =
             reader.read().await.unwrap_or_else(|e| panic!("{e}"));
         assert!(
-            matches!(reply, sand::protocol::AdminReply::Error(_)),
+            matches!(reply, sanblk_proto::protocol::AdminReply::Error(_)),
             "{reply:?}"
         );
         assert!(
-            reader.read::<sand::protocol::AdminReply>().await.is_err(),
+            reader
+                .read::<sanblk_proto::protocol::AdminReply>()
+                .await
+                .is_err(),
             "admin connection left open"
         );
     }

@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{TestServer, MIB};
+use sanblk_proto::client::{AgentClient, Attachment};
+use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
+use sanblk_proto::protocol::{AdminRequest, DeviceInfo};
 use sanblk_uapi::frame::{
     Op, ReplyHeader, RequestHeader, FLAG_FUA, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
-use sand::client::{AgentClient, Attachment};
-use sand::map::{AccessMode, Layout, VolumeMap};
-use sand::protocol::{AdminRequest, DeviceInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

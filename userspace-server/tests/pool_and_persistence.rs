@@ -5,9 +5,9 @@ mod common;
 use std::io::{Seek, SeekFrom, Write};
 
 use common::{TestServer, MIB};
-use sand::label::{read_label, DATA_START_OFFSET};
-use sand::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
-use sand::protocol::{
+use sanblk_proto::label::{read_label, DATA_START_OFFSET};
+use sanblk_proto::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
+use sanblk_proto::protocol::{
     AdminRequest, ClientInfo, DeviceInfo, ErrorCode, VolumeDetail, VolumeSummary,
 };
 
@@ -371,13 +371,18 @@ async fn a_device_labelled_but_not_recorded_is_adopted() {
         .map(|l| l.pool_uuid)
         .unwrap_or_default();
     let orphan = server.image("orphan.img", 16 * MIB);
-    let label = sand::label::Label {
+    let label = sanblk_proto::label::Label {
         device_uuid: uuid::Uuid::new_v4(),
         pool_uuid,
         device_size: 16 * MIB,
         data_start: DATA_START_OFFSET,
     };
-    sand::label::write_label(&orphan, &label).unwrap_or_else(|e| panic!("{e}"));
+    // What the server's label write does, done here: the writer is private to sand.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&orphan)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, &label.encode()))
+        .unwrap_or_else(|e| panic!("{}: {e}", orphan.display()));
     let mut admin = server.admin().await;
     admin
         .request(&AdminRequest::PoolAdd {

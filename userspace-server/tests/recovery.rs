@@ -11,14 +11,14 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, MIB};
-use sanblk_uapi::frame::{Op, ReplyHeader, RequestHeader, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
-use sand::client::{AgentClient, Attachment, Push};
-use sand::map::{AccessMode, Layout, VolumeMap};
-use sand::protocol::{
+use common::sand_log::last_resume_cursor;
+use common::{TestServer, MIB, RECOVERY_CHUNK_DELAY_ENV};
+use sanblk_proto::client::{AgentClient, Attachment, Push};
+use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
+use sanblk_proto::protocol::{
     AdminRequest, DeviceInfo, ErrorCode, RecoveryState, RecoveryStatus, VolumeDetail,
 };
-use sand::recovery::{last_resume_cursor, CHUNK_DELAY_ENV};
+use sanblk_uapi::frame::{Op, ReplyHeader, RequestHeader, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -365,7 +365,7 @@ async fn linear_volume_is_copied_from_the_still_readable_failed_device() {
 #[tokio::test]
 async fn writes_during_the_copy_reach_the_new_device() {
     for layout in [Layout::Linear, Layout::Mirror] {
-        let server = TestServer::start_with_env(&[(CHUNK_DELAY_ENV, "150")]);
+        let server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "150")]);
         let size = 16 * MIB;
         let mut setup = setup(&server, layout, size).await;
         let mut data = pattern(3, size as usize);
@@ -440,7 +440,7 @@ async fn writes_during_the_copy_reach_the_new_device() {
 
 #[tokio::test]
 async fn a_killed_server_resumes_the_recovery_from_its_saved_cursor() {
-    let mut server = TestServer::start_with_env(&[(CHUNK_DELAY_ENV, "100")]);
+    let mut server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "100")]);
     let size = 16 * MIB;
     let Failed {
         setup,
@@ -574,7 +574,7 @@ async fn bad_failure_reports_are_refused_and_change_nothing() {
 
 #[tokio::test]
 async fn fail_back_is_refused_while_the_device_is_recovered_and_accepted_otherwise() {
-    let server = TestServer::start_with_env(&[(CHUNK_DELAY_ENV, "100")]);
+    let server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "100")]);
     let mut setup = setup(&server, Layout::Linear, 4 * MIB).await;
     let map = setup.attached.map.clone();
     let failed = map.extents[0].replicas[0].device_uuid;
@@ -627,7 +627,7 @@ async fn fail_back_is_refused_while_the_device_is_recovered_and_accepted_otherwi
 /// already copied; only the part neither holds gets -EIO.
 #[tokio::test]
 async fn reads_during_recovery_fall_back_to_the_target_for_the_copied_part() {
-    let server = TestServer::start_with_env(&[(CHUNK_DELAY_ENV, "200")]);
+    let server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "200")]);
     let size = 16 * MIB;
     let Failed {
         setup,

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use sand::client::{read_secret_file, AgentClient, Attachment, ClientError};
-use sand::map::{AccessMode, VolumeMap};
+use sanblk_proto::auth::read_secret_file;
+use sanblk_proto::client::{AgentClient, Attachment, ClientError};
+use sanblk_proto::map::{AccessMode, VolumeMap};
 use tokio::signal::unix::{signal, SignalKind};
 use uuid::Uuid;
 
@@ -19,9 +20,9 @@ use crate::kernel_link::{listen_events, CreateRequest, KernelLink};
 use crate::map_encoding::{encode, scan_devices, scan_paths, LocalDevice};
 use crate::output::print_table;
 use crate::recovery_cmd::progress_line;
+use sanblk_proto::client::Push;
+use sanblk_proto::protocol::RecoveryStatus;
 use sanblk_uapi::netlink::EventKind;
-use sand::client::Push;
-use sand::protocol::RecoveryStatus;
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);

@@ -5,8 +5,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use sand::map::AccessMode;
-use sand::protocol::{AdminRequest, ClientCreated, ClientInfo};
+use sanblk_proto::map::AccessMode;
+use sanblk_proto::protocol::{AdminRequest, ClientCreated, ClientInfo};
 
 use crate::context::{CliError, Context};
 use crate::output::print_table;

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use sand::client::{AdminClient, ClientError};
-use sand::protocol::AdminRequest;
+use sanblk_proto::client::{AdminClient, ClientError};
+use sanblk_proto::protocol::AdminRequest;
 use serde::de::DeserializeOwned;
 
 pub const EXIT_REFUSED: u8 = 1;
@@ -93,5 +93,5 @@ impl Context {
 }
 
 pub fn parse_size_arg(text: &str) -> Result<u64, CliError> {
-    sand::map::parse_size(text).map_err(CliError::Usage)
+    sanblk_proto::map::parse_size(text).map_err(CliError::Usage)
 }

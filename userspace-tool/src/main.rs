@@ -41,7 +41,7 @@ struct Cli {
 }
 
 /// One variant and one module per subcommand group. The agent side (`sanctl attach`,
-/// `sanctl status`) plugs in the same way, using `sand::client::AgentClient`; `Context` opens
+/// `sanctl status`) plugs in the same way, using `sanblk_proto::client::AgentClient`; `Context` opens
 /// the admin socket only when a command makes an admin call, so such commands never need it.
 #[derive(Debug, Subcommand)]
 enum Command {

@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use sanblk_proto::label::read_label;
+use sanblk_proto::map::VolumeMap;
 use sanblk_uapi::map::{self as wire, ExtentKind, MapHeader, Member, MAX_MEMBERS};
-use sand::label::read_label;
-use sand::map::VolumeMap;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -236,7 +236,7 @@ fn try_fold(run: &[wire::Extent]) -> Option<(wire::Extent, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sand::map::{Extent, Layout, Replica};
+    use sanblk_proto::map::{Extent, Layout, Replica};
 
     const MIB: u64 = 1 << 20;
 

@@ -1,8 +1,8 @@
 //! `sanctl pool ...`
 
 use clap::Subcommand;
-use sand::map::format_size;
-use sand::protocol::{AdminRequest, DeviceInfo};
+use sanblk_proto::map::format_size;
+use sanblk_proto::protocol::{AdminRequest, DeviceInfo};
 
 use crate::context::{CliError, Context};
 use crate::output::print_table;

@@ -1,8 +1,8 @@
 //! `sanctl recovery ...`: data being moved off failed devices.
 
 use clap::Subcommand;
-use sand::map::format_size;
-use sand::protocol::{AdminRequest, RecoveryStatus};
+use sanblk_proto::map::format_size;
+use sanblk_proto::protocol::{AdminRequest, RecoveryStatus};
 
 use crate::context::{CliError, Context};
 use crate::output::print_table;
@@ -70,7 +70,7 @@ fn format_duration(seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sand::protocol::RecoveryState;
+    use sanblk_proto::protocol::RecoveryState;
 
     #[test]
     fn progress_lines_show_a_bar_percent_and_eta() {

@@ -1,8 +1,8 @@
 //! `sanctl volume ...`
 
 use clap::Subcommand;
-use sand::map::{format_size, Layout, VolumeMap};
-use sand::protocol::{AdminRequest, VolumeDetail, VolumeSummary};
+use sanblk_proto::map::{format_size, Layout, VolumeMap};
+use sanblk_proto::protocol::{AdminRequest, VolumeDetail, VolumeSummary};
 
 use crate::context::{parse_size_arg, CliError, Context};
 use crate::output::print_table;

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sand::client::{read_secret_file, AgentClient};
-use sand::map::AccessMode;
+use sanblk_proto::auth::read_secret_file;
+use sanblk_proto::client::AgentClient;
+use sanblk_proto::map::AccessMode;
 
 const MIB: u64 = 1 << 20;
 
@@ -215,7 +216,7 @@ fn admin_workflow_with_tables_json_and_exit_codes() {
         .block_on(async {
             let mut agent = AgentClient::connect(server.agent_address, "host1", &secret).await?;
             let attachment = agent.attach("m", AccessMode::Rw).await?;
-            Ok::<_, sand::client::ClientError>((agent, attachment))
+            Ok::<_, sanblk_proto::client::ClientError>((agent, attachment))
         })
         .unwrap_or_else(|e| panic!("attach: {e}"));
     assert_eq!(attachment.map.size_bytes, 12 * MIB);

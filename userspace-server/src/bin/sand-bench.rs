@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
-use sand::client::{AdminClient, AgentClient};
-use sand::map::{AccessMode, Layout};
-use sand::protocol::{AdminRequest, ClientCreated, VolumeDetail};
+use sanblk_proto::client::{AdminClient, AgentClient};
+use sanblk_proto::map::{AccessMode, Layout};
+use sanblk_proto::protocol::{AdminRequest, ClientCreated, VolumeDetail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, Semaphore};

@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
+use sanblk_proto::client::{AdminClient, AgentClient, Push};
+use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
+use sanblk_proto::protocol::{AdminRequest, ClientCreated, RecoveryState};
 use sanblk_uapi::frame::{
     Op, ReplyHeader, RequestHeader, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
-use sand::client::{AdminClient, AgentClient, Push};
-use sand::io_service::AlignedBuf;
-use sand::map::{AccessMode, Layout, VolumeMap};
-use sand::protocol::{AdminRequest, ClientCreated, RecoveryState};
+use sand::AlignedBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 

@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use log::{info, warn};
 use uuid::Uuid;
 
-use crate::map::Extent;
+use sanblk_proto::map::Extent;
+
 use crate::state::ServerState;
 
 /// Alignment of I/O buffers, offsets and lengths for O_DIRECT (safe for 512e and 4Kn devices).
@@ -453,7 +454,7 @@ impl DeviceTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::map::Replica;
+    use sanblk_proto::map::Replica;
 
     fn extent(volume_offset: u64, length: u64, devices: &[(u128, u64)]) -> Extent {
         Extent {

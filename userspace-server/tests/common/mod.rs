@@ -9,11 +9,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sand::client::{AdminClient, AgentClient};
-use sand::map::{AccessMode, Layout};
-use sand::protocol::{AdminRequest, ClientCreated};
+use sanblk_proto::client::{AdminClient, AgentClient};
+use sanblk_proto::map::{AccessMode, Layout};
+use sanblk_proto::protocol::{AdminRequest, ClientCreated};
+
+pub mod sand_log;
 
 pub const MIB: u64 = 1 << 20;
+
+/// Milliseconds sand's recovery sleeps after every chunk, so a test can act mid-recovery
+/// (read by sand from its environment).
+pub const RECOVERY_CHUNK_DELAY_ENV: &str = "SAND_RECOVERY_CHUNK_DELAY_MS";
 
 pub struct TestServer {
     child: Option<Child>,
