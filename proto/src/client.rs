@@ -5,14 +5,13 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use tokio::net::{tcp, unix, TcpStream, ToSocketAddrs, UnixStream};
 
 use crate::auth;
 use crate::map::{AccessMode, VolumeMap};
 use crate::protocol::{
-    write_frame, AdminReply, AdminRequest, AgentReply, AgentRequest, ErrorBody, ErrorCode,
-    FrameError, FrameReader, GrantedVolume, RecoveryStatus,
+    write_frame, AdminCall, AdminReply, AdminRequest, AgentReply, AgentRequest, ErrorBody,
+    ErrorCode, FrameError, FrameReader, GrantedVolume, RecoveryStatus,
 };
 
 /// Default time to wait for a reply.
@@ -70,28 +69,17 @@ impl AdminClient {
         })
     }
 
-    /// Sends one request and returns the result JSON (or the server's error).
-    pub async fn request(
-        &mut self,
-        request: &AdminRequest,
-    ) -> Result<serde_json::Value, ClientError> {
-        write_frame(&mut self.writer, request).await?;
-        let reply = tokio::time::timeout(REPLY_TIMEOUT, self.reader.read::<AdminReply>())
+    /// Sends one request and returns its reply (or the server's error).
+    pub async fn call<R: AdminCall>(&mut self, request: R) -> Result<R::Reply, ClientError> {
+        let request: AdminRequest = request.into();
+        write_frame(&mut self.writer, &request).await?;
+        let reply = tokio::time::timeout(REPLY_TIMEOUT, self.reader.read::<AdminReply<R::Reply>>())
             .await
             .map_err(|_| ClientError::Timeout(REPLY_TIMEOUT))??;
         match reply {
             AdminReply::Ok { result } => Ok(result),
             AdminReply::Error(body) => Err(ClientError::Server(body)),
         }
-    }
-
-    /// Like `request`, decoding the result into `T`.
-    pub async fn call<T: DeserializeOwned>(
-        &mut self,
-        request: &AdminRequest,
-    ) -> Result<T, ClientError> {
-        let value = self.request(request).await?;
-        serde_json::from_value(value).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 }
 

@@ -310,55 +310,153 @@ pub enum AgentReply {
 // Admin protocol (Unix socket, protected by file permissions)
 // ---------------------------------------------------------------------------------------------
 
+/// An admin request paired with its reply: the server must answer a `R` with an `R::Reply`,
+/// and the client decodes exactly that (`AdminClient::call`).
+pub trait AdminCall: Into<AdminRequest> {
+    type Reply: Serialize + DeserializeOwned;
+}
+
+/// Every admin request as it travels: `{"type": "pool_add", ...the request's fields}`.
+/// Requests without fields are empty structs, not unit structs: those would not decode from
+/// a frame, which also carries the version field.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AdminRequest {
-    PoolAdd {
-        path: String,
-        force: bool,
-    },
-    PoolList,
-    VolumeCreate {
-        name: String,
-        size_bytes: u64,
-        layout: Layout,
-    },
-    VolumeGrow {
-        name: String,
-        new_size_bytes: u64,
-    },
-    VolumeDelete {
-        name: String,
-    },
-    VolumeList,
-    VolumeShow {
-        name: String,
-    },
-    ClientAdd {
-        name: String,
-    },
-    ClientGrant {
-        name: String,
-        volume: String,
-        mode: AccessMode,
-    },
-    ClientRevoke {
-        name: String,
-        volume: String,
-    },
-    ClientRemove {
-        name: String,
-    },
-    ClientList,
-    /// Every known recovery (running, failed, or finished since the server started).
-    RecoveryList,
+    PoolAdd(PoolAdd),
+    PoolList(PoolList),
+    VolumeCreate(VolumeCreate),
+    VolumeGrow(VolumeGrow),
+    VolumeDelete(VolumeDelete),
+    VolumeList(VolumeList),
+    VolumeShow(VolumeShow),
+    ClientAdd(ClientAdd),
+    ClientGrant(ClientGrant),
+    ClientRevoke(ClientRevoke),
+    ClientRemove(ClientRemove),
+    ClientList(ClientList),
+    RecoveryList(RecoveryList),
+}
+
+/// Label a device and add it to the pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolAdd {
+    pub path: String,
+    /// Overwrite a foreign signature or another pool's label.
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolList {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeCreate {
+    pub name: String,
+    pub size_bytes: u64,
+    pub layout: Layout,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeGrow {
+    pub name: String,
+    pub new_size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeDelete {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeList {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeShow {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientAdd {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientGrant {
+    pub name: String,
+    pub volume: String,
+    pub mode: AccessMode,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientRevoke {
+    pub name: String,
+    pub volume: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientRemove {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientList {}
+
+/// Every known recovery (running, failed, or finished since the server started).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecoveryList {}
+
+/// Pairs each request with its `AdminRequest` variant (same name) and its reply type.
+macro_rules! admin_calls {
+    ($($request:ident => $reply:ty,)*) => {$(
+        impl From<$request> for AdminRequest {
+            fn from(request: $request) -> AdminRequest {
+                AdminRequest::$request(request)
+            }
+        }
+
+        impl AdminCall for $request {
+            type Reply = $reply;
+        }
+    )*};
+}
+
+admin_calls! {
+    // The device as `pool list` shows it (`None` only if it vanished right after the add).
+    PoolAdd => Option<DeviceInfo>,
+    PoolList => Vec<DeviceInfo>,
+    VolumeCreate => VolumeMap,
+    VolumeGrow => VolumeMap,
+    VolumeDelete => VolumeDeleted,
+    VolumeList => Vec<VolumeSummary>,
+    VolumeShow => VolumeDetail,
+    ClientAdd => ClientCreated,
+    // The client's grants after the change (`None` only if it was removed meanwhile).
+    ClientGrant => Option<ClientInfo>,
+    ClientRevoke => Option<ClientInfo>,
+    ClientRemove => ClientRemoved,
+    ClientList => Vec<ClientInfo>,
+    RecoveryList => Vec<RecoveryStatus>,
+}
+
+/// The answer to an admin request whose reply is a `T`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum AdminReply {
-    Ok { result: serde_json::Value },
+pub enum AdminReply<T> {
+    Ok { result: T },
     Error(ErrorBody),
+}
+
+/// Answer to `volume delete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDeleted {
+    /// Name of the deleted volume.
+    pub deleted: String,
+}
+
+/// Answer to `client remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRemoved {
+    /// Name of the removed client.
+    pub removed: String,
 }
 
 /// A device of the pool as `pool list` shows it.
@@ -464,4 +562,39 @@ pub struct RecoveryStatus {
     /// Estimated seconds left at the rate seen since the copy (re)started; `None` until known.
     pub eta_seconds: Option<u64>,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Request structs travel as the flat tagged objects the admin protocol always had.
+    #[test]
+    fn admin_requests_keep_their_wire_form() {
+        let add = serde_json::to_value(AdminRequest::from(PoolAdd {
+            path: "/dev/sdb".into(),
+            force: true,
+        }));
+        assert_eq!(
+            add.ok(),
+            Some(serde_json::json!({ "type": "pool_add", "path": "/dev/sdb", "force": true }))
+        );
+        let list = serde_json::to_value(AdminRequest::from(PoolList {}));
+        assert_eq!(list.ok(), Some(serde_json::json!({ "type": "pool_list" })));
+        // A real frame also carries the version field, which a request without fields skips.
+        let frame = encode_frame(&AdminRequest::from(RecoveryList {}));
+        let decoded = frame.and_then(|f| decode_payload::<AdminRequest>(&f[LENGTH_PREFIX_BYTES..]));
+        assert!(
+            matches!(decoded, Ok(AdminRequest::RecoveryList(RecoveryList {}))),
+            "{decoded:?}"
+        );
+    }
+
+    #[test]
+    fn admin_replies_decode_as_the_request_s_reply_type() {
+        let frame = serde_json::json!({ "type": "ok", "result": { "deleted": "db1" } });
+        let reply: Result<AdminReply<<VolumeDelete as AdminCall>::Reply>, _> =
+            serde_json::from_value(frame);
+        assert!(matches!(reply, Ok(AdminReply::Ok { result }) if result.deleted == "db1"));
+    }
 }

@@ -6,17 +6,20 @@ use std::path::Path;
 use std::sync::Arc;
 
 use log::{info, warn};
-use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use sanblk_proto::label::{self, Label, LabelError, DATA_START_OFFSET};
-use sanblk_proto::map::AccessMode;
+use sanblk_proto::map::{AccessMode, VolumeMap};
 use sanblk_proto::protocol::{
-    write_frame, AdminReply, AdminRequest, ClientCreated, ClientInfo, DeviceInfo, ErrorBody,
-    ErrorCode, FrameError, FrameReader, GrantedVolume, VolumeDetail, VolumeSummary,
-    MAX_LISTED_ATTACHMENTS,
+    encode_frame, write_frame, AdminCall, AdminReply, AdminRequest, ClientAdd, ClientCreated,
+    ClientGrant, ClientInfo, ClientList, ClientRemove, ClientRemoved, ClientRevoke, DeviceInfo,
+    ErrorBody, ErrorCode, FrameError, FrameReader, GrantedVolume, PoolAdd, PoolList, RecoveryList,
+    VolumeCreate, VolumeDelete, VolumeDeleted, VolumeDetail, VolumeGrow, VolumeList, VolumeShow,
+    VolumeSummary, MAX_LISTED_ATTACHMENTS,
 };
 
 use crate::labelling;
@@ -40,28 +43,26 @@ pub async fn serve_admin_connection(
             request = reader.read::<AdminRequest>() => request,
         };
         let reply = match request {
-            Ok(request) => match handle(request, &state).await {
-                Ok(result) => AdminReply::Ok { result },
-                Err(error) => AdminReply::Error(error),
-            },
+            Ok(request) => handle(request, &state).await,
             Err(FrameError::Closed) => return,
             Err(error) => {
                 warn!("admin connection: {error}; closing it");
                 let body = ErrorBody::new(ErrorCode::BadFrame, error.to_string());
-                let _ = write_frame(&mut write_half, &AdminReply::Error(body)).await;
+                let _ = write_frame(&mut write_half, &error_reply(body)).await;
                 return;
             }
         };
-        let written = match write_frame(&mut write_half, &reply).await {
+        let written = match reply {
+            Ok(frame) => write_encoded(&mut write_half, &frame).await,
             // The reply alone was too big: say so instead of leaving the caller waiting.
             Err(FrameError::Oversized(size)) => {
                 let body = ErrorBody::new(
                     ErrorCode::Internal,
                     format!("reply of {size} bytes exceeds the frame limit"),
                 );
-                write_frame(&mut write_half, &AdminReply::Error(body)).await
+                write_frame(&mut write_half, &error_reply(body)).await
             }
-            other => other,
+            Err(error) => Err(error),
         };
         if let Err(error) = written {
             warn!("admin connection: cannot reply: {error}");
@@ -70,141 +71,219 @@ pub async fn serve_admin_connection(
     }
 }
 
-fn to_json<T: Serialize>(value: &T) -> StoreResult<serde_json::Value> {
-    serde_json::to_value(value).map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))
+/// An error answer; its shape does not depend on the reply type it stands in for.
+fn error_reply(body: ErrorBody) -> AdminReply<()> {
+    AdminReply::Error(body)
 }
 
-async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> StoreResult<serde_json::Value> {
+async fn write_encoded(writer: &mut OwnedWriteHalf, frame: &[u8]) -> Result<(), FrameError> {
+    writer.write_all(frame).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+/// Runs one request and encodes its answer. Each handler returns the reply type its request
+/// is paired with (`AdminCall::Reply`), which `reply_frame::<Request>` checks.
+async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> Result<Vec<u8>, FrameError> {
     match request {
-        AdminRequest::PoolAdd { path, force } => {
-            let device = blocking(state, move |s| add_device(s, Path::new(&path), force)).await?;
-            info!(
-                "pool: added {} as device {} ({} bytes)",
-                device.path, device.uuid, device.size_bytes
-            );
-            to_json(
-                &device_infos(state)
-                    .await?
-                    .into_iter()
-                    .find(|d| d.uuid == device.uuid),
-            )
+        AdminRequest::PoolAdd(request) => reply_frame::<PoolAdd>(pool_add(request, state).await),
+        AdminRequest::PoolList(PoolList {}) => reply_frame::<PoolList>(device_infos(state).await),
+        AdminRequest::VolumeCreate(request) => {
+            reply_frame::<VolumeCreate>(volume_create(request, state).await)
         }
-        AdminRequest::PoolList => to_json(&device_infos(state).await?),
-        AdminRequest::VolumeCreate {
-            name,
-            size_bytes,
-            layout,
-        } => {
-            let record = blocking(state, move |s| {
-                s.store.create_volume(&name, size_bytes, layout)
-            })
-            .await?;
-            info!(
-                "volume {} (id {}) created: {} bytes, {}",
-                record.name, record.id, record.size_bytes, record.layout
-            );
-            to_json(&record.map(state.config.lease_ms))
+        AdminRequest::VolumeGrow(request) => {
+            reply_frame::<VolumeGrow>(volume_grow(request, state).await)
         }
-        AdminRequest::VolumeGrow {
-            name,
-            new_size_bytes,
-        } => {
-            let record = blocking(state, move |s| {
-                let volume = s.store.volume_by_name(&name)?;
-                s.store.grow_volume(volume.id, new_size_bytes)
-            })
-            .await?;
-            state.publish(&record);
-            info!(
-                "volume {} grown to {} bytes, epoch {}",
-                record.name, record.size_bytes, record.epoch
-            );
-            to_json(&record.map(state.config.lease_ms))
+        AdminRequest::VolumeDelete(request) => {
+            reply_frame::<VolumeDelete>(volume_delete(request, state).await)
         }
-        AdminRequest::VolumeDelete { name } => {
-            let record = blocking(state, move |s| {
-                let volume = s.store.volume_by_name(&name)?;
-                s.delete_volume(volume.id)
-            })
-            .await?;
-            info!("volume {} (id {}) deleted", record.name, record.id);
-            to_json(&serde_json::json!({ "deleted": record.name }))
+        AdminRequest::VolumeList(VolumeList {}) => {
+            reply_frame::<VolumeList>(volume_list(state).await)
         }
-        AdminRequest::VolumeList => {
-            let volumes = blocking(state, |s| s.store.volumes()).await?;
-            let summaries: Vec<VolumeSummary> = volumes
-                .into_iter()
-                .map(|v| VolumeSummary {
-                    id: v.id,
-                    extent_count: v.extents.len(),
-                    name: v.name,
-                    size_bytes: v.size_bytes,
-                    layout: v.layout,
-                    epoch: v.epoch,
-                })
-                .collect();
-            to_json(&summaries)
+        AdminRequest::VolumeShow(request) => {
+            reply_frame::<VolumeShow>(volume_show(request, state).await)
         }
-        AdminRequest::VolumeShow { name } => {
-            let record = blocking(state, move |s| s.store.volume_by_name(&name)).await?;
-            let (attachment_count, acked_current_epoch, attachments) =
-                state.attachments(record.id, record.epoch, MAX_LISTED_ATTACHMENTS);
-            let detail = VolumeDetail {
-                map: record.map(state.config.lease_ms),
-                attachment_count,
-                acked_current_epoch,
-                attachments,
-                recovery: state.recovery_status(record.id),
-            };
-            to_json(&detail)
+        AdminRequest::ClientAdd(request) => {
+            reply_frame::<ClientAdd>(client_add(request, state).await)
         }
-        AdminRequest::ClientAdd { name } => {
-            let secret = secrets::new_secret_hex();
-            let stored = secret.clone();
-            let client = name.clone();
-            blocking(state, move |s| s.store.add_client(&client, &stored)).await?;
-            info!("client {name} added");
-            to_json(&ClientCreated { name, secret })
+        AdminRequest::ClientGrant(request) => {
+            reply_frame::<ClientGrant>(client_grant(request, state).await)
         }
-        AdminRequest::ClientGrant { name, volume, mode } => {
-            let client = name.clone();
-            blocking(state, move |s| {
-                let volume = s.store.volume_by_name(&volume)?;
-                s.store.set_grant(&client, volume.id, Some(mode))
-            })
-            .await?;
-            // A downgrade to ro must not leave a read-write attachment in place.
-            if mode == AccessMode::Ro {
-                state.disconnect_client(&name);
-            }
-            info!("client {name}: grant changed");
-            client_infos(state)
-                .await
-                .and_then(|c| to_json(&c.into_iter().find(|c| c.name == name)))
+        AdminRequest::ClientRevoke(request) => {
+            reply_frame::<ClientRevoke>(client_revoke(request, state).await)
         }
-        AdminRequest::ClientRevoke { name, volume } => {
-            let client = name.clone();
-            blocking(state, move |s| {
-                let volume = s.store.volume_by_name(&volume)?;
-                s.store.set_grant(&client, volume.id, None)
-            })
-            .await?;
-            state.disconnect_client(&name);
-            info!("client {name}: grant revoked");
-            client_infos(state)
-                .await
-                .and_then(|c| to_json(&c.into_iter().find(|c| c.name == name)))
+        AdminRequest::ClientRemove(request) => {
+            reply_frame::<ClientRemove>(client_remove(request, state).await)
         }
-        AdminRequest::ClientRemove { name } => {
-            let client = name.clone();
-            blocking(state, move |s| s.store.remove_client(&client)).await?;
-            state.disconnect_client(&name);
-            info!("client {name} removed");
-            to_json(&serde_json::json!({ "removed": name }))
+        AdminRequest::ClientList(ClientList {}) => {
+            reply_frame::<ClientList>(client_infos(state).await)
         }
-        AdminRequest::ClientList => to_json(&client_infos(state).await?),
-        AdminRequest::RecoveryList => to_json(&state.recovery_statuses()),
+        AdminRequest::RecoveryList(RecoveryList {}) => {
+            reply_frame::<RecoveryList>(Ok(state.recovery_statuses()))
+        }
     }
+}
+
+fn reply_frame<R: AdminCall>(result: StoreResult<R::Reply>) -> Result<Vec<u8>, FrameError> {
+    match result {
+        Ok(result) => encode_frame(&AdminReply::Ok { result }),
+        Err(error) => encode_frame(&AdminReply::<R::Reply>::Error(error)),
+    }
+}
+
+async fn pool_add(request: PoolAdd, state: &Arc<ServerState>) -> StoreResult<Option<DeviceInfo>> {
+    let PoolAdd { path, force } = request;
+    let device = blocking(state, move |s| add_device(s, Path::new(&path), force)).await?;
+    info!(
+        "pool: added {} as device {} ({} bytes)",
+        device.path, device.uuid, device.size_bytes
+    );
+    Ok(device_infos(state)
+        .await?
+        .into_iter()
+        .find(|d| d.uuid == device.uuid))
+}
+
+async fn volume_create(request: VolumeCreate, state: &Arc<ServerState>) -> StoreResult<VolumeMap> {
+    let VolumeCreate {
+        name,
+        size_bytes,
+        layout,
+    } = request;
+    let record = blocking(state, move |s| {
+        s.store.create_volume(&name, size_bytes, layout)
+    })
+    .await?;
+    info!(
+        "volume {} (id {}) created: {} bytes, {}",
+        record.name, record.id, record.size_bytes, record.layout
+    );
+    Ok(record.map(state.config.lease_ms))
+}
+
+async fn volume_grow(request: VolumeGrow, state: &Arc<ServerState>) -> StoreResult<VolumeMap> {
+    let VolumeGrow {
+        name,
+        new_size_bytes,
+    } = request;
+    let record = blocking(state, move |s| {
+        let volume = s.store.volume_by_name(&name)?;
+        s.store.grow_volume(volume.id, new_size_bytes)
+    })
+    .await?;
+    state.publish(&record);
+    info!(
+        "volume {} grown to {} bytes, epoch {}",
+        record.name, record.size_bytes, record.epoch
+    );
+    Ok(record.map(state.config.lease_ms))
+}
+
+async fn volume_delete(
+    request: VolumeDelete,
+    state: &Arc<ServerState>,
+) -> StoreResult<VolumeDeleted> {
+    let record = blocking(state, move |s| {
+        let volume = s.store.volume_by_name(&request.name)?;
+        s.delete_volume(volume.id)
+    })
+    .await?;
+    info!("volume {} (id {}) deleted", record.name, record.id);
+    Ok(VolumeDeleted {
+        deleted: record.name,
+    })
+}
+
+async fn volume_list(state: &Arc<ServerState>) -> StoreResult<Vec<VolumeSummary>> {
+    let volumes = blocking(state, |s| s.store.volumes()).await?;
+    Ok(volumes
+        .into_iter()
+        .map(|v| VolumeSummary {
+            id: v.id,
+            extent_count: v.extents.len(),
+            name: v.name,
+            size_bytes: v.size_bytes,
+            layout: v.layout,
+            epoch: v.epoch,
+        })
+        .collect())
+}
+
+async fn volume_show(request: VolumeShow, state: &Arc<ServerState>) -> StoreResult<VolumeDetail> {
+    let record = blocking(state, move |s| s.store.volume_by_name(&request.name)).await?;
+    let (attachment_count, acked_current_epoch, attachments) =
+        state.attachments(record.id, record.epoch, MAX_LISTED_ATTACHMENTS);
+    Ok(VolumeDetail {
+        map: record.map(state.config.lease_ms),
+        attachment_count,
+        acked_current_epoch,
+        attachments,
+        recovery: state.recovery_status(record.id),
+    })
+}
+
+async fn client_add(request: ClientAdd, state: &Arc<ServerState>) -> StoreResult<ClientCreated> {
+    let name = request.name;
+    let secret = secrets::new_secret_hex();
+    let stored = secret.clone();
+    let client = name.clone();
+    blocking(state, move |s| s.store.add_client(&client, &stored)).await?;
+    info!("client {name} added");
+    Ok(ClientCreated { name, secret })
+}
+
+async fn client_grant(
+    request: ClientGrant,
+    state: &Arc<ServerState>,
+) -> StoreResult<Option<ClientInfo>> {
+    let ClientGrant { name, volume, mode } = request;
+    let client = name.clone();
+    blocking(state, move |s| {
+        let volume = s.store.volume_by_name(&volume)?;
+        s.store.set_grant(&client, volume.id, Some(mode))
+    })
+    .await?;
+    // A downgrade to ro must not leave a read-write attachment in place.
+    if mode == AccessMode::Ro {
+        state.disconnect_client(&name);
+    }
+    info!("client {name}: grant changed");
+    client_info(state, &name).await
+}
+
+async fn client_revoke(
+    request: ClientRevoke,
+    state: &Arc<ServerState>,
+) -> StoreResult<Option<ClientInfo>> {
+    let ClientRevoke { name, volume } = request;
+    let client = name.clone();
+    blocking(state, move |s| {
+        let volume = s.store.volume_by_name(&volume)?;
+        s.store.set_grant(&client, volume.id, None)
+    })
+    .await?;
+    state.disconnect_client(&name);
+    info!("client {name}: grant revoked");
+    client_info(state, &name).await
+}
+
+async fn client_remove(
+    request: ClientRemove,
+    state: &Arc<ServerState>,
+) -> StoreResult<ClientRemoved> {
+    let name = request.name;
+    let client = name.clone();
+    blocking(state, move |s| s.store.remove_client(&client)).await?;
+    state.disconnect_client(&name);
+    info!("client {name} removed");
+    Ok(ClientRemoved { removed: name })
+}
+
+async fn client_info(state: &Arc<ServerState>, name: &str) -> StoreResult<Option<ClientInfo>> {
+    Ok(client_infos(state)
+        .await?
+        .into_iter()
+        .find(|c| c.name == name))
 }
 
 async fn device_infos(state: &Arc<ServerState>) -> StoreResult<Vec<DeviceInfo>> {

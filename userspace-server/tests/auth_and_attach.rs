@@ -9,7 +9,8 @@ use sanblk_proto::auth;
 use sanblk_proto::client::{AgentClient, ClientError};
 use sanblk_proto::map::AccessMode;
 use sanblk_proto::protocol::{
-    write_frame, AdminRequest, AgentReply, AgentRequest, ErrorCode, FrameReader, VolumeDetail,
+    write_frame, AgentReply, AgentRequest, ClientRemove, ErrorCode, FrameReader, VolumeDelete,
+    VolumeDetail, VolumeGrow, VolumeShow,
 };
 use tokio::net::TcpStream;
 
@@ -345,7 +346,7 @@ async fn changes_are_pushed_as_new_epochs() {
     // Admin grow: both clients receive epoch 2.
     let mut admin = server.admin().await;
     admin
-        .request(&AdminRequest::VolumeGrow {
+        .call(VolumeGrow {
             name: "vol".into(),
             new_size_bytes: 6 * MIB,
         })
@@ -366,7 +367,7 @@ async fn changes_are_pushed_as_new_epochs() {
     let mut acked = false;
     for _ in 0..50 {
         let detail: VolumeDetail = admin
-            .call(&AdminRequest::VolumeShow { name: "vol".into() })
+            .call(VolumeShow { name: "vol".into() })
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         if detail.attachments.len() == 2 && detail.attachments.iter().all(|a| a.acked_epoch == 2) {
@@ -391,7 +392,7 @@ async fn changes_are_pushed_as_new_epochs() {
     assert_eq!(pushed, grown);
     // The writer does not get its own grow pushed back: its next update is the next change.
     admin
-        .request(&AdminRequest::VolumeGrow {
+        .call(VolumeGrow {
             name: "vol".into(),
             new_size_bytes: 9 * MIB,
         })
@@ -411,9 +412,7 @@ async fn changes_are_pushed_as_new_epochs() {
         Some(ErrorCode::NotGranted)
     );
     // Deleting an attached volume is refused.
-    let busy = admin
-        .request(&AdminRequest::VolumeDelete { name: "vol".into() })
-        .await;
+    let busy = admin.call(VolumeDelete { name: "vol".into() }).await;
     assert_eq!(
         busy.err().and_then(|e| e.server_code()),
         Some(ErrorCode::Busy)
@@ -434,7 +433,7 @@ async fn removing_a_client_disconnects_it() {
         .unwrap_or_else(|e| panic!("{e}"));
     let mut admin = server.admin().await;
     admin
-        .request(&AdminRequest::ClientRemove {
+        .call(ClientRemove {
             name: "host1".into(),
         })
         .await

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use common::{TestServer, MIB};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
 use sanblk_proto::protocol::{
-    write_frame, AdminRequest, AgentReply, AgentRequest, DeviceInfo, ErrorCode, FrameReader,
-    VolumeDetail, VolumeSummary,
+    write_frame, AgentReply, AgentRequest, DeviceInfo, ErrorCode, FrameReader, PoolList,
+    VolumeCreate, VolumeDetail, VolumeGrow, VolumeList, VolumeShow, VolumeSummary,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -37,22 +37,26 @@ async fn kill_9_mid_allocation_leaves_no_double_or_lost_space() {
         for index in 0u64.. {
             let name = format!("v{index}");
             let layout = layouts[(index % 3) as usize];
-            let request = if index % 4 == 3 {
+            let answer = if index % 4 == 3 {
                 // Grow an earlier volume instead of creating one.
                 let target = format!("v{}", index - 3);
                 let current = confirmed.get(&target).map_or(0, |m| m.size_bytes);
-                AdminRequest::VolumeGrow {
-                    name: target,
-                    new_size_bytes: current + MIB,
-                }
+                admin
+                    .call(VolumeGrow {
+                        name: target,
+                        new_size_bytes: current + MIB,
+                    })
+                    .await
             } else {
-                AdminRequest::VolumeCreate {
-                    name: name.clone(),
-                    size_bytes: (1 + index % 3) * MIB,
-                    layout,
-                }
+                admin
+                    .call(VolumeCreate {
+                        name: name.clone(),
+                        size_bytes: (1 + index % 3) * MIB,
+                        layout,
+                    })
+                    .await
             };
-            match admin.call::<VolumeMap>(&request).await {
+            match answer {
                 Ok(map) => {
                     confirmed.insert(map.name.clone(), map);
                 }
@@ -78,17 +82,17 @@ async fn kill_9_mid_allocation_leaves_no_double_or_lost_space() {
     let restarted = TestServer::start_in(&server.dir);
     let mut admin = restarted.admin().await;
     let devices: Vec<DeviceInfo> = admin
-        .call(&AdminRequest::PoolList)
+        .call(PoolList {})
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let volumes: Vec<VolumeSummary> = admin
-        .call(&AdminRequest::VolumeList)
+        .call(VolumeList {})
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let mut maps = Vec::new();
     for volume in &volumes {
         let detail: VolumeDetail = admin
-            .call(&AdminRequest::VolumeShow {
+            .call(VolumeShow {
                 name: volume.name.clone(),
             })
             .await
@@ -158,7 +162,7 @@ async fn kill_9_mid_allocation_leaves_no_double_or_lost_space() {
     assert!(used.is_empty(), "extents on unknown devices: {used:?}");
     // And the server keeps allocating after the crash.
     admin
-        .request(&AdminRequest::VolumeCreate {
+        .call(VolumeCreate {
             name: "after".into(),
             size_bytes: MIB,
             layout: Layout::Linear,
@@ -323,7 +327,7 @@ async fn bad_frames_close_only_their_connection() {
     );
     let mut admin = server.admin().await;
     admin
-        .request(&AdminRequest::PoolList)
+        .call(PoolList {})
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }
@@ -382,7 +386,7 @@ async fn bad_admin_frames_do_not_hurt_the_server() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let mut reader = FrameReader::new(read_half);
-        let reply: sanblk_proto::protocol::AdminReply =
+        let reply: sanblk_proto::protocol::AdminReply<serde_json::Value> =
             reader.read().await.unwrap_or_else(|e| panic!("{e}"));
         assert!(
             matches!(reply, sanblk_proto::protocol::AdminReply::Error(_)),
@@ -390,7 +394,7 @@ async fn bad_admin_frames_do_not_hurt_the_server() {
         );
         assert!(
             reader
-                .read::<sanblk_proto::protocol::AdminReply>()
+                .read::<sanblk_proto::protocol::AdminReply<serde_json::Value>>()
                 .await
                 .is_err(),
             "admin connection left open"
@@ -398,7 +402,7 @@ async fn bad_admin_frames_do_not_hurt_the_server() {
     }
     let mut admin = server.admin().await;
     admin
-        .request(&AdminRequest::PoolList)
+        .call(PoolList {})
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }

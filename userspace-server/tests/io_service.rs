@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{TestServer, MIB};
 use sanblk_proto::client::{AgentClient, Attachment};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
-use sanblk_proto::protocol::{AdminRequest, DeviceInfo};
+use sanblk_proto::protocol::{DeviceInfo, PoolList, VolumeCreate, VolumeGrow};
 use sanblk_uapi::frame::{
     Op, ReplyHeader, RequestHeader, FLAG_FUA, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
@@ -157,7 +157,7 @@ impl IoClient {
 async fn devices(server: &TestServer) -> HashMap<uuid::Uuid, PathBuf> {
     let mut admin = server.admin().await;
     let list: Vec<DeviceInfo> = admin
-        .call(&AdminRequest::PoolList)
+        .call(PoolList {})
         .await
         .unwrap_or_else(|e| panic!("pool list: {e}"));
     list.into_iter()
@@ -201,7 +201,7 @@ fn read_images(
 async fn create_volume(server: &TestServer, name: &str, size: u64, layout: Layout) {
     let mut admin = server.admin().await;
     admin
-        .request(&AdminRequest::VolumeCreate {
+        .call(VolumeCreate {
             name: name.into(),
             size_bytes: size,
             layout,
@@ -441,7 +441,7 @@ async fn stale_epoch_is_refused_and_changes_nothing() {
 
     let mut admin = server.admin().await;
     let grown: VolumeMap = admin
-        .call(&AdminRequest::VolumeGrow {
+        .call(VolumeGrow {
             name: "vol".into(),
             new_size_bytes: 8 * MIB,
         })

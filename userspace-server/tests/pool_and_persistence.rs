@@ -8,14 +8,15 @@ use common::{TestServer, MIB};
 use sanblk_proto::label::{read_label, DATA_START_OFFSET};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
 use sanblk_proto::protocol::{
-    AdminRequest, ClientInfo, DeviceInfo, ErrorCode, VolumeDetail, VolumeSummary,
+    ClientInfo, ClientList, DeviceInfo, ErrorCode, PoolAdd, PoolList, VolumeCreate, VolumeDelete,
+    VolumeDetail, VolumeGrow, VolumeList, VolumeShow, VolumeSummary,
 };
 
 async fn pool_list(server: &TestServer) -> Vec<DeviceInfo> {
     server
         .admin()
         .await
-        .call(&AdminRequest::PoolList)
+        .call(PoolList {})
         .await
         .unwrap_or_else(|e| panic!("pool list: {e}"))
 }
@@ -54,7 +55,7 @@ async fn pool_add_writes_a_label_and_reports_space() {
     // Adding the same device again is refused.
     let mut admin = server.admin().await;
     let again = admin
-        .request(&AdminRequest::PoolAdd {
+        .call(PoolAdd {
             path: paths[0].display().to_string(),
             force: false,
         })
@@ -86,7 +87,7 @@ async fn foreign_signatures_are_refused_unless_forced() {
         file.write_all(magic).unwrap_or_else(|e| panic!("{e}"));
         drop(file);
         let refused = admin
-            .request(&AdminRequest::PoolAdd {
+            .call(PoolAdd {
                 path: path.display().to_string(),
                 force: false,
             })
@@ -101,7 +102,7 @@ async fn foreign_signatures_are_refused_unless_forced() {
             "{name}: refused device must stay untouched"
         );
         admin
-            .request(&AdminRequest::PoolAdd {
+            .call(PoolAdd {
                 path: path.display().to_string(),
                 force: true,
             })
@@ -117,7 +118,7 @@ async fn foreign_signatures_are_refused_unless_forced() {
     let other = TestServer::start();
     let foreign = other.pool_of(1, 16 * MIB).await;
     let refused = admin
-        .request(&AdminRequest::PoolAdd {
+        .call(PoolAdd {
             path: foreign[0].display().to_string(),
             force: false,
         })
@@ -134,14 +135,14 @@ async fn volumes_are_allocated_grown_and_deleted() {
     let server = TestServer::start();
     server.pool_of(3, 64 * MIB).await;
     let mut admin = server.admin().await;
-    let create = |name: &str, size: u64, layout: Layout| AdminRequest::VolumeCreate {
+    let create = |name: &str, size: u64, layout: Layout| VolumeCreate {
         name: name.into(),
         size_bytes: size,
         layout,
     };
 
     let mirror: VolumeMap = admin
-        .call(&create("m", 20 * MIB, Layout::Mirror))
+        .call(create("m", 20 * MIB, Layout::Mirror))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(mirror.size_bytes, 20 * MIB);
@@ -158,7 +159,7 @@ async fn volumes_are_allocated_grown_and_deleted() {
         stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES,
     };
     let stripes: VolumeMap = admin
-        .call(&create("s", 6 * MIB, striped))
+        .call(create("s", 6 * MIB, striped))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let first_three: Vec<_> = stripes
@@ -174,23 +175,21 @@ async fn volumes_are_allocated_grown_and_deleted() {
             && first_three[0] != first_three[2]
     );
 
-    let too_big = admin
-        .request(&create("huge", 1024 * MIB, Layout::Linear))
-        .await;
+    let too_big = admin.call(create("huge", 1024 * MIB, Layout::Linear)).await;
     let error = too_big
         .err()
         .unwrap_or_else(|| panic!("1 GiB fitted in 189 MiB"));
     assert_eq!(error.server_code(), Some(ErrorCode::NoSpace));
     assert!(error.to_string().contains("not enough space"), "{error}");
 
-    let duplicate = admin.request(&create("m", MIB, Layout::Linear)).await;
+    let duplicate = admin.call(create("m", MIB, Layout::Linear)).await;
     assert_eq!(
         duplicate.err().and_then(|e| e.server_code()),
         Some(ErrorCode::AlreadyExists)
     );
 
     let grown: VolumeMap = admin
-        .call(&AdminRequest::VolumeGrow {
+        .call(VolumeGrow {
             name: "m".into(),
             new_size_bytes: 30 * MIB,
         })
@@ -209,7 +208,7 @@ async fn volumes_are_allocated_grown_and_deleted() {
 
     let free_before: u64 = pool_list(&server).await.iter().map(|d| d.free_bytes).sum();
     admin
-        .request(&AdminRequest::VolumeDelete { name: "m".into() })
+        .call(VolumeDelete { name: "m".into() })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let free_after: u64 = pool_list(&server).await.iter().map(|d| d.free_bytes).sum();
@@ -218,9 +217,7 @@ async fn volumes_are_allocated_grown_and_deleted() {
         2 * 30 * MIB,
         "deleting a mirror frees both copies"
     );
-    let missing = admin
-        .request(&AdminRequest::VolumeShow { name: "m".into() })
-        .await;
+    let missing = admin.call(VolumeShow { name: "m".into() }).await;
     assert_eq!(
         missing.err().and_then(|e| e.server_code()),
         Some(ErrorCode::NotFound)
@@ -236,7 +233,7 @@ async fn everything_survives_a_restart() {
         .await;
     let mut admin = server.admin().await;
     admin
-        .request(&AdminRequest::VolumeCreate {
+        .call(VolumeCreate {
             name: "mirror".into(),
             size_bytes: 4 * MIB,
             layout: Layout::Mirror,
@@ -244,7 +241,7 @@ async fn everything_survives_a_restart() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     admin
-        .request(&AdminRequest::VolumeGrow {
+        .call(VolumeGrow {
             name: "data".into(),
             new_size_bytes: 12 * MIB,
         })
@@ -289,17 +286,17 @@ async fn everything_survives_a_restart() {
 async fn snapshot(server: &TestServer) -> String {
     let mut admin = server.admin().await;
     let devices: Vec<DeviceInfo> = admin
-        .call(&AdminRequest::PoolList)
+        .call(PoolList {})
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let volumes: Vec<VolumeSummary> = admin
-        .call(&AdminRequest::VolumeList)
+        .call(VolumeList {})
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let mut maps = Vec::new();
     for volume in &volumes {
         let detail: VolumeDetail = admin
-            .call(&AdminRequest::VolumeShow {
+            .call(VolumeShow {
                 name: volume.name.clone(),
             })
             .await
@@ -307,7 +304,7 @@ async fn snapshot(server: &TestServer) -> String {
         maps.push(detail.map);
     }
     let clients: Vec<ClientInfo> = admin
-        .call(&AdminRequest::ClientList)
+        .call(ClientList {})
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(!volumes.is_empty() && !devices.is_empty() && !clients.is_empty());
@@ -324,7 +321,7 @@ async fn maps_too_large_for_one_frame_are_refused_without_allocating() {
         stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES,
     };
     let refused = admin
-        .request(&AdminRequest::VolumeCreate {
+        .call(VolumeCreate {
             name: "wide".into(),
             size_bytes: 5 * 1024 * MIB,
             layout: striped,
@@ -343,7 +340,7 @@ async fn maps_too_large_for_one_frame_are_refused_without_allocating() {
     // The largest striped volume that fits is attachable: its map fits in one frame.
     let secret = server.client("host1").await;
     admin
-        .request(&AdminRequest::VolumeCreate {
+        .call(VolumeCreate {
             name: "wide".into(),
             size_bytes: 4 * 1024 * MIB,
             layout: striped,
@@ -385,7 +382,7 @@ async fn a_device_labelled_but_not_recorded_is_adopted() {
         .unwrap_or_else(|e| panic!("{}: {e}", orphan.display()));
     let mut admin = server.admin().await;
     admin
-        .request(&AdminRequest::PoolAdd {
+        .call(PoolAdd {
             path: orphan.display().to_string(),
             force: false,
         })

@@ -16,7 +16,8 @@ use common::{TestServer, MIB, RECOVERY_CHUNK_DELAY_ENV};
 use sanblk_proto::client::{AgentClient, Attachment, Push};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{
-    AdminRequest, DeviceInfo, ErrorCode, RecoveryState, RecoveryStatus, VolumeDetail,
+    DeviceInfo, ErrorCode, PoolList, RecoveryList, RecoveryState, RecoveryStatus, VolumeCreate,
+    VolumeDetail, VolumeShow,
 };
 use sanblk_uapi::frame::{Op, ReplyHeader, RequestHeader, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -138,7 +139,7 @@ async fn setup(server: &TestServer, layout: Layout, size: u64) -> Setup {
     server.pool_of(3, POOL_DEVICE_BYTES).await;
     let mut admin = server.admin().await;
     admin
-        .request(&AdminRequest::VolumeCreate {
+        .call(VolumeCreate {
             name: "vol".into(),
             size_bytes: size,
             layout,
@@ -194,7 +195,7 @@ async fn devices(server: &TestServer) -> HashMap<uuid::Uuid, PathBuf> {
     let list: Vec<DeviceInfo> = server
         .admin()
         .await
-        .call(&AdminRequest::PoolList)
+        .call(PoolList {})
         .await
         .unwrap_or_else(|e| panic!("pool list: {e}"));
     list.into_iter()
@@ -206,7 +207,7 @@ async fn volume_detail(server: &TestServer) -> VolumeDetail {
     server
         .admin()
         .await
-        .call(&AdminRequest::VolumeShow { name: "vol".into() })
+        .call(VolumeShow { name: "vol".into() })
         .await
         .unwrap_or_else(|e| panic!("volume show: {e}"))
 }
@@ -215,7 +216,7 @@ async fn recoveries(server: &TestServer) -> Vec<RecoveryStatus> {
     server
         .admin()
         .await
-        .call(&AdminRequest::RecoveryList)
+        .call(RecoveryList {})
         .await
         .unwrap_or_else(|e| panic!("recovery list: {e}"))
 }
@@ -500,7 +501,7 @@ async fn bad_failure_reports_are_refused_and_change_nothing() {
     let mut setup = setup(&server, Layout::Linear, 4 * MIB).await;
     let mut admin = server.admin().await;
     admin
-        .request(&AdminRequest::VolumeCreate {
+        .call(VolumeCreate {
             name: "other".into(),
             size_bytes: 4 * MIB,
             layout: Layout::Linear,
@@ -508,13 +509,13 @@ async fn bad_failure_reports_are_refused_and_change_nothing() {
         .await
         .unwrap_or_else(|e| panic!("volume create: {e}"));
     let other: VolumeDetail = admin
-        .call(&AdminRequest::VolumeShow {
+        .call(VolumeShow {
             name: "other".into(),
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let pool_before: Vec<DeviceInfo> = admin
-        .call(&AdminRequest::PoolList)
+        .call(PoolList {})
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let map = setup.attached.map.clone();
@@ -566,7 +567,7 @@ async fn bad_failure_reports_are_refused_and_change_nothing() {
     assert_eq!(detail.map, map);
     assert!(detail.recovery.is_none());
     let pool_after: Vec<DeviceInfo> = admin
-        .call(&AdminRequest::PoolList)
+        .call(PoolList {})
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(pool_before, pool_after);

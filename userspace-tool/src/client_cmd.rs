@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use sanblk_proto::map::AccessMode;
-use sanblk_proto::protocol::{AdminRequest, ClientCreated, ClientInfo};
+use sanblk_proto::protocol::{
+    ClientAdd, ClientCreated, ClientGrant, ClientInfo, ClientList, ClientRemove, ClientRevoke,
+};
 
 use crate::context::{CliError, Context};
 use crate::output::print_table;
@@ -57,8 +59,7 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
     match command {
         ClientCommand::Add { name, secret_out } => {
             let secret_file = secret_out.as_ref().map(create_secret_file).transpose()?;
-            let created: ClientCreated = match context.call(AdminRequest::ClientAdd { name }).await
-            {
+            let created: ClientCreated = match context.call(ClientAdd { name }).await {
                 Ok(created) => created,
                 Err(error) => {
                     if let Some(path) = &secret_out {
@@ -84,7 +85,7 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
         }
         ClientCommand::Grant { name, volume, mode } => {
             let client: Option<ClientInfo> = context
-                .call(AdminRequest::ClientGrant {
+                .call(ClientGrant {
                     name: name.clone(),
                     volume: volume.clone(),
                     mode,
@@ -98,7 +99,7 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
         }
         ClientCommand::Revoke { name, volume } => {
             let client: Option<ClientInfo> = context
-                .call(AdminRequest::ClientRevoke {
+                .call(ClientRevoke {
                     name: name.clone(),
                     volume: volume.clone(),
                 })
@@ -110,9 +111,7 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
             Ok(())
         }
         ClientCommand::Remove { name } => {
-            let result: serde_json::Value = context
-                .call(AdminRequest::ClientRemove { name: name.clone() })
-                .await?;
+            let result = context.call(ClientRemove { name: name.clone() }).await?;
             if context.json {
                 return context.print_json(&result);
             }
@@ -120,7 +119,7 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
             Ok(())
         }
         ClientCommand::List => {
-            let clients: Vec<ClientInfo> = context.call(AdminRequest::ClientList).await?;
+            let clients: Vec<ClientInfo> = context.call(ClientList {}).await?;
             if context.json {
                 return context.print_json(&clients);
             }

@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use sanblk_proto::client::{AdminClient, ClientError};
-use sanblk_proto::protocol::AdminRequest;
-use serde::de::DeserializeOwned;
+use sanblk_proto::protocol::AdminCall;
 
 pub const EXIT_REFUSED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
@@ -75,12 +74,9 @@ impl Context {
             .ok_or_else(|| CliError::Unreachable("no connection".into()))
     }
 
-    /// Sends an admin request and decodes its result.
-    pub async fn call<T: DeserializeOwned>(
-        &mut self,
-        request: AdminRequest,
-    ) -> Result<T, CliError> {
-        Ok(self.admin().await?.call(&request).await?)
+    /// Sends an admin request and returns its reply.
+    pub async fn call<R: AdminCall>(&mut self, request: R) -> Result<R::Reply, CliError> {
+        Ok(self.admin().await?.call(request).await?)
     }
 
     /// Prints `value` as JSON (for `--json`).

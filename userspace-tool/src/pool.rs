@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 use sanblk_proto::map::format_size;
-use sanblk_proto::protocol::{AdminRequest, DeviceInfo};
+use sanblk_proto::protocol::{DeviceInfo, PoolAdd, PoolList};
 
 use crate::context::{CliError, Context};
 use crate::output::print_table;
@@ -30,7 +30,7 @@ pub async fn run(command: PoolCommand, context: &mut Context) -> Result<(), CliE
             let path =
                 std::path::absolute(&path).map_err(|e| CliError::Usage(format!("{path}: {e}")))?;
             let device: Option<DeviceInfo> = context
-                .call(AdminRequest::PoolAdd {
+                .call(PoolAdd {
                     path: path.display().to_string(),
                     force,
                 })
@@ -49,7 +49,7 @@ pub async fn run(command: PoolCommand, context: &mut Context) -> Result<(), CliE
             Ok(())
         }
         PoolCommand::List => {
-            let devices: Vec<DeviceInfo> = context.call(AdminRequest::PoolList).await?;
+            let devices: Vec<DeviceInfo> = context.call(PoolList {}).await?;
             if context.json {
                 return context.print_json(&devices);
             }

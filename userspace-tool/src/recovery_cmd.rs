@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 use sanblk_proto::map::format_size;
-use sanblk_proto::protocol::{AdminRequest, RecoveryStatus};
+use sanblk_proto::protocol::{RecoveryList, RecoveryStatus};
 
 use crate::context::{CliError, Context};
 use crate::output::print_table;
@@ -17,7 +17,7 @@ pub enum RecoveryCommand {
 pub async fn run(command: RecoveryCommand, context: &mut Context) -> Result<(), CliError> {
     match command {
         RecoveryCommand::List => {
-            let statuses: Vec<RecoveryStatus> = context.call(AdminRequest::RecoveryList).await?;
+            let statuses: Vec<RecoveryStatus> = context.call(RecoveryList {}).await?;
             if context.json {
                 return context.print_json(&statuses);
             }

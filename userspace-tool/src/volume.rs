@@ -2,7 +2,9 @@
 
 use clap::Subcommand;
 use sanblk_proto::map::{format_size, Layout, VolumeMap};
-use sanblk_proto::protocol::{AdminRequest, VolumeDetail, VolumeSummary};
+use sanblk_proto::protocol::{
+    VolumeCreate, VolumeDelete, VolumeDetail, VolumeGrow, VolumeList, VolumeShow, VolumeSummary,
+};
 
 use crate::context::{parse_size_arg, CliError, Context};
 use crate::output::print_table;
@@ -41,7 +43,7 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
         VolumeCommand::Create { name, size, layout } => {
             let size_bytes = parse_size_arg(&size)?;
             let map: VolumeMap = context
-                .call(AdminRequest::VolumeCreate {
+                .call(VolumeCreate {
                     name,
                     size_bytes,
                     layout,
@@ -63,7 +65,7 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
         VolumeCommand::Grow { name, size } => {
             let new_size_bytes = parse_size_arg(&size)?;
             let map: VolumeMap = context
-                .call(AdminRequest::VolumeGrow {
+                .call(VolumeGrow {
                     name,
                     new_size_bytes,
                 })
@@ -80,9 +82,7 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
             Ok(())
         }
         VolumeCommand::Delete { name } => {
-            let result: serde_json::Value = context
-                .call(AdminRequest::VolumeDelete { name: name.clone() })
-                .await?;
+            let result = context.call(VolumeDelete { name: name.clone() }).await?;
             if context.json {
                 return context.print_json(&result);
             }
@@ -90,7 +90,7 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
             Ok(())
         }
         VolumeCommand::List => {
-            let volumes: Vec<VolumeSummary> = context.call(AdminRequest::VolumeList).await?;
+            let volumes: Vec<VolumeSummary> = context.call(VolumeList {}).await?;
             if context.json {
                 return context.print_json(&volumes);
             }
@@ -111,7 +111,7 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
             Ok(())
         }
         VolumeCommand::Show { name } => {
-            let detail: VolumeDetail = context.call(AdminRequest::VolumeShow { name }).await?;
+            let detail: VolumeDetail = context.call(VolumeShow { name }).await?;
             if context.json {
                 return context.print_json(&detail);
             }

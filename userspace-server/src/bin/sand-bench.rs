@@ -19,7 +19,10 @@ use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use sanblk_proto::client::{AdminClient, AgentClient};
 use sanblk_proto::map::{AccessMode, Layout};
-use sanblk_proto::protocol::{AdminRequest, ClientCreated, VolumeDetail};
+use sanblk_proto::protocol::{
+    ClientAdd, ClientCreated, ClientGrant, PoolAdd, VolumeCreate, VolumeDetail, VolumeGrow,
+    VolumeShow,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, Semaphore};
@@ -292,13 +295,13 @@ async fn run_sand(args: &Args, dir: &Path) -> anyhow::Result<SandResult> {
     let image = dir.join("disk0.img");
     std::fs::File::create(&image)?.set_len(4096 * MIB)?;
     admin
-        .request(&AdminRequest::PoolAdd {
+        .call(PoolAdd {
             path: image.display().to_string(),
             force: false,
         })
         .await?;
     admin
-        .request(&AdminRequest::VolumeCreate {
+        .call(VolumeCreate {
             name: "bench".into(),
             size_bytes: 64 * MIB,
             layout: Layout::Linear,
@@ -307,11 +310,9 @@ async fn run_sand(args: &Args, dir: &Path) -> anyhow::Result<SandResult> {
     let mut identities = Vec::with_capacity(args.identities);
     for index in 0..args.identities {
         let name = format!("agent{index}");
-        let created: ClientCreated = admin
-            .call(&AdminRequest::ClientAdd { name: name.clone() })
-            .await?;
+        let created: ClientCreated = admin.call(ClientAdd { name: name.clone() }).await?;
         admin
-            .request(&AdminRequest::ClientGrant {
+            .call(ClientGrant {
                 name: name.clone(),
                 volume: "bench".into(),
                 mode: AccessMode::Ro,
@@ -377,7 +378,7 @@ async fn run_sand(args: &Args, dir: &Path) -> anyhow::Result<SandResult> {
         let expected_epoch = round as u64 + 2;
         let changed = Instant::now();
         admin
-            .request(&AdminRequest::VolumeGrow {
+            .call(VolumeGrow {
                 name: "bench".into(),
                 new_size_bytes: size,
             })
@@ -402,7 +403,7 @@ async fn run_sand(args: &Args, dir: &Path) -> anyhow::Result<SandResult> {
         // Until the server has recorded every ack (polled, so an upper bound).
         loop {
             let detail: VolumeDetail = admin
-                .call(&AdminRequest::VolumeShow {
+                .call(VolumeShow {
                     name: "bench".into(),
                 })
                 .await?;

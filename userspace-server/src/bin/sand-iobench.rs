@@ -26,7 +26,9 @@ use anyhow::{anyhow, bail, Context};
 use clap::Parser;
 use sanblk_proto::client::{AdminClient, AgentClient, Push};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
-use sanblk_proto::protocol::{AdminRequest, ClientCreated, RecoveryState};
+use sanblk_proto::protocol::{
+    ClientAdd, ClientCreated, ClientGrant, PoolAdd, RecoveryState, VolumeCreate,
+};
 use sanblk_uapi::frame::{
     Op, ReplyHeader, RequestHeader, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
@@ -260,7 +262,7 @@ async fn rebuild_once(args: &Args, dir: &Path, size: u64, data: &[u8]) -> anyhow
     std::fs::File::create(&spare)?.set_len(size + 64 * MIB)?;
     served
         .admin
-        .request(&AdminRequest::PoolAdd {
+        .call(PoolAdd {
             path: spare.display().to_string(),
             force: false,
         })
@@ -389,26 +391,26 @@ async fn serve(args: &Args, dir: &Path, size: u64, images: u64) -> anyhow::Resul
         let image = dir.join(format!("disk{index}.img"));
         std::fs::File::create(&image)?.set_len(size + 64 * MIB)?;
         admin
-            .request(&AdminRequest::PoolAdd {
+            .call(PoolAdd {
                 path: image.display().to_string(),
                 force: false,
             })
             .await?;
     }
     admin
-        .request(&AdminRequest::VolumeCreate {
+        .call(VolumeCreate {
             name: "bench".into(),
             size_bytes: size,
             layout: args.layout,
         })
         .await?;
     let created: ClientCreated = admin
-        .call(&AdminRequest::ClientAdd {
+        .call(ClientAdd {
             name: "bench".into(),
         })
         .await?;
     admin
-        .request(&AdminRequest::ClientGrant {
+        .call(ClientGrant {
             name: "bench".into(),
             volume: "bench".into(),
             mode: AccessMode::Rw,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use sanblk_proto::client::{AdminClient, AgentClient};
 use sanblk_proto::map::{AccessMode, Layout};
-use sanblk_proto::protocol::{AdminRequest, ClientCreated};
+use sanblk_proto::protocol::{ClientAdd, ClientCreated, ClientGrant, PoolAdd, VolumeCreate};
 
 pub mod sand_log;
 
@@ -177,7 +177,7 @@ impl TestServer {
         for index in 0..count {
             let path = self.image(&format!("disk{index}.img"), size);
             admin
-                .request(&AdminRequest::PoolAdd {
+                .call(PoolAdd {
                     path: path.display().to_string(),
                     force: false,
                 })
@@ -198,7 +198,7 @@ impl TestServer {
     ) -> Vec<u8> {
         let mut admin = self.admin().await;
         admin
-            .request(&AdminRequest::VolumeCreate {
+            .call(VolumeCreate {
                 name: volume.into(),
                 size_bytes: size,
                 layout: Layout::Linear,
@@ -213,7 +213,7 @@ impl TestServer {
     pub async fn client(&self, name: &str) -> Vec<u8> {
         let mut admin = self.admin().await;
         let created: ClientCreated = admin
-            .call(&AdminRequest::ClientAdd { name: name.into() })
+            .call(ClientAdd { name: name.into() })
             .await
             .unwrap_or_else(|e| panic!("client add: {e}"));
         hex::decode(created.secret).unwrap_or_else(|e| panic!("secret: {e}"))
@@ -222,7 +222,7 @@ impl TestServer {
     pub async fn grant(&self, client: &str, volume: &str, mode: AccessMode) {
         let mut admin = self.admin().await;
         admin
-            .request(&AdminRequest::ClientGrant {
+            .call(ClientGrant {
                 name: client.into(),
                 volume: volume.into(),
                 mode,
