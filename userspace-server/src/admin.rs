@@ -24,6 +24,7 @@ use sanblk_proto::protocol::{
 
 use crate::labelling;
 use crate::secrets;
+use crate::service_error::ServiceResult;
 use crate::state::{blocking, ServerState};
 use crate::store::{DeviceRecord, StoreResult};
 
@@ -124,14 +125,14 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> Result<Vec<u
     }
 }
 
-fn reply_frame<R: AdminCall>(result: StoreResult<R::Reply>) -> Result<Vec<u8>, FrameError> {
+fn reply_frame<R: AdminCall>(result: ServiceResult<R::Reply>) -> Result<Vec<u8>, FrameError> {
     match result {
         Ok(result) => encode_frame(&AdminReply::Ok { result }),
         Err(error) => encode_frame(&AdminReply::<R::Reply>::Error(error)),
     }
 }
 
-async fn pool_add(request: PoolAdd, state: &Arc<ServerState>) -> StoreResult<Option<DeviceInfo>> {
+async fn pool_add(request: PoolAdd, state: &Arc<ServerState>) -> ServiceResult<Option<DeviceInfo>> {
     let PoolAdd { path, force } = request;
     let device = blocking(state, move |s| add_device(s, Path::new(&path), force)).await?;
     info!(
@@ -144,7 +145,10 @@ async fn pool_add(request: PoolAdd, state: &Arc<ServerState>) -> StoreResult<Opt
         .find(|d| d.uuid == device.uuid))
 }
 
-async fn volume_create(request: VolumeCreate, state: &Arc<ServerState>) -> StoreResult<VolumeMap> {
+async fn volume_create(
+    request: VolumeCreate,
+    state: &Arc<ServerState>,
+) -> ServiceResult<VolumeMap> {
     let VolumeCreate {
         name,
         size_bytes,
@@ -161,7 +165,7 @@ async fn volume_create(request: VolumeCreate, state: &Arc<ServerState>) -> Store
     Ok(record.map(state.config.lease_ms))
 }
 
-async fn volume_grow(request: VolumeGrow, state: &Arc<ServerState>) -> StoreResult<VolumeMap> {
+async fn volume_grow(request: VolumeGrow, state: &Arc<ServerState>) -> ServiceResult<VolumeMap> {
     let VolumeGrow {
         name,
         new_size_bytes,
@@ -182,7 +186,7 @@ async fn volume_grow(request: VolumeGrow, state: &Arc<ServerState>) -> StoreResu
 async fn volume_delete(
     request: VolumeDelete,
     state: &Arc<ServerState>,
-) -> StoreResult<VolumeDeleted> {
+) -> ServiceResult<VolumeDeleted> {
     let record = blocking(state, move |s| {
         let volume = s.store.volume_by_name(&request.name)?;
         s.delete_volume(volume.id)
@@ -194,7 +198,7 @@ async fn volume_delete(
     })
 }
 
-async fn volume_list(state: &Arc<ServerState>) -> StoreResult<Vec<VolumeSummary>> {
+async fn volume_list(state: &Arc<ServerState>) -> ServiceResult<Vec<VolumeSummary>> {
     let volumes = blocking(state, |s| s.store.volumes()).await?;
     Ok(volumes
         .into_iter()
@@ -209,7 +213,7 @@ async fn volume_list(state: &Arc<ServerState>) -> StoreResult<Vec<VolumeSummary>
         .collect())
 }
 
-async fn volume_show(request: VolumeShow, state: &Arc<ServerState>) -> StoreResult<VolumeDetail> {
+async fn volume_show(request: VolumeShow, state: &Arc<ServerState>) -> ServiceResult<VolumeDetail> {
     let record = blocking(state, move |s| s.store.volume_by_name(&request.name)).await?;
     let (attachment_count, acked_current_epoch, attachments) =
         state.attachments(record.id, record.epoch, MAX_LISTED_ATTACHMENTS);
@@ -222,7 +226,7 @@ async fn volume_show(request: VolumeShow, state: &Arc<ServerState>) -> StoreResu
     })
 }
 
-async fn client_add(request: ClientAdd, state: &Arc<ServerState>) -> StoreResult<ClientCreated> {
+async fn client_add(request: ClientAdd, state: &Arc<ServerState>) -> ServiceResult<ClientCreated> {
     let name = request.name;
     let secret = secrets::new_secret_hex();
     let stored = secret.clone();
@@ -235,7 +239,7 @@ async fn client_add(request: ClientAdd, state: &Arc<ServerState>) -> StoreResult
 async fn client_grant(
     request: ClientGrant,
     state: &Arc<ServerState>,
-) -> StoreResult<Option<ClientInfo>> {
+) -> ServiceResult<Option<ClientInfo>> {
     let ClientGrant { name, volume, mode } = request;
     let client = name.clone();
     blocking(state, move |s| {
@@ -254,7 +258,7 @@ async fn client_grant(
 async fn client_revoke(
     request: ClientRevoke,
     state: &Arc<ServerState>,
-) -> StoreResult<Option<ClientInfo>> {
+) -> ServiceResult<Option<ClientInfo>> {
     let ClientRevoke { name, volume } = request;
     let client = name.clone();
     blocking(state, move |s| {
@@ -270,7 +274,7 @@ async fn client_revoke(
 async fn client_remove(
     request: ClientRemove,
     state: &Arc<ServerState>,
-) -> StoreResult<ClientRemoved> {
+) -> ServiceResult<ClientRemoved> {
     let name = request.name;
     let client = name.clone();
     blocking(state, move |s| s.store.remove_client(&client)).await?;
@@ -279,14 +283,14 @@ async fn client_remove(
     Ok(ClientRemoved { removed: name })
 }
 
-async fn client_info(state: &Arc<ServerState>, name: &str) -> StoreResult<Option<ClientInfo>> {
+async fn client_info(state: &Arc<ServerState>, name: &str) -> ServiceResult<Option<ClientInfo>> {
     Ok(client_infos(state)
         .await?
         .into_iter()
         .find(|c| c.name == name))
 }
 
-async fn device_infos(state: &Arc<ServerState>) -> StoreResult<Vec<DeviceInfo>> {
+async fn device_infos(state: &Arc<ServerState>) -> ServiceResult<Vec<DeviceInfo>> {
     let (mut devices, pool) = blocking(state, |s| s.store.pool_space()).await?;
     devices.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(devices
@@ -310,8 +314,8 @@ async fn device_infos(state: &Arc<ServerState>) -> StoreResult<Vec<DeviceInfo>> 
         .collect())
 }
 
-async fn client_infos(state: &Arc<ServerState>) -> StoreResult<Vec<ClientInfo>> {
-    blocking(state, |s| {
+async fn client_infos(state: &Arc<ServerState>) -> ServiceResult<Vec<ClientInfo>> {
+    blocking(state, |s| -> StoreResult<_> {
         let volumes = s.store.volumes()?;
         let clients = s.store.clients()?;
         Ok(clients
@@ -341,7 +345,7 @@ fn label_error(error: LabelError) -> ErrorBody {
 /// Labels a device and records it in the pool. The label is written before the record is
 /// committed; a crash in between leaves a labelled device of this pool that a repeated
 /// `pool add` adopts.
-fn add_device(state: &ServerState, path: &Path, force: bool) -> StoreResult<DeviceRecord> {
+fn add_device(state: &ServerState, path: &Path, force: bool) -> ServiceResult<DeviceRecord> {
     let _serialized = state.pool_changes.lock().unwrap_or_else(|p| p.into_inner());
     let path = path
         .canonicalize()

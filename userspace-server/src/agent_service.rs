@@ -22,6 +22,7 @@ use sanblk_proto::protocol::{
 
 use crate::recovery;
 use crate::secrets;
+use crate::service_error::ServiceResult;
 use crate::state::{blocking, ConnectionId, PublishedMap, ServerState};
 use crate::store::{SessionRecord, StoreResult};
 use tokio::io::AsyncWriteExt;
@@ -187,7 +188,7 @@ async fn authenticate(
     reader: &mut FrameReader<OwnedReadHalf>,
     writer: &mut OwnedWriteHalf,
     state: &Arc<ServerState>,
-) -> StoreResult<String> {
+) -> ServiceResult<String> {
     let failed = || ErrorBody::new(ErrorCode::AuthenticationFailed, AUTH_FAILED);
     let bad_frame = |e: FrameError| ErrorBody::new(ErrorCode::BadFrame, e.to_string());
     let (client, client_nonce) = match reader.read::<AgentRequest>().await.map_err(bad_frame)? {
@@ -328,9 +329,9 @@ impl Session {
         Some(outcome.unwrap_or_else(AgentReply::Error))
     }
 
-    async fn list_volumes(&self) -> StoreResult<AgentReply> {
+    async fn list_volumes(&self) -> ServiceResult<AgentReply> {
         let client = self.client.clone();
-        let volumes = blocking(&self.state, move |s| {
+        let volumes = blocking(&self.state, move |s| -> StoreResult<_> {
             let Some(record) = s.store.client(&client)? else {
                 return Ok(Vec::new());
             };
@@ -350,7 +351,7 @@ impl Session {
         Ok(AgentReply::Volumes { volumes })
     }
 
-    async fn attach(&mut self, volume: String, mode: AccessMode) -> StoreResult<AgentReply> {
+    async fn attach(&mut self, volume: String, mode: AccessMode) -> ServiceResult<AgentReply> {
         let client = self.client.clone();
         // Same answer whether the volume does not exist or is not granted: a client learns
         // nothing about volumes it may not see.
@@ -361,7 +362,7 @@ impl Session {
         // With the grant, the persisted session of this client's attachment, if any: its
         // token survives disconnects and server restarts (the client's kernel keeps using
         // it), until the volume is detached.
-        let lookup = blocking(&self.state, move |s| {
+        let lookup = blocking(&self.state, move |s| -> StoreResult<_> {
             let grant = s.store.client(&client)?.and_then(|c| {
                 s.store
                     .volume_by_name(&volume)
@@ -435,7 +436,7 @@ impl Session {
         })
     }
 
-    async fn grow(&mut self, volume_id: u64, new_size_bytes: u64) -> StoreResult<AgentReply> {
+    async fn grow(&mut self, volume_id: u64, new_size_bytes: u64) -> ServiceResult<AgentReply> {
         if self.state.attachment_mode(self.connection, volume_id) != Some(AccessMode::Rw) {
             return Err(ErrorBody::new(
                 ErrorCode::NotGranted,
@@ -456,7 +457,7 @@ impl Session {
         Ok(AgentReply::Grown { map })
     }
 
-    fn require_attached(&self, volume_id: u64) -> StoreResult<()> {
+    fn require_attached(&self, volume_id: u64) -> ServiceResult<()> {
         match self.state.attachment_mode(self.connection, volume_id) {
             Some(_) => Ok(()),
             None => Err(ErrorBody::new(
@@ -470,7 +471,7 @@ impl Session {
         &mut self,
         volume_id: u64,
         device_uuid: uuid::Uuid,
-    ) -> StoreResult<AgentReply> {
+    ) -> ServiceResult<AgentReply> {
         self.require_attached(volume_id)?;
         let (accepted, message) =
             recovery::report_path_healed(&self.state, volume_id, device_uuid).await?;
@@ -487,7 +488,7 @@ impl Session {
         volume_id: u64,
         device_uuid: uuid::Uuid,
         reason: String,
-    ) -> StoreResult<AgentReply> {
+    ) -> ServiceResult<AgentReply> {
         self.require_attached(volume_id)?;
         // Bounded, so a client cannot make the record (and the logs) huge.
         let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
@@ -511,7 +512,7 @@ impl Session {
             return;
         }
         let client = self.client.clone();
-        let gone = blocking(&self.state, move |s| {
+        let gone = blocking(&self.state, move |s| -> StoreResult<_> {
             let mut gone = Vec::new();
             for volume_id in volumes {
                 if let Some(mut session) = s.store.session_of(&client, volume_id)? {

@@ -363,7 +363,7 @@ impl IoService {
             .await
             .map_err(|_| errno(libc::EIO))?
             .map_err(|e| {
-                warn!("volume {volume_id}: {}", e.message);
+                warn!("volume {volume_id}: {e}");
                 errno(libc::EIO)
             })?;
         let record = Arc::new(record);

@@ -11,6 +11,7 @@ mod labelling;
 mod recovery;
 mod secrets;
 pub mod server;
+mod service_error;
 mod state;
 mod store;
 

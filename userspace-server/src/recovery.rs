@@ -38,8 +38,9 @@ use uuid::Uuid;
 use sanblk_proto::protocol::{ErrorBody, ErrorCode, RecoveryState, RecoveryStatus};
 
 use crate::io_service::{AlignedBuf, DeviceTable, Piece};
+use crate::service_error::ServiceResult;
 use crate::state::{blocking, ServerState};
-use crate::store::{RecoveryRecord, RecoverySegment, StoreResult};
+use crate::store::{RecoveryRecord, RecoverySegment};
 
 /// Bytes copied per step (the exclusive hold of the gate lasts one chunk).
 pub const CHUNK_BYTES: u64 = 1 << 20;
@@ -270,7 +271,7 @@ pub async fn report_failure(
     volume_id: u64,
     device_uuid: Uuid,
     reason: String,
-) -> StoreResult<RecoveryStatus> {
+) -> ServiceResult<RecoveryStatus> {
     let existing = blocking(state, move |s| s.store.recovery(volume_id)).await?;
     let record = match existing {
         Some(record) if record.failed_device == device_uuid => record,
@@ -323,7 +324,7 @@ pub async fn report_path_healed(
     state: &Arc<ServerState>,
     volume_id: u64,
     device_uuid: Uuid,
-) -> StoreResult<(bool, String)> {
+) -> ServiceResult<(bool, String)> {
     let existing = blocking(state, move |s| s.store.recovery(volume_id)).await?;
     Ok(match existing {
         Some(record) if record.failed_device == device_uuid => (
@@ -344,7 +345,7 @@ pub async fn report_path_healed(
 const RESUMING: &str = "resuming recovery off device ";
 
 /// Resumes every recorded recovery (at server start).
-pub async fn resume_all(state: &Arc<ServerState>) -> StoreResult<()> {
+pub async fn resume_all(state: &Arc<ServerState>) -> ServiceResult<()> {
     let records = blocking(state, |s| s.store.recoveries()).await?;
     for record in records {
         info!(

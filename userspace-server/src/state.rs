@@ -13,7 +13,8 @@ use sanblk_proto::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode,
 
 use crate::config::Config;
 use crate::recovery::VolumeGate;
-use crate::store::{SessionRecord, Store, StoreResult, VolumeRecord};
+use crate::service_error::ServiceResult;
+use crate::store::{SessionRecord, Store, VolumeRecord};
 
 pub type ConnectionId = u64;
 
@@ -85,7 +86,7 @@ pub struct ServerState {
     /// Every status change, for the agent connections attached to the volume.
     recovery_events: broadcast::Sender<RecoveryStatus>,
     /// Session records waiting to be persisted, each with whoever waits for its commit.
-    pending_sessions: Mutex<Vec<(SessionRecord, oneshot::Sender<StoreResult<()>>)>>,
+    pending_sessions: Mutex<Vec<(SessionRecord, oneshot::Sender<ServiceResult<()>>)>>,
     /// Held by the task committing a batch of `pending_sessions` (group commit).
     session_writer: tokio::sync::Mutex<()>,
 }
@@ -213,7 +214,7 @@ impl ServerState {
         volume_id: u64,
         mode: AccessMode,
         session_token: String,
-    ) -> StoreResult<AttachGrant> {
+    ) -> ServiceResult<AttachGrant> {
         let mut live = self.live();
         let volume = match live.volumes.entry(volume_id) {
             Entry::Occupied(entry) => entry.into_mut(),
@@ -345,7 +346,7 @@ impl ServerState {
     pub async fn persist_sessions(
         self: &Arc<Self>,
         sessions: Vec<SessionRecord>,
-    ) -> StoreResult<()> {
+    ) -> ServiceResult<()> {
         let mut waiting = Vec::with_capacity(sessions.len());
         {
             let mut pending = self
@@ -465,7 +466,7 @@ impl ServerState {
 
     /// Deletes a volume unless someone is attached (checked and deleted under the lock, so no
     /// attach can slip in between).
-    pub fn delete_volume(&self, volume_id: u64) -> StoreResult<VolumeRecord> {
+    pub fn delete_volume(&self, volume_id: u64) -> ServiceResult<VolumeRecord> {
         let live = self.live();
         if let Some(volume) = live.volumes.get(&volume_id) {
             if !volume.attachments.is_empty() {
@@ -480,24 +481,24 @@ impl ServerState {
         }
         let deleted = self.store.delete_volume(volume_id);
         drop(live);
-        deleted
+        Ok(deleted?)
     }
 }
 
-/// Runs blocking store work off the async worker threads.
-pub async fn blocking<T: Send + 'static>(
+/// Runs blocking store work off the async worker threads. The work fails with a store error
+/// or already with the wire error; either way the caller gets the wire error.
+pub async fn blocking<T: Send + 'static, E: Into<ErrorBody> + Send + 'static>(
     state: &Arc<ServerState>,
-    work: impl FnOnce(&ServerState) -> StoreResult<T> + Send + 'static,
-) -> StoreResult<T> {
+    work: impl FnOnce(&ServerState) -> Result<T, E> + Send + 'static,
+) -> ServiceResult<T> {
     let state = state.clone();
-    tokio::task::spawn_blocking(move || work(&state))
-        .await
-        .unwrap_or_else(|e| {
-            Err(ErrorBody::new(
-                ErrorCode::Internal,
-                format!("worker failed: {e}"),
-            ))
-        })
+    match tokio::task::spawn_blocking(move || work(&state)).await {
+        Ok(done) => done.map_err(Into::into),
+        Err(error) => Err(ErrorBody::new(
+            ErrorCode::Internal,
+            format!("worker failed: {error}"),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use sanblk_proto::map::{AccessMode, Extent, Layout, Replica, VolumeMap, BLOCK_SIZE};
-use sanblk_proto::protocol::{ErrorBody, ErrorCode};
 
 use crate::allocator::{merge_adjacent, AllocError, DeviceSpace, PoolSpace};
 
@@ -41,7 +40,50 @@ const POOL_UUID_KEY: &str = "pool_uuid";
 const NEXT_VOLUME_ID_KEY: &str = "next_volume_id";
 const METADATA_FILE: &str = "metadata.redb";
 
-pub type StoreResult<T> = Result<T, ErrorBody>;
+/// What can go wrong in the store, in the store's terms. The services turn it into the wire
+/// error where they answer (`crate::service_error`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed, or a stored record does not decode: nothing the caller did wrong.
+    #[error("metadata store: {0}")]
+    Database(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request cannot be done as asked (a bad name or size, a device the volume does not
+    /// use, a map that would not fit in a frame).
+    #[error("{0}")]
+    Invalid(String),
+    /// A recovery of the volume is in progress.
+    #[error("{0}")]
+    Busy(String),
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+}
+
+/// redb's and serde_json's errors are all the store's own failure (`Database`), whatever the
+/// step; one conversion each lets storage code use `?`.
+macro_rules! database_errors {
+    ($($error:ty),* $(,)?) => {$(
+        impl From<$error> for StoreError {
+            fn from(error: $error) -> StoreError {
+                StoreError::Database(error.to_string())
+            }
+        }
+    )*};
+}
+
+database_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    serde_json::Error,
+);
+
+pub type StoreResult<T> = Result<T, StoreError>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -148,37 +190,24 @@ pub struct ClientRecord {
     pub grants: BTreeMap<u64, AccessMode>,
 }
 
-fn internal(error: impl std::fmt::Display) -> ErrorBody {
-    ErrorBody::new(ErrorCode::Internal, format!("metadata store: {error}"))
-}
-
 fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
-    serde_json::to_vec(value).map_err(internal)
+    Ok(serde_json::to_vec(value)?)
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(bytes).map_err(internal)
+    Ok(serde_json::from_slice(bytes)?)
 }
 
-fn alloc_error(error: AllocError) -> ErrorBody {
-    let code = match error {
-        AllocError::NoSpace { .. } | AllocError::NotEnoughDevices { .. } => ErrorCode::NoSpace,
-        AllocError::BadSize(_) => ErrorCode::BadRequest,
-        AllocError::Corrupt(_) => ErrorCode::Internal,
-    };
-    ErrorBody::new(code, error.to_string())
-}
-
-fn not_found(what: &str, name: &str) -> ErrorBody {
-    ErrorBody::new(ErrorCode::NotFound, format!("no {what} named {name:?}"))
+fn not_found(what: &str, name: &str) -> StoreError {
+    StoreError::NotFound(format!("no {what} named {name:?}"))
 }
 
 /// Creates (or opens) a redb file and restricts it to the owner.
 fn open_database(path: &Path) -> StoreResult<Database> {
-    let database =
-        Database::create(path).map_err(|e| internal(format!("{}: {e}", path.display())))?;
+    let database = Database::create(path)
+        .map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| internal(format!("{}: {e}", path.display())))?;
+        .map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))?;
     Ok(database)
 }
 
@@ -198,33 +227,31 @@ impl Store {
         let metadata_path = metadata_dir.join(METADATA_FILE);
         let metadata = open_database(&metadata_path)?;
         let secrets = open_database(secrets_path)?;
-        let txn = metadata.begin_write().map_err(internal)?;
+        let txn = metadata.begin_write()?;
         let pool_uuid = {
-            let mut meta = txn.open_table(META).map_err(internal)?;
-            txn.open_table(DEVICES).map_err(internal)?;
-            txn.open_table(VOLUMES).map_err(internal)?;
-            txn.open_table(CLIENTS).map_err(internal)?;
-            txn.open_table(RECOVERIES).map_err(internal)?;
-            let existing = meta
-                .get(POOL_UUID_KEY)
-                .map_err(internal)?
-                .map(|v| v.value().to_vec());
+            let mut meta = txn.open_table(META)?;
+            txn.open_table(DEVICES)?;
+            txn.open_table(VOLUMES)?;
+            txn.open_table(CLIENTS)?;
+            txn.open_table(RECOVERIES)?;
+            let existing = meta.get(POOL_UUID_KEY)?.map(|v| v.value().to_vec());
             match existing {
-                Some(bytes) => Uuid::from_slice(&bytes).map_err(internal)?,
+                Some(bytes) => {
+                    Uuid::from_slice(&bytes).map_err(|e| StoreError::Database(e.to_string()))?
+                }
                 None => {
                     let fresh = Uuid::new_v4();
-                    meta.insert(POOL_UUID_KEY, fresh.as_bytes().as_slice())
-                        .map_err(internal)?;
+                    meta.insert(POOL_UUID_KEY, fresh.as_bytes().as_slice())?;
                     fresh
                 }
             }
         };
-        txn.commit().map_err(internal)?;
-        let txn = secrets.begin_write().map_err(internal)?;
-        txn.open_table(SECRETS).map_err(internal)?;
-        txn.open_table(SESSIONS).map_err(internal)?;
-        txn.open_table(SESSION_KEYS).map_err(internal)?;
-        txn.commit().map_err(internal)?;
+        txn.commit()?;
+        let txn = secrets.begin_write()?;
+        txn.open_table(SECRETS)?;
+        txn.open_table(SESSIONS)?;
+        txn.open_table(SESSION_KEYS)?;
+        txn.commit()?;
         Ok(Store {
             metadata,
             secrets,
@@ -241,45 +268,40 @@ impl Store {
     // ----- devices -----------------------------------------------------------------------
 
     pub fn devices(&self) -> StoreResult<Vec<DeviceRecord>> {
-        let txn = self.metadata.begin_read().map_err(internal)?;
-        let table = txn.open_table(DEVICES).map_err(internal)?;
+        let txn = self.metadata.begin_read()?;
+        let table = txn.open_table(DEVICES)?;
         let mut devices = Vec::new();
-        for entry in table.iter().map_err(internal)? {
-            let (_, value) = entry.map_err(internal)?;
+        for entry in table.iter()? {
+            let (_, value) = entry?;
             devices.push(decode(value.value())?);
         }
         Ok(devices)
     }
 
     pub fn add_device(&self, device: &DeviceRecord) -> StoreResult<()> {
-        let txn = self.metadata.begin_write().map_err(internal)?;
+        let txn = self.metadata.begin_write()?;
         {
-            let mut table = txn.open_table(DEVICES).map_err(internal)?;
-            for entry in table.iter().map_err(internal)? {
-                let (_, value) = entry.map_err(internal)?;
+            let mut table = txn.open_table(DEVICES)?;
+            for entry in table.iter()? {
+                let (_, value) = entry?;
                 let existing: DeviceRecord = decode(value.value())?;
                 if existing.uuid == device.uuid || existing.path == device.path {
-                    return Err(ErrorBody::new(
-                        ErrorCode::AlreadyExists,
-                        format!(
-                            "{} is already in the pool (device {})",
-                            existing.path, existing.uuid
-                        ),
-                    ));
+                    return Err(StoreError::AlreadyExists(format!(
+                        "{} is already in the pool (device {})",
+                        existing.path, existing.uuid
+                    )));
                 }
             }
-            table
-                .insert(device.uuid.as_u128(), encode(device)?.as_slice())
-                .map_err(internal)?;
+            table.insert(device.uuid.as_u128(), encode(device)?.as_slice())?;
         }
-        txn.commit().map_err(internal)
+        Ok(txn.commit()?)
     }
 
     // ----- volumes -----------------------------------------------------------------------
 
     pub fn volumes(&self) -> StoreResult<Vec<VolumeRecord>> {
-        let txn = self.metadata.begin_read().map_err(internal)?;
-        let table = txn.open_table(VOLUMES).map_err(internal)?;
+        let txn = self.metadata.begin_read()?;
+        let table = txn.open_table(VOLUMES)?;
         read_volumes(&table)
     }
 
@@ -291,28 +313,25 @@ impl Store {
     }
 
     pub fn volume_by_id(&self, id: u64) -> StoreResult<VolumeRecord> {
-        let txn = self.metadata.begin_read().map_err(internal)?;
-        let table = txn.open_table(VOLUMES).map_err(internal)?;
-        let value = table.get(id).map_err(internal)?;
+        let txn = self.metadata.begin_read()?;
+        let table = txn.open_table(VOLUMES)?;
+        let value = table.get(id)?;
         match value {
             Some(bytes) => decode(bytes.value()),
-            None => Err(ErrorBody::new(
-                ErrorCode::NotFound,
-                format!("no volume with id {id}"),
-            )),
+            None => Err(StoreError::NotFound(format!("no volume with id {id}"))),
         }
     }
 
     /// Current free space of the pool, derived from all volumes.
     pub fn pool_space(&self) -> StoreResult<(Vec<DeviceRecord>, PoolSpace)> {
-        let txn = self.metadata.begin_read().map_err(internal)?;
-        let device_table = txn.open_table(DEVICES).map_err(internal)?;
-        let volumes = read_volumes(&txn.open_table(VOLUMES).map_err(internal)?)?;
-        let recoveries = read_recoveries(&txn.open_table(RECOVERIES).map_err(internal)?)?;
+        let txn = self.metadata.begin_read()?;
+        let device_table = txn.open_table(DEVICES)?;
+        let volumes = read_volumes(&txn.open_table(VOLUMES)?)?;
+        let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
         let pool = pool_space_in(&device_table, &volumes, &recoveries)?;
         let mut devices = Vec::new();
-        for entry in device_table.iter().map_err(internal)? {
-            let (_, value) = entry.map_err(internal)?;
+        for entry in device_table.iter()? {
+            let (_, value) = entry?;
             devices.push(decode(value.value())?);
         }
         Ok((devices, pool))
@@ -326,31 +345,29 @@ impl Store {
         layout: Layout,
     ) -> StoreResult<VolumeRecord> {
         validate_volume_name(name)?;
-        let txn = self.metadata.begin_write().map_err(internal)?;
+        let txn = self.metadata.begin_write()?;
         let record = {
-            let mut meta = txn.open_table(META).map_err(internal)?;
-            let mut volumes = txn.open_table(VOLUMES).map_err(internal)?;
-            let devices = txn.open_table(DEVICES).map_err(internal)?;
+            let mut meta = txn.open_table(META)?;
+            let mut volumes = txn.open_table(VOLUMES)?;
+            let devices = txn.open_table(DEVICES)?;
             let existing = read_volumes(&volumes)?;
             if existing.iter().any(|v| v.name == name) {
-                return Err(ErrorBody::new(
-                    ErrorCode::AlreadyExists,
-                    format!("volume {name:?} already exists"),
-                ));
+                return Err(StoreError::AlreadyExists(format!(
+                    "volume {name:?} already exists"
+                )));
             }
-            let recoveries = read_recoveries(&txn.open_table(RECOVERIES).map_err(internal)?)?;
+            let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
             let mut pool = pool_space_in(&devices, &existing, &recoveries)?;
-            let extents = pool.allocate(layout, 0, size_bytes).map_err(alloc_error)?;
-            let id = match meta.get(NEXT_VOLUME_ID_KEY).map_err(internal)? {
+            let extents = pool.allocate(layout, 0, size_bytes)?;
+            let id = match meta.get(NEXT_VOLUME_ID_KEY)? {
                 Some(bytes) => bytes
                     .value()
                     .try_into()
                     .map(u64::from_le_bytes)
-                    .map_err(|_| internal("corrupt next volume id"))?,
+                    .map_err(|_| StoreError::Database("corrupt next volume id".into()))?,
                 None => 1,
             };
-            meta.insert(NEXT_VOLUME_ID_KEY, (id + 1).to_le_bytes().as_slice())
-                .map_err(internal)?;
+            meta.insert(NEXT_VOLUME_ID_KEY, (id + 1).to_le_bytes().as_slice())?;
             let record = VolumeRecord {
                 id,
                 name: name.to_string(),
@@ -360,106 +377,86 @@ impl Store {
                 extents: merge_adjacent(extents),
             };
             check_map_fits(&record)?;
-            volumes
-                .insert(id, encode(&record)?.as_slice())
-                .map_err(internal)?;
+            volumes.insert(id, encode(&record)?.as_slice())?;
             record
         };
-        txn.commit().map_err(internal)?;
+        txn.commit()?;
         Ok(record)
     }
 
     /// Grows a volume (allocation + new epoch in one transaction).
     pub fn grow_volume(&self, id: u64, new_size_bytes: u64) -> StoreResult<VolumeRecord> {
-        let txn = self.metadata.begin_write().map_err(internal)?;
+        let txn = self.metadata.begin_write()?;
         let record = {
-            let mut volumes = txn.open_table(VOLUMES).map_err(internal)?;
-            let devices = txn.open_table(DEVICES).map_err(internal)?;
+            let mut volumes = txn.open_table(VOLUMES)?;
+            let devices = txn.open_table(DEVICES)?;
             let existing = read_volumes(&volumes)?;
             let mut record = existing
                 .iter()
                 .find(|v| v.id == id)
                 .cloned()
-                .ok_or_else(|| {
-                    ErrorBody::new(ErrorCode::NotFound, format!("no volume with id {id}"))
-                })?;
+                .ok_or_else(|| StoreError::NotFound(format!("no volume with id {id}")))?;
             if new_size_bytes <= record.size_bytes {
-                return Err(ErrorBody::new(
-                    ErrorCode::BadRequest,
-                    format!(
+                return Err(StoreError::Invalid(format!(
                         "new size {new_size_bytes} must be larger than the current size {} (shrinking is not supported)",
                         record.size_bytes
                     ),
                 ));
             }
-            let recoveries = read_recoveries(&txn.open_table(RECOVERIES).map_err(internal)?)?;
+            let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
             // The recovery's segments are fixed when it starts; a grow meanwhile could land
             // on the failed device and would not be moved.
             if recoveries.iter().any(|r| r.volume_id == id) {
                 return Err(recovery_busy(id));
             }
             let mut pool = pool_space_in(&devices, &existing, &recoveries)?;
-            let added = pool
-                .allocate(
-                    record.layout,
-                    record.size_bytes,
-                    new_size_bytes - record.size_bytes,
-                )
-                .map_err(alloc_error)?;
+            let added = pool.allocate(
+                record.layout,
+                record.size_bytes,
+                new_size_bytes - record.size_bytes,
+            )?;
             let mut extents = std::mem::take(&mut record.extents);
             extents.extend(added);
             record.extents = merge_adjacent(extents);
             record.size_bytes = new_size_bytes;
             record.epoch += 1;
             check_map_fits(&record)?;
-            volumes
-                .insert(id, encode(&record)?.as_slice())
-                .map_err(internal)?;
+            volumes.insert(id, encode(&record)?.as_slice())?;
             record
         };
-        txn.commit().map_err(internal)?;
+        txn.commit()?;
         Ok(record)
     }
 
     /// Deletes a volume, frees its space and drops every grant on it, in one transaction.
     pub fn delete_volume(&self, id: u64) -> StoreResult<VolumeRecord> {
-        let txn = self.metadata.begin_write().map_err(internal)?;
+        let txn = self.metadata.begin_write()?;
         let record = {
-            let recoveries = txn.open_table(RECOVERIES).map_err(internal)?;
-            if recoveries.get(id).map_err(internal)?.is_some() {
+            let recoveries = txn.open_table(RECOVERIES)?;
+            if recoveries.get(id)?.is_some() {
                 return Err(recovery_busy(id));
             }
-            let mut volumes = txn.open_table(VOLUMES).map_err(internal)?;
-            let removed = volumes
-                .remove(id)
-                .map_err(internal)?
-                .map(|v| v.value().to_vec());
+            let mut volumes = txn.open_table(VOLUMES)?;
+            let removed = volumes.remove(id)?.map(|v| v.value().to_vec());
             let record: VolumeRecord = match removed {
                 Some(bytes) => decode(&bytes)?,
-                None => {
-                    return Err(ErrorBody::new(
-                        ErrorCode::NotFound,
-                        format!("no volume with id {id}"),
-                    ))
-                }
+                None => return Err(StoreError::NotFound(format!("no volume with id {id}"))),
             };
-            let mut clients = txn.open_table(CLIENTS).map_err(internal)?;
+            let mut clients = txn.open_table(CLIENTS)?;
             let mut updated = Vec::new();
-            for entry in clients.iter().map_err(internal)? {
-                let (_, value) = entry.map_err(internal)?;
+            for entry in clients.iter()? {
+                let (_, value) = entry?;
                 let mut client: ClientRecord = decode(value.value())?;
                 if client.grants.remove(&id).is_some() {
                     updated.push(client);
                 }
             }
             for client in updated {
-                clients
-                    .insert(client.name.as_str(), encode(&client)?.as_slice())
-                    .map_err(internal)?;
+                clients.insert(client.name.as_str(), encode(&client)?.as_slice())?;
             }
             record
         };
-        txn.commit().map_err(internal)?;
+        txn.commit()?;
         self.delete_sessions(|s| s.volume_id == id)?;
         Ok(record)
     }
@@ -475,27 +472,20 @@ impl Store {
         failed_device: Uuid,
         reason: &str,
     ) -> StoreResult<RecoveryRecord> {
-        let txn = self.metadata.begin_write().map_err(internal)?;
+        let txn = self.metadata.begin_write()?;
         let record = {
-            let devices = txn.open_table(DEVICES).map_err(internal)?;
-            if devices
-                .get(failed_device.as_u128())
-                .map_err(internal)?
-                .is_none()
-            {
-                return Err(ErrorBody::new(
-                    ErrorCode::NotFound,
-                    format!("device {failed_device} is not in the pool"),
-                ));
+            let devices = txn.open_table(DEVICES)?;
+            if devices.get(failed_device.as_u128())?.is_none() {
+                return Err(StoreError::NotFound(format!(
+                    "device {failed_device} is not in the pool"
+                )));
             }
-            let volumes = read_volumes(&txn.open_table(VOLUMES).map_err(internal)?)?;
-            let volume = volumes.iter().find(|v| v.id == volume_id).ok_or_else(|| {
-                ErrorBody::new(
-                    ErrorCode::NotFound,
-                    format!("no volume with id {volume_id}"),
-                )
-            })?;
-            let mut recoveries_table = txn.open_table(RECOVERIES).map_err(internal)?;
+            let volumes = read_volumes(&txn.open_table(VOLUMES)?)?;
+            let volume = volumes
+                .iter()
+                .find(|v| v.id == volume_id)
+                .ok_or_else(|| StoreError::NotFound(format!("no volume with id {volume_id}")))?;
+            let mut recoveries_table = txn.open_table(RECOVERIES)?;
             let recoveries = read_recoveries(&recoveries_table)?;
             if recoveries.iter().any(|r| r.volume_id == volume_id) {
                 return Err(recovery_busy(volume_id));
@@ -518,9 +508,7 @@ impl Store {
                     .copied()
                     .unwrap_or(failed);
                 let excluded: Vec<Uuid> = extent.replicas.iter().map(|r| r.device_uuid).collect();
-                let pieces = pool
-                    .allocate_replacement(extent.length, &excluded)
-                    .map_err(alloc_error)?;
+                let pieces = pool.allocate_replacement(extent.length, &excluded)?;
                 let mut inside = 0;
                 for (device_uuid, device_offset, length) in pieces {
                     let shift = |replica: Replica| Replica {
@@ -541,13 +529,10 @@ impl Store {
                 }
             }
             if segments.is_empty() {
-                return Err(ErrorBody::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "volume {} has no data on device {failed_device}",
-                        volume.name
-                    ),
-                ));
+                return Err(StoreError::Invalid(format!(
+                    "volume {} has no data on device {failed_device}",
+                    volume.name
+                )));
             }
             let record = RecoveryRecord {
                 volume_id,
@@ -556,78 +541,62 @@ impl Store {
                 segments,
                 cursor: 0,
             };
-            recoveries_table
-                .insert(volume_id, encode(&record)?.as_slice())
-                .map_err(internal)?;
+            recoveries_table.insert(volume_id, encode(&record)?.as_slice())?;
             record
         };
-        txn.commit().map_err(internal)?;
+        txn.commit()?;
         Ok(record)
     }
 
     pub fn recoveries(&self) -> StoreResult<Vec<RecoveryRecord>> {
-        let txn = self.metadata.begin_read().map_err(internal)?;
-        read_recoveries(&txn.open_table(RECOVERIES).map_err(internal)?)
+        let txn = self.metadata.begin_read()?;
+        read_recoveries(&txn.open_table(RECOVERIES)?)
     }
 
     pub fn recovery(&self, volume_id: u64) -> StoreResult<Option<RecoveryRecord>> {
-        let txn = self.metadata.begin_read().map_err(internal)?;
-        let table = txn.open_table(RECOVERIES).map_err(internal)?;
-        let value = table.get(volume_id).map_err(internal)?;
+        let txn = self.metadata.begin_read()?;
+        let table = txn.open_table(RECOVERIES)?;
+        let value = table.get(volume_id)?;
         value.map(|v| decode(v.value())).transpose()
     }
 
     /// Records how far the copy got (the bytes below `cursor` are synced on their targets).
     pub fn save_recovery_cursor(&self, volume_id: u64, cursor: u64) -> StoreResult<()> {
-        let txn = self.metadata.begin_write().map_err(internal)?;
+        let txn = self.metadata.begin_write()?;
         {
-            let mut table = txn.open_table(RECOVERIES).map_err(internal)?;
-            let current = table
-                .get(volume_id)
-                .map_err(internal)?
-                .map(|v| v.value().to_vec());
+            let mut table = txn.open_table(RECOVERIES)?;
+            let current = table.get(volume_id)?.map(|v| v.value().to_vec());
             let Some(bytes) = current else {
-                return Err(ErrorBody::new(
-                    ErrorCode::NotFound,
-                    format!("no recovery of volume {volume_id}"),
-                ));
+                return Err(StoreError::NotFound(format!(
+                    "no recovery of volume {volume_id}"
+                )));
             };
             let mut record: RecoveryRecord = decode(&bytes)?;
             record.cursor = cursor;
-            table
-                .insert(volume_id, encode(&record)?.as_slice())
-                .map_err(internal)?;
+            table.insert(volume_id, encode(&record)?.as_slice())?;
         }
-        txn.commit().map_err(internal)
+        Ok(txn.commit()?)
     }
 
     /// Ends a completed recovery in one transaction: the targets replace the failed replicas,
     /// the epoch goes up, the record is deleted.
     pub fn finish_recovery(&self, volume_id: u64) -> StoreResult<VolumeRecord> {
-        let txn = self.metadata.begin_write().map_err(internal)?;
+        let txn = self.metadata.begin_write()?;
         let record = {
-            let mut recoveries = txn.open_table(RECOVERIES).map_err(internal)?;
-            let removed = recoveries
-                .remove(volume_id)
-                .map_err(internal)?
-                .map(|v| v.value().to_vec());
+            let mut recoveries = txn.open_table(RECOVERIES)?;
+            let removed = recoveries.remove(volume_id)?.map(|v| v.value().to_vec());
             let Some(bytes) = removed else {
-                return Err(ErrorBody::new(
-                    ErrorCode::NotFound,
-                    format!("no recovery of volume {volume_id}"),
-                ));
+                return Err(StoreError::NotFound(format!(
+                    "no recovery of volume {volume_id}"
+                )));
             };
             let recovery: RecoveryRecord = decode(&bytes)?;
-            let mut volumes = txn.open_table(VOLUMES).map_err(internal)?;
-            let current = volumes
-                .get(volume_id)
-                .map_err(internal)?
-                .map(|v| v.value().to_vec());
+            let mut volumes = txn.open_table(VOLUMES)?;
+            let current = volumes.get(volume_id)?.map(|v| v.value().to_vec());
             let Some(bytes) = current else {
-                return Err(ErrorBody::new(
-                    ErrorCode::NotFound,
-                    format!("no volume with id {volume_id}"),
-                ));
+                return Err(StoreError::NotFound(format!(
+                    "no volume with id {volume_id}"
+                )));
             };
             let mut record: VolumeRecord = decode(&bytes)?;
             let extents = replace_failed_replicas(
@@ -636,39 +605,37 @@ impl Store {
                 &recovery.segments,
             )
             .ok_or_else(|| {
-                internal(format!(
+                StoreError::Database(format!(
                     "recovery of volume {volume_id} does not match its extents"
                 ))
             })?;
             record.extents = merge_adjacent(extents);
             record.epoch += 1;
             check_map_fits(&record)?;
-            volumes
-                .insert(volume_id, encode(&record)?.as_slice())
-                .map_err(internal)?;
+            volumes.insert(volume_id, encode(&record)?.as_slice())?;
             record
         };
-        txn.commit().map_err(internal)?;
+        txn.commit()?;
         Ok(record)
     }
 
     // ----- clients -----------------------------------------------------------------------
 
     pub fn clients(&self) -> StoreResult<Vec<ClientRecord>> {
-        let txn = self.metadata.begin_read().map_err(internal)?;
-        let table = txn.open_table(CLIENTS).map_err(internal)?;
+        let txn = self.metadata.begin_read()?;
+        let table = txn.open_table(CLIENTS)?;
         let mut clients = Vec::new();
-        for entry in table.iter().map_err(internal)? {
-            let (_, value) = entry.map_err(internal)?;
+        for entry in table.iter()? {
+            let (_, value) = entry?;
             clients.push(decode(value.value())?);
         }
         Ok(clients)
     }
 
     pub fn client(&self, name: &str) -> StoreResult<Option<ClientRecord>> {
-        let txn = self.metadata.begin_read().map_err(internal)?;
-        let table = txn.open_table(CLIENTS).map_err(internal)?;
-        let value = table.get(name).map_err(internal)?;
+        let txn = self.metadata.begin_read()?;
+        let table = txn.open_table(CLIENTS)?;
+        let value = table.get(name)?;
         value.map(|v| decode(v.value())).transpose()
     }
 
@@ -681,35 +648,28 @@ impl Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if self.client(name)?.is_some() {
-            return Err(ErrorBody::new(
-                ErrorCode::AlreadyExists,
-                format!("client {name:?} already exists"),
-            ));
+            return Err(StoreError::AlreadyExists(format!(
+                "client {name:?} already exists"
+            )));
         }
-        let txn = self.secrets.begin_write().map_err(internal)?;
-        txn.open_table(SECRETS)
-            .map_err(internal)?
-            .insert(name, secret_hex)
-            .map_err(internal)?;
-        txn.commit().map_err(internal)?;
-        let txn = self.metadata.begin_write().map_err(internal)?;
+        let txn = self.secrets.begin_write()?;
+        txn.open_table(SECRETS)?.insert(name, secret_hex)?;
+        txn.commit()?;
+        let txn = self.metadata.begin_write()?;
         {
-            let mut table = txn.open_table(CLIENTS).map_err(internal)?;
-            if table.get(name).map_err(internal)?.is_some() {
-                return Err(ErrorBody::new(
-                    ErrorCode::AlreadyExists,
-                    format!("client {name:?} already exists"),
-                ));
+            let mut table = txn.open_table(CLIENTS)?;
+            if table.get(name)?.is_some() {
+                return Err(StoreError::AlreadyExists(format!(
+                    "client {name:?} already exists"
+                )));
             }
             let record = ClientRecord {
                 name: name.to_string(),
                 grants: BTreeMap::new(),
             };
-            table
-                .insert(name, encode(&record)?.as_slice())
-                .map_err(internal)?;
+            table.insert(name, encode(&record)?.as_slice())?;
         }
-        txn.commit().map_err(internal)
+        Ok(txn.commit()?)
     }
 
     /// Removes a client and then its secret.
@@ -718,20 +678,17 @@ impl Store {
             .client_changes
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let txn = self.metadata.begin_write().map_err(internal)?;
+        let txn = self.metadata.begin_write()?;
         {
-            let mut table = txn.open_table(CLIENTS).map_err(internal)?;
-            if table.remove(name).map_err(internal)?.is_none() {
+            let mut table = txn.open_table(CLIENTS)?;
+            if table.remove(name)?.is_none() {
                 return Err(not_found("client", name));
             }
         }
-        txn.commit().map_err(internal)?;
-        let txn = self.secrets.begin_write().map_err(internal)?;
-        txn.open_table(SECRETS)
-            .map_err(internal)?
-            .remove(name)
-            .map_err(internal)?;
-        txn.commit().map_err(internal)?;
+        txn.commit()?;
+        let txn = self.secrets.begin_write()?;
+        txn.open_table(SECRETS)?.remove(name)?;
+        txn.commit()?;
         self.delete_sessions(|s| s.client == name).map(|_| ())
     }
 
@@ -739,25 +696,24 @@ impl Store {
 
     /// The persisted session of a token.
     pub fn session(&self, token: &str) -> StoreResult<Option<SessionRecord>> {
-        let txn = self.secrets.begin_read().map_err(internal)?;
-        let table = txn.open_table(SESSIONS).map_err(internal)?;
-        let value = table.get(token).map_err(internal)?;
+        let txn = self.secrets.begin_read()?;
+        let table = txn.open_table(SESSIONS)?;
+        let value = table.get(token)?;
         value.map(|v| decode(v.value())).transpose()
     }
 
     /// The persisted session of `client`'s attachment to a volume.
     pub fn session_of(&self, client: &str, volume_id: u64) -> StoreResult<Option<SessionRecord>> {
-        let txn = self.secrets.begin_read().map_err(internal)?;
-        let keys = txn.open_table(SESSION_KEYS).map_err(internal)?;
+        let txn = self.secrets.begin_read()?;
+        let keys = txn.open_table(SESSION_KEYS)?;
         let Some(token) = keys
-            .get(session_key(client, volume_id).as_str())
-            .map_err(internal)?
+            .get(session_key(client, volume_id).as_str())?
             .map(|v| v.value().to_string())
         else {
             return Ok(None);
         };
-        let table = txn.open_table(SESSIONS).map_err(internal)?;
-        let value = table.get(token.as_str()).map_err(internal)?;
+        let table = txn.open_table(SESSIONS)?;
+        let value = table.get(token.as_str())?;
         value.map(|v| decode(v.value())).transpose()
     }
 
@@ -765,26 +721,23 @@ impl Store {
     /// for the disk (redb `Eventual`): they survive a killed server, and one lost to a power
     /// loss only costs its client a new token.
     pub fn save_sessions(&self, sessions: &[SessionRecord]) -> StoreResult<()> {
-        let mut txn = self.secrets.begin_write().map_err(internal)?;
+        let mut txn = self.secrets.begin_write()?;
         txn.set_durability(redb::Durability::Eventual);
         {
-            let mut keys = txn.open_table(SESSION_KEYS).map_err(internal)?;
-            let mut table = txn.open_table(SESSIONS).map_err(internal)?;
+            let mut keys = txn.open_table(SESSION_KEYS)?;
+            let mut table = txn.open_table(SESSIONS)?;
             for session in sessions {
                 let key = session_key(&session.client, session.volume_id);
                 let previous = keys
-                    .insert(key.as_str(), session.token.as_str())
-                    .map_err(internal)?
+                    .insert(key.as_str(), session.token.as_str())?
                     .map(|v| v.value().to_string());
                 if let Some(previous) = previous.filter(|p| *p != session.token) {
-                    table.remove(previous.as_str()).map_err(internal)?;
+                    table.remove(previous.as_str())?;
                 }
-                table
-                    .insert(session.token.as_str(), encode(session)?.as_slice())
-                    .map_err(internal)?;
+                table.insert(session.token.as_str(), encode(session)?.as_slice())?;
             }
         }
-        txn.commit().map_err(internal)
+        Ok(txn.commit()?)
     }
 
     /// Deletes the persisted sessions `doomed` selects (durably); returns them.
@@ -792,26 +745,25 @@ impl Store {
         &self,
         doomed: impl Fn(&SessionRecord) -> bool,
     ) -> StoreResult<Vec<SessionRecord>> {
-        let txn = self.secrets.begin_write().map_err(internal)?;
+        let txn = self.secrets.begin_write()?;
         let removed = {
-            let mut table = txn.open_table(SESSIONS).map_err(internal)?;
+            let mut table = txn.open_table(SESSIONS)?;
             let mut removed = Vec::new();
-            for entry in table.iter().map_err(internal)? {
-                let (_, value) = entry.map_err(internal)?;
+            for entry in table.iter()? {
+                let (_, value) = entry?;
                 let session: SessionRecord = decode(value.value())?;
                 if doomed(&session) {
                     removed.push(session);
                 }
             }
-            let mut keys = txn.open_table(SESSION_KEYS).map_err(internal)?;
+            let mut keys = txn.open_table(SESSION_KEYS)?;
             for session in &removed {
-                table.remove(session.token.as_str()).map_err(internal)?;
-                keys.remove(session_key(&session.client, session.volume_id).as_str())
-                    .map_err(internal)?;
+                table.remove(session.token.as_str())?;
+                keys.remove(session_key(&session.client, session.volume_id).as_str())?;
             }
             removed
         };
-        txn.commit().map_err(internal)?;
+        txn.commit()?;
         Ok(removed)
     }
 
@@ -822,23 +774,19 @@ impl Store {
         volume_id: u64,
         mode: Option<AccessMode>,
     ) -> StoreResult<ClientRecord> {
-        let txn = self.metadata.begin_write().map_err(internal)?;
+        let txn = self.metadata.begin_write()?;
         let record = {
-            let mut table = txn.open_table(CLIENTS).map_err(internal)?;
-            let current = table
-                .get(name)
-                .map_err(internal)?
-                .map(|v| v.value().to_vec());
+            let mut table = txn.open_table(CLIENTS)?;
+            let current = table.get(name)?.map(|v| v.value().to_vec());
             let mut record: ClientRecord = match current {
                 Some(bytes) => decode(&bytes)?,
                 None => return Err(not_found("client", name)),
             };
-            let volumes = txn.open_table(VOLUMES).map_err(internal)?;
-            if volumes.get(volume_id).map_err(internal)?.is_none() {
-                return Err(ErrorBody::new(
-                    ErrorCode::NotFound,
-                    format!("no volume with id {volume_id}"),
-                ));
+            let volumes = txn.open_table(VOLUMES)?;
+            if volumes.get(volume_id)?.is_none() {
+                return Err(StoreError::NotFound(format!(
+                    "no volume with id {volume_id}"
+                )));
             }
             match mode {
                 Some(mode) => {
@@ -848,12 +796,10 @@ impl Store {
                     record.grants.remove(&volume_id);
                 }
             }
-            table
-                .insert(name, encode(&record)?.as_slice())
-                .map_err(internal)?;
+            table.insert(name, encode(&record)?.as_slice())?;
             record
         };
-        txn.commit().map_err(internal)?;
+        txn.commit()?;
         // A changed grant ends the persisted session: the client attaches again, checked
         // against the new grant, and gets a new token.
         self.delete_sessions(|s| s.client == name && s.volume_id == volume_id)?;
@@ -862,17 +808,17 @@ impl Store {
 
     /// The client's secret (hex), if the client exists.
     pub fn client_secret(&self, name: &str) -> StoreResult<Option<String>> {
-        let txn = self.secrets.begin_read().map_err(internal)?;
-        let table = txn.open_table(SECRETS).map_err(internal)?;
-        let value = table.get(name).map_err(internal)?;
+        let txn = self.secrets.begin_read()?;
+        let table = txn.open_table(SECRETS)?;
+        let value = table.get(name)?;
         Ok(value.map(|v| v.value().to_string()))
     }
 }
 
 fn read_volumes(table: &impl ReadableTable<u64, &'static [u8]>) -> StoreResult<Vec<VolumeRecord>> {
     let mut volumes = Vec::new();
-    for entry in table.iter().map_err(internal)? {
-        let (_, value) = entry.map_err(internal)?;
+    for entry in table.iter()? {
+        let (_, value) = entry?;
         volumes.push(decode(value.value())?);
     }
     Ok(volumes)
@@ -882,18 +828,17 @@ fn read_recoveries(
     table: &impl ReadableTable<u64, &'static [u8]>,
 ) -> StoreResult<Vec<RecoveryRecord>> {
     let mut recoveries = Vec::new();
-    for entry in table.iter().map_err(internal)? {
-        let (_, value) = entry.map_err(internal)?;
+    for entry in table.iter()? {
+        let (_, value) = entry?;
         recoveries.push(decode(value.value())?);
     }
     Ok(recoveries)
 }
 
-fn recovery_busy(volume_id: u64) -> ErrorBody {
-    ErrorBody::new(
-        ErrorCode::Busy,
-        format!("volume {volume_id} is being recovered; retry when the recovery is done"),
-    )
+fn recovery_busy(volume_id: u64) -> StoreError {
+    StoreError::Busy(format!(
+        "volume {volume_id} is being recovered; retry when the recovery is done"
+    ))
 }
 
 /// Free space given the devices, every volume's extents and the targets of unfinished
@@ -904,8 +849,8 @@ fn pool_space_in(
     recoveries: &[RecoveryRecord],
 ) -> StoreResult<PoolSpace> {
     let mut spaces = Vec::new();
-    for entry in devices.iter().map_err(internal)? {
-        let (_, value) = entry.map_err(internal)?;
+    for entry in devices.iter()? {
+        let (_, value) = entry?;
         let device: DeviceRecord = decode(value.value())?;
         spaces.push(device.space());
     }
@@ -917,7 +862,7 @@ fn pool_space_in(
         .iter()
         .map(|v| v.extents.as_slice())
         .chain(targets.iter().map(Vec::as_slice));
-    PoolSpace::new(&spaces, used).map_err(alloc_error)
+    Ok(PoolSpace::new(&spaces, used)?)
 }
 
 /// Replaces the replica on `failed` by the segments' targets, splitting extents where a
@@ -975,15 +920,12 @@ pub const MAX_EXTENTS_PER_MAP: usize = 4096;
 
 fn check_map_fits(record: &VolumeRecord) -> StoreResult<()> {
     if record.extents.len() > MAX_EXTENTS_PER_MAP {
-        return Err(ErrorBody::new(
-            ErrorCode::BadRequest,
-            format!(
-                "volume {} would need {} extents; a map holds at most {MAX_EXTENTS_PER_MAP} \
+        return Err(StoreError::Invalid(format!(
+            "volume {} would need {} extents; a map holds at most {MAX_EXTENTS_PER_MAP} \
                  (striped volumes use one extent per 1 MiB stripe unit, so at most 4 GiB)",
-                record.name,
-                record.extents.len()
-            ),
-        ));
+            record.name,
+            record.extents.len()
+        )));
     }
     Ok(())
 }
@@ -997,10 +939,9 @@ fn validate_name(kind: &str, name: &str) -> StoreResult<()> {
     if valid {
         Ok(())
     } else {
-        Err(ErrorBody::new(
-            ErrorCode::BadRequest,
-            format!("{kind} name {name:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."),
-        ))
+        Err(StoreError::Invalid(format!(
+            "{kind} name {name:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."
+        )))
     }
 }
 
@@ -1041,12 +982,12 @@ mod tests {
             Uuid::from_u128(1)
         );
         let unknown = store.start_recovery(volume.id, Uuid::from_u128(9), "test");
-        assert_eq!(unknown.map_err(|e| e.code).err(), Some(ErrorCode::NotFound));
-        let unused = store.start_recovery(volume.id, Uuid::from_u128(2), "test");
-        assert_eq!(
-            unused.map_err(|e| e.code).err(),
-            Some(ErrorCode::BadRequest)
+        assert!(
+            matches!(unknown, Err(StoreError::NotFound(_))),
+            "{unknown:?}"
         );
+        let unused = store.start_recovery(volume.id, Uuid::from_u128(2), "test");
+        assert!(matches!(unused, Err(StoreError::Invalid(_))), "{unused:?}");
 
         let recovery = store
             .start_recovery(volume.id, Uuid::from_u128(1), "test")
@@ -1060,9 +1001,9 @@ mod tests {
             MIB
         );
         let again = store.start_recovery(volume.id, Uuid::from_u128(1), "test");
-        assert_eq!(again.map_err(|e| e.code).err(), Some(ErrorCode::Busy));
+        assert!(matches!(again, Err(StoreError::Busy(_))), "{again:?}");
         let grow = store.grow_volume(volume.id, 4 * MIB);
-        assert_eq!(grow.map_err(|e| e.code).err(), Some(ErrorCode::Busy));
+        assert!(matches!(grow, Err(StoreError::Busy(_))), "{grow:?}");
         store
             .save_recovery_cursor(volume.id, MIB)
             .unwrap_or_else(|e| panic!("{e}"));

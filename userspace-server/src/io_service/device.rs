@@ -276,11 +276,7 @@ impl DeviceTable {
         if let Some(file) = self.table().get(&uuid) {
             return Ok(file.clone());
         }
-        let devices = self
-            .state
-            .store
-            .devices()
-            .map_err(|e| io::Error::other(e.message))?;
+        let devices = self.state.store.devices().map_err(io::Error::other)?;
         let record = devices
             .into_iter()
             .find(|d| d.uuid == uuid)
