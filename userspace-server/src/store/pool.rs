@@ -1,0 +1,99 @@
+//! The pool's devices and the free space derived from the volumes.
+
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use sanblk_proto::map::Extent;
+
+use crate::allocator::{DeviceSpace, PoolSpace};
+
+use super::recovery::{read_recoveries, RecoveryRecord};
+use super::volumes::{read_volumes, VolumeRecord};
+use super::{decode, encode, Store, StoreError, StoreResult, DEVICES, RECOVERIES, VOLUMES};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub uuid: Uuid,
+    pub path: String,
+    pub size_bytes: u64,
+    pub data_start: u64,
+    pub state: String,
+}
+
+impl DeviceRecord {
+    pub fn space(&self) -> DeviceSpace {
+        DeviceSpace::for_device(self.uuid, self.data_start, self.size_bytes)
+    }
+}
+
+impl Store {
+    pub fn devices(&self) -> StoreResult<Vec<DeviceRecord>> {
+        let txn = self.metadata.begin_read()?;
+        let table = txn.open_table(DEVICES)?;
+        let mut devices = Vec::new();
+        for entry in table.iter()? {
+            let (_, value) = entry?;
+            devices.push(decode(value.value())?);
+        }
+        Ok(devices)
+    }
+
+    pub fn add_device(&self, device: &DeviceRecord) -> StoreResult<()> {
+        let txn = self.metadata.begin_write()?;
+        {
+            let mut table = txn.open_table(DEVICES)?;
+            for entry in table.iter()? {
+                let (_, value) = entry?;
+                let existing: DeviceRecord = decode(value.value())?;
+                if existing.uuid == device.uuid || existing.path == device.path {
+                    return Err(StoreError::AlreadyExists(format!(
+                        "{} is already in the pool (device {})",
+                        existing.path, existing.uuid
+                    )));
+                }
+            }
+            table.insert(device.uuid.as_u128(), encode(device)?.as_slice())?;
+        }
+        Ok(txn.commit()?)
+    }
+
+    /// Current free space of the pool, derived from all volumes.
+    pub fn pool_space(&self) -> StoreResult<(Vec<DeviceRecord>, PoolSpace)> {
+        let txn = self.metadata.begin_read()?;
+        let device_table = txn.open_table(DEVICES)?;
+        let volumes = read_volumes(&txn.open_table(VOLUMES)?)?;
+        let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
+        let pool = pool_space_in(&device_table, &volumes, &recoveries)?;
+        let mut devices = Vec::new();
+        for entry in device_table.iter()? {
+            let (_, value) = entry?;
+            devices.push(decode(value.value())?);
+        }
+        Ok((devices, pool))
+    }
+}
+
+/// Free space given the devices, every volume's extents and the targets of unfinished
+/// recoveries (allocated, but not yet in any volume).
+pub(super) fn pool_space_in(
+    devices: &impl ReadableTable<u128, &'static [u8]>,
+    volumes: &[VolumeRecord],
+    recoveries: &[RecoveryRecord],
+) -> StoreResult<PoolSpace> {
+    let mut spaces = Vec::new();
+    for entry in devices.iter()? {
+        let (_, value) = entry?;
+        let device: DeviceRecord = decode(value.value())?;
+        spaces.push(device.space());
+    }
+    let targets: Vec<Vec<Extent>> = recoveries
+        .iter()
+        .map(RecoveryRecord::target_extents)
+        .collect();
+    let used = volumes
+        .iter()
+        .map(|v| v.extents.as_slice())
+        .chain(targets.iter().map(Vec::as_slice));
+    Ok(PoolSpace::new(&spaces, used)?)
+}
