@@ -22,8 +22,6 @@
 //! spawns one task per request, whose blocking disk I/O runs in `spawn_blocking`; a single
 //! writer task sends the replies it receives over an mpsc channel.
 
-mod device;
-
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -40,7 +38,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-pub use device::{plan, AlignedBuf, BufferPool, DeviceTable, Piece, PooledBuf};
+pub use crate::device::{plan, AlignedBuf, BufferPool, DeviceTable, Piece, PooledBuf};
 
 use sanblk_proto::map::{AccessMode, Extent};
 

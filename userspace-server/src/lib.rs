@@ -6,6 +6,7 @@ mod admin;
 mod agent_service;
 mod allocator;
 pub mod config;
+mod device;
 mod io_service;
 mod labelling;
 mod recovery;
