@@ -101,7 +101,7 @@ impl Config {
             io_listen: flags
                 .io_listen
                 .or(file.io_listen)
-                .unwrap_or_else(|| crate::io_service::default_io_listen(listen)),
+                .unwrap_or_else(|| default_io_listen(listen)),
             secrets_file: flags
                 .secrets_file
                 .or(file.secrets_file)
@@ -132,6 +132,16 @@ fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
     let text =
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Default I/O address: the agent address with the next port (127.0.0.1:7700 gives
+/// 127.0.0.1:7701); port 0 (ephemeral) stays 0.
+pub fn default_io_listen(agent_listen: SocketAddr) -> SocketAddr {
+    let port = match agent_listen.port() {
+        0 => 0,
+        port => port.checked_add(1).unwrap_or(0),
+    };
+    SocketAddr::new(agent_listen.ip(), port)
 }
 
 #[cfg(test)]
@@ -191,5 +201,54 @@ mod tests {
         })
         .is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn io_listen_comes_from_flags_then_file_then_the_agent_port() {
+        use crate::config::{Config, Flags};
+        let dir = std::env::temp_dir().join(format!("sand-io-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.join("sand.toml");
+        std::fs::write(&file, "listen = \"0.0.0.0:7800\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let config = |flags: Flags| Config::from_flags(flags).unwrap_or_else(|e| panic!("{e}"));
+        let derived = config(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        });
+        assert_eq!(derived.io_listen.to_string(), "0.0.0.0:7801");
+        std::fs::write(&file, "io_listen = \"10.0.0.1:9000\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let from_file = config(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        });
+        assert_eq!(from_file.io_listen.to_string(), "10.0.0.1:9000");
+        let from_flag = config(Flags {
+            config: Some(file),
+            io_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"))),
+            ..Flags::default()
+        });
+        assert_eq!(from_flag.io_listen.to_string(), "127.0.0.1:0");
+        assert_eq!(
+            config(Flags::default()).io_listen.to_string(),
+            "127.0.0.1:7701"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_io_port_follows_the_agent_port() {
+        let address = |text: &str| -> SocketAddr { text.parse().unwrap_or_else(|e| panic!("{e}")) };
+        assert_eq!(
+            default_io_listen(address("127.0.0.1:7700")),
+            address("127.0.0.1:7701")
+        );
+        assert_eq!(
+            default_io_listen(address("0.0.0.0:0")),
+            address("0.0.0.0:0")
+        );
+        assert_eq!(
+            default_io_listen(address("[::1]:65535")),
+            address("[::1]:0")
+        );
     }
 }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use sanblk_proto::map::Extent;
 
-use crate::state::ServerState;
+use crate::store::Store;
 
 /// Alignment of I/O buffers, offsets and lengths for O_DIRECT (safe for 512e and 4Kn devices).
 pub const DIRECT_ALIGN: usize = 4096;
@@ -255,14 +255,14 @@ impl DeviceFile {
 
 /// Opened device files by UUID, opened on first use from the pool records.
 pub struct DeviceTable {
-    state: Arc<ServerState>,
+    store: Arc<Store>,
     open: Mutex<HashMap<Uuid, Arc<DeviceFile>>>,
 }
 
 impl DeviceTable {
-    pub fn new(state: Arc<ServerState>) -> DeviceTable {
+    pub fn new(store: Arc<Store>) -> DeviceTable {
         DeviceTable {
-            state,
+            store,
             open: Mutex::new(HashMap::new()),
         }
     }
@@ -276,7 +276,7 @@ impl DeviceTable {
         if let Some(file) = self.table().get(&uuid) {
             return Ok(file.clone());
         }
-        let devices = self.state.store.devices().map_err(io::Error::other)?;
+        let devices = self.store.devices().map_err(io::Error::other)?;
         let record = devices
             .into_iter()
             .find(|d| d.uuid == uuid)

@@ -38,11 +38,11 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-pub use crate::device::{plan, AlignedBuf, BufferPool, DeviceTable, Piece, PooledBuf};
+use crate::device::{plan, BufferPool, DeviceTable, PooledBuf};
 
 use sanblk_proto::map::{AccessMode, Extent};
 
-use crate::recovery;
+use crate::recovery_gate;
 use crate::state::{ServerState, SessionInfo};
 use crate::store::VolumeRecord;
 
@@ -59,16 +59,6 @@ pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
 const BUDGET_UNIT: usize = 4096;
 /// Accept queue length of the I/O port.
 const LISTEN_BACKLOG: u32 = 1024;
-
-/// Default I/O address: the agent address with the next port (127.0.0.1:7700 gives
-/// 127.0.0.1:7701); port 0 (ephemeral) stays 0.
-pub fn default_io_listen(agent_listen: SocketAddr) -> SocketAddr {
-    let port = match agent_listen.port() {
-        0 => 0,
-        port => port.checked_add(1).unwrap_or(0),
-    };
-    SocketAddr::new(agent_listen.ip(), port)
-}
 
 /// Binds the I/O listener (SO_REUSEADDR, deep backlog).
 pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
@@ -139,7 +129,7 @@ impl Reply {
 impl IoService {
     pub fn new(state: Arc<ServerState>) -> Arc<IoService> {
         Arc::new(IoService {
-            devices: DeviceTable::new(state.clone()),
+            devices: DeviceTable::new(state.store.clone()),
             buffers: Arc::new(BufferPool::default()),
             budget: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES / BUDGET_UNIT)),
             state,
@@ -451,7 +441,7 @@ impl IoService {
                 // A reported-failed device is read only when no other replica can be; the
                 // recovery target serves the part already copied if it cannot be either.
                 let pieces = match self.state.gate(header.volume_id).recovery() {
-                    Some(active) => recovery::read_plan(pieces, header.offset, &active),
+                    Some(active) => recovery_gate::read_plan(pieces, header.offset, &active),
                     None => pieces,
                 };
                 let mut buf = self
@@ -476,7 +466,7 @@ impl IoService {
                     return Err(errno(libc::ESTALE));
                 }
                 let (required, best_effort) = match gate.recovery() {
-                    Some(active) => recovery::write_plan(pieces, header.offset, &active),
+                    Some(active) => recovery_gate::write_plan(pieces, header.offset, &active),
                     None => (pieces, Vec::new()),
                 };
                 let volume_id = header.volume_id;
@@ -656,55 +646,6 @@ mod tests {
         assert_eq!(
             check(Some(&rw), &header(Op::Read, 7, 4)),
             Err(-libc::ESTALE)
-        );
-    }
-
-    #[test]
-    fn io_listen_comes_from_flags_then_file_then_the_agent_port() {
-        use crate::config::{Config, Flags};
-        let dir = std::env::temp_dir().join(format!("sand-io-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-        let file = dir.join("sand.toml");
-        std::fs::write(&file, "listen = \"0.0.0.0:7800\"\n").unwrap_or_else(|e| panic!("{e}"));
-        let config = |flags: Flags| Config::from_flags(flags).unwrap_or_else(|e| panic!("{e}"));
-        let derived = config(Flags {
-            config: Some(file.clone()),
-            ..Flags::default()
-        });
-        assert_eq!(derived.io_listen.to_string(), "0.0.0.0:7801");
-        std::fs::write(&file, "io_listen = \"10.0.0.1:9000\"\n").unwrap_or_else(|e| panic!("{e}"));
-        let from_file = config(Flags {
-            config: Some(file.clone()),
-            ..Flags::default()
-        });
-        assert_eq!(from_file.io_listen.to_string(), "10.0.0.1:9000");
-        let from_flag = config(Flags {
-            config: Some(file),
-            io_listen: Some("127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"))),
-            ..Flags::default()
-        });
-        assert_eq!(from_flag.io_listen.to_string(), "127.0.0.1:0");
-        assert_eq!(
-            config(Flags::default()).io_listen.to_string(),
-            "127.0.0.1:7701"
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn the_io_port_follows_the_agent_port() {
-        let address = |text: &str| -> SocketAddr { text.parse().unwrap_or_else(|e| panic!("{e}")) };
-        assert_eq!(
-            default_io_listen(address("127.0.0.1:7700")),
-            address("127.0.0.1:7701")
-        );
-        assert_eq!(
-            default_io_listen(address("0.0.0.0:0")),
-            address("0.0.0.0:0")
-        );
-        assert_eq!(
-            default_io_listen(address("[::1]:65535")),
-            address("[::1]:0")
         );
     }
 }

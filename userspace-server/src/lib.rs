@@ -1,6 +1,23 @@
 //! `sand`, the sanblk server, as a library for its binaries: `sand` itself (`config`,
-//! `server`) and the benches (`sand-bench`, `sand-iobench`). Everything else is private; the
-//! control protocol, map, clients and label reader that clients need are in `sanblk-proto`.
+//! `server`) and the benches (`sand-bench`, `sand-iobench`, which also use `AlignedBuf`).
+//! Everything else is private. What clients share with the server (control protocol, map,
+//! clients, label reader) is in `sanblk-proto`.
+//!
+//! Layers, lowest first; a module imports only from layers below it:
+//! 1. `config` (flags and file), `allocator` (extent placement), `labelling` (writing device
+//!    labels), `secrets` (client secrets, session tokens).
+//! 2. `store`: the redb metadata (pool, volumes, recovery records, clients, sessions), with
+//!    its own error type.
+//! 3. `service_error`: the wire error the services answer with, and the store errors mapped
+//!    onto it; `device`: the server's own path to the SAN devices (aligned buffers, opened
+//!    device files, request pieces).
+//! 4. `recovery_gate`: what I/O must know about a running recovery (the write gate, the read
+//!    and write plans).
+//! 5. `state`: the shared server state (store, config, live attachments and maps, recovery
+//!    statuses), behind one lock for the live part.
+//! 6. `recovery` (the copy job), `io_service` (the server I/O path).
+//! 7. `admin`, `agent_service`: the control-protocol services.
+//! 8. `server`: listeners, startup, shutdown.
 
 mod admin;
 mod agent_service;
@@ -10,6 +27,7 @@ mod device;
 mod io_service;
 mod labelling;
 mod recovery;
+mod recovery_gate;
 mod secrets;
 pub mod server;
 mod service_error;
@@ -17,4 +35,4 @@ mod state;
 mod store;
 
 /// The I/O bench builds its payloads in the same aligned buffers as the server's O_DIRECT I/O.
-pub use io_service::AlignedBuf;
+pub use device::AlignedBuf;

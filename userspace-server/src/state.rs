@@ -12,7 +12,7 @@ use sanblk_proto::map::{AccessMode, VolumeMap};
 use sanblk_proto::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode, RecoveryStatus};
 
 use crate::config::Config;
-use crate::recovery::VolumeGate;
+use crate::recovery_gate::VolumeGate;
 use crate::service_error::ServiceResult;
 use crate::store::{SessionRecord, Store, VolumeRecord};
 
@@ -71,7 +71,8 @@ struct Live {
 pub const MAX_PENDING_HANDSHAKES: usize = 4096;
 
 pub struct ServerState {
-    pub store: Store,
+    /// Shared with the device tables, which open devices from the pool records.
+    pub store: Arc<Store>,
     pub config: Config,
     pub handshake_slots: Arc<Semaphore>,
     /// Held across a whole `pool add` (checks, label write, commit), so two adds of one device
@@ -103,7 +104,7 @@ pub struct AttachGrant {
 impl ServerState {
     pub fn new(store: Store, config: Config) -> Arc<ServerState> {
         Arc::new(ServerState {
-            store,
+            store: Arc::new(store),
             config,
             handshake_slots: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
             pool_changes: Mutex::new(()),

@@ -1,7 +1,16 @@
-//! `sanctl`, the sanblk admin CLI (and, later, the client agent).
+//! `sanctl`, the sanblk admin CLI and client agent.
 //!
 //! One module per subcommand group; each returns `Result<(), CliError>` and main turns that
 //! into an exit code: 0 ok, 1 the server said no, 2 usage, 3 cannot reach the server.
+//!
+//! Layers, lowest first; a module imports only from layers below it (the protocol, map and
+//! clients come from `sanblk-proto`, the kernel's wire format from `sanblk-uapi`):
+//! 1. `output` (tables), `context` (admin connection, errors, exit codes), `kernel_link`
+//!    (generic netlink to the kmod), `map_encoding` (a map in the kernel's encoding, devices
+//!    found by label).
+//! 2. `pool`, `volume`, `client_cmd`, `recovery_cmd`: the admin subcommands (`volume` shows
+//!    recovery progress with `recovery_cmd`'s bar).
+//! 3. `agent`: `sanctl attach`, `detach`, `status`.
 
 mod agent;
 mod client_cmd;

@@ -51,7 +51,7 @@ const NEXT_VOLUME_ID_KEY: &str = "next_volume_id";
 const METADATA_FILE: &str = "metadata.redb";
 
 /// What can go wrong in the store, in the store's terms. The services turn it into the wire
-/// error where they answer (`crate::service_error`).
+/// error where they answer (the `service_error` module).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// redb failed, or a stored record does not decode: nothing the caller did wrong.
