@@ -120,7 +120,7 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> Result<Vec<u
             reply_frame::<ClientList>(client_infos(state).await)
         }
         AdminRequest::RecoveryList(RecoveryList {}) => {
-            reply_frame::<RecoveryList>(Ok(state.recovery_statuses()))
+            reply_frame::<RecoveryList>(Ok(state.recoveries.statuses()))
         }
     }
 }
@@ -222,7 +222,7 @@ async fn volume_show(request: VolumeShow, state: &Arc<ServerState>) -> ServiceRe
         attachment_count,
         acked_current_epoch,
         attachments,
-        recovery: state.recovery_status(record.id),
+        recovery: state.recoveries.status(record.id),
     })
 }
 
@@ -346,7 +346,11 @@ fn label_error(error: LabelError) -> ErrorBody {
 /// committed; a crash in between leaves a labelled device of this pool that a repeated
 /// `pool add` adopts.
 fn add_device(state: &ServerState, path: &Path, force: bool) -> ServiceResult<DeviceRecord> {
-    let _serialized = state.pool_changes.lock().unwrap_or_else(|p| p.into_inner());
+    let _serialized = state
+        .admission
+        .pool_changes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     let path = path
         .canonicalize()
         .map_err(|e| ErrorBody::new(ErrorCode::NotFound, format!("{}: {e}", path.display())))?;

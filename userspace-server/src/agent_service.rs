@@ -48,7 +48,7 @@ pub async fn serve_agent_connection(
     let mut reader = FrameReader::new(read_half);
     // Bound the connections that have not authenticated yet, so a flood of idle sockets
     // cannot exhaust the server; authenticated agents do not count.
-    let Ok(handshake_slot) = state.handshake_slots.clone().try_acquire_owned() else {
+    let Ok(handshake_slot) = state.admission.handshake_slots.clone().try_acquire_owned() else {
         warn!("{peer}: too many connections in handshake; refusing");
         let body = ErrorBody::new(ErrorCode::Busy, "server busy, retry later");
         let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
@@ -78,7 +78,7 @@ pub async fn serve_agent_connection(
     drop(handshake_slot);
     debug!("{peer}: client {client} authenticated");
     let (connection, kick) = state.register_connection(&client);
-    let mut recovery_events = state.subscribe_recovery_events();
+    let mut recovery_events = state.recoveries.subscribe();
     let mut session = Session {
         connection,
         client,

@@ -196,7 +196,13 @@ impl IoService {
         let hello_timeout = HELLO_TIMEOUT.min(self.state.config.handshake_timeout);
 
         // Connections before HELLO share the agent port's bound on unauthenticated sockets.
-        let Ok(hello_slot) = self.state.handshake_slots.clone().try_acquire_owned() else {
+        let Ok(hello_slot) = self
+            .state
+            .admission
+            .handshake_slots
+            .clone()
+            .try_acquire_owned()
+        else {
             warn!("I/O connection from {peer}: too many connections before HELLO; refusing");
             return;
         };
@@ -404,7 +410,7 @@ impl IoService {
             // failed device is left out where a surviving mirror holds the data (writes to it
             // are best effort then), so its errors do not fail every flush until recovered.
             let mut extents = record.extents.clone();
-            if let Some(active) = self.state.gate(header.volume_id).recovery() {
+            if let Some(active) = self.state.recoveries.gate(header.volume_id).recovery() {
                 for extent in &mut extents {
                     if extent.replicas.len() > 1 {
                         extent
@@ -440,7 +446,7 @@ impl IoService {
             Op::Read => {
                 // A reported-failed device is read only when no other replica can be; the
                 // recovery target serves the part already copied if it cannot be either.
-                let pieces = match self.state.gate(header.volume_id).recovery() {
+                let pieces = match self.state.recoveries.gate(header.volume_id).recovery() {
                     Some(active) => recovery_gate::read_plan(pieces, header.offset, &active),
                     None => pieces,
                 };
@@ -460,7 +466,7 @@ impl IoService {
                 let buf = payload.ok_or(errno(libc::EINVAL))?;
                 let fua = header.flags & FLAG_FUA != 0;
                 // Recovery consistency rule: see the `recovery` module doc.
-                let gate = self.state.gate(header.volume_id);
+                let gate = self.state.recoveries.gate(header.volume_id);
                 let _shared = gate.lock.read().await;
                 if header.epoch < gate.min_epoch() {
                     return Err(errno(libc::ESTALE));

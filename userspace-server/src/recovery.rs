@@ -173,17 +173,20 @@ async fn start_job(state: &Arc<ServerState>, record: RecoveryRecord) -> Recovery
     if !claim(volume_id) {
         // Already running: its latest status (set before it was spawned) is the answer.
         return state
-            .recovery_status(volume_id)
+            .recoveries
+            .status(volume_id)
             .unwrap_or_else(|| progress.status(RecoveryState::Queued, String::new()));
     }
     let status = progress.status(RecoveryState::Queued, String::new());
-    state.set_recovery_status(status.clone());
+    state.recoveries.set_status(status.clone());
     let job_state = state.clone();
     tokio::spawn(async move {
         let outcome = run_job(&job_state, record, progress).await;
         if let Err((progress, error)) = outcome {
             warn!("volume {volume_id}: recovery failed: {error}");
-            job_state.set_recovery_status(progress.status(RecoveryState::Failed, error));
+            job_state
+                .recoveries
+                .set_status(progress.status(RecoveryState::Failed, error));
         }
         release(volume_id);
     });
@@ -316,7 +319,7 @@ async fn run_job(
     mut progress: Progress,
 ) -> Result<(), JobError> {
     let volume_id = record.volume_id;
-    let gate = state.gate(volume_id);
+    let gate = state.recoveries.gate(volume_id);
     let active = Arc::new(ActiveRecovery::new(
         record.failed_device,
         record.segments.clone(),
@@ -342,7 +345,9 @@ async fn run_job(
     let mut unsaved_chunks = 0;
     let mut last_push = Instant::now();
     let mut last_save = Instant::now();
-    state.set_recovery_status(progress.status(RecoveryState::Copying, String::new()));
+    state
+        .recoveries
+        .set_status(progress.status(RecoveryState::Copying, String::new()));
     while let Some((index, inside)) = locate(&segments, cursor) {
         let Some(segment_length) = segments.get(index).map(|s| s.length) else {
             break;
@@ -391,7 +396,9 @@ async fn run_job(
             last_save = Instant::now();
         }
         if last_push.elapsed() >= STATUS_INTERVAL {
-            state.set_recovery_status(progress.status(RecoveryState::Copying, String::new()));
+            state
+                .recoveries
+                .set_status(progress.status(RecoveryState::Copying, String::new()));
             last_push = Instant::now();
         }
         match delay {
@@ -418,7 +425,7 @@ async fn run_job(
         "volume {}: recovery off device {} done, epoch {}",
         record.name, active.failed_device, record.epoch
     );
-    state.set_recovery_status(progress.status(
+    state.recoveries.set_status(progress.status(
         RecoveryState::Done,
         format!(
             "moved off device {}; epoch {}",

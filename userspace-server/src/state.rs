@@ -1,20 +1,24 @@
-//! Shared server state: the metadata store plus the live attachments and the current map of
-//! every attached volume (a `watch` channel per volume, which is how changes reach clients).
+//! Shared server state, one field per concern: the metadata store and configuration; the
+//! admission of incoming work; the live attachments and the current map of every attached
+//! volume (a `watch` channel per volume, which is how changes reach clients), behind the one
+//! state lock; the running recoveries (`recoveries`); the group commit of session records.
+
+mod recoveries;
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{broadcast, oneshot, watch, Notify, Semaphore};
+use tokio::sync::{oneshot, watch, Notify, Semaphore};
 
 use sanblk_proto::map::{AccessMode, VolumeMap};
-use sanblk_proto::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode, RecoveryStatus};
+use sanblk_proto::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode};
 
 use crate::config::Config;
-use crate::recovery_gate::VolumeGate;
 use crate::service_error::ServiceResult;
 use crate::store::{SessionRecord, Store, VolumeRecord};
+
+pub use recoveries::Recoveries;
 
 pub type ConnectionId = u64;
 
@@ -58,6 +62,7 @@ struct LiveVolume {
     attachments: HashMap<ConnectionId, Attachment>,
 }
 
+/// What the one state lock guards.
 #[derive(Default)]
 struct Live {
     volumes: HashMap<u64, LiveVolume>,
@@ -65,35 +70,41 @@ struct Live {
     connections: HashMap<ConnectionId, (String, Arc<Notify>)>,
     /// Session token -> (volume, connection) of the attachment it was issued for.
     sessions: HashMap<String, (u64, ConnectionId)>,
+    /// The id of the connection registered last.
+    last_connection_id: ConnectionId,
 }
 
 /// Connections allowed to be in the handshake at once.
 pub const MAX_PENDING_HANDSHAKES: usize = 4096;
 
-pub struct ServerState {
-    /// Shared with the device tables, which open devices from the pool records.
-    pub store: Arc<Store>,
-    pub config: Config,
+/// What limits or orders incoming work.
+pub struct Admission {
+    /// Connections in the handshake (agent and I/O ports), at most `MAX_PENDING_HANDSHAKES`.
     pub handshake_slots: Arc<Semaphore>,
     /// Held across a whole `pool add` (checks, label write, commit), so two adds of one device
     /// cannot leave a label on disk that differs from the recorded device.
     pub pool_changes: Mutex<()>,
-    live: Mutex<Live>,
-    next_connection_id: AtomicU64,
-    /// Per-volume write gate (see `recovery`), created on first use.
-    gates: Mutex<HashMap<u64, Arc<VolumeGate>>>,
-    /// Latest status of every recovery since the server started, by volume id.
-    recovery_statuses: Mutex<HashMap<u64, RecoveryStatus>>,
-    /// Every status change, for the agent connections attached to the volume.
-    recovery_events: broadcast::Sender<RecoveryStatus>,
-    /// Session records waiting to be persisted, each with whoever waits for its commit.
-    pending_sessions: Mutex<Vec<(SessionRecord, oneshot::Sender<ServiceResult<()>>)>>,
-    /// Held by the task committing a batch of `pending_sessions` (group commit).
-    session_writer: tokio::sync::Mutex<()>,
 }
 
-/// Status changes buffered per agent connection; a slower one skips to newer ones.
-const RECOVERY_EVENT_BACKLOG: usize = 256;
+/// Group commit of session records: attaches queue theirs, one of them commits the batch.
+#[derive(Default)]
+struct SessionCommits {
+    /// Session records waiting to be persisted, each with whoever waits for its commit.
+    pending: Mutex<Vec<(SessionRecord, oneshot::Sender<ServiceResult<()>>)>>,
+    /// Held by the task committing a batch of `pending`.
+    writer: tokio::sync::Mutex<()>,
+}
+
+pub struct ServerState {
+    /// Shared with the device tables, which open devices from the pool records.
+    pub store: Arc<Store>,
+    pub config: Config,
+    pub admission: Admission,
+    /// The one state lock (as in mini-redis): attachments, connections, sessions, maps.
+    live: Mutex<Live>,
+    pub recoveries: Recoveries,
+    session_commits: SessionCommits,
+}
 
 /// What a successful attach hands the connection.
 pub struct AttachGrant {
@@ -106,15 +117,13 @@ impl ServerState {
         Arc::new(ServerState {
             store: Arc::new(store),
             config,
-            handshake_slots: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
-            pool_changes: Mutex::new(()),
+            admission: Admission {
+                handshake_slots: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+                pool_changes: Mutex::new(()),
+            },
             live: Mutex::new(Live::default()),
-            next_connection_id: AtomicU64::new(1),
-            gates: Mutex::new(HashMap::new()),
-            recovery_statuses: Mutex::new(HashMap::new()),
-            recovery_events: broadcast::channel(RECOVERY_EVENT_BACKLOG).0,
-            pending_sessions: Mutex::new(Vec::new()),
-            session_writer: tokio::sync::Mutex::new(()),
+            recoveries: Recoveries::new(),
+            session_commits: SessionCommits::default(),
         })
     }
 
@@ -126,56 +135,13 @@ impl ServerState {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The write gate of a volume.
-    pub fn gate(&self, volume_id: u64) -> Arc<VolumeGate> {
-        self.gates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(volume_id)
-            .or_default()
-            .clone()
-    }
-
-    /// Records a recovery's status and sends it to the agents attached to its volume.
-    pub fn set_recovery_status(&self, status: RecoveryStatus) {
-        self.recovery_statuses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(status.volume_id, status.clone());
-        // No receiver (no agent connected) is fine.
-        let _ = self.recovery_events.send(status);
-    }
-
-    pub fn recovery_status(&self, volume_id: u64) -> Option<RecoveryStatus> {
-        self.recovery_statuses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&volume_id)
-            .cloned()
-    }
-
-    pub fn recovery_statuses(&self) -> Vec<RecoveryStatus> {
-        let mut statuses: Vec<RecoveryStatus> = self
-            .recovery_statuses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        statuses.sort_by_key(|s| s.volume_id);
-        statuses
-    }
-
-    pub fn subscribe_recovery_events(&self) -> broadcast::Receiver<RecoveryStatus> {
-        self.recovery_events.subscribe()
-    }
-
     /// Registers an authenticated connection; the Notify fires when it must be disconnected.
     pub fn register_connection(&self, client: &str) -> (ConnectionId, Arc<Notify>) {
-        let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
         let kick = Arc::new(Notify::new());
-        self.live()
-            .connections
+        let mut live = self.live();
+        live.last_connection_id += 1;
+        let id = live.last_connection_id;
+        live.connections
             .insert(id, (client.to_string(), kick.clone()));
         (id, kick)
     }
@@ -351,7 +317,8 @@ impl ServerState {
         let mut waiting = Vec::with_capacity(sessions.len());
         {
             let mut pending = self
-                .pending_sessions
+                .session_commits
+                .pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             for session in sessions {
@@ -363,10 +330,11 @@ impl ServerState {
         {
             // Whoever holds the writer commits everything queued so far: ours, if an earlier
             // writer has not taken it already.
-            let _writer = self.session_writer.lock().await;
+            let _writer = self.session_commits.writer.lock().await;
             let batch = std::mem::take(
                 &mut *self
-                    .pending_sessions
+                    .session_commits
+                    .pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()),
             );

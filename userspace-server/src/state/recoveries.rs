@@ -1,0 +1,79 @@
+//! Recoveries as the running server sees them: each volume's write gate, and the latest
+//! status of every recovery since the server started, with each change broadcast to the
+//! agent connections.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+
+use sanblk_proto::protocol::RecoveryStatus;
+
+use crate::recovery_gate::VolumeGate;
+
+/// Status changes buffered per agent connection; a slower one skips to newer ones.
+const RECOVERY_EVENT_BACKLOG: usize = 256;
+
+pub struct Recoveries {
+    /// Per-volume write gate (see `recovery_gate`), created on first use.
+    gates: Mutex<HashMap<u64, Arc<VolumeGate>>>,
+    /// Latest status of every recovery since the server started, by volume id.
+    statuses: Mutex<HashMap<u64, RecoveryStatus>>,
+    /// Every status change, for the agent connections attached to the volume.
+    events: broadcast::Sender<RecoveryStatus>,
+}
+
+impl Recoveries {
+    pub fn new() -> Recoveries {
+        Recoveries {
+            gates: Mutex::new(HashMap::new()),
+            statuses: Mutex::new(HashMap::new()),
+            events: broadcast::channel(RECOVERY_EVENT_BACKLOG).0,
+        }
+    }
+
+    /// The write gate of a volume.
+    pub fn gate(&self, volume_id: u64) -> Arc<VolumeGate> {
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(volume_id)
+            .or_default()
+            .clone()
+    }
+
+    /// Records a recovery's status and sends it to the agents attached to its volume.
+    pub fn set_status(&self, status: RecoveryStatus) {
+        self.statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(status.volume_id, status.clone());
+        // No receiver (no agent connected) is fine.
+        let _ = self.events.send(status);
+    }
+
+    pub fn status(&self, volume_id: u64) -> Option<RecoveryStatus> {
+        self.statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&volume_id)
+            .cloned()
+    }
+
+    /// Every known status, by volume id.
+    pub fn statuses(&self) -> Vec<RecoveryStatus> {
+        let mut statuses: Vec<RecoveryStatus> = self
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        statuses.sort_by_key(|s| s.volume_id);
+        statuses
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<RecoveryStatus> {
+        self.events.subscribe()
+    }
+}
