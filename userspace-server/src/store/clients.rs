@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use sanblk_proto::map::AccessMode;
 
 use super::{
-    decode, encode, not_found, validate_name, Store, StoreError, StoreResult, CLIENTS, SECRETS,
-    VOLUMES,
+    decode, decode_all, encode, not_found, validate_name, Store, StoreError, StoreResult, CLIENTS,
+    SECRETS, VOLUMES,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,13 +22,7 @@ pub struct ClientRecord {
 impl Store {
     pub fn clients(&self) -> StoreResult<Vec<ClientRecord>> {
         let txn = self.metadata.begin_read()?;
-        let table = txn.open_table(CLIENTS)?;
-        let mut clients = Vec::new();
-        for entry in table.iter()? {
-            let (_, value) = entry?;
-            clients.push(decode(value.value())?);
-        }
-        Ok(clients)
+        decode_all(&txn.open_table(CLIENTS)?)
     }
 
     pub fn client(&self, name: &str) -> StoreResult<Option<ClientRecord>> {

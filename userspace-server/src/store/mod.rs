@@ -103,6 +103,18 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> StoreResult<T> {
     Ok(serde_json::from_slice(bytes)?)
 }
 
+/// Decodes every record of a table, in key order.
+fn decode_all<K: redb::Key + 'static, T: for<'de> Deserialize<'de>>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+) -> StoreResult<Vec<T>> {
+    let mut records = Vec::new();
+    for entry in table.iter()? {
+        let (_, value) = entry?;
+        records.push(decode(value.value())?);
+    }
+    Ok(records)
+}
+
 fn not_found(what: &str, name: &str) -> StoreError {
     StoreError::NotFound(format!("no {what} named {name:?}"))
 }

@@ -10,7 +10,9 @@ use crate::allocator::{DeviceSpace, PoolSpace};
 
 use super::recovery::{read_recoveries, RecoveryRecord};
 use super::volumes::{read_volumes, VolumeRecord};
-use super::{decode, encode, Store, StoreError, StoreResult, DEVICES, RECOVERIES, VOLUMES};
+use super::{
+    decode, decode_all, encode, Store, StoreError, StoreResult, DEVICES, RECOVERIES, VOLUMES,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -30,13 +32,7 @@ impl DeviceRecord {
 impl Store {
     pub fn devices(&self) -> StoreResult<Vec<DeviceRecord>> {
         let txn = self.metadata.begin_read()?;
-        let table = txn.open_table(DEVICES)?;
-        let mut devices = Vec::new();
-        for entry in table.iter()? {
-            let (_, value) = entry?;
-            devices.push(decode(value.value())?);
-        }
-        Ok(devices)
+        decode_all(&txn.open_table(DEVICES)?)
     }
 
     pub fn add_device(&self, device: &DeviceRecord) -> StoreResult<()> {
@@ -65,12 +61,7 @@ impl Store {
         let volumes = read_volumes(&txn.open_table(VOLUMES)?)?;
         let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
         let pool = pool_space_in(&device_table, &volumes, &recoveries)?;
-        let mut devices = Vec::new();
-        for entry in device_table.iter()? {
-            let (_, value) = entry?;
-            devices.push(decode(value.value())?);
-        }
-        Ok((devices, pool))
+        Ok((decode_all(&device_table)?, pool))
     }
 }
 
@@ -81,12 +72,10 @@ pub(super) fn pool_space_in(
     volumes: &[VolumeRecord],
     recoveries: &[RecoveryRecord],
 ) -> StoreResult<PoolSpace> {
-    let mut spaces = Vec::new();
-    for entry in devices.iter()? {
-        let (_, value) = entry?;
-        let device: DeviceRecord = decode(value.value())?;
-        spaces.push(device.space());
-    }
+    let spaces: Vec<DeviceSpace> = decode_all::<_, DeviceRecord>(devices)?
+        .iter()
+        .map(DeviceRecord::space)
+        .collect();
     let targets: Vec<Vec<Extent>> = recoveries
         .iter()
         .map(RecoveryRecord::target_extents)

@@ -11,7 +11,9 @@ use crate::allocator::merge_adjacent;
 
 use super::pool::pool_space_in;
 use super::volumes::{check_map_fits, read_volumes, VolumeRecord};
-use super::{decode, encode, Store, StoreError, StoreResult, DEVICES, RECOVERIES, VOLUMES};
+use super::{
+    decode, decode_all, encode, Store, StoreError, StoreResult, DEVICES, RECOVERIES, VOLUMES,
+};
 
 /// One piece of a volume being moved off a failed device: `[volume_offset, +length)` whose
 /// replica `failed` is copied from `source` to the newly allocated `target`.
@@ -218,12 +220,7 @@ impl Store {
 pub(super) fn read_recoveries(
     table: &impl ReadableTable<u64, &'static [u8]>,
 ) -> StoreResult<Vec<RecoveryRecord>> {
-    let mut recoveries = Vec::new();
-    for entry in table.iter()? {
-        let (_, value) = entry?;
-        recoveries.push(decode(value.value())?);
-    }
-    Ok(recoveries)
+    decode_all(table)
 }
 
 pub(super) fn recovery_busy(volume_id: u64) -> StoreError {

@@ -11,8 +11,8 @@ use super::clients::ClientRecord;
 use super::pool::pool_space_in;
 use super::recovery::{read_recoveries, recovery_busy};
 use super::{
-    decode, encode, not_found, validate_name, Store, StoreError, StoreResult, CLIENTS, DEVICES,
-    META, NEXT_VOLUME_ID_KEY, RECOVERIES, VOLUMES,
+    decode, decode_all, encode, not_found, validate_name, Store, StoreError, StoreResult, CLIENTS,
+    DEVICES, META, NEXT_VOLUME_ID_KEY, RECOVERIES, VOLUMES,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,12 +192,7 @@ impl Store {
 pub(super) fn read_volumes(
     table: &impl ReadableTable<u64, &'static [u8]>,
 ) -> StoreResult<Vec<VolumeRecord>> {
-    let mut volumes = Vec::new();
-    for entry in table.iter()? {
-        let (_, value) = entry?;
-        volumes.push(decode(value.value())?);
-    }
-    Ok(volumes)
+    decode_all(table)
 }
 
 /// Most extents one map may have: a map travels in one frame (1 MiB), and a mirrored extent
