@@ -14,8 +14,8 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::allocator::{merge_adjacent, AllocError, DeviceSpace, PoolSpace};
-use crate::map::{AccessMode, Extent, Layout, Replica, VolumeMap, BLOCK_SIZE};
+use crate::allocator::{merge_adjacent, restripe_legacy, AllocError, DeviceSpace, PoolSpace};
+use crate::map::{AccessMode, Extent, ExtentKind, Layout, Replica, VolumeMap, BLOCK_SIZE};
 use crate::protocol::{ErrorBody, ErrorCode};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -82,10 +82,13 @@ impl VolumeRecord {
     }
 }
 
-/// One piece of a volume being moved off a failed device: `[volume_offset, +length)` whose
-/// replica `failed` is copied from `source` to the newly allocated `target`.
+/// One piece of a volume being moved off a failed device: `length` bytes of the failed device
+/// from `failed`, copied from `source` (at the same relative offset) to the newly allocated
+/// `target`. The segment is a range of the failed device, so it covers a replicated extent's
+/// replica or a striped extent's member alike.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecoverySegment {
+    /// Volume offset of the segment's first byte (of its first stripe row when striped).
     pub volume_offset: u64,
     pub length: u64,
     pub failed: Replica,
@@ -117,11 +120,7 @@ impl RecoveryRecord {
     fn target_extents(&self) -> Vec<Extent> {
         self.segments
             .iter()
-            .map(|s| Extent {
-                volume_offset: s.volume_offset,
-                length: s.length,
-                replicas: vec![s.target],
-            })
+            .map(|s| Extent::replicated(s.volume_offset, s.length, vec![s.target]))
             .collect()
     }
 }
@@ -224,13 +223,49 @@ impl Store {
         txn.open_table(SESSIONS).map_err(internal)?;
         txn.open_table(SESSION_KEYS).map_err(internal)?;
         txn.commit().map_err(internal)?;
-        Ok(Store {
+        let store = Store {
             metadata,
             secrets,
             client_changes: std::sync::Mutex::new(()),
             pool_uuid,
             metadata_path,
-        })
+        };
+        store.restripe_legacy_volumes()?;
+        Ok(store)
+    }
+
+    /// Rewrites striped volumes persisted by versions that stored one single-replica extent
+    /// per stripe unit (and let the agent fold them back) into striped extents, in one
+    /// transaction at open. Every byte keeps its place, so the epoch stays. A volume with a
+    /// recovery recorded keeps its extents until a later start (its segments may split them).
+    fn restripe_legacy_volumes(&self) -> StoreResult<()> {
+        let txn = self.metadata.begin_write().map_err(internal)?;
+        {
+            let mut volumes = txn.open_table(VOLUMES).map_err(internal)?;
+            let recoveries = read_recoveries(&txn.open_table(RECOVERIES).map_err(internal)?)?;
+            let mut rewritten = Vec::new();
+            for mut record in read_volumes(&volumes)? {
+                if recoveries.iter().any(|r| r.volume_id == record.id) {
+                    continue;
+                }
+                if let Some(extents) = restripe_legacy(record.layout, &record.extents) {
+                    log::info!(
+                        "volume {}: {} stripe-unit extents rewritten as {} extents",
+                        record.name,
+                        record.extents.len(),
+                        extents.len()
+                    );
+                    record.extents = extents;
+                    rewritten.push(record);
+                }
+            }
+            for record in rewritten {
+                volumes
+                    .insert(record.id, encode(&record)?.as_slice())
+                    .map_err(internal)?;
+            }
+        }
+        txn.commit().map_err(internal)
     }
 
     pub fn pool_uuid(&self) -> Uuid {
@@ -510,15 +545,26 @@ impl Store {
                 else {
                     continue;
                 };
-                let source = extent
-                    .replicas
-                    .iter()
-                    .find(|r| r.device_uuid != failed_device)
-                    .copied()
-                    .unwrap_or(failed);
+                // A mirror copy holds the same data; a stripe member holds other data.
+                let source = match extent.kind {
+                    ExtentKind::Replicated => extent
+                        .replicas
+                        .iter()
+                        .find(|r| r.device_uuid != failed_device)
+                        .copied()
+                        .unwrap_or(failed),
+                    ExtentKind::Striped { .. } => failed,
+                };
                 let excluded: Vec<Uuid> = extent.replicas.iter().map(|r| r.device_uuid).collect();
+                // A striped member is replaced in whole units: the extent then splits at rows.
+                let (unit, row) = match extent.kind {
+                    ExtentKind::Replicated => (BLOCK_SIZE, BLOCK_SIZE),
+                    ExtentKind::Striped { stripe_unit } => {
+                        (stripe_unit, stripe_unit * extent.replicas.len() as u64)
+                    }
+                };
                 let pieces = pool
-                    .allocate_replacement(extent.length, &excluded)
+                    .allocate_replacement(extent.member_span(), unit, &excluded)
                     .map_err(alloc_error)?;
                 let mut inside = 0;
                 for (device_uuid, device_offset, length) in pieces {
@@ -527,7 +573,7 @@ impl Store {
                         device_offset: replica.device_offset + inside,
                     };
                     segments.push(RecoverySegment {
-                        volume_offset: extent.volume_offset + inside,
+                        volume_offset: extent.volume_offset + inside / unit * row,
                         length,
                         failed: shift(failed),
                         source: shift(source),
@@ -932,7 +978,9 @@ fn pool_space_in(
 }
 
 /// Replaces the replica on `failed` by the segments' targets, splitting extents where a
-/// replacement came in several pieces. `None` if a segment does not match the extents.
+/// replacement came in several pieces (a striped extent at the stripe rows the pieces cover).
+/// Segments are matched to extents by their range on the failed device. `None` if the
+/// segments do not exactly cover every replica on `failed`.
 fn replace_failed_replicas(
     extents: &[Extent],
     failed: Uuid,
@@ -944,16 +992,27 @@ fn replace_failed_replicas(
             replaced.push(extent.clone());
             continue;
         };
-        let end = extent.volume_offset + extent.length;
-        let mut at = extent.volume_offset;
-        for segment in segments
+        let first = extent.replicas[position].device_offset;
+        let span = extent.member_span();
+        let (unit, row) = match extent.kind {
+            ExtentKind::Replicated => (1, 1),
+            ExtentKind::Striped { stripe_unit } => {
+                (stripe_unit, stripe_unit * extent.replicas.len() as u64)
+            }
+        };
+        let mut mine: Vec<&RecoverySegment> = segments
             .iter()
-            .filter(|s| s.volume_offset >= extent.volume_offset && s.volume_offset < end)
-        {
-            if segment.volume_offset != at || segment.volume_offset + segment.length > end {
+            .filter(|s| s.failed.device_offset >= first && s.failed.device_offset < first + span)
+            .collect();
+        mine.sort_by_key(|s| s.failed.device_offset);
+        let mut inside = 0;
+        for segment in mine {
+            if segment.failed.device_offset != first + inside
+                || inside + segment.length > span
+                || !segment.length.is_multiple_of(unit)
+            {
                 return None;
             }
-            let inside = at - extent.volume_offset;
             let mut replicas: Vec<Replica> = extent
                 .replicas
                 .iter()
@@ -966,13 +1025,14 @@ fn replace_failed_replicas(
                 *slot = segment.target;
             }
             replaced.push(Extent {
-                volume_offset: at,
-                length: segment.length,
+                volume_offset: extent.volume_offset + inside / unit * row,
+                length: segment.length / unit * row,
+                kind: extent.kind,
                 replicas,
             });
-            at += segment.length;
+            inside += segment.length;
         }
-        if at != end {
+        if inside != span {
             return None;
         }
     }
@@ -989,8 +1049,7 @@ fn check_map_fits(record: &VolumeRecord) -> StoreResult<()> {
         return Err(ErrorBody::new(
             ErrorCode::BadRequest,
             format!(
-                "volume {} would need {} extents; a map holds at most {MAX_EXTENTS_PER_MAP} \
-                 (striped volumes use one extent per 1 MiB stripe unit, so at most 4 GiB)",
+                "volume {} would need {} extents; a map holds at most {MAX_EXTENTS_PER_MAP}",
                 record.name,
                 record.extents.len()
             ),
@@ -1098,6 +1157,171 @@ mod tests {
             .is_empty());
         let (_, pool) = store.pool_space().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(pool.free_bytes(Uuid::from_u128(1)), 15 * MIB);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn test_store(name: &str) -> (PathBuf, Store) {
+        let dir = std::env::temp_dir().join(format!("sand-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
+        (dir, store)
+    }
+
+    fn device(n: u128, size: u64) -> DeviceRecord {
+        DeviceRecord {
+            uuid: Uuid::from_u128(n),
+            path: format!("/dev/test-{n}"),
+            size_bytes: size,
+            data_start: MIB,
+            state: "online".into(),
+        }
+    }
+
+    /// Where volume byte `at` lives (first replica).
+    fn place(extents: &[Extent], at: u64) -> Option<Replica> {
+        let extent = extents
+            .iter()
+            .find(|e| e.volume_offset <= at && at < e.volume_offset + e.length)?;
+        extent
+            .locate(at - extent.volume_offset)
+            .and_then(|(replicas, _)| replicas.first().copied())
+    }
+
+    #[test]
+    fn a_striped_member_is_recovered_in_whole_units_and_split_at_rows() {
+        let (dir, store) = test_store("striped-recovery");
+        // Members on 1 and 2; the spares hold 2.5 and 2 MiB, so the 4 MiB member is
+        // replaced in two pieces of whole 1 MiB units (2 MiB each).
+        for record in [
+            device(1, 9 * MIB),
+            device(2, 9 * MIB),
+            device(3, 3 * MIB),
+            device(4, 3 * MIB + MIB / 2),
+        ] {
+            store.add_device(&record).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let layout: Layout = "striped:2".parse().unwrap_or_else(|e| panic!("{e}"));
+        let volume = store
+            .create_volume("s", 8 * MIB, layout)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(volume.extents.len(), 1);
+        let failed = volume.extents[0].replicas[0];
+        let recovery = store
+            .start_recovery(volume.id, failed.device_uuid, "test")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let lengths: Vec<(u64, u64)> = recovery
+            .segments
+            .iter()
+            .map(|s| (s.volume_offset, s.length))
+            .collect();
+        assert_eq!(lengths, vec![(0, 2 * MIB), (4 * MIB, 2 * MIB)]);
+        assert!(recovery.segments.iter().all(|s| s.source == s.failed));
+        let done = store
+            .finish_recovery(volume.id)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(done.extents.len(), 2, "{:?}", done.extents);
+        // Every block not on the failed device stays; the others moved to the target at the
+        // same place inside the segment.
+        for at in (0..8 * MIB).step_by(BLOCK_SIZE as usize) {
+            let before = place(&volume.extents, at).unwrap_or_else(|| panic!("{at}"));
+            let after = place(&done.extents, at).unwrap_or_else(|| panic!("{at}"));
+            if before.device_uuid != failed.device_uuid {
+                assert_eq!(before, after, "{at}");
+                continue;
+            }
+            let segment = recovery
+                .segments
+                .iter()
+                .find(|s| {
+                    s.failed.device_offset <= before.device_offset
+                        && before.device_offset < s.failed.device_offset + s.length
+                })
+                .unwrap_or_else(|| panic!("{at} in no segment"));
+            assert_eq!(
+                after,
+                Replica {
+                    device_uuid: segment.target.device_uuid,
+                    device_offset: segment.target.device_offset + before.device_offset
+                        - segment.failed.device_offset,
+                },
+                "{at}"
+            );
+        }
+        let (_, pool) = store.pool_space().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pool.free_bytes(failed.device_uuid), 8 * MIB);
+        assert_eq!(pool.free_bytes(Uuid::from_u128(4)), MIB / 2);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn legacy_striped_volumes_are_restriped_at_open() {
+        let (dir, store) = test_store("legacy-stripes");
+        for record in [device(1, 9 * MIB), device(2, 9 * MIB)] {
+            store.add_device(&record).unwrap_or_else(|e| panic!("{e}"));
+        }
+        // A record as versions before striped extents wrote it: one extent per 1 MiB unit,
+        // no "kind", and a 512 KiB tail.
+        let size = 6 * MIB + MIB / 2;
+        let legacy_extents: Vec<serde_json::Value> = (0..7u64)
+            .map(|k| {
+                serde_json::json!({
+                    "volume_offset": k * MIB,
+                    "length": MIB.min(size - k * MIB),
+                    "replicas": [{
+                        "device_uuid": Uuid::from_u128(u128::from(k % 2) + 1),
+                        "device_offset": MIB + (k / 2) * MIB,
+                    }],
+                })
+            })
+            .collect();
+        let legacy = serde_json::json!({
+            "id": 7,
+            "name": "old",
+            "size_bytes": size,
+            "layout": {"kind": "striped", "stripe_count": 2, "stripe_unit_bytes": MIB},
+            "epoch": 5,
+            "extents": legacy_extents,
+        });
+        let as_written: VolumeRecord =
+            serde_json::from_value(legacy.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let txn = store
+            .metadata
+            .begin_write()
+            .unwrap_or_else(|e| panic!("{e}"));
+        txn.open_table(VOLUMES)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .insert(7, legacy.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        txn.commit().unwrap_or_else(|e| panic!("{e}"));
+        drop(store);
+
+        let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let upgraded = store.volume_by_id(7).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(upgraded.epoch, 5);
+        let kinds: Vec<ExtentKind> = upgraded.extents.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ExtentKind::Striped { stripe_unit: MIB },
+                ExtentKind::Replicated
+            ]
+        );
+        for at in (0..size).step_by(BLOCK_SIZE as usize) {
+            assert_eq!(
+                place(&as_written.extents, at),
+                place(&upgraded.extents, at),
+                "{at}"
+            );
+        }
+        // The space accounting agrees, and the volume grows as a new one would.
+        let (_, pool) = store.pool_space().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pool.total_free(), 16 * MIB - size);
+        store
+            .grow_volume(7, 8 * MIB)
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -9,7 +9,7 @@ use common::{TestServer, MIB};
 use sand::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
 use sand::protocol::{
     write_frame, AdminRequest, AgentReply, AgentRequest, DeviceInfo, ErrorCode, FrameReader,
-    VolumeDetail, VolumeSummary,
+    VolumeDetail, VolumeSummary, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -132,7 +132,7 @@ async fn kill_9_mid_allocation_leaves_no_double_or_lost_space() {
             for replica in &extent.replicas {
                 used.entry(replica.device_uuid)
                     .or_default()
-                    .push((replica.device_offset, extent.length));
+                    .push((replica.device_offset, extent.member_span()));
             }
         }
     }
@@ -216,6 +216,7 @@ async fn bad_frames_close_only_their_connection() {
         .volume_id;
 
     let oversized = (64u32 * 1024 * 1024).to_be_bytes().to_vec();
+    let unknown_type = format!(r#"{{"v":{PROTOCOL_VERSION},"type":"format_disk"}}"#);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("oversized length prefix", oversized),
         ("invalid JSON", frame(b"{\"v\":1, \"type\": hello")),
@@ -227,7 +228,7 @@ async fn bad_frames_close_only_their_connection() {
             "missing version",
             frame(br#"{"type":"hello","client":"x","client_nonce":"00"}"#),
         ),
-        ("unknown type", frame(br#"{"v":1,"type":"format_disk"}"#)),
+        ("unknown type", frame(unknown_type.as_bytes())),
         ("garbage", b"\x00\x00\x00\x05\xff\xfe\xfd\xfc\xfb".to_vec()),
     ];
     for (name, bytes) in cases {
