@@ -294,3 +294,90 @@ rmmod sanblk
     .expect("read");
     assert!(last == pattern(23, 4 * MIB)[(4 * MIB - BLOCK) as usize..]);
 }
+
+/// The agent stops on SIGTERM and on `sanctl detach` while the server is down (it used to
+/// sit in its reconnect loop, deaf to both), and cleans up as a normal detach does: the
+/// kernel device is destroyed and the run files are removed.
+#[test]
+fn the_agent_stops_and_cleans_up_while_the_server_is_down() {
+    let dir = scratch_dir("agent-stop").expect("scratch");
+    let mut server = SandServer::start(&dir).expect("sand");
+    let image = dir.join("san0.img");
+    sparse_image(&image, 64 * MIB).expect("image");
+    server.pool_add(&image);
+    server.sanctl(&["volume", "create", "vterm", "8M"]);
+    server.sanctl(&["volume", "create", "vdet", "8M"]);
+    server.add_client("host1", &["vterm", "vdet"]);
+    let script = guest_script(
+        &server,
+        &dir,
+        r#"$S attach vterm --server $SERVER --client host1 --secret-file $D/host1.secret > agent-vterm.log 2>&1 &
+term_agent=$!
+wait_for /run/sanblk/vterm.device
+$S attach vdet --server $SERVER --client host1 --secret-file $D/host1.secret > agent-vdet.log 2>&1 &
+det_agent=$!
+wait_for /run/sanblk/vdet.device
+term_dev=$(cat /run/sanblk/vterm.device)
+det_dev=$(cat /run/sanblk/vdet.device)
+dd if=/dev/urandom of=$term_dev bs=64k count=1 oflag=direct status=none
+touch attached
+# The host kills sand now.
+for i in $(seq 1 300); do grep -q "lost the server" agent-vterm.log && grep -q "lost the server" agent-vdet.log && break; sleep 0.2; done
+grep -q "lost the server" agent-vterm.log
+grep -q "lost the server" agent-vdet.log
+# Into the backoff: the first reconnection attempt fails after 1 s.
+for i in $(seq 1 100); do grep -q "reconnect failed" agent-vterm.log && break; sleep 0.2; done
+grep -q "reconnect failed" agent-vterm.log
+start=$(date +%s)
+kill -TERM $term_agent
+for i in $(seq 1 100); do kill -0 $term_agent 2>/dev/null || break; sleep 0.1; done
+if kill -0 $term_agent 2>/dev/null; then echo "agent ignored SIGTERM"; exit 20; fi
+echo $(( $(date +%s) - start )) > sigterm-seconds.txt
+wait $term_agent
+test ! -e /run/sanblk/vterm.pid
+test ! -e /run/sanblk/vterm.device
+test ! -e $term_dev
+start=$(date +%s)
+$S detach vdet > detach.txt 2>&1 || { cat detach.txt; exit 21; }
+echo $(( $(date +%s) - start )) > detach-seconds.txt
+wait $det_agent
+test ! -e /run/sanblk/vdet.pid
+test ! -e $det_dev
+$S status > status.txt
+rmmod sanblk
+"#,
+    );
+    let config = VmConfig::new("attach-agent-stop", &script)
+        .disk(&image)
+        .forward_port(server.port)
+        .timeout(Duration::from_secs(300));
+    let vm = spawn(&config).expect("guest started");
+    if wait_for_file(&vm.log_dir().join("attached"), Duration::from_secs(200)) {
+        server.kill9();
+    }
+    let outcome = vm.wait().expect("guest ran");
+    outcome.assert_clean_success();
+    for (file, limit) in [("sigterm-seconds.txt", 5), ("detach-seconds.txt", 10)] {
+        let seconds: u64 = outcome
+            .read_out_file(file)
+            .expect("timing")
+            .trim()
+            .parse()
+            .expect("seconds");
+        assert!(seconds <= limit, "{file}: {seconds} s");
+    }
+    assert!(outcome
+        .read_out_file("detach.txt")
+        .expect("detach")
+        .contains("detached vdet"));
+    for volume in ["vterm", "vdet"] {
+        let log = outcome
+            .read_out_file(&format!("agent-{volume}.log"))
+            .expect("agent log");
+        assert!(log.contains("the server is unreachable"), "{volume}: {log}");
+    }
+    assert!(outcome
+        .read_out_file("status.txt")
+        .expect("status")
+        .contains("no volumes attached"));
+}
