@@ -369,10 +369,11 @@ async fn authenticated_raw(
 async fn bad_admin_frames_do_not_hurt_the_server() {
     use tokio::net::UnixStream;
     let server = TestServer::start();
+    let wrong_version = format!(r#"{{"v":{},"type":"pool_list"}}"#, PROTOCOL_VERSION + 1);
     for bytes in [
         frame(b"not json"),
         (u32::MAX).to_be_bytes().to_vec(),
-        frame(br#"{"v":2,"type":"pool_list"}"#),
+        frame(wrong_version.as_bytes()),
     ] {
         let stream = UnixStream::connect(&server.admin_socket)
             .await
