@@ -1,9 +1,10 @@
 //! Volume maps: the immutable description of one volume handed to clients.
 //!
-//! Striped volumes are expressed as ordinary extents chunked at stripe-unit granularity (one
-//! replica each, consecutive chunks on distinct devices), so a client needs only one remapping
-//! rule: find the extent containing the volume offset, add the offset inside it to the replica's
-//! device offset. Mirrored extents carry two replicas on distinct devices.
+//! The same extent kinds as the kernel's map (`sanblk_uapi::map`): a replicated extent's
+//! replicas each hold the whole extent (one replica: linear, two: mirror); a striped extent's
+//! replicas are its stripe members, taking `stripe_unit` bytes of the volume in turn, each
+//! holding `length / members` contiguous bytes on its device. The agent encodes extents one to
+//! one; nobody expands or folds stripes.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -18,6 +19,8 @@ pub const DEFAULT_STRIPE_UNIT_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_LEASE_MS: u64 = 30_000;
 /// Number of copies of a mirrored volume.
 pub const MIRROR_COPIES: usize = 2;
+/// Most stripes of a striped layout (members of one kernel map extent).
+pub const MAX_STRIPES: u32 = sanblk_uapi::map::MAX_MEMBERS as u32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -87,8 +90,10 @@ impl FromStr for Layout {
                 let stripe_count: u32 = count
                     .parse()
                     .map_err(|_| format!("stripe count {count:?} is not a number"))?;
-                if stripe_count < 2 {
-                    return Err("a striped layout needs at least 2 stripes".into());
+                if !(2..=MAX_STRIPES).contains(&stripe_count) {
+                    return Err(format!(
+                        "a striped layout needs 2 to {MAX_STRIPES} stripes, not {stripe_count}"
+                    ));
                 }
                 Ok(Layout::Striped {
                     stripe_count,
@@ -106,12 +111,104 @@ pub struct Replica {
     pub device_offset: u64,
 }
 
-/// A contiguous piece of the volume and where its copies live.
+/// How an extent's replicas hold its data (uapi's `ExtentKind` with the stripe unit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtentKind {
+    /// Every replica holds the whole extent. The default: extents persisted before striped
+    /// extents existed carry no kind.
+    #[default]
+    Replicated,
+    /// The replicas are stripe members: chunk `k` of `stripe_unit` bytes lives on member
+    /// `k % members`, at `(k / members) * stripe_unit` from the member's offset. The length
+    /// is a multiple of `stripe_unit * members`.
+    Striped { stripe_unit: u64 },
+}
+
+/// A contiguous piece of the volume and where its data lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extent {
     pub volume_offset: u64,
     pub length: u64,
+    #[serde(default)]
+    pub kind: ExtentKind,
+    /// Copies (replicated) or stripe members (striped), on distinct devices.
     pub replicas: Vec<Replica>,
+}
+
+impl Extent {
+    /// An extent every replica holds whole (linear or mirror).
+    pub fn replicated(volume_offset: u64, length: u64, replicas: Vec<Replica>) -> Extent {
+        Extent {
+            volume_offset,
+            length,
+            kind: ExtentKind::Replicated,
+            replicas,
+        }
+    }
+
+    /// An extent striped over `members` in units of `stripe_unit` bytes.
+    pub fn striped(
+        volume_offset: u64,
+        length: u64,
+        stripe_unit: u64,
+        members: Vec<Replica>,
+    ) -> Extent {
+        Extent {
+            volume_offset,
+            length,
+            kind: ExtentKind::Striped { stripe_unit },
+            replicas: members,
+        }
+    }
+
+    /// Bytes each replica occupies on its device.
+    pub fn member_span(&self) -> u64 {
+        match self.kind {
+            ExtentKind::Replicated => self.length,
+            ExtentKind::Striped { .. } => self.length / (self.replicas.len().max(1) as u64),
+        }
+    }
+
+    /// Where byte `within` of the extent lives (`within < length`): every replica holding it,
+    /// at that byte's device offset (all replicas of a replicated extent, one member of a
+    /// striped one), and how many bytes from there stay on those replicas (to the end of the
+    /// extent or of the stripe unit). `None` if `within` is outside the extent or the extent
+    /// is malformed (no replicas, zero stripe unit, offsets overflowing).
+    pub fn locate(&self, within: u64) -> Option<(Vec<Replica>, u64)> {
+        if within >= self.length || self.replicas.is_empty() {
+            return None;
+        }
+        match self.kind {
+            ExtentKind::Replicated => {
+                let replicas = self
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        Some(Replica {
+                            device_uuid: r.device_uuid,
+                            device_offset: r.device_offset.checked_add(within)?,
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Some((replicas, self.length - within))
+            }
+            ExtentKind::Striped { stripe_unit } => {
+                if stripe_unit == 0 {
+                    return None;
+                }
+                let count = self.replicas.len() as u64;
+                let chunk = within / stripe_unit;
+                let member = self.replicas.get((chunk % count) as usize)?;
+                let inside = (chunk / count) * stripe_unit + within % stripe_unit;
+                let replica = Replica {
+                    device_uuid: member.device_uuid,
+                    device_offset: member.device_offset.checked_add(inside)?,
+                };
+                Some((vec![replica], stripe_unit - within % stripe_unit))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

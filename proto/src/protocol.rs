@@ -10,8 +10,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::map::{AccessMode, Layout, VolumeMap};
 
-/// Version carried in every frame; a frame with another version is rejected.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version carried in every frame; a frame with another version is rejected. 2: maps carry
+/// striped extents (an agent of version 1 would take their members for mirror copies).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest accepted frame payload. A length prefix above this closes the connection.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// Bytes of the length prefix.

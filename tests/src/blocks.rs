@@ -31,34 +31,45 @@ pub fn read_at(image: &Path, offset: u64, len: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Checks every block of `expected` at every replica the server's `map` gives for it, reading
-/// the image files (`images`, by device UUID) directly. Returns the number of blocks checked.
+/// Checks every block of `expected` at every replica the server's `map` gives for it
+/// (a striped extent's member holding it), reading the image files (`images`, by device
+/// UUID) directly. Returns the number of blocks checked.
 pub fn verify_against_map(
     map: &sanblk_proto::map::VolumeMap,
     images: &std::collections::HashMap<uuid::Uuid, std::path::PathBuf>,
     expected: &[u8],
 ) -> usize {
+    verify_range(map, images, 0, expected)
+}
+
+/// Like [`verify_against_map`] for `expected` written at volume offset `at`.
+pub fn verify_range(
+    map: &sanblk_proto::map::VolumeMap,
+    images: &std::collections::HashMap<uuid::Uuid, std::path::PathBuf>,
+    at: u64,
+    expected: &[u8],
+) -> usize {
     let mut checked = 0;
-    for extent in &map.extents {
-        let mut offset = 0;
-        while offset < extent.length && extent.volume_offset + offset < expected.len() as u64 {
-            let at = (extent.volume_offset + offset) as usize;
-            let want = &expected[at..at + BLOCK as usize];
-            for replica in &extent.replicas {
-                let image = &images[&replica.device_uuid];
-                let got = read_at(image, replica.device_offset + offset, BLOCK)
-                    .unwrap_or_else(|e| panic!("read {}: {e}", image.display()));
-                assert!(
-                    got == want,
-                    "{}: volume offset {at} not at {} offset {}: found {:?}",
-                    map.name,
-                    image.display(),
-                    replica.device_offset + offset,
-                    String::from_utf8_lossy(&got[..32])
-                );
-                checked += 1;
-            }
-            offset += BLOCK;
+    for (index, want) in expected.chunks_exact(BLOCK as usize).enumerate() {
+        let volume_offset = at + index as u64 * BLOCK;
+        let replicas = map
+            .extent_at(volume_offset)
+            .and_then(|e| e.locate(volume_offset - e.volume_offset))
+            .map(|(replicas, _)| replicas)
+            .unwrap_or_else(|| panic!("{}: volume offset {volume_offset} not mapped", map.name));
+        for replica in replicas {
+            let image = &images[&replica.device_uuid];
+            let got = read_at(image, replica.device_offset, BLOCK)
+                .unwrap_or_else(|e| panic!("read {}: {e}", image.display()));
+            assert!(
+                got == want,
+                "{}: volume offset {volume_offset} not at {} offset {}: found {:?}",
+                map.name,
+                image.display(),
+                replica.device_offset,
+                String::from_utf8_lossy(&got[..32])
+            );
+            checked += 1;
         }
     }
     checked

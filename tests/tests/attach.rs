@@ -20,6 +20,24 @@ fn pattern(seed: u8, size: u64) -> Vec<u8> {
     blocks::pattern("sand", seed, size)
 }
 
+/// A guest script: `body` after loading the module, with `$S` (sanctl), `$D` (the scratch
+/// dir), `$SERVER` (the server's agent port as the guest reaches it) and `wait_for FILE`.
+fn guest_script(server: &SandServer, dir: &Path, body: &str) -> String {
+    format!(
+        r#"set -ex
+insmod {module}
+S={sanctl}
+D={dir}
+SERVER=10.0.2.100:{port}
+wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }}
+{body}"#,
+        module = module_path().display(),
+        sanctl = target_bin("sanctl").display(),
+        dir = dir.display(),
+        port = server.port,
+    )
+}
+
 fn wait_for_file(path: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -63,19 +81,16 @@ fn agent_attaches_server_volumes_follows_epochs_and_data_lands_per_map() {
     for (volume, seed) in seeds {
         fs::write(dir.join(format!("{volume}.pattern")), pattern(seed, VOLUME)).expect("pattern");
     }
-    let script = format!(
-        r#"set -ex
-insmod {module}
-S={sanctl}
-D={dir}
-wait_for() {{ for i in $(seq 1 300); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }}
-# Wrong secret and unknown volume are refused with a message and exit code 1.
+    let script = guest_script(
+        &server,
+        &dir,
+        r#"# Wrong secret and unknown volume are refused with a message and exit code 1.
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > /tmp/wrong.secret
-if $S attach vlin --server 10.0.2.100:{port} --client host1 --secret-file /tmp/wrong.secret 2> wrong-secret.txt; then exit 10; fi
-if $S attach vmiss --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret 2> missing-device.txt; then exit 12; fi
-if $S attach nosuch --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret 2> unknown-volume.txt; then exit 11; fi
+if $S attach vlin --server $SERVER --client host1 --secret-file /tmp/wrong.secret 2> wrong-secret.txt; then exit 10; fi
+if $S attach vmiss --server $SERVER --client host1 --secret-file $D/host1.secret 2> missing-device.txt; then exit 12; fi
+if $S attach nosuch --server $SERVER --client host1 --secret-file $D/host1.secret 2> unknown-volume.txt; then exit 11; fi
 for v in vlin vmir vstr; do
-    $S attach $v --server 10.0.2.100:{port} --client host1 --secret-file $D/host1.secret > agent-$v.log 2>&1 &
+    $S attach $v --server $SERVER --client host1 --secret-file $D/host1.secret > agent-$v.log 2>&1 &
 done
 for v in vlin vmir vstr; do wait_for /run/sanblk/$v.device; done
 for v in vlin vmir vstr; do
@@ -101,10 +116,6 @@ for v in vlin vmir vstr; do $S detach $v; done
 test ! -e /dev/sanblk0
 rmmod sanblk
 "#,
-        module = module_path().display(),
-        sanctl = target_bin("sanctl").display(),
-        dir = dir.display(),
-        port = server.port,
     );
     // The guest gets images 0 and 1 only.
     let config = VmConfig::new("attach-server", &script)
@@ -172,4 +183,201 @@ rmmod sanblk
     }
     // 16 MiB per volume, mirror twice: every block was checked.
     assert_eq!(checked as u64, 4 * VOLUME / BLOCK);
+}
+
+const GIB: u64 = 1 << 30;
+
+/// A 64 GiB volume striped over two sparse 33 GiB images (a map of one-extent-per-stripe-unit
+/// would need 65536 extents; the kernel takes 32 KiB of map). The guest writes near its end,
+/// across the middle, then at the end of a grow made while attached; the host reads the
+/// image files at the places the server's map gives.
+#[test]
+fn a_64_gib_striped_volume_lands_where_its_map_says() {
+    let dir = scratch_dir("striped64").expect("scratch");
+    let server = SandServer::start(&dir).expect("sand");
+    let images: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let path = dir.join(format!("big{i}.img"));
+            sparse_image(&path, 33 * GIB).expect("image");
+            server.pool_add(&path);
+            path
+        })
+        .collect();
+    server.sanctl(&["volume", "create", "vbig", "64G", "--layout", "striped:2"]);
+    server.add_client("host1", &["vbig"]);
+    let by_uuid = paths_by_uuid(&server.pool());
+    let map = server.volume("vbig").map;
+    assert_eq!(map.extents.len(), 1, "{:?}", map.extents);
+    assert!(matches!(
+        map.extents[0].kind,
+        sanblk_proto::map::ExtentKind::Striped { stripe_unit } if stripe_unit == MIB
+    ));
+
+    // (volume offset, length, seed): the last 8 MiB, 4 MiB across the middle (and across
+    // a stripe unit boundary at an odd block), the last 4 MiB after growing by 64 MiB.
+    let writes = [
+        (64 * GIB - 8 * MIB, 8 * MIB, 21u8),
+        (32 * GIB - 2 * MIB + 3 * BLOCK, 4 * MIB, 22),
+        (64 * GIB + 60 * MIB, 4 * MIB, 23),
+    ];
+    for (_, length, seed) in writes {
+        fs::write(dir.join(format!("w{seed}.pattern")), pattern(seed, length)).expect("pattern");
+    }
+    let dd = |(offset, length, seed): (u64, u64, u8)| {
+        format!(
+            "dd if=$D/w{seed}.pattern of=$dev bs=4096 seek={} oflag=direct conv=fsync status=none\n\
+             dd if=$dev of=/tmp/back bs=4096 skip={} count={} iflag=direct status=none\n\
+             cmp /tmp/back $D/w{seed}.pattern\n",
+            offset / BLOCK,
+            offset / BLOCK,
+            length / BLOCK
+        )
+    };
+    let script = guest_script(
+        &server,
+        &dir,
+        &format!(
+            r#"$S attach vbig --server $SERVER --client host1 --secret-file $D/host1.secret > agent.log 2>&1 &
+wait_for /run/sanblk/vbig.device
+dev=$(cat /run/sanblk/vbig.device)
+blockdev --getsize64 $dev > size.txt
+{first}{second}touch attached
+for i in $(seq 1 300); do [ "$(blockdev --getsize64 $dev)" = {grown} ] && break; sleep 0.2; done
+blockdev --getsize64 $dev > grown-size.txt
+{third}$S detach vbig
+rmmod sanblk
+"#,
+            first = dd(writes[0]),
+            second = dd(writes[1]),
+            third = dd(writes[2]),
+            grown = 64 * GIB + 64 * MIB,
+        ),
+    );
+    let config = VmConfig::new("attach-striped64", &script)
+        .disk(&images[0])
+        .disk(&images[1])
+        .forward_port(server.port)
+        .timeout(Duration::from_secs(400));
+    let vm = spawn(&config).expect("guest started");
+    if wait_for_file(&vm.log_dir().join("attached"), Duration::from_secs(300)) {
+        server.sanctl(&["volume", "grow", "vbig", &format!("{}M", 64 * 1024 + 64)]);
+    }
+    let outcome = vm.wait().expect("guest ran");
+    outcome.assert_clean_success();
+    assert_eq!(
+        outcome.read_out_file("size.txt").expect("size").trim(),
+        (64 * GIB).to_string()
+    );
+    assert_eq!(
+        outcome
+            .read_out_file("grown-size.txt")
+            .expect("size")
+            .trim(),
+        (64 * GIB + 64 * MIB).to_string()
+    );
+
+    let map = server.volume("vbig").map;
+    // The grow continued both members: still one striped extent.
+    assert_eq!(map.extents.len(), 1, "{:?}", map.extents);
+    let mut checked = 0;
+    for (offset, length, seed) in writes {
+        checked += blocks::verify_range(&map, &by_uuid, offset, &pattern(seed, length));
+    }
+    assert_eq!(checked as u64, 16 * MIB / BLOCK);
+    // The far end of the volume lives at the far end of the second member.
+    let member = map.extents[0].replicas[1];
+    let last = blocks::read_at(
+        &by_uuid[&member.device_uuid],
+        member.device_offset + map.extents[0].member_span() - BLOCK,
+        BLOCK,
+    )
+    .expect("read");
+    assert!(last == pattern(23, 4 * MIB)[(4 * MIB - BLOCK) as usize..]);
+}
+
+/// The agent stops on SIGTERM and on `sanctl detach` while the server is down (it used to
+/// sit in its reconnect loop, deaf to both), and cleans up as a normal detach does: the
+/// kernel device is destroyed and the run files are removed.
+#[test]
+fn the_agent_stops_and_cleans_up_while_the_server_is_down() {
+    let dir = scratch_dir("agent-stop").expect("scratch");
+    let mut server = SandServer::start(&dir).expect("sand");
+    let image = dir.join("san0.img");
+    sparse_image(&image, 64 * MIB).expect("image");
+    server.pool_add(&image);
+    server.sanctl(&["volume", "create", "vterm", "8M"]);
+    server.sanctl(&["volume", "create", "vdet", "8M"]);
+    server.add_client("host1", &["vterm", "vdet"]);
+    let script = guest_script(
+        &server,
+        &dir,
+        r#"$S attach vterm --server $SERVER --client host1 --secret-file $D/host1.secret > agent-vterm.log 2>&1 &
+term_agent=$!
+wait_for /run/sanblk/vterm.device
+$S attach vdet --server $SERVER --client host1 --secret-file $D/host1.secret > agent-vdet.log 2>&1 &
+det_agent=$!
+wait_for /run/sanblk/vdet.device
+term_dev=$(cat /run/sanblk/vterm.device)
+det_dev=$(cat /run/sanblk/vdet.device)
+dd if=/dev/urandom of=$term_dev bs=64k count=1 oflag=direct status=none
+touch attached
+# The host kills sand now.
+for i in $(seq 1 300); do grep -q "lost the server" agent-vterm.log && grep -q "lost the server" agent-vdet.log && break; sleep 0.2; done
+grep -q "lost the server" agent-vterm.log
+grep -q "lost the server" agent-vdet.log
+# Into the backoff: the first reconnection attempt fails after 1 s.
+for i in $(seq 1 100); do grep -q "reconnect failed" agent-vterm.log && break; sleep 0.2; done
+grep -q "reconnect failed" agent-vterm.log
+start=$(date +%s)
+kill -TERM $term_agent
+for i in $(seq 1 100); do kill -0 $term_agent 2>/dev/null || break; sleep 0.1; done
+if kill -0 $term_agent 2>/dev/null; then echo "agent ignored SIGTERM"; exit 20; fi
+echo $(( $(date +%s) - start )) > sigterm-seconds.txt
+wait $term_agent
+test ! -e /run/sanblk/vterm.pid
+test ! -e /run/sanblk/vterm.device
+test ! -e $term_dev
+start=$(date +%s)
+$S detach vdet > detach.txt 2>&1 || { cat detach.txt; exit 21; }
+echo $(( $(date +%s) - start )) > detach-seconds.txt
+wait $det_agent
+test ! -e /run/sanblk/vdet.pid
+test ! -e $det_dev
+$S status > status.txt
+rmmod sanblk
+"#,
+    );
+    let config = VmConfig::new("attach-agent-stop", &script)
+        .disk(&image)
+        .forward_port(server.port)
+        .timeout(Duration::from_secs(300));
+    let vm = spawn(&config).expect("guest started");
+    if wait_for_file(&vm.log_dir().join("attached"), Duration::from_secs(200)) {
+        server.kill9();
+    }
+    let outcome = vm.wait().expect("guest ran");
+    outcome.assert_clean_success();
+    for (file, limit) in [("sigterm-seconds.txt", 5), ("detach-seconds.txt", 10)] {
+        let seconds: u64 = outcome
+            .read_out_file(file)
+            .expect("timing")
+            .trim()
+            .parse()
+            .expect("seconds");
+        assert!(seconds <= limit, "{file}: {seconds} s");
+    }
+    assert!(outcome
+        .read_out_file("detach.txt")
+        .expect("detach")
+        .contains("detached vdet"));
+    for volume in ["vterm", "vdet"] {
+        let log = outcome
+            .read_out_file(&format!("agent-{volume}.log"))
+            .expect("agent log");
+        assert!(log.contains("the server is unreachable"), "{volume}: {log}");
+    }
+    assert!(outcome
+        .read_out_file("status.txt")
+        .expect("status")
+        .contains("no volumes attached"));
 }

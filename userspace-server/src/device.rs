@@ -306,8 +306,8 @@ pub struct Piece {
     pub replicas: Vec<(Uuid, u64)>,
 }
 
-/// Splits `[offset, offset + length)` at extent boundaries. `None` if the extents do not
-/// cover the whole range.
+/// Splits `[offset, offset + length)` at extent boundaries (and, in striped extents, at
+/// stripe-unit boundaries). `None` if the extents do not cover the whole range.
 pub fn plan(extents: &[Extent], offset: u64, length: u64) -> Option<Vec<Piece>> {
     let end = offset.checked_add(length)?;
     let mut pieces = Vec::new();
@@ -315,24 +315,23 @@ pub fn plan(extents: &[Extent], offset: u64, length: u64) -> Option<Vec<Piece>> 
     let mut index = extents.partition_point(|e| e.volume_offset + e.length <= offset);
     while at < end {
         let extent = extents.get(index)?;
-        if extent.volume_offset > at || extent.replicas.is_empty() {
+        if extent.volume_offset > at {
             return None;
         }
-        let inside = at - extent.volume_offset;
-        let piece_end = end.min(extent.volume_offset + extent.length);
-        let piece_len = piece_end - at;
-        let replicas = extent
-            .replicas
-            .iter()
-            .map(|r| Some((r.device_uuid, r.device_offset.checked_add(inside)?)))
-            .collect::<Option<Vec<_>>>()?;
+        let (replicas, run) = extent.locate(at - extent.volume_offset)?;
+        let piece_end = end.min(at + run);
         pieces.push(Piece {
             buffer_offset: usize::try_from(at - offset).ok()?,
-            length: usize::try_from(piece_len).ok()?,
-            replicas,
+            length: usize::try_from(piece_end - at).ok()?,
+            replicas: replicas
+                .iter()
+                .map(|r| (r.device_uuid, r.device_offset))
+                .collect(),
         });
         at = piece_end;
-        index += 1;
+        if at == extent.volume_offset + extent.length {
+            index += 1;
+        }
     }
     Some(pieces)
 }
@@ -452,18 +451,48 @@ mod tests {
     use super::*;
     use sanblk_proto::map::Replica;
 
+    fn replicas(devices: &[(u128, u64)]) -> Vec<Replica> {
+        devices
+            .iter()
+            .map(|&(uuid, device_offset)| Replica {
+                device_uuid: Uuid::from_u128(uuid),
+                device_offset,
+            })
+            .collect()
+    }
+
     fn extent(volume_offset: u64, length: u64, devices: &[(u128, u64)]) -> Extent {
-        Extent {
-            volume_offset,
-            length,
-            replicas: devices
-                .iter()
-                .map(|&(uuid, device_offset)| Replica {
-                    device_uuid: Uuid::from_u128(uuid),
-                    device_offset,
-                })
-                .collect(),
-        }
+        Extent::replicated(volume_offset, length, replicas(devices))
+    }
+
+    #[test]
+    fn striped_requests_split_at_stripe_units() {
+        let unit = 64 << 10;
+        let extents = vec![
+            Extent::striped(0, 4 * unit, unit, replicas(&[(1, 1 << 20), (2, 2 << 20)])),
+            extent(4 * unit, unit, &[(3, 0)]),
+        ];
+        // From the middle of chunk 1 (member 2, first unit) to the start of the linear tail.
+        let pieces = plan(&extents, unit + 4096, 3 * unit).unwrap_or_default();
+        let expected = vec![
+            (0, unit as usize - 4096, (2, (2 << 20) + 4096)),
+            (unit as usize - 4096, unit as usize, (1, (1 << 20) + unit)),
+            (
+                2 * unit as usize - 4096,
+                unit as usize,
+                (2, (2 << 20) + unit),
+            ),
+            (3 * unit as usize - 4096, 4096, (3, 0)),
+        ];
+        let expected: Vec<Piece> = expected
+            .into_iter()
+            .map(|(buffer_offset, length, (device, offset))| Piece {
+                buffer_offset,
+                length,
+                replicas: vec![(Uuid::from_u128(device), offset)],
+            })
+            .collect();
+        assert_eq!(pieces, expected);
     }
 
     #[test]

@@ -418,11 +418,12 @@ impl IoService {
                             .retain(|r| r.device_uuid != active.failed_device);
                     }
                 }
-                extents.extend(active.segments.iter().map(|s| Extent {
-                    volume_offset: s.volume_offset,
-                    length: s.length,
-                    replicas: vec![s.target],
-                }));
+                extents.extend(
+                    active
+                        .segments
+                        .iter()
+                        .map(|s| Extent::replicated(s.volume_offset, s.length, vec![s.target])),
+                );
             }
             return tokio::task::spawn_blocking(move || service.devices.flush(&extents))
                 .await
@@ -447,7 +448,7 @@ impl IoService {
                 // A reported-failed device is read only when no other replica can be; the
                 // recovery target serves the part already copied if it cannot be either.
                 let pieces = match self.state.recoveries.gate(header.volume_id).recovery() {
-                    Some(active) => recovery_gate::read_plan(pieces, header.offset, &active),
+                    Some(active) => recovery_gate::read_plan(pieces, &active),
                     None => pieces,
                 };
                 let mut buf = self
@@ -472,7 +473,7 @@ impl IoService {
                     return Err(errno(libc::ESTALE));
                 }
                 let (required, best_effort) = match gate.recovery() {
-                    Some(active) => recovery_gate::write_plan(pieces, header.offset, &active),
+                    Some(active) => recovery_gate::write_plan(pieces, &active),
                     None => (pieces, Vec::new()),
                 };
                 let volume_id = header.volume_id;

@@ -80,14 +80,27 @@ impl VolumeGate {
 /// first byte in the copy order (bytes of the segments before it plus the offset inside).
 type InSegment<'a> = Option<(&'a RecoverySegment, u64)>;
 
-/// Splits `piece` (of a request at `request_offset`) at the boundaries of the recovery
-/// segments it overlaps.
+/// The offset of `piece` on the failed device, if one of its replicas is there.
+fn failed_offset(piece: &Piece, failed: Uuid) -> Option<u64> {
+    piece
+        .replicas
+        .iter()
+        .find(|(uuid, _)| *uuid == failed)
+        .map(|(_, offset)| *offset)
+}
+
+/// Splits `piece` at the boundaries of the recovery segments its replica on the failed
+/// device overlaps. Segments are ranges of the failed device (`failed.device_offset`,
+/// `length`), so this holds for every extent kind: a striped extent's member on the failed
+/// device is one range there, however its stripe units interleave in the volume.
 fn split_by_segments<'a>(
     piece: &Piece,
-    request_offset: u64,
+    failed: Uuid,
     segments: &'a [RecoverySegment],
 ) -> Vec<(Piece, InSegment<'a>)> {
-    let start = request_offset + piece.buffer_offset as u64;
+    let Some(start) = failed_offset(piece, failed) else {
+        return vec![(piece.clone(), None)];
+    };
     let end = start + piece.length as u64;
     let sub_piece = |at: u64, until: u64| Piece {
         buffer_offset: piece.buffer_offset + (at - start) as usize,
@@ -101,51 +114,53 @@ fn split_by_segments<'a>(
     let mut parts = Vec::new();
     let mut at = start;
     while at < end {
-        let index = segments.partition_point(|s| s.volume_offset + s.length <= at);
-        match segments.get(index) {
-            Some(segment) if segment.volume_offset <= at => {
-                let until = end.min(segment.volume_offset + segment.length);
-                let before: u64 = segments.iter().take(index).map(|s| s.length).sum();
-                let position = before + (at - segment.volume_offset);
+        let mut before = 0;
+        let mut next_start = end;
+        let mut holding = None;
+        for segment in segments {
+            let first = segment.failed.device_offset;
+            if first <= at && at < first + segment.length {
+                holding = Some((segment, before + (at - first)));
+                break;
+            }
+            if first > at {
+                next_start = next_start.min(first);
+            }
+            before += segment.length;
+        }
+        match holding {
+            Some((segment, position)) => {
+                let until = end.min(segment.failed.device_offset + segment.length);
                 parts.push((sub_piece(at, until), Some((segment, position))));
                 at = until;
             }
             // Not in a segment (cannot happen for an extent on the failed device).
-            other => {
-                let until = other.map_or(end, |s| s.volume_offset.min(end));
-                parts.push((sub_piece(at, until), None));
-                at = until;
+            None => {
+                parts.push((sub_piece(at, next_start), None));
+                at = next_start;
             }
         }
     }
     parts
 }
 
-/// The target replica of the bytes of `segment` at `volume_offset`.
-fn target_of(segment: &RecoverySegment, volume_offset: u64) -> (Uuid, u64) {
+/// The target replica of the bytes of `segment` at `offset` of the failed device.
+fn target_of(segment: &RecoverySegment, offset: u64) -> (Uuid, u64) {
     (
         segment.target.device_uuid,
-        segment.target.device_offset + (volume_offset - segment.volume_offset),
+        segment.target.device_offset + (offset - segment.failed.device_offset),
     )
 }
 
 /// Splits the pieces of a write to a recovering volume and adds the recovery targets:
 /// returns (pieces that must all succeed, pieces whose failure is only logged).
-pub fn write_plan(
-    pieces: Vec<Piece>,
-    request_offset: u64,
-    recovery: &ActiveRecovery,
-) -> (Vec<Piece>, Vec<Piece>) {
+pub fn write_plan(pieces: Vec<Piece>, recovery: &ActiveRecovery) -> (Vec<Piece>, Vec<Piece>) {
     let failed = recovery.failed_device;
     let mut required = Vec::with_capacity(pieces.len());
     let mut best_effort = Vec::new();
     for piece in pieces {
-        if !piece.replicas.iter().any(|(uuid, _)| *uuid == failed) {
-            required.push(piece);
-            continue;
-        }
-        for (mut part, segment) in split_by_segments(&piece, request_offset, &recovery.segments) {
-            let Some((segment, _)) = segment else {
+        for (mut part, segment) in split_by_segments(&piece, failed, &recovery.segments) {
+            let (Some((segment, _)), Some(at)) = (segment, failed_offset(&part, failed)) else {
                 required.push(part);
                 continue;
             };
@@ -159,7 +174,6 @@ pub fn write_plan(
                     replicas: failed_copies,
                 });
             }
-            let at = request_offset + part.buffer_offset as u64;
             part.replicas.push(target_of(segment, at));
             required.push(part);
         }
@@ -172,18 +186,15 @@ pub fn write_plan(
 /// server's may not have: for a single-copy extent it is the copy source), then, for the part
 /// already copied, the recovery target (same data: writes go to both while the copy runs).
 /// A read fails only if none of them can be read.
-pub fn read_plan(pieces: Vec<Piece>, request_offset: u64, recovery: &ActiveRecovery) -> Vec<Piece> {
+pub fn read_plan(pieces: Vec<Piece>, recovery: &ActiveRecovery) -> Vec<Piece> {
     let failed = recovery.failed_device;
     let copied = recovery.copied.load(Ordering::Acquire);
     let mut planned = Vec::with_capacity(pieces.len());
     for piece in pieces {
-        if !piece.replicas.iter().any(|(uuid, _)| *uuid == failed) {
-            planned.push(piece);
-            continue;
-        }
-        for (mut part, segment) in split_by_segments(&piece, request_offset, &recovery.segments) {
+        for (mut part, segment) in split_by_segments(&piece, failed, &recovery.segments) {
             part.replicas.sort_by_key(|(uuid, _)| *uuid == failed);
-            let Some((segment, position)) = segment else {
+            let (Some((segment, position)), Some(at)) = (segment, failed_offset(&part, failed))
+            else {
                 planned.push(part);
                 continue;
             };
@@ -192,7 +203,6 @@ pub fn read_plan(pieces: Vec<Piece>, request_offset: u64, recovery: &ActiveRecov
                 planned.push(part);
                 continue;
             }
-            let at = request_offset + part.buffer_offset as u64;
             let mut head = Piece {
                 buffer_offset: part.buffer_offset,
                 length: done,
@@ -267,7 +277,7 @@ pub(crate) mod tests {
         };
         let failed = |offset: u64| (Uuid::from_u128(1), offset);
         assert_eq!(
-            read_plan(vec![read.clone()], mib - 4096, &recovery),
+            read_plan(vec![read.clone()], &recovery),
             vec![
                 Piece {
                     buffer_offset: 0,
@@ -291,7 +301,7 @@ pub(crate) mod tests {
         );
         // Nothing copied yet: the failed device only.
         recovery.copied.store(0, Ordering::Release);
-        let plan = read_plan(vec![read], mib - 4096, &recovery);
+        let plan = read_plan(vec![read], &recovery);
         assert!(plan.iter().all(|p| p.replicas.len() == 1), "{plan:?}");
     }
 
@@ -303,7 +313,7 @@ pub(crate) mod tests {
             length: 8192,
             replicas: vec![(Uuid::from_u128(1), 11 * mib - 4096)],
         };
-        let (required, best_effort) = write_plan(vec![write], mib - 4096, &linear_recovery());
+        let (required, best_effort) = write_plan(vec![write], &linear_recovery());
         assert!(best_effort.is_empty());
         assert_eq!(
             required,
@@ -350,7 +360,7 @@ pub(crate) mod tests {
                 (Uuid::from_u128(2), 20 * mib + 4096),
             ],
         };
-        let (required, best_effort) = write_plan(vec![write], 4096, &recovery);
+        let (required, best_effort) = write_plan(vec![write], &recovery);
         assert_eq!(
             required[0].replicas,
             vec![
@@ -367,7 +377,7 @@ pub(crate) mod tests {
             length: 4096,
             replicas: vec![(Uuid::from_u128(5), 0)],
         };
-        let (required, best_effort) = write_plan(vec![elsewhere.clone()], mib, &recovery);
+        let (required, best_effort) = write_plan(vec![elsewhere.clone()], &recovery);
         assert_eq!((required, best_effort), (vec![elsewhere], Vec::new()));
     }
 }

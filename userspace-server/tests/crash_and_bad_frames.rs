@@ -10,6 +10,7 @@ use sanblk_proto::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES
 use sanblk_proto::protocol::{
     write_frame, AgentReply, AgentRequest, DeviceInfo, ErrorCode, FrameReader, PoolList,
     VolumeCreate, VolumeDetail, VolumeGrow, VolumeList, VolumeShow, VolumeSummary,
+    PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -136,7 +137,7 @@ async fn kill_9_mid_allocation_leaves_no_double_or_lost_space() {
             for replica in &extent.replicas {
                 used.entry(replica.device_uuid)
                     .or_default()
-                    .push((replica.device_offset, extent.length));
+                    .push((replica.device_offset, extent.member_span()));
             }
         }
     }
@@ -220,6 +221,7 @@ async fn bad_frames_close_only_their_connection() {
         .volume_id;
 
     let oversized = (64u32 * 1024 * 1024).to_be_bytes().to_vec();
+    let unknown_type = format!(r#"{{"v":{PROTOCOL_VERSION},"type":"format_disk"}}"#);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("oversized length prefix", oversized),
         ("invalid JSON", frame(b"{\"v\":1, \"type\": hello")),
@@ -231,7 +233,7 @@ async fn bad_frames_close_only_their_connection() {
             "missing version",
             frame(br#"{"type":"hello","client":"x","client_nonce":"00"}"#),
         ),
-        ("unknown type", frame(br#"{"v":1,"type":"format_disk"}"#)),
+        ("unknown type", frame(unknown_type.as_bytes())),
         ("garbage", b"\x00\x00\x00\x05\xff\xfe\xfd\xfc\xfb".to_vec()),
     ];
     for (name, bytes) in cases {
@@ -372,10 +374,11 @@ async fn authenticated_raw(
 async fn bad_admin_frames_do_not_hurt_the_server() {
     use tokio::net::UnixStream;
     let server = TestServer::start();
+    let wrong_version = format!(r#"{{"v":{},"type":"pool_list"}}"#, PROTOCOL_VERSION + 1);
     for bytes in [
         frame(b"not json"),
         (u32::MAX).to_be_bytes().to_vec(),
-        frame(br#"{"v":2,"type":"pool_list"}"#),
+        frame(wrong_version.as_bytes()),
     ] {
         let stream = UnixStream::connect(&server.admin_socket)
             .await

@@ -173,25 +173,25 @@ fn read_images(
     offset: u64,
     length: usize,
 ) -> Vec<Vec<u8>> {
-    let copies = map.extents[0].replicas.len();
-    let mut out = vec![vec![0u8; length]; copies];
+    let mut out: Vec<Vec<u8>> = Vec::new();
     let mut at = offset;
     let end = offset + length as u64;
     while at < end {
         let extent = map
             .extent_at(at)
             .unwrap_or_else(|| panic!("no extent at {at}"));
-        let piece_end = end.min(extent.volume_offset + extent.length);
-        for (copy, replica) in extent.replicas.iter().enumerate() {
+        let (replicas, run) = extent
+            .locate(at - extent.volume_offset)
+            .unwrap_or_else(|| panic!("extent does not map {at}"));
+        let piece_end = end.min(at + run);
+        out.resize(replicas.len().max(out.len()), vec![0u8; length]);
+        for (copy, replica) in replicas.iter().enumerate() {
             let path = &devices[&replica.device_uuid];
             let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{e}"));
             let from = (at - offset) as usize;
             let to = (piece_end - offset) as usize;
-            file.read_exact_at(
-                &mut out[copy][from..to],
-                replica.device_offset + (at - extent.volume_offset),
-            )
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            file.read_exact_at(&mut out[copy][from..to], replica.device_offset)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         }
         at = piece_end;
     }
@@ -292,16 +292,15 @@ async fn writes_land_where_the_map_says_and_read_back() {
     };
     let (_agent3, striped) =
         attached(&server, "str", 4 * MIB, striped_layout, AccessMode::Rw).await;
-    let first = striped
-        .map
-        .extent_at(MIB - 1)
-        .map(|e| e.replicas[0].device_uuid);
-    let second = striped
-        .map
-        .extent_at(MIB)
-        .map(|e| e.replicas[0].device_uuid);
+    let device_at = |at: u64| {
+        let extent = striped.map.extent_at(at)?;
+        let (replicas, _) = extent.locate(at - extent.volume_offset)?;
+        replicas.first().map(|r| r.device_uuid)
+    };
+    assert_eq!(striped.map.extents.len(), 1, "one striped extent");
     assert_ne!(
-        first, second,
+        device_at(MIB - 1),
+        device_at(MIB),
         "consecutive stripe chunks on distinct devices"
     );
     let mut io = IoClient::session(&server, &striped).await;

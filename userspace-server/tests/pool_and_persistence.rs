@@ -6,7 +6,7 @@ use std::io::{Seek, SeekFrom, Write};
 
 use common::{TestServer, MIB};
 use sanblk_proto::label::{read_label, DATA_START_OFFSET};
-use sanblk_proto::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
+use sanblk_proto::map::{AccessMode, ExtentKind, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
 use sanblk_proto::protocol::{
     ClientInfo, ClientList, DeviceInfo, ErrorCode, PoolAdd, PoolList, VolumeCreate, VolumeDelete,
     VolumeDetail, VolumeGrow, VolumeList, VolumeShow, VolumeSummary,
@@ -162,18 +162,21 @@ async fn volumes_are_allocated_grown_and_deleted() {
         .call(create("s", 6 * MIB, striped))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let first_three: Vec<_> = stripes
-        .extents
-        .iter()
-        .take(3)
-        .map(|e| e.replicas[0].device_uuid)
-        .collect();
-    assert_eq!(first_three.len(), 3);
-    assert!(
-        first_three[0] != first_three[1]
-            && first_three[1] != first_three[2]
-            && first_three[0] != first_three[2]
+    // Two whole rows of 3 MiB: one striped extent over three distinct devices.
+    assert_eq!(stripes.extents.len(), 1, "{:?}", stripes.extents);
+    assert_eq!(
+        stripes.extents[0].kind,
+        ExtentKind::Striped {
+            stripe_unit: DEFAULT_STRIPE_UNIT_BYTES
+        }
     );
+    let members: Vec<_> = stripes.extents[0]
+        .replicas
+        .iter()
+        .map(|r| r.device_uuid)
+        .collect();
+    assert_eq!(members.len(), 3);
+    assert!(members[0] != members[1] && members[1] != members[2] && members[0] != members[2]);
 
     let too_big = admin.call(create("huge", 1024 * MIB, Layout::Linear)).await;
     let error = too_big
@@ -312,7 +315,7 @@ async fn snapshot(server: &TestServer) -> String {
 }
 
 #[tokio::test]
-async fn maps_too_large_for_one_frame_are_refused_without_allocating() {
+async fn striped_volumes_beyond_the_old_4_gib_cap_are_one_extent() {
     let server = TestServer::start();
     server.pool_of(2, 3 * 1024 * MIB).await;
     let mut admin = server.admin().await;
@@ -320,29 +323,13 @@ async fn maps_too_large_for_one_frame_are_refused_without_allocating() {
         stripe_count: 2,
         stripe_unit_bytes: DEFAULT_STRIPE_UNIT_BYTES,
     };
-    let refused = admin
-        .call(VolumeCreate {
-            name: "wide".into(),
-            size_bytes: 5 * 1024 * MIB,
-            layout: striped,
-        })
-        .await;
-    let error = refused
-        .err()
-        .unwrap_or_else(|| panic!("5120-extent map accepted"));
-    assert_eq!(error.server_code(), Some(ErrorCode::BadRequest));
-    assert!(error.to_string().contains("extents"), "{error}");
-    let devices = pool_list(&server).await;
-    assert!(
-        devices.iter().all(|d| d.free_bytes == d.capacity_bytes),
-        "refused volume left space allocated"
-    );
-    // The largest striped volume that fits is attachable: its map fits in one frame.
+    // Earlier versions made one extent per stripe unit: 5120 extents, refused (map too
+    // large for one frame).
     let secret = server.client("host1").await;
     admin
         .call(VolumeCreate {
             name: "wide".into(),
-            size_bytes: 4 * 1024 * MIB,
+            size_bytes: 5 * 1024 * MIB,
             layout: striped,
         })
         .await
@@ -353,7 +340,18 @@ async fn maps_too_large_for_one_frame_are_refused_without_allocating() {
         .attach("wide", AccessMode::Ro)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(attached.map.extents.len(), 4096);
+    assert_eq!(attached.map.extents.len(), 1);
+    assert_eq!(attached.map.extents[0].member_span(), 5 * 512 * MIB);
+    // Growing by whole rows keeps it one extent (both members continue on their devices).
+    let grown = admin
+        .call(VolumeGrow {
+            name: "wide".into(),
+            new_size_bytes: 5 * 1024 * MIB + 64 * MIB,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(grown.extents.len(), 1, "{:?}", grown.extents);
+    assert_eq!(grown.extents[0].length, 5 * 1024 * MIB + 64 * MIB);
 }
 
 #[tokio::test]

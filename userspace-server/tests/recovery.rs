@@ -221,27 +221,29 @@ async fn recoveries(server: &TestServer) -> Vec<RecoveryStatus> {
         .unwrap_or_else(|e| panic!("recovery list: {e}"))
 }
 
-/// Checks every replica of every extent of `map` holds `expected`, by reading image files.
+/// Checks every replica (or stripe member) holding each block of `map` has `expected`, by
+/// reading image files.
 fn assert_data(devices: &HashMap<uuid::Uuid, PathBuf>, map: &VolumeMap, expected: &[u8]) {
-    for extent in &map.extents {
-        for replica in &extent.replicas {
+    for (block, wanted) in expected.chunks_exact(4096).enumerate() {
+        let at = block as u64 * 4096;
+        let extent = map
+            .extent_at(at)
+            .unwrap_or_else(|| panic!("volume offset {at} not mapped"));
+        let (replicas, _) = extent
+            .locate(at - extent.volume_offset)
+            .unwrap_or_else(|| panic!("volume offset {at} not mapped"));
+        for replica in replicas {
             let path = &devices[&replica.device_uuid];
             let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{e}"));
-            let mut data = vec![0u8; extent.length as usize];
+            let mut data = vec![0u8; 4096];
             file.read_exact_at(&mut data, replica.device_offset)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let start = extent.volume_offset as usize;
-            let wanted = &expected[start..start + extent.length as usize];
-            if let Some(block) = (0..data.len() / 4096)
-                .find(|b| data[b * 4096..(b + 1) * 4096] != wanted[b * 4096..(b + 1) * 4096])
-            {
-                panic!(
-                    "volume block at {} differs on device {} offset {}",
-                    extent.volume_offset + block as u64 * 4096,
-                    replica.device_uuid,
-                    replica.device_offset + block as u64 * 4096
-                );
-            }
+            assert!(
+                data == wanted,
+                "volume block at {at} differs on device {} offset {}",
+                replica.device_uuid,
+                replica.device_offset
+            );
         }
     }
 }
@@ -365,7 +367,13 @@ async fn linear_volume_is_copied_from_the_still_readable_failed_device() {
 
 #[tokio::test]
 async fn writes_during_the_copy_reach_the_new_device() {
-    for layout in [Layout::Linear, Layout::Mirror] {
+    let striped = Layout::Striped {
+        stripe_count: 2,
+        stripe_unit_bytes: MIB,
+    };
+    // Striped: the member on the failed device holds chunks 0, 2, 4, ... (8 MiB): the writes
+    // below hit a copied chunk (0), one not copied yet (14) and both members (7 and 8).
+    for layout in [Layout::Linear, Layout::Mirror, striped] {
         let server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "150")]);
         let size = 16 * MIB;
         let mut setup = setup(&server, layout, size).await;

@@ -2,10 +2,18 @@
 //! finds the SAN devices by label, hands the map to the kernel module over netlink and then
 //! stays in the foreground relaying map updates and lease renewals (reconnecting with backoff
 //! if the server goes away). `sanctl detach` stops it; `sanctl status` shows the kernel's view.
+//!
+//! Shutdown (SIGTERM from `sanctl detach`, SIGINT) is one branch of the agent's only `select!`
+//! and every other branch is a future polled there, the reconnection attempts and their
+//! backoff included: so a stop request is served at once whether or not the server can be
+//! reached. Without a server the volume is detached locally, without the server's
+//! confirmation.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::Duration;
 
 use clap::Args;
@@ -28,8 +36,11 @@ use sanblk_uapi::netlink::EventKind;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long `sanctl detach` waits for the agent to detach.
 const DETACH_WAIT: Duration = Duration::from_secs(20);
+/// How long a stopping agent waits for the server to confirm the detach (a server that is
+/// partitioned away would otherwise hold it for the whole reply timeout).
+const SERVER_DETACH_WAIT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct AttachArgs {
     /// Name of the volume on the server.
     volume: String,
@@ -124,6 +135,41 @@ async fn connect_and_attach(
         .await
         .map_err(|e| CliError::Refused(format!("attach {}: {e}", args.volume)))?;
     Ok((client, attachment))
+}
+
+/// One reconnection attempt after its backoff delay, owning what it needs so that it can sit
+/// in the agent's `select!` next to the shutdown signals.
+type Reconnect = Pin<Box<dyn Future<Output = Result<(AgentClient, Attachment), CliError>>>>;
+
+fn reconnect_after(
+    delay: Duration,
+    args: &AttachArgs,
+    secret: &[u8],
+    mode: AccessMode,
+) -> Reconnect {
+    let (args, secret) = (args.clone(), secret.to_vec());
+    Box::pin(async move {
+        tokio::time::sleep(delay).await;
+        connect_and_attach(&args, &secret, mode).await
+    })
+}
+
+/// The next push from the server; never ready while disconnected.
+async fn next_push(client: &mut Option<AgentClient>) -> Result<Push, ClientError> {
+    match client {
+        Some(client) => client.next_push().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The running reconnection attempt's outcome; never ready while connected.
+async fn reconnected(
+    attempt: &mut Option<Reconnect>,
+) -> Result<(AgentClient, Attachment), CliError> {
+    match attempt {
+        Some(attempt) => attempt.await,
+        None => std::future::pending().await,
+    }
 }
 
 fn local_devices(args: &AttachArgs) -> HashMap<Uuid, LocalDevice> {
@@ -267,19 +313,24 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(local)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(local)?;
     let mut backoff = Duration::from_secs(1);
+    // Exactly one of the two is set: connected, or an attempt to reconnect is under way.
+    let mut client = Some(client);
+    let mut reconnect: Option<Reconnect> = None;
     loop {
         tokio::select! {
-            Some(event) = events.recv() => {
+            // Kernel events wait in the channel while disconnected and are reported after.
+            Some(event) = events.recv(), if client.is_some() => {
+                let Some(client) = client.as_mut() else { continue };
                 if event.volume_id == volume_id && event.kind == EventKind::PathFailed as u32 {
                     for (uuid, device) in local_devices(&args) {
                         known_paths.entry(device.path.display().to_string()).or_insert(uuid);
                     }
-                    report_path_failure(&mut client, &known_paths, volume_id, &event.device_path).await;
+                    report_path_failure(client, &known_paths, volume_id, &event.device_path).await;
                 } else if event.volume_id == volume_id && event.kind == EventKind::PathHealed as u32 {
-                    fail_back(&kernel, &mut client, &known_paths, volume_id, &event.device_path).await;
+                    fail_back(&kernel, client, &known_paths, volume_id, &event.device_path).await;
                 }
             }
-            push = client.next_push() => match push {
+            push = next_push(&mut client) => match push {
                 Ok(Push::RecoveryStatus(status)) if status.volume_id == volume_id => {
                     println!("recovery of {}: {:?} {}", args.volume, status.state, progress_line(&status));
                     match serde_json::to_vec(&status) {
@@ -297,8 +348,10 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                         Ok(()) => {
                             epoch = map.epoch;
                             println!("volume {} now at epoch {epoch} ({} bytes)", args.volume, map.size_bytes);
-                            if let Err(e) = client.ack(volume_id, epoch).await {
-                                eprintln!("sanctl attach: cannot acknowledge epoch {epoch}: {e}");
+                            if let Some(client) = client.as_mut() {
+                                if let Err(e) = client.ack(volume_id, epoch).await {
+                                    eprintln!("sanctl attach: cannot acknowledge epoch {epoch}: {e}");
+                                }
                             }
                         }
                         Err(e) => eprintln!("sanctl attach: kernel refused epoch {}: {e}", map.epoch),
@@ -307,48 +360,51 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                 Ok(Push::MapUpdate(_)) => {}
                 Err(error) => {
                     eprintln!("sanctl attach: lost the server ({error}); reconnecting");
-                    loop {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        match connect_and_attach(&args, &secret, mode).await {
-                            Ok((fresh, reattached)) => {
-                                client = fresh;
-                                backoff = Duration::from_secs(1);
-                                let attachment = reattached;
-                                // A restarted server may listen elsewhere; the kernel gets
-                                // the new addresses with the next map.
-                                servers = io_servers(&args, attachment.io_address.as_deref());
-                                // The server re-issues the attachment's persisted token; should it
-                                // be a new one (e.g. its store was lost), the kernel's server path
-                                // must present it, also when the epoch did not change.
-                                token = hex_bytes(&attachment.session_token);
-                                if attachment.map.epoch >= epoch {
-                                    if let Err(e) = install_update(&kernel, &attachment.map, &args, &servers, &token, &mut known_devices) {
-                                        eprintln!("sanctl attach: kernel refused epoch {}: {e}", attachment.map.epoch);
-                                    } else {
-                                        epoch = attachment.map.epoch;
-                                    }
-                                }
-                                println!("reconnected to {} at epoch {epoch}", args.server);
-                                break;
-                            }
-                            Err(e) => eprintln!("sanctl attach: reconnect failed: {e}"),
-                        }
-                    }
+                    client = None;
+                    reconnect = Some(reconnect_after(backoff, &args, &secret, mode));
                 }
             },
-            _ = renew.tick() => {
-                if let Err(e) = client.renew(volume_id).await {
-                    eprintln!("sanctl attach: lease renewal failed: {e}");
+            attempt = reconnected(&mut reconnect) => match attempt {
+                Ok((fresh, attachment)) => {
+                    reconnect = None;
+                    client = Some(fresh);
+                    backoff = Duration::from_secs(1);
+                    // A restarted server may listen elsewhere; the kernel gets the new
+                    // addresses with the next map.
+                    servers = io_servers(&args, attachment.io_address.as_deref());
+                    // The server re-issues the attachment's persisted token; should it be a
+                    // new one (e.g. its store was lost), the kernel's server path must present
+                    // it, also when the epoch did not change.
+                    token = hex_bytes(&attachment.session_token);
+                    if attachment.map.epoch >= epoch {
+                        if let Err(e) = install_update(&kernel, &attachment.map, &args, &servers, &token, &mut known_devices) {
+                            eprintln!("sanctl attach: kernel refused epoch {}: {e}", attachment.map.epoch);
+                        } else {
+                            epoch = attachment.map.epoch;
+                        }
+                    }
+                    println!("reconnected to {} at epoch {epoch}", args.server);
+                }
+                Err(e) => {
+                    eprintln!("sanctl attach: reconnect failed: {e}");
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    reconnect = Some(reconnect_after(backoff, &args, &secret, mode));
+                }
+            },
+            _ = renew.tick(), if client.is_some() => {
+                if let Some(client) = client.as_mut() {
+                    if let Err(e) = client.renew(volume_id).await {
+                        eprintln!("sanctl attach: lease renewal failed: {e}");
+                    }
                 }
             }
             _ = terminate.recv() => {
-                if detach_now(&kernel, &mut client, volume_id, &files).await {
+                if detach_now(&kernel, client.as_mut(), volume_id, &files).await {
                     return Ok(());
                 }
             }
             _ = interrupt.recv() => {
-                if detach_now(&kernel, &mut client, volume_id, &files).await {
+                if detach_now(&kernel, client.as_mut(), volume_id, &files).await {
                     return Ok(());
                 }
             }
@@ -407,18 +463,33 @@ async fn fail_back(
     }
 }
 
-/// Detaches from the kernel, then from the server. A busy volume stays attached, the reason
-/// is left for `sanctl detach`, and the agent keeps running.
+/// Detaches from the kernel, then from the server if connected (a server that cannot be
+/// reached is not told). A busy volume stays attached, the reason is left for
+/// `sanctl detach`, and the agent keeps running.
 async fn detach_now(
     kernel: &KernelLink,
-    client: &mut AgentClient,
+    client: Option<&mut AgentClient>,
     volume_id: u64,
     files: &RunFiles,
 ) -> bool {
     match kernel.destroy(volume_id) {
         Ok(()) => {
-            if let Err(e) = client.detach(volume_id).await {
-                eprintln!("sanctl attach: detached locally, but the server did not confirm: {e}");
+            match client {
+                Some(client) => {
+                    match tokio::time::timeout(SERVER_DETACH_WAIT, client.detach(volume_id)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => eprintln!(
+                            "sanctl attach: detached locally, but the server did not confirm: {e}"
+                        ),
+                        Err(_) => eprintln!(
+                            "sanctl attach: detached locally; the server did not answer within \
+                             {SERVER_DETACH_WAIT:?}"
+                        ),
+                    }
+                }
+                None => eprintln!(
+                    "sanctl attach: detached locally; the server is unreachable and was not told"
+                ),
             }
             files.remove();
             println!("detached");

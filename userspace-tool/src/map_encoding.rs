@@ -1,15 +1,14 @@
 //! Turns the server's JSON map into the binary map the kernel module validates (uapi), and
 //! finds each device the map names among the host's block devices by its label.
 //!
-//! The server describes a striped volume as stripe-unit-sized extents rotating over the
-//! devices; runs of those are folded back into striped extents so the encoded map stays small
-//! (a 1 GiB volume striped at 1 MiB would otherwise need 1024 extents).
+//! Both maps have the same extent kinds (replicated, striped with its unit), so every extent
+//! of the server's map becomes one extent of the kernel's.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use sanblk_proto::label::read_label;
-use sanblk_proto::map::VolumeMap;
+use sanblk_proto::map::{ExtentKind as ServerKind, VolumeMap};
 use sanblk_uapi::map::{self as wire, ExtentKind, MapHeader, Member, MAX_MEMBERS};
 use uuid::Uuid;
 
@@ -21,6 +20,8 @@ pub enum EncodeError {
     TooManyDevices,
     #[error("an extent has {0} replicas; at most {MAX_MEMBERS} are supported")]
     TooManyReplicas(usize),
+    #[error("stripe unit of {0} bytes is too large for the kernel map")]
+    BadStripeUnit(u64),
     #[error("the encoded map is invalid: {0}")]
     Invalid(&'static str),
     #[error("the map is too large for the kernel ({0} bytes)")]
@@ -110,11 +111,18 @@ pub fn encode(
                 offset: replica.device_offset,
             };
         }
+        let (kind, stripe_unit) = match extent.kind {
+            ServerKind::Replicated => (ExtentKind::Replicated, 0),
+            ServerKind::Striped { stripe_unit } => (
+                ExtentKind::Striped,
+                u32::try_from(stripe_unit).map_err(|_| EncodeError::BadStripeUnit(stripe_unit))?,
+            ),
+        };
         extents.push(wire::Extent {
             volume_offset: extent.volume_offset,
             length: extent.length,
-            kind: ExtentKind::Replicated,
-            stripe_unit: 0,
+            kind,
+            stripe_unit,
             member_count: extent.replicas.len() as u8,
             members,
         });
@@ -122,7 +130,6 @@ pub fn encode(
     if order.len() > wire::MAX_DEVICES as usize {
         return Err(EncodeError::TooManyDevices);
     }
-    let extents = fold_stripes(extents);
     let wire_devices: Vec<wire::Device> = order
         .iter()
         .map(|uuid| wire::Device {
@@ -155,82 +162,6 @@ pub fn encode(
         bytes,
         device_paths,
     })
-}
-
-/// Folds runs of equal-length single-replica extents that rotate over N distinct devices, each
-/// device's pieces contiguous on it, into one striped extent per run.
-fn fold_stripes(extents: Vec<wire::Extent>) -> Vec<wire::Extent> {
-    let mut out: Vec<wire::Extent> = Vec::new();
-    let mut i = 0;
-    while i < extents.len() {
-        if let Some((folded, used)) = try_fold(&extents[i..]) {
-            out.push(folded);
-            i += used;
-        } else {
-            out.push(extents[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
-fn try_fold(run: &[wire::Extent]) -> Option<(wire::Extent, usize)> {
-    let first = run.first()?;
-    let unit = first.length;
-    if first.member_count != 1 || unit > u32::MAX as u64 {
-        return None;
-    }
-    // Width: number of distinct devices before the first device repeats.
-    let mut width = 0;
-    while width < run.len() && width < MAX_MEMBERS {
-        let e = &run[width];
-        if e.member_count != 1 || e.length != unit {
-            break;
-        }
-        if run[..width]
-            .iter()
-            .any(|p| p.members[0].device == e.members[0].device)
-        {
-            break;
-        }
-        width += 1;
-    }
-    if width < 2 {
-        return None;
-    }
-    // Extend while the rotation and per-device contiguity hold.
-    let mut used = width;
-    while used < run.len() {
-        let e = &run[used];
-        let same_slot = &run[used - width];
-        if e.member_count != 1
-            || e.length != unit
-            || e.members[0].device != same_slot.members[0].device
-            || e.members[0].offset != same_slot.members[0].offset + unit
-        {
-            break;
-        }
-        used += 1;
-    }
-    used -= used % width;
-    if used < 2 * width {
-        return None;
-    }
-    let mut members = [Member::default(); MAX_MEMBERS];
-    for (slot, e) in members.iter_mut().zip(&run[..width]) {
-        *slot = e.members[0];
-    }
-    Some((
-        wire::Extent {
-            volume_offset: first.volume_offset,
-            length: unit * used as u64,
-            kind: ExtentKind::Striped,
-            stripe_unit: unit as u32,
-            member_count: width as u8,
-            members,
-        },
-        used,
-    ))
 }
 
 #[cfg(test)]
@@ -274,21 +205,19 @@ mod tests {
     }
 
     #[test]
-    fn striped_chunks_fold_into_one_striped_extent_with_the_same_mapping() {
+    fn striped_extents_are_encoded_one_to_one_with_the_same_mapping() {
         let (uuids, local) = devices(2);
-        let extents: Vec<Extent> = (0..16u64)
-            .map(|k| Extent {
-                volume_offset: k * MIB,
-                length: MIB,
-                replicas: vec![Replica {
-                    device_uuid: uuids[(k % 2) as usize],
-                    device_offset: MIB + (k / 2) * MIB,
-                }],
-            })
-            .collect();
+        let member = |i: usize, device_offset: u64| Replica {
+            device_uuid: uuids[i],
+            device_offset,
+        };
+        let extents = vec![
+            Extent::striped(0, 16 * MIB, MIB, vec![member(0, MIB), member(1, 2 * MIB)]),
+            Extent::replicated(16 * MIB, MIB, vec![member(0, 9 * MIB)]),
+        ];
         let map = volume(
             extents.clone(),
-            16 * MIB,
+            17 * MIB,
             Layout::Striped {
                 stripe_count: 2,
                 stripe_unit_bytes: MIB,
@@ -296,28 +225,33 @@ mod tests {
         );
         let encoded = encode(&map, &local).expect("encodes");
         let view = wire::MapView::parse(&encoded.bytes).expect("valid");
-        assert_eq!(view.header().extent_count, 1);
-        for extent in &extents {
-            let piece = view.map(extent.volume_offset + 4096, 4096).expect("mapped");
+        assert_eq!(view.header().extent_count, 2);
+        assert_eq!(view.extent(0).kind, ExtentKind::Striped);
+        assert_eq!(view.extent(0).stripe_unit, MIB as u32);
+        // Every block lands where the server's map says, through the kernel's lookup.
+        for at in (0..17 * MIB).step_by(4096) {
+            let extent = &extents[(at / (16 * MIB)) as usize];
+            let (replicas, _) = extent
+                .locate(at - extent.volume_offset)
+                .expect("server map covers the volume");
+            let piece = view.map(at, 4096).expect("mapped");
+            assert_eq!(piece.target_count, 1);
             let target = piece.targets[0];
             assert_eq!(
                 encoded.device_paths[target.device as usize],
-                local[&extent.replicas[0].device_uuid]
-                    .path
-                    .display()
-                    .to_string()
+                local[&replicas[0].device_uuid].path.display().to_string()
             );
-            assert_eq!(target.offset, extent.replicas[0].device_offset + 4096);
+            assert_eq!(target.offset, replicas[0].device_offset, "at {at}");
         }
     }
 
     #[test]
     fn mirrors_keep_both_replicas_and_missing_devices_are_named() {
         let (uuids, mut local) = devices(2);
-        let extents = vec![Extent {
-            volume_offset: 0,
-            length: 8 * MIB,
-            replicas: vec![
+        let extents = vec![Extent::replicated(
+            0,
+            8 * MIB,
+            vec![
                 Replica {
                     device_uuid: uuids[0],
                     device_offset: MIB,
@@ -327,7 +261,7 @@ mod tests {
                     device_offset: 2 * MIB,
                 },
             ],
-        }];
+        )];
         let map = volume(extents, 8 * MIB, Layout::Mirror);
         let encoded = encode(&map, &local).expect("encodes");
         let view = wire::MapView::parse(&encoded.bytes).expect("valid");

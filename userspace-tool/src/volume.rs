@@ -1,7 +1,7 @@
 //! `sanctl volume ...`
 
 use clap::Subcommand;
-use sanblk_proto::map::{format_size, Layout, VolumeMap};
+use sanblk_proto::map::{format_size, ExtentKind, Layout, VolumeMap};
 use sanblk_proto::protocol::{
     VolumeCreate, VolumeDelete, VolumeDetail, VolumeGrow, VolumeList, VolumeShow, VolumeSummary,
 };
@@ -19,7 +19,7 @@ pub enum VolumeCommand {
         name: String,
         /// Size: bytes or with a unit (K, M, G, T; binary), a multiple of 4096.
         size: String,
-        /// linear, striped:N (N devices, 1 MiB stripe unit) or mirror (2 copies).
+        /// linear, striped:N (N = 2 to 4 devices, 1 MiB stripe unit) or mirror (2 copies).
         #[arg(long, default_value = "linear", value_parser = parse_layout)]
         layout: Layout,
     },
@@ -146,15 +146,27 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
                         .iter()
                         .map(|r| format!("{}@{}", r.device_uuid, r.device_offset))
                         .collect();
+                    let kind = match e.kind {
+                        ExtentKind::Replicated => "replicated".to_string(),
+                        ExtentKind::Striped { stripe_unit } => {
+                            format!("striped/{}", format_size(stripe_unit))
+                        }
+                    };
                     vec![
                         e.volume_offset.to_string(),
                         e.length.to_string(),
+                        kind,
                         replicas.join(" "),
                     ]
                 })
                 .collect();
             print_table(
-                &["VOLUME_OFFSET", "LENGTH", "REPLICAS (device@offset)"],
+                &[
+                    "VOLUME_OFFSET",
+                    "LENGTH",
+                    "KIND",
+                    "REPLICAS (device@offset)",
+                ],
                 &rows,
             );
             if detail.attachment_count > 0 {

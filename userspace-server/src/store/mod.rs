@@ -15,6 +15,8 @@ mod clients;
 mod pool;
 mod recovery;
 mod sessions;
+#[cfg(test)]
+mod testing;
 mod volumes;
 
 use std::os::unix::fs::PermissionsExt;
@@ -169,13 +171,15 @@ impl Store {
         txn.open_table(SESSIONS)?;
         txn.open_table(SESSION_KEYS)?;
         txn.commit()?;
-        Ok(Store {
+        let store = Store {
             metadata,
             secrets,
             client_changes: std::sync::Mutex::new(()),
             pool_uuid,
             metadata_path,
-        })
+        };
+        store.restripe_legacy_volumes()?;
+        Ok(store)
     }
 
     pub fn pool_uuid(&self) -> Uuid {

@@ -5,7 +5,7 @@ use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use sanblk_proto::map::{Extent, Replica};
+use sanblk_proto::map::{Extent, ExtentKind, Replica, BLOCK_SIZE};
 
 use crate::allocator::merge_adjacent;
 
@@ -15,10 +15,13 @@ use super::{
     decode, decode_all, encode, Store, StoreError, StoreResult, DEVICES, RECOVERIES, VOLUMES,
 };
 
-/// One piece of a volume being moved off a failed device: `[volume_offset, +length)` whose
-/// replica `failed` is copied from `source` to the newly allocated `target`.
+/// One piece of a volume being moved off a failed device: `length` bytes of the failed device
+/// from `failed`, copied from `source` (at the same relative offset) to the newly allocated
+/// `target`. The segment is a range of the failed device, so it covers a replicated extent's
+/// replica or a striped extent's member alike.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecoverySegment {
+    /// Volume offset of the segment's first byte (of its first stripe row when striped).
     pub volume_offset: u64,
     pub length: u64,
     pub failed: Replica,
@@ -50,11 +53,7 @@ impl RecoveryRecord {
     pub(super) fn target_extents(&self) -> Vec<Extent> {
         self.segments
             .iter()
-            .map(|s| Extent {
-                volume_offset: s.volume_offset,
-                length: s.length,
-                replicas: vec![s.target],
-            })
+            .map(|s| Extent::replicated(s.volume_offset, s.length, vec![s.target]))
             .collect()
     }
 }
@@ -98,14 +97,25 @@ impl Store {
                 else {
                     continue;
                 };
-                let source = extent
-                    .replicas
-                    .iter()
-                    .find(|r| r.device_uuid != failed_device)
-                    .copied()
-                    .unwrap_or(failed);
+                // A mirror copy holds the same data; a stripe member holds other data.
+                let source = match extent.kind {
+                    ExtentKind::Replicated => extent
+                        .replicas
+                        .iter()
+                        .find(|r| r.device_uuid != failed_device)
+                        .copied()
+                        .unwrap_or(failed),
+                    ExtentKind::Striped { .. } => failed,
+                };
                 let excluded: Vec<Uuid> = extent.replicas.iter().map(|r| r.device_uuid).collect();
-                let pieces = pool.allocate_replacement(extent.length, &excluded)?;
+                // A striped member is replaced in whole units: the extent then splits at rows.
+                let (unit, row) = match extent.kind {
+                    ExtentKind::Replicated => (BLOCK_SIZE, BLOCK_SIZE),
+                    ExtentKind::Striped { stripe_unit } => {
+                        (stripe_unit, stripe_unit * extent.replicas.len() as u64)
+                    }
+                };
+                let pieces = pool.allocate_replacement(extent.member_span(), unit, &excluded)?;
                 let mut inside = 0;
                 for (device_uuid, device_offset, length) in pieces {
                     let shift = |replica: Replica| Replica {
@@ -113,7 +123,7 @@ impl Store {
                         device_offset: replica.device_offset + inside,
                     };
                     segments.push(RecoverySegment {
-                        volume_offset: extent.volume_offset + inside,
+                        volume_offset: extent.volume_offset + inside / unit * row,
                         length,
                         failed: shift(failed),
                         source: shift(source),
@@ -230,7 +240,9 @@ pub(super) fn recovery_busy(volume_id: u64) -> StoreError {
 }
 
 /// Replaces the replica on `failed` by the segments' targets, splitting extents where a
-/// replacement came in several pieces. `None` if a segment does not match the extents.
+/// replacement came in several pieces (a striped extent at the stripe rows the pieces cover).
+/// Segments are matched to extents by their range on the failed device. `None` if the
+/// segments do not exactly cover every replica on `failed`.
 fn replace_failed_replicas(
     extents: &[Extent],
     failed: Uuid,
@@ -242,16 +254,27 @@ fn replace_failed_replicas(
             replaced.push(extent.clone());
             continue;
         };
-        let end = extent.volume_offset + extent.length;
-        let mut at = extent.volume_offset;
-        for segment in segments
+        let first = extent.replicas[position].device_offset;
+        let span = extent.member_span();
+        let (unit, row) = match extent.kind {
+            ExtentKind::Replicated => (1, 1),
+            ExtentKind::Striped { stripe_unit } => {
+                (stripe_unit, stripe_unit * extent.replicas.len() as u64)
+            }
+        };
+        let mut mine: Vec<&RecoverySegment> = segments
             .iter()
-            .filter(|s| s.volume_offset >= extent.volume_offset && s.volume_offset < end)
-        {
-            if segment.volume_offset != at || segment.volume_offset + segment.length > end {
+            .filter(|s| s.failed.device_offset >= first && s.failed.device_offset < first + span)
+            .collect();
+        mine.sort_by_key(|s| s.failed.device_offset);
+        let mut inside = 0;
+        for segment in mine {
+            if segment.failed.device_offset != first + inside
+                || inside + segment.length > span
+                || !segment.length.is_multiple_of(unit)
+            {
                 return None;
             }
-            let inside = at - extent.volume_offset;
             let mut replicas: Vec<Replica> = extent
                 .replicas
                 .iter()
@@ -264,13 +287,14 @@ fn replace_failed_replicas(
                 *slot = segment.target;
             }
             replaced.push(Extent {
-                volume_offset: at,
-                length: segment.length,
+                volume_offset: extent.volume_offset + inside / unit * row,
+                length: segment.length / unit * row,
+                kind: extent.kind,
                 replicas,
             });
-            at += segment.length;
+            inside += segment.length;
         }
-        if at != end {
+        if inside != span {
             return None;
         }
     }
@@ -280,23 +304,14 @@ fn replace_failed_replicas(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::DeviceRecord;
+    use crate::store::testing::{device, place, test_store, MIB};
     use sanblk_proto::map::Layout;
-
-    const MIB: u64 = 1 << 20;
 
     #[test]
     fn a_recovery_split_over_two_devices_replaces_the_failed_replica() {
         let dir = std::env::temp_dir().join(format!("sand-store-recovery-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
         let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
-        let device = |n: u128, size: u64| DeviceRecord {
-            uuid: Uuid::from_u128(n),
-            path: format!("/dev/test-{n}"),
-            size_bytes: size,
-            data_start: MIB,
-            state: "online".into(),
-        };
         for record in [device(1, 16 * MIB), device(2, 3 * MIB), device(3, 3 * MIB)] {
             store.add_device(&record).unwrap_or_else(|e| panic!("{e}"));
         }
@@ -354,6 +369,73 @@ mod tests {
             .is_empty());
         let (_, pool) = store.pool_space().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(pool.free_bytes(Uuid::from_u128(1)), 15 * MIB);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_striped_member_is_recovered_in_whole_units_and_split_at_rows() {
+        let (dir, store) = test_store("striped-recovery");
+        // Members on 1 and 2; the spares hold 2.5 and 2 MiB, so the 4 MiB member is
+        // replaced in two pieces of whole 1 MiB units (2 MiB each).
+        for record in [
+            device(1, 9 * MIB),
+            device(2, 9 * MIB),
+            device(3, 3 * MIB),
+            device(4, 3 * MIB + MIB / 2),
+        ] {
+            store.add_device(&record).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let layout: Layout = "striped:2".parse().unwrap_or_else(|e| panic!("{e}"));
+        let volume = store
+            .create_volume("s", 8 * MIB, layout)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(volume.extents.len(), 1);
+        let failed = volume.extents[0].replicas[0];
+        let recovery = store
+            .start_recovery(volume.id, failed.device_uuid, "test")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let lengths: Vec<(u64, u64)> = recovery
+            .segments
+            .iter()
+            .map(|s| (s.volume_offset, s.length))
+            .collect();
+        assert_eq!(lengths, vec![(0, 2 * MIB), (4 * MIB, 2 * MIB)]);
+        assert!(recovery.segments.iter().all(|s| s.source == s.failed));
+        let done = store
+            .finish_recovery(volume.id)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(done.extents.len(), 2, "{:?}", done.extents);
+        // Every block not on the failed device stays; the others moved to the target at the
+        // same place inside the segment.
+        for at in (0..8 * MIB).step_by(BLOCK_SIZE as usize) {
+            let before = place(&volume.extents, at).unwrap_or_else(|| panic!("{at}"));
+            let after = place(&done.extents, at).unwrap_or_else(|| panic!("{at}"));
+            if before.device_uuid != failed.device_uuid {
+                assert_eq!(before, after, "{at}");
+                continue;
+            }
+            let segment = recovery
+                .segments
+                .iter()
+                .find(|s| {
+                    s.failed.device_offset <= before.device_offset
+                        && before.device_offset < s.failed.device_offset + s.length
+                })
+                .unwrap_or_else(|| panic!("{at} in no segment"));
+            assert_eq!(
+                after,
+                Replica {
+                    device_uuid: segment.target.device_uuid,
+                    device_offset: segment.target.device_offset + before.device_offset
+                        - segment.failed.device_offset,
+                },
+                "{at}"
+            );
+        }
+        let (_, pool) = store.pool_space().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pool.free_bytes(failed.device_uuid), 8 * MIB);
+        assert_eq!(pool.free_bytes(Uuid::from_u128(4)), MIB / 2);
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

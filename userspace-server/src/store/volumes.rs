@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use sanblk_proto::map::{Extent, Layout, VolumeMap, BLOCK_SIZE};
 
-use crate::allocator::merge_adjacent;
+use crate::allocator::{merge_adjacent, restripe_legacy};
 
 use super::clients::ClientRecord;
 use super::pool::pool_space_in;
@@ -187,6 +187,38 @@ impl Store {
         self.delete_sessions(|s| s.volume_id == id)?;
         Ok(record)
     }
+
+    /// Rewrites striped volumes persisted by versions that stored one single-replica extent
+    /// per stripe unit (and let the agent fold them back) into striped extents, in one
+    /// transaction at open. Every byte keeps its place, so the epoch stays. A volume with a
+    /// recovery recorded keeps its extents until a later start (its segments may split them).
+    pub(super) fn restripe_legacy_volumes(&self) -> StoreResult<()> {
+        let txn = self.metadata.begin_write()?;
+        {
+            let mut volumes = txn.open_table(VOLUMES)?;
+            let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
+            let mut rewritten = Vec::new();
+            for mut record in read_volumes(&volumes)? {
+                if recoveries.iter().any(|r| r.volume_id == record.id) {
+                    continue;
+                }
+                if let Some(extents) = restripe_legacy(record.layout, &record.extents) {
+                    log::info!(
+                        "volume {}: {} stripe-unit extents rewritten as {} extents",
+                        record.name,
+                        record.extents.len(),
+                        extents.len()
+                    );
+                    record.extents = extents;
+                    rewritten.push(record);
+                }
+            }
+            for record in rewritten {
+                volumes.insert(record.id, encode(&record)?.as_slice())?;
+            }
+        }
+        Ok(txn.commit()?)
+    }
 }
 
 pub(super) fn read_volumes(
@@ -203,8 +235,7 @@ pub const MAX_EXTENTS_PER_MAP: usize = 4096;
 pub(super) fn check_map_fits(record: &VolumeRecord) -> StoreResult<()> {
     if record.extents.len() > MAX_EXTENTS_PER_MAP {
         return Err(StoreError::Invalid(format!(
-            "volume {} would need {} extents; a map holds at most {MAX_EXTENTS_PER_MAP} \
-                 (striped volumes use one extent per 1 MiB stripe unit, so at most 4 GiB)",
+            "volume {} would need {} extents; a map holds at most {MAX_EXTENTS_PER_MAP}",
             record.name,
             record.extents.len()
         )));
@@ -214,4 +245,84 @@ pub(super) fn check_map_fits(record: &VolumeRecord) -> StoreResult<()> {
 
 pub fn validate_volume_name(name: &str) -> StoreResult<()> {
     validate_name("volume", name)
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use sanblk_proto::map::ExtentKind;
+
+    use super::*;
+    use crate::store::testing::{device, place, test_store, MIB};
+
+    #[test]
+    fn legacy_striped_volumes_are_restriped_at_open() {
+        let (dir, store) = test_store("legacy-stripes");
+        for record in [device(1, 9 * MIB), device(2, 9 * MIB)] {
+            store.add_device(&record).unwrap_or_else(|e| panic!("{e}"));
+        }
+        // A record as versions before striped extents wrote it: one extent per 1 MiB unit,
+        // no "kind", and a 512 KiB tail.
+        let size = 6 * MIB + MIB / 2;
+        let legacy_extents: Vec<serde_json::Value> = (0..7u64)
+            .map(|k| {
+                serde_json::json!({
+                    "volume_offset": k * MIB,
+                    "length": MIB.min(size - k * MIB),
+                    "replicas": [{
+                        "device_uuid": Uuid::from_u128(u128::from(k % 2) + 1),
+                        "device_offset": MIB + (k / 2) * MIB,
+                    }],
+                })
+            })
+            .collect();
+        let legacy = serde_json::json!({
+            "id": 7,
+            "name": "old",
+            "size_bytes": size,
+            "layout": {"kind": "striped", "stripe_count": 2, "stripe_unit_bytes": MIB},
+            "epoch": 5,
+            "extents": legacy_extents,
+        });
+        let as_written: VolumeRecord =
+            serde_json::from_value(legacy.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let txn = store
+            .metadata
+            .begin_write()
+            .unwrap_or_else(|e| panic!("{e}"));
+        txn.open_table(VOLUMES)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .insert(7, legacy.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        txn.commit().unwrap_or_else(|e| panic!("{e}"));
+        drop(store);
+
+        let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
+        let upgraded = store.volume_by_id(7).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(upgraded.epoch, 5);
+        let kinds: Vec<ExtentKind> = upgraded.extents.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ExtentKind::Striped { stripe_unit: MIB },
+                ExtentKind::Replicated
+            ]
+        );
+        for at in (0..size).step_by(BLOCK_SIZE as usize) {
+            assert_eq!(
+                place(&as_written.extents, at),
+                place(&upgraded.extents, at),
+                "{at}"
+            );
+        }
+        // The space accounting agrees, and the volume grows as a new one would.
+        let (_, pool) = store.pool_space().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pool.total_free(), 16 * MIB - size);
+        store
+            .grow_volume(7, 8 * MIB)
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
