@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use common::sand_log::last_resume_cursor;
 use common::{TestServer, MIB, RECOVERY_CHUNK_DELAY_ENV};
-use sanblk_proto::client::{AgentClient, Attachment, Push};
+use sanblk_proto::client::{AgentClient, Push};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{
-    DeviceInfo, ErrorCode, PoolList, RecoveryList, RecoveryState, RecoveryStatus, VolumeCreate,
-    VolumeDetail, VolumeShow,
+    Attachment, DeviceInfo, ErrorCode, PoolList, RecoveryList, RecoveryState, RecoveryStatus,
+    VolumeCreate, VolumeDetail, VolumeShow,
 };
 use sanblk_uapi::frame::{Op, ReplyHeader, RequestHeader, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
