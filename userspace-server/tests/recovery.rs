@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::sand_log::last_resume_cursor;
-use common::{TestServer, MIB, RECOVERY_CHUNK_DELAY_ENV};
+use common::{TestServer, MIB, RECOVERY_MAX_RATE};
 use sanblk_proto::client::{AgentClient, Push};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{
@@ -366,7 +366,7 @@ async fn linear_volume_is_copied_from_the_still_readable_failed_device() {
 #[tokio::test]
 async fn writes_during_the_copy_reach_the_new_device() {
     for layout in [Layout::Linear, Layout::Mirror] {
-        let server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "150")]);
+        let server = TestServer::start_with_args(&[RECOVERY_MAX_RATE, "7M"]);
         let size = 16 * MIB;
         let mut setup = setup(&server, layout, size).await;
         let mut data = pattern(3, size as usize);
@@ -441,7 +441,7 @@ async fn writes_during_the_copy_reach_the_new_device() {
 
 #[tokio::test]
 async fn a_killed_server_resumes_the_recovery_from_its_saved_cursor() {
-    let mut server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "100")]);
+    let mut server = TestServer::start_with_args(&[RECOVERY_MAX_RATE, "10M"]);
     let size = 16 * MIB;
     let Failed {
         setup,
@@ -575,7 +575,7 @@ async fn bad_failure_reports_are_refused_and_change_nothing() {
 
 #[tokio::test]
 async fn fail_back_is_refused_while_the_device_is_recovered_and_accepted_otherwise() {
-    let server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "100")]);
+    let server = TestServer::start_with_args(&[RECOVERY_MAX_RATE, "10M"]);
     let mut setup = setup(&server, Layout::Linear, 4 * MIB).await;
     let map = setup.attached.map.clone();
     let failed = map.extents[0].replicas[0].device_uuid;
@@ -628,7 +628,7 @@ async fn fail_back_is_refused_while_the_device_is_recovered_and_accepted_otherwi
 /// already copied; only the part neither holds gets -EIO.
 #[tokio::test]
 async fn reads_during_recovery_fall_back_to_the_target_for_the_copied_part() {
-    let server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "200")]);
+    let server = TestServer::start_with_args(&[RECOVERY_MAX_RATE, "5M"]);
     let size = 16 * MIB;
     let Failed {
         setup,
