@@ -10,8 +10,10 @@ use tokio::net::{tcp, unix, TcpStream, ToSocketAddrs, UnixStream};
 use crate::auth;
 use crate::map::{AccessMode, VolumeMap};
 use crate::protocol::{
-    write_frame, AdminCall, AdminReply, AdminRequest, AgentReply, AgentRequest, ErrorBody,
-    ErrorCode, FrameError, FrameReader, GrantedVolume, RecoveryStatus,
+    write_frame, Ack, AdminCall, AdminReply, AdminRequest, AgentCall, AgentReply, AgentRequest,
+    Attach, Attachment, AuthResponse, Detach, ErrorBody, ErrorCode, FrameError, FrameReader,
+    GrantedVolume, Grow, Hello, ListVolumes, MapUpdate, PathHealedReported, RecoveryStatus, Renew,
+    ReportFailure, ReportPathHealed,
 };
 
 /// Default time to wait for a reply.
@@ -85,16 +87,6 @@ impl AdminClient {
 
 // ---------------------------------------------------------------------------------------------
 
-/// What an attach returns.
-#[derive(Debug, Clone)]
-pub struct Attachment {
-    pub map: VolumeMap,
-    /// Token for the server I/O path (hex of 32 random bytes).
-    pub session_token: String,
-    /// The server's I/O service address as it bound it (may be a wildcard address).
-    pub io_address: Option<String>,
-}
-
 /// An unsolicited frame from the server.
 #[derive(Debug, Clone)]
 pub enum Push {
@@ -142,19 +134,15 @@ impl AgentClient {
             queued_pushes: VecDeque::new(),
         };
         let client_nonce = auth::new_nonce();
-        agent
-            .send(&AgentRequest::Hello {
+        let challenge = agent
+            .call(Hello {
                 client: client.to_string(),
                 client_nonce: hex::encode(client_nonce),
             })
             .await?;
-        let (server_nonce, server_mac) = match agent.receive_reply().await? {
-            AgentReply::Challenge { server_nonce, mac } => (server_nonce, mac),
-            other => return Err(unexpected(&other)),
-        };
-        let server_nonce = hex::decode(server_nonce)
+        let server_nonce = hex::decode(challenge.server_nonce)
             .map_err(|_| ClientError::Protocol("bad server nonce".into()))?;
-        let server_mac = hex::decode(server_mac)
+        let server_mac = hex::decode(challenge.mac)
             .map_err(|_| ClientError::Protocol("bad server proof".into()))?;
         if server_nonce.len() != auth::NONCE_BYTES {
             return Err(ClientError::Protocol(
@@ -166,14 +154,21 @@ impl AgentClient {
         }
         let proof = auth::client_proof(secret, &server_nonce, &client_nonce);
         agent
-            .send(&AgentRequest::AuthResponse {
+            .call(AuthResponse {
                 mac: hex::encode(proof),
             })
             .await?;
-        match agent.receive_reply().await? {
-            AgentReply::AuthOk => Ok(agent),
-            other => Err(unexpected(&other)),
-        }
+        Ok(agent)
+    }
+
+    /// Sends one request and returns its reply (or the server's error). A reply of another
+    /// kind than the request's is a protocol error. Pushes received meanwhile are queued.
+    pub async fn call<R: AgentCall>(&mut self, request: R) -> Result<R::Reply, ClientError> {
+        self.send(&request.into()).await?;
+        let reply = self.receive_reply().await?;
+        R::Reply::try_from(reply).map_err(|other| {
+            ClientError::Protocol(format!("unexpected reply to {}: {other:?}", R::NAME))
+        })
     }
 
     /// Sends a raw request without waiting (used for acks, and by tests for odd sequences).
@@ -185,13 +180,13 @@ impl AgentClient {
 
     /// Waits for the next non-push frame; pushes received meanwhile are queued.
     /// Server errors come back as `ClientError::Server`.
-    pub async fn receive_reply(&mut self) -> Result<AgentReply, ClientError> {
+    async fn receive_reply(&mut self) -> Result<AgentReply, ClientError> {
         loop {
             let frame = tokio::time::timeout(REPLY_TIMEOUT, self.reader.read::<AgentReply>())
                 .await
                 .map_err(|_| ClientError::Timeout(REPLY_TIMEOUT))??;
             match frame {
-                AgentReply::MapUpdate { map } => self.queue(Push::MapUpdate(map)),
+                AgentReply::MapUpdate(MapUpdate { map }) => self.queue(Push::MapUpdate(map)),
                 AgentReply::RecoveryStatus(status) => self.queue(Push::RecoveryStatus(status)),
                 AgentReply::Error(body) => return Err(ClientError::Server(body)),
                 other => return Ok(other),
@@ -200,11 +195,7 @@ impl AgentClient {
     }
 
     pub async fn list_volumes(&mut self) -> Result<Vec<GrantedVolume>, ClientError> {
-        self.send(&AgentRequest::ListVolumes).await?;
-        match self.receive_reply().await? {
-            AgentReply::Volumes { volumes } => Ok(volumes),
-            other => Err(unexpected(&other)),
-        }
+        Ok(self.call(ListVolumes {}).await?.volumes)
     }
 
     pub async fn attach(
@@ -212,40 +203,20 @@ impl AgentClient {
         volume: &str,
         mode: AccessMode,
     ) -> Result<Attachment, ClientError> {
-        self.send(&AgentRequest::Attach {
+        self.call(Attach {
             volume: volume.to_string(),
             mode,
         })
-        .await?;
-        match self.receive_reply().await? {
-            AgentReply::Attached {
-                map,
-                session_token,
-                io_address,
-            } => Ok(Attachment {
-                map,
-                session_token,
-                io_address,
-            }),
-            other => Err(unexpected(&other)),
-        }
+        .await
     }
 
     pub async fn detach(&mut self, volume_id: u64) -> Result<(), ClientError> {
-        self.send(&AgentRequest::Detach { volume_id }).await?;
-        match self.receive_reply().await? {
-            AgentReply::Detached { .. } => Ok(()),
-            other => Err(unexpected(&other)),
-        }
+        self.call(Detach { volume_id }).await.map(drop)
     }
 
     /// Renews the lease; returns the lease duration in milliseconds.
     pub async fn renew(&mut self, volume_id: u64) -> Result<u64, ClientError> {
-        self.send(&AgentRequest::Renew { volume_id }).await?;
-        match self.receive_reply().await? {
-            AgentReply::Renewed { lease_ms, .. } => Ok(lease_ms),
-            other => Err(unexpected(&other)),
-        }
+        Ok(self.call(Renew { volume_id }).await?.lease_ms)
     }
 
     /// Client-requested allocation: grows an rw-attached volume; returns the new map.
@@ -254,20 +225,18 @@ impl AgentClient {
         volume_id: u64,
         new_size_bytes: u64,
     ) -> Result<VolumeMap, ClientError> {
-        self.send(&AgentRequest::Grow {
-            volume_id,
-            new_size_bytes,
-        })
-        .await?;
-        match self.receive_reply().await? {
-            AgentReply::Grown { map } => Ok(map),
-            other => Err(unexpected(&other)),
-        }
+        let grown = self
+            .call(Grow {
+                volume_id,
+                new_size_bytes,
+            })
+            .await?;
+        Ok(grown.map)
     }
 
-    /// Tells the server which epoch this agent now holds.
+    /// Tells the server which epoch this agent now holds (no reply).
     pub async fn ack(&mut self, volume_id: u64, epoch: u64) -> Result<(), ClientError> {
-        self.send(&AgentRequest::Ack { volume_id, epoch }).await
+        self.send(&Ack { volume_id, epoch }.into()).await
     }
 
     /// Reports that this host's path to `device_uuid` failed for an attached volume; the
@@ -279,16 +248,14 @@ impl AgentClient {
         device_uuid: uuid::Uuid,
         reason: &str,
     ) -> Result<RecoveryStatus, ClientError> {
-        self.send(&AgentRequest::ReportFailure {
-            volume_id,
-            device_uuid,
-            reason: reason.to_string(),
-        })
-        .await?;
-        match self.receive_reply().await? {
-            AgentReply::FailureReported { status } => Ok(status),
-            other => Err(unexpected(&other)),
-        }
+        let reported = self
+            .call(ReportFailure {
+                volume_id,
+                device_uuid,
+                reason: reason.to_string(),
+            })
+            .await?;
+        Ok(reported.status)
     }
 
     /// Asks whether this host may fail back to `device_uuid` (its direct path answers again);
@@ -298,15 +265,13 @@ impl AgentClient {
         volume_id: u64,
         device_uuid: uuid::Uuid,
     ) -> Result<(bool, String), ClientError> {
-        self.send(&AgentRequest::ReportPathHealed {
-            volume_id,
-            device_uuid,
-        })
-        .await?;
-        match self.receive_reply().await? {
-            AgentReply::PathHealedReported { accepted, message } => Ok((accepted, message)),
-            other => Err(unexpected(&other)),
-        }
+        let PathHealedReported { accepted, message } = self
+            .call(ReportPathHealed {
+                volume_id,
+                device_uuid,
+            })
+            .await?;
+        Ok((accepted, message))
     }
 
     /// Waits for the next push of any kind (queued ones first). Cancellation safe.
@@ -331,10 +296,12 @@ impl AgentClient {
 
     async fn read_push(&mut self) -> Result<Push, ClientError> {
         match self.reader.read::<AgentReply>().await? {
-            AgentReply::MapUpdate { map } => Ok(Push::MapUpdate(map)),
+            AgentReply::MapUpdate(MapUpdate { map }) => Ok(Push::MapUpdate(map)),
             AgentReply::RecoveryStatus(status) => Ok(Push::RecoveryStatus(status)),
             AgentReply::Error(body) => Err(ClientError::Server(body)),
-            other => Err(unexpected(&other)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected reply while no request is pending: {other:?}"
+            ))),
         }
     }
 
@@ -356,8 +323,4 @@ impl AgentClient {
             }
         }
     }
-}
-
-fn unexpected(reply: &AgentReply) -> ClientError {
-    ClientError::Protocol(format!("unexpected reply {reply:?}"))
 }

@@ -5,7 +5,7 @@
 //! 1. `map` (the serde volume map and its units), `auth` (the handshake's MACs, nonces and the
 //!    client's secret file), `label` (the on-disk device label and its reader).
 //! 2. `protocol`: frames (length-prefixed JSON with a version), agent and admin messages,
-//!    each admin request paired with its reply type.
+//!    each agent and admin request paired with its reply type.
 //! 3. `client`: the admin client (Unix socket) and the agent client (TCP, authenticated).
 
 pub mod auth;

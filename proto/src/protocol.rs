@@ -197,55 +197,102 @@ impl ErrorBody {
 // Agent protocol (TCP, authenticated)
 // ---------------------------------------------------------------------------------------------
 
-/// Frames an agent sends to the server.
+/// An agent request paired with its reply: the server must answer an `R` with an `R::Reply`
+/// (or an error), and the client accepts exactly that (`AgentClient::call`); any other reply
+/// is a protocol error.
+pub trait AgentCall: Into<AgentRequest> {
+    type Reply: Into<AgentReply> + TryFrom<AgentReply, Error = AgentReply>;
+    /// The request's name, for error messages.
+    const NAME: &'static str;
+}
+
+/// Every frame an agent sends, as it travels: `{"type": "attach", ...the request's fields}`.
+/// Requests without fields are empty structs (see [`AdminRequest`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentRequest {
-    /// Step 1 of the handshake: who I am and my fresh nonce (hex, 32 bytes).
-    Hello {
-        client: String,
-        client_nonce: String,
-    },
-    /// Step 3: HMAC(secret, "client" | server_nonce | client_nonce), hex.
-    AuthResponse {
-        mac: String,
-    },
-    /// Volumes this client is granted (names and modes only).
-    ListVolumes,
-    Attach {
-        volume: String,
-        mode: AccessMode,
-    },
-    Detach {
-        volume_id: u64,
-    },
-    /// The agent now holds `epoch` of `volume_id` (answer to a `map_update`).
-    Ack {
-        volume_id: u64,
-        epoch: u64,
-    },
-    Renew {
-        volume_id: u64,
-    },
-    /// Client-requested allocation: grow an rw-attached volume to `new_size_bytes`.
-    Grow {
-        volume_id: u64,
-        new_size_bytes: u64,
-    },
-    /// The client's direct path to `device_uuid` failed for an attached volume: the server
-    /// moves that volume's data off the device (answer: `failure_reported`; progress then
-    /// arrives as `recovery_status` pushes).
-    ReportFailure {
-        volume_id: u64,
-        device_uuid: uuid::Uuid,
-        reason: String,
-    },
-    /// The client's direct path to `device_uuid`, reported failed before, answers again: may
-    /// the client fail back to it? (answer: `path_healed_reported`).
-    ReportPathHealed {
-        volume_id: u64,
-        device_uuid: uuid::Uuid,
-    },
+    Hello(Hello),
+    AuthResponse(AuthResponse),
+    ListVolumes(ListVolumes),
+    Attach(Attach),
+    Detach(Detach),
+    /// Not a call: the server does not answer it.
+    Ack(Ack),
+    Renew(Renew),
+    Grow(Grow),
+    ReportFailure(ReportFailure),
+    ReportPathHealed(ReportPathHealed),
+}
+
+/// Step 1 of the handshake: who I am and my fresh nonce (hex, 32 bytes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    pub client: String,
+    pub client_nonce: String,
+}
+
+/// Step 3: HMAC(secret, "client" | server_nonce | client_nonce), hex.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthResponse {
+    pub mac: String,
+}
+
+/// Volumes this client is granted (names and modes only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListVolumes {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attach {
+    pub volume: String,
+    pub mode: AccessMode,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Detach {
+    pub volume_id: u64,
+}
+
+/// The agent now holds `epoch` of `volume_id` (answer to a [`MapUpdate`]); no reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ack {
+    pub volume_id: u64,
+    pub epoch: u64,
+}
+
+impl From<Ack> for AgentRequest {
+    fn from(ack: Ack) -> AgentRequest {
+        AgentRequest::Ack(ack)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Renew {
+    pub volume_id: u64,
+}
+
+/// Client-requested allocation: grow an rw-attached volume to `new_size_bytes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Grow {
+    pub volume_id: u64,
+    pub new_size_bytes: u64,
+}
+
+/// The client's direct path to `device_uuid` failed for an attached volume: the server
+/// moves that volume's data off the device (progress then arrives as `recovery_status`
+/// pushes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReportFailure {
+    pub volume_id: u64,
+    pub device_uuid: uuid::Uuid,
+    pub reason: String,
+}
+
+/// The client's direct path to `device_uuid`, reported failed before, answers again: may
+/// the client fail back to it?
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReportPathHealed {
+    pub volume_id: u64,
+    pub device_uuid: uuid::Uuid,
 }
 
 /// A volume the authenticated client may attach.
@@ -255,56 +302,151 @@ pub struct GrantedVolume {
     pub mode: AccessMode,
 }
 
-/// Frames the server sends to an agent.
+/// Every frame the server sends to an agent: the reply to a request (tagged with the reply's
+/// own name, e.g. `{"type": "attached", ...}`), an error, or an unsolicited push
+/// (`map_update`, `recovery_status`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentReply {
-    /// Step 2: my nonce and HMAC(secret, "server" | client_nonce | server_nonce), hex.
-    Challenge {
-        server_nonce: String,
-        mac: String,
-    },
-    AuthOk,
-    Volumes {
-        volumes: Vec<GrantedVolume>,
-    },
-    Attached {
-        map: VolumeMap,
-        session_token: String,
-        /// Address of the server's I/O service (the kernel's server path), as bound.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        io_address: Option<String>,
-    },
-    Detached {
-        volume_id: u64,
-    },
-    Renewed {
-        volume_id: u64,
-        lease_ms: u64,
-    },
-    /// Answer to a client `grow`.
-    Grown {
-        map: VolumeMap,
-    },
-    /// Unsolicited: the volume changed; the agent must ack with the epoch.
-    MapUpdate {
-        map: VolumeMap,
-    },
-    /// Answer to `report_failure`: the recovery it started (or the one already running).
-    FailureReported {
-        status: RecoveryStatus,
-    },
-    /// Answer to `report_path_healed`. `accepted`: the client may send I/O direct to the
-    /// device again. Refused while a recovery moves the volume off that device (direct writes
-    /// would bypass the recovery's copy and be missing on the replacement); the recovery
-    /// publishes a map without the device instead.
-    PathHealedReported {
-        accepted: bool,
-        message: String,
-    },
-    /// Unsolicited: progress of a recovery of an attached volume (no ack).
+    Challenge(Challenge),
+    AuthOk(AuthOk),
+    Volumes(Volumes),
+    Attached(Attachment),
+    Detached(Detached),
+    Renewed(Renewed),
+    Grown(Grown),
+    FailureReported(FailureReported),
+    PathHealedReported(PathHealedReported),
+    /// Push: the volume changed; the agent must [`Ack`] the epoch.
+    MapUpdate(MapUpdate),
+    /// Push: progress of a recovery of an attached volume (no ack).
     RecoveryStatus(RecoveryStatus),
     Error(ErrorBody),
+}
+
+/// Step 2 of the handshake: my nonce and HMAC(secret, "server" | client_nonce |
+/// server_nonce), hex.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Challenge {
+    pub server_nonce: String,
+    pub mac: String,
+}
+
+/// The client's proof was right: the connection is authenticated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthOk {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Volumes {
+    pub volumes: Vec<GrantedVolume>,
+}
+
+/// Answer to `attach`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attachment {
+    pub map: VolumeMap,
+    /// Token for the server I/O path (hex of 32 random bytes).
+    pub session_token: String,
+    /// Address of the server's I/O service (the kernel's server path), as bound (may be a
+    /// wildcard address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Detached {
+    pub volume_id: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Renewed {
+    pub volume_id: u64,
+    pub lease_ms: u64,
+}
+
+/// Answer to a client `grow`: the new map.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Grown {
+    pub map: VolumeMap,
+}
+
+/// Answer to `report_failure`: the recovery it started (or the one already running).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailureReported {
+    pub status: RecoveryStatus,
+}
+
+/// Answer to `report_path_healed`. `accepted`: the client may send I/O direct to the device
+/// again. Refused while a recovery moves the volume off that device (direct writes would
+/// bypass the recovery's copy and be missing on the replacement); the recovery publishes a
+/// map without the device instead.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathHealedReported {
+    pub accepted: bool,
+    pub message: String,
+}
+
+/// Push: a new map of an attached volume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MapUpdate {
+    pub map: VolumeMap,
+}
+
+/// Encodes the `map_update` push for `map` without copying the map (the server encodes it
+/// once per change, for every attached client).
+pub fn encode_map_update(map: &VolumeMap) -> Result<Vec<u8>, FrameError> {
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum Push<'a> {
+        MapUpdate { map: &'a VolumeMap },
+    }
+    encode_frame(&Push::MapUpdate { map })
+}
+
+/// Pairs each request with its `AgentRequest` variant (same name) and its reply type with
+/// that type's `AgentReply` variant.
+macro_rules! agent_calls {
+    ($($request:ident => $variant:ident($reply:ident),)*) => {$(
+        impl From<$request> for AgentRequest {
+            fn from(request: $request) -> AgentRequest {
+                AgentRequest::$request(request)
+            }
+        }
+
+        impl From<$reply> for AgentReply {
+            fn from(reply: $reply) -> AgentReply {
+                AgentReply::$variant(reply)
+            }
+        }
+
+        impl TryFrom<AgentReply> for $reply {
+            type Error = AgentReply;
+
+            fn try_from(reply: AgentReply) -> Result<$reply, AgentReply> {
+                match reply {
+                    AgentReply::$variant(reply) => Ok(reply),
+                    other => Err(other),
+                }
+            }
+        }
+
+        impl AgentCall for $request {
+            type Reply = $reply;
+            const NAME: &'static str = stringify!($request);
+        }
+    )*};
+}
+
+agent_calls! {
+    Hello => Challenge(Challenge),
+    AuthResponse => AuthOk(AuthOk),
+    ListVolumes => Volumes(Volumes),
+    Attach => Attached(Attachment),
+    Detach => Detached(Detached),
+    Renew => Renewed(Renewed),
+    Grow => Grown(Grown),
+    ReportFailure => FailureReported(FailureReported),
+    ReportPathHealed => PathHealedReported(PathHealedReported),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -589,6 +731,86 @@ mod tests {
             matches!(decoded, Ok(AdminRequest::RecoveryList(RecoveryList {}))),
             "{decoded:?}"
         );
+    }
+
+    /// Decodes `json` (plus the version field) as a frame payload, re-encodes the result and
+    /// checks that the same JSON comes back: the typed messages keep the agent protocol's wire
+    /// form, so agents and servers of either side of the change interoperate.
+    fn same_on_the_wire<T: Serialize + DeserializeOwned>(json: serde_json::Value) {
+        let mut payload = json.clone();
+        if let Some(object) = payload.as_object_mut() {
+            object.insert("v".into(), PROTOCOL_VERSION.into());
+        }
+        let bytes = serde_json::to_vec(&payload).unwrap_or_default();
+        let decoded = decode_payload::<T>(&bytes).unwrap_or_else(|e| panic!("{json}: {e}"));
+        assert_eq!(serde_json::to_value(&decoded).ok(), Some(json));
+    }
+
+    #[test]
+    fn agent_requests_keep_their_wire_form() {
+        let device = "6f1c2e0a-5b7d-4c1e-9a3f-2d4b6c8e0f12";
+        for request in [
+            serde_json::json!({ "type": "hello", "client": "host1", "client_nonce": "00ff" }),
+            serde_json::json!({ "type": "auth_response", "mac": "abcd" }),
+            serde_json::json!({ "type": "list_volumes" }),
+            serde_json::json!({ "type": "attach", "volume": "db1", "mode": "rw" }),
+            serde_json::json!({ "type": "detach", "volume_id": 3 }),
+            serde_json::json!({ "type": "ack", "volume_id": 3, "epoch": 7 }),
+            serde_json::json!({ "type": "renew", "volume_id": 3 }),
+            serde_json::json!({ "type": "grow", "volume_id": 3, "new_size_bytes": 8192 }),
+            serde_json::json!({
+                "type": "report_failure", "volume_id": 3, "device_uuid": device, "reason": "EIO"
+            }),
+            serde_json::json!({ "type": "report_path_healed", "volume_id": 3, "device_uuid": device }),
+        ] {
+            same_on_the_wire::<AgentRequest>(request);
+        }
+    }
+
+    #[test]
+    fn agent_replies_keep_their_wire_form() {
+        let status = serde_json::json!({
+            "volume_id": 3, "volume_name": "db1",
+            "device_uuid": "6f1c2e0a-5b7d-4c1e-9a3f-2d4b6c8e0f12", "state": "copying",
+            "percent": 50.0, "bytes_done": 1024, "bytes_total": 2048, "eta_seconds": null,
+            "message": "copying"
+        });
+        let mut pushed = status.clone();
+        if let Some(object) = pushed.as_object_mut() {
+            object.insert("type".into(), "recovery_status".into());
+        }
+        for reply in [
+            serde_json::json!({ "type": "challenge", "server_nonce": "00ff", "mac": "abcd" }),
+            serde_json::json!({ "type": "auth_ok" }),
+            serde_json::json!({ "type": "volumes", "volumes": [{ "name": "db1", "mode": "ro" }] }),
+            serde_json::json!({ "type": "detached", "volume_id": 3 }),
+            serde_json::json!({ "type": "renewed", "volume_id": 3, "lease_ms": 30000 }),
+            serde_json::json!({ "type": "failure_reported", "status": status }),
+            serde_json::json!({ "type": "path_healed_reported", "accepted": false, "message": "no" }),
+            serde_json::json!({ "type": "error", "code": "not_found", "message": "no such volume" }),
+            pushed,
+        ] {
+            same_on_the_wire::<AgentReply>(reply);
+        }
+    }
+
+    #[test]
+    fn an_agent_reply_of_another_kind_is_not_taken_for_the_one_asked_for() {
+        let renewed = AgentReply::from(Renewed {
+            volume_id: 3,
+            lease_ms: 30_000,
+        });
+        assert!(matches!(
+            <Detach as AgentCall>::Reply::try_from(renewed.clone()),
+            Err(AgentReply::Renewed(_))
+        ));
+        assert!(matches!(
+            <Renew as AgentCall>::Reply::try_from(renewed),
+            Ok(Renewed {
+                lease_ms: 30_000,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -22,8 +22,8 @@ pub struct SandServer {
     pub dir: PathBuf,
     pub admin_socket: PathBuf,
     pub port: u16,
-    /// Extra environment of the server process (kept for restarts).
-    env: Vec<(String, String)>,
+    /// Extra command-line arguments of the server process (kept for restarts).
+    args: Vec<String>,
 }
 
 /// A loopback port free at the time of asking.
@@ -34,27 +34,24 @@ pub fn free_port() -> std::io::Result<u16> {
 impl SandServer {
     /// Starts `sand` with its metadata under `dir` and waits for its admin socket.
     pub fn start(dir: &Path) -> Result<SandServer, String> {
-        SandServer::start_with_env(dir, &[])
+        SandServer::start_with_args(dir, &[])
     }
 
-    /// As [`SandServer::start`], with extra environment variables for `sand` (such as
-    /// `SAND_RECOVERY_CHUNK_DELAY_MS`), kept across restarts.
-    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Result<SandServer, String> {
+    /// As [`SandServer::start`], with extra command-line arguments for `sand` (such as
+    /// `--recovery-max-rate 1M`), kept across restarts.
+    pub fn start_with_args(dir: &Path, args: &[&str]) -> Result<SandServer, String> {
         let port = free_port().map_err(|e| format!("free port: {e}"))?;
         let metadata = dir.join("sand-metadata");
         std::fs::create_dir_all(&metadata).map_err(|e| format!("{}: {e}", metadata.display()))?;
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         // The I/O port is written to io.addr; a fixed port+1 could clash with another test.
-        let child = spawn_sand(dir, port, 0, &env)?;
+        let child = spawn_sand(dir, port, 0, &args)?;
         let mut server = SandServer {
             child,
             dir: dir.to_path_buf(),
             admin_socket: metadata.join("admin.sock"),
             port,
-            env,
+            args,
         };
         server.wait_ready()?;
         Ok(server)
@@ -76,7 +73,7 @@ impl SandServer {
         // A killed sand leaves these behind: wait for the new ones.
         let _ = std::fs::remove_file(&self.admin_socket);
         let _ = std::fs::remove_file(self.dir.join("sand-metadata").join("io.addr"));
-        self.child = spawn_sand(&self.dir, self.port, io_port, &self.env)?;
+        self.child = spawn_sand(&self.dir, self.port, io_port, &self.args)?;
         self.wait_ready()?;
         self.io_port().map(|_| ())
     }
@@ -204,14 +201,9 @@ impl Drop for SandServer {
     }
 }
 
-/// Spawns `sand` on `dir/sand-metadata`, appending to `dir/sand.log`; `io_port` 0 lets it
-/// pick one.
-fn spawn_sand(
-    dir: &Path,
-    port: u16,
-    io_port: u16,
-    env: &[(String, String)],
-) -> Result<Child, String> {
+/// Spawns `sand` on `dir/sand-metadata` with `args` added, appending to `dir/sand.log`;
+/// `io_port` 0 lets it pick one.
+fn spawn_sand(dir: &Path, port: u16, io_port: u16, args: &[String]) -> Result<Child, String> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -225,8 +217,8 @@ fn spawn_sand(
         .arg(format!("127.0.0.1:{port}"))
         .arg("--io-listen")
         .arg(format!("127.0.0.1:{io_port}"))
+        .args(args)
         .env("RUST_LOG", "info")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
@@ -247,13 +239,13 @@ pub struct Provisioned {
     pub spare: Option<uuid::Uuid>,
 }
 
-/// Starts `sand` (with `env`) in scratch dir `name`; a 64 MiB `san0.img` in the pool holds
+/// Starts `sand` (with `sand_args` added) in scratch dir `name`; a 64 MiB `san0.img` in the pool holds
 /// every volume (16 MiB each); with `spare`, `san1.img` joins the pool only after the volumes
 /// exist, so it is free for a recovery.
-pub fn provision(name: &str, env: &[(&str, &str)], volumes: &[&str], spare: bool) -> Provisioned {
+pub fn provision(name: &str, sand_args: &[&str], volumes: &[&str], spare: bool) -> Provisioned {
     const IMAGE_BYTES: u64 = 64 << 20;
     let dir = scratch_dir(name).expect("scratch dir");
-    let server = SandServer::start_with_env(&dir, env).expect("sand started");
+    let server = SandServer::start_with_args(&dir, sand_args).expect("sand started");
     let image = |i: usize| {
         let path = dir.join(format!("san{i}.img"));
         sparse_image(&path, IMAGE_BYTES).expect("image");

@@ -25,9 +25,9 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(name: &str, env: &[(&str, &str)]) -> Setup {
+    fn new(name: &str, sand_args: &[&str]) -> Setup {
         // The volume lands on san0 (the only device when it is created); san1 is the spare.
-        let provisioned = provision(name, env, &["vrec"], true);
+        let provisioned = provision(name, sand_args, &["vrec"], true);
         Setup {
             spare: provisioned.spare.expect("san1 in pool"),
             provisioned,
@@ -151,7 +151,8 @@ cmp /tmp/back $D/expected.pattern"#;
 fn reads_right_after_the_failure_during_recovery_return_the_data() {
     let setup = Setup::new(
         "recovery-read-first",
-        &[("SAND_RECOVERY_CHUNK_DELAY_MS", "300")],
+        // About 300 ms per 1 MiB chunk.
+        &["--recovery-max-rate", "3400K"],
     );
     let before = blocks::pattern("readfirst", 1, VOLUME);
     setup.file("before.pattern", &before);
@@ -240,7 +241,8 @@ fn assert_direct_after_recovery(recovered: &serde_json::Value, later: &serde_jso
 fn server_killed_mid_recovery_restarts_and_finishes_it() {
     let mut setup = Setup::new(
         "recovery-restart",
-        &[("SAND_RECOVERY_CHUNK_DELAY_MS", "1000")],
+        // A second per 1 MiB chunk.
+        &["--recovery-max-rate", "1M"],
     );
     // A second volume, on the healthy spare (the device with the most free space).
     setup.server().sanctl(&["volume", "create", "vok", "4M"]);

@@ -276,10 +276,11 @@ test ! -e /dev/sanblk0"#;
 /// until the recovery publishes a map without it, and every block is on the new disk.
 #[test]
 fn healed_path_is_not_failed_back_while_a_recovery_runs() {
-    // Slow copying, so the path heals while the recovery runs; san1 is the spare.
+    // Slow copying (3 s per 1 MiB chunk), so the path heals while the recovery runs; san1 is
+    // the spare.
     let setup = provision(
         "redirect-failback-recovering",
-        &[("SAND_RECOVERY_CHUNK_DELAY_MS", "3000")],
+        &["--recovery-max-rate", "341K"],
         &["vrun"],
         true,
     );

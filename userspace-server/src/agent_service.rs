@@ -16,8 +16,10 @@ use tokio::task::JoinHandle;
 use sanblk_proto::auth;
 use sanblk_proto::map::{AccessMode, VolumeMap};
 use sanblk_proto::protocol::{
-    write_frame, AgentReply, AgentRequest, ErrorBody, ErrorCode, FrameError, FrameReader,
-    GrantedVolume,
+    write_frame, Ack, AgentCall, AgentReply, AgentRequest, Attach, Attachment, AuthOk,
+    AuthResponse, Challenge, Detach, Detached, ErrorBody, ErrorCode, FailureReported, FrameError,
+    FrameReader, GrantedVolume, Grow, Grown, Hello, ListVolumes, PathHealedReported, Renew,
+    Renewed, ReportFailure, ReportPathHealed, Volumes,
 };
 
 use crate::recovery;
@@ -183,6 +185,11 @@ async fn send_bytes_within(
         .map_err(FrameError::from)
 }
 
+/// The answer to an `R`: its reply, or the error.
+fn reply<R: AgentCall>(result: ServiceResult<R::Reply>) -> AgentReply {
+    result.map_or_else(AgentReply::Error, Into::into)
+}
+
 /// Runs the server side of the mutual challenge–response handshake; returns the client name.
 async fn authenticate(
     reader: &mut FrameReader<OwnedReadHalf>,
@@ -191,11 +198,11 @@ async fn authenticate(
 ) -> ServiceResult<String> {
     let failed = || ErrorBody::new(ErrorCode::AuthenticationFailed, AUTH_FAILED);
     let bad_frame = |e: FrameError| ErrorBody::new(ErrorCode::BadFrame, e.to_string());
-    let (client, client_nonce) = match reader.read::<AgentRequest>().await.map_err(bad_frame)? {
-        AgentRequest::Hello {
-            client,
-            client_nonce,
-        } => (client, client_nonce),
+    let Hello {
+        client,
+        client_nonce,
+    } = match reader.read::<AgentRequest>().await.map_err(bad_frame)? {
+        AgentRequest::Hello(hello) => hello,
         _ => return Err(ErrorBody::new(ErrorCode::BadRequest, "expected hello")),
     };
     let client_nonce = hex::decode(&client_nonce)
@@ -219,20 +226,24 @@ async fn authenticate(
         .clone()
         .unwrap_or_else(|| auth::random_bytes::<{ auth::SECRET_BYTES }>().to_vec());
     let server_nonce = auth::new_nonce();
-    let challenge = AgentReply::Challenge {
+    let challenge = Challenge {
         server_nonce: hex::encode(server_nonce),
         mac: hex::encode(auth::server_proof(&key, &client_nonce, &server_nonce)),
     };
-    write_frame(writer, &challenge).await.map_err(bad_frame)?;
+    write_frame(writer, &reply::<Hello>(Ok(challenge)))
+        .await
+        .map_err(bad_frame)?;
     let proof = match reader.read::<AgentRequest>().await.map_err(bad_frame)? {
-        AgentRequest::AuthResponse { mac } => hex::decode(mac).map_err(|_| failed())?,
+        AgentRequest::AuthResponse(AuthResponse { mac }) => {
+            hex::decode(mac).map_err(|_| failed())?
+        }
         _ => return Err(failed()),
     };
     match secret {
         Some(secret)
             if auth::verify_client_proof(&secret, &server_nonce, &client_nonce, &proof) =>
         {
-            write_frame(writer, &AgentReply::AuthOk)
+            write_frame(writer, &reply::<AuthResponse>(Ok(AuthOk {})))
                 .await
                 .map_err(bad_frame)?;
             Ok(client)
@@ -266,70 +277,35 @@ impl Session {
         true
     }
 
+    /// Runs one request and returns its answer (none for an ack). Each handler returns the
+    /// reply type its request is paired with (`AgentCall::Reply`), which `reply::<Request>`
+    /// checks.
     async fn handle(&mut self, request: AgentRequest) -> Option<AgentReply> {
-        let outcome = match request {
-            AgentRequest::Ack { volume_id, epoch } => {
+        Some(match request {
+            AgentRequest::Ack(Ack { volume_id, epoch }) => {
                 self.state.record_ack(self.connection, volume_id, epoch);
                 return None;
             }
-            AgentRequest::Hello { .. } | AgentRequest::AuthResponse { .. } => Err(ErrorBody::new(
-                ErrorCode::BadRequest,
-                "already authenticated",
-            )),
-            AgentRequest::ListVolumes => self.list_volumes().await,
-            AgentRequest::Attach { volume, mode } => self.attach(volume, mode).await,
-            AgentRequest::Detach { volume_id } => {
-                if let Some(forwarder) = self.forwarders.remove(&volume_id) {
-                    forwarder.abort();
-                }
-                self.sent_epochs.remove(&volume_id);
-                if self.state.detach(self.connection, volume_id) {
-                    let client = self.client.clone();
-                    let forgotten = blocking(&self.state, move |s| {
-                        s.store
-                            .delete_sessions(|p| p.client == client && p.volume_id == volume_id)
-                    });
-                    if let Err(error) = forgotten.await {
-                        warn!("volume {volume_id}: forgetting the session token: {error}");
-                    }
-                    Ok(AgentReply::Detached { volume_id })
-                } else {
-                    Err(ErrorBody::new(
-                        ErrorCode::NotFound,
-                        "not attached to that volume",
-                    ))
-                }
+            AgentRequest::Hello(_) | AgentRequest::AuthResponse(_) => AgentReply::Error(
+                ErrorBody::new(ErrorCode::BadRequest, "already authenticated"),
+            ),
+            AgentRequest::ListVolumes(ListVolumes {}) => {
+                reply::<ListVolumes>(self.list_volumes().await)
             }
-            AgentRequest::Renew { volume_id } => {
-                match self.state.attachment_mode(self.connection, volume_id) {
-                    Some(_) => Ok(AgentReply::Renewed {
-                        volume_id,
-                        lease_ms: self.state.config.lease_ms,
-                    }),
-                    None => Err(ErrorBody::new(
-                        ErrorCode::NotFound,
-                        "not attached to that volume",
-                    )),
-                }
+            AgentRequest::Attach(request) => reply::<Attach>(self.attach(request).await),
+            AgentRequest::Detach(request) => reply::<Detach>(self.detach(request).await),
+            AgentRequest::Renew(request) => reply::<Renew>(self.renew(request)),
+            AgentRequest::Grow(request) => reply::<Grow>(self.grow(request).await),
+            AgentRequest::ReportFailure(request) => {
+                reply::<ReportFailure>(self.report_failure(request).await)
             }
-            AgentRequest::Grow {
-                volume_id,
-                new_size_bytes,
-            } => self.grow(volume_id, new_size_bytes).await,
-            AgentRequest::ReportFailure {
-                volume_id,
-                device_uuid,
-                reason,
-            } => self.report_failure(volume_id, device_uuid, reason).await,
-            AgentRequest::ReportPathHealed {
-                volume_id,
-                device_uuid,
-            } => self.report_path_healed(volume_id, device_uuid).await,
-        };
-        Some(outcome.unwrap_or_else(AgentReply::Error))
+            AgentRequest::ReportPathHealed(request) => {
+                reply::<ReportPathHealed>(self.report_path_healed(request).await)
+            }
+        })
     }
 
-    async fn list_volumes(&self) -> ServiceResult<AgentReply> {
+    async fn list_volumes(&self) -> ServiceResult<Volumes> {
         let client = self.client.clone();
         let volumes = blocking(&self.state, move |s| -> StoreResult<_> {
             let Some(record) = s.store.client(&client)? else {
@@ -348,10 +324,11 @@ impl Session {
                 .collect())
         })
         .await?;
-        Ok(AgentReply::Volumes { volumes })
+        Ok(Volumes { volumes })
     }
 
-    async fn attach(&mut self, volume: String, mode: AccessMode) -> ServiceResult<AgentReply> {
+    async fn attach(&mut self, request: Attach) -> ServiceResult<Attachment> {
+        let Attach { volume, mode } = request;
         let client = self.client.clone();
         // Same answer whether the volume does not exist or is not granted: a client learns
         // nothing about volumes it may not see.
@@ -429,14 +406,50 @@ impl Session {
             self.client, grant.map.name, grant.map.epoch
         );
         self.sent_epochs.insert(volume_id, grant.map.epoch);
-        Ok(AgentReply::Attached {
+        Ok(Attachment {
             map: grant.map,
             session_token,
             io_address: Some(self.state.config.io_listen.to_string()),
         })
     }
 
-    async fn grow(&mut self, volume_id: u64, new_size_bytes: u64) -> ServiceResult<AgentReply> {
+    async fn detach(&mut self, request: Detach) -> ServiceResult<Detached> {
+        let Detach { volume_id } = request;
+        if let Some(forwarder) = self.forwarders.remove(&volume_id) {
+            forwarder.abort();
+        }
+        self.sent_epochs.remove(&volume_id);
+        if !self.state.detach(self.connection, volume_id) {
+            return Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                "not attached to that volume",
+            ));
+        }
+        let client = self.client.clone();
+        let forgotten = blocking(&self.state, move |s| {
+            s.store
+                .delete_sessions(|p| p.client == client && p.volume_id == volume_id)
+        });
+        if let Err(error) = forgotten.await {
+            warn!("volume {volume_id}: forgetting the session token: {error}");
+        }
+        Ok(Detached { volume_id })
+    }
+
+    fn renew(&self, request: Renew) -> ServiceResult<Renewed> {
+        let Renew { volume_id } = request;
+        self.require_attached(volume_id)?;
+        Ok(Renewed {
+            volume_id,
+            lease_ms: self.state.config.lease_ms,
+        })
+    }
+
+    async fn grow(&mut self, request: Grow) -> ServiceResult<Grown> {
+        let Grow {
+            volume_id,
+            new_size_bytes,
+        } = request;
         if self.state.attachment_mode(self.connection, volume_id) != Some(AccessMode::Rw) {
             return Err(ErrorBody::new(
                 ErrorCode::NotGranted,
@@ -454,7 +467,7 @@ impl Session {
         );
         let map = record.map(self.state.config.lease_ms);
         self.learns(&map);
-        Ok(AgentReply::Grown { map })
+        Ok(Grown { map })
     }
 
     fn require_attached(&self, volume_id: u64) -> ServiceResult<()> {
@@ -469,9 +482,12 @@ impl Session {
 
     async fn report_path_healed(
         &mut self,
-        volume_id: u64,
-        device_uuid: uuid::Uuid,
-    ) -> ServiceResult<AgentReply> {
+        request: ReportPathHealed,
+    ) -> ServiceResult<PathHealedReported> {
+        let ReportPathHealed {
+            volume_id,
+            device_uuid,
+        } = request;
         self.require_attached(volume_id)?;
         let (accepted, message) =
             recovery::report_path_healed(&self.state, volume_id, device_uuid).await?;
@@ -480,15 +496,15 @@ impl Session {
             self.client,
             if accepted { "fail-back accepted" } else { "fail-back refused" }
         );
-        Ok(AgentReply::PathHealedReported { accepted, message })
+        Ok(PathHealedReported { accepted, message })
     }
 
-    async fn report_failure(
-        &mut self,
-        volume_id: u64,
-        device_uuid: uuid::Uuid,
-        reason: String,
-    ) -> ServiceResult<AgentReply> {
+    async fn report_failure(&mut self, request: ReportFailure) -> ServiceResult<FailureReported> {
+        let ReportFailure {
+            volume_id,
+            device_uuid,
+            reason,
+        } = request;
         self.require_attached(volume_id)?;
         // Bounded, so a client cannot make the record (and the logs) huge.
         let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
@@ -497,7 +513,7 @@ impl Session {
             self.client
         );
         let status = recovery::report_failure(&self.state, volume_id, device_uuid, reason).await?;
-        Ok(AgentReply::FailureReported { status })
+        Ok(FailureReported { status })
     }
 
     /// Ends the connection's attachments. Unless the server is shutting down, their persisted

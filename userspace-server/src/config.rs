@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use sanblk_proto::map::DEFAULT_LEASE_MS;
+use sanblk_proto::map::{parse_size, DEFAULT_LEASE_MS};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 pub const DEFAULT_METADATA_DIR: &str = "/var/lib/sand";
@@ -25,7 +25,7 @@ pub const SECRETS_FILE: &str = "secrets.redb";
     name = "sand",
     version,
     about = "sanblk server: storage pool, volumes, clients and volume maps",
-    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n\nConfig file keys (TOML): listen, io_listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, frame_timeout_ms, lease_ms. Logging: RUST_LOG=debug."
+    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n  sand --config /etc/sand.toml --recovery-max-rate 200M   # cap rebuild copying at 200 MiB/s\n\nConfig file keys (TOML): listen, io_listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, frame_timeout_ms, lease_ms, recovery_max_rate. Logging: RUST_LOG=debug."
 )]
 pub struct Flags {
     /// TOML configuration file.
@@ -57,6 +57,11 @@ pub struct Flags {
     /// Lease duration put in every map.
     #[arg(long)]
     pub lease_ms: Option<u64>,
+    /// Most bytes per second a recovery copies, per recovering volume, so rebuilding onto a
+    /// spare leaves the SAN devices' bandwidth to the clients (as md's sync_speed_max does);
+    /// binary units, e.g. 200M or 512K. Default and 0: no limit.
+    #[arg(long, value_name = "BYTES_PER_S", value_parser = parse_size)]
+    pub recovery_max_rate: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +75,27 @@ struct FileConfig {
     handshake_timeout_ms: Option<u64>,
     frame_timeout_ms: Option<u64>,
     lease_ms: Option<u64>,
+    /// Bytes per second: a number, or a string with a unit ("200M").
+    recovery_max_rate: Option<Rate>,
+}
+
+/// A rate in the config file: `recovery_max_rate = 1048576` or `recovery_max_rate = "1M"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Rate {
+    BytesPerSecond(u64),
+    WithUnit(String),
+}
+
+impl Rate {
+    fn bytes_per_second(self) -> anyhow::Result<u64> {
+        match self {
+            Rate::BytesPerSecond(rate) => Ok(rate),
+            Rate::WithUnit(text) => {
+                parse_size(&text).map_err(|e| anyhow::anyhow!("recovery_max_rate: {e}"))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +108,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub frame_timeout: Duration,
     pub lease_ms: u64,
+    /// Most bytes per second one recovery copies; `None`: as fast as the devices go.
+    pub recovery_max_rate: Option<u64>,
 }
 
 impl Config {
@@ -96,6 +124,13 @@ impl Config {
             .or(file.metadata_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_METADATA_DIR));
         let listen = flags.listen.or(file.listen).unwrap_or(default_listen);
+        let recovery_max_rate = match flags.recovery_max_rate {
+            Some(rate) => Some(rate),
+            None => file
+                .recovery_max_rate
+                .map(Rate::bytes_per_second)
+                .transpose()?,
+        };
         Ok(Config {
             listen,
             io_listen: flags
@@ -123,6 +158,7 @@ impl Config {
                     .unwrap_or(DEFAULT_FRAME_TIMEOUT_MS),
             ),
             lease_ms: flags.lease_ms.or(file.lease_ms).unwrap_or(DEFAULT_LEASE_MS),
+            recovery_max_rate: recovery_max_rate.filter(|rate| *rate > 0),
             metadata_dir,
         })
     }
@@ -231,6 +267,46 @@ mod tests {
         assert_eq!(
             config(Flags::default()).io_listen.to_string(),
             "127.0.0.1:7701"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn recovery_max_rate_comes_from_flags_then_file_and_0_means_no_limit() {
+        let dir = std::env::temp_dir().join(format!("sand-rate-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.join("sand.toml");
+        let config = |flags: Flags| Config::from_flags(flags).map(|c| c.recovery_max_rate);
+        assert_eq!(config(Flags::default()).ok(), Some(None));
+        for (text, rate) in [
+            ("\"200M\"", Some(200 << 20)),
+            ("4096", Some(4096)),
+            ("0", None),
+        ] {
+            std::fs::write(&file, format!("recovery_max_rate = {text}\n"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let from_file = config(Flags {
+                config: Some(file.clone()),
+                ..Flags::default()
+            });
+            assert_eq!(from_file.ok(), Some(rate), "{text}");
+        }
+        let overridden = config(Flags {
+            config: Some(file.clone()),
+            recovery_max_rate: Some(1 << 20),
+            ..Flags::default()
+        });
+        assert_eq!(overridden.ok(), Some(Some(1 << 20)));
+        std::fs::write(&file, "recovery_max_rate = \"fast\"\n").unwrap_or_else(|e| panic!("{e}"));
+        assert!(config(Flags {
+            config: Some(file),
+            ..Flags::default()
+        })
+        .is_err());
+        let parsed = Flags::try_parse_from(["sand", "--recovery-max-rate", "512K"]);
+        assert_eq!(
+            parsed.ok().and_then(|f| f.recovery_max_rate),
+            Some(512 << 10)
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -8,7 +8,9 @@
 //!    or, without one, from the failed device through the server's own path (the client's path
 //!    failed, the server's may not have). Every [`SAVE_INTERVAL`] (or [`MAX_UNSAVED_CHUNKS`]
 //!    chunks, whichever comes first) the targets are synced and the cursor is saved (one
-//!    transaction), so a restarted server resumes there, re-copying at most that much.
+//!    transaction), so a restarted server resumes there, re-copying at most that much. With
+//!    `--recovery-max-rate`, each chunk takes at least its share of the rate (a pause after
+//!    it), so a rebuild leaves the devices' bandwidth to the clients.
 //! 3. Done: one transaction replaces the failed replicas by the targets, bumps the epoch and
 //!    deletes the record; the new map is published and a `done` status pushed.
 //!
@@ -41,8 +43,6 @@ pub const SAVE_INTERVAL: Duration = Duration::from_millis(500);
 pub const MAX_UNSAVED_CHUNKS: u64 = 64;
 /// Shortest interval between two `copying` status pushes.
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
-/// Test-only: milliseconds to sleep after every chunk, so tests can act mid-recovery.
-const CHUNK_DELAY_ENV: &str = "SAND_RECOVERY_CHUNK_DELAY_MS";
 
 /// Volumes whose copy job runs in this process.
 fn running() -> &'static Mutex<HashSet<u64>> {
@@ -313,6 +313,15 @@ async fn run_blocking<T: Send + 'static>(
 
 type JobError = (Progress, String);
 
+/// How long to wait after a chunk of `length` bytes that took `took` (copy, sync and save),
+/// so that the copy stays at or below `max_rate` bytes per second over every chunk; `None`
+/// without a limit or when the chunk took that long already.
+fn pause_after_chunk(length: u64, took: Duration, max_rate: Option<u64>) -> Option<Duration> {
+    let rate = max_rate.filter(|rate| *rate > 0)?;
+    let budget = Duration::from_secs_f64(length as f64 / rate as f64);
+    budget.checked_sub(took).filter(|pause| !pause.is_zero())
+}
+
 async fn run_job(
     state: &Arc<ServerState>,
     record: RecoveryRecord,
@@ -329,11 +338,7 @@ async fn run_job(
     // Barrier: writes planned before the registration finish before anything is copied.
     drop(gate.lock.write().await);
 
-    let delay = std::env::var(CHUNK_DELAY_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|ms| *ms > 0)
-        .map(Duration::from_millis);
+    let max_rate = state.config.recovery_max_rate;
     let devices = Arc::new(DeviceTable::new(state.store.clone()));
     let segments = Arc::new(record.segments);
     let total = progress.bytes_total;
@@ -349,6 +354,7 @@ async fn run_job(
         .recoveries
         .set_status(progress.status(RecoveryState::Copying, String::new()));
     while let Some((index, inside)) = locate(&segments, cursor) {
+        let chunk_started = Instant::now();
         let Some(segment_length) = segments.get(index).map(|s| s.length) else {
             break;
         };
@@ -401,8 +407,8 @@ async fn run_job(
                 .set_status(progress.status(RecoveryState::Copying, String::new()));
             last_push = Instant::now();
         }
-        match delay {
-            Some(delay) => tokio::time::sleep(delay).await,
+        match pause_after_chunk(length, chunk_started.elapsed(), max_rate) {
+            Some(pause) => tokio::time::sleep(pause).await,
             None => tokio::task::yield_now().await,
         }
     }
@@ -446,5 +452,24 @@ mod tests {
         assert_eq!(locate(&segments, 0), Some((0, 0)));
         assert_eq!(locate(&segments, (1 << 20) + 4096), Some((1, 4096)));
         assert_eq!(locate(&segments, 2 << 20), None);
+    }
+
+    #[test]
+    fn chunks_are_paced_to_the_max_rate() {
+        let ms = Duration::from_millis;
+        // 1 MiB at 1 MiB/s takes a second: what the copy did not use is waited.
+        assert_eq!(
+            pause_after_chunk(1 << 20, ms(300), Some(1 << 20)),
+            Some(ms(700))
+        );
+        // A short chunk (end of a segment) gets its share only.
+        assert_eq!(
+            pause_after_chunk(256 << 10, ms(0), Some(1 << 20)),
+            Some(ms(250))
+        );
+        // Slower than the limit already, or no limit: no pause.
+        assert_eq!(pause_after_chunk(1 << 20, ms(1500), Some(1 << 20)), None);
+        assert_eq!(pause_after_chunk(1 << 20, ms(0), None), None);
+        assert_eq!(pause_after_chunk(1 << 20, ms(0), Some(0)), None);
     }
 }

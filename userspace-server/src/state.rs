@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{oneshot, watch, Notify, Semaphore};
 
 use sanblk_proto::map::{AccessMode, VolumeMap};
-use sanblk_proto::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode};
+use sanblk_proto::protocol::{encode_map_update, AttachmentInfo, ErrorBody, ErrorCode};
 
 use crate::config::Config;
 use crate::service_error::ServiceResult;
@@ -48,11 +48,10 @@ pub struct PublishedMap {
 
 impl PublishedMap {
     pub fn new(map: VolumeMap) -> Arc<PublishedMap> {
-        // Same JSON as `AgentReply::MapUpdate { map }`, built from a reference. Encoding fails
-        // only beyond the frame limit, which the allocator's extent counts stay far below; an
-        // empty frame is then not sent (the client still gets the map on its next attach).
-        let update = serde_json::json!({ "type": "map_update", "map": &map });
-        let update_frame = encode_frame(&update).unwrap_or_default();
+        // Encoding fails only beyond the frame limit, which the allocator's extent counts stay
+        // far below; an empty frame is then not sent (the client still gets the map on its
+        // next attach).
+        let update_frame = encode_map_update(&map).unwrap_or_default();
         Arc::new(PublishedMap { map, update_frame })
     }
 }

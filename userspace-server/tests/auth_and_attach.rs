@@ -9,8 +9,8 @@ use sanblk_proto::auth;
 use sanblk_proto::client::{AgentClient, ClientError};
 use sanblk_proto::map::AccessMode;
 use sanblk_proto::protocol::{
-    write_frame, AgentReply, AgentRequest, ClientRemove, ErrorCode, FrameReader, VolumeDelete,
-    VolumeDetail, VolumeGrow, VolumeShow,
+    write_frame, AgentReply, AgentRequest, Attach, AuthResponse, Challenge, ClientRemove,
+    ErrorCode, FrameReader, Hello, ListVolumes, VolumeDelete, VolumeDetail, VolumeGrow, VolumeShow,
 };
 use tokio::net::TcpStream;
 
@@ -83,21 +83,21 @@ async fn wrong_secret_and_unknown_client_fail_alike() {
     let mut messages = Vec::new();
     for name in ["host1", "nobody"] {
         let (mut reader, mut writer) = raw_connection(&server).await;
-        let hello = AgentRequest::Hello {
+        let hello = AgentRequest::from(Hello {
             client: name.into(),
             client_nonce: hex::encode(auth::new_nonce()),
-        };
+        });
         write_frame(&mut writer, &hello)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let challenge: AgentReply = reader.read().await.unwrap_or_else(|e| panic!("{e}"));
         assert!(
-            matches!(challenge, AgentReply::Challenge { .. }),
+            matches!(challenge, AgentReply::Challenge(_)),
             "{challenge:?}"
         );
-        let guess = AgentRequest::AuthResponse {
+        let guess = AgentRequest::from(AuthResponse {
             mac: hex::encode([7u8; 32]),
-        };
+        });
         write_frame(&mut writer, &guess)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -138,37 +138,37 @@ async fn a_replayed_response_is_rejected() {
         .volume_with_client("vol", MIB, "host1", AccessMode::Rw)
         .await;
     let client_nonce = auth::new_nonce();
-    let hello = AgentRequest::Hello {
+    let hello = AgentRequest::from(Hello {
         client: "host1".into(),
         client_nonce: hex::encode(client_nonce),
-    };
+    });
 
     // A legitimate handshake, recorded by an eavesdropper.
     let (mut reader, mut writer) = raw_connection(&server).await;
     write_frame(&mut writer, &hello)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let Ok(AgentReply::Challenge { server_nonce, .. }) = reader.read().await else {
+    let Ok(AgentReply::Challenge(Challenge { server_nonce, .. })) = reader.read().await else {
         panic!("no challenge")
     };
     let server_nonce = hex::decode(server_nonce).unwrap_or_default();
-    let recorded = AgentRequest::AuthResponse {
+    let recorded = AgentRequest::from(AuthResponse {
         mac: hex::encode(auth::client_proof(&secret, &server_nonce, &client_nonce)),
-    };
+    });
     write_frame(&mut writer, &recorded)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(matches!(reader.read().await, Ok(AgentReply::AuthOk)));
+    assert!(matches!(reader.read().await, Ok(AgentReply::AuthOk(_))));
 
     // The eavesdropper replays hello and response; the fresh server nonce defeats it.
     let (mut reader, mut writer) = raw_connection(&server).await;
     write_frame(&mut writer, &hello)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let Ok(AgentReply::Challenge {
+    let Ok(AgentReply::Challenge(Challenge {
         server_nonce: second_nonce,
         ..
-    }) = reader.read().await
+    })) = reader.read().await
     else {
         panic!("no challenge")
     };
@@ -194,11 +194,11 @@ async fn nothing_about_volumes_before_authentication() {
         .volume_with_client("vol", MIB, "host1", AccessMode::Rw)
         .await;
     for request in [
-        AgentRequest::ListVolumes,
-        AgentRequest::Attach {
+        AgentRequest::from(ListVolumes {}),
+        AgentRequest::from(Attach {
             volume: "vol".into(),
             mode: AccessMode::Ro,
-        },
+        }),
     ] {
         let (mut reader, mut writer) = raw_connection(&server).await;
         write_frame(&mut writer, &request)

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use common::{TestServer, MIB};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap, DEFAULT_STRIPE_UNIT_BYTES};
 use sanblk_proto::protocol::{
-    write_frame, AgentReply, AgentRequest, DeviceInfo, ErrorCode, FrameReader, PoolList,
-    VolumeCreate, VolumeDetail, VolumeGrow, VolumeList, VolumeShow, VolumeSummary,
-    PROTOCOL_VERSION,
+    write_frame, AgentReply, AgentRequest, AuthResponse, Challenge, DeviceInfo, ErrorCode,
+    FrameReader, Hello, PoolList, VolumeCreate, VolumeDetail, VolumeGrow, VolumeList, VolumeShow,
+    VolumeSummary, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -255,32 +255,7 @@ async fn bad_frames_close_only_their_connection() {
     assert!(started.elapsed() < Duration::from_secs(4));
 
     // Garbage after authentication closes that connection too.
-    let stream = TcpStream::connect(server.agent_address)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (read_half, mut write_half) = stream.into_split();
-    let mut reader = FrameReader::new(read_half);
-    let client_nonce = sanblk_proto::auth::new_nonce();
-    let hello = AgentRequest::Hello {
-        client: "host1".into(),
-        client_nonce: hex::encode(client_nonce),
-    };
-    write_frame(&mut write_half, &hello)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let Ok(AgentReply::Challenge { server_nonce, .. }) = reader.read().await else {
-        panic!("no challenge")
-    };
-    let server_nonce = hex::decode(server_nonce).unwrap_or_default();
-    let proof = hex::encode(sanblk_proto::auth::client_proof(
-        &secret,
-        &server_nonce,
-        &client_nonce,
-    ));
-    write_frame(&mut write_half, &AgentRequest::AuthResponse { mac: proof })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(matches!(reader.read().await, Ok(AgentReply::AuthOk)));
+    let (mut reader, mut write_half) = authenticated_raw(&server, &secret).await;
     write_half
         .write_all(&frame(b"\x01garbage"))
         .await
@@ -347,14 +322,14 @@ async fn authenticated_raw(
     let (read_half, mut write_half) = stream.into_split();
     let mut reader = FrameReader::new(read_half);
     let client_nonce = sanblk_proto::auth::new_nonce();
-    let hello = AgentRequest::Hello {
+    let hello = AgentRequest::from(Hello {
         client: "host1".into(),
         client_nonce: hex::encode(client_nonce),
-    };
+    });
     write_frame(&mut write_half, &hello)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let Ok(AgentReply::Challenge { server_nonce, .. }) = reader.read().await else {
+    let Ok(AgentReply::Challenge(Challenge { server_nonce, .. })) = reader.read().await else {
         panic!("no challenge")
     };
     let server_nonce = hex::decode(server_nonce).unwrap_or_default();
@@ -363,10 +338,13 @@ async fn authenticated_raw(
         &server_nonce,
         &client_nonce,
     ));
-    write_frame(&mut write_half, &AgentRequest::AuthResponse { mac: proof })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(matches!(reader.read().await, Ok(AgentReply::AuthOk)));
+    write_frame(
+        &mut write_half,
+        &AgentRequest::from(AuthResponse { mac: proof }),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(reader.read().await, Ok(AgentReply::AuthOk(_))));
     (reader, write_half)
 }
 

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{TestServer, MIB};
-use sanblk_proto::client::{AgentClient, Attachment};
+use sanblk_proto::client::AgentClient;
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
-use sanblk_proto::protocol::{DeviceInfo, PoolList, VolumeCreate, VolumeGrow};
+use sanblk_proto::protocol::{Attachment, DeviceInfo, PoolList, VolumeCreate, VolumeGrow};
 use sanblk_uapi::frame::{
     Op, ReplyHeader, RequestHeader, FLAG_FUA, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };

@@ -12,12 +12,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::sand_log::last_resume_cursor;
-use common::{TestServer, MIB, RECOVERY_CHUNK_DELAY_ENV};
-use sanblk_proto::client::{AgentClient, Attachment, Push};
+use common::{TestServer, MIB, RECOVERY_MAX_RATE};
+use sanblk_proto::client::{AgentClient, Push};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{
-    DeviceInfo, ErrorCode, PoolList, RecoveryList, RecoveryState, RecoveryStatus, VolumeCreate,
-    VolumeDetail, VolumeShow,
+    Attachment, DeviceInfo, ErrorCode, PoolList, RecoveryList, RecoveryState, RecoveryStatus,
+    VolumeCreate, VolumeDetail, VolumeShow,
 };
 use sanblk_uapi::frame::{Op, ReplyHeader, RequestHeader, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -374,7 +374,7 @@ async fn writes_during_the_copy_reach_the_new_device() {
     // Striped: the member on the failed device holds chunks 0, 2, 4, ... (8 MiB): the writes
     // below hit a copied chunk (0), one not copied yet (14) and both members (7 and 8).
     for layout in [Layout::Linear, Layout::Mirror, striped] {
-        let server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "150")]);
+        let server = TestServer::start_with_args(&[RECOVERY_MAX_RATE, "7M"]);
         let size = 16 * MIB;
         let mut setup = setup(&server, layout, size).await;
         let mut data = pattern(3, size as usize);
@@ -449,7 +449,7 @@ async fn writes_during_the_copy_reach_the_new_device() {
 
 #[tokio::test]
 async fn a_killed_server_resumes_the_recovery_from_its_saved_cursor() {
-    let mut server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "100")]);
+    let mut server = TestServer::start_with_args(&[RECOVERY_MAX_RATE, "10M"]);
     let size = 16 * MIB;
     let Failed {
         setup,
@@ -583,7 +583,7 @@ async fn bad_failure_reports_are_refused_and_change_nothing() {
 
 #[tokio::test]
 async fn fail_back_is_refused_while_the_device_is_recovered_and_accepted_otherwise() {
-    let server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "100")]);
+    let server = TestServer::start_with_args(&[RECOVERY_MAX_RATE, "10M"]);
     let mut setup = setup(&server, Layout::Linear, 4 * MIB).await;
     let map = setup.attached.map.clone();
     let failed = map.extents[0].replicas[0].device_uuid;
@@ -636,7 +636,7 @@ async fn fail_back_is_refused_while_the_device_is_recovered_and_accepted_otherwi
 /// already copied; only the part neither holds gets -EIO.
 #[tokio::test]
 async fn reads_during_recovery_fall_back_to_the_target_for_the_copied_part() {
-    let server = TestServer::start_with_env(&[(RECOVERY_CHUNK_DELAY_ENV, "200")]);
+    let server = TestServer::start_with_args(&[RECOVERY_MAX_RATE, "5M"]);
     let size = 16 * MIB;
     let Failed {
         setup,

@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use clap::Args;
 use sanblk_proto::auth::read_secret_file;
-use sanblk_proto::client::{AgentClient, Attachment, ClientError};
+use sanblk_proto::client::{AgentClient, ClientError};
 use sanblk_proto::map::{AccessMode, VolumeMap};
+use sanblk_proto::protocol::Attachment;
 use tokio::signal::unix::{signal, SignalKind};
 use uuid::Uuid;
 

@@ -17,9 +17,9 @@ pub mod sand_log;
 
 pub const MIB: u64 = 1 << 20;
 
-/// Milliseconds sand's recovery sleeps after every chunk, so a test can act mid-recovery
-/// (read by sand from its environment).
-pub const RECOVERY_CHUNK_DELAY_ENV: &str = "SAND_RECOVERY_CHUNK_DELAY_MS";
+/// sand's flag limiting a recovery's copy rate; recovery copies 1 MiB chunks, so "10M" makes
+/// each take 100 ms, long enough for a test to act mid-recovery.
+pub const RECOVERY_MAX_RATE: &str = "--recovery-max-rate";
 
 pub struct TestServer {
     child: Option<Child>,
@@ -33,25 +33,25 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a fresh server in a new temp dir.
     pub fn start() -> TestServer {
-        TestServer::start_with_env(&[])
+        TestServer::start_with_args(&[])
     }
 
-    /// Starts a fresh server in a new temp dir with extra environment variables.
-    pub fn start_with_env(env: &[(&str, &str)]) -> TestServer {
+    /// Starts a fresh server in a new temp dir with extra command-line arguments.
+    pub fn start_with_args(args: &[&str]) -> TestServer {
         let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let dir = temp.path().to_path_buf();
-        let mut server = TestServer::start_in_with_env(&dir, env);
+        let mut server = TestServer::start_in_with_args(&dir, args);
         server._temp = Some(temp);
         server
     }
 
     /// Starts a server on an existing directory (restart after stop or kill).
     pub fn start_in(dir: &Path) -> TestServer {
-        TestServer::start_in_with_env(dir, &[])
+        TestServer::start_in_with_args(dir, &[])
     }
 
-    /// Like `start_in`, with extra environment variables for the server process.
-    pub fn start_in_with_env(dir: &Path, env: &[(&str, &str)]) -> TestServer {
+    /// Like `start_in`, with extra command-line arguments for the server process.
+    pub fn start_in_with_args(dir: &Path, args: &[&str]) -> TestServer {
         let metadata_dir = dir.join("meta");
         let admin_socket = metadata_dir.join("admin.sock");
         let address_file = metadata_dir.join("agent.addr");
@@ -72,8 +72,8 @@ impl TestServer {
             .arg("1000")
             .arg("--frame-timeout-ms")
             .arg("1000")
+            .args(args)
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
