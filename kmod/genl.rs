@@ -15,7 +15,7 @@ use crate::abi::{
     PROTOCOL_VERSION,
 };
 use crate::device::SanDevice;
-use crate::errno::eopnotsupp;
+use crate::ffi::errno::eopnotsupp;
 use crate::ffi::genl::{GenlInfo, Reply, Request, SkBuff};
 use crate::registry;
 use crate::remap::BLOCK_OPS;

@@ -9,6 +9,7 @@
 use core::ptr::{addr_of_mut, NonNull};
 
 use crate::abi_frame::Op;
+use crate::abi_pipeline::next_chunk;
 use crate::ffi::bio::{Bio, BioData};
 use crate::ffi::sync::{AtomicList, InFlightRef, ListNode};
 
@@ -37,6 +38,8 @@ pub(crate) struct Piece {
     slot: u32,
     /// Times the server answered -ESTALE (the piece is re-sent with the current epoch).
     stale_retries: u8,
+    /// Bytes the server has answered (a piece larger than one frame goes in chunks).
+    done: u32,
     /// Frees what holds this context, once the piece is done.
     release: unsafe fn(*mut Piece),
     inflight: InFlightRef,
@@ -84,6 +87,7 @@ pub(crate) unsafe fn init(
             info: *info,
             slot,
             stale_retries: 0,
+            done: 0,
             release,
             inflight,
         })
@@ -146,11 +150,6 @@ impl PieceRef {
         }
     }
 
-    /// Bytes of its data.
-    pub(crate) fn size(&self) -> u32 {
-        self.get().data.size()
-    }
-
     pub(crate) fn data(&self) -> &BioData {
         &self.get().data
     }
@@ -177,6 +176,17 @@ impl PieceRef {
     /// Hands the piece the completion it gives once done.
     pub(crate) fn set_parent(&mut self, parent: Bio) {
         self.get_mut().parent = Some(parent);
+    }
+
+    /// The next request of the piece: offset and length (see `pipeline::next_chunk`).
+    pub(crate) fn next_chunk(&self) -> Option<(u32, u32)> {
+        next_chunk(self.len(), self.get().done)
+    }
+
+    /// The server answered bytes `..done` of the piece; `true` once that is all of it.
+    pub(crate) fn answered(&mut self, done: u32) -> bool {
+        self.get_mut().done = done;
+        done >= self.len()
     }
 
     pub(crate) fn set_epoch(&mut self, epoch: u64) {
@@ -262,6 +272,17 @@ impl PieceQueue {
             }
         }
         self.tail = piece;
+    }
+
+    /// Puts `piece` first (its next chunk goes out before anything else).
+    pub(crate) fn push_front(&mut self, piece: PieceRef) {
+        let piece = piece.as_ptr();
+        // SAFETY: as in `push`.
+        unsafe { (*piece).node.next = self.head.cast() };
+        if self.head.is_null() {
+            self.tail = piece;
+        }
+        self.head = piece;
     }
 
     /// The oldest piece, left on the queue.

@@ -6,10 +6,11 @@
 //! Layers, lowest first; a module only imports modules of its own layer or below, and no two
 //! modules import each other:
 //!
-//! 0. `abi`, `abi_map`, `abi_frame` (the uapi sources: wire formats and the map model, pure
-//!    logic unit-tested on the host), `errno`, and [`ffi`], the only code that calls C: safe
-//!    types for bios, disks, block devices, sockets, kernel threads, wait queues and RCU, the
-//!    slab, sysfs attributes and generic netlink, over the C helpers in `sanblk_shim.c`.
+//! 0. `abi`, `abi_map`, `abi_frame`, `abi_pipeline` (the uapi sources: wire formats, the map
+//!    model and the server path's bookkeeping, pure logic unit-tested on the host), and
+//!    [`ffi`], the only code that calls C or uses `kernel::bindings`: safe types for bios,
+//!    disks, block devices, sockets, kernel threads, wait queues and RCU, the slab, sysfs
+//!    attributes, generic netlink and errnos, over the C helpers in `sanblk_shim.c`.
 //! 1. `device` (an opened SAN device) and `piece` (the context of a piece the server path may
 //!    re-issue, in front of every clone and in every hooked bio).
 //! 2. `hook` (hooked bios: completion diverted, block-layer statistics), `server::path` (the
@@ -34,10 +35,14 @@ mod abi;
 #[path = "../uapi/src/frame.rs"]
 mod abi_frame;
 #[allow(dead_code, unreachable_pub, missing_docs, clippy::incompatible_msrv)]
+#[path = "../uapi/src/pipeline.rs"]
+mod abi_pipeline;
+// uapi's modules name each other as in their crate.
+use abi_frame as frame;
+#[allow(dead_code, unreachable_pub, missing_docs, clippy::incompatible_msrv)]
 #[path = "../uapi/src/map.rs"]
 mod abi_map;
 mod device;
-mod errno;
 mod ffi;
 mod genl;
 mod health;

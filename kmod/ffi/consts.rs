@@ -61,6 +61,5 @@ pub(crate) const IPPROTO_TCP: i32 = 6;
 pub(crate) const TCP_NODELAY: i32 = 1;
 pub(crate) const TCP_QUICKACK: i32 = 12;
 
-/// Errnos as the server's replies carry them (negative).
+/// -ESTALE, as the server's replies carry it.
 pub(crate) const ESTALE: i32 = -(bindings::ESTALE as i32);
-pub(crate) const EOPNOTSUPP: i32 = -(bindings::EOPNOTSUPP as i32);

@@ -15,7 +15,7 @@ use kernel::str::CStr;
 pub(crate) use super::helpers::GenlInfo;
 use super::helpers::*;
 use crate::abi::Attr;
-use crate::errno::emsgsize;
+use crate::ffi::errno::emsgsize;
 
 /// `struct sk_buff` as bindgen declares it (opaque).
 pub(crate) type SkBuff = bindings::sk_buff;

@@ -17,6 +17,7 @@ pub(crate) mod bio;
 pub(crate) mod blockdev;
 pub(crate) mod consts;
 pub(crate) mod disk;
+pub(crate) mod errno;
 pub(crate) mod genl;
 mod helpers;
 pub(crate) mod kthread;

@@ -214,30 +214,6 @@ impl TcpStream {
         }
     }
 
-    /// Receives exactly `len` bytes into the memory `iter` describes.
-    ///
-    /// # Safety
-    ///
-    /// `iter` describes `len` bytes of live, writable memory.
-    pub(crate) unsafe fn recv_iter(
-        &self,
-        iter: bindings::iov_iter,
-        len: u32,
-    ) -> core::result::Result<(), Broken> {
-        self.quickack();
-        // SAFETY: as in `send`.
-        let mut msg: bindings::msghdr = unsafe { core::mem::zeroed() };
-        msg.msg_iter = iter;
-        // SAFETY: a connected socket; the iterator's memory is live and writable (contract).
-        let ret =
-            unsafe { bindings::sock_recvmsg(self.0, &mut msg, bindings::MSG_WAITALL as c_int) };
-        if ret == len as c_int {
-            Ok(())
-        } else {
-            Err(Broken)
-        }
-    }
-
     /// Whether a read would not block (data arriving, or the connection failed).
     pub(crate) fn readable(&self) -> bool {
         let Some(poll) = self.ops().poll else {
@@ -255,9 +231,9 @@ impl TcpStream {
     }
 
     /// Hands every byte received so far to `reader` (socket locked, no blocking), then sets
-    /// the receive low-water mark to what `reader` reports it still expects. Returns the
-    /// bytes consumed; `Err` when the reader failed, or nothing was there to read although
-    /// the socket was readable (the peer closed the connection or it failed).
+    /// the receive low-water mark to what `reader` reports it still expects. `Err` when the
+    /// reader failed, or nothing was there to read although the socket was readable (the
+    /// peer closed the connection or it failed).
     pub(crate) fn read_available<R: Reader>(
         &self,
         reader: &mut R,

@@ -1,13 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! One authenticated connection to the server's I/O service: connecting and HELLO, sending
-//! request frames (with a WRITE's data from the bio pages), waiting for input, and the
-//! sequential exchange of a piece too large for one frame.
+//! request frames (with a WRITE's data from the bio pages) and waiting for input.
 
-use crate::abi_frame::{
-    Op, ReplyHeader, RequestHeader, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
-};
-use crate::ffi::consts::EOPNOTSUPP;
+use crate::abi_frame::{Op, ReplyHeader, RequestHeader, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
 use crate::ffi::socket::{Broken, Reader, TcpStream};
 use crate::ffi::sync::{wait_until, TASK_INTERRUPTIBLE};
 use crate::ffi::time::{msecs_to_jiffies, now_ns};
@@ -129,50 +125,5 @@ impl Conn {
             };
         }
         Ok(())
-    }
-
-    /// Performs `piece` on the server in sequential chunks of at most one frame; `Ok(status)`
-    /// is the server's answer (0 or -errno), `Err` a lost connection (the piece is re-sent).
-    pub(super) fn execute(
-        &self,
-        volume: &Volume,
-        piece: &PieceRef,
-        handle: &mut u64,
-    ) -> Result<i32, Broken> {
-        let Some(op) = piece.op() else {
-            return Ok(EOPNOTSUPP);
-        };
-        let total = piece.len();
-        let mut done = 0u32;
-        loop {
-            let len = (total - done).min(MAX_PAYLOAD);
-            *handle = handle.wrapping_add(1);
-            self.send_request(volume, piece, op, *handle, done, len)?;
-            let mut reply = [0u8; REPLY_HEADER_LEN];
-            self.0.recv(&mut reply)?;
-            let reply = ReplyHeader::decode(&reply).map_err(|_| Broken)?;
-            // Sequential: the only valid answer is the one to the request just sent.
-            if reply.handle != *handle {
-                return Err(Broken);
-            }
-            if reply.status != 0 {
-                return Ok(reply.status);
-            }
-            let expected = if op == Op::Read { len } else { 0 };
-            if reply.length != expected {
-                return Err(Broken);
-            }
-            if op == Op::Read {
-                // SAFETY: as in `send_request`; READ data lands in the bio's pages.
-                unsafe {
-                    self.0
-                        .recv_iter(piece.data().iov_iter(done, len, false), len)?
-                };
-            }
-            done += len;
-            if done >= total {
-                return Ok(0);
-            }
-        }
     }
 }

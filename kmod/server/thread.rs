@@ -13,12 +13,12 @@
 //! READ data copied from the received buffers straight into the bio pages), matching each
 //! reply by handle against the requests on the wire (an unknown or repeated handle is a
 //! protocol error that drops the connection) and completing its piece at once; a reply cut
-//! between two reads waits in a cursor. Between reads it sleeps on the socket's wait queue,
+//! between two reads waits in the reader (`wire.rs`). Between reads it sleeps on the socket's wait queue,
 //! woken by arriving replies (low-water mark: the rest of the reply under way, up to
-//! [`WAKE_BYTES`]) or by newly queued pieces, which go out at once. The bound stays below the
+//! `WAKE_BYTES`) or by newly queued pieces, which go out at once. The bound stays below the
 //! server's own per-connection limit, so the server always reads every request sent and
-//! neither side can block the other. A piece larger than one frame ([`MAX_PAYLOAD`]) goes alone, in
-//! sequential chunks, once the wire is empty.
+//! neither side can block the other. A piece larger than one frame (`MAX_PAYLOAD`) takes the
+//! same path in chunks, one at a time: there is a single receive path.
 //!
 //! Reconnection: 100 ms doubling to 5 s, trying every address in order; the requests a
 //! connection loss left on the wire are re-sent after reconnecting (none of them has
@@ -43,9 +43,9 @@ use core::sync::atomic::Ordering;
 use kernel::prelude::*;
 
 use super::connection::{Conn, ConnectError, IO_TIMEOUT_MS};
-use super::wire::{OnWire, ReceiveBatch, ReplyCursor, MAX_IN_FLIGHT};
+use super::wire::{OnWire, ReceiveBatch};
 use crate::abi::{DeviceState, EventKind, ServerPathState};
-use crate::abi_frame::MAX_PAYLOAD;
+use crate::abi_pipeline::{next_handle, ReplyReader, Request};
 use crate::ffi::consts::{BlkStatus, BLK_STS_IOERR, BLK_STS_OK, ESTALE};
 use crate::ffi::kthread::should_stop;
 use crate::ffi::socket::Broken;
@@ -273,7 +273,9 @@ pub(crate) fn serve(volume: &Volume) {
                     "volume {}: server path connection lost; reconnecting\n",
                     volume.id
                 );
-                on_wire.requeue(&mut queue);
+                for request in on_wire.drain() {
+                    queue.push(request.item);
+                }
                 conn = None;
                 down_since = Some(now_ns());
                 path.state
@@ -294,10 +296,11 @@ enum StreamEnd {
     Drained,
 }
 
-/// Continuous pipelining: keeps up to [`MAX_IN_FLIGHT`] requests (at most [`WINDOW_BYTES`]
+/// Continuous pipelining: keeps up to `wire::MAX_IN_FLIGHT` requests (at most [`WINDOW_BYTES`]
 /// of payload) on the wire, sending newly queued pieces as soon as a reply frees room, and
 /// completes each piece when its reply arrives, in whatever order. A piece larger than one
-/// frame goes alone, in sequential chunks, once the wire is empty.
+/// frame goes through the same pipeline in chunks, one after the other: when a chunk is
+/// answered, the piece goes back to the front of the queue for the next.
 /// `Err`: the connection is lost; the requests on the wire are left in `on_wire`.
 fn stream(
     conn: &Conn,
@@ -313,7 +316,7 @@ fn stream(
     let mut progress = now_ns();
     // Device bookkeeping walks every slot and takes the map: not once per reply.
     let mut last_upkeep = 0i64;
-    let mut cursor = ReplyCursor::default();
+    let mut reader = ReplyReader::default();
     loop {
         take_pending(path, queue);
         if now_ns() - last_upkeep >= UPKEEP_INTERVAL_NS {
@@ -324,28 +327,14 @@ fn stream(
             }
         }
         let draining = stale_wait || should_stop() || path.token_generation() != seen_token;
-        while !draining && on_wire.count() < MAX_IN_FLIGHT {
-            let Some(front) = queue.front() else {
+        while !draining && !queue.is_empty() {
+            let Some((offset, len)) = queue
+                .front()
+                .map(|piece| piece.next_chunk().unwrap_or((0, 0)))
+            else {
                 break;
             };
-            let size = u64::from(front.size());
-            if size > u64::from(MAX_PAYLOAD) {
-                if on_wire.count() > 0 {
-                    break;
-                }
-                let Some(piece) = queue.pop() else {
-                    break;
-                };
-                match conn.execute(volume, &piece, handle) {
-                    Ok(answer) => stale_wait |= settle(volume, queue, piece, answer),
-                    Err(Broken) => {
-                        on_wire.add(0, piece);
-                        return Err(Broken);
-                    }
-                }
-                continue;
-            }
-            if on_wire.count() > 0 && on_wire.bytes() + size > WINDOW_BYTES {
+            if !on_wire.has_room(len, WINDOW_BYTES) {
                 break;
             }
             let Some(piece) = queue.pop() else {
@@ -355,21 +344,25 @@ fn stream(
                 complete(volume, piece, BLK_STS_IOERR);
                 continue;
             };
-            *handle = handle.wrapping_add(1);
-            if *handle == 0 {
-                *handle = 1;
-            }
-            let len = piece.len();
+            *handle = next_handle(*handle);
             // On the wire before sending: a failed send re-queues it with the rest.
-            on_wire.add(*handle, piece);
-            let Some(piece) = on_wire.find(*handle) else {
+            if let Err(request) = on_wire.add(Request {
+                handle: *handle,
+                offset,
+                len,
+                item: piece,
+            }) {
+                queue.push_front(request.item);
+                break;
+            }
+            let Some(request) = on_wire.get(*handle) else {
                 return Err(Broken);
             };
             // Each request goes out at once: corking a batch (MSG_MORE) measured slower
             // (4 KiB random writes 0.83-0.96x nbd with it, 1.46x without).
-            conn.send_request(volume, piece, op, *handle, 0, len)?;
+            conn.send_request(volume, &request.item, op, *handle, offset, len)?;
         }
-        if on_wire.count() == 0 {
+        if on_wire.is_empty() {
             if stale_wait {
                 return Ok(StreamEnd::StaleWait);
             } else if draining {
@@ -394,8 +387,16 @@ fn stream(
         // the bio pages, instead of two blocking `recvmsg` calls per reply.
         let mut batch = ReceiveBatch {
             on_wire: &mut *on_wire,
-            cursor: &mut cursor,
-            answered: |piece, status| stale_wait |= settle(volume, queue, piece, status),
+            reader: &mut reader,
+            answered: |request: Request<PieceRef>, status| {
+                let mut piece = request.item;
+                if status == 0 && !piece.answered(request.offset + request.len) {
+                    // More of it to go: its next chunk goes out first.
+                    queue.push_front(piece);
+                } else {
+                    stale_wait |= settle(volume, queue, piece, status);
+                }
+            },
         };
         conn.read_available(&mut batch)?;
         progress = now_ns();
