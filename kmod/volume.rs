@@ -2,10 +2,10 @@
 
 //! One attached volume: its block device `/dev/sanblkN`, its SAN devices and its current map.
 
-use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::AtomicU64;
 use kernel::prelude::*;
 use kernel::str::CString;
-use kernel::sync::{Arc, ArcBorrow, Mutex, SpinLock};
+use kernel::sync::{Arc, Mutex, SpinLock};
 use kernel::{fmt, new_mutex, new_spinlock};
 
 use crate::abi::MAX_TOKEN_BYTES;
@@ -14,7 +14,7 @@ use crate::device::SanDevice;
 use crate::ffi::bio::BioSet;
 use crate::ffi::consts::{BLK_FEAT_FUA, BLK_FEAT_IO_STAT, BLK_FEAT_NOWAIT, BLK_FEAT_WRITE_CACHE};
 use crate::ffi::disk::{GenDisk, GenDiskBuilder, Operations, Vtable};
-use crate::ffi::sync::{synchronize_rcu, InFlight, RcuReadGuard};
+use crate::ffi::sync::{InFlight, OnceSlots, RcuArc};
 use crate::ffi::sysfs::AttributeGroups;
 use crate::piece::FRONT_PAD;
 use crate::server::path::{ServerAddrs, ServerPath};
@@ -117,21 +117,15 @@ pub(crate) const MAX_VOLUME_DEVICES: usize = 64;
 /// read them without locks, and a device stays open until the volume goes away, so a bio
 /// mapped with an older epoch can never reach a closed device. Slots are only added by
 /// netlink commands, which the registry lock serialises.
-pub(crate) struct DeviceSlots {
-    slots: [AtomicPtr<SanDevice>; MAX_VOLUME_DEVICES],
-}
+pub(crate) struct DeviceSlots(OnceSlots<SanDevice, MAX_VOLUME_DEVICES>);
 
 impl DeviceSlots {
     fn new() -> Self {
-        DeviceSlots {
-            slots: [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_VOLUME_DEVICES],
-        }
+        DeviceSlots(OnceSlots::new())
     }
 
     pub(crate) fn get(&self, slot: u32) -> Option<&SanDevice> {
-        let ptr = self.slots.get(slot as usize)?.load(Ordering::Acquire);
-        // SAFETY: a non-null slot points to a device boxed by `insert`, freed only in drop.
-        unsafe { ptr.as_ref() }
+        self.0.get(slot as usize)
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, &SanDevice)> {
@@ -142,26 +136,9 @@ impl DeviceSlots {
         self.iter().find(|(_, d)| d.uuid == *uuid).map(|(i, _)| i)
     }
 
-    /// Adds a device; callers hold the registry lock.
+    /// Adds a device (netlink commands, which the registry lock serialises).
     pub(crate) fn insert(&self, device: SanDevice) -> Result<u32> {
-        let free = (0..MAX_VOLUME_DEVICES)
-            .find(|i| self.slots[*i].load(Ordering::Acquire).is_null())
-            .ok_or(ENOSPC)?;
-        let boxed = KBox::into_raw(KBox::new(device, GFP_KERNEL)?);
-        self.slots[free].store(boxed, Ordering::Release);
-        Ok(free as u32)
-    }
-}
-
-impl Drop for DeviceSlots {
-    fn drop(&mut self) {
-        for slot in self.slots.iter() {
-            let ptr = slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
-            if !ptr.is_null() {
-                // SAFETY: boxed by `insert`; the volume is gone, so no bio can use it.
-                drop(unsafe { KBox::from_raw(ptr) });
-            }
-        }
+        Ok(self.0.insert(device)? as u32)
     }
 }
 
@@ -181,10 +158,9 @@ pub(crate) struct Volume {
     pub(crate) name: CString,
     pub(crate) index: u32,
     pub(crate) read_only: bool,
-    /// The current map: one `Arc` reference, read under RCU by submit_bio (no lock, no
-    /// reference count on the hot path), replaced under `map_update` then freed after a grace
-    /// period.
-    map: AtomicPtr<MapState>,
+    /// The current map, read under RCU by submit_bio (no lock, no reference count on the hot
+    /// path), replaced under `map_update`, the old one freed after a grace period.
+    map: RcuArc<MapState>,
     #[pin]
     map_update: Mutex<()>,
     pub(crate) devices: DeviceSlots,
@@ -247,7 +223,7 @@ impl Volume {
                 name: new.name,
                 index: new.index,
                 read_only: new.read_only,
-                map: AtomicPtr::new(Arc::into_raw(map).cast_mut()),
+                map: RcuArc::new(map),
                 map_update <- new_mutex!((), "sanblk_volume_map_update"),
                 devices,
                 token <- new_spinlock!(new.token, "sanblk_volume_token"),
@@ -299,17 +275,12 @@ impl Volume {
     /// Runs `f` on the current map inside an RCU read section: `f` must not sleep. The hot
     /// path of submit_bio, which copies out what it needs.
     pub(crate) fn with_map<R>(&self, f: impl FnOnce(&MapState) -> R) -> R {
-        let _rcu = RcuReadGuard::new();
-        // SAFETY: the pointer always holds an `Arc` reference (set in `create`); an old map is
-        // released only after `synchronize_rcu` in `replace_map`, so it outlives this section.
-        f(unsafe { &*self.map.load(Ordering::Acquire) })
+        self.map.read(f)
     }
 
     /// The map new bios are mapped with, as a reference the caller may keep (slow paths).
     pub(crate) fn current_map(&self) -> Arc<MapState> {
-        // SAFETY: see `with_map`; the reference taken here is a new one, the published one
-        // stays owned by the pointer.
-        self.with_map(|map| unsafe { ArcBorrow::from_raw(map as *const MapState).into() })
+        self.map.get()
     }
 
     /// The session token the server path authenticates with.
@@ -336,14 +307,8 @@ impl Volume {
         let map = Arc::new(map, GFP_KERNEL)?;
         let old_size = {
             let _writer = self.map_update.lock();
-            let old = self
-                .map
-                .swap(Arc::into_raw(map).cast_mut(), Ordering::AcqRel);
-            // Every submit_bio that could still see the old map finishes its read section.
-            synchronize_rcu();
-            // SAFETY: `old` came from `Arc::into_raw` and no reader can reach it any more.
-            let old = unsafe { Arc::from_raw(old) };
-            old.size
+            // Returns once every submit_bio that could still see the old map is done with it.
+            self.map.replace(map).size
         };
         if new_size != old_size {
             if let Some(disk) = self.disk.lock().as_ref() {
@@ -387,7 +352,5 @@ impl PinnedDrop for Volume {
     fn drop(self: Pin<&mut Self>) {
         // Normally stopped by `remove_disk` already.
         self.server.stop();
-        // SAFETY: the published map reference; no reader is left (the disk is gone).
-        drop(unsafe { Arc::from_raw(self.map.load(Ordering::Acquire)) });
     }
 }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! RCU read sections, wait queues, a count of in-flight I/O that teardown waits on, and a
-//! lock-free list for handing work to a thread from any context.
+//! RCU read sections and an RCU-published `Arc`, wait queues, a count of in-flight I/O that
+//! teardown waits on, set-once slots, and a lock-free list for handing work to a thread from
+//! any context.
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
@@ -9,6 +10,7 @@ use kernel::bindings;
 use kernel::ffi::c_long;
 use kernel::prelude::*;
 use kernel::str::CStr;
+use kernel::sync::{Arc, ArcBorrow};
 use kernel::types::Opaque;
 
 use super::helpers::{rust_helper_rcu_read_lock, rust_helper_rcu_read_unlock};
@@ -314,5 +316,114 @@ impl Iterator for TakenNodes {
         // SAFETY: a taken node is live and ours (see `take_all`); read before it is handed out.
         self.0 = unsafe { (*node).next };
         Some(node)
+    }
+}
+
+/// An `Arc<T>` published for RCU readers: read inside a read section without touching a
+/// reference count (the hot path), replaced at any time, the old value handed back once no
+/// reader can see it any more.
+pub(crate) struct RcuArc<T> {
+    ptr: AtomicPtr<T>,
+}
+
+// SAFETY: it is an `Arc<T>` shared between threads.
+unsafe impl<T: Send + Sync> Send for RcuArc<T> {}
+// SAFETY: see `Send`.
+unsafe impl<T: Send + Sync> Sync for RcuArc<T> {}
+
+impl<T> RcuArc<T> {
+    pub(crate) fn new(value: Arc<T>) -> Self {
+        RcuArc {
+            ptr: AtomicPtr::new(Arc::into_raw(value).cast_mut()),
+        }
+    }
+
+    /// Runs `f` on the current value inside an RCU read section: `f` must not sleep.
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        let _rcu = RcuReadGuard::new();
+        // SAFETY: the pointer always holds an `Arc` reference; a replaced value is released
+        // only after a grace period (`replace`), so it outlives this read section.
+        f(unsafe { &*self.ptr.load(Ordering::Acquire) })
+    }
+
+    /// The current value, as a reference the caller may keep.
+    pub(crate) fn get(&self) -> Arc<T> {
+        // SAFETY: a value read in the section is live (see `read`); the reference taken here
+        // is a new one, the published one stays owned by the pointer.
+        self.read(|value| unsafe { ArcBorrow::from_raw(core::ptr::from_ref(value)) }.into())
+    }
+
+    /// Publishes `value` and returns the value it replaces, once every read section that
+    /// could see it has ended (process context: waits for a grace period).
+    pub(crate) fn replace(&self, value: Arc<T>) -> Arc<T> {
+        let old = self
+            .ptr
+            .swap(Arc::into_raw(value).cast_mut(), Ordering::AcqRel);
+        synchronize_rcu();
+        // SAFETY: `old` held the pointer's reference, and no reader can reach it any more.
+        unsafe { Arc::from_raw(old) }
+    }
+}
+
+impl<T> Drop for RcuArc<T> {
+    fn drop(&mut self) {
+        // SAFETY: the published reference; no reader is left (`&mut self`).
+        drop(unsafe { Arc::from_raw(self.ptr.load(Ordering::Acquire)) });
+    }
+}
+
+/// `N` slots, each filled at most once and read without locks until the whole goes away
+/// (a value stays valid for as long as `&self` is).
+pub(crate) struct OnceSlots<T, const N: usize> {
+    slots: [AtomicPtr<T>; N],
+}
+
+// SAFETY: the values are shared between threads and dropped with the whole.
+unsafe impl<T: Send + Sync, const N: usize> Send for OnceSlots<T, N> {}
+// SAFETY: see `Send`.
+unsafe impl<T: Send + Sync, const N: usize> Sync for OnceSlots<T, N> {}
+
+impl<T, const N: usize> OnceSlots<T, N> {
+    pub(crate) fn new() -> Self {
+        OnceSlots {
+            slots: [const { AtomicPtr::new(core::ptr::null_mut()) }; N],
+        }
+    }
+
+    pub(crate) fn get(&self, slot: usize) -> Option<&T> {
+        let ptr = self.slots.get(slot)?.load(Ordering::Acquire);
+        // SAFETY: a non-null slot points to a value boxed by `insert`, freed only in drop.
+        unsafe { ptr.as_ref() }
+    }
+
+    /// Puts `value` in the first free slot and returns its index (`ENOSPC`: all taken).
+    pub(crate) fn insert(&self, value: T) -> Result<usize> {
+        let boxed = KBox::into_raw(KBox::new(value, GFP_KERNEL)?);
+        for (i, slot) in self.slots.iter().enumerate() {
+            let claimed = slot.compare_exchange(
+                core::ptr::null_mut(),
+                boxed,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            if claimed.is_ok() {
+                return Ok(i);
+            }
+        }
+        // SAFETY: boxed above and published nowhere.
+        drop(unsafe { KBox::from_raw(boxed) });
+        Err(ENOSPC)
+    }
+}
+
+impl<T, const N: usize> Drop for OnceSlots<T, N> {
+    fn drop(&mut self) {
+        for slot in self.slots.iter() {
+            let ptr = slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
+            if !ptr.is_null() {
+                // SAFETY: boxed by `insert`; nothing borrows the slots any more (`&mut self`).
+                drop(unsafe { KBox::from_raw(ptr) });
+            }
+        }
     }
 }
