@@ -28,9 +28,21 @@ kmod: kmod/generated/sanblk_uapi.h
 build:
 	$(CARGO) build --workspace --all-targets
 
-lint:
+# The module is linted against its kernel tree (built on first use, as for `make kmod`): rustfmt
+# with the tree's .rustfmt.toml, and clippy through the kernel build (CLIPPY=1) on a copy of
+# kmod/ in target/kmod-lint (beside a link to uapi/, which it includes), so the objects of
+# `make kmod` stay as they are and clippy sees every file.
+lint: kmod/generated/sanblk_uapi.h
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@kdir="$(KDIR)"; [ -n "$$kdir" ] || kdir=$$(qemu/build-kernel.sh); \
+	echo "rustfmt --check kmod (config $$kdir/.rustfmt.toml)"; \
+	rustfmt --check --edition 2021 --config-path "$$kdir/.rustfmt.toml" kmod/sanblk_main.rs && \
+	rm -rf target/kmod-lint && mkdir -p target/kmod-lint && cp -r kmod target/kmod-lint/kmod && \
+	ln -s ../../uapi target/kmod-lint/uapi && \
+	echo "clippy kmod (make CLIPPY=1)" && \
+	$(MAKE) -s -C "$$kdir" M=$(CURDIR)/target/kmod-lint/kmod $(KBUILD_FLAGS) clean && \
+	$(MAKE) -s -C "$$kdir" M=$(CURDIR)/target/kmod-lint/kmod $(KBUILD_FLAGS) CLIPPY=1 KRUSTFLAGS=-Dwarnings modules
 
 unit-test:
 	$(CARGO) test --workspace --lib --bins

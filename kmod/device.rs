@@ -2,27 +2,20 @@
 
 //! A SAN device opened by the driver: exclusive while a volume uses it, closed on drop.
 
-use core::ffi::c_void;
 use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use kernel::bindings;
-use kernel::error::from_err_ptr;
 use kernel::page::Page;
 use kernel::prelude::*;
 use kernel::str::CString;
 
 use crate::abi::DeviceState;
-
-const BLK_OPEN_READ: bindings::blk_mode_t = 1 << 0;
-const BLK_OPEN_WRITE: bindings::blk_mode_t = 1 << 1;
-const BLK_OPEN_EXCL: bindings::blk_mode_t = 1 << 2;
+use crate::ffi::blockdev::{BdevFile, BlockDevice};
 
 /// The holder of every exclusive open: the module itself, so volumes of this module may share
 /// a SAN device (on different extents) while nobody else can open it exclusively or mount it.
 static HOLDER: u8 = 0;
 
 pub(crate) struct SanDevice {
-    file: *mut bindings::file,
-    bdev: *mut bindings::block_device,
+    file: BdevFile,
     pub(crate) path: CString,
     /// UUID the map gives this device.
     pub(crate) uuid: [u8; 16],
@@ -55,34 +48,13 @@ pub(crate) enum Probe {
     Succeeded = 2,
 }
 
-// SAFETY: `file` and `bdev` are kernel objects usable from any thread; this value only reads
-// them (and closes the file once, in drop).
-unsafe impl Send for SanDevice {}
-// SAFETY: see `Send`; the mutable state is atomic.
-unsafe impl Sync for SanDevice {}
-
 impl SanDevice {
     /// Opens the block device at `path` exclusively.
     pub(crate) fn open(path: CString, uuid: [u8; 16], writable: bool) -> Result<Self> {
-        let mode = BLK_OPEN_READ | BLK_OPEN_EXCL | if writable { BLK_OPEN_WRITE } else { 0 };
-        let holder = core::ptr::addr_of!(HOLDER) as *mut c_void;
-        // SAFETY: `path` is NUL-terminated; the holder is a static address; no holder ops.
-        let file = from_err_ptr(unsafe {
-            bindings::bdev_file_open_by_path(path.as_char_ptr(), mode, holder, core::ptr::null())
-        })?;
-        let probe_page = match Page::alloc_page(GFP_KERNEL) {
-            Ok(page) => page,
-            Err(_) => {
-                // SAFETY: opened just above, closed once here.
-                unsafe { bindings::bdev_fput(file) };
-                return Err(ENOMEM);
-            }
-        };
-        // SAFETY: `file` was just opened as a block device file.
-        let bdev = unsafe { bindings::file_bdev(file) };
+        let file = BdevFile::open(&path, writable, &HOLDER)?;
+        let probe_page = Page::alloc_page(GFP_KERNEL)?;
         Ok(SanDevice {
             file,
-            bdev,
             path,
             uuid,
             state: AtomicU32::new(DeviceState::Healthy as u32),
@@ -96,15 +68,13 @@ impl SanDevice {
         })
     }
 
-    pub(crate) fn bdev(&self) -> *mut bindings::block_device {
-        self.bdev
+    pub(crate) fn bdev(&self) -> &BlockDevice {
+        self.file.bdev()
     }
 
     /// Device size in bytes.
     pub(crate) fn size_bytes(&self) -> u64 {
-        // SAFETY: `bdev` stays valid while the file is open (until drop).
-        let sectors = unsafe { (*self.bdev).bd_nr_sectors };
-        sectors << 9
+        self.bdev().size_bytes()
     }
 
     pub(crate) fn state(&self) -> u32 {
@@ -118,7 +88,8 @@ impl SanDevice {
     /// Records a failed direct I/O on this device.
     pub(crate) fn note_error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        self.state.store(DeviceState::Failed as u32, Ordering::Relaxed);
+        self.state
+            .store(DeviceState::Failed as u32, Ordering::Relaxed);
     }
 
     /// Fail-back (SET_DEVICE_STATE healthy): new bios go direct again; a later failure is
@@ -126,14 +97,7 @@ impl SanDevice {
     pub(crate) fn mark_healthy(&self) {
         self.healed_reported_ns.store(0, Ordering::Relaxed);
         self.failure_reported.store(false, Ordering::Release);
-        self.state.store(DeviceState::Healthy as u32, Ordering::Release);
-    }
-}
-
-impl Drop for SanDevice {
-    fn drop(&mut self) {
-        // SAFETY: the file was opened by `open` and is closed exactly once; the volume has
-        // drained its I/O before dropping its devices.
-        unsafe { bindings::bdev_fput(self.file) };
+        self.state
+            .store(DeviceState::Healthy as u32, Ordering::Release);
     }
 }

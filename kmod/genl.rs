@@ -11,14 +11,18 @@ use kernel::sync::Arc;
 use kernel::{c_str, fmt};
 
 use crate::abi::{
-    parse_server_addr, Attr, Command, DeviceState, MAX_PATH_BYTES, MAX_SERVERS, MAX_TOKEN_BYTES, PROTOCOL_VERSION,
+    parse_server_addr, Attr, Command, DeviceState, MAX_PATH_BYTES, MAX_SERVERS, MAX_TOKEN_BYTES,
+    PROTOCOL_VERSION,
 };
 use crate::device::SanDevice;
-use crate::errno::eopnotsupp;
+use crate::ffi::errno::eopnotsupp;
+use crate::ffi::genl::{GenlInfo, Reply, Request, SkBuff};
 use crate::registry;
-use crate::server::ServerAddrs;
-use crate::shim::{GenlInfo, Reply, Request, SkBuff};
-use crate::volume::{MapState, NewVolume, SessionToken, Volume};
+use crate::remap::BLOCK_OPS;
+use crate::server::path::ServerAddrs;
+use crate::server::thread::serve;
+use crate::sysfs::GROUPS;
+use crate::volume::{MapState, NewVolume, Parts, SessionToken, Volume};
 
 /// Reply room per volume and per device in STATUS.
 const STATUS_BYTES_BASE: usize = 512;
@@ -68,7 +72,10 @@ fn dispatch(request: &Request) -> Result {
         Command::Destroy => destroy(request, registry),
         Command::UpdateMap => update_map(request, registry),
         Command::SetDeviceState => set_device_state(request, registry),
-        _ => Err(request.fail(eopnotsupp(), c_str!("command not supported by this module version"))),
+        _ => Err(request.fail(
+            eopnotsupp(),
+            c_str!("command not supported by this module version"),
+        )),
     }
 }
 
@@ -85,7 +92,9 @@ fn string_bytes(bytes: &[u8]) -> &[u8] {
 
 fn valid_volume_name(name: &[u8]) -> bool {
     !name.is_empty()
-        && name.iter().all(|b| b.is_ascii_alphanumeric() || matches!(*b, b'-' | b'_' | b'.'))
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(*b, b'-' | b'_' | b'.'))
 }
 
 /// Parses a nested list whose entries are all NUL-terminated strings of type `entry_type`.
@@ -106,10 +115,17 @@ fn nested_strings(request: &Request, bytes: &[u8], entry_type: u16) -> Result<KV
         }
         let payload = &rest[4..len];
         let text = string_bytes(payload);
-        if text.len() + 1 != payload.len() || text.is_empty() || text.len() > MAX_PATH_BYTES as usize {
-            return Err(request.fail(EINVAL, c_str!("nested string not NUL-terminated or too long")));
+        if text.len() + 1 != payload.len()
+            || text.is_empty()
+            || text.len() > MAX_PATH_BYTES as usize
+        {
+            return Err(request.fail(
+                EINVAL,
+                c_str!("nested string not NUL-terminated or too long"),
+            ));
         }
-        let text = core::str::from_utf8(text).map_err(|_| request.fail(EINVAL, c_str!("path is not UTF-8")))?;
+        let text = core::str::from_utf8(text)
+            .map_err(|_| request.fail(EINVAL, c_str!("path is not UTF-8")))?;
         list.push(CString::try_from_fmt(fmt!("{}", text))?, GFP_KERNEL)?;
         rest = &rest[((len + 3) & !3).min(rest.len())..];
     }
@@ -123,12 +139,21 @@ fn parse_servers(request: &Request) -> Result<Option<ServerAddrs>> {
     };
     let list = nested_strings(request, attr.bytes(), Attr::ServerAddr as u16)?;
     if list.len() > MAX_SERVERS {
-        return Err(refuse(request, EINVAL, fmt!("at most {} server addresses", MAX_SERVERS)));
+        return Err(refuse(
+            request,
+            EINVAL,
+            fmt!("at most {} server addresses", MAX_SERVERS),
+        ));
     }
     let mut addrs = ServerAddrs::default();
     for (i, text) in list.iter().enumerate() {
-        let (ip, port) = parse_server_addr(text.as_bytes())
-            .ok_or_else(|| refuse(request, EINVAL, fmt!("server address {} is not a.b.c.d:port", i)))?;
+        let (ip, port) = parse_server_addr(text.as_bytes()).ok_or_else(|| {
+            refuse(
+                request,
+                EINVAL,
+                fmt!("server address {} is not a.b.c.d:port", i),
+            )
+        })?;
         addrs.push(ip, port);
     }
     Ok(Some(addrs))
@@ -140,19 +165,27 @@ fn parse_token(request: &Request) -> Result<Option<SessionToken>> {
         return Ok(None);
     };
     SessionToken::new(attr.bytes()).map(Some).ok_or_else(|| {
-        refuse(request, EINVAL, fmt!("session token must have 1 to {} bytes", MAX_TOKEN_BYTES))
+        refuse(
+            request,
+            EINVAL,
+            fmt!("session token must have 1 to {} bytes", MAX_TOKEN_BYTES),
+        )
     })
 }
 
 fn parse_map(request: &Request, volume_id: u64, epoch: u64) -> Result<MapState> {
     let raw = request.attr(Attr::Map as u16).ok_or(EINVAL)?;
-    let map = MapState::new(raw.bytes()).map_err(|(err, why)| refuse(request, err, fmt!("{}", why)))?;
+    let map =
+        MapState::new(raw.bytes()).map_err(|(err, why)| refuse(request, err, fmt!("{}", why)))?;
     let header = *map.view().header();
     if header.volume_id != volume_id {
         return Err(request.fail(EINVAL, c_str!("map is for another volume")));
     }
     if header.epoch != epoch {
-        return Err(request.fail(EINVAL, c_str!("EPOCH attribute differs from the map's epoch")));
+        return Err(request.fail(
+            EINVAL,
+            c_str!("EPOCH attribute differs from the map's epoch"),
+        ));
     }
     Ok(map)
 }
@@ -166,7 +199,10 @@ fn create(request: &Request, registry: &registry::Registry) -> Result {
         return Err(request.fail(EINVAL, c_str!("volume name must be [A-Za-z0-9._-]+")));
     }
     let name = core::str::from_utf8(name).map_err(|_| EINVAL)?;
-    let read_only = request.attr(Attr::ReadOnly as u16).map(|a| a.u32() != 0).unwrap_or(false);
+    let read_only = request
+        .attr(Attr::ReadOnly as u16)
+        .map(|a| a.u32() != 0)
+        .unwrap_or(false);
     let token = parse_token(request)?.ok_or(EINVAL)?;
     let map = parse_map(request, volume_id, epoch)?;
     let servers = parse_servers(request)?;
@@ -174,7 +210,10 @@ fn create(request: &Request, registry: &registry::Registry) -> Result {
     let paths = nested_strings(request, devices_attr.bytes(), Attr::DevicePath as u16)?;
     let view = map.view();
     if paths.len() != view.header().device_count as usize {
-        return Err(request.fail(EINVAL, c_str!("number of device paths differs from the map's device table")));
+        return Err(request.fail(
+            EINVAL,
+            c_str!("number of device paths differs from the map's device table"),
+        ));
     }
 
     let mut volumes = registry.lock();
@@ -182,21 +221,34 @@ fn create(request: &Request, registry: &registry::Registry) -> Result {
         return Err(request.fail(EEXIST, c_str!("volume already attached")));
     }
     if volumes.iter().any(|v| v.name.as_bytes() == name.as_bytes()) {
-        return Err(request.fail(EEXIST, c_str!("a volume with this name is already attached")));
+        return Err(request.fail(
+            EEXIST,
+            c_str!("a volume with this name is already attached"),
+        ));
     }
-    let index = registry::free_index(&volumes).ok_or_else(|| request.fail(ENOSPC, c_str!("too many volumes attached")))?;
+    let index = registry::free_index(&volumes)
+        .ok_or_else(|| request.fail(ENOSPC, c_str!("too many volumes attached")))?;
 
     let mut devices = KVec::with_capacity(paths.len(), GFP_KERNEL)?;
     for (i, path) in paths.into_iter().enumerate() {
         let expected = view.device(i as u32);
         let device = SanDevice::open(path, expected.uuid, !read_only).map_err(|err| {
-            refuse(request, err, fmt!("cannot open SAN device {} (errno {})", i, -err.to_errno()))
+            refuse(
+                request,
+                err,
+                fmt!("cannot open SAN device {} (errno {})", i, -err.to_errno()),
+            )
         })?;
         if device.size_bytes() < expected.size {
             return Err(refuse(
                 request,
                 EINVAL,
-                fmt!("SAN device {} has {} bytes, the map needs {}", i, device.size_bytes(), expected.size),
+                fmt!(
+                    "SAN device {} has {} bytes, the map needs {}",
+                    i,
+                    device.size_bytes(),
+                    expected.size
+                ),
             ));
         }
         devices.push(device, GFP_KERNEL)?;
@@ -213,11 +265,28 @@ fn create(request: &Request, registry: &registry::Registry) -> Result {
             servers,
         },
         crate::block_major(),
+        &Parts {
+            disk_ops: &BLOCK_OPS,
+            disk_attributes: &GROUPS,
+            serve,
+        },
     )
-    .map_err(|err| refuse(request, err, fmt!("cannot create the block device (errno {})", -err.to_errno())))?;
+    .map_err(|err| {
+        refuse(
+            request,
+            err,
+            fmt!("cannot create the block device (errno {})", -err.to_errno()),
+        )
+    })?;
     volumes.push(volume.clone(), GFP_KERNEL)?;
     drop(volumes);
-    pr_info!("attached volume {} (id {}, epoch {}) as sanblk{}\n", name, volume_id, epoch, index);
+    pr_info!(
+        "attached volume {} (id {}, epoch {}) as sanblk{}\n",
+        name,
+        volume_id,
+        epoch,
+        index
+    );
 
     let mut reply = request.reply(Command::Create as u8, STATUS_BYTES_BASE)?;
     reply.put_u32(Attr::DeviceIndex as u16, index)?;
@@ -244,7 +313,11 @@ fn destroy(request: &Request, registry: &registry::Registry) -> Result {
     *volumes = rest;
     drop(volumes);
     volume.remove_disk();
-    pr_info!("detached volume id {} (sanblk{})\n", volume_id, volume.index);
+    pr_info!(
+        "detached volume id {} (sanblk{})\n",
+        volume_id,
+        volume.index
+    );
     Ok(())
 }
 
@@ -258,15 +331,24 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
     let servers = parse_servers(request)?;
     let token = parse_token(request)?;
     let current = volume.current_map();
-    if epoch == current.epoch && (token.is_some() || servers.is_some()) && map.same_bytes(&current) {
+    if epoch == current.epoch && (token.is_some() || servers.is_some()) && map.same_bytes(&current)
+    {
         // Re-delivery of the current map after the agent reconnected to the server: only the
         // session token and the server addresses change.
         apply_server_settings(volume, token, servers);
-        pr_info!("volume id {} keeps epoch {}; server path settings updated\n", volume_id, epoch);
+        pr_info!(
+            "volume id {} keeps epoch {}; server path settings updated\n",
+            volume_id,
+            epoch
+        );
         return Ok(());
     }
     if epoch <= current.epoch {
-        return Err(refuse(request, EINVAL, fmt!("epoch {} is not newer than {}", epoch, current.epoch)));
+        return Err(refuse(
+            request,
+            EINVAL,
+            fmt!("epoch {} is not newer than {}", epoch, current.epoch),
+        ));
     }
     let view = map.view();
     let header = *view.header();
@@ -275,12 +357,19 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
     }
     // New devices (recovery, moves) come with the paths of the whole device table.
     let paths = match request.attr(Attr::Devices as u16) {
-        Some(attr) => Some(nested_strings(request, attr.bytes(), Attr::DevicePath as u16)?),
+        Some(attr) => Some(nested_strings(
+            request,
+            attr.bytes(),
+            Attr::DevicePath as u16,
+        )?),
         None => None,
     };
     if let Some(paths) = &paths {
         if paths.len() != header.device_count as usize {
-            return Err(request.fail(EINVAL, c_str!("number of device paths differs from the map's device table")));
+            return Err(request.fail(
+                EINVAL,
+                c_str!("number of device paths differs from the map's device table"),
+            ));
         }
     }
     let mut slots = KVec::with_capacity(header.device_count as usize, GFP_KERNEL)?;
@@ -290,16 +379,26 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
             (Some(slot), _) => slot,
             (None, Some(paths)) => {
                 let path = CString::try_from_fmt(fmt!("{}", &*paths[i as usize]))?;
-                let device = SanDevice::open(path, wanted.uuid, !volume.read_only).map_err(|err| {
-                    refuse(request, err, fmt!("cannot open SAN device {} (errno {})", i, -err.to_errno()))
-                })?;
+                let device =
+                    SanDevice::open(path, wanted.uuid, !volume.read_only).map_err(|err| {
+                        refuse(
+                            request,
+                            err,
+                            fmt!("cannot open SAN device {} (errno {})", i, -err.to_errno()),
+                        )
+                    })?;
                 if device.size_bytes() < wanted.size {
-                    return Err(request.fail(EINVAL, c_str!("map extends beyond the end of a device")));
+                    return Err(
+                        request.fail(EINVAL, c_str!("map extends beyond the end of a device"))
+                    );
                 }
                 volume.devices.insert(device)?
             }
             (None, None) => {
-                return Err(request.fail(EINVAL, c_str!("map references devices not attached to this volume")));
+                return Err(request.fail(
+                    EINVAL,
+                    c_str!("map references devices not attached to this volume"),
+                ));
             }
         };
         let Some(device) = volume.devices.get(slot) else {
@@ -319,7 +418,11 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
 }
 
 /// Installs a validated new server address list and session token (either optional).
-fn apply_server_settings(volume: &Volume, token: Option<SessionToken>, servers: Option<ServerAddrs>) {
+fn apply_server_settings(
+    volume: &Volume,
+    token: Option<SessionToken>,
+    servers: Option<ServerAddrs>,
+) {
     if let Some(servers) = servers {
         volume.server.set_addrs(servers);
     }
@@ -334,9 +437,16 @@ fn set_device_state(request: &Request, registry: &registry::Registry) -> Result 
     let volume_id = required_u64(request, Attr::VolumeId)?;
     let path_attr = request.attr(Attr::DevicePath as u16).ok_or(EINVAL)?;
     let path = string_bytes(path_attr.bytes());
-    let state = request.attr(Attr::DeviceState as u16).map(|a| a.u32()).ok_or(EINVAL)?;
+    let state = request
+        .attr(Attr::DeviceState as u16)
+        .map(|a| a.u32())
+        .ok_or(EINVAL)?;
     if state != DeviceState::Healthy as u32 {
-        return Err(refuse(request, EINVAL, fmt!("device state {} cannot be set (only healthy, 0)", state)));
+        return Err(refuse(
+            request,
+            EINVAL,
+            fmt!("device state {} cannot be set (only healthy, 0)", state),
+        ));
     }
     let volumes = registry.lock();
     let position = find(request, &volumes, volume_id)?;
@@ -347,10 +457,19 @@ fn set_device_state(request: &Request, registry: &registry::Registry) -> Result 
         .iter()
         .filter_map(|slot| volume.devices.get(*slot))
         .find(|d| d.path.as_bytes() == path)
-        .ok_or_else(|| request.fail(ENOENT, c_str!("no device with this path in the volume's current map")))?;
+        .ok_or_else(|| {
+            request.fail(
+                ENOENT,
+                c_str!("no device with this path in the volume's current map"),
+            )
+        })?;
     if device.state() != DeviceState::Healthy as u32 {
         device.mark_healthy();
-        pr_info!("volume id {}: {} is healthy again; direct I/O resumes\n", volume_id, &*device.path);
+        pr_info!(
+            "volume id {}: {} is healthy again; direct I/O resumes\n",
+            volume_id,
+            &*device.path
+        );
     }
     Ok(())
 }
@@ -365,23 +484,43 @@ fn put_volume(reply: &mut Reply<'_>, volume: &Volume) -> Result {
     reply.put_u64(Attr::SizeBytes as u16, map.size)?;
     reply.put_u32(Attr::ReadOnly as u16, volume.read_only as u32)?;
     let counters = &volume.counters;
-    reply.put_u64(Attr::ReadIos as u16, counters.read_ios.load(Ordering::Relaxed))?;
-    reply.put_u64(Attr::WriteIos as u16, counters.write_ios.load(Ordering::Relaxed))?;
-    reply.put_u64(Attr::ReadBytes as u16, counters.read_bytes.load(Ordering::Relaxed))?;
-    reply.put_u64(Attr::WrittenBytes as u16, counters.written_bytes.load(Ordering::Relaxed))?;
-    reply.put_u64(Attr::ErrorCount as u16, counters.errors.load(Ordering::Relaxed))?;
-    reply.put_u32(Attr::ServerState as u16, volume.server.state() as u32)?;
+    reply.put_u64(
+        Attr::ReadIos as u16,
+        counters.read_ios.load(Ordering::Relaxed),
+    )?;
+    reply.put_u64(
+        Attr::WriteIos as u16,
+        counters.write_ios.load(Ordering::Relaxed),
+    )?;
+    reply.put_u64(
+        Attr::ReadBytes as u16,
+        counters.read_bytes.load(Ordering::Relaxed),
+    )?;
+    reply.put_u64(
+        Attr::WrittenBytes as u16,
+        counters.written_bytes.load(Ordering::Relaxed),
+    )?;
+    reply.put_u64(
+        Attr::ErrorCount as u16,
+        counters.errors.load(Ordering::Relaxed),
+    )?;
+    reply.put_u32(Attr::ServerState as u16, volume.server.state())?;
     reply.put_u64(Attr::RedirectedIos as u16, volume.server.redirected())?;
     let addrs = volume.server.addrs();
     if !addrs.is_empty() {
         let servers = reply.begin_nest(Attr::Servers as u16)?;
         for (ip, port) in addrs.iter() {
-            let text = CString::try_from_fmt(fmt!("{}.{}.{}.{}:{}", ip[0], ip[1], ip[2], ip[3], port))?;
+            let text =
+                CString::try_from_fmt(fmt!("{}.{}.{}.{}:{}", ip[0], ip[1], ip[2], ip[3], port))?;
             reply.put_str(Attr::ServerAddr as u16, &text)?;
         }
         reply.end_nest(servers);
     }
-    for device in map.slots.iter().filter_map(|slot| volume.devices.get(*slot)) {
+    for device in map
+        .slots
+        .iter()
+        .filter_map(|slot| volume.devices.get(*slot))
+    {
         let entry = reply.begin_nest(Attr::Device as u16)?;
         reply.put_str(Attr::DevicePath as u16, &device.path)?;
         reply.put_u32(Attr::DeviceState as u16, device.state())?;
@@ -395,7 +534,9 @@ fn put_volume(reply: &mut Reply<'_>, volume: &Volume) -> Result {
 fn status(request: &Request, registry: &registry::Registry) -> Result {
     let volumes = registry.lock();
     let devices: usize = volumes.iter().map(|v| v.current_map().slots.len()).sum();
-    let room = STATUS_BYTES_BASE + volumes.len() * STATUS_BYTES_PER_VOLUME + devices * STATUS_BYTES_PER_DEVICE;
+    let room = STATUS_BYTES_BASE
+        + volumes.len() * STATUS_BYTES_PER_VOLUME
+        + devices * STATUS_BYTES_PER_DEVICE;
     let mut reply = request.reply(Command::Status as u8, room)?;
     reply.put_u32(Attr::ProtocolVersion as u16, PROTOCOL_VERSION)?;
     reply.put_str(Attr::ModuleVersion as u16, crate::MODULE_VERSION)?;

@@ -11,13 +11,17 @@
 //! where the completion only records the outcome. Each probe holds an in-flight count of the
 //! volume, so teardown (`Volume::remove_disk`) waits for it like for any clone.
 
+use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
-use kernel::bindings;
 use kernel::prelude::*;
 
 use crate::abi::{Attr, Command, DeviceState, EventKind};
 use crate::device::{Probe, SanDevice};
-use crate::shim::Event;
+use crate::ffi::bio::{Bio, EndIo};
+use crate::ffi::consts::{GFP_KERNEL_RAW, REQ_OP_READ};
+use crate::ffi::genl::Event;
+use crate::ffi::sync::InFlightRef;
+use crate::ffi::time::now_ns;
 use crate::volume::Volume;
 
 /// Interval between two probes of one failed device.
@@ -28,13 +32,12 @@ const NS_PER_MS: i64 = 1_000_000;
 /// Bytes one probe reads at the start of the device.
 const PROBE_BYTES: u32 = 4096;
 
-fn now_ns() -> i64 {
-    // SAFETY: reads the monotonic clock.
-    unsafe { bindings::ktime_get() }
-}
-
 /// Multicasts an EVENT of `kind` for `device` of `volume` (process context).
-pub(crate) fn multicast_device_event(volume: &Volume, device: &SanDevice, kind: EventKind) -> Result {
+pub(crate) fn multicast_device_event(
+    volume: &Volume,
+    device: &SanDevice,
+    kind: EventKind,
+) -> Result {
     let mut event = Event::new(Command::Event as u8, 512)?;
     event.put_u32(Attr::EventKind as u16, kind as u32)?;
     event.put_u64(Attr::VolumeId as u16, volume.id)?;
@@ -64,7 +67,11 @@ pub(crate) fn restart(device: &SanDevice) {
 pub(crate) fn tick(volume: &Volume) {
     let map = volume.current_map();
     let now = now_ns();
-    for device in map.slots.iter().filter_map(|slot| volume.devices.get(*slot)) {
+    for device in map
+        .slots
+        .iter()
+        .filter_map(|slot| volume.devices.get(*slot))
+    {
         if device.state() != DeviceState::Failed as u32 {
             continue;
         }
@@ -76,9 +83,16 @@ pub(crate) fn tick(volume: &Volume) {
             let last = device.healed_reported_ns.load(Ordering::Relaxed);
             if last == 0 || now - last >= HEALED_REPEAT_MS * NS_PER_MS {
                 device.healed_reported_ns.store(now, Ordering::Relaxed);
-                pr_info!("volume {}: {} answers again; reporting PATH_HEALED\n", volume.id, &*device.path);
+                pr_info!(
+                    "volume {}: {} answers again; reporting PATH_HEALED\n",
+                    volume.id,
+                    &*device.path
+                );
                 if multicast_device_event(volume, device, EventKind::PathHealed).is_err() {
-                    pr_warn!("volume {}: cannot multicast the path healed event\n", volume.id);
+                    pr_warn!(
+                        "volume {}: cannot multicast the path healed event\n",
+                        volume.id
+                    );
                 }
             }
             // Keep probing: the event is repeated only while the device keeps answering.
@@ -91,55 +105,62 @@ pub(crate) fn tick(volume: &Volume) {
     }
 }
 
+/// What a probe's completion needs: its device, kept alive by the volume's in-flight
+/// reference the probe holds.
+struct ProbeContext {
+    device: NonNull<SanDevice>,
+    _inflight: InFlightRef,
+}
+
 /// Issues one asynchronous READ of the device's first page.
 fn submit(volume: &Volume, device: &SanDevice) {
     if device.size_bytes() < u64::from(PROBE_BYTES) {
         return;
     }
-    // SAFETY: process context; the device is open; `fs_bio_set` is the kernel's general bio
-    // pool (one inline vector is enough for one page). GFP_KERNEL may fail: no probe this round.
-    let bio = unsafe {
-        bindings::bio_alloc_bioset(
-            device.bdev(),
-            1,
-            bindings::req_op_REQ_OP_READ,
-            bindings::GFP_KERNEL,
-            core::ptr::addr_of_mut!(bindings::fs_bio_set),
-        )
-    };
-    if bio.is_null() {
+    // Process context: GFP_KERNEL may fail, then there is no probe this round.
+    let Ok(context) = KBox::new(
+        ProbeContext {
+            device: NonNull::from(device),
+            _inflight: volume.inflight.get(),
+        },
+        GFP_KERNEL,
+    ) else {
         return;
-    }
-    device.probe.store(Probe::InFlight as u32, Ordering::Release);
-    volume.inflight.fetch_add(1, Ordering::AcqRel);
-    // SAFETY: `bio` is ours until submitted; the page belongs to the device, which outlives
-    // the probe (the device is dropped with the volume, after in-flight reaches zero); only
-    // one probe per device is in flight (state InFlight), so the page has a single user.
-    unsafe {
-        (*bio).bi_iter.bi_sector = 0;
-        bindings::__bio_add_page(bio, device.probe_page.as_ptr(), PROBE_BYTES, 0);
-        (*bio).bi_private = (volume as *const Volume).cast_mut().cast();
-        (*bio).bi_end_io = Some(probe_endio);
-        bindings::submit_bio(bio);
-    }
+    };
+    // One inline vector of the kernel's general pool is enough for one page.
+    let Some(mut bio) = Bio::alloc(device.bdev(), 1, REQ_OP_READ, GFP_KERNEL_RAW, None) else {
+        return;
+    };
+    device
+        .probe
+        .store(Probe::InFlight as u32, Ordering::Release);
+    bio.set_sector(0);
+    // The page belongs to the device, which outlives the probe (the context holds an
+    // in-flight reference); only one probe per device is in flight (state InFlight), so the
+    // page has a single user.
+    bio.add_page(&device.probe_page, PROBE_BYTES, 0);
+    bio.set_end_io::<ProbeDone>(KBox::into_raw(context).cast());
+    bio.submit();
 }
 
-/// # Safety
-///
-/// Completion of a probe issued by `submit`: `bi_private` is the volume, which waits for the
-/// in-flight count this probe holds before it goes away.
-unsafe extern "C" fn probe_endio(bio: *mut bindings::bio) {
-    // SAFETY: see the function's contract.
-    unsafe {
-        let volume = &*((*bio).bi_private as *const Volume);
-        let ok = (*bio).bi_status == 0;
-        let bdev = (*bio).bi_bdev;
-        if let Some((_, device)) = volume.devices.iter().find(|(_, d)| d.bdev() == bdev) {
-            let stale = device.probe_stale.swap(false, Ordering::AcqRel);
-            let outcome = if ok && !stale { Probe::Succeeded } else { Probe::Idle };
-            device.probe.store(outcome as u32, Ordering::Release);
-        }
-        bindings::bio_put(bio);
-        volume.inflight.fetch_sub(1, Ordering::AcqRel);
+/// Completion of a probe issued by [`submit`].
+struct ProbeDone;
+
+impl EndIo for ProbeDone {
+    fn end_io(bio: Bio) {
+        // SAFETY: the private pointer is the context `submit` boxed for this bio, taken once.
+        let context = unsafe { KBox::from_raw(bio.private().cast::<ProbeContext>()) };
+        // SAFETY: the context's in-flight reference keeps the volume, and so its devices.
+        let device = unsafe { context.device.as_ref() };
+        let ok = bio.status() == 0;
+        let stale = device.probe_stale.swap(false, Ordering::AcqRel);
+        let outcome = if ok && !stale {
+            Probe::Succeeded
+        } else {
+            Probe::Idle
+        };
+        device.probe.store(outcome as u32, Ordering::Release);
+        bio.put();
+        drop(context);
     }
 }

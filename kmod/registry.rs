@@ -23,7 +23,10 @@ impl Registry {
         try_pin_init!(Registry { volumes <- new_mutex!(KVec::new(), "sanblk_registry") })
     }
 
-    pub(crate) fn lock(&self) -> kernel::sync::lock::Guard<'_, KVec<Arc<Volume>>, kernel::sync::lock::mutex::MutexBackend> {
+    pub(crate) fn lock(
+        &self,
+    ) -> kernel::sync::lock::Guard<'_, KVec<Arc<Volume>>, kernel::sync::lock::mutex::MutexBackend>
+    {
         self.volumes.lock()
     }
 }

@@ -2,29 +2,55 @@
 
 //! sanblk: shared-storage block driver. Exposes volumes described by server-issued maps as
 //! block devices and sends their I/O straight to the SAN disks.
+//!
+//! Layers, lowest first; a module only imports modules of its own layer or below, and no two
+//! modules import each other:
+//!
+//! 0. `abi`, `abi_map`, `abi_frame`, `abi_pipeline` (the uapi sources: wire formats, the map
+//!    model and the server path's bookkeeping, pure logic unit-tested on the host), and
+//!    [`ffi`], the only code that calls C or uses `kernel::bindings`: safe types for bios,
+//!    disks, block devices, sockets, kernel threads, wait queues and RCU, the slab, sysfs
+//!    attributes, generic netlink and errnos, over the C helpers in `sanblk_shim.c`.
+//! 1. `device` (an opened SAN device) and `piece` (the context of a piece the server path may
+//!    re-issue, in front of every clone and in every hooked bio).
+//! 2. `hook` (hooked bios: completion diverted, block-layer statistics), `server::path` (the
+//!    server path's state in a volume) and `server::wire` (requests on the wire, replies).
+//! 3. `volume`: one attached volume (map, devices, disk, server path, in-flight I/O).
+//! 4. `remap` (the direct data path: `submit_bio` and completions), `health` (fail-back
+//!    probes) and `server::connection` (a connection to the server's I/O service).
+//! 5. `server::thread` (the volume's server-path thread), `sysfs` and `registry`.
+//! 6. `genl`: the netlink commands, which put volumes together from the layers below.
+//! 7. This crate root: module init and exit.
 
 use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use kernel::c_str;
 use kernel::prelude::*;
 
-#[allow(dead_code, unreachable_pub, missing_docs)]
+// The uapi crate states its own rust-version; the module is built with the toolchain the
+// kernel tree was configured with, newer than the kernel's minimum that clippy assumes.
+#[allow(dead_code, unreachable_pub, missing_docs, clippy::incompatible_msrv)]
 #[path = "../uapi/src/netlink.rs"]
 mod abi;
-#[allow(dead_code, unreachable_pub, missing_docs)]
-#[path = "../uapi/src/map.rs"]
-mod abi_map;
-#[allow(dead_code, unreachable_pub, missing_docs)]
+#[allow(dead_code, unreachable_pub, missing_docs, clippy::incompatible_msrv)]
 #[path = "../uapi/src/frame.rs"]
 mod abi_frame;
+#[allow(dead_code, unreachable_pub, missing_docs, clippy::incompatible_msrv)]
+#[path = "../uapi/src/pipeline.rs"]
+mod abi_pipeline;
+// uapi's modules name each other as in their crate.
+use abi_frame as frame;
+#[allow(dead_code, unreachable_pub, missing_docs, clippy::incompatible_msrv)]
+#[path = "../uapi/src/map.rs"]
+mod abi_map;
 mod device;
-mod errno;
+mod ffi;
 mod genl;
 mod health;
 mod hook;
+mod piece;
 mod registry;
 mod remap;
 mod server;
-mod shim;
 mod sysfs;
 mod volume;
 
@@ -56,56 +82,38 @@ pub(crate) fn registry() -> &'static registry::Registry {
     unsafe { &*REGISTRY.load(Ordering::Acquire) }
 }
 
-/// A dynamically allocated block major; released on drop.
-struct BlockMajor(u32);
-
-impl BlockMajor {
-    fn register() -> Result<Self> {
-        // SAFETY: the name is a static NUL-terminated string; no probe callback.
-        let ret = unsafe {
-            kernel::bindings::__register_blkdev(0, c_str!("sanblk").as_char_ptr(), None)
-        };
-        if ret < 0 {
-            return Err(Error::from_errno(ret));
-        }
-        Ok(BlockMajor(ret as u32))
-    }
-}
-
-impl Drop for BlockMajor {
-    fn drop(&mut self) {
-        // SAFETY: this major was registered by `register` under the same name.
-        unsafe { kernel::bindings::unregister_blkdev(self.0, c_str!("sanblk").as_char_ptr()) };
-    }
-}
-
 struct SanBlk {
     // Field order is teardown order: netlink goes first so no command runs against a
     // half-torn-down module, then the volumes, then the slab their bios used, then the major.
-    genl: Option<shim::GenlFamily>,
+    genl: Option<ffi::genl::GenlFamily>,
     registry: Pin<KBox<registry::Registry>>,
     _hooked_bio_cache: hook::HookedBioCache,
-    _major: BlockMajor,
+    _major: ffi::disk::Major,
 }
 
 impl kernel::Module for SanBlk {
     fn init(module: &'static ThisModule) -> Result<Self> {
-        remap::set_owner(module);
-        let major = BlockMajor::register()?;
+        remap::BLOCK_OPS.set_owner(module);
+        let major = ffi::disk::Major::register(c_str!("sanblk"))?;
         let hooked_bio_cache = hook::HookedBioCache::create()?;
-        BLOCK_MAJOR.store(major.0, Ordering::Relaxed);
+        BLOCK_MAJOR.store(major.number(), Ordering::Relaxed);
         let registry = KBox::pin_init(registry::Registry::new(), GFP_KERNEL)?;
         let registry_ptr = &*registry as *const registry::Registry as *mut registry::Registry;
         REGISTRY.store(registry_ptr, Ordering::Release);
-        let genl = match shim::GenlFamily::register() {
+        let genl = match ffi::genl::GenlFamily::register() {
             Ok(genl) => genl,
             Err(err) => {
                 REGISTRY.store(core::ptr::null_mut(), Ordering::Release);
                 return Err(err);
             }
         };
-        pr_info!("loaded, block major {}\n", major.0);
-        Ok(SanBlk { genl: Some(genl), registry, _hooked_bio_cache: hooked_bio_cache, _major: major })
+        pr_info!("loaded, block major {}\n", major.number());
+        Ok(SanBlk {
+            genl: Some(genl),
+            registry,
+            _hooked_bio_cache: hooked_bio_cache,
+            _major: major,
+        })
     }
 }
 

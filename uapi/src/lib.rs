@@ -9,3 +9,4 @@
 pub mod frame;
 pub mod map;
 pub mod netlink;
+pub mod pipeline;
