@@ -242,13 +242,16 @@ async fn client_grant(
 ) -> ServiceResult<Option<ClientInfo>> {
     let ClientGrant { name, volume, mode } = request;
     let client = name.clone();
-    blocking(state, move |s| {
+    let volume_id = blocking(state, move |s| {
         let volume = s.store.volume_by_name(&volume)?;
-        s.store.set_grant(&client, volume.id, Some(mode))
+        s.store
+            .set_grant(&client, volume.id, Some(mode))
+            .map(|_| volume.id)
     })
     .await?;
     // A downgrade to ro must not leave a read-write attachment in place.
     if mode == AccessMode::Ro {
+        state.end_attachments(&name, Some(volume_id));
         state.disconnect_client(&name);
     }
     info!("client {name}: grant changed");
@@ -261,11 +264,14 @@ async fn client_revoke(
 ) -> ServiceResult<Option<ClientInfo>> {
     let ClientRevoke { name, volume } = request;
     let client = name.clone();
-    blocking(state, move |s| {
+    let volume_id = blocking(state, move |s| {
         let volume = s.store.volume_by_name(&volume)?;
-        s.store.set_grant(&client, volume.id, None)
+        s.store
+            .set_grant(&client, volume.id, None)
+            .map(|_| volume.id)
     })
     .await?;
+    state.end_attachments(&name, Some(volume_id));
     state.disconnect_client(&name);
     info!("client {name}: grant revoked");
     client_info(state, &name).await
@@ -278,6 +284,7 @@ async fn client_remove(
     let name = request.name;
     let client = name.clone();
     blocking(state, move |s| s.store.remove_client(&client)).await?;
+    state.end_attachments(&name, None);
     state.disconnect_client(&name);
     info!("client {name} removed");
     Ok(ClientRemoved { removed: name })

@@ -367,7 +367,7 @@ impl Session {
                 s.store
                     .volume_by_name(&volume)
                     .ok()
-                    .and_then(|v| c.grants.get(&v.id).map(|g| (v.id, *g)))
+                    .and_then(|v| c.grant(v.id).map(|g| (v.id, g)))
             });
             match grant {
                 Some((volume_id, granted)) => {
@@ -381,14 +381,16 @@ impl Session {
         let Some((volume_id, granted, persisted)) = lookup else {
             return Err(not_granted);
         };
-        if !granted.permits(mode) {
+        if !granted.mode.permits(mode) {
             return Err(ErrorBody::new(
                 ErrorCode::NotGranted,
-                format!("volume is granted {granted}, not {mode}"),
+                format!("volume is granted {}, not {mode}", granted.mode),
             ));
         }
         // Another connection of this client holding it live keeps it; this one gets a new one.
-        let persisted = persisted.filter(|p| !self.state.session_is_live(&p.token));
+        // A token of an earlier grant (its removal cut short by a crash) is not handed out.
+        let persisted =
+            persisted.filter(|p| p.grant_id == granted.id && !self.state.session_is_live(&p.token));
         let session_token = persisted
             .as_ref()
             .map_or_else(secrets::new_session_token_hex, |p| p.token.clone());
@@ -406,6 +408,7 @@ impl Session {
                 volume_id,
                 mode,
                 agent_gone: false,
+                grant_id: granted.id,
             };
             if let Err(error) = self.state.persist_sessions(vec![session]).await {
                 self.state.detach(self.connection, volume_id);

@@ -5,7 +5,8 @@
 //!
 //! Layers, lowest first; a module imports only from layers below it:
 //! 1. `config` (flags and file), `allocator` (extent placement), `labelling` (writing device
-//!    labels), `secrets` (client secrets, session tokens).
+//!    labels), `secrets` (client secrets, session tokens), `failpoint` (test-only crash
+//!    points).
 //! 2. `store`: the redb metadata (pool, volumes, recovery records, clients, sessions), with
 //!    its own error type.
 //! 3. `service_error`: the wire error the services answer with, and the store errors mapped
@@ -24,6 +25,7 @@ mod agent_service;
 mod allocator;
 pub mod config;
 mod device;
+mod failpoint;
 mod io_service;
 mod labelling;
 mod recovery;

@@ -163,6 +163,27 @@ impl ServerState {
         dropped
     }
 
+    /// Ends the live attachments of `client` (to `volume_id`, or to every volume), so their
+    /// tokens stop working now, not once the kicked connection has closed. Called after the
+    /// revocation is committed.
+    pub fn end_attachments(&self, client: &str, volume_id: Option<u64>) {
+        let mut live = self.live();
+        let live = &mut *live;
+        let sessions = &mut live.sessions;
+        live.volumes.retain(|id, volume| {
+            if volume_id.is_none_or(|v| v == *id) {
+                volume.attachments.retain(|_, attachment| {
+                    let keep = attachment.client != client;
+                    if !keep {
+                        sessions.remove(&attachment.session_token);
+                    }
+                    keep
+                });
+            }
+            !volume.attachments.is_empty()
+        });
+    }
+
     /// Disconnects every connection of `client` (after removal or a revoked grant).
     pub fn disconnect_client(&self, client: &str) {
         for (name, kick) in self.live().connections.values() {
@@ -274,7 +295,9 @@ impl ServerState {
                 });
             }
         }
-        let persisted = self.store.session(token).ok()??;
+        // Checked against the metadata: a token outlives its grant only as a record that a
+        // crash kept from being deleted, and such a record is not accepted.
+        let (persisted, stored_epoch) = self.store.valid_session(token).ok()??;
         if persisted.agent_gone {
             return None;
         }
@@ -295,10 +318,7 @@ impl ServerState {
                 None => None,
             }
         };
-        let epoch = match live_epoch {
-            Some(epoch) => epoch,
-            None => self.store.volume_by_id(persisted.volume_id).ok()?.epoch,
-        };
+        let epoch = live_epoch.unwrap_or(stored_epoch);
         Some(SessionInfo {
             client: persisted.client,
             volume_id: persisted.volume_id,
@@ -546,6 +566,7 @@ mod tests {
                     volume_id: i / 20,
                     mode: AccessMode::Ro,
                     agent_gone: false,
+                    grant_id: 0,
                 };
                 state.persist_sessions(vec![session]).await
             });
