@@ -187,12 +187,22 @@ async fn volume_delete(
     request: VolumeDelete,
     state: &Arc<ServerState>,
 ) -> ServiceResult<VolumeDeleted> {
+    let VolumeDelete { name, force } = request;
     let record = blocking(state, move |s| {
-        let volume = s.store.volume_by_name(&request.name)?;
-        s.delete_volume(volume.id)
+        let volume = s.store.volume_by_name(&name)?;
+        s.delete_volume(volume.id, force)
     })
     .await?;
-    info!("volume {} (id {}) deleted", record.name, record.id);
+    info!(
+        "volume {} (id {}) deleted{}",
+        record.name,
+        record.id,
+        if force {
+            " (forced: its attachments were ended)"
+        } else {
+            ""
+        }
+    );
     Ok(VolumeDeleted {
         deleted: record.name,
     })

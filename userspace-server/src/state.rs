@@ -74,6 +74,9 @@ struct Live {
     last_connection_id: ConnectionId,
 }
 
+/// Clients a refused `volume delete` names (the rest are counted).
+const MAX_NAMED_HOLDERS: usize = 8;
+
 /// Connections allowed to be in the handshake at once.
 pub const MAX_PENDING_HANDSHAKES: usize = 4096;
 
@@ -453,24 +456,54 @@ impl ServerState {
         (volume.attachments.len(), acked, list)
     }
 
-    /// Deletes a volume unless someone is attached (checked and deleted under the lock, so no
-    /// attach can slip in between).
-    pub fn delete_volume(&self, volume_id: u64) -> ServiceResult<VolumeRecord> {
-        let live = self.live();
-        if let Some(volume) = live.volumes.get(&volume_id) {
-            if !volume.attachments.is_empty() {
-                return Err(ErrorBody::new(
-                    ErrorCode::Busy,
-                    format!(
-                        "volume is attached by {} client(s); detach them first",
-                        volume.attachments.len()
-                    ),
-                ));
+    /// Deletes a volume unless it is attached: live, or by a persisted session the metadata
+    /// still backs (after a restart, before the agent is back, its kernel's token is still
+    /// accepted). `force` fences them instead: the live attachments and their tokens end, and
+    /// the commit that deletes the volume also drops every grant on it, which ends the
+    /// persisted tokens (`Store::valid_session`). Checked and deleted under the lock, so no
+    /// attach can slip in between.
+    pub fn delete_volume(&self, volume_id: u64, force: bool) -> ServiceResult<VolumeRecord> {
+        let mut live = self.live();
+        let mut holders: Vec<String> = live
+            .volumes
+            .get(&volume_id)
+            .map(|v| v.attachments.values().map(|a| a.client.clone()).collect())
+            .unwrap_or_default();
+        let persisted = self.store.backed_sessions_of_volume(volume_id)?;
+        holders.extend(persisted.into_iter().map(|s| s.client));
+        holders.sort();
+        holders.dedup();
+        if !holders.is_empty() && !force {
+            let shown: Vec<String> = holders
+                .iter()
+                .take(MAX_NAMED_HOLDERS)
+                .map(|c| format!("{c:?}"))
+                .collect();
+            let more = holders.len().saturating_sub(MAX_NAMED_HOLDERS);
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                format!(
+                    "volume is attached by client(s) {}{more} (live, or by a session token \
+                     their kernels still hold); detach it there first, or delete with --force \
+                     to cut them off",
+                    shown.join(", ")
+                ),
+            ));
+        }
+        let deleted = self.store.delete_volume(volume_id)?;
+        // Committed: the persisted tokens are dead; end the live ones before answering.
+        if let Some(volume) = live.volumes.remove(&volume_id) {
+            for attachment in volume.attachments.values() {
+                live.sessions.remove(&attachment.session_token);
             }
         }
-        let deleted = self.store.delete_volume(volume_id);
         drop(live);
-        Ok(deleted?)
+        Ok(deleted)
     }
 }
 

@@ -14,7 +14,8 @@ use common::{TestServer, MIB};
 use sanblk_proto::client::{AgentClient, Attachment};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{
-    ClientGrant, ClientRemove, ClientRevoke, DeviceInfo, PoolList, VolumeCreate, VolumeGrow,
+    ClientGrant, ClientRemove, ClientRevoke, DeviceInfo, PoolList, VolumeCreate, VolumeDelete,
+    VolumeGrow,
 };
 use sanblk_uapi::frame::{
     Op, ReplyHeader, RequestHeader, FLAG_FUA, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
@@ -752,4 +753,55 @@ async fn a_downgrade_interrupted_by_a_crash_still_ends_the_rw_token() {
         false,
     )
     .await;
+}
+
+/// After a restart, before the agent is back, its kernel's persisted token still works, so the
+/// volume is still attached: `volume delete` is refused and names the client; `--force` ends
+/// the token first (refused from then on, also on a connection opened before), then deletes.
+#[tokio::test]
+async fn a_volume_attached_by_a_persisted_token_is_deleted_only_with_force() {
+    async fn delete(
+        admin: &mut sanblk_proto::client::AdminClient,
+        force: bool,
+    ) -> Result<sanblk_proto::protocol::VolumeDeleted, sanblk_proto::client::ClientError> {
+        let name = "held".into();
+        admin.call(VolumeDelete { name, force }).await
+    }
+    let mut server = TestServer::start();
+    server.pool_of(1, 64 * MIB).await;
+    let (agent, rw) = attached(&server, "held", 4 * MIB, Layout::Linear, AccessMode::Rw).await;
+    let mut admin = server.admin().await;
+    let live = delete(&mut admin, false).await;
+    let message = live.map(|_| ()).map_err(|e| e.to_string());
+    assert!(
+        message.as_ref().is_err_and(|m| m.contains("host-held")),
+        "delete of a live attachment: {message:?}"
+    );
+    server.kill9();
+    drop(agent);
+    let restarted = TestServer::start_in(&server.dir);
+    let mut io = IoClient::session(&restarted, &rw).await;
+    let mut admin = restarted.admin().await;
+    let refused = delete(&mut admin, false).await;
+    assert_eq!(
+        refused.as_ref().err().and_then(|e| e.server_code()),
+        Some(sanblk_proto::protocol::ErrorCode::Busy),
+        "delete while a persisted token is valid: {refused:?}"
+    );
+    let message = refused.map(|_| ()).map_err(|e| e.to_string());
+    assert!(
+        message.as_ref().is_err_and(|m| m.contains("host-held")),
+        "the refusal names the client: {message:?}"
+    );
+    assert_eq!(io.read(&rw.map, 0, 4096).await.0, 0, "refused delete kept");
+    delete(&mut admin, true)
+        .await
+        .unwrap_or_else(|e| panic!("delete --force: {e}"));
+    assert_eq!(io.read(&rw.map, 0, 4096).await.0, EACCES);
+    let mut refused = IoClient::connect(&restarted).await;
+    assert_eq!(refused.hello(&rw.session_token).await, EACCES);
+    // The space is reused by the next volume; the old token must not reach it.
+    create_volume(&restarted, "next", 4 * MIB, Layout::Linear).await;
+    let mut refused = IoClient::connect(&restarted).await;
+    assert_eq!(refused.hello(&rw.session_token).await, EACCES);
 }

@@ -74,6 +74,36 @@ impl Store {
         Ok(volume.map(|v| (session, v.epoch)))
     }
 
+    /// The persisted sessions of a volume that the metadata still backs: attachments whose
+    /// clients' kernels may still use their tokens (agent gone or not: a re-attach hands the
+    /// token out again).
+    pub fn backed_sessions_of_volume(&self, volume_id: u64) -> StoreResult<Vec<SessionRecord>> {
+        let mut of_volume = Vec::new();
+        {
+            let txn = self.secrets.begin_read()?;
+            for entry in txn.open_table(SESSIONS)?.iter()? {
+                let (_, value) = entry?;
+                let session: SessionRecord = decode(value.value())?;
+                if session.volume_id == volume_id {
+                    of_volume.push(session);
+                }
+            }
+        }
+        let txn = self.metadata.begin_read()?;
+        let clients = txn.open_table(CLIENTS)?;
+        let mut backed = Vec::new();
+        for session in of_volume {
+            let client: Option<ClientRecord> = clients
+                .get(session.client.as_str())?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            if session.is_backed_by(client.as_ref()) {
+                backed.push(session);
+            }
+        }
+        Ok(backed)
+    }
+
     /// The persisted session of `client`'s attachment to a volume.
     pub fn session_of(&self, client: &str, volume_id: u64) -> StoreResult<Option<SessionRecord>> {
         let txn = self.secrets.begin_read()?;
