@@ -23,6 +23,7 @@ use sanblk_proto::protocol::{
 };
 
 use crate::labelling;
+use crate::log_text::peer_text;
 use crate::secrets;
 use crate::service_error::ServiceResult;
 use crate::state::{blocking, ServerState};
@@ -47,7 +48,10 @@ pub async fn serve_admin_connection(
             Ok(request) => handle(request, &state).await,
             Err(FrameError::Closed) => return,
             Err(error) => {
-                warn!("admin connection: {error}; closing it");
+                warn!(
+                    "admin connection: {}; closing it",
+                    peer_text(&error.to_string())
+                );
                 let body = ErrorBody::new(ErrorCode::BadFrame, error.to_string());
                 let _ = write_frame(&mut write_half, &error_reply(body)).await;
                 return;

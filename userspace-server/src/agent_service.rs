@@ -20,6 +20,7 @@ use sanblk_proto::protocol::{
     GrantedVolume,
 };
 
+use crate::log_text::peer_text;
 use crate::recovery;
 use crate::secrets;
 use crate::service_error::ServiceResult;
@@ -63,7 +64,7 @@ pub async fn serve_agent_connection(
         outcome = handshake => match outcome {
             Ok(Ok(client)) => client,
             Ok(Err(error)) => {
-                warn!("{peer}: handshake failed: {error}");
+                warn!("{peer}: handshake failed: {}", peer_text(&error.message));
                 let _ = send_within(&mut writer, write_limit, &AgentReply::Error(error)).await;
                 return;
             }
@@ -76,7 +77,7 @@ pub async fn serve_agent_connection(
         },
     };
     drop(handshake_slot);
-    debug!("{peer}: client {client} authenticated");
+    debug!("{peer}: client {} authenticated", peer_text(&client));
     let (connection, kick) = state.register_connection(&client);
     let mut recovery_events = state.recoveries.subscribe();
     let mut session = Session {
@@ -96,7 +97,7 @@ pub async fn serve_agent_connection(
         tokio::select! {
             _ = shutdown.changed() => break,
             _ = kick.notified() => {
-                info!("{peer}: disconnecting client {} (removed or grant changed)", session.client);
+                info!("{peer}: disconnecting client {} (removed or grant changed)", peer_text(&session.client));
                 let body = ErrorBody::new(ErrorCode::NotGranted, "access changed by the administrator");
                 let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
                 break;
@@ -131,7 +132,11 @@ pub async fn serve_agent_connection(
                     Ok(request) => session.handle(request).await,
                     Err(FrameError::Closed) => break,
                     Err(error) => {
-                        warn!("{peer}: bad frame from client {}: {error}; closing", session.client);
+                        warn!(
+                            "{peer}: bad frame from client {}: {}; closing",
+                            peer_text(&session.client),
+                            peer_text(&error.to_string())
+                        );
                         let body = ErrorBody::new(ErrorCode::BadFrame, error.to_string());
                         let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
                         break;
@@ -238,7 +243,10 @@ async fn authenticate(
             Ok(client)
         }
         _ => {
-            info!("authentication failed for client name {client:?}");
+            info!(
+                "authentication failed for client name {}",
+                peer_text(&client)
+            );
             Err(failed())
         }
     }
@@ -429,7 +437,9 @@ impl Session {
         }
         info!(
             "client {} attached volume {} ({mode}) at epoch {}",
-            self.client, grant.map.name, grant.map.epoch
+            peer_text(&self.client),
+            peer_text(&grant.map.name),
+            grant.map.epoch
         );
         self.sent_epochs.insert(volume_id, grant.map.epoch);
         Ok(AgentReply::Attached {
@@ -453,7 +463,10 @@ impl Session {
         self.state.publish(&record);
         info!(
             "client {} grew volume {} to {} bytes (epoch {})",
-            self.client, record.name, record.size_bytes, record.epoch
+            peer_text(&self.client),
+            peer_text(&record.name),
+            record.size_bytes,
+            record.epoch
         );
         let map = record.map(self.state.config.lease_ms);
         self.learns(&map);
@@ -480,7 +493,7 @@ impl Session {
             recovery::report_path_healed(&self.state, volume_id, device_uuid).await?;
         info!(
             "client {} reports its path to device {device_uuid} healed for volume {volume_id}: {} ({message})",
-            self.client,
+            peer_text(&self.client),
             if accepted { "fail-back accepted" } else { "fail-back refused" }
         );
         Ok(AgentReply::PathHealedReported { accepted, message })
@@ -496,8 +509,9 @@ impl Session {
         // Bounded, so a client cannot make the record (and the logs) huge.
         let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
         info!(
-            "client {} reports device {device_uuid} failed for volume {volume_id}: {reason:?}",
-            self.client
+            "client {} reports device {device_uuid} failed for volume {volume_id}: {}",
+            peer_text(&self.client),
+            peer_text(&reason)
         );
         let status = recovery::report_failure(&self.state, volume_id, device_uuid, reason).await?;
         Ok(AgentReply::FailureReported { status })
@@ -530,7 +544,10 @@ impl Session {
             Err(error) => Err(error),
         };
         if let Err(error) = marked {
-            warn!("client {}: marking its sessions: {error}", self.client);
+            warn!(
+                "client {}: marking its sessions: {error}",
+                peer_text(&self.client)
+            );
         }
     }
 }
