@@ -142,14 +142,32 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
 /// with the mode the umask leaves, so a later chmod would leave a window in which any user
 /// could connect (and the socket has no other authentication). The umask is process-wide;
 /// only files created in these few instructions by other threads get it too, and they get a
-/// stricter mode, never a looser one.
+/// stricter mode, never a looser one. The socket is bound under a temporary name and renamed
+/// into place once it listens, so whoever sees `path` can connect (bind(2) creates the file
+/// before listen(2) makes it accept).
 pub(crate) fn bind_admin_socket(path: &Path) -> std::io::Result<UnixListener> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the admin socket path has no file name"))?;
+    let mut temporary_name = std::ffi::OsString::from(".");
+    temporary_name.push(file_name);
+    temporary_name.push(format!(".{}.tmp", std::process::id()));
+    let temporary = path.with_file_name(temporary_name);
+    // Left behind by a killed server of the same pid.
+    match std::fs::remove_file(&temporary) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
     // SAFETY: umask(2) only swaps the process's file mode mask; it cannot fail.
     let previous = unsafe { libc::umask(0o177) };
-    let listener = std::os::unix::net::UnixListener::bind(path);
+    let listener = std::os::unix::net::UnixListener::bind(&temporary);
     // SAFETY: as above, restoring the mask the process had.
     unsafe { libc::umask(previous) };
     let listener = listener?;
+    if let Err(error) = std::fs::rename(&temporary, path) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(error);
+    }
     listener.set_nonblocking(true)?;
     UnixListener::from_std(listener)
 }
@@ -229,5 +247,13 @@ mod tests {
             "admin socket mode {:o} at bind",
             mode & 0o777
         );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .filter_map(Result::ok)
+            .map(|entry| entry.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("admin.sock")]);
+        // Whoever sees the socket can connect: it listens before it appears.
+        std::os::unix::net::UnixStream::connect(&path).unwrap_or_else(|e| panic!("{e}"));
     }
 }
