@@ -406,6 +406,7 @@ impl Session {
             self.connection,
             &self.client,
             volume_id,
+            granted,
             mode,
             session_token.clone(),
         )?;

@@ -16,7 +16,7 @@ use sanblk_proto::protocol::{encode_frame, AttachmentInfo, ErrorBody, ErrorCode}
 
 use crate::config::Config;
 use crate::service_error::ServiceResult;
-use crate::store::{SessionRecord, Store, VolumeRecord};
+use crate::store::{Grant, SessionRecord, Store, VolumeRecord};
 
 pub use recoveries::Recoveries;
 
@@ -196,17 +196,27 @@ impl ServerState {
         }
     }
 
-    /// Attaches a connection to a volume, enforcing one read-write attachment per volume.
-    /// The store is read under the lock so that a concurrent grow is never missed.
+    /// Attaches a connection to a volume under `grant` (as the caller read it), enforcing one
+    /// read-write attachment per volume. The store is read under the lock so that a
+    /// concurrent grow is never missed, nor a revocation: it commits before it ends the live
+    /// attachments under this lock, so the grant is either still current here or the
+    /// attachment made here is ended by it.
     pub fn attach(
         &self,
         connection: ConnectionId,
         client: &str,
         volume_id: u64,
+        grant: Grant,
         mode: AccessMode,
         session_token: String,
     ) -> ServiceResult<AttachGrant> {
         let mut live = self.live();
+        if self.store.client(client)?.and_then(|c| c.grant(volume_id)) != Some(grant) {
+            return Err(ErrorBody::new(
+                ErrorCode::NotGranted,
+                "access changed by the administrator",
+            ));
+        }
         let volume = match live.volumes.entry(volume_id) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
@@ -547,6 +557,14 @@ mod tests {
             .create_volume("v", 1 << 20, Layout::Linear)
             .unwrap_or_else(|e| panic!("{e}"));
         let config = Config::from_flags(Flags::default()).unwrap_or_else(|e| panic!("{e}"));
+        store
+            .add_client("host1", "00")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let grant = store
+            .set_grant("host1", volume.id, Some(AccessMode::Rw))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .grant(volume.id)
+            .unwrap_or_else(|| panic!("no grant"));
         let state = ServerState::new(store, config);
         let (connection, _) = state.register_connection("host1");
         state
@@ -554,6 +572,7 @@ mod tests {
                 connection,
                 "host1",
                 volume.id,
+                grant,
                 AccessMode::Rw,
                 "token-1".into(),
             )
@@ -573,12 +592,29 @@ mod tests {
                 connection,
                 "host1",
                 volume.id,
+                grant,
                 AccessMode::Ro,
                 "token-3".into(),
             )
             .unwrap_or_else(|e| panic!("{e}"));
         state.unregister_connection(connection);
         assert_eq!(state.session("token-3"), None);
+        // An attach that read the grant before a change committed is refused.
+        state
+            .store
+            .set_grant("host1", volume.id, Some(AccessMode::Ro))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (connection, _) = state.register_connection("host1");
+        let stale = state.attach(
+            connection,
+            "host1",
+            volume.id,
+            grant,
+            AccessMode::Rw,
+            "token-4".into(),
+        );
+        assert_eq!(stale.err().map(|e| e.code), Some(ErrorCode::NotGranted));
+        assert_eq!(state.session("token-4"), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -33,6 +33,7 @@ use uuid::Uuid;
 
 use crate::allocator::AllocError;
 
+pub use clients::Grant;
 pub use pool::DeviceRecord;
 pub use recovery::{RecoveryRecord, RecoverySegment};
 pub use sessions::SessionRecord;
