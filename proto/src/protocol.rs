@@ -507,6 +507,10 @@ pub struct VolumeGrow {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeDelete {
     pub name: String,
+    /// Delete even while clients are attached (live, or by a persisted session token after a
+    /// restart): their attachments and tokens are ended first, in the server's commit.
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -23,6 +23,7 @@ use sanblk_proto::protocol::{
 };
 
 use crate::labelling;
+use crate::log_text::peer_text;
 use crate::secrets;
 use crate::service_error::ServiceResult;
 use crate::state::{blocking, ServerState};
@@ -47,7 +48,10 @@ pub async fn serve_admin_connection(
             Ok(request) => handle(request, &state).await,
             Err(FrameError::Closed) => return,
             Err(error) => {
-                warn!("admin connection: {error}; closing it");
+                warn!(
+                    "admin connection: {}; closing it",
+                    peer_text(&error.to_string())
+                );
                 let body = ErrorBody::new(ErrorCode::BadFrame, error.to_string());
                 let _ = write_frame(&mut write_half, &error_reply(body)).await;
                 return;
@@ -187,12 +191,22 @@ async fn volume_delete(
     request: VolumeDelete,
     state: &Arc<ServerState>,
 ) -> ServiceResult<VolumeDeleted> {
+    let VolumeDelete { name, force } = request;
     let record = blocking(state, move |s| {
-        let volume = s.store.volume_by_name(&request.name)?;
-        s.delete_volume(volume.id)
+        let volume = s.store.volume_by_name(&name)?;
+        s.delete_volume(volume.id, force)
     })
     .await?;
-    info!("volume {} (id {}) deleted", record.name, record.id);
+    info!(
+        "volume {} (id {}) deleted{}",
+        record.name,
+        record.id,
+        if force {
+            " (forced: its attachments were ended)"
+        } else {
+            ""
+        }
+    );
     Ok(VolumeDeleted {
         deleted: record.name,
     })
@@ -242,13 +256,16 @@ async fn client_grant(
 ) -> ServiceResult<Option<ClientInfo>> {
     let ClientGrant { name, volume, mode } = request;
     let client = name.clone();
-    blocking(state, move |s| {
+    let volume_id = blocking(state, move |s| {
         let volume = s.store.volume_by_name(&volume)?;
-        s.store.set_grant(&client, volume.id, Some(mode))
+        s.store
+            .set_grant(&client, volume.id, Some(mode))
+            .map(|_| volume.id)
     })
     .await?;
     // A downgrade to ro must not leave a read-write attachment in place.
     if mode == AccessMode::Ro {
+        state.end_attachments(&name, Some(volume_id));
         state.disconnect_client(&name);
     }
     info!("client {name}: grant changed");
@@ -261,11 +278,14 @@ async fn client_revoke(
 ) -> ServiceResult<Option<ClientInfo>> {
     let ClientRevoke { name, volume } = request;
     let client = name.clone();
-    blocking(state, move |s| {
+    let volume_id = blocking(state, move |s| {
         let volume = s.store.volume_by_name(&volume)?;
-        s.store.set_grant(&client, volume.id, None)
+        s.store
+            .set_grant(&client, volume.id, None)
+            .map(|_| volume.id)
     })
     .await?;
+    state.end_attachments(&name, Some(volume_id));
     state.disconnect_client(&name);
     info!("client {name}: grant revoked");
     client_info(state, &name).await
@@ -278,6 +298,7 @@ async fn client_remove(
     let name = request.name;
     let client = name.clone();
     blocking(state, move |s| s.store.remove_client(&client)).await?;
+    state.end_attachments(&name, None);
     state.disconnect_client(&name);
     info!("client {name} removed");
     Ok(ClientRemoved { removed: name })

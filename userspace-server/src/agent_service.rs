@@ -22,6 +22,7 @@ use sanblk_proto::protocol::{
     Renewed, ReportFailure, ReportPathHealed, Volumes,
 };
 
+use crate::log_text::peer_text;
 use crate::recovery;
 use crate::secrets;
 use crate::service_error::ServiceResult;
@@ -65,7 +66,7 @@ pub async fn serve_agent_connection(
         outcome = handshake => match outcome {
             Ok(Ok(client)) => client,
             Ok(Err(error)) => {
-                warn!("{peer}: handshake failed: {error}");
+                warn!("{peer}: handshake failed: {}", peer_text(&error.message));
                 let _ = send_within(&mut writer, write_limit, &AgentReply::Error(error)).await;
                 return;
             }
@@ -78,7 +79,7 @@ pub async fn serve_agent_connection(
         },
     };
     drop(handshake_slot);
-    debug!("{peer}: client {client} authenticated");
+    debug!("{peer}: client {} authenticated", peer_text(&client));
     let (connection, kick) = state.register_connection(&client);
     let mut recovery_events = state.recoveries.subscribe();
     let mut session = Session {
@@ -98,7 +99,7 @@ pub async fn serve_agent_connection(
         tokio::select! {
             _ = shutdown.changed() => break,
             _ = kick.notified() => {
-                info!("{peer}: disconnecting client {} (removed or grant changed)", session.client);
+                info!("{peer}: disconnecting client {} (removed or grant changed)", peer_text(&session.client));
                 let body = ErrorBody::new(ErrorCode::NotGranted, "access changed by the administrator");
                 let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
                 break;
@@ -133,7 +134,11 @@ pub async fn serve_agent_connection(
                     Ok(request) => session.handle(request).await,
                     Err(FrameError::Closed) => break,
                     Err(error) => {
-                        warn!("{peer}: bad frame from client {}: {error}; closing", session.client);
+                        warn!(
+                            "{peer}: bad frame from client {}: {}; closing",
+                            peer_text(&session.client),
+                            peer_text(&error.to_string())
+                        );
                         let body = ErrorBody::new(ErrorCode::BadFrame, error.to_string());
                         let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
                         break;
@@ -249,7 +254,10 @@ async fn authenticate(
             Ok(client)
         }
         _ => {
-            info!("authentication failed for client name {client:?}");
+            info!(
+                "authentication failed for client name {}",
+                peer_text(&client)
+            );
             Err(failed())
         }
     }
@@ -344,7 +352,7 @@ impl Session {
                 s.store
                     .volume_by_name(&volume)
                     .ok()
-                    .and_then(|v| c.grants.get(&v.id).map(|g| (v.id, *g)))
+                    .and_then(|v| c.grant(v.id).map(|g| (v.id, g)))
             });
             match grant {
                 Some((volume_id, granted)) => {
@@ -358,14 +366,16 @@ impl Session {
         let Some((volume_id, granted, persisted)) = lookup else {
             return Err(not_granted);
         };
-        if !granted.permits(mode) {
+        if !granted.mode.permits(mode) {
             return Err(ErrorBody::new(
                 ErrorCode::NotGranted,
-                format!("volume is granted {granted}, not {mode}"),
+                format!("volume is granted {}, not {mode}", granted.mode),
             ));
         }
         // Another connection of this client holding it live keeps it; this one gets a new one.
-        let persisted = persisted.filter(|p| !self.state.session_is_live(&p.token));
+        // A token of an earlier grant (its removal cut short by a crash) is not handed out.
+        let persisted =
+            persisted.filter(|p| p.grant_id == granted.id && !self.state.session_is_live(&p.token));
         let session_token = persisted
             .as_ref()
             .map_or_else(secrets::new_session_token_hex, |p| p.token.clone());
@@ -373,6 +383,7 @@ impl Session {
             self.connection,
             &self.client,
             volume_id,
+            granted,
             mode,
             session_token.clone(),
         )?;
@@ -383,6 +394,7 @@ impl Session {
                 volume_id,
                 mode,
                 agent_gone: false,
+                grant_id: granted.id,
             };
             if let Err(error) = self.state.persist_sessions(vec![session]).await {
                 self.state.detach(self.connection, volume_id);
@@ -403,7 +415,9 @@ impl Session {
         }
         info!(
             "client {} attached volume {} ({mode}) at epoch {}",
-            self.client, grant.map.name, grant.map.epoch
+            peer_text(&self.client),
+            peer_text(&grant.map.name),
+            grant.map.epoch
         );
         self.sent_epochs.insert(volume_id, grant.map.epoch);
         Ok(Attachment {
@@ -463,7 +477,10 @@ impl Session {
         self.state.publish(&record);
         info!(
             "client {} grew volume {} to {} bytes (epoch {})",
-            self.client, record.name, record.size_bytes, record.epoch
+            peer_text(&self.client),
+            peer_text(&record.name),
+            record.size_bytes,
+            record.epoch
         );
         let map = record.map(self.state.config.lease_ms);
         self.learns(&map);
@@ -493,7 +510,7 @@ impl Session {
             recovery::report_path_healed(&self.state, volume_id, device_uuid).await?;
         info!(
             "client {} reports its path to device {device_uuid} healed for volume {volume_id}: {} ({message})",
-            self.client,
+            peer_text(&self.client),
             if accepted { "fail-back accepted" } else { "fail-back refused" }
         );
         Ok(PathHealedReported { accepted, message })
@@ -509,8 +526,9 @@ impl Session {
         // Bounded, so a client cannot make the record (and the logs) huge.
         let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
         info!(
-            "client {} reports device {device_uuid} failed for volume {volume_id}: {reason:?}",
-            self.client
+            "client {} reports device {device_uuid} failed for volume {volume_id}: {}",
+            peer_text(&self.client),
+            peer_text(&reason)
         );
         let status = recovery::report_failure(&self.state, volume_id, device_uuid, reason).await?;
         Ok(FailureReported { status })
@@ -543,7 +561,10 @@ impl Session {
             Err(error) => Err(error),
         };
         if let Err(error) = marked {
-            warn!("client {}: marking its sessions: {error}", self.client);
+            warn!(
+                "client {}: marking its sessions: {error}",
+                peer_text(&self.client)
+            );
         }
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Layers, lowest first; a module imports only from layers below it:
 //! 1. `config` (flags and file), `allocator` (extent placement), `labelling` (writing device
-//!    labels), `secrets` (client secrets, session tokens).
+//!    labels), `secrets` (client secrets, session tokens), `failpoint` (test-only crash
+//!    points), `log_text` (peer-supplied text made safe to log).
 //! 2. `store`: the redb metadata (pool, volumes, recovery records, clients, sessions), with
 //!    its own error type.
 //! 3. `service_error`: the wire error the services answer with, and the store errors mapped
@@ -24,8 +25,10 @@ mod agent_service;
 mod allocator;
 pub mod config;
 mod device;
+mod failpoint;
 mod io_service;
 mod labelling;
+mod log_text;
 mod recovery;
 mod recovery_gate;
 mod secrets;

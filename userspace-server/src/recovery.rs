@@ -29,6 +29,7 @@ use uuid::Uuid;
 use sanblk_proto::protocol::{ErrorBody, ErrorCode, RecoveryState, RecoveryStatus};
 
 use crate::device::{AlignedBuf, DeviceTable};
+use crate::log_text::peer_text;
 use crate::recovery_gate::ActiveRecovery;
 use crate::service_error::ServiceResult;
 use crate::state::{blocking, ServerState};
@@ -106,7 +107,8 @@ pub async fn report_failure(
                 Err(error) => return Err(error),
             };
             info!(
-                "volume {volume_id}: device {device_uuid} reported failed ({reason:?}); moving {} bytes in {} segment(s)",
+                "volume {volume_id}: device {device_uuid} reported failed ({}); moving {} bytes in {} segment(s)",
+                peer_text(&reason),
                 record.bytes_total(),
                 record.segments.len()
             );

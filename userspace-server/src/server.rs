@@ -2,6 +2,7 @@
 //! task per connection, and shuts everything down when the shutdown channel flips.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -63,10 +64,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         std::fs::remove_file(&config.admin_socket)
             .with_context(|| format!("removing stale {}", config.admin_socket.display()))?;
     }
-    let admin_listener = UnixListener::bind(&config.admin_socket)
+    let admin_listener = bind_admin_socket(&config.admin_socket)
         .with_context(|| format!("binding admin socket {}", config.admin_socket.display()))?;
-    std::fs::set_permissions(&config.admin_socket, std::fs::Permissions::from_mode(0o600))
-        .context("restricting the admin socket")?;
     info!(
         "listening for agents on {agent_address}, server I/O on {io_address}, admin on {}",
         config.admin_socket.display()
@@ -139,6 +138,40 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     Ok(())
 }
 
+/// Binds the admin socket with its final mode, 0600, from the start: the file appears
+/// with the mode the umask leaves, so a later chmod would leave a window in which any user
+/// could connect (and the socket has no other authentication). The umask is process-wide;
+/// only files created in these few instructions by other threads get it too, and they get a
+/// stricter mode, never a looser one. The socket is bound under a temporary name and renamed
+/// into place once it listens, so whoever sees `path` can connect (bind(2) creates the file
+/// before listen(2) makes it accept).
+pub(crate) fn bind_admin_socket(path: &Path) -> std::io::Result<UnixListener> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the admin socket path has no file name"))?;
+    let mut temporary_name = std::ffi::OsString::from(".");
+    temporary_name.push(file_name);
+    temporary_name.push(format!(".{}.tmp", std::process::id()));
+    let temporary = path.with_file_name(temporary_name);
+    // Left behind by a killed server of the same pid.
+    match std::fs::remove_file(&temporary) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    // SAFETY: umask(2) only swaps the process's file mode mask; it cannot fail.
+    let previous = unsafe { libc::umask(0o177) };
+    let listener = std::os::unix::net::UnixListener::bind(&temporary);
+    // SAFETY: as above, restoring the mask the process had.
+    unsafe { libc::umask(previous) };
+    let listener = listener?;
+    if let Err(error) = std::fs::rename(&temporary, path) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(error);
+    }
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
+}
+
 /// Binds with a deep accept queue: after a server restart every agent reconnects at once, and
 /// the default backlog overflows (dropped SYNs cost clients a 1 s retransmit).
 fn bind_agent_listener(address: SocketAddr) -> std::io::Result<TcpListener> {
@@ -184,4 +217,43 @@ pub async fn signal_shutdown(shutdown: watch::Sender<bool>) -> anyhow::Result<()
     }
     let _ = shutdown.send(true);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::bind_admin_socket;
+
+    /// Under the loosest umask the socket is 0600 the moment it exists (no bind-then-chmod
+    /// window in which another user could connect).
+    #[tokio::test]
+    async fn the_admin_socket_is_private_from_the_bind_on() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("admin.sock");
+        // SAFETY: umask(2) only swaps the process's file mode mask.
+        let previous = unsafe { libc::umask(0) };
+        let bound = bind_admin_socket(&path);
+        // SAFETY: as above, restoring the mask.
+        unsafe { libc::umask(previous) };
+        let _listener = bound.unwrap_or_else(|e| panic!("bind: {e}"));
+        let mode = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "admin socket mode {:o} at bind",
+            mode & 0o777
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .filter_map(Result::ok)
+            .map(|entry| entry.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("admin.sock")]);
+        // Whoever sees the socket can connect: it listens before it appears.
+        std::os::unix::net::UnixStream::connect(&path).unwrap_or_else(|e| panic!("{e}"));
+    }
 }

@@ -16,7 +16,7 @@ use sanblk_proto::protocol::{encode_map_update, AttachmentInfo, ErrorBody, Error
 
 use crate::config::Config;
 use crate::service_error::ServiceResult;
-use crate::store::{SessionRecord, Store, VolumeRecord};
+use crate::store::{Grant, SessionRecord, Store, VolumeRecord};
 
 pub use recoveries::Recoveries;
 
@@ -72,6 +72,9 @@ struct Live {
     /// The id of the connection registered last.
     last_connection_id: ConnectionId,
 }
+
+/// Clients a refused `volume delete` names (the rest are counted).
+const MAX_NAMED_HOLDERS: usize = 8;
 
 /// Connections allowed to be in the handshake at once.
 pub const MAX_PENDING_HANDSHAKES: usize = 4096;
@@ -162,6 +165,27 @@ impl ServerState {
         dropped
     }
 
+    /// Ends the live attachments of `client` (to `volume_id`, or to every volume), so their
+    /// tokens stop working now, not once the kicked connection has closed. Called after the
+    /// revocation is committed.
+    pub fn end_attachments(&self, client: &str, volume_id: Option<u64>) {
+        let mut live = self.live();
+        let live = &mut *live;
+        let sessions = &mut live.sessions;
+        live.volumes.retain(|id, volume| {
+            if volume_id.is_none_or(|v| v == *id) {
+                volume.attachments.retain(|_, attachment| {
+                    let keep = attachment.client != client;
+                    if !keep {
+                        sessions.remove(&attachment.session_token);
+                    }
+                    keep
+                });
+            }
+            !volume.attachments.is_empty()
+        });
+    }
+
     /// Disconnects every connection of `client` (after removal or a revoked grant).
     pub fn disconnect_client(&self, client: &str) {
         for (name, kick) in self.live().connections.values() {
@@ -171,17 +195,27 @@ impl ServerState {
         }
     }
 
-    /// Attaches a connection to a volume, enforcing one read-write attachment per volume.
-    /// The store is read under the lock so that a concurrent grow is never missed.
+    /// Attaches a connection to a volume under `grant` (as the caller read it), enforcing one
+    /// read-write attachment per volume. The store is read under the lock so that a
+    /// concurrent grow is never missed, nor a revocation: it commits before it ends the live
+    /// attachments under this lock, so the grant is either still current here or the
+    /// attachment made here is ended by it.
     pub fn attach(
         &self,
         connection: ConnectionId,
         client: &str,
         volume_id: u64,
+        grant: Grant,
         mode: AccessMode,
         session_token: String,
     ) -> ServiceResult<AttachGrant> {
         let mut live = self.live();
+        if self.store.client(client)?.and_then(|c| c.grant(volume_id)) != Some(grant) {
+            return Err(ErrorBody::new(
+                ErrorCode::NotGranted,
+                "access changed by the administrator",
+            ));
+        }
         let volume = match live.volumes.entry(volume_id) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
@@ -273,7 +307,9 @@ impl ServerState {
                 });
             }
         }
-        let persisted = self.store.session(token).ok()??;
+        // Checked against the metadata: a token outlives its grant only as a record that a
+        // crash kept from being deleted, and such a record is not accepted.
+        let (persisted, stored_epoch) = self.store.valid_session(token).ok()??;
         if persisted.agent_gone {
             return None;
         }
@@ -294,10 +330,7 @@ impl ServerState {
                 None => None,
             }
         };
-        let epoch = match live_epoch {
-            Some(epoch) => epoch,
-            None => self.store.volume_by_id(persisted.volume_id).ok()?.epoch,
-        };
+        let epoch = live_epoch.unwrap_or(stored_epoch);
         Some(SessionInfo {
             client: persisted.client,
             volume_id: persisted.volume_id,
@@ -432,24 +465,54 @@ impl ServerState {
         (volume.attachments.len(), acked, list)
     }
 
-    /// Deletes a volume unless someone is attached (checked and deleted under the lock, so no
-    /// attach can slip in between).
-    pub fn delete_volume(&self, volume_id: u64) -> ServiceResult<VolumeRecord> {
-        let live = self.live();
-        if let Some(volume) = live.volumes.get(&volume_id) {
-            if !volume.attachments.is_empty() {
-                return Err(ErrorBody::new(
-                    ErrorCode::Busy,
-                    format!(
-                        "volume is attached by {} client(s); detach them first",
-                        volume.attachments.len()
-                    ),
-                ));
+    /// Deletes a volume unless it is attached: live, or by a persisted session the metadata
+    /// still backs (after a restart, before the agent is back, its kernel's token is still
+    /// accepted). `force` fences them instead: the live attachments and their tokens end, and
+    /// the commit that deletes the volume also drops every grant on it, which ends the
+    /// persisted tokens (`Store::valid_session`). Checked and deleted under the lock, so no
+    /// attach can slip in between.
+    pub fn delete_volume(&self, volume_id: u64, force: bool) -> ServiceResult<VolumeRecord> {
+        let mut live = self.live();
+        let mut holders: Vec<String> = live
+            .volumes
+            .get(&volume_id)
+            .map(|v| v.attachments.values().map(|a| a.client.clone()).collect())
+            .unwrap_or_default();
+        let persisted = self.store.backed_sessions_of_volume(volume_id)?;
+        holders.extend(persisted.into_iter().map(|s| s.client));
+        holders.sort();
+        holders.dedup();
+        if !holders.is_empty() && !force {
+            let shown: Vec<String> = holders
+                .iter()
+                .take(MAX_NAMED_HOLDERS)
+                .map(|c| format!("{c:?}"))
+                .collect();
+            let more = holders.len().saturating_sub(MAX_NAMED_HOLDERS);
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                format!(
+                    "volume is attached by client(s) {}{more} (live, or by a session token \
+                     their kernels still hold); detach it there first, or delete with --force \
+                     to cut them off",
+                    shown.join(", ")
+                ),
+            ));
+        }
+        let deleted = self.store.delete_volume(volume_id)?;
+        // Committed: the persisted tokens are dead; end the live ones before answering.
+        if let Some(volume) = live.volumes.remove(&volume_id) {
+            for attachment in volume.attachments.values() {
+                live.sessions.remove(&attachment.session_token);
             }
         }
-        let deleted = self.store.delete_volume(volume_id);
         drop(live);
-        Ok(deleted?)
+        Ok(deleted)
     }
 }
 
@@ -493,6 +556,14 @@ mod tests {
             .create_volume("v", 1 << 20, Layout::Linear)
             .unwrap_or_else(|e| panic!("{e}"));
         let config = Config::from_flags(Flags::default()).unwrap_or_else(|e| panic!("{e}"));
+        store
+            .add_client("host1", "00")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let grant = store
+            .set_grant("host1", volume.id, Some(AccessMode::Rw))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .grant(volume.id)
+            .unwrap_or_else(|| panic!("no grant"));
         let state = ServerState::new(store, config);
         let (connection, _) = state.register_connection("host1");
         state
@@ -500,6 +571,7 @@ mod tests {
                 connection,
                 "host1",
                 volume.id,
+                grant,
                 AccessMode::Rw,
                 "token-1".into(),
             )
@@ -519,12 +591,29 @@ mod tests {
                 connection,
                 "host1",
                 volume.id,
+                grant,
                 AccessMode::Ro,
                 "token-3".into(),
             )
             .unwrap_or_else(|e| panic!("{e}"));
         state.unregister_connection(connection);
         assert_eq!(state.session("token-3"), None);
+        // An attach that read the grant before a change committed is refused.
+        state
+            .store
+            .set_grant("host1", volume.id, Some(AccessMode::Ro))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (connection, _) = state.register_connection("host1");
+        let stale = state.attach(
+            connection,
+            "host1",
+            volume.id,
+            grant,
+            AccessMode::Rw,
+            "token-4".into(),
+        );
+        assert_eq!(stale.err().map(|e| e.code), Some(ErrorCode::NotGranted));
+        assert_eq!(state.session("token-4"), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -545,6 +634,7 @@ mod tests {
                     volume_id: i / 20,
                     mode: AccessMode::Ro,
                     agent_gone: false,
+                    grant_id: 0,
                 };
                 state.persist_sessions(vec![session]).await
             });

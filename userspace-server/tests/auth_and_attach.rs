@@ -412,7 +412,12 @@ async fn changes_are_pushed_as_new_epochs() {
         Some(ErrorCode::NotGranted)
     );
     // Deleting an attached volume is refused.
-    let busy = admin.call(VolumeDelete { name: "vol".into() }).await;
+    let busy = admin
+        .call(VolumeDelete {
+            name: "vol".into(),
+            force: false,
+        })
+        .await;
     assert_eq!(
         busy.err().and_then(|e| e.server_code()),
         Some(ErrorCode::Busy)

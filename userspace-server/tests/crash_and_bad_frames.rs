@@ -387,3 +387,78 @@ async fn bad_admin_frames_do_not_hurt_the_server() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// Unauthenticated peers cannot flood or forge the log: a 500 KB unknown `type` or client
+/// name full of control characters and newlines is logged escaped and cut short.
+#[tokio::test]
+async fn peer_text_is_logged_escaped_and_bounded() {
+    let server = TestServer::start();
+    let logged_before = server.log().len();
+    let hostile: String = "evil\n[INFO forged line]\r\x1b[31m\x07\0"
+        .chars()
+        .cycle()
+        .take(500_000)
+        .collect();
+    // An unknown message type.
+    let mut stream = TcpStream::connect(server.agent_address)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let frame = serde_json::json!({ "type": hostile, "v": PROTOCOL_VERSION });
+    write_frame(&mut stream, &frame)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut reader = FrameReader::new(stream);
+    let _ = reader.read::<AgentReply>().await;
+    // A hello with that client name, then a wrong proof.
+    let stream = TcpStream::connect(server.agent_address)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (read_half, mut write_half) = stream.into_split();
+    let hello = serde_json::json!({
+        "type": "hello",
+        "client": hostile,
+        "client_nonce": hex::encode([7u8; 32]),
+        "v": PROTOCOL_VERSION,
+    });
+    write_frame(&mut write_half, &hello)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut reader = FrameReader::new(read_half);
+    let _ = reader.read::<AgentReply>().await;
+    write_frame(
+        &mut write_half,
+        &AgentRequest::from(AuthResponse {
+            mac: hex::encode([0u8; 32]),
+        }),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let _ = reader.read::<AgentReply>().await;
+    // Both failures are logged by now (before the replies were sent).
+    let log = server.log();
+    let added = &log[logged_before..];
+    assert!(
+        added.contains("client name") && added.contains("handshake failed"),
+        "both failures logged:\n{added}"
+    );
+    assert!(
+        added.len() < 8 * 1024,
+        "{} bytes of log for two hostile peers",
+        added.len()
+    );
+    for line in added.lines() {
+        assert!(line.len() < 2048, "log line of {} bytes", line.len());
+        assert!(
+            !line.contains("[INFO forged line]") || line.contains("\\n[INFO forged line]"),
+            "a peer started a log line: {line}"
+        );
+        assert!(
+            !line.chars().any(|c| c.is_control()),
+            "control character in the log: {line:?}"
+        );
+    }
+    assert!(
+        added.contains("(500000 bytes)"),
+        "the cut is marked:\n{added}"
+    );
+}

@@ -13,7 +13,10 @@ use std::time::Duration;
 use common::{TestServer, MIB};
 use sanblk_proto::client::AgentClient;
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
-use sanblk_proto::protocol::{Attachment, DeviceInfo, PoolList, VolumeCreate, VolumeGrow};
+use sanblk_proto::protocol::{
+    Attachment, ClientGrant, ClientRemove, ClientRevoke, DeviceInfo, PoolList, VolumeCreate,
+    VolumeDelete, VolumeGrow,
+};
 use sanblk_uapi::frame::{
     Op, ReplyHeader, RequestHeader, FLAG_FUA, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
 };
@@ -622,4 +625,183 @@ async fn session_tokens_survive_a_restart_and_die_with_the_detach() {
     // host2 did not detach: its token still works.
     let mut io = IoClient::session(&third, &ro).await;
     assert_eq!(io.read(&ro.map, 0, 4096).await, (0, data));
+}
+
+/// Where sand stops when started with `SAND_CRASH_AT` (debug builds only: the crash points
+/// and the tests using them exist only there).
+#[cfg(debug_assertions)]
+const CRASH_AT_ENV: &str = "SAND_CRASH_AT";
+
+/// Waits until the server process has ended (it was told to crash).
+#[cfg(debug_assertions)]
+fn wait_for_exit(server: &mut TestServer) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sand did not reach its crash point; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(debug_assertions)]
+/// A revocation (`change`) that crashes sand between its metadata commit and its
+/// secrets/sessions commit: after the restart the old token is refused on the I/O port, and
+/// the agent port does not let the client attach (`secret_refused`: not even authenticate).
+async fn revocation_survives_a_crash_between_commits(
+    crash_at: &str,
+    change: impl AsyncFnOnce(&TestServer),
+    secret_refused: bool,
+) {
+    let mut first = TestServer::start();
+    first.pool_of(1, 64 * MIB).await;
+    create_volume(&first, "vol", 4 * MIB, Layout::Linear).await;
+    let secret = first.client("host1").await;
+    first.grant("host1", "vol", AccessMode::Rw).await;
+    let mut agent = first.agent("host1", &secret).await;
+    let rw = agent
+        .attach("vol", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("attach: {e}"));
+    let data = pattern(7, 4096);
+    let mut io = IoClient::session(&first, &rw).await;
+    assert_eq!(io.write(&rw.map, 0, &data).await, 0);
+
+    // Stopped while the agent is connected: its token stays valid for the restart.
+    assert!(first.stop(), "sand did not stop cleanly");
+    drop((agent, io));
+    // The same server, told to crash between the two commits of the change.
+    let mut server = TestServer::start_in_with_env(&first.dir, &[(CRASH_AT_ENV, crash_at)]);
+    let mut io = IoClient::session(&server, &rw).await;
+    assert_eq!(io.read(&rw.map, 0, 4096).await, (0, data.clone()));
+    change(&server).await;
+    wait_for_exit(&mut server);
+    drop(io);
+    let restarted = TestServer::start_in(&server.dir);
+    let mut io = IoClient::connect(&restarted).await;
+    let hello = io.hello(&rw.session_token).await;
+    if hello == 0 {
+        // Accepted: at least it must not write.
+        let written = io.write(&rw.map, 0, &pattern(8, 4096)).await;
+        panic!("old token accepted after {crash_at} and a restart (write status {written})");
+    }
+    assert_eq!(hello, EACCES, "after {crash_at}");
+    match AgentClient::connect(restarted.agent_address, "host1", &secret).await {
+        Ok(mut agent) => {
+            assert!(!secret_refused, "old secret authenticates after {crash_at}");
+            let attached = agent.attach("vol", AccessMode::Rw).await;
+            assert!(attached.is_err(), "rw attach allowed after {crash_at}");
+        }
+        Err(error) => assert!(secret_refused, "host1 refused after {crash_at}: {error}"),
+    }
+}
+
+#[cfg(debug_assertions)]
+#[tokio::test]
+async fn a_client_removal_interrupted_by_a_crash_still_ends_its_token_and_secret() {
+    revocation_survives_a_crash_between_commits(
+        "client-remove:after-metadata",
+        async |server| {
+            let mut admin = server.admin().await;
+            let _ = admin
+                .call(ClientRemove {
+                    name: "host1".into(),
+                })
+                .await;
+        },
+        true,
+    )
+    .await;
+}
+
+#[cfg(debug_assertions)]
+#[tokio::test]
+async fn a_revocation_interrupted_by_a_crash_still_ends_the_token() {
+    revocation_survives_a_crash_between_commits(
+        "grant:after-metadata",
+        async |server| {
+            let mut admin = server.admin().await;
+            let _ = admin
+                .call(ClientRevoke {
+                    name: "host1".into(),
+                    volume: "vol".into(),
+                })
+                .await;
+        },
+        false,
+    )
+    .await;
+}
+
+#[cfg(debug_assertions)]
+#[tokio::test]
+async fn a_downgrade_interrupted_by_a_crash_still_ends_the_rw_token() {
+    revocation_survives_a_crash_between_commits(
+        "grant:after-metadata",
+        async |server| {
+            let mut admin = server.admin().await;
+            let _ = admin
+                .call(ClientGrant {
+                    name: "host1".into(),
+                    volume: "vol".into(),
+                    mode: AccessMode::Ro,
+                })
+                .await;
+        },
+        false,
+    )
+    .await;
+}
+
+/// After a restart, before the agent is back, its kernel's persisted token still works, so the
+/// volume is still attached: `volume delete` is refused and names the client; `--force` ends
+/// the token first (refused from then on, also on a connection opened before), then deletes.
+#[tokio::test]
+async fn a_volume_attached_by_a_persisted_token_is_deleted_only_with_force() {
+    async fn delete(
+        admin: &mut sanblk_proto::client::AdminClient,
+        force: bool,
+    ) -> Result<sanblk_proto::protocol::VolumeDeleted, sanblk_proto::client::ClientError> {
+        let name = "held".into();
+        admin.call(VolumeDelete { name, force }).await
+    }
+    let mut server = TestServer::start();
+    server.pool_of(1, 64 * MIB).await;
+    let (agent, rw) = attached(&server, "held", 4 * MIB, Layout::Linear, AccessMode::Rw).await;
+    let mut admin = server.admin().await;
+    let live = delete(&mut admin, false).await;
+    let message = live.map(|_| ()).map_err(|e| e.to_string());
+    assert!(
+        message.as_ref().is_err_and(|m| m.contains("host-held")),
+        "delete of a live attachment: {message:?}"
+    );
+    server.kill9();
+    drop(agent);
+    let restarted = TestServer::start_in(&server.dir);
+    let mut io = IoClient::session(&restarted, &rw).await;
+    let mut admin = restarted.admin().await;
+    let refused = delete(&mut admin, false).await;
+    assert_eq!(
+        refused.as_ref().err().and_then(|e| e.server_code()),
+        Some(sanblk_proto::protocol::ErrorCode::Busy),
+        "delete while a persisted token is valid: {refused:?}"
+    );
+    let message = refused.map(|_| ()).map_err(|e| e.to_string());
+    assert!(
+        message.as_ref().is_err_and(|m| m.contains("host-held")),
+        "the refusal names the client: {message:?}"
+    );
+    assert_eq!(io.read(&rw.map, 0, 4096).await.0, 0, "refused delete kept");
+    delete(&mut admin, true)
+        .await
+        .unwrap_or_else(|e| panic!("delete --force: {e}"));
+    assert_eq!(io.read(&rw.map, 0, 4096).await.0, EACCES);
+    let mut refused = IoClient::connect(&restarted).await;
+    assert_eq!(refused.hello(&rw.session_token).await, EACCES);
+    // The space is reused by the next volume; the old token must not reach it.
+    create_volume(&restarted, "next", 4 * MIB, Layout::Linear).await;
+    let mut refused = IoClient::connect(&restarted).await;
+    assert_eq!(refused.hello(&rw.session_token).await, EACCES);
 }

@@ -211,7 +211,10 @@ async fn volumes_are_allocated_grown_and_deleted() {
 
     let free_before: u64 = pool_list(&server).await.iter().map(|d| d.free_bytes).sum();
     admin
-        .call(VolumeDelete { name: "m".into() })
+        .call(VolumeDelete {
+            name: "m".into(),
+            force: false,
+        })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let free_after: u64 = pool_list(&server).await.iter().map(|d| d.free_bytes).sum();

@@ -26,8 +26,18 @@ pub enum VolumeCommand {
     /// Grow a volume to a new total size (attached clients receive the new map).
     #[command(after_help = "Example:\n  sanctl volume grow db1 20G")]
     Grow { name: String, size: String },
-    /// Delete a volume (refused while clients are attached).
-    Delete { name: String },
+    /// Delete a volume and free its space (refused while clients are attached).
+    #[command(
+        after_help = "A volume counts as attached while an agent holds it, and also after a server restart\nuntil its clients' agents are back: their kernels still hold its session tokens.\n\nExamples:\n  sanctl volume delete scratch\n  sanctl volume delete scratch --force"
+    )]
+    Delete {
+        name: String,
+        /// Delete it even though clients are attached: their attachments and session tokens
+        /// are ended first (the server path refuses them from then on), then the space is
+        /// freed. Their block devices stop working; data written to them is lost.
+        #[arg(long)]
+        force: bool,
+    },
     /// List volumes.
     List,
     /// Show a volume's map (extent table) and attachments.
@@ -81,8 +91,13 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
             );
             Ok(())
         }
-        VolumeCommand::Delete { name } => {
-            let result = context.call(VolumeDelete { name: name.clone() }).await?;
+        VolumeCommand::Delete { name, force } => {
+            let result = context
+                .call(VolumeDelete {
+                    name: name.clone(),
+                    force,
+                })
+                .await?;
             if context.json {
                 return context.print_json(&result);
             }

@@ -4,7 +4,12 @@
 //! not stored at all; it is derived from the volumes' extents.
 //!
 //! Client secrets live in a second redb file (the secrets file, mode 0600) so the main
-//! metadata can be copied around for debugging without leaking secrets.
+//! metadata can be copied around for debugging without leaking secrets. The two files are
+//! committed one after the other, so the metadata is the authority: a secret counts only for
+//! a client the metadata lists, and a session token only while the metadata still holds the
+//! grant it was issued under (same client, volume and grant id, a mode the grant permits).
+//! Revoking is one metadata commit; deleting the secret and sessions after it is cleanup, and
+//! a crash in between leaves nothing that is accepted.
 
 //!
 //! `Store` is one type; its methods are split by concern: `pool` (devices, free space),
@@ -28,6 +33,7 @@ use uuid::Uuid;
 
 use crate::allocator::AllocError;
 
+pub use clients::Grant;
 pub use pool::DeviceRecord;
 pub use recovery::{RecoveryRecord, RecoverySegment};
 pub use sessions::SessionRecord;
@@ -50,6 +56,8 @@ const RECOVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("recoveries
 
 const POOL_UUID_KEY: &str = "pool_uuid";
 const NEXT_VOLUME_ID_KEY: &str = "next_volume_id";
+/// The id the next grant gets (see `ClientRecord::grant_ids`).
+const NEXT_GRANT_ID_KEY: &str = "next_grant_id";
 const METADATA_FILE: &str = "metadata.redb";
 
 /// What can go wrong in the store, in the store's terms. The services turn it into the wire
@@ -115,6 +123,20 @@ fn decode_all<K: redb::Key + 'static, T: for<'de> Deserialize<'de>>(
         records.push(decode(value.value())?);
     }
     Ok(records)
+}
+
+/// Takes the next id of the counter at `key` in the META table (1 for the first).
+fn take_next_id(meta: &mut redb::Table<&str, &[u8]>, key: &str) -> StoreResult<u64> {
+    let id = match meta.get(key)? {
+        Some(bytes) => bytes
+            .value()
+            .try_into()
+            .map(u64::from_le_bytes)
+            .map_err(|_| StoreError::Database(format!("corrupt {key}")))?,
+        None => 1,
+    };
+    meta.insert(key, (id + 1).to_le_bytes().as_slice())?;
+    Ok(id)
 }
 
 fn not_found(what: &str, name: &str) -> StoreError {

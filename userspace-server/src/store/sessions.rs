@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use sanblk_proto::map::AccessMode;
 
-use super::{decode, encode, Store, StoreResult, SESSIONS, SESSION_KEYS};
+use super::clients::ClientRecord;
+use super::volumes::VolumeRecord;
+use super::{decode, encode, Store, StoreResult, CLIENTS, SESSIONS, SESSION_KEYS, VOLUMES};
 
 /// A persisted attachment: who holds the session token, for which volume, in which mode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +21,20 @@ pub struct SessionRecord {
     /// does not set it, so its clients' kernels are accepted again after the restart.
     #[serde(default)]
     pub agent_gone: bool,
+    /// The id of the grant the token was issued under (`ClientRecord::grant_ids`); 0 for a
+    /// grant stored before grant ids.
+    #[serde(default)]
+    pub grant_id: u64,
+}
+
+impl SessionRecord {
+    /// Whether the metadata still backs this session: its client exists and holds the grant
+    /// the token was issued under, in a mode that permits the session's.
+    pub fn is_backed_by(&self, client: Option<&ClientRecord>) -> bool {
+        client
+            .and_then(|c| c.grant(self.volume_id))
+            .is_some_and(|g| g.id == self.grant_id && g.mode.permits(self.mode))
+    }
 }
 
 pub(super) fn session_key(client: &str, volume_id: u64) -> String {
@@ -32,6 +48,60 @@ impl Store {
         let table = txn.open_table(SESSIONS)?;
         let value = table.get(token)?;
         value.map(|v| decode(v.value())).transpose()
+    }
+
+    /// The persisted session of a token if the metadata still backs it (see
+    /// `SessionRecord::is_backed_by`), with the current epoch of its volume. What the I/O
+    /// service accepts a token by when no live attachment holds it (after a restart).
+    pub fn valid_session(&self, token: &str) -> StoreResult<Option<(SessionRecord, u64)>> {
+        let Some(session) = self.session(token)? else {
+            return Ok(None);
+        };
+        let txn = self.metadata.begin_read()?;
+        let client: Option<ClientRecord> = txn
+            .open_table(CLIENTS)?
+            .get(session.client.as_str())?
+            .map(|v| decode(v.value()))
+            .transpose()?;
+        if !session.is_backed_by(client.as_ref()) {
+            return Ok(None);
+        }
+        let volume: Option<VolumeRecord> = txn
+            .open_table(VOLUMES)?
+            .get(session.volume_id)?
+            .map(|v| decode(v.value()))
+            .transpose()?;
+        Ok(volume.map(|v| (session, v.epoch)))
+    }
+
+    /// The persisted sessions of a volume that the metadata still backs: attachments whose
+    /// clients' kernels may still use their tokens (agent gone or not: a re-attach hands the
+    /// token out again).
+    pub fn backed_sessions_of_volume(&self, volume_id: u64) -> StoreResult<Vec<SessionRecord>> {
+        let mut of_volume = Vec::new();
+        {
+            let txn = self.secrets.begin_read()?;
+            for entry in txn.open_table(SESSIONS)?.iter()? {
+                let (_, value) = entry?;
+                let session: SessionRecord = decode(value.value())?;
+                if session.volume_id == volume_id {
+                    of_volume.push(session);
+                }
+            }
+        }
+        let txn = self.metadata.begin_read()?;
+        let clients = txn.open_table(CLIENTS)?;
+        let mut backed = Vec::new();
+        for session in of_volume {
+            let client: Option<ClientRecord> = clients
+                .get(session.client.as_str())?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            if session.is_backed_by(client.as_ref()) {
+                backed.push(session);
+            }
+        }
+        Ok(backed)
     }
 
     /// The persisted session of `client`'s attachment to a volume.

@@ -11,8 +11,8 @@ use super::clients::ClientRecord;
 use super::pool::pool_space_in;
 use super::recovery::{read_recoveries, recovery_busy};
 use super::{
-    decode, decode_all, encode, not_found, validate_name, Store, StoreError, StoreResult, CLIENTS,
-    DEVICES, META, NEXT_VOLUME_ID_KEY, RECOVERIES, VOLUMES,
+    decode, decode_all, encode, not_found, take_next_id, validate_name, Store, StoreError,
+    StoreResult, CLIENTS, DEVICES, META, NEXT_VOLUME_ID_KEY, RECOVERIES, VOLUMES,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,15 +86,7 @@ impl Store {
             let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
             let mut pool = pool_space_in(&devices, &existing, &recoveries)?;
             let extents = pool.allocate(layout, 0, size_bytes)?;
-            let id = match meta.get(NEXT_VOLUME_ID_KEY)? {
-                Some(bytes) => bytes
-                    .value()
-                    .try_into()
-                    .map(u64::from_le_bytes)
-                    .map_err(|_| StoreError::Database("corrupt next volume id".into()))?,
-                None => 1,
-            };
-            meta.insert(NEXT_VOLUME_ID_KEY, (id + 1).to_le_bytes().as_slice())?;
+            let id = take_next_id(&mut meta, NEXT_VOLUME_ID_KEY)?;
             let record = VolumeRecord {
                 id,
                 name: name.to_string(),
@@ -174,6 +166,7 @@ impl Store {
             for entry in clients.iter()? {
                 let (_, value) = entry?;
                 let mut client: ClientRecord = decode(value.value())?;
+                client.grant_ids.remove(&id);
                 if client.grants.remove(&id).is_some() {
                     updated.push(client);
                 }

@@ -52,6 +52,15 @@ impl TestServer {
 
     /// Like `start_in`, with extra command-line arguments for the server process.
     pub fn start_in_with_args(dir: &Path, args: &[&str]) -> TestServer {
+        TestServer::spawn_in(dir, args, &[])
+    }
+
+    /// Like `start_in`, with extra environment variables (the debug build's crash points).
+    pub fn start_in_with_env(dir: &Path, env: &[(&str, &str)]) -> TestServer {
+        TestServer::spawn_in(dir, &[], env)
+    }
+
+    fn spawn_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> TestServer {
         let metadata_dir = dir.join("meta");
         let admin_socket = metadata_dir.join("admin.sock");
         let address_file = metadata_dir.join("agent.addr");
@@ -73,6 +82,7 @@ impl TestServer {
             .arg("--frame-timeout-ms")
             .arg("1000")
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
