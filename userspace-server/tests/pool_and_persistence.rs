@@ -130,6 +130,103 @@ async fn foreign_signatures_are_refused_unless_forced() {
     assert!(error.to_string().contains("another sanblk pool"), "{error}");
 }
 
+fn run(program: &str, args: &[&str]) {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (qemu/install-deps.sh installs it)"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A LUKS1 header as cryptsetup writes it: magic, version, cipher, mode, hash, UUID.
+fn luks1_header() -> Vec<u8> {
+    let mut header = vec![0u8; 592];
+    header[0..6].copy_from_slice(b"LUKS\xba\xbe");
+    header[6..8].copy_from_slice(&1u16.to_be_bytes());
+    header[8..11].copy_from_slice(b"aes");
+    header[40..51].copy_from_slice(b"xts-plain64");
+    header[72..78].copy_from_slice(b"sha256");
+    header[104..108].copy_from_slice(&4096u32.to_be_bytes());
+    header[108..112].copy_from_slice(&64u32.to_be_bytes());
+    header[168..204].copy_from_slice(b"6c4b52e4-1fd8-4d2c-9c3b-9a1b6b0f0e2d");
+    header
+}
+
+/// Signatures only a full probe finds (swap at the end of the first page, LUKS, btrfs at
+/// 64 KiB) refuse `pool add` with their name; `--force` wipes them and labels the device.
+#[tokio::test]
+async fn blkid_signatures_are_refused_by_name_unless_forced() {
+    let server = TestServer::start();
+    let mut admin = server.admin().await;
+    let swap = server.image("swap.img", 16 * MIB);
+    run("mkswap", &[&swap.display().to_string()]);
+    let luks = server.image("luks.img", 16 * MIB);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&luks)
+        .and_then(|mut f| f.write_all(&luks1_header()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let btrfs = server.image("btrfs.img", 128 * MIB);
+    run("mkfs.btrfs", &["-q", "-f", &btrfs.display().to_string()]);
+    let cases = [
+        (&swap, "swap (blkid: TYPE=swap"),
+        (&luks, "crypto_LUKS (blkid: TYPE=crypto_LUKS"),
+        (&btrfs, "btrfs (blkid: TYPE=btrfs at offset 65600)"),
+    ];
+    for (path, named) in cases {
+        let shown = path.canonicalize().unwrap_or_else(|e| panic!("{e}"));
+        let error = admin
+            .call(PoolAdd {
+                path: path.display().to_string(),
+                force: false,
+            })
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{named}: accepted without --force"));
+        assert_eq!(
+            error.server_code(),
+            Some(ErrorCode::ForeignSignature),
+            "{error}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("device {} holds {named}", shown.display())),
+            "{message}"
+        );
+        assert!(message.contains("use --force"), "{message}");
+        assert!(
+            read_label(path).ok().flatten().is_none(),
+            "{named}: refused device must stay untouched"
+        );
+        admin
+            .call(PoolAdd {
+                path: path.display().to_string(),
+                force: true,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{named} --force: {e}"));
+        assert!(read_label(path).ok().flatten().is_some(), "{named}");
+    }
+    // --force wiped the btrfs superblock beyond the label's 4 KiB too.
+    let image = std::fs::read(&btrfs).unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(&image[65600..65608], b"_BHRfS_M", "btrfs magic left behind");
+    // Our own label is not foreign: re-adding a labelled device keeps its answer.
+    let again = admin
+        .call(PoolAdd {
+            path: swap.display().to_string(),
+            force: false,
+        })
+        .await;
+    assert_eq!(
+        again.err().and_then(|e| e.server_code()),
+        Some(ErrorCode::AlreadyExists)
+    );
+}
+
 #[tokio::test]
 async fn volumes_are_allocated_grown_and_deleted() {
     let server = TestServer::start();
