@@ -227,6 +227,79 @@ async fn blkid_signatures_are_refused_by_name_unless_forced() {
     );
 }
 
+/// A striped create or an rw client's grow far beyond the pool is refused from arithmetic:
+/// quickly, with the sizes in the message, and without the server building (and holding) an
+/// allocation first.
+#[tokio::test]
+async fn absurd_creates_and_grows_are_refused_before_allocating() {
+    const EIB: u64 = 1 << 60;
+    let server = TestServer::start();
+    server.pool_of(4, 64 * MIB).await;
+    let mut admin = server.admin().await;
+    let before = server.peak_rss();
+    for layout in ["striped:2", "striped:4", "mirror", "linear"] {
+        let started = std::time::Instant::now();
+        let error = admin
+            .call(VolumeCreate {
+                name: "huge".into(),
+                size_bytes: EIB,
+                layout: layout.parse().unwrap_or_else(|e| panic!("{e}")),
+            })
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("1 EiB {layout} volume created"));
+        assert_eq!(error.server_code(), Some(ErrorCode::NoSpace), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("{EIB} bytes requested")),
+            "{error}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{layout}: refusing took {:?}",
+            started.elapsed()
+        );
+    }
+    // An rw client grows its striped volume to 1 EiB.
+    let secret = server.client("host1").await;
+    admin
+        .call(VolumeCreate {
+            name: "vol".into(),
+            size_bytes: 8 * MIB,
+            layout: "striped:4".parse().unwrap_or_else(|e| panic!("{e}")),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    server.grant("host1", "vol", AccessMode::Rw).await;
+    let mut agent = server.agent("host1", &secret).await;
+    let map = agent
+        .attach("vol", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map;
+    let started = std::time::Instant::now();
+    let error = agent
+        .grow(map.volume_id, EIB)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("grow to 1 EiB accepted"));
+    assert!(error.to_string().contains("not enough space"), "{error}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    // The volume is untouched and still grows within the pool.
+    let grown = agent
+        .grow(map.volume_id, 16 * MIB)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(grown.size_bytes, 16 * MIB);
+    let growth = server.peak_rss().saturating_sub(before);
+    assert!(
+        growth < 32 * MIB,
+        "sand's peak RSS grew by {} MiB refusing absurd sizes",
+        growth / MIB
+    );
+}
+
 #[tokio::test]
 async fn volumes_are_allocated_grown_and_deleted() {
     let server = TestServer::start();
