@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
     linux-source-6.12 clang lld llvm libclang-dev flex bison bc libelf-dev libssl-dev cpio kmod
     qemu-system-x86 qemu-utils busybox-static fio nbdkit nbd-client dmsetup e2fsprogs iproute2 util-linux
+    pkg-config libblkid-dev btrfs-progs
 )
 missing=()
 for pkg in "${packages[@]}"; do

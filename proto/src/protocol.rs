@@ -15,6 +15,10 @@ use crate::map::{AccessMode, Layout, VolumeMap};
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest accepted frame payload. A length prefix above this closes the connection.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Largest frame a server accepts from a peer that has not authenticated yet: the handshake
+/// frames are a few hundred bytes, so a connection that has proved nothing cannot make the
+/// server hold more than this (a reader reserves a frame's length as soon as its prefix is in).
+pub const MAX_PRE_AUTH_FRAME_BYTES: usize = 4096;
 /// Bytes of the length prefix.
 const LENGTH_PREFIX_BYTES: usize = 4;
 
@@ -26,6 +30,8 @@ pub enum FrameError {
     Truncated,
     #[error("frame of {0} bytes exceeds the maximum of {MAX_FRAME_BYTES}")]
     Oversized(usize),
+    #[error("frame of {length} bytes exceeds the limit of {limit} bytes before authentication")]
+    OversizedBeforeAuth { length: usize, limit: usize },
     #[error("malformed frame: {0}")]
     Malformed(String),
     #[error("unsupported protocol version {0} (expected {PROTOCOL_VERSION})")]
@@ -43,6 +49,8 @@ pub struct FrameReader<R> {
     /// When the oldest incomplete frame started arriving (kept across cancellations, so a
     /// `select!` that restarts the read does not restart the clock).
     partial_since: Option<tokio::time::Instant>,
+    /// A lower cap than `MAX_FRAME_BYTES` while the peer is not authenticated.
+    pre_auth_limit: Option<usize>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -51,7 +59,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             stream,
             buffer: BytesMut::with_capacity(4096),
             partial_since: None,
+            pre_auth_limit: None,
         }
+    }
+
+    /// A reader for a peer that has not authenticated: frames above `limit` bytes are refused
+    /// from their length prefix, before any of them is buffered, until [`Self::authenticated`].
+    pub fn before_authentication(stream: R, limit: usize) -> Self {
+        let mut reader = FrameReader::new(stream);
+        reader.pre_auth_limit = Some(limit.min(MAX_FRAME_BYTES));
+        reader
+    }
+
+    /// The peer has authenticated: frames up to `MAX_FRAME_BYTES` are accepted from now on.
+    pub fn authenticated(&mut self) {
+        self.pre_auth_limit = None;
     }
 
     /// Reads the next frame and decodes it as `T`. Safe to cancel: partial data stays buffered.
@@ -104,6 +126,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         // Checked before buffering anything more, so an attacker cannot make us hold a huge frame.
         if length > MAX_FRAME_BYTES {
             return Err(FrameError::Oversized(length));
+        }
+        if let Some(limit) = self.pre_auth_limit.filter(|limit| length > *limit) {
+            return Err(FrameError::OversizedBeforeAuth { length, limit });
         }
         if self.buffer.len() < LENGTH_PREFIX_BYTES + length {
             self.buffer

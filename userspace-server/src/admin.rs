@@ -402,7 +402,7 @@ fn add_device(state: &ServerState, path: &Path, force: bool) -> ServiceResult<De
     let refuse = |what: String| {
         ErrorBody::new(
             ErrorCode::ForeignSignature,
-            format!("{shown} carries {what}; use --force to overwrite it"),
+            format!("device {shown} holds {what}; use --force to overwrite it"),
         )
     };
     let mut device_uuid = Uuid::new_v4();
@@ -431,13 +431,15 @@ fn add_device(state: &ServerState, path: &Path, force: bool) -> ServiceResult<De
         }
         Err(error @ LabelError::Io { .. }) => return Err(label_error(error)),
         _ => {
-            if let Some(signature) =
-                labelling::detect_foreign_signature(&path).map_err(label_error)?
-            {
+            // Probe (read-only) first; only a forced add wipes what was found.
+            let found = labelling::probe_foreign_signatures(&path, false).map_err(label_error)?;
+            if !found.is_empty() {
+                let what = found.join(", ");
                 if !force {
-                    return Err(refuse(format!("a foreign signature ({signature})")));
+                    return Err(refuse(what));
                 }
-                warn!("pool add --force: overwriting {signature} on {shown}");
+                warn!("pool add --force: wiping {what} on {shown}");
+                labelling::probe_foreign_signatures(&path, true).map_err(label_error)?;
             }
         }
     }

@@ -19,7 +19,7 @@ use sanblk_proto::protocol::{
     write_frame, Ack, AgentCall, AgentReply, AgentRequest, Attach, Attachment, AuthOk,
     AuthResponse, Challenge, Detach, Detached, ErrorBody, ErrorCode, FailureReported, FrameError,
     FrameReader, GrantedVolume, Grow, Grown, Hello, ListVolumes, PathHealedReported, Renew,
-    Renewed, ReportFailure, ReportPathHealed, Volumes,
+    Renewed, ReportFailure, ReportPathHealed, Volumes, MAX_PRE_AUTH_FRAME_BYTES,
 };
 
 use crate::log_text::peer_text;
@@ -48,7 +48,9 @@ pub async fn serve_agent_connection(
     // A peer that stops reading must not pin this task (and its attachments) forever.
     let write_limit = state.config.frame_timeout;
     let (read_half, mut writer) = stream.into_split();
-    let mut reader = FrameReader::new(read_half);
+    // Until the peer has authenticated, only handshake-sized frames (a 1 MiB frame half sent
+    // by each of many unauthenticated sockets would otherwise be reserved for each).
+    let mut reader = FrameReader::before_authentication(read_half, MAX_PRE_AUTH_FRAME_BYTES);
     // Bound the connections that have not authenticated yet, so a flood of idle sockets
     // cannot exhaust the server; authenticated agents do not count.
     let Ok(handshake_slot) = state.admission.handshake_slots.clone().try_acquire_owned() else {
@@ -79,6 +81,7 @@ pub async fn serve_agent_connection(
         },
     };
     drop(handshake_slot);
+    reader.authenticated();
     debug!("{peer}: client {} authenticated", peer_text(&client));
     let (connection, kick) = state.register_connection(&client);
     let mut recovery_events = state.recoveries.subscribe();

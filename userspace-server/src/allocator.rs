@@ -47,6 +47,12 @@ pub enum AllocError {
         needed: usize,
         available: usize,
     },
+    #[error("{requested} bytes for layout {layout} would need more than {limit} extents (free space too fragmented for one map)")]
+    TooManyExtents {
+        requested: u64,
+        limit: usize,
+        layout: String,
+    },
     #[error("invalid size: {0}")]
     BadSize(String),
     #[error("inconsistent metadata: {0}")]
@@ -79,9 +85,10 @@ impl DeviceFree {
         }
     }
 
-    /// Takes `length` bytes first-fit from the lowest addresses; may return several pieces.
-    fn take(&mut self, length: u64) -> Vec<(u64, u64)> {
-        self.take_in_units(length, BLOCK_SIZE)
+    /// Takes `length` bytes first-fit from the lowest addresses; may return several pieces,
+    /// at most `max_pieces` (fewer bytes than asked for then).
+    fn take(&mut self, length: u64, max_pieces: usize) -> Vec<(u64, u64)> {
+        self.take_in_units(length, BLOCK_SIZE, max_pieces)
     }
 
     /// Bytes of free space usable in pieces that are multiples of `unit`.
@@ -90,10 +97,10 @@ impl DeviceFree {
     }
 
     /// Like [`DeviceFree::take`], every piece a multiple of `unit` (`length` must be one):
-    /// ranges shorter than `unit` are skipped.
-    fn take_in_units(&mut self, mut length: u64, unit: u64) -> Vec<(u64, u64)> {
+    /// ranges shorter than `unit` are skipped. At most `max_pieces` pieces.
+    fn take_in_units(&mut self, mut length: u64, unit: u64, max_pieces: usize) -> Vec<(u64, u64)> {
         let mut pieces = Vec::new();
-        while length > 0 {
+        while length > 0 && pieces.len() < max_pieces {
             let Some((start, range_length)) = self
                 .ranges
                 .iter()
@@ -115,6 +122,8 @@ impl DeviceFree {
 #[derive(Debug, Clone)]
 pub struct PoolSpace {
     devices: Vec<DeviceFree>,
+    /// Most extents one `allocate` may build (see [`PoolSpace::limit_extents`]).
+    extent_limit: usize,
 }
 
 impl PoolSpace {
@@ -172,7 +181,15 @@ impl PoolSpace {
         }
         Ok(PoolSpace {
             devices: free_devices,
+            extent_limit: usize::MAX,
         })
+    }
+
+    /// Makes `allocate` refuse (`TooManyExtents`) as soon as it would build more than `limit`
+    /// extents, so a request the map could never hold costs at most `limit` extents of memory
+    /// however fragmented the free space is.
+    pub fn limit_extents(&mut self, limit: usize) {
+        self.extent_limit = limit;
     }
 
     pub fn free_bytes(&self, uuid: Uuid) -> u64 {
@@ -289,7 +306,7 @@ impl PoolSpace {
             }
             let device = &mut self.devices[index];
             let wanted = remaining.min(device.total_in_units(unit));
-            for (device_offset, piece) in device.take_in_units(wanted, unit) {
+            for (device_offset, piece) in device.take_in_units(wanted, unit, usize::MAX) {
                 pieces.push((device.uuid, device_offset, piece));
                 remaining -= piece;
             }
@@ -310,6 +327,7 @@ impl PoolSpace {
                 layout: Layout::Linear.to_string(),
             });
         }
+        let limit = self.extent_limit;
         let mut extents = Vec::new();
         let mut cursor = volume_offset;
         let mut remaining = length;
@@ -319,13 +337,25 @@ impl PoolSpace {
             }
             let device = &mut self.devices[index];
             let wanted = remaining.min(device.total);
-            let pieces = device.take(wanted);
+            // One piece more than the limit allows proves the limit is exceeded.
+            let pieces = device.take(wanted, (limit - extents.len()).saturating_add(1));
             let taken: u64 = pieces.iter().map(|(_, l)| l).sum();
             extents.extend(linear_extents(device.uuid, cursor, pieces));
+            if extents.len() > limit {
+                return Err(self.too_many_extents(length, Layout::Linear));
+            }
             cursor += taken;
             remaining -= taken;
         }
         Ok(extents)
+    }
+
+    fn too_many_extents(&self, requested: u64, layout: Layout) -> AllocError {
+        AllocError::TooManyExtents {
+            requested,
+            limit: self.extent_limit,
+            layout: layout.to_string(),
+        }
     }
 
     /// Largest size a 2-way mirror can still get: every byte needs two devices.
@@ -400,6 +430,9 @@ impl PoolSpace {
                     },
                 ],
             ));
+            if extents.len() > self.extent_limit {
+                return Err(self.too_many_extents(length, Layout::Mirror));
+            }
             cursor += chunk;
             remaining -= chunk;
         }
@@ -452,6 +485,21 @@ impl PoolSpace {
                 layout: layout.to_string(),
             }
         };
+        // Refused from arithmetic before anything is built: every member must hold its share
+        // of the whole rows in stripe units, and that plus its chunk of the tail in blocks.
+        let rows_bytes = length / row * stripe_unit;
+        let tail_bytes = length % row;
+        for (k, &index) in members.iter().enumerate() {
+            let device = &self.devices[index];
+            let tail_chunk = tail_bytes
+                .saturating_sub(k as u64 * stripe_unit)
+                .min(stripe_unit);
+            if rows_bytes > device.total_in_units(stripe_unit)
+                || rows_bytes + tail_chunk > device.total
+            {
+                return Err(no_space(self));
+            }
+        }
         let mut extents = Vec::new();
         let mut cursor = volume_offset;
         let mut rows_left = length / row;
@@ -482,6 +530,9 @@ impl PoolSpace {
                 });
             }
             extents.push(Extent::striped(cursor, rows * row, stripe_unit, replicas));
+            if extents.len() > self.extent_limit {
+                return Err(self.too_many_extents(length, layout));
+            }
             cursor += rows * row;
             rows_left -= rows;
         }
@@ -492,11 +543,14 @@ impl PoolSpace {
             }
             let chunk = tail.min(stripe_unit);
             let device = &mut self.devices[index];
-            let pieces = device.take(chunk);
+            let pieces = device.take(chunk, usize::MAX);
             if pieces.iter().map(|(_, l)| l).sum::<u64>() != chunk {
                 return Err(no_space(self));
             }
             extents.extend(linear_extents(device.uuid, cursor, pieces));
+            if extents.len() > self.extent_limit {
+                return Err(self.too_many_extents(length, layout));
+            }
             cursor += chunk;
             tail -= chunk;
         }
@@ -1061,6 +1115,72 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), length);
         assert_eq!(pool.total_free(), 0);
+    }
+
+    /// `count` devices, each with `ranges` free ranges of `piece` bytes separated by one used
+    /// block.
+    fn fragmented(count: usize, ranges: u64, piece: u64) -> PoolSpace {
+        let stride = piece + BLOCK_SIZE;
+        let devices = devices_from(&vec![ranges * stride / BLOCK_SIZE; count]);
+        let used: Vec<Extent> = devices
+            .iter()
+            .flat_map(|d| {
+                (0..ranges).map(move |i| {
+                    Extent::replicated(
+                        i * BLOCK_SIZE,
+                        BLOCK_SIZE,
+                        vec![Replica {
+                            device_uuid: d.uuid,
+                            device_offset: d.data_start + i * stride + piece,
+                        }],
+                    )
+                })
+            })
+            .collect();
+        PoolSpace::new(&devices, std::iter::once(used.as_slice())).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// However fragmented the free space, an allocation the map could not hold is refused as
+    /// soon as it passes the extent limit (it never builds more), and takes nothing.
+    #[test]
+    fn allocations_stop_at_the_extent_limit() {
+        let striped: Layout = "striped:2".parse().unwrap_or_else(|e| panic!("{e}"));
+        let cases = [
+            (
+                Layout::Linear,
+                fragmented(2, 2000, BLOCK_SIZE),
+                1000 * BLOCK_SIZE,
+            ),
+            (
+                Layout::Mirror,
+                fragmented(2, 2000, BLOCK_SIZE),
+                1000 * BLOCK_SIZE,
+            ),
+            (striped, fragmented(2, 400, MIB), 2 * 300 * MIB),
+        ];
+        for (layout, mut pool, length) in cases {
+            let free = pool.total_free();
+            let mut unlimited = pool.clone();
+            let all = unlimited
+                .allocate(layout, 0, length)
+                .unwrap_or_else(|e| panic!("{layout}: {e}"));
+            assert!(all.len() > 100, "{layout}: {} extents", all.len());
+            pool.limit_extents(100);
+            let error = pool.allocate(layout, 0, length).err();
+            assert!(
+                matches!(error, Some(AllocError::TooManyExtents { limit: 100, .. })),
+                "{layout}: {error:?}"
+            );
+            assert_eq!(pool.total_free(), free, "{layout}: space taken");
+            let fits = pool
+                .allocate(
+                    layout,
+                    0,
+                    length / all.len() as u64 * 50 / BLOCK_SIZE * BLOCK_SIZE,
+                )
+                .unwrap_or_else(|e| panic!("{layout}: {e}"));
+            assert!(fits.len() <= 100, "{layout}: {} extents", fits.len());
+        }
     }
 
     #[test]

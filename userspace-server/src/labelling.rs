@@ -1,10 +1,13 @@
 //! Labelling a SAN device for the pool (`pool add`): the device's size, the check for other
-//! owners' signatures, and the label write. The label format and reader are in
+//! owners' signatures (libblkid), and the label write. The label format and reader are in
 //! `sanblk_proto::label`, shared with the agents that read labels.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::path::Path;
+
+use libblkid_rs::{BlkidErr, BlkidProbe, BlkidProbeRet, BlkidSublks, BlkidSublksFlags};
 
 use sanblk_proto::label::{read_head, Label, LabelError, LABEL_BYTES};
 
@@ -29,11 +32,80 @@ pub fn write_label(path: &Path, label: &Label) -> Result<(), LabelError> {
     file.sync_all().map_err(|e| LabelError::io(path, e))
 }
 
-/// Looks for signatures of other owners (filesystems, partition tables, LVM) in the first
-/// 4 KiB. Returns a human description of the first one found.
-pub fn detect_foreign_signature(path: &Path) -> Result<Option<&'static str>, LabelError> {
-    let block = read_head(path)?;
-    Ok(foreign_signature_in(&block))
+/// Finds every signature of another owner on the device: whatever libblkid knows (filesystems
+/// incl. btrfs at 64 KiB, swap, LUKS, RAID members, LVM, partition tables, wherever blkid looks
+/// for them, also at the end of the device; superblocks with a bad checksum count too), and
+/// the magic numbers of the most common ones in the first 4 KiB even when the rest of their
+/// superblock is damaged. Returns one description per signature, e.g.
+/// `swap (blkid: TYPE=swap at offset 4086)`; empty when the device is free.
+///
+/// With `wipe`, erases each magic blkid reports (as `wipefs` does) so that nothing of the old
+/// owner is detected on the device once the label is written over the first 4 KiB.
+pub fn probe_foreign_signatures(path: &Path, wipe: bool) -> Result<Vec<String>, LabelError> {
+    let mut found = blkid_signatures(path, wipe)?;
+    if found.is_empty() {
+        if let Some(what) = foreign_signature_in(&read_head(path)?) {
+            found.push(format!("{what} (magic number in the first 4 KiB)"));
+        }
+    }
+    Ok(found)
+}
+
+fn blkid_signatures(path: &Path, wipe: bool) -> Result<Vec<String>, LabelError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(wipe)
+        .open(path)
+        .map_err(|e| LabelError::io(path, e))?;
+    let blkid = |e: BlkidErr| {
+        LabelError::io(
+            path,
+            std::io::Error::other(format!("probing with libblkid: {e}")),
+        )
+    };
+    let mut probe = BlkidProbe::new().map_err(blkid)?;
+    probe.set_device(file.as_raw_fd(), 0, 0).map_err(blkid)?;
+    probe.enable_superblocks(true).map_err(blkid)?;
+    probe
+        .set_superblock_flags(BlkidSublksFlags::new(vec![
+            BlkidSublks::Type,
+            BlkidSublks::Usage,
+            BlkidSublks::Magic,
+            BlkidSublks::Badcsum,
+        ]))
+        .map_err(blkid)?;
+    probe.enable_partitions(true).map_err(blkid)?;
+    let mut found = Vec::new();
+    // One signature per call, every chain, as wipefs walks them.
+    while let BlkidProbeRet::Success = probe.do_probe().map_err(blkid)? {
+        let value = |name: &str| probe.lookup_value(name).ok();
+        let described = if let Some(kind) = value("TYPE") {
+            let offset = value("SBMAGIC_OFFSET");
+            Some((kind.clone(), format!("TYPE={kind}"), offset))
+        } else {
+            value("PTTYPE").map(|table| {
+                let offset = value("PTMAGIC_OFFSET");
+                (
+                    format!("{table} partition table"),
+                    format!("PTTYPE={table}"),
+                    offset,
+                )
+            })
+        };
+        if let Some((what, tag, offset)) = described {
+            let at = offset
+                .map(|o| format!(" at offset {o}"))
+                .unwrap_or_default();
+            found.push(format!("{what} (blkid: {tag}{at})"));
+        }
+        if wipe {
+            probe.do_wipe(false).map_err(blkid)?;
+        }
+    }
+    if wipe {
+        file.sync_all().map_err(|e| LabelError::io(path, e))?;
+    }
+    Ok(found)
 }
 
 fn foreign_signature_in(block: &[u8; LABEL_BYTES]) -> Option<&'static str> {

@@ -20,7 +20,8 @@ impl From<StoreError> for ErrorBody {
             StoreError::Busy(_) => ErrorCode::Busy,
             StoreError::Alloc(AllocError::NoSpace { .. })
             | StoreError::Alloc(AllocError::NotEnoughDevices { .. }) => ErrorCode::NoSpace,
-            StoreError::Alloc(AllocError::BadSize(_)) => ErrorCode::BadRequest,
+            StoreError::Alloc(AllocError::BadSize(_))
+            | StoreError::Alloc(AllocError::TooManyExtents { .. }) => ErrorCode::BadRequest,
             StoreError::Alloc(AllocError::Corrupt(_)) => ErrorCode::Internal,
         };
         ErrorBody::new(code, error.to_string())

@@ -401,6 +401,20 @@ async fn bad_connections_are_closed_and_others_unaffected() {
         .await;
     assert!(eager.is_closed().await);
 
+    // Before HELLO nothing larger than a token is read: a WRITE or a HELLO announcing 1 MiB
+    // is closed at its header (well before the 1 s handshake timeout), nothing reserved.
+    for op in [Op::Write, Op::Hello] {
+        let mut big = IoClient::connect(&server).await;
+        let mut raw = [0u8; REQUEST_HEADER_LEN];
+        request(Op::Write, 1, &vol.map, 0, 4096).encode(&mut raw);
+        raw[6] = op as u8;
+        raw[40..44].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        let started = std::time::Instant::now();
+        big.send_raw(&raw).await;
+        assert!(big.is_closed().await, "{op:?}");
+        assert!(started.elapsed() < Duration::from_millis(700), "{op:?}");
+    }
+
     // Garbage instead of a header.
     let mut garbage = IoClient::connect(&server).await;
     garbage.send_raw(&[0xa5u8; 200]).await;

@@ -130,6 +130,176 @@ async fn foreign_signatures_are_refused_unless_forced() {
     assert!(error.to_string().contains("another sanblk pool"), "{error}");
 }
 
+fn run(program: &str, args: &[&str]) {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (qemu/install-deps.sh installs it)"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A LUKS1 header as cryptsetup writes it: magic, version, cipher, mode, hash, UUID.
+fn luks1_header() -> Vec<u8> {
+    let mut header = vec![0u8; 592];
+    header[0..6].copy_from_slice(b"LUKS\xba\xbe");
+    header[6..8].copy_from_slice(&1u16.to_be_bytes());
+    header[8..11].copy_from_slice(b"aes");
+    header[40..51].copy_from_slice(b"xts-plain64");
+    header[72..78].copy_from_slice(b"sha256");
+    header[104..108].copy_from_slice(&4096u32.to_be_bytes());
+    header[108..112].copy_from_slice(&64u32.to_be_bytes());
+    header[168..204].copy_from_slice(b"6c4b52e4-1fd8-4d2c-9c3b-9a1b6b0f0e2d");
+    header
+}
+
+/// Signatures only a full probe finds (swap at the end of the first page, LUKS, btrfs at
+/// 64 KiB) refuse `pool add` with their name; `--force` wipes them and labels the device.
+#[tokio::test]
+async fn blkid_signatures_are_refused_by_name_unless_forced() {
+    let server = TestServer::start();
+    let mut admin = server.admin().await;
+    let swap = server.image("swap.img", 16 * MIB);
+    run("mkswap", &[&swap.display().to_string()]);
+    let luks = server.image("luks.img", 16 * MIB);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&luks)
+        .and_then(|mut f| f.write_all(&luks1_header()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let btrfs = server.image("btrfs.img", 128 * MIB);
+    run("mkfs.btrfs", &["-q", "-f", &btrfs.display().to_string()]);
+    let cases = [
+        (&swap, "swap (blkid: TYPE=swap"),
+        (&luks, "crypto_LUKS (blkid: TYPE=crypto_LUKS"),
+        (&btrfs, "btrfs (blkid: TYPE=btrfs at offset 65600)"),
+    ];
+    for (path, named) in cases {
+        let shown = path.canonicalize().unwrap_or_else(|e| panic!("{e}"));
+        let error = admin
+            .call(PoolAdd {
+                path: path.display().to_string(),
+                force: false,
+            })
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{named}: accepted without --force"));
+        assert_eq!(
+            error.server_code(),
+            Some(ErrorCode::ForeignSignature),
+            "{error}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("device {} holds {named}", shown.display())),
+            "{message}"
+        );
+        assert!(message.contains("use --force"), "{message}");
+        assert!(
+            read_label(path).ok().flatten().is_none(),
+            "{named}: refused device must stay untouched"
+        );
+        admin
+            .call(PoolAdd {
+                path: path.display().to_string(),
+                force: true,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{named} --force: {e}"));
+        assert!(read_label(path).ok().flatten().is_some(), "{named}");
+    }
+    // --force wiped the btrfs superblock beyond the label's 4 KiB too.
+    let image = std::fs::read(&btrfs).unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(&image[65600..65608], b"_BHRfS_M", "btrfs magic left behind");
+    // Our own label is not foreign: re-adding a labelled device keeps its answer.
+    let again = admin
+        .call(PoolAdd {
+            path: swap.display().to_string(),
+            force: false,
+        })
+        .await;
+    assert_eq!(
+        again.err().and_then(|e| e.server_code()),
+        Some(ErrorCode::AlreadyExists)
+    );
+}
+
+/// A striped create or an rw client's grow far beyond the pool is refused from arithmetic:
+/// quickly, with the sizes in the message, and without the server building (and holding) an
+/// allocation first.
+#[tokio::test]
+async fn absurd_creates_and_grows_are_refused_before_allocating() {
+    const EIB: u64 = 1 << 60;
+    let server = TestServer::start();
+    server.pool_of(4, 64 * MIB).await;
+    let mut admin = server.admin().await;
+    let before = server.peak_rss();
+    for layout in ["striped:2", "striped:4", "mirror", "linear"] {
+        let started = std::time::Instant::now();
+        let error = admin
+            .call(VolumeCreate {
+                name: "huge".into(),
+                size_bytes: EIB,
+                layout: layout.parse().unwrap_or_else(|e| panic!("{e}")),
+            })
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("1 EiB {layout} volume created"));
+        assert_eq!(error.server_code(), Some(ErrorCode::NoSpace), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains(&format!("{EIB} bytes requested")),
+            "{error}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{layout}: refusing took {:?}",
+            started.elapsed()
+        );
+    }
+    // An rw client grows its striped volume to 1 EiB.
+    let secret = server.client("host1").await;
+    admin
+        .call(VolumeCreate {
+            name: "vol".into(),
+            size_bytes: 8 * MIB,
+            layout: "striped:4".parse().unwrap_or_else(|e| panic!("{e}")),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    server.grant("host1", "vol", AccessMode::Rw).await;
+    let mut agent = server.agent("host1", &secret).await;
+    let map = agent
+        .attach("vol", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map;
+    let started = std::time::Instant::now();
+    let error = agent
+        .grow(map.volume_id, EIB)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("grow to 1 EiB accepted"));
+    assert!(error.to_string().contains("not enough space"), "{error}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    // The volume is untouched and still grows within the pool.
+    let grown = agent
+        .grow(map.volume_id, 16 * MIB)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(grown.size_bytes, 16 * MIB);
+    let growth = server.peak_rss().saturating_sub(before);
+    assert!(
+        growth < 32 * MIB,
+        "sand's peak RSS grew by {} MiB refusing absurd sizes",
+        growth / MIB
+    );
+}
+
 #[tokio::test]
 async fn volumes_are_allocated_grown_and_deleted() {
     let server = TestServer::start();

@@ -26,7 +26,10 @@ use uuid::Uuid;
 
 use crate::context::{CliError, Context};
 use crate::kernel_link::{listen_events, CreateRequest, KernelLink};
-use crate::map_encoding::{encode, scan_devices, scan_paths, LocalDevice};
+use crate::map_encoding::{
+    encode, missing_device_reason, scan_devices, scan_paths, unreadable_devices, EncodeError,
+    LocalDevice,
+};
 use crate::output::print_table;
 use crate::recovery_cmd::progress_line;
 use sanblk_proto::client::Push;
@@ -181,6 +184,17 @@ fn local_devices(args: &AttachArgs) -> HashMap<Uuid, LocalDevice> {
     }
 }
 
+/// Explains a map the kernel cannot be given; a device not found may be one this user may not
+/// read.
+fn encode_failure(args: &AttachArgs, error: EncodeError) -> String {
+    match error {
+        EncodeError::MissingDevice(uuid) => {
+            missing_device_reason(uuid, &unreadable_devices(&args.dev_dir, &args.devices))
+        }
+        other => other.to_string(),
+    }
+}
+
 /// The server I/O addresses handed to the kernel: `--io-server`, else the address the server
 /// reported, its wildcard IP replaced by the IP the agent reached the server at. The kernel
 /// takes IPv4 only; without an address failed direct I/O fails upward.
@@ -223,7 +237,7 @@ fn install_update(
     known: &mut HashMap<Uuid, LocalDevice>,
 ) -> Result<(), CliError> {
     known.extend(local_devices(args));
-    let encoded = encode(map, known).map_err(local)?;
+    let encoded = encode(map, known).map_err(|e| local(encode_failure(args, e)))?;
     kernel
         .update_map(
             map.volume_id,
@@ -259,7 +273,11 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
         Ok(encoded) => encoded,
         Err(error) => {
             let _ = client.detach(volume_id).await;
-            return Err(local(format!("cannot attach {}: {error}", args.volume)));
+            return Err(local(format!(
+                "cannot attach {}: {}",
+                args.volume,
+                encode_failure(&args, error)
+            )));
         }
     };
     let mut token = hex_bytes(&attachment.session_token);
@@ -535,11 +553,27 @@ pub async fn detach(args: DetachArgs) -> Result<(), CliError> {
     let _ = std::fs::remove_file(&files.error);
     // SAFETY: kill(2) with a pid read from the agent's own pid file; no memory is involved.
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-        files.remove();
-        return Err(CliError::Refused(format!(
-            "agent {pid} for {} is gone; cleaned up its files",
-            args.volume
-        )));
+        let error = std::io::Error::last_os_error();
+        // Only a process that does not exist is gone: EPERM means it lives on, owned by
+        // someone this user may not signal, and its files are still in use.
+        return Err(match error.raw_os_error() {
+            Some(libc::ESRCH) => {
+                files.remove();
+                CliError::Refused(format!(
+                    "agent {pid} for {} is gone; cleaned up its files",
+                    args.volume
+                ))
+            }
+            Some(libc::EPERM) => CliError::Refused(format!(
+                "agent {pid} for {} is running but this user may not signal it (EPERM): \
+                 run sanctl detach as the agent's user or as root",
+                args.volume
+            )),
+            _ => local(format!(
+                "cannot signal agent {pid} for {}: {error}",
+                args.volume
+            )),
+        });
     }
     let deadline = tokio::time::Instant::now() + DETACH_WAIT;
     while tokio::time::Instant::now() < deadline {

@@ -37,6 +37,19 @@ pub enum KernelError {
     },
 }
 
+/// The reason for a refusal that came without an extack message: the generic-netlink core
+/// refuses a command flagged admin-only (GENL_ADMIN_PERM) with a bare EPERM before the module
+/// sees it, so that errno means a missing privilege.
+fn unexplained_refusal(errno: i32) -> String {
+    if errno == libc::EPERM || errno == libc::EACCES {
+        "the sanblk commands that change the kernel's state need CAP_NET_ADMIN \
+         (run sanctl as root)"
+            .to_string()
+    } else {
+        "no reason given".to_string()
+    }
+}
+
 /// What CREATE needs.
 pub struct CreateRequest<'a> {
     pub volume_id: u64,
@@ -241,7 +254,7 @@ impl CommandSocket {
                         return Ok(reply_attrs);
                     }
                     let errno = -error;
-                    let mut reason = "no reason given".to_string();
+                    let mut reason = unexplained_refusal(errno);
                     // With NETLINK_CAP_ACK only the request's header is echoed before the TLVs.
                     if flags & NLM_F_ACK_TLVS != 0 && message.len() > 36 {
                         for (kind, payload) in attributes(&message[36..]) {
@@ -369,7 +382,7 @@ impl KernelLink {
                                 .trim_end_matches('\0')
                                 .to_string()
                         })
-                        .unwrap_or_else(|| "no reason given".to_string());
+                        .unwrap_or_else(|| unexplained_refusal(errno));
                     return Err(KernelError::Refused {
                         command: command.name(),
                         errno,
@@ -653,4 +666,28 @@ pub fn listen_events(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bare EPERM from the generic-netlink core (an admin-only command sent without the
+    /// privilege) names the privilege instead of "no reason given".
+    #[test]
+    fn refusals_without_a_reason_name_the_privilege() {
+        let refused = KernelError::Refused {
+            command: Command::Create.name(),
+            errno: libc::EPERM,
+            errno_text: errno_text(libc::EPERM),
+            message: unexplained_refusal(libc::EPERM),
+        }
+        .to_string();
+        assert!(
+            refused.contains("need CAP_NET_ADMIN (run sanctl as root)"),
+            "{refused}"
+        );
+        assert!(!refused.contains("no reason given"), "{refused}");
+        assert_eq!(unexplained_refusal(libc::EINVAL), "no reason given");
+    }
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use sanblk_proto::label::read_label;
+use sanblk_proto::label::{read_label, LabelError};
 use sanblk_proto::map::{ExtentKind as ServerKind, VolumeMap};
 use sanblk_uapi::map::{self as wire, ExtentKind, MapHeader, Member, MAX_MEMBERS};
 use uuid::Uuid;
@@ -38,27 +38,54 @@ pub struct LocalDevice {
 /// Reads the label of every block device under /sys/class/block (whole disks and partitions,
 /// but not sanblk's own devices) and indexes them by device UUID.
 pub fn scan_devices(dev_dir: &Path) -> HashMap<Uuid, LocalDevice> {
-    let mut found = HashMap::new();
+    scan_paths(&block_devices(dev_dir))
+}
+
+/// Every block device of this host under `dev_dir` that may be a SAN device.
+fn block_devices(dev_dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir("/sys/class/block") else {
-        return found;
+        return Vec::new();
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if name.starts_with("sanblk") || name.starts_with("ram") {
-            continue;
-        }
-        let path = dev_dir.join(&name);
-        if let Ok(Some(label)) = read_label(&path) {
-            found.insert(
-                label.device_uuid,
-                LocalDevice {
-                    path,
-                    size: label.device_size,
-                },
-            );
-        }
+    entries
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().to_string())
+        .filter(|name| !name.starts_with("sanblk") && !name.starts_with("ram"))
+        .map(|name| dev_dir.join(name))
+        .collect()
+}
+
+/// The candidate devices (`paths`, or every block device under `dev_dir` when empty) whose
+/// label this user may not read (EACCES/EPERM): a device named by the map may be among them.
+pub fn unreadable_devices(dev_dir: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
+    let candidates = if paths.is_empty() {
+        block_devices(dev_dir)
+    } else {
+        paths.to_vec()
+    };
+    candidates
+        .into_iter()
+        .filter(|path| {
+            matches!(
+                read_label(path),
+                Err(LabelError::Io { ref source, .. })
+                    if source.kind() == std::io::ErrorKind::PermissionDenied
+            )
+        })
+        .collect()
+}
+
+/// Why a device of the map was not found: not attached to this host, or (when some candidate
+/// devices could not be read for lack of permission) possibly among those.
+pub fn missing_device_reason(uuid: Uuid, unreadable: &[PathBuf]) -> String {
+    if unreadable.is_empty() {
+        return EncodeError::MissingDevice(uuid).to_string();
     }
-    found
+    let shown: Vec<String> = unreadable.iter().map(|p| p.display().to_string()).collect();
+    format!(
+        "SAN device {uuid} not found: permission denied (EACCES) reading the label of {}; \
+         run sanctl attach as root or as a user that may open the SAN devices",
+        shown.join(", ")
+    )
 }
 
 /// Like [`scan_devices`], over an explicit list of device paths only.
@@ -269,5 +296,69 @@ mod tests {
         local.remove(&uuids[1]);
         let err = encode(&map, &local).err().expect("missing device");
         assert!(err.to_string().contains(&uuids[1].to_string()), "{err}");
+    }
+
+    /// A device not found while some candidates could not be read for lack of permission is
+    /// reported as a permission problem, not as "not attached to this host".
+    #[test]
+    fn a_missing_device_among_unreadable_ones_names_the_permission() {
+        let uuid = Uuid::from_u128(7);
+        let unreadable = [PathBuf::from("/dev/vdb"), PathBuf::from("/dev/vdc")];
+        let reason = missing_device_reason(uuid, &unreadable);
+        assert!(
+            reason.contains("permission denied (EACCES) reading the label of /dev/vdb, /dev/vdc"),
+            "{reason}"
+        );
+        assert!(!reason.contains("not attached to this host"), "{reason}");
+        let reason = missing_device_reason(uuid, &[]);
+        assert!(reason.contains("is not attached to this host"), "{reason}");
+        // Readable candidates (root here, or plain files) are not counted as unreadable.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, vec![0u8; 8192]).expect("image");
+        assert!(unreadable_devices(dir.path(), &[image]).is_empty());
+    }
+
+    /// Run as `nobody` (this test binary again, under setpriv): a root-only image is reported
+    /// as unreadable for lack of permission.
+    #[test]
+    fn devices_this_user_may_not_read_are_found() {
+        const CHILD: &str = "SANCTL_TEST_UNREADABLE_DEVICE";
+        if let Ok(device) = std::env::var(CHILD) {
+            let device = PathBuf::from(device);
+            assert_eq!(
+                unreadable_devices(Path::new("/nonexistent"), std::slice::from_ref(&device)),
+                vec![device]
+            );
+            return;
+        }
+        // SAFETY: geteuid has no preconditions and touches no memory.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to run the check as another user");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod dir");
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, vec![0u8; 8192]).expect("image");
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod image");
+        let test_binary = std::env::current_exe().expect("current exe");
+        let status = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(test_binary)
+            .args([
+                "--exact",
+                "map_encoding::tests::devices_this_user_may_not_read_are_found",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &image)
+            .status();
+        match status {
+            Ok(status) => assert!(status.success(), "the check as nobody failed"),
+            Err(error) => eprintln!("skipped: setpriv: {error}"),
+        }
     }
 }

@@ -16,7 +16,8 @@ pub enum PoolCommand {
     Add {
         /// Path of the device as the server sees it.
         path: String,
-        /// Overwrite a foreign signature (filesystem, partition table, LVM, another pool).
+        /// Wipe foreign data and label anyway: whatever blkid finds (filesystem, swap, LUKS,
+        /// RAID, LVM, partition table) or another pool's label.
         #[arg(long)]
         force: bool,
     },

@@ -321,3 +321,53 @@ fn recovery_list_and_volume_show_draw_progress() {
     let shown = ok(socket, &["volume", "show", "v"]);
     assert!(shown.contains("recovery done off device"), "{shown}");
 }
+
+/// `sanctl` run as `nobody` (uid 65534) with `setpriv`; None when this test cannot switch
+/// users (not root, or no setpriv).
+fn sanctl_as_nobody(args: &[&str]) -> Option<Output> {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run sanctl as another user");
+        return None;
+    }
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_sanctl"))
+        .args(args)
+        .output();
+    match output {
+        Ok(output) => Some(output),
+        Err(error) => {
+            eprintln!("skipped: setpriv: {error}");
+            None
+        }
+    }
+}
+
+/// `sanctl detach` by a user who may not signal the agent says so, and leaves the agent and
+/// its run files alone (it used to report the agent gone and remove its files).
+#[test]
+fn detach_without_permission_to_signal_the_agent_says_so() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A stand-in for a root-owned agent.
+    let mut agent = Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap_or_else(|e| panic!("sleep: {e}"));
+    let pid_file = dir.path().join("vol.pid");
+    std::fs::write(&pid_file, agent.id().to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let run_dir = dir.path().display().to_string();
+    let output = sanctl_as_nobody(&["detach", "vol", "--run-dir", &run_dir]);
+    let still_running = matches!(agent.try_wait(), Ok(None));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let Some(output) = output else { return };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "detach succeeded: {stderr}");
+    assert!(!stderr.contains("is gone"), "{stderr}");
+    assert!(stderr.contains("may not signal it (EPERM)"), "{stderr}");
+    assert!(still_running, "the agent was stopped");
+    assert!(pid_file.exists(), "the agent's pid file was removed");
+}

@@ -85,6 +85,7 @@ impl Store {
             }
             let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
             let mut pool = pool_space_in(&devices, &existing, &recoveries)?;
+            pool.limit_extents(MAX_EXTENTS_PER_MAP);
             let extents = pool.allocate(layout, 0, size_bytes)?;
             let id = take_next_id(&mut meta, NEXT_VOLUME_ID_KEY)?;
             let record = VolumeRecord {
@@ -129,6 +130,8 @@ impl Store {
                 return Err(recovery_busy(id));
             }
             let mut pool = pool_space_in(&devices, &existing, &recoveries)?;
+            // The first new extent may merge with the last one (`merge_adjacent`).
+            pool.limit_extents((MAX_EXTENTS_PER_MAP + 1).saturating_sub(record.extents.len()));
             let added = pool.allocate(
                 record.layout,
                 record.size_bytes,
