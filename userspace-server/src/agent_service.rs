@@ -26,7 +26,7 @@ use crate::log_text::peer_text;
 use crate::recovery;
 use crate::secrets;
 use crate::service_error::ServiceResult;
-use crate::state::{blocking, ConnectionId, PublishedMap, ServerState};
+use crate::state::{blocking, ConnectionId, PublishedMap, Refusal, ServerState};
 use crate::store::{SessionRecord, StoreResult};
 use tokio::io::AsyncWriteExt;
 
@@ -51,13 +51,18 @@ pub async fn serve_agent_connection(
     // Until the peer has authenticated, only handshake-sized frames (a 1 MiB frame half sent
     // by each of many unauthenticated sockets would otherwise be reserved for each).
     let mut reader = FrameReader::before_authentication(read_half, MAX_PRE_AUTH_FRAME_BYTES);
-    // Bound the connections that have not authenticated yet, so a flood of idle sockets
-    // cannot exhaust the server; authenticated agents do not count.
-    let Ok(handshake_slot) = state.admission.handshake_slots.clone().try_acquire_owned() else {
-        warn!("{peer}: too many connections in handshake; refusing");
-        let body = ErrorBody::new(ErrorCode::Busy, "server busy, retry later");
-        let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
-        return;
+    // Bound the connections that have not authenticated yet, per source address and in all,
+    // so a flood of idle sockets cannot exhaust the server; authenticated agents do not count.
+    // One address over its share is closed at once, unanswered (the pool logs it once).
+    let handshake_slot = match state.admission.agent_handshakes.try_enter(peer.ip()) {
+        Ok(slot) => slot,
+        Err(Refusal::PeerLimit) => return,
+        Err(Refusal::PoolFull) => {
+            warn!("{peer}: too many connections in handshake; refusing");
+            let body = ErrorBody::new(ErrorCode::Busy, "server busy, retry later");
+            let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
+            return;
+        }
     };
     let handshake = tokio::time::timeout(
         state.config.handshake_timeout,

@@ -13,6 +13,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 pub const DEFAULT_METADATA_DIR: &str = "/var/lib/sand";
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_FRAME_TIMEOUT_MS: u64 = 10_000;
+/// Connections from one source address that may be in the handshake at once, per port.
+pub const DEFAULT_MAX_HANDSHAKES_PER_PEER: usize = 64;
+/// I/O-port connections one session token may hold at once.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SESSION: usize = 16;
 /// File in the metadata dir where sand writes the address it actually listens on (useful with
 /// port 0).
 pub const AGENT_ADDRESS_FILE: &str = "agent.addr";
@@ -25,7 +29,7 @@ pub const SECRETS_FILE: &str = "secrets.redb";
     name = "sand",
     version,
     about = "sanblk server: storage pool, volumes, clients and volume maps",
-    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n  sand --config /etc/sand.toml --recovery-max-rate 200M   # cap rebuild copying at 200 MiB/s\n\nConfig file keys (TOML): listen, io_listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, frame_timeout_ms, lease_ms, recovery_max_rate. Logging: RUST_LOG=debug."
+    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n  sand --config /etc/sand.toml --recovery-max-rate 200M   # cap rebuild copying at 200 MiB/s\n\nConfig file keys (TOML): listen, io_listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, frame_timeout_ms, max_handshakes_per_peer, max_connections_per_session,\nlease_ms, recovery_max_rate. Logging: RUST_LOG=debug."
 )]
 pub struct Flags {
     /// TOML configuration file.
@@ -54,6 +58,15 @@ pub struct Flags {
     /// How long an authenticated connection may take to finish a frame it has started.
     #[arg(long)]
     pub frame_timeout_ms: Option<u64>,
+    /// Most connections from one source address (IP) that may be unauthenticated at once on
+    /// each port (agent handshake, I/O before HELLO); more from it are closed at once. Each
+    /// port also has its own pool of 4096 such connections (default 64).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_handshakes_per_peer: Option<u64>,
+    /// Most I/O-port connections one session token may hold at once; a HELLO beyond it is
+    /// answered -EBUSY and closed (default 16).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections_per_session: Option<u64>,
     /// Lease duration put in every map.
     #[arg(long)]
     pub lease_ms: Option<u64>,
@@ -74,6 +87,8 @@ struct FileConfig {
     admin_socket: Option<PathBuf>,
     handshake_timeout_ms: Option<u64>,
     frame_timeout_ms: Option<u64>,
+    max_handshakes_per_peer: Option<u64>,
+    max_connections_per_session: Option<u64>,
     lease_ms: Option<u64>,
     /// Bytes per second: a number, or a string with a unit ("200M").
     recovery_max_rate: Option<Rate>,
@@ -107,6 +122,10 @@ pub struct Config {
     pub admin_socket: PathBuf,
     pub handshake_timeout: Duration,
     pub frame_timeout: Duration,
+    /// Unauthenticated connections per source address and port.
+    pub max_handshakes_per_peer: usize,
+    /// I/O connections per session token.
+    pub max_connections_per_session: usize,
     pub lease_ms: u64,
     /// Most bytes per second one recovery copies; `None`: as fast as the devices go.
     pub recovery_max_rate: Option<u64>,
@@ -131,8 +150,29 @@ impl Config {
                 .map(Rate::bytes_per_second)
                 .transpose()?,
         };
+        let at_least_one = |key: &str, value: Option<u64>, default: usize| match value {
+            None => Ok(default),
+            Some(0) => Err(anyhow::anyhow!("{key} must be at least 1")),
+            Some(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        };
+        let max_handshakes_per_peer = at_least_one(
+            "max_handshakes_per_peer",
+            flags
+                .max_handshakes_per_peer
+                .or(file.max_handshakes_per_peer),
+            DEFAULT_MAX_HANDSHAKES_PER_PEER,
+        )?;
+        let max_connections_per_session = at_least_one(
+            "max_connections_per_session",
+            flags
+                .max_connections_per_session
+                .or(file.max_connections_per_session),
+            DEFAULT_MAX_CONNECTIONS_PER_SESSION,
+        )?;
         Ok(Config {
             listen,
+            max_handshakes_per_peer,
+            max_connections_per_session,
             io_listen: flags
                 .io_listen
                 .or(file.io_listen)
@@ -309,6 +349,52 @@ mod tests {
             Some(512 << 10)
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn connection_limits_come_from_flags_then_file_and_must_be_positive() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("sand.toml");
+        let limits = |flags: Flags| {
+            Config::from_flags(flags)
+                .map(|c| (c.max_handshakes_per_peer, c.max_connections_per_session))
+        };
+        assert_eq!(
+            limits(Flags::default()).ok(),
+            Some((
+                DEFAULT_MAX_HANDSHAKES_PER_PEER,
+                DEFAULT_MAX_CONNECTIONS_PER_SESSION
+            ))
+        );
+        std::fs::write(
+            &file,
+            "max_handshakes_per_peer = 8\nmax_connections_per_session = 2\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let with_file = |flags: Flags| {
+            limits(Flags {
+                config: Some(file.clone()),
+                ..flags
+            })
+        };
+        assert_eq!(with_file(Flags::default()).ok(), Some((8, 2)));
+        assert_eq!(
+            with_file(Flags {
+                max_handshakes_per_peer: Some(3),
+                ..Flags::default()
+            })
+            .ok(),
+            Some((3, 2))
+        );
+        std::fs::write(&file, "max_connections_per_session = 0\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(with_file(Flags::default()).is_err());
+        assert!(Flags::try_parse_from(["sand", "--max-handshakes-per-peer", "0"]).is_err());
+        let parsed = Flags::try_parse_from(["sand", "--max-connections-per-session", "4"]);
+        assert_eq!(
+            parsed.ok().and_then(|f| f.max_connections_per_session),
+            Some(4)
+        );
     }
 
     #[test]

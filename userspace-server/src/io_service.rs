@@ -42,8 +42,9 @@ use crate::device::{plan, BufferPool, DeviceTable, PooledBuf};
 
 use sanblk_proto::map::{AccessMode, Extent};
 
+use crate::log_text::peer_text;
 use crate::recovery_gate;
-use crate::state::{ServerState, SessionInfo};
+use crate::state::{Refusal, ServerState, SessionInfo};
 use crate::store::VolumeRecord;
 
 /// File in the metadata dir where sand writes the address the I/O service listens on.
@@ -86,6 +87,26 @@ pub struct IoService {
     budget: Arc<Semaphore>,
     /// Last volume record read per volume id (the map used for I/O of that epoch).
     volumes: Mutex<HashMap<u64, Arc<VolumeRecord>>>,
+    /// Connections past their HELLO per session token, at most `max_connections_per_session`.
+    session_connections: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One connection counted against its session's limit until dropped.
+struct SessionConnection {
+    token: String,
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for SessionConnection {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.token) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.token);
+            }
+        }
+    }
 }
 
 /// A data buffer, counted against the service's budget until dropped.
@@ -134,6 +155,25 @@ impl IoService {
             budget: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES / BUDGET_UNIT)),
             state,
             volumes: Mutex::new(HashMap::new()),
+            session_connections: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// Counts a connection of the session `token`, unless it already has the most allowed.
+    fn enter_session(&self, token: &str) -> Option<SessionConnection> {
+        let limit = self.state.config.max_connections_per_session;
+        let mut counts = self
+            .session_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(token.to_owned()).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(SessionConnection {
+            token: token.to_owned(),
+            counts: self.session_connections.clone(),
         })
     }
 
@@ -195,16 +235,16 @@ impl IoService {
         let frame_timeout = self.state.config.frame_timeout;
         let hello_timeout = HELLO_TIMEOUT.min(self.state.config.handshake_timeout);
 
-        // Connections before HELLO share the agent port's bound on unauthenticated sockets.
-        let Ok(hello_slot) = self
-            .state
-            .admission
-            .handshake_slots
-            .clone()
-            .try_acquire_owned()
-        else {
-            warn!("I/O connection from {peer}: too many connections before HELLO; refusing");
-            return;
+        // Connections before HELLO have a pool of their own (the agent port's flood cannot
+        // fill it), and one address gets only its share of it; over that share a connection
+        // is closed at once (the pool logs it once).
+        let hello_slot = match self.state.admission.io_handshakes.try_enter(peer.ip()) {
+            Ok(slot) => slot,
+            Err(Refusal::PeerLimit) => return,
+            Err(Refusal::PoolFull) => {
+                warn!("I/O connection from {peer}: too many connections before HELLO; refusing");
+                return;
+            }
         };
         let hello = tokio::select! {
             _ = shutdown.changed() => return,
@@ -224,6 +264,18 @@ impl IoService {
         let Some(session) = self.state.session(&token) else {
             warn!("I/O connection from {peer}: unknown session token");
             let reply = Reply::status(handle, errno(libc::EACCES));
+            let _ = tokio::time::timeout(frame_timeout, send_reply(&mut writer, &reply)).await;
+            return;
+        };
+        let Some(_session_connection) = self.enter_session(&token) else {
+            warn!(
+                "I/O connection from {peer}: client {} volume {} already has {} I/O connections \
+                 (--max-connections-per-session); refusing with -EBUSY",
+                peer_text(&session.client),
+                session.volume_id,
+                self.state.config.max_connections_per_session
+            );
+            let reply = Reply::status(handle, errno(libc::EBUSY));
             let _ = tokio::time::timeout(frame_timeout, send_reply(&mut writer, &reply)).await;
             return;
         };

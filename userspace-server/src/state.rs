@@ -3,13 +3,14 @@
 //! volume (a `watch` channel per volume, which is how changes reach clients), behind the one
 //! state lock; the running recoveries (`recoveries`); the group commit of session records.
 
+mod admission;
 mod recoveries;
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{oneshot, watch, Notify, Semaphore};
+use tokio::sync::{oneshot, watch, Notify};
 
 use sanblk_proto::map::{AccessMode, VolumeMap};
 use sanblk_proto::protocol::{encode_map_update, AttachmentInfo, ErrorBody, ErrorCode};
@@ -18,6 +19,7 @@ use crate::config::Config;
 use crate::service_error::ServiceResult;
 use crate::store::{Grant, SessionRecord, Store, VolumeRecord};
 
+pub use admission::{HandshakePool, Refusal};
 pub use recoveries::Recoveries;
 
 pub type ConnectionId = u64;
@@ -76,13 +78,17 @@ struct Live {
 /// Clients a refused `volume delete` names (the rest are counted).
 const MAX_NAMED_HOLDERS: usize = 8;
 
-/// Connections allowed to be in the handshake at once.
+/// Connections allowed to be in the handshake at once, per port.
 pub const MAX_PENDING_HANDSHAKES: usize = 4096;
 
 /// What limits or orders incoming work.
 pub struct Admission {
-    /// Connections in the handshake (agent and I/O ports), at most `MAX_PENDING_HANDSHAKES`.
-    pub handshake_slots: Arc<Semaphore>,
+    /// Agent connections in the handshake: at most `MAX_PENDING_HANDSHAKES`, and at most
+    /// `max_handshakes_per_peer` per source address.
+    pub agent_handshakes: HandshakePool,
+    /// I/O connections before their HELLO, likewise: a pool of their own, so a flood of the
+    /// agent port cannot starve the kernel's HELLOs (nor the other way round).
+    pub io_handshakes: HandshakePool,
     /// Held across a whole `pool add` (checks, label write, commit), so two adds of one device
     /// cannot leave a label on disk that differs from the recorded device.
     pub pool_changes: Mutex<()>,
@@ -116,11 +122,13 @@ pub struct AttachGrant {
 
 impl ServerState {
     pub fn new(store: Store, config: Config) -> Arc<ServerState> {
+        let per_peer = config.max_handshakes_per_peer;
         Arc::new(ServerState {
             store: Arc::new(store),
             config,
             admission: Admission {
-                handshake_slots: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+                agent_handshakes: HandshakePool::new("agent", MAX_PENDING_HANDSHAKES, per_peer),
+                io_handshakes: HandshakePool::new("I/O", MAX_PENDING_HANDSHAKES, per_peer),
                 pool_changes: Mutex::new(()),
             },
             live: Mutex::new(Live::default()),

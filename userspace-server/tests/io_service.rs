@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,14 +32,6 @@ struct IoClient {
     stream: TcpStream,
 }
 
-fn io_address(server: &TestServer) -> SocketAddr {
-    let text = std::fs::read_to_string(server.metadata_dir.join("io.addr"))
-        .unwrap_or_else(|e| panic!("io.addr: {e}"));
-    text.trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("io.addr: {e}"))
-}
-
 fn request(op: Op, handle: u64, map: &VolumeMap, offset: u64, length: u32) -> RequestHeader {
     RequestHeader {
         op,
@@ -62,7 +53,7 @@ fn pattern(seed: u64, length: usize) -> Vec<u8> {
 
 impl IoClient {
     async fn connect(server: &TestServer) -> IoClient {
-        let stream = TcpStream::connect(io_address(server))
+        let stream = TcpStream::connect(server.io_address())
             .await
             .unwrap_or_else(|e| panic!("io connect: {e}"));
         IoClient { stream }

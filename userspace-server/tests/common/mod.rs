@@ -72,15 +72,19 @@ impl TestServer {
             .append(true)
             .open(dir.join("sand.log"))
             .unwrap_or_else(|e| panic!("log file: {e}"));
+        // The tests' short timeouts, unless `args` sets its own.
+        let mut defaults = Vec::new();
+        for flag in ["--handshake-timeout-ms", "--frame-timeout-ms"] {
+            if !args.contains(&flag) {
+                defaults.extend([flag, "1000"]);
+            }
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_sand"))
             .arg("--metadata-dir")
             .arg(&metadata_dir)
             .arg("--listen")
             .arg("127.0.0.1:0")
-            .arg("--handshake-timeout-ms")
-            .arg("1000")
-            .arg("--frame-timeout-ms")
-            .arg("1000")
+            .args(defaults)
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
@@ -121,6 +125,15 @@ impl TestServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The address the I/O service listens on (METADATA_DIR/io.addr).
+    pub fn io_address(&self) -> SocketAddr {
+        let text = std::fs::read_to_string(self.metadata_dir.join("io.addr"))
+            .unwrap_or_else(|e| panic!("io.addr: {e}"));
+        text.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("io.addr: {e}"))
     }
 
     pub fn log(&self) -> String {
