@@ -21,6 +21,14 @@ async fn pool_list(server: &TestServer) -> Vec<DeviceInfo> {
         .unwrap_or_else(|e| panic!("pool list: {e}"))
 }
 
+/// `sanctl pool add PATH [--force]` as an admin request.
+fn pool_add(path: &std::path::Path, force: bool) -> PoolAdd {
+    PoolAdd {
+        path: path.display().to_string(),
+        force,
+    }
+}
+
 #[tokio::test]
 async fn pool_add_writes_a_label_and_reports_space() {
     let server = TestServer::start();
@@ -54,12 +62,7 @@ async fn pool_add_writes_a_label_and_reports_space() {
 
     // Adding the same device again is refused.
     let mut admin = server.admin().await;
-    let again = admin
-        .call(PoolAdd {
-            path: paths[0].display().to_string(),
-            force: false,
-        })
-        .await;
+    let again = admin.call(pool_add(&paths[0], false)).await;
     assert_eq!(
         again.err().and_then(|e| e.server_code()),
         Some(ErrorCode::AlreadyExists)
@@ -86,12 +89,7 @@ async fn foreign_signatures_are_refused_unless_forced() {
             .unwrap_or_else(|e| panic!("{e}"));
         file.write_all(magic).unwrap_or_else(|e| panic!("{e}"));
         drop(file);
-        let refused = admin
-            .call(PoolAdd {
-                path: path.display().to_string(),
-                force: false,
-            })
-            .await;
+        let refused = admin.call(pool_add(&path, false)).await;
         assert_eq!(
             refused.err().and_then(|e| e.server_code()),
             Some(ErrorCode::ForeignSignature),
@@ -102,10 +100,7 @@ async fn foreign_signatures_are_refused_unless_forced() {
             "{name}: refused device must stay untouched"
         );
         admin
-            .call(PoolAdd {
-                path: path.display().to_string(),
-                force: true,
-            })
+            .call(pool_add(&path, true))
             .await
             .unwrap_or_else(|e| panic!("{name} --force: {e}"));
         assert!(
@@ -117,12 +112,7 @@ async fn foreign_signatures_are_refused_unless_forced() {
     // A device of another pool (labelled by a second server) is refused too.
     let other = TestServer::start();
     let foreign = other.pool_of(1, 16 * MIB).await;
-    let refused = admin
-        .call(PoolAdd {
-            path: foreign[0].display().to_string(),
-            force: false,
-        })
-        .await;
+    let refused = admin.call(pool_add(&foreign[0], false)).await;
     let error = refused
         .err()
         .unwrap_or_else(|| panic!("another pool's device was accepted"));
@@ -180,10 +170,7 @@ async fn blkid_signatures_are_refused_by_name_unless_forced() {
     for (path, named) in cases {
         let shown = path.canonicalize().unwrap_or_else(|e| panic!("{e}"));
         let error = admin
-            .call(PoolAdd {
-                path: path.display().to_string(),
-                force: false,
-            })
+            .call(pool_add(path, false))
             .await
             .err()
             .unwrap_or_else(|| panic!("{named}: accepted without --force"));
@@ -203,10 +190,7 @@ async fn blkid_signatures_are_refused_by_name_unless_forced() {
             "{named}: refused device must stay untouched"
         );
         admin
-            .call(PoolAdd {
-                path: path.display().to_string(),
-                force: true,
-            })
+            .call(pool_add(path, true))
             .await
             .unwrap_or_else(|e| panic!("{named} --force: {e}"));
         assert!(read_label(path).ok().flatten().is_some(), "{named}");
@@ -215,12 +199,7 @@ async fn blkid_signatures_are_refused_by_name_unless_forced() {
     let image = std::fs::read(&btrfs).unwrap_or_else(|e| panic!("{e}"));
     assert_ne!(&image[65600..65608], b"_BHRfS_M", "btrfs magic left behind");
     // Our own label is not foreign: re-adding a labelled device keeps its answer.
-    let again = admin
-        .call(PoolAdd {
-            path: swap.display().to_string(),
-            force: false,
-        })
-        .await;
+    let again = admin.call(pool_add(&swap, false)).await;
     assert_eq!(
         again.err().and_then(|e| e.server_code()),
         Some(ErrorCode::AlreadyExists)
@@ -553,10 +532,7 @@ async fn a_device_labelled_but_not_recorded_is_adopted() {
         .unwrap_or_else(|e| panic!("{}: {e}", orphan.display()));
     let mut admin = server.admin().await;
     admin
-        .call(PoolAdd {
-            path: orphan.display().to_string(),
-            force: false,
-        })
+        .call(pool_add(&orphan, false))
         .await
         .unwrap_or_else(|e| panic!("orphan of this pool refused: {e}"));
     let devices = pool_list(&server).await;
