@@ -185,30 +185,17 @@ fn submit(volume: &Volume, bio: Bio) {
                 // re-issued by the submitter. The final end below completes it.
                 bio.set_status(BLK_STS_AGAIN);
             } else {
-                account_at_completion(&mut bio, op);
-                clone_to(
+                clone_to_targets(
                     volume,
-                    &bio,
-                    target.device,
-                    target.offset >> 9,
+                    &mut bio,
+                    op,
+                    core::slice::from_ref(target),
                     is_write,
                     &info,
                 );
             }
         }
-        Route::Clones(targets) => {
-            account_at_completion(&mut bio, op);
-            for target in targets {
-                clone_to(
-                    volume,
-                    &bio,
-                    target.device,
-                    target.offset >> 9,
-                    is_write,
-                    &info,
-                );
-            }
-        }
+        Route::Clones(targets) => clone_to_targets(volume, &mut bio, op, targets, is_write, &info),
     }
     // Gives the submission's completion: the bio completes when its clones do.
     bio.end();
@@ -237,14 +224,7 @@ impl Mapped {
     #[inline]
     fn new(map: &MapState, offset: u64, length: u64, preflush: bool) -> Option<Mapped> {
         let mut piece = if length == 0 && preflush {
-            Piece {
-                length: 0,
-                target_count: 0,
-                targets: [Target {
-                    device: 0,
-                    offset: 0,
-                }; MAX_MEMBERS],
-            }
+            Piece::EMPTY
         } else {
             map.map(offset, length)?
         };
@@ -418,6 +398,29 @@ fn redirectable(volume: &Volume, piece: &PieceRef) -> bool {
 fn queue_to_server(volume: &Volume, piece: PieceRef) {
     let _hold = volume.inflight.get();
     volume.server.queue(piece);
+}
+
+/// Sends a clone of `bio` to each of `targets`; `bio` completes when they all have (its
+/// statistics are taken at that completion).
+fn clone_to_targets(
+    volume: &Volume,
+    bio: &mut Bio,
+    op: ReqOp,
+    targets: &[Target],
+    strip_flush: bool,
+    info: &PieceInfo,
+) {
+    account_at_completion(bio, op);
+    for target in targets {
+        clone_to(
+            volume,
+            bio,
+            target.device,
+            target.offset >> 9,
+            strip_flush,
+            info,
+        );
+    }
 }
 
 /// Sends a clone of `bio` (same length and pages) to device `index` at `device_sector`.

@@ -85,14 +85,7 @@ impl Extent {
     /// (`within` < `length` of the extent): its targets and how much of the I/O it covers.
     #[inline]
     pub fn piece(&self, within: u64, length: u64) -> Piece {
-        let mut piece = Piece {
-            length: 0,
-            target_count: 0,
-            targets: [Target {
-                device: 0,
-                offset: 0,
-            }; MAX_MEMBERS],
-        };
+        let mut piece = Piece::EMPTY;
         match self.kind {
             ExtentKind::Replicated => {
                 piece.length = length.min(self.length - within);
@@ -293,6 +286,18 @@ pub struct Piece {
     pub target_count: u8,
     /// Targets; a write goes to all of them, a read to any one.
     pub targets: [Target; MAX_MEMBERS],
+}
+
+impl Piece {
+    /// No bytes, no targets: what an empty PREFLUSH maps to, and where a lookup starts.
+    pub const EMPTY: Piece = Piece {
+        length: 0,
+        target_count: 0,
+        targets: [Target {
+            device: 0,
+            offset: 0,
+        }; MAX_MEMBERS],
+    };
 }
 
 /// A validated, encoded map; lookups read the encoded tables directly.
