@@ -15,6 +15,7 @@ use crate::protocol::{
     GrantedVolume, Grow, Hello, ListVolumes, MapUpdate, PathHealedReported, RecoveryStatus, Renew,
     ReportFailure, ReportPathHealed,
 };
+use crate::unix_path::SocketPath;
 
 /// Default time to wait for a reply.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,12 +59,14 @@ pub struct AdminClient {
 
 impl AdminClient {
     pub async fn connect(socket: &Path) -> Result<AdminClient, ClientError> {
-        let stream = UnixStream::connect(socket)
+        let connect_error = |source| ClientError::Connect {
+            target: socket.display().to_string(),
+            source,
+        };
+        let reachable = SocketPath::new(socket).map_err(connect_error)?;
+        let stream = UnixStream::connect(reachable.as_path())
             .await
-            .map_err(|source| ClientError::Connect {
-                target: socket.display().to_string(),
-                source,
-            })?;
+            .map_err(connect_error)?;
         let (read_half, writer) = stream.into_split();
         Ok(AdminClient {
             reader: FrameReader::new(read_half),

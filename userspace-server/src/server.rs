@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use log::{error, info, warn};
+use sanblk_proto::unix_path::SocketPath;
 use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
@@ -153,6 +154,7 @@ pub(crate) fn bind_admin_socket(path: &Path) -> std::io::Result<UnixListener> {
     temporary_name.push(file_name);
     temporary_name.push(format!(".{}.tmp", std::process::id()));
     let temporary = path.with_file_name(temporary_name);
+    let bindable = SocketPath::new(&temporary)?;
     // Left behind by a killed server of the same pid.
     match std::fs::remove_file(&temporary) {
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
@@ -160,7 +162,7 @@ pub(crate) fn bind_admin_socket(path: &Path) -> std::io::Result<UnixListener> {
     }
     // SAFETY: umask(2) only swaps the process's file mode mask; it cannot fail.
     let previous = unsafe { libc::umask(0o177) };
-    let listener = std::os::unix::net::UnixListener::bind(&temporary);
+    let listener = std::os::unix::net::UnixListener::bind(bindable.as_path());
     // SAFETY: as above, restoring the mask the process had.
     unsafe { libc::umask(previous) };
     let listener = listener?;
@@ -255,5 +257,25 @@ mod tests {
         assert_eq!(left, vec![std::ffi::OsString::from("admin.sock")]);
         // Whoever sees the socket can connect: it listens before it appears.
         std::os::unix::net::UnixStream::connect(&path).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// A metadata dir deep in a CI checkout puts the socket past `sockaddr_un`'s 108 bytes;
+    /// sand must still bind it and the admin client still reach it.
+    #[tokio::test]
+    async fn an_admin_socket_under_a_deep_directory_is_bound_and_reached() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let deep = dir.path().join("m".repeat(90)).join("sand-metadata");
+        std::fs::create_dir_all(&deep).unwrap_or_else(|e| panic!("{e}"));
+        let path = deep.join("admin.sock");
+        assert!(path.as_os_str().len() > 108);
+        let listener = bind_admin_socket(&path).unwrap_or_else(|e| panic!("bind: {e}"));
+        let accept = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+        sanblk_proto::client::AdminClient::connect(&path)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        accept
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("accept: {e}"));
     }
 }
