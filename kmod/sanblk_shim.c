@@ -20,7 +20,10 @@ static const struct nla_policy sanblk_policy[SANBLK_ATTR_MAX + 1] = { SANBLK_POL
 #define SANBLK_OP(command, op_flags) { .cmd = (command), .flags = (op_flags), .doit = sanblk_nl_doit },
 static const struct genl_small_ops sanblk_ops[] = { SANBLK_USER_COMMANDS(SANBLK_OP) };
 
-static const struct genl_multicast_group sanblk_mcgrps[] = { { .name = SANBLK_EVENTS_GROUP } };
+/* Events name volumes, devices and failures: only CAP_NET_ADMIN may listen, as for the commands. */
+static const struct genl_multicast_group sanblk_mcgrps[] = {
+	{ .name = SANBLK_EVENTS_GROUP, .flags = GENL_MCAST_CAP_NET_ADMIN },
+};
 
 static struct genl_family sanblk_family = {
 	.name = SANBLK_FAMILY_NAME,

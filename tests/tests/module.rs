@@ -80,6 +80,10 @@ setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-se
     {probe} status > unprivileged-status.txt
 setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all \
     {probe} hostile > unprivileged-hostile.txt || true
+# Joining the events group needs CAP_NET_ADMIN too; root joins (and waits: cut short).
+setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all \
+    timeout 5 {probe} events 1 > unprivileged-events.txt 2>&1 || true
+timeout 2 {probe} events 1 > privileged-events.txt 2>&1 || true
 rmmod sanblk
 "#,
         module = module_path().display(),
@@ -147,5 +151,20 @@ rmmod sanblk
     assert!(
         unprivileged.contains(&format!("case=create-missing-attributes errno={EPERM} ")),
         "unprivileged CREATE not refused with EPERM: {unprivileged}"
+    );
+    let unprivileged_events = outcome
+        .read_out_file("unprivileged-events.txt")
+        .expect("unprivileged events");
+    assert!(
+        unprivileged_events.contains("cannot join the events group")
+            && !unprivileged_events.contains("listening"),
+        "an unprivileged process joined the events group: {unprivileged_events}"
+    );
+    let privileged_events = outcome
+        .read_out_file("privileged-events.txt")
+        .expect("privileged events");
+    assert!(
+        privileged_events.contains("listening"),
+        "root could not join the events group: {privileged_events}"
     );
 }
