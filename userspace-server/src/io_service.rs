@@ -56,6 +56,13 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// Request and reply data buffered at once by the whole service (WRITE payloads being
 /// received or written, READ data being read or sent): beyond it readers wait.
 pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
+/// The most of [`MAX_BUFFERED_BYTES`] one session holds at once, over all its connections.
+/// A session that pipelines more (or drains its replies slowly) waits on its own share, so
+/// other sessions find the global budget free unless more than
+/// `MAX_BUFFERED_BYTES / SESSION_BUFFER_SHARE` sessions each hold their whole share; a
+/// share is given back within the frame timeout (replies not taken by then close the
+/// connection). A share holds at least one largest request (1 MiB).
+pub const SESSION_BUFFER_SHARE: usize = MAX_BUFFERED_BYTES / 8;
 /// Unit of the buffer budget.
 const BUDGET_UNIT: usize = 4096;
 /// Accept queue length of the I/O port.
@@ -87,32 +94,41 @@ pub struct IoService {
     budget: Arc<Semaphore>,
     /// Last volume record read per volume id (the map used for I/O of that epoch).
     volumes: Mutex<HashMap<u64, Arc<VolumeRecord>>>,
-    /// Connections past their HELLO per session token, at most `max_connections_per_session`.
-    session_connections: Arc<Mutex<HashMap<String, usize>>>,
+    /// Per session token: connections past their HELLO (at most
+    /// `max_connections_per_session`) and the session's share of the buffer budget.
+    session_connections: Arc<Mutex<HashMap<String, SessionEntry>>>,
+}
+
+struct SessionEntry {
+    connections: usize,
+    /// [`SESSION_BUFFER_SHARE`] in units of [`BUDGET_UNIT`], shared by the connections.
+    share: Arc<Semaphore>,
 }
 
 /// One connection counted against its session's limit until dropped.
 struct SessionConnection {
     token: String,
-    counts: Arc<Mutex<HashMap<String, usize>>>,
+    share: Arc<Semaphore>,
+    counts: Arc<Mutex<HashMap<String, SessionEntry>>>,
 }
 
 impl Drop for SessionConnection {
     fn drop(&mut self) {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.token) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
+        if let Some(entry) = counts.get_mut(&self.token) {
+            entry.connections = entry.connections.saturating_sub(1);
+            if entry.connections == 0 {
                 counts.remove(&self.token);
             }
         }
     }
 }
 
-/// A data buffer, counted against the service's budget until dropped.
+/// A data buffer, counted against its session's share and the service's budget until dropped.
 struct Buffer {
     data: PooledBuf,
     _budget: OwnedSemaphorePermit,
+    _share: OwnedSemaphorePermit,
 }
 
 impl std::ops::Deref for Buffer {
@@ -166,21 +182,35 @@ impl IoService {
             .session_connections
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(token.to_owned()).or_insert(0);
-        if *count >= limit {
+        let entry = counts
+            .entry(token.to_owned())
+            .or_insert_with(|| SessionEntry {
+                connections: 0,
+                share: Arc::new(Semaphore::new(SESSION_BUFFER_SHARE / BUDGET_UNIT)),
+            });
+        if entry.connections >= limit {
             return None;
         }
-        *count += 1;
+        entry.connections += 1;
         Some(SessionConnection {
             token: token.to_owned(),
+            share: entry.share.clone(),
             counts: self.session_connections.clone(),
         })
     }
 
-    /// A buffer of `len` bytes, once the budget allows.
-    async fn buffer(&self, len: usize) -> io::Result<Buffer> {
+    /// A buffer of `len` bytes, once the session's share and then the service's budget allow
+    /// (in that order: a session over its share waits without holding any of the budget).
+    async fn buffer(&self, len: usize, share: &Arc<Semaphore>) -> io::Result<Buffer> {
         let units = u32::try_from(len.div_ceil(BUDGET_UNIT).max(1))
-            .map_err(|_| io::Error::other("buffer too large"))?;
+            .ok()
+            .filter(|units| *units as usize <= SESSION_BUFFER_SHARE / BUDGET_UNIT)
+            .ok_or_else(|| io::Error::other("buffer too large"))?;
+        let share = share
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| io::Error::other("buffer budget closed"))?;
         let budget = self
             .budget
             .clone()
@@ -190,6 +220,7 @@ impl IoService {
         Ok(Buffer {
             data: self.buffers.get(len)?,
             _budget: budget,
+            _share: share,
         })
     }
 
@@ -267,7 +298,7 @@ impl IoService {
             let _ = tokio::time::timeout(frame_timeout, send_reply(&mut writer, &reply)).await;
             return;
         };
-        let Some(_session_connection) = self.enter_session(&token) else {
+        let Some(session_connection) = self.enter_session(&token) else {
             warn!(
                 "I/O connection from {peer}: client {} volume {} already has {} I/O connections \
                  (--max-connections-per-session); refusing with -EBUSY",
@@ -346,7 +377,7 @@ impl IoService {
                     // Waiting for the budget is not the peer's fault: no deadline here.
                     let buffer = tokio::select! {
                         _ = shutdown.changed() => break,
-                        buffer = self.buffer(header.length as usize) => buffer,
+                        buffer = self.buffer(header.length as usize, &session_connection.share) => buffer,
                     };
                     let mut buffer = match buffer {
                         Ok(buffer) => buffer,
@@ -374,10 +405,11 @@ impl IoService {
             let ended = current.is_none();
             let task_replies = replies.clone();
             let service = self.clone();
+            let share = session_connection.share.clone();
             tokio::spawn(async move {
                 let reply = match check(current.as_ref(), &header) {
                     Err(status) => Reply::status(header.handle, status),
-                    Ok(()) => service.execute(header, payload).await,
+                    Ok(()) => service.execute(header, payload, share).await,
                 };
                 let _ = task_replies.send(reply).await;
                 drop(permit);
@@ -428,8 +460,13 @@ impl IoService {
         Ok(record)
     }
 
-    async fn execute(self: Arc<Self>, header: RequestHeader, payload: Option<Buffer>) -> Reply {
-        match self.clone().try_execute(&header, payload).await {
+    async fn execute(
+        self: Arc<Self>,
+        header: RequestHeader,
+        payload: Option<Buffer>,
+        share: Arc<Semaphore>,
+    ) -> Reply {
+        match self.clone().try_execute(&header, payload, &share).await {
             Ok(data) => Reply {
                 header: ReplyHeader {
                     handle: header.handle,
@@ -446,6 +483,7 @@ impl IoService {
         self: Arc<Self>,
         header: &RequestHeader,
         payload: Option<Buffer>,
+        share: &Arc<Semaphore>,
     ) -> Result<Option<Buffer>, i32> {
         let record = self.volume(header.volume_id, header.epoch).await?;
         let io_error = |what: &str, error: io::Error| {
@@ -504,7 +542,7 @@ impl IoService {
                     None => pieces,
                 };
                 let mut buf = self
-                    .buffer(header.length as usize)
+                    .buffer(header.length as usize, share)
                     .await
                     .map_err(|e| io_error("read buffer", e))?;
                 tokio::task::spawn_blocking(move || {

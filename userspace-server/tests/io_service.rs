@@ -810,3 +810,45 @@ async fn a_volume_attached_by_a_persisted_token_is_deleted_only_with_force() {
     let mut refused = IoClient::connect(&restarted).await;
     assert_eq!(refused.hello(&rw.session_token).await, EACCES);
 }
+
+/// One session pipelining far more reads than the buffer budget holds and never taking its
+/// replies (5 connections x 64 reads of 1 MiB, 320 MiB against 256 MiB) must not delay
+/// another client's 4 KiB read: each session waits on its own share of the budget.
+#[tokio::test]
+async fn a_session_hogging_the_buffer_budget_does_not_delay_another() {
+    // Replies not taken keep their buffers for up to the frame timeout: make it long.
+    let server = TestServer::start_with_args(&["--frame-timeout-ms", "30000"]);
+    server.pool_of(2, 256 * MIB).await;
+    let (_hog_agent, hog) =
+        attached(&server, "hog", 64 * MIB, Layout::Linear, AccessMode::Ro).await;
+    let (_agent, victim) =
+        attached(&server, "victim", 4 * MIB, Layout::Linear, AccessMode::Rw).await;
+    let mut hogs = Vec::new();
+    for connection in 0..5u64 {
+        let mut io = IoClient::session(&server, &hog).await;
+        for index in 0..64u64 {
+            let handle = connection * 1000 + index;
+            let offset = (index % 64) * MIB;
+            io.send(
+                &request(Op::Read, handle, &hog.map, offset, MIB as u32),
+                &[],
+            )
+            .await;
+        }
+        hogs.push(io);
+    }
+    // Let the hog's reads take what they can of the budget.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let mut io = IoClient::session(&server, &victim).await;
+    let started = std::time::Instant::now();
+    let (status, data) =
+        tokio::time::timeout(Duration::from_secs(5), io.read(&victim.map, 0, 4096))
+            .await
+            .unwrap_or_else(|_| panic!("a 4 KiB read waited over 5 s behind another session"));
+    assert_eq!(status, 0);
+    assert_eq!(data.len(), 4096);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "4 KiB read took {took:?}");
+    drop(hogs);
+}
