@@ -68,6 +68,7 @@ bench: deps kernel kmod build
 	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
 	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-failure
 	$(CARGO) run -q --release -p sand --bin sand-bench -- --clients 10000
+	$(CARGO) run -q --release -p sand --bin sand-bench -- --attack --hostile 4000
 	$(CARGO) build -q --release -p sand --bins && target/release/sand-iobench --rebuild --size-mib 1024 --rounds 5 --dir target
 
 clean:

@@ -38,15 +38,8 @@ impl Conn {
         let stream = TcpStream::connect(ip, port, CONNECT_TIMEOUT_MS)?;
         let session = volume.session_token();
         let token = session.bytes();
-        let header = RequestHeader {
-            op: Op::Hello,
-            flags: 0,
-            handle: 0,
-            volume_id: volume.id,
-            epoch: volume.current_map().epoch,
-            offset: 0,
-            length: token.len() as u32,
-        };
+        let header =
+            RequestHeader::hello(volume.id, volume.current_map().epoch, token.len() as u32);
         let mut raw = [0u8; REQUEST_HEADER_LEN];
         header.encode(&mut raw);
         stream.send(&raw, false)?;

@@ -122,6 +122,21 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 }
 
 impl RequestHeader {
+    /// The HELLO that opens a connection: a session token of `token_len` bytes follows it.
+    /// The server identifies the session by the token alone; the kernel also names its
+    /// volume and epoch, for the server's log.
+    pub fn hello(volume_id: u64, epoch: u64, token_len: u32) -> RequestHeader {
+        RequestHeader {
+            op: Op::Hello,
+            flags: 0,
+            handle: 0,
+            volume_id,
+            epoch,
+            offset: 0,
+            length: token_len,
+        }
+    }
+
     /// Encodes into the first [`REQUEST_HEADER_LEN`] bytes of `out`.
     pub fn encode(&self, out: &mut [u8; REQUEST_HEADER_LEN]) {
         out[0..4].copy_from_slice(&REQUEST_MAGIC.to_le_bytes());

@@ -68,15 +68,7 @@ impl IoClient {
 
     async fn hello(&mut self, token_hex: &str) -> i32 {
         let token = hex::decode(token_hex).unwrap_or_else(|e| panic!("token: {e}"));
-        let header = RequestHeader {
-            op: Op::Hello,
-            flags: 0,
-            handle: 0,
-            volume_id: 0,
-            epoch: 0,
-            offset: 0,
-            length: token.len() as u32,
-        };
+        let header = RequestHeader::hello(0, 0, token.len() as u32);
         self.send(&header, &token).await;
         let (reply, _) = self
             .receive()

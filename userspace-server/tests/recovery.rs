@@ -51,15 +51,7 @@ impl IoClient {
             .unwrap_or_else(|e| panic!("io connect: {e}"));
         let mut client = IoClient { stream };
         let token = hex::decode(&attached.session_token).unwrap_or_else(|e| panic!("{e}"));
-        let hello = RequestHeader {
-            op: Op::Hello,
-            flags: 0,
-            handle: 0,
-            volume_id: 0,
-            epoch: 0,
-            offset: 0,
-            length: token.len() as u32,
-        };
+        let hello = RequestHeader::hello(0, 0, token.len() as u32);
         assert_eq!(client.call(&hello, &token).await, 0, "hello refused");
         client
     }

@@ -429,15 +429,7 @@ async fn serve(args: &Args, dir: &Path, size: u64, images: u64) -> anyhow::Resul
     stream.set_nodelay(true)?;
     let mut stream = BufReader::with_capacity(64 * 1024, stream);
     let token = hex::decode(&attached.session_token)?;
-    let hello = RequestHeader {
-        op: Op::Hello,
-        flags: 0,
-        handle: 0,
-        volume_id: 0,
-        epoch: 0,
-        offset: 0,
-        length: token.len() as u32,
-    };
+    let hello = RequestHeader::hello(0, 0, token.len() as u32);
     let mut raw = [0u8; REQUEST_HEADER_LEN];
     hello.encode(&mut raw);
     stream.get_mut().write_all(&raw).await?;

@@ -8,7 +8,12 @@
 //!    each client has received the new epoch (median, p99, max), and until the server has
 //!    recorded every ack.
 //!
+//! 3. `--attack` (see `attack.rs`): a legitimate agent's attach latency and another client's
+//!    4 KiB read latency, quiet and under hostile idle connections plus a session hogging the
+//!    I/O buffer budget.
+//!
 //! Usage: cargo run --release -p sand --bin sand-bench -- --clients 10000
+//!        cargo run --release -p sand --bin sand-bench -- --attack --hostile 4000
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +31,8 @@ use sanblk_proto::protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, Semaphore};
+
+mod attack;
 
 const MIB: u64 = 1 << 20;
 const BASELINE_MESSAGE_BYTES: usize = 64;
@@ -51,6 +58,19 @@ struct Args {
     /// The sand binary (default: next to this one).
     #[arg(long)]
     sand: Option<PathBuf>,
+    /// Measure what an attack costs legitimate clients instead (hostile idle connections
+    /// and an I/O-hogging session).
+    #[arg(long)]
+    attack: bool,
+    /// With --attack: hostile idle connections to each of the agent and I/O ports.
+    #[arg(long, default_value_t = 4000)]
+    hostile: usize,
+    /// With --attack: attaches measured, quiet and attacked.
+    #[arg(long, default_value_t = 50)]
+    samples: usize,
+    /// With --attack: 4 KiB reads measured, quiet and attacked.
+    #[arg(long, default_value_t = 2000)]
+    reads: usize,
     /// Internal: run the raw TCP fan-out server for the baseline.
     #[arg(long, hide = true)]
     baseline_server: bool,
@@ -432,8 +452,22 @@ async fn run_sand(args: &Args, dir: &Path) -> anyhow::Result<SandResult> {
 }
 
 async fn benchmark(args: Args) -> anyhow::Result<()> {
-    let limit = raise_fd_limit(args.clients as u64 + 256)?;
     let dir = std::env::temp_dir().join(format!("sand-bench-{}", std::process::id()));
+    if args.attack {
+        let limit = raise_fd_limit(2 * args.hostile as u64 + 512)?;
+        println!(
+            "sand-bench --attack: {} hostile connections per port, {} attaches, {} reads, {} CPUs, RLIMIT_NOFILE {limit}",
+            args.hostile,
+            args.samples,
+            args.reads,
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        );
+        std::fs::create_dir_all(&dir)?;
+        let outcome = attack::run(&args, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return outcome;
+    }
+    let limit = raise_fd_limit(args.clients as u64 + 256)?;
     std::fs::create_dir_all(&dir)?;
     println!(
         "sand-bench: {} clients ({} identities), concurrency {}, {} rounds, {} CPUs, RLIMIT_NOFILE {limit}",
