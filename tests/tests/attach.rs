@@ -381,3 +381,50 @@ rmmod sanblk
         .expect("status")
         .contains("no volumes attached"));
 }
+
+/// A write to a read-only attachment fails as a write to any read-only disk of the same kernel
+/// does (a `losetup -r` loop device, refused by the block layer before its driver: EPERM),
+/// reads work, and the image is unchanged.
+#[test]
+fn a_write_to_a_read_only_attachment_fails_as_on_any_read_only_disk() {
+    let setup = sanblk_tests::provision("attach-ro", &[], &["vro"], false);
+    let body = r#"dd if=/dev/zero of=$dev bs=4096 count=1 oflag=direct 2> sanblk-write.err \
+    && echo accepted >> sanblk-write.err || true
+truncate -s 16M /tmp/ro.img
+LOOP=$(losetup -r -f --show /tmp/ro.img)
+dd if=/dev/zero of=$LOOP bs=4096 count=1 oflag=direct 2> loop-write.err \
+    && echo accepted >> loop-write.err || true
+losetup -d $LOOP
+dd if=$dev of=/dev/null bs=4096 count=4 iflag=direct status=none
+$S detach vro
+"#;
+    let before = fs::read(&setup.images[0]).expect("image");
+    let config = sanblk_tests::dm_san::vm(
+        &setup,
+        "attach-ro",
+        "vro",
+        "--ro",
+        body,
+        Duration::from_secs(300),
+    );
+    let outcome = sanblk_tests::run(&config).expect("guest ran");
+    outcome.assert_clean_success();
+    let sanblk = outcome
+        .read_out_file("sanblk-write.err")
+        .expect("sanblk-write.err");
+    let loop_device = outcome
+        .read_out_file("loop-write.err")
+        .expect("loop-write.err");
+    assert!(
+        sanblk.contains("Operation not permitted") && !sanblk.contains("accepted"),
+        "write to the read-only attachment: {sanblk}"
+    );
+    assert!(
+        loop_device.contains("Operation not permitted"),
+        "the read-only loop device answered otherwise: {loop_device}"
+    );
+    assert!(
+        fs::read(&setup.images[0]).expect("image") == before,
+        "the read-only attachment changed the image"
+    );
+}
