@@ -27,6 +27,9 @@ static struct genl_family sanblk_family = {
 	.version = SANBLK_FAMILY_VERSION,
 	.maxattr = SANBLK_ATTR_MAX,
 	.policy = sanblk_policy,
+	/* Commands do their own locking (the registry lock): a QUIESCE that waits for I/O
+	 * must not hold genl_mutex, which every non-parallel family shares. */
+	.parallel_ops = true,
 	/* Strict validation (unknown attributes, trailing bytes) for every command. */
 	.resv_start_op = 1,
 	.module = THIS_MODULE,

@@ -190,6 +190,14 @@ impl InFlight {
         InFlightRef(NonNull::from(self))
     }
 
+    /// Waits up to `timeout` jiffies until nothing is in flight (process context, no locks
+    /// held; the caller keeps the owner alive); returns whether it got there.
+    pub(crate) fn wait_idle_timeout(&self, timeout: c_long) -> bool {
+        wait_until(&[&self.idle], TASK_IDLE, Some(timeout), || {
+            self.count.load(Ordering::SeqCst) == 0
+        })
+    }
+
     /// Waits until nothing is in flight (process context, no locks held).
     pub(crate) fn wait_idle(&self) {
         wait_until(&[&self.idle], TASK_IDLE, None, || {

@@ -27,7 +27,9 @@
 //! drops the connection once the requests on the wire are answered and authenticates again with it; pieces still
 //! queued go out on the new connection.
 //!
-//! The thread also drives fail-back probes of failed devices (`health.rs`).
+//! The thread also drives fail-back probes of failed devices (`health.rs`), reports lease
+//! lapses and fails held bios that waited longer than the I/O timeout (`hold.rs`): it sleeps
+//! at most until the next of those is due.
 //!
 //! Failure policy (the I/O never hangs forever):
 //! - the server refuses the session token (HELLO status != 0): state `Refused`, every queued
@@ -191,6 +193,8 @@ pub(crate) fn serve(volume: &Volume) {
         if !path.closing.load(Ordering::Acquire) {
             health::tick(volume);
         }
+        // Lease lapse reports and held-I/O timeouts; bounds the idle sleep below.
+        let sleep_ms = volume.hold.tick(volume.id, now_ns());
         take_pending(path, &mut queue);
         if should_stop() {
             fail_all(volume, &mut queue);
@@ -201,8 +205,8 @@ pub(crate) fn serve(volume: &Volume) {
             wait_until(
                 &[&path.wakeup],
                 TASK_INTERRUPTIBLE,
-                Some(msecs_to_jiffies(1000)),
-                || !path.pending.is_empty() || should_stop(),
+                Some(msecs_to_jiffies(sleep_ms as u32)),
+                || !path.pending.is_empty() || should_stop() || volume.hold.kicked(),
             );
             continue;
         }
@@ -325,6 +329,7 @@ fn stream(
             if !path.closing.load(Ordering::Acquire) {
                 health::tick(volume);
             }
+            volume.hold.tick(volume.id, last_upkeep);
         }
         let draining = stale_wait || should_stop() || path.token_generation() != seen_token;
         while !draining && !queue.is_empty() {
