@@ -110,8 +110,8 @@ impl Batches {
 
 /// What [`Hold::try_hold`] did with a bio.
 pub(crate) enum Held {
-    /// Parked (or refused with BLK_STS_AGAIN if REQ_NOWAIT); `true`: the lease lapse is not
-    /// reported yet, wake the volume's thread to report it.
+    /// Parked (or ended: BLK_STS_AGAIN if REQ_NOWAIT, an I/O error on teardown); `true`: the
+    /// lease lapse is not reported yet, wake the volume's thread to report it.
     Parked(bool),
     /// The volume is not held: map and issue it.
     Go(Bio),
@@ -134,7 +134,7 @@ pub(crate) struct Hold {
     lapse_reported: AtomicBool,
     /// A submission found the lease lapsed and unreported: the thread reports it.
     kicked: AtomicBool,
-    /// Teardown: nothing is parked any more (the disk is gone) and nothing is released.
+    /// Teardown: nothing is parked (a bio that would be fails) and nothing is released.
     closed: AtomicBool,
     held: AtomicU64,
     timed_out: AtomicU64,
@@ -225,8 +225,14 @@ impl Hold {
         let mut batches = self.batches.lock();
         // Checked again under the lock that releases take: either the release sees this bio
         // on the list, or this sees the hold ended.
-        if !self.held_at(now) || self.closed.load(Ordering::Acquire) {
+        if !self.held_at(now) {
             return Held::Go(bio);
+        }
+        if self.closed.load(Ordering::Acquire) {
+            // Teardown: held I/O fails rather than slipping through a quiesce or a lapse.
+            drop(batches);
+            bio.end_with(BLK_STS_IOERR);
+            return Held::Parked(false);
         }
         batches.push(bio, now, self.timeout_ns() / 4);
         self.held.fetch_add(1, Ordering::Relaxed);
@@ -281,7 +287,7 @@ impl Hold {
         })
     }
 
-    /// Teardown (the disk is deleted, no bio arrives any more): held bios fail.
+    /// Teardown: held bios fail, and so does every bio that would be held from now on.
     pub(crate) fn close(&self) {
         let mut bios = {
             let mut batches = self.batches.lock();

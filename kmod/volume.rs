@@ -333,10 +333,12 @@ impl Volume {
         };
         // No new bio reaches the volume, and submit_bio calls in progress have returned; what
         // they issued is waited for below, before the disk's reference to us goes.
-        let deleted = disk.delete();
-        // Held bios fail (their submitters must not wait for a volume that is gone); bios a
-        // RESUME or RENEW took before this are waited for below, as in-flight I/O.
+        // Held bios fail, and so do bios that would be held from now on: nothing may wait
+        // for a volume that goes away (del_gendisk below must not wait for a held bio
+        // either). Bios a RESUME or RENEW took before this are waited for below, as in-flight
+        // I/O.
         self.hold.close();
+        let deleted = disk.delete();
         // Pieces queued for an unreachable server fail now; connected ones complete, each
         // bounded by the server path's I/O timeout.
         self.server.close();
