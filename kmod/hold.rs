@@ -71,7 +71,8 @@ impl Batches {
 
     fn push(&mut self, bio: Bio, now: i64, stretch_ns: i64) {
         let newest = (self.start + self.count + BATCHES - 1) % BATCHES;
-        if self.count == 0 || (now - self.ring[newest].first_ns >= stretch_ns && self.count < BATCHES)
+        if self.count == 0
+            || (now - self.ring[newest].first_ns >= stretch_ns && self.count < BATCHES)
         {
             let slot = (self.start + self.count) % BATCHES;
             self.ring[slot].first_ns = now;

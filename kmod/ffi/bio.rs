@@ -421,8 +421,9 @@ impl BioList {
 
     /// Appends `bio`; the list owns its completion until [`BioList::pop`].
     pub(crate) fn push(&mut self, bio: Bio) {
+        // The handle is consumed here (it has no destructor): its completion passes to the
+        // list.
         let raw = bio.raw();
-        core::mem::forget(bio);
         // SAFETY: a live bio whose completion we own: nobody else links it while it is held
         // (a bio submitted to us is on no list, as in dm's `bio_list_add`).
         unsafe { (*raw).bi_next = core::ptr::null_mut() };
