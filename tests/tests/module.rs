@@ -35,8 +35,8 @@ if {probe} status 2> after.txt; then echo "family still answers" >&2; exit 4; fi
 
     let status = key_values(&outcome.read_out_file("status.txt").expect("status.txt"));
     assert_eq!(
-        status.get("protocol_version").map(String::as_str),
-        Some("1")
+        status.get("protocol_version"),
+        Some(&sanblk_uapi::netlink::PROTOCOL_VERSION.to_string())
     );
     assert_eq!(
         status.get("module_version").map(String::as_str),
