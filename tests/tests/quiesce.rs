@@ -419,3 +419,60 @@ test ! -e /dev/sanblk1
     // Nothing held ever reached the SAN device.
     assert!(read_at(&disks[0], MIB, CHUNK).iter().all(|b| *b == 0));
 }
+
+#[test]
+fn quiesce_waits_for_in_flight_io_and_times_out_after_the_io_timeout() {
+    let (disks, pattern) = setup("quiesce-drain", 1, 3);
+    // The SAN device is dm-delay over /dev/vda: every bio takes 2 s, later 8 s.
+    let body = format!(
+        r#"SECTORS=$(blockdev --getsz /dev/vda)
+dmsetup create slow --table "0 $SECTORS delay /dev/vda 0 2000"
+SANBLK_IO_TIMEOUT_MS=4000 $P create vol 1 1 linear 8 /dev/mapper/slow
+dd if={pattern} of=/dev/sanblk0 bs=64k count=1 oflag=direct 2> dd.err &
+DD=$!
+sleep 0.5
+$P quiesce 1 1 > quiesce.txt
+# QUIESCE answered once the write was done: it is on the disk now.
+dd if=/dev/vda bs=64k skip=16 count=1 iflag=direct status=none > after-quiesce.bin
+wait $DD
+$P resume 1 1
+# A bio slower than the I/O timeout: QUIESCE gives up with ETIMEDOUT, the volume stays
+# quiesced; once the bio is done, QUIESCE again succeeds.
+dmsetup suspend slow
+dmsetup reload slow --table "0 $SECTORS delay /dev/vda 0 8000"
+dmsetup resume slow
+dd if={pattern} of=/dev/sanblk0 bs=64k seek=1 count=1 oflag=direct 2> dd-slow.err &
+DD=$!
+sleep 0.5
+$P quiesce 1 1 > quiesce-timeout.txt || true
+$P volumes > after-timeout.txt
+wait $DD
+$P quiesce 1 1 > quiesce-again.txt
+$P resume 1 1
+$P destroy 1
+dmsetup remove slow
+rmmod sanblk
+"#,
+        pattern = pattern.display(),
+    );
+    let outcome = guest("quiesce-drain", &disks, &body);
+
+    let expected = fs::read(&pattern).expect("pattern");
+    let text = |name: &str| outcome.read_out_file(name).expect(name);
+    assert_eq!(text("quiesce.txt").trim(), "ok");
+    assert_eq!(
+        fs::read(outcome.out_file("after-quiesce.bin")).expect("read after quiesce"),
+        expected,
+        "QUIESCE answered before the write in flight was done"
+    );
+    const ETIMEDOUT: i32 = 110;
+    assert!(
+        text("quiesce-timeout.txt").starts_with(&format!("errno={ETIMEDOUT} ")),
+        "{}",
+        text("quiesce-timeout.txt")
+    );
+    let after = only_volume(&outcome, "after-timeout.txt");
+    assert_eq!(field(&after, "hold_reason"), 1, "{after:?}");
+    assert_eq!(text("quiesce-again.txt").trim(), "ok");
+    assert_eq!(read_at(&disks[0], MIB + CHUNK, CHUNK), expected);
+}

@@ -436,8 +436,14 @@ fn hostile(link: &Link) -> Result<bool, String> {
 
 /// Size in bytes of a block device, from sysfs.
 fn device_bytes(path: &str) -> Result<u64, String> {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    let text = std::fs::read_to_string(format!("/sys/class/block/{name}/size"))
+    use std::os::unix::fs::MetadataExt;
+    // By device number: a device-mapper node (/dev/mapper/NAME) is not named after its
+    // sysfs entry.
+    let rdev = std::fs::metadata(path)
+        .map_err(|e| format!("{path}: {e}"))?
+        .rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let text = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/size"))
         .map_err(|e| format!("size of {path}: {e}"))?;
     text.trim()
         .parse::<u64>()
