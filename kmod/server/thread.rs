@@ -38,6 +38,8 @@
 //! - a reply with an error status fails the piece, except -ESTALE (the server has a newer
 //!   epoch): the piece is re-sent with the volume's current epoch, after a short pause while
 //!   the new map has not arrived yet (bounded, see [`STALE_RETRIES`]);
+//! - the lease has lapsed: no new piece is sent (those on the wire finish); queued pieces wait
+//!   for RENEW and fail once the lapse has lasted longer than the volume's I/O timeout;
 //! - teardown (`Volume::remove_disk`) sets `closing`: while disconnected, queued pieces fail
 //!   at once; while connected they complete, each bounded by [`IO_TIMEOUT_MS`].
 
@@ -69,6 +71,8 @@ const BACKOFF_MAX_MS: u32 = 5_000;
 const STALE_RETRIES: u8 = 200;
 /// Pause before re-sending pieces refused with -ESTALE while the map is still the old one.
 const STALE_PAUSE_MS: u32 = 100;
+/// How often queued pieces look for a renewed lease while it has lapsed.
+const LAPSED_PAUSE_MS: u32 = 100;
 /// How often a busy stream reports newly failed devices and drives fail-back probes.
 const UPKEEP_INTERVAL_NS: i64 = 100_000_000;
 /// Payload bytes on the wire at once (bounds what the server buffers for this client; room for
@@ -174,6 +178,8 @@ pub(crate) fn serve(volume: &Volume) {
     let mut down_since: Option<i64> = None;
     let mut handle = 0u64;
     let mut seen_token = path.token_generation();
+    // Since when queued pieces wait for a lapsed lease to be renewed.
+    let mut lapsed_since: Option<i64> = None;
     loop {
         let generation = path.token_generation();
         if generation != seen_token {
@@ -211,6 +217,23 @@ pub(crate) fn serve(volume: &Volume) {
             continue;
         }
         report_failed_devices(volume);
+        let now = now_ns();
+        if volume.hold.lease_lapsed(now) {
+            // No new piece goes to the server on a lapsed lease (the server would take the
+            // current epoch): they wait for RENEW, as held bios do, and fail once the lapse
+            // has lasted longer than the volume's I/O timeout.
+            // On teardown they fail at once.
+            let since = *lapsed_since.get_or_insert(now);
+            if path.closing.load(Ordering::Acquire)
+                || now - since > i64::from(volume.hold.io_timeout_ms()) * 1_000_000
+            {
+                fail_all(volume, &mut queue);
+            } else {
+                pause(LAPSED_PAUSE_MS, path, seen_token);
+            }
+            continue;
+        }
+        lapsed_since = None;
         let Some(active) = conn.as_ref() else {
             let closing = path.closing.load(Ordering::Acquire);
             let since = *down_since.get_or_insert_with(now_ns);
@@ -331,7 +354,10 @@ fn stream(
             }
             volume.hold.tick(volume.id, last_upkeep);
         }
-        let draining = stale_wait || should_stop() || path.token_generation() != seen_token;
+        let draining = stale_wait
+            || should_stop()
+            || path.token_generation() != seen_token
+            || volume.hold.lease_lapsed(now_ns());
         while !draining && !queue.is_empty() {
             let Some((offset, len)) = queue
                 .front()
