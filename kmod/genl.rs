@@ -11,14 +11,16 @@ use kernel::sync::Arc;
 use kernel::{c_str, fmt};
 
 use crate::abi::{
-    parse_server_addr, Attr, Command, DeviceState, MAX_PATH_BYTES, MAX_SERVERS, MAX_TOKEN_BYTES,
-    PROTOCOL_VERSION,
+    parse_server_addr, Attr, Command, DeviceState, DEFAULT_IO_TIMEOUT_MS, MAX_IO_TIMEOUT_MS,
+    MAX_PATH_BYTES, MAX_SERVERS, MAX_TOKEN_BYTES, MIN_IO_TIMEOUT_MS, PROTOCOL_VERSION,
 };
 use crate::device::SanDevice;
-use crate::ffi::errno::eopnotsupp;
+use crate::ffi::errno::{eopnotsupp, estale, etimedout};
 use crate::ffi::genl::{GenlInfo, Reply, Request, SkBuff};
+use crate::ffi::time::{msecs_to_jiffies, now_ns};
+use crate::hold::Released;
 use crate::registry;
-use crate::remap::BLOCK_OPS;
+use crate::remap::{resubmit, BLOCK_OPS};
 use crate::server::path::ServerAddrs;
 use crate::server::thread::serve;
 use crate::sysfs::GROUPS;
@@ -26,7 +28,10 @@ use crate::volume::{MapState, NewVolume, Parts, SessionToken, Volume};
 
 /// Reply room per volume and per device in STATUS.
 const STATUS_BYTES_BASE: usize = 512;
-const STATUS_BYTES_PER_VOLUME: usize = 640;
+const STATUS_BYTES_PER_VOLUME: usize = 768;
+/// Farthest a lease deadline may lie ahead: a longer one is absurd input (a server leases
+/// for seconds to minutes), refused rather than letting a client write unfenced for long.
+const MAX_LEASE_AHEAD_NS: i64 = 3_600 * 1_000_000_000;
 const STATUS_BYTES_PER_DEVICE: usize = 320;
 
 /// The doit callback of every command (referenced from the shim's op table).
@@ -72,6 +77,9 @@ fn dispatch(request: &Request) -> Result {
         Command::Destroy => destroy(request, registry),
         Command::UpdateMap => update_map(request, registry),
         Command::SetDeviceState => set_device_state(request, registry),
+        Command::Quiesce => quiesce(request, registry),
+        Command::Resume => resume(request, registry),
+        Command::Renew => renew(request, registry),
         _ => Err(request.fail(
             eopnotsupp(),
             c_str!("command not supported by this module version"),
@@ -204,6 +212,23 @@ fn create(request: &Request, registry: &registry::Registry) -> Result {
         .map(|a| a.u32() != 0)
         .unwrap_or(false);
     let token = parse_token(request)?.ok_or(EINVAL)?;
+    let lease_deadline = parse_lease(request)?.ok_or(EINVAL)?;
+    let io_timeout_ms = match request.attr(Attr::IoTimeoutMs as u16) {
+        None => DEFAULT_IO_TIMEOUT_MS,
+        Some(attr) if (MIN_IO_TIMEOUT_MS..=MAX_IO_TIMEOUT_MS).contains(&attr.u32()) => attr.u32(),
+        Some(attr) => {
+            return Err(refuse(
+                request,
+                EINVAL,
+                fmt!(
+                    "IO_TIMEOUT_MS {} is outside {}..={}",
+                    attr.u32(),
+                    MIN_IO_TIMEOUT_MS,
+                    MAX_IO_TIMEOUT_MS
+                ),
+            ))
+        }
+    };
     let map = parse_map(request, volume_id, epoch)?;
     let servers = parse_servers(request)?;
     let devices_attr = request.attr(Attr::Devices as u16).ok_or(EINVAL)?;
@@ -263,6 +288,8 @@ fn create(request: &Request, registry: &registry::Registry) -> Result {
             devices,
             token,
             servers,
+            lease_deadline,
+            io_timeout_ms,
         },
         crate::block_major(),
         &Parts {
@@ -311,8 +338,10 @@ fn destroy(request: &Request, registry: &registry::Registry) -> Result {
     }
     let rest = registry::without(&volumes, position)?;
     *volumes = rest;
-    drop(volumes);
+    // The registry stays locked until the disk is gone: commands run in parallel (a QUIESCE
+    // may wait long), and a CREATE must not reuse the minor of a disk still being removed.
     volume.remove_disk();
+    drop(volumes);
     pr_info!(
         "detached volume id {} (sanblk{})\n",
         volume_id,
@@ -330,12 +359,19 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
     let map = parse_map(request, volume_id, epoch)?;
     let servers = parse_servers(request)?;
     let token = parse_token(request)?;
+    let lease = parse_lease(request)?;
     let current = volume.current_map();
     if epoch == current.epoch && (token.is_some() || servers.is_some()) && map.same_bytes(&current)
     {
         // Re-delivery of the current map after the agent reconnected to the server: only the
         // session token and the server addresses change.
         apply_server_settings(volume, token, servers);
+        let released = lease.and_then(|deadline| extend_lease(volume, deadline));
+        let volume = volume.clone();
+        drop(volumes);
+        if let Some(released) = released {
+            resubmit(&volume, released);
+        }
         pr_info!(
             "volume id {} keeps epoch {}; server path settings updated\n",
             volume_id,
@@ -413,8 +449,135 @@ fn update_map(request: &Request, registry: &registry::Registry) -> Result {
     map.slots = slots;
     volume.replace_map(map)?;
     apply_server_settings(volume, token, servers);
+    // The new epoch's lease; bios held for a lapsed lease go out with the new map (a
+    // quiesced volume keeps holding them until RESUME).
+    let released = lease.and_then(|deadline| extend_lease(volume, deadline));
+    let volume = volume.clone();
+    drop(volumes);
+    if let Some(released) = released {
+        resubmit(&volume, released);
+    }
     pr_info!("volume id {} now at epoch {}\n", volume_id, epoch);
     Ok(())
+}
+
+/// The optional LEASE_EXPIRES_NS (ktime ns): at most [`MAX_LEASE_AHEAD_NS`] from now. A
+/// deadline already past is taken (a renewal that arrived late) and changes nothing.
+fn parse_lease(request: &Request) -> Result<Option<i64>> {
+    let Some(attr) = request.attr(Attr::LeaseExpiresNs as u16) else {
+        return Ok(None);
+    };
+    let deadline = attr.u64();
+    let limit = now_ns().saturating_add(MAX_LEASE_AHEAD_NS);
+    if deadline > limit as u64 {
+        return Err(refuse(
+            request,
+            EINVAL,
+            fmt!(
+                "LEASE_EXPIRES_NS lies more than {} s ahead",
+                MAX_LEASE_AHEAD_NS / 1_000_000_000
+            ),
+        ));
+    }
+    Ok(Some(deadline as i64))
+}
+
+/// Extends the lease to `deadline`; the bios it held, if the volume is not held any more.
+fn extend_lease(volume: &Volume, deadline: i64) -> Option<Released> {
+    let now = now_ns();
+    volume.hold.renew(deadline, now);
+    volume.hold.release(&volume.inflight, now)
+}
+
+/// The volume `volume_id` with `epoch` as its current map epoch (`ESTALE` otherwise). The
+/// registry lock serialises this check with UPDATE_MAP.
+fn find_at_epoch(
+    request: &Request,
+    volumes: &[Arc<Volume>],
+    volume_id: u64,
+    epoch: u64,
+) -> Result<Arc<Volume>> {
+    let volume = volumes[find(request, volumes, volume_id)?].clone();
+    let current = volume.current_map().epoch;
+    if epoch != current {
+        return Err(refuse(
+            request,
+            estale(),
+            fmt!("epoch {} is not the current epoch {}", epoch, current),
+        ));
+    }
+    Ok(volume)
+}
+
+/// QUIESCE: hold new bios, then wait (without the registry lock: other volumes' commands go
+/// on; the family has parallel_ops, so other families are not held up either) until every
+/// bio mapped before has completed, bounded by the volume's I/O timeout.
+fn quiesce(request: &Request, registry: &registry::Registry) -> Result {
+    let volume_id = required_u64(request, Attr::VolumeId)?;
+    let epoch = required_u64(request, Attr::Epoch)?;
+    let volume = {
+        let volumes = registry.lock();
+        let volume = find_at_epoch(request, &volumes, volume_id, epoch)?;
+        volume.hold.quiesce();
+        volume
+    };
+    let timeout_ms = volume.hold.io_timeout_ms();
+    if !volume
+        .inflight
+        .wait_idle_timeout(msecs_to_jiffies(timeout_ms))
+    {
+        return Err(refuse(
+            request,
+            etimedout(),
+            fmt!(
+                "I/O still in flight after {} ms; the volume stays quiesced",
+                timeout_ms
+            ),
+        ));
+    }
+    pr_info!("volume id {} quiesced at epoch {}\n", volume_id, epoch);
+    Ok(())
+}
+
+/// Runs `act` on the volume of the request at its current epoch under the registry lock,
+/// then re-submits the bios it released (without the lock: submitting may wait for memory).
+fn release_at_epoch(
+    request: &Request,
+    registry: &registry::Registry,
+    act: impl FnOnce(&Volume) -> Result<Option<Released>>,
+) -> Result {
+    let volume_id = required_u64(request, Attr::VolumeId)?;
+    let epoch = required_u64(request, Attr::Epoch)?;
+    let (volume, released) = {
+        let volumes = registry.lock();
+        let volume = find_at_epoch(request, &volumes, volume_id, epoch)?;
+        let released = act(&volume)?;
+        (volume, released)
+    };
+    if let Some(released) = released {
+        resubmit(&volume, released);
+    }
+    Ok(())
+}
+
+/// RESUME: ends the quiesce hold and re-submits the held bios with the current map (unless
+/// the lease has lapsed: they wait for RENEW).
+fn resume(request: &Request, registry: &registry::Registry) -> Result {
+    release_at_epoch(request, registry, |volume| {
+        if !volume.hold.resume() {
+            return Err(request.fail(EINVAL, c_str!("volume is not quiesced")));
+        }
+        pr_info!("volume id {} resumed\n", volume.id);
+        Ok(volume.hold.release(&volume.inflight, now_ns()))
+    })
+}
+
+/// RENEW: extends the lease of the current epoch and releases what a lapse held.
+fn renew(request: &Request, registry: &registry::Registry) -> Result {
+    release_at_epoch(request, registry, |volume| {
+        let deadline = parse_lease(request)?.ok_or(EINVAL)?;
+        Ok(extend_lease(volume, deadline))
+    })
 }
 
 /// Installs a validated new server address list and session token (either optional).
@@ -506,6 +669,13 @@ fn put_volume(reply: &mut Reply<'_>, volume: &Volume) -> Result {
     )?;
     reply.put_u32(Attr::ServerState as u16, volume.server.state())?;
     reply.put_u64(Attr::RedirectedIos as u16, volume.server.redirected())?;
+    let now = now_ns();
+    let hold = &volume.hold;
+    reply.put_u32(Attr::HoldReason as u16, hold.reason(now))?;
+    reply.put_u64(Attr::HeldIos as u16, hold.held_ios())?;
+    reply.put_u64(Attr::LeaseRemainingMs as u16, hold.lease_remaining_ms(now))?;
+    reply.put_u64(Attr::TimedOutIos as u16, hold.timed_out_ios())?;
+    reply.put_u32(Attr::IoTimeoutMs as u16, hold.io_timeout_ms())?;
     let addrs = volume.server.addrs();
     if !addrs.is_empty() {
         let servers = reply.begin_nest(Attr::Servers as u16)?;

@@ -15,6 +15,8 @@ use crate::ffi::bio::{Bio, EndIo};
 use crate::ffi::blockdev::BlockDevice;
 use crate::ffi::consts::*;
 use crate::ffi::disk::{self, Operations, Vtable};
+use crate::ffi::time::now_ns;
+use crate::hold::{Held, Released};
 use crate::hook::{self, account_at_completion};
 use crate::piece::{self, PieceInfo, PieceRef};
 use crate::volume::{MapState, Volume, MAX_VOLUME_DEVICES};
@@ -29,7 +31,34 @@ impl Operations for SanblkDisk {
     type Data = Volume;
 
     fn submit_bio(volume: &Volume, bio: Bio) {
-        submit(volume, bio);
+        submit_unless_held(volume, bio);
+    }
+}
+
+/// The entry of every bio, first submission or release from the hold queue: parks it while
+/// the volume is quiesced or its lease has lapsed, maps and issues it otherwise.
+fn submit_unless_held(volume: &Volume, bio: Bio) {
+    // Counts this submission until its pieces hold their own references: QUIESCE, which
+    // waits for the count to drain, cannot miss a bio that saw the volume not held.
+    let _submitting = volume.inflight.get();
+    match volume.hold.try_hold(bio, now_ns()) {
+        Held::Go(bio) => submit(volume, bio),
+        Held::Parked(report_lapse) => {
+            if report_lapse {
+                // LEASE_LAPSED needs an allocation: the thread sends it.
+                volume.server.kick();
+            }
+        }
+    }
+}
+
+/// Re-submits bios released from the hold queue (process context: RESUME, RENEW), each
+/// through the normal entry, so each is mapped with the map current now (or parked again if
+/// the volume was held again meanwhile).
+pub(crate) fn resubmit(volume: &Volume, released: Released) {
+    let mut released = released;
+    while let Some(bio) = released.bios.pop() {
+        submit_unless_held(volume, bio);
     }
 }
 

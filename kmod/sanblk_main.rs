@@ -13,7 +13,8 @@
 //!    attributes, generic netlink and errnos, over the C helpers in `sanblk_shim.c`.
 //! 1. `device` (an opened SAN device) and `piece` (the context of a piece the server path may
 //!    re-issue, in front of every clone and in every hooked bio).
-//! 2. `hook` (hooked bios: completion diverted, block-layer statistics), `server::path` (the
+//! 2. `hold` (bios held while quiesced or the lease lapsed), `hook` (hooked bios: completion
+//!    diverted, block-layer statistics), `server::path` (the
 //!    server path's state in a volume) and `server::wire` (requests on the wire, replies).
 //! 3. `volume`: one attached volume (map, devices, disk, server path, in-flight I/O).
 //! 4. `remap` (the direct data path: `submit_bio` and completions), `health` (fail-back
@@ -46,6 +47,7 @@ mod device;
 mod ffi;
 mod genl;
 mod health;
+mod hold;
 mod hook;
 mod piece;
 mod registry;

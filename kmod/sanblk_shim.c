@@ -8,6 +8,7 @@
  */
 #include <linux/bio.h>
 #include <linux/rcupdate.h>
+#include <linux/wait.h>
 #include <net/genetlink.h>
 #include <net/sock.h>
 #include "sanblk_uapi.h"
@@ -30,6 +31,9 @@ static struct genl_family sanblk_family = {
 	.version = SANBLK_FAMILY_VERSION,
 	.maxattr = SANBLK_ATTR_MAX,
 	.policy = sanblk_policy,
+	/* Commands do their own locking (the registry lock): a QUIESCE that waits for I/O
+	 * must not hold genl_mutex, which every non-parallel family shares. */
+	.parallel_ops = true,
 	/* Strict validation (unknown attributes, trailing bytes) for every command. */
 	.resv_start_op = 1,
 	.module = THIS_MODULE,
@@ -63,6 +67,8 @@ int rust_helper_nla_nest_end(struct sk_buff *skb, struct nlattr *start) { return
 
 void rust_helper_bio_inc_remaining(struct bio *bio) { bio_inc_remaining(bio); }
 void rust_helper_bio_set_dev(struct bio *bio, struct block_device *bdev) { bio_set_dev(bio, bdev); }
+
+bool rust_helper_wq_has_sleeper(struct wait_queue_head *wq_head) { return wq_has_sleeper(wq_head); }
 
 void rust_helper_rcu_read_lock(void) { rcu_read_lock(); }
 void rust_helper_rcu_read_unlock(void) { rcu_read_unlock(); }

@@ -16,6 +16,7 @@ use crate::ffi::consts::{BLK_FEAT_FUA, BLK_FEAT_IO_STAT, BLK_FEAT_NOWAIT, BLK_FE
 use crate::ffi::disk::{GenDisk, GenDiskBuilder, Operations, Vtable};
 use crate::ffi::sync::{InFlight, OnceSlots, RcuArc};
 use crate::ffi::sysfs::AttributeGroups;
+use crate::hold::Hold;
 use crate::piece::FRONT_PAD;
 use crate::server::path::{ServerAddrs, ServerPath};
 
@@ -173,6 +174,9 @@ pub(crate) struct Volume {
     /// Bios sent to SAN devices, pieces on the server path and health probes not yet done.
     #[pin]
     pub(crate) inflight: InFlight,
+    /// Bios held while the volume is quiesced or its lease has lapsed.
+    #[pin]
+    pub(crate) hold: Hold,
     /// The volume's own pool of split and clone bios (stacked drivers must not share the
     /// filesystem pool, or they can deadlock under memory pressure), each with a server-path
     /// piece in front of it (so redirection never allocates).
@@ -199,6 +203,9 @@ pub(crate) struct NewVolume {
     pub(crate) devices: KVec<SanDevice>,
     pub(crate) token: SessionToken,
     pub(crate) servers: Option<ServerAddrs>,
+    /// When the lease lapses (ktime ns).
+    pub(crate) lease_deadline: i64,
+    pub(crate) io_timeout_ms: u32,
 }
 
 impl Volume {
@@ -230,6 +237,7 @@ impl Volume {
                 server <- ServerPath::new(new.servers),
                 counters: Counters::default(),
                 inflight <- InFlight::new(),
+                hold <- Hold::new(new.lease_deadline, new.io_timeout_ms),
                 bioset,
                 disk <- new_mutex!(None, "sanblk_volume_disk"),
             }),
@@ -325,6 +333,11 @@ impl Volume {
         };
         // No new bio reaches the volume, and submit_bio calls in progress have returned; what
         // they issued is waited for below, before the disk's reference to us goes.
+        // Held bios fail, and so do bios that would be held from now on: nothing may wait
+        // for a volume that goes away (del_gendisk below must not wait for a held bio
+        // either). Bios a RESUME or RENEW took before this are waited for below, as in-flight
+        // I/O.
+        self.hold.close();
         let deleted = disk.delete();
         // Pieces queued for an unreachable server fail now; connected ones complete, each
         // bounded by the server path's I/O timeout.

@@ -392,3 +392,80 @@ impl Drop for BioSet {
         unsafe { bindings::bioset_exit(self.as_ptr()) };
     }
 }
+
+/// A FIFO of bios linked through `bi_next` (the kernel's `bio_list`): bios a driver holds
+/// back, each with its completion owned by the list until it is popped. Not synchronised:
+/// the owner keeps it under a lock.
+pub(crate) struct BioList {
+    head: *mut bindings::bio,
+    tail: *mut bindings::bio,
+    len: usize,
+}
+
+// SAFETY: the list owns the completions of the bios on it, which may be given from any
+// thread (see `Bio`'s `Send`).
+unsafe impl Send for BioList {}
+
+impl BioList {
+    pub(crate) const fn new() -> Self {
+        BioList {
+            head: core::ptr::null_mut(),
+            tail: core::ptr::null_mut(),
+            len: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends `bio`; the list owns its completion until [`BioList::pop`].
+    pub(crate) fn push(&mut self, bio: Bio) {
+        // The handle is consumed here (it has no destructor): its completion passes to the
+        // list.
+        let raw = bio.raw();
+        // SAFETY: a live bio whose completion we own: nobody else links it while it is held
+        // (a bio submitted to us is on no list, as in dm's `bio_list_add`).
+        unsafe { (*raw).bi_next = core::ptr::null_mut() };
+        if self.tail.is_null() {
+            self.head = raw;
+        } else {
+            // SAFETY: the tail is a bio of this list, owned by it.
+            unsafe { (*self.tail).bi_next = raw };
+        }
+        self.tail = raw;
+        self.len += 1;
+    }
+
+    /// Takes the oldest bio, with its completion.
+    pub(crate) fn pop(&mut self) -> Option<Bio> {
+        let raw = NonNull::new(self.head)?;
+        // SAFETY: the head is a bio of this list; it is unlinked before it is handed out.
+        unsafe {
+            self.head = (*raw.as_ptr()).bi_next;
+            (*raw.as_ptr()).bi_next = core::ptr::null_mut();
+        }
+        if self.head.is_null() {
+            self.tail = core::ptr::null_mut();
+        }
+        self.len -= 1;
+        Some(Bio(raw))
+    }
+
+    /// Moves every bio of `other` to the end of this list.
+    pub(crate) fn append(&mut self, other: &mut BioList) {
+        while let Some(bio) = other.pop() {
+            self.push(bio);
+        }
+    }
+}
+
+impl Drop for BioList {
+    fn drop(&mut self) {
+        // Owners drain their lists; a bio left over is failed rather than leaked (its
+        // submitter would wait for it forever).
+        while let Some(bio) = self.pop() {
+            bio.end_with(super::consts::BLK_STS_IOERR);
+        }
+    }
+}

@@ -17,3 +17,11 @@ pub(crate) fn eopnotsupp() -> Error {
 pub(crate) fn emsgsize() -> Error {
     from_bindings(bindings::EMSGSIZE)
 }
+
+pub(crate) fn estale() -> Error {
+    from_bindings(bindings::ESTALE)
+}
+
+pub(crate) fn etimedout() -> Error {
+    from_bindings(bindings::ETIMEDOUT)
+}

@@ -88,6 +88,8 @@ extern "C" {
     pub(crate) fn rust_helper_bio_inc_remaining(bio: *mut c_void);
     pub(crate) fn rust_helper_bio_set_dev(bio: *mut c_void, bdev: *mut c_void);
 
+    pub(crate) fn rust_helper_wq_has_sleeper(wq_head: *mut bindings::wait_queue_head) -> bool;
+
     pub(crate) fn rust_helper_rcu_read_lock();
     pub(crate) fn rust_helper_rcu_read_unlock();
 

@@ -13,7 +13,9 @@ use kernel::str::CStr;
 use kernel::sync::{Arc, ArcBorrow};
 use kernel::types::Opaque;
 
-use super::helpers::{rust_helper_rcu_read_lock, rust_helper_rcu_read_unlock};
+use super::helpers::{
+    rust_helper_rcu_read_lock, rust_helper_rcu_read_unlock, rust_helper_wq_has_sleeper,
+};
 
 /// A lockdep class; each kind of lock (a wait queue of one role, a disk) has its own static.
 pub(crate) struct LockClass(Opaque<bindings::lock_class_key>);
@@ -89,6 +91,16 @@ impl WaitHead {
                 core::ptr::null_mut(),
             )
         };
+    }
+
+    /// [`WaitHead::wake_all`] only if someone waits: a full barrier orders the caller's
+    /// earlier store (the condition) before the check, pairing with the waiter's queueing
+    /// before it tests the condition, so the lock of an empty queue is not taken.
+    pub(crate) fn wake_all_if_waiting(&self) {
+        // SAFETY: an initialised head (type invariant); wq_has_sleeper only reads it.
+        if unsafe { rust_helper_wq_has_sleeper(self.as_ptr()) } {
+            self.wake_all();
+        }
     }
 }
 
@@ -190,6 +202,14 @@ impl InFlight {
         InFlightRef(NonNull::from(self))
     }
 
+    /// Waits up to `timeout` jiffies until nothing is in flight (process context, no locks
+    /// held; the caller keeps the owner alive); returns whether it got there.
+    pub(crate) fn wait_idle_timeout(&self, timeout: c_long) -> bool {
+        wait_until(&[&self.idle], TASK_IDLE, Some(timeout), || {
+            self.count.load(Ordering::SeqCst) == 0
+        })
+    }
+
     /// Waits until nothing is in flight (process context, no locks held).
     pub(crate) fn wait_idle(&self) {
         wait_until(&[&self.idle], TASK_IDLE, None, || {
@@ -226,7 +246,9 @@ impl Drop for InFlightRef {
         // owner's teardown (`wait_idle`, which also waits for this read section).
         let inflight = unsafe { self.0.as_ref() };
         if inflight.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            inflight.idle.wake_all();
+            // Every submission takes and drops a reference (see `remap::submit_unless_held`):
+            // an idle volume must not take the wait queue's lock for each.
+            inflight.idle.wake_all_if_waiting();
         }
     }
 }

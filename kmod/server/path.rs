@@ -170,6 +170,11 @@ impl ServerPath {
         self.thread.wake();
     }
 
+    /// Wakes the thread for the volume's upkeep (a lease lapse to report); any context.
+    pub(crate) fn kick(&self) {
+        self.thread.wake();
+    }
+
     /// Queues `piece` for the thread; callable from any context (hard-IRQ included). Callers
     /// hold an in-flight reference of the volume around it, which keeps the path alive.
     pub(crate) fn queue(&self, piece: PieceRef) {

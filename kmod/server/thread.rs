@@ -27,7 +27,9 @@
 //! drops the connection once the requests on the wire are answered and authenticates again with it; pieces still
 //! queued go out on the new connection.
 //!
-//! The thread also drives fail-back probes of failed devices (`health.rs`).
+//! The thread also drives fail-back probes of failed devices (`health.rs`), reports lease
+//! lapses and fails held bios that waited longer than the I/O timeout (`hold.rs`): it sleeps
+//! at most until the next of those is due.
 //!
 //! Failure policy (the I/O never hangs forever):
 //! - the server refuses the session token (HELLO status != 0): state `Refused`, every queued
@@ -36,6 +38,8 @@
 //! - a reply with an error status fails the piece, except -ESTALE (the server has a newer
 //!   epoch): the piece is re-sent with the volume's current epoch, after a short pause while
 //!   the new map has not arrived yet (bounded, see [`STALE_RETRIES`]);
+//! - the lease has lapsed: no new piece is sent (those on the wire finish); queued pieces wait
+//!   for RENEW and fail once the lapse has lasted longer than the volume's I/O timeout;
 //! - teardown (`Volume::remove_disk`) sets `closing`: while disconnected, queued pieces fail
 //!   at once; while connected they complete, each bounded by [`IO_TIMEOUT_MS`].
 
@@ -67,6 +71,8 @@ const BACKOFF_MAX_MS: u32 = 5_000;
 const STALE_RETRIES: u8 = 200;
 /// Pause before re-sending pieces refused with -ESTALE while the map is still the old one.
 const STALE_PAUSE_MS: u32 = 100;
+/// How often queued pieces look for a renewed lease while it has lapsed.
+const LAPSED_PAUSE_MS: u32 = 100;
 /// How often a busy stream reports newly failed devices and drives fail-back probes.
 const UPKEEP_INTERVAL_NS: i64 = 100_000_000;
 /// Payload bytes on the wire at once (bounds what the server buffers for this client; room for
@@ -172,6 +178,8 @@ pub(crate) fn serve(volume: &Volume) {
     let mut down_since: Option<i64> = None;
     let mut handle = 0u64;
     let mut seen_token = path.token_generation();
+    // Since when queued pieces wait for a lapsed lease to be renewed.
+    let mut lapsed_since: Option<i64> = None;
     loop {
         let generation = path.token_generation();
         if generation != seen_token {
@@ -191,6 +199,8 @@ pub(crate) fn serve(volume: &Volume) {
         if !path.closing.load(Ordering::Acquire) {
             health::tick(volume);
         }
+        // Lease lapse reports and held-I/O timeouts; bounds the idle sleep below.
+        let sleep_ms = volume.hold.tick(volume.id, now_ns());
         take_pending(path, &mut queue);
         if should_stop() {
             fail_all(volume, &mut queue);
@@ -201,12 +211,29 @@ pub(crate) fn serve(volume: &Volume) {
             wait_until(
                 &[&path.wakeup],
                 TASK_INTERRUPTIBLE,
-                Some(msecs_to_jiffies(1000)),
-                || !path.pending.is_empty() || should_stop(),
+                Some(msecs_to_jiffies(sleep_ms as u32)),
+                || !path.pending.is_empty() || should_stop() || volume.hold.kicked(),
             );
             continue;
         }
         report_failed_devices(volume);
+        let now = now_ns();
+        if volume.hold.lease_lapsed(now) {
+            // No new piece goes to the server on a lapsed lease (the server would take the
+            // current epoch): they wait for RENEW, as held bios do, and fail once the lapse
+            // has lasted longer than the volume's I/O timeout.
+            // On teardown they fail at once.
+            let since = *lapsed_since.get_or_insert(now);
+            if path.closing.load(Ordering::Acquire)
+                || now - since > i64::from(volume.hold.io_timeout_ms()) * 1_000_000
+            {
+                fail_all(volume, &mut queue);
+            } else {
+                pause(LAPSED_PAUSE_MS, path, seen_token);
+            }
+            continue;
+        }
+        lapsed_since = None;
         let Some(active) = conn.as_ref() else {
             let closing = path.closing.load(Ordering::Acquire);
             let since = *down_since.get_or_insert_with(now_ns);
@@ -325,8 +352,12 @@ fn stream(
             if !path.closing.load(Ordering::Acquire) {
                 health::tick(volume);
             }
+            volume.hold.tick(volume.id, last_upkeep);
         }
-        let draining = stale_wait || should_stop() || path.token_generation() != seen_token;
+        let draining = stale_wait
+            || should_stop()
+            || path.token_generation() != seen_token
+            || volume.hold.lease_lapsed(now_ns());
         while !draining && !queue.is_empty() {
             let Some((offset, len)) = queue
                 .front()

@@ -32,6 +32,7 @@ pub mod error;
 pub mod fio;
 pub mod marker;
 pub mod paths;
+pub mod probe;
 pub mod server;
 pub mod splat;
 pub mod vm;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use sanblk_tests::{module_path, run, target_bin, VmConfig};
+use sanblk_tests::{module_path, probe, run, target_bin, VmConfig};
 
 fn key_values(text: &str) -> HashMap<String, String> {
     text.lines()
@@ -35,8 +35,8 @@ if {probe} status 2> after.txt; then echo "family still answers" >&2; exit 4; fi
 
     let status = key_values(&outcome.read_out_file("status.txt").expect("status.txt"));
     assert_eq!(
-        status.get("protocol_version").map(String::as_str),
-        Some("1")
+        status.get("protocol_version"),
+        Some(&sanblk_uapi::netlink::PROTOCOL_VERSION.to_string())
     );
     assert_eq!(
         status.get("module_version").map(String::as_str),
@@ -93,25 +93,8 @@ rmmod sanblk
     outcome.assert_clean_success();
 
     let hostile = outcome.read_out_file("hostile.txt").expect("hostile.txt");
-    let cases: HashMap<String, String> = hostile
-        .lines()
-        .filter_map(|l| l.strip_prefix("case="))
-        .filter_map(|l| l.split_once(' '))
-        .map(|(name, rest)| (name.to_string(), rest.to_string()))
-        .collect();
-    let errno_of = |case: &str| -> i32 {
-        let rest = cases
-            .get(case)
-            .unwrap_or_else(|| panic!("case {case} missing in {hostile}"));
-        assert!(
-            !rest.starts_with("accepted"),
-            "{case} was accepted: {hostile}"
-        );
-        rest.strip_prefix("errno=")
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no errno for {case}: {rest}"))
-    };
+    let cases = probe::cases(&hostile);
+    let errno_of = |case: &str| probe::errno_of(&cases, case, &hostile);
     const EINVAL: i32 = 22;
     const ERANGE: i32 = 34;
     const EOPNOTSUPP: i32 = 95;

@@ -11,7 +11,7 @@ pub const FAMILY_VERSION: u8 = 1;
 /// Multicast group on which the module reports events (path failures, lease lapses, ...).
 pub const EVENTS_GROUP: &str = "events";
 /// Protocol version reported by STATUS in [`Attr::ProtocolVersion`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Commands of the family. Values are part of the ABI: never renumber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,9 +24,16 @@ pub enum Command {
     /// identical map is accepted too when one of them is present, to deliver only those (the
     /// agent reconnected to the server).
     UpdateMap = 2,
-    /// Hold new I/O and drain in-flight I/O before a configuration change.
+    /// Hold new I/O and drain in-flight I/O before a configuration change: [`Attr::Epoch`]
+    /// must be the volume's current epoch (`ESTALE` otherwise). New bios are held (never
+    /// failed); the reply comes once every bio mapped before it has completed (direct and
+    /// server path), or `ETIMEDOUT` after the volume's I/O timeout (the volume stays
+    /// quiesced). Repeating it for the same epoch is accepted (an agent retrying).
     Quiesce = 3,
-    /// Release held I/O after a configuration change.
+    /// Release I/O held by [`Command::Quiesce`]: [`Attr::Epoch`] must be the volume's current
+    /// epoch (the map installed while quiesced, or the same one to roll a change back;
+    /// `ESTALE` otherwise), and the volume must be quiesced (`EINVAL` otherwise). Held bios are
+    /// mapped with that epoch.
     Resume = 4,
     /// Detach a volume.
     Destroy = 5,
@@ -38,11 +45,15 @@ pub enum Command {
     Event = 8,
     /// Set the path state of one SAN device of a volume (fail-back after PATH_HEALED).
     SetDeviceState = 9,
+    /// The server renewed the lease of the volume's current epoch ([`Attr::Epoch`], `ESTALE`
+    /// for another) until [`Attr::LeaseExpiresNs`]. I/O held because the lease lapsed is
+    /// released (unless the volume is quiesced).
+    Renew = 10,
 }
 
 impl Command {
     /// Every command, in numeric order.
-    pub const ALL: [Command; 9] = [
+    pub const ALL: [Command; 10] = [
         Command::Create,
         Command::UpdateMap,
         Command::Quiesce,
@@ -52,6 +63,7 @@ impl Command {
         Command::Snapshot,
         Command::Event,
         Command::SetDeviceState,
+        Command::Renew,
     ];
 
     /// Decodes a command number; `None` for anything the family does not define.
@@ -71,6 +83,7 @@ impl Command {
             Command::Snapshot => "SNAPSHOT",
             Command::Event => "EVENT",
             Command::SetDeviceState => "SET_DEVICE_STATE",
+            Command::Renew => "RENEW",
         }
     }
 
@@ -95,12 +108,14 @@ impl Command {
                 Attr::Map,
                 Attr::Devices,
                 Attr::Token,
+                Attr::LeaseExpiresNs,
             ],
             Command::UpdateMap => &[Attr::VolumeId, Attr::Epoch, Attr::Map],
             Command::Quiesce | Command::Resume => &[Attr::VolumeId, Attr::Epoch],
             Command::Destroy => &[Attr::VolumeId],
             Command::Snapshot => &[Attr::VolumeId, Attr::Epoch, Attr::Map],
             Command::SetDeviceState => &[Attr::VolumeId, Attr::DevicePath, Attr::DeviceState],
+            Command::Renew => &[Attr::VolumeId, Attr::Epoch, Attr::LeaseExpiresNs],
             Command::Status | Command::Event => &[],
         }
     }
@@ -184,7 +199,38 @@ pub enum Attr {
     ServerState = 27,
     /// Pieces of I/O completed over the server path (STATUS).
     RedirectedIos = 28,
+    /// CLOCK_MONOTONIC time, in nanoseconds, at which the lease lapses (CREATE, RENEW, and
+    /// optional in UPDATE_MAP). The agent sends the time its renewal request was sent plus
+    /// the lease, so the client's lease always ends before the server's.
+    LeaseExpiresNs = 29,
+    /// Bound on held I/O, in milliseconds (CREATE, optional, [`DEFAULT_IO_TIMEOUT_MS`],
+    /// [`MIN_IO_TIMEOUT_MS`]..=[`MAX_IO_TIMEOUT_MS`]): a bio held longer fails with an I/O
+    /// error, so no I/O waits forever. Also reported by STATUS.
+    IoTimeoutMs = 30,
+    /// Why new I/O is held ([`hold_reason`] bits, STATUS; 0 when I/O flows).
+    HoldReason = 31,
+    /// Bios held now (STATUS).
+    HeldIos = 32,
+    /// Milliseconds until the lease lapses, 0 once it has (STATUS).
+    LeaseRemainingMs = 33,
+    /// Held bios failed because they waited longer than the I/O timeout (STATUS).
+    TimedOutIos = 34,
 }
+
+/// Bits of [`Attr::HoldReason`].
+pub mod hold_reason {
+    /// A configuration change quiesced the volume.
+    pub const QUIESCED: u32 = 1;
+    /// The lease lapsed without renewal.
+    pub const LEASE_LAPSED: u32 = 2;
+}
+
+/// Default bound on held I/O ([`Attr::IoTimeoutMs`]).
+pub const DEFAULT_IO_TIMEOUT_MS: u32 = 60_000;
+/// Smallest accepted [`Attr::IoTimeoutMs`].
+pub const MIN_IO_TIMEOUT_MS: u32 = 1_000;
+/// Largest accepted [`Attr::IoTimeoutMs`] (one hour).
+pub const MAX_IO_TIMEOUT_MS: u32 = 3_600_000;
 
 /// Kinds of EVENT notifications ([`Attr::EventKind`]) multicast on [`EVENTS_GROUP`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,6 +244,9 @@ pub enum EventKind {
     /// ([`Command::SetDeviceState`]) once the server agrees. Repeated at most every
     /// few seconds while the device stays failed and in the map.
     PathHealed = 2,
+    /// The lease of [`Attr::VolumeId`] lapsed without renewal: new I/O is held until a
+    /// RENEW (or fails after the I/O timeout). Sent once per lapse.
+    LeaseLapsed = 3,
 }
 
 /// Most server I/O addresses one volume accepts in [`Attr::Servers`].
@@ -315,7 +364,7 @@ pub const MAX_PATH_BYTES: u16 = 255;
 pub const MAX_VOLUME_NAME_BYTES: u16 = 63;
 
 /// The attribute table: numbers, names and policy.
-pub const ATTRIBUTES: [AttrSpec; 28] = [
+pub const ATTRIBUTES: [AttrSpec; 34] = [
     AttrSpec {
         attr: Attr::ProtocolVersion,
         name: "PROTOCOL_VERSION",
@@ -462,10 +511,40 @@ pub const ATTRIBUTES: [AttrSpec; 28] = [
         name: "REDIRECTED_IOS",
         kind: AttrKind::U64,
     },
+    AttrSpec {
+        attr: Attr::LeaseExpiresNs,
+        name: "LEASE_EXPIRES_NS",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::IoTimeoutMs,
+        name: "IO_TIMEOUT_MS",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::HoldReason,
+        name: "HOLD_REASON",
+        kind: AttrKind::U32,
+    },
+    AttrSpec {
+        attr: Attr::HeldIos,
+        name: "HELD_IOS",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::LeaseRemainingMs,
+        name: "LEASE_REMAINING_MS",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::TimedOutIos,
+        name: "TIMED_OUT_IOS",
+        kind: AttrKind::U64,
+    },
 ];
 
 /// Highest attribute number (`maxattr` of the family).
-pub const ATTR_MAX: u16 = Attr::RedirectedIos as u16;
+pub const ATTR_MAX: u16 = Attr::TimedOutIos as u16;
 
 impl Attr {
     /// Decodes an attribute number; `None` for numbers the family does not define.

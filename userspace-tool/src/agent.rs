@@ -25,7 +25,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use uuid::Uuid;
 
 use crate::context::{CliError, Context};
-use crate::kernel_link::{listen_events, CreateRequest, KernelLink};
+use crate::kernel_link::{
+    lease_deadline_ns, listen_events, monotonic_now_ns, CreateRequest, KernelLink,
+};
 use crate::map_encoding::{
     encode, missing_device_reason, scan_devices, scan_paths, unreadable_devices, EncodeError,
     LocalDevice,
@@ -113,11 +115,15 @@ impl RunFiles {
     }
 }
 
+/// A fresh attachment and the CLOCK_MONOTONIC time its request was sent, from which its
+/// map's lease runs.
+type Attached = (AgentClient, Attachment, u64);
+
 async fn connect_and_attach(
     args: &AttachArgs,
     secret: &[u8],
     mode: AccessMode,
-) -> Result<(AgentClient, Attachment), CliError> {
+) -> Result<Attached, CliError> {
     let mut client = AgentClient::connect(args.server.as_str(), &args.client, secret)
         .await
         .map_err(|e| match e {
@@ -134,16 +140,17 @@ async fn connect_and_attach(
                 args.server
             )),
         })?;
+    let sent = monotonic_now_ns();
     let attachment = client
         .attach(&args.volume, mode)
         .await
         .map_err(|e| CliError::Refused(format!("attach {}: {e}", args.volume)))?;
-    Ok((client, attachment))
+    Ok((client, attachment, sent))
 }
 
 /// One reconnection attempt after its backoff delay, owning what it needs so that it can sit
 /// in the agent's `select!` next to the shutdown signals.
-type Reconnect = Pin<Box<dyn Future<Output = Result<(AgentClient, Attachment), CliError>>>>;
+type Reconnect = Pin<Box<dyn Future<Output = Result<Attached, CliError>>>>;
 
 fn reconnect_after(
     delay: Duration,
@@ -167,9 +174,7 @@ async fn next_push(client: &mut Option<AgentClient>) -> Result<Push, ClientError
 }
 
 /// The running reconnection attempt's outcome; never ready while connected.
-async fn reconnected(
-    attempt: &mut Option<Reconnect>,
-) -> Result<(AgentClient, Attachment), CliError> {
+async fn reconnected(attempt: &mut Option<Reconnect>) -> Result<Attached, CliError> {
     match attempt {
         Some(attempt) => attempt.await,
         None => std::future::pending().await,
@@ -227,7 +232,8 @@ fn io_servers(args: &AttachArgs, reported: Option<&str>) -> Vec<String> {
 /// Hands `map` to the kernel with the current session token and server addresses (the
 /// kernel also takes the epoch it already has, to get only a new token after a reconnect).
 /// Devices are found by label; `known` remembers every device seen, since a failed device's
-/// label may be unreadable while the kernel still has it open.
+/// label may be unreadable while the kernel still has it open. A map that answers a request
+/// sent at `lease_from_ns` renews the lease from then.
 fn install_update(
     kernel: &KernelLink,
     map: &VolumeMap,
@@ -235,6 +241,7 @@ fn install_update(
     servers: &[String],
     token: &[u8],
     known: &mut HashMap<Uuid, LocalDevice>,
+    lease_from_ns: Option<u64>,
 ) -> Result<(), CliError> {
     known.extend(local_devices(args));
     let encoded = encode(map, known).map_err(|e| local(encode_failure(args, e)))?;
@@ -246,6 +253,7 @@ fn install_update(
             &encoded.device_paths,
             servers,
             Some(token),
+            lease_from_ns.map(|sent| lease_deadline_ns(sent, map.lease_ms)),
         )
         .map_err(local)
 }
@@ -258,7 +266,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
         AccessMode::Rw
     };
     let kernel = KernelLink::open().map_err(local)?;
-    let (mut client, attachment) = connect_and_attach(&args, &secret, mode).await?;
+    let (mut client, attachment, attach_sent) = connect_and_attach(&args, &secret, mode).await?;
     let map = attachment.map;
     let volume_id = map.volume_id;
     let mut servers = io_servers(&args, attachment.io_address.as_deref());
@@ -290,6 +298,8 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
         token: &token,
         read_only: args.ro,
         servers: &servers,
+        lease_expires_ns: lease_deadline_ns(attach_sent, map.lease_ms),
+        io_timeout_ms: None,
     }) {
         Ok(index) => index,
         Err(error) => {
@@ -363,7 +373,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                 }
                 Ok(Push::RecoveryStatus(_)) => {}
                 Ok(Push::MapUpdate(map)) if map.volume_id == volume_id && map.epoch > epoch => {
-                    match install_update(&kernel, &map, &args, &servers, &token, &mut known_devices) {
+                    match install_update(&kernel, &map, &args, &servers, &token, &mut known_devices, None) {
                         Ok(()) => {
                             epoch = map.epoch;
                             println!("volume {} now at epoch {epoch} ({} bytes)", args.volume, map.size_bytes);
@@ -384,7 +394,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                 }
             },
             attempt = reconnected(&mut reconnect) => match attempt {
-                Ok((fresh, attachment)) => {
+                Ok((fresh, attachment, sent)) => {
                     reconnect = None;
                     client = Some(fresh);
                     backoff = Duration::from_secs(1);
@@ -396,7 +406,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                     // it, also when the epoch did not change.
                     token = hex_bytes(&attachment.session_token);
                     if attachment.map.epoch >= epoch {
-                        if let Err(e) = install_update(&kernel, &attachment.map, &args, &servers, &token, &mut known_devices) {
+                        if let Err(e) = install_update(&kernel, &attachment.map, &args, &servers, &token, &mut known_devices, Some(sent)) {
                             eprintln!("sanctl attach: kernel refused epoch {}: {e}", attachment.map.epoch);
                         } else {
                             epoch = attachment.map.epoch;
@@ -406,14 +416,22 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                 }
                 Err(e) => {
                     eprintln!("sanctl attach: reconnect failed: {e}");
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    // Never longer than a third of the lease: a server back within the lease
+                    // must see the renewal before the kernel holds I/O.
+                    backoff = (backoff * 2).min(MAX_BACKOFF).min(lease / 3);
                     reconnect = Some(reconnect_after(backoff, &args, &secret, mode));
                 }
             },
             _ = renew.tick(), if client.is_some() => {
                 if let Some(client) = client.as_mut() {
-                    if let Err(e) = client.renew(volume_id).await {
-                        eprintln!("sanctl attach: lease renewal failed: {e}");
+                    let sent = monotonic_now_ns();
+                    match client.renew(volume_id).await {
+                        Ok(lease_ms) => {
+                            if let Err(e) = kernel.renew(volume_id, epoch, lease_deadline_ns(sent, lease_ms)) {
+                                eprintln!("sanctl attach: kernel refused the lease renewal of epoch {epoch}: {e}");
+                            }
+                        }
+                        Err(e) => eprintln!("sanctl attach: lease renewal failed: {e}"),
                     }
                 }
             }

@@ -1,5 +1,6 @@
-//! The agent's side of the `sanblk` generic-netlink family: CREATE, UPDATE_MAP, DESTROY and
-//! STATUS requests to the kernel module, with the kernel's extack message on refusal.
+//! The agent's side of the `sanblk` generic-netlink family: CREATE, UPDATE_MAP, RENEW,
+//! QUIESCE, RESUME, DESTROY and STATUS requests to the kernel module, with the kernel's
+//! extack message on refusal.
 
 use neli::{
     consts::{nl::NlmF, socket::NlFamily},
@@ -11,7 +12,7 @@ use neli::{
     utils::Groups,
 };
 use sanblk_uapi::netlink::{
-    Attr, Command, DeviceState, ServerPathState, FAMILY_NAME, FAMILY_VERSION,
+    hold_reason, Attr, Command, DeviceState, ServerPathState, FAMILY_NAME, FAMILY_VERSION,
 };
 use serde::Serialize;
 
@@ -61,6 +62,30 @@ pub struct CreateRequest<'a> {
     pub read_only: bool,
     /// Server I/O addresses (`a.b.c.d:port`) for the kernel's server path; may be empty.
     pub servers: &'a [String],
+    /// CLOCK_MONOTONIC time (ns) at which the map's lease lapses ([`lease_deadline_ns`]).
+    pub lease_expires_ns: u64,
+    /// Bound on held I/O; `None` for the module's default.
+    pub io_timeout_ms: Option<u32>,
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of the kernel's `ktime_get()`, so a lease
+/// deadline computed here means the same instant to the module.
+pub fn monotonic_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the valid, local `now`; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
+}
+
+/// The lease deadline for a grant of `lease_ms` asked for at `sent_ns` (the time the request
+/// left, not the time the answer came: the client's lease must end before the server's).
+pub fn lease_deadline_ns(sent_ns: u64, lease_ms: u64) -> u64 {
+    sent_ns.saturating_add(lease_ms.saturating_mul(1_000_000))
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -89,6 +114,17 @@ pub struct KernelVolume {
     pub servers: Vec<String>,
     /// Pieces of I/O completed over the server path.
     pub redirected_ios: u64,
+    /// Why new I/O is held: "quiesced" (a configuration change), "lease-lapsed"; empty when
+    /// I/O flows.
+    pub hold_reason: Vec<String>,
+    /// Bios held now.
+    pub held_ios: u64,
+    /// Milliseconds until the lease lapses (0: lapsed).
+    pub lease_remaining_ms: u64,
+    /// Bound on held I/O.
+    pub io_timeout_ms: u32,
+    /// Held bios failed after waiting longer than the I/O timeout.
+    pub timed_out_ios: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -422,8 +458,20 @@ impl KernelLink {
                 false,
                 (request.read_only as u32).to_ne_bytes().to_vec(),
             ),
+            (
+                Attr::LeaseExpiresNs as u16,
+                false,
+                request.lease_expires_ns.to_ne_bytes().to_vec(),
+            ),
         ];
         let mut attrs = attrs;
+        if let Some(io_timeout_ms) = request.io_timeout_ms {
+            attrs.push((
+                Attr::IoTimeoutMs as u16,
+                false,
+                io_timeout_ms.to_ne_bytes().to_vec(),
+            ));
+        }
         if !request.servers.is_empty() {
             attrs.push((
                 Attr::Servers as u16,
@@ -442,7 +490,8 @@ impl KernelLink {
     /// Installs a newer epoch; `device_paths` covers the new map's whole device table, so the
     /// kernel can open devices the volume did not use before. With `token`, the server path
     /// re-authenticates with it; the current epoch and map may be re-sent to deliver only a
-    /// new token and server list.
+    /// new token and server list. With `lease_expires_ns`, the new map's lease is renewed too.
+    #[allow(clippy::too_many_arguments)]
     pub fn update_map(
         &self,
         volume_id: u64,
@@ -451,6 +500,7 @@ impl KernelLink {
         device_paths: &[String],
         servers: &[String],
         token: Option<&[u8]>,
+        lease_expires_ns: Option<u64>,
     ) -> Result<(), KernelError> {
         let mut attrs = vec![
             (
@@ -476,8 +526,71 @@ impl KernelLink {
         if let Some(token) = token {
             attrs.push((Attr::Token as u16, false, token.to_vec()));
         }
+        if let Some(expires) = lease_expires_ns {
+            attrs.push((
+                Attr::LeaseExpiresNs as u16,
+                false,
+                expires.to_ne_bytes().to_vec(),
+            ));
+        }
         CommandSocket::open()?
             .request(self.family, Command::UpdateMap, &attrs)
+            .map(|_| ())
+    }
+
+    /// Extends the lease of `epoch` (the volume's current one) to `lease_expires_ns`;
+    /// I/O held because the lease lapsed flows again.
+    pub fn renew(
+        &self,
+        volume_id: u64,
+        epoch: u64,
+        lease_expires_ns: u64,
+    ) -> Result<(), KernelError> {
+        let attrs = vec![
+            (
+                Attr::VolumeId as u16,
+                false,
+                volume_id.to_ne_bytes().to_vec(),
+            ),
+            (Attr::Epoch as u16, false, epoch.to_ne_bytes().to_vec()),
+            (
+                Attr::LeaseExpiresNs as u16,
+                false,
+                lease_expires_ns.to_ne_bytes().to_vec(),
+            ),
+        ];
+        CommandSocket::open()?
+            .request(self.family, Command::Renew, &attrs)
+            .map(|_| ())
+    }
+
+    /// Holds new I/O of the volume at `epoch` (its current one) and returns once the I/O
+    /// already issued has completed (the kernel answers ETIMEDOUT after its I/O timeout).
+    pub fn quiesce(&self, volume_id: u64, epoch: u64) -> Result<(), KernelError> {
+        self.volume_epoch_command(Command::Quiesce, volume_id, epoch)
+    }
+
+    /// Releases I/O held by [`KernelLink::quiesce`]; `epoch` is the volume's current one.
+    pub fn resume(&self, volume_id: u64, epoch: u64) -> Result<(), KernelError> {
+        self.volume_epoch_command(Command::Resume, volume_id, epoch)
+    }
+
+    fn volume_epoch_command(
+        &self,
+        command: Command,
+        volume_id: u64,
+        epoch: u64,
+    ) -> Result<(), KernelError> {
+        let attrs = vec![
+            (
+                Attr::VolumeId as u16,
+                false,
+                volume_id.to_ne_bytes().to_vec(),
+            ),
+            (Attr::Epoch as u16, false, epoch.to_ne_bytes().to_vec()),
+        ];
+        CommandSocket::open()?
+            .request(self.family, command, &attrs)
             .map(|_| ())
     }
 
@@ -556,6 +669,11 @@ fn parse_volume(nest: &Nlattr<u16, Buffer>) -> Result<KernelVolume, KernelError>
         server_path: ServerPathState::None.name().to_string(),
         servers: Vec::new(),
         redirected_ios: 0,
+        hold_reason: Vec::new(),
+        held_ios: 0,
+        lease_remaining_ms: 0,
+        io_timeout_ms: 0,
+        timed_out_ios: 0,
     };
     for attr in handle.iter() {
         match Attr::from_u16(u16::from(attr.nla_type()) & 0x3fff) {
@@ -577,6 +695,11 @@ fn parse_volume(nest: &Nlattr<u16, Buffer>) -> Result<KernelVolume, KernelError>
                     .to_string()
             }
             Some(Attr::RedirectedIos) => volume.redirected_ios = u64_of(attr),
+            Some(Attr::HoldReason) => volume.hold_reason = hold_reasons(u32_of(attr)),
+            Some(Attr::HeldIos) => volume.held_ios = u64_of(attr),
+            Some(Attr::LeaseRemainingMs) => volume.lease_remaining_ms = u64_of(attr),
+            Some(Attr::IoTimeoutMs) => volume.io_timeout_ms = u32_of(attr),
+            Some(Attr::TimedOutIos) => volume.timed_out_ios = u64_of(attr),
             Some(Attr::Servers) => {
                 let inner = attr
                     .get_attr_handle::<u16>()
@@ -616,6 +739,25 @@ fn parse_volume(nest: &Nlattr<u16, Buffer>) -> Result<KernelVolume, KernelError>
         }
     }
     Ok(volume)
+}
+
+/// The names of the bits of [`Attr::HoldReason`] (unknown bits by number).
+fn hold_reasons(bits: u32) -> Vec<String> {
+    let mut reasons = Vec::new();
+    let mut rest = bits;
+    for (bit, name) in [
+        (hold_reason::QUIESCED, "quiesced"),
+        (hold_reason::LEASE_LAPSED, "lease-lapsed"),
+    ] {
+        if rest & bit != 0 {
+            reasons.push(name.to_string());
+            rest &= !bit;
+        }
+    }
+    if rest != 0 {
+        reasons.push(format!("0x{rest:x}"));
+    }
+    reasons
 }
 
 /// A notification the module multicasts on the `events` group.
@@ -689,5 +831,20 @@ mod tests {
         );
         assert!(!refused.contains("no reason given"), "{refused}");
         assert_eq!(unexplained_refusal(libc::EINVAL), "no reason given");
+    }
+
+    #[test]
+    fn hold_reasons_are_named_and_unknown_bits_kept() {
+        assert!(hold_reasons(0).is_empty());
+        assert_eq!(hold_reasons(3), vec!["quiesced", "lease-lapsed"]);
+        assert_eq!(hold_reasons(2 | 8), vec!["lease-lapsed", "0x8"]);
+    }
+
+    #[test]
+    fn the_lease_runs_from_the_request_not_the_answer() {
+        let sent = monotonic_now_ns();
+        assert!(monotonic_now_ns() >= sent);
+        assert_eq!(lease_deadline_ns(sent, 6_000), sent + 6_000_000_000);
+        assert_eq!(lease_deadline_ns(u64::MAX - 1, 6_000), u64::MAX);
     }
 }

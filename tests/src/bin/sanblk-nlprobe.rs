@@ -10,6 +10,11 @@
 //! knows the same recipe and checks where each block landed in the image files.
 //! `sanblk-nlprobe update ...` (same arguments) sends UPDATE_MAP; `destroy ID` detaches.
 //! `sanblk-nlprobe hostile-maps DEV DEV` sends CREATE/UPDATE_MAP requests with hostile maps.
+//! CREATE carries a lease of `SANBLK_LEASE_MS` (default 30 minutes) from now and, if set,
+//! `SANBLK_IO_TIMEOUT_MS`. `quiesce|resume ID EPOCH` and `renew ID EPOCH MS` (a lease of MS
+//! milliseconds from now, negative for one already past) send those commands; `volumes`
+//! prints one `volume key=value ...` line per attached volume; `hostile-lease DEV...` sends
+//! hostile QUIESCE, RESUME, RENEW and CREATE requests against a volume it attaches.
 
 use std::process::ExitCode;
 
@@ -26,6 +31,8 @@ use sanblk_uapi::map::{self, Device, Extent, ExtentKind, MapHeader, Member, MAX_
 use sanblk_uapi::netlink::{Attr, Command, EVENTS_GROUP, FAMILY_NAME, FAMILY_VERSION};
 
 const MIB: u64 = 1 << 20;
+/// Default lease of the volumes this probe attaches.
+const DEFAULT_LEASE_MS: i64 = 30 * 60 * 1000;
 const NLA_F_NESTED: u16 = 1 << 15;
 
 type Message = Genlmsghdr<u8, u16>;
@@ -285,13 +292,18 @@ impl RawLink {
     /// Waits up to a second for the kernel's answer: `Some((errno, message))` for an error,
     /// `Some((0, ""))` for a reply or ack, `None` if the kernel stayed silent.
     fn receive(&self) -> Result<Option<(i32, String)>, String> {
+        self.receive_within(1000)
+    }
+
+    /// [`RawLink::receive`], waiting up to `wait_ms` (QUIESCE answers once I/O drained).
+    fn receive_within(&self, wait_ms: i32) -> Result<Option<(i32, String)>, String> {
         let mut poll = libc::pollfd {
             fd: self.fd,
             events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut poll, 1, 1000) } <= 0 {
+        if unsafe { libc::poll(&mut poll, 1, wait_ms) } <= 0 {
             return Ok(None);
         }
         let mut buffer = vec![0u8; 65536];
@@ -424,8 +436,14 @@ fn hostile(link: &Link) -> Result<bool, String> {
 
 /// Size in bytes of a block device, from sysfs.
 fn device_bytes(path: &str) -> Result<u64, String> {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    let text = std::fs::read_to_string(format!("/sys/class/block/{name}/size"))
+    use std::os::unix::fs::MetadataExt;
+    // By device number: a device-mapper node (/dev/mapper/NAME) is not named after its
+    // sysfs entry.
+    let rdev = std::fs::metadata(path)
+        .map_err(|e| format!("{path}: {e}"))?
+        .rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let text = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/size"))
         .map_err(|e| format!("size of {path}: {e}"))?;
     text.trim()
         .parse::<u64>()
@@ -567,7 +585,8 @@ impl MapRequest {
         nested
     }
 
-    fn create_attrs(&self) -> Vec<(u16, Vec<u8>)> {
+    /// CREATE without LEASE_EXPIRES_NS (and IO_TIMEOUT_MS).
+    fn create_attrs_without_lease(&self) -> Vec<(u16, Vec<u8>)> {
         vec![
             (Attr::VolumeId as u16, self.id.to_ne_bytes().to_vec()),
             (Attr::VolumeName as u16, nul_terminated(&self.name)),
@@ -578,13 +597,76 @@ impl MapRequest {
         ]
     }
 
+    /// CREATE with a lease of `SANBLK_LEASE_MS` and, if set, `SANBLK_IO_TIMEOUT_MS`.
+    fn create_attrs(&self) -> Vec<(u16, Vec<u8>)> {
+        let lease_ms = env_number("SANBLK_LEASE_MS").unwrap_or(DEFAULT_LEASE_MS);
+        let mut attrs = self.create_attrs_without_lease();
+        attrs.push(lease_attr(lease_ms));
+        if let Some(timeout) = env_number("SANBLK_IO_TIMEOUT_MS") {
+            attrs.push((
+                Attr::IoTimeoutMs as u16,
+                (timeout as u32).to_ne_bytes().to_vec(),
+            ));
+        }
+        attrs
+    }
+
+    /// UPDATE_MAP with the paths of the whole device table (devices new to the volume are
+    /// opened from them).
     fn update_attrs(&self) -> Vec<(u16, Vec<u8>)> {
         vec![
             (Attr::VolumeId as u16, self.id.to_ne_bytes().to_vec()),
             (Attr::Epoch as u16, self.epoch.to_ne_bytes().to_vec()),
             (Attr::Map as u16, self.map.clone()),
+            (Attr::Devices as u16 | NLA_F_NESTED, self.devices_attr()),
         ]
     }
+}
+
+/// An integer from the environment, if set.
+fn env_number(name: &str) -> Option<i64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the kernel's `ktime_get()` clock.
+fn monotonic_ns() -> i64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec * 1_000_000_000 + now.tv_nsec
+}
+
+/// LEASE_EXPIRES_NS for a lease of `ms` milliseconds from now (negative: already past).
+fn lease_attr(ms: i64) -> (u16, Vec<u8>) {
+    let deadline = (monotonic_ns() + ms * 1_000_000).max(0) as u64;
+    (Attr::LeaseExpiresNs as u16, deadline.to_ne_bytes().to_vec())
+}
+
+/// VOLUME_ID and EPOCH, what QUIESCE, RESUME and RENEW start with.
+fn volume_epoch(id: u64, epoch: u64) -> RawAttrs {
+    vec![
+        (Attr::VolumeId as u16, id.to_ne_bytes().to_vec()),
+        (Attr::Epoch as u16, epoch.to_ne_bytes().to_vec()),
+    ]
+}
+
+/// Sends each case and prints `case=<name> errno=<n> msg=<extack>` (or `accepted`); whether
+/// all were refused.
+fn refused_cases(link: &Link, cases: Vec<(&str, Command, RawAttrs)>) -> Result<bool, String> {
+    let mut all_refused = true;
+    for (name, command, attrs) in cases {
+        match raw_request(link.family, command, &attrs)? {
+            Ok(()) => {
+                println!("case={name} accepted");
+                all_refused = false;
+            }
+            Err((errno, message)) => println!("case={name} errno={errno} msg={message}"),
+        }
+    }
+    Ok(all_refused)
 }
 
 /// Sends one request on a raw socket; `Ok(())` on success, the errno and message otherwise.
@@ -595,7 +677,14 @@ fn raw_request(
 ) -> Result<Result<(), (i32, String)>, String> {
     let raw = RawLink::open(family)?;
     raw.send(command as u8, attrs, None)?;
-    match raw.receive()? {
+    // QUIESCE answers once in-flight I/O drained, bounded by the I/O timeout (one hour at
+    // most; the tests use short ones).
+    let wait_ms = if command == Command::Quiesce {
+        120_000
+    } else {
+        1000
+    };
+    match raw.receive_within(wait_ms)? {
         Some((0, _)) => Ok(Ok(())),
         Some((errno, message)) => Ok(Err((errno, message))),
         None => Err("no answer from the kernel".to_string()),
@@ -772,16 +861,7 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
         ]),
     ));
 
-    let mut all_refused = true;
-    for (name, command, attrs) in cases {
-        match raw_request(link.family, command, &attrs)? {
-            Ok(()) => {
-                println!("case={name} accepted");
-                all_refused = false;
-            }
-            Err((errno, message)) => println!("case={name} errno={errno} msg={message}"),
-        }
-    }
+    let mut all_refused = refused_cases(link, cases)?;
     // A real volume, then maps that must not replace its map.
     report(raw_request(
         link.family,
@@ -876,6 +956,9 @@ fn main() -> ExitCode {
         "update" => MapRequest::from_args(&args[2..])
             .and_then(|r| raw_request(link.family, Command::UpdateMap, &r.update_attrs()))
             .and_then(report),
+        "quiesce" | "resume" | "renew" => lease_command(&link, &mode, &args[2..]),
+        "volumes" => volumes(&link).map(|()| true),
+        "hostile-lease" => hostile_lease(&link, &args[2..]),
         "destroy" => args
             .get(2)
             .and_then(|id| id.parse::<u64>().ok())
@@ -892,4 +975,193 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `quiesce|resume ID EPOCH`, `renew ID EPOCH MS`; prints `ok` or `errno=N msg=...` and
+/// fails on a refusal.
+fn lease_command(link: &Link, mode: &str, args: &[String]) -> Result<bool, String> {
+    let number = |i: usize| -> Result<i64, String> {
+        args.get(i).and_then(|a| a.parse().ok()).ok_or_else(|| {
+            format!(
+                "usage: {mode} ID EPOCH{}",
+                if mode == "renew" { " MS" } else { "" }
+            )
+        })
+    };
+    let mut attrs = volume_epoch(number(0)? as u64, number(1)? as u64);
+    let command = match mode {
+        "quiesce" => Command::Quiesce,
+        "resume" => Command::Resume,
+        _ => {
+            attrs.push(lease_attr(number(2)?));
+            Command::Renew
+        }
+    };
+    match raw_request(link.family, command, &attrs)? {
+        Ok(()) => {
+            println!("ok");
+            Ok(true)
+        }
+        Err((errno, message)) => {
+            println!("errno={errno} msg={message}");
+            Ok(false)
+        }
+    }
+}
+
+/// One line per attached volume: `volume id=.. epoch=.. hold_reason=.. held_ios=..
+/// lease_remaining_ms=.. timed_out_ios=.. io_timeout_ms=.. write_ios=.. read_ios=..`.
+fn volumes(link: &Link) -> Result<(), String> {
+    let reply = match link.request(Command::Status as u8, attrs(vec![])?)? {
+        Outcome::Reply(reply) => reply,
+        Outcome::Error { errno, message } => {
+            return Err(format!("STATUS failed: errno {errno}: {message}"))
+        }
+    };
+    let fields = [
+        ("id", Attr::VolumeId),
+        ("epoch", Attr::Epoch),
+        ("hold_reason", Attr::HoldReason),
+        ("held_ios", Attr::HeldIos),
+        ("lease_remaining_ms", Attr::LeaseRemainingMs),
+        ("timed_out_ios", Attr::TimedOutIos),
+        ("io_timeout_ms", Attr::IoTimeoutMs),
+        ("write_ios", Attr::WriteIos),
+        ("read_ios", Attr::ReadIos),
+    ];
+    for top in reply.attrs().iter() {
+        if u16::from(top.nla_type()) & 0x3fff != Attr::Volume as u16 {
+            continue;
+        }
+        let handle = top.get_attr_handle::<u16>().map_err(|e| e.to_string())?;
+        let mut line = String::from("volume");
+        for (name, attr) in fields {
+            let value = handle
+                .get_attribute(attr as u16)
+                .map(|a| {
+                    let bytes = a.nla_payload().as_ref();
+                    match bytes.len() {
+                        4 => u32::from_ne_bytes(bytes.try_into().unwrap_or_default()).to_string(),
+                        8 => u64::from_ne_bytes(bytes.try_into().unwrap_or_default()).to_string(),
+                        _ => "invalid".to_string(),
+                    }
+                })
+                .unwrap_or_else(|| "missing".to_string());
+            line.push_str(&format!(" {name}={value}"));
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// Hostile QUIESCE, RESUME, RENEW, CREATE and UPDATE_MAP requests around a volume attached
+/// on `paths` (id 90, epoch 3); prints `case=<name> errno=<n> msg=...` per case, then
+/// `valid=<name> ok|errno=..` for the valid sequence that follows.
+fn hostile_lease(link: &Link, paths: &[String]) -> Result<bool, String> {
+    let args = |id: &str, name: &str, epoch: &str| -> Vec<String> {
+        [name, id, epoch, "linear", "8"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(paths.iter().cloned())
+            .collect()
+    };
+    let volume = MapRequest::from_args(&args("90", "leased", "3"))?;
+    report(raw_request(
+        link.family,
+        Command::Create,
+        &volume.create_attrs(),
+    )?)?;
+    let other = MapRequest::from_args(&args("91", "other", "1"))?;
+    let with_timeout = |ms: u32| {
+        let mut attrs = other.create_attrs_without_lease();
+        attrs.push(lease_attr(60_000));
+        attrs.push((Attr::IoTimeoutMs as u16, ms.to_ne_bytes().to_vec()));
+        attrs
+    };
+    let mut absurd_create = other.create_attrs_without_lease();
+    absurd_create.push(lease_attr(2 * 3600 * 1000));
+    let newer = MapRequest::from_args(&args("90", "leased", "4"))?;
+    let mut absurd_update = newer.update_attrs();
+    absurd_update.push(lease_attr(2 * 3600 * 1000));
+    let renew = |id: u64, epoch: u64, ms: i64| {
+        let mut attrs = volume_epoch(id, epoch);
+        attrs.push(lease_attr(ms));
+        attrs
+    };
+    let cases: Vec<(&str, Command, RawAttrs)> = vec![
+        (
+            "quiesce-unknown-volume",
+            Command::Quiesce,
+            volume_epoch(4242, 3),
+        ),
+        ("quiesce-stale-epoch", Command::Quiesce, volume_epoch(90, 2)),
+        (
+            "quiesce-future-epoch",
+            Command::Quiesce,
+            volume_epoch(90, 4),
+        ),
+        (
+            "quiesce-missing-epoch",
+            Command::Quiesce,
+            vec![(Attr::VolumeId as u16, 90u64.to_ne_bytes().to_vec())],
+        ),
+        ("resume-not-quiesced", Command::Resume, volume_epoch(90, 3)),
+        ("resume-stale-epoch", Command::Resume, volume_epoch(90, 2)),
+        (
+            "resume-unknown-volume",
+            Command::Resume,
+            volume_epoch(4242, 3),
+        ),
+        (
+            "renew-unknown-volume",
+            Command::Renew,
+            renew(4242, 3, 60_000),
+        ),
+        ("renew-stale-epoch", Command::Renew, renew(90, 2, 60_000)),
+        (
+            "renew-absurd-deadline",
+            Command::Renew,
+            renew(90, 3, 2 * 3600 * 1000),
+        ),
+        (
+            "renew-missing-deadline",
+            Command::Renew,
+            volume_epoch(90, 3),
+        ),
+        (
+            "create-without-lease",
+            Command::Create,
+            other.create_attrs_without_lease(),
+        ),
+        (
+            "create-io-timeout-too-small",
+            Command::Create,
+            with_timeout(999),
+        ),
+        (
+            "create-io-timeout-too-large",
+            Command::Create,
+            with_timeout(3_600_001),
+        ),
+        ("create-absurd-lease", Command::Create, absurd_create),
+        ("update-map-absurd-lease", Command::UpdateMap, absurd_update),
+    ];
+    let all_refused = refused_cases(link, cases)?;
+    volumes(link)?;
+    // The valid sequence: QUIESCE twice (an agent retrying), RESUME, RESUME again (refused),
+    // RENEW with a deadline already past (taken, changes nothing).
+    let valid: Vec<(&str, Command, RawAttrs)> = vec![
+        ("quiesce", Command::Quiesce, volume_epoch(90, 3)),
+        ("quiesce-repeat", Command::Quiesce, volume_epoch(90, 3)),
+        ("resume", Command::Resume, volume_epoch(90, 3)),
+        ("resume-again", Command::Resume, volume_epoch(90, 3)),
+        ("renew-past", Command::Renew, renew(90, 3, -1000)),
+    ];
+    for (name, command, attrs) in valid {
+        match raw_request(link.family, command, &attrs)? {
+            Ok(()) => println!("valid={name} ok"),
+            Err((errno, message)) => println!("valid={name} errno={errno} msg={message}"),
+        }
+    }
+    Ok(all_refused)
 }
