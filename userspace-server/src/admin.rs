@@ -174,12 +174,8 @@ async fn volume_grow(request: VolumeGrow, state: &Arc<ServerState>) -> ServiceRe
         name,
         new_size_bytes,
     } = request;
-    let record = blocking(state, move |s| {
-        let volume = s.store.volume_by_name(&name)?;
-        s.store.grow_volume(volume.id, new_size_bytes)
-    })
-    .await?;
-    state.publish(&record);
+    let volume = blocking(state, move |s| s.store.volume_by_name(&name)).await?;
+    let record = crate::change::grow(state, volume.id, new_size_bytes, |_| {}).await?;
     info!(
         "volume {} grown to {} bytes, epoch {}",
         record.name, record.size_bytes, record.epoch
