@@ -33,6 +33,8 @@ use crate::store::{ChangeKind, ChangeRecord, ChangeStep, StoreResult, VolumeReco
 
 /// How often a waiting change looks at the clients' answers again.
 const POLL: Duration = Duration::from_millis(20);
+/// Longest wait for the change of the same volume before this one.
+const MAX_QUEUED: Duration = Duration::from_secs(60);
 
 /// Clears the volume's in-progress mark however the change ends.
 struct InProgress<'a> {
@@ -56,11 +58,17 @@ pub async fn grow(
     new_size_bytes: u64,
     committed: impl FnOnce(&VolumeRecord),
 ) -> ServiceResult<VolumeRecord> {
-    if !state.begin_change(volume_id) {
-        return Err(ErrorBody::new(
-            ErrorCode::Busy,
-            "another change of the volume is in progress; retry when it has finished",
-        ));
+    // Changes of one volume run one after the other: a change waits at most for the
+    // clients' leases twice, so the one before it ends within a bounded time.
+    let queued = Instant::now();
+    while !state.begin_change(volume_id) {
+        if queued.elapsed() > MAX_QUEUED {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                "another change of the volume is still in progress; retry later",
+            ));
+        }
+        tokio::time::sleep(POLL).await;
     }
     let _in_progress = InProgress { state, volume_id };
     // Prepare: refuses a bad size or missing space before any client is held.

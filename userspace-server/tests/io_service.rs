@@ -441,19 +441,21 @@ async fn stale_epoch_is_refused_and_changes_nothing() {
     let server = TestServer::start();
     server.pool_of(2, 64 * MIB).await;
     let devices = devices(&server).await;
-    let (_agent, vol) = attached(&server, "vol", 4 * MIB, Layout::Linear, AccessMode::Rw).await;
+    let (mut agent, vol) = attached(&server, "vol", 4 * MIB, Layout::Linear, AccessMode::Rw).await;
     let mut io = IoClient::session(&server, &vol).await;
     let original = pattern(11, 4096);
     assert_eq!(io.write(&vol.map, MIB, &original).await, 0);
 
     let mut admin = server.admin().await;
-    let grown: VolumeMap = admin
-        .call(VolumeGrow {
+    // The agent answers the change (else it is fenced once its lease expires).
+    let (grown, _) = tokio::join!(
+        admin.call(VolumeGrow {
             name: "vol".into(),
             new_size_bytes: 8 * MIB,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("grow: {e}"));
+        }),
+        common::follow_change(&mut agent, vol.map.epoch)
+    );
+    let grown: VolumeMap = grown.unwrap_or_else(|e| panic!("grow: {e}"));
     assert_eq!(grown.epoch, vol.map.epoch + 1);
 
     // Old epoch: -ESTALE for write, read and flush, and the image is untouched.

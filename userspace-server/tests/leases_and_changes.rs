@@ -272,10 +272,21 @@ async fn a_client_that_never_acks_delays_the_change_by_its_lease_then_is_fenced(
     let mut good = server.agent("b", &b_secret).await;
     attach(&mut good, AccessMode::Ro).await;
     let grow = grow_in_background(&server, 8 * MIB);
-    // b answers everything; a answers nothing (and does not renew).
+    // b answers everything and renews its lease; a answers nothing and does not renew.
+    let volume_id = map.volume_id;
     let good = tokio::spawn(async move {
+        let mut renew = tokio::time::interval(Duration::from_millis(LEASE_MS / 4));
         loop {
-            match good.next_push().await {
+            let push = tokio::select! {
+                push = good.next_push() => push,
+                _ = renew.tick() => {
+                    if let Err(e) = good.renew(volume_id, 0).await {
+                        panic!("b's renewal: {e}");
+                    }
+                    continue;
+                }
+            };
+            match push {
                 Ok(Push::Quiesce(q)) => {
                     let _ = good.quiesce_ack(q.volume_id, q.epoch).await;
                 }
@@ -390,23 +401,10 @@ async fn a_change_interrupted_by_a_crash_finishes_or_rolls_back_at_restart() {
         }
         // And a new change goes through (no change record left behind).
         let grow = grow_in_background(&restarted, 16 * MIB);
-        loop {
-            match next_push(&mut agent).await {
-                Push::Quiesce(q) => agent
-                    .quiesce_ack(q.volume_id, q.epoch)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}")),
-                Push::MapUpdate(m) => agent
-                    .ack(m.volume_id, m.epoch)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}")),
-                Push::Resume(r) => {
-                    assert_eq!(r.epoch, expected + 1);
-                    break;
-                }
-                Push::RecoveryStatus(_) => {}
-            }
-        }
+        assert_eq!(
+            common::follow_change(&mut agent, expected).await,
+            expected + 1
+        );
         let grown = tokio::time::timeout(WAIT, grow)
             .await
             .unwrap_or_else(|_| panic!("grow after restart did not finish"))
