@@ -281,9 +281,18 @@ async fn client_revoke(
             .map(|_| volume.id)
     })
     .await?;
-    state.end_attachments(&name, Some(volume_id));
+    let leases_end = state.end_attachments(&name, Some(volume_id));
     state.disconnect_client(&name);
-    info!("client {name}: grant revoked");
+    // Answered once the client is fenced: its kernel stops direct I/O when its lease lapses,
+    // and what it had issued lands within the in-flight bound.
+    if let Some(at) = leases_end {
+        info!(
+            "client {name}: grant revoked; waiting {:?} for its lease to expire",
+            at.saturating_duration_since(std::time::Instant::now())
+        );
+        tokio::time::sleep_until(at.into()).await;
+    }
+    info!("client {name}: grant revoked, client fenced");
     client_info(state, &name).await
 }
 

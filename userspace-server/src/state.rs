@@ -412,22 +412,32 @@ impl ServerState {
     /// Ends the live attachments of `client` (to `volume_id`, or to every volume), so their
     /// tokens stop working now, not once the kicked connection has closed. Called after the
     /// revocation is committed.
-    pub fn end_attachments(&self, client: &str, volume_id: Option<u64>) {
+    /// Returns when the last of the ended attachments' leases (plus the in-flight bound)
+    /// expires: until then the client's kernel may still write directly.
+    pub fn end_attachments(&self, client: &str, volume_id: Option<u64>) -> Option<Instant> {
+        let lease = self.lease();
         let mut live = self.live();
         let live = &mut *live;
         let sessions = &mut live.sessions;
+        let (fenced, fenced_tokens) = (&mut live.fenced, &mut live.fenced_tokens);
+        let mut last_expiry: Option<Instant> = None;
         live.volumes.retain(|id, volume| {
             if volume_id.is_none_or(|v| v == *id) {
-                volume.attachments.retain(|_, attachment| {
+                volume.attachments.retain(|connection, attachment| {
                     let keep = attachment.client != client;
                     if !keep {
                         sessions.remove(&attachment.session_token);
+                        fenced_tokens.insert(attachment.session_token.clone());
+                        fenced.insert((*connection, *id));
+                        let expires = attachment.expires(lease);
+                        last_expiry = Some(last_expiry.map_or(expires, |e| e.max(expires)));
                     }
                     keep
                 });
             }
             !volume.attachments.is_empty()
         });
+        last_expiry
     }
 
     /// Disconnects every connection of `client` (after removal or a revoked grant).

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use common::{TestServer, MIB};
 use sanblk_proto::client::{AgentClient, ClientError, Push};
 use sanblk_proto::map::{AccessMode, VolumeMap, IN_FLIGHT_BOUND_MS};
-use sanblk_proto::protocol::{ErrorCode, Quiesce, Resume, VolumeDetail, VolumeGrow, VolumeShow};
+use sanblk_proto::protocol::{
+    ClientRevoke, ErrorCode, Quiesce, Resume, VolumeDetail, VolumeGrow, VolumeShow,
+};
 
 /// The short lease these tests run sand with.
 const LEASE_MS: u64 = 1000;
@@ -74,6 +76,20 @@ fn grow_in_background(
     })
 }
 
+/// Waits until the server has seen the connection of the volume's one attachment close.
+async fn wait_disconnected(server: &TestServer) {
+    let deadline = Instant::now() + WAIT;
+    while !show(server)
+        .await
+        .attachments
+        .iter()
+        .all(|a| a.disconnected)
+    {
+        assert!(Instant::now() < deadline, "the server never saw the close");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn read_write_slot_is_freed_by_lease_expiry_or_detach() {
     let lease = LEASE_MS.to_string();
@@ -87,6 +103,7 @@ async fn read_write_slot_is_freed_by_lease_expiry_or_detach() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     drop(a);
+    wait_disconnected(&server).await;
     let mut a = server.agent("a", &a_secret).await;
     let again = a
         .attach("vol", AccessMode::Rw)
@@ -95,12 +112,13 @@ async fn read_write_slot_is_freed_by_lease_expiry_or_detach() {
     assert_eq!(again.session_token, first.session_token);
 
     // A closed connection does not free the slot for another client before the lease.
-    let attached_at = Instant::now();
     drop(a);
+    wait_disconnected(&server).await;
     let mut a = server.agent("a", &a_secret).await;
+    let attached_at = Instant::now();
     attach(&mut a, AccessMode::Rw).await;
-    let attached_at = attached_at.max(Instant::now());
     drop(a);
+    wait_disconnected(&server).await;
     let mut b = server.agent("b", &b_secret).await;
     let refused = b.attach("vol", AccessMode::Rw).await;
     let message = match refused {
@@ -336,6 +354,42 @@ async fn a_client_that_never_acks_delays_the_change_by_its_lease_then_is_fenced(
     // Fenced frees the read-write slot.
     let mut b_rw = server.agent("b", &b_secret).await;
     attach(&mut b_rw, AccessMode::Rw).await;
+}
+
+#[tokio::test]
+async fn revoke_returns_once_the_client_is_fenced() {
+    let lease = LEASE_MS.to_string();
+    let server = TestServer::start_with_args(&["--lease-ms", &lease]);
+    let (a_secret, _) = setup(&server).await;
+    let mut a = server.agent("a", &a_secret).await;
+    let before_attach = Instant::now();
+    let map = attach(&mut a, AccessMode::Rw).await;
+    a.renew(map.volume_id, map.epoch)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let renewed_before = Instant::now();
+    let mut admin = server.admin().await;
+    admin
+        .call(ClientRevoke {
+            name: "a".into(),
+            volume: "vol".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("revoke: {e}"));
+    // Not before the lease (renewed no earlier than `before_attach`) plus the bound ...
+    let took = before_attach.elapsed();
+    assert!(
+        took >= Duration::from_millis(LEASE_MS + IN_FLIGHT_BOUND_MS),
+        "revoke returned after {took:?}"
+    );
+    // ... and not long after the last renewal's expiry.
+    assert!(
+        renewed_before.elapsed() < Duration::from_millis(LEASE_MS + IN_FLIGHT_BOUND_MS) + WAIT,
+        "revoke took {took:?}"
+    );
+    // The client is cut off: its connection is closed or its renewal refused.
+    assert!(a.renew(map.volume_id, map.epoch).await.is_err());
+    assert!(show(&server).await.attachments.is_empty());
 }
 
 /// Where sand stops when started with `SAND_CRASH_AT` (debug builds only).

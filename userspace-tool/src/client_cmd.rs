@@ -107,7 +107,12 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
             if context.json {
                 return context.print_json(&client);
             }
-            println!("client {name} may no longer attach {volume}");
+            // The server answers once the client's leases on the volume have expired (or it
+            // was not attached): from then on it cannot write to the volume.
+            println!(
+                "client {name} may no longer attach {volume}; fenced (no lease of it on the \
+                 volume is left)"
+            );
             Ok(())
         }
         ClientCommand::Remove { name } => {
