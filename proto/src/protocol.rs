@@ -736,6 +736,20 @@ pub struct AttachmentInfo {
 pub struct ClientInfo {
     pub name: String,
     pub grants: Vec<GrantedVolume>,
+    /// The client's attachments the server holds now, with their leases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<ClientAttachment>,
+}
+
+/// One attachment of a client, as `client list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientAttachment {
+    pub volume: String,
+    pub mode: AccessMode,
+    /// Milliseconds until the lease (plus the in-flight bound) expires.
+    pub lease_left_ms: u64,
+    /// The agent's connection closed; the attachment is held until the lease expires.
+    pub disconnected: bool,
 }
 
 /// Answer to `client add`: the only time the secret is shown.

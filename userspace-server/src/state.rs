@@ -773,6 +773,31 @@ impl ServerState {
         (volume.attachments.len(), acked, list)
     }
 
+    /// Every live attachment: (client, volume id, mode, ms of lease left, disconnected).
+    pub fn all_attachments(&self) -> Vec<(String, u64, AccessMode, u64, bool)> {
+        let lease = self.lease();
+        let now = Instant::now();
+        let live = self.live();
+        let mut all: Vec<_> = live
+            .volumes
+            .iter()
+            .flat_map(|(volume_id, volume)| {
+                volume.attachments.values().map(move |a| {
+                    let left = a.expires(lease).saturating_duration_since(now).as_millis();
+                    (
+                        a.client.clone(),
+                        *volume_id,
+                        a.mode,
+                        u64::try_from(left).unwrap_or(u64::MAX),
+                        !a.connected,
+                    )
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        all
+    }
+
     /// Deletes a volume unless it is attached: live, or by a persisted session the metadata
     /// still backs (after a restart, before the agent is back, its kernel's token is still
     /// accepted). `force` fences them instead: the live attachments and their tokens end, and

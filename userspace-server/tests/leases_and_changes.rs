@@ -11,7 +11,8 @@ use common::{TestServer, MIB};
 use sanblk_proto::client::{AgentClient, ClientError, Push};
 use sanblk_proto::map::{AccessMode, VolumeMap, IN_FLIGHT_BOUND_MS};
 use sanblk_proto::protocol::{
-    ClientRevoke, ErrorCode, Quiesce, Resume, VolumeDetail, VolumeGrow, VolumeShow,
+    ClientInfo, ClientList, ClientRevoke, ErrorCode, Quiesce, Resume, VolumeDetail, VolumeGrow,
+    VolumeShow,
 };
 
 /// The short lease these tests run sand with.
@@ -132,6 +133,21 @@ async fn read_write_slot_is_freed_by_lease_expiry_or_detach() {
     let detail = show(&server).await;
     assert_eq!(detail.attachments.len(), 1);
     assert!(detail.attachments[0].disconnected);
+    let clients: Vec<ClientInfo> = server
+        .admin()
+        .await
+        .call(ClientList {})
+        .await
+        .unwrap_or_else(|e| panic!("client list: {e}"));
+    let held: Vec<(String, bool)> = clients
+        .iter()
+        .flat_map(|c| {
+            c.attachments
+                .iter()
+                .map(|a| (a.volume.clone(), a.disconnected))
+        })
+        .collect();
+    assert_eq!(held, vec![("vol".to_string(), true)]);
     assert!(detail.attachments[0].lease_left_ms <= LEASE_MS + IN_FLIGHT_BOUND_MS);
     let freed = loop {
         match b.attach("vol", AccessMode::Rw).await {

@@ -136,10 +136,27 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
                         .iter()
                         .map(|g| format!("{}:{}", g.name, g.mode))
                         .collect();
-                    vec![c.name.clone(), grants.join(",")]
+                    let attachments: Vec<String> = c
+                        .attachments
+                        .iter()
+                        .map(|a| {
+                            format!(
+                                "{}:{} lease {:.1}s{}",
+                                a.volume,
+                                a.mode,
+                                a.lease_left_ms as f64 / 1000.0,
+                                if a.disconnected {
+                                    " (disconnected)"
+                                } else {
+                                    ""
+                                }
+                            )
+                        })
+                        .collect();
+                    vec![c.name.clone(), grants.join(","), attachments.join(", ")]
                 })
                 .collect();
-            print_table(&["CLIENT", "GRANTS"], &rows);
+            print_table(&["CLIENT", "GRANTS", "ATTACHED"], &rows);
             Ok(())
         }
     }
