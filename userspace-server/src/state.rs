@@ -553,6 +553,20 @@ impl ServerState {
                 quiesce_acked: None,
             },
         );
+        // Attached while a change runs: quiesced at once (the push follows the attach
+        // answer), so it holds I/O until the change's `Resume` also when the change is past
+        // its quiesce step; while the change is still in it, the change waits for this ack.
+        if live.changing.contains(&volume_id) {
+            if let Some(attachment) = volume.attachments.get_mut(&connection) {
+                attachment.quiesce_sent = Some(map.epoch);
+            }
+            if let Some(control) = live.controls.get(&connection) {
+                let _ = control.send(AgentReply::Quiesce(Quiesce {
+                    volume_id,
+                    epoch: map.epoch,
+                }));
+            }
+        }
         live.fenced.remove(&(connection, volume_id));
         live.fenced_tokens.remove(&session_token);
         Ok(AttachGrant { map, updates })

@@ -60,6 +60,23 @@ async fn show(server: &TestServer) -> VolumeDetail {
         .unwrap_or_else(|e| panic!("volume show: {e}"))
 }
 
+/// The change `grow` runs has not committed: after a while it still runs, and the volume is
+/// still at `epoch`.
+async fn assert_uncommitted<T>(server: &TestServer, grow: &tokio::task::JoinHandle<T>, epoch: u64) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!grow.is_finished());
+    assert_eq!(show(server).await.map.epoch, epoch);
+}
+
+/// The map the background grow answered with.
+async fn finished(grow: tokio::task::JoinHandle<Result<VolumeMap, ClientError>>) -> VolumeMap {
+    tokio::time::timeout(WAIT, grow)
+        .await
+        .unwrap_or_else(|_| panic!("grow did not finish within {WAIT:?}"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("grow: {e}"))
+}
+
 /// Runs `volume grow` to `size` on its own admin connection.
 fn grow_in_background(
     server: &TestServer,
@@ -201,15 +218,11 @@ async fn grow_quiesces_every_client_and_commits_after_both_acks() {
         }
     }
     // Nothing commits before both acks.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!grow.is_finished());
-    assert_eq!(show(&server).await.map.epoch, map.epoch);
+    assert_uncommitted(&server, &grow, map.epoch).await;
     a.quiesce_ack(map.volume_id, map.epoch)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!grow.is_finished());
-    assert_eq!(show(&server).await.map.epoch, map.epoch);
+    assert_uncommitted(&server, &grow, map.epoch).await;
     b.quiesce_ack(map.volume_id, map.epoch)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -238,11 +251,7 @@ async fn grow_quiesces_every_client_and_commits_after_both_acks() {
             other => panic!("expected resume: {other:?}"),
         }
     }
-    let grown = tokio::time::timeout(WAIT, grow)
-        .await
-        .unwrap_or_else(|_| panic!("grow did not finish"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("grow: {e}"));
+    let grown = finished(grow).await;
     assert_eq!(grown.epoch, map.epoch + 1);
     // Both still hold their attachments (nobody fenced).
     a.renew(map.volume_id, grown.epoch)
@@ -333,11 +342,7 @@ async fn a_client_that_never_acks_delays_the_change_by_its_lease_then_is_fenced(
             }
         }
     });
-    let grown = tokio::time::timeout(WAIT, grow)
-        .await
-        .unwrap_or_else(|_| panic!("grow did not finish within {WAIT:?}"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("grow: {e}"));
+    let grown = finished(grow).await;
     let took = before_attach.elapsed();
     let bound = Duration::from_millis(LEASE_MS + IN_FLIGHT_BOUND_MS);
     // Not before a's lease and bound expired (counted from before its attach was sent) ...
@@ -370,6 +375,41 @@ async fn a_client_that_never_acks_delays_the_change_by_its_lease_then_is_fenced(
     // Fenced frees the read-write slot.
     let mut b_rw = server.agent("b", &b_secret).await;
     attach(&mut b_rw, AccessMode::Rw).await;
+}
+
+#[tokio::test]
+async fn a_client_attaching_during_a_change_is_quiesced_too() {
+    let server = TestServer::start();
+    let (a_secret, b_secret) = setup(&server).await;
+    let mut a = server.agent("a", &a_secret).await;
+    let map = attach(&mut a, AccessMode::Rw).await;
+    let grow = grow_in_background(&server, 8 * MIB);
+    loop {
+        if let Push::Quiesce(q) = next_push(&mut a).await {
+            assert_eq!(q.epoch, map.epoch);
+            break;
+        }
+    }
+    // b attaches while a has not acked: b is quiesced as well, and the change waits for it.
+    let mut b = server.agent("b", &b_secret).await;
+    attach(&mut b, AccessMode::Ro).await;
+    match next_push(&mut b).await {
+        Push::Quiesce(q) => assert_eq!(q.epoch, map.epoch),
+        other => panic!("expected quiesce: {other:?}"),
+    }
+    a.quiesce_ack(map.volume_id, map.epoch)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_uncommitted(&server, &grow, map.epoch).await;
+    let (_, resumed) = tokio::join!(common::follow_change(&mut a, map.epoch), async {
+        b.quiesce_ack(map.volume_id, map.epoch)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        common::follow_change(&mut b, map.epoch).await
+    });
+    assert_eq!(resumed, map.epoch + 1);
+    let grown = finished(grow).await;
+    assert_eq!(grown.epoch, map.epoch + 1);
 }
 
 #[tokio::test]
