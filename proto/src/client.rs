@@ -12,13 +12,16 @@ use crate::map::{AccessMode, VolumeMap};
 use crate::protocol::{
     write_frame, Ack, AdminCall, AdminReply, AdminRequest, AgentCall, AgentReply, AgentRequest,
     Attach, Attachment, AuthResponse, Detach, ErrorBody, ErrorCode, FrameError, FrameReader,
-    GrantedVolume, Grow, Hello, ListVolumes, MapUpdate, PathHealedReported, RecoveryStatus, Renew,
-    ReportFailure, ReportPathHealed,
+    GrantedVolume, Grow, Hello, ListVolumes, MapUpdate, PathHealedReported, Quiesce, QuiesceAck,
+    RecoveryStatus, Renew, ReportFailure, ReportPathHealed, Resume,
 };
 use crate::unix_path::SocketPath;
 
 /// Default time to wait for a reply.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request that runs a configuration change (grow) may take: the change waits for
+/// every attached client's quiesce and map acks, or their leases, twice at most.
+pub const CHANGE_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -97,6 +100,10 @@ pub enum Push {
     MapUpdate(VolumeMap),
     /// Progress of a recovery of an attached volume.
     RecoveryStatus(RecoveryStatus),
+    /// A change begins: drain and hold I/O of the volume, then [`AgentClient::quiesce_ack`].
+    Quiesce(Quiesce),
+    /// The change is over at this epoch: release held I/O.
+    Resume(Resume),
 }
 
 /// An authenticated agent connection.
@@ -191,6 +198,8 @@ impl AgentClient {
             match frame {
                 AgentReply::MapUpdate(MapUpdate { map }) => self.queue(Push::MapUpdate(map)),
                 AgentReply::RecoveryStatus(status) => self.queue(Push::RecoveryStatus(status)),
+                AgentReply::Quiesce(quiesce) => self.queue(Push::Quiesce(quiesce)),
+                AgentReply::Resume(resume) => self.queue(Push::Resume(resume)),
                 AgentReply::Error(body) => return Err(ClientError::Server(body)),
                 other => return Ok(other),
             }
@@ -217,24 +226,74 @@ impl AgentClient {
         self.call(Detach { volume_id }).await.map(drop)
     }
 
-    /// Renews the lease; returns the lease duration in milliseconds.
-    pub async fn renew(&mut self, volume_id: u64) -> Result<u64, ClientError> {
-        Ok(self.call(Renew { volume_id }).await?.lease_ms)
+    /// Renews the lease of the attachment holding `epoch`; returns the lease duration in
+    /// milliseconds. A fenced attachment gets `ErrorCode::Fenced`.
+    pub async fn renew(&mut self, volume_id: u64, epoch: u64) -> Result<u64, ClientError> {
+        Ok(self.call(Renew { volume_id, epoch }).await?.lease_ms)
     }
 
-    /// Client-requested allocation: grows an rw-attached volume; returns the new map.
+    /// Answers a [`Push::Quiesce`]: this client's I/O of the volume at `epoch` is drained and
+    /// new I/O is held (no reply).
+    pub async fn quiesce_ack(&mut self, volume_id: u64, epoch: u64) -> Result<(), ClientError> {
+        self.send(&QuiesceAck { volume_id, epoch }.into()).await
+    }
+
+    /// Client-requested allocation: grows an rw-attached volume; returns the new map. The
+    /// server quiesces every attached client for the change, this one included: the
+    /// `Quiesce` of this volume that arrives while the grow is pending is acknowledged at
+    /// once, which is right only for a caller with no I/O of its own in flight (a caller
+    /// with a kernel device uses [`AgentClient::grow_with`]).
     pub async fn grow(
         &mut self,
         volume_id: u64,
         new_size_bytes: u64,
     ) -> Result<VolumeMap, ClientError> {
-        let grown = self
-            .call(Grow {
+        let map = self.grow_with(volume_id, new_size_bytes, |_| true).await?;
+        // Likewise the new map is held at once (the change waits for this ack).
+        self.ack(map.volume_id, map.epoch).await?;
+        Ok(map)
+    }
+
+    /// Like [`AgentClient::grow`]; `quiesce` is called for every `Quiesce` push that arrives
+    /// while the grow is pending (it drains the client's I/O) and, when it returns true, the
+    /// push is acknowledged. Other pushes are queued.
+    pub async fn grow_with(
+        &mut self,
+        volume_id: u64,
+        new_size_bytes: u64,
+        mut quiesce: impl FnMut(&Quiesce) -> bool,
+    ) -> Result<VolumeMap, ClientError> {
+        self.send(
+            &Grow {
                 volume_id,
                 new_size_bytes,
-            })
-            .await?;
-        Ok(grown.map)
+            }
+            .into(),
+        )
+        .await?;
+        loop {
+            let frame =
+                tokio::time::timeout(CHANGE_REPLY_TIMEOUT, self.reader.read::<AgentReply>())
+                    .await
+                    .map_err(|_| ClientError::Timeout(CHANGE_REPLY_TIMEOUT))??;
+            match frame {
+                AgentReply::Grown(grown) => return Ok(grown.map),
+                AgentReply::Quiesce(request) => {
+                    if quiesce(&request) {
+                        self.quiesce_ack(request.volume_id, request.epoch).await?;
+                    }
+                }
+                AgentReply::Error(body) => return Err(ClientError::Server(body)),
+                AgentReply::MapUpdate(MapUpdate { map }) => self.queue(Push::MapUpdate(map)),
+                AgentReply::RecoveryStatus(status) => self.queue(Push::RecoveryStatus(status)),
+                AgentReply::Resume(resume) => self.queue(Push::Resume(resume)),
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected reply to Grow: {other:?}"
+                    )))
+                }
+            }
+        }
     }
 
     /// Tells the server which epoch this agent now holds (no reply).
@@ -301,6 +360,8 @@ impl AgentClient {
         match self.reader.read::<AgentReply>().await? {
             AgentReply::MapUpdate(MapUpdate { map }) => Ok(Push::MapUpdate(map)),
             AgentReply::RecoveryStatus(status) => Ok(Push::RecoveryStatus(status)),
+            AgentReply::Quiesce(quiesce) => Ok(Push::Quiesce(quiesce)),
+            AgentReply::Resume(resume) => Ok(Push::Resume(resume)),
             AgentReply::Error(body) => Err(ClientError::Server(body)),
             other => Err(ClientError::Protocol(format!(
                 "unexpected reply while no request is pending: {other:?}"

@@ -15,8 +15,15 @@ use uuid::Uuid;
 pub const BLOCK_SIZE: u64 = 4096;
 /// Stripe unit used for striped layouts.
 pub const DEFAULT_STRIPE_UNIT_BYTES: u64 = 1024 * 1024;
-/// Lease handed out with every map.
-pub const DEFAULT_LEASE_MS: u64 = 30_000;
+/// Lease handed out with every map. Short enough that a change with an unreachable client
+/// (which waits for that client's lease plus [`IN_FLIGHT_BOUND_MS`]) completes within 10 s;
+/// the agent renews every third of it, one small frame per attached volume every 2 s.
+pub const DEFAULT_LEASE_MS: u64 = 6_000;
+/// Added to a lease on the server before it counts as expired: a client whose lease lapsed
+/// issues no new direct I/O, but bios it had already issued straight to the SAN devices are
+/// still in flight and may land up to this long after (device queues, multipath retries). The
+/// server frees a read-write slot or fences a client only once those cannot land any more.
+pub const IN_FLIGHT_BOUND_MS: u64 = 2_000;
 /// Number of copies of a mirrored volume.
 pub const MIRROR_COPIES: usize = 2;
 /// Most stripes of a striped layout (members of one kernel map extent).

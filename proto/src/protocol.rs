@@ -199,6 +199,9 @@ pub enum ErrorCode {
     ForeignSignature,
     Io,
     Internal,
+    /// The attachment was fenced (its lease expired during a change, or it was revoked): the
+    /// client must stop using the volume and attach again.
+    Fenced,
 }
 
 /// Everything an error frame carries.
@@ -243,6 +246,9 @@ pub enum AgentRequest {
     Detach(Detach),
     /// Not a call: the server does not answer it.
     Ack(Ack),
+    /// Not a call: the answer to a [`Quiesce`] push, once the client's in-flight I/O of the
+    /// volume has drained and new I/O is held.
+    QuiesceAck(QuiesceAck),
     Renew(Renew),
     Grow(Grow),
     ReportFailure(ReportFailure),
@@ -290,9 +296,27 @@ impl From<Ack> for AgentRequest {
     }
 }
 
+/// The client's I/O of `volume_id` at `epoch` is drained and new I/O is held (answer to a
+/// [`Quiesce`]); no reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuiesceAck {
+    pub volume_id: u64,
+    pub epoch: u64,
+}
+
+impl From<QuiesceAck> for AgentRequest {
+    fn from(ack: QuiesceAck) -> AgentRequest {
+        AgentRequest::QuiesceAck(ack)
+    }
+}
+
+/// Renews the lease of the attachment to `volume_id`; `epoch` is the map epoch the client
+/// holds. A fenced attachment's renewal is refused with `ErrorCode::Fenced`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Renew {
     pub volume_id: u64,
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Client-requested allocation: grow an rw-attached volume to `new_size_bytes`.
@@ -346,6 +370,11 @@ pub enum AgentReply {
     MapUpdate(MapUpdate),
     /// Push: progress of a recovery of an attached volume (no ack).
     RecoveryStatus(RecoveryStatus),
+    /// Push: a change of the volume begins; drain I/O of `epoch`, hold new I/O, then send a
+    /// [`QuiesceAck`].
+    Quiesce(Quiesce),
+    /// Push: the change ended (committed at `epoch`, or rolled back to it); release held I/O.
+    Resume(Resume),
     Error(ErrorBody),
 }
 
@@ -409,6 +438,20 @@ pub struct FailureReported {
 pub struct PathHealedReported {
     pub accepted: bool,
     pub message: String,
+}
+
+/// Push: stop issuing I/O to `volume_id` (held, not failed) and drain what is in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quiesce {
+    pub volume_id: u64,
+    pub epoch: u64,
+}
+
+/// Push: the change of `volume_id` is over; the current epoch is `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub volume_id: u64,
+    pub epoch: u64,
 }
 
 /// Push: a new map of an attached volume.
@@ -679,12 +722,34 @@ pub struct AttachmentInfo {
     pub mode: AccessMode,
     /// Latest epoch the client acknowledged.
     pub acked_epoch: u64,
+    /// Milliseconds until the server counts the attachment's lease (plus the in-flight
+    /// bound) as expired; 0 once expired.
+    #[serde(default)]
+    pub lease_left_ms: u64,
+    /// The agent's connection closed without a detach: the attachment (and its read-write
+    /// slot) is kept until the lease expires.
+    #[serde(default)]
+    pub disconnected: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientInfo {
     pub name: String,
     pub grants: Vec<GrantedVolume>,
+    /// The client's attachments the server holds now, with their leases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<ClientAttachment>,
+}
+
+/// One attachment of a client, as `client list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientAttachment {
+    pub volume: String,
+    pub mode: AccessMode,
+    /// Milliseconds until the lease (plus the in-flight bound) expires.
+    pub lease_left_ms: u64,
+    /// The agent's connection closed; the attachment is held until the lease expires.
+    pub disconnected: bool,
 }
 
 /// Answer to `client add`: the only time the secret is shown.
@@ -785,7 +850,8 @@ mod tests {
             serde_json::json!({ "type": "attach", "volume": "db1", "mode": "rw" }),
             serde_json::json!({ "type": "detach", "volume_id": 3 }),
             serde_json::json!({ "type": "ack", "volume_id": 3, "epoch": 7 }),
-            serde_json::json!({ "type": "renew", "volume_id": 3 }),
+            serde_json::json!({ "type": "quiesce_ack", "volume_id": 3, "epoch": 7 }),
+            serde_json::json!({ "type": "renew", "volume_id": 3, "epoch": 0 }),
             serde_json::json!({ "type": "grow", "volume_id": 3, "new_size_bytes": 8192 }),
             serde_json::json!({
                 "type": "report_failure", "volume_id": 3, "device_uuid": device, "reason": "EIO"

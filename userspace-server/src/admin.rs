@@ -1,6 +1,7 @@
 //! Admin service: `sanctl` requests over the Unix socket (mode 0600, so only root or the
 //! server's own user can connect; there is no further authentication).
 
+use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -15,11 +16,11 @@ use uuid::Uuid;
 use sanblk_proto::label::{self, Label, LabelError, DATA_START_OFFSET};
 use sanblk_proto::map::{AccessMode, VolumeMap};
 use sanblk_proto::protocol::{
-    encode_frame, write_frame, AdminCall, AdminReply, AdminRequest, ClientAdd, ClientCreated,
-    ClientGrant, ClientInfo, ClientList, ClientRemove, ClientRemoved, ClientRevoke, DeviceInfo,
-    ErrorBody, ErrorCode, FrameError, FrameReader, GrantedVolume, PoolAdd, PoolList, RecoveryList,
-    VolumeCreate, VolumeDelete, VolumeDeleted, VolumeDetail, VolumeGrow, VolumeList, VolumeShow,
-    VolumeSummary, MAX_LISTED_ATTACHMENTS,
+    encode_frame, write_frame, AdminCall, AdminReply, AdminRequest, ClientAdd, ClientAttachment,
+    ClientCreated, ClientGrant, ClientInfo, ClientList, ClientRemove, ClientRemoved, ClientRevoke,
+    DeviceInfo, ErrorBody, ErrorCode, FrameError, FrameReader, GrantedVolume, PoolAdd, PoolList,
+    RecoveryList, VolumeCreate, VolumeDelete, VolumeDeleted, VolumeDetail, VolumeGrow, VolumeList,
+    VolumeShow, VolumeSummary, MAX_LISTED_ATTACHMENTS,
 };
 
 use crate::labelling;
@@ -174,12 +175,8 @@ async fn volume_grow(request: VolumeGrow, state: &Arc<ServerState>) -> ServiceRe
         name,
         new_size_bytes,
     } = request;
-    let record = blocking(state, move |s| {
-        let volume = s.store.volume_by_name(&name)?;
-        s.store.grow_volume(volume.id, new_size_bytes)
-    })
-    .await?;
-    state.publish(&record);
+    let volume = blocking(state, move |s| s.store.volume_by_name(&name)).await?;
+    let record = crate::change::grow(state, volume.id, new_size_bytes, |_| {}).await?;
     info!(
         "volume {} grown to {} bytes, epoch {}",
         record.name, record.size_bytes, record.epoch
@@ -285,9 +282,18 @@ async fn client_revoke(
             .map(|_| volume.id)
     })
     .await?;
-    state.end_attachments(&name, Some(volume_id));
+    let leases_end = state.end_attachments(&name, Some(volume_id));
     state.disconnect_client(&name);
-    info!("client {name}: grant revoked");
+    // Answered once the client is fenced: its kernel stops direct I/O when its lease lapses,
+    // and what it had issued lands within the in-flight bound.
+    if let Some(at) = leases_end {
+        info!(
+            "client {name}: grant revoked; waiting {:?} for its lease to expire",
+            at.saturating_duration_since(std::time::Instant::now())
+        );
+        tokio::time::sleep_until(at.into()).await;
+    }
+    info!("client {name}: grant revoked, client fenced");
     client_info(state, &name).await
 }
 
@@ -339,9 +345,25 @@ async fn client_infos(state: &Arc<ServerState>) -> ServiceResult<Vec<ClientInfo>
     blocking(state, |s| -> StoreResult<_> {
         let volumes = s.store.volumes()?;
         let clients = s.store.clients()?;
+        let names: HashMap<u64, &str> = volumes.iter().map(|v| (v.id, v.name.as_str())).collect();
+        let mut attachments: HashMap<String, Vec<ClientAttachment>> = HashMap::new();
+        for (client, volume_id, mode, lease_left_ms, disconnected) in s.all_attachments() {
+            attachments
+                .entry(client)
+                .or_default()
+                .push(ClientAttachment {
+                    volume: names
+                        .get(&volume_id)
+                        .map_or_else(|| volume_id.to_string(), |n| n.to_string()),
+                    mode,
+                    lease_left_ms,
+                    disconnected,
+                });
+        }
         Ok(clients
             .into_iter()
             .map(|c| ClientInfo {
+                attachments: attachments.remove(&c.name).unwrap_or_default(),
                 grants: c
                     .grants
                     .iter()

@@ -18,8 +18,8 @@ use sanblk_proto::map::{AccessMode, VolumeMap};
 use sanblk_proto::protocol::{
     write_frame, Ack, AgentCall, AgentReply, AgentRequest, Attach, Attachment, AuthOk,
     AuthResponse, Challenge, Detach, Detached, ErrorBody, ErrorCode, FailureReported, FrameError,
-    FrameReader, GrantedVolume, Grow, Grown, Hello, ListVolumes, PathHealedReported, Renew,
-    Renewed, ReportFailure, ReportPathHealed, Volumes, MAX_PRE_AUTH_FRAME_BYTES,
+    FrameReader, GrantedVolume, Grow, Grown, Hello, ListVolumes, PathHealedReported, QuiesceAck,
+    Renew, Renewed, ReportFailure, ReportPathHealed, Volumes, MAX_PRE_AUTH_FRAME_BYTES,
 };
 
 use crate::log_text::peer_text;
@@ -96,10 +96,15 @@ pub async fn serve_agent_connection(
         state: state.clone(),
         forwarders: HashMap::new(),
         push_sender: None,
+        control: None,
         sent_epochs: HashMap::new(),
     };
     let (push_sender, mut pushes) = mpsc::channel::<Arc<PublishedMap>>(PUSH_QUEUE_DEPTH);
     session.push_sender = Some(push_sender);
+    // Quiesce and resume pushes, and the answers of requests that run as changes.
+    let (control_sender, mut controls) = mpsc::unbounded_channel::<AgentReply>();
+    state.set_control(connection, control_sender.clone());
+    session.control = Some(control_sender);
     // A frame that has started arriving must be complete within this time (slowloris guard
     // for authenticated connections; unauthenticated ones have the handshake timeout).
     let frame_timeout = state.config.frame_timeout;
@@ -111,6 +116,15 @@ pub async fn serve_agent_connection(
                 let body = ErrorBody::new(ErrorCode::NotGranted, "access changed by the administrator");
                 let _ = send_within(&mut writer, write_limit, &AgentReply::Error(body)).await;
                 break;
+            }
+            Some(control) = controls.recv() => {
+                if let AgentReply::Grown(grown) = &control {
+                    session.learns(&grown.map);
+                }
+                if let Err(error) = send_within(&mut writer, write_limit, &control).await {
+                    debug!("{peer}: cannot push: {error}");
+                    break;
+                }
             }
             Some(published) = pushes.recv() => {
                 // Skip epochs this client already has (e.g. the answer to its own grow).
@@ -278,6 +292,8 @@ struct Session {
     /// One task per attached volume, forwarding its map changes into the push queue.
     forwarders: HashMap<u64, JoinHandle<()>>,
     push_sender: Option<mpsc::Sender<Arc<PublishedMap>>>,
+    /// Control pushes and deferred answers, written by the connection's loop.
+    control: Option<mpsc::UnboundedSender<AgentReply>>,
     /// Newest epoch sent to this client, per attached volume.
     sent_epochs: HashMap<u64, u64>,
 }
@@ -302,6 +318,11 @@ impl Session {
                 self.state.record_ack(self.connection, volume_id, epoch);
                 return None;
             }
+            AgentRequest::QuiesceAck(QuiesceAck { volume_id, epoch }) => {
+                self.state
+                    .record_quiesce_ack(self.connection, volume_id, epoch);
+                return None;
+            }
             AgentRequest::Hello(_) | AgentRequest::AuthResponse(_) => AgentReply::Error(
                 ErrorBody::new(ErrorCode::BadRequest, "already authenticated"),
             ),
@@ -311,7 +332,11 @@ impl Session {
             AgentRequest::Attach(request) => reply::<Attach>(self.attach(request).await),
             AgentRequest::Detach(request) => reply::<Detach>(self.detach(request).await),
             AgentRequest::Renew(request) => reply::<Renew>(self.renew(request)),
-            AgentRequest::Grow(request) => reply::<Grow>(self.grow(request).await),
+            AgentRequest::Grow(request) => match self.grow(request).await {
+                // Answered by the change once committed (see `grow`).
+                Ok(()) => return None,
+                Err(error) => AgentReply::Error(error),
+            },
             AgentRequest::ReportFailure(request) => {
                 reply::<ReportFailure>(self.report_failure(request).await)
             }
@@ -428,6 +453,9 @@ impl Session {
             grant.map.epoch
         );
         self.sent_epochs.insert(volume_id, grant.map.epoch);
+        // A client reconnecting after a restart (or a lost connection) may hold I/O of a
+        // change that no longer runs: resume it at the current epoch, after this answer.
+        self.state.resume_if_idle(self.connection, volume_id);
         Ok(Attachment {
             map: grant.map,
             session_token,
@@ -459,15 +487,26 @@ impl Session {
     }
 
     fn renew(&self, request: Renew) -> ServiceResult<Renewed> {
-        let Renew { volume_id } = request;
-        self.require_attached(volume_id)?;
+        let Renew { volume_id, epoch } = request;
+        if let Err(error) = self.state.renew(self.connection, volume_id) {
+            if error.code == ErrorCode::Fenced {
+                warn!(
+                    "client {}: renewal of fenced attachment to volume {volume_id} (epoch {epoch}) refused",
+                    peer_text(&self.client)
+                );
+            }
+            return Err(error);
+        }
         Ok(Renewed {
             volume_id,
             lease_ms: self.state.config.lease_ms,
         })
     }
 
-    async fn grow(&mut self, request: Grow) -> ServiceResult<Grown> {
+    /// Starts the grow as a change in its own task: the connection keeps serving (the
+    /// change waits for this very client's `QuiesceAck`). The answer, `Grown` once committed
+    /// or the error, goes through the control queue.
+    async fn grow(&mut self, request: Grow) -> ServiceResult<()> {
         let Grow {
             volume_id,
             new_size_bytes,
@@ -478,21 +517,33 @@ impl Session {
                 "grow needs a read-write attachment to the volume",
             ));
         }
-        let record = blocking(&self.state, move |s| {
-            s.store.grow_volume(volume_id, new_size_bytes)
-        })
-        .await?;
-        self.state.publish(&record);
-        info!(
-            "client {} grew volume {} to {} bytes (epoch {})",
-            peer_text(&self.client),
-            peer_text(&record.name),
-            record.size_bytes,
-            record.epoch
-        );
-        let map = record.map(self.state.config.lease_ms);
-        self.learns(&map);
-        Ok(Grown { map })
+        let Some(control) = self.control.clone() else {
+            return Err(ErrorBody::new(ErrorCode::Internal, "no control queue"));
+        };
+        let (state, client) = (self.state.clone(), self.client.clone());
+        tokio::spawn(async move {
+            let lease_ms = state.config.lease_ms;
+            let answer = control.clone();
+            let grown = crate::change::grow(&state, volume_id, new_size_bytes, move |record| {
+                let _ = answer.send(AgentReply::from(Grown {
+                    map: record.map(lease_ms),
+                }));
+            })
+            .await;
+            match grown {
+                Ok(record) => info!(
+                    "client {} grew volume {} to {} bytes (epoch {})",
+                    peer_text(&client),
+                    peer_text(&record.name),
+                    record.size_bytes,
+                    record.epoch
+                ),
+                Err(error) => {
+                    let _ = control.send(AgentReply::Error(error));
+                }
+            }
+        });
+        Ok(())
     }
 
     fn require_attached(&self, volume_id: u64) -> ServiceResult<()> {

@@ -23,6 +23,7 @@
 mod admin;
 mod agent_service;
 mod allocator;
+mod change;
 pub mod config;
 mod device;
 mod failpoint;

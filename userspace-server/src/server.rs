@@ -77,6 +77,17 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     let mut config = config;
     config.io_listen = io_address;
     let state = ServerState::new(store, config);
+    // Before any agent is served: a change the last run left is finished or rolled back.
+    crate::change::recover_all(&state).context("resolving unfinished changes")?;
+    // Frees the attachments of closed connections once their leases have expired.
+    let reaper = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            reaper.reap_expired();
+        }
+    });
     // Every connection task holds a clone of this sender; when all are gone, recv() ends.
     let (task_alive, mut all_tasks_done) = mpsc::channel::<()>(1);
     let (io, io_shutdown, io_alive) = (

@@ -7,13 +7,17 @@ mod admission;
 mod recoveries;
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, watch, Notify};
+use log::info;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use sanblk_proto::map::{AccessMode, VolumeMap};
-use sanblk_proto::protocol::{encode_map_update, AttachmentInfo, ErrorBody, ErrorCode};
+use sanblk_proto::map::{AccessMode, VolumeMap, IN_FLIGHT_BOUND_MS};
+use sanblk_proto::protocol::{
+    encode_map_update, AgentReply, AttachmentInfo, ErrorBody, ErrorCode, Quiesce, Resume,
+};
 
 use crate::config::Config;
 use crate::service_error::ServiceResult;
@@ -29,6 +33,34 @@ struct Attachment {
     mode: AccessMode,
     acked_epoch: u64,
     session_token: String,
+    /// When the attachment was made or its lease last renewed (time received: the client
+    /// measures its lease from when it *sent* the renewal, so it lapses there first).
+    renewed: Instant,
+    /// False once the agent's connection closed without a detach: the attachment, and its
+    /// read-write slot, stay until the lease expires (the client's kernel may still write).
+    connected: bool,
+    /// Epoch of the last `Quiesce` pushed to it, and of the last one it acknowledged.
+    quiesce_sent: Option<u64>,
+    quiesce_acked: Option<u64>,
+}
+
+impl Attachment {
+    /// When the server counts the lease as expired: lease plus the in-flight bound after the
+    /// last renewal was received.
+    fn expires(&self, lease: Duration) -> Instant {
+        self.renewed + lease + Duration::from_millis(IN_FLIGHT_BOUND_MS)
+    }
+}
+
+/// How a step of a change that waits for every attached client stands.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Waiting {
+    /// Attachments still to answer.
+    pub pending: usize,
+    /// Attachments fenced by this round (lease expired without an answer).
+    pub fenced: Vec<String>,
+    /// The earliest lease expiry among the pending ones.
+    pub next_expiry: Option<Instant>,
 }
 
 /// What a session token of the server I/O path stands for.
@@ -71,6 +103,14 @@ struct Live {
     connections: HashMap<ConnectionId, (String, Arc<Notify>)>,
     /// Session token -> (volume, connection) of the attachment it was issued for.
     sessions: HashMap<String, (u64, ConnectionId)>,
+    /// Where control pushes (quiesce, resume) for a connection go.
+    controls: HashMap<ConnectionId, mpsc::UnboundedSender<AgentReply>>,
+    /// Attachments fenced by a change: (connection, volume). Their renewals are refused.
+    fenced: HashSet<(ConnectionId, u64)>,
+    /// Session tokens of fenced attachments: refused also as persisted tokens.
+    fenced_tokens: HashSet<String>,
+    /// Volumes with a configuration change in progress.
+    changing: HashSet<u64>,
     /// The id of the connection registered last.
     last_connection_id: ConnectionId,
 }
@@ -156,42 +196,248 @@ impl ServerState {
         (id, kick)
     }
 
-    /// Drops every attachment of a closing connection; returns the ids of their volumes.
+    /// A closing connection: its attachments stay, disconnected, until their leases expire
+    /// (`reap_expired` frees them then): the client's kernel may still be writing directly,
+    /// so a read-write slot freed now could let a second writer in. Returns the ids of
+    /// their volumes.
     pub fn unregister_connection(&self, connection: ConnectionId) -> Vec<u64> {
         let mut live = self.live();
         let live = &mut *live;
         live.connections.remove(&connection);
-        let sessions = &mut live.sessions;
+        live.controls.remove(&connection);
+        live.fenced.retain(|(c, _)| *c != connection);
         let mut dropped = Vec::new();
-        live.volumes.retain(|volume_id, volume| {
-            if let Some(attachment) = volume.attachments.remove(&connection) {
-                sessions.remove(&attachment.session_token);
+        for (volume_id, volume) in live.volumes.iter_mut() {
+            if let Some(attachment) = volume.attachments.get_mut(&connection) {
+                attachment.connected = false;
                 dropped.push(*volume_id);
             }
+        }
+        dropped
+    }
+
+    /// Sets where control pushes (quiesce, resume) for `connection` go.
+    pub fn set_control(&self, connection: ConnectionId, sender: mpsc::UnboundedSender<AgentReply>) {
+        self.live().controls.insert(connection, sender);
+    }
+
+    /// Frees the attachments of closed connections whose lease (plus the in-flight bound)
+    /// has expired; returns how many.
+    pub fn reap_expired(&self) -> usize {
+        let lease = self.lease();
+        let now = Instant::now();
+        let mut live = self.live();
+        let live = &mut *live;
+        let sessions = &mut live.sessions;
+        let mut freed = 0;
+        live.volumes.retain(|volume_id, volume| {
+            volume.attachments.retain(|_, attachment| {
+                let keep = attachment.connected || attachment.expires(lease) > now;
+                if !keep {
+                    info!(
+                        "volume {volume_id}: lease of disconnected client {:?} expired; its {} attachment is freed",
+                        attachment.client, attachment.mode
+                    );
+                    sessions.remove(&attachment.session_token);
+                    freed += 1;
+                }
+                keep
+            });
             !volume.attachments.is_empty()
         });
-        dropped
+        freed
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_millis(self.config.lease_ms)
+    }
+
+    /// Records a renewal of this connection's attachment to the volume.
+    pub fn renew(&self, connection: ConnectionId, volume_id: u64) -> ServiceResult<()> {
+        let mut live = self.live();
+        if live.fenced.contains(&(connection, volume_id)) {
+            return Err(fenced_error(volume_id));
+        }
+        match live
+            .volumes
+            .get_mut(&volume_id)
+            .and_then(|v| v.attachments.get_mut(&connection))
+        {
+            Some(attachment) => {
+                attachment.renewed = Instant::now();
+                Ok(())
+            }
+            None => Err(ErrorBody::new(
+                ErrorCode::NotFound,
+                "not attached to that volume",
+            )),
+        }
+    }
+
+    /// Marks a change of `volume_id` in progress; false if one already is.
+    pub fn begin_change(&self, volume_id: u64) -> bool {
+        self.live().changing.insert(volume_id)
+    }
+
+    pub fn end_change(&self, volume_id: u64) {
+        self.live().changing.remove(&volume_id);
+    }
+
+    #[cfg(test)]
+    pub fn change_in_progress(&self, volume_id: u64) -> bool {
+        self.live().changing.contains(&volume_id)
+    }
+
+    /// Records a client's `QuiesceAck`.
+    pub fn record_quiesce_ack(&self, connection: ConnectionId, volume_id: u64, epoch: u64) {
+        let mut live = self.live();
+        if let Some(attachment) = live
+            .volumes
+            .get_mut(&volume_id)
+            .and_then(|v| v.attachments.get_mut(&connection))
+        {
+            if attachment.quiesce_sent == Some(epoch) {
+                attachment.quiesce_acked = Some(epoch);
+            }
+        }
+    }
+
+    /// One round of a change's quiesce step: pushes `Quiesce` to every attachment of the
+    /// volume not yet sent one for `epoch` (also ones attached since the change began), and
+    /// fences those whose lease expired without an ack.
+    pub fn quiesce_round(&self, volume_id: u64, epoch: u64) -> Waiting {
+        self.wait_round(volume_id, |attachment, controls, connection| {
+            if attachment.quiesce_sent != Some(epoch) {
+                attachment.quiesce_sent = Some(epoch);
+                attachment.quiesce_acked = None;
+                if let Some(control) = controls.get(&connection) {
+                    let _ = control.send(AgentReply::Quiesce(Quiesce { volume_id, epoch }));
+                }
+            }
+            attachment.quiesce_acked == Some(epoch)
+        })
+    }
+
+    /// One round of a change's publish step: done for attachments that acked `epoch`;
+    /// fences those whose lease expired without an ack.
+    pub fn map_ack_round(&self, volume_id: u64, epoch: u64) -> Waiting {
+        self.wait_round(volume_id, |attachment, _, _| {
+            attachment.acked_epoch >= epoch
+        })
+    }
+
+    fn wait_round(
+        &self,
+        volume_id: u64,
+        mut answered: impl FnMut(
+            &mut Attachment,
+            &HashMap<ConnectionId, mpsc::UnboundedSender<AgentReply>>,
+            ConnectionId,
+        ) -> bool,
+    ) -> Waiting {
+        let lease = self.lease();
+        let now = Instant::now();
+        let mut live = self.live();
+        let live = &mut *live;
+        let mut waiting = Waiting::default();
+        let Some(volume) = live.volumes.get_mut(&volume_id) else {
+            return waiting;
+        };
+        let mut fence = Vec::new();
+        for (connection, attachment) in volume.attachments.iter_mut() {
+            if attachment.connected && answered(attachment, &live.controls, *connection) {
+                continue;
+            }
+            let expires = attachment.expires(lease);
+            if expires <= now {
+                fence.push(*connection);
+            } else {
+                waiting.pending += 1;
+                waiting.next_expiry = Some(waiting.next_expiry.map_or(expires, |e| e.min(expires)));
+            }
+        }
+        for connection in fence {
+            if let Some(attachment) = volume.attachments.remove(&connection) {
+                info!(
+                    "volume {volume_id}: client {:?} did not answer within its lease; fenced",
+                    attachment.client
+                );
+                live.sessions.remove(&attachment.session_token);
+                live.fenced_tokens.insert(attachment.session_token);
+                if attachment.connected {
+                    live.fenced.insert((connection, volume_id));
+                }
+                waiting.fenced.push(attachment.client);
+            }
+        }
+        if volume.attachments.is_empty() {
+            // Keep the live volume (its map channel) while the change runs; `end_change`
+            // callers publish into it. Dropped by the next detach/reap.
+        }
+        waiting
+    }
+
+    /// Pushes `Resume` at `epoch` to every connected attachment of the volume.
+    pub fn send_resume(&self, volume_id: u64, epoch: u64) {
+        let mut live = self.live();
+        let live = &mut *live;
+        let Some(volume) = live.volumes.get_mut(&volume_id) else {
+            return;
+        };
+        for (connection, attachment) in volume.attachments.iter_mut() {
+            attachment.quiesce_sent = None;
+            attachment.quiesce_acked = None;
+            if let Some(control) = live.controls.get(connection) {
+                let _ = control.send(AgentReply::Resume(Resume { volume_id, epoch }));
+            }
+        }
+    }
+
+    /// Pushes `Resume` at the current epoch to this connection's attachment, unless a change
+    /// of the volume is in progress (the change resumes it at its end).
+    pub fn resume_if_idle(&self, connection: ConnectionId, volume_id: u64) {
+        let live = self.live();
+        if live.changing.contains(&volume_id) {
+            return;
+        }
+        let Some(volume) = live.volumes.get(&volume_id) else {
+            return;
+        };
+        let epoch = volume.map.borrow().map.epoch;
+        if let Some(control) = live.controls.get(&connection) {
+            let _ = control.send(AgentReply::Resume(Resume { volume_id, epoch }));
+        }
     }
 
     /// Ends the live attachments of `client` (to `volume_id`, or to every volume), so their
     /// tokens stop working now, not once the kicked connection has closed. Called after the
     /// revocation is committed.
-    pub fn end_attachments(&self, client: &str, volume_id: Option<u64>) {
+    /// Returns when the last of the ended attachments' leases (plus the in-flight bound)
+    /// expires: until then the client's kernel may still write directly.
+    pub fn end_attachments(&self, client: &str, volume_id: Option<u64>) -> Option<Instant> {
+        let lease = self.lease();
         let mut live = self.live();
         let live = &mut *live;
         let sessions = &mut live.sessions;
+        let (fenced, fenced_tokens) = (&mut live.fenced, &mut live.fenced_tokens);
+        let mut last_expiry: Option<Instant> = None;
         live.volumes.retain(|id, volume| {
             if volume_id.is_none_or(|v| v == *id) {
-                volume.attachments.retain(|_, attachment| {
+                volume.attachments.retain(|connection, attachment| {
                     let keep = attachment.client != client;
                     if !keep {
                         sessions.remove(&attachment.session_token);
+                        fenced_tokens.insert(attachment.session_token.clone());
+                        fenced.insert((*connection, *id));
+                        let expires = attachment.expires(lease);
+                        last_expiry = Some(last_expiry.map_or(expires, |e| e.max(expires)));
                     }
                     keep
                 });
             }
             !volume.attachments.is_empty()
         });
+        last_expiry
     }
 
     /// Disconnects every connection of `client` (after removal or a revoked grant).
@@ -218,6 +464,7 @@ impl ServerState {
         session_token: String,
     ) -> ServiceResult<AttachGrant> {
         let mut live = self.live();
+        let live = &mut *live;
         if self.store.client(client)?.and_then(|c| c.grant(volume_id)) != Some(grant) {
             return Err(ErrorBody::new(
                 ErrorCode::NotGranted,
@@ -242,21 +489,50 @@ impl ServerState {
                 "this connection is already attached to the volume",
             ));
         }
+        let lease = Duration::from_millis(self.config.lease_ms);
+        let now = Instant::now();
+        // This client's own attachment left by a closed connection is taken over (the
+        // agent reconnected); another client's expired one is freed.
+        let mut taken_over = Vec::new();
+        volume.attachments.retain(|_, a| {
+            let keep = a.connected || (a.client != client && a.expires(lease) > now);
+            if !keep {
+                taken_over.push(a.session_token.clone());
+            }
+            keep
+        });
         if mode == AccessMode::Rw {
             if let Some(holder) = volume
                 .attachments
                 .values()
                 .find(|a| a.mode == AccessMode::Rw)
             {
-                return Err(ErrorBody::new(
-                    ErrorCode::Busy,
+                let message = if holder.connected {
                     format!(
                         "volume is already attached read-write by client {:?}",
                         holder.client
-                    ),
-                ));
+                    )
+                } else {
+                    let left = holder.expires(lease).saturating_duration_since(now);
+                    format!(
+                        "volume is held read-write by client {:?}, whose connection closed \
+                         without a detach; the slot frees when its lease expires, in {} ms",
+                        holder.client,
+                        left.as_millis()
+                    )
+                };
+                for token in taken_over {
+                    live.sessions.remove(&token);
+                }
+                return Err(ErrorBody::new(ErrorCode::Busy, message));
             }
         }
+        for token in taken_over {
+            live.sessions.remove(&token);
+        }
+        let Some(volume) = live.volumes.get_mut(&volume_id) else {
+            return Err(ErrorBody::new(ErrorCode::Internal, "live volume vanished"));
+        };
         let map = volume.map.borrow().map.clone();
         let updates = volume.map.subscribe();
         live.sessions
@@ -270,9 +546,29 @@ impl ServerState {
                 client: client.to_string(),
                 mode,
                 acked_epoch: map.epoch,
-                session_token,
+                session_token: session_token.clone(),
+                renewed: Instant::now(),
+                connected: true,
+                quiesce_sent: None,
+                quiesce_acked: None,
             },
         );
+        // Attached while a change runs: quiesced at once (the push follows the attach
+        // answer), so it holds I/O until the change's `Resume` also when the change is past
+        // its quiesce step; while the change is still in it, the change waits for this ack.
+        if live.changing.contains(&volume_id) {
+            if let Some(attachment) = volume.attachments.get_mut(&connection) {
+                attachment.quiesce_sent = Some(map.epoch);
+            }
+            if let Some(control) = live.controls.get(&connection) {
+                let _ = control.send(AgentReply::Quiesce(Quiesce {
+                    volume_id,
+                    epoch: map.epoch,
+                }));
+            }
+        }
+        live.fenced.remove(&(connection, volume_id));
+        live.fenced_tokens.remove(&session_token);
         Ok(AttachGrant { map, updates })
     }
 
@@ -303,6 +599,9 @@ impl ServerState {
     pub fn session(&self, token: &str) -> Option<SessionInfo> {
         {
             let live = self.live();
+            if live.fenced_tokens.contains(token) {
+                return None;
+            }
             if let Some(&(volume_id, connection)) = live.sessions.get(token) {
                 let volume = live.volumes.get(&volume_id)?;
                 let attachment = volume.attachments.get(&connection)?;
@@ -397,9 +696,17 @@ impl ServerState {
         Ok(())
     }
 
-    /// Whether a live attachment holds `token`.
+    /// Whether a live attachment of a connected agent holds `token`.
     pub fn session_is_live(&self, token: &str) -> bool {
-        self.live().sessions.contains_key(token)
+        let live = self.live();
+        live.sessions
+            .get(token)
+            .is_some_and(|(volume_id, connection)| {
+                live.volumes
+                    .get(volume_id)
+                    .and_then(|v| v.attachments.get(connection))
+                    .is_some_and(|a| a.connected)
+            })
     }
 
     /// The mode of this connection's attachment to the volume, if any.
@@ -466,11 +773,43 @@ impl ServerState {
                 client: a.client.clone(),
                 mode: a.mode,
                 acked_epoch: a.acked_epoch,
+                lease_left_ms: u64::try_from(
+                    a.expires(self.lease())
+                        .saturating_duration_since(Instant::now())
+                        .as_millis(),
+                )
+                .unwrap_or(u64::MAX),
+                disconnected: !a.connected,
             })
             .collect();
         list.sort_by(|a, b| a.client.cmp(&b.client));
         list.truncate(limit);
         (volume.attachments.len(), acked, list)
+    }
+
+    /// Every live attachment: (client, volume id, mode, ms of lease left, disconnected).
+    pub fn all_attachments(&self) -> Vec<(String, u64, AccessMode, u64, bool)> {
+        let lease = self.lease();
+        let now = Instant::now();
+        let live = self.live();
+        let mut all: Vec<_> = live
+            .volumes
+            .iter()
+            .flat_map(|(volume_id, volume)| {
+                volume.attachments.values().map(move |a| {
+                    let left = a.expires(lease).saturating_duration_since(now).as_millis();
+                    (
+                        a.client.clone(),
+                        *volume_id,
+                        a.mode,
+                        u64::try_from(left).unwrap_or(u64::MAX),
+                        !a.connected,
+                    )
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        all
     }
 
     /// Deletes a volume unless it is attached: live, or by a persisted session the metadata
@@ -522,6 +861,16 @@ impl ServerState {
         drop(live);
         Ok(deleted)
     }
+}
+
+fn fenced_error(volume_id: u64) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Fenced,
+        format!(
+            "the attachment to volume {volume_id} was fenced (its lease expired while a change \
+             waited for it, or it was revoked); stop using the volume and attach again"
+        ),
+    )
 }
 
 /// Runs blocking store work off the async worker threads. The work fails with a store error
@@ -605,7 +954,11 @@ mod tests {
             )
             .unwrap_or_else(|e| panic!("{e}"));
         state.unregister_connection(connection);
-        assert_eq!(state.session("token-3"), None);
+        // A closed connection's attachment stays (token accepted) until its lease expires.
+        assert!(state.session("token-3").is_some());
+        assert!(!state.session_is_live("token-3"));
+        assert_eq!(state.reap_expired(), 0);
+        assert!(state.session("token-3").is_some());
         // An attach that read the grant before a change committed is refused.
         state
             .store

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{TestServer, MIB};
 use sanblk_proto::auth;
-use sanblk_proto::client::{AgentClient, ClientError};
+use sanblk_proto::client::{AgentClient, ClientError, Push};
 use sanblk_proto::map::AccessMode;
 use sanblk_proto::protocol::{
     write_frame, AgentReply, AgentRequest, Attach, AuthResponse, Challenge, ClientRemove,
@@ -40,7 +40,7 @@ async fn attach_returns_the_map_and_a_session_token() {
     assert_eq!(attached.map.size_bytes, 8 * MIB);
     assert_eq!(attached.map.block_size, 4096);
     assert_eq!(attached.map.epoch, 1);
-    assert_eq!(attached.map.lease_ms, 30_000);
+    assert_eq!(attached.map.lease_ms, sanblk_proto::map::DEFAULT_LEASE_MS);
     assert_eq!(
         attached.map.extents.iter().map(|e| e.length).sum::<u64>(),
         8 * MIB
@@ -48,10 +48,10 @@ async fn attach_returns_the_map_and_a_session_token() {
     assert_eq!(attached.session_token.len(), 64);
     assert_eq!(
         agent
-            .renew(attached.map.volume_id)
+            .renew(attached.map.volume_id, attached.map.epoch)
             .await
             .unwrap_or_else(|e| panic!("{e}")),
-        30_000
+        6_000
     );
 }
 
@@ -305,20 +305,47 @@ async fn only_one_read_write_attachment_per_volume() {
         .attach("vol", AccessMode::Rw)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    // Closing the connection releases it too.
+    // Closing the connection does not release it: only the lease's expiry does (see
+    // leases_and_changes.rs), the holder's kernel may still be writing.
     drop(second);
-    let mut retries = 0;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match first.attach("vol", AccessMode::Rw).await {
+        Err(ClientError::Server(body)) => {
+            assert_eq!(body.code, ErrorCode::Busy);
+            assert!(body.message.contains("lease"), "{}", body.message);
+        }
+        other => panic!("rw slot released by a closed connection: {other:?}"),
+    }
+}
+
+/// Acks the next `Quiesce` push, as an agent without I/O in flight would.
+async fn ack_quiesce(agent: &mut AgentClient) {
     loop {
-        match first.attach("vol", AccessMode::Rw).await {
-            Ok(_) => break,
-            Err(error) if retries < 50 => {
-                assert_eq!(error.server_code(), Some(ErrorCode::Busy));
-                retries += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(error) => panic!("rw slot never released after disconnect: {error}"),
+        let push = tokio::time::timeout(Duration::from_secs(20), agent.next_push())
+            .await
+            .unwrap_or_else(|_| panic!("no quiesce within 20 s"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        if let Push::Quiesce(q) = push {
+            agent
+                .quiesce_ack(q.volume_id, q.epoch)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            return;
         }
     }
+}
+
+/// The next pushed map, acked.
+async fn acked_update(agent: &mut AgentClient) -> sanblk_proto::map::VolumeMap {
+    let update = tokio::time::timeout(Duration::from_secs(20), agent.next_map_update())
+        .await
+        .unwrap_or_else(|_| panic!("no push within 20 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    agent
+        .ack(update.volume_id, update.epoch)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    update
 }
 
 #[tokio::test]
@@ -343,26 +370,24 @@ async fn changes_are_pushed_as_new_epochs() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 
-    // Admin grow: both clients receive epoch 2.
+    // Admin grow: both clients are quiesced, then receive epoch 2.
     let mut admin = server.admin().await;
-    admin
-        .call(VolumeGrow {
+    let mut grow_admin = server.admin().await;
+    let (grown, ()) = tokio::join!(
+        grow_admin.call(VolumeGrow {
             name: "vol".into(),
             new_size_bytes: 6 * MIB,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    for agent in [&mut writer, &mut reader] {
-        let update = tokio::time::timeout(Duration::from_secs(5), agent.next_map_update())
-            .await
-            .unwrap_or_else(|_| panic!("no push within 5 s"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((update.epoch, update.size_bytes), (2, 6 * MIB));
-        agent
-            .ack(volume_id, update.epoch)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+        }),
+        async {
+            ack_quiesce(&mut writer).await;
+            ack_quiesce(&mut reader).await;
+            for agent in [&mut writer, &mut reader] {
+                let update = acked_update(agent).await;
+                assert_eq!((update.epoch, update.size_bytes), (2, 6 * MIB));
+            }
+        }
+    );
+    grown.unwrap_or_else(|e| panic!("{e}"));
     // The server recorded the acks.
     let mut acked = false;
     for _ in 0..50 {
@@ -379,29 +404,28 @@ async fn changes_are_pushed_as_new_epochs() {
     assert!(acked, "acks not recorded");
 
     // Client-requested allocation: the writer grows, gets the map, the reader gets a push.
-    let grown = writer
-        .grow(volume_id, 8 * MIB)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (grown, pushed) = tokio::join!(writer.grow(volume_id, 8 * MIB), async {
+        ack_quiesce(&mut reader).await;
+        acked_update(&mut reader).await
+    });
+    let grown = grown.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((grown.epoch, grown.size_bytes), (3, 8 * MIB));
     assert_eq!(grown.extents.iter().map(|e| e.length).sum::<u64>(), 8 * MIB);
-    let pushed = tokio::time::timeout(Duration::from_secs(5), reader.next_map_update())
-        .await
-        .unwrap_or_else(|_| panic!("no push within 5 s"))
-        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(pushed, grown);
     // The writer does not get its own grow pushed back: its next update is the next change.
-    admin
-        .call(VolumeGrow {
+    let (grown, next) = tokio::join!(
+        grow_admin.call(VolumeGrow {
             name: "vol".into(),
             new_size_bytes: 9 * MIB,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let next = tokio::time::timeout(Duration::from_secs(5), writer.next_map_update())
-        .await
-        .unwrap_or_else(|_| panic!("no push within 5 s"))
-        .unwrap_or_else(|e| panic!("{e}"));
+        }),
+        async {
+            ack_quiesce(&mut writer).await;
+            ack_quiesce(&mut reader).await;
+            acked_update(&mut reader).await;
+            acked_update(&mut writer).await
+        }
+    );
+    grown.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         next.epoch, 4,
         "duplicate push of an epoch the client already had"

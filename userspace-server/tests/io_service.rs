@@ -217,6 +217,31 @@ async fn attached(
     (agent, attachment)
 }
 
+/// A client fenced by a change (it never acked the quiesce, its lease expired) loses its
+/// server-path session: requests and a new HELLO with its token are refused.
+#[tokio::test]
+async fn a_fenced_attachment_loses_its_server_path_session() {
+    let server = TestServer::start_with_args(&["--lease-ms", "1000"]);
+    server.pool_of(1, 64 * MIB).await;
+    let (_silent_agent, vol) =
+        attached(&server, "vol", 4 * MIB, Layout::Linear, AccessMode::Rw).await;
+    let mut io = IoClient::session(&server, &vol).await;
+    assert_eq!(io.write(&vol.map, 0, &pattern(3, 4096)).await, 0);
+    let mut admin = server.admin().await;
+    let grown: VolumeMap = admin
+        .call(VolumeGrow {
+            name: "vol".into(),
+            new_size_bytes: 8 * MIB,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("grow: {e}"));
+    assert_eq!(grown.epoch, vol.map.epoch + 1);
+    // Neither the old epoch nor the new one is served to the fenced session.
+    assert_ne!(io.write(&grown, 0, &pattern(4, 4096)).await, 0);
+    let mut again = IoClient::connect(&server).await;
+    assert_eq!(again.hello(&vol.session_token).await, EACCES);
+}
+
 #[tokio::test]
 async fn writes_land_where_the_map_says_and_read_back() {
     let server = TestServer::start();
@@ -433,19 +458,21 @@ async fn stale_epoch_is_refused_and_changes_nothing() {
     let server = TestServer::start();
     server.pool_of(2, 64 * MIB).await;
     let devices = devices(&server).await;
-    let (_agent, vol) = attached(&server, "vol", 4 * MIB, Layout::Linear, AccessMode::Rw).await;
+    let (mut agent, vol) = attached(&server, "vol", 4 * MIB, Layout::Linear, AccessMode::Rw).await;
     let mut io = IoClient::session(&server, &vol).await;
     let original = pattern(11, 4096);
     assert_eq!(io.write(&vol.map, MIB, &original).await, 0);
 
     let mut admin = server.admin().await;
-    let grown: VolumeMap = admin
-        .call(VolumeGrow {
+    // The agent answers the change (else it is fenced once its lease expires).
+    let (grown, _) = tokio::join!(
+        admin.call(VolumeGrow {
             name: "vol".into(),
             new_size_bytes: 8 * MIB,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("grow: {e}"));
+        }),
+        common::follow_change(&mut agent, vol.map.epoch)
+    );
+    let grown: VolumeMap = grown.unwrap_or_else(|e| panic!("grow: {e}"));
     assert_eq!(grown.epoch, vol.map.epoch + 1);
 
     // Old epoch: -ESTALE for write, read and flush, and the image is untouched.

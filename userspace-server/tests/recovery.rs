@@ -272,7 +272,7 @@ async fn wait_for_recovery(agent: &mut AgentClient, old_epoch: u64) -> VolumeMap
                     .unwrap_or_else(|e| panic!("ack: {e}"));
                 new_map = Some(map);
             }
-            Push::MapUpdate(_) => {}
+            Push::MapUpdate(_) | Push::Quiesce(_) | Push::Resume(_) => {}
         }
     }
     new_map.unwrap_or_else(|| panic!("no map"))
@@ -557,7 +557,7 @@ async fn bad_failure_reports_are_refused_and_change_nothing() {
     assert_eq!(
         setup
             .agent
-            .renew(map.volume_id)
+            .renew(map.volume_id, map.epoch)
             .await
             .unwrap_or_else(|e| panic!("{e}")),
         map.lease_ms

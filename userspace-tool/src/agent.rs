@@ -20,7 +20,7 @@ use clap::Args;
 use sanblk_proto::auth::read_secret_file;
 use sanblk_proto::client::{AgentClient, ClientError};
 use sanblk_proto::map::{AccessMode, VolumeMap};
-use sanblk_proto::protocol::Attachment;
+use sanblk_proto::protocol::{Attachment, ErrorCode};
 use tokio::signal::unix::{signal, SignalKind};
 use uuid::Uuid;
 
@@ -75,6 +75,10 @@ pub struct AttachArgs {
     /// Directory for the agent's pid and device files (read by `sanctl detach`).
     #[arg(long, default_value = "/run/sanblk")]
     run_dir: PathBuf,
+    /// Seconds the kernel holds I/O (during a change, or once the lease lapsed) before it
+    /// fails it.
+    #[arg(long = "io-timeout", default_value_t = 60, value_name = "SECS")]
+    io_timeout_secs: u32,
 }
 
 #[derive(Debug, Args)]
@@ -299,7 +303,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
         read_only: args.ro,
         servers: &servers,
         lease_expires_ns: lease_deadline_ns(attach_sent, map.lease_ms),
-        io_timeout_ms: None,
+        io_timeout_ms: Some(args.io_timeout_secs.saturating_mul(1000)),
     }) {
         Ok(index) => index,
         Err(error) => {
@@ -345,6 +349,13 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     // Exactly one of the two is set: connected, or an attempt to reconnect is under way.
     let mut client = Some(client);
     let mut reconnect: Option<Reconnect> = None;
+    // Set once the server refused a renewal as fenced: the agent stops renewing, so the kernel
+    // holds I/O when the lease lapses and fails it after the I/O timeout.
+    let mut fenced = false;
+    // Whether this agent quiesced the kernel and has not resumed it since: the server also
+    // sends `Resume` after every attach (a restarted server may have left the kernel held),
+    // which finds the kernel not held as a rule.
+    let mut quiesced = false;
     loop {
         tokio::select! {
             // Kernel events wait in the channel while disconnected and are reported after.
@@ -387,6 +398,39 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                     }
                 }
                 Ok(Push::MapUpdate(_)) => {}
+                Ok(Push::Quiesce(request)) if request.volume_id == volume_id => {
+                    // Returns once the kernel drained in-flight I/O; new I/O is held.
+                    match kernel.quiesce(volume_id, request.epoch) {
+                        Ok(()) => {
+                            quiesced = true;
+                            println!("volume {} quiesced at epoch {} for a change", args.volume, request.epoch);
+                            if let Some(client) = client.as_mut() {
+                                if let Err(e) = client.quiesce_ack(volume_id, request.epoch).await {
+                                    eprintln!("sanctl attach: cannot acknowledge the quiesce of epoch {}: {e}", request.epoch);
+                                }
+                            }
+                        }
+                        // Not acknowledged: the server waits for the lease and then fences
+                        // this client, which is safe; an ack without a drain would not be.
+                        Err(e) => eprintln!(
+                            "sanctl attach: the kernel could not quiesce {} at epoch {}: {e}; not acknowledged",
+                            args.volume, request.epoch
+                        ),
+                    }
+                }
+                Ok(Push::Resume(request)) if request.volume_id == volume_id => {
+                    match kernel.resume(volume_id, request.epoch) {
+                        Ok(()) if quiesced => println!("volume {} resumed at epoch {}", args.volume, request.epoch),
+                        Ok(()) => {}
+                        Err(e) if quiesced => eprintln!(
+                            "sanctl attach: the kernel refused to resume {} at epoch {}: {e}",
+                            args.volume, request.epoch
+                        ),
+                        Err(_) => {}
+                    }
+                    quiesced = false;
+                }
+                Ok(Push::Quiesce(_) | Push::Resume(_)) => {}
                 Err(error) => {
                     eprintln!("sanctl attach: lost the server ({error}); reconnecting");
                     client = None;
@@ -397,6 +441,8 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                 Ok((fresh, attachment, sent)) => {
                     reconnect = None;
                     client = Some(fresh);
+                    // A fresh attachment: its lease is renewed again.
+                    fenced = false;
                     backoff = Duration::from_secs(1);
                     // A restarted server may listen elsewhere; the kernel gets the new
                     // addresses with the next map.
@@ -422,14 +468,23 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                     reconnect = Some(reconnect_after(backoff, &args, &secret, mode));
                 }
             },
-            _ = renew.tick(), if client.is_some() => {
+            _ = renew.tick(), if client.is_some() && !fenced => {
                 if let Some(client) = client.as_mut() {
                     let sent = monotonic_now_ns();
-                    match client.renew(volume_id).await {
+                    match client.renew(volume_id, epoch).await {
                         Ok(lease_ms) => {
                             if let Err(e) = kernel.renew(volume_id, epoch, lease_deadline_ns(sent, lease_ms)) {
                                 eprintln!("sanctl attach: kernel refused the lease renewal of epoch {epoch}: {e}");
                             }
+                        }
+                        Err(ClientError::Server(body)) if body.code == ErrorCode::Fenced => {
+                            fenced = true;
+                            eprintln!(
+                                "sanctl attach: FENCED: the server refused the lease renewal of {} ({}); \
+                                 renewals stop, the kernel holds I/O once the lease lapses and fails it \
+                                 after the I/O timeout ({} s). Detach and attach again.",
+                                args.volume, body.message, args.io_timeout_secs
+                            );
                         }
                         Err(e) => eprintln!("sanctl attach: lease renewal failed: {e}"),
                     }
@@ -643,6 +698,32 @@ fn recoveries(run_dir: &Path) -> Vec<(String, RecoveryStatus)> {
     found
 }
 
+/// The lease column: time left, or lapsed.
+fn lease_text(volume: &crate::kernel_link::KernelVolume) -> String {
+    if volume.lease_remaining_ms == 0 {
+        "lapsed".into()
+    } else {
+        format!("{:.1}s left", volume.lease_remaining_ms as f64 / 1000.0)
+    }
+}
+
+/// The held-I/O column: how many bios are held and why (io_timeout bounds the wait).
+fn held_text(volume: &crate::kernel_link::KernelVolume) -> String {
+    if volume.hold_reason.is_empty() && volume.held_ios == 0 {
+        return "-".into();
+    }
+    let why = if volume.hold_reason.is_empty() {
+        "held".to_string()
+    } else {
+        volume.hold_reason.join("+")
+    };
+    format!(
+        "{} ({why}, timeout {}s)",
+        volume.held_ios,
+        volume.io_timeout_ms / 1000
+    )
+}
+
 pub fn status(context: &Context, args: &StatusArgs) -> Result<(), CliError> {
     let kernel = KernelLink::open().map_err(local)?;
     let status = kernel.status().map_err(local)?;
@@ -692,6 +773,9 @@ pub fn status(context: &Context, args: &StatusArgs) -> Result<(), CliError> {
                     format!("{} {}", v.server_path, v.servers.join(","))
                 },
                 v.redirected_ios.to_string(),
+                lease_text(v),
+                held_text(v),
+                v.timed_out_ios.to_string(),
             ]
         })
         .collect();
@@ -708,6 +792,9 @@ pub fn status(context: &Context, args: &StatusArgs) -> Result<(), CliError> {
             "ERRORS",
             "SERVER PATH",
             "REDIRECTED",
+            "LEASE",
+            "HELD I/O",
+            "TIMED OUT",
         ],
         &rows,
     );

@@ -107,7 +107,12 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
             if context.json {
                 return context.print_json(&client);
             }
-            println!("client {name} may no longer attach {volume}");
+            // The server answers once the client's leases on the volume have expired (or it
+            // was not attached): from then on it cannot write to the volume.
+            println!(
+                "client {name} may no longer attach {volume}; fenced (no lease of it on the \
+                 volume is left)"
+            );
             Ok(())
         }
         ClientCommand::Remove { name } => {
@@ -131,10 +136,27 @@ pub async fn run(command: ClientCommand, context: &mut Context) -> Result<(), Cl
                         .iter()
                         .map(|g| format!("{}:{}", g.name, g.mode))
                         .collect();
-                    vec![c.name.clone(), grants.join(",")]
+                    let attachments: Vec<String> = c
+                        .attachments
+                        .iter()
+                        .map(|a| {
+                            format!(
+                                "{}:{} lease {:.1}s{}",
+                                a.volume,
+                                a.mode,
+                                a.lease_left_ms as f64 / 1000.0,
+                                if a.disconnected {
+                                    " (disconnected)"
+                                } else {
+                                    ""
+                                }
+                            )
+                        })
+                        .collect();
+                    vec![c.name.clone(), grants.join(","), attachments.join(", ")]
                 })
                 .collect();
-            print_table(&["CLIENT", "GRANTS"], &rows);
+            print_table(&["CLIENT", "GRANTS", "ATTACHED"], &rows);
             Ok(())
         }
     }

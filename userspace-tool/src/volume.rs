@@ -198,10 +198,19 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
                             a.client.clone(),
                             a.mode.to_string(),
                             a.acked_epoch.to_string(),
+                            format!("{:.1}s", a.lease_left_ms as f64 / 1000.0),
+                            if a.disconnected {
+                                "disconnected (held until the lease expires)".into()
+                            } else {
+                                "connected".into()
+                            },
                         ]
                     })
                     .collect();
-                print_table(&["CLIENT", "MODE", "ACKED_EPOCH"], &rows);
+                print_table(
+                    &["CLIENT", "MODE", "ACKED_EPOCH", "LEASE LEFT", "AGENT"],
+                    &rows,
+                );
             }
             Ok(())
         }

@@ -16,6 +16,7 @@
 //! `volumes`, `recovery`, `clients` and `sessions`. This module holds what they share: the
 //! tables, the error type, the record encoding and opening the databases.
 
+mod changes;
 mod clients;
 mod pool;
 mod recovery;
@@ -33,6 +34,7 @@ use uuid::Uuid;
 
 use crate::allocator::AllocError;
 
+pub use changes::{ChangeKind, ChangeRecord, ChangeStep};
 pub use clients::Grant;
 pub use pool::DeviceRecord;
 pub use recovery::{RecoveryRecord, RecoverySegment};
@@ -53,6 +55,9 @@ const SESSION_KEYS: TableDefinition<&str, &str> = TableDefinition::new("session_
 
 /// Volume id -> unfinished `RecoveryRecord` (at most one per volume).
 const RECOVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("recoveries");
+/// Volume id -> `ChangeRecord` of the configuration change in progress (at most one per
+/// volume).
+const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 
 const POOL_UUID_KEY: &str = "pool_uuid";
 const NEXT_VOLUME_ID_KEY: &str = "next_volume_id";
@@ -175,6 +180,7 @@ impl Store {
             txn.open_table(VOLUMES)?;
             txn.open_table(CLIENTS)?;
             txn.open_table(RECOVERIES)?;
+            txn.open_table(CHANGES)?;
             let existing = meta.get(POOL_UUID_KEY)?.map(|v| v.value().to_vec());
             match existing {
                 Some(bytes) => {

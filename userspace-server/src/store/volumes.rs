@@ -7,12 +7,13 @@ use sanblk_proto::map::{Extent, Layout, VolumeMap, BLOCK_SIZE};
 
 use crate::allocator::{merge_adjacent, restripe_legacy};
 
+use super::changes::{ChangeKind, ChangeRecord, ChangeStep};
 use super::clients::ClientRecord;
 use super::pool::pool_space_in;
 use super::recovery::{read_recoveries, recovery_busy};
 use super::{
     decode, decode_all, encode, not_found, take_next_id, validate_name, Store, StoreError,
-    StoreResult, CLIENTS, DEVICES, META, NEXT_VOLUME_ID_KEY, RECOVERIES, VOLUMES,
+    StoreResult, CHANGES, CLIENTS, DEVICES, META, NEXT_VOLUME_ID_KEY, RECOVERIES, VOLUMES,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,9 +105,57 @@ impl Store {
         Ok(record)
     }
 
-    /// Grows a volume (allocation + new epoch in one transaction).
+    /// Grows a volume (allocation + new epoch in one transaction), outside the change
+    /// protocol (tests of the allocation).
+    #[cfg(test)]
     pub fn grow_volume(&self, id: u64, new_size_bytes: u64) -> StoreResult<VolumeRecord> {
         let txn = self.metadata.begin_write()?;
+        let record = grow_in(&txn, id, new_size_bytes)?;
+        txn.commit()?;
+        Ok(record)
+    }
+
+    /// The record a grow would commit now, committing nothing (a change's prepare step).
+    pub fn plan_grow(&self, id: u64, new_size_bytes: u64) -> StoreResult<VolumeRecord> {
+        let txn = self.metadata.begin_write()?;
+        let record = grow_in(&txn, id, new_size_bytes)?;
+        txn.abort()?;
+        Ok(record)
+    }
+
+    /// Commits a change's grow: the allocation, the new epoch and the change record's step
+    /// `Committed`, in one transaction. Refused if the volume is no longer at `from_epoch`.
+    pub fn commit_grow(&self, change: &ChangeRecord) -> StoreResult<VolumeRecord> {
+        let ChangeKind::Grow { new_size_bytes } = change.kind;
+        let txn = self.metadata.begin_write()?;
+        let current = decode_all::<u64, VolumeRecord>(&txn.open_table(VOLUMES)?)?
+            .into_iter()
+            .find(|v| v.id == change.volume_id)
+            .map(|v| v.epoch);
+        if current != Some(change.from_epoch) {
+            return Err(StoreError::Busy(format!(
+                "volume {} changed meanwhile (epoch {current:?}, change from {})",
+                change.volume_id, change.from_epoch
+            )));
+        }
+        let record = grow_in(&txn, change.volume_id, new_size_bytes)?;
+        let mut committed = change.clone();
+        committed.step = ChangeStep::Committed;
+        committed.to_epoch = record.epoch;
+        txn.open_table(CHANGES)?
+            .insert(change.volume_id, encode(&committed)?.as_slice())?;
+        txn.commit()?;
+        Ok(record)
+    }
+}
+
+/// The grow of volume `id` to `new_size_bytes`, written in `txn` (not committed).
+fn grow_in(
+    txn: &redb::WriteTransaction,
+    id: u64,
+    new_size_bytes: u64,
+) -> StoreResult<VolumeRecord> {
+    {
         let record = {
             let mut volumes = txn.open_table(VOLUMES)?;
             let devices = txn.open_table(DEVICES)?;
@@ -146,10 +195,11 @@ impl Store {
             volumes.insert(id, encode(&record)?.as_slice())?;
             record
         };
-        txn.commit()?;
         Ok(record)
     }
+}
 
+impl Store {
     /// Deletes a volume, frees its space and drops every grant on it, in one transaction.
     pub fn delete_volume(&self, id: u64) -> StoreResult<VolumeRecord> {
         let txn = self.metadata.begin_write()?;

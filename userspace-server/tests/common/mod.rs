@@ -280,6 +280,32 @@ impl TestServer {
     }
 }
 
+/// Plays a well-behaved agent through one change of `volume_id`: acks the `Quiesce` and the
+/// new map (as the kernel would once drained / installed) until the `Resume` above
+/// `from_epoch`; returns the resumed epoch.
+pub async fn follow_change(agent: &mut AgentClient, from_epoch: u64) -> u64 {
+    use sanblk_proto::client::Push;
+    let wait = Duration::from_secs(30);
+    loop {
+        let push = tokio::time::timeout(wait, agent.next_push())
+            .await
+            .unwrap_or_else(|_| panic!("change not finished within {wait:?}"))
+            .unwrap_or_else(|e| panic!("push: {e}"));
+        match push {
+            Push::Quiesce(q) => agent
+                .quiesce_ack(q.volume_id, q.epoch)
+                .await
+                .unwrap_or_else(|e| panic!("quiesce ack: {e}")),
+            Push::MapUpdate(m) => agent
+                .ack(m.volume_id, m.epoch)
+                .await
+                .unwrap_or_else(|e| panic!("ack: {e}")),
+            Push::Resume(r) if r.epoch > from_epoch => return r.epoch,
+            Push::Resume(_) | Push::RecoveryStatus(_) => {}
+        }
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill9();
