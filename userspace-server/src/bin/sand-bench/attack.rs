@@ -272,7 +272,7 @@ async fn hog(
 
 pub(crate) async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     let binary = sand_binary(args)?;
-    let (child, agent_address, admin_socket) = start_sand(&binary, dir)?;
+    let (child, agent_address, admin_socket) = start_sand(&binary, dir, &[])?;
     let _guard = ChildGuard(Some(child.id()));
     let setup = set_up(dir, agent_address, &admin_socket).await?;
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
-use sanblk_proto::client::{AdminClient, AgentClient};
+use sanblk_proto::client::{AdminClient, AgentClient, Push};
 use sanblk_proto::map::{AccessMode, Layout};
 use sanblk_proto::protocol::{
     ClientAdd, ClientCreated, ClientGrant, PoolAdd, VolumeCreate, VolumeDetail, VolumeGrow,
@@ -35,6 +35,8 @@ use tokio::sync::{broadcast, mpsc, Semaphore};
 mod attack;
 
 const MIB: u64 = 1 << 20;
+/// Well inside sand's default 6 s lease, as the real agent renews at a third of it.
+const RENEW_EVERY: Duration = Duration::from_secs(2);
 const BASELINE_MESSAGE_BYTES: usize = 64;
 
 #[derive(Debug, Parser)]
@@ -272,7 +274,11 @@ fn sand_binary(args: &Args) -> anyhow::Result<PathBuf> {
     Ok(sibling)
 }
 
-fn start_sand(binary: &Path, dir: &Path) -> anyhow::Result<(Child, std::net::SocketAddr, PathBuf)> {
+fn start_sand(
+    binary: &Path,
+    dir: &Path,
+    extra_args: &[String],
+) -> anyhow::Result<(Child, std::net::SocketAddr, PathBuf)> {
     let metadata_dir = dir.join("meta");
     let log = std::fs::File::create(dir.join("sand.log"))?;
     let child = Command::new(binary)
@@ -280,6 +286,7 @@ fn start_sand(binary: &Path, dir: &Path) -> anyhow::Result<(Child, std::net::Soc
         .arg(&metadata_dir)
         .arg("--listen")
         .arg("127.0.0.1:0")
+        .args(extra_args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)
@@ -309,7 +316,13 @@ struct SandResult {
 
 async fn run_sand(args: &Args, dir: &Path) -> anyhow::Result<SandResult> {
     let binary = sand_binary(args)?;
-    let (child, agent_address, admin_socket) = start_sand(&binary, dir)?;
+    // Every simulated agent connects from 127.0.0.1, where a fleet has one address per host:
+    // let as many handshakes run from it as the bench sets up at once.
+    let per_peer = vec![
+        "--max-handshakes-per-peer".to_string(),
+        args.concurrency.to_string(),
+    ];
+    let (child, agent_address, admin_socket) = start_sand(&binary, dir, &per_peer)?;
     let _guard = ChildGuard(Some(child.id()));
     let mut admin = AdminClient::connect(&admin_socket).await?;
     let image = dir.join("disk0.img");
@@ -369,9 +382,33 @@ async fn run_sand(args: &Args, dir: &Path) -> anyhow::Result<SandResult> {
             };
             let _ = attached_tx.send(Ok(begun.elapsed()));
             drop(permit);
-            while let Ok(map) = agent.next_map_update().await {
-                let _ = received_tx.send((map.epoch, Instant::now()));
-                if agent.ack(volume_id, map.epoch).await.is_err() {
+            // A well-behaved agent: renews its lease, acknowledges quiesces at once (it has
+            // no I/O in flight) and acknowledges each new map.
+            let mut epoch = 1;
+            let mut renew = tokio::time::interval(RENEW_EVERY);
+            loop {
+                let push = tokio::select! {
+                    push = agent.next_push() => push,
+                    _ = renew.tick() => {
+                        if agent.renew(volume_id, epoch).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let answered = match push {
+                    Ok(Push::MapUpdate(map)) => {
+                        epoch = map.epoch;
+                        let _ = received_tx.send((map.epoch, Instant::now()));
+                        agent.ack(volume_id, map.epoch).await
+                    }
+                    Ok(Push::Quiesce(quiesce)) => {
+                        agent.quiesce_ack(quiesce.volume_id, quiesce.epoch).await
+                    }
+                    Ok(_) => Ok(()),
+                    Err(error) => Err(error),
+                };
+                if answered.is_err() {
                     break;
                 }
             }
