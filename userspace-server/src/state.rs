@@ -492,15 +492,31 @@ impl ServerState {
         let lease = Duration::from_millis(self.config.lease_ms);
         let now = Instant::now();
         // This client's own attachment left by a closed connection is taken over (the
-        // agent reconnected); another client's expired one is freed.
+        // agent reconnected). Another client's expired one is freed, also while its
+        // connection is still open: a partitioned or stopped agent keeps its TCP connection
+        // but stops renewing, and its kernel stopped I/O when its own lease lapsed. That one
+        // is fenced, so its late renewals and server-path I/O are refused.
         let mut taken_over = Vec::new();
-        volume.attachments.retain(|_, a| {
-            let keep = a.connected || (a.client != client && a.expires(lease) > now);
+        let mut fenced = Vec::new();
+        volume.attachments.retain(|connection, a| {
+            let keep = if a.client == client {
+                a.connected
+            } else {
+                a.expires(lease) > now
+            };
             if !keep {
                 taken_over.push(a.session_token.clone());
+                if a.connected {
+                    fenced.push((*connection, a.client.clone(), a.session_token.clone()));
+                }
             }
             keep
         });
+        for (fenced_connection, fenced_client, token) in fenced {
+            info!("volume {volume_id}: client {fenced_client:?} let its lease expire; fenced");
+            live.fenced.insert((fenced_connection, volume_id));
+            live.fenced_tokens.insert(token);
+        }
         if mode == AccessMode::Rw {
             if let Some(holder) = volume
                 .attachments

@@ -190,6 +190,43 @@ async fn read_write_slot_is_freed_by_lease_expiry_or_detach() {
     attach(&mut a, AccessMode::Rw).await;
 }
 
+/// A partitioned or stopped agent keeps its TCP connection open but stops renewing: its slot
+/// is freed after its lease and the bound all the same, and it is fenced.
+#[tokio::test]
+async fn a_silent_client_with_an_open_connection_loses_its_slot_after_its_lease() {
+    let lease = LEASE_MS.to_string();
+    let server = TestServer::start_with_args(&["--lease-ms", &lease]);
+    let (a_secret, b_secret) = setup(&server).await;
+    let mut a = server.agent("a", &a_secret).await;
+    let attached_at = Instant::now();
+    let a_map = attach(&mut a, AccessMode::Rw).await;
+    let mut b = server.agent("b", &b_secret).await;
+    let freed = loop {
+        match b.attach("vol", AccessMode::Rw).await {
+            Ok(_) => break Instant::now(),
+            Err(ClientError::Server(body)) if body.code == ErrorCode::Busy => {
+                assert!(
+                    attached_at.elapsed() < WAIT,
+                    "slot of a silent, connected client never freed: {}",
+                    body.message
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    };
+    let held = freed.duration_since(attached_at);
+    assert!(
+        held >= Duration::from_millis(LEASE_MS + IN_FLIGHT_BOUND_MS),
+        "slot freed after {held:?}, before a's lease and the bound ran out"
+    );
+    assert_eq!(
+        code(a.renew(a_map.volume_id, a_map.epoch).await),
+        Some(ErrorCode::Fenced),
+        "a late renewal of the fenced client must be refused"
+    );
+}
+
 #[tokio::test]
 async fn grow_quiesces_every_client_and_commits_after_both_acks() {
     // The default lease: nobody is fenced during this test.
