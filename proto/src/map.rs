@@ -229,6 +229,18 @@ pub struct VolumeMap {
     /// Sorted by `volume_offset`, contiguous, covering `[0, size_bytes)`.
     pub extents: Vec<Extent>,
     pub lease_ms: u64,
+    /// Volume ranges being copied to a new place (a move, mirror add or recovery): clients
+    /// read them directly but send every write to them through the server, which writes
+    /// the old and the new place in step with its copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub syncing: Vec<ByteRange>,
+}
+
+/// A range of a volume's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteRange {
+    pub volume_offset: u64,
+    pub length: u64,
 }
 
 impl VolumeMap {

@@ -546,6 +546,10 @@ pub enum AdminRequest {
     ClientRemove(ClientRemove),
     ClientList(ClientList),
     RecoveryList(RecoveryList),
+    VolumeMove(VolumeMove),
+    PoolEvacuate(PoolEvacuate),
+    MirrorAdd(MirrorAdd),
+    MirrorRemove(MirrorRemove),
 }
 
 /// Label a device and add it to the pool.
@@ -619,6 +623,42 @@ pub struct ClientList {}
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecoveryList {}
 
+/// Move a volume's data off a device while clients use it (`--cancel`: roll back the move
+/// in progress). Devices are named by path or UUID.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeMove {
+    pub name: String,
+    /// Required unless `cancel`.
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+/// Move every volume's data off a device (before removing it from the SAN). Starts one move
+/// per volume on the device; the reply lists their first status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolEvacuate {
+    pub device: String,
+}
+
+/// Turn a linear volume into a two-way mirror while clients use it (`--cancel`: roll back).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MirrorAdd {
+    pub name: String,
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+/// Drop a mirrored volume's replicas on a device (through the change protocol).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MirrorRemove {
+    pub name: String,
+    pub device: String,
+}
+
 /// Pairs each request with its `AdminRequest` variant (same name) and its reply type.
 macro_rules! admin_calls {
     ($($request:ident => $reply:ty,)*) => {$(
@@ -650,6 +690,10 @@ admin_calls! {
     ClientRemove => ClientRemoved,
     ClientList => Vec<ClientInfo>,
     RecoveryList => Vec<RecoveryStatus>,
+    VolumeMove => RecoveryStatus,
+    PoolEvacuate => Vec<RecoveryStatus>,
+    MirrorAdd => RecoveryStatus,
+    MirrorRemove => VolumeMap,
 }
 
 /// The answer to an admin request whose reply is a `T`.
@@ -771,6 +815,8 @@ pub enum RecoveryState {
     /// Copying stopped on an error; the record is kept and resumed at the next server start
     /// or failure report.
     Failed,
+    /// Rolled back by `--cancel`: the targets are freed, the data stays where it was.
+    Cancelled,
 }
 
 impl std::fmt::Display for RecoveryState {
@@ -780,12 +826,37 @@ impl std::fmt::Display for RecoveryState {
             RecoveryState::Copying => "copying",
             RecoveryState::Done => "done",
             RecoveryState::Failed => "failed",
+            RecoveryState::Cancelled => "cancelled",
         })
     }
 }
 
-/// Progress of moving one volume's data off a failed device (pushed to agents as
-/// `recovery_status`, listed by `recovery_list` and `volume show`).
+/// Why a volume's extents are being copied to a new place.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelocationKind {
+    /// Off a device a client reported failed.
+    #[default]
+    Recovery,
+    /// Off a healthy device, at an admin's request (`volume move`, `pool evacuate`).
+    Move,
+    /// Onto a second replica of every single-copy extent (`volume mirror add`).
+    MirrorAdd,
+}
+
+impl std::fmt::Display for RelocationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RelocationKind::Recovery => "recovery",
+            RelocationKind::Move => "move",
+            RelocationKind::MirrorAdd => "mirror add",
+        })
+    }
+}
+
+/// Progress of copying one volume's data to a new place: a recovery off a failed device, a
+/// move or a mirror add (pushed to agents as `recovery_status`, listed by `recovery_list`
+/// and `volume show`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecoveryStatus {
     pub volume_id: u64,
@@ -799,6 +870,8 @@ pub struct RecoveryStatus {
     /// Estimated seconds left at the rate seen since the copy (re)started; `None` until known.
     pub eta_seconds: Option<u64>,
     pub message: String,
+    #[serde(default)]
+    pub kind: RelocationKind,
 }
 
 #[cfg(test)]
@@ -868,7 +941,7 @@ mod tests {
             "volume_id": 3, "volume_name": "db1",
             "device_uuid": "6f1c2e0a-5b7d-4c1e-9a3f-2d4b6c8e0f12", "state": "copying",
             "percent": 50.0, "bytes_done": 1024, "bytes_total": 2048, "eta_seconds": null,
-            "message": "copying"
+            "message": "copying", "kind": "recovery"
         });
         let mut pushed = status.clone();
         if let Some(object) = pushed.as_object_mut() {

@@ -18,13 +18,15 @@ use sanblk_proto::map::{AccessMode, VolumeMap};
 use sanblk_proto::protocol::{
     encode_frame, write_frame, AdminCall, AdminReply, AdminRequest, ClientAdd, ClientAttachment,
     ClientCreated, ClientGrant, ClientInfo, ClientList, ClientRemove, ClientRemoved, ClientRevoke,
-    DeviceInfo, ErrorBody, ErrorCode, FrameError, FrameReader, GrantedVolume, PoolAdd, PoolList,
-    RecoveryList, VolumeCreate, VolumeDelete, VolumeDeleted, VolumeDetail, VolumeGrow, VolumeList,
-    VolumeShow, VolumeSummary, MAX_LISTED_ATTACHMENTS,
+    DeviceInfo, ErrorBody, ErrorCode, FrameError, FrameReader, GrantedVolume, MirrorAdd,
+    MirrorRemove, PoolAdd, PoolEvacuate, PoolList, RecoveryList, VolumeCreate, VolumeDelete,
+    VolumeDeleted, VolumeDetail, VolumeGrow, VolumeList, VolumeMove, VolumeShow, VolumeSummary,
+    MAX_LISTED_ATTACHMENTS,
 };
 
 use crate::labelling;
 use crate::log_text::peer_text;
+use crate::relocation_admin;
 use crate::secrets;
 use crate::service_error::ServiceResult;
 use crate::state::{blocking, ServerState};
@@ -126,6 +128,18 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> Result<Vec<u
         }
         AdminRequest::RecoveryList(RecoveryList {}) => {
             reply_frame::<RecoveryList>(Ok(state.recoveries.statuses()))
+        }
+        AdminRequest::VolumeMove(request) => {
+            reply_frame::<VolumeMove>(relocation_admin::volume_move(request, state).await)
+        }
+        AdminRequest::PoolEvacuate(request) => {
+            reply_frame::<PoolEvacuate>(relocation_admin::pool_evacuate(request, state).await)
+        }
+        AdminRequest::MirrorAdd(request) => {
+            reply_frame::<MirrorAdd>(relocation_admin::mirror_add(request, state).await)
+        }
+        AdminRequest::MirrorRemove(request) => {
+            reply_frame::<MirrorRemove>(relocation_admin::mirror_remove(request, state).await)
         }
     }
 }
@@ -229,7 +243,7 @@ async fn volume_show(request: VolumeShow, state: &Arc<ServerState>) -> ServiceRe
     let (attachment_count, acked_current_epoch, attachments) =
         state.attachments(record.id, record.epoch, MAX_LISTED_ATTACHMENTS);
     Ok(VolumeDetail {
-        map: record.map(state.config.lease_ms),
+        map: state.client_map(&record)?,
         attachment_count,
         acked_current_epoch,
         attachments,

@@ -1,5 +1,5 @@
-//! The one protocol for configuration changes of a volume (grow today; moves, recovery's
-//! switch and snapshots are meant to use it too):
+//! The one protocol for configuration changes of a volume: grow, the start, finish and cancel
+//! of a relocation (recovery, move, mirror add) and mirror remove:
 //!
 //! 1. prepare: compute the new map (nothing committed) and refuse what cannot be done;
 //! 2. persist a change record (volume, from-epoch, to-epoch, what, step `Quiescing`);
@@ -58,6 +58,23 @@ pub async fn grow(
     new_size_bytes: u64,
     committed: impl FnOnce(&VolumeRecord),
 ) -> ServiceResult<VolumeRecord> {
+    run(
+        state,
+        volume_id,
+        ChangeKind::Grow { new_size_bytes },
+        committed,
+    )
+    .await
+}
+
+/// Runs one change of `volume_id` through the protocol (module doc). `committed` is called
+/// with the new record right after the commit, before the clients have it.
+pub async fn run(
+    state: &Arc<ServerState>,
+    volume_id: u64,
+    kind: ChangeKind,
+    committed: impl FnOnce(&VolumeRecord),
+) -> ServiceResult<VolumeRecord> {
     // Changes of one volume run one after the other: a change waits at most for the
     // clients' leases twice, so the one before it ends within a bounded time.
     let queued = Instant::now();
@@ -71,13 +88,17 @@ pub async fn grow(
         tokio::time::sleep(POLL).await;
     }
     let _in_progress = InProgress { state, volume_id };
-    // Prepare: refuses a bad size or missing space before any client is held.
-    let planned = blocking(state, move |s| s.store.plan_grow(volume_id, new_size_bytes)).await?;
+    // Prepare: refuses what cannot be done (size, space, devices) before any client is held.
+    let planned_kind = kind.clone();
+    let planned = blocking(state, move |s| {
+        s.store.plan_change(volume_id, &planned_kind)
+    })
+    .await?;
     let change = ChangeRecord {
         volume_id,
         from_epoch: planned.epoch.saturating_sub(1),
         to_epoch: planned.epoch,
-        kind: ChangeKind::Grow { new_size_bytes },
+        kind,
         step: ChangeStep::Quiescing,
     };
     let record = change.clone();
@@ -86,13 +107,14 @@ pub async fn grow(
     let started = Instant::now();
     wait_all(state, |s| s.quiesce_round(volume_id, change.from_epoch)).await;
     info!(
-        "volume {volume_id}: clients quiesced at epoch {} in {:?}",
+        "volume {volume_id}: clients quiesced at epoch {} for {} in {:?}",
         change.from_epoch,
+        change.kind,
         started.elapsed()
     );
     crash_point("change:after-quiesce");
     let commit = change.clone();
-    let record = match blocking(state, move |s| s.store.commit_grow(&commit)).await {
+    let record = match blocking(state, move |s| s.store.commit_change(&commit)).await {
         Ok(record) => record,
         Err(error) => {
             rollback(state, &change).await;
@@ -232,11 +254,11 @@ mod tests {
         };
         let grown = state
             .store
-            .commit_grow(&committed)
+            .commit_change(&committed)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(grown.epoch, b.epoch + 1);
         // A second commit of the same change is refused: the volume moved on.
-        assert!(state.store.commit_grow(&committed).is_err());
+        assert!(state.store.commit_change(&committed).is_err());
         let steps: Vec<ChangeStep> = state
             .store
             .changes()

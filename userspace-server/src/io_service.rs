@@ -496,16 +496,21 @@ impl IoService {
         let length = u64::from(header.length);
         if header.op == Op::Flush {
             let service = self.clone();
-            // Writes also went to the targets of a running recovery: flush those too. The
-            // failed device is left out where a surviving mirror holds the data (writes to it
-            // are best effort then), so its errors do not fail every flush until recovered.
+            // Writes also went to the targets of a running relocation: flush those too. A
+            // reported-failed device is left out where a surviving mirror holds the data
+            // (writes to it are best effort then), so its errors do not fail every flush
+            // until recovered.
             let mut extents = record.extents.clone();
             if let Some(active) = self.state.recoveries.gate(header.volume_id).recovery() {
+                let best_effort = |device: uuid::Uuid| {
+                    active
+                        .segments
+                        .iter()
+                        .any(|s| s.failed.device_uuid == device && s.source.device_uuid != device)
+                };
                 for extent in &mut extents {
                     if extent.replicas.len() > 1 {
-                        extent
-                            .replicas
-                            .retain(|r| r.device_uuid != active.failed_device);
+                        extent.replicas.retain(|r| !best_effort(r.device_uuid));
                     }
                 }
                 extents.extend(

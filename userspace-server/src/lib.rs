@@ -32,6 +32,7 @@ mod labelling;
 mod log_text;
 mod recovery;
 mod recovery_gate;
+mod relocation_admin;
 mod secrets;
 pub mod server;
 mod service_error;

@@ -33,7 +33,8 @@ use crate::log_text::peer_text;
 use crate::recovery_gate::ActiveRecovery;
 use crate::service_error::ServiceResult;
 use crate::state::{blocking, ServerState};
-use crate::store::{RecoveryRecord, RecoverySegment};
+use crate::store::{ChangeKind, RecoveryRecord, RecoverySegment, RelocationRequest};
+use sanblk_proto::protocol::RelocationKind;
 
 /// Bytes copied per step (the exclusive hold of the gate lasts one chunk).
 pub const CHUNK_BYTES: u64 = 1 << 20;
@@ -68,7 +69,7 @@ fn release(volume_id: u64) {
 
 /// Handles an agent's failure report for a volume it is attached to: starts a recovery, or
 /// returns the status of the one already recorded for this device (restarting its job if it
-/// had failed). Another device of a recovering volume gets `Busy`.
+/// had failed). Another relocation of the volume gets `Busy`.
 pub async fn report_failure(
     state: &Arc<ServerState>,
     volume_id: u64,
@@ -76,47 +77,108 @@ pub async fn report_failure(
     reason: String,
 ) -> ServiceResult<RecoveryStatus> {
     let existing = blocking(state, move |s| s.store.recovery(volume_id)).await?;
-    let record = match existing {
-        Some(record) if record.failed_device == device_uuid => record,
-        Some(record) => {
-            return Err(ErrorBody::new(
-                ErrorCode::Busy,
-                format!(
-                    "volume {volume_id} is already being moved off device {}; report again when that is done",
-                    record.failed_device
-                ),
-            ))
-        }
+    match existing {
+        Some(record) if record.failed_device == device_uuid => Ok(start_job(state, record).await),
+        Some(record) => Err(ErrorBody::new(
+            ErrorCode::Busy,
+            format!(
+                "volume {volume_id} is already being moved ({}) off device {}; report again when that is done",
+                record.kind, record.failed_device
+            ),
+        )),
         None => {
-            let why = reason.clone();
-            let started = blocking(state, move |s| {
-                s.store.start_recovery(volume_id, device_uuid, &why)
-            })
-            .await;
-            let record = match started {
-                Ok(record) => record,
-                // A concurrent report (another client, or a retry) started it first.
-                Err(error) if error.code == ErrorCode::Busy => {
-                    match blocking(state, move |s| s.store.recovery(volume_id)).await? {
-                        Some(record) if record.failed_device == device_uuid => {
-                            return Ok(start_job(state, record).await)
-                        }
-                        _ => return Err(error),
-                    }
-                }
-                Err(error) => return Err(error),
-            };
             info!(
-                "volume {volume_id}: device {device_uuid} reported failed ({}); moving {} bytes in {} segment(s)",
-                peer_text(&reason),
-                record.bytes_total(),
-                record.segments.len()
+                "volume {volume_id}: device {device_uuid} reported failed ({})",
+                peer_text(&reason)
             );
-            record
+            let request = RelocationRequest::Recovery {
+                device: device_uuid,
+                reason,
+            };
+            match start(state, volume_id, request).await {
+                // A concurrent report (another client, or a retry) is starting it.
+                Err(error) if error.code == ErrorCode::Busy => state
+                    .recoveries
+                    .status(volume_id)
+                    .filter(|s| s.device_uuid == device_uuid)
+                    .ok_or(error),
+                other => other,
+            }
         }
-    };
-    let status = start_job(state, record).await;
-    Ok(status)
+    }
+}
+
+/// Starts a relocation of `volume_id` (recovery, move or mirror add): its first change
+/// (quiesce every client, commit the record with the targets allocated, publish the map that
+/// marks the moving extents syncing, resume) and then the copy job, both in the background.
+/// What cannot start (no such device, no space, another relocation running) is refused here.
+pub async fn start(
+    state: &Arc<ServerState>,
+    volume_id: u64,
+    request: RelocationRequest,
+) -> ServiceResult<RecoveryStatus> {
+    let plan_request = request.clone();
+    let planned = blocking(state, move |s| {
+        s.store.plan_relocation(volume_id, &plan_request)
+    })
+    .await?;
+    let name = volume_name(state, volume_id).await;
+    if !claim(volume_id) {
+        return Err(ErrorBody::new(
+            ErrorCode::Busy,
+            format!(
+                "a move, mirror add or recovery of volume {name} is already starting or running"
+            ),
+        ));
+    }
+    let mut queued = Progress::new(name, &planned).status(
+        RecoveryState::Queued,
+        format!("{request}: quiescing clients"),
+    );
+    queued.device_uuid = planned.failed_device;
+    state.recoveries.set_status(queued.clone());
+    let answer = queued.clone();
+    let job_state = state.clone();
+    tokio::spawn(async move {
+        let state = &job_state;
+        let started = crate::change::run(
+            state,
+            volume_id,
+            ChangeKind::StartRelocation(request.clone()),
+            |_| {},
+        )
+        .await;
+        let record = match started {
+            Ok(_) => blocking(state, move |s| s.store.recovery(volume_id)).await,
+            Err(error) => Err(error),
+        };
+        match record {
+            Ok(Some(record)) => {
+                info!(
+                    "volume {volume_id}: {request} started: {} bytes in {} segment(s)",
+                    record.bytes_total(),
+                    record.segments.len()
+                );
+                run_claimed(state, record).await;
+            }
+            Ok(None) => {
+                warn!("volume {volume_id}: {request}: no record after the commit");
+                release(volume_id);
+            }
+            Err(error) => {
+                warn!(
+                    "volume {volume_id}: {request} could not start: {}",
+                    error.message
+                );
+                let mut failed = queued;
+                failed.state = RecoveryState::Failed;
+                failed.message = format!("could not start: {}", error.message);
+                state.recoveries.set_status(failed);
+                release(volume_id);
+            }
+        }
+    });
+    Ok(answer)
 }
 
 /// Decides on a client's fail-back request for `device_uuid` of `volume_id` (its direct path
@@ -167,32 +229,39 @@ pub async fn resume_all(state: &Arc<ServerState>) -> ServiceResult<()> {
 /// Spawns the copy job unless one runs; returns the current status.
 async fn start_job(state: &Arc<ServerState>, record: RecoveryRecord) -> RecoveryStatus {
     let volume_id = record.volume_id;
-    let name = blocking(state, move |s| s.store.volume_by_id(volume_id))
-        .await
-        .map(|v| v.name)
-        .unwrap_or_default();
-    let progress = Progress::new(name, &record);
     if !claim(volume_id) {
         // Already running: its latest status (set before it was spawned) is the answer.
-        return state
-            .recoveries
-            .status(volume_id)
-            .unwrap_or_else(|| progress.status(RecoveryState::Queued, String::new()));
+        let name = volume_name(state, volume_id).await;
+        return state.recoveries.status(volume_id).unwrap_or_else(|| {
+            Progress::new(name, &record).status(RecoveryState::Queued, String::new())
+        });
     }
-    let status = progress.status(RecoveryState::Queued, String::new());
+    let name = volume_name(state, volume_id).await;
+    let status = Progress::new(name, &record).status(RecoveryState::Queued, String::new());
     state.recoveries.set_status(status.clone());
     let job_state = state.clone();
-    tokio::spawn(async move {
-        let outcome = run_job(&job_state, record, progress).await;
-        if let Err((progress, error)) = outcome {
-            warn!("volume {volume_id}: recovery failed: {error}");
-            job_state
-                .recoveries
-                .set_status(progress.status(RecoveryState::Failed, error));
-        }
-        release(volume_id);
-    });
+    tokio::spawn(async move { run_claimed(&job_state, record).await });
     status
+}
+
+async fn volume_name(state: &Arc<ServerState>, volume_id: u64) -> String {
+    blocking(state, move |s| s.store.volume_by_id(volume_id))
+        .await
+        .map(|v| v.name)
+        .unwrap_or_default()
+}
+
+/// Runs the copy job of a claimed volume to its end, then releases the claim.
+async fn run_claimed(state: &Arc<ServerState>, record: RecoveryRecord) {
+    let volume_id = record.volume_id;
+    let progress = Progress::new(volume_name(state, volume_id).await, &record);
+    if let Err((progress, error)) = run_job(state, record, progress).await {
+        warn!("volume {volume_id}: relocation failed: {error}");
+        state
+            .recoveries
+            .set_status(progress.status(RecoveryState::Failed, error));
+    }
+    release(volume_id);
 }
 
 /// Copy progress and rate since the job started.
@@ -204,6 +273,7 @@ struct Progress {
     bytes_done: u64,
     started_at: Instant,
     started_bytes: u64,
+    kind: RelocationKind,
 }
 
 impl Progress {
@@ -216,6 +286,7 @@ impl Progress {
             bytes_done: record.cursor,
             started_at: Instant::now(),
             started_bytes: record.cursor,
+            kind: record.kind,
         }
     }
 
@@ -245,6 +316,7 @@ impl Progress {
             bytes_total: self.bytes_total,
             eta_seconds,
             message,
+            kind: self.kind,
         }
     }
 }
@@ -356,6 +428,9 @@ async fn run_job(
         .recoveries
         .set_status(progress.status(RecoveryState::Copying, String::new()));
     while let Some((index, inside)) = locate(&segments, cursor) {
+        if active.cancelled.load(Ordering::Acquire) {
+            return roll_back(state, &gate, progress).await;
+        }
         let chunk_started = Instant::now();
         let Some(segment_length) = segments.get(index).map(|s| s.length) else {
             break;
@@ -415,32 +490,126 @@ async fn run_job(
         }
     }
 
-    let finished = {
-        let _exclusive = gate.lock.write().await;
-        let finished = blocking(state, move |s| s.store.finish_recovery(volume_id)).await;
-        if let Ok(record) = &finished {
-            gate.raise_min_epoch(record.epoch);
-            gate.set_recovery(None);
-        }
-        finished
-    };
+    // The last change: clients quiesced, the targets take the moved replicas' places in one
+    // commit, the final map published. Writes planned after the commit with the syncing map's
+    // epoch are stale (they would miss the new place): the epoch floor goes up first.
+    let finish_gate = gate.clone();
+    let finished = crate::change::run(state, volume_id, ChangeKind::FinishRelocation, |record| {
+        finish_gate.raise_min_epoch(record.epoch);
+        finish_gate.set_recovery(None);
+    })
+    .await;
+    // Barrier: a write planned before the commit (to the old place too) ends before the
+    // old space can be handed out again.
+    drop(gate.lock.write().await);
     let record = match finished {
         Ok(record) => record,
         Err(error) => return Err((progress, format!("committing: {}", error.message))),
     };
-    state.publish(&record);
     info!(
-        "volume {}: recovery off device {} done, epoch {}",
-        record.name, active.failed_device, record.epoch
+        "volume {}: {} off device {} done, epoch {}",
+        record.name, progress.kind, active.failed_device, record.epoch
     );
     state.recoveries.set_status(progress.status(
         RecoveryState::Done,
-        format!(
-            "moved off device {}; epoch {}",
-            active.failed_device, record.epoch
-        ),
+        format!("{} done; epoch {}", progress.kind, record.epoch),
     ));
     Ok(())
+}
+
+/// Ends a cancelled relocation through the change protocol: clients quiesced, the record
+/// (and so its targets) deleted and the map without syncing extents published in one commit.
+async fn roll_back(
+    state: &Arc<ServerState>,
+    gate: &Arc<crate::recovery_gate::VolumeGate>,
+    progress: Progress,
+) -> Result<(), JobError> {
+    let volume_id = progress.volume_id;
+    let cancel_gate = gate.clone();
+    let cancelled = crate::change::run(state, volume_id, ChangeKind::CancelRelocation, |record| {
+        cancel_gate.raise_min_epoch(record.epoch);
+        cancel_gate.set_recovery(None);
+    })
+    .await;
+    // Barrier: a write planned before the commit (to the target too) ends before the
+    // target's space can be handed out again.
+    drop(gate.lock.write().await);
+    match cancelled {
+        Ok(record) => {
+            info!(
+                "volume {}: {} cancelled at epoch {}",
+                record.name, progress.kind, record.epoch
+            );
+            state.recoveries.set_status(progress.status(
+                RecoveryState::Cancelled,
+                format!(
+                    "cancelled; the data stays in place (epoch {})",
+                    record.epoch
+                ),
+            ));
+            Ok(())
+        }
+        Err(error) => Err((progress, format!("cancelling: {}", error.message))),
+    }
+}
+
+/// Cancels the relocation of `volume_id`: asks its running job to roll back and waits for
+/// it, or rolls back a recorded one whose job is not running (it had failed). Returns the
+/// final status.
+pub async fn cancel(state: &Arc<ServerState>, volume_id: u64) -> ServiceResult<RecoveryStatus> {
+    let record = blocking(state, move |s| s.store.recovery(volume_id)).await?;
+    let Some(record) = record else {
+        return Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            "no move, mirror add or recovery of this volume is in progress",
+        ));
+    };
+    if record.kind == RelocationKind::Recovery {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            "a recovery off a failed device cannot be cancelled (its data has nowhere else to go)",
+        ));
+    }
+    if claim(volume_id) {
+        let gate = state.recoveries.gate(volume_id);
+        let progress = Progress::new(volume_name(state, volume_id).await, &record);
+        let outcome = roll_back(state, &gate, progress).await;
+        release(volume_id);
+        if let Err((_, error)) = outcome {
+            return Err(ErrorBody::new(ErrorCode::Internal, error));
+        }
+    } else {
+        let Some(active) = state.recoveries.gate(volume_id).recovery() else {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                "the relocation is still starting; cancel again in a moment",
+            ));
+        };
+        active.cancelled.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = state.recoveries.status(volume_id);
+            if status.as_ref().is_some_and(|s| {
+                matches!(
+                    s.state,
+                    RecoveryState::Cancelled | RecoveryState::Failed | RecoveryState::Done
+                )
+            }) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(ErrorBody::new(
+                    ErrorCode::Busy,
+                    "the cancel is still in progress",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    state
+        .recoveries
+        .status(volume_id)
+        .ok_or_else(|| ErrorBody::new(ErrorCode::Internal, "no status after the cancel"))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! completion raises the gate's minimum epoch under the exclusive lock, so a write that was
 //! planned with the old map (without the target) gets -ESTALE instead of missing the target.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::RwLock;
@@ -41,6 +41,8 @@ pub struct ActiveRecovery {
     pub segments: Vec<RecoverySegment>,
     /// Bytes of the segments (taken in order) already copied to their targets.
     pub copied: AtomicU64,
+    /// Set by `--cancel`: the job stops and rolls the relocation back.
+    pub cancelled: AtomicBool,
 }
 
 impl ActiveRecovery {
@@ -49,6 +51,7 @@ impl ActiveRecovery {
             failed_device,
             segments,
             copied: AtomicU64::new(copied),
+            cancelled: AtomicBool::new(false),
         }
     }
 }
@@ -80,12 +83,21 @@ impl VolumeGate {
 /// first byte in the copy order (bytes of the segments before it plus the offset inside).
 type InSegment<'a> = Option<(&'a RecoverySegment, u64)>;
 
-/// The offset of `piece` on the failed device, if one of its replicas is there.
-fn failed_offset(piece: &Piece, failed: Uuid) -> Option<u64> {
+/// The replica of `piece` that the segments move (its device and offset), if it has one.
+fn moving_replica(piece: &Piece, segments: &[RecoverySegment]) -> Option<(Uuid, u64)> {
     piece
         .replicas
         .iter()
-        .find(|(uuid, _)| *uuid == failed)
+        .find(|(uuid, _)| segments.iter().any(|s| s.failed.device_uuid == *uuid))
+        .copied()
+}
+
+/// The offset of `piece` on `device`, if one of its replicas is there.
+fn offset_on(piece: &Piece, device: Uuid) -> Option<u64> {
+    piece
+        .replicas
+        .iter()
+        .find(|(uuid, _)| *uuid == device)
         .map(|(_, offset)| *offset)
 }
 
@@ -95,10 +107,9 @@ fn failed_offset(piece: &Piece, failed: Uuid) -> Option<u64> {
 /// device is one range there, however its stripe units interleave in the volume.
 fn split_by_segments<'a>(
     piece: &Piece,
-    failed: Uuid,
     segments: &'a [RecoverySegment],
 ) -> Vec<(Piece, InSegment<'a>)> {
-    let Some(start) = failed_offset(piece, failed) else {
+    let Some((failed, start)) = moving_replica(piece, segments) else {
         return vec![(piece.clone(), None)];
     };
     let end = start + piece.length as u64;
@@ -118,6 +129,10 @@ fn split_by_segments<'a>(
         let mut next_start = end;
         let mut holding = None;
         for segment in segments {
+            if segment.failed.device_uuid != failed {
+                before += segment.length;
+                continue;
+            }
             let first = segment.failed.device_offset;
             if first <= at && at < first + segment.length {
                 holding = Some((segment, before + (at - first)));
@@ -155,15 +170,20 @@ fn target_of(segment: &RecoverySegment, offset: u64) -> (Uuid, u64) {
 /// Splits the pieces of a write to a recovering volume and adds the recovery targets:
 /// returns (pieces that must all succeed, pieces whose failure is only logged).
 pub fn write_plan(pieces: Vec<Piece>, recovery: &ActiveRecovery) -> (Vec<Piece>, Vec<Piece>) {
-    let failed = recovery.failed_device;
     let mut required = Vec::with_capacity(pieces.len());
     let mut best_effort = Vec::new();
     for piece in pieces {
-        for (mut part, segment) in split_by_segments(&piece, failed, &recovery.segments) {
-            let (Some((segment, _)), Some(at)) = (segment, failed_offset(&part, failed)) else {
+        for (mut part, segment) in split_by_segments(&piece, &recovery.segments) {
+            let Some((segment, _)) = segment else {
                 required.push(part);
                 continue;
             };
+            let failed = segment.failed.device_uuid;
+            let Some(at) = offset_on(&part, failed) else {
+                required.push(part);
+                continue;
+            };
+            // A reported-failed replica read from its mirror: writing it is best effort.
             if segment.source.device_uuid != failed {
                 let (failed_copies, others): (Vec<_>, Vec<_>) =
                     part.replicas.into_iter().partition(|(u, _)| *u == failed);
@@ -187,14 +207,17 @@ pub fn write_plan(pieces: Vec<Piece>, recovery: &ActiveRecovery) -> (Vec<Piece>,
 /// already copied, the recovery target (same data: writes go to both while the copy runs).
 /// A read fails only if none of them can be read.
 pub fn read_plan(pieces: Vec<Piece>, recovery: &ActiveRecovery) -> Vec<Piece> {
-    let failed = recovery.failed_device;
     let copied = recovery.copied.load(Ordering::Acquire);
     let mut planned = Vec::with_capacity(pieces.len());
     for piece in pieces {
-        for (mut part, segment) in split_by_segments(&piece, failed, &recovery.segments) {
+        for (mut part, segment) in split_by_segments(&piece, &recovery.segments) {
+            let Some((segment, position)) = segment else {
+                planned.push(part);
+                continue;
+            };
+            let failed = segment.failed.device_uuid;
             part.replicas.sort_by_key(|(uuid, _)| *uuid == failed);
-            let (Some((segment, position)), Some(at)) = (segment, failed_offset(&part, failed))
-            else {
+            let Some(at) = offset_on(&part, failed) else {
                 planned.push(part);
                 continue;
             };

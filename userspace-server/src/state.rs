@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use log::info;
+use log::{error, info};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use sanblk_proto::map::{AccessMode, VolumeMap, IN_FLIGHT_BOUND_MS};
@@ -475,8 +475,7 @@ impl ServerState {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 let record = self.store.volume_by_id(volume_id)?;
-                let (sender, _) =
-                    watch::channel(PublishedMap::new(record.map(self.config.lease_ms)));
+                let (sender, _) = watch::channel(PublishedMap::new(self.client_map(&record)?));
                 entry.insert(LiveVolume {
                     map: sender,
                     attachments: HashMap::new(),
@@ -749,12 +748,34 @@ impl ServerState {
         true
     }
 
+    /// The map clients get for `record`: with the ranges a running relocation copies marked
+    /// syncing, so their writes go through the server (see `recovery_gate`).
+    pub fn client_map(&self, record: &VolumeRecord) -> ServiceResult<VolumeMap> {
+        let mut map = record.map(self.config.lease_ms);
+        if let Some(relocation) = self.store.recovery(record.id)? {
+            map.syncing = relocation.syncing_ranges(&record.extents);
+        }
+        Ok(map)
+    }
+
     /// Pushes a changed volume to every attached client (no-op if nobody is attached, or if
     /// a newer epoch was already published).
     pub fn publish(&self, record: &VolumeRecord) {
+        // Read before the state lock: it is a metadata read.
+        let map = match self.client_map(record) {
+            Ok(map) => PublishedMap::new(map),
+            Err(error) => {
+                // Clients keep the old map; a change waiting for their acks fences them
+                // after their lease, so none writes around a relocation.
+                error!(
+                    "volume {}: cannot build the map of epoch {}: {}",
+                    record.id, record.epoch, error.message
+                );
+                return;
+            }
+        };
         let live = self.live();
         if let Some(volume) = live.volumes.get(&record.id) {
-            let map = PublishedMap::new(record.map(self.config.lease_ms));
             volume.map.send_if_modified(|current| {
                 if map.map.epoch > current.map.epoch {
                     *current = map.clone();

@@ -174,6 +174,8 @@ async fn failed_linear(server: &TestServer, size: u64, seed: u64) -> Failed {
         .report_failure(map.volume_id, failed, "gone")
         .await
         .unwrap_or_else(|e| panic!("report: {e}"));
+    // Writes of the relocating volume carry the epoch of the map marking it syncing.
+    let map = follow_start(&mut setup.agent, &map).await;
     Failed {
         setup,
         io,
@@ -240,7 +242,43 @@ fn assert_data(devices: &HashMap<uuid::Uuid, PathBuf>, map: &VolumeMap, expected
     }
 }
 
-/// Waits for the `done` status and the map of a newer epoch; returns the map.
+/// Answers the pushes of a relocation's first change as an agent does (quiesce acked at once:
+/// this client has no I/O in flight between its calls; the map acked) until the clients
+/// resume on the map that marks the moving extents syncing; returns that map.
+async fn follow_start(agent: &mut AgentClient, old: &VolumeMap) -> VolumeMap {
+    let mut syncing = None;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let push = tokio::time::timeout(left, agent.next_push())
+            .await
+            .unwrap_or_else(|_| panic!("the relocation did not start within {WAIT:?}"))
+            .unwrap_or_else(|e| panic!("push: {e}"));
+        match push {
+            Push::Quiesce(quiesce) => agent
+                .quiesce_ack(quiesce.volume_id, quiesce.epoch)
+                .await
+                .unwrap_or_else(|e| panic!("quiesce ack: {e}")),
+            Push::MapUpdate(map) if map.epoch > old.epoch => {
+                agent
+                    .ack(map.volume_id, map.epoch)
+                    .await
+                    .unwrap_or_else(|e| panic!("ack: {e}"));
+                assert!(!map.syncing.is_empty(), "no syncing range in {map:?}");
+                syncing = Some(map);
+            }
+            Push::Resume(resume) if resume.epoch > old.epoch => {
+                let map = syncing.unwrap_or_else(|| panic!("resumed before the new map"));
+                assert_eq!(resume.epoch, map.epoch);
+                return map;
+            }
+            Push::MapUpdate(_) | Push::Resume(_) | Push::RecoveryStatus(_) => {}
+        }
+    }
+}
+
+/// Waits for the `done` status and the final map (newer than `old_epoch`, nothing syncing),
+/// answering quiesce and map pushes as an agent does; returns the map.
 async fn wait_for_recovery(agent: &mut AgentClient, old_epoch: u64) -> VolumeMap {
     let mut done = false;
     let mut new_map = None;
@@ -265,14 +303,20 @@ async fn wait_for_recovery(agent: &mut AgentClient, old_epoch: u64) -> VolumeMap
                     done = true;
                 }
             }
+            Push::Quiesce(quiesce) => agent
+                .quiesce_ack(quiesce.volume_id, quiesce.epoch)
+                .await
+                .unwrap_or_else(|e| panic!("quiesce ack: {e}")),
             Push::MapUpdate(map) if map.epoch > old_epoch => {
                 agent
                     .ack(map.volume_id, map.epoch)
                     .await
                     .unwrap_or_else(|e| panic!("ack: {e}"));
-                new_map = Some(map);
+                if map.syncing.is_empty() {
+                    new_map = Some(map);
+                }
             }
-            Push::MapUpdate(_) | Push::Quiesce(_) | Push::Resume(_) => {}
+            Push::MapUpdate(_) | Push::Resume(_) => {}
         }
     }
     new_map.unwrap_or_else(|| panic!("no map"))
@@ -300,8 +344,9 @@ async fn recover_and_check(
         .unwrap_or_else(|e| panic!("report: {e}"));
     assert_eq!(status.device_uuid, failed);
     assert_eq!(status.bytes_total, map.size_bytes);
+    // One change marks the moving extents syncing, one publishes the final map.
     let new_map = wait_for_recovery(&mut setup.agent, map.epoch).await;
-    assert_eq!(new_map.epoch, map.epoch + 1);
+    assert_eq!(new_map.epoch, map.epoch + 2);
     assert!(!on_device(&new_map, failed), "new map still uses {failed}");
     assert_eq!(
         new_map.extents[0].replicas.len(),
@@ -407,6 +452,7 @@ async fn writes_during_the_copy_reach_the_new_device() {
                 Some(ErrorCode::Busy)
             );
         }
+        let map = follow_start(&mut setup.agent, &map).await;
         // Wait until part of the volume is copied, then overwrite a copied range, a range not
         // copied yet, and a range straddling 8 MiB.
         let deadline = Instant::now() + WAIT;
@@ -591,6 +637,7 @@ async fn fail_back_is_refused_while_the_device_is_recovered_and_accepted_otherwi
         .report_failure(map.volume_id, failed, "EIO")
         .await
         .unwrap_or_else(|e| panic!("report: {e}"));
+    let map = follow_start(&mut setup.agent, &map).await;
     // While the volume is moved off the device, direct writes there would miss the copy.
     let (accepted, message) = setup
         .agent

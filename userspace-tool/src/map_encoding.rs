@@ -228,6 +228,7 @@ mod tests {
             layout,
             extents,
             lease_ms: 30_000,
+            syncing: Vec::new(),
         }
     }
 

@@ -284,7 +284,9 @@ async fn rebuild_once(args: &Args, dir: &Path, size: u64, data: &[u8]) -> anyhow
     loop {
         match status.state {
             RecoveryState::Done => break,
-            RecoveryState::Failed => bail!("recovery failed: {}", status.message),
+            RecoveryState::Failed | RecoveryState::Cancelled => {
+                bail!("recovery {}: {}", status.state, status.message)
+            }
             RecoveryState::Queued | RecoveryState::Copying => {}
         }
         status = loop {

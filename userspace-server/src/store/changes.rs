@@ -3,15 +3,40 @@
 //! when it starts again. See `crate::change` for the protocol.
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
-use super::{decode_all, encode, Store, StoreResult, CHANGES};
+use super::recovery::RelocationRequest;
+use super::volumes::VolumeRecord;
+use super::{decode_all, encode, Store, StoreError, StoreResult, CHANGES, VOLUMES};
 
 /// What a change does to its volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     /// Allocate up to this size.
     Grow { new_size_bytes: u64 },
+    /// Start copying extents to newly allocated places: the relocation record (targets
+    /// allocated) is committed and the new map marks the moving extents syncing.
+    StartRelocation(RelocationRequest),
+    /// The copy is done: the targets take the moved replicas' places (or join them, for a
+    /// mirror add) and the old space is freed.
+    FinishRelocation,
+    /// Abandon the relocation: its targets are freed, the extents stay where they are.
+    CancelRelocation,
+    /// Drop the replicas on this device from every mirrored extent.
+    MirrorRemove { device: Uuid },
+}
+
+impl std::fmt::Display for ChangeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChangeKind::Grow { new_size_bytes } => write!(f, "grow to {new_size_bytes} bytes"),
+            ChangeKind::StartRelocation(request) => write!(f, "start {request}"),
+            ChangeKind::FinishRelocation => f.write_str("finish relocation"),
+            ChangeKind::CancelRelocation => f.write_str("cancel relocation"),
+            ChangeKind::MirrorRemove { device } => write!(f, "remove mirror leg on {device}"),
+        }
+    }
 }
 
 /// How far a change got. Before `Committed` the volume's record is untouched, so a restart
@@ -52,10 +77,68 @@ impl Store {
         decode_all(&txn.open_table(CHANGES)?)
     }
 
+    /// The record a change would commit now, committing nothing (a change's prepare step).
+    pub fn plan_change(&self, volume_id: u64, kind: &ChangeKind) -> StoreResult<VolumeRecord> {
+        let txn = self.metadata.begin_write()?;
+        let record = apply_in(&txn, volume_id, kind)?;
+        txn.abort()?;
+        Ok(record)
+    }
+
+    /// Commits a change: its effect on the volume (a new epoch), and the change record's step
+    /// `Committed`, in one transaction. Refused if the volume is no longer at `from_epoch`.
+    pub fn commit_change(&self, change: &ChangeRecord) -> StoreResult<VolumeRecord> {
+        let txn = self.metadata.begin_write()?;
+        let current = decode_all::<u64, VolumeRecord>(&txn.open_table(VOLUMES)?)?
+            .into_iter()
+            .find(|v| v.id == change.volume_id)
+            .map(|v| v.epoch);
+        if current != Some(change.from_epoch) {
+            return Err(StoreError::Busy(format!(
+                "volume {} changed meanwhile (epoch {current:?}, change from {})",
+                change.volume_id, change.from_epoch
+            )));
+        }
+        let record = apply_in(&txn, change.volume_id, &change.kind)?;
+        let mut committed = change.clone();
+        committed.step = ChangeStep::Committed;
+        committed.to_epoch = record.epoch;
+        txn.open_table(CHANGES)?
+            .insert(change.volume_id, encode(&committed)?.as_slice())?;
+        txn.commit()?;
+        Ok(record)
+    }
+
     pub fn delete_change(&self, volume_id: u64) -> StoreResult<()> {
         let txn = self.metadata.begin_write()?;
         txn.open_table(CHANGES)?.remove(volume_id)?;
         txn.commit()?;
         Ok(())
+    }
+}
+
+/// Writes the effect of `kind` on volume `volume_id` in `txn` (not committed): the volume's
+/// new record, one epoch up.
+fn apply_in(
+    txn: &redb::WriteTransaction,
+    volume_id: u64,
+    kind: &ChangeKind,
+) -> StoreResult<VolumeRecord> {
+    match kind {
+        ChangeKind::Grow { new_size_bytes } => {
+            super::volumes::grow_in(txn, volume_id, *new_size_bytes)
+        }
+        ChangeKind::StartRelocation(request) => {
+            super::recovery::start_relocation_in(txn, volume_id, request)?;
+            super::volumes::bump_epoch_in(txn, volume_id)
+        }
+        ChangeKind::FinishRelocation => super::recovery::finish_relocation_in(txn, volume_id),
+        ChangeKind::CancelRelocation => {
+            super::recovery::cancel_relocation_in(txn, volume_id)?;
+            super::volumes::bump_epoch_in(txn, volume_id)
+        }
+        ChangeKind::MirrorRemove { device } => {
+            super::recovery::mirror_remove_in(txn, volume_id, *device)
+        }
     }
 }

@@ -37,7 +37,7 @@ use crate::allocator::AllocError;
 pub use changes::{ChangeKind, ChangeRecord, ChangeStep};
 pub use clients::Grant;
 pub use pool::DeviceRecord;
-pub use recovery::{RecoveryRecord, RecoverySegment};
+pub use recovery::{RecoveryRecord, RecoverySegment, RelocationRequest};
 pub use sessions::SessionRecord;
 pub use volumes::VolumeRecord;
 

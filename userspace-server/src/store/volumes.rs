@@ -7,13 +7,12 @@ use sanblk_proto::map::{Extent, Layout, VolumeMap, BLOCK_SIZE};
 
 use crate::allocator::{merge_adjacent, restripe_legacy};
 
-use super::changes::{ChangeKind, ChangeRecord, ChangeStep};
 use super::clients::ClientRecord;
 use super::pool::pool_space_in;
 use super::recovery::{read_recoveries, recovery_busy};
 use super::{
     decode, decode_all, encode, not_found, take_next_id, validate_name, Store, StoreError,
-    StoreResult, CHANGES, CLIENTS, DEVICES, META, NEXT_VOLUME_ID_KEY, RECOVERIES, VOLUMES,
+    StoreResult, CLIENTS, DEVICES, META, NEXT_VOLUME_ID_KEY, RECOVERIES, VOLUMES,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +36,7 @@ impl VolumeRecord {
             layout: self.layout,
             extents: self.extents.clone(),
             lease_ms,
+            syncing: Vec::new(),
         }
     }
 }
@@ -114,43 +114,10 @@ impl Store {
         txn.commit()?;
         Ok(record)
     }
-
-    /// The record a grow would commit now, committing nothing (a change's prepare step).
-    pub fn plan_grow(&self, id: u64, new_size_bytes: u64) -> StoreResult<VolumeRecord> {
-        let txn = self.metadata.begin_write()?;
-        let record = grow_in(&txn, id, new_size_bytes)?;
-        txn.abort()?;
-        Ok(record)
-    }
-
-    /// Commits a change's grow: the allocation, the new epoch and the change record's step
-    /// `Committed`, in one transaction. Refused if the volume is no longer at `from_epoch`.
-    pub fn commit_grow(&self, change: &ChangeRecord) -> StoreResult<VolumeRecord> {
-        let ChangeKind::Grow { new_size_bytes } = change.kind;
-        let txn = self.metadata.begin_write()?;
-        let current = decode_all::<u64, VolumeRecord>(&txn.open_table(VOLUMES)?)?
-            .into_iter()
-            .find(|v| v.id == change.volume_id)
-            .map(|v| v.epoch);
-        if current != Some(change.from_epoch) {
-            return Err(StoreError::Busy(format!(
-                "volume {} changed meanwhile (epoch {current:?}, change from {})",
-                change.volume_id, change.from_epoch
-            )));
-        }
-        let record = grow_in(&txn, change.volume_id, new_size_bytes)?;
-        let mut committed = change.clone();
-        committed.step = ChangeStep::Committed;
-        committed.to_epoch = record.epoch;
-        txn.open_table(CHANGES)?
-            .insert(change.volume_id, encode(&committed)?.as_slice())?;
-        txn.commit()?;
-        Ok(record)
-    }
 }
 
 /// The grow of volume `id` to `new_size_bytes`, written in `txn` (not committed).
-fn grow_in(
+pub(super) fn grow_in(
     txn: &redb::WriteTransaction,
     id: u64,
     new_size_bytes: u64,
@@ -197,6 +164,15 @@ fn grow_in(
         };
         Ok(record)
     }
+}
+
+/// Raises the epoch of volume `id` in `txn` (not committed): the map changes.
+pub(super) fn bump_epoch_in(txn: &redb::WriteTransaction, id: u64) -> StoreResult<VolumeRecord> {
+    let mut volumes = txn.open_table(VOLUMES)?;
+    let mut record = read_volume(&volumes, id)?;
+    record.epoch += 1;
+    volumes.insert(id, encode(&record)?.as_slice())?;
+    Ok(record)
 }
 
 impl Store {
@@ -264,6 +240,17 @@ impl Store {
             }
         }
         Ok(txn.commit()?)
+    }
+}
+
+/// Volume `id` of the volumes table.
+pub(super) fn read_volume(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    id: u64,
+) -> StoreResult<VolumeRecord> {
+    match table.get(id)? {
+        Some(value) => decode(value.value()),
+        None => Err(StoreError::NotFound(format!("no volume with id {id}"))),
     }
 }
 
