@@ -1,7 +1,8 @@
-//! Recovery after a reported path failure, against a real `sand` process: an agent reports a
-//! device failed, the server moves the volume's data to another device, pushes progress and
-//! publishes a map without the failed device. Image files are read directly to prove that
-//! every block (including writes made during the copy) is on the new device.
+//! Relocations against a real `sand` process: recovery after a reported path failure (an
+//! agent reports a device failed, the server moves the volume's data to another device, pushes
+//! progress and publishes a map without the failed device), and the admin's live moves,
+//! evacuations, mirror adds and removes. Image files are read directly to prove that every
+//! block (including writes made during the copy) is where the final map says.
 
 mod common;
 
@@ -12,12 +13,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::sand_log::last_resume_cursor;
-use common::{TestServer, MIB, RECOVERY_MAX_RATE};
+use common::{follow_change_to_map, TestServer, MIB, RECOVERY_MAX_RATE};
 use sanblk_proto::client::{AgentClient, Push};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{
-    Attachment, DeviceInfo, ErrorCode, PoolList, RecoveryList, RecoveryState, RecoveryStatus,
-    VolumeCreate, VolumeDetail, VolumeShow,
+    Attachment, DeviceInfo, ErrorCode, MirrorAdd, MirrorRemove, PoolEvacuate, PoolList,
+    RecoveryList, RecoveryState, RecoveryStatus, VolumeCreate, VolumeDetail, VolumeMove,
+    VolumeShow,
 };
 use sanblk_uapi::frame::{Op, ReplyHeader, RequestHeader, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -162,12 +164,23 @@ struct Failed {
     failed: uuid::Uuid,
 }
 
-async fn failed_linear(server: &TestServer, size: u64, seed: u64) -> Failed {
-    let mut setup = setup(server, Layout::Linear, size).await;
+/// A linear volume written with a pattern through the server path: its setup, server-path
+/// session, map and data.
+async fn written_linear(
+    server: &TestServer,
+    size: u64,
+    seed: u64,
+) -> (Setup, IoClient, VolumeMap, Vec<u8>) {
+    let setup = setup(server, Layout::Linear, size).await;
     let data = pattern(seed, size as usize);
     let mut io = IoClient::session(server, &setup.attached).await;
     let map = setup.attached.map.clone();
     io.write(&map, 0, &data).await;
+    (setup, io, map, data)
+}
+
+async fn failed_linear(server: &TestServer, size: u64, seed: u64) -> Failed {
+    let (mut setup, io, map, data) = written_linear(server, size, seed).await;
     let failed = map.extents[0].replicas[0].device_uuid;
     setup
         .agent
@@ -185,13 +198,17 @@ async fn failed_linear(server: &TestServer, size: u64, seed: u64) -> Failed {
     }
 }
 
-async fn devices(server: &TestServer) -> HashMap<uuid::Uuid, PathBuf> {
-    let list: Vec<DeviceInfo> = server
+async fn pool(server: &TestServer) -> Vec<DeviceInfo> {
+    server
         .admin()
         .await
         .call(PoolList {})
         .await
-        .unwrap_or_else(|e| panic!("pool list: {e}"));
+        .unwrap_or_else(|e| panic!("pool list: {e}"))
+}
+
+async fn devices(server: &TestServer) -> HashMap<uuid::Uuid, PathBuf> {
+    let list = pool(server).await;
     list.into_iter()
         .map(|d| (d.uuid, PathBuf::from(d.path)))
         .collect()
@@ -242,39 +259,12 @@ fn assert_data(devices: &HashMap<uuid::Uuid, PathBuf>, map: &VolumeMap, expected
     }
 }
 
-/// Answers the pushes of a relocation's first change as an agent does (quiesce acked at once:
-/// this client has no I/O in flight between its calls; the map acked) until the clients
-/// resume on the map that marks the moving extents syncing; returns that map.
+/// Answers the pushes of a relocation's first change as an agent does until the client
+/// resumes on the map that marks the moving extents syncing; returns that map.
 async fn follow_start(agent: &mut AgentClient, old: &VolumeMap) -> VolumeMap {
-    let mut syncing = None;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let push = tokio::time::timeout(left, agent.next_push())
-            .await
-            .unwrap_or_else(|_| panic!("the relocation did not start within {WAIT:?}"))
-            .unwrap_or_else(|e| panic!("push: {e}"));
-        match push {
-            Push::Quiesce(quiesce) => agent
-                .quiesce_ack(quiesce.volume_id, quiesce.epoch)
-                .await
-                .unwrap_or_else(|e| panic!("quiesce ack: {e}")),
-            Push::MapUpdate(map) if map.epoch > old.epoch => {
-                agent
-                    .ack(map.volume_id, map.epoch)
-                    .await
-                    .unwrap_or_else(|e| panic!("ack: {e}"));
-                assert!(!map.syncing.is_empty(), "no syncing range in {map:?}");
-                syncing = Some(map);
-            }
-            Push::Resume(resume) if resume.epoch > old.epoch => {
-                let map = syncing.unwrap_or_else(|| panic!("resumed before the new map"));
-                assert_eq!(resume.epoch, map.epoch);
-                return map;
-            }
-            Push::MapUpdate(_) | Push::Resume(_) | Push::RecoveryStatus(_) => {}
-        }
-    }
+    let map = follow_change_to_map(agent, old.epoch).await;
+    assert!(!map.syncing.is_empty(), "no syncing range in {map:?}");
+    map
 }
 
 /// Waits for the `done` status and the final map (newer than `old_epoch`, nothing syncing),
@@ -717,4 +707,395 @@ async fn reads_during_recovery_fall_back_to_the_target_for_the_copied_part() {
         length: 4096,
     };
     assert_eq!(io.call(&header, &[]).await, -libc::EIO);
+}
+
+/// Checks that the server refused a request with `code`.
+fn assert_refused<T: std::fmt::Debug>(
+    result: Result<T, sanblk_proto::client::ClientError>,
+    code: ErrorCode,
+) {
+    match result {
+        Err(error) => assert_eq!(error.server_code(), Some(code), "{error}"),
+        Ok(reply) => panic!("accepted, not refused with {code:?}: {reply:?}"),
+    }
+}
+
+/// Free bytes of each pool device.
+async fn free_space(server: &TestServer) -> HashMap<uuid::Uuid, u64> {
+    let list = pool(server).await;
+    list.into_iter().map(|d| (d.uuid, d.free_bytes)).collect()
+}
+
+/// Waits until the relocation of the volume copied at least `bytes`.
+async fn copied_at_least(server: &TestServer, bytes: u64) -> RecoveryStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = recoveries(server).await;
+        if let Some(status) = status.first().filter(|s| s.bytes_done >= bytes) {
+            return status.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "copy did not progress: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Overwrites a range already copied and one not copied yet through the server path (as a
+/// client writes a syncing extent), keeping `data` in step.
+async fn write_during_copy(io: &mut IoClient, map: &VolumeMap, data: &mut [u8], size: u64) {
+    for (offset, length, seed) in [(0, MIB, 21), (size - 2 * MIB, MIB, 22)] {
+        let fresh = pattern(seed, length as usize);
+        io.write(map, offset, &fresh).await;
+        data[offset as usize..(offset + length) as usize].copy_from_slice(&fresh);
+    }
+}
+
+#[tokio::test]
+async fn a_volume_moves_off_a_device_while_a_client_writes() {
+    let server = TestServer::start_with_args(&[RECOVERY_MAX_RATE, "8M"]);
+    let size = 16 * MIB;
+    let (mut setup, mut io, map, mut data) = written_linear(&server, size, 20).await;
+    let from = map.extents[0].replicas[0].device_uuid;
+    let to = *setup
+        .devices
+        .keys()
+        .find(|d| **d != from)
+        .unwrap_or_else(|| panic!("no other device"));
+    let free_before = free_space(&server).await;
+    let started: RecoveryStatus = server
+        .admin()
+        .await
+        .call(VolumeMove {
+            name: "vol".into(),
+            from: Some(setup.devices[&from].display().to_string()),
+            to: Some(to.to_string()),
+            cancel: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("volume move: {e}"));
+    assert_eq!(started.bytes_total, size);
+    assert_eq!(started.device_uuid, from);
+    let syncing = follow_start(&mut setup.agent, &map).await;
+    assert_eq!(syncing.epoch, map.epoch + 1);
+    // The old place is still the map's: only the writes go through the server.
+    assert_eq!(syncing.extents, map.extents);
+    copied_at_least(&server, 2 * MIB).await;
+    write_during_copy(&mut io, &syncing, &mut data, size).await;
+    let moved = wait_for_recovery(&mut setup.agent, syncing.epoch).await;
+    assert_eq!(moved.epoch, map.epoch + 2);
+    assert!(!on_device(&moved, from), "still on {from}: {moved:?}");
+    assert!(moved
+        .extents
+        .iter()
+        .all(|e| e.replicas.iter().all(|r| r.device_uuid == to)));
+    assert_data(&setup.devices, &moved, &data);
+    let free_after = free_space(&server).await;
+    assert_eq!(free_after[&from], free_before[&from] + size);
+    assert_eq!(free_after[&to], free_before[&to] - size);
+    assert_eq!(volume_detail(&server).await.map, moved);
+}
+
+#[tokio::test]
+async fn mirror_add_copies_live_and_mirror_remove_drops_a_leg() {
+    let server = TestServer::start_with_args(&[RECOVERY_MAX_RATE, "8M"]);
+    let size = 16 * MIB;
+    let (mut setup, mut io, map, mut data) = written_linear(&server, size, 30).await;
+    let original = map.extents[0].replicas[0].device_uuid;
+    let started: RecoveryStatus = server
+        .admin()
+        .await
+        .call(MirrorAdd {
+            name: "vol".into(),
+            cancel: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("mirror add: {e}"));
+    assert_eq!(started.bytes_total, size);
+    let syncing = follow_start(&mut setup.agent, &map).await;
+    copied_at_least(&server, 2 * MIB).await;
+    write_during_copy(&mut io, &syncing, &mut data, size).await;
+    let mirrored = wait_for_recovery(&mut setup.agent, syncing.epoch).await;
+    assert_eq!(mirrored.layout, Layout::Mirror);
+    assert!(mirrored.extents.iter().all(|e| e.replicas.len() == 2));
+    assert!(mirrored
+        .extents
+        .iter()
+        .all(|e| e.replicas[0].device_uuid == original && e.replicas[1].device_uuid != original));
+    // Both copies of every block hold the data.
+    assert_data(&setup.devices, &mirrored, &data);
+
+    // A second mirror add has nothing to copy.
+    let again = server
+        .admin()
+        .await
+        .call(MirrorAdd {
+            name: "vol".into(),
+            cancel: false,
+        })
+        .await;
+    assert_refused(again, ErrorCode::BadRequest);
+
+    // Drop the original leg (a change: this client acks it).
+    let mut admin = server.admin().await;
+    let device = setup.devices[&original].display().to_string();
+    let remove = tokio::spawn(async move {
+        admin
+            .call(MirrorRemove {
+                name: "vol".into(),
+                device,
+            })
+            .await
+    });
+    let linear = follow_change_to_map(&mut setup.agent, mirrored.epoch).await;
+    let answered = remove
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("mirror remove: {e}"));
+    assert_eq!(answered, linear);
+    assert_eq!(linear.layout, Layout::Linear);
+    assert!(!on_device(&linear, original));
+    assert_data(&setup.devices, &linear, &data);
+    // The only copy left cannot be removed.
+    let survivor = linear.extents[0].replicas[0].device_uuid;
+    let refused = server
+        .admin()
+        .await
+        .call(MirrorRemove {
+            name: "vol".into(),
+            device: survivor.to_string(),
+        })
+        .await;
+    assert_refused(refused, ErrorCode::BadRequest);
+}
+
+#[tokio::test]
+async fn a_cancelled_move_leaves_the_data_in_place_and_frees_the_target() {
+    let server = TestServer::start_with_args(&[RECOVERY_MAX_RATE, "4M"]);
+    let size = 16 * MIB;
+    let (mut setup, mut io, map, mut data) = written_linear(&server, size, 40).await;
+    let from = map.extents[0].replicas[0].device_uuid;
+    let free_before = free_space(&server).await;
+    server
+        .admin()
+        .await
+        .call(VolumeMove {
+            name: "vol".into(),
+            from: Some(from.to_string()),
+            to: None,
+            cancel: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("volume move: {e}"));
+    let syncing = follow_start(&mut setup.agent, &map).await;
+    assert_ne!(
+        free_space(&server).await,
+        free_before,
+        "no target allocated"
+    );
+    copied_at_least(&server, MIB).await;
+    write_during_copy(&mut io, &syncing, &mut data, size).await;
+    let mut admin = server.admin().await;
+    let cancel = tokio::spawn(async move {
+        admin
+            .call(VolumeMove {
+                name: "vol".into(),
+                from: None,
+                to: None,
+                cancel: true,
+            })
+            .await
+    });
+    let back = follow_change_to_map(&mut setup.agent, syncing.epoch).await;
+    let status = cancel
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("cancel: {e}"));
+    assert_eq!(status.state, RecoveryState::Cancelled);
+    assert!(back.syncing.is_empty());
+    assert_eq!(back.extents, map.extents);
+    assert_data(&setup.devices, &back, &data);
+    assert_eq!(free_space(&server).await, free_before);
+    // Nothing left to cancel.
+    let nothing = server
+        .admin()
+        .await
+        .call(VolumeMove {
+            name: "vol".into(),
+            from: None,
+            to: None,
+            cancel: true,
+        })
+        .await;
+    assert_refused(nothing, ErrorCode::NotFound);
+}
+
+#[tokio::test]
+async fn evacuate_moves_every_volume_off_the_device() {
+    let server = TestServer::start();
+    server.pool_of(3, POOL_DEVICE_BYTES).await;
+    let mut admin = server.admin().await;
+    // Largest free device first: "big" fills the first device, the mirror "b" takes the other
+    // two, and "c" lands on one of those.
+    for (name, size, layout) in [
+        ("big", 40 * MIB, Layout::Linear),
+        ("b", 8 * MIB, Layout::Mirror),
+        ("c", 8 * MIB, Layout::Linear),
+    ] {
+        admin
+            .call(VolumeCreate {
+                name: name.into(),
+                size_bytes: size,
+                layout,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("volume create: {e}"));
+    }
+    let devices = devices(&server).await;
+    let show = |name: &str| VolumeShow { name: name.into() };
+    let c: VolumeDetail = admin
+        .call(show("c"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let device = c.map.extents[0].replicas[0].device_uuid;
+    let b: VolumeDetail = admin
+        .call(show("b"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        on_device(&b.map, device),
+        "both volumes must use the device"
+    );
+    let started: Vec<RecoveryStatus> = admin
+        .call(PoolEvacuate {
+            device: devices[&device].display().to_string(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("evacuate: {e}"));
+    assert_eq!(started.len(), 2);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let statuses = recoveries(&server).await;
+        if statuses.len() == 2 && statuses.iter().all(|s| s.state == RecoveryState::Done) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "evacuation did not finish: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for name in ["b", "c"] {
+        let detail: VolumeDetail = admin
+            .call(show(name))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !on_device(&detail.map, device),
+            "{name} still on the device"
+        );
+        assert!(detail.map.syncing.is_empty());
+    }
+    assert_eq!(
+        free_space(&server).await[&device],
+        free_space_capacity(&server, device).await
+    );
+}
+
+/// Usable bytes of a device (what an empty device has free).
+async fn free_space_capacity(server: &TestServer, device: uuid::Uuid) -> u64 {
+    let list = pool(server).await;
+    list.into_iter()
+        .find(|d| d.uuid == device)
+        .map(|d| d.capacity_bytes)
+        .unwrap_or_else(|| panic!("no device {device}"))
+}
+
+#[tokio::test]
+async fn bad_move_requests_are_refused_and_change_nothing() {
+    let server = TestServer::start();
+    let setup = setup(&server, Layout::Linear, 4 * MIB).await;
+    let map = setup.attached.map.clone();
+    let used = map.extents[0].replicas[0].device_uuid;
+    let unused = *setup
+        .devices
+        .keys()
+        .find(|d| !on_device(&map, **d))
+        .unwrap_or_else(|| panic!("no unused device"));
+    let free_before = free_space(&server).await;
+    let mut admin = server.admin().await;
+    let moves = [
+        (
+            Some("/no/such/device".to_string()),
+            None,
+            ErrorCode::NotFound,
+            "unknown device",
+        ),
+        (
+            Some(unused.to_string()),
+            None,
+            ErrorCode::BadRequest,
+            "no data on it",
+        ),
+        (
+            Some(used.to_string()),
+            Some(used.to_string()),
+            ErrorCode::BadRequest,
+            "onto itself",
+        ),
+        (None, None, ErrorCode::BadRequest, "no --from"),
+    ];
+    for (from, to, code, what) in moves {
+        let refused = admin
+            .call(VolumeMove {
+                name: "vol".into(),
+                from,
+                to,
+                cancel: false,
+            })
+            .await;
+        assert_eq!(
+            refused.err().and_then(|e| e.server_code()),
+            Some(code),
+            "{what}"
+        );
+    }
+    let unknown = admin
+        .call(VolumeMove {
+            name: "nope".into(),
+            from: Some(used.to_string()),
+            to: None,
+            cancel: false,
+        })
+        .await;
+    assert_refused(unknown, ErrorCode::NotFound);
+    let striped = admin
+        .call(VolumeCreate {
+            name: "s".into(),
+            size_bytes: 4 * MIB,
+            layout: Layout::Striped {
+                stripe_count: 2,
+                stripe_unit_bytes: MIB,
+            },
+        })
+        .await;
+    assert!(striped.is_ok(), "{striped:?}");
+    let mirror_striped = admin
+        .call(MirrorAdd {
+            name: "s".into(),
+            cancel: false,
+        })
+        .await;
+    assert_refused(mirror_striped, ErrorCode::BadRequest);
+    let mut expected = free_before.clone();
+    for (device, free) in free_space(&server).await {
+        // Only the striped volume's allocation changed the pool.
+        if let Some(before) = expected.get_mut(&device) {
+            assert!(free <= *before, "{device} gained space");
+            *before = free;
+        }
+    }
+    assert!(recoveries(&server).await.is_empty());
+    assert_eq!(volume_detail(&server).await.map, map);
 }

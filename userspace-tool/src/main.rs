@@ -20,6 +20,7 @@ mod map_encoding;
 mod output;
 mod pool;
 mod recovery_cmd;
+mod relocation_cmd;
 mod volume;
 
 use std::path::PathBuf;
@@ -57,7 +58,7 @@ enum Command {
     /// Storage pool: label SAN devices and show their space.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
-    /// Volumes: create, grow, delete, list, show.
+    /// Volumes: create, grow, delete, list, show, move, mirror.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
     /// Clients: secrets and grants.

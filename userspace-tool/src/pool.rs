@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 use sanblk_proto::map::format_size;
-use sanblk_proto::protocol::{DeviceInfo, PoolAdd, PoolList};
+use sanblk_proto::protocol::{DeviceInfo, PoolAdd, PoolEvacuate, PoolList, RecoveryStatus};
 
 use crate::context::{CliError, Context};
 use crate::output::print_table;
@@ -23,6 +23,17 @@ pub enum PoolCommand {
     },
     /// Show the pool's devices with size, free space and state.
     List,
+    /// Move every volume's data off a device (before taking it out of the SAN), live.
+    #[command(
+        after_help = "Starts one move per volume with data on the device (see `sanctl volume move`)\nand shows their progress until all are done; the device is then empty.\n\nExample:\n  sanctl pool evacuate /srv/san/disk0.img"
+    )]
+    Evacuate {
+        /// The device (its path or UUID, as `pool list` shows).
+        device: String,
+        /// Return once the moves started instead of showing their progress until they end.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 pub async fn run(command: PoolCommand, context: &mut Context) -> Result<(), CliError> {
@@ -48,6 +59,25 @@ pub async fn run(command: PoolCommand, context: &mut Context) -> Result<(), CliE
                 );
             }
             Ok(())
+        }
+        PoolCommand::Evacuate { device, no_wait } => {
+            let statuses: Vec<RecoveryStatus> = context
+                .call(PoolEvacuate {
+                    device: device.clone(),
+                })
+                .await?;
+            if statuses.is_empty() {
+                if context.json {
+                    return context.print_json(&statuses);
+                }
+                println!("device {device} holds no volume data");
+                return Ok(());
+            }
+            if no_wait {
+                return crate::relocation_cmd::print_started(context, &statuses);
+            }
+            let ids: Vec<u64> = statuses.iter().map(|s| s.volume_id).collect();
+            crate::relocation_cmd::follow(context, &ids).await
         }
         PoolCommand::List => {
             let devices: Vec<DeviceInfo> = context.call(PoolList {}).await?;

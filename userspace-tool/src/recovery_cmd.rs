@@ -9,7 +9,8 @@ use crate::output::print_table;
 
 #[derive(Debug, Subcommand)]
 pub enum RecoveryCommand {
-    /// List recoveries (running, failed, or finished since the server started) with progress.
+    /// List recoveries, moves and mirror adds (running, failed, or finished since the server
+    /// started) with progress.
     #[command(after_help = "Example:\n  sanctl recovery list\n  sanctl --json recovery list")]
     List,
 }
@@ -26,13 +27,14 @@ pub async fn run(command: RecoveryCommand, context: &mut Context) -> Result<(), 
                 .map(|s| {
                     vec![
                         s.volume_name.clone(),
+                        s.kind.to_string(),
                         s.device_uuid.to_string(),
                         s.state.to_string(),
                         progress_line(s),
                     ]
                 })
                 .collect();
-            print_table(&["VOLUME", "FAILED_DEVICE", "STATE", "PROGRESS"], &rows);
+            print_table(&["VOLUME", "KIND", "DEVICE", "STATE", "PROGRESS"], &rows);
             Ok(())
         }
     }
@@ -84,6 +86,7 @@ mod tests {
             bytes_total: 16 << 20,
             eta_seconds: Some(75),
             message: String::new(),
+            kind: Default::default(),
         };
         let line = progress_line(&status);
         assert!(line.starts_with(&format!("[{}{}]", "#".repeat(15), ".".repeat(15))));

@@ -3,11 +3,13 @@
 use clap::Subcommand;
 use sanblk_proto::map::{format_size, ExtentKind, Layout, VolumeMap};
 use sanblk_proto::protocol::{
-    VolumeCreate, VolumeDelete, VolumeDetail, VolumeGrow, VolumeList, VolumeShow, VolumeSummary,
+    MirrorAdd, MirrorRemove, RecoveryStatus, VolumeCreate, VolumeDelete, VolumeDetail, VolumeGrow,
+    VolumeList, VolumeMove, VolumeShow, VolumeSummary,
 };
 
 use crate::context::{parse_size_arg, CliError, Context};
 use crate::output::print_table;
+use crate::relocation_cmd;
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
@@ -42,6 +44,52 @@ pub enum VolumeCommand {
     List,
     /// Show a volume's map (extent table) and attachments.
     Show { name: String },
+    /// Move a volume's data off a device while clients keep using it.
+    #[command(
+        after_help = "The server copies every extent on the device to free space elsewhere (or on --to)\nwhile clients keep reading and writing: during the copy their writes to the moving\nextents go through the server, which writes old and new place. Then the new map is\npublished and the old space freed. A server restart resumes the copy.\n\nExamples:\n  sanctl volume move db1 --from /srv/san/disk0.img\n  sanctl volume move db1 --from /srv/san/disk0.img --to /srv/san/disk3.img\n  sanctl volume move db1 --cancel"
+    )]
+    Move {
+        name: String,
+        /// Device to move the data off (its path or UUID, as `pool list` shows).
+        #[arg(long, required_unless_present = "cancel")]
+        from: Option<String>,
+        /// Device to move the data onto (default: wherever there is space).
+        #[arg(long)]
+        to: Option<String>,
+        /// Roll back the move in progress: the data stays where it was.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        cancel: bool,
+        /// Return once the move started instead of showing its progress until it ends.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Mirrors: turn a linear volume into a two-way mirror, or drop a mirror leg.
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MirrorCommand {
+    /// Give every extent of a linear volume a second copy on another device, live.
+    #[command(
+        after_help = "Examples:\n  sanctl volume mirror add db1\n  sanctl volume mirror add db1 --cancel"
+    )]
+    Add {
+        name: String,
+        /// Roll back the mirror add in progress.
+        #[arg(long)]
+        cancel: bool,
+        /// Return once the copy started instead of showing its progress until it ends.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Drop a mirrored volume's copies on a device (every extent keeps its other copy).
+    #[command(after_help = "Example:\n  sanctl volume mirror remove db1 /srv/san/disk1.img")]
+    Remove {
+        name: String,
+        /// Device whose copies are dropped (its path or UUID).
+        device: String,
+    },
 }
 
 fn parse_layout(text: &str) -> Result<Layout, String> {
@@ -125,6 +173,48 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
             print_table(&["ID", "NAME", "SIZE", "LAYOUT", "EPOCH", "EXTENTS"], &rows);
             Ok(())
         }
+        VolumeCommand::Move {
+            name,
+            from,
+            to,
+            cancel,
+            no_wait,
+        } => {
+            let status: RecoveryStatus = context
+                .call(VolumeMove {
+                    name,
+                    from,
+                    to,
+                    cancel,
+                })
+                .await?;
+            if cancel || no_wait {
+                return relocation_cmd::print_started(context, &[status]);
+            }
+            relocation_cmd::follow(context, &[status.volume_id]).await
+        }
+        VolumeCommand::Mirror(MirrorCommand::Add {
+            name,
+            cancel,
+            no_wait,
+        }) => {
+            let status: RecoveryStatus = context.call(MirrorAdd { name, cancel }).await?;
+            if cancel || no_wait {
+                return relocation_cmd::print_started(context, &[status]);
+            }
+            relocation_cmd::follow(context, &[status.volume_id]).await
+        }
+        VolumeCommand::Mirror(MirrorCommand::Remove { name, device }) => {
+            let map: VolumeMap = context.call(MirrorRemove { name, device }).await?;
+            if context.json {
+                return context.print_json(&map);
+            }
+            println!(
+                "volume {} is now {} (epoch {})",
+                map.name, map.layout, map.epoch
+            );
+            Ok(())
+        }
         VolumeCommand::Show { name } => {
             let detail: VolumeDetail = context.call(VolumeShow { name }).await?;
             if context.json {
@@ -142,7 +232,8 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
             println!("  lease   {} ms", map.lease_ms);
             if let Some(recovery) = &detail.recovery {
                 println!(
-                    "  recovery {} off device {}: {}",
+                    "  {} {} (device {}): {}",
+                    recovery.kind,
                     recovery.state,
                     recovery.device_uuid,
                     crate::recovery_cmd::progress_line(recovery)
@@ -161,12 +252,19 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
                         .iter()
                         .map(|r| format!("{}@{}", r.device_uuid, r.device_offset))
                         .collect();
-                    let kind = match e.kind {
+                    let mut kind = match e.kind {
                         ExtentKind::Replicated => "replicated".to_string(),
                         ExtentKind::Striped { stripe_unit } => {
                             format!("striped/{}", format_size(stripe_unit))
                         }
                     };
+                    // Being copied: clients write it through the server.
+                    if map.syncing.iter().any(|r| {
+                        r.volume_offset < e.volume_offset + e.length
+                            && e.volume_offset < r.volume_offset + r.length
+                    }) {
+                        kind.push_str(",syncing");
+                    }
                     vec![
                         e.volume_offset.to_string(),
                         e.length.to_string(),

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sanblk_proto::client::{AdminClient, AgentClient};
-use sanblk_proto::map::{AccessMode, Layout};
+use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{ClientAdd, ClientCreated, ClientGrant, PoolAdd, VolumeCreate};
 
 pub mod sand_log;
@@ -284,8 +284,14 @@ impl TestServer {
 /// new map (as the kernel would once drained / installed) until the `Resume` above
 /// `from_epoch`; returns the resumed epoch.
 pub async fn follow_change(agent: &mut AgentClient, from_epoch: u64) -> u64 {
+    follow_change_to_map(agent, from_epoch).await.epoch
+}
+
+/// [`follow_change`], returning the map the client resumed on.
+pub async fn follow_change_to_map(agent: &mut AgentClient, from_epoch: u64) -> VolumeMap {
     use sanblk_proto::client::Push;
     let wait = Duration::from_secs(30);
+    let mut latest: Option<VolumeMap> = None;
     loop {
         let push = tokio::time::timeout(wait, agent.next_push())
             .await
@@ -296,11 +302,21 @@ pub async fn follow_change(agent: &mut AgentClient, from_epoch: u64) -> u64 {
                 .quiesce_ack(q.volume_id, q.epoch)
                 .await
                 .unwrap_or_else(|e| panic!("quiesce ack: {e}")),
-            Push::MapUpdate(m) => agent
-                .ack(m.volume_id, m.epoch)
-                .await
-                .unwrap_or_else(|e| panic!("ack: {e}")),
-            Push::Resume(r) if r.epoch > from_epoch => return r.epoch,
+            Push::MapUpdate(m) => {
+                agent
+                    .ack(m.volume_id, m.epoch)
+                    .await
+                    .unwrap_or_else(|e| panic!("ack: {e}"));
+                latest = Some(m);
+            }
+            Push::Resume(r) if r.epoch > from_epoch => {
+                let map = latest.unwrap_or_else(|| panic!("resumed at {} without a map", r.epoch));
+                assert_eq!(
+                    map.epoch, r.epoch,
+                    "resumed on another epoch than the map's"
+                );
+                return map;
+            }
             Push::Resume(_) | Push::RecoveryStatus(_) => {}
         }
     }
