@@ -1,0 +1,195 @@
+//! End-to-end live relocation: a real `sand` with three SAN disks and a guest running fio with
+//! verification on the volume while the host, with `sanctl`, moves the volume to another disk,
+//! adds a mirror and evacuates a disk. During each copy the kernel's map marks the moving
+//! extents syncing, so the guest's writes to them go through the server, which writes old and
+//! new place in step with its copy. fio verifies every pass in the guest; the host then finds
+//! every block of the final volume where the final map says, on each replica, and the space
+//! the data left free again.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sanblk_tests::blocks::BLOCK;
+use sanblk_tests::{blocks, dm_san, provision, sparse_image, spawn, Provisioned};
+
+const MIB: u64 = 1 << 20;
+const VOLUME: u64 = 16 * MIB;
+
+fn wait_for_file(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Adds `san2.img` (64 MiB) to the pool and to the guest's disks.
+fn third_disk(provisioned: &mut Provisioned) -> PathBuf {
+    let path = provisioned.dir.join("san2.img");
+    sparse_image(&path, 64 * MIB).expect("image");
+    provisioned.server.pool_add(&path);
+    provisioned.images.push(path.clone());
+    provisioned.by_uuid = sanblk_tests::server::paths_by_uuid(&provisioned.server.pool());
+    path
+}
+
+fn uuid_of(provisioned: &Provisioned, image: &Path) -> uuid::Uuid {
+    *provisioned
+        .by_uuid
+        .iter()
+        .find(|(_, path)| path.as_path() == image)
+        .map(|(uuid, _)| uuid)
+        .expect("image in the pool")
+}
+
+fn on_device(map: &sanblk_proto::map::VolumeMap, device: uuid::Uuid) -> bool {
+    map.extents
+        .iter()
+        .any(|e| e.replicas.iter().any(|r| r.device_uuid == device))
+}
+
+#[test]
+fn fio_verifies_through_a_move_a_mirror_add_and_an_evacuation() {
+    // A slow copy, so fio runs through every phase of it.
+    let mut provisioned = provision(
+        "relocation-e2e",
+        &["--recovery-max-rate", "4M"],
+        &["vmove"],
+        true,
+    );
+    let san2 = third_disk(&mut provisioned);
+    let san0 = provisioned.images[0].clone();
+    let san1 = provisioned.images[1].clone();
+    let (san0_uuid, san1_uuid) = (uuid_of(&provisioned, &san0), uuid_of(&provisioned, &san1));
+
+    // Each phase: fio passes (random 4 KiB writes, then a read-back verification of each)
+    // until the host says the relocation is over, then one more pass on the final map.
+    let body = r#"pass() {
+    fio --name=$1 --filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
+        --size=16M --io_size=2M --verify=crc32c --verify_fatal=1 --randrepeat=0 \
+        --output-format=json --output=fio-$1.json
+}
+phase() {
+    i=0
+    pass $1-first
+    touch $1.ready
+    while [ ! -e $1.done ]; do pass $1-$i; i=$((i+1)); done
+    $S --json status > $1-status.json
+    pass $1-last
+}
+phase move
+phase mirror
+phase evacuate
+dd if=$dev of=final.img bs=1M iflag=direct status=none
+$S detach vmove"#;
+    let config = dm_san::vm(
+        &provisioned,
+        "relocation-e2e",
+        "vmove",
+        "--device /dev/vdb --device /dev/vdc",
+        body,
+        Duration::from_secs(900),
+    );
+    let vm = spawn(&config).expect("guest started");
+    let log_dir = vm.log_dir().to_path_buf();
+    let server = &provisioned.server;
+    let path = |p: &Path| p.display().to_string();
+    let phases: [(&str, Vec<String>); 3] = [
+        (
+            "move",
+            vec![
+                "volume".into(),
+                "move".into(),
+                "vmove".into(),
+                "--from".into(),
+                path(&san0),
+                "--to".into(),
+                path(&san1),
+            ],
+        ),
+        (
+            "mirror",
+            vec![
+                "volume".into(),
+                "mirror".into(),
+                "add".into(),
+                "vmove".into(),
+            ],
+        ),
+        (
+            "evacuate",
+            vec!["pool".into(), "evacuate".into(), path(&san1)],
+        ),
+    ];
+    let mut outputs = Vec::new();
+    for (phase, args) in &phases {
+        wait_for_file(
+            &log_dir.join(format!("{phase}.ready")),
+            Duration::from_secs(300),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // Blocks until the relocation is done (its progress bar is drawn on terminals only).
+        let output = server.sanctl(&args);
+        outputs.push(output);
+        fs::write(log_dir.join(format!("{phase}.done")), b"").expect("signal");
+    }
+    let outcome = vm.wait().expect("guest ran");
+    outcome.assert_clean_success();
+    for output in &outputs {
+        assert!(
+            output.contains(" done "),
+            "relocation did not end done: {output}"
+        );
+    }
+
+    // The kernel wrote the syncing extents through the server during each copy (the direct
+    // path never failed: without the syncing map nothing would have been redirected), and
+    // no I/O failed.
+    let mut redirected_before = 0;
+    for phase in ["move", "mirror", "evacuate"] {
+        let status = outcome.out_json(&format!("{phase}-status.json"));
+        let volume = status["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "vmove"))
+            .unwrap_or_else(|| panic!("no vmove in {status}"))
+            .clone();
+        let redirected = volume["redirected_ios"].as_u64().unwrap_or(0);
+        assert!(
+            redirected > redirected_before,
+            "{phase}: no write went through the server during the copy: {volume}"
+        );
+        assert_eq!(volume["errors"].as_u64(), Some(0), "{phase}: {volume}");
+        redirected_before = redirected;
+    }
+    let detail = server.volume("vmove");
+    let map = &detail.map;
+    assert!(map.syncing.is_empty(), "{map:?}");
+    assert_eq!(map.layout.to_string(), "mirror");
+    assert!(
+        !on_device(map, san1_uuid),
+        "evacuated disk still used: {map:?}"
+    );
+    assert!(map.extents.iter().all(|e| e.replicas.len() == 2));
+    let san2_uuid = uuid_of(&provisioned, &san2);
+    assert!(
+        on_device(map, san0_uuid) && on_device(map, san2_uuid),
+        "{map:?}"
+    );
+    // What the guest read back at the end is on both replicas of every block.
+    let final_image = fs::read(log_dir.join("final.img")).expect("final.img");
+    assert_eq!(final_image.len() as u64, VOLUME);
+    let checked = blocks::verify_against_map(map, &provisioned.by_uuid, &final_image);
+    assert_eq!(checked as u64, 2 * VOLUME / BLOCK);
+    // The evacuated disk is empty again.
+    let san1_info = server
+        .pool()
+        .into_iter()
+        .find(|d| d.uuid == san1_uuid)
+        .expect("san1 listed");
+    assert_eq!(san1_info.free_bytes, san1_info.capacity_bytes);
+}
