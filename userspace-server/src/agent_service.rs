@@ -488,7 +488,7 @@ impl Session {
 
     fn renew(&self, request: Renew) -> ServiceResult<Renewed> {
         let Renew { volume_id, epoch } = request;
-        if let Err(error) = self.state.renew(self.connection, volume_id) {
+        if let Err(error) = self.state.renew(self.connection, volume_id, epoch) {
             if error.code == ErrorCode::Fenced {
                 warn!(
                     "client {}: renewal of fenced attachment to volume {volume_id} (epoch {epoch}) refused",

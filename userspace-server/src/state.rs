@@ -107,8 +107,11 @@ struct Live {
     controls: HashMap<ConnectionId, mpsc::UnboundedSender<AgentReply>>,
     /// Attachments fenced by a change: (connection, volume). Their renewals are refused.
     fenced: HashSet<(ConnectionId, u64)>,
-    /// Session tokens of fenced attachments: refused also as persisted tokens.
-    fenced_tokens: HashSet<String>,
+    /// Session tokens of fenced attachments, with their (client, volume): refused also as
+    /// persisted tokens. A new attachment of the same client and volume persists its own
+    /// token over the old one, which then drops out (so this holds at most one token per
+    /// client and volume).
+    fenced_tokens: HashMap<String, (String, u64)>,
     /// Volumes with a configuration change in progress.
     changing: HashSet<u64>,
     /// The id of the connection registered last.
@@ -253,16 +256,23 @@ impl ServerState {
     }
 
     /// Records a renewal of this connection's attachment to the volume.
-    pub fn renew(&self, connection: ConnectionId, volume_id: u64) -> ServiceResult<()> {
+    /// Records a renewal of the lease of this connection's attachment, which holds `epoch`.
+    /// An epoch the server never published is refused (nothing renewed).
+    pub fn renew(&self, connection: ConnectionId, volume_id: u64, epoch: u64) -> ServiceResult<()> {
         let mut live = self.live();
         if live.fenced.contains(&(connection, volume_id)) {
             return Err(fenced_error(volume_id));
         }
-        match live
-            .volumes
-            .get_mut(&volume_id)
-            .and_then(|v| v.attachments.get_mut(&connection))
-        {
+        let volume = live.volumes.get_mut(&volume_id);
+        let published = volume.as_ref().map(|v| v.map.borrow().map.epoch);
+        match volume.and_then(|v| v.attachments.get_mut(&connection)) {
+            Some(_) if published.is_some_and(|published| epoch > published) => Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "renewal names epoch {epoch}, but volume {volume_id} is at epoch {}",
+                    published.unwrap_or_default()
+                ),
+            )),
             Some(attachment) => {
                 attachment.renewed = Instant::now();
                 Ok(())
@@ -363,7 +373,10 @@ impl ServerState {
                     attachment.client
                 );
                 live.sessions.remove(&attachment.session_token);
-                live.fenced_tokens.insert(attachment.session_token);
+                live.fenced_tokens.insert(
+                    attachment.session_token,
+                    (attachment.client.clone(), volume_id),
+                );
                 if attachment.connected {
                     live.fenced.insert((connection, volume_id));
                 }
@@ -427,7 +440,10 @@ impl ServerState {
                     let keep = attachment.client != client;
                     if !keep {
                         sessions.remove(&attachment.session_token);
-                        fenced_tokens.insert(attachment.session_token.clone());
+                        fenced_tokens.insert(
+                            attachment.session_token.clone(),
+                            (attachment.client.clone(), *id),
+                        );
                         fenced.insert((*connection, *id));
                         let expires = attachment.expires(lease);
                         last_expiry = Some(last_expiry.map_or(expires, |e| e.max(expires)));
@@ -514,7 +530,7 @@ impl ServerState {
         for (fenced_connection, fenced_client, token) in fenced {
             info!("volume {volume_id}: client {fenced_client:?} let its lease expire; fenced");
             live.fenced.insert((fenced_connection, volume_id));
-            live.fenced_tokens.insert(token);
+            live.fenced_tokens.insert(token, (fenced_client, volume_id));
         }
         if mode == AccessMode::Rw {
             if let Some(holder) = volume
@@ -583,7 +599,9 @@ impl ServerState {
             }
         }
         live.fenced.remove(&(connection, volume_id));
-        live.fenced_tokens.remove(&session_token);
+        live.fenced_tokens.retain(|token, (owner, volume)| {
+            *token != session_token && (owner.as_str(), *volume) != (client, volume_id)
+        });
         Ok(AttachGrant { map, updates })
     }
 
@@ -614,7 +632,7 @@ impl ServerState {
     pub fn session(&self, token: &str) -> Option<SessionInfo> {
         {
             let live = self.live();
-            if live.fenced_tokens.contains(token) {
+            if live.fenced_tokens.contains_key(token) {
                 return None;
             }
             if let Some(&(volume_id, connection)) = live.sessions.get(token) {
@@ -933,11 +951,10 @@ mod tests {
     use crate::store::DeviceRecord;
     use sanblk_proto::map::Layout;
 
-    #[test]
-    fn session_tokens_resolve_while_attached() {
-        let dir = std::env::temp_dir().join(format!("sand-state-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-        let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
+    /// A server state in `dir` with one 1 MiB volume and client host1 granted rw on it.
+    fn granted_volume(dir: &std::path::Path) -> (Arc<ServerState>, VolumeRecord, Grant) {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
         let device = DeviceRecord {
             uuid: uuid::Uuid::new_v4(),
             path: "/dev/null-test".into(),
@@ -958,7 +975,13 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
             .grant(volume.id)
             .unwrap_or_else(|| panic!("no grant"));
-        let state = ServerState::new(store, config);
+        (ServerState::new(store, config), volume, grant)
+    }
+
+    #[test]
+    fn session_tokens_resolve_while_attached() {
+        let dir = std::env::temp_dir().join(format!("sand-state-test-{}", std::process::id()));
+        let (state, volume, grant) = granted_volume(&dir);
         let (connection, _) = state.register_connection("host1");
         state
             .attach(
@@ -1012,6 +1035,40 @@ mod tests {
         );
         assert_eq!(stale.err().map(|e| e.code), Some(ErrorCode::NotGranted));
         assert_eq!(state.session("token-4"), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn fenced_tokens_stay_refused_until_superseded_and_renewals_name_real_epochs() {
+        let dir = std::env::temp_dir().join(format!("sand-state-fenced-{}", std::process::id()));
+        let (state, volume, grant) = granted_volume(&dir);
+        for round in 0..5 {
+            let (connection, _) = state.register_connection("host1");
+            let token = format!("token-{round}");
+            state
+                .attach(
+                    connection,
+                    "host1",
+                    volume.id,
+                    grant,
+                    AccessMode::Rw,
+                    token.clone(),
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+            // An epoch the server never published is refused; the real one renews.
+            let refused = state.renew(connection, volume.id, volume.epoch + 1);
+            assert_eq!(refused.err().map(|e| e.code), Some(ErrorCode::BadRequest));
+            state
+                .renew(connection, volume.id, volume.epoch)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(state.end_attachments("host1", Some(volume.id)).is_some());
+            assert_eq!(state.session(&token), None, "fenced token accepted");
+            let fenced = state.renew(connection, volume.id, volume.epoch);
+            assert_eq!(fenced.err().map(|e| e.code), Some(ErrorCode::Fenced));
+            state.unregister_connection(connection);
+            // Each new attachment supersedes the fenced token of the same client and volume.
+            assert_eq!(state.live().fenced_tokens.len(), 1, "round {round}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
