@@ -550,6 +550,7 @@ pub enum AdminRequest {
     PoolEvacuate(PoolEvacuate),
     MirrorAdd(MirrorAdd),
     MirrorRemove(MirrorRemove),
+    RecoveryStart(RecoveryStart),
 }
 
 /// Label a device and add it to the pool.
@@ -652,6 +653,13 @@ pub struct MirrorAdd {
     pub cancel: bool,
 }
 
+/// Declare a device failed: recover every volume's data off it (from a mirror copy where
+/// there is one, else from the device itself through the server's path).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecoveryStart {
+    pub device: String,
+}
+
 /// Drop a mirrored volume's replicas on a device (through the change protocol).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MirrorRemove {
@@ -694,6 +702,7 @@ admin_calls! {
     PoolEvacuate => Vec<RecoveryStatus>,
     MirrorAdd => RecoveryStatus,
     MirrorRemove => VolumeMap,
+    RecoveryStart => Vec<RecoveryStatus>,
 }
 
 /// The answer to an admin request whose reply is a `T`.

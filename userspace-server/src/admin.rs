@@ -19,9 +19,9 @@ use sanblk_proto::protocol::{
     encode_frame, write_frame, AdminCall, AdminReply, AdminRequest, ClientAdd, ClientAttachment,
     ClientCreated, ClientGrant, ClientInfo, ClientList, ClientRemove, ClientRemoved, ClientRevoke,
     DeviceInfo, ErrorBody, ErrorCode, FrameError, FrameReader, GrantedVolume, MirrorAdd,
-    MirrorRemove, PoolAdd, PoolEvacuate, PoolList, RecoveryList, VolumeCreate, VolumeDelete,
-    VolumeDeleted, VolumeDetail, VolumeGrow, VolumeList, VolumeMove, VolumeShow, VolumeSummary,
-    MAX_LISTED_ATTACHMENTS,
+    MirrorRemove, PoolAdd, PoolEvacuate, PoolList, RecoveryList, RecoveryStart, VolumeCreate,
+    VolumeDelete, VolumeDeleted, VolumeDetail, VolumeGrow, VolumeList, VolumeMove, VolumeShow,
+    VolumeSummary, MAX_LISTED_ATTACHMENTS,
 };
 
 use crate::labelling;
@@ -141,6 +141,9 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> Result<Vec<u
         AdminRequest::MirrorRemove(request) => {
             reply_frame::<MirrorRemove>(relocation_admin::mirror_remove(request, state).await)
         }
+        AdminRequest::RecoveryStart(request) => {
+            reply_frame::<RecoveryStart>(relocation_admin::recovery_start(request, state).await)
+        }
     }
 }
 
@@ -158,6 +161,7 @@ async fn pool_add(request: PoolAdd, state: &Arc<ServerState>) -> ServiceResult<O
         "pool: added {} as device {} ({} bytes)",
         device.path, device.uuid, device.size_bytes
     );
+    crate::recovery::start_waiting_for_space(state).await;
     Ok(device_infos(state)
         .await?
         .into_iter()

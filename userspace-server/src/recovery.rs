@@ -93,7 +93,7 @@ pub async fn report_failure(
             );
             let request = RelocationRequest::Recovery {
                 device: device_uuid,
-                reason,
+                reason: reason.clone(),
             };
             match start(state, volume_id, request).await {
                 // A concurrent report (another client, or a retry) is starting it.
@@ -102,8 +102,49 @@ pub async fn report_failure(
                     .status(volume_id)
                     .filter(|s| s.device_uuid == device_uuid)
                     .ok_or(error),
+                // The client stays on the server path; a device added later starts it.
+                Err(error) if error.code == ErrorCode::NoSpace => {
+                    warn!(
+                        "volume {volume_id}: no space to recover off device {device_uuid} ({}); \
+                         starts when a device is added",
+                        error.message
+                    );
+                    state
+                        .recoveries
+                        .wait_for_space(volume_id, device_uuid, reason);
+                    Err(ErrorBody::new(
+                        ErrorCode::NoSpace,
+                        format!(
+                            "{}; the recovery starts when a device is added to the pool",
+                            error.message
+                        ),
+                    ))
+                }
                 other => other,
             }
+        }
+    }
+}
+
+/// Starts the recoveries that found no space, after a device joined the pool (those that
+/// still find none wait for the next one).
+pub async fn start_waiting_for_space(state: &Arc<ServerState>) {
+    for (volume_id, device, reason) in state.recoveries.take_waiting_for_space() {
+        let request = RelocationRequest::Recovery {
+            device,
+            reason: reason.clone(),
+        };
+        match start(state, volume_id, request).await {
+            Ok(_) => {
+                info!("volume {volume_id}: recovery off device {device} started on the new space")
+            }
+            Err(error) if error.code == ErrorCode::NoSpace => {
+                state.recoveries.wait_for_space(volume_id, device, reason)
+            }
+            Err(error) => warn!(
+                "volume {volume_id}: waiting recovery off device {device} dropped: {}",
+                error.message
+            ),
         }
     }
 }

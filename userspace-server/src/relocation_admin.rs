@@ -1,5 +1,5 @@
 //! Admin requests that move a volume's data while clients use it: `volume move`, `pool
-//! evacuate`, `volume mirror add` and `volume mirror remove`. The first three start a
+//! evacuate`, `recovery start`, `volume mirror add` and `volume mirror remove`. The first three start a
 //! relocation (`crate::recovery`: change protocol, background copy, final change); mirror
 //! remove is one change. Devices are named by their path or UUID, as `pool list` shows them.
 
@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use sanblk_proto::map::VolumeMap;
 use sanblk_proto::protocol::{
-    ErrorBody, ErrorCode, MirrorAdd, MirrorRemove, PoolEvacuate, RecoveryStatus, VolumeMove,
+    ErrorBody, ErrorCode, MirrorAdd, MirrorRemove, PoolEvacuate, RecoveryStart, RecoveryStatus,
+    VolumeMove,
 };
 
 use crate::service_error::ServiceResult;
@@ -67,6 +68,42 @@ pub async fn pool_evacuate(
     state: &Arc<ServerState>,
 ) -> ServiceResult<Vec<RecoveryStatus>> {
     let device = device_named(state, &request.device).await?;
+    info!("device {device}: evacuation requested");
+    relocate_off(
+        state,
+        device,
+        RelocationRequest::Move {
+            from: device,
+            to: None,
+        },
+    )
+    .await
+}
+
+pub async fn recovery_start(
+    request: RecoveryStart,
+    state: &Arc<ServerState>,
+) -> ServiceResult<Vec<RecoveryStatus>> {
+    let device = device_named(state, &request.device).await?;
+    info!("device {device}: recovery requested by the administrator");
+    relocate_off(
+        state,
+        device,
+        RelocationRequest::Recovery {
+            device,
+            reason: "declared failed by the administrator".into(),
+        },
+    )
+    .await
+}
+
+/// Starts `request` (a move or recovery off `device`) for every volume with data on it;
+/// returns their first status. One already moving off the device reports its progress.
+async fn relocate_off(
+    state: &Arc<ServerState>,
+    device: Uuid,
+    request: RelocationRequest,
+) -> ServiceResult<Vec<RecoveryStatus>> {
     let volumes = blocking(state, |s| s.store.volumes()).await?;
     let on_device: Vec<_> = volumes
         .into_iter()
@@ -76,16 +113,14 @@ pub async fn pool_evacuate(
                 .any(|e| e.replicas.iter().any(|r| r.device_uuid == device))
         })
         .collect();
-    info!("device {device}: evacuating {} volume(s)", on_device.len());
+    info!(
+        "device {device}: {} volume(s) to move off it",
+        on_device.len()
+    );
     let mut statuses = Vec::with_capacity(on_device.len());
     for volume in on_device {
-        let request = RelocationRequest::Move {
-            from: device,
-            to: None,
-        };
-        match crate::recovery::start(state, volume.id, request).await {
+        match crate::recovery::start(state, volume.id, request.clone()).await {
             Ok(status) => statuses.push(status),
-            // Already moving off this device (an evacuate run again): report its progress.
             Err(error) if error.code == ErrorCode::Busy => {
                 match state.recoveries.status(volume.id) {
                     Some(status) if status.device_uuid == device => statuses.push(status),

@@ -17,9 +17,9 @@ use common::{follow_change_to_map, TestServer, MIB, RECOVERY_MAX_RATE};
 use sanblk_proto::client::{AgentClient, Push};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{
-    Attachment, DeviceInfo, ErrorCode, MirrorAdd, MirrorRemove, PoolEvacuate, PoolList,
-    RecoveryList, RecoveryState, RecoveryStatus, VolumeCreate, VolumeDetail, VolumeMove,
-    VolumeShow,
+    Attachment, DeviceInfo, ErrorCode, MirrorAdd, MirrorRemove, PoolAdd, PoolEvacuate, PoolList,
+    RecoveryList, RecoveryStart, RecoveryState, RecoveryStatus, VolumeCreate, VolumeDetail,
+    VolumeMove, VolumeShow,
 };
 use sanblk_uapi::frame::{Op, ReplyHeader, RequestHeader, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -130,7 +130,12 @@ struct Setup {
 }
 
 async fn setup(server: &TestServer, layout: Layout, size: u64) -> Setup {
-    server.pool_of(3, POOL_DEVICE_BYTES).await;
+    setup_on(server, 3, layout, size).await
+}
+
+/// [`setup`] with `device_count` pool devices.
+async fn setup_on(server: &TestServer, device_count: usize, layout: Layout, size: u64) -> Setup {
+    server.pool_of(device_count, POOL_DEVICE_BYTES).await;
     let mut admin = server.admin().await;
     admin
         .call(VolumeCreate {
@@ -1098,4 +1103,77 @@ async fn bad_move_requests_are_refused_and_change_nothing() {
     }
     assert!(recoveries(&server).await.is_empty());
     assert_eq!(volume_detail(&server).await.map, map);
+}
+
+#[tokio::test]
+async fn a_recovery_without_space_starts_when_a_device_is_added() {
+    let server = TestServer::start();
+    let size = 8 * MIB;
+    let mut setup = setup_on(&server, 1, Layout::Linear, size).await;
+    let data = pattern(50, size as usize);
+    let mut io = IoClient::session(&server, &setup.attached).await;
+    let map = setup.attached.map.clone();
+    io.write(&map, 0, &data).await;
+    let failed = map.extents[0].replicas[0].device_uuid;
+    let report = setup
+        .agent
+        .report_failure(map.volume_id, failed, "EIO")
+        .await;
+    assert_refused(report, ErrorCode::NoSpace);
+    assert!(recoveries(&server).await.is_empty());
+    // The client keeps using the server path meanwhile.
+    assert!(io.read(&map, 0, 65536).await == data[..65536]);
+    let spare = server.image("spare.img", POOL_DEVICE_BYTES);
+    server
+        .admin()
+        .await
+        .call(PoolAdd {
+            path: spare.display().to_string(),
+            force: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("pool add: {e}"));
+    let syncing = follow_start(&mut setup.agent, &map).await;
+    let recovered = wait_for_recovery(&mut setup.agent, syncing.epoch).await;
+    assert!(!on_device(&recovered, failed));
+    setup.devices = devices(&server).await;
+    assert_data(&setup.devices, &recovered, &data);
+}
+
+#[tokio::test]
+async fn an_administrator_declares_a_device_failed_and_its_volumes_are_recovered() {
+    let server = TestServer::start();
+    let size = 8 * MIB;
+    let mut setup = setup(&server, Layout::Mirror, size).await;
+    let data = pattern(60, size as usize);
+    let mut io = IoClient::session(&server, &setup.attached).await;
+    let map = setup.attached.map.clone();
+    io.write(&map, 0, &data).await;
+    let failing = map.extents[0].replicas[0].device_uuid;
+    let started: Vec<RecoveryStatus> = server
+        .admin()
+        .await
+        .call(RecoveryStart {
+            device: setup.devices[&failing].display().to_string(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("recovery start: {e}"));
+    assert_eq!(started.len(), 1);
+    assert_eq!(
+        started[0].kind,
+        sanblk_proto::protocol::RelocationKind::Recovery
+    );
+    let syncing = follow_start(&mut setup.agent, &map).await;
+    let recovered = wait_for_recovery(&mut setup.agent, syncing.epoch).await;
+    assert!(!on_device(&recovered, failing));
+    assert!(recovered.extents.iter().all(|e| e.replicas.len() == 2));
+    assert_data(&setup.devices, &recovered, &data);
+    let unknown = server
+        .admin()
+        .await
+        .call(RecoveryStart {
+            device: "/no/such".into(),
+        })
+        .await;
+    assert_refused(unknown, ErrorCode::NotFound);
 }

@@ -66,18 +66,7 @@ pub async fn run(command: PoolCommand, context: &mut Context) -> Result<(), CliE
                     device: device.clone(),
                 })
                 .await?;
-            if statuses.is_empty() {
-                if context.json {
-                    return context.print_json(&statuses);
-                }
-                println!("device {device} holds no volume data");
-                return Ok(());
-            }
-            if no_wait {
-                return crate::relocation_cmd::print_started(context, &statuses);
-            }
-            let ids: Vec<u64> = statuses.iter().map(|s| s.volume_id).collect();
-            crate::relocation_cmd::follow(context, &ids).await
+            crate::relocation_cmd::follow_started(context, &device, &statuses, no_wait).await
         }
         PoolCommand::List => {
             let devices: Vec<DeviceInfo> = context.call(PoolList {}).await?;

@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 use sanblk_proto::map::format_size;
-use sanblk_proto::protocol::{RecoveryList, RecoveryStatus};
+use sanblk_proto::protocol::{RecoveryList, RecoveryStart, RecoveryStatus};
 
 use crate::context::{CliError, Context};
 use crate::output::print_table;
@@ -13,10 +13,29 @@ pub enum RecoveryCommand {
     /// started) with progress.
     #[command(after_help = "Example:\n  sanctl recovery list\n  sanctl --json recovery list")]
     List,
+    /// Declare a device failed and recover every volume's data off it, live.
+    #[command(
+        after_help = "For a device that is failing but still readable by the server (clients recover off a\ndevice they report failed by themselves). Mirrored extents are copied from their other\ncopy, the rest from the device through the server's own path; clients' writes go\nthrough the server during the copy.\n\nExample:\n  sanctl recovery start /srv/san/disk0.img"
+    )]
+    Start {
+        /// The device (its path or UUID, as `pool list` shows).
+        device: String,
+        /// Return once the recoveries started instead of showing their progress.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 pub async fn run(command: RecoveryCommand, context: &mut Context) -> Result<(), CliError> {
     match command {
+        RecoveryCommand::Start { device, no_wait } => {
+            let statuses: Vec<RecoveryStatus> = context
+                .call(RecoveryStart {
+                    device: device.clone(),
+                })
+                .await?;
+            crate::relocation_cmd::follow_started(context, &device, &statuses, no_wait).await
+        }
         RecoveryCommand::List => {
             let statuses: Vec<RecoveryStatus> = context.call(RecoveryList {}).await?;
             if context.json {

@@ -83,6 +83,28 @@ pub async fn follow(context: &mut Context, volume_ids: &[u64]) -> Result<(), Cli
     }
 }
 
+/// After relocations off `device` started: follows them, or with `no_wait` prints their first
+/// status; says so when the device held no data.
+pub async fn follow_started(
+    context: &mut Context,
+    device: &str,
+    statuses: &[RecoveryStatus],
+    no_wait: bool,
+) -> Result<(), CliError> {
+    if statuses.is_empty() {
+        if context.json {
+            return context.print_json(&statuses);
+        }
+        println!("device {device} holds no volume data");
+        return Ok(());
+    }
+    if no_wait {
+        return print_started(context, statuses);
+    }
+    let ids: Vec<u64> = statuses.iter().map(|s| s.volume_id).collect();
+    follow(context, &ids).await
+}
+
 /// Prints the first status of relocations started without waiting.
 pub fn print_started(context: &Context, statuses: &[RecoveryStatus]) -> Result<(), CliError> {
     if context.json {

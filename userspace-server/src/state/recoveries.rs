@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
+use uuid::Uuid;
 
 use sanblk_proto::protocol::RecoveryStatus;
 
@@ -21,6 +22,9 @@ pub struct Recoveries {
     statuses: Mutex<HashMap<u64, RecoveryStatus>>,
     /// Every status change, for the agent connections attached to the volume.
     events: broadcast::Sender<RecoveryStatus>,
+    /// Failure reports whose recovery found no space, by volume: (device, reason). Retried
+    /// when a device joins the pool.
+    waiting_for_space: Mutex<HashMap<u64, (Uuid, String)>>,
 }
 
 impl Recoveries {
@@ -29,7 +33,26 @@ impl Recoveries {
             gates: Mutex::new(HashMap::new()),
             statuses: Mutex::new(HashMap::new()),
             events: broadcast::channel(RECOVERY_EVENT_BACKLOG).0,
+            waiting_for_space: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Remembers a recovery that could not start for lack of space.
+    pub fn wait_for_space(&self, volume_id: u64, device: Uuid, reason: String) {
+        self.waiting_for_space
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(volume_id, (device, reason));
+    }
+
+    /// Takes the recoveries waiting for space (to try them again).
+    pub fn take_waiting_for_space(&self) -> Vec<(u64, Uuid, String)> {
+        self.waiting_for_space
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(volume_id, (device, reason))| (volume_id, device, reason))
+            .collect()
     }
 
     /// The write gate of a volume.
