@@ -192,6 +192,15 @@ impl PoolSpace {
         self.extent_limit = limit;
     }
 
+    /// Gives nothing more from device `uuid` (a failed device keeps what it holds until that
+    /// is moved off, but receives no new allocation).
+    pub fn withhold(&mut self, uuid: Uuid) {
+        if let Some(device) = self.devices.iter_mut().find(|d| d.uuid == uuid) {
+            device.ranges.clear();
+            device.total = 0;
+        }
+    }
+
     pub fn free_bytes(&self, uuid: Uuid) -> u64 {
         self.devices
             .iter()

@@ -32,7 +32,7 @@ use crate::device::{AlignedBuf, DeviceTable};
 use crate::log_text::peer_text;
 use crate::recovery_gate::ActiveRecovery;
 use crate::service_error::ServiceResult;
-use crate::state::{blocking, ServerState};
+use crate::state::{blocking, ServerState, WaitingForSpace};
 use crate::store::{ChangeKind, RecoveryRecord, RecoverySegment, RelocationRequest};
 use sanblk_proto::protocol::RelocationKind;
 
@@ -95,27 +95,48 @@ pub async fn report_failure(
                 device: device_uuid,
                 reason: reason.clone(),
             };
-            match start(state, volume_id, request).await {
+            let started = start(state, volume_id, request).await;
+            if started
+                .as_ref()
+                .map_or_else(|e| e.code == ErrorCode::NoSpace, |_| true)
+            {
+                declare_failed(state, device_uuid).await;
+            }
+            match started {
                 // A concurrent report (another client, or a retry) is starting it.
                 Err(error) if error.code == ErrorCode::Busy => state
                     .recoveries
                     .status(volume_id)
                     .filter(|s| s.device_uuid == device_uuid)
                     .ok_or(error),
-                // The client stays on the server path; a device added later starts it.
+                // A mirror runs on its other copies meanwhile; a single copy stays on the
+                // server path. A device added later starts the rest.
                 Err(error) if error.code == ErrorCode::NoSpace => {
+                    let degraded = degrade(state, volume_id, device_uuid).await;
+                    let (waiting, outcome) = if degraded {
+                        (
+                            WaitingForSpace::Remirror,
+                            "its mirror runs on the other copy until then",
+                        )
+                    } else {
+                        (
+                            WaitingForSpace::Recovery {
+                                device: device_uuid,
+                                reason,
+                            },
+                            "I/O to it goes through the server until then",
+                        )
+                    };
                     warn!(
                         "volume {volume_id}: no space to recover off device {device_uuid} ({}); \
-                         starts when a device is added",
+                         {outcome}",
                         error.message
                     );
-                    state
-                        .recoveries
-                        .wait_for_space(volume_id, device_uuid, reason);
+                    state.recoveries.wait_for_space(volume_id, waiting);
                     Err(ErrorBody::new(
                         ErrorCode::NoSpace,
                         format!(
-                            "{}; the recovery starts when a device is added to the pool",
+                            "{}; the recovery starts when a device is added to the pool, {outcome}",
                             error.message
                         ),
                     ))
@@ -126,23 +147,62 @@ pub async fn report_failure(
     }
 }
 
-/// Starts the recoveries that found no space, after a device joined the pool (those that
-/// still find none wait for the next one).
+/// Marks `device` failed in the pool: no new allocation (a recovery target, a re-mirror, a
+/// new volume) lands on it.
+pub async fn declare_failed(state: &Arc<ServerState>, device: Uuid) {
+    if let Err(error) = blocking(state, move |s| s.store.mark_device_failed(device)).await {
+        warn!("device {device}: cannot mark it failed: {}", error.message);
+    }
+}
+
+/// Drops the copies on the failed `device` from every mirrored extent of `volume_id` that
+/// has another one (a change, in the background), so clients read and write the surviving
+/// copies directly and no I/O fails on the dead one. False (nothing done) if some extent has
+/// its only copy there.
+async fn degrade(state: &Arc<ServerState>, volume_id: u64, device: Uuid) -> bool {
+    let kind = ChangeKind::MirrorRemove { device };
+    let planned = kind.clone();
+    if blocking(state, move |s| s.store.plan_change(volume_id, &planned))
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let job_state = state.clone();
+    tokio::spawn(async move {
+        match crate::change::run(&job_state, volume_id, kind, |_| {}).await {
+            Ok(record) => info!(
+                "volume {}: copies on failed device {device} dropped; degraded at epoch {}",
+                record.name, record.epoch
+            ),
+            Err(error) => warn!(
+                "volume {volume_id}: dropping the copies on failed device {device}: {}",
+                error.message
+            ),
+        }
+    });
+    true
+}
+
+/// Starts what found no space (recoveries, re-mirroring of degraded mirrors) after a device
+/// joined the pool; what still finds none waits for the next one.
 pub async fn start_waiting_for_space(state: &Arc<ServerState>) {
-    for (volume_id, device, reason) in state.recoveries.take_waiting_for_space() {
-        let request = RelocationRequest::Recovery {
-            device,
-            reason: reason.clone(),
+    for (volume_id, waiting) in state.recoveries.take_waiting_for_space() {
+        let request = match &waiting {
+            WaitingForSpace::Recovery { device, reason } => RelocationRequest::Recovery {
+                device: *device,
+                reason: reason.clone(),
+            },
+            WaitingForSpace::Remirror => RelocationRequest::MirrorAdd,
         };
-        match start(state, volume_id, request).await {
-            Ok(_) => {
-                info!("volume {volume_id}: recovery off device {device} started on the new space")
-            }
-            Err(error) if error.code == ErrorCode::NoSpace => {
-                state.recoveries.wait_for_space(volume_id, device, reason)
+        match start(state, volume_id, request.clone()).await {
+            Ok(_) => info!("volume {volume_id}: {request} started on the new space"),
+            // Still no space, or the degrading change has not committed yet.
+            Err(error) if matches!(error.code, ErrorCode::NoSpace | ErrorCode::Busy) => {
+                state.recoveries.wait_for_space(volume_id, waiting)
             }
             Err(error) => warn!(
-                "volume {volume_id}: waiting recovery off device {device} dropped: {}",
+                "volume {volume_id}: waiting {request} dropped: {}",
                 error.message
             ),
         }

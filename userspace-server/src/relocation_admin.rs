@@ -86,6 +86,7 @@ pub async fn recovery_start(
 ) -> ServiceResult<Vec<RecoveryStatus>> {
     let device = device_named(state, &request.device).await?;
     info!("device {device}: recovery requested by the administrator");
+    crate::recovery::declare_failed(state, device).await;
     relocate_off(
         state,
         device,

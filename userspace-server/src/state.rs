@@ -24,7 +24,7 @@ use crate::service_error::ServiceResult;
 use crate::store::{Grant, SessionRecord, Store, VolumeRecord};
 
 pub use admission::{HandshakePool, Refusal};
-pub use recoveries::Recoveries;
+pub use recoveries::{Recoveries, WaitingForSpace};
 
 pub type ConnectionId = u64;
 

@@ -725,6 +725,20 @@ fn assert_refused<T: std::fmt::Debug>(
     }
 }
 
+/// Adds an empty device to the pool.
+async fn add_spare(server: &TestServer) {
+    let spare = server.image("spare.img", POOL_DEVICE_BYTES);
+    server
+        .admin()
+        .await
+        .call(PoolAdd {
+            path: spare.display().to_string(),
+            force: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("pool add: {e}"));
+}
+
 /// Free bytes of each pool device.
 async fn free_space(server: &TestServer) -> HashMap<uuid::Uuid, u64> {
     let list = pool(server).await;
@@ -1123,16 +1137,7 @@ async fn a_recovery_without_space_starts_when_a_device_is_added() {
     assert!(recoveries(&server).await.is_empty());
     // The client keeps using the server path meanwhile.
     assert!(io.read(&map, 0, 65536).await == data[..65536]);
-    let spare = server.image("spare.img", POOL_DEVICE_BYTES);
-    server
-        .admin()
-        .await
-        .call(PoolAdd {
-            path: spare.display().to_string(),
-            force: false,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("pool add: {e}"));
+    add_spare(&server).await;
     let syncing = follow_start(&mut setup.agent, &map).await;
     let recovered = wait_for_recovery(&mut setup.agent, syncing.epoch).await;
     assert!(!on_device(&recovered, failed));
@@ -1176,4 +1181,41 @@ async fn an_administrator_declares_a_device_failed_and_its_volumes_are_recovered
         })
         .await;
     assert_refused(unknown, ErrorCode::NotFound);
+}
+
+#[tokio::test]
+async fn a_mirror_without_a_spare_drops_its_dead_copy_and_remirrors_on_a_new_device() {
+    let server = TestServer::start();
+    let size = 8 * MIB;
+    let mut setup = setup_on(&server, 2, Layout::Mirror, size).await;
+    let mut data = pattern(70, size as usize);
+    let mut io = IoClient::session(&server, &setup.attached).await;
+    let map = setup.attached.map.clone();
+    io.write(&map, 0, &data).await;
+    let dead = map.extents[0].replicas[0].device_uuid;
+    let report = setup.agent.report_failure(map.volume_id, dead, "EIO").await;
+    assert_refused(report, ErrorCode::NoSpace);
+    // Degraded in a new epoch: the surviving copy alone, so nothing waits on the dead one.
+    let degraded = follow_change_to_map(&mut setup.agent, map.epoch).await;
+    assert!(!on_device(&degraded, dead), "{degraded:?}");
+    assert!(degraded.extents.iter().all(|e| e.replicas.len() == 1));
+    // The dead device's image cannot be written any more: writes still succeed.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&setup.devices[&dead])
+        .and_then(|f| f.set_len(0))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let fresh = pattern(71, MIB as usize);
+    io.write(&degraded, 2 * MIB, &fresh).await;
+    data[2 * MIB as usize..3 * MIB as usize].copy_from_slice(&fresh);
+    assert_data(&setup.devices, &degraded, &data);
+    // A new device: the volume is mirrored again, onto it.
+    add_spare(&server).await;
+    let syncing = follow_start(&mut setup.agent, &degraded).await;
+    let mirrored = wait_for_recovery(&mut setup.agent, syncing.epoch).await;
+    assert_eq!(mirrored.layout, Layout::Mirror);
+    assert!(mirrored.extents.iter().all(|e| e.replicas.len() == 2));
+    assert!(!on_device(&mirrored, dead));
+    setup.devices = devices(&server).await;
+    assert_data(&setup.devices, &mirrored, &data);
 }

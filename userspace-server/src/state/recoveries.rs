@@ -12,6 +12,15 @@ use sanblk_proto::protocol::RecoveryStatus;
 
 use crate::recovery_gate::VolumeGate;
 
+/// A relocation that found no space when it was due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitingForSpace {
+    /// A recovery off a reported-failed device.
+    Recovery { device: Uuid, reason: String },
+    /// A mirror that runs degraded (its copies on a failed device dropped): a mirror add.
+    Remirror,
+}
+
 /// Status changes buffered per agent connection; a slower one skips to newer ones.
 const RECOVERY_EVENT_BACKLOG: usize = 256;
 
@@ -22,9 +31,8 @@ pub struct Recoveries {
     statuses: Mutex<HashMap<u64, RecoveryStatus>>,
     /// Every status change, for the agent connections attached to the volume.
     events: broadcast::Sender<RecoveryStatus>,
-    /// Failure reports whose recovery found no space, by volume: (device, reason). Retried
-    /// when a device joins the pool.
-    waiting_for_space: Mutex<HashMap<u64, (Uuid, String)>>,
+    /// What found no space, by volume; started again when a device joins the pool.
+    waiting_for_space: Mutex<HashMap<u64, WaitingForSpace>>,
 }
 
 impl Recoveries {
@@ -37,21 +45,20 @@ impl Recoveries {
         }
     }
 
-    /// Remembers a recovery that could not start for lack of space.
-    pub fn wait_for_space(&self, volume_id: u64, device: Uuid, reason: String) {
+    /// Remembers a relocation of `volume_id` that could not start for lack of space.
+    pub fn wait_for_space(&self, volume_id: u64, waiting: WaitingForSpace) {
         self.waiting_for_space
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(volume_id, (device, reason));
+            .insert(volume_id, waiting);
     }
 
-    /// Takes the recoveries waiting for space (to try them again).
-    pub fn take_waiting_for_space(&self) -> Vec<(u64, Uuid, String)> {
+    /// Takes what waits for space (to try it again).
+    pub fn take_waiting_for_space(&self) -> Vec<(u64, WaitingForSpace)> {
         self.waiting_for_space
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drain()
-            .map(|(volume_id, (device, reason))| (volume_id, device, reason))
             .collect()
     }
 

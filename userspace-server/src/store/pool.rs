@@ -23,6 +23,10 @@ pub struct DeviceRecord {
     pub state: String,
 }
 
+/// `state` of a device declared failed (by a failure report, or `recovery start`): it gets
+/// no new allocation.
+pub const DEVICE_FAILED: &str = "failed";
+
 impl DeviceRecord {
     pub fn space(&self) -> DeviceSpace {
         DeviceSpace::for_device(self.uuid, self.data_start, self.size_bytes)
@@ -33,6 +37,24 @@ impl Store {
     pub fn devices(&self) -> StoreResult<Vec<DeviceRecord>> {
         let txn = self.metadata.begin_read()?;
         decode_all(&txn.open_table(DEVICES)?)
+    }
+
+    /// Declares device `uuid` failed: no new allocation lands on it.
+    pub fn mark_device_failed(&self, uuid: Uuid) -> StoreResult<()> {
+        let txn = self.metadata.begin_write()?;
+        {
+            let mut table = txn.open_table(DEVICES)?;
+            let current = table.get(uuid.as_u128())?.map(|v| v.value().to_vec());
+            let Some(bytes) = current else {
+                return Err(StoreError::NotFound(format!(
+                    "device {uuid} is not in the pool"
+                )));
+            };
+            let mut record: DeviceRecord = decode(&bytes)?;
+            record.state = DEVICE_FAILED.to_string();
+            table.insert(uuid.as_u128(), encode(&record)?.as_slice())?;
+        }
+        Ok(txn.commit()?)
     }
 
     pub fn add_device(&self, device: &DeviceRecord) -> StoreResult<()> {
@@ -72,10 +94,8 @@ pub(super) fn pool_space_in(
     volumes: &[VolumeRecord],
     recoveries: &[RecoveryRecord],
 ) -> StoreResult<PoolSpace> {
-    let spaces: Vec<DeviceSpace> = decode_all::<_, DeviceRecord>(devices)?
-        .iter()
-        .map(DeviceRecord::space)
-        .collect();
+    let records: Vec<DeviceRecord> = decode_all(devices)?;
+    let spaces: Vec<DeviceSpace> = records.iter().map(DeviceRecord::space).collect();
     let targets: Vec<Vec<Extent>> = recoveries
         .iter()
         .map(RecoveryRecord::target_extents)
@@ -84,5 +104,9 @@ pub(super) fn pool_space_in(
         .iter()
         .map(|v| v.extents.as_slice())
         .chain(targets.iter().map(Vec::as_slice));
-    Ok(PoolSpace::new(&spaces, used)?)
+    let mut pool = PoolSpace::new(&spaces, used)?;
+    for record in records.iter().filter(|d| d.state == DEVICE_FAILED) {
+        pool.withhold(record.uuid);
+    }
+    Ok(pool)
 }
