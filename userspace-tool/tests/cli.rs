@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sanblk_proto::auth::read_secret_file;
-use sanblk_proto::client::AgentClient;
+use sanblk_proto::client::{AgentClient, Push};
 use sanblk_proto::map::AccessMode;
 
 const MIB: u64 = 1 << 20;
@@ -282,24 +282,15 @@ fn recovery_list_and_volume_show_draw_progress() {
     let device: uuid::Uuid =
         serde_json::from_value(shown["map"]["extents"][0]["replicas"][0]["device_uuid"].clone())
             .unwrap_or_else(|e| panic!("{e}"));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    // The agent stays connected (attached) while the CLI looks at the recovery.
-    let _agent = runtime.block_on(async {
-        let mut agent = AgentClient::connect(server.agent_address, "host1", &secret)
-            .await
+    let address = server.agent_address;
+    // The agent stays connected (attached) while the CLI looks at the recovery, and answers
+    // the recovery's changes (quiesce, new map) as a real agent does.
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap_or_else(|e| panic!("{e}"));
-        let attached = agent
-            .attach("v", AccessMode::Rw)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        agent
-            .report_failure(attached.map.volume_id, device, "test")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        agent
+        runtime.block_on(follow_as_agent(address, secret, device))
     });
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -319,7 +310,33 @@ fn recovery_list_and_volume_show_draw_progress() {
         "{table}"
     );
     let shown = ok(socket, &["volume", "show", "v"]);
-    assert!(shown.contains("recovery done off device"), "{shown}");
+    assert!(shown.contains("recovery done (device"), "{shown}");
+}
+
+/// Attaches `v` as host1, reports `device` failed, then answers the recovery's changes
+/// (quiesce, new map) as a real agent does until the server goes away.
+async fn follow_as_agent(address: std::net::SocketAddr, secret: Vec<u8>, device: uuid::Uuid) {
+    let mut agent = AgentClient::connect(address, "host1", &secret)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let attached = agent
+        .attach("v", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    agent
+        .report_failure(attached.map.volume_id, device, "test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    while let Ok(push) = agent.next_push().await {
+        let answered = match push {
+            Push::Quiesce(q) => agent.quiesce_ack(q.volume_id, q.epoch).await,
+            Push::MapUpdate(m) => agent.ack(m.volume_id, m.epoch).await,
+            _ => Ok(()),
+        };
+        if answered.is_err() {
+            break;
+        }
+    }
 }
 
 /// `sanctl` run as `nobody` (uid 65534) with `setpriv`; None when this test cannot switch
