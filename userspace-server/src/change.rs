@@ -171,8 +171,11 @@ async fn rollback(state: &Arc<ServerState>, change: &ChangeRecord) {
 /// At start, before any agent is served: finishes committed changes and rolls back the
 /// others. Either way only the record remains to delete (a rollback has nothing to undo:
 /// the volume record is written only by the commit). Agents that reconnect get the current
-/// map and a `Resume` at its epoch.
-pub fn recover_all(state: &ServerState) -> StoreResult<()> {
+/// map and a `Resume` at its epoch. Returns the rolled-back changes that an administrator
+/// asked for and that must still happen (a relocation's start or cancel), to run again
+/// once the server serves; a rolled-back grow or mirror remove was answered with an error.
+pub fn recover_all(state: &ServerState) -> StoreResult<Vec<(u64, ChangeKind)>> {
+    let mut redo = Vec::new();
     for change in state.store.changes()? {
         let current = state
             .store
@@ -185,15 +188,23 @@ pub fn recover_all(state: &ServerState) -> StoreResult<()> {
                  (epoch now {current:?})",
                 change.volume_id, change.to_epoch
             ),
-            ChangeStep::Quiescing => info!(
-                "volume {}: change from epoch {} was not committed before the restart; rolled \
-                 back (epoch now {current:?})",
-                change.volume_id, change.from_epoch
-            ),
+            ChangeStep::Quiescing => {
+                info!(
+                    "volume {}: change from epoch {} ({}) was not committed before the \
+                     restart; rolled back (epoch now {current:?})",
+                    change.volume_id, change.from_epoch, change.kind
+                );
+                if matches!(
+                    change.kind,
+                    ChangeKind::StartRelocation(_) | ChangeKind::CancelRelocation
+                ) {
+                    redo.push((change.volume_id, change.kind.clone()));
+                }
+            }
         }
         state.store.delete_change(change.volume_id)?;
     }
-    Ok(())
+    Ok(redo)
 }
 
 #[cfg(test)]

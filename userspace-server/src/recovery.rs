@@ -618,6 +618,50 @@ async fn run_job(
     Ok(())
 }
 
+/// Runs again, in the background, the relocation starts and cancels that a crash rolled back
+/// (`change::recover_all`): what the administrator asked for still happens.
+pub fn redo_all(state: &Arc<ServerState>, redo: Vec<(u64, ChangeKind)>) {
+    for (volume_id, kind) in redo {
+        let state = state.clone();
+        tokio::spawn(async move {
+            match kind {
+                ChangeKind::StartRelocation(request) => {
+                    info!("volume {volume_id}: starting the interrupted {request} again");
+                    if let Err(error) = start(&state, volume_id, request).await {
+                        warn!(
+                            "volume {volume_id}: interrupted relocation not restarted: {}",
+                            error.message
+                        );
+                    }
+                }
+                ChangeKind::CancelRelocation => {
+                    info!("volume {volume_id}: cancelling the relocation again");
+                    // The resumed job registers with the gate shortly after it is spawned.
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    loop {
+                        match cancel(&state, volume_id).await {
+                            Err(error)
+                                if error.code == ErrorCode::Busy && Instant::now() < deadline =>
+                            {
+                                tokio::time::sleep(Duration::from_millis(100)).await
+                            }
+                            Err(error) => {
+                                warn!(
+                                    "volume {volume_id}: interrupted cancel not redone: {}",
+                                    error.message
+                                );
+                                break;
+                            }
+                            Ok(_) => break,
+                        }
+                    }
+                }
+                _ => {}
+            }
+        });
+    }
+}
+
 /// Ends a cancelled relocation through the change protocol: clients quiesced, the record
 /// (and so its targets) deleted and the map without syncing extents published in one commit.
 async fn roll_back(

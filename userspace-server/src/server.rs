@@ -78,7 +78,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     config.io_listen = io_address;
     let state = ServerState::new(store, config);
     // Before any agent is served: a change the last run left is finished or rolled back.
-    crate::change::recover_all(&state).context("resolving unfinished changes")?;
+    let redo = crate::change::recover_all(&state).context("resolving unfinished changes")?;
     // Frees the attachments of closed connections once their leases have expired.
     let reaper = state.clone();
     tokio::spawn(async move {
@@ -103,6 +103,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     if let Err(error) = crate::recovery::resume_all(&state).await {
         error!("cannot resume recoveries: {error}");
     }
+    // Relocations an administrator started or cancelled whose change a crash rolled back.
+    crate::recovery::redo_all(&state, redo);
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,

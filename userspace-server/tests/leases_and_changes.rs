@@ -512,15 +512,7 @@ async fn a_change_interrupted_by_a_crash_finishes_or_rolls_back_at_restart() {
                 }
             }
         });
-        let deadline = Instant::now() + WAIT;
-        while server.is_running() {
-            assert!(
-                Instant::now() < deadline,
-                "sand did not reach {crash_at}; log:\n{}",
-                server.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::wait_for_crash(&mut server, crash_at).await;
         let _ = tokio::time::timeout(WAIT, answering).await;
         let restarted = TestServer::start_in(&server.dir);
         let expected = if committed { map.epoch + 1 } else { map.epoch };

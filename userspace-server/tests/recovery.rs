@@ -725,6 +725,23 @@ fn assert_refused<T: std::fmt::Debug>(
     }
 }
 
+/// Asks for `vol` to be moved off device `from` (anywhere).
+async fn move_off(
+    server: &TestServer,
+    from: uuid::Uuid,
+) -> Result<RecoveryStatus, sanblk_proto::client::ClientError> {
+    server
+        .admin()
+        .await
+        .call(VolumeMove {
+            name: "vol".into(),
+            from: Some(from.to_string()),
+            to: None,
+            cancel: false,
+        })
+        .await
+}
+
 /// Adds an empty device to the pool.
 async fn add_spare(server: &TestServer) {
     let spare = server.image("spare.img", POOL_DEVICE_BYTES);
@@ -896,15 +913,7 @@ async fn a_cancelled_move_leaves_the_data_in_place_and_frees_the_target() {
     let (mut setup, mut io, map, mut data) = written_linear(&server, size, 40).await;
     let from = map.extents[0].replicas[0].device_uuid;
     let free_before = free_space(&server).await;
-    server
-        .admin()
-        .await
-        .call(VolumeMove {
-            name: "vol".into(),
-            from: Some(from.to_string()),
-            to: None,
-            cancel: false,
-        })
+    move_off(&server, from)
         .await
         .unwrap_or_else(|e| panic!("volume move: {e}"));
     let syncing = follow_start(&mut setup.agent, &map).await;
@@ -1218,4 +1227,56 @@ async fn a_mirror_without_a_spare_drops_its_dead_copy_and_remirrors_on_a_new_dev
     assert!(!on_device(&mirrored, dead));
     setup.devices = devices(&server).await;
     assert_data(&setup.devices, &mirrored, &data);
+}
+
+/// Where sand stops when started with `SAND_CRASH_AT` (debug builds only).
+#[cfg(debug_assertions)]
+const CRASH_AT_ENV: &str = "SAND_CRASH_AT";
+
+/// A move whose server is killed at any step of its first change completes after a restart:
+/// rolled back before the commit, it is started again; committed, its copy resumes.
+#[cfg(debug_assertions)]
+#[tokio::test]
+async fn a_move_interrupted_by_a_crash_at_any_step_completes_after_restart() {
+    for crash_at in [
+        "change:after-record",
+        "change:after-quiesce",
+        "change:after-commit",
+        "change:after-map-acks",
+    ] {
+        let mut first = TestServer::start();
+        let size = 8 * MIB;
+        let (mut setup, io, map, data) = written_linear(&first, size, 80).await;
+        drop(io);
+        setup
+            .agent
+            .detach(map.volume_id)
+            .await
+            .unwrap_or_else(|e| panic!("detach: {e}"));
+        assert!(first.stop(), "sand did not stop cleanly");
+        let from = map.extents[0].replicas[0].device_uuid;
+        let mut server = TestServer::start_in_with_env(&first.dir, &[(CRASH_AT_ENV, crash_at)]);
+        // Answered before the crash (the change runs in the background) or cut by it.
+        let _ = move_off(&server, from).await;
+        common::wait_for_crash(&mut server, crash_at).await;
+        let restarted = TestServer::start_in(&server.dir);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let statuses = recoveries(&restarted).await;
+            if statuses.iter().any(|s| s.state == RecoveryState::Done) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after {crash_at}: the move did not complete: {statuses:?}\n{}",
+                restarted.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let moved = volume_detail(&restarted).await.map;
+        assert!(!on_device(&moved, from), "after {crash_at}: {moved:?}");
+        assert!(moved.syncing.is_empty(), "after {crash_at}");
+        assert_data(&setup.devices, &moved, &data);
+        drop((first, server, setup));
+    }
 }

@@ -322,6 +322,19 @@ pub async fn follow_change_to_map(agent: &mut AgentClient, from_epoch: u64) -> V
     }
 }
 
+/// Waits for `server`, started with `SAND_CRASH_AT=crash_at`, to stop there.
+pub async fn wait_for_crash(server: &mut TestServer, crash_at: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "sand did not reach {crash_at}; log:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill9();
