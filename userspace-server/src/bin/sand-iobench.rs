@@ -293,8 +293,12 @@ async fn rebuild_once(args: &Args, dir: &Path, size: u64, data: &[u8]) -> anyhow
             let push = tokio::time::timeout_at(deadline, served.agent.next_push())
                 .await
                 .map_err(|_| anyhow!("no recovery `done` within an hour"))??;
+            // The recovery's changes quiesce this client and publish maps: answered at
+            // once, as an agent with no I/O in flight does.
             match push {
                 Push::RecoveryStatus(status) if status.volume_id == volume_id => break status,
+                Push::Quiesce(q) => served.agent.quiesce_ack(q.volume_id, q.epoch).await?,
+                Push::MapUpdate(m) => served.agent.ack(m.volume_id, m.epoch).await?,
                 _ => {}
             }
         };
