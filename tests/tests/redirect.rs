@@ -350,12 +350,13 @@ $S detach vrun"#;
         !outcome.serial_log.contains("is healthy again"),
         "the kernel failed back during the recovery"
     );
-    // The new map no longer has the device: probing (and PATH_HEALED) ends with it.
+    // The final map (epoch 3: epoch 2 marked the volume syncing while it was copied) no
+    // longer has the device: probing (and PATH_HEALED) ends with it.
     let after_epoch = outcome
         .serial_log
-        .split("now at epoch 2")
+        .split("now at epoch 3")
         .nth(1)
-        .unwrap_or_else(|| panic!("no epoch 2 in the kernel log"));
+        .unwrap_or_else(|| panic!("no epoch 3 in the kernel log"));
     assert!(
         !after_epoch.contains("reporting PATH_HEALED"),
         "still probing a device the map dropped"

@@ -293,6 +293,23 @@ pub async fn report_path_healed(
     device_uuid: Uuid,
 ) -> ServiceResult<(bool, String)> {
     let existing = blocking(state, move |s| s.store.recovery(volume_id)).await?;
+    // A recovery off the device that is still starting (its first change not committed)
+    // counts as running.
+    let starting = existing.is_none()
+        && running()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&volume_id)
+        && state
+            .recoveries
+            .status(volume_id)
+            .is_some_and(|s| s.device_uuid == device_uuid && s.kind == RelocationKind::Recovery);
+    if starting {
+        return Ok((
+            false,
+            format!("a recovery of volume {volume_id} off device {device_uuid} is starting"),
+        ));
+    }
     Ok(match existing {
         Some(record) if record.failed_device == device_uuid => (
             false,
