@@ -151,6 +151,7 @@ pub fn encode(
             kind,
             stripe_unit,
             member_count: extent.replicas.len() as u8,
+            flags: 0,
             members,
         });
     }

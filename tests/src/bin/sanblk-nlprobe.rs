@@ -470,6 +470,7 @@ fn extent(
         kind,
         stripe_unit: unit,
         member_count: members.len() as u8,
+        flags: 0,
         members: all,
     }
 }
