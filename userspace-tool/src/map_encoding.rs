@@ -229,6 +229,7 @@ mod tests {
             layout,
             extents,
             lease_ms: 30_000,
+            syncing: Vec::new(),
         }
     }
 

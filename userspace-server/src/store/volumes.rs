@@ -37,6 +37,8 @@ impl VolumeRecord {
             layout: self.layout,
             extents: self.extents.clone(),
             lease_ms,
+            // Filled in by data movement, which flags the ranges it is copying.
+            syncing: Vec::new(),
         }
     }
 }
