@@ -6,6 +6,10 @@
 //! which costs a small slab object instead of a clone; mirrored writes, PREFLUSHes and chained
 //! bios are cloned, as dm-linear does for every bio. No data is copied and nothing waits here
 //! beyond mempool allocations with guaranteed forward progress.
+//!
+//! A syncing extent (`EXTENT_SYNCING`: the server is copying it to a new place) is read from
+//! its members as any other, but a write to it goes over the server path, which orders it
+//! with the copy and writes both places; a discard to it is dropped (see [`submit`]).
 
 use core::sync::atomic::Ordering;
 
@@ -149,14 +153,33 @@ fn submit(volume: &Volume, bio: Bio) {
         volume_offset: offset,
         epoch: mapped.epoch,
     };
-    // Pieces touching a device already marked failed go straight to the server path (queued
-    // for its thread: nothing here waits for the network).
+    // Pieces touching a device already marked failed, and writes to a syncing extent, go
+    // straight to the server path (queued for its thread: nothing here waits for the network).
+    // Whether there is one is read once: a syncing write must never go direct.
     let redirect = info.op != 0 && volume.server.enabled();
+    // Writes to an extent being copied must reach the old place and the new one, which only
+    // the server can do: they are routed to it below, or end here without a server path.
+    let syncing = is_write && piece.syncing();
+    if syncing && !redirect {
+        match op {
+            // A discard is only a hint, and the server path carries none: sent to the old
+            // place alone it could not be mirrored to the new one, so it is not issued.
+            REQ_OP_DISCARD => return bio.end(),
+            // Without a server path the write could only go to the old place, and would be
+            // missing from the new one once the map moves there: it fails at once. Parking it
+            // (the hold queue) would not help: only a new map or a server path set up by
+            // netlink could serve it, and neither releases the hold.
+            REQ_OP_WRITE => return bio.end_with(BLK_STS_IOERR),
+            // REQ_OP_WRITE_ZEROES does not get here: the disk does not advertise it, so the
+            // block layer refuses it (or writes zero pages instead).
+            _ => {}
+        }
+    }
     // A chained bio's status may be set by its children, so its own device's failure could
     // not be told apart: it is cloned, as is a PREFLUSH (its flag is stripped, see above).
     let in_place = !preflush && !bio.is_chained();
     let route = if is_write {
-        if redirect && targets.iter().any(|t| !device_healthy(volume, t.device)) {
+        if redirect && (syncing || targets.iter().any(|t| !device_healthy(volume, t.device))) {
             Route::ToServer
         } else if let ([target], true) = (targets, in_place) {
             Route::InPlace(target)
@@ -232,7 +255,8 @@ fn submit(volume: &Volume, bio: Bio) {
 
 /// Where the front piece of a bio goes.
 enum Route<'a> {
-    /// A device it touches is marked failed: the whole piece goes to the server path.
+    /// A device it touches is marked failed, or it writes to a syncing extent: the whole
+    /// piece goes to the server path (a REQ_NOWAIT one is refused with BLK_STS_AGAIN).
     ToServer,
     /// One target (healthy, or the server path is off), the bio unchained and no PREFLUSH:
     /// the bio itself is sent on.
@@ -403,7 +427,8 @@ impl EndIo for InPlaceDone {
     }
 }
 
-/// Hands the whole of `bio` to the server path (its target device is marked failed).
+/// Hands the whole of `bio` to the server path (its target device is marked failed, or it
+/// writes to a syncing extent).
 fn to_server(volume: &Volume, bio: &Bio, info: &PieceInfo) {
     // The clone only carries the piece (its iterator and vector) and is never submitted.
     let Some(clone) = bio.clone_to(bio.bdev(), volume.bioset()) else {

@@ -218,6 +218,24 @@ impl Extent {
     }
 }
 
+/// A range of volume bytes, `[volume_offset, volume_offset + length)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteRange {
+    pub volume_offset: u64,
+    pub length: u64,
+}
+
+impl ByteRange {
+    /// Whether this range shares at least one byte with `[offset, offset + length)` (an
+    /// empty range shares none).
+    pub fn overlaps(&self, offset: u64, length: u64) -> bool {
+        length != 0
+            && self.length != 0
+            && offset < self.volume_offset.saturating_add(self.length)
+            && self.volume_offset < offset.saturating_add(length)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeMap {
     pub volume_id: u64,
@@ -229,18 +247,14 @@ pub struct VolumeMap {
     /// Sorted by `volume_offset`, contiguous, covering `[0, size_bytes)`.
     pub extents: Vec<Extent>,
     pub lease_ms: u64,
-    /// Volume ranges being copied to a new place (a move, mirror add or recovery): clients
-    /// read them directly but send every write to them through the server, which writes
-    /// the old and the new place in step with its copy.
+    /// Volume byte ranges the server is copying to a new place (volume move, evacuation,
+    /// mirror add, recovery): clients still read them from `extents`, but every write to
+    /// them must go through the server, which orders it with its copy and writes both the
+    /// old place and the new one. The agent flags every kernel map extent overlapping one of
+    /// them (`sanblk_uapi::map::EXTENT_SYNCING`), so the module sends those writes over its
+    /// server path. Empty (and left out of the JSON) when nothing is being copied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub syncing: Vec<ByteRange>,
-}
-
-/// A range of a volume's bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ByteRange {
-    pub volume_offset: u64,
-    pub length: u64,
 }
 
 impl VolumeMap {
@@ -252,6 +266,11 @@ impl VolumeMap {
         self.extents
             .get(index)
             .filter(|e| e.volume_offset <= volume_offset)
+    }
+
+    /// Whether any byte of `[offset, offset + length)` lies in a syncing range.
+    pub fn is_syncing(&self, offset: u64, length: u64) -> bool {
+        self.syncing.iter().any(|r| r.overlaps(offset, length))
     }
 }
 
@@ -326,5 +345,55 @@ mod tests {
         );
         assert!("striped:1".parse::<Layout>().is_err());
         assert!("raid5".parse::<Layout>().is_err());
+    }
+
+    #[test]
+    fn byte_ranges_overlap_only_when_they_share_a_byte() {
+        let range = ByteRange {
+            volume_offset: 4096,
+            length: 8192,
+        };
+        assert!(range.overlaps(0, 4097));
+        assert!(range.overlaps(12287, 1));
+        assert!(range.overlaps(0, u64::MAX));
+        assert!(!range.overlaps(0, 4096));
+        assert!(!range.overlaps(12288, 4096));
+        assert!(!range.overlaps(5000, 0));
+        let empty = ByteRange {
+            volume_offset: 4096,
+            length: 0,
+        };
+        assert!(!empty.overlaps(0, 1 << 20));
+    }
+
+    #[test]
+    fn syncing_ranges_are_optional_in_json() {
+        let mut map = VolumeMap {
+            volume_id: 1,
+            name: "v".into(),
+            epoch: 1,
+            size_bytes: BLOCK_SIZE,
+            block_size: BLOCK_SIZE,
+            layout: Layout::Linear,
+            extents: Vec::new(),
+            lease_ms: DEFAULT_LEASE_MS,
+            syncing: Vec::new(),
+        };
+        let json = serde_json::to_string(&map).expect("serialises");
+        assert!(!json.contains("syncing"), "{json}");
+        assert_eq!(
+            serde_json::from_str::<VolumeMap>(&json).expect("parses"),
+            map
+        );
+        map.syncing.push(ByteRange {
+            volume_offset: 0,
+            length: BLOCK_SIZE,
+        });
+        let json = serde_json::to_string(&map).expect("serialises");
+        assert_eq!(
+            serde_json::from_str::<VolumeMap>(&json).expect("parses"),
+            map
+        );
+        assert!(map.is_syncing(0, 1) && !map.is_syncing(BLOCK_SIZE, 1));
     }
 }

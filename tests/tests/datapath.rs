@@ -265,6 +265,97 @@ test ! -e /dev/sanblk2
     verify_layout("striped", &striped, &pattern(33, VOLUME));
 }
 
+/// A map whose extents are all syncing (the server is copying them), on a volume without a
+/// server path: reads go to the members as usual, writes fail with EIO rather than reach the
+/// old place alone, and discards complete without reaching the devices. The next epoch's map
+/// without the flag takes writes directly again.
+#[test]
+fn syncing_extents_are_read_directly_but_not_written_without_a_server() {
+    let dir = scratch_dir("syncing").expect("scratch dir");
+    let disks = images(&dir, "sync");
+    let before = pattern(44, VOLUME);
+    let after = pattern(55, VOLUME);
+    // The host puts the first pattern where the linear layout keeps it (two halves).
+    for half in [0, VOLUME / 2] {
+        use std::os::unix::fs::FileExt;
+        let (image, offset) = locations("linear", half)[0];
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&disks[image])
+            .expect("open image");
+        let data = &before[half as usize..(half + VOLUME / 2) as usize];
+        file.write_all_at(data, offset).expect("write image");
+    }
+    fs::write(dir.join("before.pattern"), &before).expect("pattern");
+    fs::write(dir.join("after.pattern"), &after).expect("pattern");
+    let probe = target_bin("sanblk-nlprobe").display().to_string();
+    let script = format!(
+        r#"set -ex
+insmod {module}
+P={probe}
+D={dir}
+$P create syn 1 1 linear+sync 16 /dev/vda /dev/vdb
+dd if=/dev/sanblk0 of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/before.pattern
+if dd if=$D/after.pattern of=/dev/sanblk0 bs=4k count=1 oflag=direct status=none 2> write.txt; then
+    echo "a write to a syncing extent went through without a server"; exit 7
+fi
+if dd if=$D/after.pattern of=/dev/sanblk0 bs=4k count=1 seek=3000 oflag=direct status=none; then
+    echo "a write to the second syncing extent went through"; exit 7
+fi
+cat /sys/block/vda/stat /sys/block/vdb/stat > discards-before.txt
+blkdiscard -o 0 -l 16777216 /dev/sanblk0
+cat /sys/block/vda/stat /sys/block/vdb/stat > discards-after.txt
+dd if=/dev/sanblk0 of=/tmp/back bs=1M iflag=direct status=none
+cmp /tmp/back $D/before.pattern
+# The next epoch, the copy done: writes go direct again.
+$P update syn 1 2 linear 16 /dev/vda /dev/vdb
+blkdiscard -o 0 -l 1048576 /dev/sanblk0
+cat /sys/block/vda/stat /sys/block/vdb/stat > discards-direct.txt
+dd if=$D/after.pattern of=/dev/sanblk0 bs=1M oflag=direct conv=fsync status=none
+$P destroy 1
+rmmod sanblk
+"#,
+        module = module_path().display(),
+        dir = dir.display(),
+    );
+    let config = VmConfig::new("datapath-syncing", &script)
+        .disk(&disks[0])
+        .disk(&disks[1]);
+    let outcome = run(&config).expect("guest ran");
+    outcome.assert_clean_success();
+    let write = outcome.read_out_file("write.txt").expect("write.txt");
+    assert!(
+        write.contains("I/O error") || write.contains("Input/output error"),
+        "{write}"
+    );
+    // Documentation/block/stat.rst: field 12 counts discard I/Os; none reached the devices.
+    let discards = |name: &str| -> Vec<u64> {
+        outcome
+            .read_out_file(name)
+            .expect(name)
+            .lines()
+            .map(|line| {
+                line.split_whitespace()
+                    .nth(11)
+                    .and_then(|f| f.parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    assert_eq!(
+        discards("discards-before.txt"),
+        discards("discards-after.txt")
+    );
+    // The same count does see a discard issued once the extent is no longer syncing.
+    assert!(
+        discards("discards-direct.txt")[0] > discards("discards-after.txt")[0],
+        "{:?}",
+        discards("discards-direct.txt")
+    );
+    verify_layout("linear", &disks, &after);
+}
+
 #[test]
 fn hostile_maps_are_refused_and_change_nothing() {
     let dir = scratch_dir("hostile-maps").expect("scratch dir");
@@ -297,6 +388,8 @@ rmmod sanblk
         "offset-overflow",
         "beyond-device-end",
         "unknown-device-index",
+        "unknown-extent-flag",
+        "unknown-extent-flag-high",
         "device-smaller-than-map",
         "truncated-map",
         "map-for-another-volume",
@@ -311,6 +404,7 @@ rmmod sanblk
         "duplicate-create",
         "epoch-regression",
         "epoch-repeat",
+        "update-unknown-extent-flag",
         "update-empty-token",
         "update-oversized-token",
         "set-state-unknown-device",
@@ -352,6 +446,22 @@ rmmod sanblk
     assert_eq!(errno_of("set-state-wrong-volume"), Some(ENOENT));
     assert_eq!(errno_of("set-state-failed"), Some(EINVAL));
     assert_eq!(errno_of("set-state-bad-state"), Some(EINVAL));
+    // Extent flags the module does not know (a newer or hostile map) are refused, on CREATE
+    // and on UPDATE_MAP of the live volume, with the validator's reason.
+    for case in [
+        "unknown-extent-flag",
+        "unknown-extent-flag-high",
+        "update-unknown-extent-flag",
+    ] {
+        assert_eq!(errno_of(case), Some(EINVAL), "{case}: {hostile}");
+        assert!(
+            hostile
+                .lines()
+                .any(|l| l.starts_with(&format!("case={case} "))
+                    && l.ends_with("msg=map extent has unknown flags")),
+            "{case} without its extack message: {hostile}"
+        );
+    }
     assert!(
         hostile.contains("case=valid-token-and-state accepted-as-expected"),
         "a valid token update or SET_DEVICE_STATE was refused: {hostile}"

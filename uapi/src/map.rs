@@ -8,12 +8,14 @@
 //! - device table, [`DEVICE_LEN`] bytes each: device UUID [16], usable size in bytes u64
 //!   (the device must be at least this large);
 //! - extent table, [`EXTENT_LEN`] bytes each, sorted, contiguous from 0 to the volume size:
-//!   volume offset u64, length u64, kind u8 ([`ExtentKind`]), member count u8, reserved u16,
-//!   stripe unit in bytes u32, then [`MAX_MEMBERS`] members of (device index u32, reserved u32,
-//!   device offset u64).
+//!   volume offset u64, length u64, kind u8 ([`ExtentKind`]), member count u8, flags u16
+//!   (`EXTENT_*`; any other bit is refused), stripe unit in bytes u32, then [`MAX_MEMBERS`]
+//!   members of (device index u32, reserved u32, device offset u64).
 //!
 //! A mirrored extent's members are replicas holding the same data; a striped extent's members
-//! take `stripe_unit` bytes in turn.
+//! take `stripe_unit` bytes in turn. A syncing extent ([`EXTENT_SYNCING`]) is being copied
+//! by the server to a new place: it is read from its members as usual, but every write to it
+//! goes through the server, which writes both places.
 
 /// Magic of an encoded map.
 pub const MAP_MAGIC: u32 = u32::from_le_bytes(*b"SBLM");
@@ -29,6 +31,13 @@ pub const MAX_MEMBERS: usize = 4;
 pub const EXTENT_LEN: usize = 24 + MAX_MEMBERS * 16;
 /// Most devices one map may reference.
 pub const MAX_DEVICES: u32 = 64;
+
+/// Extent flag: the server is copying this extent to a new place. Reads go to its members
+/// as usual; writes must go through the server (which serialises them with its copy and
+/// writes the old place and the new one), never straight to the members.
+pub const EXTENT_SYNCING: u16 = 1 << 0;
+/// Every extent flag this encoding version defines; a map with any other bit is refused.
+pub const EXTENT_KNOWN_FLAGS: u16 = EXTENT_SYNCING;
 
 /// How an extent's members hold its data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +80,8 @@ pub struct Extent {
     pub stripe_unit: u32,
     /// Number of valid entries in `members`.
     pub member_count: u8,
+    /// `EXTENT_*` flags.
+    pub flags: u16,
     /// Members; only the first `member_count` are meaningful.
     pub members: [Member; MAX_MEMBERS],
 }
@@ -81,11 +92,17 @@ impl Extent {
         &self.members[..self.member_count as usize]
     }
 
+    /// Whether writes to this extent must go through the server ([`EXTENT_SYNCING`]).
+    pub fn syncing(&self) -> bool {
+        self.flags & EXTENT_SYNCING != 0
+    }
+
     /// The first piece of an I/O of `length` bytes starting `within` bytes into this extent
     /// (`within` < `length` of the extent): its targets and how much of the I/O it covers.
     #[inline]
     pub fn piece(&self, within: u64, length: u64) -> Piece {
         let mut piece = Piece::EMPTY;
+        piece.flags = self.flags;
         match self.kind {
             ExtentKind::Replicated => {
                 piece.length = length.min(self.length - within);
@@ -171,6 +188,8 @@ pub enum MapError {
     ReplicasShareDevice,
     /// Two extents' members overlap on one device.
     OverlappingSpace,
+    /// An extent flag bit this version does not define.
+    UnknownExtentFlags,
 }
 
 impl MapError {
@@ -190,6 +209,7 @@ impl MapError {
             MapError::BeyondDevice => "map extent lies beyond the end of its device",
             MapError::ReplicasShareDevice => "mirror replicas on the same device",
             MapError::OverlappingSpace => "map extents overlap on a device",
+            MapError::UnknownExtentFlags => "map extent has unknown flags",
         }
     }
 }
@@ -258,6 +278,7 @@ pub fn encode(
         put_u64(out, at + 8, extent.length);
         out[at + 16] = extent.kind as u8;
         out[at + 17] = extent.member_count;
+        put_u16(out, at + 18, extent.flags);
         put_u32(out, at + 20, extent.stripe_unit);
         for (m, member) in extent.members.iter().enumerate() {
             let mat = at + 24 + m * 16;
@@ -284,6 +305,9 @@ pub struct Piece {
     pub length: u64,
     /// Number of valid entries in `targets` (replicas: all of them; stripes: one).
     pub target_count: u8,
+    /// The `EXTENT_*` flags of the extent the piece lies in (copied as they are: the lookup
+    /// costs one more load and store).
+    pub flags: u16,
     /// Targets; a write goes to all of them, a read to any one.
     pub targets: [Target; MAX_MEMBERS],
 }
@@ -293,11 +317,19 @@ impl Piece {
     pub const EMPTY: Piece = Piece {
         length: 0,
         target_count: 0,
+        flags: 0,
         targets: [Target {
             device: 0,
             offset: 0,
         }; MAX_MEMBERS],
     };
+
+    /// Whether the piece's extent is syncing ([`EXTENT_SYNCING`]): a write to it must go
+    /// through the server.
+    #[inline]
+    pub fn syncing(&self) -> bool {
+        self.flags & EXTENT_SYNCING != 0
+    }
 }
 
 /// A validated, encoded map; lookups read the encoded tables directly.
@@ -400,6 +432,9 @@ impl<'a> MapView<'a> {
         let mut expected_offset = 0u64;
         for i in 0..self.header.extent_count {
             let extent = self.extent_unchecked(i).ok_or(MapError::BadMembers)?;
+            if extent.flags & !EXTENT_KNOWN_FLAGS != 0 {
+                return Err(MapError::UnknownExtentFlags);
+            }
             if extent.volume_offset != expected_offset {
                 return Err(MapError::NotContiguous);
             }
@@ -515,9 +550,6 @@ impl<'a> MapView<'a> {
             1 => ExtentKind::Striped,
             _ => return None,
         };
-        if get_u16(b, at + 18) != 0 {
-            return None;
-        }
         let mut members = [Member::default(); MAX_MEMBERS];
         for (m, member) in members.iter_mut().enumerate() {
             let mat = at + 24 + m * 16;
@@ -535,6 +567,7 @@ impl<'a> MapView<'a> {
             kind,
             stripe_unit: get_u32(b, at + 20),
             member_count: b[at + 17],
+            flags: get_u16(b, at + 18),
             members,
         })
     }
@@ -548,6 +581,7 @@ impl<'a> MapView<'a> {
             kind: ExtentKind::Replicated,
             stripe_unit: 0,
             member_count: 0,
+            flags: 0,
             members: [Member::default(); MAX_MEMBERS],
         })
     }
@@ -621,6 +655,7 @@ mod tests {
             kind: ExtentKind::Replicated,
             stripe_unit: 0,
             member_count: members.len() as u8,
+            flags: 0,
             members: m,
         }
     }
@@ -733,6 +768,57 @@ mod tests {
                 device: 0,
                 offset: MIB + 65536
             }
+        );
+    }
+
+    #[test]
+    fn syncing_flag_round_trips_and_pieces_report_it() {
+        let devices = [device(1, 64 * MIB), device(2, 64 * MIB)];
+        let mut moving = replicated(4 * MIB, 4 * MIB, &[(1, 0)]);
+        moving.flags = EXTENT_SYNCING;
+        let mut striped = replicated(8 * MIB, 8 * MIB, &[(0, 8 * MIB), (1, 8 * MIB)]);
+        striped.kind = ExtentKind::Striped;
+        striped.stripe_unit = 65536;
+        striped.flags = EXTENT_SYNCING;
+        let extents = [replicated(0, 4 * MIB, &[(0, 0)]), moving, striped];
+        let buf = encode_vec(&header(16 * MIB, 2, 3), &devices, &extents);
+        let len = encoded_len(2, 3);
+        let at = HEADER_LEN + 2 * DEVICE_LEN + EXTENT_LEN + 18;
+        assert_eq!(get_u16(&buf, at), EXTENT_SYNCING, "flags at byte 18");
+        let view = MapView::parse(&buf[..len]).expect("valid");
+        assert_eq!(view.extent(1), moving);
+        assert!(!view.extent(0).syncing());
+        assert!(view.extent(1).syncing() && view.extent(2).syncing());
+        // A piece ending at the boundary is not syncing; the next one is.
+        let before = view.map(4 * MIB - 4096, 8192).expect("inside");
+        assert_eq!((before.length, before.syncing()), (4096, false));
+        let after = view.map(4 * MIB, 8192).expect("inside");
+        assert_eq!((after.flags, after.syncing()), (EXTENT_SYNCING, true));
+        assert!(view.map(8 * MIB + 65536, 4096).expect("inside").syncing());
+        assert!(!Piece::EMPTY.syncing());
+    }
+
+    #[test]
+    fn unknown_extent_flags_are_refused() {
+        let d = [device(1, 64 * MIB)];
+        let h = header(4 * MIB, 1, 1);
+        for flags in [1 << 1, 1 << 15, u16::MAX] {
+            let mut extent = replicated(0, 4 * MIB, &[(0, 0)]);
+            extent.flags = flags;
+            assert_eq!(parse_err(&h, &d, &[extent]), MapError::UnknownExtentFlags);
+        }
+        // The same bit set in the bytes of a valid map.
+        let buf = encode_vec(&h, &d, &[replicated(0, 4 * MIB, &[(0, 0)])]);
+        let len = encoded_len(1, 1);
+        let mut raw = buf;
+        raw[HEADER_LEN + DEVICE_LEN + 19] = 0x40;
+        assert_eq!(
+            MapView::parse(&raw[..len]).err(),
+            Some(MapError::UnknownExtentFlags)
+        );
+        assert_eq!(
+            MapError::UnknownExtentFlags.message(),
+            "map extent has unknown flags"
         );
     }
 

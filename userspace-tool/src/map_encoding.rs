@@ -2,14 +2,16 @@
 //! finds each device the map names among the host's block devices by its label.
 //!
 //! Both maps have the same extent kinds (replicated, striped with its unit), so every extent
-//! of the server's map becomes one extent of the kernel's.
+//! of the server's map becomes one extent of the kernel's. An extent overlapping any of the
+//! map's syncing ranges (data the server is copying) is flagged `EXTENT_SYNCING`, whole: the
+//! module then sends all writes to it through the server.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use sanblk_proto::label::{read_label, LabelError};
 use sanblk_proto::map::{ExtentKind as ServerKind, VolumeMap};
-use sanblk_uapi::map::{self as wire, ExtentKind, MapHeader, Member, MAX_MEMBERS};
+use sanblk_uapi::map::{self as wire, ExtentKind, MapHeader, Member, EXTENT_SYNCING, MAX_MEMBERS};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +153,11 @@ pub fn encode(
             kind,
             stripe_unit,
             member_count: extent.replicas.len() as u8,
+            flags: if map.is_syncing(extent.volume_offset, extent.length) {
+                EXTENT_SYNCING
+            } else {
+                0
+            },
             members,
         });
     }
@@ -194,7 +201,7 @@ pub fn encode(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sanblk_proto::map::{Extent, Layout, Replica};
+    use sanblk_proto::map::{ByteRange, Extent, Layout, Replica};
 
     const MIB: u64 = 1 << 20;
 
@@ -297,6 +304,47 @@ mod tests {
         local.remove(&uuids[1]);
         let err = encode(&map, &local).err().expect("missing device");
         assert!(err.to_string().contains(&uuids[1].to_string()), "{err}");
+    }
+
+    /// Every extent touching a syncing range is flagged whole; the others are not.
+    #[test]
+    fn extents_overlapping_syncing_ranges_are_flagged() {
+        let (uuids, local) = devices(1);
+        let replica = |device_offset: u64| {
+            vec![Replica {
+                device_uuid: uuids[0],
+                device_offset,
+            }]
+        };
+        let extents = (0..4)
+            .map(|i| Extent::replicated(i * 4 * MIB, 4 * MIB, replica(i * 4 * MIB)))
+            .collect();
+        let mut map = volume(extents, 16 * MIB, Layout::Linear);
+        let encoded = encode(&map, &local).expect("encodes");
+        let view = wire::MapView::parse(&encoded.bytes).expect("valid");
+        assert!((0..4).all(|i| view.extent(i).flags == 0));
+        // One block at the end of extent 1, a range from inside extent 2 to the end of 3, and
+        // an empty range in extent 0 (which flags nothing).
+        map.syncing = vec![
+            ByteRange {
+                volume_offset: 8 * MIB - 4096,
+                length: 4096,
+            },
+            ByteRange {
+                volume_offset: 9 * MIB,
+                length: 7 * MIB,
+            },
+            ByteRange {
+                volume_offset: 0,
+                length: 0,
+            },
+        ];
+        let encoded = encode(&map, &local).expect("encodes");
+        let view = wire::MapView::parse(&encoded.bytes).expect("valid");
+        let flags: Vec<u16> = (0..4).map(|i| view.extent(i).flags).collect();
+        assert_eq!(flags, [0, EXTENT_SYNCING, EXTENT_SYNCING, EXTENT_SYNCING]);
+        assert!(!view.map(4 * MIB - 4096, 4096).expect("mapped").syncing());
+        assert!(view.map(4 * MIB, 4096).expect("mapped").syncing());
     }
 
     /// A device not found while some candidates could not be read for lack of permission is

@@ -259,10 +259,7 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
                         }
                     };
                     // Being copied: clients write it through the server.
-                    if map.syncing.iter().any(|r| {
-                        r.volume_offset < e.volume_offset + e.length
-                            && e.volume_offset < r.volume_offset + r.length
-                    }) {
+                    if map.is_syncing(e.volume_offset, e.length) {
                         kind.push_str(",syncing");
                     }
                     vec![

@@ -7,7 +7,8 @@
 //! The host test checks the printed errnos and that STATUS still works afterwards.
 //! `sanblk-nlprobe create NAME ID EPOCH LAYOUT SIZE_MIB DEV...` attaches a volume built from a
 //! fixed recipe (see [`recipe`]) on the given block devices, without a server: the host test
-//! knows the same recipe and checks where each block landed in the image files.
+//! knows the same recipe and checks where each block landed in the image files. A LAYOUT
+//! ending in `+sync` (`linear+sync`) flags every extent syncing (writes via the server).
 //! `sanblk-nlprobe update ...` (same arguments) sends UPDATE_MAP; `destroy ID` detaches.
 //! `sanblk-nlprobe hostile-maps DEV DEV` sends CREATE/UPDATE_MAP requests with hostile maps.
 //! CREATE carries a lease of `SANBLK_LEASE_MS` (default 30 minutes) from now and, if set,
@@ -470,6 +471,7 @@ fn extent(
         kind,
         stripe_unit: unit,
         member_count: members.len() as u8,
+        flags: 0,
         members: all,
     }
 }
@@ -553,7 +555,14 @@ impl MapRequest {
                 size: device_bytes(path)?,
             });
         }
-        let extents = recipe(&args[3], size, paths.len())?;
+        let (layout, flags) = match args[3].strip_suffix("+sync") {
+            Some(layout) => (layout, map::EXTENT_SYNCING),
+            None => (args[3].as_str(), 0),
+        };
+        let mut extents = recipe(layout, size, paths.len())?;
+        for extent in &mut extents {
+            extent.flags = flags;
+        }
         let header = MapHeader {
             volume_id: id,
             epoch,
@@ -784,6 +793,19 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
         Command::Create,
         with_map(encode_map(&header(8 * MIB, 1), &devices, &beyond)?),
     ));
+    // Extent flag bits the module does not know, the lowest and the highest.
+    for (name, flags) in [
+        ("unknown-extent-flag", map::EXTENT_SYNCING << 1),
+        ("unknown-extent-flag-high", 1 << 15),
+    ] {
+        let mut flagged = extent(0, 8 * MIB, r, 0, &[member(0, MIB)]);
+        flagged.flags = flags | map::EXTENT_SYNCING;
+        cases.push((
+            name,
+            Command::Create,
+            with_map(encode_map(&header(8 * MIB, 1), &devices, &[flagged])?),
+        ));
+    }
     let unknown = vec![extent(0, 8 * MIB, r, 0, &[member(9, MIB)])];
     cases.push((
         "unknown-device-index",
@@ -876,14 +898,27 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
         }
         Err((errno, message)) => println!("case=duplicate-create errno={errno} msg={message}"),
     }
-    let stale = MapRequest::from_args(
-        &["victim", "77", "4", "linear", "8"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(paths.iter().cloned())
-            .collect::<Vec<_>>(),
-    )?;
+    let victim_at = |epoch: &str| {
+        MapRequest::from_args(
+            &["victim", "77", epoch, "linear", "8"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(paths.iter().cloned())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let stale = victim_at("4")?;
     let same = MapRequest::from_args(&base_args)?;
+    // A valid next epoch but for an unknown flag bit on its first extent.
+    let mut flagged = victim_at("6")?;
+    let device_count = u32::from_le_bytes([
+        flagged.map[40],
+        flagged.map[41],
+        flagged.map[42],
+        flagged.map[43],
+    ]) as usize;
+    let flags_at = map::HEADER_LEN + device_count * map::DEVICE_LEN + 18;
+    flagged.map[flags_at..flags_at + 2].copy_from_slice(&(1u16 << 3).to_le_bytes());
     let with_token = |token: Vec<u8>| {
         let mut attrs = good.update_attrs();
         attrs.push((Attr::Token as u16, token));
@@ -892,6 +927,7 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
     let mut later = [
         ("epoch-regression", stale.update_attrs()),
         ("epoch-repeat", same.update_attrs()),
+        ("update-unknown-extent-flag", flagged.update_attrs()),
     ]
     .to_vec();
     later.extend([
