@@ -3,11 +3,16 @@
 //! it, and shows `sanctl status`; the host shows the server's view. Then the volume's SAN disk
 //! fails under load (dm-error inside the guest): I/O is redirected to the server, the server
 //! recovers the volume onto the spare disk with progress reports, and direct I/O resumes there.
+//! Last, with fio writing and verifying in the guest, the host moves the volume live onto a
+//! third disk with `sanctl volume move` (its progress bar on the terminal).
 
-use std::process::ExitCode;
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
 
-use sanblk_tests::{module_path, run, scratch_dir, sparse_image, target_bin, SandServer, VmConfig};
+use sanblk_tests::{
+    module_path, scratch_dir, sparse_image, spawn, target_bin, SandServer, VmConfig,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -19,7 +24,7 @@ fn demo() -> Result<(), String> {
     );
     let server = SandServer::start(&dir)?;
     let mut images = Vec::new();
-    for i in 0..2 {
+    for i in 0..3 {
         let path = dir.join(format!("san{i}.img"));
         sparse_image(&path, 256 * MIB).map_err(|e| e.to_string())?;
         images.push(path);
@@ -57,7 +62,7 @@ S={sanctl}
 SECTORS=$(blockdev --getsz /dev/vda)
 dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
 $S attach demo --server 10.0.2.100:{port} --client client1 --secret-file {secret} \
-    --device /dev/mapper/san0 --device /dev/vdb --io-server 10.0.2.100:{io_port} > agent.txt 2>&1 &
+    --device /dev/mapper/san0 --device /dev/vdb --device /dev/vdc --io-server 10.0.2.100:{io_port} > agent.txt 2>&1 &
 for i in $(seq 1 200); do [ -e /run/sanblk/demo.device ] && break; sleep 0.2; done
 cat agent.txt
 dev=$(cat /run/sanblk/demo.device)
@@ -82,6 +87,16 @@ $S status
 dd if=$dev of=/tmp/back bs=1M count=32 iflag=direct status=none
 dd if=$dev of=/tmp/moreback bs=1M skip=32 count=16 iflag=direct status=none
 cmp /tmp/data /tmp/back && cmp /tmp/more /tmp/moreback && echo "all 48 MiB read back identical"
+echo "== guest: fio writes and verifies while the host moves the volume to another disk"
+touch move.ready
+i=0
+while [ ! -e move.done ]; do
+    fio --name=live$i --filename=$dev --direct=1 --rw=randwrite --bs=4k --size=64M --io_size=4M \
+        --verify=crc32c --verify_fatal=1 --randrepeat=0 --minimal > /dev/null
+    i=$((i+1))
+done
+echo "fio: $i passes with verification, no error, during the move"
+$S status
 $S detach demo
 dmsetup remove san0
 "#,
@@ -93,18 +108,50 @@ dmsetup remove san0
     let mut config = VmConfig::new("demo", &script)
         .forward_port(server.port)
         .forward_port(io_port)
-        .timeout(Duration::from_secs(300));
+        .timeout(Duration::from_secs(600));
     for image in &images {
         config = config.disk(image);
     }
-    println!("== booting the client guest (QEMU, TCG; about a minute)");
-    let outcome = run(&config).map_err(|e| format!("{e:?}"))?;
+    println!("== booting the client guest (QEMU, TCG; a few minutes)");
+    let vm = spawn(&config).map_err(|e| format!("{e:?}"))?;
+    let log_dir = vm.log_dir().to_path_buf();
+    wait_for(&log_dir.join("move.ready"), Duration::from_secs(240))?;
+    // The recovery went to san1, the only spare then; san2 joins the pool now.
+    print!(
+        "{}",
+        server.sanctl(&["pool", "add", &images[2].display().to_string()])
+    );
+    println!("== host: sanctl volume move demo (live, the guest's fio keeps going)");
+    let from = images[1].display().to_string();
+    let to = images[2].display().to_string();
+    let moved = Command::new(target_bin("sanctl"))
+        .arg("--admin-socket")
+        .arg(&server.admin_socket)
+        .args(["volume", "move", "demo", "--from", &from, "--to", &to])
+        .status()
+        .map_err(|e| format!("sanctl: {e}"))?;
+    std::fs::write(log_dir.join("move.done"), b"").map_err(|e| e.to_string())?;
+    if !moved.success() {
+        return Err(format!("volume move failed: {moved}"));
+    }
+    let outcome = vm.wait().map_err(|e| format!("{e:?}"))?;
     print!("{}", outcome.read_out_file("demo.txt").unwrap_or_default());
     outcome.check_clean_success()?;
-    println!("== server view after recovery and detach");
+    println!("== server view after recovery, move and detach");
     print!("{}", server.sanctl(&["pool", "list"]));
     print!("{}", server.sanctl(&["volume", "show", "demo"]));
     println!("== guest log: {}", outcome.log_dir.display());
+    Ok(())
+}
+
+fn wait_for(path: &Path, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} never appeared", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     Ok(())
 }
 
