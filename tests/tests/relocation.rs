@@ -58,7 +58,7 @@ fn fio_verifies_through_a_move_a_mirror_add_and_an_evacuation() {
     // A slow copy, so fio runs through every phase of it.
     let mut provisioned = provision(
         "relocation-e2e",
-        &["--recovery-max-rate", "4M"],
+        &["--recovery-max-rate", "2M"],
         &["vmove"],
         true,
     );
@@ -67,20 +67,22 @@ fn fio_verifies_through_a_move_a_mirror_add_and_an_evacuation() {
     let san1 = provisioned.images[1].clone();
     let (san0_uuid, san1_uuid) = (uuid_of(&provisioned, &san0), uuid_of(&provisioned, &san1));
 
-    // Each phase: fio passes (random 4 KiB writes, then a read-back verification of each)
-    // until the host says the relocation is over, then one more pass on the final map.
-    let body = r#"pass() {
+    // Each phase: fio writes random 4 KiB blocks for 40 s, verifying them as it goes (every
+    // 128 writes), while the host runs the relocation (a few seconds at the capped rate);
+    // then, the relocation over, one more pass writes and verifies on the final map.
+    let body = r#"phase() {
     fio --name=$1 --filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
-        --size=16M --io_size=2M --verify=crc32c --verify_fatal=1 --randrepeat=0 \
-        --output-format=json --output=fio-$1.json
-}
-phase() {
-    i=0
-    pass $1-first
+        --size=16M --time_based --runtime=40 --verify=crc32c --verify_backlog=128 \
+        --verify_fatal=1 --randrepeat=0 --output-format=json --output=fio-$1.json &
+    FIO=$!
+    sleep 3
     touch $1.ready
-    while [ ! -e $1.done ]; do pass $1-$i; i=$((i+1)); done
+    wait $FIO
+    wait_for $1.done
     $S --json status > $1-status.json
-    pass $1-last
+    fio --name=$1-last --filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
+        --size=16M --io_size=2M --verify=crc32c --verify_fatal=1 --randrepeat=0 \
+        --output-format=json --output=fio-$1-last.json
 }
 phase move
 phase mirror
