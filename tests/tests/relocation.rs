@@ -195,3 +195,144 @@ $S detach vmove"#;
         .expect("san1 listed");
     assert_eq!(san1_info.free_bytes, san1_info.capacity_bytes);
 }
+
+/// Waits (the guest's `wait_for` gives up after 60 s, too soon for a guest that is booting).
+const WAIT_LONG: &str = r#"wait_long() { for i in $(seq 1 3000); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }"#;
+
+/// Two hosts share a volume: B (read-only) loses its path to the volume's disk and reports
+/// it; the server recovers the volume onto the spare while A keeps writing directly. Every
+/// write A makes during the copy must be on the spare in the end: the recovery's syncing map
+/// sends A's writes through the server, which writes both places in step with the copy. (A
+/// recovery that let A write san0 directly behind the copy cursor lost those writes.)
+#[test]
+fn a_writer_loses_nothing_when_a_reader_reports_a_failure_and_the_volume_is_recovered() {
+    let provisioned = provision(
+        "two-hosts",
+        &["--recovery-max-rate", "512K"],
+        &["vshare"],
+        true,
+    );
+    let server = &provisioned.server;
+    let secret_b = provisioned.dir.join("host2.secret");
+    server.sanctl(&[
+        "client",
+        "add",
+        "host2",
+        "--secret-out",
+        &secret_b.display().to_string(),
+    ]);
+    server.sanctl(&["client", "grant", "host2", "vshare", "ro"]);
+    let before = blocks::pattern("two-hosts-before", 1, VOLUME);
+    let during = blocks::pattern("two-hosts-during", 2, VOLUME);
+    fs::write(provisioned.dir.join("before.pattern"), &before).expect("pattern");
+    fs::write(provisioned.dir.join("during.pattern"), &during).expect("pattern");
+    let spare = provisioned.spare.expect("spare");
+
+    // A: fills the volume, then, once the copy runs, rewrites every MiB of it once.
+    let a_body = format!(
+        r#"{WAIT_LONG}
+dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+touch filled
+wait_long $D/copying
+for i in $(seq 0 15); do
+    dd if=$D/during.pattern of=$dev bs=1M skip=$i seek=$i count=1 oflag=direct conv=fsync status=none
+done
+touch rewritten
+wait_long $D/recovered
+$S --json status > final-status.json
+$S detach vshare"#
+    );
+    let a = spawn(&dm_san::vm(
+        &provisioned,
+        "two-hosts-a",
+        "vshare",
+        "--device /dev/vdb",
+        &a_body,
+        Duration::from_secs(600),
+    ))
+    .expect("guest A started");
+    // B: read-only; its path to san0 fails (dm-error in B only) under a read.
+    let io_port = server.io_port().expect("io port");
+    let b_script = format!(
+        r#"set -ex
+{prologue}D={dir}
+{WAIT_LONG}
+$S attach vshare --ro --server 10.0.2.100:{port} --client host2 --secret-file $D/host2.secret \
+    --device /dev/mapper/san0 --device /dev/vdb --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
+wait_long /run/sanblk/vshare.device
+dev=$(cat /run/sanblk/vshare.device)
+wait_long $D/a-filled
+fail_san0
+dd if=$dev of=/dev/null bs=1M count=16 iflag=direct status=none
+for i in $(seq 1 600); do grep -q "reported failure" agent.log && break; sleep 0.2; done
+grep "reported failure" agent.log
+wait_long $D/recovered
+$S detach vshare
+rmmod sanblk
+dmsetup remove san0
+"#,
+        prologue = dm_san::prologue(&sanblk_tests::module_path()),
+        dir = provisioned.dir.display(),
+        port = server.port,
+    );
+    let mut b_config = sanblk_tests::VmConfig::new("two-hosts-b", &b_script)
+        .forward_port(server.port)
+        .forward_port(io_port)
+        .timeout(Duration::from_secs(600));
+    for image in &provisioned.images {
+        b_config = b_config.disk(image);
+    }
+    let b = spawn(&b_config).expect("guest B started");
+
+    wait_for_file(&a.log_dir().join("filled"), Duration::from_secs(400));
+    fs::write(provisioned.dir.join("a-filled"), b"").expect("signal");
+    // B's report starts the recovery; A rewrites the volume while it copies.
+    let deadline = Instant::now() + Duration::from_secs(400);
+    loop {
+        let statuses: Vec<sanblk_proto::protocol::RecoveryStatus> =
+            serde_json::from_str(&server.sanctl(&["--json", "recovery", "list"])).expect("json");
+        if statuses
+            .iter()
+            .any(|s| s.state == sanblk_proto::protocol::RecoveryState::Copying)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery started: {statuses:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fs::write(provisioned.dir.join("copying"), b"").expect("signal");
+    wait_for_file(&a.log_dir().join("rewritten"), Duration::from_secs(300));
+    let statuses: Vec<sanblk_proto::protocol::RecoveryStatus> =
+        serde_json::from_str(&server.sanctl(&["--json", "recovery", "list"])).expect("json");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| s.state != sanblk_proto::protocol::RecoveryState::Done),
+        "the copy ended before A finished writing, the test proves nothing: {statuses:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let map = server.volume("vshare").map;
+        if map.syncing.is_empty() && !on_device(&map, uuid_of(&provisioned, &provisioned.images[0]))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not recovered: {map:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fs::write(provisioned.dir.join("recovered"), b"").expect("signal");
+    a.wait().expect("guest A ran").assert_clean_success();
+    b.wait().expect("guest B ran").assert_clean_success();
+
+    // Every block A wrote during the copy is on the spare, where the final map says.
+    let map = server.volume("vshare").map;
+    assert!(map
+        .extents
+        .iter()
+        .all(|e| e.replicas.iter().all(|r| r.device_uuid == spare)));
+    let checked = blocks::verify_against_map(&map, &provisioned.by_uuid, &during);
+    assert_eq!(checked as u64, VOLUME / BLOCK);
+}
