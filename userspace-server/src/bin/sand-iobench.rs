@@ -11,10 +11,13 @@
 //! and we time the recovery (the server copies the volume onto the spare) until the `done`
 //! push. Baseline in the same run, same filesystem: an in-process O_DIRECT copy of the same
 //! size between two files, 1 MiB blocks, one at a time, `fdatasync` at the end. `--rounds`
-//! rounds alternating which one goes first; medians.
+//! rounds alternating which one goes first; medians. `--rebuild --move`: the same copy
+//! started by the admin's `volume move` off the (healthy) device, i.e. a live move: its two
+//! changes (quiesce the client, commit, publish) are in the time.
 //!
 //! Usage: cargo build --release -p sand --bins && target/release/sand-iobench --size-mib 1024
 //!        target/release/sand-iobench --rebuild --size-mib 512 --rounds 3
+//!        target/release/sand-iobench --rebuild --move --size-mib 512 --rounds 3
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -27,7 +30,7 @@ use clap::Parser;
 use sanblk_proto::client::{AdminClient, AgentClient, Push};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{
-    ClientAdd, ClientCreated, ClientGrant, PoolAdd, RecoveryState, VolumeCreate,
+    ClientAdd, ClientCreated, ClientGrant, PoolAdd, RecoveryState, VolumeCreate, VolumeMove,
 };
 use sanblk_uapi::frame::{
     Op, ReplyHeader, RequestHeader, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
@@ -62,6 +65,10 @@ struct Args {
     /// Measure recovery (rebuild onto a spare) against a plain O_DIRECT copy instead.
     #[arg(long)]
     rebuild: bool,
+    /// With --rebuild: start the copy with the admin's `volume move` off the healthy device
+    /// instead of a failure report (the same copy job, started as a live move).
+    #[arg(long = "move", requires = "rebuild")]
+    live_move: bool,
     /// Rounds of the rebuild measurement (alternating order), medians reported.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
@@ -276,10 +283,22 @@ async fn rebuild_once(args: &Args, dir: &Path, size: u64, data: &[u8]) -> anyhow
         .map(|replica| replica.device_uuid)
         .ok_or_else(|| anyhow!("the volume map has no replica"))?;
     let started = Instant::now();
-    let mut status = served
-        .agent
-        .report_failure(volume_id, device, "sand-iobench --rebuild")
-        .await?;
+    let mut status = if args.live_move {
+        served
+            .admin
+            .call(VolumeMove {
+                name: served.map.name.clone(),
+                from: Some(device.to_string()),
+                to: None,
+                cancel: false,
+            })
+            .await?
+    } else {
+        served
+            .agent
+            .report_failure(volume_id, device, "sand-iobench --rebuild")
+            .await?
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
     loop {
         match status.state {
@@ -317,9 +336,15 @@ async fn rebuild(args: &Args, dir: &Path, size: u64) -> anyhow::Result<()> {
     let data = pattern(MAX_PAYLOAD as usize)?;
     let rate = |d: Duration| size as f64 / MIB as f64 / d.as_secs_f64();
     println!(
-        "sand-iobench --rebuild: {} MiB linear volume recovered onto a spare vs O_DIRECT copy \
+        "sand-iobench --rebuild{}: {} MiB linear volume {} onto a spare vs O_DIRECT copy \
          (1 MiB blocks), files in {}, {} rounds alternating order",
+        if args.live_move { " --move" } else { "" },
         args.size_mib,
+        if args.live_move {
+            "moved live"
+        } else {
+            "recovered"
+        },
         dir.display(),
         args.rounds
     );
