@@ -428,3 +428,69 @@ $S detach vro
         "the read-only attachment changed the image"
     );
 }
+
+/// Allocation on a client's request: `sanctl grow` run in the guest grows the volume holding
+/// a mounted ext4 (the server's change protocol quiesces the guest's kernel, commits, pushes
+/// the new map, which gives the block device its new size), `resize2fs` grows the filesystem
+/// online, and a file that needs the new space is written. The host checks the server's map,
+/// and finds both files' data in the image file where that map says.
+#[test]
+fn a_mounted_ext4_grows_online_through_sanctl_grow_on_the_client() {
+    let provisioned = sanblk_tests::provision("attach-grow", &[], &["vgrow"], false);
+    let before = pattern(41, 8 * MIB);
+    let after = pattern(42, 20 * MIB);
+    fs::write(provisioned.dir.join("before.pattern"), &before).expect("pattern");
+    fs::write(provisioned.dir.join("after.pattern"), &after).expect("pattern");
+    let body = r#"mkfs.ext4 -q -F -b 4096 $dev
+mkdir -p /tmp/mnt
+mount $dev /tmp/mnt
+cp $D/before.pattern /tmp/mnt/before
+sync
+# 8 MiB used of 16: the 20 MiB file does not fit yet.
+if cp $D/after.pattern /tmp/mnt/after 2> nospace.txt; then echo "fit before the grow"; exit 1; fi
+rm -f /tmp/mnt/after
+$S grow vgrow 48M > grow.txt
+blockdev --getsize64 $dev > grown-size.txt
+resize2fs $dev > resize.txt 2>&1
+cp $D/after.pattern /tmp/mnt/after
+sync
+df -k /tmp/mnt > df.txt
+umount /tmp/mnt
+e2fsck -fn $dev > fsck.txt 2>&1
+mount -o ro $dev /tmp/mnt
+cmp /tmp/mnt/before $D/before.pattern
+cmp /tmp/mnt/after $D/after.pattern
+umount /tmp/mnt
+dd if=$dev of=final.img bs=1M iflag=direct status=none
+$S detach vgrow"#;
+    let config = sanblk_tests::dm_san::vm(
+        &provisioned,
+        "attach-grow",
+        "vgrow",
+        "",
+        body,
+        Duration::from_secs(400),
+    );
+    let outcome = sanblk_tests::run(&config).expect("guest ran");
+    outcome.assert_clean_success();
+    let grown = outcome.read_out_file("grow.txt").expect("grow.txt");
+    assert!(grown.contains("is now 48M"), "{grown}");
+    let size = outcome.read_out_file("grown-size.txt").expect("size");
+    assert_eq!(size.trim(), (48 * MIB).to_string());
+    let map = provisioned.server.volume("vgrow").map;
+    assert_eq!(map.size_bytes, 48 * MIB);
+    // What the guest read back at the end is in the image file where the map says, and
+    // holds both files (every block of each, in whatever order ext4 placed them).
+    let final_image = fs::read(outcome.log_dir.join("final.img")).expect("final.img");
+    assert_eq!(final_image.len() as u64, 48 * MIB);
+    blocks::verify_against_map(&map, &provisioned.by_uuid, &final_image);
+    let on_volume: std::collections::HashSet<&[u8]> =
+        final_image.chunks_exact(BLOCK as usize).collect();
+    for (name, data) in [("before", &before), ("after", &after)] {
+        let missing = data
+            .chunks_exact(BLOCK as usize)
+            .filter(|block| !on_volume.contains(block))
+            .count();
+        assert_eq!(missing, 0, "{name}: {missing} blocks not on the volume");
+    }
+}

@@ -511,7 +511,11 @@ impl Session {
             volume_id,
             new_size_bytes,
         } = request;
-        if self.state.attachment_mode(self.connection, volume_id) != Some(AccessMode::Rw) {
+        // The attachment may be another connection of this client: `sanctl grow` on the
+        // client host asks on its own connection while the agent holds the attachment.
+        if self.state.attachment_mode(self.connection, volume_id) != Some(AccessMode::Rw)
+            && !self.state.client_attached_rw(&self.client, volume_id)
+        {
             return Err(ErrorBody::new(
                 ErrorCode::NotGranted,
                 "grow needs a read-write attachment to the volume",

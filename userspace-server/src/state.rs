@@ -743,6 +743,17 @@ impl ServerState {
     }
 
     /// The mode of this connection's attachment to the volume, if any.
+    /// Whether `client` holds a live read-write attachment of `volume_id` (on any of its
+    /// connections).
+    pub fn client_attached_rw(&self, client: &str, volume_id: u64) -> bool {
+        self.live().volumes.get(&volume_id).is_some_and(|volume| {
+            volume
+                .attachments
+                .values()
+                .any(|a| a.client == client && a.mode == AccessMode::Rw && a.connected)
+        })
+    }
+
     pub fn attachment_mode(&self, connection: ConnectionId, volume_id: u64) -> Option<AccessMode> {
         self.live()
             .volumes

@@ -21,6 +21,7 @@ use sanblk_proto::auth::read_secret_file;
 use sanblk_proto::client::{AgentClient, ClientError};
 use sanblk_proto::map::{AccessMode, VolumeMap};
 use sanblk_proto::protocol::{Attachment, ErrorCode};
+use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 use uuid::Uuid;
 
@@ -100,6 +101,25 @@ struct RunFiles {
     error: PathBuf,
     /// The latest recovery status the server pushed, as JSON (read by `sanctl status`).
     recovery: PathBuf,
+    /// How this agent reaches the server ([`AgentConnection`], read by `sanctl grow`).
+    connection: PathBuf,
+}
+
+/// What `sanctl grow` on this host needs to ask the server for the attached volume: the
+/// agent's server, client name and secret file, and the volume's id.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentConnection {
+    pub server: String,
+    pub client: String,
+    pub secret_file: PathBuf,
+    pub volume_id: u64,
+}
+
+impl AgentConnection {
+    /// The connection file of `volume` in `run_dir`.
+    pub fn path(run_dir: &Path, volume: &str) -> PathBuf {
+        run_dir.join(format!("{volume}.connection"))
+    }
 }
 
 impl RunFiles {
@@ -109,11 +129,18 @@ impl RunFiles {
             device: run_dir.join(format!("{volume}.device")),
             error: run_dir.join(format!("{volume}.error")),
             recovery: run_dir.join(format!("{volume}.recovery")),
+            connection: AgentConnection::path(run_dir, volume),
         }
     }
 
     fn remove(&self) {
-        for path in [&self.pid, &self.device, &self.error, &self.recovery] {
+        for path in [
+            &self.pid,
+            &self.device,
+            &self.error,
+            &self.recovery,
+            &self.connection,
+        ] {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -320,6 +347,15 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
         .map_err(|e| local(format!("{}: {e}", files.pid.display())))?;
     std::fs::write(&files.device, &device)
         .map_err(|e| local(format!("{}: {e}", files.device.display())))?;
+    let connection = AgentConnection {
+        server: args.server.clone(),
+        client: args.client.clone(),
+        secret_file: std::path::absolute(&args.secret_file).unwrap_or(args.secret_file.clone()),
+        volume_id,
+    };
+    let connection = serde_json::to_vec(&connection).map_err(local)?;
+    std::fs::write(&files.connection, connection)
+        .map_err(|e| local(format!("{}: {e}", files.connection.display())))?;
     println!(
         "attached {} as {device} (epoch {}, devices {}, server path {})",
         args.volume,

@@ -15,6 +15,7 @@
 mod agent;
 mod client_cmd;
 mod context;
+mod grow_cmd;
 mod kernel_link;
 mod map_encoding;
 mod output;
@@ -76,6 +77,12 @@ enum Command {
     Detach(agent::DetachArgs),
     /// Show the kernel module's view: attached volumes, epochs, SAN device paths and counters.
     Status(agent::StatusArgs),
+    /// Grow a volume attached read-write on this host (through the server's change protocol;
+    /// returns once the block device has the new size).
+    #[command(
+        after_help = "Example (then grow the filesystem, e.g. `resize2fs /dev/sanblk0`):\n  sanctl grow db1 20G"
+    )]
+    Grow(grow_cmd::GrowArgs),
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
@@ -88,6 +95,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Attach(args) => agent::attach(args).await,
         Command::Detach(args) => agent::detach(args).await,
         Command::Status(args) => agent::status(&context, &args),
+        Command::Grow(args) => grow_cmd::grow(args, context.json).await,
     }
 }
 
