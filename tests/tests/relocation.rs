@@ -58,7 +58,7 @@ fn fio_verifies_through_a_move_a_mirror_add_and_an_evacuation() {
     // A slow copy, so fio runs through every phase of it.
     let mut provisioned = provision(
         "relocation-e2e",
-        &["--recovery-max-rate", "2M"],
+        &["--recovery-max-rate", "1M"],
         &["vmove"],
         true,
     );
@@ -67,15 +67,19 @@ fn fio_verifies_through_a_move_a_mirror_add_and_an_evacuation() {
     let san1 = provisioned.images[1].clone();
     let (san0_uuid, san1_uuid) = (uuid_of(&provisioned, &san0), uuid_of(&provisioned, &san1));
 
-    // Each phase: fio writes random 4 KiB blocks for 40 s, verifying them as it goes (every
+    // Each phase: fio writes random 4 KiB blocks for 60 s, verifying them as it goes (every
     // 128 writes), while the host runs the relocation (a few seconds at the capped rate);
     // then, the relocation over, one more pass writes and verifies on the final map.
     let body = r#"phase() {
     fio --name=$1 --filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
-        --size=16M --time_based --runtime=40 --verify=crc32c --verify_backlog=128 \
+        --size=16M --time_based --runtime=60 --verify=crc32c --verify_backlog=128 \
         --verify_fatal=1 --randrepeat=0 --output-format=json --output=fio-$1.json &
     FIO=$!
-    sleep 3
+    # fio takes seconds to start in a loaded TCG guest: the relocation begins only once it
+    # is writing (the disk's completed-writes counter moves).
+    stat=/sys/block/$(basename $dev)/stat
+    start=$(awk '{print $5}' $stat)
+    for i in $(seq 1 600); do [ $(awk '{print $5}' $stat) -gt $((start + 200)) ] && break; sleep 0.1; done
     touch $1.ready
     wait $FIO
     wait_for $1.done
@@ -208,7 +212,7 @@ const WAIT_LONG: &str = r#"wait_long() { for i in $(seq 1 3000); do [ -e "$1" ] 
 fn a_writer_loses_nothing_when_a_reader_reports_a_failure_and_the_volume_is_recovered() {
     let provisioned = provision(
         "two-hosts",
-        &["--recovery-max-rate", "512K"],
+        &["--recovery-max-rate", "384K"],
         &["vshare"],
         true,
     );
