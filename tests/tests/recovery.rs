@@ -6,13 +6,14 @@
 //! disk. The host then finds every block where the final map says, on the new disk.
 
 use std::fs;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sanblk_proto::protocol::{RecoveryState, RecoveryStatus};
 use sanblk_tests::blocks::BLOCK;
 use sanblk_tests::server::last_resume_cursor;
-use sanblk_tests::{blocks, dm_san, provision, run, spawn, Provisioned, SandServer, VmConfig};
+use sanblk_tests::{
+    blocks, dm_san, provision, run, spawn, wait_for_file, Provisioned, SandServer, VmConfig,
+};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
@@ -369,17 +370,4 @@ $S detach vok"#;
     assert_eq!(vok_status["redirected_ios"], 0, "{vok_status}");
     let checked = blocks::verify_against_map(&vok.map, &setup.provisioned.by_uuid, &ok_pattern);
     assert_eq!(checked as u64, 4 * MIB / BLOCK);
-}
-
-/// Waits until `path` exists (a file the guest writes into its log dir).
-fn wait_for_file(path: &Path, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

@@ -11,22 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sanblk_tests::blocks::BLOCK;
-use sanblk_tests::{blocks, dm_san, provision, sparse_image, spawn, Provisioned};
+use sanblk_tests::{blocks, dm_san, provision, sparse_image, spawn, wait_for_file, Provisioned};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
-
-fn wait_for_file(path: &Path, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Adds `san2.img` (64 MiB) to the pool and to the guest's disks.
 fn third_disk(provisioned: &mut Provisioned) -> PathBuf {

@@ -506,7 +506,7 @@ impl IoService {
                     active
                         .segments
                         .iter()
-                        .any(|s| s.failed.device_uuid == device && s.source.device_uuid != device)
+                        .any(|s| s.failed.device_uuid == device && s.moved_copy_is_best_effort())
                 };
                 for extent in &mut extents {
                     if extent.replicas.len() > 1 {

@@ -60,6 +60,14 @@ fn claim(volume_id: u64) -> bool {
         .insert(volume_id)
 }
 
+/// Whether a job (or its starting change) holds the slot of a volume.
+fn claimed(volume_id: u64) -> bool {
+    running()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&volume_id)
+}
+
 fn release(volume_id: u64) {
     running()
         .lock()
@@ -296,10 +304,7 @@ pub async fn report_path_healed(
     // A recovery off the device that is still starting (its first change not committed)
     // counts as running.
     let starting = existing.is_none()
-        && running()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&volume_id)
+        && claimed(volume_id)
         && state
             .recoveries
             .status(volume_id)

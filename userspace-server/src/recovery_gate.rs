@@ -183,8 +183,7 @@ pub fn write_plan(pieces: Vec<Piece>, recovery: &ActiveRecovery) -> (Vec<Piece>,
                 required.push(part);
                 continue;
             };
-            // A reported-failed replica read from its mirror: writing it is best effort.
-            if segment.source.device_uuid != failed {
+            if segment.moved_copy_is_best_effort() {
                 let (failed_copies, others): (Vec<_>, Vec<_>) =
                     part.replicas.into_iter().partition(|(u, _)| *u == failed);
                 part.replicas = others;

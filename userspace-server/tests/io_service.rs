@@ -13,8 +13,8 @@ use common::{TestServer, MIB};
 use sanblk_proto::client::AgentClient;
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{
-    Attachment, ClientGrant, ClientRemove, ClientRevoke, DeviceInfo, PoolList, VolumeCreate,
-    VolumeDelete, VolumeGrow,
+    Attachment, ClientGrant, ClientRemove, ClientRevoke, DeviceInfo, PoolList, VolumeDelete,
+    VolumeGrow,
 };
 use sanblk_uapi::frame::{
     Op, ReplyHeader, RequestHeader, FLAG_FUA, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
@@ -184,18 +184,6 @@ fn read_images(
     out
 }
 
-async fn create_volume(server: &TestServer, name: &str, size: u64, layout: Layout) {
-    let mut admin = server.admin().await;
-    admin
-        .call(VolumeCreate {
-            name: name.into(),
-            size_bytes: size,
-            layout,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("volume create: {e}"));
-}
-
 /// A volume of `layout`, a client granted `mode`, an agent attached; the agent must stay alive
 /// for the session to last.
 async fn attached(
@@ -205,7 +193,7 @@ async fn attached(
     layout: Layout,
     mode: AccessMode,
 ) -> (AgentClient, Attachment) {
-    create_volume(server, volume, size, layout).await;
+    server.create_volume(volume, size, layout).await;
     let client = format!("host-{volume}");
     let secret = server.client(&client).await;
     server.grant(&client, volume, mode).await;
@@ -575,7 +563,7 @@ async fn mirrored_reads_fall_back_to_the_other_replica() {
 async fn session_tokens_survive_a_restart_and_die_with_the_detach() {
     let mut server = TestServer::start();
     server.pool_of(1, 64 * MIB).await;
-    create_volume(&server, "keep", 4 * MIB, Layout::Linear).await;
+    server.create_volume("keep", 4 * MIB, Layout::Linear).await;
     let secret = server.client("host1").await;
     server.grant("host1", "keep", AccessMode::Rw).await;
     let other_secret = server.client("host2").await;
@@ -681,7 +669,7 @@ async fn revocation_survives_a_crash_between_commits(
 ) {
     let mut first = TestServer::start();
     first.pool_of(1, 64 * MIB).await;
-    create_volume(&first, "vol", 4 * MIB, Layout::Linear).await;
+    first.create_volume("vol", 4 * MIB, Layout::Linear).await;
     let secret = first.client("host1").await;
     first.grant("host1", "vol", AccessMode::Rw).await;
     let mut agent = first.agent("host1", &secret).await;
@@ -825,7 +813,9 @@ async fn a_volume_attached_by_a_persisted_token_is_deleted_only_with_force() {
     let mut refused = IoClient::connect(&restarted).await;
     assert_eq!(refused.hello(&rw.session_token).await, EACCES);
     // The space is reused by the next volume; the old token must not reach it.
-    create_volume(&restarted, "next", 4 * MIB, Layout::Linear).await;
+    restarted
+        .create_volume("next", 4 * MIB, Layout::Linear)
+        .await;
     let mut refused = IoClient::connect(&restarted).await;
     assert_eq!(refused.hello(&rw.session_token).await, EACCES);
 }

@@ -971,14 +971,7 @@ async fn evacuate_moves_every_volume_off_the_device() {
         ("b", 8 * MIB, Layout::Mirror),
         ("c", 8 * MIB, Layout::Linear),
     ] {
-        admin
-            .call(VolumeCreate {
-                name: name.into(),
-                size_bytes: size,
-                layout,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("volume create: {e}"));
+        server.create_volume(name, size, layout).await;
     }
     let devices = devices(&server).await;
     let show = |name: &str| VolumeShow { name: name.into() };

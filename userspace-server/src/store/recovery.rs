@@ -57,6 +57,14 @@ impl std::fmt::Display for RelocationRequest {
     }
 }
 
+impl RecoverySegment {
+    /// Whether writing the moved replica is only best effort while the copy runs: a
+    /// reported-failed replica whose data is copied from its mirror.
+    pub fn moved_copy_is_best_effort(&self) -> bool {
+        self.source.device_uuid != self.failed.device_uuid
+    }
+}
+
 /// A relocation in progress (a recovery, a move or a mirror add), persisted so a restarted
 /// server resumes it. The targets count as allocated space from the moment the record is
 /// committed; while it exists the volume's map marks the extents it copies syncing, so every

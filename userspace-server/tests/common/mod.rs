@@ -230,6 +230,19 @@ impl TestServer {
         paths
     }
 
+    /// Creates volume `name` of `size` bytes with `layout`.
+    pub async fn create_volume(&self, name: &str, size: u64, layout: Layout) {
+        self.admin()
+            .await
+            .call(VolumeCreate {
+                name: name.into(),
+                size_bytes: size,
+                layout,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("volume create: {e}"));
+    }
+
     /// Creates a volume, a client and a grant; returns the client's secret.
     pub async fn volume_with_client(
         &self,
