@@ -17,7 +17,7 @@ use kernel::prelude::*;
 
 use crate::abi::{Attr, Command, DeviceState, EventKind};
 use crate::device::{Probe, SanDevice};
-use crate::ffi::bio::{Bio, EndIo};
+use crate::ffi::bio::{Bio, BoxedEndIo};
 use crate::ffi::consts::{GFP_KERNEL_RAW, REQ_OP_READ};
 use crate::ffi::genl::Event;
 use crate::ffi::sync::InFlightRef;
@@ -139,17 +139,15 @@ fn submit(volume: &Volume, device: &SanDevice) {
     // in-flight reference); only one probe per device is in flight (state InFlight), so the
     // page has a single user.
     bio.add_page(&device.probe_page, PROBE_BYTES, 0);
-    bio.set_end_io::<ProbeDone>(KBox::into_raw(context).cast());
+    bio.set_end_io::<ProbeContext, ProbeDone>(context);
     bio.submit();
 }
 
 /// Completion of a probe issued by [`submit`].
 struct ProbeDone;
 
-impl EndIo for ProbeDone {
-    fn end_io(bio: Bio) {
-        // SAFETY: the private pointer is the context `submit` boxed for this bio, taken once.
-        let context = unsafe { KBox::from_raw(bio.private().cast::<ProbeContext>()) };
+impl BoxedEndIo<ProbeContext> for ProbeDone {
+    fn end_io(bio: Bio, context: KBox<ProbeContext>) {
         // SAFETY: the context's in-flight reference keeps the volume, and so its devices.
         let device = unsafe { context.device.as_ref() };
         let ok = bio.status() == 0;

@@ -12,17 +12,18 @@
 //! with the copy and writes both places; a discard to it is dropped (see [`submit`]).
 
 use core::sync::atomic::Ordering;
+use kernel::sync::Arc;
 
 use crate::abi_frame::{Op, FLAG_FUA};
 use crate::abi_map::{Piece, Target, MAX_MEMBERS};
-use crate::ffi::bio::{Bio, EndIo};
-use crate::ffi::blockdev::BlockDevice;
+use crate::ffi::bio::Bio;
 use crate::ffi::consts::*;
+use crate::ffi::context::{Completed, ContextEndIo, HookEndIo};
 use crate::ffi::disk::{self, Operations, Vtable};
 use crate::ffi::time::now_ns;
 use crate::hold::{Held, Released};
-use crate::hook::{self, account_at_completion};
-use crate::piece::{self, PieceInfo, PieceRef};
+use crate::hook::account_at_completion;
+use crate::piece::{Piece as PieceContext, PieceInfo, PieceRef, IN_PLACE};
 use crate::volume::{MapState, Volume, MAX_VOLUME_DEVICES};
 
 /// Mirrored reads alternate between replicas in chunks of this many bytes.
@@ -69,14 +70,14 @@ pub(crate) fn resubmit(volume: &Volume, released: Released) {
 /// The operations table of every sanblk disk (its owner is set in module init).
 pub(crate) static BLOCK_OPS: Vtable<SanblkDisk> = Vtable::new();
 
-/// The volume of a bio addressed to a sanblk disk.
-///
-/// # Safety
-///
-/// `bdev` is the block device of a live sanblk disk (a bio addressed to it is in flight).
-unsafe fn volume_of<'a>(bdev: &BlockDevice) -> &'a Volume {
-    // SAFETY: sanblk disks are built with `SanblkDisk` (contract).
-    unsafe { disk::data_of::<SanblkDisk>(bdev) }
+/// The volume of a bio addressed to a sanblk disk (`None` for any other bio).
+fn volume_of(bio: &Bio) -> Option<&Volume> {
+    disk::data_of_bio(bio, &BLOCK_OPS)
+}
+
+/// A reference to that volume that does not borrow the bio, for handing the bio on.
+fn volume_arc_of(bio: &Bio) -> Option<Arc<Volume>> {
+    disk::data_arc_of_bio(bio, &BLOCK_OPS)
 }
 
 fn submit(volume: &Volume, bio: Bio) {
@@ -135,7 +136,7 @@ fn submit(volume: &Volume, bio: Bio) {
     if piece.length < size as u64 {
         // Handle the front piece now and resubmit the rest, which re-enters here: at most one
         // split and MAX_MEMBERS clones are allocated per call.
-        bio = match bio.split_front((piece.length >> 9) as u32, volume.bioset()) {
+        bio = match bio.split_front((piece.length >> 9) as u32, volume.bioset().bio_set()) {
             Ok(front) => front,
             Err(bio) => return bio.end_with(BLK_STS_IOERR),
         };
@@ -318,34 +319,16 @@ fn device_healthy(volume: &Volume, slot: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Releases the clone (or flush) a piece lives in front of (a piece release function).
-///
-/// # Safety
-///
-/// `piece` is the context of a completed clone of the volume's bioset, used no more.
-unsafe fn release_clone(piece: *mut piece::Piece) {
-    // SAFETY: see the function's contract: the clone's last reference goes.
-    unsafe { piece::bio_of(piece) }.put();
-}
-
-/// Sets up the piece in front of `clone` (a fresh bio of the volume's bioset) to complete
-/// into `parent` with `info`, holding an in-flight reference of the volume.
-fn attach_piece(volume: &Volume, clone: &Bio, parent: &Bio, info: &PieceInfo) -> *mut piece::Piece {
-    let context = piece::of(clone);
-    // SAFETY: every bio of the volume's bioset has a piece in front of it, ours while the
-    // clone is; the parent gets one more completion to wait for, given by the piece.
-    unsafe {
-        piece::init(
-            context,
-            Some(parent.share()),
-            clone.data(),
-            info,
-            0,
-            release_clone,
-            volume.inflight.get(),
-        )
-    };
-    context
+/// The piece of `clone` (a fresh bio of the volume's bioset): it completes into `parent`
+/// (which gets one more completion to wait for) and holds an in-flight reference of the volume.
+fn clone_piece(volume: &Volume, clone: &Bio, parent: &Bio, info: &PieceInfo) -> PieceContext {
+    PieceContext::new(
+        Some(parent.share()),
+        clone.data(),
+        info,
+        0,
+        volume.inflight.get(),
+    )
 }
 
 /// Sends `bio` itself on to device `slot` at `device_sector`, its completion hooked so a
@@ -365,24 +348,15 @@ fn remap_in_place(
     if bio.has_flags(REQ_NOWAIT) && !device.bdev().supports_nowait() {
         return Err(bio);
     }
-    let data = bio.data();
-    let Some(context) = hook::hook::<InPlaceDone>(&mut bio, op) else {
+    // The bio is unchained (checked by the caller), so its own completion is the only one its
+    // status can come from; its completion stays the hook's until a redirect hands it to the
+    // piece.
+    let hooked = IN_PLACE.hook::<InPlaceDone>(&mut bio, op, |bio| {
+        PieceContext::new(None, bio.data(), info, slot, volume.inflight.get())
+    });
+    if !hooked {
         return Err(bio);
-    };
-    // SAFETY: the context is fresh and ours; its piece is released with it. The bio is
-    // unchained (checked by the caller), so its own completion is the only one its status can
-    // come from; its completion stays the hook's until a redirect hands it to the piece.
-    unsafe {
-        piece::init(
-            hook::piece_of(context),
-            None,
-            data,
-            info,
-            slot,
-            hook::release_in_place,
-            volume.inflight.get(),
-        )
-    };
+    }
     bio.set_dev(device.bdev());
     bio.set_sector(device_sector);
     bio.submit_noacct();
@@ -392,35 +366,33 @@ fn remap_in_place(
 /// Completion of a bio sent on by [`remap_in_place`].
 struct InPlaceDone;
 
-impl EndIo for InPlaceDone {
-    fn end_io(mut bio: Bio) {
-        // Back to the sanblk disk as it came.
-        let context = hook::unhook(&mut bio);
-        // SAFETY: the bio is addressed to its sanblk disk again; the volume outlives its
-        // in-flight bios (its teardown waits for their in-flight references).
-        let volume = unsafe { volume_of(bio.bdev()) };
-        // SAFETY: the context's piece was set up by `remap_in_place`; this completion owns it.
-        let mut piece = unsafe { PieceRef::from_raw(hook::piece_of(context)) };
+impl HookEndIo<PieceContext> for InPlaceDone {
+    fn end_io(mut bio: Bio, mut piece: PieceRef) {
+        // The bio is back on its sanblk disk as it came; the volume outlives its in-flight
+        // bios (its teardown waits for their in-flight references).
         let status = bio.status();
-        if device_failed(status) {
-            if let Some(device) = volume.devices.get(piece.slot()) {
-                device.note_error();
+        let mut redirect = false;
+        if let Some(volume) = volume_of(&bio) {
+            if device_failed(status) {
+                if let Some(device) = volume.devices.get(piece.slot()) {
+                    device.note_error();
+                }
+                redirect = redirectable(volume, &piece);
             }
-            if redirectable(volume, &piece) {
-                // Redirect instead of failing, as for a clone: the server path re-issues the
-                // piece from the recorded data and completes the bio (with an error only if
-                // the server fails it too).
-                bio.reset_data(piece.data());
-                bio.set_status(BLK_STS_OK);
-                piece.set_parent(bio);
-                queue_to_server(volume, piece);
-                return;
+            if !redirect && counts_as_error(status) {
+                volume.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
-        if counts_as_error(status) {
-            volume.counters.errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(volume) = redirect.then(|| volume_arc_of(&bio)).flatten() {
+            // Redirect instead of failing, as for a clone: the server path re-issues the
+            // piece from the recorded data and completes the bio (with an error only if the
+            // server fails it too).
+            bio.reset_data(piece.data());
+            bio.set_status(BLK_STS_OK);
+            piece.set_parent(bio);
+            return queue_to_server(&volume, piece);
         }
-        let (_, inflight) = piece.finish();
+        let (_, inflight) = piece.finish().into_completion();
         // Completes the bio to its submitter: the end_io restored above runs now.
         bio.end();
         drop(inflight);
@@ -431,13 +403,14 @@ impl EndIo for InPlaceDone {
 /// writes to a syncing extent).
 fn to_server(volume: &Volume, bio: &Bio, info: &PieceInfo) {
     // The clone only carries the piece (its iterator and vector) and is never submitted.
-    let Some(clone) = bio.clone_to(bio.bdev(), volume.bioset()) else {
+    let clone = volume.bioset().clone_bio(bio, bio.bdev(), |clone| {
+        clone_piece(volume, clone, bio, info)
+    });
+    let Some(clone) = clone else {
         // The final end of `bio` completes it with the error.
         return bio.set_status(BLK_STS_IOERR);
     };
-    let context = attach_piece(volume, &clone, bio, info);
-    // SAFETY: set up just above, owned here (the clone is released with it).
-    queue_to_server(volume, unsafe { PieceRef::from_raw(context) });
+    queue_to_server(volume, clone.into_context());
 }
 
 /// Whether a failed piece can go to the server path instead of failing: a read or write
@@ -490,16 +463,17 @@ fn clone_to(
         // The final end of `bio` completes it with the error.
         return bio.set_status(BLK_STS_IOERR);
     };
-    let Some(mut clone) = bio.clone_to(device.bdev(), volume.bioset()) else {
+    let clone = volume.bioset().clone_bio(bio, device.bdev(), |clone| {
+        clone_piece(volume, clone, bio, info)
+    });
+    let Some(mut clone) = clone else {
         return bio.set_status(BLK_STS_IOERR);
     };
-    attach_piece(volume, &clone, bio, info);
-    clone.set_sector(device_sector);
+    clone.bio_mut().set_sector(device_sector);
     if strip_flush {
-        clone.clear_flags(REQ_PREFLUSH);
+        clone.bio_mut().clear_flags(REQ_PREFLUSH);
     }
-    clone.set_end_io::<CloneDone>(core::ptr::null_mut());
-    clone.submit_noacct();
+    clone.submit_noacct::<CloneDone>();
 }
 
 /// Issues an empty PREFLUSH to every device of the volume, each completing into `bio`.
@@ -511,59 +485,57 @@ fn flush_all_devices(volume: &Volume, slots: &[u32], bio: &Bio, epoch: u64) {
         epoch,
     };
     for device in slots.iter().filter_map(|slot| volume.devices.get(*slot)) {
-        let Some(mut flush) = Bio::alloc(
+        let flush = volume.bioset().alloc(
             device.bdev(),
-            0,
             REQ_OP_WRITE | REQ_PREFLUSH,
             GFP_NOIO,
-            Some(volume.bioset()),
-        ) else {
+            |flush| clone_piece(volume, flush, bio, &info),
+        );
+        let Some(flush) = flush else {
             bio.set_status(BLK_STS_IOERR);
             continue;
         };
-        attach_piece(volume, &flush, bio, &info);
-        flush.set_end_io::<CloneDone>(core::ptr::null_mut());
-        flush.submit_noacct();
+        flush.submit_noacct::<CloneDone>();
     }
 }
 
 /// Completion of a clone or flush issued by this module.
 struct CloneDone;
 
-impl EndIo for CloneDone {
-    fn end_io(clone: Bio) {
-        // SAFETY: clones and flushes come from the volume's bioset with their piece set up by
-        // `attach_piece`; this completion owns it.
-        let piece = unsafe { PieceRef::from_raw(piece::of(&clone)) };
-        let Some(parent) = piece.parent() else {
+impl ContextEndIo<PieceContext> for CloneDone {
+    fn end_io(done: Completed, piece: PieceRef) {
+        // The parent is addressed to its sanblk disk and waits for this completion; the
+        // volume outlives its in-flight bios (teardown waits for their references).
+        let Some((parent, volume)) = piece.parent().and_then(|p| Some((p, volume_of(p)?))) else {
             return;
         };
-        // SAFETY: the parent is addressed to its sanblk disk and waits for this completion;
-        // the volume outlives its in-flight bios (teardown waits for their references).
-        let volume = unsafe { volume_of(parent.bdev()) };
-        let status = clone.status();
+        let status = done.status();
+        let mut redirect = false;
         if device_failed(status) {
-            let bdev = clone.bdev().as_ptr();
             if let Some((_, device)) = volume
                 .devices
                 .iter()
-                .find(|(_, d)| d.bdev().as_ptr() == bdev)
+                .find(|(_, d)| done.was_sent_to(d.bdev()))
             {
                 device.note_error();
             }
-            if redirectable(volume, &piece) {
-                // Redirect instead of failing: the clone, its in-flight reference and its
-                // share of the parent pass to the server path, which completes the parent.
-                return queue_to_server(volume, piece);
-            }
+            redirect = redirectable(volume, &piece);
         }
-        if status != BLK_STS_OK {
+        if !redirect && status != BLK_STS_OK {
             if counts_as_error(status) {
                 volume.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
             parent.set_status(status);
         }
-        let (parent, inflight) = piece.finish();
+        if let Some(volume) = redirect
+            .then(|| piece.parent().and_then(volume_arc_of))
+            .flatten()
+        {
+            // Redirect instead of failing: the clone, its in-flight reference and its share
+            // of the parent pass to the server path, which completes the parent.
+            return queue_to_server(&volume, piece);
+        }
+        let (parent, inflight) = piece.finish().into_completion();
         if let Some(parent) = parent {
             parent.end();
         }

@@ -9,12 +9,13 @@
 //! 0. `abi`, `abi_map`, `abi_frame`, `abi_pipeline` (the uapi sources: wire formats, the map
 //!    model and the server path's bookkeeping, pure logic unit-tested on the host), and
 //!    [`ffi`], the only code that calls C or uses `kernel::bindings`: safe types for bios,
-//!    disks, block devices, sockets, kernel threads, wait queues and RCU, the slab, sysfs
-//!    attributes, generic netlink and errnos, over the C helpers in `sanblk_shim.c`.
+//!    disks, block devices, per-bio contexts (in a bioset's front pad or a hook slab), sockets,
+//!    kernel threads, wait queues and RCU, the slab, sysfs attributes, generic netlink and
+//!    errnos, over the C helpers in `sanblk_shim.c`.
 //! 1. `device` (an opened SAN device) and `piece` (the context of a piece the server path may
-//!    re-issue, in front of every clone and in every hooked bio).
-//! 2. `hold` (bios held while quiesced or the lease lapsed), `hook` (hooked bios: completion
-//!    diverted, block-layer statistics), `server::path` (the
+//!    re-issue, in front of every clone and in every in-place bio's hook context).
+//! 2. `hold` (bios held while quiesced or the lease lapsed), `hook` (the hook slabs, and
+//!    block-layer statistics of cloned bios), `server::path` (the
 //!    server path's state in a volume) and `server::wire` (requests on the wire, replies).
 //! 3. `volume`: one attached volume (map, devices, disk, server path, in-flight I/O).
 //! 4. `remap` (the direct data path: `submit_bio` and completions), `health` (fail-back
@@ -86,10 +87,10 @@ pub(crate) fn registry() -> &'static registry::Registry {
 
 struct SanBlk {
     // Field order is teardown order: netlink goes first so no command runs against a
-    // half-torn-down module, then the volumes, then the slab their bios used, then the major.
+    // half-torn-down module, then the volumes, then the slabs their bios used, then the major.
     genl: Option<ffi::genl::GenlFamily>,
     registry: Pin<KBox<registry::Registry>>,
-    _hooked_bio_cache: hook::HookedBioCache,
+    _hook_caches: hook::HookCaches,
     _major: ffi::disk::Major,
 }
 
@@ -97,7 +98,7 @@ impl kernel::Module for SanBlk {
     fn init(module: &'static ThisModule) -> Result<Self> {
         remap::BLOCK_OPS.set_owner(module);
         let major = ffi::disk::Major::register(c_str!("sanblk"))?;
-        let hooked_bio_cache = hook::HookedBioCache::create()?;
+        let hook_caches = hook::HookCaches::create()?;
         BLOCK_MAJOR.store(major.number(), Ordering::Relaxed);
         let registry = KBox::pin_init(registry::Registry::new(), GFP_KERNEL)?;
         let registry_ptr = &*registry as *const registry::Registry as *mut registry::Registry;
@@ -113,7 +114,7 @@ impl kernel::Module for SanBlk {
         Ok(SanBlk {
             genl: Some(genl),
             registry,
-            _hooked_bio_cache: hooked_bio_cache,
+            _hook_caches: hook_caches,
             _major: major,
         })
     }

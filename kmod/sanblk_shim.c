@@ -45,9 +45,6 @@ static struct genl_family sanblk_family = {
 
 int rust_helper_genl_register_family(void) { return genl_register_family(&sanblk_family); }
 int rust_helper_genl_unregister_family(void) { return genl_unregister_family(&sanblk_family); }
-/* struct genl_info is not in 6.12's Rust bindings: its two fields are read here. */
-u8 rust_helper_genl_info_cmd(const struct genl_info *info) { return info->genlhdr->cmd; }
-const struct nlattr *rust_helper_genl_info_attr(const struct genl_info *info, int type) { return info->attrs[type]; }
 bool rust_helper_GENL_REQ_ATTR_CHECK(struct genl_info *info, int type) { return GENL_REQ_ATTR_CHECK(info, type); }
 void rust_helper_NL_SET_ERR_MSG(struct genl_info *info, const char *msg) { NL_SET_ERR_MSG_FMT(info->extack, "%s", msg); }
 

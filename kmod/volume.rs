@@ -11,13 +11,12 @@ use kernel::{fmt, new_mutex, new_spinlock};
 use crate::abi::MAX_TOKEN_BYTES;
 use crate::abi_map::{piece_at, Extent, MapView, Piece};
 use crate::device::SanDevice;
-use crate::ffi::bio::BioSet;
 use crate::ffi::consts::{BLK_FEAT_FUA, BLK_FEAT_IO_STAT, BLK_FEAT_NOWAIT, BLK_FEAT_WRITE_CACHE};
 use crate::ffi::disk::{GenDisk, GenDiskBuilder, Operations, Vtable};
 use crate::ffi::sync::{InFlight, OnceSlots, RcuArc};
 use crate::ffi::sysfs::AttributeGroups;
 use crate::hold::Hold;
-use crate::piece::FRONT_PAD;
+use crate::piece::PieceBioSet;
 use crate::server::path::{ServerAddrs, ServerPath};
 
 /// Reserved bios: one call of submit_bio takes at most one split and MAX_MEMBERS clones.
@@ -180,7 +179,7 @@ pub(crate) struct Volume {
     /// The volume's own pool of split and clone bios (stacked drivers must not share the
     /// filesystem pool, or they can deadlock under memory pressure), each with a server-path
     /// piece in front of it (so redirection never allocates).
-    bioset: BioSet,
+    bioset: PieceBioSet,
     #[pin]
     disk: Mutex<Option<GenDisk>>,
 }
@@ -223,7 +222,7 @@ impl Volume {
         }
         map.slots = slots;
         let map = Arc::new(map, GFP_KERNEL)?;
-        let bioset = BioSet::new(BIOSET_RESERVE, FRONT_PAD)?;
+        let bioset = PieceBioSet::new(BIOSET_RESERVE)?;
         let volume = Arc::pin_init(
             pin_init!(Volume {
                 id: new.id,
@@ -355,7 +354,7 @@ impl Volume {
         self.disk.lock().as_ref().is_some_and(|disk| disk.is_open())
     }
 
-    pub(crate) fn bioset(&self) -> &BioSet {
+    pub(crate) fn bioset(&self) -> &PieceBioSet {
         &self.bioset
     }
 }

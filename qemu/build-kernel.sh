@@ -12,7 +12,7 @@ tarball=/usr/src/linux-source-6.12.tar.xz
 flavour=${1:-debug}
 [ -f "$tarball" ] || { echo "missing $tarball: run 'make deps'" >&2; exit 1; }
 
-RECIPE=1
+RECIPE=2
 pkg_version=$(dpkg-query -W -f='${Version}' linux-source-6.12)
 fragment=$(mktemp)
 trap 'rm -f "$fragment"' EXIT
@@ -51,6 +51,10 @@ rm -rf "$dir"
 mkdir -p "$dir"
 tar -C "$dir" -xf "$tarball"
 cd "$tree"
+# 6.12's Rust bindings leave out generic netlink; with its header the module reads a request's
+# command and attributes from `struct genl_info` itself instead of through C field accessors.
+sed -i 's|^#include <linux/workqueue.h>$|&\n#include <net/genetlink.h>|' rust/bindings/bindings_helper.h
+grep -q '^#include <net/genetlink.h>$' rust/bindings/bindings_helper.h
 make -s LLVM=1 tinyconfig >/dev/null
 ./scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null
 make -s LLVM=1 olddefconfig >/dev/null

@@ -2,7 +2,7 @@
 
 //! Bios: a [`Bio`] handle owns one completion of a bio (the submission reference, or one
 //! more taken with [`Bio::share`]) and is consumed by what gives it (end, submit, put), so a
-//! completion is given exactly once. Completion callbacks are typed ([`EndIo`]); a bio whose
+//! completion is given exactly once. Completion callbacks are typed ([`BoxedEndIo`], and those of `context`); a bio whose
 //! completion is hooked keeps what the hook replaced in a [`Hooked`] record.
 
 use core::ffi::c_void;
@@ -24,17 +24,21 @@ pub(crate) struct Bio(NonNull<bindings::bio>);
 // SAFETY: bios are completed and submitted from any context and thread.
 unsafe impl Send for Bio {}
 
-/// A completion callback: called with the completed bio (in any context, hard-IRQ included).
-pub(crate) trait EndIo {
-    fn end_io(bio: Bio);
+/// A completion callback with a boxed context (in any context, hard-IRQ included).
+pub(crate) trait BoxedEndIo<C> {
+    fn end_io(bio: Bio, context: KBox<C>);
 }
 
 /// # Safety
 ///
-/// Called by the block layer with a completed bio whose `bi_end_io` this is.
-unsafe extern "C" fn end_io_callback<E: EndIo>(bio: *mut bindings::bio) {
+/// Called by the block layer with a completed bio whose `bi_end_io` this is, set by
+/// [`Bio::set_end_io`] with `C`.
+unsafe extern "C" fn boxed_end_io_callback<C, E: BoxedEndIo<C>>(bio: *mut bindings::bio) {
     // SAFETY: the block layer completes a live bio; the callback owns its completion.
-    E::end_io(unsafe { Bio::from_raw(bio) })
+    let bio = unsafe { Bio::from_raw(bio) };
+    // SAFETY: the private pointer is the box `set_end_io` leaked for this bio, taken once.
+    let context = unsafe { KBox::from_raw(bio.private().cast::<C>()) };
+    E::end_io(bio, context)
 }
 
 impl Bio {
@@ -226,22 +230,34 @@ impl Bio {
     }
 
     /// Sets the completion callback and its private pointer.
-    pub(crate) fn set_end_io<E: EndIo>(&mut self, private: *mut c_void) {
+    pub(super) fn set_end_io_fn(&mut self, end_io: bindings::bio_end_io_t, private: *mut c_void) {
         // SAFETY: a bio not yet submitted, its completion ours.
         unsafe {
-            (*self.raw()).bi_end_io = Some(end_io_callback::<E>);
+            (*self.raw()).bi_end_io = end_io;
             (*self.raw()).bi_private = private;
         }
     }
 
+    /// Hands the bio's completion to `E` with `context`, which `E` gets back.
+    pub(crate) fn set_end_io<C, E: BoxedEndIo<C>>(&mut self, context: KBox<C>) {
+        self.set_end_io_fn(
+            Some(boxed_end_io_callback::<C, E>),
+            KBox::into_raw(context).cast(),
+        );
+    }
+
     /// The private pointer set with the callback.
-    pub(crate) fn private(&self) -> *mut c_void {
+    pub(super) fn private(&self) -> *mut c_void {
         // SAFETY: live bio.
         unsafe { (*self.raw()).bi_private }
     }
 
-    /// Diverts the bio's completion to `E` with `private`, returning what is replaced.
-    pub(crate) fn hook<E: EndIo>(&mut self, private: *mut c_void) -> Hooked {
+    /// Diverts the bio's completion to `end_io` with `private`, returning what is replaced.
+    pub(super) fn hook_fn(
+        &mut self,
+        end_io: bindings::bio_end_io_t,
+        private: *mut c_void,
+    ) -> Hooked {
         // SAFETY: live bio whose completion we own: nothing reads these fields meanwhile.
         let hooked = unsafe {
             Hooked {
@@ -250,12 +266,12 @@ impl Bio {
                 bdev: (*self.raw()).bi_bdev,
             }
         };
-        self.set_end_io::<E>(private);
+        self.set_end_io_fn(end_io, private);
         hooked
     }
 
     /// Undoes [`Bio::hook`] (the bio is back on the device it came with).
-    pub(crate) fn unhook(&mut self, hooked: &Hooked) {
+    pub(super) fn unhook(&mut self, hooked: &Hooked) {
         // SAFETY: the bio completed to our hook; bio_endio already released the device's
         // cgroup association, so the block device pointer is all there is to restore.
         unsafe {
@@ -267,7 +283,7 @@ impl Bio {
 
     /// The context a bio of `set` carries in front of it (`BioSet::new`'s `front_pad`).
     /// Only a pointer: the caller knows which bios come from which set.
-    pub(crate) fn front_pad<T>(&self, front_pad: u32) -> *mut T {
+    pub(super) fn front_pad<T>(&self, front_pad: u32) -> *mut T {
         self.raw()
             .cast::<u8>()
             .wrapping_sub(front_pad as usize)
@@ -280,14 +296,14 @@ impl Bio {
     ///
     /// `context` is the front pad of a live bio of a set with `front_pad`, and the caller owns
     /// that bio's completion.
-    pub(crate) unsafe fn from_front_pad<T>(context: *mut T, front_pad: u32) -> Bio {
+    pub(super) unsafe fn from_front_pad<T>(context: *mut T, front_pad: u32) -> Bio {
         // SAFETY: the bio lies `front_pad` bytes after its context, in the same allocation.
         unsafe { Bio::from_raw(context.cast::<u8>().add(front_pad as usize).cast()) }
     }
 }
 
 /// What [`Bio::hook`] replaced: restored by [`Bio::unhook`].
-pub(crate) struct Hooked {
+pub(super) struct Hooked {
     end_io: bindings::bio_end_io_t,
     private: *mut c_void,
     bdev: *mut bindings::block_device,
@@ -308,6 +324,10 @@ pub(crate) struct BioData {
     iter: bindings::bvec_iter,
     bvecs: *mut bindings::bio_vec,
 }
+
+// SAFETY: only a description of the range; the pages are reached through it only while the
+// bio is live (`iov_iter`'s contract), from whichever thread owns the bio then.
+unsafe impl Send for BioData {}
 
 impl BioData {
     pub(crate) fn size(&self) -> u32 {

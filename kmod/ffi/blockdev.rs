@@ -65,6 +65,12 @@ impl BlockDevice {
         unsafe { bindings::bdev_end_io_acct(self.as_ptr(), op, sectors, start) }
     }
 
+    /// The operations table of the device's disk.
+    pub(crate) fn disk_fops(&self) -> *const bindings::block_device_operations {
+        // SAFETY: a live block device has a live disk (type invariant).
+        unsafe { (*(*self.as_ptr()).bd_disk).fops }
+    }
+
     /// The `private_data` of the device's disk.
     pub(crate) fn disk_private(&self) -> *mut c_void {
         // SAFETY: a live block device has a live disk (type invariant).

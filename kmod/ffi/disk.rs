@@ -10,7 +10,7 @@ use core::marker::PhantomData;
 use kernel::bindings;
 use kernel::prelude::*;
 use kernel::str::CString;
-use kernel::sync::Arc;
+use kernel::sync::{Arc, ArcBorrow};
 use kernel::types::Opaque;
 use kernel::ThisModule;
 
@@ -39,6 +39,33 @@ pub(crate) unsafe fn data_of<'a, T: Operations>(bdev: &BlockDevice) -> &'a T::Da
     // SAFETY: `build` stored an `Arc<T::Data>` reference in private_data, released only after
     // the disk is deleted (contract).
     unsafe { &*bdev.disk_private().cast::<T::Data>() }
+}
+
+/// The data of the disk `bio` is addressed to, if that disk was built with `vtable`: a disk's
+/// data outlives its bios, since the owner of a [`GenDisk`] drains them before it drops the
+/// [`DeletedDisk`] that releases the data.
+pub(crate) fn data_of_bio<'a, T: Operations>(
+    bio: &'a Bio,
+    vtable: &'static Vtable<T>,
+) -> Option<&'a T::Data> {
+    let bdev = bio.bdev();
+    if bdev.disk_fops() != vtable.ops.get().cast_const() {
+        return None;
+    }
+    // SAFETY: a disk with this table was built with `T` (see above for the lifetime).
+    Some(unsafe { data_of::<T>(bdev) })
+}
+
+/// A reference of the data of the disk `bio` is addressed to (see [`data_of_bio`]), for a
+/// caller that hands the bio on while it still needs the data.
+pub(crate) fn data_arc_of_bio<T: Operations>(
+    bio: &Bio,
+    vtable: &'static Vtable<T>,
+) -> Option<Arc<T::Data>> {
+    let data = data_of_bio(bio, vtable)?;
+    // SAFETY: the disk holds an `Arc` reference of its data (stored by `build`), live for as
+    // long as the borrow above; one more is taken from it.
+    Some(unsafe { ArcBorrow::from_raw(data) }.into())
 }
 
 /// # Safety

@@ -61,21 +61,21 @@ impl Request {
 
     /// Command number from the genl header (not yet validated against the uapi table).
     pub(crate) fn command(&self) -> u8 {
-        // SAFETY: `info` is valid for the callback (constructor contract).
-        unsafe { rust_helper_genl_info_cmd(self.info) }
+        // SAFETY: `info` is valid for the callback (constructor contract), with its header.
+        unsafe { (*(*self.info).genlhdr).cmd }
     }
 
     /// Whether `attr_type` is absent; if so, marks it as the missing attribute in the extack.
     pub(crate) fn attr_missing(&self, attr_type: u16) -> bool {
         // SAFETY: `info` is valid; the attribute type is at most ATTR_MAX (uapi table).
-        unsafe { rust_helper_GENL_REQ_ATTR_CHECK(self.info, attr_type as c_int) }
+        unsafe { rust_helper_GENL_REQ_ATTR_CHECK(self.info.cast(), attr_type as c_int) }
     }
 
     /// The attribute, already checked by the kernel against the policy from uapi.
     pub(crate) fn attr(&self, attr_type: u16) -> Option<Attribute<'_>> {
         // SAFETY: `info` is valid; attrs[] has ATTR_MAX + 1 slots and attr_type comes from the
         // uapi table whose largest value is ATTR_MAX.
-        let raw = unsafe { rust_helper_genl_info_attr(self.info, attr_type as c_int) };
+        let raw = unsafe { *(*self.info).attrs.add(usize::from(attr_type)) }.cast_const();
         if raw.is_null() {
             None
         } else {
@@ -89,7 +89,7 @@ impl Request {
     /// Records a human-readable reason in the extack and returns `err` for the reply.
     pub(crate) fn fail(&self, err: Error, msg: &CStr) -> Error {
         // SAFETY: `info` is valid; the shim copies `msg` into the extack's own buffer.
-        unsafe { rust_helper_NL_SET_ERR_MSG(self.info, msg.as_char_ptr()) };
+        unsafe { rust_helper_NL_SET_ERR_MSG(self.info.cast(), msg.as_char_ptr()) };
         err
     }
 
@@ -97,7 +97,7 @@ impl Request {
     pub(crate) fn reply(&self, command: u8, payload: usize) -> Result<Reply<'_>> {
         let mut msg = Message::alloc(payload)?;
         // SAFETY: `msg.skb` is a fresh buffer and `info` is valid.
-        msg.hdr = unsafe { rust_helper_genlmsg_put_reply(msg.skb, self.info, command) };
+        msg.hdr = unsafe { rust_helper_genlmsg_put_reply(msg.skb, self.info.cast(), command) };
         if msg.hdr.is_null() {
             return Err(emsgsize());
         }
@@ -237,7 +237,7 @@ impl Reply<'_> {
         let info = self.request.info;
         let skb = self.msg.finish();
         // SAFETY: a finished message; genlmsg_reply consumes the skb in every case.
-        to_result(unsafe { rust_helper_genlmsg_reply(skb, info) })
+        to_result(unsafe { rust_helper_genlmsg_reply(skb, info.cast()) })
     }
 }
 

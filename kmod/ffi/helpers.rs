@@ -3,40 +3,31 @@
 //! The one `extern "C"` block: the C shim's helpers (`sanblk_shim.c`, one-line wrappers of
 //! static inlines, macros and the generic-netlink family, named `rust_helper_*` as in the
 //! kernel's `rust/helpers/*.c`), and the few exported kernel symbols that 6.12's bindings do
-//! not declare because `bindings_helper.h` includes no networking header.
-//!
-//! Structures bindgen does not lay out (`sk_buff`, `genl_info`, `sock`) are opaque here.
+//! not declare (the kernel build adds `net/genetlink.h` to `bindings_helper.h`, which brings
+//! generic netlink and `init_net`, but not `net/sock.h`).
 
 use core::ffi::{c_int, c_uint, c_void};
 use kernel::bindings;
 use kernel::ffi::c_char;
 
-/// Opaque `struct genl_info`.
-#[repr(C)]
-pub(crate) struct GenlInfo {
-    _opaque: [u8; 0],
-}
+/// `struct genl_info`, as bindgen lays it out (passed to the shim as `void *`: its layout
+/// holds types rustc's FFI lint rejects, as `struct bio`'s does).
+pub(crate) type GenlInfo = bindings::genl_info;
 
 extern "C" {
     // Generic netlink: the family is a static table in the shim (generated from uapi), so
     // the helpers that take a family bind it and drop that argument.
     pub(crate) fn rust_helper_genl_register_family() -> c_int;
     pub(crate) fn rust_helper_genl_unregister_family() -> c_int;
-    // `struct genl_info` is not in 6.12's bindings: these two reads cannot be done in Rust.
-    pub(crate) fn rust_helper_genl_info_cmd(info: *const GenlInfo) -> u8;
-    pub(crate) fn rust_helper_genl_info_attr(
-        info: *const GenlInfo,
-        attr_type: c_int,
-    ) -> *const bindings::nlattr;
-    pub(crate) fn rust_helper_GENL_REQ_ATTR_CHECK(info: *mut GenlInfo, attr_type: c_int) -> bool;
-    pub(crate) fn rust_helper_NL_SET_ERR_MSG(info: *mut GenlInfo, msg: *const c_char);
+    pub(crate) fn rust_helper_GENL_REQ_ATTR_CHECK(info: *mut c_void, attr_type: c_int) -> bool;
+    pub(crate) fn rust_helper_NL_SET_ERR_MSG(info: *mut c_void, msg: *const c_char);
     pub(crate) fn rust_helper_genlmsg_new(
         payload: usize,
         flags: bindings::gfp_t,
     ) -> *mut bindings::sk_buff;
     pub(crate) fn rust_helper_genlmsg_put_reply(
         skb: *mut bindings::sk_buff,
-        info: *mut GenlInfo,
+        info: *mut c_void,
         cmd: u8,
     ) -> *mut c_void;
     pub(crate) fn rust_helper_genlmsg_put(
@@ -49,7 +40,7 @@ extern "C" {
     pub(crate) fn rust_helper_genlmsg_end(skb: *mut bindings::sk_buff, hdr: *mut c_void);
     pub(crate) fn rust_helper_genlmsg_reply(
         skb: *mut bindings::sk_buff,
-        info: *mut GenlInfo,
+        info: *mut c_void,
     ) -> c_int;
     pub(crate) fn rust_helper_genlmsg_multicast(
         skb: *mut bindings::sk_buff,
@@ -105,5 +96,4 @@ extern "C" {
         optval: bindings::sockptr_t,
         optlen: c_uint,
     ) -> c_int;
-    pub(crate) static mut init_net: bindings::net;
 }

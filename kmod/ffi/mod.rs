@@ -4,7 +4,7 @@
 //!
 //! Every type here is a small safe wrapper around raw kernel objects, in the manner of
 //! `rust/kernel/block/mq/` (rnull's support code): a [`bio::Bio`] handle that owns one
-//! completion of a bio, a disk builder ([`disk::GenDiskBuilder`]), a SAN device file
+//! completion of a bio, per-bio contexts that travel with a bio ([`context`]), a disk builder ([`disk::GenDiskBuilder`]), a SAN device file
 //! ([`blockdev::BdevFile`]), a kernel TCP connection ([`socket::TcpStream`]), a kernel thread
 //! ([`kthread::Kthread`]), wait queues and RCU ([`sync`]), a slab ([`slab::KmemCache`]),
 //! static sysfs attributes ([`sysfs`]) and the generic-netlink family ([`genl`]).
@@ -16,6 +16,7 @@
 pub(crate) mod bio;
 pub(crate) mod blockdev;
 pub(crate) mod consts;
+pub(crate) mod context;
 pub(crate) mod disk;
 pub(crate) mod errno;
 pub(crate) mod genl;

@@ -9,7 +9,7 @@ use core::ptr::addr_of_mut;
 use kernel::bindings;
 
 use super::consts::{IPPROTO_TCP, POLL_READABLE, TCP_NODELAY, TCP_QUICKACK};
-use super::helpers::{init_net, release_sock, rust_helper_lock_sock, sock_setsockopt};
+use super::helpers::{release_sock, rust_helper_lock_sock, sock_setsockopt};
 use super::sync::WaitHead;
 
 /// Why an operation on the connection failed; it is then unusable (drop it).
@@ -51,7 +51,7 @@ impl TcpStream {
         // SAFETY: creates a kernel TCP socket in init_net; `sock` receives it.
         let ret = unsafe {
             bindings::sock_create_kern(
-                addr_of_mut!(init_net),
+                addr_of_mut!(bindings::init_net),
                 bindings::AF_INET as c_int,
                 bindings::sock_type_SOCK_STREAM as c_int,
                 IPPROTO_TCP,

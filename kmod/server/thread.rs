@@ -113,7 +113,7 @@ fn complete(volume: &Volume, piece: PieceRef, status: BlkStatus) {
     } else {
         volume.server.redirected.fetch_add(1, Ordering::Relaxed);
     }
-    let (parent, inflight) = piece.finish();
+    let (parent, inflight) = piece.finish().into_completion();
     if let Some(parent) = parent {
         parent.end_with(status);
     }
