@@ -31,6 +31,31 @@ pub fn read_at(image: &Path, offset: u64, len: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// `len` bytes of the volume at volume offset `at`, read block by block from the first
+/// replica the server's `map` gives for each (the image files by device UUID).
+pub fn read_volume(
+    map: &sanblk_proto::map::VolumeMap,
+    images: &std::collections::HashMap<uuid::Uuid, std::path::PathBuf>,
+    at: u64,
+    len: u64,
+) -> Vec<u8> {
+    let mut data = Vec::with_capacity(len as usize);
+    for block in 0..len / BLOCK {
+        let volume_offset = at + block * BLOCK;
+        let replica = map
+            .extent_at(volume_offset)
+            .and_then(|e| e.locate(volume_offset - e.volume_offset))
+            .and_then(|(replicas, _)| replicas.first().cloned())
+            .unwrap_or_else(|| panic!("{}: volume offset {volume_offset} not mapped", map.name));
+        let image = &images[&replica.device_uuid];
+        data.extend(
+            read_at(image, replica.device_offset, BLOCK)
+                .unwrap_or_else(|e| panic!("read {}: {e}", image.display())),
+        );
+    }
+    data
+}
+
 /// Checks every block of `expected` at every replica the server's `map` gives for it
 /// (a striped extent's member holding it), reading the image files (`images`, by device
 /// UUID) directly. Returns the number of blocks checked.

@@ -45,7 +45,7 @@ impl SandServer {
         std::fs::create_dir_all(&metadata).map_err(|e| format!("{}: {e}", metadata.display()))?;
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         // The I/O port is written to io.addr; a fixed port+1 could clash with another test.
-        let child = spawn_sand(dir, port, 0, &args)?;
+        let child = spawn_sand(dir, port, 0, &args, &[])?;
         let mut server = SandServer {
             child,
             dir: dir.to_path_buf(),
@@ -68,12 +68,18 @@ impl SandServer {
     /// same metadata dir, agent port and I/O port, and waits until both listen again. The log
     /// is appended to.
     pub fn restart(&mut self) -> Result<(), String> {
+        self.restart_with_env(&[])
+    }
+
+    /// As [`SandServer::restart`], with extra environment for this run of `sand` only (such
+    /// as `SAND_CRASH_AT`, which makes a debug build exit at a named crash point).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) -> Result<(), String> {
         let io_port = self.io_port()?;
         self.kill9();
         // A killed sand leaves these behind: wait for the new ones.
         let _ = std::fs::remove_file(&self.admin_socket);
         let _ = std::fs::remove_file(self.dir.join("sand-metadata").join("io.addr"));
-        self.child = spawn_sand(&self.dir, self.port, io_port, &self.args)?;
+        self.child = spawn_sand(&self.dir, self.port, io_port, &self.args, env)?;
         self.wait_ready()?;
         self.io_port().map(|_| ())
     }
@@ -93,6 +99,18 @@ impl SandServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// Waits up to `timeout` for `sand` to exit on its own (a crash point); its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Process id of the running `sand`.
@@ -203,7 +221,13 @@ impl Drop for SandServer {
 
 /// Spawns `sand` on `dir/sand-metadata` with `args` added, appending to `dir/sand.log`;
 /// `io_port` 0 lets it pick one.
-fn spawn_sand(dir: &Path, port: u16, io_port: u16, args: &[String]) -> Result<Child, String> {
+fn spawn_sand(
+    dir: &Path,
+    port: u16,
+    io_port: u16,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> Result<Child, String> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -219,6 +243,7 @@ fn spawn_sand(dir: &Path, port: u16, io_port: u16, args: &[String]) -> Result<Ch
         .arg(format!("127.0.0.1:{io_port}"))
         .args(args)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)

@@ -147,3 +147,170 @@ $S detach vr
         .expect("write count");
     assert!(writes > 20, "only {writes} writes");
 }
+
+/// Waits (the guest's `wait_for` gives up after 60 s, too soon for a guest that is booting).
+const WAIT_LONG: &str = r#"wait_long() { for i in $(seq 1 3000); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }"#;
+
+/// Volume bytes A's canary writer covers; B takes over the second half.
+const CANARY_SPAN: u64 = 8 << 20;
+const B_REGION: u64 = CANARY_SPAN / 2;
+
+/// Host A is partitioned from the server (its agent stopped) while it writes: once its lease
+/// lapses its kernel starts no I/O, the server gives the read-write slot to host B only after
+/// A's lease plus the in-flight bound, and nothing A writes from then on reaches the image
+/// files: A's half of the volume stays as it was when B attached, B's half holds exactly B's
+/// data, and A's held writes fail after its I/O timeout instead of landing once A is back.
+#[test]
+fn a_partitioned_writer_is_fenced_before_another_host_takes_the_volume_over() {
+    let provisioned = provision("fence-takeover", &[], &["vt"], false);
+    let server = &provisioned.server;
+    let secret_b = provisioned.dir.join("host2.secret");
+    server.sanctl(&[
+        "client",
+        "add",
+        "host2",
+        "--secret-out",
+        &secret_b.display().to_string(),
+    ]);
+    server.sanctl(&["client", "grant", "host2", "vt", "rw"]);
+    let b_data = sanblk_tests::blocks::pattern("takeover-b", 7, B_REGION);
+    fs::write(provisioned.dir.join("b.pattern"), &b_data).expect("pattern");
+
+    // A: writes 4 KiB canaries round the first 8 MiB, each with O_DIRECT and a flush, until
+    // told to stop; its agent is stopped (the partition) and later continued.
+    let a_body = format!(
+        r#"{WAIT_LONG}
+(
+  i=0
+  while [ ! -e stop-writer ]; do
+    printf 'A-canary-%08d\n' $i | dd of=$dev bs=4096 seek=$((i % 2048)) count=1 \
+        oflag=direct conv=sync,notrunc,fsync status=none 2>>writer.err \
+      || echo "write $i failed" >> writer.err
+    i=$((i + 1))
+    [ $i -eq 20 ] && touch writing
+  done
+  echo $i > writes.txt
+) &
+WRITER=$!
+wait_long $D/partition
+kill -STOP $AGENT
+touch stopped
+wait_long $D/b-done
+kill -CONT $AGENT
+for i in $(seq 1 300); do grep -q FENCED agent.log && break; sleep 0.2; done
+grep FENCED agent.log
+# Every write held since the lease lapsed has timed out (--io-timeout 15) by now.
+sleep 20
+touch stop-writer
+wait $WRITER
+$S --json status > final.json
+$S detach vt
+"#
+    );
+    let a = spawn(&dm_san::vm(
+        &provisioned,
+        "fence-takeover-a",
+        "vt",
+        "--io-timeout 15",
+        &a_body,
+        Duration::from_secs(600),
+    ))
+    .expect("guest A started");
+    // B: attaches read-write once told to, retrying while the server answers busy, then
+    // writes the second half of A's canary span.
+    let io_port = server.io_port().expect("io port");
+    let b_script = format!(
+        r#"set -ex
+{prologue}D={dir}
+{WAIT_LONG}
+wait_long $D/go-b
+attached=0
+for attempt in $(seq 1 120); do
+  $S attach vt --server 10.0.2.100:{port} --client host2 --secret-file $D/host2.secret \
+      --device /dev/mapper/san0 --io-server 10.0.2.100:{io_port} >> agent.log 2>&1 &
+  AGENT=$!
+  for j in $(seq 1 50); do
+    [ -e /run/sanblk/vt.device ] && attached=1 && break
+    kill -0 $AGENT 2>/dev/null || break
+    sleep 0.1
+  done
+  [ $attached = 1 ] && break
+  sleep 0.3
+done
+[ $attached = 1 ]
+touch attached
+echo $attempt > attempts.txt
+dev=$(cat /run/sanblk/vt.device)
+dd if=$D/b.pattern of=$dev bs=1M seek={b_mib} oflag=direct conv=fsync status=none
+touch written
+wait_long $D/b-detach
+$S detach vt
+rmmod sanblk
+dmsetup remove san0
+"#,
+        prologue = dm_san::prologue(&sanblk_tests::module_path()),
+        dir = provisioned.dir.display(),
+        port = server.port,
+        b_mib = B_REGION >> 20,
+    );
+    let mut b_config = sanblk_tests::VmConfig::new("fence-takeover-b", &b_script)
+        .forward_port(server.port)
+        .forward_port(io_port)
+        .timeout(Duration::from_secs(600));
+    for image in &provisioned.images {
+        b_config = b_config.disk(image);
+    }
+    let b = spawn(&b_config).expect("guest B started");
+
+    assert!(wait_for_guest_file(&a, "writing", Duration::from_secs(400)));
+    touch(&provisioned.dir.join("partition"));
+    assert!(wait_for_guest_file(&a, "stopped", Duration::from_secs(60)));
+    let partitioned = Instant::now();
+    touch(&provisioned.dir.join("go-b"));
+    assert!(wait_for_guest_file(&b, "attached", Duration::from_secs(400)));
+    let takeover = partitioned.elapsed();
+    // A is fenced by now: what A's half of the span holds must not change any more.
+    let map = server.volume("vt").map;
+    let a_half = sanblk_tests::blocks::read_volume(&map, &provisioned.by_uuid, 0, B_REGION);
+    assert!(
+        a_half
+            .chunks(4096)
+            .any(|block| block.starts_with(b"A-canary-")),
+        "A wrote no canary before the partition; the test proves nothing"
+    );
+    assert!(wait_for_guest_file(&b, "written", Duration::from_secs(120)));
+    touch(&provisioned.dir.join("b-done"));
+    let a_outcome = a.wait().expect("guest A ran");
+    touch(&provisioned.dir.join("b-detach"));
+    let b_outcome = b.wait().expect("guest B ran");
+    a_outcome.assert_clean_success();
+    b_outcome.assert_clean_success();
+
+    // The takeover waited for A's lease: B was refused until then.
+    assert!(
+        takeover >= Duration::from_secs(4),
+        "B took the volume {takeover:?} after A's partition, before A's lease could lapse"
+    );
+    eprintln!("partition to takeover: {takeover:?}");
+    let map = server.volume("vt").map;
+    assert_eq!(
+        sanblk_tests::blocks::verify_range(&map, &provisioned.by_uuid, 0, &a_half) as u64,
+        B_REGION / 4096,
+        "A's half changed after B took over"
+    );
+    assert_eq!(
+        sanblk_tests::blocks::verify_range(&map, &provisioned.by_uuid, B_REGION, &b_data)
+            as u64,
+        B_REGION / 4096,
+    );
+    // A's writes after the lapse were held, then failed; none was dropped silently.
+    let errors = a_outcome.read_out_file("writer.err").unwrap_or_default();
+    assert!(errors.contains("failed"), "no write of A failed: {errors}");
+    let status = a_outcome.out_json("final.json");
+    assert!(
+        status["volumes"][0]["timed_out_ios"].as_u64().unwrap_or(0) > 0,
+        "{status}"
+    );
+    let agent_log = a_outcome.read_out_file("agent.log").unwrap_or_default();
+    assert!(agent_log.contains("FENCED"), "{agent_log}");
+}

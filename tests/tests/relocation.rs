@@ -328,3 +328,171 @@ dmsetup remove san0
     let checked = blocks::verify_against_map(&map, &provisioned.by_uuid, &during);
     assert_eq!(checked as u64, VOLUME / BLOCK);
 }
+
+/// Waits until `volume`'s map has no syncing extent and nothing on `device`.
+fn wait_moved_off(server: &sanblk_tests::SandServer, volume: &str, device: uuid::Uuid) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let map = server.volume(volume).map;
+        if map.syncing.is_empty() && !on_device(&map, device) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "move off {device} not finished: {map:?}\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `sand` dies (SIGKILL, or exits at a crash point as kill -9 would) in three places of a live
+/// move while a guest writes and verifies with fio: with every client quiesced before the
+/// relocation is committed, in the middle of the copy, and right after the relocation's
+/// commit. Each time the restarted server finishes the move (re-running an uncommitted start,
+/// resuming the copy from its saved cursor), the guest's held I/O resumes within its lease, no
+/// I/O fails, fio verifies every block, and the host finds the guest's final data where the
+/// final map says.
+#[test]
+fn a_move_finishes_after_sand_dies_during_quiesce_copy_and_commit() {
+    let mut provisioned = provision(
+        "relocation-crash",
+        &["--recovery-max-rate", "1M"],
+        &["vcrash"],
+        true,
+    );
+    let san0 = provisioned.images[0].clone();
+    let san1 = provisioned.images[1].clone();
+    let (san0_uuid, san1_uuid) = (uuid_of(&provisioned, &san0), uuid_of(&provisioned, &san1));
+    let body = format!(
+        r#"{WAIT_LONG}
+phase() {{
+    fio --name=$1 --filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
+        --size=16M --time_based --runtime=45 --verify=crc32c --verify_backlog=128 \
+        --verify_fatal=1 --randrepeat=0 --output-format=json --output=fio-$1.json &
+    FIO=$!
+    stat=/sys/block/$(basename $dev)/stat
+    start=$(awk '{{print $5}}' $stat)
+    for i in $(seq 1 600); do [ $(awk '{{print $5}}' $stat) -gt $((start + 200)) ] && break; sleep 0.1; done
+    touch $1.ready
+    wait $FIO
+    wait_long $1.done
+    fio --name=$1-last --filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
+        --size=16M --io_size=2M --verify=crc32c --verify_fatal=1 --randrepeat=0 \
+        --output-format=json --output=fio-$1-last.json
+}}
+phase quiesce
+phase copy
+phase commit
+$S --json status > final-status.json
+dd if=$dev of=final.img bs=1M iflag=direct status=none
+$S detach vcrash"#
+    );
+    let config = dm_san::vm(
+        &provisioned,
+        "relocation-crash",
+        "vcrash",
+        "--device /dev/vdb",
+        &body,
+        Duration::from_secs(900),
+    );
+    let vm = spawn(&config).expect("guest started");
+    let log_dir = vm.log_dir().to_path_buf();
+    let server = &mut provisioned.server;
+    let path = |p: &Path| p.display().to_string();
+    let move_args = |from: &Path, to: &Path| {
+        vec![
+            "volume".to_string(),
+            "move".into(),
+            "vcrash".into(),
+            "--from".into(),
+            path(from),
+            "--to".into(),
+            path(to),
+            "--no-wait".into(),
+        ]
+    };
+
+    // 1. Crash once every client is quiesced, before the relocation is committed: the
+    //    restarted server rolls the change back (the clients resume) and runs it again.
+    wait_for_file(&log_dir.join("quiesce.ready"), Duration::from_secs(400));
+    server
+        .restart_with_env(&[("SAND_CRASH_AT", "change:after-quiesce")])
+        .expect("sand restarted");
+    let args = move_args(&san0, &san1);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _ = server.sanctl_output(&args);
+    assert!(
+        server.wait_exit(Duration::from_secs(60)).is_some(),
+        "sand did not reach change:after-quiesce: {}",
+        server.log()
+    );
+    server.restart().expect("sand restarted");
+    wait_moved_off(server, "vcrash", san0_uuid);
+    fs::write(log_dir.join("quiesce.done"), b"").expect("signal");
+
+    // 2. SIGKILL in the middle of the copy (16 MiB at 1 MiB/s): the copy resumes.
+    wait_for_file(&log_dir.join("copy.ready"), Duration::from_secs(300));
+    let args = move_args(&san1, &san0);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    server.sanctl(&args);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let statuses: Vec<sanblk_proto::protocol::RecoveryStatus> =
+            serde_json::from_str(&server.sanctl(&["--json", "recovery", "list"])).expect("json");
+        if statuses.iter().any(|s| {
+            s.state == sanblk_proto::protocol::RecoveryState::Copying && s.bytes_done >= 2 * MIB
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no copy under way: {statuses:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.restart().expect("sand restarted");
+    wait_moved_off(server, "vcrash", san1_uuid);
+    fs::write(log_dir.join("copy.done"), b"").expect("signal");
+
+    // 3. Crash right after the relocation's commit: the restarted server publishes it and
+    //    copies.
+    wait_for_file(&log_dir.join("commit.ready"), Duration::from_secs(300));
+    server
+        .restart_with_env(&[("SAND_CRASH_AT", "change:after-commit")])
+        .expect("sand restarted");
+    let args = move_args(&san0, &san1);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _ = server.sanctl_output(&args);
+    assert!(
+        server.wait_exit(Duration::from_secs(60)).is_some(),
+        "sand did not reach change:after-commit: {}",
+        server.log()
+    );
+    server.restart().expect("sand restarted");
+    wait_moved_off(server, "vcrash", san0_uuid);
+    fs::write(log_dir.join("commit.done"), b"").expect("signal");
+
+    let outcome = vm.wait().expect("guest ran");
+    outcome.assert_clean_success();
+    let status = outcome.out_json("final-status.json");
+    let volume = &status["volumes"][0];
+    assert_eq!(volume["errors"].as_u64(), Some(0), "{volume}");
+    assert_eq!(volume["timed_out_ios"].as_u64(), Some(0), "{volume}");
+    let log = server.log();
+    for point in ["change:after-quiesce", "change:after-commit"] {
+        assert!(
+            log.contains(&format!("crash point {point} reached")),
+            "{point} never reached"
+        );
+    }
+    let map = server.volume("vcrash").map;
+    assert!(map.syncing.is_empty(), "{map:?}");
+    assert!(
+        map.extents
+            .iter()
+            .all(|e| e.replicas.iter().all(|r| r.device_uuid == san1_uuid)),
+        "{map:?}"
+    );
+    let final_image = fs::read(log_dir.join("final.img")).expect("final.img");
+    assert_eq!(final_image.len() as u64, VOLUME);
+    let checked = blocks::verify_against_map(&map, &provisioned.by_uuid, &final_image);
+    assert_eq!(checked as u64, VOLUME / BLOCK);
+}

@@ -4,7 +4,10 @@
 //! fails under load (dm-error inside the guest): I/O is redirected to the server, the server
 //! recovers the volume onto the spare disk with progress reports, and direct I/O resumes there.
 //! Last, with fio writing and verifying in the guest, the host moves the volume live onto a
-//! third disk with `sanctl volume move` (its progress bar on the terminal).
+//! third disk with `sanctl volume move` (its progress bar on the terminal). Then the client
+//! is partitioned (its agent stopped): its kernel holds I/O once its lease lapses, the host
+//! grows the volume, which commits once the silent client's lease has run out (it is fenced),
+//! and the client's held write fails after its I/O timeout instead of landing late.
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -62,7 +65,9 @@ S={sanctl}
 SECTORS=$(blockdev --getsz /dev/vda)
 dmsetup create san0 --table "0 $SECTORS linear /dev/vda 0"
 $S attach demo --server 10.0.2.100:{port} --client client1 --secret-file {secret} \
-    --device /dev/mapper/san0 --device /dev/vdb --device /dev/vdc --io-server 10.0.2.100:{io_port} > agent.txt 2>&1 &
+    --device /dev/mapper/san0 --device /dev/vdb --device /dev/vdc --io-server 10.0.2.100:{io_port} \
+    --io-timeout 10 > agent.txt 2>&1 &
+AGENT=$!
 for i in $(seq 1 200); do [ -e /run/sanblk/demo.device ] && break; sleep 0.2; done
 cat agent.txt
 dev=$(cat /run/sanblk/demo.device)
@@ -96,6 +101,23 @@ while [ ! -e move.done ]; do
     i=$((i+1))
 done
 echo "fio: $i passes with verification, no error, during the move"
+$S status
+echo "== guest: partition: the agent is stopped (no lease renewals); 8 s later a writer starts"
+kill -STOP $AGENT
+sleep 8
+(dd if=/tmp/more of=$dev bs=1M count=1 oflag=direct status=none 2>/dev/null \
+    && echo "held writer: written (it should not have been)" \
+    || echo "held writer: I/O error after the I/O timeout (10 s); nothing written") &
+WRITER=$!
+sleep 2
+echo "== guest: sanctl status (lease lapsed: the kernel holds the write)"
+$S status
+touch partitioned
+for i in $(seq 1 600); do [ -e fenced ] && break; sleep 0.2; done
+kill -CONT $AGENT
+wait $WRITER
+for i in $(seq 1 100); do grep -q FENCED agent.txt && break; sleep 0.2; done
+grep FENCED agent.txt
 $S status
 $S detach demo
 dmsetup remove san0
@@ -134,6 +156,16 @@ dmsetup remove san0
     if !moved.success() {
         return Err(format!("volume move failed: {moved}"));
     }
+    wait_for(&log_dir.join("partitioned"), Duration::from_secs(240))?;
+    println!("== host: the client is partitioned; sanctl volume grow demo 96M fences it");
+    print!("{}", server.sanctl(&["volume", "show", "demo"]));
+    let started = Instant::now();
+    print!("{}", server.sanctl(&["volume", "grow", "demo", "96M"]));
+    println!(
+        "grow committed {:.1} s after it started, without the silent client",
+        started.elapsed().as_secs_f64()
+    );
+    std::fs::write(log_dir.join("fenced"), b"").map_err(|e| e.to_string())?;
     let outcome = vm.wait().map_err(|e| format!("{e:?}"))?;
     print!("{}", outcome.read_out_file("demo.txt").unwrap_or_default());
     outcome.check_clean_success()?;
