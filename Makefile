@@ -57,7 +57,8 @@ demo: deps kernel kmod build
 # Benchmarks print markdown tables; BENCHMARKS.md records them with their commands. The data
 # path is measured on the non-debug "bench" kernel flavour, with the module built for it in
 # target/bench (a copy of kmod/ beside a link to uapi/, which the module includes), as is the
-# failure-path bench (fault stall, redirected path vs nbd); then the server control plane and
+# failure-path bench (fault stall, redirected path vs nbd) and the change bench (I/O pause per
+# change against dm suspend/resume); then the server control plane and
 # rebuild-vs-copy benches run on the host.
 bench: deps kernel kmod build
 	@benchtree=$$(qemu/build-kernel.sh bench); \
@@ -66,10 +67,13 @@ bench: deps kernel kmod build
 	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
 	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-datapath && \
 	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
-	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-failure
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-failure && \
+	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-change
 	$(CARGO) run -q --release -p sand --bin sand-bench -- --clients 10000
 	$(CARGO) run -q --release -p sand --bin sand-bench -- --attack --hostile 4000
 	$(CARGO) build -q --release -p sand --bins && target/release/sand-iobench --rebuild --size-mib 1024 --rounds 5 --dir target
+	target/release/sand-iobench --rebuild --move --size-mib 512 --rounds 5 --dir target
 
 clean:
 	$(CARGO) clean

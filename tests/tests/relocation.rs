@@ -496,3 +496,82 @@ $S detach vcrash"#
     let checked = blocks::verify_against_map(&map, &provisioned.by_uuid, &final_image);
     assert_eq!(checked as u64, VOLUME / BLOCK);
 }
+
+/// One leg of a 2-way mirror dies under fio (dm-error under san0 in the guest): writes that
+/// fail on it are redirected, reads go to the surviving leg, fio sees no error and verifies
+/// every block; the agent's report makes the server resync the lost leg onto the spare disk,
+/// and the host finds the guest's final data on both legs of the final mirror.
+#[test]
+fn a_mirror_leg_dies_under_fio_without_an_error_and_is_resynced() {
+    let mut provisioned = provision("mirror-leg", &["--recovery-max-rate", "4M"], &[], true);
+    let server = &provisioned.server;
+    server.sanctl(&["volume", "create", "vmir", "16M", "--layout", "mirror"]);
+    server.sanctl(&["client", "grant", "host1", "vmir", "rw"]);
+    let san2 = third_disk(&mut provisioned);
+    let san0_uuid = uuid_of(&provisioned, &provisioned.images[0].clone());
+    let san2_uuid = uuid_of(&provisioned, &san2);
+    let body = format!(
+        r#"{WAIT_LONG}
+fio --name=leg --filename=$dev --direct=1 --ioengine=psync --rw=randrw --bs=4k \
+    --size=16M --time_based --runtime=60 --verify=crc32c --verify_backlog=128 \
+    --verify_fatal=1 --randrepeat=0 --output-format=json --output=fio-leg.json &
+FIO=$!
+stat=/sys/block/$(basename $dev)/stat
+start=$(awk '{{print $5}}' $stat)
+for i in $(seq 1 600); do [ $(awk '{{print $5}}' $stat) -gt $((start + 200)) ] && break; sleep 0.1; done
+fail_san0
+touch failed
+wait $FIO
+$S --json status > after-fio.json
+wait_long $D/resynced
+fio --name=last --filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
+    --size=16M --io_size=2M --verify=crc32c --verify_fatal=1 --randrepeat=0 \
+    --output-format=json --output=fio-last.json
+$S --json status > final-status.json
+dd if=$dev of=final.img bs=1M iflag=direct status=none
+$S detach vmir"#
+    );
+    let config = dm_san::vm(
+        &provisioned,
+        "mirror-leg",
+        "vmir",
+        "--device /dev/vdb --device /dev/vdc",
+        &body,
+        Duration::from_secs(900),
+    );
+    let vm = spawn(&config).expect("guest started");
+    let log_dir = vm.log_dir().to_path_buf();
+    let server = &provisioned.server;
+    wait_for_file(&log_dir.join("failed"), Duration::from_secs(400));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let map = server.volume("vmir").map;
+        if map.syncing.is_empty()
+            && !on_device(&map, san0_uuid)
+            && map.extents.iter().all(|e| e.replicas.len() == 2)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lost leg not resynced: {map:?}\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fs::write(provisioned.dir.join("resynced"), b"").expect("signal");
+    let outcome = vm.wait().expect("guest ran");
+    outcome.assert_clean_success();
+    for file in ["after-fio.json", "final-status.json"] {
+        let status = outcome.out_json(file);
+        let volume = &status["volumes"][0];
+        assert_eq!(volume["errors"].as_u64(), Some(0), "{file}: {volume}");
+    }
+    let map = server.volume("vmir").map;
+    assert_eq!(map.layout.to_string(), "mirror");
+    assert!(on_device(&map, san2_uuid), "{map:?}");
+    let final_image = fs::read(log_dir.join("final.img")).expect("final.img");
+    assert_eq!(final_image.len() as u64, VOLUME);
+    let checked = blocks::verify_against_map(&map, &provisioned.by_uuid, &final_image);
+    assert_eq!(checked as u64, 2 * VOLUME / BLOCK);
+}
