@@ -17,6 +17,8 @@ pub const DEFAULT_FRAME_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MAX_HANDSHAKES_PER_PEER: usize = 64;
 /// I/O-port connections one session token may hold at once.
 pub const DEFAULT_MAX_CONNECTIONS_PER_SESSION: usize = 16;
+/// Default most device operations one session has executing at once on the I/O port.
+pub const DEFAULT_MAX_DEVICE_OPS_PER_SESSION: usize = 4;
 /// File in the metadata dir where sand writes the address it actually listens on (useful with
 /// port 0).
 pub const AGENT_ADDRESS_FILE: &str = "agent.addr";
@@ -29,7 +31,7 @@ pub const SECRETS_FILE: &str = "secrets.redb";
     name = "sand",
     version,
     about = "sanblk server: storage pool, volumes, clients and volume maps",
-    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n  sand --config /etc/sand.toml --recovery-max-rate 200M   # cap rebuild copying at 200 MiB/s\n\nConfig file keys (TOML): listen, io_listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, frame_timeout_ms, max_handshakes_per_peer, max_connections_per_session,\nlease_ms, recovery_max_rate. Logging: RUST_LOG=debug."
+    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n  sand --config /etc/sand.toml --recovery-max-rate 200M   # cap rebuild copying at 200 MiB/s\n\nConfig file keys (TOML): listen, io_listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, frame_timeout_ms, max_handshakes_per_peer, max_connections_per_session,\nmax_device_ops_per_session, lease_ms, recovery_max_rate. Logging: RUST_LOG=debug."
 )]
 pub struct Flags {
     /// TOML configuration file.
@@ -67,6 +69,12 @@ pub struct Flags {
     /// answered -EBUSY and closed (default 16).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections_per_session: Option<u64>,
+    /// Most disk operations (reads, writes, flushes) one session token has executing at once
+    /// on the I/O port, over all its connections; its other requests wait in order, so one
+    /// client pipelining deep queues delays another's request by at most this many operations
+    /// per busy session (the whole service runs at most 64 at once). Default 4.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_device_ops_per_session: Option<u64>,
     /// Lease duration put in every map.
     #[arg(long)]
     pub lease_ms: Option<u64>,
@@ -89,6 +97,7 @@ struct FileConfig {
     frame_timeout_ms: Option<u64>,
     max_handshakes_per_peer: Option<u64>,
     max_connections_per_session: Option<u64>,
+    max_device_ops_per_session: Option<u64>,
     lease_ms: Option<u64>,
     /// Bytes per second: a number, or a string with a unit ("200M").
     recovery_max_rate: Option<Rate>,
@@ -126,6 +135,8 @@ pub struct Config {
     pub max_handshakes_per_peer: usize,
     /// I/O connections per session token.
     pub max_connections_per_session: usize,
+    /// Device operations per session token executing at once (I/O port).
+    pub max_device_ops_per_session: usize,
     pub lease_ms: u64,
     /// Most bytes per second one recovery copies; `None`: as fast as the devices go.
     pub recovery_max_rate: Option<u64>,
@@ -169,10 +180,18 @@ impl Config {
                 .or(file.max_connections_per_session),
             DEFAULT_MAX_CONNECTIONS_PER_SESSION,
         )?;
+        let max_device_ops_per_session = at_least_one(
+            "max_device_ops_per_session",
+            flags
+                .max_device_ops_per_session
+                .or(file.max_device_ops_per_session),
+            DEFAULT_MAX_DEVICE_OPS_PER_SESSION,
+        )?;
         Ok(Config {
             listen,
             max_handshakes_per_peer,
             max_connections_per_session,
+            max_device_ops_per_session,
             io_listen: flags
                 .io_listen
                 .or(file.io_listen)

@@ -63,6 +63,9 @@ pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
 /// share is given back within the frame timeout (replies not taken by then close the
 /// connection). A share holds at least one largest request (1 MiB).
 pub const SESSION_BUFFER_SHARE: usize = MAX_BUFFERED_BYTES / 8;
+/// Device operations the whole service has executing at once (each on a blocking thread);
+/// a session has at most `max_device_ops_per_session` of them.
+pub const MAX_DEVICE_OPS: usize = 64;
 /// Unit of the buffer budget.
 const BUDGET_UNIT: usize = 4096;
 /// Accept queue length of the I/O port.
@@ -92,23 +95,36 @@ pub struct IoService {
     buffers: Arc<BufferPool>,
     /// [`MAX_BUFFERED_BYTES`] in units of [`BUDGET_UNIT`].
     budget: Arc<Semaphore>,
+    /// [`MAX_DEVICE_OPS`] slots.
+    device_ops: Arc<Semaphore>,
     /// Last volume record read per volume id (the map used for I/O of that epoch).
     volumes: Mutex<HashMap<u64, Arc<VolumeRecord>>>,
     /// Per session token: connections past their HELLO (at most
-    /// `max_connections_per_session`) and the session's share of the buffer budget.
+    /// `max_connections_per_session`) and the session's limits.
     session_connections: Arc<Mutex<HashMap<String, SessionEntry>>>,
 }
 
 struct SessionEntry {
     connections: usize,
-    /// [`SESSION_BUFFER_SHARE`] in units of [`BUDGET_UNIT`], shared by the connections.
+    limits: SessionLimits,
+}
+
+/// What one session's connections share, so that a session queueing deep (or draining its
+/// replies slowly) waits on itself and not others: its share of the buffer budget and its
+/// device-operation slots. Both are FIFO (tokio semaphores): within a session, requests go in
+/// the order they came.
+#[derive(Clone)]
+struct SessionLimits {
+    /// [`SESSION_BUFFER_SHARE`] in units of [`BUDGET_UNIT`].
     share: Arc<Semaphore>,
+    /// `max_device_ops_per_session` slots.
+    device_ops: Arc<Semaphore>,
 }
 
 /// One connection counted against its session's limit until dropped.
 struct SessionConnection {
     token: String,
-    share: Arc<Semaphore>,
+    limits: SessionLimits,
     counts: Arc<Mutex<HashMap<String, SessionEntry>>>,
 }
 
@@ -169,6 +185,7 @@ impl IoService {
             devices: DeviceTable::new(state.store.clone()),
             buffers: Arc::new(BufferPool::default()),
             budget: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES / BUDGET_UNIT)),
+            device_ops: Arc::new(Semaphore::new(MAX_DEVICE_OPS)),
             state,
             volumes: Mutex::new(HashMap::new()),
             session_connections: Arc::new(Mutex::new(HashMap::new())),
@@ -178,6 +195,7 @@ impl IoService {
     /// Counts a connection of the session `token`, unless it already has the most allowed.
     fn enter_session(&self, token: &str) -> Option<SessionConnection> {
         let limit = self.state.config.max_connections_per_session;
+        let device_ops = self.state.config.max_device_ops_per_session;
         let mut counts = self
             .session_connections
             .lock()
@@ -186,7 +204,10 @@ impl IoService {
             .entry(token.to_owned())
             .or_insert_with(|| SessionEntry {
                 connections: 0,
-                share: Arc::new(Semaphore::new(SESSION_BUFFER_SHARE / BUDGET_UNIT)),
+                limits: SessionLimits {
+                    share: Arc::new(Semaphore::new(SESSION_BUFFER_SHARE / BUDGET_UNIT)),
+                    device_ops: Arc::new(Semaphore::new(device_ops)),
+                },
             });
         if entry.connections >= limit {
             return None;
@@ -194,7 +215,7 @@ impl IoService {
         entry.connections += 1;
         Some(SessionConnection {
             token: token.to_owned(),
-            share: entry.share.clone(),
+            limits: entry.limits.clone(),
             counts: self.session_connections.clone(),
         })
     }
@@ -377,7 +398,7 @@ impl IoService {
                     // Waiting for the budget is not the peer's fault: no deadline here.
                     let buffer = tokio::select! {
                         _ = shutdown.changed() => break,
-                        buffer = self.buffer(header.length as usize, &session_connection.share) => buffer,
+                        buffer = self.buffer(header.length as usize, &session_connection.limits.share) => buffer,
                     };
                     let mut buffer = match buffer {
                         Ok(buffer) => buffer,
@@ -405,11 +426,11 @@ impl IoService {
             let ended = current.is_none();
             let task_replies = replies.clone();
             let service = self.clone();
-            let share = session_connection.share.clone();
+            let limits = session_connection.limits.clone();
             tokio::spawn(async move {
                 let reply = match check(current.as_ref(), &header) {
                     Err(status) => Reply::status(header.handle, status),
-                    Ok(()) => service.execute(header, payload, share).await,
+                    Ok(()) => service.execute(header, payload, limits).await,
                 };
                 let _ = task_replies.send(reply).await;
                 drop(permit);
@@ -464,9 +485,9 @@ impl IoService {
         self: Arc<Self>,
         header: RequestHeader,
         payload: Option<Buffer>,
-        share: Arc<Semaphore>,
+        limits: SessionLimits,
     ) -> Reply {
-        match self.clone().try_execute(&header, payload, &share).await {
+        match self.clone().try_execute(&header, payload, &limits).await {
             Ok(data) => Reply {
                 header: ReplyHeader {
                     handle: header.handle,
@@ -483,7 +504,7 @@ impl IoService {
         self: Arc<Self>,
         header: &RequestHeader,
         payload: Option<Buffer>,
-        share: &Arc<Semaphore>,
+        limits: &SessionLimits,
     ) -> Result<Option<Buffer>, i32> {
         let record = self.volume(header.volume_id, header.epoch).await?;
         let io_error = |what: &str, error: io::Error| {
@@ -520,9 +541,9 @@ impl IoService {
                         .map(|s| Extent::replicated(s.volume_offset, s.length, vec![s.target])),
                 );
             }
-            return tokio::task::spawn_blocking(move || service.devices.flush(&extents))
-                .await
-                .map_err(|_| errno(libc::EIO))?
+            return self
+                .device_op(limits, move || service.devices.flush(&extents))
+                .await?
                 .map(|()| None)
                 .map_err(|e| io_error("flush", e));
         }
@@ -547,14 +568,13 @@ impl IoService {
                     None => pieces,
                 };
                 let mut buf = self
-                    .buffer(header.length as usize, share)
+                    .buffer(header.length as usize, &limits.share)
                     .await
                     .map_err(|e| io_error("read buffer", e))?;
-                tokio::task::spawn_blocking(move || {
+                self.device_op(limits, move || {
                     service.devices.read(&pieces, &mut buf).map(|()| buf)
                 })
-                .await
-                .map_err(|_| errno(libc::EIO))?
+                .await?
                 .map(Some)
                 .map_err(|e| io_error("read", e))
             }
@@ -572,7 +592,7 @@ impl IoService {
                     None => (pieces, Vec::new()),
                 };
                 let volume_id = header.volume_id;
-                tokio::task::spawn_blocking(move || {
+                self.device_op(limits, move || {
                     service.devices.write(&required, &buf, fua)?;
                     if !best_effort.is_empty() {
                         if let Err(error) = service.devices.write(&best_effort, &buf, fua) {
@@ -581,13 +601,42 @@ impl IoService {
                     }
                     Ok(())
                 })
-                .await
-                .map_err(|_| errno(libc::EIO))?
+                .await?
                 .map(|()| None)
                 .map_err(|e| io_error("write", e))
             }
             Op::Hello | Op::Flush => Err(errno(libc::EINVAL)),
         }
+    }
+}
+
+impl IoService {
+    /// Runs one blocking device operation once a device-operation slot of the session, then
+    /// one of the service, is free (in that order: a session over its own limit waits without
+    /// holding any of the service's). `Err(-EIO)` if the operation's thread died.
+    async fn device_op<T: Send + 'static>(
+        &self,
+        limits: &SessionLimits,
+        op: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> Result<io::Result<T>, i32> {
+        let _session = limits
+            .device_ops
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| errno(libc::EIO))?;
+        let _service = self
+            .device_ops
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| errno(libc::EIO))?;
+        tokio::task::spawn_blocking(move || {
+            crate::failpoint::device_delay();
+            op()
+        })
+        .await
+        .map_err(|_| errno(libc::EIO))
     }
 }
 

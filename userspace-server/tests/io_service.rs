@@ -861,3 +861,75 @@ async fn a_session_hogging_the_buffer_budget_does_not_delay_another() {
     assert!(took < Duration::from_secs(5), "4 KiB read took {took:?}");
     drop(hogs);
 }
+
+/// Milliseconds each device operation holds the simulated one-slot disk in the test below.
+const SLOW_DISK_MS: &str = "20";
+
+/// One session floods the I/O port (5 connections of 64 pipelined 4 KiB reads) on a disk that
+/// serves one operation at a time for 20 ms (debug-only `SAND_DEVICE_DELAY_MS`): another
+/// session's 4 KiB read waits behind at most the flooding session's device-operation slots
+/// (`--max-device-ops-per-session`, 4), not behind its 320 queued reads (6.4 s), and every
+/// read of the flood is still answered. `extra_args` lets the same run show the queueing
+/// without the limit.
+async fn flood_then_time_another_session(extra_args: &[&str]) -> Duration {
+    let server =
+        TestServer::start_with_args_and_env(extra_args, &[("SAND_DEVICE_DELAY_MS", SLOW_DISK_MS)]);
+    server.pool_of(2, 64 * MIB).await;
+    let (_hog_agent, hog) =
+        attached(&server, "flood", 4 * MIB, Layout::Linear, AccessMode::Ro).await;
+    let (_agent, victim) =
+        attached(&server, "quiet", 4 * MIB, Layout::Linear, AccessMode::Rw).await;
+    let mut flood = Vec::new();
+    for connection in 0..5u64 {
+        let mut io = IoClient::session(&server, &hog).await;
+        for index in 0..64u64 {
+            let handle = connection * 1000 + index;
+            io.send(
+                &request(Op::Read, handle, &hog.map, index * 4096, 4096),
+                &[],
+            )
+            .await;
+        }
+        flood.push(io);
+    }
+    // The flood's reads are queued at the disk by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut io = IoClient::session(&server, &victim).await;
+    let started = std::time::Instant::now();
+    let (status, data) =
+        tokio::time::timeout(Duration::from_secs(30), io.read(&victim.map, 0, 4096))
+            .await
+            .unwrap_or_else(|_| panic!("a 4 KiB read waited over 30 s behind another session"));
+    let took = started.elapsed();
+    assert_eq!(status, 0);
+    assert_eq!(data.len(), 4096);
+    for mut io in flood {
+        for _ in 0..64 {
+            let (reply, data) = io
+                .receive()
+                .await
+                .unwrap_or_else(|e| panic!("flood reply: {e}"));
+            assert_eq!(reply.status, 0);
+            assert_eq!(data.len(), 4096);
+        }
+    }
+    took
+}
+
+#[tokio::test]
+async fn a_session_flooding_device_io_does_not_queue_another_behind_it() {
+    let took = flood_then_time_another_session(&[]).await;
+    // At most 4 of the flood's operations (80 ms) are ahead of it at the disk.
+    assert!(
+        took < Duration::from_millis(1000),
+        "a 4 KiB read waited {took:?} behind another session's flood"
+    );
+    // Without the per-session limit the same read queues behind the whole flood: the
+    // measurement above can fail.
+    let unlimited =
+        flood_then_time_another_session(&["--max-device-ops-per-session", "1000"]).await;
+    assert!(
+        unlimited > Duration::from_secs(2),
+        "without the limit the read took only {unlimited:?}; the test shows nothing"
+    );
+}

@@ -55,6 +55,16 @@ impl TestServer {
         TestServer::spawn_in(dir, args, &[])
     }
 
+    /// Starts a fresh server in a new temp dir with extra arguments and environment (the
+    /// debug build's fault injection).
+    pub fn start_with_args_and_env(args: &[&str], env: &[(&str, &str)]) -> TestServer {
+        let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let dir = temp.path().to_path_buf();
+        let mut server = TestServer::spawn_in(&dir, args, env);
+        server._temp = Some(temp);
+        server
+    }
+
     /// Like `start_in`, with extra environment variables (the debug build's crash points).
     pub fn start_in_with_env(dir: &Path, env: &[(&str, &str)]) -> TestServer {
         TestServer::spawn_in(dir, &[], env)
