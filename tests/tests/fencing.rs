@@ -267,7 +267,11 @@ dmsetup remove san0
     assert!(wait_for_guest_file(&a, "stopped", Duration::from_secs(60)));
     let partitioned = Instant::now();
     touch(&provisioned.dir.join("go-b"));
-    assert!(wait_for_guest_file(&b, "attached", Duration::from_secs(400)));
+    assert!(wait_for_guest_file(
+        &b,
+        "attached",
+        Duration::from_secs(400)
+    ));
     let takeover = partitioned.elapsed();
     // A is fenced by now: what A's half of the span holds must not change any more.
     let map = server.volume("vt").map;
@@ -299,8 +303,7 @@ dmsetup remove san0
         "A's half changed after B took over"
     );
     assert_eq!(
-        sanblk_tests::blocks::verify_range(&map, &provisioned.by_uuid, B_REGION, &b_data)
-            as u64,
+        sanblk_tests::blocks::verify_range(&map, &provisioned.by_uuid, B_REGION, &b_data) as u64,
         B_REGION / 4096,
     );
     // A's writes after the lapse were held, then failed; none was dropped silently.

@@ -28,7 +28,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use sanblk_tests::bench::{self, setting};
-use sanblk_tests::{dm_san, filled_image, fio, scratch_dir, spawn, target_bin, SandServer, VmConfig};
+use sanblk_tests::{
+    dm_san, filled_image, fio, scratch_dir, spawn, target_bin, SandServer, VmConfig,
+};
 
 const MIB: u64 = 1 << 20;
 const VOLUME_MIB: u64 = 16;
@@ -194,7 +196,11 @@ $S detach vc || true
     let b = b.wait().map_err(|e| format!("{e:?}"))?;
     a.check_clean_success()?;
     b.check_clean_success()?;
-    println!("guest logs: {} {}", a.log_dir.display(), b.log_dir.display());
+    println!(
+        "guest logs: {} {}",
+        a.log_dir.display(),
+        b.log_dir.display()
+    );
 
     let read = |name: &str| a.read_out_file(name).map_err(|e| format!("{name}: {e}"));
     let iops = |name: &str| fio::value(&read(name)?, fio::Metric::WriteIops);
@@ -223,7 +229,10 @@ $S detach vc || true
         floor.len(),
         fio::quantile(floor.clone(), 1.0),
     ));
-    for (config, name) in [("one", "sanblk, one client"), ("two", "sanblk, two clients")] {
+    for (config, name) in [
+        ("one", "sanblk, one client"),
+        ("two", "sanblk, two clients"),
+    ] {
         let (pauses, errors) = gaps(&read(&format!("pause-{config}.jsonl"))?)?;
         let p50 = fio::quantile(pauses.clone(), 0.5);
         let p99 = fio::quantile(pauses.clone(), 0.99);
