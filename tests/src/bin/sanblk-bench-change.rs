@@ -7,9 +7,9 @@
 //! resumed. The change is `sanctl grow vc SIZE` run in the guest (the client-side grow: the
 //! server's change protocol, QUIESCE to every attached client, commit, publish, RESUME).
 //!
-//! - floor: the same loop on a dm-linear device of a second virtio disk around `dmsetup suspend`
-//!   + `dmsetup resume` (what a device-mapper table change costs an application, as LVM and
-//!   pvmove do it), in the same guest;
+//! - floor: the same loop on a dm-linear device of another virtio disk around `dmsetup
+//!   suspend` and `dmsetup resume` (what a device-mapper table change costs an application,
+//!   as LVM and pvmove do it), in the same guest;
 //! - one client: A alone;
 //! - two clients: guest B attached read-only as well (QUIESCE waits for both acks);
 //! - partition: B's agent stopped; the host times `sanctl volume grow`, which commits once
