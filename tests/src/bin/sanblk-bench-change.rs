@@ -53,7 +53,8 @@ fn wait_for(path: &Path, timeout: Duration) -> Result<(), String> {
 fn gaps(text: &str) -> Result<(Vec<f64>, u64), String> {
     let mut gaps = Vec::new();
     let mut errors = 0;
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+    // The change command's own output shares the file; the stamps are the JSON lines.
+    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
         gaps.push(
@@ -101,7 +102,7 @@ fn run_bench(changes: u32) -> Result<String, String> {
         let mut lines = String::new();
         for round in 0..u64::from(changes) {
             lines.push_str(&format!(
-                "$STAMP --device $dev --fault \"$S grow vc {}M\" >> pause-{config}.jsonl\n",
+                "$STAMP --device $dev --fault \"$S grow vc {}M > /dev/null\" >> pause-{config}.jsonl\n",
                 first_size + round
             ));
         }
@@ -165,10 +166,10 @@ $S attach vc --ro --server 10.0.2.100:{port} --client host2 --secret-file $D/hos
     --device /dev/mapper/san0 --device /dev/vdb --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
 AGENT=$!
 wait_for /run/sanblk/vc.device
-touch $D/b-attached
+touch attached
 wait_long $D/b-partition
 kill -STOP $AGENT
-touch $D/b-stopped
+touch stopped
 wait_long $D/partition-done
 kill -CONT $AGENT
 $S detach vc || true
@@ -184,9 +185,12 @@ $S detach vc || true
         .forward_port(io_port)
         .timeout(Duration::from_secs(3000));
     let b = spawn(&bench::with_kernel(b_config)).map_err(|e| format!("{e:?}"))?;
+    // Guests write only their own output directories: the host relays.
+    wait_for(&b.log_dir().join("attached"), Duration::from_secs(600))?;
+    std::fs::write(dir.join("b-attached"), b"").map_err(|e| e.to_string())?;
     wait_for(&a.log_dir().join("two.done"), Duration::from_secs(2400))?;
     std::fs::write(dir.join("b-partition"), b"").map_err(|e| e.to_string())?;
-    wait_for(&dir.join("b-stopped"), Duration::from_secs(60))?;
+    wait_for(&b.log_dir().join("stopped"), Duration::from_secs(60))?;
     let partitioned = Instant::now();
     let size = VOLUME_MIB + 2 * u64::from(changes) + 1;
     server.sanctl(&["volume", "grow", "vc", &format!("{size}M")]);
