@@ -209,19 +209,18 @@ $S detach vc || true
     let read = |name: &str| a.read_out_file(name).map_err(|e| format!("{name}: {e}"));
     let iops = |name: &str| fio::value(&read(name)?, fio::Metric::WriteIops);
     let (still, moving) = (iops("fio-still.json")?, iops("fio-moving.json")?);
-    let mut report = format!(
-        "### fio during a live move
-
-         | job | without a move | during the move | during / without |
-|---|---|---|---|
-         | rand-write 4 KiB QD32, 20 s | {still:.0} IOPS | {moving:.0} IOPS | {:.2} |
-
-         The move (16 MiB at 1 MiB/s) took {:.1} s of the job's 20 s.
-
-",
-        moving / still,
-        move_took.as_secs_f64()
+    let mut report = String::from(
+        "### fio during a live move\n\n\
+         | job | without a move | during the move | during / without |\n|---|---|---|---|\n",
     );
+    report.push_str(&format!(
+        "| rand-write 4 KiB QD32, 20 s | {still:.0} IOPS | {moving:.0} IOPS | {:.2} |\n\n",
+        moving / still
+    ));
+    report.push_str(&format!(
+        "The move (16 MiB at 1 MiB/s) took {:.1} s of the job's 20 s.\n\n",
+        move_took.as_secs_f64()
+    ));
     let (floor, floor_errors) = gaps(&read("pause-floor.jsonl")?)?;
     let floor_p50 = fio::quantile(floor.clone(), 0.5);
     let floor_p99 = fio::quantile(floor.clone(), 0.99);
