@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use crate::{module_path, target_bin, Provisioned, VmConfig};
 
+/// Guest shell function `wait_long FILE`: waits up to 10 min for FILE (the prologue's
+/// `wait_for` gives up after 60 s, too soon for a guest that is booting or a slow copy).
+pub const WAIT_LONG: &str = r#"wait_long() { for i in $(seq 1 3000); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }"#;
+
 /// A guest on every image of `provisioned` (`san0.img` is `/dev/vda`, the spare `/dev/vdb`),
 /// with the server's agent and I/O ports forwarded, running [`script`].
 pub fn vm(

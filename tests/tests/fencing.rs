@@ -5,6 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use sanblk_tests::dm_san::WAIT_LONG;
 use sanblk_tests::{dm_san, provision, spawn, RunningVm};
 
 /// The server's default lease plus its in-flight bound: the longest a silent client keeps
@@ -147,9 +148,6 @@ $S detach vr
         .expect("write count");
     assert!(writes > 20, "only {writes} writes");
 }
-
-/// Waits (the guest's `wait_for` gives up after 60 s, too soon for a guest that is booting).
-const WAIT_LONG: &str = r#"wait_long() { for i in $(seq 1 3000); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }"#;
 
 /// Volume bytes A's canary writer covers; B takes over the second half.
 const CANARY_SPAN: u64 = 8 << 20;

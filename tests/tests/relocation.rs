@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sanblk_tests::blocks::BLOCK;
+use sanblk_tests::dm_san::WAIT_LONG;
 use sanblk_tests::{blocks, dm_san, provision, sparse_image, spawn, wait_for_file, Provisioned};
 
 const MIB: u64 = 1 << 20;
@@ -187,9 +188,6 @@ $S detach vmove"#;
         .expect("san1 listed");
     assert_eq!(san1_info.free_bytes, san1_info.capacity_bytes);
 }
-
-/// Waits (the guest's `wait_for` gives up after 60 s, too soon for a guest that is booting).
-const WAIT_LONG: &str = r#"wait_long() { for i in $(seq 1 3000); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }"#;
 
 /// Two hosts share a volume: B (read-only) loses its path to the volume's disk and reports
 /// it; the server recovers the volume onto the spare while A keeps writing directly. Every

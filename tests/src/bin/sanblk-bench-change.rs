@@ -28,15 +28,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use sanblk_tests::bench::{self, setting};
+use sanblk_tests::dm_san::WAIT_LONG;
 use sanblk_tests::{
     dm_san, filled_image, fio, scratch_dir, spawn, target_bin, SandServer, VmConfig,
 };
 
 const MIB: u64 = 1 << 20;
 const VOLUME_MIB: u64 = 16;
-
-/// Waits (the guest's `wait_for` gives up after 60 s, too soon for a guest that is booting).
-const WAIT_LONG: &str = r#"wait_long() { for i in $(seq 1 3000); do [ -e "$1" ] && return 0; sleep 0.2; done; echo "timeout waiting for $1"; return 1; }"#;
 
 fn wait_for(path: &Path, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
