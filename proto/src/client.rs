@@ -11,9 +11,9 @@ use crate::auth;
 use crate::map::{AccessMode, VolumeMap};
 use crate::protocol::{
     write_frame, Ack, AdminCall, AdminReply, AdminRequest, AgentCall, AgentReply, AgentRequest,
-    Attach, Attachment, AuthResponse, Detach, ErrorBody, ErrorCode, FrameError, FrameReader,
-    GrantedVolume, Grow, Hello, ListVolumes, MapUpdate, PathHealedReported, Quiesce, QuiesceAck,
-    RecoveryStatus, Renew, ReportFailure, ReportPathHealed, Resume,
+    Attach, Attachment, AuthResponse, Detach, ErrorBody, ErrorCode, FailureReported, FrameError,
+    FrameReader, GrantedVolume, Grow, Hello, ListVolumes, MapUpdate, PathHealedReported, Quiesce,
+    QuiesceAck, RecoveryStatus, Renew, ReportFailure, ReportPathHealed, Resume,
 };
 use crate::unix_path::SocketPath;
 
@@ -309,15 +309,13 @@ impl AgentClient {
         volume_id: u64,
         device_uuid: uuid::Uuid,
         reason: &str,
-    ) -> Result<RecoveryStatus, ClientError> {
-        let reported = self
-            .call(ReportFailure {
-                volume_id,
-                device_uuid,
-                reason: reason.to_string(),
-            })
-            .await?;
-        Ok(reported.status)
+    ) -> Result<FailureReported, ClientError> {
+        self.call(ReportFailure {
+            volume_id,
+            device_uuid,
+            reason: reason.to_string(),
+        })
+        .await
     }
 
     /// Asks whether this host may fail back to `device_uuid` (its direct path answers again);

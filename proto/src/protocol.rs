@@ -424,10 +424,14 @@ pub struct Grown {
     pub map: VolumeMap,
 }
 
-/// Answer to `report_failure`: the recovery it started (or the one already running).
+/// Answer to `report_failure`. `status`: the recovery it started or found running; `None`
+/// when the server still reads the device itself, so only this host's path failed: its I/O to
+/// the device goes through the server and nothing is moved.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailureReported {
-    pub status: RecoveryStatus,
+    pub status: Option<RecoveryStatus>,
+    /// What the server decided, for the agent's log.
+    pub message: String,
 }
 
 /// Answer to `report_path_healed`. `accepted`: the client may send I/O direct to the device
@@ -737,6 +741,10 @@ pub struct DeviceInfo {
     pub capacity_bytes: u64,
     pub free_bytes: u64,
     pub state: String,
+    /// Clients whose direct path to the device failed while the server still reads it (their
+    /// I/O to it goes through the server); since the server started.
+    #[serde(default)]
+    pub path_failed_on: Vec<String>,
 }
 
 /// A volume as `volume list` shows it.

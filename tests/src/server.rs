@@ -181,6 +181,31 @@ impl SandServer {
         serde_json::from_str(&self.sanctl(&["--json", "pool", "list"])).expect("pool json")
     }
 
+    /// Waits until a client reported its direct path to the device at `device` failed while
+    /// the server still reads it (`pool list` names the client; such a report alone moves
+    /// nothing), then declares the device failed as an administrator does (`sanctl recovery
+    /// start --no-wait`). Panics after `timeout` without a report.
+    pub fn declare_failed_once_reported(&self, device: &Path, timeout: Duration) {
+        let path = device.display().to_string();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let pool = self.pool();
+            let shown = pool
+                .iter()
+                .find(|d| d.path == path)
+                .unwrap_or_else(|| panic!("{path} not in the pool: {pool:?}"));
+            if !shown.path_failed_on.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no client reported its path to {path} failed within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.sanctl(&["recovery", "start", &path, "--no-wait"]);
+    }
+
     /// The server's view of `volume`, its map included.
     pub fn volume(&self, volume: &str) -> VolumeDetail {
         serde_json::from_str(&self.sanctl(&["--json", "volume", "show", volume]))

@@ -1,9 +1,11 @@
 //! End-to-end recovery: a real `sand` with two SAN disks, a guest whose first SAN device is a
 //! dm device over the virtio disk so the test can fail it from inside (dm-error). After the
 //! failure, I/O is redirected to the server; the module multicasts the path failure, the
-//! agent reports it, the server copies the volume onto the second disk (keeping redirected
-//! writes consistent), publishes a new epoch, and the kernel resumes direct I/O on the new
-//! disk. The host then finds every block where the final map says, on the new disk.
+//! agent reports it. The server still reads the disk, so the report alone moves nothing
+//! (`pool list` shows the host's failed path); the host then declares the disk failed as an
+//! administrator does, and the server copies the volume onto the second disk (keeping
+//! redirected writes consistent), publishes a new epoch, and the kernel resumes direct I/O on
+//! the new disk. The host then finds every block where the final map says, on the new disk.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -12,7 +14,8 @@ use sanblk_proto::protocol::{RecoveryState, RecoveryStatus};
 use sanblk_tests::blocks::BLOCK;
 use sanblk_tests::server::last_resume_cursor;
 use sanblk_tests::{
-    blocks, dm_san, provision, run, spawn, wait_for_file, Provisioned, SandServer, VmConfig,
+    blocks, dm_san, provision, spawn, wait_for_file, GuestOutcome, Provisioned, SandServer,
+    VmConfig,
 };
 
 const MIB: u64 = 1 << 20;
@@ -96,6 +99,19 @@ $S detach vrec"#
         assert_eq!(checked as u64, VOLUME / BLOCK);
     }
 
+    /// Runs the guest `vm`; once its agent reported its path to san0 failed, declares san0
+    /// failed (see [`SandServer::declare_failed_once_reported`]).
+    fn run_recovering(&self, vm: &VmConfig) -> GuestOutcome {
+        let running = spawn(vm).expect("guest started");
+        self.declare_san0_failed_once_reported();
+        running.wait().expect("guest ran")
+    }
+
+    fn declare_san0_failed_once_reported(&self) {
+        self.server()
+            .declare_failed_once_reported(&self.provisioned.images[0], Duration::from_secs(300));
+    }
+
     fn recoveries(&self) -> Vec<RecoveryStatus> {
         serde_json::from_str(&self.server().sanctl(&["--json", "recovery", "list"]))
             .expect("recovery json")
@@ -123,7 +139,7 @@ $S --json status > final.json
 $S status > status.txt
 dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
 cmp /tmp/back $D/expected.pattern"#;
-    let outcome = run(&setup.vm("recovery-e2e", body)).expect("guest ran");
+    let outcome = setup.run_recovering(&setup.vm("recovery-e2e", body));
     outcome.assert_clean_success();
 
     let recovered = outcome.out_json("recovered.json");
@@ -160,7 +176,7 @@ fn reads_right_after_the_failure_during_recovery_return_the_data() {
     let body = r#"dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 fail_san0
 # The first I/O after the failure: a read (redirected; the agent reports the failure and
-# the server starts recovering meanwhile).
+# the host declares san0 failed meanwhile).
 dd if=$dev of=/tmp/first bs=64K count=16 iflag=direct status=none
 dd if=$D/before.pattern of=/tmp/want bs=64K count=16 status=none
 cmp /tmp/first /tmp/want
@@ -180,7 +196,7 @@ $S --json status > final.json
 dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
 cmp /tmp/back $D/before.pattern
 $S --json status > final2.json"#;
-    let outcome = run(&setup.vm("recovery-read-first", body)).expect("guest ran");
+    let outcome = setup.run_recovering(&setup.vm("recovery-read-first", body));
     outcome.assert_clean_success();
     // Some reads overlapped the copy (else this test proves nothing about the bug).
     let during = outcome
@@ -275,7 +291,7 @@ wait_for /run/sanblk/vok.device
 ok=$(cat /run/sanblk/vok.device)
 dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 fail_san0
-# Redirected writes: the failure is reported, the recovery starts.
+# Redirected writes: the failure is reported, the host starts the recovery.
 dd if=$D/after.pattern of=$dev bs=1M count=8 oflag=direct conv=fsync status=none
 touch phase1
 # The host kills the server. Direct I/O goes on; I/O for the failed device waits for it.
@@ -296,6 +312,7 @@ dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
 cmp /tmp/back $D/expected.pattern
 $S detach vok"#;
     let vm = spawn(&setup.vm("recovery-restart", body)).expect("guest started");
+    setup.declare_san0_failed_once_reported();
     let log_dir = vm.log_dir().to_path_buf();
     wait_for_file(&log_dir.join("phase1"), Duration::from_secs(400));
 

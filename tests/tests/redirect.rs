@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use sanblk_tests::{
     blocks, dm_san, provision, run, spawn, target_bin, GuestOutcome, Provisioned, RunningVm,
-    SandServer,
+    SandServer, VmConfig,
 };
 
 const MIB: u64 = 1 << 20;
@@ -37,6 +37,21 @@ fn run_attached(
     body: &str,
     timeout_s: u64,
 ) -> GuestOutcome {
+    let config = attached_vm(setup, name, volume, attach_args, body, timeout_s);
+    let outcome = run(&config).expect("guest ran");
+    outcome.assert_clean_success();
+    outcome
+}
+
+/// The guest of [`run_attached`].
+fn attached_vm(
+    setup: &Provisioned,
+    name: &str,
+    volume: &str,
+    attach_args: &str,
+    body: &str,
+    timeout_s: u64,
+) -> VmConfig {
     let body = format!(
         r#"P={probe}
 watch_events() {{
@@ -48,10 +63,7 @@ watch_events() {{
         probe = target_bin("sanblk-nlprobe").display(),
     );
     let timeout = Duration::from_secs(timeout_s);
-    let config = dm_san::vm(setup, name, volume, attach_args, &body, timeout);
-    let outcome = run(&config).expect("guest ran");
-    outcome.assert_clean_success();
-    outcome
+    dm_san::vm(setup, name, volume, attach_args, &body, timeout)
 }
 
 #[test]
@@ -200,8 +212,8 @@ test ! -e /dev/sanblk0"#;
     blocks::verify_against_map(&setup.server.volume("vdis").map, &setup.by_uuid, &data);
 }
 
-/// Fail-back: with no spare in the pool the server cannot recover, so when the failed path
-/// heals (the dm device gets its linear table back) the module's probe succeeds, it reports
+/// Fail-back: the server still reads the device, so the report recovers nothing; when the
+/// failed path heals (the dm device gets its linear table back) the module's probe succeeds, it reports
 /// PATH_HEALED, the server accepts, the agent marks the device healthy, and new I/O goes
 /// direct again: the server-path counter stops growing while direct writes continue.
 #[test]
@@ -227,7 +239,7 @@ wait $DD
 # Same data again, surely after the failure.
 dd if=$D/during.pattern of=$dev bs=1M count=4 oflag=direct conv=fsync status=none
 $S --json status > failed.json
-# The path heals; the module's probe notices, the server agrees (no recovery: no spare).
+# The path heals; the module's probe notices, the server agrees (no recovery: it reads san0).
 dmsetup reload san0 --table "$LINEAR"
 dmsetup resume san0
 for i in $(seq 1 300); do
@@ -306,6 +318,13 @@ fn healed_path_is_not_failed_back_while_a_recovery_runs() {
     let body = r#"fail_san0
 dd if=$D/during.pattern of=$dev bs=1M count=4 oflag=direct conv=fsync status=none
 for i in $(seq 1 300); do grep -q "reported failure" agent.log && break; sleep 0.2; done
+# The host declares san0 failed once the report is in.
+for i in $(seq 1 600); do
+    $S --json status > recovering.json
+    grep -q '"copying"' recovering.json && break
+    sleep 0.2
+done
+grep -q '"copying"' recovering.json
 # Heal the path while the recovery copies.
 dmsetup reload san0 --table "$LINEAR"
 dmsetup resume san0
@@ -322,14 +341,20 @@ done
 dd if=$dev of=/tmp/back bs=1M iflag=direct status=none
 cmp /tmp/back $D/during.pattern
 $S detach vrun"#;
-    let outcome = run_attached(
+    let vm = spawn(&attached_vm(
         &setup,
         "redirect-failback-recovering",
         "vrun",
         "--device /dev/vdb",
         body,
         500,
-    );
+    ))
+    .expect("guest started");
+    setup
+        .server
+        .declare_failed_once_reported(&setup.images[0], Duration::from_secs(300));
+    let outcome = vm.wait().expect("guest ran");
+    outcome.assert_clean_success();
 
     let refused = outcome.out_json("refused.json");
     assert_eq!(

@@ -190,7 +190,9 @@ $S detach vmove"#;
 }
 
 /// Two hosts share a volume: B (read-only) loses its path to the volume's disk and reports
-/// it; the server recovers the volume onto the spare while A keeps writing directly. Every
+/// it (the server still reads the disk, so that alone moves nothing: B's I/O goes through
+/// the server); the administrator then declares the disk failed and the server recovers the
+/// volume onto the spare while A keeps writing directly. Every
 /// write A makes during the copy must be on the spare in the end: the recovery's syncing map
 /// sends A's writes through the server, which writes both places in step with the copy. (A
 /// recovery that let A write san0 directly behind the copy cursor lost those writes.)
@@ -276,7 +278,9 @@ dmsetup remove san0
 
     wait_for_file(&a.log_dir().join("filled"), Duration::from_secs(400));
     fs::write(provisioned.dir.join("a-filled"), b"").expect("signal");
-    // B's report starts the recovery; A rewrites the volume while it copies.
+    // B's report, then the administrator, start the recovery; A rewrites the volume while it
+    // copies.
+    server.declare_failed_once_reported(&provisioned.images[0], Duration::from_secs(400));
     let deadline = Instant::now() + Duration::from_secs(400);
     loop {
         let statuses: Vec<sanblk_proto::protocol::RecoveryStatus> =
@@ -497,7 +501,9 @@ $S detach vcrash"#
 
 /// One leg of a 2-way mirror dies under fio (dm-error under san0 in the guest): writes that
 /// fail on it are redirected, reads go to the surviving leg, fio sees no error and verifies
-/// every block; the agent's report makes the server resync the lost leg onto the spare disk,
+/// every block; after the agent's report the administrator declares the leg's disk failed
+/// (the server still reads it, so the report alone moves nothing) and the server resyncs the
+/// lost leg onto the spare disk,
 /// and the host finds the guest's final data on both legs of the final mirror.
 #[test]
 fn a_mirror_leg_dies_under_fio_without_an_error_and_is_resynced() {
@@ -541,6 +547,9 @@ $S detach vmir"#
     let log_dir = vm.log_dir().to_path_buf();
     let server = &provisioned.server;
     wait_for_file(&log_dir.join("failed"), Duration::from_secs(400));
+    // Dead for this host only: the server still reads the leg, so the administrator declares
+    // it failed once the agent reported it.
+    server.declare_failed_once_reported(&provisioned.images[0], Duration::from_secs(300));
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let map = server.volume("vmir").map;

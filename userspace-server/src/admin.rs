@@ -335,8 +335,8 @@ async fn client_info(state: &Arc<ServerState>, name: &str) -> ServiceResult<Opti
         .find(|c| c.name == name))
 }
 
-async fn device_infos(state: &Arc<ServerState>) -> ServiceResult<Vec<DeviceInfo>> {
-    let (mut devices, pool) = blocking(state, |s| s.store.pool_space()).await?;
+async fn device_infos(server: &Arc<ServerState>) -> ServiceResult<Vec<DeviceInfo>> {
+    let (mut devices, pool) = blocking(server, |s| s.store.pool_space()).await?;
     devices.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(devices
         .into_iter()
@@ -354,6 +354,7 @@ async fn device_infos(state: &Arc<ServerState>) -> ServiceResult<Vec<DeviceInfo>
                 path: d.path,
                 free_bytes,
                 state,
+                path_failed_on: server.recoveries.path_failures(d.uuid),
             }
         })
         .collect())

@@ -571,6 +571,11 @@ impl Session {
         self.require_attached(volume_id)?;
         let (accepted, message) =
             recovery::report_path_healed(&self.state, volume_id, device_uuid).await?;
+        if accepted {
+            self.state
+                .recoveries
+                .clear_path_failure(device_uuid, &self.client);
+        }
         info!(
             "client {} reports its path to device {device_uuid} healed for volume {volume_id}: {} ({message})",
             peer_text(&self.client),
@@ -593,8 +598,7 @@ impl Session {
             peer_text(&self.client),
             peer_text(&reason)
         );
-        let status = recovery::report_failure(&self.state, volume_id, device_uuid, reason).await?;
-        Ok(FailureReported { status })
+        recovery::report_failure(&self.state, volume_id, device_uuid, &self.client, reason).await
     }
 
     /// Ends the connection's attachments. Unless the server is shutting down, their persisted

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{info, warn};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use sanblk_proto::map::Extent;
@@ -241,22 +242,34 @@ impl DeviceFile {
         self.buffered.sync_data()
     }
 
-    fn note(&self, result: &io::Result<()>, what: &str, offset: u64) {
-        if let Err(error) = result {
-            if !self.failed.swap(true, Ordering::Relaxed) {
-                warn!(
-                    "device {} ({}): {what} at {offset} failed: {error}",
-                    self.uuid, self.path
-                );
-            }
+    /// Marks the device failed on an error; returns what failed the first time.
+    fn note(&self, result: &io::Result<()>, what: &str, offset: u64) -> Option<String> {
+        let Err(error) = result else { return None };
+        if self.failed.swap(true, Ordering::Relaxed) {
+            return None;
         }
+        warn!(
+            "device {} ({}): {what} at {offset} failed: {error}",
+            self.uuid, self.path
+        );
+        Some(format!("{what} at byte {offset} failed: {error}"))
     }
+}
+
+/// The first I/O error a device table saw on a device (see
+/// [`DeviceTable::reporting_failures`]).
+#[derive(Debug, Clone)]
+pub struct DeviceFailure {
+    pub device: Uuid,
+    pub error: String,
 }
 
 /// Opened device files by UUID, opened on first use from the pool records.
 pub struct DeviceTable {
     store: Arc<Store>,
     open: Mutex<HashMap<Uuid, Arc<DeviceFile>>>,
+    /// Where the first error on each device is sent, if anywhere.
+    failures: Option<mpsc::UnboundedSender<DeviceFailure>>,
 }
 
 impl DeviceTable {
@@ -264,7 +277,44 @@ impl DeviceTable {
         DeviceTable {
             store,
             open: Mutex::new(HashMap::new()),
+            failures: None,
         }
+    }
+
+    /// A table that sends the first I/O error of each device it opened to `failures` (the
+    /// server's own path failing is what declares a device failed).
+    pub fn reporting_failures(
+        store: Arc<Store>,
+        failures: mpsc::UnboundedSender<DeviceFailure>,
+    ) -> DeviceTable {
+        DeviceTable {
+            failures: Some(failures),
+            ..DeviceTable::new(store)
+        }
+    }
+
+    fn note(&self, device: &DeviceFile, result: &io::Result<()>, what: &str, offset: u64) {
+        if let (Some(error), Some(failures)) = (device.note(result, what, offset), &self.failures) {
+            // The receiver goes away only when the server stops.
+            let _ = failures.send(DeviceFailure {
+                device: device.uuid,
+                error,
+            });
+        }
+    }
+
+    /// Reads one block at each of `offsets` of device `uuid`, opened afresh (so a path that
+    /// disappeared fails too) and past the page cache: whether the server can still read the
+    /// device where a volume has data (blocking).
+    pub fn probe(store: Arc<Store>, uuid: Uuid, offsets: &[u64]) -> io::Result<()> {
+        let device = DeviceTable::new(store).get(uuid)?;
+        let mut block = AlignedBuf::zeroed(DIRECT_ALIGN)?;
+        for &offset in offsets {
+            device
+                .read_at(&mut block, offset)
+                .map_err(|e| io::Error::new(e.kind(), format!("read at byte {offset}: {e}")))?;
+        }
+        Ok(())
     }
 
     fn table(&self) -> MutexGuard<'_, HashMap<Uuid, Arc<DeviceFile>>> {
@@ -359,7 +409,7 @@ impl DeviceTable {
             let mut done = false;
             for (device, offset) in candidates {
                 let result = device.read_at(target, offset);
-                device.note(&result, "read", offset);
+                self.note(&device, &result, "read", offset);
                 match result {
                     Ok(()) => {
                         done = true;
@@ -391,7 +441,7 @@ impl DeviceTable {
                 .collect::<io::Result<Vec<_>>>()?;
             let write = |(device, offset): &(Arc<DeviceFile>, u64)| {
                 let result = device.write_at(source, *offset);
-                device.note(&result, "write", *offset);
+                self.note(device, &result, "write", *offset);
                 result
             };
             let results: Vec<io::Result<()>> = match targets.split_first() {
@@ -421,7 +471,7 @@ impl DeviceTable {
         if fua {
             for device in touched {
                 let result = device.sync();
-                device.note(&result, "sync", 0);
+                self.note(&device, &result, "sync", 0);
                 result?;
             }
         }
@@ -439,7 +489,7 @@ impl DeviceTable {
         for uuid in uuids {
             let device = self.get(uuid)?;
             let result = device.sync();
-            device.note(&result, "sync", 0);
+            self.note(&device, &result, "sync", 0);
             result?;
         }
         Ok(())

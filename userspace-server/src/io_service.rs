@@ -38,7 +38,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::device::{plan, BufferPool, DeviceTable, PooledBuf};
+use crate::device::{plan, BufferPool, DeviceFailure, DeviceTable, PooledBuf};
 
 use sanblk_proto::map::{AccessMode, Extent};
 
@@ -180,9 +180,13 @@ impl Reply {
 }
 
 impl IoService {
-    pub fn new(state: Arc<ServerState>) -> Arc<IoService> {
+    /// The service; the first I/O error on each device is sent to `failures`.
+    pub fn new(
+        state: Arc<ServerState>,
+        failures: tokio::sync::mpsc::UnboundedSender<DeviceFailure>,
+    ) -> Arc<IoService> {
         Arc::new(IoService {
-            devices: DeviceTable::new(state.store.clone()),
+            devices: DeviceTable::reporting_failures(state.store.clone(), failures),
             buffers: Arc::new(BufferPool::default()),
             budget: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES / BUDGET_UNIT)),
             device_ops: Arc::new(Semaphore::new(MAX_DEVICE_OPS)),

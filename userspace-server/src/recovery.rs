@@ -26,14 +26,18 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use uuid::Uuid;
 
-use sanblk_proto::protocol::{ErrorBody, ErrorCode, RecoveryState, RecoveryStatus};
+use sanblk_proto::protocol::{
+    ErrorBody, ErrorCode, FailureReported, RecoveryState, RecoveryStatus,
+};
 
-use crate::device::{AlignedBuf, DeviceTable};
+use crate::device::{AlignedBuf, DeviceFailure, DeviceTable};
 use crate::log_text::peer_text;
 use crate::recovery_gate::ActiveRecovery;
 use crate::service_error::ServiceResult;
 use crate::state::{blocking, ServerState, WaitingForSpace};
-use crate::store::{ChangeKind, RecoveryRecord, RecoverySegment, RelocationRequest};
+use crate::store::{
+    ChangeKind, RecoveryRecord, RecoverySegment, RelocationRequest, VolumeRecord, DEVICE_FAILED,
+};
 use sanblk_proto::protocol::RelocationKind;
 
 /// Bytes copied per step (the exclusive hold of the gate lasts one chunk).
@@ -75,83 +79,256 @@ fn release(volume_id: u64) {
         .remove(&volume_id);
 }
 
-/// Handles an agent's failure report for a volume it is attached to: starts a recovery, or
-/// returns the status of the one already recorded for this device (restarting its job if it
-/// had failed). Another relocation of the volume gets `Busy`.
+/// Most blocks the server reads to check a device a client reported failed.
+const MAX_PROBE_READS: usize = 16;
+
+/// Handles an agent's failure report for a volume it is attached to. The server reads the
+/// device where the volume has data: if that works, only the client's path failed, so the
+/// client stays on the server path and nothing moves (an administrator may still run
+/// `recovery start`); if it fails too, the device is declared failed and the volume recovered
+/// off it. A recovery already recorded off this device reports its status (restarting its
+/// job if it had failed); another relocation of the volume gets `Busy`.
 pub async fn report_failure(
+    state: &Arc<ServerState>,
+    volume_id: u64,
+    device_uuid: Uuid,
+    client: &str,
+    reason: String,
+) -> ServiceResult<FailureReported> {
+    let existing = blocking(state, move |s| s.store.recovery(volume_id)).await?;
+    match existing {
+        Some(record) if record.failed_device == device_uuid => {
+            let status = start_job(state, record).await;
+            return Ok(FailureReported {
+                message: format!("{} of the volume off the device: {}", status.kind, status.state),
+                status: Some(status),
+            });
+        }
+        Some(record) => {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                format!(
+                    "volume {volume_id} is already being moved ({}) off device {}; report again when that is done",
+                    record.kind, record.failed_device
+                ),
+            ))
+        }
+        None => {}
+    }
+    if let Some(starting) = starting_recovery(state, volume_id, device_uuid) {
+        return Ok(FailureReported {
+            message: format!("recovery of the volume off the device: {}", starting.state),
+            status: Some(starting),
+        });
+    }
+    match probe(state, volume_id, device_uuid).await? {
+        Ok(()) => {
+            state
+                .recoveries
+                .note_path_failure(device_uuid, client.to_string());
+            info!(
+                "volume {volume_id}: device {device_uuid} reported failed by client {} ({}), \
+                 but the server reads it: that client's I/O goes through the server, nothing \
+                 is moved (`sanctl recovery start {device_uuid}` would)",
+                peer_text(client),
+                peer_text(&reason)
+            );
+            Ok(FailureReported {
+                status: None,
+                message: "the server reads the device: this host's I/O to it goes through the \
+                          server; no recovery started"
+                    .into(),
+            })
+        }
+        Err(error) => {
+            let reason = format!("{reason}; the server's read failed too: {error}");
+            let status = recover_volume_off(state, volume_id, device_uuid, reason).await?;
+            Ok(FailureReported {
+                message: format!(
+                    "the server cannot read the device either ({error}): recovery {}",
+                    status.state
+                ),
+                status: Some(status),
+            })
+        }
+    }
+}
+
+/// Reads a block at the start of every piece of `volume_id` on `device` (at most
+/// [`MAX_PROBE_READS`]). The outer error: the request is wrong (no such volume, or no data
+/// of it on the device); the inner one: the read failed.
+async fn probe(
+    state: &Arc<ServerState>,
+    volume_id: u64,
+    device: Uuid,
+) -> ServiceResult<io::Result<()>> {
+    blocking(state, move |s| -> ServiceResult<io::Result<()>> {
+        let volume = s.store.volume_by_id(volume_id)?;
+        let offsets: Vec<u64> = volume
+            .extents
+            .iter()
+            .flat_map(|e| e.replicas.iter())
+            .filter(|r| r.device_uuid == device)
+            .map(|r| r.device_offset)
+            .take(MAX_PROBE_READS)
+            .collect();
+        if offsets.is_empty() {
+            return Err(ErrorBody::new(
+                if s.store.devices()?.iter().any(|d| d.uuid == device) {
+                    ErrorCode::BadRequest
+                } else {
+                    ErrorCode::NotFound
+                },
+                format!("volume {} has no data on device {device}", volume.name),
+            ));
+        }
+        Ok(DeviceTable::probe(s.store.clone(), device, &offsets))
+    })
+    .await
+}
+
+/// Whether `volume` has data (a copy or stripe member) on `device`.
+pub fn has_data_on(volume: &VolumeRecord, device: Uuid) -> bool {
+    volume
+        .extents
+        .iter()
+        .any(|e| e.replicas.iter().any(|r| r.device_uuid == device))
+}
+
+/// The volumes with data on `device`.
+pub async fn volumes_on(
+    state: &Arc<ServerState>,
+    device: Uuid,
+) -> ServiceResult<Vec<VolumeRecord>> {
+    let volumes = blocking(state, |s| s.store.volumes()).await?;
+    Ok(volumes
+        .into_iter()
+        .filter(|v| has_data_on(v, device))
+        .collect())
+}
+
+/// Declares each device failed whose first error the server's own I/O path saw, and recovers
+/// every volume with data on it.
+pub async fn recover_failed_devices(
+    state: Arc<ServerState>,
+    mut failures: tokio::sync::mpsc::UnboundedReceiver<DeviceFailure>,
+) {
+    while let Some(DeviceFailure { device, error }) = failures.recv().await {
+        warn!("device {device}: the server's own I/O failed ({error}); declaring it failed");
+        let reason = format!("the server's {error}");
+        if let Err(error) = recover_device(&state, device, &reason).await {
+            warn!("device {device}: {}", error.message);
+        }
+    }
+}
+
+/// Declares `device` failed (no allocation lands on it any more) and recovers every volume
+/// with data on it; returns their first status (a recovery already running off the device
+/// reports its progress). What found no space waits for a new device (see
+/// [`recover_volume_off`]) and is reported as an error, after the others started.
+pub async fn recover_device(
+    state: &Arc<ServerState>,
+    device: Uuid,
+    reason: &str,
+) -> ServiceResult<Vec<RecoveryStatus>> {
+    declare_failed(state, device).await;
+    state.recoveries.clear_path_failures(device);
+    let on_device = volumes_on(state, device).await?;
+    info!(
+        "device {device}: {} volume(s) to recover off it",
+        on_device.len()
+    );
+    let mut statuses = Vec::with_capacity(on_device.len());
+    let mut refused = Vec::new();
+    for volume in on_device {
+        let volume_id = volume.id;
+        let recorded = blocking(state, move |s| s.store.recovery(volume_id)).await?;
+        let started = match recorded {
+            Some(record) if record.failed_device == device => Ok(start_job(state, record).await),
+            _ => recover_volume_off(state, volume_id, device, reason.to_string()).await,
+        };
+        match started {
+            Ok(status) => statuses.push(status),
+            Err(error) => refused.push((volume.name, error)),
+        }
+    }
+    match refused.into_iter().next() {
+        None => Ok(statuses),
+        Some((name, error)) => Err(ErrorBody::new(
+            error.code,
+            format!(
+                "volume {name}: {} ({} other volume(s) started)",
+                error.message,
+                statuses.len()
+            ),
+        )),
+    }
+}
+
+/// Starts the recovery of `volume_id` off a device declared failed (or, out of space,
+/// degrades a mirror or leaves the volume on the server path until a device is added).
+pub async fn recover_volume_off(
     state: &Arc<ServerState>,
     volume_id: u64,
     device_uuid: Uuid,
     reason: String,
 ) -> ServiceResult<RecoveryStatus> {
-    let existing = blocking(state, move |s| s.store.recovery(volume_id)).await?;
-    match existing {
-        Some(record) if record.failed_device == device_uuid => Ok(start_job(state, record).await),
-        Some(record) => Err(ErrorBody::new(
-            ErrorCode::Busy,
-            format!(
-                "volume {volume_id} is already being moved ({}) off device {}; report again when that is done",
-                record.kind, record.failed_device
-            ),
-        )),
-        None => {
-            info!(
-                "volume {volume_id}: device {device_uuid} reported failed ({})",
-                peer_text(&reason)
-            );
-            let request = RelocationRequest::Recovery {
-                device: device_uuid,
-                reason: reason.clone(),
+    state.recoveries.clear_path_failures(device_uuid);
+    info!(
+        "volume {volume_id}: device {device_uuid} declared failed ({})",
+        peer_text(&reason)
+    );
+    let request = RelocationRequest::Recovery {
+        device: device_uuid,
+        reason: reason.clone(),
+    };
+    let started = start(state, volume_id, request).await;
+    if started
+        .as_ref()
+        .map_or_else(|e| e.code == ErrorCode::NoSpace, |_| true)
+    {
+        declare_failed(state, device_uuid).await;
+    }
+    match started {
+        // A concurrent report (another client, or a retry) is starting it.
+        Err(error) if error.code == ErrorCode::Busy => state
+            .recoveries
+            .status(volume_id)
+            .filter(|s| s.device_uuid == device_uuid)
+            .ok_or(error),
+        // A mirror runs on its other copies meanwhile; a single copy stays on the
+        // server path. A device added later starts the rest.
+        Err(error) if error.code == ErrorCode::NoSpace => {
+            let degraded = degrade(state, volume_id, device_uuid).await;
+            let (waiting, outcome) = if degraded {
+                (
+                    WaitingForSpace::Remirror,
+                    "its mirror runs on the other copy until then",
+                )
+            } else {
+                (
+                    WaitingForSpace::Recovery {
+                        device: device_uuid,
+                        reason,
+                    },
+                    "I/O to it goes through the server until then",
+                )
             };
-            let started = start(state, volume_id, request).await;
-            if started
-                .as_ref()
-                .map_or_else(|e| e.code == ErrorCode::NoSpace, |_| true)
-            {
-                declare_failed(state, device_uuid).await;
-            }
-            match started {
-                // A concurrent report (another client, or a retry) is starting it.
-                Err(error) if error.code == ErrorCode::Busy => state
-                    .recoveries
-                    .status(volume_id)
-                    .filter(|s| s.device_uuid == device_uuid)
-                    .ok_or(error),
-                // A mirror runs on its other copies meanwhile; a single copy stays on the
-                // server path. A device added later starts the rest.
-                Err(error) if error.code == ErrorCode::NoSpace => {
-                    let degraded = degrade(state, volume_id, device_uuid).await;
-                    let (waiting, outcome) = if degraded {
-                        (
-                            WaitingForSpace::Remirror,
-                            "its mirror runs on the other copy until then",
-                        )
-                    } else {
-                        (
-                            WaitingForSpace::Recovery {
-                                device: device_uuid,
-                                reason,
-                            },
-                            "I/O to it goes through the server until then",
-                        )
-                    };
-                    warn!(
-                        "volume {volume_id}: no space to recover off device {device_uuid} ({}); \
-                         {outcome}",
-                        error.message
-                    );
-                    state.recoveries.wait_for_space(volume_id, waiting);
-                    Err(ErrorBody::new(
-                        ErrorCode::NoSpace,
-                        format!(
-                            "{}; the recovery starts when a device is added to the pool, {outcome}",
-                            error.message
-                        ),
-                    ))
-                }
-                other => other,
-            }
+            warn!(
+                "volume {volume_id}: no space to recover off device {device_uuid} ({}); \
+                 {outcome}",
+                error.message
+            );
+            state.recoveries.wait_for_space(volume_id, waiting);
+            Err(ErrorBody::new(
+                ErrorCode::NoSpace,
+                format!(
+                    "{}; the recovery starts when a device is added to the pool, {outcome}",
+                    error.message
+                ),
+            ))
         }
+        other => other,
     }
 }
 
@@ -290,6 +467,16 @@ pub async fn start(
     Ok(answer)
 }
 
+/// The status of a recovery of `volume_id` off `device` whose first change has not committed
+/// yet (no record).
+fn starting_recovery(state: &ServerState, volume_id: u64, device: Uuid) -> Option<RecoveryStatus> {
+    state
+        .recoveries
+        .status(volume_id)
+        .filter(|s| s.device_uuid == device && s.kind == RelocationKind::Recovery)
+        .filter(|_| claimed(volume_id))
+}
+
 /// Decides on a client's fail-back request for `device_uuid` of `volume_id` (its direct path
 /// healed): refused while a recovery of the volume moves it off that device (its record is
 /// the persisted "device failed for this volume" mark, kept until the new map is published,
@@ -303,13 +490,7 @@ pub async fn report_path_healed(
     let existing = blocking(state, move |s| s.store.recovery(volume_id)).await?;
     // A recovery off the device that is still starting (its first change not committed)
     // counts as running.
-    let starting = existing.is_none()
-        && claimed(volume_id)
-        && state
-            .recoveries
-            .status(volume_id)
-            .is_some_and(|s| s.device_uuid == device_uuid && s.kind == RelocationKind::Recovery);
-    if starting {
+    if existing.is_none() && starting_recovery(state, volume_id, device_uuid).is_some() {
         return Ok((
             false,
             format!("a recovery of volume {volume_id} off device {device_uuid} is starting"),
@@ -347,6 +528,37 @@ pub async fn resume_all(state: &Arc<ServerState>) -> ServiceResult<()> {
         start_job(state, record).await;
     }
     Ok(())
+}
+
+/// Recovers the volumes still on devices a previous run declared failed whose recovery could
+/// not start (no space then: what waits for space is not persisted, the failed mark is).
+/// What finds no space now waits for a device to be added.
+pub async fn recover_failed_devices_left(state: &Arc<ServerState>) {
+    let listed = blocking(state, |s| -> crate::store::StoreResult<_> {
+        Ok((s.store.devices()?, s.store.volumes()?))
+    })
+    .await;
+    let (devices, volumes) = match listed {
+        Ok(listed) => listed,
+        Err(error) => {
+            warn!("cannot list failed devices: {}", error.message);
+            return;
+        }
+    };
+    for device in devices.iter().filter(|d| d.state == DEVICE_FAILED) {
+        if !volumes.iter().any(|v| has_data_on(v, device.uuid)) {
+            continue;
+        }
+        info!(
+            "device {}: declared failed before the restart and still holds volume data",
+            device.uuid
+        );
+        if let Err(error) =
+            recover_device(state, device.uuid, "declared failed before a restart").await
+        {
+            warn!("device {}: {}", device.uuid, error.message);
+        }
+    }
 }
 
 /// Spawns the copy job unless one runs; returns the current status.

@@ -86,34 +86,17 @@ pub async fn recovery_start(
 ) -> ServiceResult<Vec<RecoveryStatus>> {
     let device = device_named(state, &request.device).await?;
     info!("device {device}: recovery requested by the administrator");
-    crate::recovery::declare_failed(state, device).await;
-    relocate_off(
-        state,
-        device,
-        RelocationRequest::Recovery {
-            device,
-            reason: "declared failed by the administrator".into(),
-        },
-    )
-    .await
+    crate::recovery::recover_device(state, device, "declared failed by the administrator").await
 }
 
-/// Starts `request` (a move or recovery off `device`) for every volume with data on it;
+/// Starts `request` (a move off `device`) for every volume with data on it;
 /// returns their first status. One already moving off the device reports its progress.
 async fn relocate_off(
     state: &Arc<ServerState>,
     device: Uuid,
     request: RelocationRequest,
 ) -> ServiceResult<Vec<RecoveryStatus>> {
-    let volumes = blocking(state, |s| s.store.volumes()).await?;
-    let on_device: Vec<_> = volumes
-        .into_iter()
-        .filter(|v| {
-            v.extents
-                .iter()
-                .any(|e| e.replicas.iter().any(|r| r.device_uuid == device))
-        })
-        .collect();
+    let on_device = crate::recovery::volumes_on(state, device).await?;
     info!(
         "device {device}: {} volume(s) to move off it",
         on_device.len()

@@ -90,8 +90,14 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     });
     // Every connection task holds a clone of this sender; when all are gone, recv() ends.
     let (task_alive, mut all_tasks_done) = mpsc::channel::<()>(1);
+    // The server's own I/O failing on a device is what declares it failed.
+    let (device_failures, failed_devices) = mpsc::unbounded_channel();
+    tokio::spawn(crate::recovery::recover_failed_devices(
+        state.clone(),
+        failed_devices,
+    ));
     let (io, io_shutdown, io_alive) = (
-        IoService::new(state.clone()),
+        IoService::new(state.clone(), device_failures),
         shutdown.clone(),
         task_alive.clone(),
     );
@@ -105,6 +111,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     }
     // Relocations an administrator started or cancelled whose change a crash rolled back.
     crate::recovery::redo_all(&state, redo);
+    crate::recovery::recover_failed_devices_left(&state).await;
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,

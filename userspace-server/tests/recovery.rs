@@ -1,6 +1,8 @@
-//! Relocations against a real `sand` process: recovery after a reported path failure (an
-//! agent reports a device failed, the server moves the volume's data to another device, pushes
-//! progress and publishes a map without the failed device), and the admin's live moves,
+//! Relocations against a real `sand` process: recovery off a failed device (an agent reports
+//! its path to a device failed; the server moves nothing while it still reads the device
+//! itself, and recovers when its own I/O fails too or the administrator declares the device
+//! failed: it moves the volume's data to another device, pushes progress and publishes a map
+//! without the failed device), and the admin's live moves,
 //! evacuations, mirror adds and removes. Image files are read directly to prove that every
 //! block (including writes made during the copy) is where the final map says.
 
@@ -27,6 +29,60 @@ use tokio::net::TcpStream;
 
 const POOL_DEVICE_BYTES: u64 = 64 * MIB;
 const WAIT: Duration = Duration::from_secs(20);
+
+/// The agent reports its path to `failed` broken. The server still reads the device, so the
+/// client is only told its I/O goes through the server: nothing moves, and `pool list` shows
+/// the host's failed path.
+async fn report_readable_device(
+    server: &TestServer,
+    setup: &mut Setup,
+    volume_id: u64,
+    failed: uuid::Uuid,
+) {
+    let reported = setup
+        .agent
+        .report_failure(volume_id, failed, "I/O error on direct path")
+        .await
+        .unwrap_or_else(|e| panic!("report: {e}"));
+    assert!(
+        reported.status.is_none(),
+        "a report of a device the server reads started {:?} ({})",
+        reported.status,
+        reported.message
+    );
+    assert!(
+        !recoveries(server)
+            .await
+            .iter()
+            .any(|s| s.device_uuid == failed),
+        "a recovery off {failed} started on a client's report alone"
+    );
+    let shown = pool(server)
+        .await
+        .into_iter()
+        .find(|d| d.uuid == failed)
+        .unwrap_or_else(|| panic!("{failed} not in the pool"));
+    assert_eq!(shown.path_failed_on, ["host1"], "{shown:?}");
+    assert_eq!(shown.state, "online");
+}
+
+/// A client reports its path to `failed` broken (see [`report_readable_device`]), then the
+/// administrator declares the device failed: the recoveries that started.
+async fn declare_failed(
+    server: &TestServer,
+    setup: &mut Setup,
+    volume_id: u64,
+    failed: uuid::Uuid,
+) -> Result<Vec<RecoveryStatus>, sanblk_proto::client::ClientError> {
+    report_readable_device(server, setup, volume_id, failed).await;
+    server
+        .admin()
+        .await
+        .call(RecoveryStart {
+            device: failed.to_string(),
+        })
+        .await
+}
 
 /// Distinct, position-dependent bytes.
 fn pattern(seed: u64, length: usize) -> Vec<u8> {
@@ -176,7 +232,18 @@ async fn written_linear(
     size: u64,
     seed: u64,
 ) -> (Setup, IoClient, VolumeMap, Vec<u8>) {
-    let setup = setup(server, Layout::Linear, size).await;
+    written(server, 3, Layout::Linear, size, seed).await
+}
+
+/// [`written_linear`] with `device_count` pool devices and any layout.
+async fn written(
+    server: &TestServer,
+    device_count: usize,
+    layout: Layout,
+    size: u64,
+    seed: u64,
+) -> (Setup, IoClient, VolumeMap, Vec<u8>) {
+    let setup = setup_on(server, device_count, layout, size).await;
     let data = pattern(seed, size as usize);
     let mut io = IoClient::session(server, &setup.attached).await;
     let map = setup.attached.map.clone();
@@ -187,11 +254,9 @@ async fn written_linear(
 async fn failed_linear(server: &TestServer, size: u64, seed: u64) -> Failed {
     let (mut setup, io, map, data) = written_linear(server, size, seed).await;
     let failed = map.extents[0].replicas[0].device_uuid;
-    setup
-        .agent
-        .report_failure(map.volume_id, failed, "gone")
+    declare_failed(server, &mut setup, map.volume_id, failed)
         .await
-        .unwrap_or_else(|e| panic!("report: {e}"));
+        .unwrap_or_else(|e| panic!("recovery start: {e}"));
     // Writes of the relocating volume carry the epoch of the map marking it syncing.
     let map = follow_start(&mut setup.agent, &map).await;
     Failed {
@@ -323,7 +388,8 @@ fn on_device(map: &VolumeMap, device: uuid::Uuid) -> bool {
         .any(|e| e.replicas.iter().any(|r| r.device_uuid == device))
 }
 
-/// Reports the device of replica `copy` of the first extent failed and checks the outcome.
+/// Declares the device of replica `copy` of the first extent failed after a client reported
+/// it, and checks the outcome.
 async fn recover_and_check(
     server: &TestServer,
     setup: &mut Setup,
@@ -332,11 +398,12 @@ async fn recover_and_check(
 ) -> VolumeMap {
     let map = setup.attached.map.clone();
     let failed = map.extents[0].replicas[copy].device_uuid;
-    let status = setup
-        .agent
-        .report_failure(map.volume_id, failed, "I/O error on direct path")
+    let started = declare_failed(server, setup, map.volume_id, failed)
         .await
-        .unwrap_or_else(|e| panic!("report: {e}"));
+        .unwrap_or_else(|e| panic!("recovery start: {e}"));
+    let [status] = started.as_slice() else {
+        panic!("one recovery expected: {started:?}")
+    };
     assert_eq!(status.device_uuid, failed);
     assert_eq!(status.bytes_total, map.size_bytes);
     // One change marks the moving extents syncing, one publishes the final map.
@@ -424,20 +491,19 @@ async fn writes_during_the_copy_reach_the_new_device() {
                 .unwrap_or_else(|e| panic!("{e}"));
         }
         let failed = failed.device_uuid;
-        setup
-            .agent
-            .report_failure(map.volume_id, failed, "timeout")
+        declare_failed(&server, &mut setup, map.volume_id, failed)
             .await
-            .unwrap_or_else(|e| panic!("report: {e}"));
-        // Reporting again joins the running recovery; another device must wait for it.
+            .unwrap_or_else(|e| panic!("recovery start: {e}"));
+        // Reporting now joins the running recovery; another device must wait for it.
         let again = setup
             .agent
             .report_failure(map.volume_id, failed, "timeout again")
             .await
             .unwrap_or_else(|e| panic!("second report: {e}"));
-        assert_eq!(again.device_uuid, failed);
-        if layout == Layout::Mirror {
-            let survivor = map.extents[0].replicas[1].device_uuid;
+        assert_eq!(again.status.map(|s| s.device_uuid), Some(failed));
+        let survivor = map.extents[0].replicas.last().map(|r| r.device_uuid);
+        let map = follow_start(&mut setup.agent, &map).await;
+        if let Some(survivor) = survivor.filter(|_| layout == Layout::Mirror) {
             let busy = setup
                 .agent
                 .report_failure(map.volume_id, survivor, "both?")
@@ -447,7 +513,6 @@ async fn writes_during_the_copy_reach_the_new_device() {
                 Some(ErrorCode::Busy)
             );
         }
-        let map = follow_start(&mut setup.agent, &map).await;
         // Wait until part of the volume is copied, then overwrite a copied range, a range not
         // copied yet, and a range straddling 8 MiB.
         let deadline = Instant::now() + WAIT;
@@ -627,11 +692,22 @@ async fn fail_back_is_refused_while_the_device_is_recovered_and_accepted_otherwi
         .await
         .unwrap_or_else(|e| panic!("report healed: {e}"));
     assert!(accepted, "{message}");
-    setup
+    // Reported, but the server reads the device: the client may fail back when its path heals.
+    report_readable_device(&server, &mut setup, map.volume_id, failed).await;
+    let (accepted, message) = setup
         .agent
-        .report_failure(map.volume_id, failed, "EIO")
+        .report_path_healed(map.volume_id, failed)
         .await
-        .unwrap_or_else(|e| panic!("report: {e}"));
+        .unwrap_or_else(|e| panic!("report healed: {e}"));
+    assert!(accepted, "{message}");
+    let healed = pool(&server).await;
+    assert!(
+        healed.iter().all(|d| d.path_failed_on.is_empty()),
+        "{healed:?}"
+    );
+    declare_failed(&server, &mut setup, map.volume_id, failed)
+        .await
+        .unwrap_or_else(|e| panic!("recovery start: {e}"));
     let map = follow_start(&mut setup.agent, &map).await;
     // While the volume is moved off the device, direct writes there would miss the copy.
     let (accepted, message) = setup
@@ -1125,16 +1201,9 @@ async fn bad_move_requests_are_refused_and_change_nothing() {
 async fn a_recovery_without_space_starts_when_a_device_is_added() {
     let server = TestServer::start();
     let size = 8 * MIB;
-    let mut setup = setup_on(&server, 1, Layout::Linear, size).await;
-    let data = pattern(50, size as usize);
-    let mut io = IoClient::session(&server, &setup.attached).await;
-    let map = setup.attached.map.clone();
-    io.write(&map, 0, &data).await;
+    let (mut setup, mut io, map, data) = written(&server, 1, Layout::Linear, size, 50).await;
     let failed = map.extents[0].replicas[0].device_uuid;
-    let report = setup
-        .agent
-        .report_failure(map.volume_id, failed, "EIO")
-        .await;
+    let report = declare_failed(&server, &mut setup, map.volume_id, failed).await;
     assert_refused(report, ErrorCode::NoSpace);
     assert!(recoveries(&server).await.is_empty());
     // The client keeps using the server path meanwhile.
@@ -1147,15 +1216,49 @@ async fn a_recovery_without_space_starts_when_a_device_is_added() {
     assert_data(&setup.devices, &recovered, &data);
 }
 
+/// What waits for space is kept in memory only; the failed mark is persisted, so a restarted
+/// server still recovers the volume once a device is added.
+#[tokio::test]
+async fn a_recovery_waiting_for_space_survives_a_server_restart() {
+    let mut server = TestServer::start();
+    let size = 8 * MIB;
+    let (mut setup, io, map, data) = written(&server, 1, Layout::Linear, size, 51).await;
+    let failed = map.extents[0].replicas[0].device_uuid;
+    let report = declare_failed(&server, &mut setup, map.volume_id, failed).await;
+    assert_refused(report, ErrorCode::NoSpace);
+    drop(setup);
+    drop(io);
+    assert!(server.stop(), "sand did not stop");
+    let restarted = TestServer::start_in(&server.dir);
+    let shown = pool(&restarted).await;
+    assert!(
+        shown
+            .iter()
+            .any(|d| d.uuid == failed && d.state == "failed"),
+        "{shown:?}"
+    );
+    add_spare(&restarted).await;
+    let deadline = Instant::now() + WAIT;
+    let recovered = loop {
+        let detail = volume_detail(&restarted).await;
+        if detail.map.syncing.is_empty() && !on_device(&detail.map, failed) {
+            break detail.map;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after the restart: {detail:?}\n{}",
+            restarted.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_data(&devices(&restarted).await, &recovered, &data);
+}
+
 #[tokio::test]
 async fn an_administrator_declares_a_device_failed_and_its_volumes_are_recovered() {
     let server = TestServer::start();
     let size = 8 * MIB;
-    let mut setup = setup(&server, Layout::Mirror, size).await;
-    let data = pattern(60, size as usize);
-    let mut io = IoClient::session(&server, &setup.attached).await;
-    let map = setup.attached.map.clone();
-    io.write(&map, 0, &data).await;
+    let (mut setup, _io, map, data) = written(&server, 3, Layout::Mirror, size, 60).await;
     let failing = map.extents[0].replicas[0].device_uuid;
     let started: Vec<RecoveryStatus> = server
         .admin()
@@ -1185,17 +1288,81 @@ async fn an_administrator_declares_a_device_failed_and_its_volumes_are_recovered
     assert_refused(unknown, ErrorCode::NotFound);
 }
 
+/// Makes the image of `device` unreadable for the server (every read past its new end fails).
+fn break_image(devices: &HashMap<uuid::Uuid, PathBuf>, device: uuid::Uuid) {
+    let image = &devices[&device];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .and_then(|f| f.set_len(0))
+        .unwrap_or_else(|e| panic!("{}: {e}", image.display()));
+}
+
+#[tokio::test]
+async fn a_reported_device_the_server_cannot_read_either_is_recovered() {
+    let server = TestServer::start();
+    let size = 8 * MIB;
+    let (mut setup, _io, map, data) = written(&server, 3, Layout::Mirror, size, 80).await;
+    let dead = map.extents[0].replicas[0].device_uuid;
+    break_image(&setup.devices, dead);
+    let reported = setup
+        .agent
+        .report_failure(map.volume_id, dead, "EIO")
+        .await
+        .unwrap_or_else(|e| panic!("report: {e}"));
+    let status = reported
+        .status
+        .unwrap_or_else(|| panic!("no recovery: {}", reported.message));
+    assert_eq!(status.device_uuid, dead);
+    assert!(
+        reported.message.contains("cannot read"),
+        "{}",
+        reported.message
+    );
+    let syncing = follow_start(&mut setup.agent, &map).await;
+    let recovered = wait_for_recovery(&mut setup.agent, syncing.epoch).await;
+    assert!(!on_device(&recovered, dead));
+    assert!(recovered.extents.iter().all(|e| e.replicas.len() == 2));
+    assert_data(&setup.devices, &recovered, &data);
+    let shown = pool(&server).await;
+    let shown = shown
+        .iter()
+        .find(|d| d.uuid == dead)
+        .unwrap_or_else(|| panic!("{dead} not in the pool"));
+    assert_eq!(shown.state, "failed");
+    assert!(shown.path_failed_on.is_empty());
+}
+
+#[tokio::test]
+async fn an_error_of_the_servers_own_io_declares_the_device_failed_and_recovers_it() {
+    let server = TestServer::start();
+    let size = 8 * MIB;
+    let (mut setup, mut io, map, data) = written(&server, 3, Layout::Mirror, size, 90).await;
+    // No client reports anything: the server-path read finds the first copy unreadable,
+    // serves the data from the other one, and declares the device failed.
+    let dead = map.extents[0].replicas[0].device_uuid;
+    break_image(&setup.devices, dead);
+    assert!(io.read(&map, 0, 65536).await == data[..65536]);
+    let syncing = follow_start(&mut setup.agent, &map).await;
+    let recovered = wait_for_recovery(&mut setup.agent, syncing.epoch).await;
+    assert!(!on_device(&recovered, dead));
+    assert_data(&setup.devices, &recovered, &data);
+    let statuses = recoveries(&server).await;
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s.device_uuid == dead && s.state == RecoveryState::Done),
+        "{statuses:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_mirror_without_a_spare_drops_its_dead_copy_and_remirrors_on_a_new_device() {
     let server = TestServer::start();
     let size = 8 * MIB;
-    let mut setup = setup_on(&server, 2, Layout::Mirror, size).await;
-    let mut data = pattern(70, size as usize);
-    let mut io = IoClient::session(&server, &setup.attached).await;
-    let map = setup.attached.map.clone();
-    io.write(&map, 0, &data).await;
+    let (mut setup, mut io, map, mut data) = written(&server, 2, Layout::Mirror, size, 70).await;
     let dead = map.extents[0].replicas[0].device_uuid;
-    let report = setup.agent.report_failure(map.volume_id, dead, "EIO").await;
+    let report = declare_failed(&server, &mut setup, map.volume_id, dead).await;
     assert_refused(report, ErrorCode::NoSpace);
     // Degraded in a new epoch: the surviving copy alone, so nothing waits on the dead one.
     let degraded = follow_change_to_map(&mut setup.agent, map.epoch).await;

@@ -372,7 +372,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     let lease = Duration::from_millis(map.lease_ms.max(3000));
     let mut renew = tokio::time::interval(lease / 3);
     renew.tick().await;
-    // Path failures the module reports are relayed to the server, which starts recovery.
+    // Path failures the module reports are relayed to the server, which checks the device.
     let (event_sender, mut events) = tokio::sync::mpsc::unbounded_channel();
     if let Err(e) = listen_events(event_sender) {
         eprintln!(
@@ -540,8 +540,9 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     }
 }
 
-/// Tells the server that the kernel lost its direct path to the device at `path`, so it
-/// starts recovering the volume's data onto another device.
+/// Tells the server that the kernel lost its direct path to the device at `path`. The server
+/// reads the device itself: if it can, this host's I/O to it keeps going through the server;
+/// if not, the server recovers the volume's data onto another device.
 async fn report_path_failure(
     client: &mut AgentClient,
     known_paths: &HashMap<String, Uuid>,
@@ -554,10 +555,7 @@ async fn report_path_failure(
     };
     let reason = format!("direct I/O to {path} failed on this host");
     match client.report_failure(volume_id, uuid, &reason).await {
-        Ok(status) => println!(
-            "reported failure of {uuid} ({path}): recovery {:?}",
-            status.state
-        ),
+        Ok(reported) => println!("reported failure of {uuid} ({path}): {}", reported.message),
         Err(e) => eprintln!("sanctl attach: cannot report the failure of {uuid}: {e}"),
     }
 }

@@ -22,6 +22,9 @@ pub enum PoolCommand {
         force: bool,
     },
     /// Show the pool's devices with size, free space and state.
+    #[command(
+        after_help = "STATE is online, failed (declared failed: its data is recovered off it) or missing (its\npath is gone). \"path failed on HOST...\": those clients' direct I/O to the device\nfailed while the server still reads it; their I/O goes through the server and nothing\nis moved. `sanctl recovery start DEVICE` moves the data off it.\n\nExample:\n  sanctl pool list\n  sanctl --json pool list"
+    )]
     List,
     /// Move every volume's data off a device (before taking it out of the SAN), live.
     #[command(
@@ -82,7 +85,11 @@ pub async fn run(command: PoolCommand, context: &mut Context) -> Result<(), CliE
                         format_size(d.size_bytes),
                         format_size(d.capacity_bytes),
                         format_size(d.free_bytes),
-                        d.state.clone(),
+                        if d.path_failed_on.is_empty() {
+                            d.state.clone()
+                        } else {
+                            format!("{}, path failed on {}", d.state, d.path_failed_on.join(" "))
+                        },
                     ]
                 })
                 .collect();

@@ -15,7 +15,7 @@ pub enum RecoveryCommand {
     List,
     /// Declare a device failed and recover every volume's data off it, live.
     #[command(
-        after_help = "For a device that is failing but still readable by the server (clients recover off a\ndevice they report failed by themselves). Mirrored extents are copied from their other\ncopy, the rest from the device through the server's own path; clients' writes go\nthrough the server during the copy.\n\nExample:\n  sanctl recovery start /srv/san/disk0.img"
+        after_help = "For a device that is failing but still readable by the server. A client's report of a\nfailed path alone moves nothing while the server reads the device (that client's I/O\ngoes through the server; `pool list` shows it); the server declares a device failed by\nitself when its own I/O to it fails. Mirrored extents are copied from their other copy,\nthe rest from the device through the server's own path; clients' writes go through the\nserver during the copy.\n\nExample:\n  sanctl recovery start /srv/san/disk0.img"
     )]
     Start {
         /// The device (its path or UUID, as `pool list` shows).

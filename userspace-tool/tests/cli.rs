@@ -292,6 +292,22 @@ fn recovery_list_and_volume_show_draw_progress() {
             .unwrap_or_else(|e| panic!("{e}"));
         runtime.block_on(follow_as_agent(address, secret, device))
     });
+    // The server reads the device itself, so the report alone moves nothing: `pool list`
+    // shows the client's failed path, and the administrator declares the device failed.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let pool = ok(socket, &["pool", "list"]);
+        if pool.contains("online, path failed on host1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no path failure shown: {pool}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(json(socket, &["recovery", "list"]), serde_json::json!([]));
+    ok(
+        socket,
+        &["recovery", "start", &device.to_string(), "--no-wait"],
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let list = json(socket, &["recovery", "list"]);
@@ -313,7 +329,7 @@ fn recovery_list_and_volume_show_draw_progress() {
     assert!(shown.contains("recovery done (device"), "{shown}");
 }
 
-/// Attaches `v` as host1, reports `device` failed, then answers the recovery's changes
+/// Attaches `v` as host1, reports its path to `device` failed, then answers the recovery's changes
 /// (quiesce, new map) as a real agent does until the server goes away.
 async fn follow_as_agent(address: std::net::SocketAddr, secret: Vec<u8>, device: uuid::Uuid) {
     let mut agent = AgentClient::connect(address, "host1", &secret)

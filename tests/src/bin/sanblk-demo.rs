@@ -1,8 +1,11 @@
 //! `make demo`: a server on the host with two image files as SAN disks, one QEMU client guest
 //! running the real module. The guest attaches a volume through the agent, writes and reads
 //! it, and shows `sanctl status`; the host shows the server's view. Then the volume's SAN disk
-//! fails under load (dm-error inside the guest): I/O is redirected to the server, the server
-//! recovers the volume onto the spare disk with progress reports, and direct I/O resumes there.
+//! fails under load (dm-error inside the guest): I/O is redirected to the server and the
+//! agent reports the failure; the server still reads the disk, so that alone moves nothing
+//! (`pool list` shows the client's failed path) until the host declares the disk failed with
+//! `sanctl recovery start`: the server recovers the volume onto the spare disk with progress
+//! reports, and direct I/O resumes there.
 //! Last, with fio writing and verifying in the guest, the host moves the volume live onto a
 //! third disk with `sanctl volume move` (its progress bar on the terminal). Then the client
 //! is partitioned (its agent stopped): its kernel holds I/O once its lease lapses, the host
@@ -84,7 +87,7 @@ dmsetup reload san0 --table "0 $SECTORS error"
 dmsetup resume san0
 dd if=/tmp/more of=$dev bs=1M seek=32 oflag=direct status=none && echo "writer finished without an error"
 $S status
-for i in $(seq 1 300); do grep -q "now at epoch" agent.txt && break; sleep 0.2; done
+for i in $(seq 1 900); do grep -q "now at epoch 3" agent.txt && break; sleep 0.2; done
 echo "== guest: agent log (failure reported, recovery progress, new epoch)"
 cat agent.txt
 echo "== guest: sanctl status after recovery (direct I/O on the spare disk)"
@@ -137,6 +140,33 @@ dmsetup remove san0
     println!("== booting the client guest (QEMU, TCG; a few minutes)");
     let vm = spawn(&config).map_err(|e| format!("{e:?}"))?;
     let log_dir = vm.log_dir().to_path_buf();
+    let san0 = images[0].display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !server
+        .pool()
+        .iter()
+        .any(|d| d.path == san0 && !d.path_failed_on.is_empty())
+    {
+        if Instant::now() > deadline {
+            return Err("the guest's agent did not report san0's path failed".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "== host: the client reported its path to san0 failed; the server still reads san0, so \
+         the client's I/O goes through the server and nothing moves yet"
+    );
+    print!("{}", server.sanctl(&["pool", "list"]));
+    println!("== host: sanctl recovery start san0 (the administrator declares it failed)");
+    let recovered = Command::new(target_bin("sanctl"))
+        .arg("--admin-socket")
+        .arg(&server.admin_socket)
+        .args(["recovery", "start", &san0])
+        .status()
+        .map_err(|e| format!("sanctl: {e}"))?;
+    if !recovered.success() {
+        return Err(format!("recovery start failed: {recovered}"));
+    }
     wait_for(&log_dir.join("move.ready"), Duration::from_secs(240))?;
     // The recovery went to san1, the only spare then; san2 joins the pool now.
     print!(

@@ -30,7 +30,8 @@ use clap::Parser;
 use sanblk_proto::client::{AdminClient, AgentClient, Push};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{
-    ClientAdd, ClientCreated, ClientGrant, PoolAdd, RecoveryState, VolumeCreate, VolumeMove,
+    ClientAdd, ClientCreated, ClientGrant, PoolAdd, RecoveryStart, RecoveryState, RecoveryStatus,
+    VolumeCreate, VolumeMove,
 };
 use sanblk_uapi::frame::{
     Op, ReplyHeader, RequestHeader, MAX_PAYLOAD, REPLY_HEADER_LEN, REQUEST_HEADER_LEN,
@@ -294,10 +295,17 @@ async fn rebuild_once(args: &Args, dir: &Path, size: u64, data: &[u8]) -> anyhow
             })
             .await?
     } else {
-        served
-            .agent
-            .report_failure(volume_id, device, "sand-iobench --rebuild")
-            .await?
+        // A client's report alone moves nothing while the server reads the device.
+        let statuses: Vec<RecoveryStatus> = served
+            .admin
+            .call(RecoveryStart {
+                device: device.to_string(),
+            })
+            .await?;
+        statuses
+            .into_iter()
+            .find(|s| s.volume_id == volume_id)
+            .ok_or_else(|| anyhow!("recovery start did not start the volume's recovery"))?
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
     loop {

@@ -2,7 +2,7 @@
 //! status of every recovery since the server started, with each change broadcast to the
 //! agent connections.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
@@ -33,6 +33,8 @@ pub struct Recoveries {
     events: broadcast::Sender<RecoveryStatus>,
     /// What found no space, by volume; started again when a device joins the pool.
     waiting_for_space: Mutex<HashMap<u64, WaitingForSpace>>,
+    /// Clients whose direct path to a device failed while the server still read it, by device.
+    path_failures: Mutex<HashMap<Uuid, BTreeSet<String>>>,
 }
 
 impl Recoveries {
@@ -42,7 +44,44 @@ impl Recoveries {
             statuses: Mutex::new(HashMap::new()),
             events: broadcast::channel(RECOVERY_EVENT_BACKLOG).0,
             waiting_for_space: Mutex::new(HashMap::new()),
+            path_failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn path_failure_table(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, BTreeSet<String>>> {
+        self.path_failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers that `client`'s direct path to `device` failed (the server's did not).
+    pub fn note_path_failure(&self, device: Uuid, client: String) {
+        self.path_failure_table()
+            .entry(device)
+            .or_default()
+            .insert(client);
+    }
+
+    /// `client`'s path to `device` works again.
+    pub fn clear_path_failure(&self, device: Uuid, client: &str) {
+        let mut table = self.path_failure_table();
+        if let Some(clients) = table.get_mut(&device) {
+            clients.remove(client);
+            if clients.is_empty() {
+                table.remove(&device);
+            }
+        }
+    }
+
+    /// The device is being recovered: its path failures no longer matter.
+    pub fn clear_path_failures(&self, device: Uuid) {
+        self.path_failure_table().remove(&device);
+    }
+
+    /// Clients whose direct path to `device` failed, by name.
+    pub fn path_failures(&self, device: Uuid) -> Vec<String> {
+        self.path_failure_table()
+            .get(&device)
+            .map(|clients| clients.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Remembers a relocation of `volume_id` that could not start for lack of space.

@@ -36,7 +36,7 @@ use crate::allocator::AllocError;
 
 pub use changes::{ChangeKind, ChangeRecord, ChangeStep};
 pub use clients::Grant;
-pub use pool::DeviceRecord;
+pub use pool::{DeviceRecord, DEVICE_FAILED};
 pub use recovery::{RecoveryRecord, RecoverySegment, RelocationRequest};
 pub use sessions::SessionRecord;
 pub use volumes::VolumeRecord;
