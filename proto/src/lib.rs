@@ -13,5 +13,6 @@ pub mod auth;
 pub mod client;
 pub mod label;
 pub mod map;
+pub mod nbd;
 pub mod protocol;
 pub mod unix_path;

@@ -555,6 +555,10 @@ pub enum AdminRequest {
     MirrorAdd(MirrorAdd),
     MirrorRemove(MirrorRemove),
     RecoveryStart(RecoveryStart),
+    SnapshotCreate(SnapshotCreate),
+    SnapshotList(SnapshotList),
+    SnapshotDelete(SnapshotDelete),
+    SnapshotDiff(SnapshotDiff),
 }
 
 /// Label a device and add it to the pool.
@@ -671,6 +675,80 @@ pub struct MirrorRemove {
     pub device: String,
 }
 
+/// Take a snapshot of a volume (through the change protocol, so every host starts copying at
+/// the same point).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotCreate {
+    pub volume: String,
+    pub name: String,
+    /// Chunk size in bytes (a power of two, 4 KiB to 1 MiB); default 64 KiB.
+    #[serde(default)]
+    pub chunk_bytes: Option<u32>,
+    /// Size of the COW store in bytes; default a quarter of the volume.
+    #[serde(default)]
+    pub cow_bytes: Option<u64>,
+}
+
+/// The snapshots of a volume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotList {
+    pub volume: String,
+}
+
+/// Drop a snapshot and free its COW store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotDelete {
+    pub volume: String,
+    pub name: String,
+}
+
+/// The chunks changed between snapshot `from` and snapshot `to` (taken later) of a volume,
+/// from chunk `start_chunk` on (the reply says where the next page starts).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotDiff {
+    pub volume: String,
+    pub from: String,
+    pub to: String,
+    #[serde(default)]
+    pub start_chunk: u64,
+}
+
+/// A snapshot as `snapshot list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub volume: String,
+    /// `active` or `invalid`.
+    pub state: String,
+    /// Why it is invalid.
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub created_unix: u64,
+    /// The volume epoch that published it.
+    pub epoch: u64,
+    /// The volume's size when it was taken (the snapshot's size).
+    pub size_bytes: u64,
+    pub chunk_bytes: u32,
+    pub cow_bytes: u64,
+    /// Bytes of the COW store holding copied chunks.
+    pub cow_used_bytes: u64,
+    /// Chunks written since the snapshot was taken.
+    pub changed_chunks: u64,
+    /// The NBD export name of the snapshot (`VOLUME@SNAPSHOT`).
+    pub export: String,
+    /// The server's NBD socket that exports it.
+    pub nbd_socket: String,
+}
+
+/// One page of changed chunks (ascending chunk numbers of `chunk_bytes` each).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotChanges {
+    pub chunk_bytes: u32,
+    pub chunks: Vec<u64>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_chunk: Option<u64>,
+}
+
 /// Pairs each request with its `AdminRequest` variant (same name) and its reply type.
 macro_rules! admin_calls {
     ($($request:ident => $reply:ty,)*) => {$(
@@ -707,6 +785,10 @@ admin_calls! {
     MirrorAdd => RecoveryStatus,
     MirrorRemove => VolumeMap,
     RecoveryStart => Vec<RecoveryStatus>,
+    SnapshotCreate => SnapshotInfo,
+    SnapshotList => Vec<SnapshotInfo>,
+    SnapshotDelete => SnapshotInfo,
+    SnapshotDiff => SnapshotChanges,
 }
 
 /// The answer to an admin request whose reply is a `T`.

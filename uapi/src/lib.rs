@@ -6,6 +6,7 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+pub mod cow;
 pub mod frame;
 pub mod map;
 pub mod netlink;

@@ -19,9 +19,10 @@ use sanblk_proto::protocol::{
     encode_frame, write_frame, AdminCall, AdminReply, AdminRequest, ClientAdd, ClientAttachment,
     ClientCreated, ClientGrant, ClientInfo, ClientList, ClientRemove, ClientRemoved, ClientRevoke,
     DeviceInfo, ErrorBody, ErrorCode, FrameError, FrameReader, GrantedVolume, MirrorAdd,
-    MirrorRemove, PoolAdd, PoolEvacuate, PoolList, RecoveryList, RecoveryStart, VolumeCreate,
-    VolumeDelete, VolumeDeleted, VolumeDetail, VolumeGrow, VolumeList, VolumeMove, VolumeShow,
-    VolumeSummary, MAX_LISTED_ATTACHMENTS,
+    MirrorRemove, PoolAdd, PoolEvacuate, PoolList, RecoveryList, RecoveryStart, SnapshotCreate,
+    SnapshotDelete, SnapshotDiff, SnapshotList, VolumeCreate, VolumeDelete, VolumeDeleted,
+    VolumeDetail, VolumeGrow, VolumeList, VolumeMove, VolumeShow, VolumeSummary,
+    MAX_LISTED_ATTACHMENTS,
 };
 
 use crate::labelling;
@@ -29,6 +30,7 @@ use crate::log_text::peer_text;
 use crate::relocation_admin;
 use crate::secrets;
 use crate::service_error::ServiceResult;
+use crate::snapshot_admin;
 use crate::state::{blocking, ServerState};
 use crate::store::{DeviceRecord, StoreResult};
 
@@ -143,6 +145,18 @@ async fn handle(request: AdminRequest, state: &Arc<ServerState>) -> Result<Vec<u
         }
         AdminRequest::RecoveryStart(request) => {
             reply_frame::<RecoveryStart>(relocation_admin::recovery_start(request, state).await)
+        }
+        AdminRequest::SnapshotCreate(request) => {
+            reply_frame::<SnapshotCreate>(snapshot_admin::snapshot_create(request, state).await)
+        }
+        AdminRequest::SnapshotList(request) => {
+            reply_frame::<SnapshotList>(snapshot_admin::snapshot_list(request, state).await)
+        }
+        AdminRequest::SnapshotDelete(request) => {
+            reply_frame::<SnapshotDelete>(snapshot_admin::snapshot_delete(request, state).await)
+        }
+        AdminRequest::SnapshotDiff(request) => {
+            reply_frame::<SnapshotDiff>(snapshot_admin::snapshot_diff(request, state).await)
         }
     }
 }

@@ -75,6 +75,18 @@ pub async fn run(
     kind: ChangeKind,
     committed: impl FnOnce(&VolumeRecord),
 ) -> ServiceResult<VolumeRecord> {
+    run_completing(state, volume_id, kind, |_, _| Ok(()), committed).await
+}
+
+/// [`run`], with `complete` filling in the change (blocking) once every client is quiesced,
+/// just before the commit: what only a quiet volume shows (a snapshot's copied chunks).
+pub async fn run_completing(
+    state: &Arc<ServerState>,
+    volume_id: u64,
+    kind: ChangeKind,
+    complete: impl FnOnce(&ServerState, &mut ChangeKind) -> ServiceResult<()> + Send + 'static,
+    committed: impl FnOnce(&VolumeRecord),
+) -> ServiceResult<VolumeRecord> {
     // Changes of one volume run one after the other: a change waits at most for the
     // clients' leases twice, so the one before it ends within a bounded time.
     let queued = Instant::now();
@@ -113,8 +125,13 @@ pub async fn run(
         started.elapsed()
     );
     crash_point("change:after-quiesce");
-    let commit = change.clone();
-    let record = match blocking(state, move |s| s.store.commit_change(&commit)).await {
+    let mut commit = change.clone();
+    let record = match blocking(state, move |s| {
+        complete(s, &mut commit.kind)?;
+        s.store.commit_change(&commit).map_err(ErrorBody::from)
+    })
+    .await
+    {
         Ok(record) => record,
         Err(error) => {
             rollback(state, &change).await;

@@ -23,6 +23,7 @@ pub const DEFAULT_MAX_DEVICE_OPS_PER_SESSION: usize = 4;
 /// port 0).
 pub const AGENT_ADDRESS_FILE: &str = "agent.addr";
 pub const ADMIN_SOCKET_FILE: &str = "admin.sock";
+pub const NBD_SOCKET_FILE: &str = "nbd.sock";
 pub const SECRETS_FILE: &str = "secrets.redb";
 
 /// Command-line flags of `sand`. Every flag overrides the same key of the config file.
@@ -31,7 +32,7 @@ pub const SECRETS_FILE: &str = "secrets.redb";
     name = "sand",
     version,
     about = "sanblk server: storage pool, volumes, clients and volume maps",
-    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n  sand --config /etc/sand.toml --recovery-max-rate 200M   # cap rebuild copying at 200 MiB/s\n\nConfig file keys (TOML): listen, io_listen, metadata_dir, secrets_file, admin_socket,\nhandshake_timeout_ms, frame_timeout_ms, max_handshakes_per_peer, max_connections_per_session,\nmax_device_ops_per_session, lease_ms, recovery_max_rate. Logging: RUST_LOG=debug."
+    after_help = "Examples:\n  sand --metadata-dir /var/lib/sand --listen 0.0.0.0:7700\n  sand --config /etc/sand.toml\n  sand --config /etc/sand.toml --recovery-max-rate 200M   # cap rebuild copying at 200 MiB/s\n\nConfig file keys (TOML): listen, io_listen, metadata_dir, secrets_file, admin_socket,\nnbd_socket, handshake_timeout_ms, frame_timeout_ms, max_handshakes_per_peer, max_connections_per_session,\nmax_device_ops_per_session, lease_ms, recovery_max_rate. Logging: RUST_LOG=debug."
 )]
 pub struct Flags {
     /// TOML configuration file.
@@ -54,6 +55,10 @@ pub struct Flags {
     /// Admin Unix socket, mode 0600 (default METADATA_DIR/admin.sock).
     #[arg(long)]
     pub admin_socket: Option<PathBuf>,
+    /// Unix socket (mode 0600, root only) exporting every snapshot read-only over NBD, as
+    /// `VOLUME@SNAPSHOT` (default: next to the admin socket, `nbd.sock`).
+    #[arg(long)]
+    pub nbd_socket: Option<PathBuf>,
     /// How long an unauthenticated connection may take to authenticate.
     #[arg(long)]
     pub handshake_timeout_ms: Option<u64>,
@@ -93,6 +98,7 @@ struct FileConfig {
     metadata_dir: Option<PathBuf>,
     secrets_file: Option<PathBuf>,
     admin_socket: Option<PathBuf>,
+    nbd_socket: Option<PathBuf>,
     handshake_timeout_ms: Option<u64>,
     frame_timeout_ms: Option<u64>,
     max_handshakes_per_peer: Option<u64>,
@@ -129,6 +135,7 @@ pub struct Config {
     pub metadata_dir: PathBuf,
     pub secrets_file: PathBuf,
     pub admin_socket: PathBuf,
+    pub nbd_socket: PathBuf,
     pub handshake_timeout: Duration,
     pub frame_timeout: Duration,
     /// Unauthenticated connections per source address and port.
@@ -187,6 +194,14 @@ impl Config {
                 .or(file.max_device_ops_per_session),
             DEFAULT_MAX_DEVICE_OPS_PER_SESSION,
         )?;
+        let admin_socket = flags
+            .admin_socket
+            .or(file.admin_socket)
+            .unwrap_or_else(|| metadata_dir.join(ADMIN_SOCKET_FILE));
+        let nbd_socket = flags
+            .nbd_socket
+            .or(file.nbd_socket)
+            .unwrap_or_else(|| admin_socket.with_file_name(NBD_SOCKET_FILE));
         Ok(Config {
             listen,
             max_handshakes_per_peer,
@@ -200,10 +215,8 @@ impl Config {
                 .secrets_file
                 .or(file.secrets_file)
                 .unwrap_or_else(|| metadata_dir.join(SECRETS_FILE)),
-            admin_socket: flags
-                .admin_socket
-                .or(file.admin_socket)
-                .unwrap_or_else(|| metadata_dir.join(ADMIN_SOCKET_FILE)),
+            admin_socket,
+            nbd_socket,
             handshake_timeout: Duration::from_millis(
                 flags
                     .handshake_timeout_ms

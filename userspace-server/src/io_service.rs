@@ -596,7 +596,30 @@ impl IoService {
                     None => (pieces, Vec::new()),
                 };
                 let volume_id = header.volume_id;
+                let (epoch, offset, extents, active) = (
+                    record.epoch,
+                    header.offset,
+                    record.extents.clone(),
+                    gate.recovery(),
+                );
                 self.device_op(limits, move || {
+                    // A chunk's point-in-time content is kept before its first write.
+                    let read_origin = |at: u64, target: &mut [u8]| {
+                        let pieces = plan(&extents, at, target.len() as u64)
+                            .ok_or_else(|| io::Error::other("origin range not mapped"))?;
+                        let pieces = match &active {
+                            Some(active) => recovery_gate::read_plan(pieces, active),
+                            None => pieces,
+                        };
+                        service.devices.read(&pieces, target)
+                    };
+                    service.state.snapshots.before_write(
+                        volume_id,
+                        epoch,
+                        offset,
+                        length,
+                        &read_origin,
+                    )?;
                     service.devices.write(&required, &buf, fua)?;
                     if !best_effort.is_empty() {
                         if let Err(error) = service.devices.write(&best_effort, &buf, fua) {

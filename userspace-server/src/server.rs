@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,6 +18,7 @@ use crate::admin::serve_admin_connection;
 use crate::agent_service::serve_agent_connection;
 use crate::config::{Config, AGENT_ADDRESS_FILE};
 use crate::io_service::{self, IoService};
+use crate::snapshot_export::SnapshotExports;
 use crate::state::ServerState;
 use crate::store::Store;
 
@@ -72,7 +74,21 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         config.admin_socket.display()
     );
 
+    if config.nbd_socket.exists() {
+        std::fs::remove_file(&config.nbd_socket)
+            .with_context(|| format!("removing stale {}", config.nbd_socket.display()))?;
+    }
+    // Mode 0600 like the admin socket; the NBD service also checks the peer's uid.
+    let nbd_listener = bind_admin_socket(&config.nbd_socket)
+        .with_context(|| format!("binding NBD socket {}", config.nbd_socket.display()))?;
+    info!(
+        "snapshots exported over NBD on {}",
+        config.nbd_socket.display()
+    );
+    crate::snapshot::drop_pending(&store).map_err(|e| anyhow::anyhow!("{e}"))?;
+
     let admin_socket = config.admin_socket.clone();
+    let nbd_socket = config.nbd_socket.clone();
     // Attach replies tell agents the address actually bound (an ephemeral port included).
     let mut config = config;
     config.io_listen = io_address;
@@ -104,6 +120,19 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     tokio::spawn(async move {
         io.serve(io_listener, io_shutdown).await;
         drop(io_alive);
+    });
+    let (exports, nbd_shutdown, nbd_alive) = (
+        Arc::new(SnapshotExports {
+            state: state.clone(),
+        }),
+        shutdown.clone(),
+        task_alive.clone(),
+    );
+    tokio::spawn(async move {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let own_uid = unsafe { libc::geteuid() };
+        crate::nbd::serve(nbd_listener, exports, own_uid, nbd_shutdown).await;
+        drop(nbd_alive);
     });
     // After the I/O service is up: resumed jobs register with the volumes' write gates.
     if let Err(error) = crate::recovery::resume_all(&state).await {
@@ -155,6 +184,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         error!("connections did not close within {SHUTDOWN_GRACE:?}");
     }
     let _ = std::fs::remove_file(&admin_socket);
+    let _ = std::fs::remove_file(&nbd_socket);
     info!("stopped");
     Ok(())
 }

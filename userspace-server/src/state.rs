@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 use log::{error, info};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use sanblk_proto::map::{AccessMode, VolumeMap, IN_FLIGHT_BOUND_MS};
+use sanblk_proto::map::{AccessMode, ByteRange, VolumeMap, IN_FLIGHT_BOUND_MS};
 use sanblk_proto::protocol::{
     encode_map_update, AgentReply, AttachmentInfo, ErrorBody, ErrorCode, Quiesce, Resume,
 };
 
 use crate::config::Config;
 use crate::service_error::ServiceResult;
-use crate::store::{Grant, SessionRecord, Store, VolumeRecord};
+use crate::snapshot::Snapshots;
+use crate::store::{Grant, SessionRecord, SnapshotState, Store, VolumeRecord};
 
 pub use admission::{HandshakePool, Refusal};
 pub use recoveries::{Recoveries, WaitingForSpace};
@@ -154,6 +155,8 @@ pub struct ServerState {
     /// The one state lock (as in mini-redis): attachments, connections, sessions, maps.
     live: Mutex<Live>,
     pub recoveries: Recoveries,
+    /// The volumes' active snapshot stores.
+    pub snapshots: Snapshots,
     session_commits: SessionCommits,
 }
 
@@ -166,8 +169,10 @@ pub struct AttachGrant {
 impl ServerState {
     pub fn new(store: Store, config: Config) -> Arc<ServerState> {
         let per_peer = config.max_handshakes_per_peer;
+        let store = Arc::new(store);
         Arc::new(ServerState {
-            store: Arc::new(store),
+            snapshots: Snapshots::new(store.clone()),
+            store,
             config,
             admission: Admission {
                 agent_handshakes: HandshakePool::new("agent", MAX_PENDING_HANDSHAKES, per_peer),
@@ -783,6 +788,19 @@ impl ServerState {
         let mut map = record.map(self.config.lease_ms);
         if let Some(relocation) = self.store.recovery(record.id)? {
             map.syncing = relocation.syncing_ranges(&record.extents);
+        }
+        // Writes go through the server while a snapshot is active: it copies each chunk
+        // before its first write.
+        if self
+            .store
+            .snapshots_of(record.id)?
+            .iter()
+            .any(|s| s.state == SnapshotState::Active)
+        {
+            map.syncing = vec![ByteRange {
+                volume_offset: 0,
+                length: record.size_bytes,
+            }];
         }
         Ok(map)
     }

@@ -9,11 +9,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::io_client::IoClient;
 use common::sand_log::last_resume_cursor;
 use common::{follow_change_to_map, TestServer, MIB, RECOVERY_MAX_RATE};
 use sanblk_proto::client::{AgentClient, Push};
@@ -23,9 +23,7 @@ use sanblk_proto::protocol::{
     RecoveryList, RecoveryStart, RecoveryState, RecoveryStatus, VolumeCreate, VolumeDetail,
     VolumeMove, VolumeShow,
 };
-use sanblk_uapi::frame::{Op, ReplyHeader, RequestHeader, REPLY_HEADER_LEN, REQUEST_HEADER_LEN};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use sanblk_uapi::frame::{Op, RequestHeader};
 
 const POOL_DEVICE_BYTES: u64 = 64 * MIB;
 const WAIT: Duration = Duration::from_secs(20);
@@ -89,93 +87,6 @@ fn pattern(seed: u64, length: usize) -> Vec<u8> {
     (0..length)
         .map(|i| ((i as u64).wrapping_mul(31) ^ seed.wrapping_mul(0x9e37_79b9)) as u8)
         .collect()
-}
-
-/// A minimal server-path client (what the kmod's TCP path does).
-struct IoClient {
-    stream: TcpStream,
-}
-
-impl IoClient {
-    async fn session(server: &TestServer, attached: &Attachment) -> IoClient {
-        let text = std::fs::read_to_string(server.metadata_dir.join("io.addr"))
-            .unwrap_or_else(|e| panic!("io.addr: {e}"));
-        let address: SocketAddr = text
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("io.addr: {e}"));
-        let stream = TcpStream::connect(address)
-            .await
-            .unwrap_or_else(|e| panic!("io connect: {e}"));
-        let mut client = IoClient { stream };
-        let token = hex::decode(&attached.session_token).unwrap_or_else(|e| panic!("{e}"));
-        let hello = RequestHeader::hello(0, 0, token.len() as u32);
-        assert_eq!(client.call(&hello, &token).await, 0, "hello refused");
-        client
-    }
-
-    async fn call(&mut self, header: &RequestHeader, payload: &[u8]) -> i32 {
-        self.call_for_data(header, payload).await.0
-    }
-
-    /// Reads `length` bytes at `offset`; panics on an error status.
-    async fn read(&mut self, map: &VolumeMap, offset: u64, length: u32) -> Vec<u8> {
-        let header = RequestHeader {
-            op: Op::Read,
-            flags: 0,
-            handle: offset + 7,
-            volume_id: map.volume_id,
-            epoch: map.epoch,
-            offset,
-            length,
-        };
-        let (status, data) = self.call_for_data(&header, &[]).await;
-        assert_eq!(status, 0, "read at {offset}");
-        data
-    }
-
-    async fn call_for_data(&mut self, header: &RequestHeader, payload: &[u8]) -> (i32, Vec<u8>) {
-        let mut raw = [0u8; REQUEST_HEADER_LEN];
-        header.encode(&mut raw);
-        self.stream
-            .write_all(&raw)
-            .await
-            .unwrap_or_else(|e| panic!("send: {e}"));
-        self.stream
-            .write_all(payload)
-            .await
-            .unwrap_or_else(|e| panic!("send: {e}"));
-        let mut raw = [0u8; REPLY_HEADER_LEN];
-        tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut raw))
-            .await
-            .unwrap_or_else(|_| panic!("no reply to {header:?}"))
-            .unwrap_or_else(|e| panic!("reply: {e}"));
-        let reply = ReplyHeader::decode(&raw).unwrap_or_else(|e| panic!("{}", e.message()));
-        let mut data = vec![0u8; reply.length as usize];
-        self.stream
-            .read_exact(&mut data)
-            .await
-            .unwrap_or_else(|e| panic!("reply data: {e}"));
-        assert_eq!(reply.handle, header.handle);
-        (reply.status, data)
-    }
-
-    /// Writes `data` at `offset` in 1 MiB frames; panics on any error status.
-    async fn write(&mut self, map: &VolumeMap, offset: u64, data: &[u8]) {
-        for (index, chunk) in data.chunks(MIB as usize).enumerate() {
-            let at = offset + index as u64 * MIB;
-            let header = RequestHeader {
-                op: Op::Write,
-                flags: 0,
-                handle: at + 1,
-                volume_id: map.volume_id,
-                epoch: map.epoch,
-                offset: at,
-                length: chunk.len() as u32,
-            };
-            assert_eq!(self.call(&header, chunk).await, 0, "write at {at}");
-        }
-    }
 }
 
 /// A server with three pool devices, a volume of `layout` and an attached rw agent.

@@ -13,6 +13,7 @@
 //! 3. `agent`: `sanctl attach`, `detach`, `status`.
 
 mod agent;
+mod backup_cmd;
 mod client_cmd;
 mod context;
 mod grow_cmd;
@@ -22,6 +23,7 @@ mod output;
 mod pool;
 mod recovery_cmd;
 mod relocation_cmd;
+mod snapshot_cmd;
 mod volume;
 
 use std::path::PathBuf;
@@ -68,6 +70,15 @@ enum Command {
     /// Recoveries: volumes being moved off failed devices, with progress.
     #[command(subcommand)]
     Recovery(recovery_cmd::RecoveryCommand),
+    /// Snapshots: create, list, delete, diff.
+    #[command(subcommand)]
+    Snapshot(snapshot_cmd::SnapshotCommand),
+    /// Copy a snapshot into an image file over NBD: in full, or only what changed since an
+    /// earlier snapshot (`--since`) into the image holding it. Run on the server host.
+    #[command(
+        after_help = "Examples:\n  sanctl backup db1 monday --to /backup/db1.img\n  sanctl backup db1 tuesday --to /backup/db1.img --since monday\n\nShows a progress bar and the throughput. A backup that stops midway is run again as it\nwas; it never changes the snapshot. The image's snapshot is recorded in\nIMAGE.sanblk-backup.json once the copy is complete."
+    )]
+    Backup(backup_cmd::BackupArgs),
     /// Client agent: attach a volume on this host and keep it up to date (runs until detached).
     #[command(
         after_help = "Example:\n  sanctl attach db1 --server san1:7700 --client host1 --secret-file /etc/sanblk/host1.secret &\n\nPrints the block device (/dev/sanblkN) once attached; `sanctl detach db1` stops it."
@@ -92,6 +103,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Volume(command) => volume::run(command, &mut context).await,
         Command::Client(command) => client_cmd::run(command, &mut context).await,
         Command::Recovery(command) => recovery_cmd::run(command, &mut context).await,
+        Command::Snapshot(command) => snapshot_cmd::run(command, &mut context).await,
+        Command::Backup(args) => backup_cmd::backup(args, &mut context).await,
         Command::Attach(args) => agent::attach(args).await,
         Command::Detach(args) => agent::detach(args).await,
         Command::Status(args) => agent::status(&context, &args),

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::recovery::RelocationRequest;
+use super::snapshots::TakenAfter;
 use super::volumes::VolumeRecord;
 use super::{decode_all, encode, Store, StoreError, StoreResult, CHANGES, VOLUMES};
 
@@ -25,6 +26,17 @@ pub enum ChangeKind {
     CancelRelocation,
     /// Drop the replicas on this device from every mirrored extent.
     MirrorRemove { device: Uuid },
+    /// Take a pending snapshot: from the new epoch on, writers copy into its store.
+    SnapshotTake {
+        snapshot_id: u64,
+        created_unix: u64,
+        /// What the active snapshots had copied when it was taken, read while the clients
+        /// were quiesced (filled in just before the commit).
+        #[serde(default)]
+        taken: TakenAfter,
+    },
+    /// Drop a snapshot and free its store.
+    SnapshotDrop { snapshot_id: u64 },
 }
 
 impl std::fmt::Display for ChangeKind {
@@ -35,6 +47,10 @@ impl std::fmt::Display for ChangeKind {
             ChangeKind::FinishRelocation => f.write_str("finish relocation"),
             ChangeKind::CancelRelocation => f.write_str("cancel relocation"),
             ChangeKind::MirrorRemove { device } => write!(f, "remove mirror leg on {device}"),
+            ChangeKind::SnapshotTake { snapshot_id, .. } => {
+                write!(f, "take snapshot {snapshot_id}")
+            }
+            ChangeKind::SnapshotDrop { snapshot_id } => write!(f, "drop snapshot {snapshot_id}"),
         }
     }
 }
@@ -139,6 +155,14 @@ fn apply_in(
         }
         ChangeKind::MirrorRemove { device } => {
             super::recovery::mirror_remove_in(txn, volume_id, *device)
+        }
+        ChangeKind::SnapshotTake {
+            snapshot_id,
+            created_unix,
+            taken,
+        } => super::snapshots::take_snapshot_in(txn, volume_id, *snapshot_id, taken, *created_unix),
+        ChangeKind::SnapshotDrop { snapshot_id } => {
+            super::snapshots::drop_snapshot_in(txn, volume_id, *snapshot_id)
         }
     }
 }

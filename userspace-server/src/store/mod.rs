@@ -21,6 +21,7 @@ mod clients;
 mod pool;
 mod recovery;
 mod sessions;
+mod snapshots;
 #[cfg(test)]
 mod testing;
 mod volumes;
@@ -39,6 +40,7 @@ pub use clients::Grant;
 pub use pool::{DeviceRecord, DEVICE_FAILED};
 pub use recovery::{RecoveryRecord, RecoverySegment, RelocationRequest};
 pub use sessions::SessionRecord;
+pub use snapshots::{SnapshotRecord, SnapshotState, TakenAfter};
 pub use volumes::VolumeRecord;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -55,6 +57,8 @@ const SESSION_KEYS: TableDefinition<&str, &str> = TableDefinition::new("session_
 
 /// Volume id -> unfinished `RecoveryRecord` (at most one per volume).
 const RECOVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("recoveries");
+/// Snapshots by id (see `snapshots`).
+const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
 /// Volume id -> `ChangeRecord` of the configuration change in progress (at most one per
 /// volume).
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
@@ -181,6 +185,7 @@ impl Store {
             txn.open_table(CLIENTS)?;
             txn.open_table(RECOVERIES)?;
             txn.open_table(CHANGES)?;
+            txn.open_table(SNAPSHOTS)?;
             let existing = meta.get(POOL_UUID_KEY)?.map(|v| v.value().to_vec());
             match existing {
                 Some(bytes) => {

@@ -9,9 +9,11 @@ use sanblk_proto::map::Extent;
 use crate::allocator::{DeviceSpace, PoolSpace};
 
 use super::recovery::{read_recoveries, RecoveryRecord};
+use super::snapshots::{read_snapshots, snapshot_extents, SnapshotRecord};
 use super::volumes::{read_volumes, VolumeRecord};
 use super::{
-    decode, decode_all, encode, Store, StoreError, StoreResult, DEVICES, RECOVERIES, VOLUMES,
+    decode, decode_all, encode, Store, StoreError, StoreResult, DEVICES, RECOVERIES, SNAPSHOTS,
+    VOLUMES,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,17 +84,19 @@ impl Store {
         let device_table = txn.open_table(DEVICES)?;
         let volumes = read_volumes(&txn.open_table(VOLUMES)?)?;
         let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
-        let pool = pool_space_in(&device_table, &volumes, &recoveries)?;
+        let snapshots = read_snapshots(&txn.open_table(SNAPSHOTS)?)?;
+        let pool = pool_space_in(&device_table, &volumes, &recoveries, &snapshots)?;
         Ok((decode_all(&device_table)?, pool))
     }
 }
 
-/// Free space given the devices, every volume's extents and the targets of unfinished
-/// recoveries (allocated, but not yet in any volume).
+/// Free space given the devices, every volume's extents, the targets of unfinished
+/// recoveries (allocated, but not yet in any volume) and the snapshots' COW stores.
 pub(super) fn pool_space_in(
     devices: &impl ReadableTable<u128, &'static [u8]>,
     volumes: &[VolumeRecord],
     recoveries: &[RecoveryRecord],
+    snapshots: &[SnapshotRecord],
 ) -> StoreResult<PoolSpace> {
     let records: Vec<DeviceRecord> = decode_all(devices)?;
     let spaces: Vec<DeviceSpace> = records.iter().map(DeviceRecord::space).collect();
@@ -103,7 +107,8 @@ pub(super) fn pool_space_in(
     let used = volumes
         .iter()
         .map(|v| v.extents.as_slice())
-        .chain(targets.iter().map(Vec::as_slice));
+        .chain(targets.iter().map(Vec::as_slice))
+        .chain(snapshot_extents(snapshots));
     let mut pool = PoolSpace::new(&spaces, used)?;
     for record in records.iter().filter(|d| d.state == DEVICE_FAILED) {
         pool.withhold(record.uuid);

@@ -250,7 +250,8 @@ pub(super) fn start_relocation_in(
         .into_iter()
         .map(|d| d.uuid)
         .collect();
-    let mut pool = pool_space_in(&devices, &volumes, &recoveries)?;
+    let snapshots = super::snapshots::read_snapshots(&txn.open_table(super::SNAPSHOTS)?)?;
+    let mut pool = pool_space_in(&devices, &volumes, &recoveries, &snapshots)?;
     let mut segments = Vec::new();
     for extent in &volume.extents {
         let moved = match request {

@@ -10,9 +10,10 @@ use crate::allocator::{merge_adjacent, restripe_legacy};
 use super::clients::ClientRecord;
 use super::pool::pool_space_in;
 use super::recovery::{read_recoveries, recovery_busy};
+use super::snapshots::read_snapshots;
 use super::{
     decode, decode_all, encode, not_found, take_next_id, validate_name, Store, StoreError,
-    StoreResult, CLIENTS, DEVICES, META, NEXT_VOLUME_ID_KEY, RECOVERIES, VOLUMES,
+    StoreResult, CLIENTS, DEVICES, META, NEXT_VOLUME_ID_KEY, RECOVERIES, SNAPSHOTS, VOLUMES,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,7 +86,8 @@ impl Store {
                 )));
             }
             let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
-            let mut pool = pool_space_in(&devices, &existing, &recoveries)?;
+            let snapshots = read_snapshots(&txn.open_table(SNAPSHOTS)?)?;
+            let mut pool = pool_space_in(&devices, &existing, &recoveries, &snapshots)?;
             pool.limit_extents(MAX_EXTENTS_PER_MAP);
             let extents = pool.allocate(layout, 0, size_bytes)?;
             let id = take_next_id(&mut meta, NEXT_VOLUME_ID_KEY)?;
@@ -145,7 +147,8 @@ pub(super) fn grow_in(
             if recoveries.iter().any(|r| r.volume_id == id) {
                 return Err(recovery_busy(id));
             }
-            let mut pool = pool_space_in(&devices, &existing, &recoveries)?;
+            let snapshots = read_snapshots(&txn.open_table(SNAPSHOTS)?)?;
+            let mut pool = pool_space_in(&devices, &existing, &recoveries, &snapshots)?;
             // The first new extent may merge with the last one (`merge_adjacent`).
             pool.limit_extents((MAX_EXTENTS_PER_MAP + 1).saturating_sub(record.extents.len()));
             let added = pool.allocate(

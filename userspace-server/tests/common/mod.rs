@@ -13,6 +13,7 @@ use sanblk_proto::client::{AdminClient, AgentClient};
 use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
 use sanblk_proto::protocol::{ClientAdd, ClientCreated, ClientGrant, PoolAdd, VolumeCreate};
 
+pub mod io_client;
 pub mod sand_log;
 
 pub const MIB: u64 = 1 << 20;
@@ -294,6 +295,20 @@ impl TestServer {
             })
             .await
             .unwrap_or_else(|e| panic!("grant: {e}"));
+    }
+
+    /// Pool device UUID -> image file.
+    pub async fn device_paths(&self) -> std::collections::HashMap<uuid::Uuid, PathBuf> {
+        let devices: Vec<sanblk_proto::protocol::DeviceInfo> = self
+            .admin()
+            .await
+            .call(sanblk_proto::protocol::PoolList {})
+            .await
+            .unwrap_or_else(|e| panic!("pool list: {e}"));
+        devices
+            .into_iter()
+            .map(|d| (d.uuid, PathBuf::from(d.path)))
+            .collect()
     }
 
     pub async fn agent(&self, client: &str, secret: &[u8]) -> AgentClient {

@@ -1,0 +1,496 @@
+//! The transmission phase: the client's requests on its export, read and answered one at a
+//! time, in order (pipelined requests simply wait their turn).
+//!
+//! The export is read-only: READ and BLOCK_STATUS do the work, FLUSH has nothing to do, and
+//! writes of any kind fail with EPERM. A failed request gets an error reply and the session
+//! goes on; only what leaves the stream unreadable ends it: a bad magic, or a WRITE payload
+//! too large to skip.
+
+use log::{debug, warn};
+use sanblk_proto::nbd::{
+    command_name, ChunkHeader, Request, SimpleReply, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_DF,
+    CMD_FLAG_FUA, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+    EINVAL, EIO, EPERM, MAX_REQUEST_LENGTH, MAX_STATUS_DESCRIPTORS, MAX_STRING_LENGTH,
+    REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_OFFSET_DATA,
+    REQUEST_LEN,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::contexts::MetaContext;
+use super::handshake::Session;
+use super::{blocking, shutdown_signalled, Hangup};
+use crate::log_text::peer_text;
+
+/// How a session ended without error.
+#[derive(Debug)]
+pub(super) enum End {
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnected,
+    /// The server is shutting down; the connection is closed between requests.
+    Shutdown,
+}
+
+/// Serves requests until the client disconnects, the server shuts down, or the stream
+/// breaks.
+pub(super) async fn serve_requests<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    session: &Session,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<End, Hangup>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let structured = session.structured_replies;
+    loop {
+        let mut raw = [0u8; REQUEST_LEN];
+        tokio::select! {
+            _ = shutdown_signalled(shutdown) => return Ok(End::Shutdown),
+            read = reader.read_exact(&mut raw) => { read?; }
+        }
+        let request = Request::decode(&raw)
+            .ok_or_else(|| Hangup::protocol("request without the request magic"))?;
+        match request.command {
+            CMD_DISC => return Ok(End::Disconnected),
+            CMD_READ => match read(session, &request).await {
+                Ok(data) => send_data(writer, structured, &request, &data).await?,
+                Err(refusal) => send_refusal(writer, structured, &request, refusal).await?,
+            },
+            CMD_BLOCK_STATUS => match block_status(session, &request).await {
+                Ok(chunks) => send_status(writer, &request, &chunks).await?,
+                Err(refusal) => send_refusal(writer, structured, &request, refusal).await?,
+            },
+            CMD_FLUSH => send_simple(writer, &request, 0).await?,
+            CMD_WRITE => {
+                skip_payload(reader, request.length).await?;
+                send_refusal(writer, structured, &request, read_only()).await?;
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                send_refusal(writer, structured, &request, read_only()).await?
+            }
+            command => {
+                let refusal = Refusal::invalid(format!("unknown command {command}"));
+                send_refusal(writer, structured, &request, refusal).await?;
+            }
+        }
+        writer.flush().await?;
+    }
+}
+
+/// Why a request failed: the error value and a message for the user (structured replies
+/// only).
+#[derive(Debug, PartialEq, Eq)]
+struct Refusal {
+    error: u32,
+    message: String,
+}
+
+impl Refusal {
+    fn invalid(message: impl Into<String>) -> Refusal {
+        Refusal {
+            error: EINVAL,
+            message: message.into(),
+        }
+    }
+}
+
+fn read_only() -> Refusal {
+    Refusal {
+        error: EPERM,
+        message: "the export is a read-only snapshot".to_string(),
+    }
+}
+
+/// Refuses flags outside `allowed`. FUA is always allowed: the protocol notes clients that
+/// set it on any command, and there is nothing to write anyway.
+fn check_flags(request: &Request, allowed: u16) -> Result<(), Refusal> {
+    let unknown = request.flags & !(allowed | CMD_FLAG_FUA);
+    if unknown != 0 {
+        return Err(Refusal::invalid(format!(
+            "flags {unknown:#x} are not valid for {}",
+            command_name(request.command)
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses empty requests, requests longer than `max_length`, and requests reaching beyond
+/// the export.
+fn check_range(request: &Request, size: u64, max_length: u32) -> Result<(), Refusal> {
+    if request.length == 0 {
+        return Err(Refusal::invalid("empty request"));
+    }
+    if request.length > max_length {
+        return Err(Refusal::invalid(format!(
+            "{} bytes at once (at most {max_length})",
+            request.length
+        )));
+    }
+    match request.offset.checked_add(u64::from(request.length)) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Refusal::invalid(format!(
+            "{} bytes at offset {} reach beyond the end of the export ({size} bytes)",
+            request.length, request.offset
+        ))),
+    }
+}
+
+async fn read(session: &Session, request: &Request) -> Result<Vec<u8>, Refusal> {
+    // "Don't fragment" is only valid with structured replies, and always honoured: a read is
+    // answered with a single data chunk.
+    let allowed = if session.structured_replies {
+        CMD_FLAG_DF
+    } else {
+        0
+    };
+    check_flags(request, allowed)?;
+    check_range(request, session.export.size(), MAX_REQUEST_LENGTH)?;
+    let export = session.export.clone();
+    let (offset, length) = (request.offset, request.length as usize);
+    blocking(move || {
+        let mut data = vec![0u8; length];
+        export.read(offset, &mut data)?;
+        Ok(data)
+    })
+    .await
+    .map_err(|e| {
+        warn!(
+            "NBD: reading {length} bytes at {offset} of {}: {e}",
+            peer_text(&session.name)
+        );
+        Refusal {
+            error: EIO,
+            message: format!("cannot read the snapshot at offset {offset}"),
+        }
+    })
+}
+
+/// The status descriptors of every negotiated context, in negotiation order.
+async fn block_status(
+    session: &Session,
+    request: &Request,
+) -> Result<Vec<(MetaContext, Vec<(u32, u32)>)>, Refusal> {
+    if session.contexts.is_empty() {
+        return Err(Refusal::invalid(
+            "no metadata context was selected for this export",
+        ));
+    }
+    check_flags(request, CMD_FLAG_REQ_ONE)?;
+    check_range(request, session.export.size(), u32::MAX)?;
+    let only_one = request.flags & CMD_FLAG_REQ_ONE != 0;
+    let mut chunks = Vec::with_capacity(session.contexts.len());
+    for &context in &session.contexts {
+        let runs = match context {
+            MetaContext::Allocation => vec![(u64::from(request.length), 0)],
+            MetaContext::Changed => {
+                let export = session.export.clone();
+                let (offset, length) = (request.offset, u64::from(request.length));
+                blocking(move || export.changed(offset, length))
+                    .await
+                    .map_err(|e| {
+                        warn!(
+                            "NBD: changed blocks of {} at {offset}: {e}",
+                            peer_text(&session.name)
+                        );
+                        Refusal {
+                            error: EIO,
+                            message: format!("cannot tell which blocks changed at offset {offset}"),
+                        }
+                    })?
+            }
+        };
+        let descriptors = status_descriptors(&runs, request.length, only_one);
+        if descriptors.is_empty() {
+            warn!(
+                "NBD: {} reported no {} status at {}",
+                peer_text(&session.name),
+                context.name(),
+                request.offset
+            );
+            return Err(Refusal {
+                error: EIO,
+                message: format!("no {} status for this range", context.name()),
+            });
+        }
+        chunks.push((context, descriptors));
+    }
+    Ok(chunks)
+}
+
+/// Turns an export's runs into block status descriptors for a request of `requested` bytes:
+/// empty runs dropped, neighbours with the same flags merged (the protocol asks for
+/// alternating statuses), cut at the requested length and at [`MAX_STATUS_DESCRIPTORS`]
+/// (the protocol lets the server describe less than asked), and a single one if the client
+/// asked for one. Cutting at the request, a u32, is also what keeps every length within a
+/// descriptor's u32.
+fn status_descriptors(runs: &[(u64, u32)], requested: u32, only_one: bool) -> Vec<(u32, u32)> {
+    let limit = if only_one { 1 } else { MAX_STATUS_DESCRIPTORS };
+    let mut left = requested;
+    let mut descriptors: Vec<(u32, u32)> = Vec::new();
+    for &(length, flags) in runs {
+        if left == 0 {
+            break;
+        }
+        let taken = u32::try_from(length).map_or(left, |length| length.min(left));
+        if taken == 0 {
+            continue;
+        }
+        match descriptors.last_mut() {
+            Some((last_length, last_flags)) if *last_flags == flags => *last_length += taken,
+            _ => {
+                if descriptors.len() == limit {
+                    break;
+                }
+                descriptors.push((taken, flags));
+            }
+        }
+        left -= taken;
+    }
+    descriptors
+}
+
+/// Reads and drops a WRITE's payload, so the next request can be read.
+async fn skip_payload<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> Result<(), Hangup> {
+    if length > MAX_REQUEST_LENGTH {
+        return Err(Hangup::protocol(format!(
+            "NBD_CMD_WRITE with {length} bytes of data (at most {MAX_REQUEST_LENGTH})"
+        )));
+    }
+    let wanted = u64::from(length);
+    let skipped = tokio::io::copy(&mut (&mut *reader).take(wanted), &mut tokio::io::sink()).await?;
+    if skipped < wanted {
+        return Err(Hangup::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(())
+}
+
+async fn send_simple<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    request: &Request,
+    error: u32,
+) -> std::io::Result<()> {
+    let reply = SimpleReply {
+        error,
+        cookie: request.cookie,
+    };
+    writer.write_all(&reply.encode()).await
+}
+
+async fn send_chunk_header<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    request: &Request,
+    flags: u16,
+    kind: u16,
+    length: usize,
+) -> std::io::Result<()> {
+    // Payloads are built here: at most a read's 32 MiB plus its offset.
+    let length =
+        u32::try_from(length).map_err(|_| std::io::Error::other("reply chunk too long to send"))?;
+    let header = ChunkHeader {
+        flags,
+        kind,
+        cookie: request.cookie,
+        length,
+    };
+    writer.write_all(&header.encode()).await
+}
+
+async fn send_data<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    structured: bool,
+    request: &Request,
+    data: &[u8],
+) -> std::io::Result<()> {
+    if structured {
+        let length = 8 + data.len();
+        send_chunk_header(
+            writer,
+            request,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            length,
+        )
+        .await?;
+        writer.write_all(&request.offset.to_be_bytes()).await?;
+    } else {
+        send_simple(writer, request, 0).await?;
+    }
+    writer.write_all(data).await
+}
+
+/// The error as an error chunk with its message if structured replies were negotiated (the
+/// protocol requires it for reads and prefers it otherwise), else as a simple reply.
+async fn send_refusal<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    structured: bool,
+    request: &Request,
+    refusal: Refusal,
+) -> std::io::Result<()> {
+    debug!(
+        "NBD: {} refused: {} ({})",
+        command_name(request.command),
+        refusal.message,
+        refusal.error
+    );
+    if !structured {
+        return send_simple(writer, request, refusal.error).await;
+    }
+    let message = cut_to_string_limit(&refusal.message);
+    let message_length = u16::try_from(message.len()).unwrap_or(u16::MAX);
+    send_chunk_header(
+        writer,
+        request,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        6 + message.len(),
+    )
+    .await?;
+    writer.write_all(&refusal.error.to_be_bytes()).await?;
+    writer.write_all(&message_length.to_be_bytes()).await?;
+    writer.write_all(message.as_bytes()).await
+}
+
+/// One block status chunk per context, the last one marked done.
+async fn send_status<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    request: &Request,
+    chunks: &[(MetaContext, Vec<(u32, u32)>)],
+) -> std::io::Result<()> {
+    for (index, (context, descriptors)) in chunks.iter().enumerate() {
+        let flags = if index + 1 == chunks.len() {
+            REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        let length = 4 + 8 * descriptors.len();
+        send_chunk_header(writer, request, flags, REPLY_TYPE_BLOCK_STATUS, length).await?;
+        writer.write_all(&context.id().to_be_bytes()).await?;
+        for (length, status) in descriptors {
+            writer.write_all(&length.to_be_bytes()).await?;
+            writer.write_all(&status.to_be_bytes()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The protocol's strings are at most 4096 bytes; cut on a character boundary.
+fn cut_to_string_limit(message: &str) -> &str {
+    let mut end = message.len().min(MAX_STRING_LENGTH);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sanblk_proto::nbd::CHANGED_FLAG;
+
+    const C: u32 = CHANGED_FLAG;
+
+    #[test]
+    fn descriptors_are_cut_at_the_request_and_merged() {
+        let runs = [(100, 0), (0, C), (50, 0), (200, C), (300, 0)];
+        assert_eq!(
+            status_descriptors(&runs, 400, false),
+            vec![(150, 0), (200, C), (50, 0)]
+        );
+        assert_eq!(status_descriptors(&runs, 120, false), vec![(120, 0)]);
+        assert_eq!(status_descriptors(&runs, 400, true), vec![(150, 0)]);
+        assert_eq!(status_descriptors(&[], 400, false), vec![]);
+        assert_eq!(status_descriptors(&[(0, C)], 400, false), vec![]);
+    }
+
+    #[test]
+    fn descriptors_fit_u32_whatever_the_runs() {
+        let runs = [(u64::MAX, C), (5, 0)];
+        assert_eq!(
+            status_descriptors(&runs, u32::MAX, false),
+            vec![(u32::MAX, C)]
+        );
+        assert_eq!(
+            status_descriptors(&[(1 << 33, 0), (1 << 33, C)], 4096, false),
+            vec![(4096, 0)]
+        );
+    }
+
+    #[test]
+    fn descriptors_stop_at_the_limit() {
+        let runs: Vec<(u64, u32)> = (0..MAX_STATUS_DESCRIPTORS + 10)
+            .map(|index| (512, (index % 2) as u32))
+            .collect();
+        let descriptors = status_descriptors(&runs, u32::MAX, false);
+        assert_eq!(descriptors.len(), MAX_STATUS_DESCRIPTORS);
+        assert_eq!(descriptors[0], (512, 0));
+        assert_eq!(descriptors[MAX_STATUS_DESCRIPTORS - 1], (512, 1));
+    }
+
+    fn request(offset: u64, length: u32, flags: u16) -> Request {
+        Request {
+            flags,
+            command: CMD_READ,
+            cookie: 1,
+            offset,
+            length,
+        }
+    }
+
+    #[test]
+    fn ranges_must_be_nonempty_bounded_and_inside_the_export() {
+        let size = 1 << 20;
+        assert_eq!(
+            check_range(&request(0, 4096, 0), size, MAX_REQUEST_LENGTH),
+            Ok(())
+        );
+        assert_eq!(
+            check_range(&request(size - 1, 1, 0), size, MAX_REQUEST_LENGTH),
+            Ok(())
+        );
+        for bad in [
+            request(0, 0, 0),
+            request(size, 1, 0),
+            request(u64::MAX, 1, 0),
+            request(0, MAX_REQUEST_LENGTH + 1, 0),
+        ] {
+            let refusal = check_range(&bad, u64::MAX, MAX_REQUEST_LENGTH)
+                .and_then(|()| check_range(&bad, size, MAX_REQUEST_LENGTH));
+            assert_eq!(
+                refusal.map_err(|refusal| refusal.error),
+                Err(EINVAL),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            check_range(&request(size, 1, 0), size, MAX_REQUEST_LENGTH)
+                .map_err(|refusal| refusal.message),
+            Err(
+                "1 bytes at offset 1048576 reach beyond the end of the export (1048576 bytes)"
+                    .to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn flags_outside_the_command_are_refused_but_fua_passes() {
+        assert_eq!(check_flags(&request(0, 1, CMD_FLAG_FUA), 0), Ok(()));
+        assert_eq!(
+            check_flags(&request(0, 1, CMD_FLAG_DF), CMD_FLAG_DF),
+            Ok(())
+        );
+        assert_eq!(
+            check_flags(&request(0, 1, CMD_FLAG_DF), 0).map_err(|refusal| refusal.message),
+            Err("flags 0x4 are not valid for NBD_CMD_READ".to_string())
+        );
+    }
+
+    #[test]
+    fn messages_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(3000);
+        let cut = cut_to_string_limit(&long);
+        assert_eq!(cut.len(), MAX_STRING_LENGTH);
+        assert_eq!(cut_to_string_limit("short"), "short");
+    }
+}

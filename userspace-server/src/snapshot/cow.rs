@@ -1,0 +1,266 @@
+//! One snapshot's copy-on-write store as the server keeps it (format: `sanblk_uapi::cow`): the
+//! records loaded into a chunk -> slot table, and the copy that preserves a chunk before its
+//! first write.
+
+use std::collections::HashMap;
+use std::io;
+
+use sanblk_uapi::cow::{
+    CowHeader, CowLayout, Record, RecordSector, HEADER_BYTES, RECORDS_PER_SECTOR, SECTOR_BYTES,
+};
+
+use crate::device::{plan, AlignedBuf, DeviceTable, DIRECT_ALIGN};
+use crate::store::SnapshotRecord;
+
+/// Why a chunk could not be preserved.
+#[derive(Debug)]
+pub enum PreserveError {
+    /// Every slot is used.
+    Full,
+    Io(io::Error),
+}
+
+pub struct CowStore {
+    pub snapshot: SnapshotRecord,
+    layout: CowLayout,
+    /// Origin chunk -> slot holding its point-in-time content.
+    slots: HashMap<u64, u64>,
+    /// Records in slot order (the order of the first writes).
+    records: Vec<Record>,
+    /// The sector the next record goes to, as written so far.
+    open_sector: RecordSector,
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+impl CowStore {
+    /// Writes the header of a new store and zeroes its record area (blocking).
+    pub fn format(devices: &DeviceTable, snapshot: &SnapshotRecord) -> io::Result<()> {
+        let layout = layout_of(snapshot)?;
+        let header = CowHeader {
+            volume_id: snapshot.volume_id,
+            snapshot_id: snapshot.id,
+            origin_bytes: snapshot.origin_bytes,
+            store_bytes: snapshot.store_bytes,
+            chunk_bytes: snapshot.chunk_bytes,
+        };
+        let records_end = HEADER_BYTES + layout.record_sectors * SECTOR_BYTES as u64;
+        let zero_bytes = records_end.next_multiple_of(DIRECT_ALIGN as u64);
+        // In pieces of at most 1 MiB, the header in the first one.
+        let mut at = 0;
+        while at < zero_bytes {
+            let length = (zero_bytes - at).min(1 << 20);
+            let mut buf = AlignedBuf::zeroed(length as usize)?;
+            if at == 0 {
+                header
+                    .encode(&mut buf)
+                    .ok_or_else(|| io::Error::other("header buffer too small"))?;
+            }
+            write_store(devices, snapshot, at, &buf, false)?;
+            at += length;
+        }
+        sync_store(devices, snapshot)
+    }
+
+    /// Reads the header and every record of a snapshot's store (blocking).
+    pub fn load(devices: &DeviceTable, snapshot: SnapshotRecord) -> io::Result<CowStore> {
+        let layout = layout_of(&snapshot)?;
+        let mut block = AlignedBuf::zeroed(HEADER_BYTES as usize)?;
+        read_store(devices, &snapshot, 0, &mut block)?;
+        CowHeader::decode(&block, snapshot.volume_id, snapshot.id).map_err(|e| {
+            invalid(format!(
+                "snapshot {}: COW store header: {e:?}",
+                snapshot.name
+            ))
+        })?;
+        let mut store = CowStore {
+            layout,
+            slots: HashMap::new(),
+            records: Vec::new(),
+            open_sector: RecordSector::empty(0),
+            snapshot,
+        };
+        // Read the record area in pieces; the first sector not full ends it.
+        const SECTORS_PER_READ: u64 = 2048;
+        let mut index = 0u64;
+        'scan: while index < layout.record_sectors {
+            let count = (layout.record_sectors - index).min(SECTORS_PER_READ);
+            let first_byte = HEADER_BYTES + index * SECTOR_BYTES as u64;
+            let start = first_byte - first_byte % DIRECT_ALIGN as u64;
+            let end =
+                (first_byte + count * SECTOR_BYTES as u64).next_multiple_of(DIRECT_ALIGN as u64);
+            let mut buf = AlignedBuf::zeroed((end - start) as usize)?;
+            read_store(devices, &store.snapshot, start, &mut buf)?;
+            for i in 0..count {
+                let at = (first_byte - start) as usize + i as usize * SECTOR_BYTES;
+                let mut bytes = [0u8; SECTOR_BYTES];
+                bytes.copy_from_slice(&buf[at..at + SECTOR_BYTES]);
+                let sector_index = u32::try_from(index + i)
+                    .map_err(|_| invalid("record area too large".into()))?;
+                let sector =
+                    match RecordSector::decode(&bytes, sector_index, &layout, store.snapshot.id) {
+                        Ok(sector) => sector,
+                        // A sector torn by a crash holds no record that was ever acknowledged.
+                        Err(_) => RecordSector::empty(sector_index),
+                    };
+                for record in sector.records() {
+                    store.slots.insert(record.origin_chunk, record.slot);
+                    store.records.push(*record);
+                }
+                store.open_sector = sector;
+                if (sector.count as usize) < RECORDS_PER_SECTOR {
+                    break 'scan;
+                }
+                store.open_sector = RecordSector::empty(sector_index.saturating_add(1));
+            }
+            index += count;
+        }
+        Ok(store)
+    }
+
+    pub fn chunk_bytes(&self) -> u64 {
+        u64::from(self.layout.chunk_bytes)
+    }
+
+    pub fn slot_of(&self, chunk: u64) -> Option<u64> {
+        self.slots.get(&chunk).copied()
+    }
+
+    /// The chunks of the first `records` records, ascending.
+    pub fn chunks(&self, records: usize) -> Vec<u64> {
+        let mut chunks: Vec<u64> = self
+            .records
+            .iter()
+            .take(records)
+            .map(|r| r.origin_chunk)
+            .collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        chunks
+    }
+
+    pub fn slots_used(&self) -> u64 {
+        self.records.len() as u64
+    }
+
+    pub fn slots_total(&self) -> u64 {
+        self.layout.slots
+    }
+
+    /// Keeps `old`, the content of origin chunk `chunk` before its first write since the
+    /// snapshot: into the next slot, then its record, synced in that order, so once this
+    /// returns the copy survives a crash and the origin may be written (blocking).
+    pub fn preserve(
+        &mut self,
+        devices: &DeviceTable,
+        chunk: u64,
+        old: &[u8],
+    ) -> Result<(), PreserveError> {
+        let slot = self.records.len() as u64;
+        if slot >= self.layout.slots {
+            return Err(PreserveError::Full);
+        }
+        write_store(
+            devices,
+            &self.snapshot,
+            self.layout.slot_offset(slot),
+            old,
+            false,
+        )
+        .and_then(|()| sync_store(devices, &self.snapshot))
+        .map_err(PreserveError::Io)?;
+        let record = Record {
+            origin_chunk: chunk,
+            slot,
+        };
+        let mut sector = self.open_sector;
+        if !sector.push(record) {
+            return Err(PreserveError::Io(io::Error::other(
+                "record sector overflow",
+            )));
+        }
+        let mut bytes = [0u8; SECTOR_BYTES];
+        sector.encode(self.snapshot.id, &mut bytes);
+        write_store(
+            devices,
+            &self.snapshot,
+            self.layout.record_sector_offset(slot),
+            &bytes,
+            true,
+        )
+        .map_err(PreserveError::Io)?;
+        self.open_sector = if sector.count as usize == RECORDS_PER_SECTOR {
+            RecordSector::empty(sector.index.saturating_add(1))
+        } else {
+            sector
+        };
+        self.slots.insert(chunk, slot);
+        self.records.push(record);
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset_in_chunk` of the content kept in `slot` (blocking).
+    pub fn read_slot(
+        &self,
+        devices: &DeviceTable,
+        slot: u64,
+        offset_in_chunk: u64,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        read_store(
+            devices,
+            &self.snapshot,
+            self.layout.slot_offset(slot) + offset_in_chunk,
+            buf,
+        )
+    }
+}
+
+fn layout_of(snapshot: &SnapshotRecord) -> io::Result<CowLayout> {
+    snapshot.layout().ok_or_else(|| {
+        invalid(format!(
+            "snapshot {}: a store of {} bytes holds no {}-byte chunk",
+            snapshot.name, snapshot.store_bytes, snapshot.chunk_bytes
+        ))
+    })
+}
+
+fn store_pieces(
+    snapshot: &SnapshotRecord,
+    offset: u64,
+    length: usize,
+) -> io::Result<Vec<crate::device::Piece>> {
+    plan(&snapshot.store_extents, offset, length as u64).ok_or_else(|| {
+        invalid(format!(
+            "snapshot {}: {offset}+{length} is outside its COW store",
+            snapshot.name
+        ))
+    })
+}
+
+fn read_store(
+    devices: &DeviceTable,
+    snapshot: &SnapshotRecord,
+    offset: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let pieces = store_pieces(snapshot, offset, buf.len())?;
+    devices.read(&pieces, buf)
+}
+
+fn write_store(
+    devices: &DeviceTable,
+    snapshot: &SnapshotRecord,
+    offset: u64,
+    buf: &[u8],
+    sync: bool,
+) -> io::Result<()> {
+    let pieces = store_pieces(snapshot, offset, buf.len())?;
+    devices.write(&pieces, buf, sync)
+}
+
+fn sync_store(devices: &DeviceTable, snapshot: &SnapshotRecord) -> io::Result<()> {
+    devices.flush(&snapshot.store_extents)
+}

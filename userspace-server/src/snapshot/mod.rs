@@ -1,0 +1,258 @@
+//! Snapshots in the running server: each volume's active snapshot stores, the copy-on-write
+//! step of a write, and point-in-time reads.
+//!
+//! While a volume has an active snapshot its map marks the whole volume `syncing`, so every
+//! host sends its writes through the server, which copies each chunk's old content into
+//! every active snapshot's store before the chunk's first write (`before_write`). The copy
+//! and the check whether a chunk was copied happen under the volume's COW lock; a
+//! point-in-time read of a chunk not copied reads the origin under that lock too, so it can
+//! never see a write that started after the check (a write to an uncopied chunk must take the
+//! lock to copy it first). Writes to chunks already copied take the lock only to look.
+//!
+//! A store that fills up (or fails) invalidates its snapshot, persisted and shown in
+//! `snapshot list`; the origin write goes on, and the other snapshots are kept.
+
+pub mod cow;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{info, warn};
+
+use crate::device::{AlignedBuf, DeviceTable};
+use crate::store::{SnapshotRecord, SnapshotState, Store, StoreResult};
+use cow::{CowStore, PreserveError};
+
+/// Reads `buf.len()` bytes of the origin volume at a byte offset (blocking).
+pub type OriginReader<'a> = &'a dyn Fn(u64, &mut [u8]) -> io::Result<()>;
+
+/// The active snapshot stores of one volume, loaded for one epoch.
+#[derive(Default)]
+struct VolumeStores {
+    /// The volume epoch the stores were loaded for (0: never).
+    epoch: u64,
+    stores: Vec<CowStore>,
+}
+
+pub struct Snapshots {
+    store: Arc<Store>,
+    devices: DeviceTable,
+    volumes: Mutex<HashMap<u64, Arc<Mutex<VolumeStores>>>>,
+}
+
+impl Snapshots {
+    pub fn new(store: Arc<Store>) -> Snapshots {
+        Snapshots {
+            devices: DeviceTable::new(store.clone()),
+            store,
+            volumes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn devices(&self) -> &DeviceTable {
+        &self.devices
+    }
+
+    fn volume(&self, volume_id: u64) -> Arc<Mutex<VolumeStores>> {
+        self.volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(volume_id)
+            .or_default()
+            .clone()
+    }
+
+    /// The volume's stores, loaded for `epoch` (blocking: reads the stores' records when the
+    /// epoch changed).
+    fn locked<'a>(
+        &self,
+        volume: &'a Mutex<VolumeStores>,
+        volume_id: u64,
+        epoch: u64,
+    ) -> io::Result<MutexGuard<'a, VolumeStores>> {
+        let mut stores = volume.lock().unwrap_or_else(|p| p.into_inner());
+        if stores.epoch != epoch {
+            let records = self
+                .store
+                .snapshots_of(volume_id)
+                .map_err(io::Error::other)?;
+            let mut loaded = Vec::new();
+            for record in records
+                .into_iter()
+                .filter(|s| s.state == SnapshotState::Active)
+            {
+                let name = record.name.clone();
+                let id = record.id;
+                match CowStore::load(&self.devices, record) {
+                    Ok(store) => loaded.push(store),
+                    Err(error) => {
+                        self.invalidate(id, &name, &format!("COW store unreadable: {error}"))
+                    }
+                }
+            }
+            stores.stores = loaded;
+            stores.epoch = epoch;
+        }
+        Ok(stores)
+    }
+
+    fn invalidate(&self, snapshot_id: u64, name: &str, reason: &str) {
+        warn!("snapshot {name}: invalid from now on: {reason}");
+        if let Err(error) = self.store.invalidate_snapshot(snapshot_id, reason) {
+            warn!("snapshot {name}: cannot record it invalid: {error}");
+        }
+    }
+
+    /// Before a write of `[offset, offset + length)` of volume `volume_id` at `epoch`: copies
+    /// each chunk's old content into every active snapshot store that does not hold it yet
+    /// (blocking). Nothing to do without active snapshots. Never fails the write: a store
+    /// that cannot take the chunk invalidates its snapshot.
+    pub fn before_write(
+        &self,
+        volume_id: u64,
+        epoch: u64,
+        offset: u64,
+        length: u64,
+        read_origin: OriginReader<'_>,
+    ) -> io::Result<()> {
+        let volume = self.volume(volume_id);
+        let mut guard = self.locked(&volume, volume_id, epoch)?;
+        if guard.stores.is_empty() {
+            return Ok(());
+        }
+        let mut invalidated = Vec::new();
+        let stores = &mut guard.stores;
+        // Chunk sizes may differ between snapshots: each store walks its own chunks.
+        for (index, store) in stores.iter_mut().enumerate() {
+            let chunk_bytes = store.chunk_bytes();
+            let origin_bytes = store.snapshot.origin_bytes;
+            let end = (offset + length).min(origin_bytes);
+            if offset >= end {
+                continue;
+            }
+            for chunk in offset / chunk_bytes..end.div_ceil(chunk_bytes) {
+                if store.slot_of(chunk).is_some() {
+                    continue;
+                }
+                let start = chunk * chunk_bytes;
+                let valid = (origin_bytes - start).min(chunk_bytes);
+                let mut old = AlignedBuf::zeroed(chunk_bytes as usize)?;
+                let copied = match read_origin(start, &mut old[..valid as usize]) {
+                    Ok(()) => store
+                        .preserve(&self.devices, chunk, &old)
+                        .map_err(|e| match e {
+                            PreserveError::Full => "its COW store is full".to_string(),
+                            PreserveError::Io(error) => format!("COW store I/O: {error}"),
+                        }),
+                    Err(error) => Err(format!("reading the origin chunk {chunk}: {error}")),
+                };
+                if let Err(reason) = copied {
+                    invalidated.push((index, reason));
+                    break;
+                }
+            }
+        }
+        for (index, reason) in invalidated.into_iter().rev() {
+            let store = stores.remove(index);
+            self.invalidate(store.snapshot.id, &store.snapshot.name, &reason);
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of snapshot `snapshot` as it was taken: copied
+    /// chunks from its store, the rest from the origin (blocking).
+    pub fn read(
+        &self,
+        snapshot: &SnapshotRecord,
+        volume_epoch: u64,
+        offset: u64,
+        buf: &mut [u8],
+        read_origin: OriginReader<'_>,
+    ) -> io::Result<()> {
+        let volume = self.volume(snapshot.volume_id);
+        let chunk_bytes = u64::from(snapshot.chunk_bytes);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let chunk = at / chunk_bytes;
+            let in_chunk = at % chunk_bytes;
+            let length = ((chunk_bytes - in_chunk) as usize).min(buf.len() - done);
+            let target = &mut buf[done..done + length];
+            let guard = self.locked(&volume, snapshot.volume_id, volume_epoch)?;
+            let store = guard
+                .stores
+                .iter()
+                .find(|s| s.snapshot.id == snapshot.id)
+                .ok_or_else(|| {
+                    io::Error::other(format!("snapshot {} is no longer valid", snapshot.name))
+                })?;
+            match store.slot_of(chunk) {
+                Some(slot) => store.read_slot(&self.devices, slot, in_chunk, target)?,
+                None => read_origin(at, target)?,
+            }
+            drop(guard);
+            done += length;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on snapshot `snapshot_id`'s store, loaded for `epoch`; `None` if it is not
+    /// active (blocking).
+    fn with_store<T>(
+        &self,
+        volume_id: u64,
+        epoch: u64,
+        snapshot_id: u64,
+        f: impl FnOnce(&CowStore) -> T,
+    ) -> io::Result<Option<T>> {
+        let volume = self.volume(volume_id);
+        let guard = self.locked(&volume, volume_id, epoch)?;
+        Ok(guard
+            .stores
+            .iter()
+            .find(|s| s.snapshot.id == snapshot_id)
+            .map(f))
+    }
+
+    /// The chunks copied so far by snapshot `snapshot_id` (written since it was taken), in
+    /// ascending order, and the store's slots used and total (blocking).
+    pub fn copied_chunks(
+        &self,
+        volume_id: u64,
+        epoch: u64,
+        snapshot_id: u64,
+    ) -> io::Result<Option<(Vec<u64>, u64, u64)>> {
+        self.with_store(volume_id, epoch, snapshot_id, |store| {
+            (
+                store.chunks(usize::MAX),
+                store.slots_used(),
+                store.slots_total(),
+            )
+        })
+    }
+
+    /// The chunks of the first `records` records of snapshot `snapshot_id` (those copied
+    /// before a later snapshot was taken), ascending; `None` if it is not active (blocking).
+    pub fn copied_records(
+        &self,
+        volume_id: u64,
+        epoch: u64,
+        snapshot_id: u64,
+        records: u64,
+    ) -> io::Result<Option<Vec<u64>>> {
+        let first = usize::try_from(records).unwrap_or(usize::MAX);
+        self.with_store(volume_id, epoch, snapshot_id, |store| store.chunks(first))
+    }
+}
+
+/// Drops the snapshots a crash left pending (at start).
+pub fn drop_pending(store: &Store) -> StoreResult<()> {
+    for snapshot in store.drop_pending_snapshots()? {
+        info!(
+            "snapshot {} of volume {}: not taken before the restart; dropped",
+            snapshot.name, snapshot.volume_id
+        );
+    }
+    Ok(())
+}

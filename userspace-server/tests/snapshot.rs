@@ -1,0 +1,450 @@
+//! Snapshots against a real `sand`: taken through the change protocol with a client attached,
+//! copy-on-write of server-path writes, point-in-time reads over the NBD export (the project's
+//! client and a stock one, `qemu-img`), the changed-chunk lists, a full COW store, a crash in
+//! the middle of copy-on-write traffic, and bad requests. Image files are read directly to
+//! check the origin.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::io_client::IoClient;
+use common::{follow_change_to_map, TestServer, MIB};
+use sanblk_proto::client::AgentClient;
+use sanblk_proto::map::{AccessMode, Layout, VolumeMap};
+use sanblk_proto::nbd::{NbdClient, CHANGED_FLAG};
+use sanblk_proto::protocol::{
+    ErrorCode, SnapshotChanges, SnapshotCreate, SnapshotDelete, SnapshotDiff, SnapshotInfo,
+    SnapshotList, VolumeShow,
+};
+
+const VOLUME: u64 = 8 * MIB;
+const CHUNK: u64 = 64 << 10;
+
+/// Distinct bytes per (seed, position).
+fn pattern(seed: u64, length: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+struct Setup {
+    agent: AgentClient,
+    io: IoClient,
+    map: VolumeMap,
+}
+
+/// A server with three 64 MiB devices, the 8 MiB linear volume `vol` attached read-write by
+/// `host1` (agent and server-path session), filled with pattern `seed`.
+async fn setup(server: &TestServer, seed: u64) -> (Setup, Vec<u8>) {
+    server.pool_of(3, 64 * MIB).await;
+    let secret = server.client("host1").await;
+    server.create_volume("vol", VOLUME, Layout::Linear).await;
+    server.grant("host1", "vol", AccessMode::Rw).await;
+    let mut agent = server.agent("host1", &secret).await;
+    let attached = agent
+        .attach("vol", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("attach: {e}"));
+    let mut io = IoClient::session(server, &attached).await;
+    let data = pattern(seed, VOLUME as usize);
+    io.write(&attached.map, 0, &data).await;
+    let map = attached.map.clone();
+    (Setup { agent, io, map }, data)
+}
+
+impl Setup {
+    /// Takes snapshot `name` (answering the change as the client's agent) and returns it.
+    async fn snapshot(
+        &mut self,
+        server: &TestServer,
+        name: &str,
+        cow_bytes: Option<u64>,
+    ) -> SnapshotInfo {
+        let mut admin = server.admin().await;
+        let request = SnapshotCreate {
+            volume: "vol".into(),
+            name: name.into(),
+            chunk_bytes: None,
+            cow_bytes,
+        };
+        let (created, map) = tokio::join!(
+            admin.call(request),
+            follow_change_to_map(&mut self.agent, self.map.epoch)
+        );
+        let created = created.unwrap_or_else(|e| panic!("snapshot create {name}: {e}"));
+        // Every write goes through the server now: the whole volume is syncing.
+        assert!(
+            map.is_syncing(0, 1) && map.is_syncing(VOLUME - 1, 1),
+            "{map:?}"
+        );
+        self.map = map;
+        created
+    }
+
+    async fn write(&mut self, offset: u64, data: &[u8]) {
+        let map = self.map.clone();
+        self.io.write(&map, offset, data).await;
+    }
+}
+
+async fn list(server: &TestServer) -> Vec<SnapshotInfo> {
+    server
+        .admin()
+        .await
+        .call(SnapshotList {
+            volume: "vol".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("snapshot list: {e}"))
+}
+
+/// The whole snapshot read over NBD with the project's client.
+async fn read_export(info: &SnapshotInfo) -> Vec<u8> {
+    let mut client = NbdClient::connect_unix(Path::new(&info.nbd_socket), &info.export, true)
+        .await
+        .unwrap_or_else(|e| panic!("nbd connect {}: {e}", info.export));
+    assert_eq!(client.size(), info.size_bytes);
+    let mut data = Vec::new();
+    let mut at = 0;
+    while at < info.size_bytes {
+        let step = (info.size_bytes - at).min(MIB);
+        data.extend(
+            client
+                .read(at, step as u32)
+                .await
+                .unwrap_or_else(|e| panic!("nbd read at {at}: {e}")),
+        );
+        at += step;
+    }
+    let _ = client.disconnect().await;
+    data
+}
+
+/// The whole snapshot as a stock NBD client sees it: `qemu-img convert` to a raw file.
+fn read_with_qemu_img(info: &SnapshotInfo, dir: &Path) -> Vec<u8> {
+    let out: PathBuf = dir.join(format!("{}.raw", info.name));
+    let url = format!("nbd+unix:///{}?socket={}", info.export, info.nbd_socket);
+    let status = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &url])
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| panic!("qemu-img: {e}"));
+    assert!(status.success(), "qemu-img convert {url} failed: {status}");
+    std::fs::read(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()))
+}
+
+/// The chunks touched by writes of `[offset, offset + length)`.
+fn chunks_of(writes: &[(u64, u64)]) -> BTreeSet<u64> {
+    writes
+        .iter()
+        .flat_map(|&(offset, length)| offset / CHUNK..(offset + length).div_ceil(CHUNK))
+        .collect()
+}
+
+async fn diff(
+    server: &TestServer,
+    from: &str,
+    to: &str,
+) -> Result<SnapshotChanges, sanblk_proto::client::ClientError> {
+    server
+        .admin()
+        .await
+        .call(SnapshotDiff {
+            volume: "vol".into(),
+            from: from.into(),
+            to: to.into(),
+            start_chunk: 0,
+        })
+        .await
+}
+
+/// Reads the origin volume from the image files, where its map says.
+async fn origin(server: &TestServer) -> Vec<u8> {
+    let detail: sanblk_proto::protocol::VolumeDetail = server
+        .admin()
+        .await
+        .call(VolumeShow { name: "vol".into() })
+        .await
+        .unwrap_or_else(|e| panic!("volume show: {e}"));
+    let paths = server.device_paths().await;
+    let mut data = vec![0u8; detail.map.size_bytes as usize];
+    for extent in &detail.map.extents {
+        let replica = &extent.replicas[0];
+        let file =
+            std::fs::File::open(&paths[&replica.device_uuid]).unwrap_or_else(|e| panic!("{e}"));
+        use std::os::unix::fs::FileExt;
+        let at = extent.volume_offset as usize;
+        file.read_exact_at(
+            &mut data[at..at + extent.length as usize],
+            replica.device_offset,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    data
+}
+
+#[tokio::test]
+async fn a_snapshot_keeps_its_point_in_time_while_the_volume_is_overwritten() {
+    let server = TestServer::start();
+    let (mut setup, a) = setup(&server, 1).await;
+    let first = setup.snapshot(&server, "first", None).await;
+    assert_eq!(first.state, "active");
+    assert_eq!(first.size_bytes, VOLUME);
+    assert_eq!(first.changed_chunks, 0);
+
+    // Overwrite parts: whole chunks, a piece inside one, one straddling two chunks.
+    let writes_b = [(0, MIB), (3 * MIB + 4096, 8192), (5 * MIB - 4096, 8192)];
+    let mut b = a.clone();
+    for (i, &(offset, length)) in writes_b.iter().enumerate() {
+        let fresh = pattern(100 + i as u64, length as usize);
+        setup.write(offset, &fresh).await;
+        b[offset as usize..(offset + length) as usize].copy_from_slice(&fresh);
+    }
+    assert!(
+        read_export(&first).await == a,
+        "snapshot changed by later writes"
+    );
+    assert!(
+        read_with_qemu_img(&first, &server.dir) == a,
+        "qemu-img read another snapshot content"
+    );
+    assert!(
+        origin(&server).await == b,
+        "origin does not hold the new data"
+    );
+    let listed = list(&server).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].changed_chunks, chunks_of(&writes_b).len() as u64);
+    assert_eq!(listed[0].cow_used_bytes, listed[0].changed_chunks * CHUNK);
+
+    // A second snapshot; its changed list is exactly what B touched.
+    let second = setup.snapshot(&server, "second", None).await;
+    let writes_c = [(6 * MIB, 2 * CHUNK)];
+    let mut c = b.clone();
+    let fresh = pattern(200, (2 * CHUNK) as usize);
+    setup.write(6 * MIB, &fresh).await;
+    c[(6 * MIB) as usize..(6 * MIB + 2 * CHUNK) as usize].copy_from_slice(&fresh);
+    let listed = list(&server).await;
+    let second_listed = listed
+        .iter()
+        .find(|s| s.name == "second")
+        .unwrap_or_else(|| panic!("{listed:?}"));
+    assert_eq!(
+        second_listed.changed_chunks,
+        chunks_of(&writes_c).len() as u64
+    );
+    let changed = diff(&server, "first", "second")
+        .await
+        .unwrap_or_else(|e| panic!("diff: {e}"));
+    assert_eq!(changed.chunk_bytes as u64, CHUNK);
+    assert_eq!(
+        changed.chunks.iter().copied().collect::<BTreeSet<u64>>(),
+        chunks_of(&writes_b)
+    );
+    assert_eq!(changed.next_chunk, None);
+    assert!(read_export(&second).await == b);
+    assert!(read_export(&first).await == a);
+    assert!(origin(&server).await == c);
+    // The export of the second snapshot marks what changed since the first.
+    let mut client = NbdClient::connect_unix(Path::new(&second.nbd_socket), &second.export, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut marked = BTreeSet::new();
+    let mut at = 0;
+    while at < VOLUME {
+        let runs = client
+            .changed_extents(at, (VOLUME - at) as u32)
+            .await
+            .unwrap_or_else(|e| panic!("block status: {e}"));
+        assert!(!runs.is_empty());
+        for (length, flags) in runs {
+            if flags & CHANGED_FLAG != 0 {
+                marked.extend(at / CHUNK..(at + length).div_ceil(CHUNK));
+            }
+            at += length;
+        }
+    }
+    assert_eq!(marked, chunks_of(&writes_b));
+    // Wrong order, unknown names: refused.
+    let refused = diff(&server, "second", "first").await;
+    assert_eq!(
+        refused.err().and_then(|e| e.server_code()),
+        Some(ErrorCode::BadRequest)
+    );
+    let refused = diff(&server, "first", "nope").await;
+    assert_eq!(
+        refused.err().and_then(|e| e.server_code()),
+        Some(ErrorCode::NotFound)
+    );
+
+    // Deleting the first keeps the second; the last delete ends copy-on-write.
+    let mut admin = server.admin().await;
+    let (deleted, map) = tokio::join!(
+        admin.call(SnapshotDelete {
+            volume: "vol".into(),
+            name: "first".into(),
+        }),
+        follow_change_to_map(&mut setup.agent, setup.map.epoch)
+    );
+    deleted.unwrap_or_else(|e| panic!("delete: {e}"));
+    setup.map = map;
+    assert!(read_export(&second).await == b);
+    let (deleted, map) = tokio::join!(
+        admin.call(SnapshotDelete {
+            volume: "vol".into(),
+            name: "second".into(),
+        }),
+        follow_change_to_map(&mut setup.agent, setup.map.epoch)
+    );
+    deleted.unwrap_or_else(|e| panic!("delete: {e}"));
+    assert!(
+        map.syncing.is_empty(),
+        "still syncing without a snapshot: {map:?}"
+    );
+    assert!(list(&server).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_full_cow_store_invalidates_its_snapshot_only() {
+    let server = TestServer::start();
+    let (mut setup, a) = setup(&server, 2).await;
+    let roomy = setup.snapshot(&server, "roomy", None).await;
+    // Room for a few chunks only.
+    let small = setup.snapshot(&server, "small", Some(MIB)).await;
+    let fresh = pattern(300, (4 * MIB) as usize);
+    setup.write(0, &fresh).await;
+    let mut b = a.clone();
+    b[..(4 * MIB) as usize].copy_from_slice(&fresh);
+    assert!(origin(&server).await == b, "origin writes failed");
+    let listed = list(&server).await;
+    let shown = |name: &str| {
+        listed
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {listed:?}"))
+            .clone()
+    };
+    assert_eq!(shown("small").state, "invalid");
+    assert!(
+        shown("small").reason.unwrap_or_default().contains("full"),
+        "{listed:?}"
+    );
+    assert_eq!(shown("roomy").state, "active");
+    assert!(read_export(&roomy).await == a);
+    // The invalid one is not exported.
+    let refused = NbdClient::connect_unix(Path::new(&small.nbd_socket), &small.export, false).await;
+    assert!(refused.is_err(), "an invalid snapshot was exported");
+}
+
+#[tokio::test]
+async fn a_snapshot_survives_a_crash_in_the_middle_of_copy_on_write() {
+    let mut server = TestServer::start();
+    let (mut setup, a) = setup(&server, 3).await;
+    let snap = setup.snapshot(&server, "snap", None).await;
+    // Writes run while the server is killed; whatever was acknowledged or not, the
+    // snapshot must still read back as it was taken.
+    let map = setup.map.clone();
+    let writer = tokio::spawn(async move {
+        let mut io = setup.io;
+        for i in 0..64u64 {
+            let data = pattern(400 + i, (2 * CHUNK) as usize);
+            let header = sanblk_uapi::frame::RequestHeader {
+                op: sanblk_uapi::frame::Op::Write,
+                flags: 0,
+                handle: i + 1,
+                volume_id: map.volume_id,
+                epoch: map.epoch,
+                offset: (i * 2 * CHUNK) % VOLUME,
+                length: data.len() as u32,
+            };
+            if io.try_call(&header, &data).await.is_none() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    server.kill9();
+    let _ = writer.await;
+    let restarted = TestServer::start_in(&server.dir);
+    let listed = list(&restarted).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].state, "active", "{listed:?}");
+    assert!(
+        read_export(&snap).await == a,
+        "the snapshot lost its point in time"
+    );
+}
+
+#[tokio::test]
+async fn bad_snapshot_requests_are_refused_and_change_nothing() {
+    let server = TestServer::start();
+    let (mut setup, _) = setup(&server, 4).await;
+    setup.snapshot(&server, "one", None).await;
+    let epoch = setup.map.epoch;
+    let mut admin = server.admin().await;
+    let cases: Vec<(SnapshotCreate, ErrorCode)> = vec![
+        (create("one", None, None), ErrorCode::AlreadyExists),
+        (create("bad name!", None, None), ErrorCode::BadRequest),
+        (create("odd", Some(3000), None), ErrorCode::BadRequest),
+        (
+            create("huge-chunk", Some(2 << 20), None),
+            ErrorCode::BadRequest,
+        ),
+        (create("tiny", None, Some(4096)), ErrorCode::BadRequest),
+        (create("enormous", None, Some(1 << 50)), ErrorCode::NoSpace),
+        (
+            SnapshotCreate {
+                volume: "nope".into(),
+                ..create("x", None, None)
+            },
+            ErrorCode::NotFound,
+        ),
+    ];
+    for (request, code) in cases {
+        let what = format!("{request:?}");
+        let refused = admin.call(request).await;
+        assert_eq!(
+            refused.err().and_then(|e| e.server_code()),
+            Some(code),
+            "{what}"
+        );
+    }
+    let refused = admin
+        .call(SnapshotDelete {
+            volume: "vol".into(),
+            name: "missing".into(),
+        })
+        .await;
+    assert_eq!(
+        refused.err().and_then(|e| e.server_code()),
+        Some(ErrorCode::NotFound)
+    );
+    let listed = list(&server).await;
+    assert_eq!(listed.len(), 1);
+    let detail: sanblk_proto::protocol::VolumeDetail = admin
+        .call(VolumeShow { name: "vol".into() })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        detail.map.epoch, epoch,
+        "a refused request changed the volume"
+    );
+}
+
+fn create(name: &str, chunk_bytes: Option<u32>, cow_bytes: Option<u64>) -> SnapshotCreate {
+    SnapshotCreate {
+        volume: "vol".into(),
+        name: name.into(),
+        chunk_bytes,
+        cow_bytes,
+    }
+}

@@ -1,0 +1,261 @@
+//! `sanctl backup`: copies a snapshot into an image file over the server's NBD export, in full
+//! or only the chunks changed since the snapshot an earlier backup of the same file holds.
+//!
+//! Next to the image, `IMAGE.sanblk-backup.json` says which snapshot of which volume the image
+//! holds; it is written (atomically) only once the image is complete and synced, so a backup
+//! that dies midway is simply run again: it reads the snapshot, never changes it.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use sanblk_proto::map::format_size;
+use sanblk_proto::nbd::NbdClient;
+use sanblk_proto::protocol::{SnapshotInfo, SnapshotList};
+
+use crate::context::{CliError, Context};
+use crate::snapshot_cmd::{changed_chunks, runs};
+
+/// Bytes per NBD read.
+const READ_BYTES: u64 = 4 << 20;
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    volume: String,
+    snapshot: String,
+    /// The image file to write (created if missing; a full backup truncates it).
+    #[arg(long)]
+    to: PathBuf,
+    /// Copy only the chunks changed since this snapshot, into an image that holds it (a
+    /// backup of it made earlier with `--to` the same file).
+    #[arg(long)]
+    since: Option<String>,
+}
+
+/// What an image file holds, kept next to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct BackupRecord {
+    volume: String,
+    snapshot: String,
+    size_bytes: u64,
+    chunk_bytes: u32,
+    created_unix: u64,
+}
+
+fn record_path(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".sanblk-backup.json");
+    PathBuf::from(name)
+}
+
+fn local(what: &Path, error: impl std::fmt::Display) -> CliError {
+    CliError::Local(format!("{}: {error}", what.display()))
+}
+
+fn read_record(image: &Path) -> Result<BackupRecord, CliError> {
+    let path = record_path(image);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        CliError::Usage(format!(
+            "{} holds no backup sanctl knows ({}: {e}); make a full backup first",
+            image.display(),
+            path.display()
+        ))
+    })?;
+    serde_json::from_str(&text).map_err(|e| local(&path, format!("not a backup record: {e}")))
+}
+
+fn write_record(image: &Path, record: &BackupRecord) -> Result<(), CliError> {
+    let path = record_path(image);
+    let temporary = path.with_extension("json.tmp");
+    let json = serde_json::to_vec_pretty(record).map_err(|e| local(&path, e))?;
+    std::fs::write(&temporary, json).map_err(|e| local(&temporary, e))?;
+    File::open(&temporary)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| local(&temporary, e))?;
+    std::fs::rename(&temporary, &path).map_err(|e| local(&path, e))
+}
+
+async fn snapshot_info(
+    context: &mut Context,
+    volume: &str,
+    snapshot: &str,
+) -> Result<SnapshotInfo, CliError> {
+    let infos: Vec<SnapshotInfo> = context
+        .call(SnapshotList {
+            volume: volume.to_string(),
+        })
+        .await?;
+    let info = infos
+        .into_iter()
+        .find(|s| s.name == snapshot)
+        .ok_or_else(|| CliError::Refused(format!("volume {volume} has no snapshot {snapshot}")))?;
+    if info.state != "active" {
+        return Err(CliError::Refused(format!(
+            "snapshot {snapshot} is {}{}: it cannot be read",
+            info.state,
+            info.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        )));
+    }
+    Ok(info)
+}
+
+fn progress(total: u64) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("#>."),
+    );
+    bar.set_prefix("backup");
+    bar
+}
+
+pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliError> {
+    let info = snapshot_info(context, &args.volume, &args.snapshot).await?;
+    // The byte ranges to copy: everything, or the changed chunks plus what the volume grew by.
+    let (ranges, mut image) = match &args.since {
+        None => {
+            let image = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&args.to)
+                .map_err(|e| local(&args.to, e))?;
+            (vec![(0, info.size_bytes)], image)
+        }
+        Some(since) => {
+            let held = read_record(&args.to)?;
+            if held.volume != args.volume || held.snapshot != *since {
+                return Err(CliError::Usage(format!(
+                    "{} holds snapshot {} of volume {}, not {since} of {}",
+                    args.to.display(),
+                    held.snapshot,
+                    held.volume,
+                    args.volume
+                )));
+            }
+            let (chunk_bytes, chunks) =
+                changed_chunks(context, &args.volume, since, &args.snapshot).await?;
+            let chunk = u64::from(chunk_bytes);
+            let mut ranges: Vec<(u64, u64)> = runs(&chunks)
+                .into_iter()
+                .map(|(first, count)| (first * chunk, count * chunk))
+                .collect();
+            if info.size_bytes > held.size_bytes {
+                ranges.push((held.size_bytes, info.size_bytes - held.size_bytes));
+            }
+            let image = OpenOptions::new()
+                .write(true)
+                .open(&args.to)
+                .map_err(|e| local(&args.to, e))?;
+            (ranges, image)
+        }
+    };
+    image
+        .set_len(info.size_bytes)
+        .map_err(|e| local(&args.to, e))?;
+    let socket = PathBuf::from(&info.nbd_socket);
+    let mut nbd = NbdClient::connect_unix(&socket, &info.export, false)
+        .await
+        .map_err(|e| CliError::Unreachable(format!("NBD export {}: {e}", info.export)))?;
+    if nbd.size() != info.size_bytes {
+        return Err(CliError::Refused(format!(
+            "export {} has {} bytes, the snapshot {}",
+            info.export,
+            nbd.size(),
+            info.size_bytes
+        )));
+    }
+    let total: u64 = ranges
+        .iter()
+        .map(|&(start, length)| length.min(info.size_bytes.saturating_sub(start)))
+        .sum();
+    let bar = progress(total);
+    let started = Instant::now();
+    for (start, length) in ranges {
+        let end = (start + length).min(info.size_bytes);
+        let mut at = start;
+        while at < end {
+            let step = (end - at).min(READ_BYTES);
+            let data = nbd
+                .read(at, step as u32)
+                .await
+                .map_err(|e| CliError::Unreachable(format!("reading {}: {e}", info.export)))?;
+            write_data(&mut image, &args.to, at, &data, args.since.is_none())?;
+            at += step;
+            bar.inc(step);
+        }
+    }
+    bar.finish_and_clear();
+    image.sync_all().map_err(|e| local(&args.to, e))?;
+    let _ = nbd.disconnect().await;
+    write_record(
+        &args.to,
+        &BackupRecord {
+            volume: args.volume.clone(),
+            snapshot: args.snapshot.clone(),
+            size_bytes: info.size_bytes,
+            chunk_bytes: info.chunk_bytes,
+            created_unix: info.created_unix,
+        },
+    )?;
+    let seconds = started.elapsed().as_secs_f64().max(1e-6);
+    let summary = serde_json::json!({
+        "volume": args.volume,
+        "snapshot": args.snapshot,
+        "image": args.to.display().to_string(),
+        "since": args.since,
+        "bytes_copied": total,
+        "seconds": seconds,
+        "bytes_per_second": (total as f64 / seconds) as u64,
+    });
+    if context.json {
+        return context.print_json(&summary);
+    }
+    println!(
+        "{} backup of {}@{} into {}: {} copied in {:.1} s ({}/s)",
+        if args.since.is_some() {
+            "incremental"
+        } else {
+            "full"
+        },
+        args.volume,
+        args.snapshot,
+        args.to.display(),
+        format_size(total),
+        seconds,
+        format_size((total as f64 / seconds) as u64)
+    );
+    Ok(())
+}
+
+/// Writes `data` at `at`. Into a freshly truncated image (`sparse`), all-zero 64 KiB blocks
+/// are skipped: they read as zeros already, and the image stays sparse.
+fn write_data(
+    image: &mut File,
+    path: &Path,
+    at: u64,
+    data: &[u8],
+    sparse: bool,
+) -> Result<(), CliError> {
+    const BLOCK: usize = 64 << 10;
+    for (index, block) in data.chunks(BLOCK).enumerate() {
+        if sparse && block.iter().all(|&b| b == 0) {
+            continue;
+        }
+        image
+            .write_all_at(block, at + (index * BLOCK) as u64)
+            .map_err(|e| local(path, e))?;
+    }
+    Ok(())
+}
