@@ -58,7 +58,8 @@ demo: deps kernel kmod build
 # path is measured on the non-debug "bench" kernel flavour, with the module built for it in
 # target/bench (a copy of kmod/ beside a link to uapi/, which the module includes), as is the
 # failure-path bench (fault stall, redirected path vs nbd) and the change bench (I/O pause per
-# change against dm suspend/resume); then the server control plane and
+# change against dm suspend/resume) and the snapshot bench (copy-on-write against
+# dm-snapshot, backup over NBD); then the server control plane and
 # rebuild-vs-copy benches run on the host.
 bench: deps kernel kmod build
 	@benchtree=$$(qemu/build-kernel.sh bench); \
@@ -69,7 +70,9 @@ bench: deps kernel kmod build
 	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
 	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-failure && \
 	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
-	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-change
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-change && \
+	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-snapshot
 	$(CARGO) run -q --release -p sand --bin sand-bench -- --clients 10000
 	$(CARGO) run -q --release -p sand --bin sand-bench -- --attack --hostile 4000
 	$(CARGO) build -q --release -p sand --bins && target/release/sand-iobench --rebuild --size-mib 1024 --rounds 5 --dir target

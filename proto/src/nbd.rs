@@ -1,8 +1,9 @@
-//! NBD (Network Block Device) wire formats and a client, for the read-only snapshot exports
-//! `sand` serves. The protocol is
+//! NBD (Network Block Device) wire formats and a client, for the exports `sand` serves:
+//! read-only snapshots, and writable volumes a backup image is restored onto. The protocol is
 //! <https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>: a fixed newstyle
-//! handshake (options), then requests answered by simple or structured replies. Only what a
-//! read-only export needs is here: no TLS, no extended headers, no writes.
+//! handshake (options), then requests answered by simple or structured replies. Only what
+//! those exports need is here: reads, block status, writes and flushes; no TLS, no extended
+//! headers, no trim or write zeroes from the client.
 //!
 //! Besides the standard `base:allocation`, the exports offer one metadata context of their own,
 //! [`CHANGED_CONTEXT`], whose flag [`CHANGED_FLAG`] marks the blocks that changed since the
@@ -602,6 +603,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         self.negotiated.structured_replies
     }
 
+    /// Whether the server refuses writes to the export ([`FLAG_READ_ONLY`]).
+    pub fn read_only(&self) -> bool {
+        self.negotiated.transmission_flags & FLAG_READ_ONLY != 0
+    }
+
     /// Whether the server agreed to [`CHANGED_CONTEXT`], which [`NbdClient::changed_extents`]
     /// needs.
     pub fn has_changed_context(&self) -> bool {
@@ -646,6 +652,74 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         let answered = tokio::time::timeout(REPLY_TIMEOUT, async {
             self.send(&request).await?;
             read_status_reply(&mut self.stream, &request, context_id).await
+        })
+        .await;
+        self.settle(answered)
+    }
+
+    /// Writes `data` (at most [`MAX_REQUEST_LENGTH`] bytes) at `offset`. With `fua` the write
+    /// is durable when this returns: sent with `NBD_CMD_FLAG_FUA` if the server offers it,
+    /// else followed by [`NbdClient::flush`].
+    ///
+    /// Writes to a read-only export, and writes reaching beyond the export, are refused
+    /// before anything is sent.
+    pub async fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdError> {
+        if self.broken {
+            return Err(NbdError::Broken);
+        }
+        if self.read_only() {
+            return Err(NbdError::InvalidArgument(
+                "the export is read-only".to_string(),
+            ));
+        }
+        let length = u32::try_from(data.len())
+            .ok()
+            .filter(|&length| length <= MAX_REQUEST_LENGTH)
+            .ok_or_else(|| {
+                NbdError::InvalidArgument(format!(
+                    "{} bytes at once (at most {MAX_REQUEST_LENGTH})",
+                    data.len()
+                ))
+            })?;
+        self.check_range(offset, length, MAX_REQUEST_LENGTH)?;
+        if length == 0 {
+            return Ok(());
+        }
+        let fua_offered = self.negotiated.transmission_flags & FLAG_SEND_FUA != 0;
+        let mut request = self.request(CMD_WRITE, offset, length);
+        if fua && fua_offered {
+            request.flags |= CMD_FLAG_FUA;
+        }
+        let structured = self.negotiated.structured_replies;
+        let answered = tokio::time::timeout(REPLY_TIMEOUT, async {
+            self.stream.write_all(&request.encode()).await?;
+            self.stream.write_all(data).await?;
+            self.stream.flush().await?;
+            read_ack_reply(&mut self.stream, &request, structured).await
+        })
+        .await;
+        self.settle(answered)?;
+        if fua && !fua_offered {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write the server acknowledged so far durable (`NBD_CMD_FLUSH`). A server
+    /// that does not offer flush ([`FLAG_SEND_FLUSH`]) must not be sent one; it has no write
+    /// cache to flush, so there is nothing to do (qemu's client does the same).
+    pub async fn flush(&mut self) -> Result<(), NbdError> {
+        if self.broken {
+            return Err(NbdError::Broken);
+        }
+        if self.negotiated.transmission_flags & FLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        let request = self.request(CMD_FLUSH, 0, 0);
+        let structured = self.negotiated.structured_replies;
+        let answered = tokio::time::timeout(REPLY_TIMEOUT, async {
+            self.send(&request).await?;
+            read_ack_reply(&mut self.stream, &request, structured).await
         })
         .await;
         self.settle(answered)
@@ -1213,6 +1287,48 @@ fn request_failed(request: &Request, error: u32, message: String) -> NbdError {
     }
 }
 
+/// The reply to a request that carries no data back (WRITE, FLUSH): a simple reply, or
+/// structured chunks holding only errors and a final `NBD_REPLY_TYPE_NONE`.
+async fn read_ack_reply<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    request: &Request,
+    structured_replies: bool,
+) -> Result<(), NbdError> {
+    if !read_reply_magic(stream, structured_replies).await? {
+        let error = read_simple_reply(stream, request).await?;
+        return if error == 0 {
+            Ok(())
+        } else {
+            Err(request_failed(request, error, String::new()))
+        };
+    }
+    let mut failure: Option<ChunkError> = None;
+    loop {
+        let chunk = read_chunk_header(stream, request).await?;
+        match chunk.kind {
+            REPLY_TYPE_NONE => check_none_chunk(&chunk)?,
+            kind if kind & REPLY_TYPE_FLAG_ERROR != 0 => {
+                let error = read_error_chunk(stream, &chunk).await?;
+                failure.get_or_insert(error);
+            }
+            kind => {
+                return Err(protocol(format!(
+                    "chunk type {kind} in the reply to {}",
+                    command_name(request.command)
+                )))
+            }
+        }
+        if chunk.done() {
+            break;
+        }
+        expect_chunk_magic(stream).await?;
+    }
+    match failure {
+        Some(failure) => Err(request_failed(request, failure.error, failure.message)),
+        None => Ok(()),
+    }
+}
+
 /// The reply to a BLOCK_STATUS with one context: its descriptors.
 async fn read_status_reply<S: AsyncRead + Unpin>(
     stream: &mut S,
@@ -1397,8 +1513,14 @@ mod tests {
             self.write(data).await;
         }
 
-        /// Structured replies, the changed context as id 7, then GO with `size`.
+        /// Structured replies, the changed context as id 7, then GO with `size`, read-only.
         async fn handshake(&mut self, size: u64) {
+            self.handshake_with_flags(size, FLAG_HAS_FLAGS | FLAG_READ_ONLY)
+                .await;
+        }
+
+        /// As [`FakeServer::handshake`], with these transmission flags.
+        async fn handshake_with_flags(&mut self, size: u64, flags: u16) {
             self.greet().await;
             let (option, _) = self.option().await;
             assert_eq!(option, OPT_STRUCTURED_REPLY);
@@ -1413,7 +1535,7 @@ mod tests {
             assert_eq!(option, OPT_GO);
             let mut info = INFO_EXPORT.to_be_bytes().to_vec();
             info.extend_from_slice(&size.to_be_bytes());
-            info.extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_READ_ONLY).to_be_bytes());
+            info.extend_from_slice(&flags.to_be_bytes());
             self.reply(option, REP_INFO, &info).await;
             self.reply(option, REP_ACK, &[]).await;
         }
@@ -1425,6 +1547,20 @@ mod tests {
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
             Request::decode(&raw).unwrap_or_else(|| panic!("bad request magic"))
+        }
+
+        /// Reads `length` bytes of a WRITE's payload.
+        async fn payload(&mut self, length: u32) -> Vec<u8> {
+            let mut data = vec![0u8; length as usize];
+            self.stream
+                .read_exact(&mut data)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            data
+        }
+
+        async fn simple(&mut self, cookie: u64, error: u32) {
+            self.write(&SimpleReply { error, cookie }.encode()).await;
         }
 
         async fn chunk(&mut self, cookie: u64, flags: u16, kind: u16, payload: &[u8]) {
@@ -1659,6 +1795,203 @@ mod tests {
         ));
         let mut server = serving.await.unwrap_or_else(|e| panic!("{e}"));
         // Nothing reached the server: the next thing it reads is the disconnect.
+        let disconnect = tokio::spawn(async move { server.request().await });
+        client.disconnect().await.unwrap_or_else(|e| panic!("{e}"));
+        let request = disconnect.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(request.command, CMD_DISC);
+    }
+
+    const WRITABLE: u16 = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA;
+
+    fn error_payload(error: u32, message: &[u8]) -> Vec<u8> {
+        let mut payload = error.to_be_bytes().to_vec();
+        payload.extend_from_slice(&(message.len() as u16).to_be_bytes());
+        payload.extend_from_slice(message);
+        payload
+    }
+
+    #[tokio::test]
+    async fn writes_carry_their_payload_and_fua_and_errors_keep_the_connection() {
+        let (client_end, mut server) = pair();
+        let serving = tokio::spawn(async move {
+            server.handshake_with_flags(1 << 20, WRITABLE).await;
+            let request = server.request().await;
+            assert_eq!(
+                (
+                    request.command,
+                    request.flags,
+                    request.offset,
+                    request.length
+                ),
+                (CMD_WRITE, CMD_FLAG_FUA, 4096, 5)
+            );
+            assert_eq!(server.payload(5).await, b"hello");
+            server.simple(request.cookie, 0).await;
+
+            let request = server.request().await;
+            assert_eq!((request.command, request.flags), (CMD_WRITE, 0));
+            assert_eq!(server.payload(3).await, b"abc");
+            server
+                .chunk(
+                    request.cookie,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_ERROR,
+                    &error_payload(ENOSPC, b"volume full"),
+                )
+                .await;
+
+            let request = server.request().await;
+            assert_eq!(
+                (request.command, request.offset, request.length),
+                (CMD_FLUSH, 0, 0)
+            );
+            server
+                .chunk(request.cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[])
+                .await;
+
+            let request = server.request().await;
+            assert_eq!(request.command, CMD_FLUSH);
+            server.simple(request.cookie, EIO).await;
+            server
+        });
+        let mut client = NbdClient::handshake(client_end, "volume", true)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!client.read_only());
+        client
+            .write(4096, b"hello", true)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let error = match client.write(0, b"abc", false).await {
+            Ok(()) => panic!("write succeeded despite the error chunk"),
+            Err(error) => error,
+        };
+        assert_eq!(error.request_error(), Some(ENOSPC));
+        assert_eq!(
+            error.to_string(),
+            "NBD_CMD_WRITE failed: no space left (ENOSPC): volume full"
+        );
+        client.flush().await.unwrap_or_else(|e| panic!("{e}"));
+        let error = match client.flush().await {
+            Ok(()) => panic!("flush succeeded despite the error"),
+            Err(error) => error,
+        };
+        assert_eq!(error.request_error(), Some(EIO));
+        assert_eq!(
+            error.to_string(),
+            "NBD_CMD_FLUSH failed: input/output error (EIO)"
+        );
+        serving.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[tokio::test]
+    async fn fua_is_a_flush_after_the_write_when_the_server_does_not_offer_it() {
+        let (client_end, mut server) = pair();
+        let serving = tokio::spawn(async move {
+            server
+                .handshake_with_flags(1 << 20, FLAG_HAS_FLAGS | FLAG_SEND_FLUSH)
+                .await;
+            let request = server.request().await;
+            assert_eq!((request.command, request.flags), (CMD_WRITE, 0));
+            assert_eq!(server.payload(2).await, b"ok");
+            server.simple(request.cookie, 0).await;
+            let request = server.request().await;
+            assert_eq!(request.command, CMD_FLUSH);
+            server.simple(request.cookie, 0).await;
+            server
+        });
+        let mut client = NbdClient::handshake(client_end, "volume", true)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        client
+            .write(0, b"ok", true)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        serving.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[tokio::test]
+    async fn a_data_chunk_in_reply_to_a_write_breaks_the_connection() {
+        let (client_end, mut server) = pair();
+        let serving = tokio::spawn(async move {
+            server.handshake_with_flags(1 << 20, WRITABLE).await;
+            let request = server.request().await;
+            server.payload(request.length).await;
+            server
+                .chunk(
+                    request.cookie,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    &offset_payload(0, b"x"),
+                )
+                .await;
+            server
+        });
+        let mut client = NbdClient::handshake(client_end, "volume", true)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            client.write(0, b"x", false).await,
+            Err(NbdError::Protocol(_))
+        ));
+        assert!(matches!(client.flush().await, Err(NbdError::Broken)));
+        serving.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[tokio::test]
+    async fn bad_writes_are_refused_before_sending() {
+        // A read-only export: no write is sent, whatever its range.
+        let (client_end, mut server) = pair();
+        let serving = tokio::spawn(async move {
+            server.handshake(8192).await;
+            server
+        });
+        let mut client = NbdClient::handshake(client_end, "snap", true)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(client.read_only());
+        assert!(matches!(
+            client.write(0, b"x", false).await,
+            Err(NbdError::InvalidArgument(_))
+        ));
+        let mut server = serving.await.unwrap_or_else(|e| panic!("{e}"));
+        let disconnect = tokio::spawn(async move { server.request().await });
+        client.disconnect().await.unwrap_or_else(|e| panic!("{e}"));
+        let request = disconnect.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(request.command, CMD_DISC);
+
+        // A writable export without flush: beyond the end, too much at once, and a flush,
+        // which such a server must not be sent.
+        let (client_end, mut server) = pair();
+        let serving = tokio::spawn(async move {
+            server.handshake_with_flags(8192, FLAG_HAS_FLAGS).await;
+            server
+        });
+        let mut client = NbdClient::handshake(client_end, "volume", true)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!client.read_only());
+        assert!(matches!(
+            client.write(8000, &[1; 200], false).await,
+            Err(NbdError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            client.write(u64::MAX, b"x", true).await,
+            Err(NbdError::InvalidArgument(_))
+        ));
+        let too_much = vec![0u8; MAX_REQUEST_LENGTH as usize + 1];
+        match client.write(0, &too_much, false).await {
+            Err(NbdError::InvalidArgument(message)) => {
+                assert_eq!(message, "33554433 bytes at once (at most 33554432)")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        client
+            .write(0, &[], false)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        client.flush().await.unwrap_or_else(|e| panic!("{e}"));
+        let mut server = serving.await.unwrap_or_else(|e| panic!("{e}"));
         let disconnect = tokio::spawn(async move { server.request().await });
         client.disconnect().await.unwrap_or_else(|e| panic!("{e}"));
         let request = disconnect.await.unwrap_or_else(|e| panic!("{e}"));

@@ -857,6 +857,10 @@ pub struct VolumeDetail {
     /// Recovery of this volume, if one is running or happened since the server started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<RecoveryStatus>,
+    /// The server's NBD socket: the volume's snapshots are exported there as
+    /// `VOLUME@SNAPSHOT`, and the volume itself, for a restore, as `VOLUME`.
+    #[serde(default)]
+    pub nbd_socket: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -46,5 +46,6 @@ pub use paths::{
 pub use server::{paths_by_uuid, provision, Provisioned, SandServer};
 pub use splat::find_splats;
 pub use vm::{
-    run, spawn, wait_for_file, GuestOutcome, RunningVm, GUEST_OUT_DIR, HOST_ADDR_FROM_GUEST,
+    run, spawn, wait_for_file, wait_for_path, GuestOutcome, RunningVm, GUEST_OUT_DIR,
+    HOST_ADDR_FROM_GUEST,
 };

@@ -528,15 +528,22 @@ pub(crate) fn log_tail(log: &str, lines: usize) -> String {
 /// Waits until `path` exists (a file a guest writes into its log dir, or the host into the
 /// scratch dir); panics after `timeout`.
 pub fn wait_for_file(path: &Path, timeout: Duration) {
+    if let Err(message) = wait_for_path(path, timeout) {
+        panic!("{message}");
+    }
+}
+
+/// [`wait_for_file`], failing with a message instead of panicking (for the benches and the
+/// demo).
+pub fn wait_for_path(path: &Path, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
+        if Instant::now() > deadline {
+            return Err(format!("{} never appeared", path.display()));
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(())
 }
 
 #[cfg(test)]

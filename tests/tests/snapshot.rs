@@ -3,8 +3,8 @@
 //! host reads the snapshot over NBD with a stock client (`qemu-img`), backs it up in full and
 //! incrementally with `sanctl backup`, and checks everything against the image files: the
 //! snapshot reads A, the origin holds the guest's new data, the changed list is exactly what
-//! the guest overwrote, and an incremental backup applied to the full one equals a full
-//! backup of the later snapshot.
+//! the guest overwrote, an incremental backup applied to the full one equals a full backup of
+//! the later snapshot, and `sanctl restore` writes that backup onto a new volume.
 
 use std::fs;
 use std::path::Path;
@@ -145,6 +145,17 @@ $S detach vsnap"#
     );
     // s1 still reads A although C landed after s2.
     assert!(read_with_qemu_img(&s1, &dir.join("s1-again.raw")) == a);
+    // The backup restored onto a new volume: its blocks are the backup's, where its map says.
+    let backup_arg = dir.join("backup.img").display().to_string();
+    let printed = server.sanctl(&["restore", &backup_arg, "vrestored"]);
+    assert!(printed.contains("restored"), "{printed}");
+    let restored = server.volume("vrestored").map;
+    assert!(
+        blocks::read_volume(&restored, &provisioned.by_uuid, 0, VOLUME) == full2,
+        "the restored volume differs from the backup"
+    );
+    let again = server.sanctl_output(&["restore", &backup_arg, "vrestored"]);
+    assert!(!again.status.success(), "restored over an existing volume");
     fs::write(dir.join("done"), b"").expect("signal");
     let outcome = vm.wait().expect("guest ran");
     outcome.assert_clean_success();

@@ -266,6 +266,7 @@ async fn volume_show(request: VolumeShow, state: &Arc<ServerState>) -> ServiceRe
         acked_current_epoch,
         attachments,
         recovery: state.recoveries.status(record.id),
+        nbd_socket: state.config.nbd_socket.display().to_string(),
     })
 }
 

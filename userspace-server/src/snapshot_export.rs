@@ -1,7 +1,8 @@
 //! The pseudo-device: every active snapshot as a read-only NBD export named
 //! `VOLUME@SNAPSHOT` (see `nbd`), reading copied chunks from the snapshot's COW store and the
 //! rest from the origin, and telling block-status queries which chunks changed since the
-//! snapshot before it.
+//! snapshot before it. And, for restoring a backup, a volume no client has attached and with
+//! no snapshot, as a writable export named `VOLUME` (attaches are refused while it is open).
 
 use std::io;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use crate::device::plan;
 use crate::nbd::{Export, Exports};
 use crate::recovery_gate;
 use crate::state::ServerState;
-use crate::store::{SnapshotRecord, SnapshotState};
+use crate::store::{SnapshotRecord, SnapshotState, VolumeRecord};
 
 /// Most runs one block-status answer describes (the client asks again from where it ends).
 const MAX_RUNS: usize = 65_536;
@@ -24,9 +25,9 @@ pub struct SnapshotExports {
 
 impl Exports for SnapshotExports {
     fn open(&self, name: &str) -> Result<Arc<dyn Export>, String> {
-        let (volume_name, snapshot_name) = name
-            .split_once('@')
-            .ok_or_else(|| format!("export names are VOLUME@SNAPSHOT, not {name:?}"))?;
+        let Some((volume_name, snapshot_name)) = name.split_once('@') else {
+            return self.open_for_restore(name);
+        };
         let store = &self.state.store;
         let volume = store
             .volume_by_name(volume_name)
@@ -67,6 +68,86 @@ impl Exports for SnapshotExports {
                 Some(format!("{}@{}", volume.name, s.name))
             })
             .collect()
+    }
+}
+
+impl SnapshotExports {
+    fn open_for_restore(&self, name: &str) -> Result<Arc<dyn Export>, String> {
+        let store = &self.state.store;
+        let volume = store.volume_by_name(name).map_err(|e| e.to_string())?;
+        let snapshots = store.snapshots_of(volume.id).map_err(|e| e.to_string())?;
+        if !snapshots.is_empty() {
+            return Err(format!(
+                "volume {name} has {} snapshot(s): restore onto a new volume",
+                snapshots.len()
+            ));
+        }
+        if store
+            .recovery(volume.id)
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            return Err(format!("volume {name} is being moved or recovered"));
+        }
+        self.state
+            .begin_restore(volume.id)
+            .map_err(|e| format!("volume {name}: {}", e.message))?;
+        Ok(Arc::new(RestoreExport {
+            state: self.state.clone(),
+            volume,
+        }))
+    }
+}
+
+/// A volume written through NBD by a restore; the reservation ends when the export is closed.
+struct RestoreExport {
+    state: Arc<ServerState>,
+    volume: VolumeRecord,
+}
+
+impl Drop for RestoreExport {
+    fn drop(&mut self) {
+        self.state.end_restore(self.volume.id);
+    }
+}
+
+impl RestoreExport {
+    fn pieces(&self, offset: u64, length: usize) -> io::Result<Vec<crate::device::Piece>> {
+        plan(&self.volume.extents, offset, length as u64)
+            .ok_or_else(|| io::Error::other("range not mapped"))
+    }
+}
+
+impl Export for RestoreExport {
+    fn size(&self) -> u64 {
+        self.volume.size_bytes
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let pieces = self.pieces(offset, buf.len())?;
+        self.state.snapshots.devices().read(&pieces, buf)
+    }
+
+    fn changed(&self, offset: u64, length: u64) -> io::Result<Vec<(u64, u32)>> {
+        let end = offset.saturating_add(length).min(self.size());
+        Ok(if offset < end {
+            vec![(end - offset, 0)]
+        } else {
+            Vec::new()
+        })
+    }
+
+    fn writable(&self) -> bool {
+        true
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let pieces = self.pieces(offset, data.len())?;
+        self.state.snapshots.devices().write(&pieces, data, false)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.state.snapshots.devices().flush(&self.volume.extents)
     }
 }
 

@@ -115,6 +115,8 @@ struct Live {
     fenced_tokens: HashMap<String, (String, u64)>,
     /// Volumes with a configuration change in progress.
     changing: HashSet<u64>,
+    /// Volumes written through a writable NBD export (a restore): no client may attach.
+    restoring: HashSet<u64>,
     /// The id of the connection registered last.
     last_connection_id: ConnectionId,
 }
@@ -296,6 +298,34 @@ impl ServerState {
 
     pub fn end_change(&self, volume_id: u64) {
         self.live().changing.remove(&volume_id);
+    }
+
+    /// Reserves `volume_id` for a restore through its writable NBD export: refused while a
+    /// client has it attached or another restore writes it; attaches are refused until
+    /// [`end_restore`](Self::end_restore).
+    pub fn begin_restore(&self, volume_id: u64) -> ServiceResult<()> {
+        let mut live = self.live();
+        let attached = live
+            .volumes
+            .get(&volume_id)
+            .map_or(0, |v| v.attachments.len());
+        if attached > 0 {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                format!("the volume is attached by {attached} client(s); detach them to restore onto it"),
+            ));
+        }
+        if !live.restoring.insert(volume_id) {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                "another restore is writing the volume",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn end_restore(&self, volume_id: u64) {
+        self.live().restoring.remove(&volume_id);
     }
 
     #[cfg(test)]
@@ -490,6 +520,12 @@ impl ServerState {
             return Err(ErrorBody::new(
                 ErrorCode::NotGranted,
                 "access changed by the administrator",
+            ));
+        }
+        if live.restoring.contains(&volume_id) {
+            return Err(ErrorBody::new(
+                ErrorCode::Busy,
+                "the volume is being restored; attach once the restore is done",
             ));
         }
         let volume = match live.volumes.entry(volume_id) {

@@ -1,13 +1,15 @@
 //! The NBD server (`sand::nbd`) in-process on a temporary Unix socket, exporting in-memory
-//! snapshots, against sanblk's own client, against `qemu-img` (a stock client), and against
-//! hostile byte sequences written by hand. After every hostile exchange the server must still
-//! serve a normal client.
+//! snapshots (read-only) and in-memory volumes (writable, as when a backup is restored),
+//! against sanblk's own client, against `qemu-img` (a stock client), and against hostile byte
+//! sequences written by hand. After every hostile exchange the server must still serve a
+//! normal client.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sanblk_proto::nbd::*;
@@ -23,6 +25,13 @@ const SNAPSHOT_SIZE: u64 = 8 * MIB;
 const CHANGE_CHUNK: u64 = 64 * 1024;
 /// The failing export's size; reads from its second half fail.
 const FAILING_SIZE: u64 = MIB;
+/// The writable volume's size: room for a write of the largest payload and more, so a payload
+/// over the limit can lie inside the volume and be refused for its size alone.
+const VOLUME_SIZE: u64 = 40 * MIB;
+/// The small volumes' size (the read-only one and the failing one).
+const SMALL_VOLUME_SIZE: u64 = MIB;
+/// What a volume holds before anything is written: not zero, so written zeroes show.
+const FRESH_BYTE: u8 = 0xee;
 /// How long any single exchange in these tests may take.
 const PROMPT: Duration = Duration::from_secs(10);
 
@@ -89,24 +98,143 @@ impl Export for FailingSnapshot {
     }
 }
 
-struct TestExports;
+/// A volume in memory, counting the calls that reach it.
+struct MemoryVolume {
+    data: Mutex<Vec<u8>>,
+    writable: bool,
+    /// Writes reaching beyond this offset fail, as on a disk with bad sectors.
+    bad_from: u64,
+    /// Flushes fail as on a full thin pool.
+    flush_fails: bool,
+    writes: AtomicUsize,
+    flushes: AtomicUsize,
+}
+
+impl MemoryVolume {
+    fn new(size: u64, writable: bool) -> MemoryVolume {
+        MemoryVolume {
+            data: Mutex::new(vec![FRESH_BYTE; size as usize]),
+            writable,
+            bad_from: size,
+            flush_fails: false,
+            writes: AtomicUsize::new(0),
+            flushes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Writable, but writes into its second half and every flush fail.
+    fn failing() -> MemoryVolume {
+        MemoryVolume {
+            bad_from: SMALL_VOLUME_SIZE / 2,
+            flush_fails: true,
+            ..MemoryVolume::new(SMALL_VOLUME_SIZE, true)
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+        // A test that panicked while holding the lock has failed already.
+        self.data
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn contents(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+
+    fn writes(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    fn flushes(&self) -> usize {
+        self.flushes.load(Ordering::SeqCst)
+    }
+}
+
+impl Export for MemoryVolume {
+    fn size(&self) -> u64 {
+        self.lock().len() as u64
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let data = self.lock();
+        let start = offset as usize;
+        let source = data
+            .get(start..start + buf.len())
+            .ok_or_else(|| std::io::Error::other("read beyond the volume"))?;
+        buf.copy_from_slice(source);
+        Ok(())
+    }
+
+    fn changed(&self, offset: u64, length: u64) -> std::io::Result<Vec<(u64, u32)>> {
+        let _ = offset;
+        Ok(vec![(length, 0)])
+    }
+
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        if offset + data.len() as u64 > self.bad_from {
+            return Err(std::io::Error::other("medium error"));
+        }
+        let mut volume = self.lock();
+        let start = offset as usize;
+        volume
+            .get_mut(start..start + data.len())
+            .ok_or_else(|| std::io::Error::other("write beyond the volume"))?
+            .copy_from_slice(data);
+        Ok(())
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        if self.flush_fails {
+            return Err(std::io::ErrorKind::StorageFull.into());
+        }
+        Ok(())
+    }
+}
+
+struct TestExports {
+    /// `volume`: writable, [`VOLUME_SIZE`].
+    volume: Arc<MemoryVolume>,
+    /// `volume-locked`: an in-memory volume that would take writes, exported read-only.
+    locked: Arc<MemoryVolume>,
+    /// `volume-failing`: see [`MemoryVolume::failing`].
+    failing: Arc<MemoryVolume>,
+}
 
 impl Exports for TestExports {
     fn open(&self, name: &str) -> Result<Arc<dyn Export>, String> {
         match name {
             "snap-1" => Ok(Arc::new(PatternSnapshot)),
             "failing" => Ok(Arc::new(FailingSnapshot)),
+            "volume" => Ok(self.volume.clone()),
+            "volume-locked" => Ok(self.locked.clone()),
+            "volume-failing" => Ok(self.failing.clone()),
             _ => Err(format!("no snapshot named {name}")),
         }
     }
 
     fn names(&self) -> Vec<String> {
-        vec!["snap-1".to_string(), "failing".to_string()]
+        [
+            "snap-1",
+            "failing",
+            "volume",
+            "volume-locked",
+            "volume-failing",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 }
 
 struct TestServer {
     socket: PathBuf,
+    exports: Arc<TestExports>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
     dir: tempfile::TempDir,
@@ -125,14 +253,20 @@ impl TestServer {
         let listener =
             UnixListener::bind(&socket).unwrap_or_else(|e| panic!("bind {socket:?}: {e}"));
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let exports = Arc::new(TestExports {
+            volume: Arc::new(MemoryVolume::new(VOLUME_SIZE, true)),
+            locked: Arc::new(MemoryVolume::new(SMALL_VOLUME_SIZE, false)),
+            failing: Arc::new(MemoryVolume::failing()),
+        });
         let task = tokio::spawn(serve(
             listener,
-            Arc::new(TestExports),
+            exports.clone(),
             allowed_uid(dir.path()),
             shutdown_rx,
         ));
         TestServer {
             socket,
+            exports,
             shutdown,
             task,
             dir,
@@ -160,6 +294,30 @@ impl TestServer {
             .await
             .unwrap_or_else(|e| panic!("changed_extents: {e}"));
         assert_eq!(changes, vec![(100, 0), (200, CHANGED_FLAG)]);
+        within(client.disconnect())
+            .await
+            .unwrap_or_else(|e| panic!("disconnect: {e}"));
+    }
+
+    /// A normal client still writes to the writable volume, and reads back what it wrote.
+    async fn assert_still_writes(&self) {
+        let volume = &self.exports.volume;
+        let mut expected = volume.contents();
+        let (offset, data) = (3 * MIB + 7, pattern(11, 1000));
+        let mut client = self.client("volume", false).await;
+        within(client.write(offset, &data, true))
+            .await
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        expected[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        assert_same(
+            &volume.contents(),
+            &expected,
+            "the volume after a normal write",
+        );
+        let read = within(client.read(offset, data.len() as u32))
+            .await
+            .unwrap_or_else(|e| panic!("read: {e}"));
+        assert_same(&read, &data, "the normal write read back");
         within(client.disconnect())
             .await
             .unwrap_or_else(|e| panic!("disconnect: {e}"));
@@ -222,6 +380,20 @@ impl TestServer {
         within(self.task)
             .await
             .unwrap_or_else(|e| panic!("server task: {e}"));
+    }
+}
+
+/// Exact equality of two images, reporting the first difference rather than megabytes.
+fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    if actual == expected {
+        return;
+    }
+    if let Some(at) = actual.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: byte {at} is {:#04x}, expected {:#04x}",
+            actual[at], expected[at]
+        );
     }
 }
 
@@ -303,6 +475,11 @@ impl Raw {
         };
         self.send(&header.encode()).await;
         self.send(data).await;
+    }
+
+    /// Bytes sent while the server may be closing the connection.
+    async fn send_best_effort(&mut self, bytes: &[u8]) {
+        let _ = within(self.stream.write_all(bytes)).await;
     }
 
     /// An option without data, sent while the server may be closing the connection.
@@ -518,6 +695,201 @@ async fn client_reports_server_errors_and_keeps_going() {
     server.stop().await;
 }
 
+/// Writes `data` at `offset` of `image` (the model of what a volume should hold).
+fn put(image: &mut [u8], offset: u64, data: &[u8]) {
+    image[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_writes_fua_writes_flushes_and_reads_back_exactly() {
+    let server = TestServer::start();
+    let volume = server.exports.volume.clone();
+    let mut client = server.client("volume", false).await;
+    assert_eq!(client.size(), VOLUME_SIZE);
+    assert!(!client.read_only());
+    assert_eq!(
+        client.transmission_flags(),
+        FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_DF
+    );
+
+    // Unaligned, at the very end, and the largest payload a request may carry. The data is
+    // the pattern of another place, so a write landing at the wrong offset shows.
+    let mut expected = vec![FRESH_BYTE; VOLUME_SIZE as usize];
+    let largest = u64::from(MAX_REQUEST_LENGTH);
+    let writes = [
+        (0, 4096),
+        (12_345, 100_000),
+        (VOLUME_SIZE - 512, 512),
+        (VOLUME_SIZE - 512 - largest, largest),
+    ];
+    for (offset, length) in writes {
+        let data = pattern(offset + 1, length);
+        within(client.write(offset, &data, false))
+            .await
+            .unwrap_or_else(|e| panic!("write {length} at {offset}: {e}"));
+        put(&mut expected, offset, &data);
+    }
+    assert_eq!(volume.flushes(), 0, "a write without FUA flushed");
+    assert_same(
+        &volume.contents(),
+        &expected,
+        "the volume after plain writes",
+    );
+
+    let (offset, data) = (3 * MIB + 1, pattern(99, 70_000));
+    within(client.write(offset, &data, true))
+        .await
+        .unwrap_or_else(|e| panic!("FUA write: {e}"));
+    put(&mut expected, offset, &data);
+    assert_eq!(volume.flushes(), 1, "a FUA write did not flush");
+    within(client.flush())
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    assert_eq!(volume.flushes(), 2, "a flush did not reach the volume");
+    assert_same(&volume.contents(), &expected, "the volume after writing");
+
+    for (offset, length) in writes.into_iter().chain([(offset, data.len() as u64)]) {
+        let read = within(client.read(offset, length as u32))
+            .await
+            .unwrap_or_else(|e| panic!("read {length} at {offset}: {e}"));
+        let start = offset as usize;
+        assert_same(&read, &expected[start..start + read.len()], "read back");
+    }
+    assert!(matches!(
+        client.write(VOLUME_SIZE - 100, &[0; 200], false).await,
+        Err(NbdError::InvalidArgument(_))
+    ));
+    within(client.disconnect())
+        .await
+        .unwrap_or_else(|e| panic!("disconnect: {e}"));
+
+    // What was written is what the next connection reads.
+    let mut client = server.client("volume", false).await;
+    let head = within(client.read(0, 200_000))
+        .await
+        .unwrap_or_else(|e| panic!("read: {e}"));
+    assert_same(&head, &expected[..200_000], "read back on a new connection");
+    assert_eq!(volume.flushes(), 2);
+    server.assert_still_serves().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_zeroes_fua_and_flush_on_the_wire() {
+    let server = TestServer::start();
+    let volume = server.exports.volume.clone();
+    let mut expected = volume.contents();
+    let mut raw = server.raw_transmitting("volume", true, &[]).await;
+
+    // Over three 1 MiB pieces, unaligned at both ends; "no hole" accepted.
+    let (zero_offset, zero_length) = (MIB - 7, 3 * MIB + 11);
+    raw.request(
+        CMD_WRITE_ZEROES,
+        CMD_FLAG_NO_HOLE | CMD_FLAG_FUA,
+        1,
+        zero_offset,
+        zero_length as u32,
+    )
+    .await;
+    assert_eq!(raw.simple_reply().await, (0, 1));
+    put(&mut expected, zero_offset, &vec![0; zero_length as usize]);
+    assert_eq!(volume.flushes(), 1, "FUA on write zeroes did not flush");
+    assert_same(&volume.contents(), &expected, "after write zeroes");
+
+    // Pipelined: a write, zeroes inside it, and a read of both, answered in order.
+    let data = pattern(5, 8192);
+    raw.request(CMD_WRITE, 0, 2, 6 * MIB, 8192).await;
+    raw.send(&data).await;
+    raw.request(CMD_WRITE_ZEROES, 0, 3, 6 * MIB + 100, 50).await;
+    raw.request(CMD_READ, 0, 4, 6 * MIB, 8192).await;
+    put(&mut expected, 6 * MIB, &data);
+    put(&mut expected, 6 * MIB + 100, &[0; 50]);
+    assert_eq!(raw.simple_reply().await, (0, 2));
+    assert_eq!(raw.simple_reply().await, (0, 3));
+    let (flags, kind, cookie, payload) = raw.chunk().await;
+    assert_eq!(
+        (flags, kind, cookie),
+        (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 4)
+    );
+    assert_eq!(&payload[..8], &(6 * MIB).to_be_bytes());
+    let start = 6 * MIB as usize;
+    assert_same(&payload[8..], &expected[start..start + 8192], "read back");
+    assert_eq!(volume.flushes(), 1, "a write without FUA flushed");
+
+    raw.request(CMD_WRITE, CMD_FLAG_FUA, 5, 7 * MIB, 3).await;
+    raw.send(b"abc").await;
+    assert_eq!(raw.simple_reply().await, (0, 5));
+    put(&mut expected, 7 * MIB, b"abc");
+    assert_eq!(volume.flushes(), 2);
+    raw.request(CMD_FLUSH, 0, 6, 0, 0).await;
+    assert_eq!(raw.simple_reply().await, (0, 6));
+    assert_eq!(volume.flushes(), 3);
+    assert_same(&volume.contents(), &expected, "after the wire writes");
+    raw.request(CMD_DISC, 0, 7, 0, 0).await;
+    raw.assert_closed_silently().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_and_flushes_are_eio_or_enospc_with_a_message() {
+    let server = TestServer::start();
+    let volume = server.exports.failing.clone();
+    let mut client = server.client("volume-failing", false).await;
+    let good = pattern(0, 4096);
+    within(client.write(0, &good, false))
+        .await
+        .unwrap_or_else(|e| panic!("write to the good half: {e}"));
+
+    let failed = within(client.write(SMALL_VOLUME_SIZE / 2, &[7; 4096], false)).await;
+    let error = failed
+        .err()
+        .unwrap_or_else(|| panic!("a bad write succeeded"));
+    assert_eq!(error.request_error(), Some(EIO));
+    assert_eq!(
+        error.to_string(),
+        "NBD_CMD_WRITE failed: input/output error (EIO): cannot write 4096 bytes at offset 524288"
+    );
+    // The flush a FUA write ends with fails as the volume is full: the write is not durable.
+    let failed = within(client.write(4096, &[8; 512], true)).await;
+    let error = failed
+        .err()
+        .unwrap_or_else(|| panic!("a FUA write survived its flush"));
+    assert_eq!(
+        error.to_string(),
+        "NBD_CMD_WRITE failed: no space left (ENOSPC): cannot write 512 bytes at offset 4096"
+    );
+    let failed = within(client.flush()).await;
+    let error = failed
+        .err()
+        .unwrap_or_else(|| panic!("a failing flush succeeded"));
+    assert_eq!(
+        error.to_string(),
+        "NBD_CMD_FLUSH failed: no space left (ENOSPC): cannot flush the export"
+    );
+    assert_eq!(volume.flushes(), 2);
+    let read = within(client.read(0, 4096))
+        .await
+        .unwrap_or_else(|e| panic!("read after failures: {e}"));
+    assert_same(&read, &good, "the good half");
+    within(client.disconnect())
+        .await
+        .unwrap_or_else(|e| panic!("disconnect: {e}"));
+
+    // Simple replies carry the value alone.
+    let mut raw = server.raw_transmitting("volume-failing", false, &[]).await;
+    raw.request(CMD_WRITE_ZEROES, 0, 1, SMALL_VOLUME_SIZE / 2, 4096)
+        .await;
+    assert_eq!(raw.simple_reply().await, (EIO, 1));
+    raw.request(CMD_FLUSH, 0, 2, 0, 0).await;
+    assert_eq!(raw.simple_reply().await, (ENOSPC, 2));
+    let mut expected = vec![FRESH_BYTE; SMALL_VOLUME_SIZE as usize];
+    put(&mut expected, 0, &good);
+    put(&mut expected, 4096, &[8; 512]);
+    assert_same(&volume.contents(), &expected, "the failing volume");
+    server.assert_still_writes().await;
+    server.stop().await;
+}
+
 // --- (b) a stock client -----------------------------------------------------------------------
 
 fn qemu_img(args: &[&str], uid: Option<u32>) -> Output {
@@ -592,6 +964,72 @@ async fn qemu_img_copies_the_export_exactly() {
     let copied = std::fs::read(&copy).unwrap_or_else(|e| panic!("reading the copy: {e}"));
     assert_eq!(copied.len() as u64, SNAPSHOT_SIZE);
     assert!(copied == pattern(0, SNAPSHOT_SIZE), "the copy differs");
+    server.assert_still_serves().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_img_restores_an_image_into_the_writable_export_exactly() {
+    let server = TestServer::start();
+    let volume = server.exports.volume.clone();
+    // An image with zero runs (leading, short, longer than the zero piece, trailing) between
+    // data: the volume starts non-zero, so the zeroes have to be written too.
+    let mut image = pattern(0, VOLUME_SIZE);
+    for (start, end) in [
+        (0, MIB),
+        (5 * MIB, 5 * MIB + 64 * 1024),
+        (20 * MIB + 3, 33 * MIB),
+        (VOLUME_SIZE - 4096, VOLUME_SIZE),
+    ] {
+        image[start as usize..end as usize].fill(0);
+    }
+    let source = server.dir.path().join("image.raw");
+    std::fs::write(&source, &image).unwrap_or_else(|e| panic!("writing the image: {e}"));
+
+    let converted = qemu_img_async(
+        vec![
+            "convert".into(),
+            "-n".into(),
+            "-f".into(),
+            "raw".into(),
+            source.display().to_string(),
+            "-O".into(),
+            "raw".into(),
+            nbd_uri(&server.socket, "volume"),
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        converted.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&converted.stderr)
+    );
+    assert_same(&volume.contents(), &image, "the restored volume");
+    assert!(volume.flushes() >= 1, "qemu-img never flushed");
+
+    // And qemu-img reads the restored volume back as the image.
+    let copy = server.dir.path().join("copy.raw");
+    let converted = qemu_img_async(
+        vec![
+            "convert".into(),
+            "-f".into(),
+            "raw".into(),
+            "-O".into(),
+            "raw".into(),
+            nbd_uri(&server.socket, "volume"),
+            copy.display().to_string(),
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        converted.status.success(),
+        "qemu-img convert back: {}",
+        String::from_utf8_lossy(&converted.stderr)
+    );
+    let copied = std::fs::read(&copy).unwrap_or_else(|e| panic!("reading the copy: {e}"));
+    assert_same(&copied, &image, "the volume copied back");
     server.assert_still_serves().await;
     server.stop().await;
 }
@@ -701,10 +1139,12 @@ async fn unknown_and_malformed_options_are_refused_and_haggling_goes_on() {
         raw.option_reply().await,
         (OPT_LIST, REP_SERVER, string32("snap-1"))
     );
-    assert_eq!(
-        raw.option_reply().await,
-        (OPT_LIST, REP_SERVER, string32("failing"))
-    );
+    for name in ["failing", "volume", "volume-locked", "volume-failing"] {
+        assert_eq!(
+            raw.option_reply().await,
+            (OPT_LIST, REP_SERVER, string32(name))
+        );
+    }
     assert_eq!(raw.option_reply().await, (OPT_LIST, REP_ACK, vec![]));
 
     raw.option(OPT_STRUCTURED_REPLY, &[]).await;
@@ -894,6 +1334,140 @@ async fn a_write_too_large_to_skip_closes_the_connection() {
     raw.request(CMD_WRITE, 0, 1, 0, u32::MAX).await;
     raw.assert_closed_silently().await;
     server.assert_still_serves().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_writes_to_a_writable_export_change_nothing() {
+    let server = TestServer::start();
+    let volume = server.exports.volume.clone();
+    let before = volume.contents();
+    let mut raw = server.raw_transmitting("volume", true, &[]).await;
+
+    // Beyond the end: ENOSPC, as the protocol asks of writes; the payload is skipped.
+    raw.request(CMD_WRITE, 0, 1, VOLUME_SIZE - 512, 1024).await;
+    raw.send(&[0x11; 1024]).await;
+    assert_eq!(
+        raw.error_chunk(1).await,
+        (
+            ENOSPC,
+            "1024 bytes at offset 41942528 reach beyond the end of the export (41943040 bytes)"
+                .to_string()
+        )
+    );
+    raw.request(CMD_WRITE, 0, 2, u64::MAX - 10, 512).await;
+    raw.send(&[0x22; 512]).await;
+    assert_eq!(raw.error_chunk(2).await.0, ENOSPC);
+    raw.request(CMD_WRITE, 0, 3, 0, 0).await;
+    assert_eq!(
+        raw.error_chunk(3).await,
+        (EINVAL, "empty request".to_string())
+    );
+    // "Don't fragment" is for reads.
+    raw.request(CMD_WRITE, CMD_FLAG_DF, 4, 0, 512).await;
+    raw.send(&[0x44; 512]).await;
+    assert_eq!(
+        raw.error_chunk(4).await,
+        (
+            EINVAL,
+            "flags 0x4 are not valid for NBD_CMD_WRITE".to_string()
+        )
+    );
+    raw.request(CMD_WRITE_ZEROES, 0, 5, VOLUME_SIZE - 512, 1024)
+        .await;
+    assert_eq!(raw.error_chunk(5).await.0, ENOSPC);
+    // Fast zero was not offered.
+    raw.request(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 6, 0, 4096)
+        .await;
+    assert_eq!(raw.error_chunk(6).await.0, EINVAL);
+    raw.request(CMD_WRITE_ZEROES, 0, 7, 0, 0).await;
+    assert_eq!(raw.error_chunk(7).await.0, EINVAL);
+    // Trim was not offered either, and is not pretended.
+    raw.request(CMD_TRIM, 0, 8, 0, 4096).await;
+    assert_eq!(
+        raw.error_chunk(8).await,
+        (
+            EINVAL,
+            "NBD_CMD_TRIM is not supported by this export".to_string()
+        )
+    );
+    // Still in step: the next request is read where it starts.
+    raw.request(CMD_READ, 0, 9, 0, 512).await;
+    let (_, kind, cookie, payload) = raw.chunk().await;
+    assert_eq!((kind, cookie), (REPLY_TYPE_OFFSET_DATA, 9));
+    assert_same(&payload[8..], &before[..512], "read after refusals");
+    assert_eq!(volume.writes(), 0, "a refused write reached the volume");
+    assert_same(&volume.contents(), &before, "the volume after refusals");
+
+    // Simple replies: the same values.
+    let mut raw = server.raw_transmitting("volume", false, &[]).await;
+    raw.request(CMD_WRITE, 0, 1, VOLUME_SIZE, 512).await;
+    raw.send(&[0x55; 512]).await;
+    assert_eq!(raw.simple_reply().await, (ENOSPC, 1));
+    raw.request(CMD_TRIM, 0, 2, 0, 4096).await;
+    assert_eq!(raw.simple_reply().await, (EINVAL, 2));
+
+    // A payload over the limit, inside the volume: neither buffered nor skipped.
+    raw.request(CMD_WRITE, 0, 3, 0, MAX_REQUEST_LENGTH + 1)
+        .await;
+    raw.send_best_effort(&[0x66; 64 * 1024]).await;
+    raw.assert_closed_silently().await;
+    assert_eq!(volume.writes(), 0, "a refused write reached the volume");
+    assert_same(&volume.contents(), &before, "the volume after the hang-up");
+    server.assert_still_serves().await;
+    server.assert_still_writes().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_exports_refuse_writes_even_if_the_volume_would_take_them() {
+    let server = TestServer::start();
+    let volume = server.exports.locked.clone();
+    let before = volume.contents();
+    let mut client = server.client("volume-locked", false).await;
+    assert!(client.read_only());
+    assert_eq!(
+        client.transmission_flags(),
+        FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_SEND_DF | FLAG_CAN_MULTI_CONN
+    );
+    assert!(matches!(
+        client.write(0, b"x", false).await,
+        Err(NbdError::InvalidArgument(_))
+    ));
+    within(client.flush())
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    within(client.disconnect())
+        .await
+        .unwrap_or_else(|e| panic!("disconnect: {e}"));
+
+    // Sent anyway, by hand: EPERM for every kind of write.
+    let mut raw = server.raw_transmitting("volume-locked", true, &[]).await;
+    raw.request(CMD_WRITE, CMD_FLAG_FUA, 1, 0, 4096).await;
+    raw.send(&[0x5a; 4096]).await;
+    assert_eq!(
+        raw.error_chunk(1).await,
+        (EPERM, "the export is a read-only snapshot".to_string())
+    );
+    raw.request(CMD_WRITE_ZEROES, 0, 2, 0, 4096).await;
+    assert_eq!(raw.error_chunk(2).await.0, EPERM);
+    raw.request(CMD_TRIM, 0, 3, 0, 4096).await;
+    assert_eq!(raw.error_chunk(3).await.0, EPERM);
+    raw.request(CMD_FLUSH, 0, 4, 0, 0).await;
+    assert_eq!(raw.simple_reply().await, (0, 4));
+    raw.request(CMD_READ, 0, 5, 0, 4096).await;
+    let (_, kind, cookie, payload) = raw.chunk().await;
+    assert_eq!((kind, cookie), (REPLY_TYPE_OFFSET_DATA, 5));
+    assert_same(&payload[8..], &before[..4096], "read after refusals");
+    raw.request(CMD_WRITE, 0, 6, 0, MAX_REQUEST_LENGTH + 1)
+        .await;
+    raw.assert_closed_silently().await;
+
+    assert_eq!(volume.writes(), 0, "a write reached a read-only export");
+    assert_eq!(volume.flushes(), 0, "a read-only export was flushed");
+    assert_same(&volume.contents(), &before, "the read-only volume");
+    server.assert_still_serves().await;
+    server.assert_still_writes().await;
     server.stop().await;
 }
 
@@ -1098,6 +1672,7 @@ async fn shutdown_closes_connections_and_stops_serving() {
         shutdown,
         task,
         dir: _dir,
+        exports: _,
     } = server;
     let _ = shutdown.send(true);
     within(task)

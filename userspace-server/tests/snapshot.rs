@@ -448,3 +448,72 @@ fn create(name: &str, chunk_bytes: Option<u32>, cow_bytes: Option<u64>) -> Snaps
         cow_bytes,
     }
 }
+
+/// The writable export a restore uses: refused while a client has the volume attached or
+/// while it has a snapshot; while it is open, attaches are refused; what it writes lands where
+/// the volume's map says.
+#[tokio::test]
+async fn a_restore_export_excludes_clients_and_writes_the_volume() {
+    let server = TestServer::start();
+    let (mut setup, _) = setup(&server, 5).await;
+    let socket = server.admin_socket.with_file_name("nbd.sock");
+    let refused = NbdClient::connect_unix(&socket, "vol", false).await;
+    assert!(refused.is_err(), "a writable export of an attached volume");
+    let volume_id = setup.map.volume_id;
+    setup
+        .agent
+        .detach(volume_id)
+        .await
+        .unwrap_or_else(|e| panic!("detach: {e}"));
+    let mut restore = NbdClient::connect_unix(&socket, "vol", false)
+        .await
+        .unwrap_or_else(|e| panic!("restore export: {e}"));
+    assert!(!restore.read_only());
+    let secret = server.client("host2").await;
+    server.grant("host2", "vol", AccessMode::Rw).await;
+    let mut other = server.agent("host2", &secret).await;
+    let attach = other.attach("vol", AccessMode::Rw).await;
+    assert_eq!(
+        attach.err().and_then(|e| e.server_code()),
+        Some(ErrorCode::Busy),
+        "attached during a restore"
+    );
+    let image = pattern(500, VOLUME as usize);
+    for (index, piece) in image.chunks(MIB as usize).enumerate() {
+        restore
+            .write(index as u64 * MIB, piece, false)
+            .await
+            .unwrap_or_else(|e| panic!("restore write: {e}"));
+    }
+    restore
+        .flush()
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    let _ = restore.disconnect().await;
+    assert!(
+        origin(&server).await == image,
+        "restored data not where the map says"
+    );
+    // Closed: clients may attach again, and a volume with a snapshot is not restored onto.
+    let mut attached = None;
+    for _ in 0..50 {
+        match other.attach("vol", AccessMode::Rw).await {
+            Ok(done) => {
+                attached = Some(done);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    let attached = attached.unwrap_or_else(|| panic!("no attach after the restore"));
+    setup.agent = other;
+    setup.map = attached.map;
+    setup.snapshot(&server, "kept", None).await;
+    setup
+        .agent
+        .detach(volume_id)
+        .await
+        .unwrap_or_else(|e| panic!("detach: {e}"));
+    let refused = NbdClient::connect_unix(&socket, "vol", false).await;
+    assert!(refused.is_err(), "restored onto a volume with a snapshot");
+}

@@ -1,5 +1,7 @@
 //! `sanctl backup`: copies a snapshot into an image file over the server's NBD export, in full
 //! or only the chunks changed since the snapshot an earlier backup of the same file holds.
+//! `sanctl restore`: creates a volume and writes an image into it through its writable NBD
+//! export.
 //!
 //! Next to the image, `IMAGE.sanblk-backup.json` says which snapshot of which volume the image
 //! holds; it is written (atomically) only once the image is complete and synced, so a backup
@@ -15,8 +17,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use sanblk_proto::map::format_size;
+use sanblk_proto::map::{Layout, VolumeMap, BLOCK_SIZE};
 use sanblk_proto::nbd::NbdClient;
-use sanblk_proto::protocol::{SnapshotInfo, SnapshotList};
+use sanblk_proto::protocol::{SnapshotInfo, SnapshotList, VolumeCreate, VolumeDetail, VolumeShow};
 
 use crate::context::{CliError, Context};
 use crate::snapshot_cmd::{changed_chunks, runs};
@@ -107,7 +110,7 @@ async fn snapshot_info(
     Ok(info)
 }
 
-fn progress(total: u64) -> ProgressBar {
+fn progress(total: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template(
@@ -116,7 +119,7 @@ fn progress(total: u64) -> ProgressBar {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("#>."),
     );
-    bar.set_prefix("backup");
+    bar.set_prefix(what.to_string());
     bar
 }
 
@@ -180,7 +183,7 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
         .iter()
         .map(|&(start, length)| length.min(info.size_bytes.saturating_sub(start)))
         .sum();
-    let bar = progress(total);
+    let bar = progress(total, "backup");
     let started = Instant::now();
     for (start, length) in ranges {
         let end = (start + length).min(info.size_bytes);
@@ -257,5 +260,96 @@ fn write_data(
             .write_all_at(block, at + (index * BLOCK) as u64)
             .map_err(|e| local(path, e))?;
     }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The image to restore (e.g. made by `sanctl backup`).
+    image: PathBuf,
+    /// The new volume to create and write (must not exist).
+    volume: String,
+    /// linear, striped:N or mirror, as for `volume create`.
+    #[arg(long, default_value = "linear", value_parser = crate::volume::parse_layout)]
+    layout: Layout,
+}
+
+pub async fn restore(args: RestoreArgs, context: &mut Context) -> Result<(), CliError> {
+    let mut image = File::open(&args.image).map_err(|e| local(&args.image, e))?;
+    let image_bytes = image.metadata().map_err(|e| local(&args.image, e))?.len();
+    if image_bytes == 0 {
+        return Err(CliError::Usage(format!(
+            "{} is empty",
+            args.image.display()
+        )));
+    }
+    let map: VolumeMap = context
+        .call(VolumeCreate {
+            name: args.volume.clone(),
+            size_bytes: image_bytes.next_multiple_of(BLOCK_SIZE),
+            layout: args.layout,
+        })
+        .await?;
+    let detail: VolumeDetail = context
+        .call(VolumeShow {
+            name: args.volume.clone(),
+        })
+        .await?;
+    let socket = PathBuf::from(&detail.nbd_socket);
+    let mut nbd = NbdClient::connect_unix(&socket, &args.volume, false)
+        .await
+        .map_err(|e| CliError::Unreachable(format!("NBD export {}: {e}", args.volume)))?;
+    let bar = progress(map.size_bytes, "restore");
+    let started = Instant::now();
+    let mut at = 0;
+    // Every byte is written, zeros included: the new volume's space held other data before.
+    while at < map.size_bytes {
+        let step = (map.size_bytes - at).min(READ_BYTES);
+        let mut data = vec![0u8; step as usize];
+        read_padded(&mut image, &args.image, at, &mut data)?;
+        nbd.write(at, &data, false)
+            .await
+            .map_err(|e| CliError::Unreachable(format!("writing {}: {e}", args.volume)))?;
+        at += step;
+        bar.inc(step);
+    }
+    nbd.flush()
+        .await
+        .map_err(|e| CliError::Unreachable(format!("flushing {}: {e}", args.volume)))?;
+    bar.finish_and_clear();
+    let _ = nbd.disconnect().await;
+    let seconds = started.elapsed().as_secs_f64().max(1e-6);
+    if context.json {
+        return context.print_json(&serde_json::json!({
+            "volume": args.volume,
+            "image": args.image.display().to_string(),
+            "bytes_written": map.size_bytes,
+            "seconds": seconds,
+        }));
+    }
+    println!(
+        "restored {} into new volume {} ({} written in {:.1} s, {}/s)",
+        args.image.display(),
+        args.volume,
+        format_size(map.size_bytes),
+        seconds,
+        format_size((map.size_bytes as f64 / seconds) as u64)
+    );
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `at`; past the end of the image, zeros.
+fn read_padded(image: &mut File, path: &Path, at: u64, buf: &mut [u8]) -> Result<(), CliError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let read = image
+            .read_at(&mut buf[done..], at + done as u64)
+            .map_err(|e| local(path, e))?;
+        if read == 0 {
+            break;
+        }
+        done += read;
+    }
+    buf[done..].fill(0);
     Ok(())
 }

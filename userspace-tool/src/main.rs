@@ -79,6 +79,12 @@ enum Command {
         after_help = "Examples:\n  sanctl backup db1 monday --to /backup/db1.img\n  sanctl backup db1 tuesday --to /backup/db1.img --since monday\n\nShows a progress bar and the throughput. A backup that stops midway is run again as it\nwas; it never changes the snapshot. The image's snapshot is recorded in\nIMAGE.sanblk-backup.json once the copy is complete."
     )]
     Backup(backup_cmd::BackupArgs),
+    /// Create a new volume holding an image (e.g. a backup), written over NBD. Run on the
+    /// server host.
+    #[command(
+        after_help = "Example:\n  sanctl restore /backup/db1.img db1-restored\n\nThe volume is created with the image's size (rounded up to 4 KiB) and written whole; no\nclient may attach it until the restore is done."
+    )]
+    Restore(backup_cmd::RestoreArgs),
     /// Client agent: attach a volume on this host and keep it up to date (runs until detached).
     #[command(
         after_help = "Example:\n  sanctl attach db1 --server san1:7700 --client host1 --secret-file /etc/sanblk/host1.secret &\n\nPrints the block device (/dev/sanblkN) once attached; `sanctl detach db1` stops it."
@@ -105,6 +111,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Recovery(command) => recovery_cmd::run(command, &mut context).await,
         Command::Snapshot(command) => snapshot_cmd::run(command, &mut context).await,
         Command::Backup(args) => backup_cmd::backup(args, &mut context).await,
+        Command::Restore(args) => backup_cmd::restore(args, &mut context).await,
         Command::Attach(args) => agent::attach(args).await,
         Command::Detach(args) => agent::detach(args).await,
         Command::Status(args) => agent::status(&context, &args),

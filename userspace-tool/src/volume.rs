@@ -92,7 +92,7 @@ pub enum MirrorCommand {
     },
 }
 
-fn parse_layout(text: &str) -> Result<Layout, String> {
+pub fn parse_layout(text: &str) -> Result<Layout, String> {
     text.parse()
 }
 

@@ -30,22 +30,11 @@ use std::time::{Duration, Instant};
 use sanblk_tests::bench::{self, setting};
 use sanblk_tests::dm_san::WAIT_LONG;
 use sanblk_tests::{
-    dm_san, filled_image, fio, scratch_dir, spawn, target_bin, SandServer, VmConfig,
+    dm_san, filled_image, fio, scratch_dir, spawn, target_bin, wait_for_path, SandServer, VmConfig,
 };
 
 const MIB: u64 = 1 << 20;
 const VOLUME_MIB: u64 = 16;
-
-fn wait_for(path: &Path, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        if Instant::now() > deadline {
-            return Err(format!("{} never appeared", path.display()));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
-}
 
 /// The `max_gap_ms` of each `sanblk-iostamp` line of `text`, and the I/O errors they saw.
 fn gaps(text: &str) -> Result<(Vec<f64>, u64), String> {
@@ -148,13 +137,13 @@ dmsetup remove floor
         .forward_port(io_port)
         .timeout(Duration::from_secs(3000));
     let a = spawn(&bench::with_kernel(config)).map_err(|e| format!("{e:?}"))?;
-    wait_for(&a.log_dir().join("move.ready"), Duration::from_secs(600))?;
+    wait_for_path(&a.log_dir().join("move.ready"), Duration::from_secs(600))?;
     let (from, to) = (san.display().to_string(), san1.display().to_string());
     let move_started = Instant::now();
     server.sanctl(&["volume", "move", "vc", "--from", &from, "--to", &to]);
     let move_took = move_started.elapsed();
     std::fs::write(dir.join("moved"), b"").map_err(|e| e.to_string())?;
-    wait_for(&a.log_dir().join("one.done"), Duration::from_secs(2400))?;
+    wait_for_path(&a.log_dir().join("one.done"), Duration::from_secs(2400))?;
 
     let b_script = format!(
         r#"set -e
@@ -184,11 +173,11 @@ $S detach vc || true
         .timeout(Duration::from_secs(3000));
     let b = spawn(&bench::with_kernel(b_config)).map_err(|e| format!("{e:?}"))?;
     // Guests write only their own output directories: the host relays.
-    wait_for(&b.log_dir().join("attached"), Duration::from_secs(600))?;
+    wait_for_path(&b.log_dir().join("attached"), Duration::from_secs(600))?;
     std::fs::write(dir.join("b-attached"), b"").map_err(|e| e.to_string())?;
-    wait_for(&a.log_dir().join("two.done"), Duration::from_secs(2400))?;
+    wait_for_path(&a.log_dir().join("two.done"), Duration::from_secs(2400))?;
     std::fs::write(dir.join("b-partition"), b"").map_err(|e| e.to_string())?;
-    wait_for(&b.log_dir().join("stopped"), Duration::from_secs(60))?;
+    wait_for_path(&b.log_dir().join("stopped"), Duration::from_secs(60))?;
     let partitioned = Instant::now();
     let size = VOLUME_MIB + 2 * u64::from(changes) + 1;
     server.sanctl(&["volume", "grow", "vc", &format!("{size}M")]);

@@ -12,12 +12,11 @@
 //! grows the volume, which commits once the silent client's lease has run out (it is fenced),
 //! and the client's held write fails after its I/O timeout instead of landing late.
 
-use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use sanblk_tests::{
-    module_path, scratch_dir, sparse_image, spawn, target_bin, SandServer, VmConfig,
+    module_path, scratch_dir, sparse_image, spawn, target_bin, wait_for_path, SandServer, VmConfig,
 };
 
 const MIB: u64 = 1 << 20;
@@ -167,7 +166,7 @@ dmsetup remove san0
     if !recovered.success() {
         return Err(format!("recovery start failed: {recovered}"));
     }
-    wait_for(&log_dir.join("move.ready"), Duration::from_secs(240))?;
+    wait_for_path(&log_dir.join("move.ready"), Duration::from_secs(240))?;
     // The recovery went to san1, the only spare then; san2 joins the pool now.
     print!(
         "{}",
@@ -186,7 +185,7 @@ dmsetup remove san0
     if !moved.success() {
         return Err(format!("volume move failed: {moved}"));
     }
-    wait_for(&log_dir.join("partitioned"), Duration::from_secs(240))?;
+    wait_for_path(&log_dir.join("partitioned"), Duration::from_secs(240))?;
     println!("== host: the client is partitioned; sanctl volume grow demo 96M fences it");
     print!("{}", server.sanctl(&["volume", "show", "demo"]));
     let started = Instant::now();
@@ -204,17 +203,6 @@ dmsetup remove san0
     print!("{}", server.sanctl(&["pool", "list"]));
     print!("{}", server.sanctl(&["volume", "show", "demo"]));
     println!("== guest log: {}", outcome.log_dir.display());
-    Ok(())
-}
-
-fn wait_for(path: &Path, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        if Instant::now() > deadline {
-            return Err(format!("{} never appeared", path.display()));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
     Ok(())
 }
 

@@ -7,8 +7,9 @@
 //! then `dd iflag=direct`), one block at a time.
 //!
 //! `--rebuild`: rebuild throughput instead. A linear volume written through the I/O path on
-//! one image file, a second (spare) image added, then the agent reports the first device failed
-//! and we time the recovery (the server copies the volume onto the spare) until the `done`
+//! one image file, a second (spare) image added, then the administrator declares the first
+//! device failed (`recovery start`; a client's report alone moves nothing while the server
+//! reads the device) and we time the recovery (the server copies the volume onto the spare) until the `done`
 //! push. Baseline in the same run, same filesystem: an in-process O_DIRECT copy of the same
 //! size between two files, 1 MiB blocks, one at a time, `fdatasync` at the end. `--rounds`
 //! rounds alternating which one goes first; medians. `--rebuild --move`: the same copy

@@ -13,12 +13,12 @@ use log::debug;
 use sanblk_proto::nbd::{
     option_name, OptionHeader, OptionReplyHeader, EXPORT_NAME_PADDING, FLAG_CAN_MULTI_CONN,
     FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_HAS_FLAGS, FLAG_NO_ZEROES,
-    FLAG_READ_ONLY, FLAG_SEND_DF, FLAG_SEND_FLUSH, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT,
-    INFO_NAME, MAX_OPTION_LENGTH, MAX_REQUEST_LENGTH, MAX_STRING_LENGTH, NBDMAGIC,
-    OPTION_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST,
-    OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK,
-    REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO,
-    REP_META_CONTEXT, REP_SERVER,
+    FLAG_READ_ONLY, FLAG_SEND_DF, FLAG_SEND_FLUSH, FLAG_SEND_FUA, FLAG_SEND_WRITE_ZEROES, IHAVEOPT,
+    INFO_BLOCK_SIZE, INFO_EXPORT, INFO_NAME, MAX_OPTION_LENGTH, MAX_REQUEST_LENGTH,
+    MAX_STRING_LENGTH, NBDMAGIC, OPTION_HEADER_LEN, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO,
+    OPT_LIST, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_STARTTLS, OPT_STRUCTURED_REPLY,
+    REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN, REP_ERR_UNSUP,
+    REP_INFO, REP_META_CONTEXT, REP_SERVER,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -41,6 +41,8 @@ pub(super) struct Session {
     pub(super) name: String,
     pub(super) export: Arc<dyn Export>,
     pub(super) structured_replies: bool,
+    /// [`Export::writable`] when the client chose the export: the flags it was sent.
+    pub(super) writable: bool,
     /// Selected by the last `NBD_OPT_SET_META_CONTEXT`, if it named this export.
     pub(super) contexts: Vec<MetaContext>,
 }
@@ -51,13 +53,24 @@ impl Session {
     }
 }
 
-/// Every export is a read-only snapshot: no writes, so nothing to flush (flush is still
+/// A read-only export is a snapshot: no writes, so nothing to flush (flush is still
 /// advertised, and acknowledged, for clients that always send one), and connections cannot
-/// disagree about the content, so several may serve one client. Reads are always one chunk,
-/// so "don't fragment" costs nothing; the protocol allows offering it only with structured
-/// replies.
-fn transmission_flags(structured_replies: bool) -> u16 {
-    let base = FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN;
+/// disagree about the content, so several may serve one client.
+///
+/// A writable export offers what a restore needs: flush and FUA, so a client can make its
+/// writes durable, and write zeroes, so holes in the image cost no payload. Not trim:
+/// [`Export`] has no way to discard, and a restore wants zeroes, not undefined blocks. Not
+/// multi-conn either: that promises a flush on one connection covers the writes made on all
+/// the others, and [`Export`] promises nothing across the exports each connection opens.
+///
+/// Reads are always one chunk, so "don't fragment" costs nothing; the protocol allows
+/// offering it only with structured replies.
+fn transmission_flags(structured_replies: bool, writable: bool) -> u16 {
+    let base = if writable {
+        FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_WRITE_ZEROES
+    } else {
+        FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN
+    };
     if structured_replies {
         base | FLAG_SEND_DF
     } else {
@@ -210,14 +223,15 @@ impl<W: AsyncWrite + Unpin> Haggle<'_, W> {
                 peer_text(name)
             ))
         })?;
+        let writable = export.writable();
         self.writer.write_all(&export.size().to_be_bytes()).await?;
         self.writer
-            .write_all(&transmission_flags(self.structured_replies).to_be_bytes())
+            .write_all(&transmission_flags(self.structured_replies, writable).to_be_bytes())
             .await?;
         if !self.no_zeroes {
             self.writer.write_all(&[0u8; EXPORT_NAME_PADDING]).await?;
         }
-        Ok(Next::Transmit(self.session(name, export)))
+        Ok(Next::Transmit(self.session(name, export, writable)))
     }
 
     async fn list(&mut self, data: &[u8]) -> Result<(), Hangup> {
@@ -252,10 +266,13 @@ impl<W: AsyncWrite + Unpin> Haggle<'_, W> {
                 return Ok(Next::Haggle);
             }
         };
+        let writable = export.writable();
         let mut info = Vec::with_capacity(12);
         info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
         info.extend_from_slice(&export.size().to_be_bytes());
-        info.extend_from_slice(&transmission_flags(self.structured_replies).to_be_bytes());
+        info.extend_from_slice(
+            &transmission_flags(self.structured_replies, writable).to_be_bytes(),
+        );
         self.reply(option, REP_INFO, &info).await?;
         if requested.contains(&INFO_NAME) {
             let mut info = INFO_NAME.to_be_bytes().to_vec();
@@ -271,7 +288,7 @@ impl<W: AsyncWrite + Unpin> Haggle<'_, W> {
         }
         self.reply(option, REP_ACK, &[]).await?;
         if option == OPT_GO {
-            Ok(Next::Transmit(self.session(&name, export)))
+            Ok(Next::Transmit(self.session(&name, export, writable)))
         } else {
             Ok(Next::Haggle)
         }
@@ -317,7 +334,7 @@ impl<W: AsyncWrite + Unpin> Haggle<'_, W> {
         self.reply(option, REP_ACK, &[]).await
     }
 
-    fn session(&self, name: &str, export: Arc<dyn Export>) -> Session {
+    fn session(&self, name: &str, export: Arc<dyn Export>, writable: bool) -> Session {
         let contexts = match &self.selected {
             Some((selected_for, contexts)) if selected_for == name => contexts.clone(),
             _ => Vec::new(),
@@ -326,6 +343,7 @@ impl<W: AsyncWrite + Unpin> Haggle<'_, W> {
             name: name.to_string(),
             export,
             structured_replies: self.structured_replies,
+            writable,
             contexts,
         }
     }
@@ -516,8 +534,14 @@ mod tests {
 
     #[test]
     fn transmission_flags_offer_df_only_with_structured_replies() {
-        assert_eq!(transmission_flags(false), 0b1_0000_0111);
-        assert_eq!(transmission_flags(true), 0b1_1000_0111);
+        assert_eq!(transmission_flags(false, false), 0b1_0000_0111);
+        assert_eq!(transmission_flags(true, false), 0b1_1000_0111);
+    }
+
+    #[test]
+    fn writable_exports_offer_flush_fua_and_zeroes_but_not_trim_or_multi_conn() {
+        assert_eq!(transmission_flags(false, true), 0b0_0100_1101);
+        assert_eq!(transmission_flags(true, true), 0b0_1100_1101);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The NBD server: snapshots exported read-only as NBD "pseudo-devices" on a Unix socket, so
 //! stock tools (`qemu-img`, `nbdcopy`, the kernel's `nbd-client`) and sanblk's own client
 //! (`sanblk_proto::nbd::NbdClient`) can read them, and ask which blocks changed since the
-//! previous snapshot (the `sanblk:changed` metadata context).
+//! previous snapshot (the `sanblk:changed` metadata context). An export may also be writable
+//! ([`Export::writable`]): a new volume a backup image is restored onto, with the same tools.
 //!
 //! - this file: what is exported ([`Export`], [`Exports`]), the accept loop with its peer
 //!   check, and the life of a connection;
@@ -28,7 +29,11 @@ use tokio::task::JoinSet;
 
 use crate::log_text::peer_text;
 
-/// What the server exports (one snapshot).
+/// What the server exports: a snapshot (read-only), or a volume being restored (writable).
+///
+/// The write side is provided methods, so read-only exports need not mention it: they are
+/// never asked to write, because the server refuses writes unless [`Export::writable`] says
+/// otherwise.
 pub trait Export: Send + Sync + 'static {
     fn size(&self) -> u64;
     /// Reads exactly buf.len() bytes at offset. Blocking (called inside spawn_blocking).
@@ -37,6 +42,22 @@ pub trait Export: Send + Sync + 'static {
     /// non-empty list of (length, flags) runs, starting at offset, flags = CHANGED_FLAG or 0.
     /// Blocking.
     fn changed(&self, offset: u64, length: u64) -> std::io::Result<Vec<(u64, u32)>>;
+    /// Whether clients may write; [`Export::write`] and [`Export::flush`] are called only if
+    /// so. Asked during the handshake, so it must not block; a session keeps the answer it
+    /// got when the client chose the export, so what was advertised is what is enforced.
+    fn writable(&self) -> bool {
+        false
+    }
+    /// Writes all of `data` at `offset` (the server has checked the range lies inside the
+    /// export). May leave the data in a volatile cache until [`Export::flush`]. Blocking.
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let _ = (offset, data);
+        Err(std::io::Error::from_raw_os_error(libc::EPERM))
+    }
+    /// Makes every write that returned before this call durable. Blocking.
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Finds exports by name. Both calls may block (they run inside spawn_blocking).
@@ -47,8 +68,8 @@ pub trait Exports: Send + Sync + 'static {
 
 /// How long a client may take to choose an export.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; more are closed on accept. Each may hold a 32 MiB read
-/// buffer, so this also bounds the memory clients can make the server use.
+/// Connections served at once; more are closed on accept. Each may hold a 32 MiB read or
+/// write buffer, so this also bounds the memory clients can make the server use.
 const MAX_CONNECTIONS: usize = 64;
 /// How long connections get to end by themselves after shutdown before they are cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -209,8 +230,13 @@ impl Connection {
             }
         };
         info!(
-            "NBD #{id}: export {} opened ({} bytes, {} replies, contexts {:?})",
+            "NBD #{id}: export {} opened ({}, {} bytes, {} replies, contexts {:?})",
             peer_text(&session.name),
+            if session.writable {
+                "writable"
+            } else {
+                "read-only"
+            },
             session.export.size(),
             if session.structured_replies {
                 "structured"

@@ -1,18 +1,22 @@
 //! The transmission phase: the client's requests on its export, read and answered one at a
 //! time, in order (pipelined requests simply wait their turn).
 //!
-//! The export is read-only: READ and BLOCK_STATUS do the work, FLUSH has nothing to do, and
-//! writes of any kind fail with EPERM. A failed request gets an error reply and the session
-//! goes on; only what leaves the stream unreadable ends it: a bad magic, or a WRITE payload
-//! too large to skip.
+//! On every export READ and BLOCK_STATUS do the work. On a read-only export FLUSH has nothing
+//! to do and writes of any kind fail with EPERM. On a writable one WRITE, WRITE_ZEROES and
+//! FLUSH reach the export, and FUA makes a write durable before it is acknowledged; TRIM,
+//! which is not offered, fails with EINVAL rather than being acknowledged without discarding
+//! anything.
+//!
+//! A failed request gets an error reply and the session goes on; only what leaves the stream
+//! unreadable ends it: a bad magic, or a WRITE payload too large to read or skip.
 
 use log::{debug, warn};
 use sanblk_proto::nbd::{
     command_name, ChunkHeader, Request, SimpleReply, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_DF,
-    CMD_FLAG_FUA, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
-    EINVAL, EIO, EPERM, MAX_REQUEST_LENGTH, MAX_STATUS_DESCRIPTORS, MAX_STRING_LENGTH,
-    REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_OFFSET_DATA,
-    REQUEST_LEN,
+    CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
+    CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC, EPERM, MAX_REQUEST_LENGTH, MAX_STATUS_DESCRIPTORS,
+    MAX_STRING_LENGTH, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR,
+    REPLY_TYPE_OFFSET_DATA, REQUEST_LEN,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -21,6 +25,10 @@ use super::contexts::MetaContext;
 use super::handshake::Session;
 use super::{blocking, shutdown_signalled, Hangup};
 use crate::log_text::peer_text;
+
+/// WRITE_ZEROES writes its zeroes in pieces of at most this much, from one buffer: a request
+/// may cover 4 GiB, the memory it takes stays small.
+const ZERO_PIECE: usize = 1 << 20;
 
 /// How a session ended without error.
 #[derive(Debug)]
@@ -62,6 +70,35 @@ where
                 Ok(chunks) => send_status(writer, &request, &chunks).await?,
                 Err(refusal) => send_refusal(writer, structured, &request, refusal).await?,
             },
+            CMD_WRITE if session.writable => {
+                // The payload comes off the stream whatever the answer, or the next request
+                // would be read from the middle of it; a refused one is not even buffered.
+                let outcome = match check_write(session, &request) {
+                    Ok(()) => {
+                        let data = read_payload(reader, request.length).await?;
+                        write(session, &request, data).await
+                    }
+                    Err(refusal) => {
+                        skip_payload(reader, request.length).await?;
+                        Err(refusal)
+                    }
+                };
+                send_outcome(writer, structured, &request, outcome).await?;
+            }
+            CMD_WRITE_ZEROES if session.writable => {
+                let outcome = write_zeroes(session, &request).await;
+                send_outcome(writer, structured, &request, outcome).await?;
+            }
+            CMD_FLUSH if session.writable => {
+                let outcome = flush(session, &request).await;
+                send_outcome(writer, structured, &request, outcome).await?;
+            }
+            // Acknowledging a trim without discarding would be allowed, but a client would
+            // then believe the blocks gone; it was not offered, so it is refused.
+            CMD_TRIM if session.writable => {
+                let refusal = Refusal::invalid("NBD_CMD_TRIM is not supported by this export");
+                send_refusal(writer, structured, &request, refusal).await?;
+            }
             CMD_FLUSH => send_simple(writer, &request, 0).await?,
             CMD_WRITE => {
                 skip_payload(reader, request.length).await?;
@@ -104,7 +141,8 @@ fn read_only() -> Refusal {
 }
 
 /// Refuses flags outside `allowed`. FUA is always allowed: the protocol notes clients that
-/// set it on any command, and there is nothing to write anyway.
+/// set it on any command. Writes honour it; elsewhere nothing was written that it could make
+/// durable.
 fn check_flags(request: &Request, allowed: u16) -> Result<(), Refusal> {
     let unknown = request.flags & !(allowed | CMD_FLAG_FUA);
     if unknown != 0 {
@@ -116,9 +154,15 @@ fn check_flags(request: &Request, allowed: u16) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Refuses empty requests, requests longer than `max_length`, and requests reaching beyond
-/// the export.
-fn check_range(request: &Request, size: u64, max_length: u32) -> Result<(), Refusal> {
+/// Refuses empty requests and requests longer than `max_length` with EINVAL, requests reaching
+/// beyond the export with `beyond_end` (the protocol asks for EINVAL from reads, ENOSPC from
+/// writes).
+fn check_range(
+    request: &Request,
+    size: u64,
+    max_length: u32,
+    beyond_end: u32,
+) -> Result<(), Refusal> {
     if request.length == 0 {
         return Err(Refusal::invalid("empty request"));
     }
@@ -130,10 +174,13 @@ fn check_range(request: &Request, size: u64, max_length: u32) -> Result<(), Refu
     }
     match request.offset.checked_add(u64::from(request.length)) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(Refusal::invalid(format!(
-            "{} bytes at offset {} reach beyond the end of the export ({size} bytes)",
-            request.length, request.offset
-        ))),
+        _ => Err(Refusal {
+            error: beyond_end,
+            message: format!(
+                "{} bytes at offset {} reach beyond the end of the export ({size} bytes)",
+                request.length, request.offset
+            ),
+        }),
     }
 }
 
@@ -146,7 +193,7 @@ async fn read(session: &Session, request: &Request) -> Result<Vec<u8>, Refusal> 
         0
     };
     check_flags(request, allowed)?;
-    check_range(request, session.export.size(), MAX_REQUEST_LENGTH)?;
+    check_range(request, session.export.size(), MAX_REQUEST_LENGTH, EINVAL)?;
     let export = session.export.clone();
     let (offset, length) = (request.offset, request.length as usize);
     blocking(move || {
@@ -167,6 +214,97 @@ async fn read(session: &Session, request: &Request) -> Result<Vec<u8>, Refusal> 
     })
 }
 
+/// Whether a WRITE may go ahead, before its payload is read. Only FUA applies to it.
+fn check_write(session: &Session, request: &Request) -> Result<(), Refusal> {
+    check_flags(request, 0)?;
+    check_range(request, session.export.size(), MAX_REQUEST_LENGTH, ENOSPC)
+}
+
+/// Writes a checked WRITE's payload, made durable first if the client asked for FUA.
+async fn write(session: &Session, request: &Request, data: Vec<u8>) -> Result<(), Refusal> {
+    let export = session.export.clone();
+    let (offset, length) = (request.offset, data.len());
+    let fua = request.flags & CMD_FLAG_FUA != 0;
+    blocking(move || {
+        export.write(offset, &data)?;
+        if fua {
+            export.flush()?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| {
+        warn!(
+            "NBD: writing {length} bytes at {offset} of {}: {e}",
+            peer_text(&session.name)
+        );
+        Refusal {
+            error: io_error_value(&e),
+            message: format!("cannot write {length} bytes at offset {offset}"),
+        }
+    })
+}
+
+/// Writes zeroes over the range, piece by piece, made durable first if the client asked for
+/// FUA. "No hole" is accepted: every byte is written, so nothing is left unprovisioned as far
+/// as the export can tell. "Fast zero" is not (it was not offered): EINVAL, as the protocol
+/// asks.
+async fn write_zeroes(session: &Session, request: &Request) -> Result<(), Refusal> {
+    check_flags(request, CMD_FLAG_NO_HOLE)?;
+    check_range(request, session.export.size(), u32::MAX, ENOSPC)?;
+    let export = session.export.clone();
+    let (offset, length) = (request.offset, u64::from(request.length));
+    let fua = request.flags & CMD_FLAG_FUA != 0;
+    blocking(move || {
+        // `length` is a nonzero u32, so the piece fits usize.
+        let zeroes = vec![0u8; length.min(ZERO_PIECE as u64) as usize];
+        let mut done = 0u64;
+        while done < length {
+            let piece = (length - done).min(zeroes.len() as u64) as usize;
+            export.write(offset + done, &zeroes[..piece])?;
+            done += piece as u64;
+        }
+        if fua {
+            export.flush()?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| {
+        warn!(
+            "NBD: writing {length} zero bytes at {offset} of {}: {e}",
+            peer_text(&session.name)
+        );
+        Refusal {
+            error: io_error_value(&e),
+            message: format!("cannot write {length} zero bytes at offset {offset}"),
+        }
+    })
+}
+
+async fn flush(session: &Session, request: &Request) -> Result<(), Refusal> {
+    check_flags(request, 0)?;
+    let export = session.export.clone();
+    blocking(move || export.flush()).await.map_err(|e| {
+        warn!("NBD: flushing {}: {e}", peer_text(&session.name));
+        Refusal {
+            error: io_error_value(&e),
+            message: "cannot flush the export".to_string(),
+        }
+    })
+}
+
+/// The protocol's error value for a failed export call: ENOSPC for a full volume, an
+/// exhausted quota or a too large file, which the protocol asks servers to report so (a
+/// client can tell "the target is too small" from a failing disk), else EIO.
+fn io_error_value(error: &std::io::Error) -> u32 {
+    use std::io::ErrorKind::{FileTooLarge, QuotaExceeded, StorageFull};
+    match error.kind() {
+        StorageFull | QuotaExceeded | FileTooLarge => ENOSPC,
+        _ => EIO,
+    }
+}
+
 /// The status descriptors of every negotiated context, in negotiation order.
 async fn block_status(
     session: &Session,
@@ -178,7 +316,7 @@ async fn block_status(
         ));
     }
     check_flags(request, CMD_FLAG_REQ_ONE)?;
-    check_range(request, session.export.size(), u32::MAX)?;
+    check_range(request, session.export.size(), u32::MAX, EINVAL)?;
     let only_one = request.flags & CMD_FLAG_REQ_ONE != 0;
     let mut chunks = Vec::with_capacity(session.contexts.len());
     for &context in &session.contexts {
@@ -251,13 +389,31 @@ fn status_descriptors(runs: &[(u64, u32)], requested: u32, only_one: bool) -> Ve
     descriptors
 }
 
-/// Reads and drops a WRITE's payload, so the next request can be read.
-async fn skip_payload<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> Result<(), Hangup> {
+/// A WRITE payload longer than a request may be can be neither buffered nor worth skipping:
+/// the session ends.
+fn check_payload_length(length: u32) -> Result<(), Hangup> {
     if length > MAX_REQUEST_LENGTH {
         return Err(Hangup::protocol(format!(
             "NBD_CMD_WRITE with {length} bytes of data (at most {MAX_REQUEST_LENGTH})"
         )));
     }
+    Ok(())
+}
+
+/// Reads a WRITE's payload.
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    length: u32,
+) -> Result<Vec<u8>, Hangup> {
+    check_payload_length(length)?;
+    let mut data = vec![0u8; length as usize];
+    reader.read_exact(&mut data).await?;
+    Ok(data)
+}
+
+/// Reads and drops a WRITE's payload, so the next request can be read.
+async fn skip_payload<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> Result<(), Hangup> {
+    check_payload_length(length)?;
     let wanted = u64::from(length);
     let skipped = tokio::io::copy(&mut (&mut *reader).take(wanted), &mut tokio::io::sink()).await?;
     if skipped < wanted {
@@ -318,6 +474,20 @@ async fn send_data<W: AsyncWrite + Unpin>(
         send_simple(writer, request, 0).await?;
     }
     writer.write_all(data).await
+}
+
+/// Success as a simple reply (allowed even with structured replies, having no payload), or
+/// the refusal.
+async fn send_outcome<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    structured: bool,
+    request: &Request,
+    outcome: Result<(), Refusal>,
+) -> std::io::Result<()> {
+    match outcome {
+        Ok(()) => send_simple(writer, request, 0).await,
+        Err(refusal) => send_refusal(writer, structured, request, refusal).await,
+    }
 }
 
 /// The error as an error chunk with its message if structured replies were negotiated (the
@@ -442,11 +612,11 @@ mod tests {
     fn ranges_must_be_nonempty_bounded_and_inside_the_export() {
         let size = 1 << 20;
         assert_eq!(
-            check_range(&request(0, 4096, 0), size, MAX_REQUEST_LENGTH),
+            check_range(&request(0, 4096, 0), size, MAX_REQUEST_LENGTH, EINVAL),
             Ok(())
         );
         assert_eq!(
-            check_range(&request(size - 1, 1, 0), size, MAX_REQUEST_LENGTH),
+            check_range(&request(size - 1, 1, 0), size, MAX_REQUEST_LENGTH, EINVAL),
             Ok(())
         );
         for bad in [
@@ -455,8 +625,8 @@ mod tests {
             request(u64::MAX, 1, 0),
             request(0, MAX_REQUEST_LENGTH + 1, 0),
         ] {
-            let refusal = check_range(&bad, u64::MAX, MAX_REQUEST_LENGTH)
-                .and_then(|()| check_range(&bad, size, MAX_REQUEST_LENGTH));
+            let refusal = check_range(&bad, u64::MAX, MAX_REQUEST_LENGTH, EINVAL)
+                .and_then(|()| check_range(&bad, size, MAX_REQUEST_LENGTH, EINVAL));
             assert_eq!(
                 refusal.map_err(|refusal| refusal.error),
                 Err(EINVAL),
@@ -464,13 +634,37 @@ mod tests {
             );
         }
         assert_eq!(
-            check_range(&request(size, 1, 0), size, MAX_REQUEST_LENGTH)
+            check_range(&request(size, 1, 0), size, MAX_REQUEST_LENGTH, EINVAL)
                 .map_err(|refusal| refusal.message),
             Err(
                 "1 bytes at offset 1048576 reach beyond the end of the export (1048576 bytes)"
                     .to_string()
             )
         );
+    }
+
+    #[test]
+    fn writes_beyond_the_end_are_enospc_but_malformed_ones_einval() {
+        let size = 1 << 20;
+        let error = |request: Request| {
+            check_range(&request, size, MAX_REQUEST_LENGTH, ENOSPC).map_err(|r| r.error)
+        };
+        assert_eq!(error(request(size - 512, 512, 0)), Ok(()));
+        assert_eq!(error(request(size - 512, 1024, 0)), Err(ENOSPC));
+        assert_eq!(error(request(u64::MAX, 1, 0)), Err(ENOSPC));
+        assert_eq!(error(request(0, 0, 0)), Err(EINVAL));
+        assert_eq!(error(request(0, MAX_REQUEST_LENGTH + 1, 0)), Err(EINVAL));
+    }
+
+    #[test]
+    fn a_full_volume_is_enospc_anything_else_eio() {
+        for errno in [libc::ENOSPC, libc::EDQUOT, libc::EFBIG] {
+            let error = std::io::Error::from_raw_os_error(errno);
+            assert_eq!(io_error_value(&error), ENOSPC, "{error}");
+        }
+        let error = std::io::Error::from_raw_os_error(libc::EIO);
+        assert_eq!(io_error_value(&error), EIO);
+        assert_eq!(io_error_value(&std::io::Error::other("lost")), EIO);
     }
 
     #[test]

@@ -172,26 +172,40 @@ impl Snapshots {
     ) -> io::Result<()> {
         let volume = self.volume(snapshot.volume_id);
         let chunk_bytes = u64::from(snapshot.chunk_bytes);
+        // One lock for the whole request; consecutive chunks from the same place (the origin,
+        // or consecutive slots) are read in one go.
+        let guard = self.locked(&volume, snapshot.volume_id, volume_epoch)?;
+        let store = guard
+            .stores
+            .iter()
+            .find(|s| s.snapshot.id == snapshot.id)
+            .ok_or_else(|| {
+                io::Error::other(format!("snapshot {} is no longer valid", snapshot.name))
+            })?;
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
-            let chunk = at / chunk_bytes;
-            let in_chunk = at % chunk_bytes;
-            let length = ((chunk_bytes - in_chunk) as usize).min(buf.len() - done);
+            let first_slot = store.slot_of(at / chunk_bytes);
+            let mut length = ((chunk_bytes - at % chunk_bytes) as usize).min(buf.len() - done);
+            // Extend the run while the next chunk comes from the place right after.
+            while done + length < buf.len() {
+                let next = (at + length as u64) / chunk_bytes;
+                let steps = next - at / chunk_bytes;
+                let continues = match (first_slot, store.slot_of(next)) {
+                    (None, None) => true,
+                    (Some(first), Some(slot)) => slot == first + steps,
+                    _ => false,
+                };
+                if !continues {
+                    break;
+                }
+                length = (length + chunk_bytes as usize).min(buf.len() - done);
+            }
             let target = &mut buf[done..done + length];
-            let guard = self.locked(&volume, snapshot.volume_id, volume_epoch)?;
-            let store = guard
-                .stores
-                .iter()
-                .find(|s| s.snapshot.id == snapshot.id)
-                .ok_or_else(|| {
-                    io::Error::other(format!("snapshot {} is no longer valid", snapshot.name))
-                })?;
-            match store.slot_of(chunk) {
-                Some(slot) => store.read_slot(&self.devices, slot, in_chunk, target)?,
+            match first_slot {
+                Some(slot) => store.read_slot(&self.devices, slot, at % chunk_bytes, target)?,
                 None => read_origin(at, target)?,
             }
-            drop(guard);
             done += length;
         }
         Ok(())

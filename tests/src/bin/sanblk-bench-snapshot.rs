@@ -1,0 +1,198 @@
+//! `make bench` (snapshots, issue 16): what a snapshot costs the application, against
+//! dm-snapshot (persistent, 64 KiB chunks) measured in the same guest run.
+//!
+//! One guest, a real `sand` on the host. Each job is fio, O_DIRECT, psync, QD 1, 4 KiB
+//! blocks on a 64 MiB device:
+//! - `uncopied`: one 4 KiB write at the start of every 64 KiB chunk (fio `write:60k`), so
+//!   every write is the first to its chunk since the snapshot (a copy-on-write each);
+//! - `copied`: the same job again: every chunk was copied already;
+//! - `read`: random reads of the origin.
+//!
+//! Each runs once without a snapshot and once with one, on the sanblk volume (snapshot taken
+//! by the host with `sanctl snapshot create`) and on a dm device (a `snapshot-origin` of a
+//! virtio disk with a persistent `snapshot` on another). The figure is the time per I/O
+//! with a snapshot over the time without (1.00 = free). Then, on the host: `sanctl backup`
+//! of the snapshot over NBD against reading the volume's image file sequentially (O_DIRECT
+//! `dd`), same size.
+//!
+//! Settings: SANBLK_BENCH_KERNEL and SANBLK_BENCH_MODULE (as for `sanblk-bench-datapath`).
+
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use sanblk_tests::bench;
+use sanblk_tests::dm_san::WAIT_LONG;
+use sanblk_tests::{
+    dm_san, filled_image, fio, scratch_dir, spawn, wait_for_path, SandServer, VmConfig,
+};
+
+const MIB: u64 = 1 << 20;
+const VOLUME_MIB: u64 = 64;
+
+fn run_bench() -> Result<String, String> {
+    let dir = scratch_dir("bench-snapshot").map_err(|e| e.to_string())?;
+    let server = SandServer::start(&dir)?;
+    let io_port = server.io_port()?;
+    let fill = |name: &str, bytes: u64| {
+        let path = dir.join(name);
+        filled_image(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok::<_, String>(path)
+    };
+    let san = fill("san0.img", (VOLUME_MIB + 8) * MIB)?;
+    let spare = fill("san1.img", (VOLUME_MIB + 8) * MIB)?;
+    let dm_origin = fill("dm-origin.img", VOLUME_MIB * MIB)?;
+    let dm_cow = fill("dm-cow.img", (VOLUME_MIB + 8) * MIB)?;
+    server.pool_add(&san);
+    server.sanctl(&["volume", "create", "vs", &format!("{VOLUME_MIB}M")]);
+    // The COW store lands on the spare, as it would on a SAN with free space elsewhere.
+    server.pool_add(&spare);
+    let secret = server.add_client("host1", &["vs"]);
+    let script = format!(
+        r#"set -e
+{prologue}D={dir}
+{WAIT_LONG}
+job() {{
+    # $1 name, $2 device, $3 fio --rw, $4 extra options
+    fio --name=$1 --filename=$2 --direct=1 --ioengine=psync --rw=$3 --bs=4k \
+        --size={VOLUME_MIB}M --randrepeat=0 $4 --output-format=json --output=fio-$1.json
+}}
+# One 4 KiB write at the start of each 64 KiB chunk (every chunk once).
+UNCOPIED="--io_size=4M"
+$S attach vs --server 10.0.2.100:{port} --client host1 --secret-file {secret} \
+    --device /dev/mapper/san0 --device /dev/vdb --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
+wait_for /run/sanblk/vs.device
+dev=$(cat /run/sanblk/vs.device)
+job sanblk-plain-uncopied $dev write:60k "$UNCOPIED"
+job sanblk-plain-copied $dev write:60k "$UNCOPIED"
+job sanblk-plain-read $dev randread "--io_size=4M"
+touch snapshot.wanted
+wait_long $D/snapshot.taken
+job sanblk-snap-uncopied $dev write:60k "$UNCOPIED"
+job sanblk-snap-copied $dev write:60k "$UNCOPIED"
+job sanblk-snap-read $dev randread "--io_size=4M"
+$S --json status > status.json
+touch sanblk.done
+SECTORS=$(blockdev --getsz /dev/vdc)
+dmsetup create dmbase --table "0 $SECTORS linear /dev/vdc 0"
+job dm-plain-uncopied /dev/mapper/dmbase write:60k "$UNCOPIED"
+job dm-plain-copied /dev/mapper/dmbase write:60k "$UNCOPIED"
+job dm-plain-read /dev/mapper/dmbase randread "--io_size=4M"
+dmsetup remove dmbase
+# A persistent store starts from a zeroed header.
+dd if=/dev/zero of=/dev/vdd bs=64k count=1 oflag=direct status=none
+dmsetup create dmorigin --table "0 $SECTORS snapshot-origin /dev/vdc"
+dmsetup create dmsnap --table "0 $SECTORS snapshot /dev/vdc /dev/vdd P 128"
+job dm-snap-uncopied /dev/mapper/dmorigin write:60k "$UNCOPIED"
+job dm-snap-copied /dev/mapper/dmorigin write:60k "$UNCOPIED"
+job dm-snap-read /dev/mapper/dmorigin randread "--io_size=4M"
+dmsetup status dmsnap > dmsnap-status.txt
+dmsetup remove dmsnap
+dmsetup remove dmorigin
+$S detach vs
+"#,
+        prologue = dm_san::prologue(&bench::module()),
+        dir = dir.display(),
+        port = server.port,
+        secret = secret.display(),
+    );
+    let config = VmConfig::new("bench-snapshot", &script)
+        .disk(&san)
+        .disk(&spare)
+        .disk(&dm_origin)
+        .disk(&dm_cow)
+        .forward_port(server.port)
+        .forward_port(io_port)
+        .timeout(Duration::from_secs(3000));
+    let vm = spawn(&bench::with_kernel(config)).map_err(|e| format!("{e:?}"))?;
+    wait_for_path(
+        &vm.log_dir().join("snapshot.wanted"),
+        Duration::from_secs(1200),
+    )?;
+    server.sanctl(&[
+        "snapshot",
+        "create",
+        "vs",
+        "bench",
+        "--cow-size",
+        &format!("{}M", VOLUME_MIB + 4),
+    ]);
+    std::fs::write(dir.join("snapshot.taken"), b"").map_err(|e| e.to_string())?;
+    wait_for_path(&vm.log_dir().join("sanblk.done"), Duration::from_secs(1200))?;
+
+    // Backup over NBD against a sequential O_DIRECT read of the volume's image file.
+    let image = dir.join("backup.img");
+    let backup_started = Instant::now();
+    server.sanctl(&[
+        "backup",
+        "vs",
+        "bench",
+        "--to",
+        &image.display().to_string(),
+    ]);
+    let backup_took = backup_started.elapsed().as_secs_f64();
+    let read_started = Instant::now();
+    let status = Command::new("dd")
+        .arg(format!("if={}", san.display()))
+        .args(["of=/dev/null", "bs=4M", "iflag=direct", "status=none"])
+        .arg(format!("count={}", VOLUME_MIB / 4))
+        .status()
+        .map_err(|e| format!("dd: {e}"))?;
+    if !status.success() {
+        return Err(format!("dd: {status}"));
+    }
+    let read_took = read_started.elapsed().as_secs_f64();
+
+    let outcome = vm.wait().map_err(|e| format!("{e:?}"))?;
+    outcome.check_clean_success()?;
+    println!("guest log: {}", outcome.log_dir.display());
+    let value = |name: &str, metric: fio::Metric| {
+        let json = outcome
+            .read_out_file(&format!("fio-{name}.json"))
+            .map_err(|e| format!("fio-{name}.json: {e}"))?;
+        fio::value(&json, metric)
+    };
+    let mut report = String::from(
+        "### Snapshot overhead (time per 4 KiB I/O with a snapshot / without)\n\n\
+         | job | sanblk without | sanblk with | sanblk ratio | dm without | dm-snapshot with | dm ratio |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for (job, metric) in [
+        ("uncopied", fio::Metric::WriteIops),
+        ("copied", fio::Metric::WriteIops),
+        ("read", fio::Metric::ReadIops),
+    ] {
+        let sanblk_plain = value(&format!("sanblk-plain-{job}"), metric)?;
+        let sanblk_snap = value(&format!("sanblk-snap-{job}"), metric)?;
+        let dm_plain = value(&format!("dm-plain-{job}"), metric)?;
+        let dm_snap = value(&format!("dm-snap-{job}"), metric)?;
+        report.push_str(&format!(
+            "| {job} | {sanblk_plain:.0} IOPS | {sanblk_snap:.0} IOPS | {:.2} | {dm_plain:.0} IOPS | {dm_snap:.0} IOPS | {:.2} |\n",
+            sanblk_plain / sanblk_snap,
+            dm_plain / dm_snap
+        ));
+    }
+    let mib = VOLUME_MIB as f64;
+    report.push_str(&format!(
+        "\n### Backup over NBD\n\n| copy | MiB | seconds | MiB/s |\n|---|---|---|---|\n\
+         | `sanctl backup` (NBD, full) | {mib} | {backup_took:.2} | {:.1} |\n\
+         | `dd iflag=direct` of the image file | {mib} | {read_took:.2} | {:.1} |\n\n\
+         backup / sequential read throughput: {:.2}\n",
+        mib / backup_took,
+        mib / read_took,
+        read_took / backup_took
+    ));
+    Ok(report)
+}
+
+fn main() -> ExitCode {
+    match run_bench() {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("benchmark failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
