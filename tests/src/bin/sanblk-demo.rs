@@ -11,7 +11,10 @@
 //! is partitioned (its agent stopped): its kernel holds I/O once its lease lapses, the host
 //! grows the volume, which commits once the silent client's lease has run out (it is fenced),
 //! and the client's held write fails after its I/O timeout instead of landing late.
+//! Between the two, with fio still writing, the host takes two snapshots, backs them up in
+//! full and incrementally over NBD and reads the later one with `qemu-img`.
 
+use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,100 @@ use sanblk_tests::{
 };
 
 const MIB: u64 = 1 << 20;
+
+/// `sanctl` with its output (progress bars included) on this terminal.
+fn sanctl_shown(server: &SandServer, args: &[&str]) -> Result<(), String> {
+    let status = Command::new(target_bin("sanctl"))
+        .arg("--admin-socket")
+        .arg(&server.admin_socket)
+        .args(args)
+        .status()
+        .map_err(|e| format!("sanctl: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("sanctl {args:?}: {status}"))
+    }
+}
+
+/// While the guest's fio writes: two snapshots, a full and an incremental backup, the later
+/// snapshot read by a stock NBD client (`qemu-img`) and compared with the backup.
+fn snapshots_and_backups(server: &SandServer, dir: &Path, log_dir: &Path) -> Result<(), String> {
+    wait_for_path(&log_dir.join("snap.ready"), Duration::from_secs(240))?;
+    println!("== host: sanctl snapshot create demo monday (the guest's fio keeps writing)");
+    sanctl_shown(
+        server,
+        &["snapshot", "create", "demo", "monday", "--cow-size", "64M"],
+    )?;
+    let image = dir.join("demo-backup.img").display().to_string();
+    println!("== host: full backup of monday over NBD");
+    sanctl_shown(server, &["backup", "demo", "monday", "--to", &image])?;
+    // Until the guest's writes since monday have copied a few chunks.
+    let list = |server: &SandServer| -> Result<Vec<sanblk_proto::protocol::SnapshotInfo>, String> {
+        serde_json::from_str(&server.sanctl(&["--json", "snapshot", "list", "demo"]))
+            .map_err(|e| format!("snapshot list: {e}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while list(server)?.first().is_none_or(|s| s.changed_chunks < 16) {
+        if Instant::now() > deadline {
+            return Err("the guest wrote nothing after the snapshot".into());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!("== host: sanctl snapshot create demo tuesday; what changed since monday");
+    sanctl_shown(
+        server,
+        &["snapshot", "create", "demo", "tuesday", "--cow-size", "64M"],
+    )?;
+    sanctl_shown(server, &["snapshot", "list", "demo"])?;
+    let diff = server.sanctl(&["snapshot", "diff", "demo", "monday", "tuesday"]);
+    println!(
+        "snapshot diff monday tuesday: {} runs of changed chunks, the first ones:",
+        diff.lines().count()
+    );
+    for line in diff.lines().take(3) {
+        println!("  {line}");
+    }
+    println!("== host: incremental backup monday -> tuesday into the same image");
+    sanctl_shown(
+        server,
+        &[
+            "backup", "demo", "tuesday", "--to", &image, "--since", "monday",
+        ],
+    )?;
+    let infos = list(server)?;
+    let tuesday = infos
+        .iter()
+        .find(|s| s.name == "tuesday")
+        .ok_or("tuesday not listed")?;
+    let url = format!(
+        "nbd+unix:///{}?socket={}",
+        tuesday.export, tuesday.nbd_socket
+    );
+    let raw = dir.join("tuesday.raw");
+    println!("== host: qemu-img convert -O raw '{url}' tuesday.raw");
+    let status = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &url])
+        .arg(&raw)
+        .status()
+        .map_err(|e| format!("qemu-img: {e}"))?;
+    if !status.success() {
+        return Err(format!("qemu-img: {status}"));
+    }
+    let same = std::fs::read(&raw).map_err(|e| e.to_string())?
+        == std::fs::read(&image).map_err(|e| e.to_string())?;
+    println!(
+        "qemu-img's copy of tuesday and the full + incremental backup: {}",
+        if same { "identical" } else { "DIFFERENT" }
+    );
+    if !same {
+        return Err("the incremental backup differs from the snapshot".into());
+    }
+    sanctl_shown(server, &["snapshot", "delete", "demo", "monday"])?;
+    sanctl_shown(server, &["snapshot", "delete", "demo", "tuesday"])?;
+    std::fs::write(log_dir.join("snap.done"), b"").map_err(|e| e.to_string())?;
+    Ok(())
+}
 
 fn demo() -> Result<(), String> {
     let dir = scratch_dir("demo").map_err(|e| e.to_string())?;
@@ -104,6 +201,15 @@ while [ ! -e move.done ]; do
 done
 echo "fio: $i passes with verification, no error, during the move"
 $S status
+echo "== guest: fio keeps writing while the host takes snapshots and backs them up"
+touch snap.ready
+i=0
+while [ ! -e snap.done ]; do
+    fio --name=snap$i --filename=$dev --direct=1 --rw=randwrite --bs=4k --size=64M --io_size=2M \
+        --verify=crc32c --verify_fatal=1 --randrepeat=0 --minimal > /dev/null
+    i=$((i+1))
+done
+echo "fio: $i passes with verification, no error, during the snapshots and backups"
 echo "== guest: partition: the agent is stopped (no lease renewals); 8 s later a writer starts"
 kill -STOP $AGENT
 sleep 8
@@ -185,6 +291,7 @@ dmsetup remove san0
     if !moved.success() {
         return Err(format!("volume move failed: {moved}"));
     }
+    snapshots_and_backups(&server, &dir, &log_dir)?;
     wait_for_path(&log_dir.join("partitioned"), Duration::from_secs(240))?;
     println!("== host: the client is partitioned; sanctl volume grow demo 96M fences it");
     print!("{}", server.sanctl(&["volume", "show", "demo"]));
