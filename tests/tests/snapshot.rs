@@ -164,3 +164,79 @@ $S detach vsnap"#
             .expect("fio json");
     assert_eq!(fio["jobs"][0]["error"], 0, "{fio}");
 }
+
+/// A COW store overflowing under fio invalidates only its own snapshot (fio sees no error),
+/// and a guest killed (QEMU quit) in the middle of copy-on-write traffic leaves every
+/// snapshot reading back its point in time.
+#[test]
+fn an_overflow_and_a_killed_guest_leave_the_other_snapshots_intact() {
+    let provisioned = provision("snapshot-kill", &[], &["vsnap"], true);
+    let dir = provisioned.dir.clone();
+    let a = blocks::pattern("kill-a", 1, VOLUME);
+    fs::write(dir.join("a.pattern"), &a).expect("pattern");
+    let body = format!(
+        r#"{WAIT_LONG}
+dd if=$D/a.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+touch written
+wait_long $D/snapped
+fio --name=over --filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
+    --size=16M --io_size=2M --verify=crc32c --verify_fatal=1 --randrepeat=0 \
+    --output-format=json --output=fio-over.json
+dd if=$dev of=after-fio.img bs=1M iflag=direct status=none
+touch overflowed
+wait_long $D/late
+i=0
+while :; do
+    dd if=/dev/urandom of=$dev bs=64k count=4 seek=$(( (i * 7) % 250 )) oflag=direct status=none
+    i=$((i + 1))
+    [ $i -eq 8 ] && touch writing
+done"#
+    );
+    let vm = spawn(&dm_san::vm(
+        &provisioned,
+        "snapshot-kill",
+        "vsnap",
+        "",
+        &body,
+        Duration::from_secs(600),
+    ))
+    .expect("guest started");
+    let out = vm.log_dir().to_path_buf();
+    let server = &provisioned.server;
+    wait_for_file(&out.join("written"), Duration::from_secs(300));
+    server.sanctl(&["snapshot", "create", "vsnap", "big", "--cow-size", "18M"]);
+    server.sanctl(&["snapshot", "create", "vsnap", "small", "--cow-size", "1M"]);
+    fs::write(dir.join("snapped"), b"").expect("signal");
+    wait_for_file(&out.join("overflowed"), Duration::from_secs(400));
+    let fio: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("fio-over.json")).expect("fio"))
+            .expect("fio json");
+    assert_eq!(fio["jobs"][0]["error"], 0, "fio saw an error: {fio}");
+    let small = snapshot(&provisioned, "small");
+    assert_eq!(small.state, "invalid", "{small:?}");
+    assert!(
+        small.reason.as_deref().unwrap_or("").contains("full"),
+        "{small:?}"
+    );
+    let after_fio = fs::read(out.join("after-fio.img")).expect("after-fio.img");
+    server.sanctl(&["snapshot", "create", "vsnap", "late", "--cow-size", "18M"]);
+    fs::write(dir.join("late"), b"").expect("signal");
+    wait_for_file(&out.join("writing"), Duration::from_secs(300));
+    // QEMU quits in the middle of the guest's copy-on-write traffic.
+    drop(vm);
+    let big = snapshot(&provisioned, "big");
+    assert_eq!(big.state, "active");
+    assert!(
+        read_with_qemu_img(&big, &dir.join("big.raw")) == a,
+        "snapshot big lost its point in time"
+    );
+    let late = snapshot(&provisioned, "late");
+    assert!(
+        late.changed_chunks > 0,
+        "no copy-on-write before the kill: {late:?}"
+    );
+    assert!(
+        read_with_qemu_img(&late, &dir.join("late.raw")) == after_fio,
+        "snapshot late lost its point in time"
+    );
+}
