@@ -517,3 +517,51 @@ async fn a_restore_export_excludes_clients_and_writes_the_volume() {
     let refused = NbdClient::connect_unix(&socket, "vol", false).await;
     assert!(refused.is_err(), "restored onto a volume with a snapshot");
 }
+
+/// A deleted volume takes its snapshots with it: their COW stores' space is free again.
+#[tokio::test]
+async fn deleting_a_volume_frees_its_snapshots() {
+    let server = TestServer::start();
+    let (mut setup, _) = setup(&server, 6).await;
+    let free = |devices: Vec<sanblk_proto::protocol::DeviceInfo>| -> u64 {
+        devices.iter().map(|d| d.free_bytes).sum()
+    };
+    let mut admin = server.admin().await;
+    let before: u64 = free(
+        admin
+            .call(sanblk_proto::protocol::PoolList {})
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    setup.snapshot(&server, "one", Some(4 * MIB)).await;
+    let with_snapshot = free(
+        admin
+            .call(sanblk_proto::protocol::PoolList {})
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    assert!(with_snapshot < before, "the COW store took no space");
+    admin
+        .call(sanblk_proto::protocol::VolumeDelete {
+            name: "vol".into(),
+            force: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("volume delete: {e}"));
+    let after = free(
+        admin
+            .call(sanblk_proto::protocol::PoolList {})
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    assert_eq!(
+        after,
+        before + VOLUME,
+        "space left allocated after the delete"
+    );
+    server.create_volume("vol", VOLUME, Layout::Linear).await;
+    assert!(
+        list(&server).await.is_empty(),
+        "the old volume's snapshots came back"
+    );
+}

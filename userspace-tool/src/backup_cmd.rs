@@ -26,6 +26,8 @@ use crate::snapshot_cmd::{changed_chunks, runs};
 
 /// Bytes per NBD read.
 const READ_BYTES: u64 = 4 << 20;
+/// NBD connections a backup reads over at once.
+const CONNECTIONS: usize = 4;
 
 #[derive(Debug, Args)]
 pub struct BackupArgs {
@@ -126,7 +128,7 @@ fn progress(total: u64, what: &str) -> ProgressBar {
 pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliError> {
     let info = snapshot_info(context, &args.volume, &args.snapshot).await?;
     // The byte ranges to copy: everything, or the changed chunks plus what the volume grew by.
-    let (ranges, mut image) = match &args.since {
+    let (ranges, image) = match &args.since {
         None => {
             let image = OpenOptions::new()
                 .create(true)
@@ -168,40 +170,69 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
         .set_len(info.size_bytes)
         .map_err(|e| local(&args.to, e))?;
     let socket = PathBuf::from(&info.nbd_socket);
-    let mut nbd = NbdClient::connect_unix(&socket, &info.export, false)
-        .await
-        .map_err(|e| CliError::Unreachable(format!("NBD export {}: {e}", info.export)))?;
-    if nbd.size() != info.size_bytes {
-        return Err(CliError::Refused(format!(
-            "export {} has {} bytes, the snapshot {}",
-            info.export,
-            nbd.size(),
-            info.size_bytes
-        )));
+    // Several connections, each reading every CONNECTIONS-th step: the server reads one
+    // request per connection at a time (the export allows several connections).
+    let mut clients = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let nbd = NbdClient::connect_unix(&socket, &info.export, false)
+            .await
+            .map_err(|e| CliError::Unreachable(format!("NBD export {}: {e}", info.export)))?;
+        if nbd.size() != info.size_bytes {
+            return Err(CliError::Refused(format!(
+                "export {} has {} bytes, the snapshot {}",
+                info.export,
+                nbd.size(),
+                info.size_bytes
+            )));
+        }
+        clients.push(nbd);
     }
-    let total: u64 = ranges
+    let steps: Vec<(u64, u64)> = ranges
         .iter()
-        .map(|&(start, length)| length.min(info.size_bytes.saturating_sub(start)))
-        .sum();
+        .flat_map(|&(start, length)| {
+            let end = (start + length).min(info.size_bytes);
+            (start..end)
+                .step_by(READ_BYTES as usize)
+                .map(move |at| (at, (end - at).min(READ_BYTES)))
+        })
+        .collect();
+    let total: u64 = steps.iter().map(|&(_, length)| length).sum();
     let bar = progress(total, "backup");
     let started = Instant::now();
-    for (start, length) in ranges {
-        let end = (start + length).min(info.size_bytes);
-        let mut at = start;
-        while at < end {
-            let step = (end - at).min(READ_BYTES);
-            let data = nbd
-                .read(at, step as u32)
-                .await
-                .map_err(|e| CliError::Unreachable(format!("reading {}: {e}", info.export)))?;
-            write_data(&mut image, &args.to, at, &data, args.since.is_none())?;
-            at += step;
-            bar.inc(step);
-        }
+    let image = std::sync::Arc::new(image);
+    let sparse = args.since.is_none();
+    let mut readers = tokio::task::JoinSet::new();
+    for (index, mut nbd) in clients.into_iter().enumerate() {
+        let mine: Vec<(u64, u64)> = steps
+            .iter()
+            .skip(index)
+            .step_by(CONNECTIONS)
+            .copied()
+            .collect();
+        let (image, path, bar, export) = (
+            image.clone(),
+            args.to.clone(),
+            bar.clone(),
+            info.export.clone(),
+        );
+        readers.spawn(async move {
+            for (at, length) in mine {
+                let data = nbd
+                    .read(at, length as u32)
+                    .await
+                    .map_err(|e| CliError::Unreachable(format!("reading {export}: {e}")))?;
+                write_data(&image, &path, at, &data, sparse)?;
+                bar.inc(length);
+            }
+            let _ = nbd.disconnect().await;
+            Ok::<(), CliError>(())
+        });
+    }
+    while let Some(joined) = readers.join_next().await {
+        joined.map_err(|e| CliError::Local(format!("backup reader: {e}")))??;
     }
     bar.finish_and_clear();
     image.sync_all().map_err(|e| local(&args.to, e))?;
-    let _ = nbd.disconnect().await;
     write_record(
         &args.to,
         &BackupRecord {
@@ -245,7 +276,7 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
 /// Writes `data` at `at`. Into a freshly truncated image (`sparse`), all-zero 64 KiB blocks
 /// are skipped: they read as zeros already, and the image stays sparse.
 fn write_data(
-    image: &mut File,
+    image: &File,
     path: &Path,
     at: u64,
     data: &[u8],

@@ -206,6 +206,14 @@ impl Store {
             for client in updated {
                 clients.insert(client.name.as_str(), encode(&client)?.as_slice())?;
             }
+            // Its snapshots go with it: their COW stores' space is free again.
+            let mut snapshots = txn.open_table(SNAPSHOTS)?;
+            for snapshot in read_snapshots(&snapshots)?
+                .into_iter()
+                .filter(|s| s.volume_id == id)
+            {
+                snapshots.remove(snapshot.id)?;
+            }
             record
         };
         txn.commit()?;
