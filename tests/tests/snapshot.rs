@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use sanblk_proto::protocol::SnapshotInfo;
 use sanblk_tests::dm_san::WAIT_LONG;
-use sanblk_tests::{blocks, dm_san, provision, spawn, wait_for_file, Provisioned};
+use sanblk_tests::{blocks, dm_san, provision, spawn, wait_for_file, Provisioned, RunningVm};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
@@ -53,6 +53,19 @@ fn backup(provisioned: &Provisioned, snapshot: &str, image: &Path, since: Option
     fs::read(image).expect("backup image")
 }
 
+/// A guest running `body` with `vsnap` attached as `$dev` (see [`dm_san::script`]).
+fn guest(provisioned: &Provisioned, name: &str, body: &str) -> RunningVm {
+    let config = dm_san::vm(
+        provisioned,
+        name,
+        "vsnap",
+        "",
+        body,
+        Duration::from_secs(600),
+    );
+    spawn(&config).expect("guest started")
+}
+
 #[test]
 fn a_snapshot_taken_under_writes_reads_back_and_backs_up_in_full_and_incrementally() {
     let provisioned = provision("snapshot", &[], &["vsnap"], true);
@@ -82,15 +95,7 @@ touch overwritten2
 wait_long $D/done
 $S detach vsnap"#
     );
-    let vm = spawn(&dm_san::vm(
-        &provisioned,
-        "snapshot",
-        "vsnap",
-        "",
-        &body,
-        Duration::from_secs(600),
-    ))
-    .expect("guest started");
+    let vm = guest(&provisioned, "snapshot", &body);
     let out = vm.log_dir().to_path_buf();
     let server = &provisioned.server;
     wait_for_file(&out.join("written"), Duration::from_secs(300));
@@ -192,15 +197,7 @@ while :; do
     [ $i -eq 8 ] && touch writing
 done"#
     );
-    let vm = spawn(&dm_san::vm(
-        &provisioned,
-        "snapshot-kill",
-        "vsnap",
-        "",
-        &body,
-        Duration::from_secs(600),
-    ))
-    .expect("guest started");
+    let vm = guest(&provisioned, "snapshot-kill", &body);
     let out = vm.log_dir().to_path_buf();
     let server = &provisioned.server;
     wait_for_file(&out.join("written"), Duration::from_secs(300));

@@ -605,13 +605,8 @@ impl IoService {
                 self.device_op(limits, move || {
                     // A chunk's point-in-time content is kept before its first write.
                     let read_origin = |at: u64, target: &mut [u8]| {
-                        let pieces = plan(&extents, at, target.len() as u64)
-                            .ok_or_else(|| io::Error::other("origin range not mapped"))?;
-                        let pieces = match &active {
-                            Some(active) => recovery_gate::read_plan(pieces, active),
-                            None => pieces,
-                        };
-                        service.devices.read(&pieces, target)
+                        let active = active.as_deref();
+                        recovery_gate::read_volume(&service.devices, &extents, active, at, target)
                     };
                     service.state.snapshots.before_write(
                         volume_id,

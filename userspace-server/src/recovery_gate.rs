@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::RwLock;
 use uuid::Uuid;
 
-use crate::device::Piece;
+use sanblk_proto::map::Extent;
+
+use crate::device::{plan, DeviceTable, Piece};
 use crate::store::RecoverySegment;
 
 /// Serialises redirected writes against recovery copying of one volume (module doc).
@@ -205,6 +207,24 @@ pub fn write_plan(pieces: Vec<Piece>, recovery: &ActiveRecovery) -> (Vec<Piece>,
 /// server's may not have: for a single-copy extent it is the copy source), then, for the part
 /// already copied, the recovery target (same data: writes go to both while the copy runs).
 /// A read fails only if none of them can be read.
+/// Reads `target.len()` bytes at volume offset `at` of a volume with `extents` through
+/// `devices`, following the read plan of its running recovery, if any (blocking).
+pub fn read_volume(
+    devices: &DeviceTable,
+    extents: &[Extent],
+    recovery: Option<&ActiveRecovery>,
+    at: u64,
+    target: &mut [u8],
+) -> std::io::Result<()> {
+    let pieces = plan(extents, at, target.len() as u64)
+        .ok_or_else(|| std::io::Error::other("volume range not mapped"))?;
+    let pieces = match recovery {
+        Some(active) => read_plan(pieces, active),
+        None => pieces,
+    };
+    devices.read(&pieces, target)
+}
+
 pub fn read_plan(pieces: Vec<Piece>, recovery: &ActiveRecovery) -> Vec<Piece> {
     let copied = recovery.copied.load(Ordering::Acquire);
     let mut planned = Vec::with_capacity(pieces.len());

@@ -7,7 +7,6 @@
 use std::io;
 use std::sync::Arc;
 
-use sanblk_proto::map::Extent;
 use sanblk_proto::nbd::CHANGED_FLAG;
 
 use crate::device::plan;
@@ -159,24 +158,6 @@ struct SnapshotExport {
     changed: Option<Vec<u64>>,
 }
 
-/// Reads the origin volume through the server's own path (the part a running recovery has
-/// copied from its target if the failed device cannot serve it).
-fn read_origin(
-    state: &ServerState,
-    volume_id: u64,
-    extents: &[Extent],
-    at: u64,
-    target: &mut [u8],
-) -> io::Result<()> {
-    let pieces = plan(extents, at, target.len() as u64)
-        .ok_or_else(|| io::Error::other("origin range not mapped"))?;
-    let pieces = match state.recoveries.gate(volume_id).recovery() {
-        Some(active) => recovery_gate::read_plan(pieces, &active),
-        None => pieces,
-    };
-    state.snapshots.devices().read(&pieces, target)
-}
-
 impl Export for SnapshotExport {
     fn size(&self) -> u64 {
         self.snapshot.origin_bytes
@@ -189,8 +170,10 @@ impl Export for SnapshotExport {
             .store
             .volume_by_id(volume_id)
             .map_err(io::Error::other)?;
+        let active = self.state.recoveries.gate(volume_id).recovery();
+        let devices = self.state.snapshots.devices();
         let origin = |at: u64, target: &mut [u8]| {
-            read_origin(&self.state, volume_id, &volume.extents, at, target)
+            recovery_gate::read_volume(devices, &volume.extents, active.as_deref(), at, target)
         };
         self.state
             .snapshots

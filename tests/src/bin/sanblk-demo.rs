@@ -191,25 +191,23 @@ $S status
 dd if=$dev of=/tmp/back bs=1M count=32 iflag=direct status=none
 dd if=$dev of=/tmp/moreback bs=1M skip=32 count=16 iflag=direct status=none
 cmp /tmp/data /tmp/back && cmp /tmp/more /tmp/moreback && echo "all 48 MiB read back identical"
+# fio_until FILE IO_SIZE WHAT: verified fio passes until the host creates FILE.
+fio_until() {{
+    i=0
+    while [ ! -e $1 ]; do
+        fio --name=pass$i --filename=$dev --direct=1 --rw=randwrite --bs=4k --size=64M \
+            --io_size=$2 --verify=crc32c --verify_fatal=1 --randrepeat=0 --minimal > /dev/null
+        i=$((i+1))
+    done
+    echo "fio: $i passes with verification, no error, during $3"
+}}
 echo "== guest: fio writes and verifies while the host moves the volume to another disk"
 touch move.ready
-i=0
-while [ ! -e move.done ]; do
-    fio --name=live$i --filename=$dev --direct=1 --rw=randwrite --bs=4k --size=64M --io_size=4M \
-        --verify=crc32c --verify_fatal=1 --randrepeat=0 --minimal > /dev/null
-    i=$((i+1))
-done
-echo "fio: $i passes with verification, no error, during the move"
+fio_until move.done 4M "the move"
 $S status
 echo "== guest: fio keeps writing while the host takes snapshots and backs them up"
 touch snap.ready
-i=0
-while [ ! -e snap.done ]; do
-    fio --name=snap$i --filename=$dev --direct=1 --rw=randwrite --bs=4k --size=64M --io_size=2M \
-        --verify=crc32c --verify_fatal=1 --randrepeat=0 --minimal > /dev/null
-    i=$((i+1))
-done
-echo "fio: $i passes with verification, no error, during the snapshots and backups"
+fio_until snap.done 2M "the snapshots and backups"
 echo "== guest: partition: the agent is stopped (no lease renewals); 8 s later a writer starts"
 kill -STOP $AGENT
 sleep 8
@@ -263,15 +261,7 @@ dmsetup remove san0
     );
     print!("{}", server.sanctl(&["pool", "list"]));
     println!("== host: sanctl recovery start san0 (the administrator declares it failed)");
-    let recovered = Command::new(target_bin("sanctl"))
-        .arg("--admin-socket")
-        .arg(&server.admin_socket)
-        .args(["recovery", "start", &san0])
-        .status()
-        .map_err(|e| format!("sanctl: {e}"))?;
-    if !recovered.success() {
-        return Err(format!("recovery start failed: {recovered}"));
-    }
+    sanctl_shown(&server, &["recovery", "start", &san0])?;
     wait_for_path(&log_dir.join("move.ready"), Duration::from_secs(240))?;
     // The recovery went to san1, the only spare then; san2 joins the pool now.
     print!(
@@ -281,16 +271,13 @@ dmsetup remove san0
     println!("== host: sanctl volume move demo (live, the guest's fio keeps going)");
     let from = images[1].display().to_string();
     let to = images[2].display().to_string();
-    let moved = Command::new(target_bin("sanctl"))
-        .arg("--admin-socket")
-        .arg(&server.admin_socket)
-        .args(["volume", "move", "demo", "--from", &from, "--to", &to])
-        .status()
-        .map_err(|e| format!("sanctl: {e}"))?;
+    let moved = sanctl_shown(
+        &server,
+        &["volume", "move", "demo", "--from", &from, "--to", &to],
+    );
+    // The guest stops its fio loop either way.
     std::fs::write(log_dir.join("move.done"), b"").map_err(|e| e.to_string())?;
-    if !moved.success() {
-        return Err(format!("volume move failed: {moved}"));
-    }
+    moved?;
     snapshots_and_backups(&server, &dir, &log_dir)?;
     wait_for_path(&log_dir.join("partitioned"), Duration::from_secs(240))?;
     println!("== host: the client is partitioned; sanctl volume grow demo 96M fences it");
