@@ -9,7 +9,9 @@
 //!
 //! A syncing extent (`EXTENT_SYNCING`: the server is copying it to a new place) is read from
 //! its members as any other, but a write to it goes over the server path, which orders it
-//! with the copy and writes both places; a discard to it is dropped (see [`submit`]).
+//! with the copy and writes both places; a discard to it is dropped (see [`submit`]). So
+//! does the first write to a chunk while the volume has snapshots (`crate::copied`): the
+//! server preserves the chunk in each snapshot's store before writing it.
 
 use core::sync::atomic::Ordering;
 use kernel::sync::Arc;
@@ -111,7 +113,7 @@ fn submit(volume: &Volume, bio: Bio) {
                 *dst = *src;
                 count += 1;
             }
-            Mapped::new(map, offset, size as u64, true)
+            Mapped::new(map, offset, size as u64, true, is_write)
         });
         let Some(mapped) = mapped else {
             return bio.end_with(BLK_STS_IOERR);
@@ -123,7 +125,7 @@ fn submit(volume: &Volume, bio: Bio) {
         }
         mapped
     } else {
-        match volume.with_map(|map| Mapped::new(map, offset, size as u64, false)) {
+        match volume.with_map(|map| Mapped::new(map, offset, size as u64, false, is_write)) {
             Some(mapped) => mapped,
             None => return bio.end_with(BLK_STS_IOERR),
         }
@@ -158,13 +160,15 @@ fn submit(volume: &Volume, bio: Bio) {
     // straight to the server path (queued for its thread: nothing here waits for the network).
     // Whether there is one is read once: a syncing write must never go direct.
     let redirect = info.op != 0 && volume.server.enabled();
-    // Writes to an extent being copied must reach the old place and the new one, which only
-    // the server can do: they are routed to it below, or end here without a server path.
-    let syncing = is_write && piece.syncing();
+    // Writes to an extent being copied must reach the old place and the new one, and first
+    // writes to a chunk since a snapshot must wait for the chunk's copy, which only the
+    // server can do: they are routed to it below, or end here without a server path.
+    let syncing = is_write && (piece.syncing() || mapped.needs_copy);
     if syncing && !redirect {
         match op {
             // A discard is only a hint, and the server path carries none: sent to the old
-            // place alone it could not be mirrored to the new one, so it is not issued.
+            // place alone it could not be mirrored to the new one (nor could an uncopied
+            // chunk be preserved first), so it is not issued.
             REQ_OP_DISCARD => return bio.end(),
             // Without a server path the write could only go to the old place, and would be
             // missing from the new one once the map moves there: it fails at once. Parking it
@@ -271,12 +275,20 @@ struct Mapped {
     /// The front piece, its targets' `device` already translated to volume device slots.
     piece: Piece,
     epoch: u64,
+    /// A write touching a chunk not known copied for the volume's snapshots.
+    needs_copy: bool,
 }
 
 impl Mapped {
     /// `None` when the range lies outside the map (an empty PREFLUSH maps to a zero-length piece).
     #[inline]
-    fn new(map: &MapState, offset: u64, length: u64, preflush: bool) -> Option<Mapped> {
+    fn new(
+        map: &MapState,
+        offset: u64,
+        length: u64,
+        preflush: bool,
+        is_write: bool,
+    ) -> Option<Mapped> {
         let mut piece = if length == 0 && preflush {
             Piece::EMPTY
         } else {
@@ -286,6 +298,7 @@ impl Mapped {
             target.device = slot_of(&map.slots, target.device);
         }
         Some(Mapped {
+            needs_copy: is_write && piece.length != 0 && map.write_needs_copy(offset, piece.length),
             piece,
             epoch: map.epoch,
         })

@@ -12,7 +12,8 @@
 //!    disks, block devices, per-bio contexts (in a bioset's front pad or a hook slab), sockets,
 //!    kernel threads, wait queues and RCU, the slab, sysfs attributes, generic netlink and
 //!    errnos, over the C helpers in `sanblk_shim.c`.
-//! 1. `device` (an opened SAN device) and `piece` (the context of a piece the server path may
+//! 1. `copied` (the chunks known copied for a volume's snapshots), `device` (an opened SAN
+//!    device) and `piece` (the context of a piece the server path may
 //!    re-issue, in front of every clone and in every in-place bio's hook context).
 //! 2. `hold` (bios held while quiesced or the lease lapsed), `hook` (the hook slabs, and
 //!    block-layer statistics of cloned bios), `server::path` (the
@@ -44,6 +45,7 @@ use abi_frame as frame;
 #[allow(dead_code, unreachable_pub, missing_docs, clippy::incompatible_msrv)]
 #[path = "../uapi/src/map.rs"]
 mod abi_map;
+mod copied;
 mod device;
 mod ffi;
 mod genl;

@@ -10,6 +10,7 @@ use kernel::{fmt, new_mutex, new_spinlock};
 
 use crate::abi::MAX_TOKEN_BYTES;
 use crate::abi_map::{piece_at, Extent, MapView, Piece};
+use crate::copied::CopiedChunks;
 use crate::device::SanDevice;
 use crate::ffi::consts::{BLK_FEAT_FUA, BLK_FEAT_IO_STAT, BLK_FEAT_NOWAIT, BLK_FEAT_WRITE_CACHE};
 use crate::ffi::disk::{GenDisk, GenDiskBuilder, Operations, Vtable};
@@ -33,6 +34,13 @@ pub(crate) struct MapState {
     pub(crate) size: u64,
     /// For each entry of this map's device table, the volume's device slot.
     pub(crate) slots: KVec<u32>,
+    /// Non-zero while the volume has active snapshots (`MapHeader::cow_generation`).
+    cow_generation: u64,
+    cow_chunk_bytes: u32,
+    /// The chunks known copied for those snapshots, shared by the maps of one snapshot set;
+    /// `None` with snapshots when the bits could not be had (every write then goes through
+    /// the server).
+    copied: Option<Arc<CopiedChunks>>,
 }
 
 impl MapState {
@@ -58,7 +66,58 @@ impl MapState {
             epoch: header.epoch,
             size: header.size,
             slots: KVec::new(),
+            cow_generation: header.cow_generation,
+            cow_chunk_bytes: header.cow_chunk_bytes,
+            copied: None,
         })
+    }
+
+    /// Takes over what `previous` knew about copied chunks if it was about the same
+    /// snapshots; starts afresh otherwise (a snapshot was taken or dropped, the volume grew).
+    fn track_copies(&mut self, previous: Option<&MapState>) {
+        if self.cow_generation == 0 {
+            return;
+        }
+        let same = previous
+            .and_then(|p| p.copied.as_ref())
+            .filter(|c| c.tracks(self.cow_generation, self.cow_chunk_bytes, self.size));
+        if let Some(copied) = same {
+            self.copied = Some(copied.clone());
+            return;
+        }
+        let fresh = CopiedChunks::new(
+            self.cow_generation,
+            self.cow_chunk_bytes,
+            self.size,
+            self.epoch,
+        )
+        .and_then(|copied| Ok(Arc::new(copied, GFP_KERNEL)?));
+        match fresh {
+            Ok(copied) => self.copied = Some(copied),
+            Err(err) => pr_warn!(
+                "epoch {}: copied chunks not tracked (errno {}): every write goes through the server while snapshots are active\n",
+                self.epoch,
+                -err.to_errno()
+            ),
+        }
+    }
+
+    /// Whether a write to `[offset, offset + length)` must go through the server, which
+    /// copies its chunks to the volume's snapshots first.
+    #[inline]
+    pub(crate) fn write_needs_copy(&self, offset: u64, length: u64) -> bool {
+        self.cow_generation != 0
+            && !self
+                .copied
+                .as_ref()
+                .is_some_and(|copied| copied.all_copied(offset, length))
+    }
+
+    /// Records a write the server acknowledged (its chunks are copied), mapped with `epoch`.
+    pub(crate) fn note_server_write(&self, offset: u64, length: u64, epoch: u64) {
+        if let Some(copied) = &self.copied {
+            copied.mark(offset, length, epoch);
+        }
     }
 
     /// The first piece of an I/O of `length` bytes at volume `offset` (the submit_bio lookup:
@@ -221,6 +280,7 @@ impl Volume {
             slots.push(devices.insert(device)?, GFP_KERNEL)?;
         }
         map.slots = slots;
+        map.track_copies(None);
         let map = Arc::new(map, GFP_KERNEL)?;
         let bioset = PieceBioSet::new(BIOSET_RESERVE)?;
         let volume = Arc::pin_init(
@@ -311,9 +371,11 @@ impl Volume {
     /// Installs a newer epoch atomically with respect to bio mapping.
     pub(crate) fn replace_map(&self, map: MapState) -> Result {
         let new_size = map.size;
-        let map = Arc::new(map, GFP_KERNEL)?;
+        let mut map = map;
         let old_size = {
             let _writer = self.map_update.lock();
+            map.track_copies(Some(&self.current_map()));
+            let map = Arc::new(map, GFP_KERNEL)?;
             // Returns once every submit_bio that could still see the old map is done with it.
             self.map.replace(map).size
         };

@@ -49,6 +49,7 @@ use kernel::prelude::*;
 use super::connection::{Conn, ConnectError, IO_TIMEOUT_MS};
 use super::wire::{OnWire, ReceiveBatch};
 use crate::abi::{DeviceState, EventKind, ServerPathState};
+use crate::abi_frame::Op;
 use crate::abi_pipeline::{next_handle, ReplyReader, Request};
 use crate::ffi::consts::{BlkStatus, BLK_STS_IOERR, BLK_STS_OK, ESTALE};
 use crate::ffi::kthread::should_stop;
@@ -112,6 +113,12 @@ fn complete(volume: &Volume, piece: PieceRef, status: BlkStatus) {
         volume.counters.errors.fetch_add(1, Ordering::Relaxed);
     } else {
         volume.server.redirected.fetch_add(1, Ordering::Relaxed);
+        if piece.op() == Some(Op::Write) {
+            // The server copied the piece's chunks to the snapshots before writing it.
+            let info = piece.info();
+            let length = u64::from(piece.len());
+            volume.with_map(|map| map.note_server_write(info.volume_offset, length, info.epoch));
+        }
     }
     let (parent, inflight) = piece.finish().into_completion();
     if let Some(parent) = parent {

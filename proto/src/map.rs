@@ -255,6 +255,22 @@ pub struct VolumeMap {
     /// server path. Empty (and left out of the JSON) when nothing is being copied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub syncing: Vec<ByteRange>,
+    /// Set while the volume has active snapshots: the first write to each chunk goes
+    /// through the server, which copies the chunk to every snapshot's store before writing
+    /// it (see `sanblk_uapi::map::MapHeader::cow_generation`). Left out of the JSON without
+    /// snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_on_write: Option<CopyOnWrite>,
+}
+
+/// The copy-on-write tracking a map asks of its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyOnWrite {
+    /// Identifies the set of active snapshots (the newest one's id): what a client learnt
+    /// about copied chunks holds while it stays the same.
+    pub generation: u64,
+    /// The smallest chunk size of the active snapshots.
+    pub chunk_bytes: u32,
 }
 
 impl VolumeMap {
@@ -378,6 +394,7 @@ mod tests {
             extents: Vec::new(),
             lease_ms: DEFAULT_LEASE_MS,
             syncing: Vec::new(),
+            copy_on_write: None,
         };
         let json = serde_json::to_string(&map).expect("serialises");
         assert!(!json.contains("syncing"), "{json}");

@@ -446,19 +446,37 @@ rmmod sanblk
     assert_eq!(errno_of("set-state-wrong-volume"), Some(ENOENT));
     assert_eq!(errno_of("set-state-failed"), Some(EINVAL));
     assert_eq!(errno_of("set-state-bad-state"), Some(EINVAL));
-    // Extent flags the module does not know (a newer or hostile map) are refused, on CREATE
-    // and on UPDATE_MAP of the live volume, with the validator's reason.
-    for case in [
+    // Extent flags the module does not know (a newer or hostile map) and invalid
+    // copy-on-write chunk sizes are refused, on CREATE and on UPDATE_MAP of the live volume,
+    // with the validator's reason.
+    let unknown_flags = [
         "unknown-extent-flag",
         "unknown-extent-flag-high",
         "update-unknown-extent-flag",
-    ] {
+    ];
+    let bad_cow = [
+        "cow-chunk-not-power-of-two",
+        "cow-chunk-below-block",
+        "cow-chunk-absurd",
+        "cow-chunk-without-generation",
+        "cow-generation-without-chunk",
+        "update-bad-cow-chunk",
+    ];
+    let reasons = unknown_flags
+        .iter()
+        .map(|case| (case, "map extent has unknown flags"))
+        .chain(
+            bad_cow
+                .iter()
+                .map(|case| (case, "map copy-on-write chunk size invalid")),
+        );
+    for (case, reason) in reasons {
         assert_eq!(errno_of(case), Some(EINVAL), "{case}: {hostile}");
         assert!(
             hostile
                 .lines()
                 .any(|l| l.starts_with(&format!("case={case} "))
-                    && l.ends_with("msg=map extent has unknown flags")),
+                    && l.ends_with(&format!("msg={reason}"))),
             "{case} without its extack message: {hostile}"
         );
     }

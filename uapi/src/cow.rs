@@ -29,9 +29,9 @@ pub const RECORD_BYTES: usize = 16;
 const SECTOR_HEADER_BYTES: usize = 16;
 pub const RECORDS_PER_SECTOR: usize = (SECTOR_BYTES - SECTOR_HEADER_BYTES) / RECORD_BYTES;
 const SECTOR_MAGIC: u32 = 0x5342_4352;
-/// Chunk sizes a snapshot may use: powers of two in this range.
-pub const MIN_CHUNK_BYTES: u32 = 4096;
-pub const MAX_CHUNK_BYTES: u32 = 1 << 20;
+// Chunk sizes a snapshot may use: the map's copy-on-write tracking shares them (and the
+// module, which includes map.rs alone, sees them there).
+pub use crate::map::{valid_chunk_bytes, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 pub const DEFAULT_CHUNK_BYTES: u32 = 64 << 10;
 /// Bytes of the encoded header (the rest of the header block is zero).
 const HEADER_ENCODED_BYTES: usize = 64;
@@ -54,11 +54,6 @@ pub struct CowLayout {
     pub slots: u64,
     pub record_sectors: u64,
     pub data_start: u64,
-}
-
-/// Whether `chunk_bytes` is a chunk size a snapshot may use.
-pub fn valid_chunk_bytes(chunk_bytes: u32) -> bool {
-    chunk_bytes.is_power_of_two() && (MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&chunk_bytes)
 }
 
 impl CowLayout {

@@ -4,7 +4,8 @@
 //! Layout (little-endian):
 //! - header, [`HEADER_LEN`] bytes: magic "SBLM", version u16, flags u16, volume id u64,
 //!   epoch u64, size in bytes u64, block size u32, lease in ms u32, device count u32,
-//!   extent count u32, reserved (zero) to the end of the header;
+//!   extent count u32, copy-on-write generation u64, copy-on-write chunk size in bytes u32,
+//!   reserved (zero) to the end of the header;
 //! - device table, [`DEVICE_LEN`] bytes each: device UUID [16], usable size in bytes u64
 //!   (the device must be at least this large);
 //! - extent table, [`EXTENT_LEN`] bytes each, sorted, contiguous from 0 to the volume size:
@@ -16,6 +17,11 @@
 //! take `stripe_unit` bytes in turn. A syncing extent ([`EXTENT_SYNCING`]) is being copied
 //! by the server to a new place: it is read from its members as usual, but every write to it
 //! goes through the server, which writes both places.
+//!
+//! A non-zero copy-on-write generation says the volume has active snapshots (see
+//! [`MapHeader::cow_generation`]): the first write to each chunk goes through the server,
+//! which preserves the chunk before writing it; once the server has acknowledged a write
+//! covering a chunk, later writes to it go direct.
 
 /// Magic of an encoded map.
 pub const MAP_MAGIC: u32 = u32::from_le_bytes(*b"SBLM");
@@ -38,6 +44,16 @@ pub const MAX_DEVICES: u32 = 64;
 pub const EXTENT_SYNCING: u16 = 1 << 0;
 /// Every extent flag this encoding version defines; a map with any other bit is refused.
 pub const EXTENT_KNOWN_FLAGS: u16 = EXTENT_SYNCING;
+
+/// Chunk sizes a snapshot (and the map's copy-on-write tracking) may use: powers of two in
+/// this range.
+pub const MIN_CHUNK_BYTES: u32 = 4096;
+pub const MAX_CHUNK_BYTES: u32 = 1 << 20;
+
+/// Whether `chunk_bytes` is a chunk size a snapshot may use.
+pub fn valid_chunk_bytes(chunk_bytes: u32) -> bool {
+    chunk_bytes.is_power_of_two() && (MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&chunk_bytes)
+}
 
 /// How an extent's members hold its data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +173,15 @@ pub struct MapHeader {
     pub device_count: u32,
     /// Entries in the extent table.
     pub extent_count: u32,
+    /// Non-zero while the volume has active snapshots: identifies their set (the newest
+    /// snapshot's id), so a module keeps what it learnt about copied chunks across epochs
+    /// of one set and forgets it when a snapshot is taken. A write to a chunk the server has
+    /// not acknowledged a write to since the set began goes through the server (which
+    /// copies the chunk to every snapshot's store first); later ones go direct.
+    pub cow_generation: u64,
+    /// Chunk size of that tracking (the smallest chunk of the active snapshots; a power of
+    /// two in [`MIN_CHUNK_BYTES`]`..=`[`MAX_CHUNK_BYTES`]); 0 without snapshots.
+    pub cow_chunk_bytes: u32,
 }
 
 /// Why a map was refused.
@@ -190,6 +215,8 @@ pub enum MapError {
     OverlappingSpace,
     /// An extent flag bit this version does not define.
     UnknownExtentFlags,
+    /// Copy-on-write chunk size invalid, or given without a generation (or the reverse).
+    BadCowChunk,
 }
 
 impl MapError {
@@ -210,6 +237,7 @@ impl MapError {
             MapError::ReplicasShareDevice => "mirror replicas on the same device",
             MapError::OverlappingSpace => "map extents overlap on a device",
             MapError::UnknownExtentFlags => "map extent has unknown flags",
+            MapError::BadCowChunk => "map copy-on-write chunk size invalid",
         }
     }
 }
@@ -266,6 +294,8 @@ pub fn encode(
     put_u32(out, 36, header.lease_ms);
     put_u32(out, 40, devices.len() as u32);
     put_u32(out, 44, extents.len() as u32);
+    put_u64(out, 48, header.cow_generation);
+    put_u32(out, 56, header.cow_chunk_bytes);
     for (i, device) in devices.iter().enumerate() {
         let at = HEADER_LEN + i * DEVICE_LEN;
         out[at..at + 16].copy_from_slice(&device.uuid);
@@ -287,6 +317,17 @@ pub fn encode(
         }
     }
     Ok(())
+}
+
+/// The chunks of `chunk_bytes` (a power of two) that `[offset, offset + length)` touches, as
+/// `first..=last` indexes; `None` for an empty or overflowing range.
+pub fn chunks_touched(offset: u64, length: u64, chunk_bytes: u32) -> Option<(u64, u64)> {
+    if length == 0 || chunk_bytes == 0 {
+        return None;
+    }
+    let shift = chunk_bytes.trailing_zeros();
+    let last_byte = offset.checked_add(length - 1)?;
+    Some((offset >> shift, last_byte >> shift))
 }
 
 /// Where one piece of an I/O goes.
@@ -350,7 +391,7 @@ impl<'a> MapView<'a> {
         }
         if get_u16(bytes, 4) != MAP_VERSION
             || get_u16(bytes, 6) != 0
-            || bytes[48..HEADER_LEN].iter().any(|b| *b != 0)
+            || bytes[60..HEADER_LEN].iter().any(|b| *b != 0)
         {
             return Err(MapError::BadVersion);
         }
@@ -362,9 +403,19 @@ impl<'a> MapView<'a> {
             lease_ms: get_u32(bytes, 36),
             device_count: get_u32(bytes, 40),
             extent_count: get_u32(bytes, 44),
+            cow_generation: get_u64(bytes, 48),
+            cow_chunk_bytes: get_u32(bytes, 56),
         };
         if !header.block_size.is_power_of_two() || !(512..=65536).contains(&header.block_size) {
             return Err(MapError::BadBlockSize);
+        }
+        let cow_valid = if header.cow_generation == 0 {
+            header.cow_chunk_bytes == 0
+        } else {
+            valid_chunk_bytes(header.cow_chunk_bytes) && header.cow_chunk_bytes >= header.block_size
+        };
+        if !cow_valid {
+            return Err(MapError::BadCowChunk);
         }
         if header.device_count == 0
             || header.device_count > MAX_DEVICES
@@ -409,6 +460,8 @@ impl<'a> MapView<'a> {
                 lease_ms: word(36),
                 device_count: word(40),
                 extent_count: word(44),
+                cow_generation: field(48),
+                cow_chunk_bytes: word(56),
             },
         }
     }
@@ -669,6 +722,8 @@ mod tests {
             lease_ms: 30_000,
             device_count: devices as u32,
             extent_count: extents as u32,
+            cow_generation: 0,
+            cow_chunk_bytes: 0,
         }
     }
 
@@ -769,6 +824,44 @@ mod tests {
                 offset: MIB + 65536
             }
         );
+    }
+
+    #[test]
+    fn copy_on_write_fields_round_trip_and_reserved_bytes_stay_refused() {
+        let devices = [device(1, 64 * MIB)];
+        let extents = [replicated(0, 4 * MIB, &[(0, 0)])];
+        let mut h = header(4 * MIB, 1, 1);
+        h.cow_generation = 0x0102_0304_0506_0708;
+        h.cow_chunk_bytes = 65536;
+        let mut buf = encode_vec(&h, &devices, &extents);
+        let len = encoded_len(1, 1);
+        assert_eq!(get_u64(&buf, 48), h.cow_generation, "generation at byte 48");
+        assert_eq!(get_u32(&buf, 56), 65536, "chunk size at byte 56");
+        let view = MapView::parse(&buf[..len]).expect("valid");
+        assert_eq!(*view.header(), h);
+        assert_eq!(*MapView::assume_valid(&buf[..len]).header(), h);
+        for at in 60..HEADER_LEN {
+            buf[at] = 1;
+            assert_eq!(
+                MapView::parse(&buf[..len]).err(),
+                Some(MapError::BadVersion),
+                "reserved byte {at}"
+            );
+            buf[at] = 0;
+        }
+    }
+
+    #[test]
+    fn chunks_touched_spans_every_chunk_a_range_shares_a_byte_with() {
+        const C: u32 = 65536;
+        assert_eq!(chunks_touched(0, 4096, C), Some((0, 0)));
+        assert_eq!(chunks_touched(61440, 4096, C), Some((0, 0)));
+        assert_eq!(chunks_touched(61440, 8192, C), Some((0, 1)));
+        assert_eq!(chunks_touched(65536, 65536, C), Some((1, 1)));
+        assert_eq!(chunks_touched(MIB, MIB, C), Some((16, 31)));
+        assert_eq!(chunks_touched(5, 0, C), None);
+        assert_eq!(chunks_touched(u64::MAX, 2, C), None);
+        assert_eq!(chunks_touched(0, 1, 0), None);
     }
 
     #[test]
@@ -891,6 +984,30 @@ mod tests {
             MapView::parse(&wrong[..len]).err(),
             Some(MapError::BadMagic)
         );
+        // Copy-on-write chunk sizes: none without a generation, else a power of two of at
+        // least a block, at most MAX_CHUNK_BYTES; a generation needs one.
+        for (generation, chunk) in [
+            (0, 65536),
+            (5, 0),
+            (5, 2048),
+            (5, 3 * 4096),
+            (5, 2 << 20),
+            (5, u32::MAX),
+        ] {
+            let mut cow = h;
+            cow.cow_generation = generation;
+            cow.cow_chunk_bytes = chunk;
+            assert_eq!(
+                parse_err(&cow, &d2, &ok),
+                MapError::BadCowChunk,
+                "generation {generation} chunk {chunk}"
+            );
+        }
+        let mut big_blocks = header(4 * MIB, 2, 1);
+        big_blocks.block_size = 65536;
+        big_blocks.cow_generation = 5;
+        big_blocks.cow_chunk_bytes = 4096;
+        assert_eq!(parse_err(&big_blocks, &d2, &ok), MapError::BadCowChunk);
         // Absurd extent count.
         let mut absurd = buf;
         absurd[44..48].copy_from_slice(&u32::MAX.to_le_bytes());

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use log::{error, info};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use sanblk_proto::map::{AccessMode, ByteRange, VolumeMap, IN_FLIGHT_BOUND_MS};
+use sanblk_proto::map::{AccessMode, CopyOnWrite, VolumeMap, IN_FLIGHT_BOUND_MS};
 use sanblk_proto::protocol::{
     encode_map_update, AgentReply, AttachmentInfo, ErrorBody, ErrorCode, Quiesce, Resume,
 };
@@ -825,19 +825,22 @@ impl ServerState {
         if let Some(relocation) = self.store.recovery(record.id)? {
             map.syncing = relocation.syncing_ranges(&record.extents);
         }
-        // Writes go through the server while a snapshot is active: it copies each chunk
-        // before its first write.
-        if self
-            .store
-            .snapshots_of(record.id)?
-            .iter()
-            .any(|s| s.state == SnapshotState::Active)
-        {
-            map.syncing = vec![ByteRange {
-                volume_offset: 0,
-                length: record.size_bytes,
-            }];
-        }
+        // While snapshots are active, each chunk's first write goes through the server,
+        // which copies the chunk before writing it.
+        let active = self.store.snapshots_of(record.id)?;
+        let active = active.iter().filter(|s| s.state == SnapshotState::Active);
+        let block_size = map.block_size;
+        map.copy_on_write = active
+            .clone()
+            .map(|s| s.id)
+            .max()
+            .zip(active.map(|s| s.chunk_bytes).min())
+            .map(|(generation, chunk_bytes)| CopyOnWrite {
+                generation,
+                // A block holds whole chunks when it is larger: the smallest unit a write
+                // covers.
+                chunk_bytes: chunk_bytes.max(u32::try_from(block_size).unwrap_or(u32::MAX)),
+            });
         Ok(map)
     }
 

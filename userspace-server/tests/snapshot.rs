@@ -81,11 +81,19 @@ impl Setup {
             follow_change_to_map(&mut self.agent, self.map.epoch)
         );
         let created = created.unwrap_or_else(|e| panic!("snapshot create {name}: {e}"));
-        // Every write goes through the server now: the whole volume is syncing.
+        // Each chunk's first write goes through the server now, from a new snapshot set.
+        let cow = map
+            .copy_on_write
+            .unwrap_or_else(|| panic!("no copy-on-write in {map:?}"));
+        assert_eq!(cow.chunk_bytes as u64, CHUNK, "{map:?}");
         assert!(
-            map.is_syncing(0, 1) && map.is_syncing(VOLUME - 1, 1),
-            "{map:?}"
+            self.map
+                .copy_on_write
+                .is_none_or(|before| before.generation < cow.generation),
+            "the snapshot set did not change: {:?} -> {map:?}",
+            self.map.copy_on_write
         );
+        assert!(map.syncing.is_empty(), "{map:?}");
         self.map = map;
         created
     }
@@ -296,6 +304,8 @@ async fn a_snapshot_keeps_its_point_in_time_while_the_volume_is_overwritten() {
         follow_change_to_map(&mut setup.agent, setup.map.epoch)
     );
     deleted.unwrap_or_else(|e| panic!("delete: {e}"));
+    // The second snapshot's set stays what the clients know.
+    assert_eq!(map.copy_on_write, setup.map.copy_on_write, "{map:?}");
     setup.map = map;
     assert!(read_export(&second).await == b);
     let (deleted, map) = tokio::join!(
@@ -307,8 +317,8 @@ async fn a_snapshot_keeps_its_point_in_time_while_the_volume_is_overwritten() {
     );
     deleted.unwrap_or_else(|e| panic!("delete: {e}"));
     assert!(
-        map.syncing.is_empty(),
-        "still syncing without a snapshot: {map:?}"
+        map.syncing.is_empty() && map.copy_on_write.is_none(),
+        "still copying on write without a snapshot: {map:?}"
     );
     assert!(list(&server).await.is_empty());
 }

@@ -179,6 +179,8 @@ pub fn encode(
         lease_ms: map.lease_ms.min(u32::MAX as u64) as u32,
         device_count: wire_devices.len() as u32,
         extent_count: extents.len() as u32,
+        cow_generation: map.copy_on_write.map_or(0, |c| c.generation),
+        cow_chunk_bytes: map.copy_on_write.map_or(0, |c| c.chunk_bytes),
     };
     let len = wire::encoded_len(wire_devices.len(), extents.len());
     if len > sanblk_uapi::netlink::MAX_MAP_BYTES as usize {
@@ -236,6 +238,7 @@ mod tests {
             extents,
             lease_ms: 30_000,
             syncing: Vec::new(),
+            copy_on_write: None,
         }
     }
 

@@ -8,7 +8,9 @@
 //! `sanblk-nlprobe create NAME ID EPOCH LAYOUT SIZE_MIB DEV...` attaches a volume built from a
 //! fixed recipe (see [`recipe`]) on the given block devices, without a server: the host test
 //! knows the same recipe and checks where each block landed in the image files. A LAYOUT
-//! ending in `+sync` (`linear+sync`) flags every extent syncing (writes via the server).
+//! ending in `+sync` (`linear+sync`) flags every extent syncing (writes via the server); one
+//! ending in `+cow` (`linear+cow`, after any `+sync`) sets copy-on-write tracking of 64 KiB
+//! chunks (first writes to a chunk via the server).
 //! `sanblk-nlprobe update ...` (same arguments) sends UPDATE_MAP; `destroy ID` detaches.
 //! `sanblk-nlprobe hostile-maps DEV DEV` sends CREATE/UPDATE_MAP requests with hostile maps.
 //! CREATE carries a lease of `SANBLK_LEASE_MS` (default 30 minutes) from now and, if set,
@@ -32,6 +34,8 @@ use sanblk_uapi::map::{self, Device, Extent, ExtentKind, MapHeader, Member, MAX_
 use sanblk_uapi::netlink::{Attr, Command, EVENTS_GROUP, FAMILY_NAME, FAMILY_VERSION};
 
 const MIB: u64 = 1 << 20;
+/// Copy-on-write chunk size of a `+cow` map.
+const COW_CHUNK_BYTES: u32 = 64 << 10;
 /// Default lease of the volumes this probe attaches.
 const DEFAULT_LEASE_MS: i64 = 30 * 60 * 1000;
 const NLA_F_NESTED: u16 = 1 << 15;
@@ -555,9 +559,13 @@ impl MapRequest {
                 size: device_bytes(path)?,
             });
         }
-        let (layout, flags) = match args[3].strip_suffix("+sync") {
-            Some(layout) => (layout, map::EXTENT_SYNCING),
+        let (layout, cow_chunk_bytes) = match args[3].strip_suffix("+cow") {
+            Some(layout) => (layout, COW_CHUNK_BYTES),
             None => (args[3].as_str(), 0),
+        };
+        let (layout, flags) = match layout.strip_suffix("+sync") {
+            Some(layout) => (layout, map::EXTENT_SYNCING),
+            None => (layout, 0),
         };
         let mut extents = recipe(layout, size, paths.len())?;
         for extent in &mut extents {
@@ -571,6 +579,8 @@ impl MapRequest {
             lease_ms: 30_000,
             device_count: devices.len() as u32,
             extent_count: extents.len() as u32,
+            cow_generation: u64::from(cow_chunk_bytes != 0),
+            cow_chunk_bytes,
         };
         Ok(MapRequest {
             name: args[0].clone(),
@@ -749,6 +759,8 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
         lease_ms: 30_000,
         device_count: devices.len() as u32,
         extent_count: extents as u32,
+        cow_generation: 0,
+        cow_chunk_bytes: 0,
     };
     let r = ExtentKind::Replicated;
     let mut cases: Vec<(&str, Command, RawAttrs)> = Vec::new();
@@ -804,6 +816,25 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
             name,
             Command::Create,
             with_map(encode_map(&header(8 * MIB, 1), &devices, &[flagged])?),
+        ));
+    }
+    // Copy-on-write tracking: a chunk size that is no power of two, one smaller than a
+    // block, one beyond the largest, and a chunk size without a generation.
+    let one_extent = vec![extent(0, 8 * MIB, r, 0, &[member(0, MIB)])];
+    for (name, generation, chunk) in [
+        ("cow-chunk-not-power-of-two", 3, 3 * 4096),
+        ("cow-chunk-below-block", 3, 2048),
+        ("cow-chunk-absurd", 3, u32::MAX),
+        ("cow-chunk-without-generation", 0, 65536),
+        ("cow-generation-without-chunk", 3, 0),
+    ] {
+        let mut cow = header(8 * MIB, 1);
+        cow.cow_generation = generation;
+        cow.cow_chunk_bytes = chunk;
+        cases.push((
+            name,
+            Command::Create,
+            with_map(encode_map(&cow, &devices, &one_extent)?),
         ));
     }
     let unknown = vec![extent(0, 8 * MIB, r, 0, &[member(9, MIB)])];
@@ -919,6 +950,10 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
     ]) as usize;
     let flags_at = map::HEADER_LEN + device_count * map::DEVICE_LEN + 18;
     flagged.map[flags_at..flags_at + 2].copy_from_slice(&(1u16 << 3).to_le_bytes());
+    // A valid next epoch but for a copy-on-write chunk size of 3 blocks.
+    let mut bad_cow = victim_at("6")?;
+    bad_cow.map[48..56].copy_from_slice(&9u64.to_le_bytes());
+    bad_cow.map[56..60].copy_from_slice(&(3u32 * 4096).to_le_bytes());
     let with_token = |token: Vec<u8>| {
         let mut attrs = good.update_attrs();
         attrs.push((Attr::Token as u16, token));
@@ -928,6 +963,7 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
         ("epoch-regression", stale.update_attrs()),
         ("epoch-repeat", same.update_attrs()),
         ("update-unknown-extent-flag", flagged.update_attrs()),
+        ("update-bad-cow-chunk", bad_cow.update_attrs()),
     ]
     .to_vec();
     later.extend([

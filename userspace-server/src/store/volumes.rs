@@ -38,6 +38,7 @@ impl VolumeRecord {
             extents: self.extents.clone(),
             lease_ms,
             syncing: Vec::new(),
+            copy_on_write: None,
         }
     }
 }
