@@ -59,7 +59,8 @@ demo: deps kernel kmod build
 # target/bench (a copy of kmod/ beside a link to uapi/, which the module includes), as is the
 # failure-path bench (fault stall, redirected path vs nbd) and the change bench (I/O pause per
 # change against dm suspend/resume) and the snapshot bench (copy-on-write against
-# dm-snapshot, backup over NBD); then the server control plane and
+# dm-snapshot, backup over NBD); then, on the host, backup throughput at 1 GiB and the
+# changed-chunk list of a 2 TiB volume, the server control plane and
 # rebuild-vs-copy benches run on the host.
 bench: deps kernel kmod build
 	@benchtree=$$(qemu/build-kernel.sh bench); \
@@ -73,6 +74,7 @@ bench: deps kernel kmod build
 	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-change && \
 	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
 	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-snapshot
+	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-backup
 	$(CARGO) run -q --release -p sand --bin sand-bench -- --clients 10000
 	$(CARGO) run -q --release -p sand --bin sand-bench -- --attack --hostile 4000
 	$(CARGO) build -q --release -p sand --bins && target/release/sand-iobench --rebuild --size-mib 1024 --rounds 5 --dir target

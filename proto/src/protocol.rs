@@ -8,7 +8,7 @@ use bytes::{Buf, BytesMut};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::map::{AccessMode, Layout, VolumeMap};
+use crate::map::{AccessMode, Extent, Layout, VolumeMap};
 
 /// Version carried in every frame; a frame with another version is rejected. 2: maps carry
 /// striped extents (an agent of version 1 would take their members for mirror copies).
@@ -716,6 +716,10 @@ pub struct SnapshotDiff {
 /// A snapshot as `snapshot list` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
+    /// The server's id of the snapshot (the copy-on-write generation of the maps it
+    /// published, when it is the newest).
+    #[serde(default)]
+    pub id: u64,
     pub name: String,
     pub volume: String,
     /// `active` or `invalid`.
@@ -738,6 +742,10 @@ pub struct SnapshotInfo {
     pub export: String,
     /// The server's NBD socket that exports it.
     pub nbd_socket: String,
+    /// Where the COW store lies on the pool's devices (its extents' `volume_offset` is the
+    /// offset in the store).
+    #[serde(default)]
+    pub cow_store: Vec<Extent>,
 }
 
 /// One page of changed chunks (ascending chunk numbers of `chunk_bytes` each).

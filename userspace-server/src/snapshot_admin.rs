@@ -193,6 +193,8 @@ async fn info_of(
         )
     });
     Ok(SnapshotInfo {
+        id: snapshot.id,
+        cow_store: snapshot.store_extents.clone(),
         export: format!("{}@{}", volume.name, snapshot.name),
         name: snapshot.name,
         volume: volume.name.clone(),
