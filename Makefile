@@ -74,7 +74,8 @@ bench: deps kernel kmod build
 	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-change && \
 	SANBLK_BENCH_KERNEL=$$benchtree/arch/x86/boot/bzImage SANBLK_BENCH_MODULE=$(CURDIR)/target/bench/kmod/sanblk.ko \
 	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-snapshot
-	$(CARGO) run -q -p sanblk-tests --bin sanblk-bench-backup
+	$(CARGO) build -q --release -p sand -p sanctl && \
+	SANBLK_HOST_BIN_DIR=$(CURDIR)/target/release $(CARGO) run -q -p sanblk-tests --bin sanblk-bench-backup
 	$(CARGO) run -q --release -p sand --bin sand-bench -- --clients 10000
 	$(CARGO) run -q --release -p sand --bin sand-bench -- --attack --hostile 4000
 	$(CARGO) build -q --release -p sand --bins && target/release/sand-iobench --rebuild --size-mib 1024 --rounds 5 --dir target

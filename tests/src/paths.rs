@@ -80,7 +80,12 @@ pub fn module_path() -> PathBuf {
 
 /// `<repo>/target/debug/<name>`: a workspace binary the guest can execute directly.
 pub fn target_bin(name: &str) -> PathBuf {
-    repo_root().join("target/debug").join(name)
+    // Host-only benchmarks run release builds (`make bench` sets this); guests and tests
+    // use the debug ones.
+    match std::env::var_os("SANBLK_HOST_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => repo_root().join("target/debug").join(name),
+    }
 }
 
 /// A fresh, empty directory `<repo>/target/qemu-scratch/<name>-<pid>-<counter>` for a test's

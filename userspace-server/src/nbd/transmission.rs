@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use super::contexts::MetaContext;
 use super::handshake::Session;
 use super::{blocking, shutdown_signalled, Hangup};
+use crate::device::AlignedBuf;
 use crate::log_text::peer_text;
 
 /// WRITE_ZEROES writes its zeroes in pieces of at most this much, from one buffer: a request
@@ -184,7 +185,7 @@ fn check_range(
     }
 }
 
-async fn read(session: &Session, request: &Request) -> Result<Vec<u8>, Refusal> {
+async fn read(session: &Session, request: &Request) -> Result<AlignedBuf, Refusal> {
     // "Don't fragment" is only valid with structured replies, and always honoured: a read is
     // answered with a single data chunk.
     let allowed = if session.structured_replies {
@@ -197,7 +198,10 @@ async fn read(session: &Session, request: &Request) -> Result<Vec<u8>, Refusal> 
     let export = session.export.clone();
     let (offset, length) = (request.offset, request.length as usize);
     blocking(move || {
-        let mut data = vec![0u8; length];
+        // Aligned, so the devices are read with O_DIRECT (an unaligned buffer falls back to
+        // the page cache): a backup streams the whole volume once, and through the cache it
+        // would evict the host's working set.
+        let mut data = AlignedBuf::zeroed(length)?;
         export.read(offset, &mut data)?;
         Ok(data)
     })
