@@ -349,6 +349,14 @@ async fn a_full_cow_store_invalidates_its_snapshot_only() {
         "{listed:?}"
     );
     assert_eq!(shown("roomy").state, "active");
+    // The server warned as the small store filled, before it gave up on it.
+    let log = server.log();
+    for mark in [75, 90, 99] {
+        assert!(
+            log.contains(&format!("snapshot small: COW store {mark}% used")),
+            "no {mark}% warning in the log: {log}"
+        );
+    }
     assert!(read_export(&roomy).await == a);
     // The invalid one is not exported.
     let refused = NbdClient::connect_unix(Path::new(&small.nbd_socket), &small.export, false).await;

@@ -13,7 +13,7 @@ use crate::output::print_table;
 pub enum SnapshotCommand {
     /// Take a crash-consistent snapshot of a volume while clients write it.
     #[command(
-        after_help = "Every attached host is quiesced for the moment the snapshot is taken, so all of them\nstart copying at the same point. Until the snapshot is deleted, the volume's writes go\nthrough the server, which keeps each chunk's old content in the snapshot's COW store\nbefore its first write. A COW store that fills up makes the snapshot invalid (shown by\n`snapshot list`); the volume keeps working. Each snapshot is exported read-only over NBD\nas VOLUME@NAME (`snapshot list` shows the socket), e.g. for `sanctl backup`.\n\nExamples:\n  sanctl snapshot create db1 monday\n  sanctl snapshot create db1 tuesday --cow-size 20G --chunk-size 128K"
+        after_help = "Every attached host is quiesced for the moment the snapshot is taken, so all of them\nstart copying at the same point. Until the snapshot is deleted, the first write to each\nchunk goes through the server, which keeps the chunk's old content in the snapshot's COW\nstore before writing it; later writes to that chunk go straight to the SAN devices. A COW store that fills up makes the snapshot invalid (shown by\n`snapshot list`); the volume keeps working. Each snapshot is exported read-only over NBD\nas VOLUME@NAME (`snapshot list` shows the socket), e.g. for `sanctl backup`.\n\nExamples:\n  sanctl snapshot create db1 monday\n  sanctl snapshot create db1 tuesday --cow-size 20G --chunk-size 128K"
     )]
     Create {
         volume: String,
@@ -41,6 +41,19 @@ pub enum SnapshotCommand {
         from: String,
         to: String,
     },
+}
+
+/// COW use from which `snapshot list` warns that a snapshot will soon become invalid (the
+/// server logs from 75 %).
+const NEARLY_FULL_PERCENT: u64 = 75;
+
+/// Percentage of the COW store in use, rounded down.
+fn cow_percent(snapshot: &SnapshotInfo) -> u64 {
+    snapshot
+        .cow_used_bytes
+        .saturating_mul(100)
+        .checked_div(snapshot.cow_bytes)
+        .unwrap_or(0)
 }
 
 pub async fn run(command: SnapshotCommand, context: &mut Context) -> Result<(), CliError> {
@@ -94,9 +107,10 @@ pub async fn run(command: SnapshotCommand, context: &mut Context) -> Result<(), 
                         s.epoch.to_string(),
                         format_size(s.size_bytes),
                         format!(
-                            "{} of {}",
+                            "{} of {} ({}%)",
                             format_size(s.cow_used_bytes),
-                            format_size(s.cow_bytes)
+                            format_size(s.cow_bytes),
+                            cow_percent(s)
                         ),
                         s.changed_chunks.to_string(),
                         s.export.clone(),
@@ -111,6 +125,16 @@ pub async fn run(command: SnapshotCommand, context: &mut Context) -> Result<(), 
             );
             if let Some(first) = infos.first() {
                 println!("NBD socket: {}", first.nbd_socket);
+            }
+            for nearly_full in infos
+                .iter()
+                .filter(|s| s.state == "active" && cow_percent(s) >= NEARLY_FULL_PERCENT)
+            {
+                println!(
+                    "warning: snapshot {} has used {}% of its COW store; it becomes invalid when the store is full (back it up and delete it, or delete older snapshots)",
+                    nearly_full.name,
+                    cow_percent(nearly_full)
+                );
             }
             Ok(())
         }

@@ -29,7 +29,13 @@ pub struct CowStore {
     records: Vec<Record>,
     /// The sector the next record goes to, as written so far.
     open_sector: RecordSector,
+    /// The highest of [`FILL_MARKS`] the store's use has reached (0: none).
+    fill_mark: u8,
 }
+
+/// Percentages of a store's slots at which the server warns that its snapshot will become
+/// invalid once the store is full.
+pub const FILL_MARKS: [u8; 3] = [75, 90, 99];
 
 fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
@@ -80,6 +86,7 @@ impl CowStore {
             slots: HashMap::new(),
             records: Vec::new(),
             open_sector: RecordSector::empty(0),
+            fill_mark: 0,
             snapshot,
         };
         // Read the record area in pieces; the first sector not full ends it.
@@ -117,7 +124,23 @@ impl CowStore {
             }
             index += count;
         }
+        // A restarted server does not warn again about what it warned of before.
+        store.crossed_fill_mark();
         Ok(store)
+    }
+
+    /// The highest of [`FILL_MARKS`] the use reached since the last call, if it reached one.
+    pub fn crossed_fill_mark(&mut self) -> Option<u8> {
+        let used = self.records.len() as u64 * 100;
+        let reached = FILL_MARKS
+            .iter()
+            .copied()
+            .filter(|mark| used >= u64::from(*mark) * self.layout.slots)
+            .max()?;
+        (reached > self.fill_mark).then(|| {
+            self.fill_mark = reached;
+            reached
+        })
     }
 
     pub fn chunk_bytes(&self) -> u64 {

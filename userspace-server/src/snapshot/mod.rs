@@ -1,9 +1,10 @@
 //! Snapshots in the running server: each volume's active snapshot stores, the copy-on-write
 //! step of a write, and point-in-time reads.
 //!
-//! While a volume has an active snapshot its map marks the whole volume `syncing`, so every
-//! host sends its writes through the server, which copies each chunk's old content into
-//! every active snapshot's store before the chunk's first write (`before_write`). The copy
+//! While a volume has an active snapshot its map carries copy-on-write tracking, so every
+//! host sends its first write to each chunk through the server (later ones go direct once
+//! the server acknowledged one), and the server copies the chunk's old content into every
+//! active snapshot's store before the chunk's first write (`before_write`). The copy
 //! and the check whether a chunk was copied happen under the volume's COW lock; a
 //! point-in-time read of a chunk not copied reads the origin under that lock too, so it can
 //! never see a write that started after the check (a write to an uncopied chunk must take the
@@ -150,6 +151,14 @@ impl Snapshots {
                 if let Err(reason) = copied {
                     invalidated.push((index, reason));
                     break;
+                }
+                if let Some(mark) = store.crossed_fill_mark() {
+                    warn!(
+                        "snapshot {}: COW store {mark}% used ({} of {} chunks); the snapshot becomes invalid when it is full: back it up and delete it, or delete older snapshots",
+                        store.snapshot.name,
+                        store.slots_used(),
+                        store.slots_total()
+                    );
                 }
             }
         }

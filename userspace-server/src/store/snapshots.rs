@@ -286,7 +286,7 @@ pub(super) fn take_snapshot_in(
 }
 
 /// The change dropping snapshot `snapshot_id`: its record goes (its space is free) at a new
-/// epoch, whose map no longer sends writes through the server if it was the last one.
+/// epoch, whose map no longer carries copy-on-write tracking if it was the last one.
 pub(super) fn drop_snapshot_in(
     txn: &redb::WriteTransaction,
     volume_id: u64,
