@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use super::contexts::MetaContext;
 use super::handshake::Session;
-use super::{blocking, shutdown_signalled, Hangup};
+use super::{blocking, shutdown_signalled, Export, Hangup};
 use crate::device::AlignedBuf;
 use crate::log_text::peer_text;
 
@@ -231,21 +231,15 @@ async fn write(session: &Session, request: &Request, data: Vec<u8>) -> Result<()
     let fua = request.flags & CMD_FLAG_FUA != 0;
     blocking(move || {
         export.write(offset, &data)?;
-        if fua {
-            export.flush()?;
-        }
-        Ok(())
+        flush_if(&*export, fua)
     })
     .await
     .map_err(|e| {
-        warn!(
-            "NBD: writing {length} bytes at {offset} of {}: {e}",
-            peer_text(&session.name)
-        );
-        Refusal {
-            error: io_error_value(&e),
-            message: format!("cannot write {length} bytes at offset {offset}"),
-        }
+        write_failed(
+            session,
+            format!("write {length} bytes at offset {offset}"),
+            &e,
+        )
     })
 }
 
@@ -268,34 +262,45 @@ async fn write_zeroes(session: &Session, request: &Request) -> Result<(), Refusa
             export.write(offset + done, &zeroes[..piece])?;
             done += piece as u64;
         }
-        if fua {
-            export.flush()?;
-        }
-        Ok(())
+        flush_if(&*export, fua)
     })
     .await
     .map_err(|e| {
-        warn!(
-            "NBD: writing {length} zero bytes at {offset} of {}: {e}",
-            peer_text(&session.name)
-        );
-        Refusal {
-            error: io_error_value(&e),
-            message: format!("cannot write {length} zero bytes at offset {offset}"),
-        }
+        write_failed(
+            session,
+            format!("write {length} zero bytes at offset {offset}"),
+            &e,
+        )
     })
+}
+
+/// The flush a FUA write ends with.
+fn flush_if(export: &dyn Export, fua: bool) -> std::io::Result<()> {
+    if fua {
+        export.flush()?;
+    }
+    Ok(())
+}
+
+/// Logs a failed write, write-zeroes or flush (`what`: "write 4096 bytes at offset 0") and
+/// turns it into the client's refusal, its error value taken from the I/O error.
+fn write_failed(session: &Session, what: String, error: &std::io::Error) -> Refusal {
+    warn!(
+        "NBD: cannot {what} of {}: {error}",
+        peer_text(&session.name)
+    );
+    Refusal {
+        error: io_error_value(error),
+        message: format!("cannot {what}"),
+    }
 }
 
 async fn flush(session: &Session, request: &Request) -> Result<(), Refusal> {
     check_flags(request, 0)?;
     let export = session.export.clone();
-    blocking(move || export.flush()).await.map_err(|e| {
-        warn!("NBD: flushing {}: {e}", peer_text(&session.name));
-        Refusal {
-            error: io_error_value(&e),
-            message: "cannot flush the export".to_string(),
-        }
-    })
+    blocking(move || export.flush())
+        .await
+        .map_err(|e| write_failed(session, "flush the export".to_string(), &e))
 }
 
 /// The protocol's error value for a failed export call: ENOSPC for a full volume, an
