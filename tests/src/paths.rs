@@ -88,6 +88,21 @@ pub fn target_bin(name: &str) -> PathBuf {
     }
 }
 
+/// The relay QEMU runs for each guest connection to a forwarded port
+/// (`src/bin/sanblk-guestfwd-relay.rs`), from the debug build that `make build` and
+/// `cargo test` make.
+pub fn guestfwd_relay() -> Result<PathBuf, HarnessError> {
+    let relay = repo_root().join("target/debug/sanblk-guestfwd-relay");
+    if relay.is_file() {
+        Ok(relay)
+    } else {
+        Err(HarnessError::Config(format!(
+            "{} is missing: run `make build` (or `cargo build -p sanblk-tests`) first",
+            relay.display()
+        )))
+    }
+}
+
 /// A fresh, empty directory `<repo>/target/qemu-scratch/<name>-<pid>-<counter>` for a test's
 /// disk images and host-side files. Guests see it at the same path (read-only via the root
 /// share; write through disks or `$SANBLK_OUT`).

@@ -369,11 +369,15 @@ async fn a_snapshot_survives_a_crash_in_the_middle_of_copy_on_write() {
     let (mut setup, a) = setup(&server, 3).await;
     let snap = setup.snapshot(&server, "snap", None).await;
     // Writes run while the server is killed; whatever was acknowledged or not, the
-    // snapshot must still read back as it was taken.
+    // snapshot must still read back as it was taken. Each write is the first to its two
+    // chunks; the server dies once 8 of them are acknowledged, with 24 still to come (their
+    // 64 chunks fit the store: a full store would invalidate the snapshot instead).
     let map = setup.map.clone();
+    let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let progress = acknowledged.clone();
     let writer = tokio::spawn(async move {
         let mut io = setup.io;
-        for i in 0..64u64 {
+        for i in 0..32u64 {
             let data = pattern(400 + i, (2 * CHUNK) as usize);
             let header = sanblk_uapi::frame::RequestHeader {
                 op: sanblk_uapi::frame::Op::Write,
@@ -381,16 +385,21 @@ async fn a_snapshot_survives_a_crash_in_the_middle_of_copy_on_write() {
                 handle: i + 1,
                 volume_id: map.volume_id,
                 epoch: map.epoch,
-                offset: (i * 2 * CHUNK) % VOLUME,
+                offset: i * 2 * CHUNK,
                 length: data.len() as u32,
             };
             if io.try_call(&header, &data).await.is_none() {
                 break;
             }
+            progress.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    while acknowledged.load(std::sync::atomic::Ordering::SeqCst) < 8 && !writer.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     server.kill9();
+    let written = acknowledged.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(written < 32, "every write finished before the kill");
     let _ = writer.await;
     let restarted = TestServer::start_in(&server.dir);
     let listed = list(&restarted).await;

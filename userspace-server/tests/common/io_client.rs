@@ -28,6 +28,11 @@ impl IoClient {
         let stream = TcpStream::connect(address)
             .await
             .unwrap_or_else(|e| panic!("io connect: {e}"));
+        // As the module's socket: a request goes out in two writes (header, payload), which
+        // Nagle would hold for the server's delayed ACK.
+        stream
+            .set_nodelay(true)
+            .unwrap_or_else(|e| panic!("io nodelay: {e}"));
         let mut client = IoClient { stream };
         let token = hex::decode(&attached.session_token).unwrap_or_else(|e| panic!("{e}"));
         let hello = RequestHeader::hello(0, 0, token.len() as u32);
