@@ -8,15 +8,30 @@ packages=(
     qemu-system-x86 qemu-utils busybox-static fio nbdkit nbd-client dmsetup e2fsprogs iproute2 util-linux
     pkg-config libblkid-dev btrfs-progs
 )
-missing=()
-for pkg in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+find_missing() {
+    missing=()
+    for pkg in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    done
+}
+# Twice: installing one package can remove another that was there before. A machine with
+# qemu-utils from bookworm-backports (10.x) loses it when qemu-system-x86 (7.2, bookworm)
+# comes in, as the two versions' common files conflict; the second pass installs bookworm's.
+for pass in 1 2; do
+    find_missing
+    [ ${#missing[@]} -eq 0 ] && break
     echo "deps: installing ${missing[*]}" >&2
-    apt-get update -qq
+    [ "$pass" = 1 ] && apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+done
+find_missing
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "deps: still missing after installing: ${missing[*]}" >&2
+    exit 1
 fi
+for tool in qemu-system-x86_64 qemu-img qemu-nbd nbd-client fio dmsetup busybox; do
+    command -v "$tool" >/dev/null || { echo "deps: $tool not found after installing" >&2; exit 1; }
+done
 
 # The 6.12 kernel wants bindgen >= 0.65.1; Debian 12 ships 0.60.
 bindgen_ok=0
