@@ -35,6 +35,7 @@ pub mod paths;
 pub mod probe;
 pub mod server;
 pub mod splat;
+pub mod unix_bridge;
 pub mod vm;
 
 pub use config::{Disk, VmConfig};

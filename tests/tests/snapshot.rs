@@ -1,6 +1,7 @@
 //! Snapshots end to end: a guest writes pattern A through the real module, the host takes a
 //! snapshot with `sanctl`, the guest overwrites parts with fio (verified) and dd while the
-//! host reads the snapshot over NBD with a stock client (`qemu-img`), backs it up in full and
+//! host reads the snapshot over NBD with a stock client (`qemu-img`; the guest also reads it
+//! with the kernel's NBD client, `nbd-client` and `/dev/nbd0`), backs it up in full and
 //! incrementally with `sanctl backup`, and checks everything against the image files: the
 //! snapshot reads A, the origin holds the guest's new data, the changed list is exactly what
 //! the guest overwrote, an incremental backup applied to the full one equals a full backup of
@@ -13,7 +14,10 @@ use std::time::Duration;
 
 use sanblk_proto::protocol::SnapshotInfo;
 use sanblk_tests::dm_san::WAIT_LONG;
-use sanblk_tests::{blocks, dm_san, provision, spawn, wait_for_file, Provisioned, RunningVm};
+use sanblk_tests::unix_bridge::UnixBridge;
+use sanblk_tests::{
+    blocks, dm_san, provision, spawn, wait_for_file, Provisioned, RunningVm, HOST_ADDR_FROM_GUEST,
+};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 16 * MIB;
@@ -53,9 +57,10 @@ fn backup(provisioned: &Provisioned, snapshot: &str, image: &Path, since: Option
     fs::read(image).expect("backup image")
 }
 
-/// A guest running `body` with `vsnap` attached as `$dev` (see [`dm_san::script`]).
-fn guest(provisioned: &Provisioned, name: &str, body: &str) -> RunningVm {
-    let config = dm_san::vm(
+/// A guest running `body` with `vsnap` attached as `$dev` (see [`dm_san::script`]), and the
+/// host's `ports` forwarded besides the server's.
+fn guest(provisioned: &Provisioned, name: &str, body: &str, ports: &[u16]) -> RunningVm {
+    let mut config = dm_san::vm(
         provisioned,
         name,
         "vsnap",
@@ -63,6 +68,9 @@ fn guest(provisioned: &Provisioned, name: &str, body: &str) -> RunningVm {
         body,
         Duration::from_secs(600),
     );
+    for &port in ports {
+        config = config.forward_port(port);
+    }
     spawn(&config).expect("guest started")
 }
 
@@ -76,6 +84,10 @@ fn a_snapshot_taken_under_writes_reads_back_and_backs_up_in_full_and_incremental
     fs::write(dir.join("a.pattern"), &a).expect("pattern");
     fs::write(dir.join("b.pattern"), &b).expect("pattern");
     fs::write(dir.join("c.pattern"), &c).expect("pattern");
+    let server = &provisioned.server;
+    let nbd_bridge = UnixBridge::start(&server.admin_socket.with_file_name("nbd.sock"))
+        .expect("bridge to the NBD socket");
+    let (host, nbd_port) = (HOST_ADDR_FROM_GUEST, nbd_bridge.port());
     let body = format!(
         r#"{WAIT_LONG}
 dd if=$D/a.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
@@ -90,15 +102,22 @@ fio --name=b --filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k 
 $S --json status > status-b.json
 dd if=$dev of=after-b.img bs=1M iflag=direct status=none
 touch overwritten
+# The kernel's NBD client reads s1 from sand's export (its Unix socket bridged to a port).
+wait_long $D/checked
+if nbd-client {host} {nbd_port} /dev/nbd0 -N vsnap@s1 > nbd-client.log 2>&1; then
+    blockdev --getsize64 /dev/nbd0 > nbd-size
+    dd if=/dev/nbd0 of=s1-nbd.img bs=1M iflag=direct status=none
+    nbd-client -d /dev/nbd0 >> nbd-client.log 2>&1
+fi
+touch nbd-read
 wait_long $D/snapped2
 dd if=$D/c.pattern of=$dev bs=1M seek=4 count=1 oflag=direct conv=fsync status=none
 touch overwritten2
 wait_long $D/done
 $S detach vsnap"#
     );
-    let vm = guest(&provisioned, "snapshot", &body);
+    let vm = guest(&provisioned, "snapshot", &body, &[nbd_bridge.port()]);
     let out = vm.log_dir().to_path_buf();
-    let server = &provisioned.server;
     wait_for_file(&out.join("written"), Duration::from_secs(300));
     // Room for the 80 chunks the guest overwrites (the default, a quarter, is 4 MiB).
     server.sanctl(&["snapshot", "create", "vsnap", "s1", "--cow-size", "8M"]);
@@ -136,6 +155,19 @@ $S detach vsnap"#
     assert_eq!(s1.changed_chunks, (MIB + 4 * MIB) / CHUNK, "{s1:?}");
     let full1 = backup(&provisioned, "s1", &dir.join("backup.img"), None);
     assert!(full1 == a, "the full backup of s1 differs from pattern A");
+    fs::write(dir.join("checked"), b"").expect("signal");
+    wait_for_file(&out.join("nbd-read"), Duration::from_secs(300));
+    let nbd_size = fs::read_to_string(out.join("nbd-size")).unwrap_or_default();
+    assert_eq!(
+        nbd_size.trim(),
+        VOLUME.to_string(),
+        "/dev/nbd0 size; nbd-client: {}",
+        fs::read_to_string(out.join("nbd-client.log")).unwrap_or_default()
+    );
+    assert!(
+        fs::read(out.join("s1-nbd.img")).expect("s1-nbd.img") == a,
+        "s1 read through the kernel's NBD client is not pattern A"
+    );
 
     server.sanctl(&["snapshot", "create", "vsnap", "s2", "--cow-size", "8M"]);
     fs::write(dir.join("snapped2"), b"").expect("signal");
@@ -205,7 +237,7 @@ while :; do
     [ $i -eq 8 ] && touch writing
 done"#
     );
-    let vm = guest(&provisioned, "snapshot-kill", &body);
+    let vm = guest(&provisioned, "snapshot-kill", &body, &[]);
     let out = vm.log_dir().to_path_buf();
     let server = &provisioned.server;
     wait_for_file(&out.join("written"), Duration::from_secs(300));
