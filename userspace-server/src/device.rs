@@ -50,6 +50,17 @@ impl AlignedBuf {
             .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "allocation failed"))?;
         Ok(AlignedBuf { ptr, len, layout })
     }
+
+    /// This buffer resized to `len` bytes if its allocation holds them, else a new zeroed one.
+    /// The contents are unspecified (earlier data or zeroes): callers fill all of it.
+    pub fn reused_for(mut self, len: usize) -> io::Result<AlignedBuf> {
+        if len <= self.layout.size() {
+            self.len = len;
+            Ok(self)
+        } else {
+            AlignedBuf::zeroed(len)
+        }
+    }
 }
 
 /// Smallest buffer class of [`BufferPool`]; classes double up to [`POOL_MAX_BUFFER`].

@@ -216,9 +216,9 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
             info.export.clone(),
         );
         readers.spawn(async move {
+            let mut data = Vec::new();
             for (at, length) in mine {
-                let data = nbd
-                    .read(at, length as u32)
+                nbd.read_into(at, length as u32, &mut data)
                     .await
                     .map_err(|e| CliError::Unreachable(format!("reading {export}: {e}")))?;
                 write_data(&image, &path, at, &data, sparse)?;

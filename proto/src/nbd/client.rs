@@ -228,15 +228,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
 
     /// Reads `length` bytes at `offset`.
     pub async fn read(&mut self, offset: u64, length: u32) -> Result<Vec<u8>, NbdError> {
+        let mut data = Vec::new();
+        self.read_into(offset, length, &mut data).await?;
+        Ok(data)
+    }
+
+    /// Reads `length` bytes at `offset` into `data` (resized to `length`), so a caller that
+    /// streams a device reuses one buffer instead of faulting in a fresh one per request.
+    pub async fn read_into(
+        &mut self,
+        offset: u64,
+        length: u32,
+        data: &mut Vec<u8>,
+    ) -> Result<(), NbdError> {
         self.check_range(offset, length, MAX_REQUEST_LENGTH)?;
+        data.clear();
         if length == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let request = self.request(CMD_READ, offset, length);
         let structured = self.negotiated.structured_replies;
         let answered = tokio::time::timeout(REPLY_TIMEOUT, async {
             self.send(&request).await?;
-            read_read_reply(&mut self.stream, &request, structured).await
+            read_read_reply(&mut self.stream, &request, structured, data).await
         })
         .await;
         self.settle(answered)
@@ -794,19 +808,20 @@ async fn read_read_reply<S: AsyncRead + Unpin>(
     stream: &mut S,
     request: &Request,
     structured_replies: bool,
-) -> Result<Vec<u8>, NbdError> {
+    data: &mut Vec<u8>,
+) -> Result<(), NbdError> {
     let length = u64::from(request.length);
+    // Holes and anything not covered stay zero; success needs every byte covered.
+    data.clear();
+    data.resize(request.length as usize, 0);
     if !read_reply_magic(stream, structured_replies).await? {
         let error = read_simple_reply(stream, request).await?;
         if error != 0 {
             return Err(request_failed(request, error, String::new()));
         }
-        let mut data = vec![0u8; request.length as usize];
-        stream.read_exact(&mut data).await?;
-        return Ok(data);
+        stream.read_exact(data).await?;
+        return Ok(());
     }
-    // Holes and anything not covered stay zero; success needs every byte covered.
-    let mut data = vec![0u8; request.length as usize];
     let mut coverage = Coverage::default();
     let mut failure: Option<ChunkError> = None;
     loop {
@@ -872,7 +887,7 @@ async fn read_read_reply<S: AsyncRead + Unpin>(
             coverage.bytes
         )));
     }
-    Ok(data)
+    Ok(())
 }
 
 /// A content chunk's offset relative to the request, which it must not start before.
