@@ -85,6 +85,25 @@ fn write_record(image: &Path, record: &BackupRecord) -> Result<(), CliError> {
     std::fs::rename(&temporary, &path).map_err(|e| local(&path, e))
 }
 
+/// Removes the record of what `image` holds, durably, before a full backup overwrites it: a
+/// full backup that died midway must not leave the image claiming the older snapshot, which
+/// an incremental backup would then build on.
+fn forget_record(image: &Path) -> Result<(), CliError> {
+    let path = record_path(image);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(local(&path, e)),
+    }
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    File::open(directory)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| local(directory, e))
+}
+
 async fn snapshot_info(
     context: &mut Context,
     volume: &str,
@@ -130,6 +149,7 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
     // The byte ranges to copy: everything, or the changed chunks plus what the volume grew by.
     let (ranges, image) = match &args.since {
         None => {
+            forget_record(&args.to)?;
             let image = OpenOptions::new()
                 .create(true)
                 .write(true)

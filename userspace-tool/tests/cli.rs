@@ -404,3 +404,120 @@ fn detach_without_permission_to_signal_the_agent_says_so() {
     assert!(still_running, "the agent was stopped");
     assert!(pid_file.exists(), "the agent's pid file was removed");
 }
+
+/// Fills `length` bytes of `path` at `offset` with a pattern no 64 KiB block of which is all
+/// zeroes (a backup skips those), different for each `seed`.
+fn fill(path: &Path, offset: u64, length: u64, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut state = seed | 1;
+    let mut block = vec![0u8; MIB as usize];
+    for at in (0..length).step_by(MIB as usize) {
+        for word in block.chunks_mut(8) {
+            // xorshift64: never zero from a non-zero state.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        file.write_all_at(&block, offset + at)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn a_killed_backup_runs_again_and_leaves_the_snapshot_alone() {
+    let server = start_server();
+    let socket = server.admin_socket.as_path();
+    let dir = server.dir.path();
+    const VOLUME: u64 = 256 * MIB;
+    let disk = image(dir, "disk.img", VOLUME + 32 * MIB);
+    ok(socket, &["pool", "add", &disk]);
+    ok(socket, &["volume", "create", "vb", "256M"]);
+    let shown = json(socket, &["volume", "show", "vb"]);
+    let offset = shown["map"]["extents"][0]["replicas"][0]["device_offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no device offset in {shown}"));
+    fill(Path::new(&disk), offset, VOLUME, 1);
+    ok(
+        socket,
+        &["snapshot", "create", "vb", "s1", "--cow-size", "4M"],
+    );
+    let out = dir.join("backup.img");
+    let out_arg = out.display().to_string();
+    ok(socket, &["backup", "vb", "s1", "--to", &out_arg]);
+    let record = PathBuf::from(format!("{out_arg}.sanblk-backup.json"));
+    assert!(record.exists(), "no backup record after a full backup");
+    let listed_before = json(socket, &["snapshot", "list", "vb"]);
+
+    // A full backup of s2 into the same image, killed once it has written something: the
+    // image no longer holds s1, so it must not claim to.
+    fill(Path::new(&disk), offset, VOLUME, 2);
+    ok(
+        socket,
+        &["snapshot", "create", "vb", "s2", "--cow-size", "4M"],
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sanctl"))
+        .args(["backup", "vb", "s2", "--to", &out_arg])
+        .env("SAND_ADMIN_SOCKET", socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running sanctl: {e}"));
+    // Killed once the old image has been truncated (no blocks) and some of s2 is written.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut truncated = false;
+    loop {
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&out).map(|m| m.blocks()).unwrap_or(0);
+        truncated |= blocks == 0;
+        if truncated && blocks > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the backup wrote nothing");
+        assert!(
+            child.try_wait().ok().flatten().is_none(),
+            "the backup finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap_or_else(|e| panic!("{e}"));
+    let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!status.success(), "killed, yet {status}");
+    assert!(
+        !record.exists(),
+        "a backup killed midway left a record claiming the image is complete"
+    );
+    let refused = sanctl(
+        socket,
+        &["backup", "vb", "s2", "--to", &out_arg, "--since", "s1"],
+    );
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("make a full backup first"),
+        "{refused:?}"
+    );
+
+    // Run again: the image is s2 exactly, and the snapshots are as they were.
+    ok(socket, &["backup", "vb", "s2", "--to", &out_arg]);
+    let mut origin = vec![0u8; VOLUME as usize];
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(&disk)
+            .and_then(|f| f.read_exact_at(&mut origin, offset))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let backup = std::fs::read(&out).unwrap_or_else(|e| panic!("{e}"));
+    assert!(backup == origin, "the backup run again differs from s2");
+    let listed_after = json(socket, &["snapshot", "list", "vb"]);
+    let s1 = |listed: &serde_json::Value| {
+        listed
+            .as_array()
+            .and_then(|all| all.iter().find(|s| s["name"] == "s1").cloned())
+            .unwrap_or_else(|| panic!("no s1 in {listed}"))
+    };
+    assert_eq!(s1(&listed_before), s1(&listed_after), "s1 changed");
+}
