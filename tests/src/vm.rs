@@ -585,11 +585,10 @@ mod tests {
         assert!(joined.contains("werror=report,rerror=report,if=none,id=disk0"));
         assert!(joined.contains("-drive file=nbd:127.0.0.1:10809,format=raw,if=none,id=disk1"));
         assert!(joined.contains("virtio-blk-pci,drive=disk1,share-rw=on,serial=sanblk1"));
+        let relay = crate::paths::guestfwd_relay().expect("relay built");
         assert!(joined.contains(&format!(
             "guestfwd=tcp:10.0.2.100:4000-cmd:{} 4000",
-            crate::paths::repo_root()
-                .join("target/debug/sanblk-guestfwd-relay")
-                .display()
+            relay.display()
         )));
         assert!(joined.contains("-smp 1,maxcpus=2 -m 512 -kernel /k/bzImage"));
         assert!(joined.contains("path=/logs/run1/serial.log"));

@@ -1,6 +1,6 @@
 //! Drives the real `sanctl` binary against a real `sand` process.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -408,7 +408,6 @@ fn detach_without_permission_to_signal_the_agent_says_so() {
 /// Fills `length` bytes of `path` at `offset` with a pattern no 64 KiB block of which is all
 /// zeroes (a backup skips those), different for each `seed`.
 fn fill(path: &Path, offset: u64, length: u64, seed: u64) {
-    use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -471,7 +470,6 @@ fn a_killed_backup_runs_again_and_leaves_the_snapshot_alone() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut truncated = false;
     loop {
-        use std::os::unix::fs::MetadataExt;
         let blocks = std::fs::metadata(&out).map(|m| m.blocks()).unwrap_or(0);
         truncated |= blocks == 0;
         if truncated && blocks > 0 {
@@ -504,12 +502,9 @@ fn a_killed_backup_runs_again_and_leaves_the_snapshot_alone() {
     // Run again: the image is s2 exactly, and the snapshots are as they were.
     ok(socket, &["backup", "vb", "s2", "--to", &out_arg]);
     let mut origin = vec![0u8; VOLUME as usize];
-    {
-        use std::os::unix::fs::FileExt;
-        std::fs::File::open(&disk)
-            .and_then(|f| f.read_exact_at(&mut origin, offset))
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    std::fs::File::open(&disk)
+        .and_then(|f| f.read_exact_at(&mut origin, offset))
+        .unwrap_or_else(|e| panic!("{e}"));
     let backup = std::fs::read(&out).unwrap_or_else(|e| panic!("{e}"));
     assert!(backup == origin, "the backup run again differs from s2");
     let listed_after = json(socket, &["snapshot", "list", "vb"]);
