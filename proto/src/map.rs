@@ -264,13 +264,31 @@ pub struct VolumeMap {
 }
 
 /// The copy-on-write tracking a map asks of its clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyOnWrite {
     /// Identifies the set of active snapshots (the newest one's id): what a client learnt
     /// about copied chunks holds while it stays the same.
     pub generation: u64,
     /// The smallest chunk size of the active snapshots.
     pub chunk_bytes: u32,
+    /// Set while the volume has exactly one active snapshot (of `chunk_bytes` chunks):
+    /// where its store lies, so a client may preserve chunks into it itself (see
+    /// `sanblk_uapi::map::MapCowStore`). Left out of the JSON otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<CowStoreLocation>,
+}
+
+/// Where a snapshot's COW store lies (format: `sanblk_uapi::cow`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CowStoreLocation {
+    pub snapshot_id: u64,
+    /// The sum of the extents' lengths.
+    pub store_bytes: u64,
+    /// The record sector to start looking for the end of the records at: every one before
+    /// it is full.
+    pub scan_from_sector: u32,
+    /// In store order (`volume_offset` is the offset in the store), one replica each.
+    pub extents: Vec<Extent>,
 }
 
 impl VolumeMap {

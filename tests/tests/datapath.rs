@@ -462,6 +462,13 @@ rmmod sanblk
         "cow-generation-without-chunk",
         "update-bad-cow-chunk",
     ];
+    // A COW store section the module could be led to write over data with.
+    let bad_store = [
+        "cow-store-beyond-device",
+        "cow-store-other-snapshot",
+        "cow-store-without-cow",
+        "cow-store-misaligned",
+    ];
     let reasons = unknown_flags
         .iter()
         .map(|case| (case, "map extent has unknown flags"))
@@ -469,7 +476,16 @@ rmmod sanblk
             bad_cow
                 .iter()
                 .map(|case| (case, "map copy-on-write chunk size invalid")),
-        );
+        )
+        .chain(
+            bad_store
+                .iter()
+                .map(|case| (case, "map COW store section invalid")),
+        )
+        .chain([(
+            &"cow-store-over-volume-data",
+            "map extents overlap on a device",
+        )]);
     for (case, reason) in reasons {
         assert_eq!(errno_of(case), Some(EINVAL), "{case}: {hostile}");
         assert!(

@@ -5,13 +5,17 @@
 //! - header, [`HEADER_LEN`] bytes: magic "SBLM", version u16, flags u16, volume id u64,
 //!   epoch u64, size in bytes u64, block size u32, lease in ms u32, device count u32,
 //!   extent count u32, copy-on-write generation u64, copy-on-write chunk size in bytes u32,
-//!   reserved (zero) to the end of the header;
+//!   reserved (zero) to the end of the header; the only flag is [`MAP_FLAG_COW_STORE`];
 //! - device table, [`DEVICE_LEN`] bytes each: device UUID [16], usable size in bytes u64
 //!   (the device must be at least this large);
 //! - extent table, [`EXTENT_LEN`] bytes each, sorted, contiguous from 0 to the volume size:
 //!   volume offset u64, length u64, kind u8 ([`ExtentKind`]), member count u8, flags u16
 //!   (`EXTENT_*`; any other bit is refused), stripe unit in bytes u32, then [`MAX_MEMBERS`]
-//!   members of (device index u32, reserved u32, device offset u64).
+//!   members of (device index u32, reserved u32, device offset u64);
+//! - with [`MAP_FLAG_COW_STORE`]: the COW store section ([`COW_STORE_LEN`] bytes: snapshot id
+//!   u64, store size in bytes u64, record sector to start scanning at u32, store extent count
+//!   u32, reserved (zero) u64), then [`STORE_EXTENT_LEN`] bytes per store extent: device index
+//!   u32, reserved u32, device offset u64, length u64, in store order.
 //!
 //! A mirrored extent's members are replicas holding the same data; a striped extent's members
 //! take `stripe_unit` bytes in turn. A syncing extent ([`EXTENT_SYNCING`]) is being copied
@@ -22,6 +26,12 @@
 //! [`MapHeader::cow_generation`]): the first write to each chunk goes through the server,
 //! which preserves the chunk before writing it; once the server has acknowledged a write
 //! covering a chunk, later writes to it go direct.
+//!
+//! The COW store section, sent while the volume has exactly one active snapshot, says where
+//! that snapshot's store (format: `cow.rs`) lies on the devices, so a client may preserve
+//! chunks into it itself: append records after the last one it finds (scanning from the
+//! given record sector), each slot's data before its record, the record durable before the
+//! origin write. The server reads such records back before anything that depends on them.
 
 /// Magic of an encoded map.
 pub const MAP_MAGIC: u32 = u32::from_le_bytes(*b"SBLM");
@@ -44,6 +54,17 @@ pub const MAX_DEVICES: u32 = 64;
 pub const EXTENT_SYNCING: u16 = 1 << 0;
 /// Every extent flag this encoding version defines; a map with any other bit is refused.
 pub const EXTENT_KNOWN_FLAGS: u16 = EXTENT_SYNCING;
+
+/// Header flag: a COW store section follows the extent table.
+pub const MAP_FLAG_COW_STORE: u16 = 1 << 0;
+/// Encoded COW store section size (before its extents).
+pub const COW_STORE_LEN: usize = 32;
+/// Encoded store extent size.
+pub const STORE_EXTENT_LEN: usize = 24;
+/// Most extents a COW store section may list.
+pub const MAX_STORE_EXTENTS: u32 = 16;
+/// Smallest store a section may describe: the store's header block.
+const MIN_STORE_BYTES: u64 = 4096;
 
 /// Chunk sizes a snapshot (and the map's copy-on-write tracking) may use: powers of two in
 /// this range.
@@ -156,6 +177,30 @@ impl Extent {
     }
 }
 
+/// The COW store section: the store of the volume's only active snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapCowStore {
+    /// The snapshot (equal to the header's `cow_generation`; part of each record
+    /// sector's checksum).
+    pub snapshot_id: u64,
+    /// Size of the store: the sum of its extents.
+    pub store_bytes: u64,
+    /// The record sector a client starts looking for the end of the records at (every
+    /// sector before it is full).
+    pub scan_from_sector: u32,
+    /// Entries in the store extent table.
+    pub extent_count: u32,
+}
+
+/// One piece of a COW store: `length` bytes at `offset` of device `device`, in store order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct StoreExtent {
+    /// Index into the map's device table.
+    pub device: u32,
+    pub offset: u64,
+    pub length: u64,
+}
+
 /// Map header fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapHeader {
@@ -217,6 +262,9 @@ pub enum MapError {
     UnknownExtentFlags,
     /// Copy-on-write chunk size invalid, or given without a generation (or the reverse).
     BadCowChunk,
+    /// COW store section invalid: not for the map's snapshot set, no or too many extents,
+    /// extents misaligned, beyond their device, overlapping, or not adding up to the store.
+    BadCowStore,
 }
 
 impl MapError {
@@ -238,6 +286,7 @@ impl MapError {
             MapError::OverlappingSpace => "map extents overlap on a device",
             MapError::UnknownExtentFlags => "map extent has unknown flags",
             MapError::BadCowChunk => "map copy-on-write chunk size invalid",
+            MapError::BadCowStore => "map COW store section invalid",
         }
     }
 }
@@ -273,20 +322,53 @@ pub const fn encoded_len(device_count: usize, extent_count: usize) -> usize {
     HEADER_LEN + device_count * DEVICE_LEN + extent_count * EXTENT_LEN
 }
 
-/// Encodes a map into `out`, which must be exactly [`encoded_len`] bytes. The result is not
-/// validated here: [`MapView::parse`] is the single validator, on both sides.
+/// Encoded size of a map with these table sizes and a COW store section of
+/// `store_extent_count` extents.
+pub const fn encoded_len_with_store(
+    device_count: usize,
+    extent_count: usize,
+    store_extent_count: usize,
+) -> usize {
+    encoded_len(device_count, extent_count) + COW_STORE_LEN + store_extent_count * STORE_EXTENT_LEN
+}
+
+/// Encodes a map without a COW store section into `out`, which must be exactly
+/// [`encoded_len`] bytes. The result is not validated here: [`MapView::parse`] is the single
+/// validator, on both sides.
 pub fn encode(
     header: &MapHeader,
     devices: &[Device],
     extents: &[Extent],
     out: &mut [u8],
 ) -> Result<(), MapError> {
-    if out.len() != encoded_len(devices.len(), extents.len()) {
+    encode_with_store(header, devices, extents, None, out)
+}
+
+/// Encodes a map, with a COW store section if `store` is given (its `extent_count` is taken
+/// from the slice), into `out`, which must be exactly [`encoded_len`] or
+/// [`encoded_len_with_store`] bytes. Not validated here either.
+pub fn encode_with_store(
+    header: &MapHeader,
+    devices: &[Device],
+    extents: &[Extent],
+    store: Option<(&MapCowStore, &[StoreExtent])>,
+    out: &mut [u8],
+) -> Result<(), MapError> {
+    let expected = match store {
+        Some((_, store_extents)) => {
+            encoded_len_with_store(devices.len(), extents.len(), store_extents.len())
+        }
+        None => encoded_len(devices.len(), extents.len()),
+    };
+    if out.len() != expected {
         return Err(MapError::BadLength);
     }
     out.fill(0);
     put_u32(out, 0, MAP_MAGIC);
     put_u16(out, 4, MAP_VERSION);
+    if store.is_some() {
+        put_u16(out, 6, MAP_FLAG_COW_STORE);
+    }
     put_u64(out, 8, header.volume_id);
     put_u64(out, 16, header.epoch);
     put_u64(out, 24, header.size);
@@ -314,6 +396,19 @@ pub fn encode(
             let mat = at + 24 + m * 16;
             put_u32(out, mat, member.device);
             put_u64(out, mat + 8, member.offset);
+        }
+    }
+    if let Some((section, store_extents)) = store {
+        let at = encoded_len(devices.len(), extents.len());
+        put_u64(out, at, section.snapshot_id);
+        put_u64(out, at + 8, section.store_bytes);
+        put_u32(out, at + 16, section.scan_from_sector);
+        put_u32(out, at + 20, store_extents.len() as u32);
+        for (i, extent) in store_extents.iter().enumerate() {
+            let eat = at + COW_STORE_LEN + i * STORE_EXTENT_LEN;
+            put_u32(out, eat, extent.device);
+            put_u64(out, eat + 8, extent.offset);
+            put_u64(out, eat + 16, extent.length);
         }
     }
     Ok(())
@@ -378,6 +473,7 @@ impl Piece {
 pub struct MapView<'a> {
     bytes: &'a [u8],
     header: MapHeader,
+    store: Option<MapCowStore>,
 }
 
 impl<'a> MapView<'a> {
@@ -389,8 +485,9 @@ impl<'a> MapView<'a> {
         if get_u32(bytes, 0) != MAP_MAGIC {
             return Err(MapError::BadMagic);
         }
+        let flags = get_u16(bytes, 6);
         if get_u16(bytes, 4) != MAP_VERSION
-            || get_u16(bytes, 6) != 0
+            || flags & !MAP_FLAG_COW_STORE != 0
             || bytes[60..HEADER_LEN].iter().any(|b| *b != 0)
         {
             return Err(MapError::BadVersion);
@@ -424,11 +521,42 @@ impl<'a> MapView<'a> {
         {
             return Err(MapError::BadCounts);
         }
-        if bytes.len() != encoded_len(header.device_count as usize, header.extent_count as usize) {
+        let tables_end = encoded_len(header.device_count as usize, header.extent_count as usize);
+        let store = if flags & MAP_FLAG_COW_STORE != 0 {
+            if bytes.len() < tables_end + COW_STORE_LEN {
+                return Err(MapError::BadLength);
+            }
+            let section = MapCowStore {
+                snapshot_id: get_u64(bytes, tables_end),
+                store_bytes: get_u64(bytes, tables_end + 8),
+                scan_from_sector: get_u32(bytes, tables_end + 16),
+                extent_count: get_u32(bytes, tables_end + 20),
+            };
+            if section.extent_count == 0 || section.extent_count > MAX_STORE_EXTENTS {
+                return Err(MapError::BadCowStore);
+            }
+            Some(section)
+        } else {
+            None
+        };
+        let expected = match store {
+            Some(section) => encoded_len_with_store(
+                header.device_count as usize,
+                header.extent_count as usize,
+                section.extent_count as usize,
+            ),
+            None => tables_end,
+        };
+        if bytes.len() != expected {
             return Err(MapError::BadLength);
         }
-        let view = MapView { bytes, header };
+        let view = MapView {
+            bytes,
+            header,
+            store,
+        };
         view.validate()?;
+        view.validate_store()?;
         Ok(view)
     }
 
@@ -463,6 +591,8 @@ impl<'a> MapView<'a> {
                 cow_generation: field(48),
                 cow_chunk_bytes: word(56),
             },
+            // The per-I/O lookup never needs the COW store section.
+            store: None,
         }
     }
 
@@ -577,9 +707,99 @@ impl<'a> MapView<'a> {
         Ok(())
     }
 
+    /// The COW store section and its extents: where a client may preserve chunks itself.
+    fn validate_store(&self) -> Result<(), MapError> {
+        let Some(section) = self.store else {
+            return Ok(());
+        };
+        let block = u64::from(self.header.block_size);
+        if self.header.cow_generation == 0
+            || section.snapshot_id != self.header.cow_generation
+            || section.store_bytes < MIN_STORE_BYTES
+            || !section.store_bytes.is_multiple_of(block)
+        {
+            return Err(MapError::BadCowStore);
+        }
+        let reserved_at = self.store_section_at() + 24;
+        if get_u64(self.bytes, reserved_at) != 0 {
+            return Err(MapError::BadCowStore);
+        }
+        let mut total = 0u64;
+        for i in 0..section.extent_count {
+            let extent = self.store_extent(i);
+            let at = self.store_section_at() + COW_STORE_LEN + i as usize * STORE_EXTENT_LEN;
+            if get_u32(self.bytes, at + 4) != 0
+                || extent.device >= self.header.device_count
+                || extent.length == 0
+                || !extent.offset.is_multiple_of(block)
+                || !extent.length.is_multiple_of(block)
+            {
+                return Err(MapError::BadCowStore);
+            }
+            let end = extent
+                .offset
+                .checked_add(extent.length)
+                .ok_or(MapError::Overflow)?;
+            if end > self.device(extent.device).size {
+                return Err(MapError::BadCowStore);
+            }
+            total = total.checked_add(extent.length).ok_or(MapError::Overflow)?;
+            let overlaps = |device: u32, offset: u64, length: u64| {
+                device == extent.device && offset < end && extent.offset < offset + length
+            };
+            for j in 0..i {
+                let other = self.store_extent(j);
+                if overlaps(other.device, other.offset, other.length) {
+                    return Err(MapError::OverlappingSpace);
+                }
+            }
+            for j in 0..self.header.extent_count {
+                let volume_extent = self.extent(j);
+                let span = volume_extent.member_span();
+                if volume_extent
+                    .members()
+                    .iter()
+                    .any(|m| overlaps(m.device, m.offset, span))
+                {
+                    return Err(MapError::OverlappingSpace);
+                }
+            }
+        }
+        if total != section.store_bytes {
+            return Err(MapError::BadCowStore);
+        }
+        Ok(())
+    }
+
+    fn store_section_at(&self) -> usize {
+        encoded_len(
+            self.header.device_count as usize,
+            self.header.extent_count as usize,
+        )
+    }
+
     /// Header fields.
     pub fn header(&self) -> &MapHeader {
         &self.header
+    }
+
+    /// The COW store section of a parsed map, if it has one.
+    pub fn cow_store(&self) -> Option<MapCowStore> {
+        self.store
+    }
+
+    /// Store extent `index` (< the section's `extent_count`) of a parsed map with a COW
+    /// store section.
+    pub fn store_extent(&self, index: u32) -> StoreExtent {
+        let at = self.store_section_at() + COW_STORE_LEN + index as usize * STORE_EXTENT_LEN;
+        match self.bytes.get(at..at + STORE_EXTENT_LEN) {
+            Some(b) => StoreExtent {
+                device: get_u32(b, 0),
+                offset: get_u64(b, 8),
+                length: get_u64(b, 16),
+            },
+            None => StoreExtent::default(),
+        }
     }
 
     /// Device `index` (< device_count).
@@ -1014,6 +1234,170 @@ mod tests {
         assert_eq!(
             MapView::parse(&absurd[..len]).err(),
             Some(MapError::BadCounts)
+        );
+    }
+
+    fn cow_header(size: u64, devices: usize, extents: usize) -> MapHeader {
+        let mut h = header(size, devices, extents);
+        h.cow_generation = 7;
+        h.cow_chunk_bytes = 65536;
+        h
+    }
+
+    fn section(store_bytes: u64, extents: usize) -> MapCowStore {
+        MapCowStore {
+            snapshot_id: 7,
+            store_bytes,
+            scan_from_sector: 3,
+            extent_count: extents as u32,
+        }
+    }
+
+    fn encode_store(
+        h: &MapHeader,
+        d: &[Device],
+        e: &[Extent],
+        store: &MapCowStore,
+        store_extents: &[StoreExtent],
+    ) -> ([u8; 4096], usize) {
+        let mut buf = [0u8; 4096];
+        let len = encoded_len_with_store(d.len(), e.len(), store_extents.len());
+        encode_with_store(h, d, e, Some((store, store_extents)), &mut buf[..len]).expect("encode");
+        (buf, len)
+    }
+
+    fn store_extent(device: u32, offset: u64, length: u64) -> StoreExtent {
+        StoreExtent {
+            device,
+            offset,
+            length,
+        }
+    }
+
+    #[test]
+    fn cow_store_section_round_trips() {
+        let d = [device(1, 64 * MIB), device(2, 64 * MIB)];
+        let e = [replicated(0, 8 * MIB, &[(0, 0)])];
+        let h = cow_header(8 * MIB, 2, 1);
+        let store_extents = [
+            store_extent(0, 8 * MIB, 4 * MIB),
+            store_extent(1, 0, 2 * MIB),
+        ];
+        let store = section(6 * MIB, 2);
+        let (buf, len) = encode_store(&h, &d, &e, &store, &store_extents);
+        let view = MapView::parse(&buf[..len]).expect("valid");
+        assert_eq!(view.cow_store(), Some(store));
+        assert_eq!(view.store_extent(0), store_extents[0]);
+        assert_eq!(view.store_extent(1), store_extents[1]);
+        assert_eq!(view.map(0, 4096).map(|p| p.length), Some(4096));
+        // Without the section, nothing changes for the rest of the map.
+        let plain = encode_vec(&h, &d, &e);
+        let plain = MapView::parse(&plain[..encoded_len(2, 1)]).expect("valid");
+        assert_eq!(plain.cow_store(), None);
+        assert_eq!(plain.header(), view.header());
+    }
+
+    #[test]
+    fn cow_store_sections_that_could_overwrite_data_are_refused() {
+        let d = [device(1, 64 * MIB), device(2, 64 * MIB)];
+        let e = [replicated(0, 8 * MIB, &[(0, 0)])];
+        let h = cow_header(8 * MIB, 2, 1);
+        let refused = |h: &MapHeader, store: MapCowStore, extents: &[StoreExtent]| {
+            let (buf, len) = encode_store(h, &d, &e, &store, extents);
+            MapView::parse(&buf[..len]).expect_err("must be refused")
+        };
+        let one = [store_extent(1, 0, 4 * MIB)];
+        // Over the volume's own data, over itself, beyond its device.
+        assert_eq!(
+            refused(
+                &h,
+                section(4 * MIB, 1),
+                &[store_extent(0, 4 * MIB, 4 * MIB)]
+            ),
+            MapError::OverlappingSpace
+        );
+        assert_eq!(
+            refused(
+                &h,
+                section(8 * MIB, 2),
+                &[
+                    store_extent(1, 0, 4 * MIB),
+                    store_extent(1, 2 * MIB, 4 * MIB)
+                ]
+            ),
+            MapError::OverlappingSpace
+        );
+        for (extents, store_bytes) in [
+            ([store_extent(1, 62 * MIB, 4 * MIB)], 4 * MIB),
+            ([store_extent(2, 0, 4 * MIB)], 4 * MIB),
+            ([store_extent(1, 512, 4 * MIB)], 4 * MIB),
+            ([store_extent(1, 0, 0)], 0),
+            ([store_extent(1, 0, 4 * MIB)], 2 * MIB),
+            ([store_extent(1, 0, 4096)], 4096 / 2),
+        ] {
+            assert_eq!(
+                refused(&h, section(store_bytes, 1), &extents),
+                MapError::BadCowStore,
+                "{extents:?} {store_bytes}"
+            );
+        }
+        // Another snapshot's store, or a store without copy-on-write.
+        let mut other = section(4 * MIB, 1);
+        other.snapshot_id = 8;
+        assert_eq!(refused(&h, other, &one), MapError::BadCowStore);
+        assert_eq!(
+            refused(&header(8 * MIB, 2, 1), section(4 * MIB, 1), &one),
+            MapError::BadCowStore
+        );
+        // No extents, or more than allowed.
+        assert_eq!(refused(&h, section(0, 0), &[]), MapError::BadCowStore);
+        let many: [StoreExtent; 17] =
+            core::array::from_fn(|i| store_extent(1, i as u64 * MIB, MIB));
+        assert_eq!(
+            refused(&h, section(17 * MIB, 17), &many),
+            MapError::BadCowStore
+        );
+        // Reserved bytes, an unknown flag, a count that disagrees with the length.
+        let (buf, len) = encode_store(&h, &d, &e, &section(4 * MIB, 1), &one);
+        let at = encoded_len(2, 1);
+        let mut reserved = buf;
+        reserved[at + 24] = 1;
+        assert_eq!(
+            MapView::parse(&reserved[..len]).err(),
+            Some(MapError::BadCowStore)
+        );
+        let mut reserved = buf;
+        reserved[at + COW_STORE_LEN + 4] = 1;
+        assert_eq!(
+            MapView::parse(&reserved[..len]).err(),
+            Some(MapError::BadCowStore)
+        );
+        let mut flags = buf;
+        flags[6] |= 2;
+        assert_eq!(
+            MapView::parse(&flags[..len]).err(),
+            Some(MapError::BadVersion)
+        );
+        let mut count = buf;
+        count[at + 20] = 2;
+        assert_eq!(
+            MapView::parse(&count[..len]).err(),
+            Some(MapError::BadLength)
+        );
+        assert_eq!(
+            MapView::parse(&buf[..len - 1]).err(),
+            Some(MapError::BadLength)
+        );
+        assert_eq!(
+            MapView::parse(&buf[..at + 8]).err(),
+            Some(MapError::BadLength)
+        );
+        // The flag without a section.
+        let mut flag_only = encode_vec(&h, &d, &e);
+        flag_only[6] = MAP_FLAG_COW_STORE as u8;
+        assert_eq!(
+            MapView::parse(&flag_only[..at]).err(),
+            Some(MapError::BadLength)
         );
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use log::{error, info};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use sanblk_proto::map::{AccessMode, CopyOnWrite, VolumeMap, IN_FLIGHT_BOUND_MS};
+use sanblk_proto::map::{AccessMode, CopyOnWrite, CowStoreLocation, VolumeMap, IN_FLIGHT_BOUND_MS};
 use sanblk_proto::protocol::{
     encode_map_update, AgentReply, AttachmentInfo, ErrorBody, ErrorCode, Quiesce, Resume,
 };
@@ -22,7 +22,7 @@ use sanblk_proto::protocol::{
 use crate::config::Config;
 use crate::service_error::ServiceResult;
 use crate::snapshot::Snapshots;
-use crate::store::{Grant, SessionRecord, SnapshotState, Store, VolumeRecord};
+use crate::store::{Grant, SessionRecord, SnapshotRecord, SnapshotState, Store, VolumeRecord};
 
 pub use admission::{HandshakePool, Refusal};
 pub use recoveries::{Recoveries, WaitingForSpace};
@@ -826,20 +826,37 @@ impl ServerState {
             map.syncing = relocation.syncing_ranges(&record.extents);
         }
         // While snapshots are active, each chunk's first write goes through the server,
-        // which copies the chunk before writing it.
-        let active = self.store.snapshots_of(record.id)?;
-        let active = active.iter().filter(|s| s.state == SnapshotState::Active);
-        let block_size = map.block_size;
+        // which copies the chunk before writing it, unless the client preserves it itself
+        // into the store of the only active snapshot.
+        let snapshots = self.store.snapshots_of(record.id)?;
+        let active: Vec<&SnapshotRecord> = snapshots
+            .iter()
+            .filter(|s| s.state == SnapshotState::Active)
+            .collect();
+        let block_size = u32::try_from(map.block_size).unwrap_or(u32::MAX);
         map.copy_on_write = active
-            .clone()
+            .iter()
             .map(|s| s.id)
             .max()
-            .zip(active.map(|s| s.chunk_bytes).min())
-            .map(|(generation, chunk_bytes)| CopyOnWrite {
-                generation,
+            .zip(active.iter().map(|s| s.chunk_bytes).min())
+            .map(|(generation, chunk_bytes)| {
                 // A block holds whole chunks when it is larger: the smallest unit a write
                 // covers.
-                chunk_bytes: chunk_bytes.max(u32::try_from(block_size).unwrap_or(u32::MAX)),
+                let chunk_bytes = chunk_bytes.max(block_size);
+                let store = match active.as_slice() {
+                    [only] if only.chunk_bytes == chunk_bytes => Some(CowStoreLocation {
+                        snapshot_id: only.id,
+                        store_bytes: only.store_bytes,
+                        scan_from_sector: 0,
+                        extents: only.store_extents.clone(),
+                    }),
+                    _ => None,
+                };
+                CopyOnWrite {
+                    generation,
+                    chunk_bytes,
+                    store,
+                }
             });
         Ok(map)
     }

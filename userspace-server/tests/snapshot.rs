@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -19,6 +19,7 @@ use sanblk_proto::protocol::{
     ErrorCode, SnapshotChanges, SnapshotCreate, SnapshotDelete, SnapshotDiff, SnapshotInfo,
     SnapshotList, VolumeShow,
 };
+use uuid::Uuid;
 
 const VOLUME: u64 = 8 * MIB;
 const CHUNK: u64 = 64 << 10;
@@ -84,11 +85,13 @@ impl Setup {
         // Each chunk's first write goes through the server now, from a new snapshot set.
         let cow = map
             .copy_on_write
+            .as_ref()
             .unwrap_or_else(|| panic!("no copy-on-write in {map:?}"));
         assert_eq!(cow.chunk_bytes as u64, CHUNK, "{map:?}");
         assert!(
             self.map
                 .copy_on_write
+                .as_ref()
                 .is_none_or(|before| before.generation < cow.generation),
             "the snapshot set did not change: {:?} -> {map:?}",
             self.map.copy_on_write
@@ -304,8 +307,24 @@ async fn a_snapshot_keeps_its_point_in_time_while_the_volume_is_overwritten() {
         follow_change_to_map(&mut setup.agent, setup.map.epoch)
     );
     deleted.unwrap_or_else(|e| panic!("delete: {e}"));
-    // The second snapshot's set stays what the clients know.
-    assert_eq!(map.copy_on_write, setup.map.copy_on_write, "{map:?}");
+    // The second snapshot's set stays what the clients know; now the only one, its store
+    // is offered to them.
+    let (before, after) = (setup.map.copy_on_write.as_ref(), map.copy_on_write.as_ref());
+    assert_eq!(
+        before.map(|c| (c.generation, c.chunk_bytes, c.store.is_some())),
+        Some((second.id, CHUNK as u32, false)),
+        "{before:?}"
+    );
+    assert_eq!(
+        after.map(|c| (c.generation, c.chunk_bytes)),
+        Some((second.id, CHUNK as u32)),
+        "{map:?}"
+    );
+    assert_eq!(
+        after.and_then(|c| c.store.as_ref()).map(|s| s.snapshot_id),
+        Some(second.id),
+        "{map:?}"
+    );
     setup.map = map;
     assert!(read_export(&second).await == b);
     let (deleted, map) = tokio::join!(
@@ -321,6 +340,158 @@ async fn a_snapshot_keeps_its_point_in_time_while_the_volume_is_overwritten() {
         "still copying on write without a snapshot: {map:?}"
     );
     assert!(list(&server).await.is_empty());
+}
+
+/// Preserves `old` as the content of `chunk` the way a client does with the map's COW store
+/// section: into the slot after the last record found on disk, then the record (synced in
+/// that order). Returns the slot.
+fn preserve_as_a_client(
+    paths: &HashMap<Uuid, PathBuf>,
+    map: &VolumeMap,
+    chunk: u64,
+    old: &[u8],
+) -> u64 {
+    use sanblk_uapi::cow::{
+        CowLayout, Record, RecordSector, HEADER_BYTES, RECORDS_PER_SECTOR, SECTOR_BYTES,
+    };
+    let store = map
+        .copy_on_write
+        .as_ref()
+        .and_then(|c| c.store.as_ref())
+        .unwrap_or_else(|| panic!("no COW store offered: {map:?}"));
+    let layout = CowLayout::new(store.store_bytes, CHUNK as u32).expect("store layout");
+    // Store offset -> (file, offset) through the store's extents.
+    let locate = |at: u64| {
+        let extent = store
+            .extents
+            .iter()
+            .find(|e| e.volume_offset <= at && at < e.volume_offset + e.length)
+            .unwrap_or_else(|| panic!("{at} outside the store"));
+        let replica = &extent.replicas[0];
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&paths[&replica.device_uuid])
+            .unwrap_or_else(|e| panic!("{e}"));
+        (file, replica.device_offset + at - extent.volume_offset)
+    };
+    use std::os::unix::fs::FileExt;
+    let mut index = u64::from(store.scan_from_sector);
+    let mut sector = loop {
+        let (file, at) = locate(HEADER_BYTES + index * SECTOR_BYTES as u64);
+        let mut bytes = [0u8; SECTOR_BYTES];
+        file.read_exact_at(&mut bytes, at)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sector = RecordSector::decode(&bytes, index as u32, &layout, store.snapshot_id)
+            .unwrap_or_else(|e| panic!("record sector {index}: {e:?}"));
+        if (sector.count as usize) < RECORDS_PER_SECTOR {
+            break sector;
+        }
+        index += 1;
+    };
+    let slot = index * RECORDS_PER_SECTOR as u64 + u64::from(sector.count);
+    let (file, at) = locate(layout.slot_offset(slot));
+    file.write_all_at(old, at).unwrap_or_else(|e| panic!("{e}"));
+    file.sync_all().unwrap_or_else(|e| panic!("{e}"));
+    assert!(sector.push(Record {
+        origin_chunk: chunk,
+        slot
+    }));
+    let mut bytes = [0u8; SECTOR_BYTES];
+    sector.encode(store.snapshot_id, &mut bytes);
+    let (file, at) = locate(layout.record_sector_offset(slot));
+    file.write_all_at(&bytes, at)
+        .unwrap_or_else(|e| panic!("{e}"));
+    file.sync_all().unwrap_or_else(|e| panic!("{e}"));
+    slot
+}
+
+/// Writes `data` at volume `offset` straight into the image files, as a direct write does.
+fn write_direct(paths: &HashMap<Uuid, PathBuf>, map: &VolumeMap, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let extent = map.extent_at(offset).expect("inside the volume");
+    assert!(offset + data.len() as u64 <= extent.volume_offset + extent.length);
+    for replica in &extent.replicas {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&paths[&replica.device_uuid])
+            .unwrap_or_else(|e| panic!("{e}"));
+        file.write_all_at(data, replica.device_offset + offset - extent.volume_offset)
+            .unwrap_or_else(|e| panic!("{e}"));
+        file.sync_all().unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[tokio::test]
+async fn chunks_a_client_preserved_itself_are_read_back_by_the_server() {
+    let mut server = TestServer::start();
+    let (mut setup, a) = setup(&server, 6).await;
+    let snap = setup.snapshot(&server, "snap", None).await;
+    let paths = server.device_paths().await;
+    // The client preserves chunk 10, then writes it straight to the origin; the server has
+    // not seen either write when the snapshot is read.
+    let chunk_range = |chunk: u64| (chunk * CHUNK) as usize..((chunk + 1) * CHUNK) as usize;
+    let mut b = a.clone();
+    assert_eq!(
+        preserve_as_a_client(&paths, &setup.map, 10, &a[chunk_range(10)]),
+        0
+    );
+    let fresh = pattern(600, CHUNK as usize);
+    write_direct(&paths, &setup.map, 10 * CHUNK, &fresh);
+    b[chunk_range(10)].copy_from_slice(&fresh);
+    assert!(
+        read_export(&snap).await == a,
+        "the client's copy was not read back"
+    );
+    // A first write through the server to another chunk takes the next slot, not the
+    // client's; the client then continues after it.
+    let fresh = pattern(601, 4096);
+    setup.write(11 * CHUNK, &fresh).await;
+    b[11 * CHUNK as usize..11 * CHUNK as usize + 4096].copy_from_slice(&fresh);
+    assert_eq!(
+        preserve_as_a_client(&paths, &setup.map, 12, &a[chunk_range(12)]),
+        2
+    );
+    let fresh = pattern(602, CHUNK as usize);
+    write_direct(&paths, &setup.map, 12 * CHUNK, &fresh);
+    b[chunk_range(12)].copy_from_slice(&fresh);
+    // A write through the server to a chunk the client preserved copies nothing again.
+    let fresh = pattern(603, 4096);
+    setup.write(10 * CHUNK, &fresh).await;
+    b[10 * CHUNK as usize..10 * CHUNK as usize + 4096].copy_from_slice(&fresh);
+    assert!(
+        origin(&server).await == b,
+        "origin does not hold the new data"
+    );
+    assert!(
+        read_export(&snap).await == a,
+        "the snapshot lost its point in time"
+    );
+    let listed = list(&server).await;
+    assert_eq!(listed[0].changed_chunks, 3, "{listed:?}");
+    assert_eq!(listed[0].cow_used_bytes, 3 * CHUNK, "{listed:?}");
+    // A second snapshot: the first's changed chunks are exactly those three, and the map no
+    // longer offers a store (the client cannot know which chunks the older one holds).
+    let second = setup.snapshot(&server, "second", None).await;
+    assert!(
+        setup
+            .map
+            .copy_on_write
+            .as_ref()
+            .is_some_and(|c| c.store.is_none()),
+        "{:?}",
+        setup.map
+    );
+    let changed = diff(&server, "snap", "second")
+        .await
+        .unwrap_or_else(|e| panic!("diff: {e}"));
+    assert_eq!(changed.chunks, vec![10, 11, 12]);
+    assert!(read_export(&second).await == b);
+    // After a restart the records are loaded again, the client's among them.
+    drop(setup);
+    server.kill9();
+    let _restarted = TestServer::start_in(&server.dir);
+    assert!(read_export(&snap).await == a, "lost after a restart");
 }
 
 #[tokio::test]

@@ -10,8 +10,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use sanblk_proto::label::{read_label, LabelError};
-use sanblk_proto::map::{ExtentKind as ServerKind, VolumeMap};
-use sanblk_uapi::map::{self as wire, ExtentKind, MapHeader, Member, EXTENT_SYNCING, MAX_MEMBERS};
+use sanblk_proto::map::{CowStoreLocation, ExtentKind as ServerKind, VolumeMap};
+use sanblk_uapi::map::{
+    self as wire, ExtentKind, MapCowStore, MapHeader, Member, StoreExtent, EXTENT_SYNCING,
+    MAX_MEMBERS,
+};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +110,52 @@ pub fn scan_paths(paths: &[PathBuf]) -> HashMap<Uuid, LocalDevice> {
     found
 }
 
+/// The kernel map's COW store section for `store`, adding the store's devices to `order`;
+/// `None` (and `order` unchanged) if a store device is not on this host, an extent is not a
+/// single replica, or the section or device table would grow too large.
+fn store_section(
+    store: &CowStoreLocation,
+    devices: &HashMap<Uuid, LocalDevice>,
+    order: &mut Vec<Uuid>,
+) -> Option<(MapCowStore, Vec<StoreExtent>)> {
+    if store.extents.is_empty() || store.extents.len() > wire::MAX_STORE_EXTENTS as usize {
+        return None;
+    }
+    let mut grown = order.clone();
+    let mut store_extents = Vec::with_capacity(store.extents.len());
+    for extent in &store.extents {
+        let ([replica], ServerKind::Replicated) = (extent.replicas.as_slice(), extent.kind) else {
+            return None;
+        };
+        if !devices.contains_key(&replica.device_uuid) {
+            return None;
+        }
+        let device = match grown.iter().position(|u| *u == replica.device_uuid) {
+            Some(index) => index,
+            None => {
+                grown.push(replica.device_uuid);
+                grown.len() - 1
+            }
+        };
+        store_extents.push(StoreExtent {
+            device: u32::try_from(device).ok()?,
+            offset: replica.device_offset,
+            length: extent.length,
+        });
+    }
+    if grown.len() > wire::MAX_DEVICES as usize {
+        return None;
+    }
+    *order = grown;
+    let section = MapCowStore {
+        snapshot_id: store.snapshot_id,
+        store_bytes: store.store_bytes,
+        scan_from_sector: store.scan_from_sector,
+        extent_count: store_extents.len() as u32,
+    };
+    Some((section, store_extents))
+}
+
 /// The encoded map and the local path of each device in its device table, in order.
 pub struct EncodedMap {
     pub bytes: Vec<u8>,
@@ -164,6 +213,14 @@ pub fn encode(
     if order.len() > wire::MAX_DEVICES as usize {
         return Err(EncodeError::TooManyDevices);
     }
+    // The COW store section is an offer: without it the module sends first writes through
+    // the server, so a store this host cannot reach (or the kernel map cannot describe) is
+    // left out rather than failing the map.
+    let store = map
+        .copy_on_write
+        .as_ref()
+        .and_then(|c| c.store.as_ref())
+        .and_then(|store| store_section(store, devices, &mut order));
     let wire_devices: Vec<wire::Device> = order
         .iter()
         .map(|uuid| wire::Device {
@@ -179,15 +236,21 @@ pub fn encode(
         lease_ms: map.lease_ms.min(u32::MAX as u64) as u32,
         device_count: wire_devices.len() as u32,
         extent_count: extents.len() as u32,
-        cow_generation: map.copy_on_write.map_or(0, |c| c.generation),
-        cow_chunk_bytes: map.copy_on_write.map_or(0, |c| c.chunk_bytes),
+        cow_generation: map.copy_on_write.as_ref().map_or(0, |c| c.generation),
+        cow_chunk_bytes: map.copy_on_write.as_ref().map_or(0, |c| c.chunk_bytes),
     };
-    let len = wire::encoded_len(wire_devices.len(), extents.len());
+    let len = match &store {
+        Some((_, store_extents)) => {
+            wire::encoded_len_with_store(wire_devices.len(), extents.len(), store_extents.len())
+        }
+        None => wire::encoded_len(wire_devices.len(), extents.len()),
+    };
     if len > sanblk_uapi::netlink::MAX_MAP_BYTES as usize {
         return Err(EncodeError::TooLarge(len));
     }
     let mut bytes = vec![0u8; len];
-    wire::encode(&header, &wire_devices, &extents, &mut bytes)
+    let section = store.as_ref().map(|(s, e)| (s, e.as_slice()));
+    wire::encode_with_store(&header, &wire_devices, &extents, section, &mut bytes)
         .map_err(|e| EncodeError::Invalid(e.message()))?;
     wire::MapView::parse(&bytes).map_err(|e| EncodeError::Invalid(e.message()))?;
     let device_paths = order
@@ -412,5 +475,53 @@ mod tests {
             Ok(status) => assert!(status.success(), "the check as nobody failed"),
             Err(error) => eprintln!("skipped: setpriv: {error}"),
         }
+    }
+
+    #[test]
+    fn the_only_snapshots_store_is_described_when_this_host_sees_its_devices() {
+        let (uuids, mut local) = devices(3);
+        let replica = |i: usize, device_offset: u64| Replica {
+            device_uuid: uuids[i],
+            device_offset,
+        };
+        let mut map = volume(
+            vec![Extent::replicated(0, 8 * MIB, vec![replica(0, 0)])],
+            8 * MIB,
+            Layout::Linear,
+        );
+        let store = CowStoreLocation {
+            snapshot_id: 5,
+            store_bytes: 6 * MIB,
+            scan_from_sector: 2,
+            extents: vec![
+                Extent::replicated(0, 4 * MIB, vec![replica(2, MIB)]),
+                Extent::replicated(4 * MIB, 2 * MIB, vec![replica(0, 8 * MIB)]),
+            ],
+        };
+        map.copy_on_write = Some(sanblk_proto::map::CopyOnWrite {
+            generation: 5,
+            chunk_bytes: 65536,
+            store: Some(store.clone()),
+        });
+        let encoded = encode(&map, &local).expect("encodes");
+        let view = wire::MapView::parse(&encoded.bytes).expect("valid");
+        let section = view.cow_store().expect("store section");
+        assert_eq!((section.snapshot_id, section.store_bytes), (5, 6 * MIB));
+        assert_eq!(section.scan_from_sector, 2);
+        assert_eq!(section.extent_count, 2);
+        let first = view.store_extent(0);
+        assert_eq!(
+            encoded.device_paths[first.device as usize],
+            local[&uuids[2]].path.display().to_string()
+        );
+        assert_eq!((first.offset, first.length), (MIB, 4 * MIB));
+        assert_eq!(view.store_extent(1).device, 0);
+        // A store device this host does not see leaves the section out, not the map.
+        local.remove(&uuids[2]);
+        let encoded = encode(&map, &local).expect("encodes");
+        let view = wire::MapView::parse(&encoded.bytes).expect("valid");
+        assert_eq!(view.cow_store(), None);
+        assert_eq!(view.header().cow_generation, 5);
+        assert_eq!(encoded.device_paths.len(), 1);
     }
 }

@@ -837,6 +837,51 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
             with_map(encode_map(&cow, &devices, &one_extent)?),
         ));
     }
+    // A COW store section that would have the module write over the volume's own data,
+    // beyond a device, for another snapshot, or without copy-on-write at all.
+    let mut cow = header(8 * MIB, 1);
+    cow.cow_generation = 3;
+    cow.cow_chunk_bytes = 65536;
+    for (name, generation, snapshot_id, store_extent) in [
+        ("cow-store-over-volume-data", 3, 3, (0, 2 * MIB, 4 * MIB)),
+        (
+            "cow-store-beyond-device",
+            3,
+            3,
+            (0, devices[0].size - MIB, 4 * MIB),
+        ),
+        ("cow-store-other-snapshot", 3, 4, (0, 16 * MIB, 4 * MIB)),
+        ("cow-store-without-cow", 0, 3, (0, 16 * MIB, 4 * MIB)),
+        ("cow-store-misaligned", 3, 3, (0, 16 * MIB + 512, 4 * MIB)),
+    ] {
+        let mut h = cow;
+        if generation == 0 {
+            h.cow_generation = 0;
+            h.cow_chunk_bytes = 0;
+        }
+        let (device, offset, length) = store_extent;
+        let section = map::MapCowStore {
+            snapshot_id,
+            store_bytes: length,
+            scan_from_sector: 0,
+            extent_count: 1,
+        };
+        let extents = [map::StoreExtent {
+            device,
+            offset,
+            length,
+        }];
+        let mut bytes = vec![0u8; map::encoded_len_with_store(devices.len(), one_extent.len(), 1)];
+        map::encode_with_store(
+            &h,
+            &devices,
+            &one_extent,
+            Some((&section, &extents)),
+            &mut bytes,
+        )
+        .map_err(|e| e.message().to_string())?;
+        cases.push((name, Command::Create, with_map(bytes)));
+    }
     let unknown = vec![extent(0, 8 * MIB, r, 0, &[member(9, MIB)])];
     cases.push((
         "unknown-device-index",

@@ -89,17 +89,35 @@ impl CowStore {
             fill_mark: 0,
             snapshot,
         };
-        // Read the record area in pieces; the first sector not full ends it.
-        const SECTORS_PER_READ: u64 = 2048;
-        let mut index = 0u64;
-        'scan: while index < layout.record_sectors {
-            let count = (layout.record_sectors - index).min(SECTORS_PER_READ);
+        store.scan(devices, 0)?;
+        // A restarted server does not warn again about what it warned of before.
+        store.crossed_fill_mark();
+        Ok(store)
+    }
+
+    /// Reads back the records appended since this store was loaded or last absorbed, by a
+    /// client that preserves chunks itself (the map's COW store section): they continue the
+    /// dense sequence from the open sector (blocking).
+    pub fn absorb(&mut self, devices: &DeviceTable) -> io::Result<()> {
+        self.scan(devices, u64::from(self.open_sector.index))
+    }
+
+    /// Reads record sectors from `first_sector` on, keeping the records not known yet; the
+    /// first sector not full ends the list.
+    fn scan(&mut self, devices: &DeviceTable, first_sector: u64) -> io::Result<()> {
+        let layout = self.layout;
+        // One piece when absorbing (the open sector is almost always the last one); up to
+        // 1 MiB at a time when loading.
+        let sectors_per_read: u64 = if first_sector == 0 { 2048 } else { 8 };
+        let mut index = first_sector;
+        while index < layout.record_sectors {
+            let count = (layout.record_sectors - index).min(sectors_per_read);
             let first_byte = HEADER_BYTES + index * SECTOR_BYTES as u64;
             let start = first_byte - first_byte % DIRECT_ALIGN as u64;
             let end =
                 (first_byte + count * SECTOR_BYTES as u64).next_multiple_of(DIRECT_ALIGN as u64);
             let mut buf = AlignedBuf::zeroed((end - start) as usize)?;
-            read_store(devices, &store.snapshot, start, &mut buf)?;
+            read_store(devices, &self.snapshot, start, &mut buf)?;
             for i in 0..count {
                 let at = (first_byte - start) as usize + i as usize * SECTOR_BYTES;
                 let mut bytes = [0u8; SECTOR_BYTES];
@@ -107,26 +125,28 @@ impl CowStore {
                 let sector_index = u32::try_from(index + i)
                     .map_err(|_| invalid("record area too large".into()))?;
                 let sector =
-                    match RecordSector::decode(&bytes, sector_index, &layout, store.snapshot.id) {
+                    match RecordSector::decode(&bytes, sector_index, &layout, self.snapshot.id) {
                         Ok(sector) => sector,
                         // A sector torn by a crash holds no record that was ever acknowledged.
                         Err(_) => RecordSector::empty(sector_index),
                     };
+                // Records are dense in slot order: those not known yet come after the
+                // known ones.
                 for record in sector.records() {
-                    store.slots.insert(record.origin_chunk, record.slot);
-                    store.records.push(*record);
+                    if record.slot >= self.records.len() as u64 {
+                        self.slots.insert(record.origin_chunk, record.slot);
+                        self.records.push(*record);
+                    }
                 }
-                store.open_sector = sector;
                 if (sector.count as usize) < RECORDS_PER_SECTOR {
-                    break 'scan;
+                    self.open_sector = sector;
+                    return Ok(());
                 }
-                store.open_sector = RecordSector::empty(sector_index.saturating_add(1));
+                self.open_sector = RecordSector::empty(sector_index.saturating_add(1));
             }
             index += count;
         }
-        // A restarted server does not warn again about what it warned of before.
-        store.crossed_fill_mark();
-        Ok(store)
+        Ok(())
     }
 
     /// The highest of [`FILL_MARKS`] the use reached since the last call, if it reached one.

@@ -10,6 +10,14 @@
 //! never see a write that started after the check (a write to an uncopied chunk must take the
 //! lock to copy it first). Writes to chunks already copied take the lock only to look.
 //!
+//! A client may also preserve chunks itself, into the store of a volume's only active
+//! snapshot (the map's COW store section), appending records without that lock: slot data,
+//! then the record, durable before its write reaches the origin or the server. The server
+//! reads such records back (`CowStore::absorb`) before copying a chunk itself, after reading
+//! a point-in-time chunk from the origin (reading it again from the store if a record of it
+//! appeared), and before listing changed chunks. A client sends a first write through the
+//! server only once it has stopped preserving chunks itself, so the two never append at once.
+//!
 //! A store that fills up (or fails) invalidates its snapshot, persisted and shown in
 //! `snapshot list`; the origin write goes on, and the other snapshots are kept.
 
@@ -132,9 +140,22 @@ impl Snapshots {
             if offset >= end {
                 continue;
             }
+            let mut absorbed = false;
             for chunk in offset / chunk_bytes..end.div_ceil(chunk_bytes) {
                 if store.slot_of(chunk).is_some() {
                     continue;
+                }
+                // The client may have preserved it itself (the map's COW store section):
+                // its record is durable before its write reaches the origin or the server.
+                if !absorbed {
+                    absorbed = true;
+                    if let Err(error) = absorb(&self.devices, store) {
+                        invalidated.push((index, format!("reading its COW records: {error}")));
+                        break;
+                    }
+                    if store.slot_of(chunk).is_some() {
+                        continue;
+                    }
                 }
                 let start = chunk * chunk_bytes;
                 let valid = (origin_bytes - start).min(chunk_bytes);
@@ -152,14 +173,7 @@ impl Snapshots {
                     invalidated.push((index, reason));
                     break;
                 }
-                if let Some(mark) = store.crossed_fill_mark() {
-                    warn!(
-                        "snapshot {}: COW store {mark}% used ({} of {} chunks); the snapshot becomes invalid when it is full: back it up and delete it, or delete older snapshots",
-                        store.snapshot.name,
-                        store.slots_used(),
-                        store.slots_total()
-                    );
-                }
+                warn_fill(store);
             }
         }
         for (index, reason) in invalidated.into_iter().rev() {
@@ -183,45 +197,40 @@ impl Snapshots {
         let chunk_bytes = u64::from(snapshot.chunk_bytes);
         // One lock for the whole request; consecutive chunks from the same place (the origin,
         // or consecutive slots) are read in one go.
-        let guard = self.locked(&volume, snapshot.volume_id, volume_epoch)?;
+        let mut guard = self.locked(&volume, snapshot.volume_id, volume_epoch)?;
         let store = guard
             .stores
-            .iter()
+            .iter_mut()
             .find(|s| s.snapshot.id == snapshot.id)
             .ok_or_else(|| {
                 io::Error::other(format!("snapshot {} is no longer valid", snapshot.name))
             })?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let first_slot = store.slot_of(at / chunk_bytes);
-            let mut length = ((chunk_bytes - at % chunk_bytes) as usize).min(buf.len() - done);
-            // Extend the run while the next chunk comes from the place right after.
-            while done + length < buf.len() {
-                let next = (at + length as u64) / chunk_bytes;
-                let steps = next - at / chunk_bytes;
-                let continues = match (first_slot, store.slot_of(next)) {
-                    (None, None) => true,
-                    (Some(first), Some(slot)) => slot == first + steps,
-                    _ => false,
-                };
-                if !continues {
-                    break;
-                }
-                length = (length + chunk_bytes as usize).min(buf.len() - done);
+        // A client preserving chunks itself makes each record durable before its write
+        // reaches the origin: so after reading a chunk from the origin, a record of it
+        // read back afterwards means the origin may already hold the new data, and the
+        // request is read again, those chunks from the store. Each pass adds records, and a
+        // chunk is recorded once: this ends.
+        loop {
+            let recorded = store.slots_used();
+            let from_origin = read_pass(&self.devices, store, offset, buf, read_origin)?;
+            if !from_origin {
+                return Ok(());
             }
-            let target = &mut buf[done..done + length];
-            match first_slot {
-                Some(slot) => store.read_slot(&self.devices, slot, at % chunk_bytes, target)?,
-                None => read_origin(at, target)?,
+            absorb(&self.devices, store)?;
+            if store.slots_used() == recorded {
+                return Ok(());
             }
-            done += length;
+            let chunks_now_copied = (offset / chunk_bytes
+                ..(offset + buf.len() as u64).div_ceil(chunk_bytes))
+                .any(|chunk| store.slot_of(chunk).is_some_and(|slot| slot >= recorded));
+            if !chunks_now_copied {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
-    /// Runs `f` on snapshot `snapshot_id`'s store, loaded for `epoch`; `None` if it is not
-    /// active (blocking).
+    /// Runs `f` on snapshot `snapshot_id`'s store, loaded for `epoch` with every record a
+    /// client appended read back; `None` if it is not active (blocking).
     fn with_store<T>(
         &self,
         volume_id: u64,
@@ -230,12 +239,16 @@ impl Snapshots {
         f: impl FnOnce(&CowStore) -> T,
     ) -> io::Result<Option<T>> {
         let volume = self.volume(volume_id);
-        let guard = self.locked(&volume, volume_id, epoch)?;
-        Ok(guard
+        let mut guard = self.locked(&volume, volume_id, epoch)?;
+        let Some(store) = guard
             .stores
-            .iter()
+            .iter_mut()
             .find(|s| s.snapshot.id == snapshot_id)
-            .map(f))
+        else {
+            return Ok(None);
+        };
+        absorb(&self.devices, store)?;
+        Ok(Some(f(store)))
     }
 
     /// The chunks copied so far by snapshot `snapshot_id` (written since it was taken), in
@@ -266,6 +279,67 @@ impl Snapshots {
     ) -> io::Result<Option<Vec<u64>>> {
         let first = usize::try_from(records).unwrap_or(usize::MAX);
         self.with_store(volume_id, epoch, snapshot_id, |store| store.chunks(first))
+    }
+}
+
+/// One pass of [`Snapshots::read`]: copied chunks from the store, the rest from the origin;
+/// whether any byte came from the origin.
+fn read_pass(
+    devices: &DeviceTable,
+    store: &CowStore,
+    offset: u64,
+    buf: &mut [u8],
+    read_origin: OriginReader<'_>,
+) -> io::Result<bool> {
+    let chunk_bytes = store.chunk_bytes();
+    let mut from_origin = false;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = offset + done as u64;
+        let first_slot = store.slot_of(at / chunk_bytes);
+        let mut length = ((chunk_bytes - at % chunk_bytes) as usize).min(buf.len() - done);
+        // Extend the run while the next chunk comes from the place right after.
+        while done + length < buf.len() {
+            let next = (at + length as u64) / chunk_bytes;
+            let steps = next - at / chunk_bytes;
+            let continues = match (first_slot, store.slot_of(next)) {
+                (None, None) => true,
+                (Some(first), Some(slot)) => slot == first + steps,
+                _ => false,
+            };
+            if !continues {
+                break;
+            }
+            length = (length + chunk_bytes as usize).min(buf.len() - done);
+        }
+        let target = &mut buf[done..done + length];
+        match first_slot {
+            Some(slot) => store.read_slot(devices, slot, at % chunk_bytes, target)?,
+            None => {
+                read_origin(at, target)?;
+                from_origin = true;
+            }
+        }
+        done += length;
+    }
+    Ok(from_origin)
+}
+
+/// Reads back the records a client appended to `store` itself, warning as the store fills.
+fn absorb(devices: &DeviceTable, store: &mut CowStore) -> io::Result<()> {
+    store.absorb(devices)?;
+    warn_fill(store);
+    Ok(())
+}
+
+fn warn_fill(store: &mut CowStore) {
+    if let Some(mark) = store.crossed_fill_mark() {
+        warn!(
+            "snapshot {}: COW store {mark}% used ({} of {} chunks); the snapshot becomes invalid when it is full: back it up and delete it, or delete older snapshots",
+            store.snapshot.name,
+            store.slots_used(),
+            store.slots_total()
+        );
     }
 }
 
