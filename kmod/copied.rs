@@ -7,7 +7,7 @@
 //! bit per chunk, set by the server thread, read by submit_bio (no lock: a bit only goes
 //! from 0 to 1, and a stale 0 only sends a write the slow, always correct way).
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use kernel::prelude::*;
 
 use crate::abi_map::chunks_touched;
@@ -25,6 +25,10 @@ pub(crate) struct CopiedChunks {
     /// older epoch says nothing about the chunks of this set.
     from_epoch: u64,
     bits: KVVec<AtomicU64>,
+    /// The module stopped preserving chunks itself for this set (a copy failed, or the
+    /// store is full): from then on first writes go through the server, for good, so the
+    /// server never appends to a store while the module may.
+    copying_stopped: AtomicBool,
 }
 
 impl CopiedChunks {
@@ -50,6 +54,7 @@ impl CopiedChunks {
             volume_bytes,
             from_epoch,
             bits,
+            copying_stopped: AtomicBool::new(false),
         })
     }
 
@@ -66,11 +71,29 @@ impl CopiedChunks {
         let Some((first, last)) = chunks_touched(offset, length, self.chunk_bytes) else {
             return false;
         };
-        (first..=last).all(|chunk| {
-            self.bits
-                .get((chunk / 64) as usize)
-                .is_some_and(|word| word.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
-        })
+        (first..=last).all(|chunk| self.is_copied(chunk))
+    }
+
+    pub(crate) fn is_copied(&self, chunk: u64) -> bool {
+        self.bits
+            .get((chunk / 64) as usize)
+            .is_some_and(|word| word.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
+    }
+
+    /// Records a chunk the module preserved itself (its record is durable).
+    pub(crate) fn mark_chunk(&self, chunk: u64) {
+        if let Some(word) = self.bits.get((chunk / 64) as usize) {
+            word.fetch_or(1 << (chunk % 64), Ordering::Release);
+        }
+    }
+
+    /// Stops the module's own copies for this set; whether this call stopped them.
+    pub(crate) fn stop_copying(&self) -> bool {
+        !self.copying_stopped.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn copying_stopped(&self) -> bool {
+        self.copying_stopped.load(Ordering::Acquire)
     }
 
     /// Records a write the server acknowledged, mapped with `epoch`.

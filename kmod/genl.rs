@@ -296,6 +296,7 @@ fn create(request: &Request, registry: &registry::Registry) -> Result {
             disk_ops: &BLOCK_OPS,
             disk_attributes: &GROUPS,
             serve,
+            copy: crate::copier::run,
         },
     )
     .map_err(|err| {
@@ -669,6 +670,7 @@ fn put_volume(reply: &mut Reply<'_>, volume: &Volume) -> Result {
     )?;
     reply.put_u32(Attr::ServerState as u16, volume.server.state())?;
     reply.put_u64(Attr::RedirectedIos as u16, volume.server.redirected())?;
+    reply.put_u64(Attr::PreservedChunks as u16, volume.copies.preserved())?;
     let now = now_ns();
     let hold = &volume.hold;
     reply.put_u32(Attr::HoldReason as u16, hold.reason(now))?;

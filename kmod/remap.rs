@@ -11,7 +11,9 @@
 //! its members as any other, but a write to it goes over the server path, which orders it
 //! with the copy and writes both places; a discard to it is dropped (see [`submit`]). So
 //! does the first write to a chunk while the volume has snapshots (`crate::copied`): the
-//! server preserves the chunk in each snapshot's store before writing it.
+//! server preserves the chunk in each snapshot's store before writing it, unless the volume's
+//! copier thread does it itself (`crate::copier`: with one snapshot, whose store the map
+//! describes), which re-submits the write once the chunk is preserved.
 
 use core::sync::atomic::Ordering;
 use kernel::sync::Arc;
@@ -67,6 +69,11 @@ pub(crate) fn resubmit(volume: &Volume, released: Released) {
     while let Some(bio) = released.bios.pop() {
         submit_unless_held(volume, bio);
     }
+}
+
+/// Re-submits a write whose chunks the copier preserved, through the normal entry.
+pub(crate) fn resubmit_copied(volume: &Volume, bio: Bio) {
+    submit_unless_held(volume, bio);
 }
 
 /// The operations table of every sanblk disk (its owner is set in module init).
@@ -142,6 +149,16 @@ fn submit(volume: &Volume, bio: Bio) {
             Ok(front) => front,
             Err(bio) => return bio.end_with(BLK_STS_IOERR),
         };
+    }
+
+    if mapped.copy_here && op == REQ_OP_WRITE {
+        if nowait {
+            return bio.end_with(BLK_STS_AGAIN);
+        }
+        // The first write to a chunk since the snapshot: the copier thread preserves the
+        // chunk in the snapshot's store, then re-submits the write (nothing waits here).
+        volume.copies.push(bio, &volume.inflight);
+        return;
     }
 
     let count = piece.target_count as usize;
@@ -277,6 +294,8 @@ struct Mapped {
     epoch: u64,
     /// A write touching a chunk not known copied for the volume's snapshots.
     needs_copy: bool,
+    /// ... and the copier preserves its chunks (otherwise the server does).
+    copy_here: bool,
 }
 
 impl Mapped {
@@ -297,8 +316,11 @@ impl Mapped {
         for target in piece.targets.iter_mut().take(piece.target_count as usize) {
             target.device = slot_of(&map.slots, target.device);
         }
+        let needs_copy =
+            is_write && piece.length != 0 && map.write_needs_copy(offset, piece.length);
         Some(Mapped {
-            needs_copy: is_write && piece.length != 0 && map.write_needs_copy(offset, piece.length),
+            needs_copy,
+            copy_here: needs_copy && map.copies_itself(),
             piece,
             epoch: map.epoch,
         })
@@ -324,7 +346,7 @@ fn counts_as_error(status: BlkStatus) -> bool {
     status != 0 && status != BLK_STS_AGAIN
 }
 
-fn device_healthy(volume: &Volume, slot: u32) -> bool {
+pub(crate) fn device_healthy(volume: &Volume, slot: u32) -> bool {
     volume
         .devices
         .get(slot)

@@ -6,22 +6,25 @@
 //! Layers, lowest first; a module only imports modules of its own layer or below, and no two
 //! modules import each other:
 //!
-//! 0. `abi`, `abi_map`, `abi_frame`, `abi_pipeline` (the uapi sources: wire formats, the map
-//!    model and the server path's bookkeeping, pure logic unit-tested on the host), and
+//! 0. `abi`, `abi_map`, `abi_cow`, `abi_frame`, `abi_pipeline` (the uapi sources: wire
+//!    formats, the map model, the COW store format and the server path's bookkeeping, pure logic unit-tested on the host), and
 //!    [`ffi`], the only code that calls C or uses `kernel::bindings`: safe types for bios,
 //!    disks, block devices, per-bio contexts (in a bioset's front pad or a hook slab), sockets,
 //!    kernel threads, wait queues and RCU, the slab, sysfs attributes, generic netlink and
 //!    errnos, over the C helpers in `sanblk_shim.c`.
-//! 1. `copied` (the chunks known copied for a volume's snapshots), `device` (an opened SAN
-//!    device) and `piece` (the context of a piece the server path may
-//!    re-issue, in front of every clone and in every in-place bio's hook context).
-//! 2. `hold` (bios held while quiesced or the lease lapsed), `hook` (the hook slabs, and
+//! 1. `copied` (the chunks known copied for a volume's snapshots), `cow_store` (where the
+//!    only snapshot's COW store lies), `device` (an opened SAN device) and `piece` (the
+//!    context of a piece the server path may re-issue, in front of every clone and in every
+//!    in-place bio's hook context).
+//! 2. `copy_queue` (writes waiting for their chunks to be preserved), `hold` (bios held
+//!    while quiesced or the lease lapsed), `hook` (the hook slabs, and
 //!    block-layer statistics of cloned bios), `server::path` (the
 //!    server path's state in a volume) and `server::wire` (requests on the wire, replies).
 //! 3. `volume`: one attached volume (map, devices, disk, server path, in-flight I/O).
 //! 4. `remap` (the direct data path: `submit_bio` and completions), `health` (fail-back
 //!    probes) and `server::connection` (a connection to the server's I/O service).
-//! 5. `server::thread` (the volume's server-path thread), `sysfs` and `registry`.
+//! 5. `server::thread` (the volume's server-path thread), `copier` (the volume's copier
+//!    thread), `sysfs` and `registry`.
 //! 6. `genl`: the netlink commands, which put volumes together from the layers below.
 //! 7. This crate root: module init and exit.
 
@@ -42,10 +45,23 @@ mod abi_frame;
 mod abi_pipeline;
 // uapi's modules name each other as in their crate.
 use abi_frame as frame;
+#[allow(
+    dead_code,
+    unused_imports,
+    unreachable_pub,
+    missing_docs,
+    clippy::incompatible_msrv
+)]
+#[path = "../uapi/src/cow.rs"]
+mod abi_cow;
 #[allow(dead_code, unreachable_pub, missing_docs, clippy::incompatible_msrv)]
 #[path = "../uapi/src/map.rs"]
 mod abi_map;
+use abi_map as map;
 mod copied;
+mod copier;
+mod copy_queue;
+mod cow_store;
 mod device;
 mod ffi;
 mod genl;

@@ -8,6 +8,7 @@
  */
 #include <linux/bio.h>
 #include <linux/rcupdate.h>
+#include <linux/sched/mm.h>
 #include <linux/wait.h>
 #include <net/genetlink.h>
 #include <net/sock.h>
@@ -66,6 +67,8 @@ void rust_helper_bio_inc_remaining(struct bio *bio) { bio_inc_remaining(bio); }
 void rust_helper_bio_set_dev(struct bio *bio, struct block_device *bdev) { bio_set_dev(bio, bdev); }
 
 bool rust_helper_wq_has_sleeper(struct wait_queue_head *wq_head) { return wq_has_sleeper(wq_head); }
+
+unsigned int rust_helper_memalloc_noio_save(void) { return memalloc_noio_save(); }
 
 void rust_helper_rcu_read_lock(void) { rcu_read_lock(); }
 void rust_helper_rcu_read_unlock(void) { rcu_read_unlock(); }

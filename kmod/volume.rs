@@ -11,6 +11,8 @@ use kernel::{fmt, new_mutex, new_spinlock};
 use crate::abi::MAX_TOKEN_BYTES;
 use crate::abi_map::{piece_at, Extent, MapView, Piece};
 use crate::copied::CopiedChunks;
+use crate::copy_queue::CopyQueue;
+use crate::cow_store::StoreInfo;
 use crate::device::SanDevice;
 use crate::ffi::consts::{BLK_FEAT_FUA, BLK_FEAT_IO_STAT, BLK_FEAT_NOWAIT, BLK_FEAT_WRITE_CACHE};
 use crate::ffi::disk::{GenDisk, GenDiskBuilder, Operations, Vtable};
@@ -41,6 +43,9 @@ pub(crate) struct MapState {
     /// `None` with snapshots when the bits could not be had (every write then goes through
     /// the server).
     copied: Option<Arc<CopiedChunks>>,
+    /// The store of the only active snapshot, when the map describes it: the copier
+    /// preserves chunks into it itself.
+    store: Option<StoreInfo>,
 }
 
 impl MapState {
@@ -60,6 +65,7 @@ impl MapState {
                 .push(view.extent(index), GFP_KERNEL)
                 .map_err(|_| (ENOMEM, "out of memory"))?;
         }
+        let store = StoreInfo::from_view(&view).map_err(|_| (ENOMEM, "out of memory"))?;
         Ok(MapState {
             bytes,
             extents,
@@ -69,6 +75,7 @@ impl MapState {
             cow_generation: header.cow_generation,
             cow_chunk_bytes: header.cow_chunk_bytes,
             copied: None,
+            store,
         })
     }
 
@@ -111,6 +118,32 @@ impl MapState {
                 .copied
                 .as_ref()
                 .is_some_and(|copied| copied.all_copied(offset, length))
+    }
+
+    /// The store the copier preserves chunks into and the bits it sets, while it may
+    /// (`None` once it stopped for this snapshot set, or without a store).
+    pub(crate) fn copy_target(&self) -> Option<(&StoreInfo, &CopiedChunks)> {
+        let copied = self.copied.as_deref()?;
+        if copied.copying_stopped() {
+            return None;
+        }
+        Some((self.store.as_ref()?, copied))
+    }
+
+    /// Whether a write that needs its chunks copied goes to the copier.
+    #[inline]
+    pub(crate) fn copies_itself(&self) -> bool {
+        self.copy_target().is_some()
+    }
+
+    pub(crate) fn chunk_bytes(&self) -> u32 {
+        self.cow_chunk_bytes
+    }
+
+    /// The volume device slot of map device `index` (u32::MAX, an empty slot, if out of
+    /// range).
+    pub(crate) fn slot_of(&self, index: u32) -> u32 {
+        self.slots.get(index as usize).copied().unwrap_or(u32::MAX)
     }
 
     /// Records a write the server acknowledged (its chunks are copied), mapped with `epoch`.
@@ -228,6 +261,9 @@ pub(crate) struct Volume {
     /// The second data path: failed direct pieces are re-issued to the server.
     #[pin]
     pub(crate) server: ServerPath,
+    /// Writes waiting for their chunks to be preserved for the snapshot.
+    #[pin]
+    pub(crate) copies: CopyQueue,
     pub(crate) counters: Counters,
     /// Bios sent to SAN devices, pieces on the server path and health probes not yet done.
     #[pin]
@@ -249,6 +285,8 @@ pub(crate) struct Parts<T: Operations<Data = Volume> + 'static> {
     pub(crate) disk_ops: &'static Vtable<T>,
     pub(crate) disk_attributes: &'static AttributeGroups,
     pub(crate) serve: fn(&Volume),
+    /// The body of its copier thread.
+    pub(crate) copy: fn(&Volume),
 }
 
 /// What CREATE hands over once everything is validated and opened.
@@ -294,6 +332,7 @@ impl Volume {
                 devices,
                 token <- new_spinlock!(new.token, "sanblk_volume_token"),
                 server <- ServerPath::new(new.servers),
+                copies <- CopyQueue::new(),
                 counters: Counters::default(),
                 inflight <- InFlight::new(),
                 hold <- Hold::new(new.lease_deadline, new.io_timeout_ms),
@@ -305,7 +344,12 @@ impl Volume {
         volume
             .server
             .start(volume.clone(), parts.serve, new.index)?;
-        if let Err(err) = volume.add_disk(major, parts) {
+        let started = volume
+            .copies
+            .start(volume.clone(), parts.copy, new.index)
+            .and_then(|()| volume.add_disk(major, parts));
+        if let Err(err) = started {
+            volume.copies.stop();
             volume.server.stop();
             return Err(err);
         }
@@ -408,6 +452,8 @@ impl Volume {
         // The thread may have issued a health probe after the wait above; it is stopped now,
         // so no new one can start.
         self.inflight.wait_idle();
+        // Its queue drained with the in-flight I/O above.
+        self.copies.stop();
         drop(deleted);
     }
 
@@ -425,6 +471,7 @@ impl Volume {
 impl PinnedDrop for Volume {
     fn drop(self: Pin<&mut Self>) {
         // Normally stopped by `remove_disk` already.
+        self.copies.stop();
         self.server.stop();
     }
 }

@@ -169,6 +169,15 @@ impl Bio {
         unsafe { bindings::submit_bio(self.raw()) };
     }
 
+    /// Submits a bio this module built and waits for its completion (process context: may
+    /// sleep); the bio stays ours ([`Bio::put`] it).
+    pub(crate) fn submit_and_wait(&mut self) -> Result {
+        // SAFETY: a live bio this module allocated and filled, not submitted before; the call
+        // returns once it has completed, and does not free it.
+        let status = unsafe { bindings::submit_bio_wait(self.raw()) };
+        kernel::error::to_result(status)
+    }
+
     /// Frees a completed bio this module allocated.
     pub(crate) fn put(self) {
         // SAFETY: the bio was allocated by this module and has completed; the last reference.

@@ -15,6 +15,8 @@ use kernel::ffi::c_char;
 pub(crate) type GenlInfo = bindings::genl_info;
 
 extern "C" {
+    // The calling task's allocations may not start I/O to reclaim memory.
+    pub(crate) fn rust_helper_memalloc_noio_save() -> c_uint;
     // Generic netlink: the family is a static table in the shim (generated from uapi), so
     // the helpers that take a family bind it and drop that argument.
     pub(crate) fn rust_helper_genl_register_family() -> c_int;

@@ -118,3 +118,11 @@ pub(crate) fn should_stop() -> bool {
     // SAFETY: called from threads started by `Kthread::start`.
     unsafe { bindings::kthread_should_stop() }
 }
+
+/// From now on, memory the calling kernel thread allocates is reclaimed without starting I/O
+/// (`memalloc_noio_save`, for its whole life): a thread on a volume's write path must not
+/// wait for writeback that may need it.
+pub(crate) fn forbid_io_in_reclaim() {
+    // SAFETY: sets a flag of the current task; the saved state is not needed (never restored).
+    let _ = unsafe { super::helpers::rust_helper_memalloc_noio_save() };
+}

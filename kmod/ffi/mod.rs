@@ -22,6 +22,7 @@ pub(crate) mod errno;
 pub(crate) mod genl;
 mod helpers;
 pub(crate) mod kthread;
+pub(crate) mod pages;
 pub(crate) mod slab;
 pub(crate) mod socket;
 pub(crate) mod sync;

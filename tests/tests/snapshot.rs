@@ -60,11 +60,18 @@ fn backup(provisioned: &Provisioned, snapshot: &str, image: &Path, since: Option
 /// A guest running `body` with `vsnap` attached as `$dev` (see [`dm_san::script`]), and the
 /// host's `ports` forwarded besides the server's.
 fn guest(provisioned: &Provisioned, name: &str, body: &str, ports: &[u16]) -> RunningVm {
+    // The spare (`/dev/vdb`) is where snapshot stores go: with it the module preserves
+    // chunks itself.
+    let attach_args = if provisioned.spare.is_some() {
+        "--device /dev/vdb"
+    } else {
+        ""
+    };
     let mut config = dm_san::vm(
         provisioned,
         name,
         "vsnap",
-        "",
+        attach_args,
         body,
         Duration::from_secs(600),
     );
@@ -130,21 +137,24 @@ $S detach vsnap"#
         read_with_qemu_img(&s1, &dir.join("s1.raw")) == a,
         "snapshot s1 does not read back pattern A"
     );
-    // Of fio's 1024 writes, only the first to each of the 64 chunks went through the server
-    // (which copied the chunk); the module sent the rest straight to the SAN devices.
-    let redirected = |name: &str| {
-        let status: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(out.join(name)).expect("status"))
-                .expect("status json");
-        status["volumes"][0]["redirected_ios"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no redirected_ios in {status}"))
-    };
+    // s1 is the only snapshot, and its store is described in the map: the module preserved
+    // the first write to each of fio's 64 chunks itself (chunk, slot, FUA record, then the
+    // write), none went through the server, and it sent the rest straight to the devices.
+    let counter = |name: &str, field: &str| status_counter(&out.join(name), field);
+    let during_fio =
+        |field: &str| counter("status-b.json", field) - counter("status-a.json", field);
     assert_eq!(
-        redirected("status-b.json") - redirected("status-a.json"),
+        during_fio("preserved_chunks"),
         4 * MIB / CHUNK,
+        "chunks the module preserved during fio"
+    );
+    assert_eq!(
+        during_fio("redirected_ios"),
+        0,
         "fio's writes through the server"
     );
+    // And the 16 chunks dd overwrote before.
+    assert_eq!(counter("status-a.json", "preserved_chunks"), MIB / CHUNK);
     let after_b = fs::read(out.join("after-b.img")).expect("after-b.img");
     let map = server.volume("vsnap").map;
     assert!(
@@ -210,23 +220,51 @@ $S detach vsnap"#
     assert_eq!(fio["jobs"][0]["error"], 0, "{fio}");
 }
 
+/// Guest lines: pattern A written whole, `written` touched, then wait for `snapped`.
+const WRITE_A: &str = "dd if=$D/a.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
+touch written
+wait_long $D/snapped";
+
+/// fio arguments: 2 MiB of verified 4 KiB random writes over the whole volume.
+const RANDOM_2M: &str = "--filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
+    --size=16M --io_size=2M --verify=crc32c --verify_fatal=1 --randrepeat=0 \
+    --output-format=json";
+
+/// Counter `field` of the first volume in a `sanctl --json status` output file.
+fn status_counter(path: &Path, field: &str) -> u64 {
+    let status: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(path).expect("status")).expect("status json");
+    status["volumes"][0][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+}
+
+/// fio's JSON output at `path` reports no error.
+fn assert_fio_clean(path: &Path) {
+    let fio: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(path).expect("fio")).expect("fio json");
+    assert_eq!(fio["jobs"][0]["error"], 0, "fio saw an error: {fio}");
+}
+
+/// A volume `vsnap` on a pool with a spare, and pattern A for it in `a.pattern`.
+fn provision_with_pattern(name: &str) -> (Provisioned, std::path::PathBuf, Vec<u8>) {
+    let provisioned = provision(name, &[], &["vsnap"], true);
+    let dir = provisioned.dir.clone();
+    let a = blocks::pattern(&format!("{name}-a"), 1, VOLUME);
+    fs::write(dir.join("a.pattern"), &a).expect("pattern");
+    (provisioned, dir, a)
+}
+
 /// A COW store overflowing under fio invalidates only its own snapshot (fio sees no error),
 /// and a guest killed (QEMU quit) in the middle of copy-on-write traffic leaves every
 /// snapshot reading back its point in time.
 #[test]
 fn an_overflow_and_a_killed_guest_leave_the_other_snapshots_intact() {
-    let provisioned = provision("snapshot-kill", &[], &["vsnap"], true);
-    let dir = provisioned.dir.clone();
-    let a = blocks::pattern("kill-a", 1, VOLUME);
-    fs::write(dir.join("a.pattern"), &a).expect("pattern");
+    let (provisioned, dir, a) = provision_with_pattern("snapshot-kill");
     let body = format!(
         r#"{WAIT_LONG}
-dd if=$D/a.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
-touch written
-wait_long $D/snapped
-fio --name=over --filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
-    --size=16M --io_size=2M --verify=crc32c --verify_fatal=1 --randrepeat=0 \
-    --output-format=json --output=fio-over.json
+{WRITE_A}
+fio --name=over {RANDOM_2M} --output=fio-over.json
 dd if=$dev of=after-fio.img bs=1M iflag=direct status=none
 touch overflowed
 wait_long $D/late
@@ -234,7 +272,7 @@ i=0
 while :; do
     dd if=/dev/urandom of=$dev bs=64k count=4 seek=$(( (i * 7) % 250 )) oflag=direct status=none
     i=$((i + 1))
-    [ $i -eq 8 ] && touch writing
+    if [ $i -eq 8 ]; then $S --json status > status-late.json; touch writing; fi
 done"#
     );
     let vm = guest(&provisioned, "snapshot-kill", &body, &[]);
@@ -245,10 +283,7 @@ done"#
     server.sanctl(&["snapshot", "create", "vsnap", "small", "--cow-size", "1M"]);
     fs::write(dir.join("snapped"), b"").expect("signal");
     wait_for_file(&out.join("overflowed"), Duration::from_secs(400));
-    let fio: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(out.join("fio-over.json")).expect("fio"))
-            .expect("fio json");
-    assert_eq!(fio["jobs"][0]["error"], 0, "fio saw an error: {fio}");
+    assert_fio_clean(&out.join("fio-over.json"));
     let small = snapshot(&provisioned, "small");
     assert_eq!(small.state, "invalid", "{small:?}");
     assert!(
@@ -256,16 +291,22 @@ done"#
         "{small:?}"
     );
     let after_fio = fs::read(out.join("after-fio.img")).expect("after-fio.img");
-    server.sanctl(&["snapshot", "create", "vsnap", "late", "--cow-size", "18M"]);
-    fs::write(dir.join("late"), b"").expect("signal");
-    wait_for_file(&out.join("writing"), Duration::from_secs(300));
-    // QEMU quits in the middle of the guest's copy-on-write traffic.
-    drop(vm);
     let big = snapshot(&provisioned, "big");
     assert_eq!(big.state, "active");
     assert!(
         read_with_qemu_img(&big, &dir.join("big.raw")) == a,
         "snapshot big lost its point in time"
+    );
+    // With big deleted, late is the only snapshot: the module preserves chunks for it
+    // itself, and QEMU quits in the middle of that copy-on-write traffic.
+    server.sanctl(&["snapshot", "create", "vsnap", "late", "--cow-size", "18M"]);
+    server.sanctl(&["snapshot", "delete", "vsnap", "big"]);
+    fs::write(dir.join("late"), b"").expect("signal");
+    wait_for_file(&out.join("writing"), Duration::from_secs(300));
+    drop(vm);
+    assert!(
+        status_counter(&out.join("status-late.json"), "preserved_chunks") > 0,
+        "the module preserved no chunk for late"
     );
     let late = snapshot(&provisioned, "late");
     assert!(
@@ -275,5 +316,72 @@ done"#
     assert!(
         read_with_qemu_img(&late, &dir.join("late.raw")) == after_fio,
         "snapshot late lost its point in time"
+    );
+}
+
+#[test]
+fn a_store_the_module_fills_invalidates_its_snapshot_and_the_next_one_is_copied_again() {
+    let (provisioned, dir, _) = provision_with_pattern("snapshot-fill");
+    let body = format!(
+        r#"{WAIT_LONG}
+{WRITE_A}
+$S --json status > status-before.json
+fio --name=fill {RANDOM_2M} --output=fio-fill.json
+$S --json status > status-full.json
+dd if=$dev of=after-fill.img bs=1M iflag=direct status=none
+touch filled
+wait_long $D/snapped2
+dd if=/dev/urandom of=$dev bs=64k count=8 seek=3 oflag=direct conv=fsync status=none
+$S --json status > status-next.json
+touch done"#
+    );
+    let vm = guest(&provisioned, "snapshot-fill", &body, &[]);
+    let out = vm.log_dir().to_path_buf();
+    let server = &provisioned.server;
+    wait_for_file(&out.join("written"), Duration::from_secs(300));
+    // The only snapshot, with room for a few chunks only: the module copies until the store
+    // is full, then the server takes the first writes and gives the snapshot up.
+    server.sanctl(&["snapshot", "create", "vsnap", "tiny", "--cow-size", "1M"]);
+    fs::write(dir.join("snapped"), b"").expect("signal");
+    wait_for_file(&out.join("filled"), Duration::from_secs(400));
+    assert_fio_clean(&out.join("fio-fill.json"));
+    let counter = |name: &str, field: &str| status_counter(&out.join(name), field);
+    let preserved = counter("status-full.json", "preserved_chunks")
+        - counter("status-before.json", "preserved_chunks");
+    assert!(preserved > 0, "the module preserved nothing");
+    assert!(
+        counter("status-full.json", "redirected_ios")
+            > counter("status-before.json", "redirected_ios"),
+        "no first write went to the server once the store was full"
+    );
+    let tiny = snapshot(&provisioned, "tiny");
+    assert_eq!(tiny.state, "invalid", "{tiny:?}");
+    assert!(
+        tiny.reason.as_deref().unwrap_or("").contains("full"),
+        "{tiny:?}"
+    );
+    let after_fill = fs::read(out.join("after-fill.img")).expect("after-fill.img");
+    assert!(
+        blocks::read_volume(&server.volume("vsnap").map, &provisioned.by_uuid, 0, VOLUME)
+            == after_fill,
+        "the origin image does not hold what the guest wrote"
+    );
+    // A new snapshot is a new set: the module copies for it again.
+    server.sanctl(&["snapshot", "create", "vsnap", "next", "--cow-size", "4M"]);
+    fs::write(dir.join("snapped2"), b"").expect("signal");
+    wait_for_file(&out.join("done"), Duration::from_secs(300));
+    drop(vm);
+    assert_eq!(
+        counter("status-next.json", "preserved_chunks")
+            - counter("status-full.json", "preserved_chunks"),
+        8,
+        "chunks the module preserved for the next snapshot"
+    );
+    let next = snapshot(&provisioned, "next");
+    assert_eq!(next.state, "active", "{next:?}");
+    assert_eq!(next.changed_chunks, 8, "{next:?}");
+    assert!(
+        read_with_qemu_img(&next, &dir.join("next.raw")) == after_fill,
+        "snapshot next lost its point in time"
     );
 }

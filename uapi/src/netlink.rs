@@ -215,6 +215,8 @@ pub enum Attr {
     LeaseRemainingMs = 33,
     /// Held bios failed because they waited longer than the I/O timeout (STATUS).
     TimedOutIos = 34,
+    /// Chunks the module preserved itself in a snapshot's COW store (STATUS).
+    PreservedChunks = 35,
 }
 
 /// Bits of [`Attr::HoldReason`].
@@ -364,7 +366,7 @@ pub const MAX_PATH_BYTES: u16 = 255;
 pub const MAX_VOLUME_NAME_BYTES: u16 = 63;
 
 /// The attribute table: numbers, names and policy.
-pub const ATTRIBUTES: [AttrSpec; 34] = [
+pub const ATTRIBUTES: [AttrSpec; 35] = [
     AttrSpec {
         attr: Attr::ProtocolVersion,
         name: "PROTOCOL_VERSION",
@@ -541,10 +543,15 @@ pub const ATTRIBUTES: [AttrSpec; 34] = [
         name: "TIMED_OUT_IOS",
         kind: AttrKind::U64,
     },
+    AttrSpec {
+        attr: Attr::PreservedChunks,
+        name: "PRESERVED_CHUNKS",
+        kind: AttrKind::U64,
+    },
 ];
 
 /// Highest attribute number (`maxattr` of the family).
-pub const ATTR_MAX: u16 = Attr::TimedOutIos as u16;
+pub const ATTR_MAX: u16 = Attr::PreservedChunks as u16;
 
 impl Attr {
     /// Decodes an attribute number; `None` for numbers the family does not define.

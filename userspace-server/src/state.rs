@@ -847,7 +847,7 @@ impl ServerState {
                     [only] if only.chunk_bytes == chunk_bytes => Some(CowStoreLocation {
                         snapshot_id: only.id,
                         store_bytes: only.store_bytes,
-                        scan_from_sector: 0,
+                        scan_from_sector: self.snapshots.scan_hint(record.id, only.id),
                         extents: only.store_extents.clone(),
                     }),
                     _ => None,

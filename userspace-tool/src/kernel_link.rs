@@ -114,6 +114,8 @@ pub struct KernelVolume {
     pub servers: Vec<String>,
     /// Pieces of I/O completed over the server path.
     pub redirected_ios: u64,
+    /// Chunks the module preserved itself in a snapshot's COW store.
+    pub preserved_chunks: u64,
     /// Why new I/O is held: "quiesced" (a configuration change), "lease-lapsed"; empty when
     /// I/O flows.
     pub hold_reason: Vec<String>,
@@ -669,6 +671,7 @@ fn parse_volume(nest: &Nlattr<u16, Buffer>) -> Result<KernelVolume, KernelError>
         server_path: ServerPathState::None.name().to_string(),
         servers: Vec::new(),
         redirected_ios: 0,
+        preserved_chunks: 0,
         hold_reason: Vec::new(),
         held_ios: 0,
         lease_remaining_ms: 0,
@@ -695,6 +698,7 @@ fn parse_volume(nest: &Nlattr<u16, Buffer>) -> Result<KernelVolume, KernelError>
                     .to_string()
             }
             Some(Attr::RedirectedIos) => volume.redirected_ios = u64_of(attr),
+            Some(Attr::PreservedChunks) => volume.preserved_chunks = u64_of(attr),
             Some(Attr::HoldReason) => volume.hold_reason = hold_reasons(u32_of(attr)),
             Some(Attr::HeldIos) => volume.held_ios = u64_of(attr),
             Some(Attr::LeaseRemainingMs) => volume.lease_remaining_ms = u64_of(attr),

@@ -184,6 +184,11 @@ impl CowStore {
         chunks
     }
 
+    /// The record sector the next record goes to: every one before it is full.
+    pub fn open_sector(&self) -> u32 {
+        self.open_sector.index
+    }
+
     pub fn slots_used(&self) -> u64 {
         self.records.len() as u64
     }

@@ -251,6 +251,21 @@ impl Snapshots {
         Ok(Some(f(store)))
     }
 
+    /// Where a client starts looking for the end of snapshot `snapshot_id`'s records: the
+    /// open record sector as last read here (0 when its store is not loaded, or busy: the
+    /// client then reads the record area from its start). Never blocks.
+    pub fn scan_hint(&self, volume_id: u64, snapshot_id: u64) -> u32 {
+        let volume = self.volume(volume_id);
+        let Ok(stores) = volume.try_lock() else {
+            return 0;
+        };
+        stores
+            .stores
+            .iter()
+            .find(|s| s.snapshot.id == snapshot_id)
+            .map_or(0, CowStore::open_sector)
+    }
+
     /// The chunks copied so far by snapshot `snapshot_id` (written since it was taken), in
     /// ascending order, and the store's slots used and total (blocking).
     pub fn copied_chunks(

@@ -1,0 +1,62 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Where the COW store of a volume's only active snapshot lies (the map's COW store section)
+//! and how it is laid out (uapi `cow.rs`): what the copier needs to preserve chunks itself.
+
+use kernel::prelude::*;
+
+use crate::abi_cow::CowLayout;
+use crate::abi_map::{MapView, StoreExtent};
+
+pub(crate) struct StoreInfo {
+    /// Part of each record sector's checksum.
+    pub(crate) snapshot_id: u64,
+    pub(crate) layout: CowLayout,
+    /// The record sector to start looking for the end of the records at.
+    pub(crate) scan_from_sector: u64,
+    /// In store order; devices as indexes of the map's device table.
+    extents: KVec<StoreExtent>,
+}
+
+impl StoreInfo {
+    /// The store a parsed map describes; `None` without a section, or when the store holds
+    /// no chunk of the map's copy-on-write chunk size (the server then makes every copy).
+    pub(crate) fn from_view(view: &MapView<'_>) -> Result<Option<StoreInfo>> {
+        let Some(section) = view.cow_store() else {
+            return Ok(None);
+        };
+        let Some(layout) = CowLayout::new(section.store_bytes, view.header().cow_chunk_bytes)
+        else {
+            return Ok(None);
+        };
+        let mut extents = KVec::with_capacity(section.extent_count as usize, GFP_KERNEL)?;
+        for index in 0..section.extent_count {
+            extents.push(view.store_extent(index), GFP_KERNEL)?;
+        }
+        Ok(Some(StoreInfo {
+            snapshot_id: section.snapshot_id,
+            layout,
+            scan_from_sector: u64::from(section.scan_from_sector),
+            extents,
+        }))
+    }
+
+    /// Where `length` bytes at store `offset` begin: the map device index, the device offset
+    /// and how many of the bytes lie there; `None` beyond the store.
+    pub(crate) fn locate(&self, offset: u64, length: u64) -> Option<(u32, u64, u64)> {
+        let mut start = 0u64;
+        for extent in self.extents.iter() {
+            let end = start + extent.length;
+            if offset < end {
+                let within = offset.checked_sub(start)?;
+                return Some((
+                    extent.device,
+                    extent.offset + within,
+                    (end - offset).min(length),
+                ));
+            }
+            start = end;
+        }
+        None
+    }
+}
