@@ -19,6 +19,11 @@
 //! of the snapshot over NBD against reading the volume's image file sequentially (O_DIRECT
 //! `dd`), same size.
 //!
+//! In those jobs the module preserves chunks itself (the store's device, `/dev/vdb`, is among
+//! the agent's devices). Then `uncopied` runs once more on the sanblk volume, attached again
+//! without that device, under a second snapshot: the module sends each first write through
+//! the server, which makes the copy (the row "uncopied, server copies").
+//!
 //! Settings: SANBLK_BENCH_KERNEL and SANBLK_BENCH_MODULE (as for `sanblk-bench-datapath`).
 
 use std::process::{Command, ExitCode};
@@ -67,10 +72,14 @@ job() {{
 }}
 # One 4 KiB write at the start of each 64 KiB chunk (every chunk once).
 UNCOPIED="--io_size=4M"
-$S attach vs --server 10.0.2.100:{port} --client host1 --secret-file {secret} \
-    --device /dev/mapper/san0 --device /dev/vdb --io-server 10.0.2.100:{io_port} > agent.log 2>&1 &
-wait_for /run/sanblk/vs.device
-dev=$(cat /run/sanblk/vs.device)
+attach() {{
+    # $@ extra devices
+    $S attach vs --server 10.0.2.100:{port} --client host1 --secret-file {secret} \
+        --device /dev/mapper/san0 "$@" --io-server 10.0.2.100:{io_port} >> agent.log 2>&1 &
+    wait_for /run/sanblk/vs.device
+    dev=$(cat /run/sanblk/vs.device)
+}}
+attach --device /dev/vdb
 # $1 name, $2 device, $3 fio --rw, $4 extra options, $5 first round: ROUNDS runs of
 # {ROUND_SECONDS} s each (the job wraps around its range).
 rounds() {{
@@ -92,6 +101,15 @@ wait_long $D/snapshot.deleted
 # The same jobs once the snapshot is gone: the baseline brackets the snapshot runs.
 rounds sanblk-plain-copied $dev write:60k "$UNCOPIED" $((1 + {ROUNDS}))
 rounds sanblk-plain-read $dev randread "--io_size=4M" $((1 + {ROUNDS}))
+# Without the store's device the server makes each copy.
+$S detach vs
+attach
+touch snapshot2.wanted
+wait_long $D/snapshot2.taken
+job sanblk-server-uncopied $dev write:60k "$UNCOPIED"
+$S --json status > status-server.json
+touch server.done
+wait_long $D/snapshot2.deleted
 SECTORS=$(blockdev --getsz /dev/vdc)
 dmsetup create dmbase --table "0 $SECTORS linear /dev/vdc 0"
 job dm-plain-uncopied /dev/mapper/dmbase write:60k "$UNCOPIED"
@@ -167,6 +185,20 @@ $S detach vs
     let read_took = read_started.elapsed().as_secs_f64();
     server.sanctl(&["snapshot", "delete", "vs", "bench"]);
     std::fs::write(dir.join("snapshot.deleted"), b"").map_err(|e| e.to_string())?;
+    let log_dir = vm.log_dir().to_path_buf();
+    wait_for_path(&log_dir.join("snapshot2.wanted"), Duration::from_secs(1200))?;
+    server.sanctl(&[
+        "snapshot",
+        "create",
+        "vs",
+        "bench2",
+        "--cow-size",
+        &format!("{}M", VOLUME_MIB + 4),
+    ]);
+    std::fs::write(dir.join("snapshot2.taken"), b"").map_err(|e| e.to_string())?;
+    wait_for_path(&log_dir.join("server.done"), Duration::from_secs(1200))?;
+    server.sanctl(&["snapshot", "delete", "vs", "bench2"]);
+    std::fs::write(dir.join("snapshot2.deleted"), b"").map_err(|e| e.to_string())?;
 
     let outcome = vm.wait().map_err(|e| format!("{e:?}"))?;
     outcome.check_clean_success()?;
@@ -200,21 +232,44 @@ $S detach vs
          | job | sanblk without | sanblk with | sanblk ratio | dm without | dm-snapshot with | dm ratio |\n\
          |---|---|---|---|---|---|---|\n",
     );
-    for (job, metric) in [
-        ("uncopied", fio::Metric::WriteIops),
-        ("copied", fio::Metric::WriteIops),
-        ("read", fio::Metric::ReadIops),
+    for (label, job, snap, metric) in [
+        ("uncopied", "uncopied", "snap", fio::Metric::WriteIops),
+        (
+            "uncopied, server copies",
+            "uncopied",
+            "server",
+            fio::Metric::WriteIops,
+        ),
+        ("copied", "copied", "snap", fio::Metric::WriteIops),
+        ("read", "read", "snap", fio::Metric::ReadIops),
     ] {
         let sanblk_plain = value(&format!("sanblk-plain-{job}"), metric)?;
-        let sanblk_snap = value(&format!("sanblk-snap-{job}"), metric)?;
+        let sanblk_snap = value(&format!("sanblk-{snap}-{job}"), metric)?;
         let dm_plain = value(&format!("dm-plain-{job}"), metric)?;
         let dm_snap = value(&format!("dm-snap-{job}"), metric)?;
         report.push_str(&format!(
-            "| {job} | {sanblk_plain:.0} IOPS | {sanblk_snap:.0} IOPS | {:.2} | {dm_plain:.0} IOPS | {dm_snap:.0} IOPS | {:.2} |\n",
+            "| {label} | {sanblk_plain:.0} IOPS | {sanblk_snap:.0} IOPS | {:.2} | {dm_plain:.0} IOPS | {dm_snap:.0} IOPS | {:.2} |\n",
             sanblk_plain / sanblk_snap,
             dm_plain / dm_snap
         ));
     }
+    // Who made the copies: the module's counters after each snapshot phase.
+    let counters = |file: &str| -> Result<(u64, u64), String> {
+        let text = outcome
+            .read_out_file(file)
+            .map_err(|e| format!("{file}: {e}"))?;
+        let status: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
+        let field = |name: &str| status["volumes"][0][name].as_u64().unwrap_or(0);
+        Ok((field("preserved_chunks"), field("redirected_ios")))
+    };
+    let (module_preserved, module_redirected) = counters("status.json")?;
+    let (server_preserved, server_redirected) = counters("status-server.json")?;
+    report.push_str(&format!(
+        "\nChunks the module preserved / I/Os through the server: {module_preserved} / \
+         {module_redirected} in the snapshot jobs, {server_preserved} / {server_redirected} in \
+         the server-copies job.\n"
+    ));
     let mib = VOLUME_MIB as f64;
     report.push_str(&format!(
         "\n### Backup over NBD\n\n| copy | MiB | seconds | MiB/s |\n|---|---|---|---|\n\
