@@ -3,11 +3,15 @@
 //! The volume's copier thread: while the volume has exactly one active snapshot, whose COW
 //! store the map describes, it preserves each chunk a write is the first to touch since the
 //! snapshot, as `sand` would: reads the chunk from the origin, writes it into the next free
-//! slot of the store (FUA), appends the record (chunk, slot) to the store's record sectors
-//! (FUA, so it is durable before the origin write is issued), sets the chunk's bit, then
-//! re-submits the write, which now goes straight to the SAN devices. A host that crashes at
-//! any moment leaves the snapshot reading back its point in time: until the record is
-//! durable the origin is untouched, and a slot without a record is free.
+//! slot of the store, appends the record (chunk, slot) to the store's record sectors with
+//! PREFLUSH (the slot is durable before the record is written) and FUA (the record is
+//! durable before the origin write is issued), sets the chunk's bit, then re-submits the
+//! write, which now goes straight to the SAN devices. A host that crashes at any moment
+//! leaves the snapshot reading back its point in time: until the record is durable the
+//! origin is untouched, and a slot without a record is free. The writes queued while it
+//! copies are taken as one batch: their chunks go into consecutive slots, written at once,
+//! and their records into one write of the record block, so one pair of flushes serves them
+//! all.
 //!
 //! Only writes to chunks not preserved yet come here (submit_bio queues them, nothing
 //! waits); writes to a chunk being copied wait behind it in the queue, reads and writes to
@@ -31,8 +35,8 @@ use crate::abi_cow::{Record, RecordSector, HEADER_BYTES, RECORDS_PER_SECTOR, SEC
 use crate::abi_map::chunks_touched;
 use crate::copied::CopiedChunks;
 use crate::cow_store::StoreInfo;
-use crate::ffi::bio::Bio;
-use crate::ffi::consts::{Opf, GFP_NOIO, REQ_FUA, REQ_OP_READ, REQ_OP_WRITE};
+use crate::ffi::bio::{Bio, BioList};
+use crate::ffi::consts::{Opf, GFP_NOIO, REQ_FUA, REQ_OP_READ, REQ_OP_WRITE, REQ_PREFLUSH};
 use crate::ffi::kthread::{forbid_io_in_reclaim, should_stop};
 use crate::ffi::pages::PageBuf;
 use crate::ffi::sync::{wait_until, TASK_INTERRUPTIBLE};
@@ -45,6 +49,12 @@ use crate::volume::{MapState, Volume};
 const RECORD_BLOCK: u64 = 4096;
 /// Most bytes one bio of the copier carries.
 const MAX_BIO_BYTES: u64 = 512 << 10;
+/// Most queued writes copied as one batch.
+const MAX_BATCH_WRITES: usize = 32;
+/// Most chunks gathered from a batch before they are copied.
+const MAX_GROUP_CHUNKS: usize = 64;
+/// Most bytes of chunks copied in one group (one slot write, one record write).
+const MAX_GROUP_BYTES: u64 = 4 << 20;
 
 /// The body of a volume's copier thread; returns when asked to stop.
 pub(crate) fn run(volume: &Volume) {
@@ -58,8 +68,18 @@ pub(crate) fn run(volume: &Volume) {
         wait_until(&[&volume.copies.wakeup], TASK_INTERRUPTIBLE, None, || {
             !volume.copies.is_empty() || should_stop()
         });
-        while let Some((bio, _inflight)) = volume.copies.pop(&volume.inflight) {
-            copier.handle(volume, bio);
+        while let Some((first, _inflight)) = volume.copies.pop(&volume.inflight) {
+            // The writes queued now, copied as one batch; the first one's in-flight
+            // reference covers them all until they are re-submitted.
+            let mut batch = BioList::new();
+            batch.push(first);
+            while batch.len() < MAX_BATCH_WRITES {
+                let Some((bio, _also)) = volume.copies.pop(&volume.inflight) else {
+                    break;
+                };
+                batch.push(bio);
+            }
+            copier.handle(volume, batch);
         }
         if should_stop() {
             return;
@@ -93,17 +113,29 @@ struct Copier {
 }
 
 impl Copier {
-    fn handle(&mut self, volume: &Volume, bio: Bio) {
-        let offset = bio.sector() << 9;
-        let length = u64::from(bio.size());
+    fn handle(&mut self, volume: &Volume, mut batch: BioList) {
+        let mut ranges = [(0u64, 0u64); MAX_BATCH_WRITES];
+        let mut count = 0;
+        let mut writes = BioList::new();
+        while let Some(bio) = batch.pop() {
+            if let Some(range) = ranges.get_mut(count) {
+                *range = (bio.sector() << 9, u64::from(bio.size()));
+                count += 1;
+            }
+            writes.push(bio);
+        }
+        let ranges = &ranges[..count];
         let map = volume.current_map();
         let now = now_ns();
         if !volume.hold.is_quiesced() && !volume.hold.lease_lapsed(now) {
             if let Some((store, copied)) = map.copy_target() {
-                let preserved = self.preserve(volume, &map, store, copied, offset, length);
+                let preserved = self.preserve(volume, &map, store, copied, ranges);
                 // Re-submitting a write still not preserved would bring it back here.
                 let outcome = preserved.and_then(|()| {
-                    if map.write_needs_copy(offset, length) {
+                    if ranges
+                        .iter()
+                        .any(|&(offset, length)| map.write_needs_copy(offset, length))
+                    {
                         Err(EINVAL)
                     } else {
                         Ok(())
@@ -122,40 +154,74 @@ impl Copier {
                 }
             }
         }
-        resubmit_copied(volume, bio);
+        while let Some(bio) = writes.pop() {
+            resubmit_copied(volume, bio);
+        }
     }
 
-    /// Preserves every chunk of `[offset, offset + length)` not preserved yet.
+    /// Preserves every chunk the writes `ranges` touch that is not preserved yet, in groups
+    /// of consecutive slots whose records share one record block.
     fn preserve(
         &mut self,
         volume: &Volume,
         map: &MapState,
         store: &StoreInfo,
         copied: &CopiedChunks,
-        offset: u64,
-        length: u64,
+        ranges: &[(u64, u64)],
     ) -> Result {
-        let Some((first, last)) = chunks_touched(offset, length, map.chunk_bytes()) else {
-            return Ok(());
-        };
-        for chunk in first..=last {
-            if copied.is_copied(chunk) {
+        let mut chunks = [0u64; MAX_GROUP_CHUNKS];
+        let mut count = 0;
+        for &(offset, length) in ranges {
+            let Some((first, last)) = chunks_touched(offset, length, map.chunk_bytes()) else {
                 continue;
+            };
+            for chunk in first..=last {
+                if copied.is_copied(chunk) || chunks[..count].contains(&chunk) {
+                    continue;
+                }
+                if count == chunks.len() {
+                    self.copy_all(volume, map, store, copied, &chunks[..count])?;
+                    count = 0;
+                }
+                chunks[count] = chunk;
+                count += 1;
             }
-            self.copy_chunk(volume, map, store, chunk)?;
-            copied.mark_chunk(chunk);
-            volume.copies.count_preserved();
         }
-        Ok(())
+        self.copy_all(volume, map, store, copied, &chunks[..count])
     }
 
-    fn copy_chunk(
+    /// Copies `chunks` in as many groups as their records' blocks take.
+    fn copy_all(
         &mut self,
         volume: &Volume,
         map: &MapState,
         store: &StoreInfo,
-        chunk: u64,
+        copied: &CopiedChunks,
+        chunks: &[u64],
     ) -> Result {
+        let mut done = 0;
+        while done < chunks.len() {
+            let group = self.copy_group(volume, map, store, &chunks[done..])?;
+            for &chunk in &chunks[done..done + group] {
+                copied.mark_chunk(chunk);
+                volume.copies.count_preserved();
+            }
+            done += group;
+        }
+        Ok(())
+    }
+
+    /// Copies the first chunks of `chunks` into consecutive slots: each chunk read, the slots
+    /// written, then their records in one write of the record block with PREFLUSH (the slots
+    /// are durable before it) and FUA (the records are durable before any write is
+    /// re-submitted). Returns how many it copied (at least one).
+    fn copy_group(
+        &mut self,
+        volume: &Volume,
+        map: &MapState,
+        store: &StoreInfo,
+        chunks: &[u64],
+    ) -> Result<usize> {
         let now = now_ns();
         let fresh = matches!(&self.cursor, Some(c) if c.snapshot_id == store.snapshot_id
             && c.epoch == map.epoch
@@ -172,67 +238,88 @@ impl Copier {
         }
         let layout = &store.layout;
         let chunk_bytes = u64::from(layout.chunk_bytes);
-        let (slot, mut sector, block_offset) = match &self.cursor {
-            Some(c) => (c.next_slot, c.sector, c.block_offset),
-            None => return Err(EINVAL),
+        let Some(cursor) = self.cursor.as_ref() else {
+            return Err(EINVAL);
         };
-        if slot >= layout.slots {
+        let (first_slot, block_offset) = (cursor.next_slot, cursor.block_offset);
+        let (epoch, checked_ns) = (cursor.epoch, cursor.checked_ns);
+        let mut sector = cursor.sector;
+        if first_slot >= layout.slots {
             return Err(ENOSPC);
         }
-        // The chunk as it is now (the part of a last chunk beyond the volume reads as zero).
-        self.chunk.reserve(chunk_bytes as usize)?;
-        let start = chunk * chunk_bytes;
-        let valid = map.size.saturating_sub(start).min(chunk_bytes);
-        read_origin(volume, map, &self.chunk, start, valid)?;
-        if valid < chunk_bytes {
-            self.chunk
-                .zero(valid as usize, (chunk_bytes - valid) as usize)?;
+        // As many as the free slots, the buffer bound and the record block allow.
+        let block_end = block_offset + RECORD_BLOCK;
+        let sectors_left =
+            (block_end - layout.record_sector_offset(first_slot)) / SECTOR_BYTES as u64;
+        let records_left = sectors_left * RECORDS_PER_SECTOR as u64 - u64::from(sector.count);
+        let count = (chunks.len() as u64)
+            .min(layout.slots - first_slot)
+            .min((MAX_GROUP_BYTES / chunk_bytes).max(1))
+            .min(records_left)
+            .max(1);
+        // The chunks as they are now (the part of a last chunk beyond the volume reads as
+        // zero), one after the other in the buffer, as their slots are in the store.
+        self.chunk.reserve((count * chunk_bytes) as usize)?;
+        for (i, &chunk) in chunks.iter().take(count as usize).enumerate() {
+            let at = i as u64 * chunk_bytes;
+            let start = chunk * chunk_bytes;
+            let valid = map.size.saturating_sub(start).min(chunk_bytes);
+            read_origin(volume, map, &self.chunk, at, start, valid)?;
+            if valid < chunk_bytes {
+                self.chunk
+                    .zero((at + valid) as usize, (chunk_bytes - valid) as usize)?;
+            }
         }
         store_io(
             volume,
             map,
             store,
             &self.chunk,
-            layout.slot_offset(slot),
-            chunk_bytes,
-            REQ_OP_WRITE | REQ_FUA,
+            layout.slot_offset(first_slot),
+            count * chunk_bytes,
+            REQ_OP_WRITE,
         )?;
-        if !sector.push(Record {
-            origin_chunk: chunk,
-            slot,
-        }) {
-            return Err(EINVAL);
+        for (i, &chunk) in chunks.iter().take(count as usize).enumerate() {
+            let slot = first_slot + i as u64;
+            if !sector.push(Record {
+                origin_chunk: chunk,
+                slot,
+            }) {
+                return Err(EINVAL);
+            }
+            let mut bytes = [0u8; SECTOR_BYTES];
+            sector.encode(store.snapshot_id, &mut bytes);
+            let in_block = layout.record_sector_offset(slot) - block_offset;
+            self.record_block.write(in_block as usize, &bytes)?;
+            if sector.count as usize == RECORDS_PER_SECTOR {
+                sector = RecordSector::empty(sector.index.saturating_add(1));
+            }
         }
-        let mut bytes = [0u8; SECTOR_BYTES];
-        sector.encode(store.snapshot_id, &mut bytes);
-        let in_block = layout.record_sector_offset(slot) - block_offset;
-        self.record_block.write(in_block as usize, &bytes)?;
-        self.record_block_io(volume, map, store, block_offset, REQ_OP_WRITE | REQ_FUA)?;
-        // Durable: on to the next slot (and sector, and block, once they are full).
-        let (epoch, checked_ns) = match &self.cursor {
-            Some(c) => (c.epoch, c.checked_ns),
-            None => return Err(EINVAL),
-        };
+        self.record_block_io(
+            volume,
+            map,
+            store,
+            block_offset,
+            REQ_OP_WRITE | REQ_PREFLUSH | REQ_FUA,
+        )?;
+        // Durable: on to the next slot (and block, once this one is full).
+        let next_slot = first_slot + count;
         let mut next = Cursor {
             snapshot_id: store.snapshot_id,
             epoch,
             checked_ns,
-            next_slot: slot + 1,
+            next_slot,
             sector,
             block_offset,
         };
-        if sector.count as usize == RECORDS_PER_SECTOR {
-            next.sector = RecordSector::empty(sector.index.saturating_add(1));
-            let next_offset = layout.record_sector_offset(next.next_slot);
-            if next_offset >= block_offset + RECORD_BLOCK {
-                // Sectors past the last record were never written (the store was formatted
-                // with zeroes), and this thread is the only appender.
-                next.block_offset = block_offset + RECORD_BLOCK;
-                self.record_block.zero(0, RECORD_BLOCK as usize)?;
-            }
+        if layout.record_sector_offset(next_slot) >= block_end {
+            // Sectors past the last record were never written (the store was formatted with
+            // zeroes), and this thread is the only appender.
+            next.block_offset = block_end;
+            self.record_block.zero(0, RECORD_BLOCK as usize)?;
         }
         self.cursor = Some(next);
-        Ok(())
+        Ok(count as usize)
     }
 
     /// Reads or writes the record block at store offset `block_offset`.
@@ -297,9 +384,16 @@ impl Copier {
     }
 }
 
-/// Reads `length` bytes of the origin at volume `offset` into the start of `buf`, from a
+/// Reads `length` bytes of the origin at volume `offset` into `buf` at byte `at`, from a
 /// healthy replica of each piece (synchronous bios).
-fn read_origin(volume: &Volume, map: &MapState, buf: &PageBuf, offset: u64, length: u64) -> Result {
+fn read_origin(
+    volume: &Volume,
+    map: &MapState,
+    buf: &PageBuf,
+    at: u64,
+    offset: u64,
+    length: u64,
+) -> Result {
     let mut done = 0u64;
     while done < length {
         let piece = map.map(offset + done, length - done).ok_or(EINVAL)?;
@@ -309,12 +403,13 @@ fn read_origin(volume: &Volume, map: &MapState, buf: &PageBuf, offset: u64, leng
             .find(|t| device_healthy(volume, map.slot_of(t.device)))
             .ok_or(EIO)?;
         let step = piece.length.min(MAX_BIO_BYTES);
+        let slot = map.slot_of(target.device);
         sync_io(
             volume,
-            map.slot_of(target.device),
+            slot,
             target.offset,
             buf,
-            done,
+            at + done,
             step,
             REQ_OP_READ,
         )?;

@@ -225,8 +225,10 @@ const WRITE_A: &str = "dd if=$D/a.pattern of=$dev bs=1M oflag=direct conv=fsync 
 touch written
 wait_long $D/snapped";
 
-/// fio arguments: 2 MiB of verified 4 KiB random writes over the whole volume.
-const RANDOM_2M: &str = "--filename=$dev --direct=1 --ioengine=psync --rw=randwrite --bs=4k \
+/// fio arguments: 2 MiB of verified 4 KiB random writes over the whole volume, 16 at once
+/// (the module's copier takes the first writes queued meanwhile as one batch).
+const RANDOM_2M: &str =
+    "--filename=$dev --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=4k \
     --size=16M --io_size=2M --verify=crc32c --verify_fatal=1 --randrepeat=0 \
     --output-format=json";
 

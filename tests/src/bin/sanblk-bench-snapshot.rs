@@ -3,8 +3,10 @@
 //!
 //! One guest, a real `sand` on the host. Each job is fio, O_DIRECT, psync, QD 1, 4 KiB
 //! blocks on a 64 MiB device:
-//! - `uncopied`: one 4 KiB write at the start of every 64 KiB chunk (fio `write:60k`), so
-//!   every write is the first to its chunk since the snapshot (a copy-on-write each);
+//! - `uncopied`: one 4 KiB write at the start of every 64 KiB chunk (fio `write:60k`) of
+//!   the first half, so every write is the first to its chunk since the snapshot (a
+//!   copy-on-write each); `uncopied, QD 16`: the same over the second half with 16 writes
+//!   at once (libaio);
 //! - `copied`: the same job again: every chunk was copied already;
 //! - `read`: random reads of the origin.
 //!
@@ -72,6 +74,9 @@ job() {{
 }}
 # One 4 KiB write at the start of each 64 KiB chunk (every chunk once).
 UNCOPIED="--io_size=4M"
+# The same, over each half: at QD 1, and 16 at once (libaio).
+FIRST_HALF="--size=32M --io_size=2M"
+SECOND_HALF="--offset=32M --size=32M --io_size=2M --ioengine=libaio --iodepth=16"
 attach() {{
     # $@ extra devices
     $S attach vs --server 10.0.2.100:{port} --client host1 --secret-file {secret} \
@@ -87,12 +92,14 @@ rounds() {{
         job $1-$i $2 $3 "$4 --time_based --runtime={ROUND_SECONDS}"
     done
 }}
-job sanblk-plain-uncopied $dev write:60k "$UNCOPIED"
+job sanblk-plain-uncopied $dev write:60k "$FIRST_HALF"
+job sanblk-plain-uncopied16 $dev write:60k "$SECOND_HALF"
 rounds sanblk-plain-copied $dev write:60k "$UNCOPIED" 1
 rounds sanblk-plain-read $dev randread "--io_size=4M" 1
 touch snapshot.wanted
 wait_long $D/snapshot.taken
-job sanblk-snap-uncopied $dev write:60k "$UNCOPIED"
+job sanblk-snap-uncopied $dev write:60k "$FIRST_HALF"
+job sanblk-snap-uncopied16 $dev write:60k "$SECOND_HALF"
 rounds sanblk-snap-copied $dev write:60k "$UNCOPIED" 1
 rounds sanblk-snap-read $dev randread "--io_size=4M" 1
 $S --json status > status.json
@@ -106,13 +113,14 @@ $S detach vs
 attach
 touch snapshot2.wanted
 wait_long $D/snapshot2.taken
-job sanblk-server-uncopied $dev write:60k "$UNCOPIED"
+job sanblk-server-uncopied $dev write:60k "$FIRST_HALF"
 $S --json status > status-server.json
 touch server.done
 wait_long $D/snapshot2.deleted
 SECTORS=$(blockdev --getsz /dev/vdc)
 dmsetup create dmbase --table "0 $SECTORS linear /dev/vdc 0"
-job dm-plain-uncopied /dev/mapper/dmbase write:60k "$UNCOPIED"
+job dm-plain-uncopied /dev/mapper/dmbase write:60k "$FIRST_HALF"
+job dm-plain-uncopied16 /dev/mapper/dmbase write:60k "$SECOND_HALF"
 rounds dm-plain-copied /dev/mapper/dmbase write:60k "$UNCOPIED" 1
 rounds dm-plain-read /dev/mapper/dmbase randread "--io_size=4M" 1
 dmsetup remove dmbase
@@ -120,7 +128,8 @@ dmsetup remove dmbase
 dd if=/dev/zero of=/dev/vdd bs=64k count=1 oflag=direct status=none
 dmsetup create dmorigin --table "0 $SECTORS snapshot-origin /dev/vdc"
 dmsetup create dmsnap --table "0 $SECTORS snapshot /dev/vdc /dev/vdd P 128"
-job dm-snap-uncopied /dev/mapper/dmorigin write:60k "$UNCOPIED"
+job dm-snap-uncopied /dev/mapper/dmorigin write:60k "$FIRST_HALF"
+job dm-snap-uncopied16 /dev/mapper/dmorigin write:60k "$SECOND_HALF"
 rounds dm-snap-copied /dev/mapper/dmorigin write:60k "$UNCOPIED" 1
 rounds dm-snap-read /dev/mapper/dmorigin randread "--io_size=4M" 1
 dmsetup status dmsnap > dmsnap-status.txt
@@ -234,6 +243,12 @@ $S detach vs
     );
     for (label, job, snap, metric) in [
         ("uncopied", "uncopied", "snap", fio::Metric::WriteIops),
+        (
+            "uncopied, QD 16",
+            "uncopied16",
+            "snap",
+            fio::Metric::WriteIops,
+        ),
         (
             "uncopied, server copies",
             "uncopied",
