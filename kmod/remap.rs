@@ -314,7 +314,7 @@ impl Mapped {
             map.map(offset, length)?
         };
         for target in piece.targets.iter_mut().take(piece.target_count as usize) {
-            target.device = slot_of(&map.slots, target.device);
+            target.device = map.slot_of(target.device);
         }
         let needs_copy =
             is_write && piece.length != 0 && map.write_needs_copy(offset, piece.length);
@@ -325,11 +325,6 @@ impl Mapped {
             epoch: map.epoch,
         })
     }
-}
-
-/// The volume device slot of map device `index` (u32::MAX, an empty slot, if out of range).
-fn slot_of(slots: &[u32], index: u32) -> u32 {
-    slots.get(index as usize).copied().unwrap_or(u32::MAX)
 }
 
 /// Whether a piece's error status means its device failed, rather than that the device does

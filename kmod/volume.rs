@@ -142,6 +142,7 @@ impl MapState {
 
     /// The volume device slot of map device `index` (u32::MAX, an empty slot, if out of
     /// range).
+    #[inline]
     pub(crate) fn slot_of(&self, index: u32) -> u32 {
         self.slots.get(index as usize).copied().unwrap_or(u32::MAX)
     }

@@ -33,51 +33,50 @@ impl PageBuf {
         Ok(())
     }
 
-    /// The page holding byte `at` and the offset in it; EINVAL beyond the buffer.
-    fn page_at(&self, at: usize) -> Result<(&Page, usize)> {
-        let page = self.pages.get(at / PAGE_SIZE).ok_or(EINVAL)?;
-        Ok((page, at % PAGE_SIZE))
+    /// Calls `f(page, offset in the page, bytes done before, bytes)` for each page piece of
+    /// the `len` bytes at `at`; EINVAL beyond the buffer.
+    fn for_each_piece(
+        &self,
+        at: usize,
+        len: usize,
+        mut f: impl FnMut(&Page, usize, usize, usize) -> Result,
+    ) -> Result {
+        let mut done = 0;
+        while done < len {
+            let page = self.pages.get((at + done) / PAGE_SIZE).ok_or(EINVAL)?;
+            let offset = (at + done) % PAGE_SIZE;
+            let step = (PAGE_SIZE - offset).min(len - done);
+            f(page, offset, done, step)?;
+            done += step;
+        }
+        Ok(())
     }
 
     /// Copies `src` into the buffer at `at`.
     pub(crate) fn write(&self, at: usize, src: &[u8]) -> Result {
-        let mut done = 0;
-        while done < src.len() {
-            let (page, offset) = self.page_at(at + done)?;
-            let len = (PAGE_SIZE - offset).min(src.len() - done);
+        self.for_each_piece(at, src.len(), |page, offset, done, len| {
             // SAFETY: `src[done..done + len]` is valid for reads; `offset + len` stays within
             // the page, which nothing else touches while it is not under I/O (the owner's
             // contract: no copy while a bio of it is in flight).
-            unsafe { page.write_raw(src[done..].as_ptr(), offset, len)? };
-            done += len;
-        }
-        Ok(())
+            unsafe { page.write_raw(src[done..].as_ptr(), offset, len) }
+        })
     }
 
     /// Copies bytes from the buffer at `at` into `dst`.
     pub(crate) fn read(&self, at: usize, dst: &mut [u8]) -> Result {
-        let mut done = 0;
-        while done < dst.len() {
-            let (page, offset) = self.page_at(at + done)?;
-            let len = (PAGE_SIZE - offset).min(dst.len() - done);
+        let len = dst.len();
+        self.for_each_piece(at, len, |page, offset, done, len| {
             // SAFETY: `dst[done..done + len]` is valid for writes; the page range as in `write`.
-            unsafe { page.read_raw(dst[done..].as_mut_ptr(), offset, len)? };
-            done += len;
-        }
-        Ok(())
+            unsafe { page.read_raw(dst[done..].as_mut_ptr(), offset, len) }
+        })
     }
 
     /// Zeroes `len` bytes at `at`.
     pub(crate) fn zero(&self, at: usize, len: usize) -> Result {
-        let mut done = 0;
-        while done < len {
-            let (page, offset) = self.page_at(at + done)?;
-            let step = (PAGE_SIZE - offset).min(len - done);
+        self.for_each_piece(at, len, |page, offset, _, len| {
             // SAFETY: the page range as in `write`.
-            unsafe { page.fill_zero_raw(offset, step)? };
-            done += step;
-        }
-        Ok(())
+            unsafe { page.fill_zero_raw(offset, len) }
+        })
     }
 
     /// Pages spanned by `len` bytes at `at` (the bio vectors [`PageBuf::add_to`] uses).
@@ -91,13 +90,9 @@ impl PageBuf {
     /// Adds `len` bytes at `at` of the buffer to `bio`, which was allocated with room for
     /// [`PageBuf::vecs`] of them. The buffer must outlive the bio's I/O.
     pub(crate) fn add_to(&self, bio: &mut Bio, at: usize, len: usize) -> Result {
-        let mut done = 0;
-        while done < len {
-            let (page, offset) = self.page_at(at + done)?;
-            let step = (PAGE_SIZE - offset).min(len - done);
+        self.for_each_piece(at, len, |page, offset, _, step| {
             bio.add_page(page, step as u32, offset as u32);
-            done += step;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }

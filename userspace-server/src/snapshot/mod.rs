@@ -131,6 +131,7 @@ impl Snapshots {
             return Ok(());
         }
         let mut invalidated = Vec::new();
+        let client_appends = client_may_append(&guard);
         let stores = &mut guard.stores;
         // Chunk sizes may differ between snapshots: each store walks its own chunks.
         for (index, store) in stores.iter_mut().enumerate() {
@@ -147,7 +148,7 @@ impl Snapshots {
                 }
                 // The client may have preserved it itself (the map's COW store section):
                 // its record is durable before its write reaches the origin or the server.
-                if !absorbed {
+                if client_appends && !absorbed {
                     absorbed = true;
                     if let Err(error) = absorb(&self.devices, store) {
                         invalidated.push((index, format!("reading its COW records: {error}")));
@@ -198,6 +199,7 @@ impl Snapshots {
         // One lock for the whole request; consecutive chunks from the same place (the origin,
         // or consecutive slots) are read in one go.
         let mut guard = self.locked(&volume, snapshot.volume_id, volume_epoch)?;
+        let client_appends = client_may_append(&guard);
         let store = guard
             .stores
             .iter_mut()
@@ -213,7 +215,7 @@ impl Snapshots {
         loop {
             let recorded = store.slots_used();
             let from_origin = read_pass(&self.devices, store, offset, buf, read_origin)?;
-            if !from_origin {
+            if !from_origin || !client_appends {
                 return Ok(());
             }
             absorb(&self.devices, store)?;
@@ -240,6 +242,7 @@ impl Snapshots {
     ) -> io::Result<Option<T>> {
         let volume = self.volume(volume_id);
         let mut guard = self.locked(&volume, volume_id, epoch)?;
+        let client_appends = client_may_append(&guard);
         let Some(store) = guard
             .stores
             .iter_mut()
@@ -247,7 +250,9 @@ impl Snapshots {
         else {
             return Ok(None);
         };
-        absorb(&self.devices, store)?;
+        if client_appends {
+            absorb(&self.devices, store)?;
+        }
         Ok(Some(f(store)))
     }
 
@@ -295,6 +300,13 @@ impl Snapshots {
         let first = usize::try_from(records).unwrap_or(usize::MAX);
         self.with_store(volume_id, epoch, snapshot_id, |store| store.chunks(first))
     }
+}
+
+/// Whether a client may append records to the volume's store: only the only active
+/// snapshot's store is offered to clients (`ServerState::client_map`); a second snapshot is
+/// taken with the clients quiesced, and its epoch reloads every store whole.
+fn client_may_append(stores: &VolumeStores) -> bool {
+    stores.stores.len() == 1
 }
 
 /// One pass of [`Snapshots::read`]: copied chunks from the store, the rest from the origin;
