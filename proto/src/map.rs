@@ -306,6 +306,20 @@ impl VolumeMap {
     pub fn is_syncing(&self, offset: u64, length: u64) -> bool {
         self.syncing.iter().any(|r| r.overlaps(offset, length))
     }
+
+    /// Every device the map names: the volume's replicas, then its COW store's.
+    pub fn device_uuids(&self) -> impl Iterator<Item = Uuid> + '_ {
+        let store = self
+            .copy_on_write
+            .as_ref()
+            .and_then(|cow| cow.store.as_ref())
+            .map(|store| store.extents.as_slice())
+            .unwrap_or_default();
+        self.extents
+            .iter()
+            .chain(store)
+            .flat_map(|extent| extent.replicas.iter().map(|replica| replica.device_uuid))
+    }
 }
 
 /// Parses a size such as `4096`, `64M`, `1G`, `512K`, `2T` (binary units, case-insensitive,
@@ -430,5 +444,41 @@ mod tests {
             map
         );
         assert!(map.is_syncing(0, 1) && !map.is_syncing(BLOCK_SIZE, 1));
+    }
+
+    #[test]
+    fn device_uuids_name_the_replicas_and_the_cow_store() {
+        let replica = |n: u128| Replica {
+            device_uuid: Uuid::from_u128(n),
+            device_offset: 0,
+        };
+        let store = CowStoreLocation {
+            snapshot_id: 1,
+            store_bytes: BLOCK_SIZE,
+            scan_from_sector: 0,
+            extents: vec![Extent::replicated(0, BLOCK_SIZE, vec![replica(3)])],
+        };
+        let map = VolumeMap {
+            volume_id: 1,
+            name: "v".into(),
+            epoch: 1,
+            size_bytes: 2 * BLOCK_SIZE,
+            block_size: BLOCK_SIZE,
+            layout: Layout::Mirror,
+            extents: vec![Extent::replicated(
+                0,
+                2 * BLOCK_SIZE,
+                vec![replica(1), replica(2)],
+            )],
+            lease_ms: DEFAULT_LEASE_MS,
+            syncing: Vec::new(),
+            copy_on_write: Some(CopyOnWrite {
+                generation: 1,
+                chunk_bytes: 65536,
+                store: Some(store),
+            }),
+        };
+        let named: Vec<u128> = map.device_uuids().map(|u| u.as_u128()).collect();
+        assert_eq!(named, [1, 2, 3]);
     }
 }

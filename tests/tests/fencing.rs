@@ -74,6 +74,79 @@ $S detach vn || kill -9 $AGENT
     );
 }
 
+/// A client whose kernel takes longer than the lease to drain its in-flight I/O for a
+/// change (its SAN device answers after 12 s) keeps renewing its lease while it drains: the
+/// server waits for its ack instead of fencing it, and the client carries on at the new epoch
+/// (the grown size, a write after the change lands where the new map says).
+#[test]
+fn a_client_draining_slow_io_for_a_change_is_not_fenced() {
+    let setup = provision("fence-drain", &[], &["vd"], false);
+    let body = r#"DELAY="0 $SECTORS delay /dev/vda 0 12000"
+dmsetup suspend san0
+dmsetup reload san0 --table "$DELAY"
+dmsetup resume san0
+printf 'slow-write' | dd of=$dev bs=4096 count=1 oflag=direct conv=sync,notrunc status=none &
+SLOW=$!
+sleep 1
+touch writing
+wait_for $D/grown
+wait $SLOW
+dmsetup suspend san0
+dmsetup reload san0 --table "$LINEAR"
+dmsetup resume san0
+for i in $(seq 1 100); do
+  [ "$(blockdev --getsize64 $dev)" = 25165824 ] && break
+  sleep 0.2
+done
+blockdev --getsize64 $dev > size.txt
+printf 'after-grow' | dd of=$dev bs=4096 seek=5000 count=1 oflag=direct conv=sync,notrunc,fsync status=none
+$S --json status > final.json
+$S detach vd
+"#;
+    let config = dm_san::vm(
+        &setup,
+        "fence-drain",
+        "vd",
+        "--io-timeout 60",
+        body,
+        Duration::from_secs(400),
+    );
+    let vm = spawn(&config).expect("guest started");
+    assert!(wait_for_guest_file(
+        &vm,
+        "writing",
+        Duration::from_secs(240)
+    ));
+    let before = setup.server.volume("vd").map;
+    let output = setup.server.sanctl_output(&["volume", "grow", "vd", "24M"]);
+    touch(&setup.dir.join("grown"));
+    let outcome = vm.wait().expect("guest ran");
+    assert!(
+        output.status.success(),
+        "grow failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    outcome.assert_clean_success();
+    let agent = outcome.read_out_file("agent.log").unwrap_or_default();
+    assert!(
+        !agent.contains("FENCED") && agent.contains("resumed at epoch"),
+        "the draining client was fenced or not resumed: {agent}"
+    );
+    let size = outcome.read_out_file("size.txt").expect("size.txt");
+    assert_eq!(size.trim(), "25165824", "the client missed the grow");
+    let after = setup.server.volume("vd").map;
+    assert!(after.epoch > before.epoch);
+    let status = outcome.out_json("final.json");
+    assert_eq!(status["volumes"][0]["epoch"], after.epoch, "{status}");
+    assert_eq!(status["volumes"][0]["timed_out_ios"], 0, "{status}");
+    let landed = sanblk_tests::blocks::read_volume(&after, &setup.by_uuid, 5000 * 4096, 4096);
+    assert_eq!(
+        &landed[..10],
+        b"after-grow",
+        "the write after the change did not land"
+    );
+}
+
 /// A server restart shorter than the lease stalls no I/O: the agent reconnects and renews
 /// before the kernel's lease lapses, so no write is held, none times out and the module never
 /// reports LEASE_LAPSED (its events are collected the whole time).

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::context::{CliError, Context};
 use crate::kernel_link::{
-    lease_deadline_ns, listen_events, monotonic_now_ns, CreateRequest, KernelLink,
+    lease_deadline_ns, listen_events, monotonic_now_ns, CreateRequest, KernelError, KernelLink,
 };
 use crate::map_encoding::{
     encode, missing_device_reason, scan_devices, scan_paths, unreadable_devices, EncodeError,
@@ -274,7 +274,11 @@ fn install_update(
     known: &mut HashMap<Uuid, LocalDevice>,
     lease_from_ns: Option<u64>,
 ) -> Result<(), CliError> {
-    known.extend(local_devices(args));
+    // Labels are read again only for a device the host has not seen yet: reading them
+    // waits for every local device, and a slow one would stall the agent's renewals.
+    if map.device_uuids().any(|uuid| !known.contains_key(&uuid)) {
+        known.extend(local_devices(args));
+    }
     let encoded = encode(map, known).map_err(|e| local(encode_failure(args, e)))?;
     kernel
         .update_map(
@@ -379,6 +383,7 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
             "sanctl attach: kernel events unavailable, path failures will not be reported: {e}"
         );
     }
+    let (quiesce_sender, mut quiesce_results) = tokio::sync::mpsc::unbounded_channel();
     let mut terminate = signal(SignalKind::terminate()).map_err(local)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(local)?;
     let mut backoff = Duration::from_secs(1);
@@ -398,8 +403,10 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
             Some(event) = events.recv(), if client.is_some() => {
                 let Some(client) = client.as_mut() else { continue };
                 if event.volume_id == volume_id && event.kind == EventKind::PathFailed as u32 {
-                    for (uuid, device) in local_devices(&args) {
-                        known_paths.entry(device.path.display().to_string()).or_insert(uuid);
+                    if !known_paths.contains_key(&event.device_path) {
+                        for (uuid, device) in local_devices(&args) {
+                            known_paths.entry(device.path.display().to_string()).or_insert(uuid);
+                        }
                     }
                     report_path_failure(client, &known_paths, volume_id, &event.device_path).await;
                 } else if event.volume_id == volume_id && event.kind == EventKind::PathHealed as u32 {
@@ -435,24 +442,12 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                 }
                 Ok(Push::MapUpdate(_)) => {}
                 Ok(Push::Quiesce(request)) if request.volume_id == volume_id => {
-                    // Returns once the kernel drained in-flight I/O; new I/O is held.
-                    match kernel.quiesce(volume_id, request.epoch) {
-                        Ok(()) => {
-                            quiesced = true;
-                            println!("volume {} quiesced at epoch {} for a change", args.volume, request.epoch);
-                            if let Some(client) = client.as_mut() {
-                                if let Err(e) = client.quiesce_ack(volume_id, request.epoch).await {
-                                    eprintln!("sanctl attach: cannot acknowledge the quiesce of epoch {}: {e}", request.epoch);
-                                }
-                            }
-                        }
-                        // Not acknowledged: the server waits for the lease and then fences
-                        // this client, which is safe; an ack without a drain would not be.
-                        Err(e) => eprintln!(
-                            "sanctl attach: the kernel could not quiesce {} at epoch {}: {e}; not acknowledged",
-                            args.volume, request.epoch
-                        ),
-                    }
+                    // The kernel holds new I/O at once and returns once in-flight I/O has
+                    // drained, which may take up to the I/O timeout (a slow device, a loaded
+                    // server): that wait runs on its own thread and netlink socket, so the
+                    // lease is renewed meanwhile and the server does not fence a client that
+                    // is only draining.
+                    drain_quiesce(quiesce_sender.clone(), volume_id, request.epoch);
                 }
                 Ok(Push::Resume(request)) if request.volume_id == volume_id => {
                     match kernel.resume(volume_id, request.epoch) {
@@ -504,6 +499,29 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                     reconnect = Some(reconnect_after(backoff, &args, &secret, mode));
                 }
             },
+            Some((drained_epoch, drained)) = quiesce_results.recv() => match drained {
+                Ok(()) => {
+                    quiesced = true;
+                    println!("volume {} quiesced at epoch {drained_epoch} for a change", args.volume);
+                    if let Some(client) = client.as_mut() {
+                        if let Err(e) = client.quiesce_ack(volume_id, drained_epoch).await {
+                            eprintln!("sanctl attach: cannot acknowledge the quiesce of epoch {drained_epoch}: {e}");
+                        }
+                    }
+                }
+                // Not acknowledged, and the lease no longer renewed: the server fences this
+                // client once the lease expires and the change goes on, which is safe; an
+                // ack without a drain would not be.
+                Err(e) => {
+                    fenced = true;
+                    eprintln!(
+                        "sanctl attach: the kernel could not quiesce {} at epoch {drained_epoch}: {e}; \
+                         not acknowledged, lease renewals stop so the server fences this host. \
+                         Detach and attach again.",
+                        args.volume
+                    );
+                }
+            },
             _ = renew.tick(), if client.is_some() && !fenced => {
                 if let Some(client) = client.as_mut() {
                     let sent = monotonic_now_ns();
@@ -538,6 +556,19 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
             }
         }
     }
+}
+
+/// Quiesces the volume in the kernel on a blocking thread with a netlink socket of its own
+/// (the event loop's stays free for renewals) and sends the outcome to `done`.
+fn drain_quiesce(
+    done: tokio::sync::mpsc::UnboundedSender<(u64, Result<(), KernelError>)>,
+    volume_id: u64,
+    epoch: u64,
+) {
+    tokio::task::spawn_blocking(move || {
+        let drained = KernelLink::open().and_then(|kernel| kernel.quiesce(volume_id, epoch));
+        let _ = done.send((epoch, drained));
+    });
 }
 
 /// Tells the server that the kernel lost its direct path to the device at `path`. The server
