@@ -31,12 +31,14 @@
 
 use kernel::prelude::*;
 
+use crate::abi::{Attr, Command, EventKind, MAX_EVENT_CHUNKS};
 use crate::abi_cow::{Record, RecordSector, HEADER_BYTES, RECORDS_PER_SECTOR, SECTOR_BYTES};
 use crate::abi_map::chunks_touched;
 use crate::copied::CopiedChunks;
 use crate::cow_store::StoreInfo;
 use crate::ffi::bio::{Bio, BioList};
 use crate::ffi::consts::{Opf, GFP_NOIO, REQ_FUA, REQ_OP_READ, REQ_OP_WRITE, REQ_PREFLUSH};
+use crate::ffi::genl::Event;
 use crate::ffi::kthread::{forbid_io_in_reclaim, should_stop};
 use crate::ffi::pages::PageBuf;
 use crate::ffi::sync::{wait_until, TASK_INTERRUPTIBLE};
@@ -202,9 +204,19 @@ impl Copier {
         let mut done = 0;
         while done < chunks.len() {
             let group = self.copy_group(volume, map, store, &chunks[done..])?;
-            for &chunk in &chunks[done..done + group] {
+            let preserved = &chunks[done..done + group];
+            for &chunk in preserved {
                 copied.mark_chunk(chunk);
                 volume.copies.count_preserved();
+            }
+            // The records are durable: tell the server (through the agent). A lost event
+            // loses nothing; the server reads the records back.
+            if multicast_preserved(volume.id, store.snapshot_id, preserved).is_err() {
+                pr_warn!(
+                    "volume {}: cannot multicast {} preserved chunk(s)\n",
+                    volume.id,
+                    preserved.len()
+                );
             }
             done += group;
         }
@@ -382,6 +394,28 @@ impl Copier {
             }
         }
     }
+}
+
+/// Multicasts CHUNKS_PRESERVED for `chunks` of snapshot `snapshot_id` (process context), in
+/// events of at most [`MAX_EVENT_CHUNKS`].
+fn multicast_preserved(volume_id: u64, snapshot_id: u64, chunks: &[u64]) -> Result {
+    let mut bytes = [0u8; MAX_EVENT_CHUNKS * 8];
+    for part in chunks.chunks(MAX_EVENT_CHUNKS) {
+        let mut length = 0;
+        for chunk in part {
+            if let Some(slot) = bytes.get_mut(length..length + 8) {
+                slot.copy_from_slice(&chunk.to_le_bytes());
+                length += 8;
+            }
+        }
+        let mut event = Event::new(Command::Event as u8, 128 + part.len() * 8)?;
+        event.put_u32(Attr::EventKind as u16, EventKind::ChunksPreserved as u32)?;
+        event.put_u64(Attr::VolumeId as u16, volume_id)?;
+        event.put_u64(Attr::SnapshotId as u16, snapshot_id)?;
+        event.put_bytes(Attr::Chunks as u16, &bytes[..length])?;
+        event.send();
+    }
+    Ok(())
 }
 
 /// Reads `length` bytes of the origin at volume `offset` into `buf` at byte `at`, from a

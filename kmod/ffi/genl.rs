@@ -180,6 +180,15 @@ impl Message {
         })
     }
 
+    pub(crate) fn put_bytes(&mut self, attr_type: u16, value: &[u8]) -> Result {
+        let length = c_int::try_from(value.len()).map_err(|_| emsgsize())?;
+        // SAFETY: `skb` is owned by this message and not yet sent; `value` is valid for
+        // `length` bytes, which nla_put copies.
+        to_result(unsafe {
+            bindings::nla_put(self.skb, attr_type as c_int, length, value.as_ptr().cast())
+        })
+    }
+
     /// Opens a nested attribute; close it with [`Message::end_nest`].
     pub(crate) fn begin_nest(&mut self, attr_type: u16) -> Result<Nest> {
         // SAFETY: `skb` is owned by this message and not yet sent.

@@ -12,8 +12,9 @@ use crate::map::{AccessMode, VolumeMap};
 use crate::protocol::{
     write_frame, Ack, AdminCall, AdminReply, AdminRequest, AgentCall, AgentReply, AgentRequest,
     Attach, Attachment, AuthResponse, Detach, ErrorBody, ErrorCode, FailureReported, FrameError,
-    FrameReader, GrantedVolume, Grow, Hello, ListVolumes, MapUpdate, PathHealedReported, Quiesce,
-    QuiesceAck, RecoveryStatus, Renew, ReportFailure, ReportPathHealed, Resume,
+    FrameReader, GrantedVolume, Grow, Hello, ListVolumes, MapUpdate, PathHealedReported,
+    PreservedNoted, Quiesce, QuiesceAck, RecoveryStatus, Renew, ReportFailure, ReportPathHealed,
+    ReportPreserved, Resume,
 };
 use crate::unix_path::SocketPath;
 
@@ -332,6 +333,22 @@ impl AgentClient {
             })
             .await?;
         Ok((accepted, message))
+    }
+
+    /// Relays chunks the kernel preserved in snapshot `snapshot_id`'s store; the server
+    /// answers with those its records do not hold.
+    pub async fn report_preserved(
+        &mut self,
+        volume_id: u64,
+        snapshot_id: u64,
+        chunks: Vec<u64>,
+    ) -> Result<PreservedNoted, ClientError> {
+        self.call(ReportPreserved {
+            volume_id,
+            snapshot_id,
+            chunks,
+        })
+        .await
     }
 
     /// Waits for the next push of any kind (queued ones first). Cancellation safe.

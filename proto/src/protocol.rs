@@ -253,6 +253,7 @@ pub enum AgentRequest {
     Grow(Grow),
     ReportFailure(ReportFailure),
     ReportPathHealed(ReportPathHealed),
+    ReportPreserved(ReportPreserved),
 }
 
 /// Step 1 of the handshake: who I am and my fresh nonce (hex, 32 bytes).
@@ -344,6 +345,28 @@ pub struct ReportPathHealed {
     pub device_uuid: uuid::Uuid,
 }
 
+/// Most chunks one [`ReportPreserved`] may name.
+pub const MAX_REPORTED_CHUNKS: usize = 4096;
+
+/// The client's kernel preserved `chunks` of volume `volume_id` in the COW store of its
+/// only active snapshot `snapshot_id` before their first writes (relayed from the module's
+/// CHUNKS_PRESERVED events). The server checks each against the store's durable records,
+/// which stay the changed-chunk list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReportPreserved {
+    pub volume_id: u64,
+    pub snapshot_id: u64,
+    pub chunks: Vec<u64>,
+}
+
+/// Answer to [`ReportPreserved`]: how many of the chunks the store's records hold, and the
+/// ones they do not (each also logged by the server).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreservedNoted {
+    pub recorded: u64,
+    pub unrecorded: Vec<u64>,
+}
+
 /// A volume the authenticated client may attach.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantedVolume {
@@ -366,6 +389,7 @@ pub enum AgentReply {
     Grown(Grown),
     FailureReported(FailureReported),
     PathHealedReported(PathHealedReported),
+    PreservedNoted(PreservedNoted),
     /// Push: the volume changed; the agent must [`Ack`] the epoch.
     MapUpdate(MapUpdate),
     /// Push: progress of a recovery of an attached volume (no ack).
@@ -519,6 +543,7 @@ agent_calls! {
     Grow => Grown(Grown),
     ReportFailure => FailureReported(FailureReported),
     ReportPathHealed => PathHealedReported(PathHealedReported),
+    ReportPreserved => PreservedNoted(PreservedNoted),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -738,6 +763,11 @@ pub struct SnapshotInfo {
     pub cow_used_bytes: u64,
     /// Chunks written since the snapshot was taken.
     pub changed_chunks: u64,
+    /// Of those, the chunks client kernels preserved themselves and reported (netlink
+    /// events relayed by their agents) since the server started; each is also in the
+    /// store's records, which are the list `changed_chunks` counts.
+    #[serde(default)]
+    pub reported_chunks: u64,
     /// The NBD export name of the snapshot (`VOLUME@SNAPSHOT`).
     pub export: String,
     /// The server's NBD socket that exports it.

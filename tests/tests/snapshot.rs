@@ -34,6 +34,19 @@ fn snapshot(provisioned: &Provisioned, name: &str) -> SnapshotInfo {
         .unwrap_or_else(|| panic!("no snapshot {name}"))
 }
 
+/// Snapshot `name`'s `reported_chunks` once it reaches `expected` (the agent relays the
+/// module's events every half second), or after 30 s.
+fn wait_for_reported(provisioned: &Provisioned, name: &str, expected: u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let reported = snapshot(provisioned, name).reported_chunks;
+        if reported >= expected || std::time::Instant::now() > deadline {
+            return reported;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The snapshot as a stock NBD client reads it.
 fn read_with_qemu_img(info: &SnapshotInfo, out: &Path) -> Vec<u8> {
     let url = format!("nbd+unix:///{}?socket={}", info.export, info.nbd_socket);
@@ -163,6 +176,10 @@ $S detach vsnap"#
     );
     // [0, 1M) and [8M, 12M): 16 + 64 chunks.
     assert_eq!(s1.changed_chunks, (MIB + 4 * MIB) / CHUNK, "{s1:?}");
+    // The module reported each chunk it preserved in a netlink event, the agent relayed them
+    // in batches, and sand found every one in the store's records.
+    let reported = wait_for_reported(&provisioned, "s1", s1.changed_chunks);
+    assert_eq!(reported, s1.changed_chunks, "chunks reported by the client");
     let full1 = backup(&provisioned, "s1", &dir.join("backup.img"), None);
     assert!(full1 == a, "the full backup of s1 differs from pattern A");
     fs::write(dir.join("checked"), b"").expect("signal");

@@ -217,7 +217,14 @@ pub enum Attr {
     TimedOutIos = 34,
     /// Chunks the module preserved itself in a snapshot's COW store (STATUS).
     PreservedChunks = 35,
+    /// The snapshot a CHUNKS_PRESERVED event is about (the map's COW store section's).
+    SnapshotId = 36,
+    /// Chunk numbers, little-endian u64 each, at most [`MAX_EVENT_CHUNKS`] (EVENT).
+    Chunks = 37,
 }
+
+/// Most chunk numbers one CHUNKS_PRESERVED event carries.
+pub const MAX_EVENT_CHUNKS: usize = 64;
 
 /// Bits of [`Attr::HoldReason`].
 pub mod hold_reason {
@@ -249,6 +256,10 @@ pub enum EventKind {
     /// The lease of [`Attr::VolumeId`] lapsed without renewal: new I/O is held until a
     /// RENEW (or fails after the I/O timeout). Sent once per lapse.
     LeaseLapsed = 3,
+    /// The module preserved chunks before their first write since snapshot
+    /// [`Attr::SnapshotId`] of [`Attr::VolumeId`]: [`Attr::Chunks`] lists them (one event
+    /// per copy batch). Their records in the COW store are durable before this is sent.
+    ChunksPreserved = 4,
 }
 
 /// Most server I/O addresses one volume accepts in [`Attr::Servers`].
@@ -366,7 +377,7 @@ pub const MAX_PATH_BYTES: u16 = 255;
 pub const MAX_VOLUME_NAME_BYTES: u16 = 63;
 
 /// The attribute table: numbers, names and policy.
-pub const ATTRIBUTES: [AttrSpec; 35] = [
+pub const ATTRIBUTES: [AttrSpec; 37] = [
     AttrSpec {
         attr: Attr::ProtocolVersion,
         name: "PROTOCOL_VERSION",
@@ -548,10 +559,22 @@ pub const ATTRIBUTES: [AttrSpec; 35] = [
         name: "PRESERVED_CHUNKS",
         kind: AttrKind::U64,
     },
+    AttrSpec {
+        attr: Attr::SnapshotId,
+        name: "SNAPSHOT_ID",
+        kind: AttrKind::U64,
+    },
+    AttrSpec {
+        attr: Attr::Chunks,
+        name: "CHUNKS",
+        kind: AttrKind::Binary {
+            max: (MAX_EVENT_CHUNKS * 8) as u16,
+        },
+    },
 ];
 
 /// Highest attribute number (`maxattr` of the family).
-pub const ATTR_MAX: u16 = Attr::PreservedChunks as u16;
+pub const ATTR_MAX: u16 = Attr::Chunks as u16;
 
 impl Attr {
     /// Decodes an attribute number; `None` for numbers the family does not define.

@@ -18,8 +18,9 @@ use sanblk_proto::map::{AccessMode, VolumeMap};
 use sanblk_proto::protocol::{
     write_frame, Ack, AgentCall, AgentReply, AgentRequest, Attach, Attachment, AuthOk,
     AuthResponse, Challenge, Detach, Detached, ErrorBody, ErrorCode, FailureReported, FrameError,
-    FrameReader, GrantedVolume, Grow, Grown, Hello, ListVolumes, PathHealedReported, QuiesceAck,
-    Renew, Renewed, ReportFailure, ReportPathHealed, Volumes, MAX_PRE_AUTH_FRAME_BYTES,
+    FrameReader, GrantedVolume, Grow, Grown, Hello, ListVolumes, PathHealedReported,
+    PreservedNoted, QuiesceAck, Renew, Renewed, ReportFailure, ReportPathHealed, ReportPreserved,
+    Volumes, MAX_PRE_AUTH_FRAME_BYTES, MAX_REPORTED_CHUNKS,
 };
 
 use crate::log_text::peer_text;
@@ -27,7 +28,7 @@ use crate::recovery;
 use crate::secrets;
 use crate::service_error::ServiceResult;
 use crate::state::{blocking, ConnectionId, PublishedMap, Refusal, ServerState};
-use crate::store::{SessionRecord, StoreResult};
+use crate::store::{SessionRecord, SnapshotState, StoreResult};
 use tokio::io::AsyncWriteExt;
 
 /// Pushed maps waiting to be written to one connection.
@@ -343,6 +344,9 @@ impl Session {
             AgentRequest::ReportPathHealed(request) => {
                 reply::<ReportPathHealed>(self.report_path_healed(request).await)
             }
+            AgentRequest::ReportPreserved(request) => {
+                reply::<ReportPreserved>(self.report_preserved(request).await)
+            }
         })
     }
 
@@ -582,6 +586,79 @@ impl Session {
             if accepted { "fail-back accepted" } else { "fail-back refused" }
         );
         Ok(PathHealedReported { accepted, message })
+    }
+
+    /// Chunks the client's kernel preserved itself: checked against the snapshot store's
+    /// records, which are read back first and stay the changed-chunk list.
+    async fn report_preserved(
+        &mut self,
+        request: ReportPreserved,
+    ) -> ServiceResult<PreservedNoted> {
+        let ReportPreserved {
+            volume_id,
+            snapshot_id,
+            chunks,
+        } = request;
+        if self.state.attachment_mode(self.connection, volume_id) != Some(AccessMode::Rw) {
+            return Err(ErrorBody::new(
+                ErrorCode::NotGranted,
+                "only a read-write attachment to the volume preserves chunks",
+            ));
+        }
+        if chunks.is_empty() || chunks.len() > MAX_REPORTED_CHUNKS {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "a report names 1 to {MAX_REPORTED_CHUNKS} chunks, not {}",
+                    chunks.len()
+                ),
+            ));
+        }
+        let volume = blocking(&self.state, move |s| s.store.volume_by_id(volume_id)).await?;
+        let snapshot = blocking(&self.state, move |s| s.store.snapshots_of(volume_id))
+            .await?
+            .into_iter()
+            .find(|s| s.id == snapshot_id && s.state == SnapshotState::Active)
+            .ok_or_else(|| {
+                ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("volume {volume_id} has no active snapshot {snapshot_id}"),
+                )
+            })?;
+        let volume_chunks = snapshot
+            .origin_bytes
+            .div_ceil(u64::from(snapshot.chunk_bytes).max(1));
+        if let Some(beyond) = chunks.iter().find(|&&chunk| chunk >= volume_chunks) {
+            return Err(ErrorBody::new(
+                ErrorCode::BadRequest,
+                format!("chunk {beyond} is beyond the snapshot's {volume_chunks} chunks"),
+            ));
+        }
+        let reported = chunks.len();
+        let unrecorded = blocking(&self.state, move |s| {
+            s.snapshots
+                .note_preserved(volume_id, volume.epoch, snapshot_id, &chunks)
+                .map_err(|e| ErrorBody::new(ErrorCode::Io, e.to_string()))
+        })
+        .await?
+        .ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("snapshot {snapshot_id} has no loaded COW store"),
+            )
+        })?;
+        if !unrecorded.is_empty() {
+            warn!(
+                "client {}: reports chunks of snapshot {} preserved that its COW store has no record of: {:?}",
+                peer_text(&self.client),
+                snapshot.name,
+                &unrecorded[..unrecorded.len().min(16)]
+            );
+        }
+        Ok(PreservedNoted {
+            recorded: (reported - unrecorded.len()) as u64,
+            unrecorded,
+        })
     }
 
     async fn report_failure(&mut self, request: ReportFailure) -> ServiceResult<FailureReported> {

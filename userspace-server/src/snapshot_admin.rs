@@ -212,6 +212,7 @@ async fn info_of(
         cow_bytes: snapshot.store_bytes,
         cow_used_bytes: used,
         changed_chunks: changed,
+        reported_chunks: state.snapshots.reported_chunks(snapshot.id),
         nbd_socket: state.config.nbd_socket.display().to_string(),
     })
 }

@@ -467,9 +467,51 @@ async fn chunks_a_client_preserved_itself_are_read_back_by_the_server() {
         read_export(&snap).await == a,
         "the snapshot lost its point in time"
     );
+    // The client's agent relays what its kernel preserved: chunks 10 and 12 are in the
+    // records, 13 is not (a copy that never became durable) and is named back.
+    let noted = setup
+        .agent
+        .report_preserved(setup.map.volume_id, snap.id, vec![10, 12, 13])
+        .await
+        .unwrap_or_else(|e| panic!("report: {e}"));
+    assert_eq!((noted.recorded, noted.unrecorded), (2, vec![13]));
     let listed = list(&server).await;
     assert_eq!(listed[0].changed_chunks, 3, "{listed:?}");
     assert_eq!(listed[0].cow_used_bytes, 3 * CHUNK, "{listed:?}");
+    assert_eq!(listed[0].reported_chunks, 2, "{listed:?}");
+    // Hostile reports are refused and change nothing: no chunk, too many, beyond the
+    // volume, a snapshot that does not exist, a volume not attached.
+    let volume_id = setup.map.volume_id;
+    let hostile: Vec<(u64, u64, Vec<u64>, ErrorCode)> = vec![
+        (volume_id, snap.id, Vec::new(), ErrorCode::BadRequest),
+        (volume_id, snap.id, vec![0; 5000], ErrorCode::BadRequest),
+        (
+            volume_id,
+            snap.id,
+            vec![VOLUME / CHUNK],
+            ErrorCode::BadRequest,
+        ),
+        (volume_id, snap.id + 100, vec![1], ErrorCode::NotFound),
+        (volume_id + 100, snap.id, vec![1], ErrorCode::NotGranted),
+    ];
+    for (volume, snapshot, chunks, code) in hostile {
+        let what = format!(
+            "volume {volume} snapshot {snapshot} {} chunk(s)",
+            chunks.len()
+        );
+        let refused = setup.agent.report_preserved(volume, snapshot, chunks).await;
+        assert_eq!(
+            refused.err().and_then(|e| e.server_code()),
+            Some(code),
+            "{what}"
+        );
+    }
+    let again = list(&server).await;
+    assert_eq!(
+        (again[0].changed_chunks, again[0].reported_chunks),
+        (3, 2),
+        "{again:?}"
+    );
     // A second snapshot: the first's changed chunks are exactly those three, and the map no
     // longer offers a store (the client cannot know which chunks the older one holds).
     let second = setup.snapshot(&server, "second", None).await;

@@ -37,7 +37,8 @@ use crate::output::print_table;
 use crate::recovery_cmd::progress_line;
 use sanblk_proto::client::Push;
 use sanblk_proto::protocol::RecoveryStatus;
-use sanblk_uapi::netlink::EventKind;
+use sanblk_proto::protocol::MAX_REPORTED_CHUNKS;
+use sanblk_uapi::netlink::{EventKind, MAX_EVENT_CHUNKS};
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -384,6 +385,9 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
         );
     }
     let (quiesce_sender, mut quiesce_results) = tokio::sync::mpsc::unbounded_channel();
+    // The module's preserved-chunk events, relayed in batches.
+    let mut preserved = PreservedBatch::default();
+    let mut report_tick = tokio::time::interval(REPORT_EVERY);
     let mut terminate = signal(SignalKind::terminate()).map_err(local)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(local)?;
     let mut backoff = Duration::from_secs(1);
@@ -411,6 +415,10 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                     report_path_failure(client, &known_paths, volume_id, &event.device_path).await;
                 } else if event.volume_id == volume_id && event.kind == EventKind::PathHealed as u32 {
                     fail_back(&kernel, client, &known_paths, volume_id, &event.device_path).await;
+                } else if event.volume_id == volume_id && event.kind == EventKind::ChunksPreserved as u32 {
+                    if let Some(full) = preserved.add(event.snapshot_id, event.chunks) {
+                        report_preserved(client, volume_id, full).await;
+                    }
                 }
             }
             push = next_push(&mut client) => match push {
@@ -522,6 +530,11 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                     );
                 }
             },
+            _ = report_tick.tick(), if client.is_some() && !preserved.is_empty() => {
+                if let (Some(client), Some(batch)) = (client.as_mut(), preserved.take()) {
+                    report_preserved(client, volume_id, batch).await;
+                }
+            }
             _ = renew.tick(), if client.is_some() && !fenced => {
                 if let Some(client) = client.as_mut() {
                     let sent = monotonic_now_ns();
@@ -569,6 +582,67 @@ fn drain_quiesce(
         let drained = KernelLink::open().and_then(|kernel| kernel.quiesce(volume_id, epoch));
         let _ = done.send((epoch, drained));
     });
+}
+
+/// How long preserved chunks wait to be relayed with more.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+/// Chunks of one snapshot the kernel reported preserved, not yet relayed to the server.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PreservedBatch {
+    snapshot_id: u64,
+    chunks: Vec<u64>,
+}
+
+impl PreservedBatch {
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Adds an event's chunks; returns a batch to relay now: the pending one if the event is
+    /// about another snapshot, or this one once it is about full.
+    fn add(&mut self, snapshot_id: u64, chunks: Vec<u64>) -> Option<PreservedBatch> {
+        let mut ready = None;
+        if snapshot_id != self.snapshot_id {
+            ready = self.take();
+            self.snapshot_id = snapshot_id;
+        }
+        // An event carries at most MAX_EVENT_CHUNKS: the batch stays within a report.
+        self.chunks
+            .extend(chunks.into_iter().take(MAX_EVENT_CHUNKS));
+        if ready.is_none() && self.chunks.len() > MAX_REPORTED_CHUNKS - MAX_EVENT_CHUNKS {
+            ready = self.take();
+        }
+        ready
+    }
+
+    fn take(&mut self) -> Option<PreservedBatch> {
+        if self.chunks.is_empty() {
+            return None;
+        }
+        Some(PreservedBatch {
+            snapshot_id: self.snapshot_id,
+            chunks: std::mem::take(&mut self.chunks),
+        })
+    }
+}
+
+/// Relays chunks the kernel preserved in a snapshot's COW store to the server, which checks
+/// them against the store's records (the durable changed-chunk list: an event lost here, or
+/// with a crash, loses nothing).
+async fn report_preserved(client: &mut AgentClient, volume_id: u64, batch: PreservedBatch) {
+    let PreservedBatch {
+        snapshot_id,
+        chunks,
+    } = batch;
+    match client.report_preserved(volume_id, snapshot_id, chunks).await {
+        Ok(noted) if noted.unrecorded.is_empty() => {}
+        Ok(noted) => eprintln!(
+            "sanctl attach: the server finds no record of chunks {:?} of snapshot {snapshot_id} this host preserved",
+            noted.unrecorded
+        ),
+        Err(e) => eprintln!("sanctl attach: cannot report preserved chunks of snapshot {snapshot_id}: {e}"),
+    }
 }
 
 /// Tells the server that the kernel lost its direct path to the device at `path`. The server
@@ -895,4 +969,32 @@ pub fn status(context: &Context, args: &StatusArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preserved_chunks_are_batched_per_snapshot_and_within_a_report() {
+        let mut batch = PreservedBatch::default();
+        assert_eq!(batch.add(7, vec![1, 2]), None);
+        assert_eq!(batch.add(7, vec![3]), None);
+        // Another snapshot: the pending batch goes first.
+        let ready = batch.add(8, vec![9]).expect("the first snapshot's batch");
+        assert_eq!((ready.snapshot_id, ready.chunks), (7, vec![1, 2, 3]));
+        // An event never adds more than MAX_EVENT_CHUNKS.
+        let mut relayed = Vec::new();
+        for _ in 0..MAX_REPORTED_CHUNKS {
+            if let Some(full) = batch.add(8, (0..MAX_EVENT_CHUNKS as u64 * 2).collect()) {
+                assert!(full.chunks.len() <= MAX_REPORTED_CHUNKS);
+                relayed.push(full);
+            }
+        }
+        assert!(!relayed.is_empty());
+        assert_eq!(relayed[0].chunks[0], 9);
+        let rest = batch.take().expect("what is left");
+        assert!(rest.chunks.len() <= MAX_REPORTED_CHUNKS);
+        assert_eq!(batch.take(), None);
+    }
 }

@@ -360,6 +360,18 @@ fn u64_of(attr: &Nlattr<u16, Buffer>) -> u64 {
     }
 }
 
+/// The chunk numbers of a CHUNKS attribute (little-endian u64 each; a partial one dropped).
+fn chunks_of(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|raw| {
+            let mut chunk = [0u8; 8];
+            chunk.copy_from_slice(raw);
+            u64::from_le_bytes(chunk)
+        })
+        .collect()
+}
+
 fn u32_of(attr: &Nlattr<u16, Buffer>) -> u32 {
     let bytes = attr.nla_payload().as_ref();
     if bytes.len() == 4 {
@@ -770,6 +782,9 @@ pub struct KernelEvent {
     pub kind: u32,
     pub volume_id: u64,
     pub device_path: String,
+    /// CHUNKS_PRESERVED: the snapshot and its chunks.
+    pub snapshot_id: u64,
+    pub chunks: Vec<u64>,
 }
 
 /// Joins the module's `events` multicast group and forwards every notification to `sender`
@@ -797,12 +812,16 @@ pub fn listen_events(
                 kind: 0,
                 volume_id: 0,
                 device_path: String::new(),
+                snapshot_id: 0,
+                chunks: Vec::new(),
             };
             for attr in payload.attrs().iter() {
                 match Attr::from_u16(u16::from(attr.nla_type()) & 0x3fff) {
                     Some(Attr::EventKind) => event.kind = u32_of(attr),
                     Some(Attr::VolumeId) => event.volume_id = u64_of(attr),
                     Some(Attr::DevicePath) => event.device_path = text_of(attr),
+                    Some(Attr::SnapshotId) => event.snapshot_id = u64_of(attr),
+                    Some(Attr::Chunks) => event.chunks = chunks_of(attr.nla_payload().as_ref()),
                     _ => {}
                 }
             }
@@ -835,6 +854,18 @@ mod tests {
         );
         assert!(!refused.contains("no reason given"), "{refused}");
         assert_eq!(unexplained_refusal(libc::EINVAL), "no reason given");
+    }
+
+    #[test]
+    fn chunk_lists_are_little_endian_u64s() {
+        let mut bytes = Vec::new();
+        for chunk in [7u64, 1 << 40] {
+            bytes.extend_from_slice(&chunk.to_le_bytes());
+        }
+        assert_eq!(chunks_of(&bytes), vec![7, 1 << 40]);
+        bytes.push(1);
+        assert_eq!(chunks_of(&bytes), vec![7, 1 << 40]);
+        assert!(chunks_of(&[]).is_empty());
     }
 
     #[test]

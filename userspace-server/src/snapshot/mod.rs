@@ -23,7 +23,7 @@
 
 pub mod cow;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -48,6 +48,9 @@ pub struct Snapshots {
     store: Arc<Store>,
     devices: DeviceTable,
     volumes: Mutex<HashMap<u64, Arc<Mutex<VolumeStores>>>>,
+    /// Per snapshot id: the chunks clients reported preserved that its records hold (never
+    /// more than its store's slots).
+    reported: Mutex<HashMap<u64, BTreeSet<u64>>>,
 }
 
 impl Snapshots {
@@ -56,6 +59,7 @@ impl Snapshots {
             devices: DeviceTable::new(store.clone()),
             store,
             volumes: Mutex::new(HashMap::new()),
+            reported: Mutex::new(HashMap::new()),
         }
     }
 
@@ -286,6 +290,43 @@ impl Snapshots {
                 store.slots_total(),
             )
         })
+    }
+
+    /// Checks chunks a client reports it preserved in snapshot `snapshot_id`'s store against
+    /// the store's records (read back first) and notes those they hold. Returns the others
+    /// (a client that reports a copy it did not make durable); `None` if the snapshot is not
+    /// active (blocking).
+    pub fn note_preserved(
+        &self,
+        volume_id: u64,
+        epoch: u64,
+        snapshot_id: u64,
+        chunks: &[u64],
+    ) -> io::Result<Option<Vec<u64>>> {
+        let checked = self.with_store(volume_id, epoch, snapshot_id, |store| {
+            chunks
+                .iter()
+                .partition::<Vec<u64>, _>(|&&chunk| store.slot_of(chunk).is_some())
+        })?;
+        Ok(checked.map(|(recorded, unrecorded)| {
+            self.reported
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(snapshot_id)
+                .or_default()
+                .extend(recorded);
+            unrecorded
+        }))
+    }
+
+    /// How many chunks clients reported preserved in snapshot `snapshot_id` since this
+    /// server started (each also in its records).
+    pub fn reported_chunks(&self, snapshot_id: u64) -> u64 {
+        self.reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&snapshot_id)
+            .map_or(0, |chunks| chunks.len() as u64)
     }
 
     /// The chunks of the first `records` records of snapshot `snapshot_id` (those copied
