@@ -36,13 +36,14 @@ use crate::abi_cow::{Record, RecordSector, HEADER_BYTES, RECORDS_PER_SECTOR, SEC
 use crate::abi_map::chunks_touched;
 use crate::copied::CopiedChunks;
 use crate::cow_store::StoreInfo;
+use crate::device::SanDevice;
 use crate::ffi::bio::{Bio, BioList};
 use crate::ffi::consts::{Opf, GFP_NOIO, REQ_FUA, REQ_OP_READ, REQ_OP_WRITE, REQ_PREFLUSH};
 use crate::ffi::genl::Event;
 use crate::ffi::kthread::{forbid_io_in_reclaim, should_stop};
 use crate::ffi::pages::PageBuf;
 use crate::ffi::sync::{wait_until, TASK_INTERRUPTIBLE};
-use crate::ffi::time::now_ns;
+use crate::ffi::time::{msecs_to_jiffies, now_ns};
 use crate::remap::{device_healthy, resubmit_copied};
 use crate::volume::{MapState, Volume};
 
@@ -65,11 +66,18 @@ pub(crate) fn run(volume: &Volume) {
         chunk: PageBuf::new(),
         record_block: PageBuf::new(),
         cursor: None,
+        report: PendingReport::new(volume.id),
     };
     loop {
-        wait_until(&[&volume.copies.wakeup], TASK_INTERRUPTIBLE, None, || {
-            !volume.copies.is_empty() || should_stop()
-        });
+        // With chunks to report, wake up to send them once they have waited long enough.
+        let timeout = (!copier.report.is_empty()).then(|| msecs_to_jiffies(REPORT_AFTER_MS));
+        wait_until(
+            &[&volume.copies.wakeup],
+            TASK_INTERRUPTIBLE,
+            timeout,
+            || !volume.copies.is_empty() || should_stop(),
+        );
+        copier.report.flush(now_ns(), false);
         while let Some((first, _inflight)) = volume.copies.pop(&volume.inflight) {
             // The writes queued now, copied as one batch; the first one's in-flight
             // reference covers them all until they are re-submitted.
@@ -84,6 +92,7 @@ pub(crate) fn run(volume: &Volume) {
             copier.handle(volume, batch);
         }
         if should_stop() {
+            copier.report.flush(now_ns(), true);
             return;
         }
     }
@@ -112,6 +121,7 @@ struct Copier {
     chunk: PageBuf,
     record_block: PageBuf,
     cursor: Option<Cursor>,
+    report: PendingReport,
 }
 
 impl Copier {
@@ -209,15 +219,9 @@ impl Copier {
                 copied.mark_chunk(chunk);
                 volume.copies.count_preserved();
             }
-            // The records are durable: tell the server (through the agent). A lost event
-            // loses nothing; the server reads the records back.
-            if multicast_preserved(volume.id, store.snapshot_id, preserved).is_err() {
-                pr_warn!(
-                    "volume {}: cannot multicast {} preserved chunk(s)\n",
-                    volume.id,
-                    preserved.len()
-                );
-            }
+            // The records are durable: the server hears of them (through the agent).
+            self.report
+                .add(volume.id, store.snapshot_id, preserved, now_ns());
             done += group;
         }
         Ok(())
@@ -272,25 +276,20 @@ impl Copier {
         // The chunks as they are now (the part of a last chunk beyond the volume reads as
         // zero), one after the other in the buffer, as their slots are in the store.
         self.chunk.reserve((count * chunk_bytes) as usize)?;
-        for (i, &chunk) in chunks.iter().take(count as usize).enumerate() {
-            let at = i as u64 * chunk_bytes;
-            let start = chunk * chunk_bytes;
-            let valid = map.size.saturating_sub(start).min(chunk_bytes);
-            read_origin(volume, map, &self.chunk, at, start, valid)?;
-            if valid < chunk_bytes {
-                self.chunk
-                    .zero((at + valid) as usize, (chunk_bytes - valid) as usize)?;
-            }
+        let group = &chunks[..count as usize];
+        // All the group's reads in flight at once (as kcopyd does), then all its slot
+        // writes; should either fail, once more one bio at a time, which finds the device
+        // that failed (and marks it so).
+        if self
+            .read_chunks(volume, map, group, chunk_bytes, true)
+            .is_err()
+        {
+            self.read_chunks(volume, map, group, chunk_bytes, false)?;
         }
-        store_io(
-            volume,
-            map,
-            store,
-            &self.chunk,
-            layout.slot_offset(first_slot),
-            count * chunk_bytes,
-            REQ_OP_WRITE,
-        )?;
+        let slots = (layout.slot_offset(first_slot), count * chunk_bytes);
+        if store_io(volume, map, store, &self.chunk, slots, REQ_OP_WRITE, true).is_err() {
+            store_io(volume, map, store, &self.chunk, slots, REQ_OP_WRITE, false)?;
+        }
         for (i, &chunk) in chunks.iter().take(count as usize).enumerate() {
             let slot = first_slot + i as u64;
             if !sector.push(Record {
@@ -334,6 +333,61 @@ impl Copier {
         Ok(count as usize)
     }
 
+    /// Reads `chunks` of the origin as they are now into consecutive places of the buffer
+    /// (the part of a last chunk beyond the volume reads as zero): with `together`, every
+    /// bio in flight at once, else one after the other.
+    fn read_chunks(
+        &self,
+        volume: &Volume,
+        map: &MapState,
+        chunks: &[u64],
+        chunk_bytes: u64,
+        together: bool,
+    ) -> Result {
+        let mut chain = Chain::new();
+        for (i, &chunk) in chunks.iter().enumerate() {
+            let at = i as u64 * chunk_bytes;
+            let start = chunk * chunk_bytes;
+            let valid = map.size.saturating_sub(start).min(chunk_bytes);
+            read_origin(
+                volume,
+                map,
+                start,
+                valid,
+                |slot, device_offset, done, length| {
+                    let at = at + done;
+                    if together {
+                        let device = volume.devices.get(slot).ok_or(ENODEV)?;
+                        chain.add(device_bio(
+                            device,
+                            device_offset,
+                            &self.chunk,
+                            at,
+                            length,
+                            REQ_OP_READ,
+                        )?);
+                        Ok(())
+                    } else {
+                        sync_io(
+                            volume,
+                            slot,
+                            device_offset,
+                            &self.chunk,
+                            at,
+                            length,
+                            REQ_OP_READ,
+                        )
+                    }
+                },
+            )?;
+            if valid < chunk_bytes {
+                self.chunk
+                    .zero((at + valid) as usize, (chunk_bytes - valid) as usize)?;
+            }
+        }
+        chain.wait()
+    }
+
     /// Reads or writes the record block at store offset `block_offset`.
     fn record_block_io(
         &self,
@@ -344,7 +398,15 @@ impl Copier {
         opf: Opf,
     ) -> Result {
         let block = &self.record_block;
-        store_io(volume, map, store, block, block_offset, RECORD_BLOCK, opf)
+        store_io(
+            volume,
+            map,
+            store,
+            block,
+            (block_offset, RECORD_BLOCK),
+            opf,
+            false,
+        )
     }
 
     /// Reads the record sectors from sector `from` (every one before it is full) until the
@@ -396,37 +458,111 @@ impl Copier {
     }
 }
 
-/// Multicasts CHUNKS_PRESERVED for `chunks` of snapshot `snapshot_id` (process context), in
-/// events of at most [`MAX_EVENT_CHUNKS`].
-fn multicast_preserved(volume_id: u64, snapshot_id: u64, chunks: &[u64]) -> Result {
-    let mut bytes = [0u8; MAX_EVENT_CHUNKS * 8];
-    for part in chunks.chunks(MAX_EVENT_CHUNKS) {
+/// How long preserved chunks wait to be multicast with more: an event wakes the agent, and
+/// one per first write would cost the guest a process wake-up per copy.
+const REPORT_AFTER_MS: u32 = 250;
+const REPORT_AFTER_NS: i64 = REPORT_AFTER_MS as i64 * 1_000_000;
+
+/// Preserved chunks of one snapshot not yet multicast in a CHUNKS_PRESERVED event. A lost
+/// event loses nothing: the server reads the records back.
+struct PendingReport {
+    volume_id: u64,
+    snapshot_id: u64,
+    chunks: [u64; MAX_EVENT_CHUNKS],
+    count: usize,
+    /// When the oldest pending chunk was preserved (ktime ns).
+    since_ns: i64,
+}
+
+impl PendingReport {
+    fn new(volume_id: u64) -> Self {
+        PendingReport {
+            volume_id,
+            snapshot_id: 0,
+            chunks: [0; MAX_EVENT_CHUNKS],
+            count: 0,
+            since_ns: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Adds `chunks` of `snapshot_id`, sending what is pending first if it is about another
+    /// snapshot or full, and at the end if it has waited long enough.
+    fn add(&mut self, volume_id: u64, snapshot_id: u64, chunks: &[u64], now: i64) {
+        self.volume_id = volume_id;
+        for &chunk in chunks {
+            if self.count > 0
+                && (self.snapshot_id != snapshot_id || self.count == self.chunks.len())
+            {
+                self.send();
+            }
+            if self.count == 0 {
+                self.snapshot_id = snapshot_id;
+                self.since_ns = now;
+            }
+            if let Some(slot) = self.chunks.get_mut(self.count) {
+                *slot = chunk;
+                self.count += 1;
+            }
+        }
+        if self.count > 0 && now - self.since_ns >= REPORT_AFTER_NS {
+            self.send();
+        }
+    }
+
+    /// Sends what is pending if it has waited long enough (or `force`).
+    fn flush(&mut self, now: i64, force: bool) {
+        if self.count > 0 && (force || now - self.since_ns >= REPORT_AFTER_NS) {
+            self.send();
+        }
+    }
+
+    fn send(&mut self) {
+        let count = self.count;
+        self.count = 0;
+        if self
+            .multicast(&self.chunks[..count.min(self.chunks.len())])
+            .is_err()
+        {
+            pr_warn!(
+                "volume {}: cannot multicast {} preserved chunk(s)\n",
+                self.volume_id,
+                count
+            );
+        }
+    }
+
+    /// One CHUNKS_PRESERVED event (process context).
+    fn multicast(&self, chunks: &[u64]) -> Result {
+        let mut bytes = [0u8; MAX_EVENT_CHUNKS * 8];
         let mut length = 0;
-        for chunk in part {
+        for chunk in chunks {
             if let Some(slot) = bytes.get_mut(length..length + 8) {
                 slot.copy_from_slice(&chunk.to_le_bytes());
                 length += 8;
             }
         }
-        let mut event = Event::new(Command::Event as u8, 128 + part.len() * 8)?;
+        let mut event = Event::new(Command::Event as u8, 128 + length)?;
         event.put_u32(Attr::EventKind as u16, EventKind::ChunksPreserved as u32)?;
-        event.put_u64(Attr::VolumeId as u16, volume_id)?;
-        event.put_u64(Attr::SnapshotId as u16, snapshot_id)?;
+        event.put_u64(Attr::VolumeId as u16, self.volume_id)?;
+        event.put_u64(Attr::SnapshotId as u16, self.snapshot_id)?;
         event.put_bytes(Attr::Chunks as u16, &bytes[..length])?;
         event.send();
+        Ok(())
     }
-    Ok(())
 }
 
-/// Reads `length` bytes of the origin at volume `offset` into `buf` at byte `at`, from a
-/// healthy replica of each piece (synchronous bios).
+/// Issues the reads of `length` bytes of the origin at volume `offset`, from a healthy
+/// replica of each piece: `read(device slot, device offset, bytes done before, length)`.
 fn read_origin(
     volume: &Volume,
     map: &MapState,
-    buf: &PageBuf,
-    at: u64,
     offset: u64,
     length: u64,
+    mut read: impl FnMut(u32, u64, u64, u64) -> Result,
 ) -> Result {
     let mut done = 0u64;
     while done < length {
@@ -437,52 +573,43 @@ fn read_origin(
             .find(|t| device_healthy(volume, map.slot_of(t.device)))
             .ok_or(EIO)?;
         let step = piece.length.min(MAX_BIO_BYTES);
-        let slot = map.slot_of(target.device);
-        sync_io(
-            volume,
-            slot,
-            target.offset,
-            buf,
-            at + done,
-            step,
-            REQ_OP_READ,
-        )?;
+        read(map.slot_of(target.device), target.offset, done, step)?;
         done += step;
     }
     Ok(())
 }
 
-/// Reads or writes `length` bytes at store `offset` from or into the start of `buf`.
+/// Reads or writes `length` bytes at store `offset` from or into the start of `buf`: with
+/// `together`, every bio in flight at once, else one after the other.
 fn store_io(
     volume: &Volume,
     map: &MapState,
     store: &StoreInfo,
     buf: &PageBuf,
-    offset: u64,
-    length: u64,
+    (offset, length): (u64, u64),
     opf: Opf,
+    together: bool,
 ) -> Result {
+    let mut chain = Chain::new();
     let mut done = 0u64;
     while done < length {
         let (device, device_offset, here) =
             store.locate(offset + done, length - done).ok_or(EINVAL)?;
         let step = here.min(MAX_BIO_BYTES);
-        sync_io(
-            volume,
-            map.slot_of(device),
-            device_offset,
-            buf,
-            done,
-            step,
-            opf,
-        )?;
+        let slot = map.slot_of(device);
+        if together {
+            let device = volume.devices.get(slot).ok_or(ENODEV)?;
+            chain.add(device_bio(device, device_offset, buf, done, step, opf)?);
+        } else {
+            sync_io(volume, slot, device_offset, buf, done, step, opf)?;
+        }
         done += step;
     }
-    Ok(())
+    chain.wait()
 }
 
 /// One synchronous bio of `length` bytes at `device_offset` of the volume's device `slot`,
-/// on `buf` from byte `at`.
+/// on `buf` from byte `at`; a failure marks the device failed.
 fn sync_io(
     volume: &Volume,
     slot: u32,
@@ -493,6 +620,24 @@ fn sync_io(
     opf: Opf,
 ) -> Result {
     let device = volume.devices.get(slot).ok_or(ENODEV)?;
+    let mut chain = Chain::new();
+    chain.add(device_bio(device, device_offset, buf, at, length, opf)?);
+    let result = chain.wait();
+    if result.is_err() {
+        device.note_error();
+    }
+    result
+}
+
+/// A bio of `length` bytes at `device_offset` of `device`, on `buf` from byte `at`.
+fn device_bio(
+    device: &SanDevice,
+    device_offset: u64,
+    buf: &PageBuf,
+    at: u64,
+    length: u64,
+    opf: Opf,
+) -> Result<Bio> {
     let vecs = PageBuf::vecs(at as usize, length as usize);
     let mut bio = Bio::alloc(
         device.bdev(),
@@ -503,12 +648,51 @@ fn sync_io(
     )
     .ok_or(ENOMEM)?;
     bio.set_sector(device_offset >> 9);
-    let result = buf
-        .add_to(&mut bio, at as usize, length as usize)
-        .and_then(|()| bio.submit_and_wait());
-    bio.put();
-    if result.is_err() {
-        device.note_error();
+    match buf.add_to(&mut bio, at as usize, length as usize) {
+        Ok(()) => Ok(bio),
+        Err(err) => {
+            bio.put();
+            Err(err)
+        }
     }
-    result
+}
+
+/// Bios in flight together and waited for as one: each is chained into the one added after
+/// it and submitted, and the last is submitted and waited for by [`Chain::wait`] (or when
+/// the chain is dropped), which fails if any of them failed.
+struct Chain {
+    last: Option<Bio>,
+}
+
+impl Chain {
+    fn new() -> Self {
+        Chain { last: None }
+    }
+
+    fn add(&mut self, mut bio: Bio) {
+        if let Some(previous) = self.last.take() {
+            previous.submit_chained(&mut bio);
+        }
+        self.last = Some(bio);
+    }
+
+    fn wait(mut self) -> Result {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result {
+        let Some(mut last) = self.last.take() else {
+            return Ok(());
+        };
+        let result = last.submit_and_wait();
+        last.put();
+        result
+    }
+}
+
+impl Drop for Chain {
+    /// A chain left on an error still completes the bios already submitted into it.
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
 }

@@ -178,6 +178,19 @@ impl Bio {
         kernel::error::to_result(status)
     }
 
+    /// Chains this bio (allocated by this module, not submitted) into `parent` (likewise)
+    /// and submits it: `parent` completes only once this one has, and fails if it failed.
+    /// This bio is freed when it completes (as `blk_next_bio` does).
+    pub(crate) fn submit_chained(self, parent: &mut Bio) {
+        // SAFETY: both are live bios this module allocated and has not submitted; bio_chain
+        // takes a completion reference on `parent` and makes this one's completion end it
+        // and put this bio, which is not touched again here.
+        unsafe {
+            bindings::bio_chain(self.raw(), parent.raw());
+            bindings::submit_bio(self.raw());
+        }
+    }
+
     /// Frees a completed bio this module allocated.
     pub(crate) fn put(self) {
         // SAFETY: the bio was allocated by this module and has completed; the last reference.
