@@ -220,8 +220,7 @@ impl Copier {
                 volume.copies.count_preserved();
             }
             // The records are durable: the server hears of them (through the agent).
-            self.report
-                .add(volume.id, store.snapshot_id, preserved, now_ns());
+            self.report.add(store.snapshot_id, preserved, now_ns());
             done += group;
         }
         Ok(())
@@ -491,8 +490,7 @@ impl PendingReport {
 
     /// Adds `chunks` of `snapshot_id`, sending what is pending first if it is about another
     /// snapshot or full, and at the end if it has waited long enough.
-    fn add(&mut self, volume_id: u64, snapshot_id: u64, chunks: &[u64], now: i64) {
-        self.volume_id = volume_id;
+    fn add(&mut self, snapshot_id: u64, chunks: &[u64], now: i64) {
         for &chunk in chunks {
             if self.count > 0
                 && (self.snapshot_id != snapshot_id || self.count == self.chunks.len())

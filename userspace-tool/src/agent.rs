@@ -388,6 +388,8 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
     // The module's preserved-chunk events, relayed in batches.
     let mut preserved = PreservedBatch::default();
     let mut report_tick = tokio::time::interval(REPORT_EVERY);
+    // After an idle spell, one relay and then every REPORT_EVERY again (no burst).
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut terminate = signal(SignalKind::terminate()).map_err(local)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(local)?;
     let mut backoff = Duration::from_secs(1);

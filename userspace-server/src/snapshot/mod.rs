@@ -104,6 +104,14 @@ impl Snapshots {
                     }
                 }
             }
+            // What clients reported of this volume's snapshots that are no longer active is
+            // of no use any more.
+            let active: BTreeSet<u64> = loaded.iter().map(|s| s.snapshot.id).collect();
+            let before: BTreeSet<u64> = stores.stores.iter().map(|s| s.snapshot.id).collect();
+            self.reported
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|id, _| active.contains(id) || !before.contains(id));
             stores.stores = loaded;
             stores.epoch = epoch;
         }
