@@ -5,8 +5,9 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use sanblk_proto::map::VolumeMap;
 use sanblk_tests::dm_san::WAIT_LONG;
-use sanblk_tests::{dm_san, provision, spawn, RunningVm};
+use sanblk_tests::{dm_san, provision, spawn, GuestOutcome, Provisioned, RunningVm, VmConfig};
 
 /// The server's default lease plus its in-flight bound: the longest a silent client keeps
 /// its slot (`sand --help`).
@@ -22,6 +23,44 @@ fn wait_for_guest_file(vm: &RunningVm, name: &str, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(100));
     }
     false
+}
+
+/// What [`grow_once_signalled`] saw.
+struct Grown {
+    /// The server's map before the grow.
+    before: VolumeMap,
+    took: Duration,
+    outcome: GuestOutcome,
+}
+
+/// Runs the guest of `config`; once it created `signal`, grows `volume` to 24 MiB from the
+/// host (which must succeed) and tells the guest (`$D/grown`), then waits for the guest.
+fn grow_once_signalled(
+    setup: &Provisioned,
+    config: &VmConfig,
+    volume: &str,
+    signal: &str,
+) -> Grown {
+    let vm = spawn(config).expect("guest started");
+    assert!(wait_for_guest_file(&vm, signal, Duration::from_secs(240)));
+    let before = setup.server.volume(volume).map;
+    let started = Instant::now();
+    let output = setup
+        .server
+        .sanctl_output(&["volume", "grow", volume, "24M"]);
+    let took = started.elapsed();
+    touch(&setup.dir.join("grown"));
+    let outcome = vm.wait().expect("guest ran");
+    assert!(
+        output.status.success(),
+        "grow failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Grown {
+        before,
+        took,
+        outcome,
+    }
 }
 
 fn touch(path: &Path) {
@@ -47,27 +86,13 @@ $S detach vn || kill -9 $AGENT
         body,
         Duration::from_secs(300),
     );
-    let vm = spawn(&config).expect("guest started");
-    assert!(wait_for_guest_file(
-        &vm,
-        "stopped",
-        Duration::from_secs(240)
-    ));
-    let before = setup.server.volume("vn").map;
-    let started = Instant::now();
-    let output = setup.server.sanctl_output(&["volume", "grow", "vn", "24M"]);
-    let took = started.elapsed();
-    touch(&setup.dir.join("grown"));
-    let outcome = vm.wait().expect("guest ran");
-    assert!(
-        output.status.success(),
-        "grow failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let grown = grow_once_signalled(&setup, &config, "vn", "stopped");
+    let took = grown.took;
+    let outcome = grown.outcome;
     outcome.assert_clean_success();
     let after = setup.server.volume("vn").map;
     assert_eq!(after.size_bytes, 24 << 20);
-    assert!(after.epoch > before.epoch);
+    assert!(after.epoch > grown.before.epoch);
     assert!(
         took <= DEFAULT_FENCE_DELAY + Duration::from_secs(6),
         "a silent client delayed the grow by {took:?}"
@@ -111,21 +136,8 @@ $S detach vd
         body,
         Duration::from_secs(400),
     );
-    let vm = spawn(&config).expect("guest started");
-    assert!(wait_for_guest_file(
-        &vm,
-        "writing",
-        Duration::from_secs(240)
-    ));
-    let before = setup.server.volume("vd").map;
-    let output = setup.server.sanctl_output(&["volume", "grow", "vd", "24M"]);
-    touch(&setup.dir.join("grown"));
-    let outcome = vm.wait().expect("guest ran");
-    assert!(
-        output.status.success(),
-        "grow failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let grown = grow_once_signalled(&setup, &config, "vd", "writing");
+    let (before, outcome) = (grown.before, grown.outcome);
     outcome.assert_clean_success();
     let agent = outcome.read_out_file("agent.log").unwrap_or_default();
     assert!(
