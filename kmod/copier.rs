@@ -1,17 +1,19 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The volume's copier thread: while the volume has exactly one active snapshot, whose COW
-//! store the map describes, it preserves each chunk a write is the first to touch since the
-//! snapshot, as `sand` would: reads the chunk from the origin, writes it into the next free
-//! slot of the store, appends the record (chunk, slot) to the store's record sectors with
-//! PREFLUSH (the slot is durable before the record is written) and FUA (the record is
-//! durable before the origin write is issued), sets the chunk's bit, then re-submits the
-//! write, which now goes straight to the SAN devices. A host that crashes at any moment
-//! leaves the snapshot reading back its point in time: until the record is durable the
-//! origin is untouched, and a slot without a record is free. The writes queued while it
-//! copies are taken as one batch: their chunks go into consecutive slots, written at once,
-//! and their records into one write of the record block, so one pair of flushes serves them
-//! all.
+//! The volume's copier thread: while the map describes the COW stores of the volume's
+//! active snapshots, it preserves each chunk a write is the first to touch since the newest
+//! snapshot, as `sand` would, in every store that does not hold it yet: reads the chunk
+//! from the origin, writes it into the next free slot of the store, appends the record
+//! (chunk, slot) to the store's record sectors with PREFLUSH (the slot is durable before
+//! the record is written) and FUA (the record is durable before the origin write is
+//! issued); once every store holds it, sets the chunk's bit, then re-submits the write,
+//! which now goes straight to the SAN devices. A host that crashes at any moment leaves
+//! every snapshot reading back its point in time: until the records are durable the origin
+//! is untouched, and a slot without a record is free. The writes queued while it copies are
+//! taken as one batch: their chunks go into consecutive slots of each store, written at
+//! once, and their records into one write of the record block, so one pair of flushes per
+//! store serves them all. Which chunks an older store holds (copied before a newer snapshot
+//! was taken) the thread learns by reading that store's records once per snapshot set.
 //!
 //! Only writes to chunks not preserved yet come here (submit_bio queues them, nothing
 //! waits); writes to a chunk being copied wait behind it in the queue, reads and writes to
@@ -24,7 +26,7 @@
 //! While the thread copies, it is the store's only appender: the server copies only the
 //! first writes that come through it, and none does while the thread copies. A copy that
 //! fails (a device error, a full store) therefore stops the thread's copies for the snapshot
-//! set for good (`CopiedChunks::stop_copying`), and the write goes through the server, which
+//! set, into every store, for good (`CopiedChunks::stop_copying`), and the write goes through the server, which
 //! reads the records back and copies from then on (invalidating the snapshot if the store
 //! is full). Nothing is copied while the volume is quiesced or its lease has lapsed: the
 //! write is re-submitted and held like any other.
@@ -33,8 +35,8 @@ use kernel::prelude::*;
 
 use crate::abi::{Attr, Command, EventKind, MAX_EVENT_CHUNKS};
 use crate::abi_cow::{Record, RecordSector, HEADER_BYTES, RECORDS_PER_SECTOR, SECTOR_BYTES};
-use crate::abi_map::chunks_touched;
-use crate::copied::CopiedChunks;
+use crate::abi_map::{chunks_touched, MAX_COW_STORES};
+use crate::copied::{CopiedChunks, StoreChunks};
 use crate::cow_store::StoreInfo;
 use crate::device::SanDevice;
 use crate::ffi::bio::{Bio, BioList};
@@ -65,19 +67,20 @@ pub(crate) fn run(volume: &Volume) {
     let mut copier = Copier {
         chunk: PageBuf::new(),
         record_block: PageBuf::new(),
-        cursor: None,
-        report: PendingReport::new(volume.id),
+        cursors: slots(|| None),
+        report: slots(|| PendingReport::new(volume.id)),
     };
     loop {
         // With chunks to report, wake up to send them once they have waited long enough.
-        let timeout = (!copier.report.is_empty()).then(|| msecs_to_jiffies(REPORT_AFTER_MS));
+        let pending = copier.report.iter().any(|r| !r.is_empty());
+        let timeout = pending.then(|| msecs_to_jiffies(REPORT_AFTER_MS));
         wait_until(
             &[&volume.copies.wakeup],
             TASK_INTERRUPTIBLE,
             timeout,
             || !volume.copies.is_empty() || should_stop(),
         );
-        copier.report.flush(now_ns(), false);
+        copier.flush_reports(false);
         while let Some((first, _inflight)) = volume.copies.pop(&volume.inflight) {
             // The writes queued now, copied as one batch; the first one's in-flight
             // reference covers them all until they are re-submitted.
@@ -92,10 +95,23 @@ pub(crate) fn run(volume: &Volume) {
             copier.handle(volume, batch);
         }
         if should_stop() {
-            copier.report.flush(now_ns(), true);
+            copier.flush_reports(true);
             return;
         }
     }
+}
+
+/// One entry per store the map may describe ([`MAX_COW_STORES`]), kept off the thread's
+/// stack; fewer if memory is short (a store without an entry is not copied into: the
+/// copy fails and the server takes over).
+fn slots<T>(make: impl Fn() -> T) -> KVec<T> {
+    let mut entries = KVec::new();
+    for _ in 0..MAX_COW_STORES {
+        if entries.push(make(), GFP_KERNEL).is_err() {
+            break;
+        }
+    }
+    entries
 }
 
 /// How long a cursor is trusted without reading its record block again. Another host can
@@ -120,8 +136,10 @@ struct Cursor {
 struct Copier {
     chunk: PageBuf,
     record_block: PageBuf,
-    cursor: Option<Cursor>,
-    report: PendingReport,
+    /// Where the next record goes, per store appended to (found by snapshot id).
+    cursors: KVec<Option<Cursor>>,
+    /// Preserved chunks not multicast yet, per snapshot.
+    report: KVec<PendingReport>,
 }
 
 impl Copier {
@@ -140,8 +158,8 @@ impl Copier {
         let map = volume.current_map();
         let now = now_ns();
         if !volume.hold.is_quiesced() && !volume.hold.lease_lapsed(now) {
-            if let Some((store, copied)) = map.copy_target() {
-                let preserved = self.preserve(volume, &map, store, copied, ranges);
+            if let Some((stores, copied)) = map.copy_target() {
+                let preserved = self.preserve(volume, &map, stores, copied, ranges);
                 // Re-submitting a write still not preserved would bring it back here.
                 let outcome = preserved.and_then(|()| {
                     if ranges
@@ -154,12 +172,14 @@ impl Copier {
                     }
                 });
                 if let Err(err) = outcome {
-                    self.cursor = None;
+                    for cursor in self.cursors.iter_mut() {
+                        *cursor = None;
+                    }
                     if copied.stop_copying() {
                         pr_warn!(
-                            "volume {}: snapshot {}: chunks no longer preserved by this host (errno {}): first writes go through the server\n",
+                            "volume {}: snapshots up to {}: chunks no longer preserved by this host (errno {}): first writes go through the server\n",
                             volume.id,
-                            store.snapshot_id,
+                            stores.first().map_or(0, |s| s.snapshot_id),
                             -err.to_errno()
                         );
                     }
@@ -171,13 +191,13 @@ impl Copier {
         }
     }
 
-    /// Preserves every chunk the writes `ranges` touch that is not preserved yet, in groups
-    /// of consecutive slots whose records share one record block.
+    /// Preserves every chunk the writes `ranges` touch that is not preserved yet in every
+    /// store, in groups of consecutive slots whose records share one record block.
     fn preserve(
         &mut self,
         volume: &Volume,
         map: &MapState,
-        store: &StoreInfo,
+        stores: &[StoreInfo],
         copied: &CopiedChunks,
         ranges: &[(u64, u64)],
     ) -> Result {
@@ -192,38 +212,162 @@ impl Copier {
                     continue;
                 }
                 if count == chunks.len() {
-                    self.copy_all(volume, map, store, copied, &chunks[..count])?;
+                    self.copy_everywhere(volume, map, stores, copied, &chunks[..count])?;
                     count = 0;
                 }
                 chunks[count] = chunk;
                 count += 1;
             }
         }
-        self.copy_all(volume, map, store, copied, &chunks[..count])
+        self.copy_everywhere(volume, map, stores, copied, &chunks[..count])
     }
 
-    /// Copies `chunks` in as many groups as their records' blocks take.
+    /// Copies `chunks` into each store that does not hold them yet; marks them copied once
+    /// every store's records of them are durable.
+    fn copy_everywhere(
+        &mut self,
+        volume: &Volume,
+        map: &MapState,
+        stores: &[StoreInfo],
+        copied: &CopiedChunks,
+        chunks: &[u64],
+    ) -> Result {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        for store in stores {
+            let held = copied.store(store.snapshot_id).ok_or(EINVAL)?;
+            let cursor = self.cursor_index(store.snapshot_id, stores)?;
+            // Which of them the store holds: its records read once per snapshot set, and
+            // again (from the cursor) when it lacks one, as another host may have appended.
+            if !held.scanned() || chunks.iter().any(|&chunk| !held.holds(chunk)) {
+                self.refresh(volume, map, store, held, cursor)?;
+            }
+            let mut needed = [0u64; MAX_GROUP_CHUNKS];
+            let mut count = 0;
+            for &chunk in chunks.iter().filter(|&&chunk| !held.holds(chunk)) {
+                if let Some(slot) = needed.get_mut(count) {
+                    *slot = chunk;
+                    count += 1;
+                }
+            }
+            if count > 0 {
+                self.copy_all(volume, map, store, held, cursor, &needed[..count])?;
+            }
+        }
+        for &chunk in chunks {
+            copied.mark_chunk(chunk);
+        }
+        Ok(())
+    }
+
+    /// Copies `chunks` into `store` in as many groups as their records' blocks take.
     fn copy_all(
         &mut self,
         volume: &Volume,
         map: &MapState,
         store: &StoreInfo,
-        copied: &CopiedChunks,
+        held: &StoreChunks,
+        cursor: usize,
         chunks: &[u64],
     ) -> Result {
         let mut done = 0;
         while done < chunks.len() {
-            let group = self.copy_group(volume, map, store, &chunks[done..])?;
+            let group = self.copy_group(volume, map, store, cursor, &chunks[done..])?;
             let preserved = &chunks[done..done + group];
             for &chunk in preserved {
-                copied.mark_chunk(chunk);
+                held.note(chunk);
                 volume.copies.count_preserved();
             }
             // The records are durable: the server hears of them (through the agent).
-            self.report.add(store.snapshot_id, preserved, now_ns());
+            self.add_report(store.snapshot_id, preserved);
             done += group;
         }
         Ok(())
+    }
+
+    /// The entry of `cursors` for snapshot `snapshot_id`'s store: its own, a free one, or
+    /// one of a store no longer in `stores`.
+    fn cursor_index(&mut self, snapshot_id: u64, stores: &[StoreInfo]) -> Result<usize> {
+        let entries = &mut self.cursors;
+        let found = entries
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.snapshot_id == snapshot_id))
+            .or_else(|| entries.iter().position(Option::is_none))
+            .or_else(|| {
+                entries.iter().position(|c| {
+                    c.as_ref()
+                        .is_some_and(|c| !stores.iter().any(|s| s.snapshot_id == c.snapshot_id))
+                })
+            })
+            .ok_or(ENOMEM)?;
+        if let Some(entry) = entries.get_mut(found) {
+            if entry.as_ref().is_some_and(|c| c.snapshot_id != snapshot_id) {
+                *entry = None;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Reads `store`'s records again unless the cursor is fresh: from the first one when
+    /// this snapshot set has not read them yet, else from the cursor's sector; every record
+    /// read is noted in `held`.
+    fn refresh(
+        &mut self,
+        volume: &Volume,
+        map: &MapState,
+        store: &StoreInfo,
+        held: &StoreChunks,
+        cursor: usize,
+    ) -> Result {
+        let now = now_ns();
+        let entry = self.cursors.get_mut(cursor).ok_or(EINVAL)?;
+        let fresh = held.scanned()
+            && matches!(entry, Some(c) if c.snapshot_id == store.snapshot_id
+                && c.epoch == map.epoch
+                && now - c.checked_ns < CURSOR_TRUST_NS);
+        if fresh {
+            return Ok(());
+        }
+        // Records before the cursor's sector are full and never change: look from there.
+        let from = match entry.take() {
+            _ if !held.scanned() => 0,
+            Some(c) if c.snapshot_id == store.snapshot_id => {
+                u64::from(c.sector.index).max(store.scan_from_sector)
+            }
+            _ => store.scan_from_sector,
+        };
+        let found = self.find_end(volume, map, store, held, from, now)?;
+        held.set_scanned();
+        if let Some(entry) = self.cursors.get_mut(cursor) {
+            *entry = Some(found);
+        }
+        Ok(())
+    }
+
+    /// Adds preserved chunks of `snapshot_id` to its pending report (a free one, else the
+    /// one pending longest, sent first).
+    fn add_report(&mut self, snapshot_id: u64, chunks: &[u64]) {
+        let now = now_ns();
+        let reports = &mut self.report;
+        let index = reports
+            .iter()
+            .position(|r| !r.is_empty() && r.snapshot_id == snapshot_id)
+            .or_else(|| reports.iter().position(PendingReport::is_empty))
+            .or_else(|| {
+                (0..reports.len()).min_by_key(|&i| reports.get(i).map_or(0, |r| r.since_ns))
+            });
+        if let Some(report) = index.and_then(|i| reports.get_mut(i)) {
+            report.add(snapshot_id, chunks, now);
+        }
+    }
+
+    /// Sends the pending reports that have waited long enough (or all, with `force`).
+    fn flush_reports(&mut self, force: bool) {
+        let now = now_ns();
+        for report in self.report.iter_mut() {
+            report.flush(now, force);
+        }
     }
 
     /// Copies the first chunks of `chunks` into consecutive slots: each chunk read, the slots
@@ -235,25 +379,12 @@ impl Copier {
         volume: &Volume,
         map: &MapState,
         store: &StoreInfo,
+        entry: usize,
         chunks: &[u64],
     ) -> Result<usize> {
-        let now = now_ns();
-        let fresh = matches!(&self.cursor, Some(c) if c.snapshot_id == store.snapshot_id
-            && c.epoch == map.epoch
-            && now - c.checked_ns < CURSOR_TRUST_NS);
-        if !fresh {
-            // Records before the cursor's sector are full and never change: look from there.
-            let from = match self.cursor.take() {
-                Some(c) if c.snapshot_id == store.snapshot_id => {
-                    u64::from(c.sector.index).max(store.scan_from_sector)
-                }
-                _ => store.scan_from_sector,
-            };
-            self.cursor = Some(self.find_end(volume, map, store, from, now)?);
-        }
         let layout = &store.layout;
         let chunk_bytes = u64::from(layout.chunk_bytes);
-        let Some(cursor) = self.cursor.as_ref() else {
+        let Some(Some(cursor)) = self.cursors.get(entry).map(Option::as_ref) else {
             return Err(EINVAL);
         };
         let (first_slot, block_offset) = (cursor.next_slot, cursor.block_offset);
@@ -328,7 +459,9 @@ impl Copier {
             next.block_offset = block_end;
             self.record_block.zero(0, RECORD_BLOCK as usize)?;
         }
-        self.cursor = Some(next);
+        if let Some(slot) = self.cursors.get_mut(entry) {
+            *slot = Some(next);
+        }
         Ok(count as usize)
     }
 
@@ -409,12 +542,14 @@ impl Copier {
     }
 
     /// Reads the record sectors from sector `from` (every one before it is full) until the
-    /// first one not full: the end of the dense sequence, where the next record goes.
+    /// first one not full: the end of the dense sequence, where the next record goes. Notes
+    /// the chunk of every record read in `held`.
     fn find_end(
         &mut self,
         volume: &Volume,
         map: &MapState,
         store: &StoreInfo,
+        held: &StoreChunks,
         from: u64,
         now: i64,
     ) -> Result<Cursor> {
@@ -441,6 +576,9 @@ impl Copier {
                 // list ends there, as `sand` reads it.
                 let sector = RecordSector::decode(&bytes, sector_index, layout, store.snapshot_id)
                     .unwrap_or(RecordSector::empty(sector_index));
+                for record in sector.records() {
+                    held.note(record.origin_chunk);
+                }
                 if (sector.count as usize) < RECORDS_PER_SECTOR {
                     return Ok(Cursor {
                         snapshot_id: store.snapshot_id,

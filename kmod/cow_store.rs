@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Where the COW store of a volume's only active snapshot lies (the map's COW store section)
-//! and how it is laid out (uapi `cow.rs`): what the copier needs to preserve chunks itself.
+//! Where the COW stores of a volume's active snapshots lie (the map's COW store sections)
+//! and how they are laid out (uapi `cow.rs`): what the copier needs to preserve chunks
+//! itself.
 
 use kernel::prelude::*;
 
@@ -19,26 +20,35 @@ pub(crate) struct StoreInfo {
 }
 
 impl StoreInfo {
-    /// The store a parsed map describes; `None` without a section, or when the store holds
-    /// no chunk of the map's copy-on-write chunk size (the server then makes every copy).
-    pub(crate) fn from_view(view: &MapView<'_>) -> Result<Option<StoreInfo>> {
-        let Some(section) = view.cow_store() else {
-            return Ok(None);
-        };
-        let Some(layout) = CowLayout::new(section.store_bytes, view.header().cow_chunk_bytes)
-        else {
-            return Ok(None);
-        };
-        let mut extents = KVec::with_capacity(section.extent_count as usize, GFP_KERNEL)?;
-        for index in 0..section.extent_count {
-            extents.push(view.store_extent(index), GFP_KERNEL)?;
+    /// The stores a parsed map describes, newest first; none without sections, or when a
+    /// store holds no chunk of the map's copy-on-write chunk size (the server then makes
+    /// every copy).
+    pub(crate) fn all_from_view(view: &MapView<'_>) -> Result<KVec<StoreInfo>> {
+        let count = view.cow_store_count();
+        let mut stores = KVec::with_capacity(count as usize, GFP_KERNEL)?;
+        for index in 0..count {
+            let Some(section) = view.cow_store(index) else {
+                return Ok(KVec::new());
+            };
+            let Some(layout) = CowLayout::new(section.store_bytes, view.header().cow_chunk_bytes)
+            else {
+                return Ok(KVec::new());
+            };
+            let mut extents = KVec::with_capacity(section.extent_count as usize, GFP_KERNEL)?;
+            for extent in 0..section.extent_count {
+                extents.push(view.store_extent(index, extent), GFP_KERNEL)?;
+            }
+            stores.push(
+                StoreInfo {
+                    snapshot_id: section.snapshot_id,
+                    layout,
+                    scan_from_sector: u64::from(section.scan_from_sector),
+                    extents,
+                },
+                GFP_KERNEL,
+            )?;
         }
-        Ok(Some(StoreInfo {
-            snapshot_id: section.snapshot_id,
-            layout,
-            scan_from_sector: u64::from(section.scan_from_sector),
-            extents,
-        }))
+        Ok(stores)
     }
 
     /// Where `length` bytes at store `offset` begin: the map device index, the device offset

@@ -13,7 +13,7 @@
 //!    kernel threads, wait queues and RCU, the slab, sysfs attributes, generic netlink and
 //!    errnos, over the C helpers in `sanblk_shim.c`.
 //! 1. `copied` (the chunks known copied for a volume's snapshots), `cow_store` (where the
-//!    only snapshot's COW store lies), `device` (an opened SAN device) and `piece` (the
+//!    snapshots' COW stores lie), `device` (an opened SAN device) and `piece` (the
 //!    context of a piece the server path may re-issue, in front of every clone and in every
 //!    in-place bio's hook context).
 //! 2. `copy_queue` (writes waiting for their chunks to be preserved), `hold` (bios held

@@ -9,7 +9,7 @@ use kernel::sync::{Arc, Mutex, SpinLock};
 use kernel::{fmt, new_mutex, new_spinlock};
 
 use crate::abi::MAX_TOKEN_BYTES;
-use crate::abi_map::{piece_at, Extent, MapView, Piece};
+use crate::abi_map::{piece_at, Extent, MapView, Piece, MAX_COW_STORES};
 use crate::copied::CopiedChunks;
 use crate::copy_queue::CopyQueue;
 use crate::cow_store::StoreInfo;
@@ -43,9 +43,9 @@ pub(crate) struct MapState {
     /// `None` with snapshots when the bits could not be had (every write then goes through
     /// the server).
     copied: Option<Arc<CopiedChunks>>,
-    /// The store of the only active snapshot, when the map describes it: the copier
-    /// preserves chunks into it itself.
-    store: Option<StoreInfo>,
+    /// The stores of the active snapshots, newest first, when the map describes them: the
+    /// copier preserves chunks into them itself.
+    stores: KVec<StoreInfo>,
 }
 
 impl MapState {
@@ -65,7 +65,7 @@ impl MapState {
                 .push(view.extent(index), GFP_KERNEL)
                 .map_err(|_| (ENOMEM, "out of memory"))?;
         }
-        let store = StoreInfo::from_view(&view).map_err(|_| (ENOMEM, "out of memory"))?;
+        let stores = StoreInfo::all_from_view(&view).map_err(|_| (ENOMEM, "out of memory"))?;
         Ok(MapState {
             bytes,
             extents,
@@ -75,7 +75,7 @@ impl MapState {
             cow_generation: header.cow_generation,
             cow_chunk_bytes: header.cow_chunk_bytes,
             copied: None,
-            store,
+            stores,
         })
     }
 
@@ -85,9 +85,20 @@ impl MapState {
         if self.cow_generation == 0 {
             return;
         }
-        let same = previous
-            .and_then(|p| p.copied.as_ref())
-            .filter(|c| c.tracks(self.cow_generation, self.cow_chunk_bytes, self.size));
+        let mut store_ids = [0u64; MAX_COW_STORES as usize];
+        let count = self.stores.len().min(store_ids.len());
+        for (id, store) in store_ids.iter_mut().zip(self.stores.iter()) {
+            *id = store.snapshot_id;
+        }
+        let store_ids = &store_ids[..count];
+        let same = previous.and_then(|p| p.copied.as_ref()).filter(|c| {
+            c.tracks(
+                self.cow_generation,
+                self.cow_chunk_bytes,
+                self.size,
+                store_ids,
+            )
+        });
         if let Some(copied) = same {
             self.copied = Some(copied.clone());
             return;
@@ -97,6 +108,7 @@ impl MapState {
             self.cow_chunk_bytes,
             self.size,
             self.epoch,
+            store_ids,
         )
         .and_then(|copied| Ok(Arc::new(copied, GFP_KERNEL)?));
         match fresh {
@@ -120,14 +132,14 @@ impl MapState {
                 .is_some_and(|copied| copied.all_copied(offset, length))
     }
 
-    /// The store the copier preserves chunks into and the bits it sets, while it may
-    /// (`None` once it stopped for this snapshot set, or without a store).
-    pub(crate) fn copy_target(&self) -> Option<(&StoreInfo, &CopiedChunks)> {
+    /// The stores the copier preserves chunks into and the bits it sets, while it may
+    /// (`None` once it stopped for this snapshot set, or without stores).
+    pub(crate) fn copy_target(&self) -> Option<(&[StoreInfo], &CopiedChunks)> {
         let copied = self.copied.as_deref()?;
-        if copied.copying_stopped() {
+        if copied.copying_stopped() || self.stores.is_empty() {
             return None;
         }
-        Some((self.store.as_ref()?, copied))
+        Some((&self.stores, copied))
     }
 
     /// Whether a write that needs its chunks copied goes to the copier.

@@ -271,11 +271,13 @@ pub struct CopyOnWrite {
     pub generation: u64,
     /// The smallest chunk size of the active snapshots.
     pub chunk_bytes: u32,
-    /// Set while the volume has exactly one active snapshot (of `chunk_bytes` chunks):
-    /// where its store lies, so a client may preserve chunks into it itself (see
-    /// `sanblk_uapi::map::MapCowStore`). Left out of the JSON otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub store: Option<CowStoreLocation>,
+    /// Set while every active snapshot of the volume has `chunk_bytes` chunks: where each
+    /// one's store lies, the newest snapshot's (id `generation`) first, then older ones by
+    /// descending id, so a client may preserve chunks into each store that lacks them
+    /// itself (see `sanblk_uapi::map::MapCowStore`). Empty otherwise (the server makes every
+    /// copy), and then left out of the JSON.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stores: Vec<CowStoreLocation>,
 }
 
 /// Where a snapshot's COW store lies (format: `sanblk_uapi::cow`).
@@ -307,17 +309,17 @@ impl VolumeMap {
         self.syncing.iter().any(|r| r.overlaps(offset, length))
     }
 
-    /// Every device the map names: the volume's replicas, then its COW store's.
+    /// Every device the map names: the volume's replicas, then its COW stores', in store
+    /// order (a device may come up more than once).
     pub fn device_uuids(&self) -> impl Iterator<Item = Uuid> + '_ {
-        let store = self
+        let stores = self
             .copy_on_write
             .as_ref()
-            .and_then(|cow| cow.store.as_ref())
-            .map(|store| store.extents.as_slice())
+            .map(|cow| cow.stores.as_slice())
             .unwrap_or_default();
         self.extents
             .iter()
-            .chain(store)
+            .chain(stores.iter().flat_map(|store| store.extents.iter()))
             .flat_map(|extent| extent.replicas.iter().map(|replica| replica.device_uuid))
     }
 }
@@ -447,16 +449,22 @@ mod tests {
     }
 
     #[test]
-    fn device_uuids_name_the_replicas_and_the_cow_store() {
+    fn device_uuids_name_the_replicas_and_the_cow_stores() {
         let replica = |n: u128| Replica {
             device_uuid: Uuid::from_u128(n),
             device_offset: 0,
         };
-        let store = CowStoreLocation {
-            snapshot_id: 1,
-            store_bytes: BLOCK_SIZE,
+        let store = |snapshot_id: u64, devices: &[u128]| CowStoreLocation {
+            snapshot_id,
+            store_bytes: BLOCK_SIZE * devices.len() as u64,
             scan_from_sector: 0,
-            extents: vec![Extent::replicated(0, BLOCK_SIZE, vec![replica(3)])],
+            extents: devices
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    Extent::replicated(i as u64 * BLOCK_SIZE, BLOCK_SIZE, vec![replica(*n)])
+                })
+                .collect(),
         };
         let map = VolumeMap {
             volume_id: 1,
@@ -473,12 +481,30 @@ mod tests {
             lease_ms: DEFAULT_LEASE_MS,
             syncing: Vec::new(),
             copy_on_write: Some(CopyOnWrite {
-                generation: 1,
+                generation: 2,
                 chunk_bytes: 65536,
-                store: Some(store),
+                stores: vec![store(2, &[3]), store(1, &[4, 1])],
             }),
         };
         let named: Vec<u128> = map.device_uuids().map(|u| u.as_u128()).collect();
-        assert_eq!(named, [1, 2, 3]);
+        assert_eq!(named, [1, 2, 3, 4, 1]);
+        // Without stores, the field stays out of the JSON and comes back empty.
+        let mut plain = map.clone();
+        if let Some(cow) = plain.copy_on_write.as_mut() {
+            cow.stores.clear();
+        }
+        let json = serde_json::to_string(&plain).expect("serialises");
+        assert!(!json.contains("stores"), "{json}");
+        assert_eq!(
+            serde_json::from_str::<VolumeMap>(&json).expect("parses"),
+            plain
+        );
+        let json = serde_json::to_string(&map).expect("serialises");
+        assert_eq!(
+            serde_json::from_str::<VolumeMap>(&json).expect("parses"),
+            map
+        );
+        let named: Vec<u128> = plain.device_uuids().map(|u| u.as_u128()).collect();
+        assert_eq!(named, [1, 2]);
     }
 }

@@ -349,8 +349,8 @@ pub struct ReportPathHealed {
 pub const MAX_REPORTED_CHUNKS: usize = 4096;
 
 /// The client's kernel preserved `chunks` of volume `volume_id` in the COW store of its
-/// only active snapshot `snapshot_id` before their first writes (relayed from the module's
-/// CHUNKS_PRESERVED events). The server checks each against the store's durable records,
+/// active snapshot `snapshot_id` (one of the map's COW stores) before their first writes
+/// (relayed from the module's CHUNKS_PRESERVED events, one report per snapshot). The server checks each against the store's durable records,
 /// which stay the changed-chunk list.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReportPreserved {

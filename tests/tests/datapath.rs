@@ -462,12 +462,14 @@ rmmod sanblk
         "cow-generation-without-chunk",
         "update-bad-cow-chunk",
     ];
-    // A COW store section the module could be led to write over data with.
+    // A COW store section the module could be led to write over data with, or copy into one
+    // store twice with.
     let bad_store = [
         "cow-store-beyond-device",
         "cow-store-other-snapshot",
         "cow-store-without-cow",
         "cow-store-misaligned",
+        "cow-store-same-snapshot-twice",
     ];
     let reasons = unknown_flags
         .iter()
@@ -482,10 +484,13 @@ rmmod sanblk
                 .iter()
                 .map(|case| (case, "map COW store section invalid")),
         )
-        .chain([(
-            &"cow-store-over-volume-data",
-            "map extents overlap on a device",
-        )]);
+        .chain(
+            [
+                &"cow-store-over-volume-data",
+                &"cow-store-overlapping-another",
+            ]
+            .map(|case| (case, "map extents overlap on a device")),
+        );
     for (case, reason) in reasons {
         assert_eq!(errno_of(case), Some(EINVAL), "{case}: {hostile}");
         assert!(

@@ -131,7 +131,9 @@ if nbd-client {host} {nbd_port} /dev/nbd0 -N vsnap@s1 > nbd-client.log 2>&1; the
 fi
 touch nbd-read
 wait_long $D/snapped2
+$S --json status > status-c0.json
 dd if=$D/c.pattern of=$dev bs=1M seek=4 count=1 oflag=direct conv=fsync status=none
+$S --json status > status-c.json
 touch overwritten2
 wait_long $D/done
 $S detach vsnap"#
@@ -199,6 +201,26 @@ $S detach vsnap"#
     server.sanctl(&["snapshot", "create", "vsnap", "s2", "--cow-size", "8M"]);
     fs::write(dir.join("snapped2"), b"").expect("signal");
     wait_for_file(&out.join("overwritten2"), Duration::from_secs(300));
+    // With two snapshots the map describes both stores: the module preserved each of C's
+    // 16 chunks (untouched since s1) into both, itself, and sent nothing through the server.
+    let during_c = |field: &str| counter("status-c.json", field) - counter("status-c0.json", field);
+    assert_eq!(
+        during_c("preserved_chunks"),
+        2 * MIB / CHUNK,
+        "chunk copies the module made for C (16 chunks, 2 stores)"
+    );
+    assert_eq!(
+        during_c("redirected_ios"),
+        0,
+        "C's writes through the server"
+    );
+    let (s1_now, s2_now) = (snapshot(&provisioned, "s1"), snapshot(&provisioned, "s2"));
+    assert_eq!(s2_now.changed_chunks, MIB / CHUNK, "{s2_now:?}");
+    assert_eq!(
+        s1_now.changed_chunks,
+        (MIB + 4 * MIB + MIB) / CHUNK,
+        "{s1_now:?}"
+    );
     let diff = server.sanctl(&["snapshot", "diff", "vsnap", "s1", "s2"]);
     assert_eq!(
         diff.lines().collect::<Vec<_>>(),

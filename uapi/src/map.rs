@@ -5,17 +5,19 @@
 //! - header, [`HEADER_LEN`] bytes: magic "SBLM", version u16, flags u16, volume id u64,
 //!   epoch u64, size in bytes u64, block size u32, lease in ms u32, device count u32,
 //!   extent count u32, copy-on-write generation u64, copy-on-write chunk size in bytes u32,
-//!   reserved (zero) to the end of the header; the only flag is [`MAP_FLAG_COW_STORE`];
+//!   COW store section count u32 (zero without [`MAP_FLAG_COW_STORE`], the only flag);
 //! - device table, [`DEVICE_LEN`] bytes each: device UUID [16], usable size in bytes u64
 //!   (the device must be at least this large);
 //! - extent table, [`EXTENT_LEN`] bytes each, sorted, contiguous from 0 to the volume size:
 //!   volume offset u64, length u64, kind u8 ([`ExtentKind`]), member count u8, flags u16
 //!   (`EXTENT_*`; any other bit is refused), stripe unit in bytes u32, then [`MAX_MEMBERS`]
 //!   members of (device index u32, reserved u32, device offset u64);
-//! - with [`MAP_FLAG_COW_STORE`]: the COW store section ([`COW_STORE_LEN`] bytes: snapshot id
-//!   u64, store size in bytes u64, record sector to start scanning at u32, store extent count
-//!   u32, reserved (zero) u64), then [`STORE_EXTENT_LEN`] bytes per store extent: device index
-//!   u32, reserved u32, device offset u64, length u64, in store order.
+//! - with [`MAP_FLAG_COW_STORE`]: 1..=[`MAX_COW_STORES`] COW store sections, one after the
+//!   other, each [`COW_STORE_LEN`] bytes (snapshot id u64, store size in bytes u64, record
+//!   sector to start scanning at u32, store extent count u32, reserved (zero) u64), then
+//!   [`STORE_EXTENT_LEN`] bytes per store extent: device index u32, reserved u32, device
+//!   offset u64, length u64, in store order. The first section is the newest snapshot's (its
+//!   id is the header's copy-on-write generation), the others older ones' (smaller ids).
 //!
 //! A mirrored extent's members are replicas holding the same data; a striped extent's members
 //! take `stripe_unit` bytes in turn. A syncing extent ([`EXTENT_SYNCING`]) is being copied
@@ -27,11 +29,12 @@
 //! which preserves the chunk before writing it; once the server has acknowledged a write
 //! covering a chunk, later writes to it go direct.
 //!
-//! The COW store section, sent while the volume has exactly one active snapshot, says where
-//! that snapshot's store (format: `cow.rs`) lies on the devices, so a client may preserve
-//! chunks into it itself: append records after the last one it finds (scanning from the
-//! given record sector), each slot's data before its record, the record durable before the
-//! origin write. The server reads such records back before anything that depends on them.
+//! The COW store sections, sent while every active snapshot of the volume has the map's
+//! chunk size, say where each snapshot's store (format: `cow.rs`) lies on the devices, so a
+//! client may preserve chunks into them itself: append records to each store that does not
+//! hold the chunk yet, after the last record it finds (scanning from the given record
+//! sector), each slot's data before its record, every record durable before the origin
+//! write. The server reads such records back before anything that depends on them.
 
 /// Magic of an encoded map.
 pub const MAP_MAGIC: u32 = u32::from_le_bytes(*b"SBLM");
@@ -55,8 +58,10 @@ pub const EXTENT_SYNCING: u16 = 1 << 0;
 /// Every extent flag this encoding version defines; a map with any other bit is refused.
 pub const EXTENT_KNOWN_FLAGS: u16 = EXTENT_SYNCING;
 
-/// Header flag: a COW store section follows the extent table.
+/// Header flag: COW store sections follow the extent table.
 pub const MAP_FLAG_COW_STORE: u16 = 1 << 0;
+/// Most COW store sections one map may carry (a volume's active snapshots).
+pub const MAX_COW_STORES: u32 = 8;
 /// Encoded COW store section size (before its extents).
 pub const COW_STORE_LEN: usize = 32;
 /// Encoded store extent size.
@@ -177,11 +182,11 @@ impl Extent {
     }
 }
 
-/// The COW store section: the store of the volume's only active snapshot.
+/// A COW store section: the store of one of the volume's active snapshots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapCowStore {
-    /// The snapshot (equal to the header's `cow_generation`; part of each record
-    /// sector's checksum).
+    /// The snapshot (the first section's equals the header's `cow_generation`, the others'
+    /// are smaller; part of each record sector's checksum).
     pub snapshot_id: u64,
     /// Size of the store: the sum of its extents.
     pub store_bytes: u64,
@@ -262,8 +267,9 @@ pub enum MapError {
     UnknownExtentFlags,
     /// Copy-on-write chunk size invalid, or given without a generation (or the reverse).
     BadCowChunk,
-    /// COW store section invalid: not for the map's snapshot set, no or too many extents,
-    /// extents misaligned, beyond their device, overlapping, or not adding up to the store.
+    /// COW store sections invalid: none or too many, not for the map's snapshot set, two for
+    /// one snapshot, no or too many extents, extents misaligned, beyond their device,
+    /// overlapping, or not adding up to the store.
     BadCowStore,
 }
 
@@ -322,17 +328,23 @@ pub const fn encoded_len(device_count: usize, extent_count: usize) -> usize {
     HEADER_LEN + device_count * DEVICE_LEN + extent_count * EXTENT_LEN
 }
 
-/// Encoded size of a map with these table sizes and a COW store section of
-/// `store_extent_count` extents.
-pub const fn encoded_len_with_store(
+/// A COW store section to encode and its extents (the section's `extent_count` is taken
+/// from the slice).
+pub type StoreSection<'a> = (MapCowStore, &'a [StoreExtent]);
+
+/// Encoded size of a map with these table sizes and COW store sections.
+pub fn encoded_len_with_stores(
     device_count: usize,
     extent_count: usize,
-    store_extent_count: usize,
+    stores: &[StoreSection<'_>],
 ) -> usize {
-    encoded_len(device_count, extent_count) + COW_STORE_LEN + store_extent_count * STORE_EXTENT_LEN
+    stores.iter().fold(
+        encoded_len(device_count, extent_count),
+        |len, (_, extents)| len + COW_STORE_LEN + extents.len() * STORE_EXTENT_LEN,
+    )
 }
 
-/// Encodes a map without a COW store section into `out`, which must be exactly
+/// Encodes a map without COW store sections into `out`, which must be exactly
 /// [`encoded_len`] bytes. The result is not validated here: [`MapView::parse`] is the single
 /// validator, on both sides.
 pub fn encode(
@@ -341,33 +353,27 @@ pub fn encode(
     extents: &[Extent],
     out: &mut [u8],
 ) -> Result<(), MapError> {
-    encode_with_store(header, devices, extents, None, out)
+    encode_with_stores(header, devices, extents, &[], out)
 }
 
-/// Encodes a map, with a COW store section if `store` is given (its `extent_count` is taken
-/// from the slice), into `out`, which must be exactly [`encoded_len`] or
-/// [`encoded_len_with_store`] bytes. Not validated here either.
-pub fn encode_with_store(
+/// Encodes a map with the COW store sections `stores` (none: no section, no flag) into
+/// `out`, which must be exactly [`encoded_len_with_stores`] bytes. Not validated here either.
+pub fn encode_with_stores(
     header: &MapHeader,
     devices: &[Device],
     extents: &[Extent],
-    store: Option<(&MapCowStore, &[StoreExtent])>,
+    stores: &[StoreSection<'_>],
     out: &mut [u8],
 ) -> Result<(), MapError> {
-    let expected = match store {
-        Some((_, store_extents)) => {
-            encoded_len_with_store(devices.len(), extents.len(), store_extents.len())
-        }
-        None => encoded_len(devices.len(), extents.len()),
-    };
-    if out.len() != expected {
+    if out.len() != encoded_len_with_stores(devices.len(), extents.len(), stores) {
         return Err(MapError::BadLength);
     }
     out.fill(0);
     put_u32(out, 0, MAP_MAGIC);
     put_u16(out, 4, MAP_VERSION);
-    if store.is_some() {
+    if !stores.is_empty() {
         put_u16(out, 6, MAP_FLAG_COW_STORE);
+        put_u32(out, 60, stores.len() as u32);
     }
     put_u64(out, 8, header.volume_id);
     put_u64(out, 16, header.epoch);
@@ -398,17 +404,18 @@ pub fn encode_with_store(
             put_u64(out, mat + 8, member.offset);
         }
     }
-    if let Some((section, store_extents)) = store {
-        let at = encoded_len(devices.len(), extents.len());
+    let mut at = encoded_len(devices.len(), extents.len());
+    for (section, store_extents) in stores {
         put_u64(out, at, section.snapshot_id);
         put_u64(out, at + 8, section.store_bytes);
         put_u32(out, at + 16, section.scan_from_sector);
         put_u32(out, at + 20, store_extents.len() as u32);
-        for (i, extent) in store_extents.iter().enumerate() {
-            let eat = at + COW_STORE_LEN + i * STORE_EXTENT_LEN;
-            put_u32(out, eat, extent.device);
-            put_u64(out, eat + 8, extent.offset);
-            put_u64(out, eat + 16, extent.length);
+        at += COW_STORE_LEN;
+        for extent in store_extents.iter() {
+            put_u32(out, at, extent.device);
+            put_u64(out, at + 8, extent.offset);
+            put_u64(out, at + 16, extent.length);
+            at += STORE_EXTENT_LEN;
         }
     }
     Ok(())
@@ -473,7 +480,8 @@ impl Piece {
 pub struct MapView<'a> {
     bytes: &'a [u8],
     header: MapHeader,
-    store: Option<MapCowStore>,
+    /// COW store sections after the extent table.
+    store_count: u32,
 }
 
 impl<'a> MapView<'a> {
@@ -486,9 +494,10 @@ impl<'a> MapView<'a> {
             return Err(MapError::BadMagic);
         }
         let flags = get_u16(bytes, 6);
+        let store_count = get_u32(bytes, 60);
         if get_u16(bytes, 4) != MAP_VERSION
             || flags & !MAP_FLAG_COW_STORE != 0
-            || bytes[60..HEADER_LEN].iter().any(|b| *b != 0)
+            || (flags & MAP_FLAG_COW_STORE == 0 && store_count != 0)
         {
             return Err(MapError::BadVersion);
         }
@@ -522,41 +531,33 @@ impl<'a> MapView<'a> {
             return Err(MapError::BadCounts);
         }
         let tables_end = encoded_len(header.device_count as usize, header.extent_count as usize);
-        let store = if flags & MAP_FLAG_COW_STORE != 0 {
-            if bytes.len() < tables_end + COW_STORE_LEN {
+        if flags & MAP_FLAG_COW_STORE != 0 && !(1..=MAX_COW_STORES).contains(&store_count) {
+            return Err(MapError::BadCowStore);
+        }
+        // Each section's extent count says where the next one starts.
+        let mut expected = tables_end;
+        for _ in 0..store_count {
+            if bytes.len() < expected + COW_STORE_LEN {
                 return Err(MapError::BadLength);
             }
-            let section = MapCowStore {
-                snapshot_id: get_u64(bytes, tables_end),
-                store_bytes: get_u64(bytes, tables_end + 8),
-                scan_from_sector: get_u32(bytes, tables_end + 16),
-                extent_count: get_u32(bytes, tables_end + 20),
-            };
-            if section.extent_count == 0 || section.extent_count > MAX_STORE_EXTENTS {
+            let extent_count = get_u32(bytes, expected + 20);
+            if extent_count == 0 || extent_count > MAX_STORE_EXTENTS {
                 return Err(MapError::BadCowStore);
             }
-            Some(section)
-        } else {
-            None
-        };
-        let expected = match store {
-            Some(section) => encoded_len_with_store(
-                header.device_count as usize,
-                header.extent_count as usize,
-                section.extent_count as usize,
-            ),
-            None => tables_end,
-        };
+            expected += COW_STORE_LEN + extent_count as usize * STORE_EXTENT_LEN;
+        }
         if bytes.len() != expected {
             return Err(MapError::BadLength);
         }
         let view = MapView {
             bytes,
             header,
-            store,
+            store_count,
         };
         view.validate()?;
-        view.validate_store()?;
+        for index in 0..store_count {
+            view.validate_store(index)?;
+        }
         Ok(view)
     }
 
@@ -591,8 +592,8 @@ impl<'a> MapView<'a> {
                 cow_generation: field(48),
                 cow_chunk_bytes: word(56),
             },
-            // The per-I/O lookup never needs the COW store section.
-            store: None,
+            // The per-I/O lookup never needs the COW store sections.
+            store_count: 0,
         }
     }
 
@@ -707,27 +708,34 @@ impl<'a> MapView<'a> {
         Ok(())
     }
 
-    /// The COW store section and its extents: where a client may preserve chunks itself.
-    fn validate_store(&self) -> Result<(), MapError> {
-        let Some(section) = self.store else {
-            return Ok(());
+    /// COW store section `index` and its extents: where a client may preserve chunks itself.
+    fn validate_store(&self, index: u32) -> Result<(), MapError> {
+        let (Some(section), Some(section_at)) = (self.cow_store(index), self.section_at(index))
+        else {
+            return Err(MapError::BadLength);
         };
         let block = u64::from(self.header.block_size);
-        if self.header.cow_generation == 0
-            || section.snapshot_id != self.header.cow_generation
+        let generation = self.header.cow_generation;
+        let for_the_set = match index {
+            0 => section.snapshot_id == generation,
+            _ => section.snapshot_id != 0 && section.snapshot_id < generation,
+        };
+        if generation == 0
+            || !for_the_set
+            || (0..index)
+                .any(|i| self.cow_store(i).map(|s| s.snapshot_id) == Some(section.snapshot_id))
             || section.store_bytes < MIN_STORE_BYTES
             || !section.store_bytes.is_multiple_of(block)
         {
             return Err(MapError::BadCowStore);
         }
-        let reserved_at = self.store_section_at() + 24;
-        if get_u64(self.bytes, reserved_at) != 0 {
+        if get_u64(self.bytes, section_at + 24) != 0 {
             return Err(MapError::BadCowStore);
         }
         let mut total = 0u64;
         for i in 0..section.extent_count {
-            let extent = self.store_extent(i);
-            let at = self.store_section_at() + COW_STORE_LEN + i as usize * STORE_EXTENT_LEN;
+            let extent = self.store_extent(index, i);
+            let at = section_at + COW_STORE_LEN + i as usize * STORE_EXTENT_LEN;
             if get_u32(self.bytes, at + 4) != 0
                 || extent.device >= self.header.device_count
                 || extent.length == 0
@@ -747,10 +755,17 @@ impl<'a> MapView<'a> {
             let overlaps = |device: u32, offset: u64, length: u64| {
                 device == extent.device && offset < end && extent.offset < offset + length
             };
-            for j in 0..i {
-                let other = self.store_extent(j);
-                if overlaps(other.device, other.offset, other.length) {
-                    return Err(MapError::OverlappingSpace);
+            // The extents before it, of this store and of the stores before it.
+            for other_store in 0..=index {
+                let before = match other_store == index {
+                    true => i,
+                    false => self.cow_store(other_store).map_or(0, |s| s.extent_count),
+                };
+                for j in 0..before {
+                    let other = self.store_extent(other_store, j);
+                    if overlaps(other.device, other.offset, other.length) {
+                        return Err(MapError::OverlappingSpace);
+                    }
                 }
             }
             for j in 0..self.header.extent_count {
@@ -771,11 +786,23 @@ impl<'a> MapView<'a> {
         Ok(())
     }
 
-    fn store_section_at(&self) -> usize {
-        encoded_len(
+    /// Where COW store section `index` (< the section count) starts.
+    fn section_at(&self, index: u32) -> Option<usize> {
+        if index >= self.store_count {
+            return None;
+        }
+        let mut at = encoded_len(
             self.header.device_count as usize,
             self.header.extent_count as usize,
-        )
+        );
+        for _ in 0..index {
+            let extent_count = self
+                .bytes
+                .get(at..at + COW_STORE_LEN)
+                .map(|b| get_u32(b, 20))?;
+            at += COW_STORE_LEN + extent_count as usize * STORE_EXTENT_LEN;
+        }
+        Some(at)
     }
 
     /// Header fields.
@@ -783,15 +810,29 @@ impl<'a> MapView<'a> {
         &self.header
     }
 
-    /// The COW store section of a parsed map, if it has one.
-    pub fn cow_store(&self) -> Option<MapCowStore> {
-        self.store
+    /// How many COW store sections a parsed map has (0 to [`MAX_COW_STORES`]).
+    pub fn cow_store_count(&self) -> u32 {
+        self.store_count
     }
 
-    /// Store extent `index` (< the section's `extent_count`) of a parsed map with a COW
-    /// store section.
-    pub fn store_extent(&self, index: u32) -> StoreExtent {
-        let at = self.store_section_at() + COW_STORE_LEN + index as usize * STORE_EXTENT_LEN;
+    /// COW store section `index` of a parsed map (0: the newest snapshot's), if it has one.
+    pub fn cow_store(&self, index: u32) -> Option<MapCowStore> {
+        let at = self.section_at(index)?;
+        let b = self.bytes.get(at..at + COW_STORE_LEN)?;
+        Some(MapCowStore {
+            snapshot_id: get_u64(b, 0),
+            store_bytes: get_u64(b, 8),
+            scan_from_sector: get_u32(b, 16),
+            extent_count: get_u32(b, 20),
+        })
+    }
+
+    /// Extent `index` (< its `extent_count`) of COW store section `store` of a parsed map.
+    pub fn store_extent(&self, store: u32, index: u32) -> StoreExtent {
+        let Some(section_at) = self.section_at(store) else {
+            return StoreExtent::default();
+        };
+        let at = section_at + COW_STORE_LEN + index as usize * STORE_EXTENT_LEN;
         match self.bytes.get(at..at + STORE_EXTENT_LEN) {
             Some(b) => StoreExtent {
                 device: get_u32(b, 0),
@@ -1260,9 +1301,18 @@ mod tests {
         store: &MapCowStore,
         store_extents: &[StoreExtent],
     ) -> ([u8; 4096], usize) {
+        encode_stores(h, d, e, &[(*store, store_extents)])
+    }
+
+    fn encode_stores(
+        h: &MapHeader,
+        d: &[Device],
+        e: &[Extent],
+        stores: &[StoreSection<'_>],
+    ) -> ([u8; 4096], usize) {
         let mut buf = [0u8; 4096];
-        let len = encoded_len_with_store(d.len(), e.len(), store_extents.len());
-        encode_with_store(h, d, e, Some((store, store_extents)), &mut buf[..len]).expect("encode");
+        let len = encoded_len_with_stores(d.len(), e.len(), stores);
+        encode_with_stores(h, d, e, stores, &mut buf[..len]).expect("encode");
         (buf, len)
     }
 
@@ -1286,14 +1336,17 @@ mod tests {
         let store = section(6 * MIB, 2);
         let (buf, len) = encode_store(&h, &d, &e, &store, &store_extents);
         let view = MapView::parse(&buf[..len]).expect("valid");
-        assert_eq!(view.cow_store(), Some(store));
-        assert_eq!(view.store_extent(0), store_extents[0]);
-        assert_eq!(view.store_extent(1), store_extents[1]);
+        assert_eq!(view.cow_store_count(), 1);
+        assert_eq!(view.cow_store(0), Some(store));
+        assert_eq!(view.cow_store(1), None);
+        assert_eq!(view.store_extent(0, 0), store_extents[0]);
+        assert_eq!(view.store_extent(0, 1), store_extents[1]);
         assert_eq!(view.map(0, 4096).map(|p| p.length), Some(4096));
         // Without the section, nothing changes for the rest of the map.
         let plain = encode_vec(&h, &d, &e);
         let plain = MapView::parse(&plain[..encoded_len(2, 1)]).expect("valid");
-        assert_eq!(plain.cow_store(), None);
+        assert_eq!(plain.cow_store_count(), 0);
+        assert_eq!(plain.cow_store(0), None);
         assert_eq!(plain.header(), view.header());
     }
 
@@ -1392,11 +1445,118 @@ mod tests {
             MapView::parse(&buf[..at + 8]).err(),
             Some(MapError::BadLength)
         );
-        // The flag without a section.
+        // The flag without a section, or a section count the sections disagree with.
         let mut flag_only = encode_vec(&h, &d, &e);
         flag_only[6] = MAP_FLAG_COW_STORE as u8;
         assert_eq!(
             MapView::parse(&flag_only[..at]).err(),
+            Some(MapError::BadCowStore)
+        );
+        flag_only[60] = 1;
+        assert_eq!(
+            MapView::parse(&flag_only[..at]).err(),
+            Some(MapError::BadLength)
+        );
+        let mut two = buf;
+        two[60] = 2;
+        assert_eq!(MapView::parse(&two[..len]).err(), Some(MapError::BadLength));
+        let mut nine = buf;
+        nine[60] = MAX_COW_STORES as u8 + 1;
+        assert_eq!(
+            MapView::parse(&nine[..len]).err(),
+            Some(MapError::BadCowStore)
+        );
+    }
+
+    fn section_of(snapshot_id: u64, store_bytes: u64) -> MapCowStore {
+        MapCowStore {
+            snapshot_id,
+            ..section(store_bytes, 1)
+        }
+    }
+
+    #[test]
+    fn several_cow_store_sections_round_trip() {
+        let d = [device(1, 64 * MIB), device(2, 64 * MIB)];
+        let e = [replicated(0, 8 * MIB, &[(0, 0)])];
+        let h = cow_header(8 * MIB, 2, 1);
+        let newest = [store_extent(1, 0, 2 * MIB)];
+        let older = [store_extent(0, 8 * MIB, MIB), store_extent(1, 4 * MIB, MIB)];
+        let oldest = [store_extent(1, 8 * MIB, 4 * MIB)];
+        let stores = [
+            (section_of(7, 2 * MIB), &newest[..]),
+            (
+                MapCowStore {
+                    extent_count: 2,
+                    ..section_of(5, 2 * MIB)
+                },
+                &older[..],
+            ),
+            (section_of(2, 4 * MIB), &oldest[..]),
+        ];
+        let (buf, len) = encode_stores(&h, &d, &e, &stores);
+        let view = MapView::parse(&buf[..len]).expect("valid");
+        assert_eq!(view.cow_store_count(), 3);
+        for (index, (section, extents)) in stores.iter().enumerate() {
+            let index = index as u32;
+            assert_eq!(
+                view.cow_store(index).map(|s| s.snapshot_id),
+                Some(section.snapshot_id)
+            );
+            for (i, extent) in extents.iter().enumerate() {
+                assert_eq!(view.store_extent(index, i as u32), *extent);
+            }
+        }
+        assert_eq!(view.cow_store(3), None);
+    }
+
+    #[test]
+    fn several_cow_store_sections_that_disagree_are_refused() {
+        let d = [device(1, 64 * MIB), device(2, 64 * MIB)];
+        let e = [replicated(0, 8 * MIB, &[(0, 0)])];
+        let h = cow_header(8 * MIB, 2, 1);
+        let first = [store_extent(1, 0, 2 * MIB)];
+        let second = [store_extent(1, 4 * MIB, 2 * MIB)];
+        let refused = |a: MapCowStore, b: MapCowStore, b_extents: &[StoreExtent]| {
+            let (buf, len) = encode_stores(&h, &d, &e, &[(a, &first[..]), (b, b_extents)]);
+            MapView::parse(&buf[..len]).expect_err("must be refused")
+        };
+        // An older store sharing space with the newest one.
+        assert_eq!(
+            refused(
+                section_of(7, 2 * MIB),
+                section_of(3, 2 * MIB),
+                &[store_extent(1, MIB, 2 * MIB)]
+            ),
+            MapError::OverlappingSpace
+        );
+        // Two sections of one snapshot, a newer one after the newest, none for the set's
+        // newest snapshot, an id 0.
+        for (a, b) in [(7, 7), (7, 8), (6, 3), (7, 0)] {
+            assert_eq!(
+                refused(section_of(a, 2 * MIB), section_of(b, 2 * MIB), &second),
+                MapError::BadCowStore,
+                "sections of snapshots {a} and {b}"
+            );
+        }
+        // The second section's extents not adding up to it.
+        assert_eq!(
+            refused(section_of(7, 2 * MIB), section_of(3, 4 * MIB), &second),
+            MapError::BadCowStore
+        );
+        let (buf, len) = encode_stores(
+            &h,
+            &d,
+            &e,
+            &[
+                (section_of(7, 2 * MIB), &first[..]),
+                (section_of(3, 2 * MIB), &second[..]),
+            ],
+        );
+        assert!(MapView::parse(&buf[..len]).is_ok());
+        // A section cut short.
+        assert_eq!(
+            MapView::parse(&buf[..len - STORE_EXTENT_LEN]).err(),
             Some(MapError::BadLength)
         );
     }

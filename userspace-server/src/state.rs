@@ -18,6 +18,7 @@ use sanblk_proto::map::{AccessMode, CopyOnWrite, CowStoreLocation, VolumeMap, IN
 use sanblk_proto::protocol::{
     encode_map_update, AgentReply, AttachmentInfo, ErrorBody, ErrorCode, Quiesce, Resume,
 };
+use sanblk_uapi::map::MAX_COW_STORES;
 
 use crate::config::Config;
 use crate::service_error::ServiceResult;
@@ -826,36 +827,43 @@ impl ServerState {
             map.syncing = relocation.syncing_ranges(&record.extents);
         }
         // While snapshots are active, each chunk's first write goes through the server,
-        // which copies the chunk before writing it, unless the client preserves it itself
-        // into the store of the only active snapshot.
+        // which copies the chunk to every active snapshot's store before writing it, unless
+        // the client preserves it itself into each store lacking it: offered while every
+        // active snapshot has the map's chunk size (newest snapshot first, then older ones
+        // by descending id), none otherwise.
         let snapshots = self.store.snapshots_of(record.id)?;
-        let active: Vec<&SnapshotRecord> = snapshots
+        let mut active: Vec<&SnapshotRecord> = snapshots
             .iter()
             .filter(|s| s.state == SnapshotState::Active)
             .collect();
+        active.sort_by_key(|s| std::cmp::Reverse(s.id));
         let block_size = u32::try_from(map.block_size).unwrap_or(u32::MAX);
         map.copy_on_write = active
-            .iter()
+            .first()
             .map(|s| s.id)
-            .max()
             .zip(active.iter().map(|s| s.chunk_bytes).min())
             .map(|(generation, chunk_bytes)| {
                 // A block holds whole chunks when it is larger: the smallest unit a write
                 // covers.
                 let chunk_bytes = chunk_bytes.max(block_size);
-                let store = match active.as_slice() {
-                    [only] if only.chunk_bytes == chunk_bytes => Some(CowStoreLocation {
-                        snapshot_id: only.id,
-                        store_bytes: only.store_bytes,
-                        scan_from_sector: self.snapshots.scan_hint(record.id, only.id),
-                        extents: only.store_extents.clone(),
-                    }),
-                    _ => None,
+                let offered = active.len() <= MAX_COW_STORES as usize
+                    && active.iter().all(|s| s.chunk_bytes == chunk_bytes);
+                let stores = match offered {
+                    true => active
+                        .iter()
+                        .map(|s| CowStoreLocation {
+                            snapshot_id: s.id,
+                            store_bytes: s.store_bytes,
+                            scan_from_sector: self.snapshots.scan_hint(record.id, s.id),
+                            extents: s.store_extents.clone(),
+                        })
+                        .collect(),
+                    false => Vec::new(),
                 };
                 CopyOnWrite {
                     generation,
                     chunk_bytes,
-                    store,
+                    stores,
                 }
             });
         Ok(map)

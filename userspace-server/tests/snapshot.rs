@@ -63,6 +63,45 @@ async fn setup(server: &TestServer, seed: u64) -> (Setup, Vec<u8>) {
 }
 
 impl Setup {
+    /// Deletes snapshot `name` (answering the change as the client's agent); returns the
+    /// new map.
+    async fn delete_snapshot(&mut self, server: &TestServer, name: &str) -> VolumeMap {
+        let mut admin = server.admin().await;
+        let request = SnapshotDelete {
+            volume: "vol".into(),
+            name: name.into(),
+        };
+        let (deleted, map) = tokio::join!(
+            admin.call(request),
+            follow_change_to_map(&mut self.agent, self.map.epoch)
+        );
+        deleted.unwrap_or_else(|e| panic!("delete {name}: {e}"));
+        map
+    }
+
+    /// Takes snapshot `name` of `chunk_bytes` chunks (answering the change as the client's
+    /// agent); returns it, the new map in `self.map`.
+    async fn snapshot_of_chunks(
+        &mut self,
+        server: &TestServer,
+        name: &str,
+        chunk_bytes: u32,
+    ) -> SnapshotInfo {
+        let mut admin = server.admin().await;
+        let request = SnapshotCreate {
+            volume: "vol".into(),
+            name: name.into(),
+            chunk_bytes: Some(chunk_bytes),
+            cow_bytes: None,
+        };
+        let (created, map) = tokio::join!(
+            admin.call(request),
+            follow_change_to_map(&mut self.agent, self.map.epoch)
+        );
+        self.map = map;
+        created.unwrap_or_else(|e| panic!("snapshot create {name}: {e}"))
+    }
+
     /// Takes snapshot `name` (answering the change as the client's agent) and returns it.
     async fn snapshot(
         &mut self,
@@ -298,43 +337,29 @@ async fn a_snapshot_keeps_its_point_in_time_while_the_volume_is_overwritten() {
     );
 
     // Deleting the first keeps the second; the last delete ends copy-on-write.
-    let mut admin = server.admin().await;
-    let (deleted, map) = tokio::join!(
-        admin.call(SnapshotDelete {
-            volume: "vol".into(),
-            name: "first".into(),
-        }),
-        follow_change_to_map(&mut setup.agent, setup.map.epoch)
-    );
-    deleted.unwrap_or_else(|e| panic!("delete: {e}"));
-    // The second snapshot's set stays what the clients know; now the only one, its store
-    // is offered to them.
-    let (before, after) = (setup.map.copy_on_write.as_ref(), map.copy_on_write.as_ref());
+    let map = setup.delete_snapshot(&server, "first").await;
+    // The second snapshot's set stays what the clients know; both stores were offered to
+    // them (same chunk size, newest first), now only the second one's.
+    let store_ids = |map: &VolumeMap| -> Option<(u64, u32, Vec<u64>)> {
+        map.copy_on_write.as_ref().map(|c| {
+            let ids = c.stores.iter().map(|s| s.snapshot_id).collect();
+            (c.generation, c.chunk_bytes, ids)
+        })
+    };
     assert_eq!(
-        before.map(|c| (c.generation, c.chunk_bytes, c.store.is_some())),
-        Some((second.id, CHUNK as u32, false)),
-        "{before:?}"
+        store_ids(&setup.map),
+        Some((second.id, CHUNK as u32, vec![second.id, first.id])),
+        "{:?}",
+        setup.map
     );
     assert_eq!(
-        after.map(|c| (c.generation, c.chunk_bytes)),
-        Some((second.id, CHUNK as u32)),
-        "{map:?}"
-    );
-    assert_eq!(
-        after.and_then(|c| c.store.as_ref()).map(|s| s.snapshot_id),
-        Some(second.id),
+        store_ids(&map),
+        Some((second.id, CHUNK as u32, vec![second.id])),
         "{map:?}"
     );
     setup.map = map;
     assert!(read_export(&second).await == b);
-    let (deleted, map) = tokio::join!(
-        admin.call(SnapshotDelete {
-            volume: "vol".into(),
-            name: "second".into(),
-        }),
-        follow_change_to_map(&mut setup.agent, setup.map.epoch)
-    );
-    deleted.unwrap_or_else(|e| panic!("delete: {e}"));
+    let map = setup.delete_snapshot(&server, "second").await;
     assert!(
         map.syncing.is_empty() && map.copy_on_write.is_none(),
         "still copying on write without a snapshot: {map:?}"
@@ -343,11 +368,12 @@ async fn a_snapshot_keeps_its_point_in_time_while_the_volume_is_overwritten() {
 }
 
 /// Preserves `old` as the content of `chunk` the way a client does with the map's COW store
-/// section: into the slot after the last record found on disk, then the record (synced in
-/// that order). Returns the slot.
+/// section of snapshot `snapshot_id`: into the slot after the last record found on disk, then
+/// the record (synced in that order). Returns the slot.
 fn preserve_as_a_client(
     paths: &HashMap<Uuid, PathBuf>,
     map: &VolumeMap,
+    snapshot_id: u64,
     chunk: u64,
     old: &[u8],
 ) -> u64 {
@@ -356,9 +382,10 @@ fn preserve_as_a_client(
     };
     let store = map
         .copy_on_write
-        .as_ref()
-        .and_then(|c| c.store.as_ref())
-        .unwrap_or_else(|| panic!("no COW store offered: {map:?}"));
+        .iter()
+        .flat_map(|c| c.stores.iter())
+        .find(|s| s.snapshot_id == snapshot_id)
+        .unwrap_or_else(|| panic!("no COW store offered for snapshot {snapshot_id}: {map:?}"));
     let layout = CowLayout::new(store.store_bytes, CHUNK as u32).expect("store layout");
     // Store offset -> (file, offset) through the store's extents.
     let locate = |at: u64| {
@@ -406,6 +433,14 @@ fn preserve_as_a_client(
     slot
 }
 
+/// The snapshots whose COW stores a map offers clients, in its order.
+fn offered_stores(map: &VolumeMap) -> Vec<u64> {
+    map.copy_on_write
+        .iter()
+        .flat_map(|c| c.stores.iter().map(|s| s.snapshot_id))
+        .collect()
+}
+
 /// Writes `data` at volume `offset` straight into the image files, as a direct write does.
 fn write_direct(paths: &HashMap<Uuid, PathBuf>, map: &VolumeMap, offset: u64, data: &[u8]) {
     use std::os::unix::fs::FileExt;
@@ -433,7 +468,7 @@ async fn chunks_a_client_preserved_itself_are_read_back_by_the_server() {
     let chunk_range = |chunk: u64| (chunk * CHUNK) as usize..((chunk + 1) * CHUNK) as usize;
     let mut b = a.clone();
     assert_eq!(
-        preserve_as_a_client(&paths, &setup.map, 10, &a[chunk_range(10)]),
+        preserve_as_a_client(&paths, &setup.map, snap.id, 10, &a[chunk_range(10)]),
         0
     );
     let fresh = pattern(600, CHUNK as usize);
@@ -449,7 +484,7 @@ async fn chunks_a_client_preserved_itself_are_read_back_by_the_server() {
     setup.write(11 * CHUNK, &fresh).await;
     b[11 * CHUNK as usize..11 * CHUNK as usize + 4096].copy_from_slice(&fresh);
     assert_eq!(
-        preserve_as_a_client(&paths, &setup.map, 12, &a[chunk_range(12)]),
+        preserve_as_a_client(&paths, &setup.map, snap.id, 12, &a[chunk_range(12)]),
         2
     );
     let fresh = pattern(602, CHUNK as usize);
@@ -512,28 +547,104 @@ async fn chunks_a_client_preserved_itself_are_read_back_by_the_server() {
         (3, 2),
         "{again:?}"
     );
-    // A second snapshot: the first's changed chunks are exactly those three, and the map no
-    // longer offers a store (the client cannot know which chunks the older one holds).
+    // A second snapshot: the first's changed chunks are exactly those three, and the map
+    // offers both stores, the newest first.
     let second = setup.snapshot(&server, "second", None).await;
-    assert!(
-        setup
-            .map
-            .copy_on_write
-            .as_ref()
-            .is_some_and(|c| c.store.is_none()),
-        "{:?}",
-        setup.map
-    );
+    let offered = offered_stores(&setup.map);
+    assert_eq!(offered, [second.id, snap.id], "{:?}", setup.map);
     let changed = diff(&server, "snap", "second")
         .await
         .unwrap_or_else(|e| panic!("diff: {e}"));
     assert_eq!(changed.chunks, vec![10, 11, 12]);
+    assert!(read_export(&second).await == b);
+    // The client preserves chunk 20 into both stores, then writes it straight to the origin:
+    // the server reads both copies back.
+    for id in [second.id, snap.id] {
+        preserve_as_a_client(&paths, &setup.map, id, 20, &b[chunk_range(20)]);
+    }
+    let mut c = b.clone();
+    let fresh = pattern(604, CHUNK as usize);
+    write_direct(&paths, &setup.map, 20 * CHUNK, &fresh);
+    c[chunk_range(20)].copy_from_slice(&fresh);
+    // Another host, which had not read those records, copies chunk 20 into `second` again
+    // after the write: the chunk's first record holds its point in time, the later one
+    // (read back by the listing) is not what the snapshot reads.
+    preserve_as_a_client(&paths, &setup.map, second.id, 20, &fresh);
+    let listed = list(&server).await;
+    let second_info = listed
+        .iter()
+        .find(|s| s.name == "second")
+        .expect("second listed");
+    assert_eq!(second_info.changed_chunks, 1, "{second_info:?}");
+    assert!(read_export(&second).await == b, "second lost chunk 20");
+    assert!(read_export(&snap).await == a, "snap lost chunk 20");
+    // Chunk 21 too, with nothing reading the stores before a third snapshot is taken: what
+    // the older stores held then counts the client's records.
+    for id in [second.id, snap.id] {
+        preserve_as_a_client(&paths, &setup.map, id, 21, &b[chunk_range(21)]);
+    }
+    let fresh = pattern(605, CHUNK as usize);
+    write_direct(&paths, &setup.map, 21 * CHUNK, &fresh);
+    c[chunk_range(21)].copy_from_slice(&fresh);
+    let third = setup.snapshot(&server, "third", None).await;
+    let offered = offered_stores(&setup.map);
+    assert_eq!(offered, [third.id, second.id, snap.id], "{:?}", setup.map);
+    for (from, to, chunks) in [
+        ("snap", "second", vec![10, 11, 12]),
+        ("second", "third", vec![20, 21]),
+        ("snap", "third", vec![10, 11, 12, 20, 21]),
+    ] {
+        let changed = diff(&server, from, to)
+            .await
+            .unwrap_or_else(|e| panic!("diff {from} {to}: {e}"));
+        assert_eq!(changed.chunks, chunks, "{from} -> {to}");
+    }
+    assert!(read_export(&third).await == c);
     assert!(read_export(&second).await == b);
     // After a restart the records are loaded again, the client's among them.
     drop(setup);
     server.kill9();
     let _restarted = TestServer::start_in(&server.dir);
     assert!(read_export(&snap).await == a, "lost after a restart");
+}
+
+/// The map offers the COW stores of every active snapshot only while they all have its
+/// chunk size: with one of larger chunks, the server makes every copy.
+#[tokio::test]
+async fn stores_are_offered_only_while_every_snapshot_has_the_maps_chunk_size() {
+    let server = TestServer::start();
+    let (mut setup, _) = setup(&server, 7).await;
+    let first = setup.snapshot(&server, "first", None).await;
+    let offered = offered_stores;
+    assert_eq!(offered(&setup.map), [first.id], "{:?}", setup.map);
+    let coarse = setup
+        .snapshot_of_chunks(&server, "coarse", 2 * CHUNK as u32)
+        .await;
+    let map = setup.map.clone();
+    let cow = map
+        .copy_on_write
+        .as_ref()
+        .unwrap_or_else(|| panic!("no copy-on-write in {map:?}"));
+    assert_eq!((cow.generation, cow.chunk_bytes), (coarse.id, CHUNK as u32));
+    assert!(cow.stores.is_empty(), "{map:?}");
+    // Without the first snapshot, the coarse one's store is offered (at its chunk size).
+    let map = setup.delete_snapshot(&server, "first").await;
+    assert_eq!(offered(&map), [coarse.id], "{map:?}");
+    assert_eq!(
+        map.copy_on_write.as_ref().map(|c| c.chunk_bytes),
+        Some(2 * CHUNK as u32)
+    );
+    // Two of the same chunk size again: both, the newest first.
+    setup.map = map;
+    let coarse2 = setup
+        .snapshot_of_chunks(&server, "coarse2", 2 * CHUNK as u32)
+        .await;
+    assert_eq!(
+        offered(&setup.map),
+        [coarse2.id, coarse.id],
+        "{:?}",
+        setup.map
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@
 //! reached. Without a server the volume is detached locally, without the server's
 //! confirmation.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -385,8 +385,8 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
         );
     }
     let (quiesce_sender, mut quiesce_results) = tokio::sync::mpsc::unbounded_channel();
-    // The module's preserved-chunk events, relayed in batches.
-    let mut preserved = PreservedBatch::default();
+    // The module's preserved-chunk events, relayed in batches, one per snapshot.
+    let mut preserved = PreservedChunks::default();
     let mut report_tick = tokio::time::interval(REPORT_EVERY);
     // After an idle spell, one relay and then every REPORT_EVERY again (no burst).
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -533,8 +533,10 @@ pub async fn attach(args: AttachArgs) -> Result<(), CliError> {
                 }
             },
             _ = report_tick.tick(), if client.is_some() && !preserved.is_empty() => {
-                if let (Some(client), Some(batch)) = (client.as_mut(), preserved.take()) {
-                    report_preserved(client, volume_id, batch).await;
+                if let Some(client) = client.as_mut() {
+                    for batch in preserved.take_all() {
+                        report_preserved(client, volume_id, batch).await;
+                    }
                 }
             }
             _ = renew.tick(), if client.is_some() && !fenced => {
@@ -589,43 +591,56 @@ fn drain_quiesce(
 /// How long preserved chunks wait to be relayed with more.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
 
-/// Chunks of one snapshot the kernel reported preserved, not yet relayed to the server.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// Chunks of one snapshot the kernel reported preserved: one report to the server.
+#[derive(Debug, PartialEq, Eq)]
 struct PreservedBatch {
     snapshot_id: u64,
     chunks: Vec<u64>,
 }
 
-impl PreservedBatch {
+/// Chunks the kernel reported preserved, not yet relayed to the server, per snapshot: the
+/// module preserves a chunk into every active snapshot's store lacking it, so events of
+/// different snapshots come interleaved.
+#[derive(Debug, Default)]
+struct PreservedChunks {
+    /// Never an empty list.
+    pending: BTreeMap<u64, Vec<u64>>,
+}
+
+impl PreservedChunks {
     fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
+        self.pending.is_empty()
     }
 
-    /// Adds an event's chunks; returns a batch to relay now: the pending one if the event is
-    /// about another snapshot, or this one once it is about full.
+    /// Adds an event's chunks; returns the snapshot's batch to relay now once it is about
+    /// full (the next event could not fit in one report).
     fn add(&mut self, snapshot_id: u64, chunks: Vec<u64>) -> Option<PreservedBatch> {
-        let mut ready = None;
-        if snapshot_id != self.snapshot_id {
-            ready = self.take();
-            self.snapshot_id = snapshot_id;
-        }
-        // An event carries at most MAX_EVENT_CHUNKS: the batch stays within a report.
-        self.chunks
-            .extend(chunks.into_iter().take(MAX_EVENT_CHUNKS));
-        if ready.is_none() && self.chunks.len() > MAX_REPORTED_CHUNKS - MAX_EVENT_CHUNKS {
-            ready = self.take();
-        }
-        ready
-    }
-
-    fn take(&mut self) -> Option<PreservedBatch> {
-        if self.chunks.is_empty() {
+        if chunks.is_empty() {
             return None;
         }
-        Some(PreservedBatch {
-            snapshot_id: self.snapshot_id,
-            chunks: std::mem::take(&mut self.chunks),
-        })
+        let pending = self.pending.entry(snapshot_id).or_default();
+        // An event carries at most MAX_EVENT_CHUNKS: the batch stays within a report.
+        pending.extend(chunks.into_iter().take(MAX_EVENT_CHUNKS));
+        if pending.len() <= MAX_REPORTED_CHUNKS - MAX_EVENT_CHUNKS {
+            return None;
+        }
+        self.pending
+            .remove(&snapshot_id)
+            .map(|chunks| PreservedBatch {
+                snapshot_id,
+                chunks,
+            })
+    }
+
+    /// Every pending batch, by snapshot id.
+    fn take_all(&mut self) -> Vec<PreservedBatch> {
+        std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|(snapshot_id, chunks)| PreservedBatch {
+                snapshot_id,
+                chunks,
+            })
+            .collect()
     }
 }
 
@@ -979,24 +994,44 @@ mod tests {
 
     #[test]
     fn preserved_chunks_are_batched_per_snapshot_and_within_a_report() {
-        let mut batch = PreservedBatch::default();
-        assert_eq!(batch.add(7, vec![1, 2]), None);
-        assert_eq!(batch.add(7, vec![3]), None);
-        // Another snapshot: the pending batch goes first.
-        let ready = batch.add(8, vec![9]).expect("the first snapshot's batch");
-        assert_eq!((ready.snapshot_id, ready.chunks), (7, vec![1, 2, 3]));
-        // An event never adds more than MAX_EVENT_CHUNKS.
+        let mut pending = PreservedChunks::default();
+        assert!(pending.is_empty());
+        assert_eq!(pending.add(7, Vec::new()), None);
+        assert!(pending.is_empty(), "an empty event makes no report");
+        // Events of two snapshots interleaved (a chunk preserved into both stores): nothing
+        // is relayed before the tick, which relays one batch per snapshot.
+        for chunk in 0..10 {
+            assert_eq!(pending.add(8, vec![chunk]), None);
+            assert_eq!(pending.add(7, vec![chunk]), None);
+        }
+        assert!(!pending.is_empty());
+        let all = pending.take_all();
+        let batches: Vec<(u64, Vec<u64>)> =
+            all.into_iter().map(|b| (b.snapshot_id, b.chunks)).collect();
+        assert_eq!(
+            batches,
+            [(7, (0..10).collect::<Vec<u64>>()), (8, (0..10).collect())]
+        );
+        assert!(pending.is_empty() && pending.take_all().is_empty());
+        // A snapshot's batch is relayed once about full, alone; an event never adds more
+        // than MAX_EVENT_CHUNKS.
+        assert_eq!(pending.add(8, vec![9]), None);
         let mut relayed = Vec::new();
         for _ in 0..MAX_REPORTED_CHUNKS {
-            if let Some(full) = batch.add(8, (0..MAX_EVENT_CHUNKS as u64 * 2).collect()) {
+            if let Some(full) = pending.add(7, (0..MAX_EVENT_CHUNKS as u64 * 2).collect()) {
                 assert!(full.chunks.len() <= MAX_REPORTED_CHUNKS);
+                assert_eq!(full.snapshot_id, 7);
                 relayed.push(full);
             }
         }
-        assert!(!relayed.is_empty());
-        assert_eq!(relayed[0].chunks[0], 9);
-        let rest = batch.take().expect("what is left");
-        assert!(rest.chunks.len() <= MAX_REPORTED_CHUNKS);
-        assert_eq!(batch.take(), None);
+        assert!(relayed.len() > 1);
+        // The other snapshot's batch waited for the tick.
+        let rest = pending.take_all();
+        assert!(
+            rest.iter()
+                .any(|b| (b.snapshot_id, &b.chunks[..]) == (8, &[9][..])),
+            "{rest:?}"
+        );
+        assert!(rest.iter().all(|b| b.chunks.len() <= MAX_REPORTED_CHUNKS));
     }
 }

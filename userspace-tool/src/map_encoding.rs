@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use sanblk_proto::label::{read_label, LabelError};
 use sanblk_proto::map::{CowStoreLocation, ExtentKind as ServerKind, VolumeMap};
 use sanblk_uapi::map::{
-    self as wire, ExtentKind, MapCowStore, MapHeader, Member, StoreExtent, EXTENT_SYNCING,
-    MAX_MEMBERS,
+    self as wire, ExtentKind, MapCowStore, MapHeader, Member, StoreExtent, StoreSection,
+    EXTENT_SYNCING, MAX_COW_STORES, MAX_MEMBERS,
 };
 use uuid::Uuid;
 
@@ -156,6 +156,35 @@ fn store_section(
     Some((section, store_extents))
 }
 
+/// The kernel map's COW store sections for `stores` (newest snapshot first, as the server
+/// lists them), adding their devices to `order`: all of them or none (and `order`
+/// unchanged), so the module either may preserve chunks into every active snapshot's store
+/// or sends every first write through the server, which then makes the copies.
+fn store_sections(
+    stores: &[CowStoreLocation],
+    devices: &HashMap<Uuid, LocalDevice>,
+    order: &mut Vec<Uuid>,
+) -> Vec<(MapCowStore, Vec<StoreExtent>)> {
+    if stores.len() > MAX_COW_STORES as usize {
+        return Vec::new();
+    }
+    let mut grown = order.clone();
+    let Some(sections) = stores
+        .iter()
+        .map(|store| store_section(store, devices, &mut grown))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return Vec::new();
+    };
+    *order = grown;
+    sections
+}
+
+/// `sections` as the uapi encoder takes them.
+fn stores_of(sections: &[(MapCowStore, Vec<StoreExtent>)]) -> Vec<StoreSection<'_>> {
+    sections.iter().map(|(s, e)| (*s, e.as_slice())).collect()
+}
+
 /// The encoded map and the local path of each device in its device table, in order.
 pub struct EncodedMap {
     pub bytes: Vec<u8>,
@@ -213,21 +242,38 @@ pub fn encode(
     if order.len() > wire::MAX_DEVICES as usize {
         return Err(EncodeError::TooManyDevices);
     }
-    // The COW store section is an offer: without it the module sends first writes through
-    // the server, so a store this host cannot reach (or the kernel map cannot describe) is
-    // left out rather than failing the map.
-    let store = map
-        .copy_on_write
-        .as_ref()
-        .and_then(|c| c.store.as_ref())
-        .and_then(|store| store_section(store, devices, &mut order));
-    let wire_devices: Vec<wire::Device> = order
-        .iter()
-        .map(|uuid| wire::Device {
-            uuid: *uuid.as_bytes(),
-            size: devices[uuid].size,
-        })
-        .collect();
+    // The COW store sections are an offer: without them the module sends first writes
+    // through the server, so stores this host cannot all reach (or the kernel map cannot
+    // describe) are left out, all of them, rather than failing the map.
+    let volume_devices = order.len();
+    let mut sections = store_sections(
+        map.copy_on_write
+            .as_ref()
+            .map_or(&[][..], |c| c.stores.as_slice()),
+        devices,
+        &mut order,
+    );
+    let device_table = |order: &[Uuid]| -> Vec<wire::Device> {
+        order
+            .iter()
+            .map(|uuid| wire::Device {
+                uuid: *uuid.as_bytes(),
+                size: devices[uuid].size,
+            })
+            .collect()
+    };
+    let mut len =
+        wire::encoded_len_with_stores(order.len(), map.extents.len(), &stores_of(&sections));
+    if len > sanblk_uapi::netlink::MAX_MAP_BYTES as usize && !sections.is_empty() {
+        // Too large with the stores: the map without them.
+        sections.clear();
+        order.truncate(volume_devices);
+        len = wire::encoded_len(order.len(), map.extents.len());
+    }
+    if len > sanblk_uapi::netlink::MAX_MAP_BYTES as usize {
+        return Err(EncodeError::TooLarge(len));
+    }
+    let wire_devices = device_table(&order);
     let header = MapHeader {
         volume_id: map.volume_id,
         epoch: map.epoch,
@@ -239,19 +285,15 @@ pub fn encode(
         cow_generation: map.copy_on_write.as_ref().map_or(0, |c| c.generation),
         cow_chunk_bytes: map.copy_on_write.as_ref().map_or(0, |c| c.chunk_bytes),
     };
-    let len = match &store {
-        Some((_, store_extents)) => {
-            wire::encoded_len_with_store(wire_devices.len(), extents.len(), store_extents.len())
-        }
-        None => wire::encoded_len(wire_devices.len(), extents.len()),
-    };
-    if len > sanblk_uapi::netlink::MAX_MAP_BYTES as usize {
-        return Err(EncodeError::TooLarge(len));
-    }
     let mut bytes = vec![0u8; len];
-    let section = store.as_ref().map(|(s, e)| (s, e.as_slice()));
-    wire::encode_with_store(&header, &wire_devices, &extents, section, &mut bytes)
-        .map_err(|e| EncodeError::Invalid(e.message()))?;
+    wire::encode_with_stores(
+        &header,
+        &wire_devices,
+        &extents,
+        &stores_of(&sections),
+        &mut bytes,
+    )
+    .map_err(|e| EncodeError::Invalid(e.message()))?;
     wire::MapView::parse(&bytes).map_err(|e| EncodeError::Invalid(e.message()))?;
     let device_paths = order
         .iter()
@@ -501,27 +543,130 @@ mod tests {
         map.copy_on_write = Some(sanblk_proto::map::CopyOnWrite {
             generation: 5,
             chunk_bytes: 65536,
-            store: Some(store.clone()),
+            stores: vec![store.clone()],
         });
         let encoded = encode(&map, &local).expect("encodes");
         let view = wire::MapView::parse(&encoded.bytes).expect("valid");
-        let section = view.cow_store().expect("store section");
+        assert_eq!(view.cow_store_count(), 1);
+        let section = view.cow_store(0).expect("store section");
         assert_eq!((section.snapshot_id, section.store_bytes), (5, 6 * MIB));
         assert_eq!(section.scan_from_sector, 2);
         assert_eq!(section.extent_count, 2);
-        let first = view.store_extent(0);
+        let first = view.store_extent(0, 0);
         assert_eq!(
             encoded.device_paths[first.device as usize],
             local[&uuids[2]].path.display().to_string()
         );
         assert_eq!((first.offset, first.length), (MIB, 4 * MIB));
-        assert_eq!(view.store_extent(1).device, 0);
+        assert_eq!(view.store_extent(0, 1).device, 0);
         // A store device this host does not see leaves the section out, not the map.
         local.remove(&uuids[2]);
         let encoded = encode(&map, &local).expect("encodes");
         let view = wire::MapView::parse(&encoded.bytes).expect("valid");
-        assert_eq!(view.cow_store(), None);
+        assert_eq!(view.cow_store_count(), 0);
+        assert_eq!(view.cow_store(0), None);
         assert_eq!(view.header().cow_generation, 5);
+        assert_eq!(encoded.device_paths.len(), 1);
+    }
+
+    #[test]
+    fn every_snapshots_store_is_described_or_none() {
+        let (uuids, mut local) = devices(4);
+        let replica = |i: usize, device_offset: u64| Replica {
+            device_uuid: uuids[i],
+            device_offset,
+        };
+        let base = volume(
+            vec![Extent::replicated(0, 8 * MIB, vec![replica(0, 0)])],
+            8 * MIB,
+            Layout::Linear,
+        );
+        let newest = CowStoreLocation {
+            snapshot_id: 9,
+            store_bytes: 4 * MIB,
+            scan_from_sector: 1,
+            extents: vec![Extent::replicated(0, 4 * MIB, vec![replica(2, MIB)])],
+        };
+        let older = CowStoreLocation {
+            snapshot_id: 4,
+            store_bytes: 3 * MIB,
+            scan_from_sector: 7,
+            extents: vec![
+                Extent::replicated(0, 2 * MIB, vec![replica(3, 0)]),
+                Extent::replicated(2 * MIB, MIB, vec![replica(2, 8 * MIB)]),
+            ],
+        };
+        let with_stores = |stores: Vec<CowStoreLocation>| {
+            let mut map = base.clone();
+            map.copy_on_write = Some(sanblk_proto::map::CopyOnWrite {
+                generation: 9,
+                chunk_bytes: 65536,
+                stores,
+            });
+            map
+        };
+        let map = with_stores(vec![newest.clone(), older.clone()]);
+        let encoded = encode(&map, &local).expect("encodes");
+        let view = wire::MapView::parse(&encoded.bytes).expect("valid");
+        assert_eq!(view.cow_store_count(), 2);
+        let sections: Vec<(u64, u64, u32, u32)> = (0..2)
+            .filter_map(|i| view.cow_store(i))
+            .map(|s| {
+                (
+                    s.snapshot_id,
+                    s.store_bytes,
+                    s.scan_from_sector,
+                    s.extent_count,
+                )
+            })
+            .collect();
+        assert_eq!(sections, [(9, 4 * MIB, 1, 1), (4, 3 * MIB, 7, 2)]);
+        // Store devices shared between stores get one device table entry.
+        assert_eq!(encoded.device_paths.len(), 3);
+        let path_of = |extent: StoreExtent| encoded.device_paths[extent.device as usize].clone();
+        let path = |i: usize| local[&uuids[i]].path.display().to_string();
+        assert_eq!(path_of(view.store_extent(0, 0)), path(2));
+        assert_eq!(path_of(view.store_extent(1, 0)), path(3));
+        assert_eq!(path_of(view.store_extent(1, 1)), path(2));
+        assert_eq!(
+            (
+                view.store_extent(1, 1).offset,
+                view.store_extent(1, 1).length
+            ),
+            (8 * MIB, MIB)
+        );
+        // One store the kernel map cannot take leaves every store out: a device this host
+        // does not see, a mirrored store extent, too many extents, too many stores.
+        let mut mirrored = older.clone();
+        mirrored.extents[1].replicas.push(replica(1, 0));
+        let mut fragmented = older.clone();
+        fragmented.extents = (0..=u64::from(wire::MAX_STORE_EXTENTS))
+            .map(|i| Extent::replicated(i * (64 << 10), 64 << 10, vec![replica(3, i * MIB)]))
+            .collect();
+        fragmented.store_bytes = fragmented.extents.len() as u64 * (64 << 10);
+        let many = (0..=MAX_COW_STORES as u64)
+            .map(|i| CowStoreLocation {
+                snapshot_id: 9 - i,
+                store_bytes: MIB,
+                scan_from_sector: 0,
+                extents: vec![Extent::replicated(0, MIB, vec![replica(3, i * MIB)])],
+            })
+            .collect();
+        for (what, stores) in [
+            ("mirrored", vec![newest.clone(), mirrored]),
+            ("fragmented", vec![newest.clone(), fragmented]),
+            ("too many", many),
+        ] {
+            let encoded = encode(&with_stores(stores), &local).expect("encodes");
+            let view = wire::MapView::parse(&encoded.bytes).expect("valid");
+            assert_eq!(view.cow_store_count(), 0, "{what}");
+            assert_eq!(encoded.device_paths.len(), 1, "{what}");
+        }
+        local.remove(&uuids[3]);
+        let encoded = encode(&map, &local).expect("encodes");
+        let view = wire::MapView::parse(&encoded.bytes).expect("valid");
+        assert_eq!(view.cow_store_count(), 0);
+        assert_eq!(view.header().cow_generation, 9);
         assert_eq!(encoded.device_paths.len(), 1);
     }
 }

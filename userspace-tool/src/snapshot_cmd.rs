@@ -13,7 +13,7 @@ use crate::output::print_table;
 pub enum SnapshotCommand {
     /// Take a crash-consistent snapshot of a volume while clients write it.
     #[command(
-        after_help = "Every attached host is quiesced for the moment the snapshot is taken, so all of them\nstart copying at the same point. Until the snapshot is deleted, the first write to each\nchunk goes through the server, which keeps the chunk's old content in the snapshot's COW\nstore before writing it; later writes to that chunk go straight to the SAN devices. A COW store that fills up makes the snapshot invalid (shown by\n`snapshot list`); the volume keeps working. Each snapshot is exported read-only over NBD\nas VOLUME@NAME (`snapshot list` shows the socket), e.g. for `sanctl backup`.\n\nExamples:\n  sanctl snapshot create db1 monday\n  sanctl snapshot create db1 tuesday --cow-size 20G --chunk-size 128K"
+        after_help = "Every attached host is quiesced for the moment the snapshot is taken, so all of them\nstart copying at the same point. Until the snapshot is deleted, the first write to each\nchunk waits until the chunk's old content is durable in the COW store of every snapshot\nthat lacks it (copied by the host's kernel module, or by the server when the module cannot\nreach the stores); later writes to that chunk go straight to the SAN devices. A COW store that fills up makes the snapshot invalid (shown by\n`snapshot list`); the volume keeps working. Each snapshot is exported read-only over NBD\nas VOLUME@NAME (`snapshot list` shows the socket), e.g. for `sanctl backup`.\n\nExamples:\n  sanctl snapshot create db1 monday\n  sanctl snapshot create db1 tuesday --cow-size 20G --chunk-size 128K"
     )]
     Create {
         volume: String,

@@ -764,6 +764,39 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
     };
     let r = ExtentKind::Replicated;
     let mut cases: Vec<(&str, Command, RawAttrs)> = Vec::new();
+    // The map of one 8 MiB extent on device 0 with one COW store section per
+    // (snapshot id, device, offset, length) of its single store extent.
+    let one_extent = vec![extent(0, 8 * MIB, r, 0, &[member(0, MIB)])];
+    let encode_with_stores = |h: &MapHeader, stores: &[(u64, u32, u64, u64)]| {
+        let extents: Vec<[map::StoreExtent; 1]> = stores
+            .iter()
+            .map(|&(_, device, offset, length)| {
+                [map::StoreExtent {
+                    device,
+                    offset,
+                    length,
+                }]
+            })
+            .collect();
+        let sections: Vec<map::StoreSection> = stores
+            .iter()
+            .zip(&extents)
+            .map(|(&(snapshot_id, _, _, length), extents)| {
+                let section = map::MapCowStore {
+                    snapshot_id,
+                    store_bytes: length,
+                    scan_from_sector: 0,
+                    extent_count: 1,
+                };
+                (section, &extents[..])
+            })
+            .collect();
+        let mut bytes =
+            vec![0u8; map::encoded_len_with_stores(devices.len(), one_extent.len(), &sections)];
+        map::encode_with_stores(h, &devices, &one_extent, &sections, &mut bytes)
+            .map_err(|e| e.message().to_string())?;
+        Ok::<_, String>(bytes)
+    };
     let with_map = |map: Vec<u8>| {
         let mut attrs = good.create_attrs();
         attrs[3].1 = map;
@@ -820,7 +853,6 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
     }
     // Copy-on-write tracking: a chunk size that is no power of two, one smaller than a
     // block, one beyond the largest, and a chunk size without a generation.
-    let one_extent = vec![extent(0, 8 * MIB, r, 0, &[member(0, MIB)])];
     for (name, generation, chunk) in [
         ("cow-chunk-not-power-of-two", 3, 3 * 4096),
         ("cow-chunk-below-block", 3, 2048),
@@ -860,26 +892,17 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
             h.cow_chunk_bytes = 0;
         }
         let (device, offset, length) = store_extent;
-        let section = map::MapCowStore {
-            snapshot_id,
-            store_bytes: length,
-            scan_from_sector: 0,
-            extent_count: 1,
-        };
-        let extents = [map::StoreExtent {
-            device,
-            offset,
-            length,
-        }];
-        let mut bytes = vec![0u8; map::encoded_len_with_store(devices.len(), one_extent.len(), 1)];
-        map::encode_with_store(
-            &h,
-            &devices,
-            &one_extent,
-            Some((&section, &extents)),
-            &mut bytes,
-        )
-        .map_err(|e| e.message().to_string())?;
+        let bytes = encode_with_stores(&h, &[(snapshot_id, device, offset, length)])?;
+        cases.push((name, Command::Create, with_map(bytes)));
+    }
+    // Two COW store sections: a second one for the snapshot of the first (the module would
+    // copy twice into one store), and one for an older snapshot whose store overlaps the
+    // newest one's (a copy into one store would overwrite the other's records or slots).
+    for (name, second) in [
+        ("cow-store-same-snapshot-twice", (3, 0, 20 * MIB, 4 * MIB)),
+        ("cow-store-overlapping-another", (2, 0, 18 * MIB, 4 * MIB)),
+    ] {
+        let bytes = encode_with_stores(&cow, &[(3, 0, 16 * MIB, 4 * MIB), second])?;
         cases.push((name, Command::Create, with_map(bytes)));
     }
     let unknown = vec![extent(0, 8 * MIB, r, 0, &[member(9, MIB)])];

@@ -131,10 +131,12 @@ impl CowStore {
                         Err(_) => RecordSector::empty(sector_index),
                     };
                 // Records are dense in slot order: those not known yet come after the
-                // known ones.
+                // known ones. A chunk's first record holds its point-in-time content: a
+                // later one (a host that had not read the first before copying the chunk
+                // again) may hold what a write put there since.
                 for record in sector.records() {
                     if record.slot >= self.records.len() as u64 {
-                        self.slots.insert(record.origin_chunk, record.slot);
+                        self.slots.entry(record.origin_chunk).or_insert(record.slot);
                         self.records.push(*record);
                     }
                 }

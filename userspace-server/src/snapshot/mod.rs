@@ -10,13 +10,15 @@
 //! never see a write that started after the check (a write to an uncopied chunk must take the
 //! lock to copy it first). Writes to chunks already copied take the lock only to look.
 //!
-//! A client may also preserve chunks itself, into the store of a volume's only active
-//! snapshot (the map's COW store section), appending records without that lock: slot data,
-//! then the record, durable before its write reaches the origin or the server. The server
-//! reads such records back (`CowStore::absorb`) before copying a chunk itself, after reading
-//! a point-in-time chunk from the origin (reading it again from the store if a record of it
-//! appeared), and before listing changed chunks. A client sends a first write through the
-//! server only once it has stopped preserving chunks itself, so the two never append at once.
+//! A client may also preserve chunks itself, into the stores of a volume's active snapshots
+//! (the map's COW store sections, offered while every active snapshot has the map's chunk
+//! size), appending records to each store that lacks the chunk without that lock: slot data,
+//! then the record, every record durable before its write reaches the origin or the server.
+//! The server reads such records back (`CowStore::absorb`) before copying a chunk itself,
+//! after reading a point-in-time chunk from the origin (reading it again from the store if a
+//! record of it appeared), and before listing changed chunks or counting a store's records
+//! (when a later snapshot is taken). A client sends a first write through the server only
+//! once it has stopped preserving chunks itself, so the two never append at once.
 //!
 //! A store that fills up (or fails) invalidates its snapshot, persisted and shown in
 //! `snapshot list`; the origin write goes on, and the other snapshots are kept.
@@ -351,11 +353,18 @@ impl Snapshots {
     }
 }
 
-/// Whether a client may append records to the volume's store: only the only active
-/// snapshot's store is offered to clients (`ServerState::client_map`); a second snapshot is
-/// taken with the clients quiesced, and its epoch reloads every store whole.
+/// Whether a client may append records to the volume's stores, so they must be read back
+/// before relying on what they hold: clients are offered every active snapshot's store while
+/// all of them have the map's chunk size (`ServerState::client_map`), none otherwise. True
+/// whenever the loaded stores share one chunk size: a superset of that rule (the stores
+/// loaded are the active snapshots', or fewer once some were invalidated; the map's chunk
+/// size is never below a block), and reading records back needlessly is harmless. A new
+/// snapshot is taken with the clients quiesced, and its epoch reloads every store whole.
 fn client_may_append(stores: &VolumeStores) -> bool {
-    stores.stores.len() == 1
+    stores
+        .stores
+        .windows(2)
+        .all(|pair| pair[0].snapshot.chunk_bytes == pair[1].snapshot.chunk_bytes)
 }
 
 /// One pass of [`Snapshots::read`]: copied chunks from the store, the rest from the origin;
