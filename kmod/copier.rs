@@ -66,7 +66,6 @@ pub(crate) fn run(volume: &Volume) {
     forbid_io_in_reclaim();
     let mut copier = Copier {
         chunk: PageBuf::new(),
-        record_block: PageBuf::new(),
         cursors: slots(|| None),
         report: slots(|| PendingReport::new(volume.id)),
     };
@@ -128,14 +127,15 @@ struct Cursor {
     next_slot: u64,
     /// The record sector `next_slot` belongs to, as written so far.
     sector: RecordSector,
-    /// Store offset of the record block holding that sector; its bytes are in
-    /// `Copier::record_block`.
+    /// Store offset of the record block holding that sector.
     block_offset: u64,
+    /// That block's bytes as written so far: each store has its own, as the whole block is
+    /// written with every new record.
+    block: PageBuf,
 }
 
 struct Copier {
     chunk: PageBuf,
-    record_block: PageBuf,
     /// Where the next record goes, per store appended to (found by snapshot id).
     cursors: KVec<Option<Cursor>>,
     /// Preserved chunks not multicast yet, per snapshot.
@@ -330,14 +330,16 @@ impl Copier {
             return Ok(());
         }
         // Records before the cursor's sector are full and never change: look from there.
-        let from = match entry.take() {
+        let old = entry.take();
+        let from = match &old {
             _ if !held.scanned() => 0,
             Some(c) if c.snapshot_id == store.snapshot_id => {
                 u64::from(c.sector.index).max(store.scan_from_sector)
             }
             _ => store.scan_from_sector,
         };
-        let found = self.find_end(volume, map, store, held, from, now)?;
+        let block = old.map_or_else(PageBuf::new, |c| c.block);
+        let found = find_end(volume, map, store, held, from, now, block)?;
         held.set_scanned();
         if let Some(entry) = self.cursors.get_mut(cursor) {
             *entry = Some(found);
@@ -384,11 +386,14 @@ impl Copier {
     ) -> Result<usize> {
         let layout = &store.layout;
         let chunk_bytes = u64::from(layout.chunk_bytes);
-        let Some(Some(cursor)) = self.cursors.get(entry).map(Option::as_ref) else {
-            return Err(EINVAL);
-        };
+        // Taken out while it is used; left out if the copy fails (the records are then read
+        // again before the next one).
+        let mut cursor = self
+            .cursors
+            .get_mut(entry)
+            .and_then(Option::take)
+            .ok_or(EINVAL)?;
         let (first_slot, block_offset) = (cursor.next_slot, cursor.block_offset);
-        let (epoch, checked_ns) = (cursor.epoch, cursor.checked_ns);
         let mut sector = cursor.sector;
         if first_slot >= layout.slots {
             return Err(ENOSPC);
@@ -431,36 +436,30 @@ impl Copier {
             let mut bytes = [0u8; SECTOR_BYTES];
             sector.encode(store.snapshot_id, &mut bytes);
             let in_block = layout.record_sector_offset(slot) - block_offset;
-            self.record_block.write(in_block as usize, &bytes)?;
+            cursor.block.write(in_block as usize, &bytes)?;
             if sector.count as usize == RECORDS_PER_SECTOR {
                 sector = RecordSector::empty(sector.index.saturating_add(1));
             }
         }
-        self.record_block_io(
+        record_block_io(
             volume,
             map,
             store,
+            &cursor.block,
             block_offset,
             REQ_OP_WRITE | REQ_PREFLUSH | REQ_FUA,
         )?;
         // Durable: on to the next slot (and block, once this one is full).
-        let next_slot = first_slot + count;
-        let mut next = Cursor {
-            snapshot_id: store.snapshot_id,
-            epoch,
-            checked_ns,
-            next_slot,
-            sector,
-            block_offset,
-        };
-        if layout.record_sector_offset(next_slot) >= block_end {
+        cursor.next_slot = first_slot + count;
+        cursor.sector = sector;
+        if layout.record_sector_offset(cursor.next_slot) >= block_end {
             // Sectors past the last record were never written (the store was formatted with
             // zeroes), and this thread is the only appender.
-            next.block_offset = block_end;
-            self.record_block.zero(0, RECORD_BLOCK as usize)?;
+            cursor.block_offset = block_end;
+            cursor.block.zero(0, RECORD_BLOCK as usize)?;
         }
         if let Some(slot) = self.cursors.get_mut(entry) {
-            *slot = Some(next);
+            *slot = Some(cursor);
         }
         Ok(count as usize)
     }
@@ -519,78 +518,58 @@ impl Copier {
         }
         chain.wait()
     }
+}
 
-    /// Reads or writes the record block at store offset `block_offset`.
-    fn record_block_io(
-        &self,
-        volume: &Volume,
-        map: &MapState,
-        store: &StoreInfo,
-        block_offset: u64,
-        opf: Opf,
-    ) -> Result {
-        let block = &self.record_block;
-        store_io(
-            volume,
-            map,
-            store,
-            block,
-            (block_offset, RECORD_BLOCK),
-            opf,
-            false,
-        )
-    }
-
-    /// Reads the record sectors from sector `from` (every one before it is full) until the
-    /// first one not full: the end of the dense sequence, where the next record goes. Notes
-    /// the chunk of every record read in `held`.
-    fn find_end(
-        &mut self,
-        volume: &Volume,
-        map: &MapState,
-        store: &StoreInfo,
-        held: &StoreChunks,
-        from: u64,
-        now: i64,
-    ) -> Result<Cursor> {
-        let layout = &store.layout;
-        self.record_block.reserve(RECORD_BLOCK as usize)?;
-        let mut index = from;
-        loop {
-            if index >= layout.record_sectors {
-                // Every slot is used.
-                return Err(ENOSPC);
+/// Reads the record sectors from sector `from` (every one before it is full) until the
+/// first one not full: the end of the dense sequence, where the next record goes. Notes
+/// the chunk of every record read in `held`.
+fn find_end(
+    volume: &Volume,
+    map: &MapState,
+    store: &StoreInfo,
+    held: &StoreChunks,
+    from: u64,
+    now: i64,
+    mut block: PageBuf,
+) -> Result<Cursor> {
+    let layout = &store.layout;
+    block.reserve(RECORD_BLOCK as usize)?;
+    let mut index = from;
+    loop {
+        if index >= layout.record_sectors {
+            // Every slot is used.
+            return Err(ENOSPC);
+        }
+        let sector_offset = HEADER_BYTES + index * SECTOR_BYTES as u64;
+        let block_offset = sector_offset - sector_offset % RECORD_BLOCK;
+        record_block_io(volume, map, store, &block, block_offset, REQ_OP_READ)?;
+        let block_end = block_offset + RECORD_BLOCK;
+        while index < layout.record_sectors
+            && HEADER_BYTES + index * (SECTOR_BYTES as u64) < block_end
+        {
+            let at = HEADER_BYTES + index * SECTOR_BYTES as u64 - block_offset;
+            let mut bytes = [0u8; SECTOR_BYTES];
+            block.read(at as usize, &mut bytes)?;
+            let sector_index = u32::try_from(index).map_err(|_| EINVAL)?;
+            // A sector torn by a crash holds no record that was ever acknowledged: the
+            // list ends there, as `sand` reads it.
+            let sector = RecordSector::decode(&bytes, sector_index, layout, store.snapshot_id)
+                .unwrap_or(RecordSector::empty(sector_index));
+            for record in sector.records() {
+                held.note(record.origin_chunk);
             }
-            let sector_offset = HEADER_BYTES + index * SECTOR_BYTES as u64;
-            let block_offset = sector_offset - sector_offset % RECORD_BLOCK;
-            self.record_block_io(volume, map, store, block_offset, REQ_OP_READ)?;
-            let block_end = block_offset + RECORD_BLOCK;
-            while index < layout.record_sectors
-                && HEADER_BYTES + index * (SECTOR_BYTES as u64) < block_end
-            {
-                let at = HEADER_BYTES + index * SECTOR_BYTES as u64 - block_offset;
-                let mut bytes = [0u8; SECTOR_BYTES];
-                self.record_block.read(at as usize, &mut bytes)?;
-                let sector_index = u32::try_from(index).map_err(|_| EINVAL)?;
-                // A sector torn by a crash holds no record that was ever acknowledged: the
-                // list ends there, as `sand` reads it.
-                let sector = RecordSector::decode(&bytes, sector_index, layout, store.snapshot_id)
-                    .unwrap_or(RecordSector::empty(sector_index));
-                for record in sector.records() {
-                    held.note(record.origin_chunk);
-                }
-                if (sector.count as usize) < RECORDS_PER_SECTOR {
-                    return Ok(Cursor {
-                        snapshot_id: store.snapshot_id,
-                        epoch: map.epoch,
-                        checked_ns: now,
-                        next_slot: index * RECORDS_PER_SECTOR as u64 + u64::from(sector.count),
-                        sector,
-                        block_offset,
-                    });
-                }
-                index += 1;
+            if (sector.count as usize) < RECORDS_PER_SECTOR {
+                return Ok(Cursor {
+                    snapshot_id: store.snapshot_id,
+                    epoch: map.epoch,
+                    checked_ns: now,
+                    next_slot: index * RECORDS_PER_SECTOR as u64 + u64::from(sector.count),
+                    sector,
+                    block_offset,
+                    block,
+                });
             }
+            index += 1;
         }
     }
 }
@@ -713,6 +692,26 @@ fn read_origin(
         done += step;
     }
     Ok(())
+}
+
+/// Reads or writes the record block at store offset `block_offset` from or into `block`.
+fn record_block_io(
+    volume: &Volume,
+    map: &MapState,
+    store: &StoreInfo,
+    block: &PageBuf,
+    block_offset: u64,
+    opf: Opf,
+) -> Result {
+    store_io(
+        volume,
+        map,
+        store,
+        block,
+        (block_offset, RECORD_BLOCK),
+        opf,
+        false,
+    )
 }
 
 /// Reads or writes `length` bytes at store `offset` from or into the start of `buf`: with

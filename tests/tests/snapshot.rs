@@ -132,7 +132,7 @@ fi
 touch nbd-read
 wait_long $D/snapped2
 $S --json status > status-c0.json
-dd if=$D/c.pattern of=$dev bs=1M seek=4 count=1 oflag=direct conv=fsync status=none
+dd if=$D/c.pattern of=$dev bs=64k seek=64 count=16 oflag=direct conv=fsync status=none
 $S --json status > status-c.json
 touch overwritten2
 wait_long $D/done
@@ -202,7 +202,8 @@ $S detach vsnap"#
     fs::write(dir.join("snapped2"), b"").expect("signal");
     wait_for_file(&out.join("overwritten2"), Duration::from_secs(300));
     // With two snapshots the map describes both stores: the module preserved each of C's
-    // 16 chunks (untouched since s1) into both, itself, and sent nothing through the server.
+    // 16 chunks (untouched since s1; one write each, so each store's record block is
+    // written many times in turn) into both, itself, and sent nothing through the server.
     let during_c = |field: &str| counter("status-c.json", field) - counter("status-c0.json", field);
     assert_eq!(
         during_c("preserved_chunks"),
@@ -237,8 +238,23 @@ $S detach vsnap"#
         incremental == full2,
         "full backup of s1 + incremental s1..s2 differs from the full backup of s2"
     );
-    // s1 still reads A although C landed after s2.
+    // s1 still reads A although C landed after s2, and so do both snapshots once a third
+    // one's epoch makes `sand` read every store's records from disk again.
     assert!(read_with_qemu_img(&s1, &dir.join("s1-again.raw")) == a);
+    server.sanctl(&["snapshot", "create", "vsnap", "s3", "--cow-size", "2M"]);
+    assert!(
+        read_with_qemu_img(&s1, &dir.join("s1-reloaded.raw")) == a,
+        "s1 lost its point in time once its records were read again"
+    );
+    assert!(
+        read_with_qemu_img(&snapshot(&provisioned, "s2"), &dir.join("s2-reloaded.raw")) == full2,
+        "s2 lost its point in time once its records were read again"
+    );
+    let s1_reloaded = snapshot(&provisioned, "s1");
+    assert_eq!(
+        s1_reloaded.changed_chunks, s1_now.changed_chunks,
+        "{s1_reloaded:?}"
+    );
     // The backup restored onto a new volume: its blocks are the backup's, where its map says.
     let backup_arg = dir.join("backup.img").display().to_string();
     let printed = server.sanctl(&["restore", &backup_arg, "vrestored"]);
