@@ -10,10 +10,12 @@
 //! which now goes straight to the SAN devices. A host that crashes at any moment leaves
 //! every snapshot reading back its point in time: until the records are durable the origin
 //! is untouched, and a slot without a record is free. The writes queued while it copies are
-//! taken as one batch: their chunks go into consecutive slots of each store, written at
-//! once, and their records into one write of the record block, so one pair of flushes per
-//! store serves them all. Which chunks an older store holds (copied before a newer snapshot
-//! was taken) the thread learns by reading that store's records once per snapshot set.
+//! taken as one batch: their chunks are read once, go into consecutive slots of each store
+//! lacking them, and their records into one write of each store's record block, so one
+//! pair of flushes per store serves them all; the reads, then the slot writes, then the
+//! record writes of every store are in flight together (as kcopyd's are). Which chunks an
+//! older store holds (copied before a newer snapshot was taken) the thread learns by
+//! reading that store's records once per snapshot set.
 //!
 //! Only writes to chunks not preserved yet come here (submit_bio queues them, nothing
 //! waits); writes to a chunk being copied wait behind it in the queue, reads and writes to
@@ -222,8 +224,8 @@ impl Copier {
         self.copy_everywhere(volume, map, stores, copied, &chunks[..count])
     }
 
-    /// Copies `chunks` into each store that does not hold them yet; marks them copied once
-    /// every store's records of them are durable.
+    /// Copies `chunks` (at most [`MAX_GROUP_CHUNKS`]) into each store that lacks them;
+    /// marks them copied once every store's records of them are durable.
     fn copy_everywhere(
         &mut self,
         volume: &Volume,
@@ -235,53 +237,64 @@ impl Copier {
         if chunks.is_empty() {
             return Ok(());
         }
-        for store in stores {
+        if stores.len() > MAX_COW_STORES as usize || chunks.len() > MAX_GROUP_CHUNKS {
+            return Err(EINVAL);
+        }
+        // Bit `s` of `lacking[i]`: store `s` lacks `chunks[i]`.
+        let mut lacking = [0u8; MAX_GROUP_CHUNKS];
+        let mut entries = [0usize; MAX_COW_STORES as usize];
+        for (s, store) in stores.iter().enumerate() {
             let held = copied.store(store.snapshot_id).ok_or(EINVAL)?;
-            let cursor = self.cursor_index(store.snapshot_id, stores)?;
+            let entry = self.cursor_index(store.snapshot_id, stores)?;
+            entries[s] = entry;
             // Which of them the store holds: its records read once per snapshot set, and
             // again (from the cursor) when it lacks one, as another host may have appended.
             if !held.scanned() || chunks.iter().any(|&chunk| !held.holds(chunk)) {
-                self.refresh(volume, map, store, held, cursor)?;
+                self.refresh(volume, map, store, held, entry)?;
             }
-            let mut needed = [0u64; MAX_GROUP_CHUNKS];
-            let mut count = 0;
-            for &chunk in chunks.iter().filter(|&&chunk| !held.holds(chunk)) {
-                if let Some(slot) = needed.get_mut(count) {
-                    *slot = chunk;
-                    count += 1;
+            for (mask, &chunk) in lacking.iter_mut().zip(chunks) {
+                if !held.holds(chunk) {
+                    *mask |= 1 << s;
                 }
             }
-            if count > 0 {
-                self.copy_all(volume, map, store, held, cursor, &needed[..count])?;
+        }
+        let entries = &entries[..stores.len()];
+        let lacking = &lacking[..chunks.len()];
+        let mut done = 0;
+        while done < chunks.len() {
+            let group = self.copy_group(
+                volume,
+                map,
+                stores,
+                entries,
+                &chunks[done..],
+                &lacking[done..],
+            )?;
+            // The records are durable: the server hears of them (through the agent).
+            let mut preserved = [0u64; MAX_GROUP_CHUNKS];
+            for (s, store) in stores.iter().enumerate() {
+                let held = copied.store(store.snapshot_id).ok_or(EINVAL)?;
+                let mut count = 0;
+                for (&chunk, _) in chunks[done..done + group]
+                    .iter()
+                    .zip(&lacking[done..])
+                    .filter(|(_, mask)| **mask & (1 << s) != 0)
+                {
+                    held.note(chunk);
+                    volume.copies.count_preserved();
+                    if let Some(slot) = preserved.get_mut(count) {
+                        *slot = chunk;
+                        count += 1;
+                    }
+                }
+                if count > 0 {
+                    self.add_report(store.snapshot_id, &preserved[..count]);
+                }
             }
+            done += group;
         }
         for &chunk in chunks {
             copied.mark_chunk(chunk);
-        }
-        Ok(())
-    }
-
-    /// Copies `chunks` into `store` in as many groups as their records' blocks take.
-    fn copy_all(
-        &mut self,
-        volume: &Volume,
-        map: &MapState,
-        store: &StoreInfo,
-        held: &StoreChunks,
-        cursor: usize,
-        chunks: &[u64],
-    ) -> Result {
-        let mut done = 0;
-        while done < chunks.len() {
-            let group = self.copy_group(volume, map, store, cursor, &chunks[done..])?;
-            let preserved = &chunks[done..done + group];
-            for &chunk in preserved {
-                held.note(chunk);
-                volume.copies.count_preserved();
-            }
-            // The records are durable: the server hears of them (through the agent).
-            self.add_report(store.snapshot_id, preserved);
-            done += group;
         }
         Ok(())
     }
@@ -372,111 +385,226 @@ impl Copier {
         }
     }
 
-    /// Copies the first chunks of `chunks` into consecutive slots: each chunk read, the slots
-    /// written, then their records in one write of the record block with PREFLUSH (the slots
-    /// are durable before it) and FUA (the records are durable before any write is
-    /// re-submitted). Returns how many it copied (at least one).
+    /// Copies the first chunks of `chunks` into the stores that lack them (`lacking`, a
+    /// bit per store), into consecutive slots of each: the chunks read once, every store's
+    /// slots written, then each store's records in one write of its record block with
+    /// PREFLUSH (its slots are durable before it) and FUA (the records are durable before
+    /// any write is re-submitted); the reads, then the slot writes, then the record writes
+    /// of all the stores in flight at once. Returns how many chunks it took (at least one).
     fn copy_group(
         &mut self,
         volume: &Volume,
         map: &MapState,
-        store: &StoreInfo,
-        entry: usize,
+        stores: &[StoreInfo],
+        entries: &[usize],
         chunks: &[u64],
+        lacking: &[u8],
     ) -> Result<usize> {
-        let layout = &store.layout;
-        let chunk_bytes = u64::from(layout.chunk_bytes);
-        // Taken out while it is used; left out if the copy fails (the records are then read
-        // again before the next one).
-        let mut cursor = self
-            .cursors
-            .get_mut(entry)
-            .and_then(Option::take)
-            .ok_or(EINVAL)?;
-        let (first_slot, block_offset) = (cursor.next_slot, cursor.block_offset);
-        let mut sector = cursor.sector;
-        if first_slot >= layout.slots {
+        let chunk_bytes = u64::from(map.chunk_bytes());
+        // Each store's next slot and room: its free slots, and the records its record block
+        // still takes.
+        let mut first_slots = [0u64; MAX_COW_STORES as usize];
+        let mut room = [0u64; MAX_COW_STORES as usize];
+        for (s, (&entry, store)) in entries.iter().zip(stores).enumerate() {
+            let cursor = self
+                .cursors
+                .get(entry)
+                .and_then(Option::as_ref)
+                .ok_or(EINVAL)?;
+            let layout = &store.layout;
+            first_slots[s] = cursor.next_slot;
+            if cursor.next_slot < layout.slots {
+                let block_end = cursor.block_offset + RECORD_BLOCK;
+                let sectors_left = (block_end - layout.record_sector_offset(cursor.next_slot))
+                    / SECTOR_BYTES as u64;
+                let records_left =
+                    sectors_left * RECORDS_PER_SECTOR as u64 - u64::from(cursor.sector.count);
+                room[s] = (layout.slots - cursor.next_slot).min(records_left);
+            }
+        }
+        // As many chunks as every store lacking them has room for, within the buffer bound.
+        let mut used = [0u64; MAX_COW_STORES as usize];
+        let max = (MAX_GROUP_BYTES / chunk_bytes).max(1) as usize;
+        let mut count = 0;
+        for &mask in lacking.iter().take(max.min(chunks.len())) {
+            let lacks = |s: usize| mask & (1 << s) != 0;
+            if (0..stores.len()).any(|s| lacks(s) && used[s] >= room[s]) {
+                break;
+            }
+            for (s, used) in used.iter_mut().enumerate().take(stores.len()) {
+                if lacks(s) {
+                    *used += 1;
+                }
+            }
+            count += 1;
+        }
+        if count == 0 {
+            // A store lacking the first chunk has no free slot.
             return Err(ENOSPC);
         }
-        // As many as the free slots, the buffer bound and the record block allow.
-        let block_end = block_offset + RECORD_BLOCK;
-        let sectors_left =
-            (block_end - layout.record_sector_offset(first_slot)) / SECTOR_BYTES as u64;
-        let records_left = sectors_left * RECORDS_PER_SECTOR as u64 - u64::from(sector.count);
-        let count = (chunks.len() as u64)
-            .min(layout.slots - first_slot)
-            .min((MAX_GROUP_BYTES / chunk_bytes).max(1))
-            .min(records_left)
-            .max(1);
+        let (group, lacking) = (&chunks[..count], &lacking[..count]);
         // The chunks as they are now (the part of a last chunk beyond the volume reads as
-        // zero), one after the other in the buffer, as their slots are in the store.
-        self.chunk.reserve((count * chunk_bytes) as usize)?;
-        let group = &chunks[..count as usize];
-        // All the group's reads in flight at once (as kcopyd does), then all its slot
-        // writes; should either fail, once more one bio at a time, which finds the device
-        // that failed (and marks it so).
-        if self
-            .read_chunks(volume, map, group, chunk_bytes, true)
-            .is_err()
-        {
-            self.read_chunks(volume, map, group, chunk_bytes, false)?;
+        // zero), chunk i at i chunks into the buffer. Should the bios in flight together
+        // fail, once more one bio at a time, which finds the device that failed (and marks
+        // it so).
+        self.chunk.reserve(count * chunk_bytes as usize)?;
+        if self.read_chunks(volume, map, group, lacking, true).is_err() {
+            self.read_chunks(volume, map, group, lacking, false)?;
         }
-        let slots = (layout.slot_offset(first_slot), count * chunk_bytes);
-        if store_io(volume, map, store, &self.chunk, slots, REQ_OP_WRITE, true).is_err() {
-            store_io(volume, map, store, &self.chunk, slots, REQ_OP_WRITE, false)?;
+        let mut chain = Chain::new();
+        let together = self
+            .write_slots(volume, map, stores, &first_slots, lacking, Some(&mut chain))
+            .and_then(|()| chain.wait());
+        if together.is_err() {
+            self.write_slots(volume, map, stores, &first_slots, lacking, None)?;
         }
-        for (i, &chunk) in chunks.iter().take(count as usize).enumerate() {
-            let slot = first_slot + i as u64;
-            if !sector.push(Record {
-                origin_chunk: chunk,
-                slot,
-            }) {
-                return Err(EINVAL);
+        // Each store's records, in its record block.
+        for (s, (&entry, store)) in entries.iter().zip(stores).enumerate() {
+            let cursor = self
+                .cursors
+                .get_mut(entry)
+                .and_then(Option::as_mut)
+                .ok_or(EINVAL)?;
+            let lacked = group
+                .iter()
+                .zip(lacking)
+                .filter(|(_, mask)| **mask & (1 << s) != 0);
+            for (slot, (&chunk, _)) in (first_slots[s]..).zip(lacked) {
+                if !cursor.sector.push(Record {
+                    origin_chunk: chunk,
+                    slot,
+                }) {
+                    return Err(EINVAL);
+                }
+                let mut bytes = [0u8; SECTOR_BYTES];
+                cursor.sector.encode(store.snapshot_id, &mut bytes);
+                let in_block = store.layout.record_sector_offset(slot) - cursor.block_offset;
+                cursor.block.write(in_block as usize, &bytes)?;
+                if cursor.sector.count as usize == RECORDS_PER_SECTOR {
+                    cursor.sector = RecordSector::empty(cursor.sector.index.saturating_add(1));
+                }
             }
-            let mut bytes = [0u8; SECTOR_BYTES];
-            sector.encode(store.snapshot_id, &mut bytes);
-            let in_block = layout.record_sector_offset(slot) - block_offset;
-            cursor.block.write(in_block as usize, &bytes)?;
-            if sector.count as usize == RECORDS_PER_SECTOR {
-                sector = RecordSector::empty(sector.index.saturating_add(1));
+        }
+        let mut chain = Chain::new();
+        let together = self
+            .write_records(volume, map, stores, entries, &used, Some(&mut chain))
+            .and_then(|()| chain.wait());
+        if together.is_err() {
+            self.write_records(volume, map, stores, entries, &used, None)?;
+        }
+        // Durable: each store on to its next slot (and block, once this one is full).
+        for ((&entry, store), &used) in entries.iter().zip(stores).zip(&used) {
+            let cursor = self
+                .cursors
+                .get_mut(entry)
+                .and_then(Option::as_mut)
+                .ok_or(EINVAL)?;
+            cursor.next_slot += used;
+            let block_end = cursor.block_offset + RECORD_BLOCK;
+            if store.layout.record_sector_offset(cursor.next_slot) >= block_end {
+                // Sectors past the last record were never written (the store was formatted
+                // with zeroes), and this thread is the only appender.
+                cursor.block_offset = block_end;
+                cursor.block.zero(0, RECORD_BLOCK as usize)?;
             }
         }
-        record_block_io(
-            volume,
-            map,
-            store,
-            &cursor.block,
-            block_offset,
-            REQ_OP_WRITE | REQ_PREFLUSH | REQ_FUA,
-        )?;
-        // Durable: on to the next slot (and block, once this one is full).
-        cursor.next_slot = first_slot + count;
-        cursor.sector = sector;
-        if layout.record_sector_offset(cursor.next_slot) >= block_end {
-            // Sectors past the last record were never written (the store was formatted with
-            // zeroes), and this thread is the only appender.
-            cursor.block_offset = block_end;
-            cursor.block.zero(0, RECORD_BLOCK as usize)?;
-        }
-        if let Some(slot) = self.cursors.get_mut(entry) {
-            *slot = Some(cursor);
-        }
-        Ok(count as usize)
+        Ok(count)
     }
 
-    /// Reads `chunks` of the origin as they are now into consecutive places of the buffer
-    /// (the part of a last chunk beyond the volume reads as zero): with `together`, every
-    /// bio in flight at once, else one after the other.
+    /// Writes each store's runs of the buffer's chunks it lacks into its slots from
+    /// `first_slots`: into `chain` (in flight together), or one bio at a time.
+    fn write_slots(
+        &self,
+        volume: &Volume,
+        map: &MapState,
+        stores: &[StoreInfo],
+        first_slots: &[u64],
+        lacking: &[u8],
+        mut chain: Option<&mut Chain>,
+    ) -> Result {
+        let chunk_bytes = u64::from(map.chunk_bytes());
+        for (s, (store, &first_slot)) in stores.iter().zip(first_slots).enumerate() {
+            let lacks = |i: usize| lacking.get(i).is_some_and(|mask| mask & (1 << s) != 0);
+            let mut slot = first_slot;
+            let mut i = 0;
+            while i < lacking.len() {
+                if !lacks(i) {
+                    i += 1;
+                    continue;
+                }
+                // A run of chunks the store lacks: consecutive in the buffer and in its slots.
+                let start = i;
+                while lacks(i) {
+                    i += 1;
+                }
+                let run = (i - start) as u64;
+                store_io(
+                    volume,
+                    map,
+                    store,
+                    (&self.chunk, start as u64 * chunk_bytes),
+                    (store.layout.slot_offset(slot), run * chunk_bytes),
+                    REQ_OP_WRITE,
+                    chain.as_deref_mut(),
+                )?;
+                slot += run;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the record block of each store that took records (`used`), with PREFLUSH and
+    /// FUA: into `chain` (in flight together), or one after the other.
+    fn write_records(
+        &self,
+        volume: &Volume,
+        map: &MapState,
+        stores: &[StoreInfo],
+        entries: &[usize],
+        used: &[u64],
+        mut chain: Option<&mut Chain>,
+    ) -> Result {
+        for ((&entry, store), &used) in entries.iter().zip(stores).zip(used) {
+            if used == 0 {
+                continue;
+            }
+            let cursor = self
+                .cursors
+                .get(entry)
+                .and_then(Option::as_ref)
+                .ok_or(EINVAL)?;
+            store_io(
+                volume,
+                map,
+                store,
+                (&cursor.block, 0),
+                (cursor.block_offset, RECORD_BLOCK),
+                REQ_OP_WRITE | REQ_PREFLUSH | REQ_FUA,
+                chain.as_deref_mut(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Reads the `chunks` some store lacks (`lacking`) from the origin as they are now, chunk
+    /// i at i chunks into the buffer (the part of a last chunk beyond the volume reads as
+    /// zero): with `together`, every bio in flight at once, else one after the other.
     fn read_chunks(
         &self,
         volume: &Volume,
         map: &MapState,
         chunks: &[u64],
-        chunk_bytes: u64,
+        lacking: &[u8],
         together: bool,
     ) -> Result {
+        let chunk_bytes = u64::from(map.chunk_bytes());
         let mut chain = Chain::new();
-        for (i, &chunk) in chunks.iter().enumerate() {
+        for (i, (&chunk, _)) in chunks
+            .iter()
+            .zip(lacking)
+            .enumerate()
+            .filter(|(_, (_, mask))| **mask != 0)
+        {
             let at = i as u64 * chunk_bytes;
             let start = chunk * chunk_bytes;
             let valid = map.size.saturating_sub(start).min(chunk_bytes);
@@ -707,40 +835,47 @@ fn record_block_io(
         volume,
         map,
         store,
-        block,
+        (block, 0),
         (block_offset, RECORD_BLOCK),
         opf,
-        false,
+        None,
     )
 }
 
-/// Reads or writes `length` bytes at store `offset` from or into the start of `buf`: with
-/// `together`, every bio in flight at once, else one after the other.
+/// Reads or writes `length` bytes at store `offset` from or into `buf` from byte `at`: into
+/// `chain` (in flight with the rest of it), or one bio after the other.
 fn store_io(
     volume: &Volume,
     map: &MapState,
     store: &StoreInfo,
-    buf: &PageBuf,
+    (buf, at): (&PageBuf, u64),
     (offset, length): (u64, u64),
     opf: Opf,
-    together: bool,
+    mut chain: Option<&mut Chain>,
 ) -> Result {
-    let mut chain = Chain::new();
     let mut done = 0u64;
     while done < length {
         let (device, device_offset, here) =
             store.locate(offset + done, length - done).ok_or(EINVAL)?;
         let step = here.min(MAX_BIO_BYTES);
         let slot = map.slot_of(device);
-        if together {
-            let device = volume.devices.get(slot).ok_or(ENODEV)?;
-            chain.add(device_bio(device, device_offset, buf, done, step, opf)?);
-        } else {
-            sync_io(volume, slot, device_offset, buf, done, step, opf)?;
+        match chain.as_deref_mut() {
+            Some(chain) => {
+                let device = volume.devices.get(slot).ok_or(ENODEV)?;
+                chain.add(device_bio(
+                    device,
+                    device_offset,
+                    buf,
+                    at + done,
+                    step,
+                    opf,
+                )?);
+            }
+            None => sync_io(volume, slot, device_offset, buf, at + done, step, opf)?,
         }
         done += step;
     }
-    chain.wait()
+    Ok(())
 }
 
 /// One synchronous bio of `length` bytes at `device_offset` of the volume's device `slot`,

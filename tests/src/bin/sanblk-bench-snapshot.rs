@@ -24,7 +24,9 @@
 //! In those jobs the module preserves chunks itself (the store's device, `/dev/vdb`, is among
 //! the agent's devices). Then `uncopied` runs once more on the sanblk volume, attached again
 //! without that device, under a second snapshot: the module sends each first write through
-//! the server, which makes the copy (the row "uncopied, server copies").
+//! the server, which makes the copy (the row "uncopied, server copies"); and once more
+//! with the device again under a third snapshot while the second is kept, over the second
+//! half: the module copies each chunk into both stores (the row "uncopied, two snapshots").
 //!
 //! Settings: SANBLK_BENCH_KERNEL and SANBLK_BENCH_MODULE (as for `sanblk-bench-datapath`).
 
@@ -55,7 +57,8 @@ fn run_bench() -> Result<String, String> {
         Ok::<_, String>(path)
     };
     let san = fill("san0.img", (VOLUME_MIB + 8) * MIB)?;
-    let spare = fill("san1.img", (VOLUME_MIB + 8) * MIB)?;
+    // Room for the stores of two snapshots at once.
+    let spare = fill("san1.img", (2 * VOLUME_MIB + 16) * MIB)?;
     let dm_origin = fill("dm-origin.img", VOLUME_MIB * MIB)?;
     let dm_cow = fill("dm-cow.img", (VOLUME_MIB + 8) * MIB)?;
     server.pool_add(&san);
@@ -115,7 +118,15 @@ touch snapshot2.wanted
 wait_long $D/snapshot2.taken
 job sanblk-server-uncopied $dev write:60k "$FIRST_HALF"
 $S --json status > status-server.json
-touch server.done
+# With the store device again, under a second snapshot: the module copies each chunk of the
+# second half (untouched since either snapshot) into both stores.
+$S detach vs
+attach --device /dev/vdb
+touch two.wanted
+wait_long $D/snapshot3.taken
+job sanblk-two-uncopied $dev write:60k "--offset=32M --size=32M --io_size=2M"
+$S --json status > status-two.json
+touch two.done
 wait_long $D/snapshot2.deleted
 SECTORS=$(blockdev --getsz /dev/vdc)
 dmsetup create dmbase --table "0 $SECTORS linear /dev/vdc 0"
@@ -205,7 +216,18 @@ $S detach vs
         &format!("{}M", VOLUME_MIB + 4),
     ]);
     std::fs::write(dir.join("snapshot2.taken"), b"").map_err(|e| e.to_string())?;
-    wait_for_path(&log_dir.join("server.done"), Duration::from_secs(1200))?;
+    wait_for_path(&log_dir.join("two.wanted"), Duration::from_secs(1200))?;
+    server.sanctl(&[
+        "snapshot",
+        "create",
+        "vs",
+        "bench3",
+        "--cow-size",
+        &format!("{}M", VOLUME_MIB / 2 + 4),
+    ]);
+    std::fs::write(dir.join("snapshot3.taken"), b"").map_err(|e| e.to_string())?;
+    wait_for_path(&log_dir.join("two.done"), Duration::from_secs(1200))?;
+    server.sanctl(&["snapshot", "delete", "vs", "bench3"]);
     server.sanctl(&["snapshot", "delete", "vs", "bench2"]);
     std::fs::write(dir.join("snapshot2.deleted"), b"").map_err(|e| e.to_string())?;
 
@@ -268,6 +290,14 @@ $S detach vs
             dm_plain / dm_snap
         ));
     }
+    // Two snapshots: dm-snapshot is not run that way here (it would copy into each of its
+    // stores too).
+    let sanblk_plain = value("sanblk-plain-uncopied", fio::Metric::WriteIops)?;
+    let sanblk_two = value("sanblk-two-uncopied", fio::Metric::WriteIops)?;
+    report.push_str(&format!(
+        "| uncopied, two snapshots (module copies into both) | {sanblk_plain:.0} IOPS | {sanblk_two:.0} IOPS | {:.2} | - | - | - |\n",
+        sanblk_plain / sanblk_two
+    ));
     // Who made the copies: the module's counters after each snapshot phase.
     let counters = |file: &str| -> Result<(u64, u64), String> {
         let text = outcome
@@ -280,10 +310,12 @@ $S detach vs
     };
     let (module_preserved, module_redirected) = counters("status.json")?;
     let (server_preserved, server_redirected) = counters("status-server.json")?;
+    let (two_preserved, two_redirected) = counters("status-two.json")?;
     report.push_str(&format!(
         "\nChunks the module preserved / I/Os through the server: {module_preserved} / \
          {module_redirected} in the snapshot jobs, {server_preserved} / {server_redirected} in \
-         the server-copies job.\n"
+         the server-copies job, {two_preserved} / {two_redirected} in the two-snapshot job \
+         (one copy per chunk and store).\n"
     ));
     let mib = VOLUME_MIB as f64;
     report.push_str(&format!(
