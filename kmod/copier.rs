@@ -249,7 +249,9 @@ impl Copier {
             entries[s] = entry;
             // Which of them the store holds: its records read once per snapshot set, and
             // again (from the cursor) when it lacks one, as another host may have appended.
-            if !held.scanned() || chunks.iter().any(|&chunk| !held.holds(chunk)) {
+            // Every store gets its cursor here, so the next one finds another entry.
+            let no_cursor = !matches!(self.cursors.get(entry), Some(Some(_)));
+            if no_cursor || !held.scanned() || chunks.iter().any(|&chunk| !held.holds(chunk)) {
                 self.refresh(volume, map, store, held, entry)?;
             }
             for (mask, &chunk) in lacking.iter_mut().zip(chunks) {
