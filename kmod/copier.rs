@@ -324,6 +324,21 @@ impl Copier {
         Ok(found)
     }
 
+    /// The cursor in entry `entry` (EINVAL if it has none).
+    fn cursor(&self, entry: usize) -> Result<&Cursor> {
+        self.cursors
+            .get(entry)
+            .and_then(Option::as_ref)
+            .ok_or(EINVAL)
+    }
+
+    fn cursor_mut(&mut self, entry: usize) -> Result<&mut Cursor> {
+        self.cursors
+            .get_mut(entry)
+            .and_then(Option::as_mut)
+            .ok_or(EINVAL)
+    }
+
     /// Reads `store`'s records again unless the cursor is fresh: from the first one when
     /// this snapshot set has not read them yet, else from the cursor's sector; every record
     /// read is noted in `held`.
@@ -408,11 +423,7 @@ impl Copier {
         let mut first_slots = [0u64; MAX_COW_STORES as usize];
         let mut room = [0u64; MAX_COW_STORES as usize];
         for (s, (&entry, store)) in entries.iter().zip(stores).enumerate() {
-            let cursor = self
-                .cursors
-                .get(entry)
-                .and_then(Option::as_ref)
-                .ok_or(EINVAL)?;
+            let cursor = self.cursor(entry)?;
             let layout = &store.layout;
             first_slots[s] = cursor.next_slot;
             if cursor.next_slot < layout.slots {
@@ -462,11 +473,7 @@ impl Copier {
         }
         // Each store's records, in its record block.
         for (s, (&entry, store)) in entries.iter().zip(stores).enumerate() {
-            let cursor = self
-                .cursors
-                .get_mut(entry)
-                .and_then(Option::as_mut)
-                .ok_or(EINVAL)?;
+            let cursor = self.cursor_mut(entry)?;
             let lacked = group
                 .iter()
                 .zip(lacking)
@@ -496,11 +503,7 @@ impl Copier {
         }
         // Durable: each store on to its next slot (and block, once this one is full).
         for ((&entry, store), &used) in entries.iter().zip(stores).zip(&used) {
-            let cursor = self
-                .cursors
-                .get_mut(entry)
-                .and_then(Option::as_mut)
-                .ok_or(EINVAL)?;
+            let cursor = self.cursor_mut(entry)?;
             cursor.next_slot += used;
             let block_end = cursor.block_offset + RECORD_BLOCK;
             if store.layout.record_sector_offset(cursor.next_slot) >= block_end {
@@ -570,11 +573,7 @@ impl Copier {
             if used == 0 {
                 continue;
             }
-            let cursor = self
-                .cursors
-                .get(entry)
-                .and_then(Option::as_ref)
-                .ok_or(EINVAL)?;
+            let cursor = self.cursor(entry)?;
             store_io(
                 volume,
                 map,
