@@ -26,7 +26,9 @@
 //! without that device, under a second snapshot: the module sends each first write through
 //! the server, which makes the copy (the row "uncopied, server copies"); and once more
 //! with the device again under a third snapshot while the second is kept, over the second
-//! half: the module copies each chunk into both stores (the row "uncopied, two snapshots").
+//! half: the module copies each chunk into both stores (the row "uncopied, two snapshots";
+//! its dm-snapshot figure: two persistent snapshots of one origin, a store on each half of
+//! the COW disk, the same job over the second half).
 //!
 //! Settings: SANBLK_BENCH_KERNEL and SANBLK_BENCH_MODULE (as for `sanblk-bench-datapath`).
 
@@ -146,6 +148,22 @@ rounds dm-snap-read /dev/mapper/dmorigin randread "--io_size=4M" 1
 dmsetup status dmsnap > dmsnap-status.txt
 dmsetup remove dmsnap
 dmsetup remove dmorigin
+# Two snapshots at once (a store on each half of the COW disk): dm-snapshot copies the first
+# write to each chunk into both, as the module does in the two-snapshot job above.
+COW_HALF=$(($(blockdev --getsz /dev/vdd) / 2))
+dmsetup create dmcow1 --table "0 $COW_HALF linear /dev/vdd 0"
+dmsetup create dmcow2 --table "0 $COW_HALF linear /dev/vdd $COW_HALF"
+for store in dmcow1 dmcow2; do
+    dd if=/dev/zero of=/dev/mapper/$store bs=64k count=1 oflag=direct status=none
+done
+dmsetup create dmorigin --table "0 $SECTORS snapshot-origin /dev/vdc"
+dmsetup create dmsnap1 --table "0 $SECTORS snapshot /dev/vdc /dev/mapper/dmcow1 P 128"
+dmsetup create dmsnap2 --table "0 $SECTORS snapshot /dev/vdc /dev/mapper/dmcow2 P 128"
+job dm-two-uncopied /dev/mapper/dmorigin write:60k "--offset=32M --size=32M --io_size=2M"
+dmsetup status dmsnap1 dmsnap2 > dmsnap-two-status.txt
+for target in dmsnap2 dmsnap1 dmorigin dmcow2 dmcow1; do
+    dmsetup remove $target
+done
 dmsetup create dmbase --table "0 $SECTORS linear /dev/vdc 0"
 rounds dm-plain-copied /dev/mapper/dmbase write:60k "$UNCOPIED" $((1 + {ROUNDS}))
 rounds dm-plain-read /dev/mapper/dmbase randread "--io_size=4M" $((1 + {ROUNDS}))
@@ -290,13 +308,15 @@ $S detach vs
             dm_plain / dm_snap
         ));
     }
-    // Two snapshots: dm-snapshot is not run that way here (it would copy into each of its
-    // stores too).
+    // Two snapshots: each system copies every first write into both stores.
     let sanblk_plain = value("sanblk-plain-uncopied", fio::Metric::WriteIops)?;
     let sanblk_two = value("sanblk-two-uncopied", fio::Metric::WriteIops)?;
+    let dm_plain = value("dm-plain-uncopied", fio::Metric::WriteIops)?;
+    let dm_two = value("dm-two-uncopied", fio::Metric::WriteIops)?;
     report.push_str(&format!(
-        "| uncopied, two snapshots (module copies into both) | {sanblk_plain:.0} IOPS | {sanblk_two:.0} IOPS | {:.2} | - | - | - |\n",
-        sanblk_plain / sanblk_two
+        "| uncopied, two snapshots (copies into both) | {sanblk_plain:.0} IOPS | {sanblk_two:.0} IOPS | {:.2} | {dm_plain:.0} IOPS | {dm_two:.0} IOPS | {:.2} |\n",
+        sanblk_plain / sanblk_two,
+        dm_plain / dm_two
     ));
     // Who made the copies: the module's counters after each snapshot phase.
     let counters = |file: &str| -> Result<(u64, u64), String> {
