@@ -38,6 +38,8 @@ fn pattern(seed: u64, length: usize) -> Vec<u8> {
 }
 
 struct Setup {
+    /// host1's secret, for an agent of a restarted server.
+    secret: Vec<u8>,
     agent: AgentClient,
     io: IoClient,
     map: VolumeMap,
@@ -59,7 +61,15 @@ async fn setup(server: &TestServer, seed: u64) -> (Setup, Vec<u8>) {
     let data = pattern(seed, VOLUME as usize);
     io.write(&attached.map, 0, &data).await;
     let map = attached.map.clone();
-    (Setup { agent, io, map }, data)
+    (
+        Setup {
+            secret,
+            agent,
+            io,
+            map,
+        },
+        data,
+    )
 }
 
 impl Setup {
@@ -915,4 +925,151 @@ async fn deleting_a_volume_frees_its_snapshots() {
         list(&server).await.is_empty(),
         "the old volume's snapshots came back"
     );
+}
+
+/// Where sand stops when started with `SAND_CRASH_AT` (debug builds only).
+#[cfg(debug_assertions)]
+const CRASH_AT_ENV: &str = "SAND_CRASH_AT";
+
+/// The pool's free bytes.
+#[cfg(debug_assertions)]
+async fn pool_free(server: &TestServer) -> u64 {
+    let devices: Vec<sanblk_proto::protocol::DeviceInfo> = server
+        .admin()
+        .await
+        .call(sanblk_proto::protocol::PoolList {})
+        .await
+        .unwrap_or_else(|e| panic!("pool list: {e}"));
+    devices.iter().map(|d| d.free_bytes).sum()
+}
+
+/// `snapshot create` or `snapshot delete` of "snap" with sand crashing at `crash_at` in its
+/// change, the client's agent answering like the kernel would; then a restart. A committed
+/// change is finished (the snapshot taken and reading back its point in time, or deleted
+/// and its store's space free), one that was not is rolled back (no snapshot and its space
+/// free, or the snapshot as it was): nothing in between, and the next change goes through.
+#[cfg(debug_assertions)]
+async fn crash_during_snapshot_change(deleting: bool, crash_at: &str, committed: bool) {
+    use sanblk_proto::client::Push;
+    // Pattern A written, and for a delete the snapshot taken (chunks 0 and 1 preserved by
+    // the server since), by a server without the crash point.
+    let mut first = TestServer::start();
+    let (mut setup, a) = setup(&first, 11).await;
+    let free_without = pool_free(&first).await;
+    if deleting {
+        setup.snapshot(&first, "snap", None).await;
+        setup.write(0, &pattern(12, 2 * CHUNK as usize)).await;
+    }
+    let free_before = pool_free(&first).await;
+    let secret = setup.secret.clone();
+    drop(setup);
+    assert!(first.stop(), "sand did not stop cleanly");
+
+    let mut server = TestServer::start_in_with_env(&first.dir, &[(CRASH_AT_ENV, crash_at)]);
+    let mut agent = server.agent("host1", &secret).await;
+    agent
+        .attach("vol", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("attach: {e}"));
+    let mut admin = server.admin().await;
+    let change = tokio::spawn(async move {
+        if deleting {
+            admin
+                .call(SnapshotDelete {
+                    volume: "vol".into(),
+                    name: "snap".into(),
+                })
+                .await
+                .map(|_| ())
+        } else {
+            admin.call(create("snap", None, None)).await.map(|_| ())
+        }
+    });
+    let answering = tokio::spawn(async move {
+        while let Ok(push) = agent.next_push().await {
+            let _ = match push {
+                Push::Quiesce(q) => agent.quiesce_ack(q.volume_id, q.epoch).await,
+                Push::MapUpdate(m) => agent.ack(m.volume_id, m.epoch).await,
+                _ => Ok(()),
+            };
+        }
+    });
+    common::wait_for_crash(&mut server, crash_at).await;
+    let what = format!(
+        "{} crashing at {crash_at}",
+        if deleting { "delete" } else { "create" }
+    );
+    assert!(
+        matches!(change.await, Ok(Err(_))),
+        "{what}: the request was answered as done"
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), answering).await;
+
+    let restarted = TestServer::start_in(&server.dir);
+    let listed = list(&restarted).await;
+    let present = deleting != committed;
+    assert_eq!(listed.len(), usize::from(present), "{what}: {listed:?}");
+    if present {
+        assert_eq!(listed[0].state, "active", "{what}: {listed:?}");
+        assert!(
+            read_export(&listed[0]).await == a,
+            "{what}: the snapshot lost its point in time"
+        );
+        let free = pool_free(&restarted).await;
+        assert!(free < free_without, "{what}: the COW store lost its space");
+        if deleting {
+            assert_eq!(free, free_before, "{what}: space changed");
+        }
+    } else {
+        assert_eq!(
+            pool_free(&restarted).await,
+            free_without,
+            "{what}: the COW store's space was not freed"
+        );
+    }
+    // The volume takes changes again: a new snapshot of the name, or a second one.
+    let mut agent = restarted.agent("host1", &secret).await;
+    let again = agent
+        .attach("vol", AccessMode::Rw)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: attach after the restart: {e}"));
+    let next = if present { "snap2" } else { "snap" };
+    let mut admin = restarted.admin().await;
+    let (created, _) = tokio::join!(
+        admin.call(create(next, None, None)),
+        follow_change_to_map(&mut agent, again.map.epoch)
+    );
+    created.unwrap_or_else(|e| panic!("{what}: snapshot create {next} after the restart: {e}"));
+    assert_eq!(
+        list(&restarted).await.len(),
+        usize::from(present) + 1,
+        "{what}"
+    );
+    drop((first, server));
+}
+
+#[cfg(debug_assertions)]
+#[tokio::test]
+async fn a_snapshot_create_interrupted_by_a_crash_is_taken_or_undone() {
+    for (crash_at, committed) in [
+        ("change:after-record", false),
+        ("change:after-quiesce", false),
+        ("change:after-commit", true),
+        ("change:after-map-acks", true),
+    ] {
+        crash_during_snapshot_change(false, crash_at, committed).await;
+    }
+}
+
+#[cfg(debug_assertions)]
+#[tokio::test]
+async fn a_snapshot_delete_interrupted_by_a_crash_is_done_or_undone() {
+    for (crash_at, committed) in [
+        ("change:after-record", false),
+        ("change:after-quiesce", false),
+        ("change:after-commit", true),
+        ("change:after-map-acks", true),
+    ] {
+        crash_during_snapshot_change(true, crash_at, committed).await;
+    }
 }
