@@ -59,8 +59,9 @@ pub struct SnapshotRecord {
     /// The snapshot taken before this one (its id), if any was active then.
     #[serde(default)]
     pub previous: Option<u64>,
-    /// Chunks written between the previous snapshot and this one, ascending (copied by the
-    /// previous snapshot's store before this one was taken). `None` without a previous one.
+    /// Chunks (of this snapshot's size) written between the previous snapshot and this one,
+    /// ascending (copied by the previous snapshot's store before this one was taken), and
+    /// those the volume grew by since the previous one. `None` without a previous one.
     #[serde(default)]
     pub changed_since_previous: Option<Vec<u64>>,
     /// How many records each snapshot active when this one was taken had then (snapshot id,
