@@ -516,3 +516,94 @@ fn a_killed_backup_runs_again_and_leaves_the_snapshot_alone() {
     };
     assert_eq!(s1(&listed_before), s1(&listed_after), "s1 changed");
 }
+
+/// The error of a failed `sanctl` run, with its exit code checked.
+fn fails(socket: &Path, args: &[&str], code: i32) -> String {
+    let output = sanctl(socket, args);
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "sanctl {args:?}: {output:?}"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn backups_refuse_a_base_they_cannot_build_on_and_say_what_to_do() {
+    let server = start_server();
+    let socket = server.admin_socket.as_path();
+    let dir = server.dir.path();
+    const VOLUME: u64 = 8 * MIB;
+    let disk = image(dir, "disk.img", 64 * MIB);
+    ok(socket, &["pool", "add", &disk]);
+    ok(socket, &["volume", "create", "wk", "8M"]);
+    let shown = json(socket, &["volume", "show", "wk"]);
+    let offset = shown["map"]["extents"][0]["replicas"][0]["device_offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no device offset in {shown}"));
+    let out = dir.join("wk.img").display().to_string();
+
+    // Last week's monday, backed up, then deleted; this week's monday is another snapshot.
+    fill(Path::new(&disk), offset, VOLUME, 1);
+    ok(socket, &["snapshot", "create", "wk", "monday"]);
+    ok(socket, &["backup", "wk", "monday", "--to", &out]);
+    ok(socket, &["snapshot", "delete", "wk", "monday"]);
+    fill(Path::new(&disk), offset, VOLUME, 2);
+    ok(socket, &["snapshot", "create", "wk", "monday"]);
+    ok(socket, &["snapshot", "create", "wk", "tuesday"]);
+    let refused = fails(
+        socket,
+        &["backup", "wk", "tuesday", "--to", &out, "--since", "monday"],
+        2,
+    );
+    assert!(refused.contains("no longer exists"), "{refused}");
+    assert!(refused.contains("make a full backup"), "{refused}");
+
+    // Done already: run again, nothing to do.
+    ok(socket, &["backup", "wk", "tuesday", "--to", &out]);
+    let again = ok(
+        socket,
+        &["backup", "wk", "tuesday", "--to", &out, "--since", "monday"],
+    );
+    assert!(again.contains("nothing to copy"), "{again}");
+    // Backwards, or across chunk sizes: refused with the way out.
+    let refused = fails(
+        socket,
+        &["backup", "wk", "monday", "--to", &out, "--since", "tuesday"],
+        2,
+    );
+    assert!(
+        refused.contains("make a full backup of wk@monday"),
+        "{refused}"
+    );
+    ok(
+        socket,
+        &["snapshot", "create", "wk", "fine", "--chunk-size", "4K"],
+    );
+    let refused = fails(
+        socket,
+        &["backup", "wk", "fine", "--to", &out, "--since", "tuesday"],
+        2,
+    );
+    assert!(refused.contains("different chunk sizes"), "{refused}");
+    assert!(refused.contains("make a full backup"), "{refused}");
+
+    // A target in a missing directory, or a directory.
+    let missing = dir.join("no-such-dir").join("x.img").display().to_string();
+    let refused = fails(socket, &["backup", "wk", "fine", "--to", &missing], 1);
+    assert!(refused.contains("create the directory"), "{refused}");
+
+    // Restoring a directory creates nothing; onto an existing name says how to go on.
+    let directory = dir.display().to_string();
+    let refused = fails(socket, &["restore", &directory, "copy"], 2);
+    assert!(refused.contains("is a directory"), "{refused}");
+    let volumes = json(socket, &["volume", "list"]);
+    assert!(
+        volumes
+            .as_array()
+            .is_some_and(|all| all.iter().all(|v| v["name"] != "copy")),
+        "a failed restore left a volume: {volumes}"
+    );
+    let refused = fails(socket, &["restore", &out, "wk"], 1);
+    assert!(refused.contains("sanctl volume delete wk"), "{refused}");
+}
