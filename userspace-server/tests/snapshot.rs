@@ -834,6 +834,10 @@ async fn bad_snapshot_requests_are_refused_and_change_nothing() {
             "{what}"
         );
     }
+    // A store too small for one chunk says how small it may be.
+    let refused = admin.call(create("small", None, Some(100 << 10))).await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("at least 128K"), "{message}");
     let refused = admin
         .call(SnapshotDelete {
             volume: "vol".into(),

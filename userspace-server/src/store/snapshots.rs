@@ -10,7 +10,7 @@
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
-use sanblk_proto::map::{Extent, Layout};
+use sanblk_proto::map::{format_size, Extent, Layout};
 use sanblk_uapi::cow::{valid_chunk_bytes, CowLayout};
 
 use super::pool::pool_space_in;
@@ -138,7 +138,11 @@ impl Store {
         }
         let layout = CowLayout::new(store_bytes, chunk_bytes).ok_or_else(|| {
             StoreError::Invalid(format!(
-                "a COW store of {store_bytes} bytes holds no chunk of {chunk_bytes} bytes"
+                "a COW store of {} is too small: with its header and records, one chunk of {} \
+                 needs at least {} (--cow-size)",
+                format_size(store_bytes),
+                format_size(u64::from(chunk_bytes)),
+                format_size(CowLayout::min_store_bytes(chunk_bytes))
             ))
         })?;
         // The allocator hands out whole blocks; the layout fits in what it rounds up to.
