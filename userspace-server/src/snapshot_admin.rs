@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
 
+use sanblk_proto::map::format_size;
 use sanblk_proto::protocol::{
     ErrorBody, ErrorCode, SnapshotChanges, SnapshotCreate, SnapshotDelete, SnapshotDiff,
     SnapshotInfo, SnapshotList,
@@ -324,8 +325,13 @@ pub fn changed_between(
         return Err(ErrorBody::new(
             ErrorCode::BadRequest,
             format!(
-                "snapshots {} and {} have different chunk sizes ({} and {} bytes)",
-                from.name, to.name, from.chunk_bytes, to.chunk_bytes
+                "snapshots {} and {} have different chunk sizes ({} and {}), so what changed \
+                 between them is not known: only snapshots taken with the same --chunk-size \
+                 can be compared",
+                from.name,
+                to.name,
+                format_size(u64::from(from.chunk_bytes)),
+                format_size(u64::from(to.chunk_bytes))
             ),
         ));
     }

@@ -660,6 +660,9 @@ async fn changed_chunks_are_marked_in_the_snapshots_chunks_and_growth_counts() {
     let mut expected: BTreeSet<u64> = (2 * CHUNK / FINE..3 * CHUNK / FINE).collect();
     expected.extend(VOLUME / FINE..(VOLUME + MIB) / FINE);
     assert_eq!(marked_chunks(&fine, FINE).await, expected);
+    let refused = diff(&server, "first", "fine").await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("same --chunk-size"), "{message}");
     // The same with the snapshots' chunk size: one more chunk written, and the growth.
     setup.write(5 * CHUNK, &pattern(83, 4096)).await;
     setup.map = setup.delete_snapshot(&server, "fine").await;
