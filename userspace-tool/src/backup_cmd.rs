@@ -55,11 +55,21 @@ struct BackupRecord {
     size_bytes: u64,
     chunk_bytes: u32,
     created_unix: u64,
+    /// Set while an incremental backup writes the image: the snapshot it is copying (name,
+    /// id). The image is then partly that snapshot; only a backup of it (or of a newer one)
+    /// since the same base completes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    incomplete: Option<(String, u64)>,
 }
 
 impl BackupRecord {
-    /// Whether the image holds `snapshot` (this very one, not an older namesake).
+    /// Whether the image holds `snapshot`, complete.
     fn holds(&self, snapshot: &SnapshotInfo) -> bool {
+        self.incomplete.is_none() && self.names(snapshot)
+    }
+
+    /// Whether the record's snapshot is `snapshot` (this very one, not an older namesake).
+    fn names(&self, snapshot: &SnapshotInfo) -> bool {
         self.volume == snapshot.volume
             && self.snapshot == snapshot.name
             && self
@@ -204,7 +214,7 @@ fn check_base(
             held.snapshot, info.volume, held.snapshot
         )));
     }
-    let Some(base) = base.filter(|base| held.holds(base)) else {
+    let Some(base) = base.filter(|base| held.names(base)) else {
         return Err(CliError::Usage(format!(
             "{image} holds snapshot {since} of {} as it was when it was backed up, and that \
              snapshot no longer exists{}: an incremental backup needs it; {full}",
@@ -230,6 +240,16 @@ fn check_base(
             if base.id == info.id { "as" } else { "after" },
             info.name
         )));
+    }
+    if let Some((partly, partly_id)) = &held.incomplete {
+        if info.id < *partly_id {
+            return Err(CliError::Usage(format!(
+                "{image} is partly snapshot {partly}: an incremental backup of it since {since} \
+                 stopped midway; run it again (`sanctl backup {} {partly} --to {image} --since \
+                 {since}`), or {full}",
+                info.volume
+            )));
+        }
     }
     if base.chunk_bytes != info.chunk_bytes {
         return Err(CliError::Usage(format!(
@@ -277,6 +297,12 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
                 return report(&args, context, 0, 0.0);
             }
             check_base(&args.to, &held, since, &info, &infos)?;
+            // From the first byte written on, the image is no longer `since` alone.
+            let writing = BackupRecord {
+                incomplete: Some((info.name.clone(), info.id)),
+                ..held.clone()
+            };
+            write_record(&args.to, &writing)?;
             let (chunk_bytes, chunks) =
                 changed_chunks(context, &args.volume, since, &args.snapshot).await?;
             let chunk = u64::from(chunk_bytes);
@@ -367,6 +393,7 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
             volume: args.volume.clone(),
             snapshot: args.snapshot.clone(),
             snapshot_id: Some(info.id),
+            incomplete: None,
             size_bytes: info.size_bytes,
             chunk_bytes: info.chunk_bytes,
             created_unix: info.created_unix,
@@ -480,6 +507,19 @@ fn open_image(path: &Path) -> Result<(File, u64), CliError> {
 
 pub async fn restore(args: RestoreArgs, context: &mut Context) -> Result<(), CliError> {
     let (mut image, image_bytes) = open_image(&args.image)?;
+    if let Ok(BackupRecord {
+        incomplete: Some((partly, _)),
+        volume,
+        snapshot,
+        ..
+    }) = read_record(&args.image)
+    {
+        return Err(CliError::Usage(format!(
+            "{image} is half-written: an incremental backup of {volume}@{partly} since \
+             {snapshot} stopped midway; run that backup again first",
+            image = args.image.display()
+        )));
+    }
     let exists = context
         .call(VolumeShow {
             name: args.volume.clone(),
