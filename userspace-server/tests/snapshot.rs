@@ -837,6 +837,9 @@ async fn bad_snapshot_requests_are_refused_and_change_nothing() {
             "{what}"
         );
     }
+    let refused = admin.call(create("vast", None, Some(1 << 50))).await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("for the COW store"), "{message}");
     // A store too small for one chunk says how small it may be.
     let refused = admin.call(create("small", None, Some(100 << 10))).await;
     let message = refused.err().map(|e| e.to_string()).unwrap_or_default();

@@ -184,7 +184,22 @@ impl Store {
             let volumes = read_volumes(&volumes_table)?;
             let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
             let mut pool = pool_space_in(&devices, &volumes, &recoveries, &existing)?;
-            let store_extents = pool.allocate(Layout::Linear, 0, store_bytes)?;
+            let store_extents = pool
+                .allocate(Layout::Linear, 0, store_bytes)
+                .map_err(|error| match error {
+                    // Say whose space it is: the request named no layout.
+                    crate::allocator::AllocError::NoSpace {
+                        requested,
+                        available,
+                        ..
+                    } => crate::allocator::AllocError::NoSpace {
+                        requested,
+                        available,
+                        layout: "linear, for the COW store (a smaller --cow-size may fit)"
+                            .to_string(),
+                    },
+                    other => other,
+                })?;
             let id = take_next_id(&mut meta, NEXT_SNAPSHOT_ID_KEY)?;
             let record = SnapshotRecord {
                 id,
