@@ -77,6 +77,12 @@ impl CowLayout {
         None
     }
 
+    /// The smallest store that holds one chunk of `chunk_bytes` (a valid chunk size): the
+    /// header, a record sector, and the slot, which starts chunk-aligned.
+    pub fn min_store_bytes(chunk_bytes: u32) -> u64 {
+        CowLayout::with_slots(chunk_bytes, 1).end()
+    }
+
     fn with_slots(chunk_bytes: u32, slots: u64) -> CowLayout {
         let record_sectors = slots.div_ceil(RECORDS_PER_SECTOR as u64);
         let records_end = HEADER_BYTES + record_sectors * SECTOR_BYTES as u64;
@@ -321,6 +327,18 @@ mod tests {
     #[test]
     fn crc32c_matches_the_standard_check_value() {
         assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn the_smallest_store_holds_one_chunk() {
+        let mut chunk = MIN_CHUNK_BYTES;
+        while chunk <= MAX_CHUNK_BYTES {
+            let least = CowLayout::min_store_bytes(chunk);
+            assert_eq!(CowLayout::new(least, chunk).map(|l| l.slots), Some(1));
+            assert_eq!(CowLayout::new(least - 1, chunk), None);
+            chunk *= 2;
+        }
+        assert_eq!(CowLayout::min_store_bytes(64 << 10), 128 << 10);
     }
 
     #[test]

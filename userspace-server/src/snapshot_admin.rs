@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
 
+use sanblk_proto::map::format_size;
 use sanblk_proto::protocol::{
     ErrorBody, ErrorCode, SnapshotChanges, SnapshotCreate, SnapshotDelete, SnapshotDiff,
     SnapshotInfo, SnapshotList,
@@ -74,7 +75,7 @@ pub async fn snapshot_create(
                 ..
             } = kind
             {
-                *taken = taken_after(s, volume_id)?;
+                *taken = taken_after(s, volume_id, chunk_bytes)?;
                 *created_unix = unix_now();
             }
             Ok(())
@@ -105,8 +106,9 @@ pub async fn snapshot_create(
     }
 }
 
-/// What the volume's active snapshots have copied, read while its clients are quiesced.
-fn taken_after(s: &ServerState, volume_id: u64) -> ServiceResult<TakenAfter> {
+/// What the volume's active snapshots have copied, read while its clients are quiesced; the
+/// newest one's chunks become the new snapshot's changed list (in its `chunk_bytes`).
+fn taken_after(s: &ServerState, volume_id: u64, chunk_bytes: u32) -> ServiceResult<TakenAfter> {
     let volume = s.store.volume_by_id(volume_id)?;
     let mut taken = TakenAfter::default();
     for older in s
@@ -129,9 +131,42 @@ fn taken_after(s: &ServerState, volume_id: u64) -> ServiceResult<TakenAfter> {
             continue;
         };
         taken.records_of_older.push((older.id, records));
-        taken.previous = Some((older.id, chunks));
+        let changed = changed_since(
+            &chunks,
+            older.chunk_bytes,
+            older.origin_bytes,
+            chunk_bytes,
+            volume.size_bytes,
+        );
+        taken.previous = Some((older.id, changed));
     }
     Ok(taken)
+}
+
+/// The chunks (of `chunk_bytes`) of a volume of `size_bytes` written since a snapshot of
+/// `older_bytes` that copied `copied` (ascending, chunks of `older_chunk_bytes`): each copied
+/// chunk in the new size, and every chunk the volume grew by since (written or not, they did
+/// not exist then), ascending.
+fn changed_since(
+    copied: &[u64],
+    older_chunk_bytes: u32,
+    older_bytes: u64,
+    chunk_bytes: u32,
+    size_bytes: u64,
+) -> Vec<u64> {
+    let (older_chunk, chunk) = (u64::from(older_chunk_bytes), u64::from(chunk_bytes));
+    let mut changed: Vec<u64> = if older_chunk == chunk {
+        copied.to_vec()
+    } else {
+        copied
+            .iter()
+            .flat_map(|&c| c * older_chunk / chunk..((c + 1) * older_chunk).div_ceil(chunk))
+            .collect()
+    };
+    changed.extend(older_bytes / chunk..size_bytes.div_ceil(chunk));
+    changed.sort_unstable();
+    changed.dedup();
+    changed
 }
 
 async fn drop_pending(state: &Arc<ServerState>, pending: &SnapshotRecord) {
@@ -290,14 +325,27 @@ pub fn changed_between(
         return Err(ErrorBody::new(
             ErrorCode::BadRequest,
             format!(
-                "snapshots {} and {} have different chunk sizes ({} and {} bytes)",
-                from.name, to.name, from.chunk_bytes, to.chunk_bytes
+                "snapshots {} and {} have different chunk sizes ({} and {}), so what changed \
+                 between them is not known: only snapshots taken with the same --chunk-size \
+                 can be compared",
+                from.name,
+                to.name,
+                format_size(u64::from(from.chunk_bytes)),
+                format_size(u64::from(to.chunk_bytes))
             ),
         ));
     }
-    if to.previous == Some(from.id) {
+    // The list also marks every chunk the volume grew by since `from`, which a diff leaves
+    // out (`sanctl backup --since` adds it): a chunk `from` had only part of is then not
+    // known to be written, and the records say.
+    let chunk = u64::from(to.chunk_bytes);
+    let grown_within_a_chunk =
+        to.origin_bytes > from.origin_bytes && !from.origin_bytes.is_multiple_of(chunk);
+    if to.previous == Some(from.id) && !grown_within_a_chunk {
         if let Some(changed) = &to.changed_since_previous {
-            return Ok((to.chunk_bytes, changed.clone()));
+            let end = from.origin_bytes / chunk;
+            let written = changed.iter().copied().filter(|&c| c < end).collect();
+            return Ok((to.chunk_bytes, written));
         }
     }
     let records_then = to

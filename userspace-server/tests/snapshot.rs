@@ -618,6 +618,74 @@ async fn chunks_a_client_preserved_itself_are_read_back_by_the_server() {
     assert!(read_export(&snap).await == a, "lost after a restart");
 }
 
+/// Every chunk the export's `sanblk:changed` context marks in `info`, in chunks of `chunk`.
+async fn marked_chunks(info: &SnapshotInfo, chunk: u64) -> BTreeSet<u64> {
+    let mut client = NbdClient::connect_unix(Path::new(&info.nbd_socket), &info.export, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut marked = BTreeSet::new();
+    let mut at = 0;
+    while at < info.size_bytes {
+        let runs = client
+            .changed_extents(at, (info.size_bytes - at).min(u64::from(u32::MAX)) as u32)
+            .await
+            .unwrap_or_else(|e| panic!("block status: {e}"));
+        assert!(!runs.is_empty());
+        for (length, flags) in runs {
+            let end = (at + length).min(info.size_bytes);
+            if flags & CHANGED_FLAG != 0 {
+                marked.extend(at / chunk..end.div_ceil(chunk));
+            }
+            at = end;
+        }
+    }
+    let _ = client.disconnect().await;
+    marked
+}
+
+/// `sanblk:changed` marks, in the snapshot's own chunks, what was written since the previous
+/// snapshot also when that one has other chunks, and everything the volume grew by since
+/// (it did not exist then); `snapshot diff` still lists the written chunks only.
+#[tokio::test]
+async fn changed_chunks_are_marked_in_the_snapshots_chunks_and_growth_counts() {
+    let server = TestServer::start();
+    let (mut setup, _) = setup(&server, 8).await;
+    setup.snapshot(&server, "first", None).await;
+    setup.write(2 * CHUNK, &pattern(81, CHUNK as usize)).await;
+    // Grown by 1 MiB (answering the change as the client), written in the middle of it.
+    let mut admin = server.admin().await;
+    let grow = sanblk_proto::protocol::VolumeGrow {
+        name: "vol".into(),
+        new_size_bytes: VOLUME + MIB,
+    };
+    let (grown, map) = tokio::join!(
+        admin.call(grow),
+        follow_change_to_map(&mut setup.agent, setup.map.epoch)
+    );
+    grown.unwrap_or_else(|e| panic!("grow: {e}"));
+    setup.map = map;
+    setup.write(VOLUME + MIB / 2, &pattern(82, 4096)).await;
+    const FINE: u64 = 4096;
+    let fine = setup.snapshot_of_chunks(&server, "fine", FINE as u32).await;
+    let mut expected: BTreeSet<u64> = (2 * CHUNK / FINE..3 * CHUNK / FINE).collect();
+    expected.extend(VOLUME / FINE..(VOLUME + MIB) / FINE);
+    assert_eq!(marked_chunks(&fine, FINE).await, expected);
+    let refused = diff(&server, "first", "fine").await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("same --chunk-size"), "{message}");
+    // The same with the snapshots' chunk size: one more chunk written, and the growth.
+    setup.write(5 * CHUNK, &pattern(83, 4096)).await;
+    setup.map = setup.delete_snapshot(&server, "fine").await;
+    let second = setup.snapshot(&server, "second", None).await;
+    let mut expected: BTreeSet<u64> = [2, 5].into();
+    expected.extend(VOLUME / CHUNK..(VOLUME + MIB) / CHUNK);
+    assert_eq!(marked_chunks(&second, CHUNK).await, expected);
+    let changed = diff(&server, "first", "second")
+        .await
+        .unwrap_or_else(|e| panic!("diff: {e}"));
+    assert_eq!(changed.chunks, [2, 5], "a diff lists written chunks only");
+}
+
 /// The map offers the COW stores of every active snapshot only while they all have its
 /// chunk size: with one of larger chunks, the server makes every copy.
 #[tokio::test]
@@ -779,6 +847,13 @@ async fn bad_snapshot_requests_are_refused_and_change_nothing() {
             "{what}"
         );
     }
+    let refused = admin.call(create("vast", None, Some(1 << 50))).await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("for the COW store"), "{message}");
+    // A store too small for one chunk says how small it may be.
+    let refused = admin.call(create("small", None, Some(100 << 10))).await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("at least 128K"), "{message}");
     let refused = admin
         .call(SnapshotDelete {
             volume: "vol".into(),

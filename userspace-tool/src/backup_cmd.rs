@@ -8,7 +8,8 @@
 //! that dies midway is simply run again: it reads the snapshot, never changes it.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -47,9 +48,36 @@ pub struct BackupArgs {
 struct BackupRecord {
     volume: String,
     snapshot: String,
+    /// The server's id of the snapshot: a snapshot deleted and taken again under the same
+    /// name (a weekly `monday`) is another one. Absent in records of older versions.
+    #[serde(default)]
+    snapshot_id: Option<u64>,
     size_bytes: u64,
     chunk_bytes: u32,
     created_unix: u64,
+    /// Set while an incremental backup writes the image: the snapshot it is copying (name,
+    /// id). The image is then partly that snapshot; only a backup of it (or of a newer one)
+    /// since the same base completes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    incomplete: Option<(String, u64)>,
+}
+
+impl BackupRecord {
+    /// Whether the image holds `snapshot`, complete.
+    fn holds(&self, snapshot: &SnapshotInfo) -> bool {
+        self.incomplete.is_none() && self.names(snapshot)
+    }
+
+    /// Whether the record's snapshot is `snapshot` (this very one, not an older namesake).
+    fn names(&self, snapshot: &SnapshotInfo) -> bool {
+        self.volume == snapshot.volume
+            && self.snapshot == snapshot.name
+            && self
+                .snapshot_id
+                .map_or(self.created_unix == snapshot.created_unix, |id| {
+                    id == snapshot.id
+                })
+    }
 }
 
 fn record_path(image: &Path) -> PathBuf {
@@ -60,6 +88,25 @@ fn record_path(image: &Path) -> PathBuf {
 
 fn local(what: &Path, error: impl std::fmt::Display) -> CliError {
     CliError::Local(format!("{}: {error}", what.display()))
+}
+
+/// The backup image `image` cannot be opened for writing: says why, and where the cause is
+/// usually not the file itself, what to do.
+fn cannot_write(image: &Path, error: std::io::Error) -> CliError {
+    let hint = match error.kind() {
+        std::io::ErrorKind::NotFound => match image.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => {
+                format!(" (create the directory {} first)", parent.display())
+            }
+            _ => String::new(),
+        },
+        std::io::ErrorKind::IsADirectory => " (give a file name inside it)".to_string(),
+        _ => String::new(),
+    };
+    CliError::Local(format!(
+        "cannot write the backup image {}: {error}{hint}",
+        image.display()
+    ))
 }
 
 fn read_record(image: &Path) -> Result<BackupRecord, CliError> {
@@ -104,31 +151,116 @@ fn forget_record(image: &Path) -> Result<(), CliError> {
         .map_err(|e| local(directory, e))
 }
 
+/// The volume's snapshots and the active one named `snapshot` among them.
 async fn snapshot_info(
     context: &mut Context,
     volume: &str,
     snapshot: &str,
-) -> Result<SnapshotInfo, CliError> {
+) -> Result<(SnapshotInfo, Vec<SnapshotInfo>), CliError> {
     let infos: Vec<SnapshotInfo> = context
         .call(SnapshotList {
             volume: volume.to_string(),
         })
         .await?;
     let info = infos
-        .into_iter()
+        .iter()
         .find(|s| s.name == snapshot)
+        .cloned()
         .ok_or_else(|| CliError::Refused(format!("volume {volume} has no snapshot {snapshot}")))?;
     if info.state != "active" {
         return Err(CliError::Refused(format!(
-            "snapshot {snapshot} is {}{}: it cannot be read",
-            info.state,
-            info.reason
-                .as_deref()
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default()
+            "snapshot {snapshot} is {}: it cannot be read",
+            state_of(&info)
         )));
     }
-    Ok(info)
+    Ok((info, infos))
+}
+
+fn state_of(info: &SnapshotInfo) -> String {
+    format!(
+        "{}{}",
+        info.state,
+        info.reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    )
+}
+
+/// Checks that `image`, holding what `held` says, is a base an incremental backup of `info`
+/// since snapshot `since` can build on, and says what to do when it is not.
+fn check_base(
+    image: &Path,
+    held: &BackupRecord,
+    since: &str,
+    info: &SnapshotInfo,
+    infos: &[SnapshotInfo],
+) -> Result<(), CliError> {
+    let full = format!(
+        "make a full backup of {}@{} (without --since)",
+        info.volume, info.name
+    );
+    let image = image.display();
+    let base = infos.iter().find(|s| s.name == since);
+    if held.volume != info.volume {
+        return Err(CliError::Usage(format!(
+            "{image} holds a backup of volume {}, not of {}: {full}, into another file",
+            held.volume, info.volume
+        )));
+    }
+    if held.snapshot != since {
+        return Err(CliError::Usage(format!(
+            "{image} holds snapshot {} of {}, not {since}: give --since {}, or {full}",
+            held.snapshot, info.volume, held.snapshot
+        )));
+    }
+    let Some(base) = base.filter(|base| held.names(base)) else {
+        return Err(CliError::Usage(format!(
+            "{image} holds snapshot {since} of {} as it was when it was backed up, and that \
+             snapshot no longer exists{}: an incremental backup needs it; {full}",
+            info.volume,
+            if base.is_some() {
+                " (a newer one has its name)"
+            } else {
+                ""
+            }
+        )));
+    };
+    if base.state != "active" {
+        return Err(CliError::Usage(format!(
+            "snapshot {since}, which {image} holds, is {}: it no longer knows what changed \
+             since; {full}",
+            state_of(base)
+        )));
+    }
+    if base.id >= info.id {
+        return Err(CliError::Usage(format!(
+            "{image} holds snapshot {since}, taken {} {}: an incremental backup goes from an \
+             older snapshot to a newer one; {full}",
+            if base.id == info.id { "as" } else { "after" },
+            info.name
+        )));
+    }
+    if let Some((partly, partly_id)) = &held.incomplete {
+        if info.id < *partly_id {
+            return Err(CliError::Usage(format!(
+                "{image} is partly snapshot {partly}: an incremental backup of it since {since} \
+                 stopped midway; run it again (`sanctl backup {} {partly} --to {image} --since \
+                 {since}`), or {full}",
+                info.volume
+            )));
+        }
+    }
+    if base.chunk_bytes != info.chunk_bytes {
+        return Err(CliError::Usage(format!(
+            "snapshots {since} and {} have different chunk sizes ({} and {}), so what changed \
+             between them is not known; {full}",
+            info.name,
+            format_size(u64::from(base.chunk_bytes)),
+            format_size(u64::from(info.chunk_bytes))
+        )));
+    }
+    Ok(())
 }
 
 fn progress(total: u64, what: &str) -> ProgressBar {
@@ -145,7 +277,7 @@ fn progress(total: u64, what: &str) -> ProgressBar {
 }
 
 pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliError> {
-    let info = snapshot_info(context, &args.volume, &args.snapshot).await?;
+    let (info, infos) = snapshot_info(context, &args.volume, &args.snapshot).await?;
     // The byte ranges to copy: everything, or the changed chunks plus what the volume grew by.
     let (ranges, image) = match &args.since {
         None => {
@@ -155,20 +287,22 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
                 .write(true)
                 .truncate(true)
                 .open(&args.to)
-                .map_err(|e| local(&args.to, e))?;
+                .map_err(|e| cannot_write(&args.to, e))?;
             (vec![(0, info.size_bytes)], image)
         }
         Some(since) => {
             let held = read_record(&args.to)?;
-            if held.volume != args.volume || held.snapshot != *since {
-                return Err(CliError::Usage(format!(
-                    "{} holds snapshot {} of volume {}, not {since} of {}",
-                    args.to.display(),
-                    held.snapshot,
-                    held.volume,
-                    args.volume
-                )));
+            if held.holds(&info) {
+                // Run again after it succeeded: nothing is left to copy.
+                return report(&args, context, 0, 0.0);
             }
+            check_base(&args.to, &held, since, &info, &infos)?;
+            // From the first byte written on, the image is no longer `since` alone.
+            let writing = BackupRecord {
+                incomplete: Some((info.name.clone(), info.id)),
+                ..held.clone()
+            };
+            write_record(&args.to, &writing)?;
             let (chunk_bytes, chunks) =
                 changed_chunks(context, &args.volume, since, &args.snapshot).await?;
             let chunk = u64::from(chunk_bytes);
@@ -182,7 +316,7 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
             let image = OpenOptions::new()
                 .write(true)
                 .open(&args.to)
-                .map_err(|e| local(&args.to, e))?;
+                .map_err(|e| cannot_write(&args.to, e))?;
             (ranges, image)
         }
     };
@@ -258,12 +392,33 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
         &BackupRecord {
             volume: args.volume.clone(),
             snapshot: args.snapshot.clone(),
+            snapshot_id: Some(info.id),
+            incomplete: None,
             size_bytes: info.size_bytes,
             chunk_bytes: info.chunk_bytes,
             created_unix: info.created_unix,
         },
     )?;
-    let seconds = started.elapsed().as_secs_f64().max(1e-6);
+    report(&args, context, total, started.elapsed().as_secs_f64())
+}
+
+/// Prints what a backup copied (`total` bytes in `seconds`).
+fn report(
+    args: &BackupArgs,
+    context: &mut Context,
+    total: u64,
+    seconds: f64,
+) -> Result<(), CliError> {
+    let seconds = seconds.max(1e-6);
+    if total == 0 && args.since.is_some() && !context.json {
+        println!(
+            "{} holds {}@{} already: nothing to copy",
+            args.to.display(),
+            args.volume,
+            args.snapshot
+        );
+        return Ok(());
+    }
     let summary = serde_json::json!({
         "volume": args.volume,
         "snapshot": args.snapshot,
@@ -325,13 +480,57 @@ pub struct RestoreArgs {
     layout: Layout,
 }
 
-pub async fn restore(args: RestoreArgs, context: &mut Context) -> Result<(), CliError> {
-    let mut image = File::open(&args.image).map_err(|e| local(&args.image, e))?;
-    let image_bytes = image.metadata().map_err(|e| local(&args.image, e))?.len();
-    if image_bytes == 0 {
+/// Opens the image to restore, a file or a block device, and says how many bytes it has.
+fn open_image(path: &Path) -> Result<(File, u64), CliError> {
+    let mut image = File::open(path).map_err(|e| local(path, e))?;
+    let kind = image.metadata().map_err(|e| local(path, e))?.file_type();
+    let bytes = if kind.is_file() {
+        image.metadata().map_err(|e| local(path, e))?.len()
+    } else if kind.is_block_device() {
+        image.seek(SeekFrom::End(0)).map_err(|e| local(path, e))?
+    } else {
         return Err(CliError::Usage(format!(
-            "{} is empty",
-            args.image.display()
+            "{} is {}, not an image file or block device",
+            path.display(),
+            if kind.is_dir() {
+                "a directory"
+            } else {
+                "a special file"
+            }
+        )));
+    };
+    if bytes == 0 {
+        return Err(CliError::Usage(format!("{} is empty", path.display())));
+    }
+    Ok((image, bytes))
+}
+
+pub async fn restore(args: RestoreArgs, context: &mut Context) -> Result<(), CliError> {
+    let (mut image, image_bytes) = open_image(&args.image)?;
+    if let Ok(BackupRecord {
+        incomplete: Some((partly, _)),
+        volume,
+        snapshot,
+        ..
+    }) = read_record(&args.image)
+    {
+        return Err(CliError::Usage(format!(
+            "{image} is half-written: an incremental backup of {volume}@{partly} since \
+             {snapshot} stopped midway; run that backup again first",
+            image = args.image.display()
+        )));
+    }
+    let exists = context
+        .call(VolumeShow {
+            name: args.volume.clone(),
+        })
+        .await
+        .is_ok();
+    if exists {
+        return Err(CliError::Refused(format!(
+            "volume {v} already exists: a restore creates a new volume; give another name, or \
+             delete {v} first (`sanctl volume delete {v}`) if it is what a failed restore left",
+            v = args.volume
         )));
     }
     let map: VolumeMap = context
@@ -341,6 +540,30 @@ pub async fn restore(args: RestoreArgs, context: &mut Context) -> Result<(), Cli
             layout: args.layout,
         })
         .await?;
+    write_volume(&args, &map, &mut image, context)
+        .await
+        .map_err(|error| {
+            let left = |cause: &str| {
+                format!(
+                    "{cause}; volume {v} was created but not completely written: delete it \
+                     (`sanctl volume delete {v}`) and run the restore again",
+                    v = args.volume
+                )
+            };
+            match error {
+                CliError::Unreachable(cause) => CliError::Unreachable(left(&cause)),
+                other => CliError::Local(left(&other.to_string())),
+            }
+        })
+}
+
+/// Writes the whole of `image` into the new volume of `map` and reports it.
+async fn write_volume(
+    args: &RestoreArgs,
+    map: &VolumeMap,
+    image: &mut File,
+    context: &mut Context,
+) -> Result<(), CliError> {
     let detail: VolumeDetail = context
         .call(VolumeShow {
             name: args.volume.clone(),
@@ -357,7 +580,7 @@ pub async fn restore(args: RestoreArgs, context: &mut Context) -> Result<(), Cli
     while at < map.size_bytes {
         let step = (map.size_bytes - at).min(READ_BYTES);
         let mut data = vec![0u8; step as usize];
-        read_padded(&mut image, &args.image, at, &mut data)?;
+        read_padded(image, &args.image, at, &mut data)?;
         nbd.write(at, &data, false)
             .await
             .map_err(|e| CliError::Unreachable(format!("writing {}: {e}", args.volume)))?;

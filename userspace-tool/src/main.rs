@@ -76,7 +76,7 @@ enum Command {
     /// Copy a snapshot into an image file over NBD: in full, or only what changed since an
     /// earlier snapshot (`--since`) into the image holding it. Run on the server host.
     #[command(
-        after_help = "Examples:\n  sanctl backup db1 monday --to /backup/db1.img\n  sanctl backup db1 tuesday --to /backup/db1.img --since monday\n\nShows a progress bar and the throughput. A backup that stops midway is run again as it\nwas; it never changes the snapshot. The image's snapshot is recorded in\nIMAGE.sanblk-backup.json once the copy is complete."
+        after_help = "Examples:\n  sanctl backup db1 monday --to /backup/db1.img\n  sanctl backup db1 tuesday --to /backup/db1.img --since monday\n\nShows a progress bar and the throughput. A backup that stops midway is run again as it\nwas; it never changes the snapshot. The image's snapshot is recorded in\nIMAGE.sanblk-backup.json once the copy is complete; `--since` builds only on that very\nsnapshot (one deleted and taken again under its name is another: make a full backup)."
     )]
     Backup(backup_cmd::BackupArgs),
     /// Create a new volume holding an image (e.g. a backup), written over NBD. Run on the

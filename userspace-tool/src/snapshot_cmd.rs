@@ -5,6 +5,7 @@ use sanblk_proto::map::format_size;
 use sanblk_proto::protocol::{
     SnapshotChanges, SnapshotCreate, SnapshotDelete, SnapshotDiff, SnapshotInfo, SnapshotList,
 };
+use sanblk_uapi::cow::CowLayout;
 
 use crate::context::{parse_size_arg, CliError, Context};
 use crate::output::print_table;
@@ -47,13 +48,45 @@ pub enum SnapshotCommand {
 /// server logs from 75 %).
 const NEARLY_FULL_PERCENT: u64 = 75;
 
-/// Percentage of the COW store in use, rounded down.
+/// Percentage of the COW store's slots in use, rounded down, as the server counts it (its
+/// header and records take space too: a full store has fewer chunk slots than its bytes).
 fn cow_percent(snapshot: &SnapshotInfo) -> u64 {
-    snapshot
-        .cow_used_bytes
+    let slots = CowLayout::new(snapshot.cow_bytes, snapshot.chunk_bytes).map_or(0, |l| l.slots);
+    (snapshot.cow_used_bytes / u64::from(snapshot.chunk_bytes.max(1)))
         .saturating_mul(100)
-        .checked_div(snapshot.cow_bytes)
+        .checked_div(slots)
         .unwrap_or(0)
+}
+
+/// A snapshot's row in `snapshot list`. An invalid snapshot's store no longer counts: its
+/// use and changes are unknown (`-`), not zero.
+fn list_row(s: &SnapshotInfo) -> Vec<String> {
+    let active = s.state == "active";
+    vec![
+        s.name.clone(),
+        match &s.reason {
+            Some(reason) => format!("{} ({reason})", s.state),
+            None => s.state.clone(),
+        },
+        s.epoch.to_string(),
+        format_size(s.size_bytes),
+        if active {
+            format!(
+                "{} of {} ({}%)",
+                format_size(s.cow_used_bytes),
+                format_size(s.cow_bytes),
+                cow_percent(s)
+            )
+        } else {
+            format!("- of {}", format_size(s.cow_bytes))
+        },
+        if active {
+            s.changed_chunks.to_string()
+        } else {
+            "-".to_string()
+        },
+        s.export.clone(),
+    ]
 }
 
 pub async fn run(command: SnapshotCommand, context: &mut Context) -> Result<(), CliError> {
@@ -95,28 +128,7 @@ pub async fn run(command: SnapshotCommand, context: &mut Context) -> Result<(), 
             if context.json {
                 return context.print_json(&infos);
             }
-            let rows: Vec<Vec<String>> = infos
-                .iter()
-                .map(|s| {
-                    vec![
-                        s.name.clone(),
-                        match &s.reason {
-                            Some(reason) => format!("{} ({reason})", s.state),
-                            None => s.state.clone(),
-                        },
-                        s.epoch.to_string(),
-                        format_size(s.size_bytes),
-                        format!(
-                            "{} of {} ({}%)",
-                            format_size(s.cow_used_bytes),
-                            format_size(s.cow_bytes),
-                            cow_percent(s)
-                        ),
-                        s.changed_chunks.to_string(),
-                        s.export.clone(),
-                    ]
-                })
-                .collect();
+            let rows: Vec<Vec<String>> = infos.iter().map(list_row).collect();
             print_table(
                 &[
                     "SNAPSHOT", "STATE", "EPOCH", "SIZE", "COW USED", "CHANGED", "EXPORT",
@@ -212,6 +224,39 @@ pub fn runs(chunks: &[u64]) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_store_is_at_100_percent() {
+        let info = |used_chunks: u64| SnapshotInfo {
+            id: 1,
+            name: "s".into(),
+            volume: "v".into(),
+            state: "active".into(),
+            reason: None,
+            created_unix: 0,
+            epoch: 2,
+            size_bytes: 32 << 20,
+            chunk_bytes: 64 << 10,
+            cow_bytes: 1 << 20,
+            cow_used_bytes: used_chunks << 16,
+            changed_chunks: used_chunks,
+            reported_chunks: 0,
+            export: "v@s".into(),
+            nbd_socket: "nbd.sock".into(),
+            cow_store: Vec::new(),
+        };
+        // 1 MiB of 64 KiB chunks: 15 slots after the header and records.
+        assert_eq!(cow_percent(&info(15)), 100);
+        assert_eq!(cow_percent(&info(12)), 80);
+        assert_eq!(cow_percent(&info(0)), 0);
+        assert_eq!(list_row(&info(15))[4], "960K of 1M (100%)");
+        let invalid = SnapshotInfo {
+            state: "invalid".into(),
+            reason: Some("its COW store is full".into()),
+            ..info(0)
+        };
+        assert_eq!(list_row(&invalid)[4..6], ["- of 1M", "-"]);
+    }
 
     #[test]
     fn consecutive_chunks_make_one_run() {

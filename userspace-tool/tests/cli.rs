@@ -516,3 +516,163 @@ fn a_killed_backup_runs_again_and_leaves_the_snapshot_alone() {
     };
     assert_eq!(s1(&listed_before), s1(&listed_after), "s1 changed");
 }
+
+/// The error of a failed `sanctl` run, with its exit code checked.
+fn fails(socket: &Path, args: &[&str], code: i32) -> String {
+    let output = sanctl(socket, args);
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "sanctl {args:?}: {output:?}"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn backups_refuse_a_base_they_cannot_build_on_and_say_what_to_do() {
+    let server = start_server();
+    let socket = server.admin_socket.as_path();
+    let dir = server.dir.path();
+    const VOLUME: u64 = 8 * MIB;
+    let disk = image(dir, "disk.img", 64 * MIB);
+    ok(socket, &["pool", "add", &disk]);
+    ok(socket, &["volume", "create", "wk", "8M"]);
+    let shown = json(socket, &["volume", "show", "wk"]);
+    let offset = shown["map"]["extents"][0]["replicas"][0]["device_offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no device offset in {shown}"));
+    let out = dir.join("wk.img").display().to_string();
+
+    // Last week's monday, backed up, then deleted; this week's monday is another snapshot.
+    fill(Path::new(&disk), offset, VOLUME, 1);
+    ok(socket, &["snapshot", "create", "wk", "monday"]);
+    ok(socket, &["backup", "wk", "monday", "--to", &out]);
+    ok(socket, &["snapshot", "delete", "wk", "monday"]);
+    fill(Path::new(&disk), offset, VOLUME, 2);
+    ok(socket, &["snapshot", "create", "wk", "monday"]);
+    ok(socket, &["snapshot", "create", "wk", "tuesday"]);
+    let refused = fails(
+        socket,
+        &["backup", "wk", "tuesday", "--to", &out, "--since", "monday"],
+        2,
+    );
+    assert!(refused.contains("no longer exists"), "{refused}");
+    assert!(refused.contains("make a full backup"), "{refused}");
+
+    // Done already: run again, nothing to do.
+    ok(socket, &["backup", "wk", "tuesday", "--to", &out]);
+    let again = ok(
+        socket,
+        &["backup", "wk", "tuesday", "--to", &out, "--since", "monday"],
+    );
+    assert!(again.contains("nothing to copy"), "{again}");
+    // Backwards, or across chunk sizes: refused with the way out.
+    let refused = fails(
+        socket,
+        &["backup", "wk", "monday", "--to", &out, "--since", "tuesday"],
+        2,
+    );
+    assert!(
+        refused.contains("make a full backup of wk@monday"),
+        "{refused}"
+    );
+    ok(
+        socket,
+        &["snapshot", "create", "wk", "fine", "--chunk-size", "4K"],
+    );
+    let refused = fails(
+        socket,
+        &["backup", "wk", "fine", "--to", &out, "--since", "tuesday"],
+        2,
+    );
+    assert!(refused.contains("different chunk sizes"), "{refused}");
+    assert!(refused.contains("make a full backup"), "{refused}");
+
+    // A target in a missing directory, or a directory.
+    let missing = dir.join("no-such-dir").join("x.img").display().to_string();
+    let refused = fails(socket, &["backup", "wk", "fine", "--to", &missing], 1);
+    assert!(refused.contains("create the directory"), "{refused}");
+
+    // Restoring a directory creates nothing; onto an existing name says how to go on.
+    let directory = dir.display().to_string();
+    let refused = fails(socket, &["restore", &directory, "copy"], 2);
+    assert!(refused.contains("is a directory"), "{refused}");
+    let volumes = json(socket, &["volume", "list"]);
+    assert!(
+        volumes
+            .as_array()
+            .is_some_and(|all| all.iter().all(|v| v["name"] != "copy")),
+        "a failed restore left a volume: {volumes}"
+    );
+    let refused = fails(socket, &["restore", &out, "wk"], 1);
+    assert!(refused.contains("sanctl volume delete wk"), "{refused}");
+}
+
+/// Fills volume bytes `[start, end)` of `volume` (on the one device `disk`) with pattern
+/// `seed`, where its map says they are.
+fn fill_volume(socket: &Path, disk: &str, volume: &str, start: u64, end: u64, seed: u64) {
+    let shown = json(socket, &["volume", "show", volume]);
+    let extents = shown["map"]["extents"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no extents in {shown}"))
+        .clone();
+    for extent in extents {
+        let field = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("{extent}"));
+        let (at, length) = (field(&extent["volume_offset"]), field(&extent["length"]));
+        let device = field(&extent["replicas"][0]["device_offset"]);
+        let (from, to) = (start.max(at), end.min(at + length));
+        if from < to {
+            fill(Path::new(disk), device + from - at, to - from, seed);
+        }
+    }
+}
+
+#[test]
+fn an_incremental_backup_that_stops_midway_leaves_the_image_marked_partial() {
+    let server = start_server();
+    let socket = server.admin_socket.as_path();
+    let dir = server.dir.path();
+    let disk = image(dir, "disk.img", 64 * MIB);
+    ok(socket, &["pool", "add", &disk]);
+    ok(socket, &["volume", "create", "pv", "8M"]);
+    fill_volume(socket, &disk, "pv", 0, 8 * MIB, 1);
+    ok(socket, &["snapshot", "create", "pv", "s1"]);
+    let out = dir.join("pv.img").display().to_string();
+    ok(socket, &["backup", "pv", "s1", "--to", &out]);
+    // Grown and written there: an incremental backup copies the new 8 MiB.
+    ok(socket, &["volume", "grow", "pv", "16M"]);
+    ok(socket, &["snapshot", "create", "pv", "between"]);
+    fill_volume(socket, &disk, "pv", 8 * MIB, 16 * MIB, 2);
+    ok(socket, &["snapshot", "create", "pv", "s2"]);
+    // Stopped once it starts on the image: no file may grow past 8 MiB (SIGXFSZ).
+    let sanctl_path = env!("CARGO_BIN_EXE_sanctl");
+    let stopped = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 8192; exec {sanctl_path} backup pv s2 --to {out} --since s1"
+        ))
+        .env("SAND_ADMIN_SOCKET", socket)
+        .output()
+        .unwrap_or_else(|e| panic!("bash: {e}"));
+    assert!(!stopped.status.success(), "{stopped:?}");
+
+    // The image is not s1 any more: not restored, not a base for an older snapshot.
+    let refused = fails(socket, &["restore", &out, "copy"], 2);
+    assert!(refused.contains("half-written"), "{refused}");
+    let refused = fails(
+        socket,
+        &["backup", "pv", "between", "--to", &out, "--since", "s1"],
+        2,
+    );
+    assert!(refused.contains("stopped midway"), "{refused}");
+    // Run again, it completes the image: s2 exactly.
+    ok(
+        socket,
+        &["backup", "pv", "s2", "--to", &out, "--since", "s1"],
+    );
+    let full = dir.join("full.img").display().to_string();
+    ok(socket, &["backup", "pv", "s2", "--to", &full]);
+    let read = |path: &str| std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert!(read(&out) == read(&full), "the completed image is not s2");
+    ok(socket, &["restore", &out, "copy"]);
+}

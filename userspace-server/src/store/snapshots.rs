@@ -10,7 +10,7 @@
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
-use sanblk_proto::map::{Extent, Layout};
+use sanblk_proto::map::{format_size, Extent, Layout};
 use sanblk_uapi::cow::{valid_chunk_bytes, CowLayout};
 
 use super::pool::pool_space_in;
@@ -59,8 +59,9 @@ pub struct SnapshotRecord {
     /// The snapshot taken before this one (its id), if any was active then.
     #[serde(default)]
     pub previous: Option<u64>,
-    /// Chunks written between the previous snapshot and this one, ascending (copied by the
-    /// previous snapshot's store before this one was taken). `None` without a previous one.
+    /// Chunks (of this snapshot's size) written between the previous snapshot and this one,
+    /// ascending (copied by the previous snapshot's store before this one was taken), and
+    /// those the volume grew by since the previous one. `None` without a previous one.
     #[serde(default)]
     pub changed_since_previous: Option<Vec<u64>>,
     /// How many records each snapshot active when this one was taken had then (snapshot id,
@@ -137,7 +138,11 @@ impl Store {
         }
         let layout = CowLayout::new(store_bytes, chunk_bytes).ok_or_else(|| {
             StoreError::Invalid(format!(
-                "a COW store of {store_bytes} bytes holds no chunk of {chunk_bytes} bytes"
+                "a COW store of {} is too small: with its header and records, one chunk of {} \
+                 needs at least {} (--cow-size)",
+                format_size(store_bytes),
+                format_size(u64::from(chunk_bytes)),
+                format_size(CowLayout::min_store_bytes(chunk_bytes))
             ))
         })?;
         // The allocator hands out whole blocks; the layout fits in what it rounds up to.
@@ -179,7 +184,22 @@ impl Store {
             let volumes = read_volumes(&volumes_table)?;
             let recoveries = read_recoveries(&txn.open_table(RECOVERIES)?)?;
             let mut pool = pool_space_in(&devices, &volumes, &recoveries, &existing)?;
-            let store_extents = pool.allocate(Layout::Linear, 0, store_bytes)?;
+            let store_extents = pool
+                .allocate(Layout::Linear, 0, store_bytes)
+                .map_err(|error| match error {
+                    // Say whose space it is: the request named no layout.
+                    crate::allocator::AllocError::NoSpace {
+                        requested,
+                        available,
+                        ..
+                    } => crate::allocator::AllocError::NoSpace {
+                        requested,
+                        available,
+                        layout: "linear, for the COW store (a smaller --cow-size may fit)"
+                            .to_string(),
+                    },
+                    other => other,
+                })?;
             let id = take_next_id(&mut meta, NEXT_SNAPSHOT_ID_KEY)?;
             let record = SnapshotRecord {
                 id,
