@@ -343,7 +343,7 @@ pub fn changed_between(
         to.origin_bytes > from.origin_bytes && !from.origin_bytes.is_multiple_of(chunk);
     if to.previous == Some(from.id) && !grown_within_a_chunk {
         if let Some(changed) = &to.changed_since_previous {
-            let end = from.origin_bytes / chunk;
+            let end = from.origin_bytes.div_ceil(chunk);
             let written = changed.iter().copied().filter(|&c| c < end).collect();
             return Ok((to.chunk_bytes, written));
         }
