@@ -747,7 +747,8 @@ pub struct SnapshotInfo {
     pub id: u64,
     pub name: String,
     pub volume: String,
-    /// `active` or `invalid`.
+    /// `active` or `invalid` (`pending` while it is being taken); `deleted` in the reply to a
+    /// `SnapshotDelete`.
     pub state: String,
     /// Why it is invalid.
     #[serde(default)]

@@ -273,7 +273,12 @@ pub async fn snapshot_delete(
         "volume {}: snapshot {} deleted at epoch {}",
         record.name, snapshot.name, record.epoch
     );
-    Ok(info)
+    // What it was up to its deletion, marked deleted: its store and export are gone.
+    Ok(SnapshotInfo {
+        state: "deleted".to_string(),
+        reason: None,
+        ..info
+    })
 }
 
 pub async fn snapshot_diff(

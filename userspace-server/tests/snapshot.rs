@@ -85,7 +85,12 @@ impl Setup {
             admin.call(request),
             follow_change_to_map(&mut self.agent, self.map.epoch)
         );
-        deleted.unwrap_or_else(|e| panic!("delete {name}: {e}"));
+        let deleted = deleted.unwrap_or_else(|e| panic!("delete {name}: {e}"));
+        // The reply describes the snapshot as the delete left it.
+        assert_eq!(
+            (deleted.name.as_str(), deleted.state.as_str()),
+            (name, "deleted")
+        );
         map
     }
 

@@ -35,7 +35,7 @@ pub enum SnapshotCommand {
     Delete { volume: String, name: String },
     /// Print the chunks written between two snapshots (the older one first).
     #[command(
-        after_help = "Prints one line per run of changed chunks: byte offset and length. With --json, the\nchunk size and the changed chunk numbers.\n\nExample:\n  sanctl snapshot diff db1 monday tuesday"
+        after_help = "Prints one line per run of changed chunks: byte offset and length; nothing when no chunk\nchanged (a note says so on stderr). With --json, the chunk size and the changed chunk\nnumbers.\n\nExample:\n  sanctl snapshot diff db1 monday tuesday"
     )]
     Diff {
         volume: String,
@@ -170,6 +170,10 @@ pub async fn run(command: SnapshotCommand, context: &mut Context) -> Result<(), 
                     "chunk_bytes": chunk_bytes,
                     "chunks": chunks,
                 }));
+            }
+            if chunks.is_empty() {
+                // Stdout stays empty for scripts; a person learns the diff did run.
+                eprintln!("no chunk of {volume} was written between {from} and {to}");
             }
             for (first, count) in runs(&chunks) {
                 println!(

@@ -676,3 +676,41 @@ fn an_incremental_backup_that_stops_midway_leaves_the_image_marked_partial() {
     assert!(read(&out) == read(&full), "the completed image is not s2");
     ok(socket, &["restore", &out, "copy"]);
 }
+
+/// `snapshot delete` says the snapshot is deleted, also in JSON; a diff with nothing in it
+/// prints nothing on stdout, a note on stderr (none with --json, whose output stays JSON).
+#[test]
+fn a_deleted_snapshot_and_an_empty_diff_say_so() {
+    let server = start_server();
+    let socket = server.admin_socket.as_path();
+    ok(
+        socket,
+        &[
+            "pool",
+            "add",
+            &image(server.dir.path(), "disk.img", 64 * MIB),
+        ],
+    );
+    ok(socket, &["volume", "create", "v", "8M"]);
+    for name in ["a", "b", "c"] {
+        ok(socket, &["snapshot", "create", "v", name]);
+    }
+    let diff = sanctl(socket, &["snapshot", "diff", "v", "a", "b"]);
+    assert!(diff.status.success(), "{diff:?}");
+    assert!(diff.stdout.is_empty(), "{diff:?}");
+    let note = String::from_utf8_lossy(&diff.stderr);
+    assert_eq!(note, "no chunk of v was written between a and b\n");
+    let diff = sanctl(socket, &["--json", "snapshot", "diff", "v", "a", "b"]);
+    assert!(diff.status.success() && diff.stderr.is_empty(), "{diff:?}");
+    let changes: serde_json::Value =
+        serde_json::from_slice(&diff.stdout).unwrap_or_else(|e| panic!("{diff:?}: {e}"));
+    assert_eq!(changes["chunks"], serde_json::json!([]));
+
+    let deleted = json(socket, &["snapshot", "delete", "v", "a"]);
+    assert_eq!(deleted["name"], serde_json::json!("a"));
+    assert_eq!(deleted["state"], serde_json::json!("deleted"));
+    let said = ok(socket, &["snapshot", "delete", "v", "b"]);
+    assert!(said.starts_with("snapshot b of v deleted"), "{said}");
+    let left = json(socket, &["snapshot", "list", "v"]);
+    assert_eq!(left.as_array().map(Vec::len), Some(1), "{left}");
+}
