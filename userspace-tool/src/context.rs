@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use sanblk_proto::client::{AdminClient, ClientError};
 use sanblk_proto::protocol::AdminCall;
 
+/// Refused or failed: by the server, or on this host (`CliError::Local`).
 pub const EXIT_REFUSED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_UNREACHABLE: u8 = 3;
@@ -17,7 +18,7 @@ pub enum CliError {
     Usage(String),
     /// No server, or the connection broke.
     Unreachable(String),
-    /// A local failure (e.g. writing the secret file).
+    /// A local failure (e.g. writing the secret file); exits as a refusal does.
     Local(String),
 }
 

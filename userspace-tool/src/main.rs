@@ -1,7 +1,8 @@
 //! `sanctl`, the sanblk admin CLI and client agent.
 //!
 //! One module per subcommand group; each returns `Result<(), CliError>` and main turns that
-//! into an exit code: 0 ok, 1 the server said no, 2 usage, 3 cannot reach the server.
+//! into an exit code: 0 ok, 1 refused or failed (by the server, or on this host: a file, a
+//! device, the kernel module), 2 usage, 3 cannot reach the server.
 //!
 //! Layers, lowest first; a module imports only from layers below it (the protocol, map and
 //! clients come from `sanblk-proto`, the kernel's wire format from `sanblk-uapi`):
@@ -40,7 +41,7 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/var/lib/sand/admin.sock";
     name = "sanctl",
     version,
     about = "Administer a sanblk server (sand) and attach its volumes on client hosts",
-    after_help = "Examples:\n  sanctl pool add /dev/sdb\n  sanctl pool list\n  sanctl volume create db1 10G --layout mirror\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret\n  sanctl client grant host1 db1 rw\n  sanctl --json volume show db1\n\nOn a client host (sanblk.ko loaded):\n  sanctl attach db1 --server san1:7700 --client host1 --secret-file /etc/sanblk/host1.secret &\n  sanctl status\n  sanctl detach db1\n\nExit codes: 0 ok, 1 the server refused (message on stderr), 2 usage error,\n3 cannot reach the server."
+    after_help = "Examples:\n  sanctl pool add /dev/sdb\n  sanctl pool list\n  sanctl volume create db1 10G --layout mirror\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret\n  sanctl client grant host1 db1 rw\n  sanctl --json volume show db1\n\nOn a client host (sanblk.ko loaded):\n  sanctl attach db1 --server san1:7700 --client host1 --secret-file /etc/sanblk/host1.secret &\n  sanctl status\n  sanctl detach db1\n\nExit codes (the message on stderr): 0 ok; 1 refused or failed, by the server or on this\nhost (a file or device that cannot be read or written, the kernel module); 2 usage error;\n3 cannot reach the server."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of tables.

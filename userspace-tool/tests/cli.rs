@@ -251,6 +251,11 @@ fn help_has_examples() {
         text.contains("Examples:") && text.contains("Exit codes"),
         "{text}"
     );
+    // A local failure (e.g. an image that cannot be written) exits 1, as documented.
+    assert!(
+        text.contains("1 refused or failed, by the server or on this\nhost"),
+        "{text}"
+    );
     let output = Command::new(env!("CARGO_BIN_EXE_sanctl"))
         .args(["volume", "create", "--help"])
         .output()
