@@ -6,10 +6,13 @@
 //! Next to the image, `IMAGE.sanblk-backup.json` says which snapshot of which volume the image
 //! holds; it is written (atomically) only once the image is complete and synced, so a backup
 //! that dies midway is simply run again: it reads the snapshot, never changes it.
+//!
+//! A full backup may also go onto a block device: written from its start, neither truncated
+//! nor recorded (its record would land in /dev), so it cannot be the base of `--since`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -34,7 +37,9 @@ const CONNECTIONS: usize = 4;
 pub struct BackupArgs {
     volume: String,
     snapshot: String,
-    /// The image file to write (created if missing; a full backup truncates it).
+    /// The image file to write (created if missing; a full backup truncates it), or a block
+    /// device not in use, at least the snapshot's size (a full backup only: written from its
+    /// start, the rest left as it was, no record kept).
     #[arg(long)]
     to: PathBuf,
     /// Copy only the chunks changed since this snapshot, into an image that holds it (a
@@ -101,6 +106,9 @@ fn cannot_write(image: &Path, error: std::io::Error) -> CliError {
             _ => String::new(),
         },
         std::io::ErrorKind::IsADirectory => " (give a file name inside it)".to_string(),
+        _ if error.raw_os_error() == Some(libc::EBUSY) => {
+            " (the device is in use: mounted, or held by another program)".to_string()
+        }
         _ => String::new(),
     };
     CliError::Local(format!(
@@ -149,6 +157,46 @@ fn forget_record(image: &Path) -> Result<(), CliError> {
     File::open(directory)
         .and_then(|d| d.sync_all())
         .map_err(|e| local(directory, e))
+}
+
+/// Whether the backup target `path` is a block device. A missing path is an image file to
+/// create; a directory is left to fail when it is opened, which says what to do.
+fn is_block_device(path: &Path) -> Result<bool, CliError> {
+    let Ok(metadata) = std::fs::metadata(path) else {
+        return Ok(false);
+    };
+    let kind = metadata.file_type();
+    if kind.is_block_device() {
+        Ok(true)
+    } else if kind.is_file() || kind.is_dir() {
+        Ok(false)
+    } else {
+        Err(CliError::Usage(format!(
+            "{} is a special file, not an image file or block device",
+            path.display()
+        )))
+    }
+}
+
+/// Opens block device `path` to write a snapshot of `needed` bytes onto it. O_EXCL makes
+/// Linux refuse a device in use (mounted, held by device mapper or md) with EBUSY.
+fn open_device(path: &Path, needed: u64) -> Result<File, CliError> {
+    let mut device = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+        .map_err(|e| cannot_write(path, e))?;
+    let bytes = device.seek(SeekFrom::End(0)).map_err(|e| local(path, e))?;
+    if bytes < needed {
+        return Err(CliError::Usage(format!(
+            "{} holds {bytes} bytes ({}), the snapshot needs {needed} ({}): give a larger \
+             device or an image file",
+            path.display(),
+            format_size(bytes),
+            format_size(needed)
+        )));
+    }
+    Ok(device)
 }
 
 /// The volume's snapshots and the active one named `snapshot` among them.
@@ -277,9 +325,21 @@ fn progress(total: u64, what: &str) -> ProgressBar {
 }
 
 pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliError> {
+    let device = is_block_device(&args.to)?;
+    if device && args.since.is_some() {
+        return Err(CliError::Usage(format!(
+            "{} is a block device: it takes full backups only (nothing records which snapshot \
+             it holds); give an image file for incremental backups",
+            args.to.display()
+        )));
+    }
     let (info, infos) = snapshot_info(context, &args.volume, &args.snapshot).await?;
     // The byte ranges to copy: everything, or the changed chunks plus what the volume grew by.
     let (ranges, image) = match &args.since {
+        None if device => (
+            vec![(0, info.size_bytes)],
+            open_device(&args.to, info.size_bytes)?,
+        ),
         None => {
             forget_record(&args.to)?;
             let image = OpenOptions::new()
@@ -320,9 +380,11 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
             (ranges, image)
         }
     };
-    image
-        .set_len(info.size_bytes)
-        .map_err(|e| local(&args.to, e))?;
+    if !device {
+        image
+            .set_len(info.size_bytes)
+            .map_err(|e| local(&args.to, e))?;
+    }
     let socket = PathBuf::from(&info.nbd_socket);
     // Several connections, each reading every CONNECTIONS-th step: the server reads one
     // request per connection at a time (the export allows several connections).
@@ -354,7 +416,8 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
     let bar = progress(total, "backup");
     let started = Instant::now();
     let image = std::sync::Arc::new(image);
-    let sparse = args.since.is_none();
+    // A device held other data: its zeros are written too.
+    let sparse = args.since.is_none() && !device;
     let mut readers = tokio::task::JoinSet::new();
     for (index, mut nbd) in clients.into_iter().enumerate() {
         let mine: Vec<(u64, u64)> = steps
@@ -387,18 +450,20 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
     }
     bar.finish_and_clear();
     image.sync_all().map_err(|e| local(&args.to, e))?;
-    write_record(
-        &args.to,
-        &BackupRecord {
-            volume: args.volume.clone(),
-            snapshot: args.snapshot.clone(),
-            snapshot_id: Some(info.id),
-            incomplete: None,
-            size_bytes: info.size_bytes,
-            chunk_bytes: info.chunk_bytes,
-            created_unix: info.created_unix,
-        },
-    )?;
+    if !device {
+        write_record(
+            &args.to,
+            &BackupRecord {
+                volume: args.volume.clone(),
+                snapshot: args.snapshot.clone(),
+                snapshot_id: Some(info.id),
+                incomplete: None,
+                size_bytes: info.size_bytes,
+                chunk_bytes: info.chunk_bytes,
+                created_unix: info.created_unix,
+            },
+        )?;
+    }
     report(&args, context, total, started.elapsed().as_secs_f64())
 }
 

@@ -74,10 +74,11 @@ enum Command {
     /// Snapshots: create, list, delete, diff.
     #[command(subcommand)]
     Snapshot(snapshot_cmd::SnapshotCommand),
-    /// Copy a snapshot into an image file over NBD: in full, or only what changed since an
-    /// earlier snapshot (`--since`) into the image holding it. Run on the server host.
+    /// Copy a snapshot into an image file (or onto a block device) over NBD: in full, or only
+    /// what changed since an earlier snapshot (`--since`) into the image holding it. Run on
+    /// the server host.
     #[command(
-        after_help = "Examples:\n  sanctl backup db1 monday --to /backup/db1.img\n  sanctl backup db1 tuesday --to /backup/db1.img --since monday\n\nShows a progress bar and the throughput. A backup that stops midway is run again as it\nwas; it never changes the snapshot. The image's snapshot is recorded in\nIMAGE.sanblk-backup.json once the copy is complete; `--since` builds only on that very\nsnapshot (one deleted and taken again under its name is another: make a full backup)."
+        after_help = "Examples:\n  sanctl backup db1 monday --to /backup/db1.img\n  sanctl backup db1 tuesday --to /backup/db1.img --since monday\n  sanctl backup db1 monday --to /dev/sdc\n\nShows a progress bar and the throughput. A backup that stops midway is run again as it\nwas; it never changes the snapshot. The image's snapshot is recorded in\nIMAGE.sanblk-backup.json once the copy is complete; `--since` builds only on that very\nsnapshot (one deleted and taken again under its name is another: make a full backup).\n\nOnto a block device (e.g. --to /dev/sdc), full backups only: the device must not be in\nuse and must hold the snapshot (it is not truncated; past the snapshot's size it is left\nas it was), and no record is kept (it would land in /dev), so `--since` onto a device is\nrefused. A restore from the device creates a volume of the whole device's size."
     )]
     Backup(backup_cmd::BackupArgs),
     /// Create a new volume holding an image (e.g. a backup), written over NBD. Run on the

@@ -1,6 +1,6 @@
 //! Drives the real `sanctl` binary against a real `sand` process.
 
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -718,4 +718,102 @@ fn a_deleted_snapshot_and_an_empty_diff_say_so() {
     assert!(said.starts_with("snapshot b of v deleted"), "{said}");
     let left = json(socket, &["snapshot", "list", "v"]);
     assert_eq!(left.as_array().map(Vec::len), Some(1), "{left}");
+}
+
+/// A loop device over a file of `size` bytes, detached when dropped.
+struct LoopDevice {
+    path: String,
+}
+
+impl LoopDevice {
+    /// None when this host cannot set one up (not root, no loop driver).
+    fn new(file: &Path, size: u64) -> Option<LoopDevice> {
+        std::fs::File::create(file)
+            .and_then(|f| f.set_len(size))
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let output = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output();
+        match output {
+            Ok(output) if output.status.success() => Some(LoopDevice {
+                path: String::from_utf8_lossy(&output.stdout).trim().to_string(),
+            }),
+            other => {
+                eprintln!("skipped: no loop device: {other:?}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.path]).status();
+    }
+}
+
+/// A full backup onto a block device writes the snapshot from its start, zeros included, and
+/// leaves the rest; a device too small, in use, or given with --since is refused.
+#[test]
+fn a_full_backup_goes_onto_a_block_device() {
+    let server = start_server();
+    let socket = server.admin_socket.as_path();
+    let dir = server.dir.path();
+    let Some(device) = LoopDevice::new(&dir.join("loop.img"), 12 * MIB) else {
+        return;
+    };
+    let target = device.path.as_str();
+    let disk = image(dir, "disk.img", 64 * MIB);
+    ok(socket, &["pool", "add", &disk]);
+    ok(socket, &["volume", "create", "big", "16M"]);
+    ok(socket, &["snapshot", "create", "big", "s"]);
+    let refused = fails(socket, &["backup", "big", "s", "--to", target], 2);
+    let needs = format!(
+        "{target} holds {} bytes (12M), the snapshot needs",
+        12 * MIB
+    );
+    assert!(refused.contains(&needs), "{refused}");
+
+    // Half written, half zeros, onto a device full of something else.
+    ok(socket, &["volume", "create", "v", "8M"]);
+    fill_volume(socket, &disk, "v", 0, 4 * MIB, 1);
+    ok(socket, &["snapshot", "create", "v", "s"]);
+    fill(Path::new(target), 0, 12 * MIB, 9);
+    let read_device = || std::fs::read(target).unwrap_or_else(|e| panic!("{target}: {e}"));
+    let before = read_device();
+    {
+        let _held = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(target)
+            .unwrap_or_else(|e| panic!("{target}: {e}"));
+        let refused = fails(socket, &["backup", "v", "s", "--to", target], 1);
+        assert!(refused.contains("in use"), "{refused}");
+    }
+    ok(socket, &["backup", "v", "s", "--to", target]);
+    let shown = json(socket, &["volume", "show", "v"]);
+    let offset = shown["map"]["extents"][0]["replicas"][0]["device_offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no device offset in {shown}"));
+    let mut origin = vec![0u8; 8 * MIB as usize];
+    std::fs::File::open(&disk)
+        .and_then(|f| f.read_exact_at(&mut origin, offset))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let after = read_device();
+    assert!(
+        after[..origin.len()] == origin,
+        "the device is not the snapshot"
+    );
+    assert!(
+        after[origin.len()..] == before[origin.len()..],
+        "the device past the snapshot changed"
+    );
+    assert!(!Path::new(&format!("{target}.sanblk-backup.json")).exists());
+    let refused = fails(
+        socket,
+        &["backup", "v", "s", "--to", target, "--since", "s"],
+        2,
+    );
+    assert!(refused.contains("full backups only"), "{refused}");
 }
