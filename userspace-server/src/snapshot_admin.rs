@@ -107,7 +107,8 @@ pub async fn snapshot_create(
 }
 
 /// What the volume's active snapshots have copied, read while its clients are quiesced; the
-/// newest one's chunks become the new snapshot's changed list (in its `chunk_bytes`).
+/// newest one's chunks become the new snapshot's changed list (in its `chunk_bytes`), its
+/// size where the volume's growth since starts.
 fn taken_after(s: &ServerState, volume_id: u64, chunk_bytes: u32) -> ServiceResult<TakenAfter> {
     let volume = s.store.volume_by_id(volume_id)?;
     let mut taken = TakenAfter::default();
@@ -131,39 +132,25 @@ fn taken_after(s: &ServerState, volume_id: u64, chunk_bytes: u32) -> ServiceResu
             continue;
         };
         taken.records_of_older.push((older.id, records));
-        let changed = changed_since(
-            &chunks,
-            older.chunk_bytes,
-            older.origin_bytes,
-            chunk_bytes,
-            volume.size_bytes,
-        );
+        let changed = in_chunks_of(&chunks, older.chunk_bytes, chunk_bytes);
         taken.previous = Some((older.id, changed));
+        taken.previous_bytes = Some(older.origin_bytes);
     }
     Ok(taken)
 }
 
-/// The chunks (of `chunk_bytes`) of a volume of `size_bytes` written since a snapshot of
-/// `older_bytes` that copied `copied` (ascending, chunks of `older_chunk_bytes`): each copied
-/// chunk in the new size, and every chunk the volume grew by since (written or not, they did
-/// not exist then), ascending.
-fn changed_since(
-    copied: &[u64],
-    older_chunk_bytes: u32,
-    older_bytes: u64,
-    chunk_bytes: u32,
-    size_bytes: u64,
-) -> Vec<u64> {
+/// The chunks of `chunk_bytes` that hold the chunks `copied` of `older_chunk_bytes`
+/// (ascending both). The volume's growth is not listed (a grow of terabytes would make it
+/// millions of entries): the size it starts at is kept beside the list.
+fn in_chunks_of(copied: &[u64], older_chunk_bytes: u32, chunk_bytes: u32) -> Vec<u64> {
     let (older_chunk, chunk) = (u64::from(older_chunk_bytes), u64::from(chunk_bytes));
-    let mut changed: Vec<u64> = if older_chunk == chunk {
-        copied.to_vec()
-    } else {
-        copied
-            .iter()
-            .flat_map(|&c| c * older_chunk / chunk..((c + 1) * older_chunk).div_ceil(chunk))
-            .collect()
-    };
-    changed.extend(older_bytes / chunk..size_bytes.div_ceil(chunk));
+    if older_chunk == chunk {
+        return copied.to_vec();
+    }
+    let mut changed: Vec<u64> = copied
+        .iter()
+        .flat_map(|&c| c * older_chunk / chunk..((c + 1) * older_chunk).div_ceil(chunk))
+        .collect();
     changed.sort_unstable();
     changed.dedup();
     changed
@@ -340,9 +327,8 @@ pub fn changed_between(
             ),
         ));
     }
-    // The list also marks every chunk the volume grew by since `from`, which a diff leaves
-    // out (`sanctl backup --since` adds it): a chunk `from` had only part of is then not
-    // known to be written, and the records say.
+    // A chunk `from` had only part of, and the volume grew into, counts as grown for block
+    // status; whether it was written, the records say.
     let chunk = u64::from(to.chunk_bytes);
     let grown_within_a_chunk =
         to.origin_bytes > from.origin_bytes && !from.origin_bytes.is_multiple_of(chunk);

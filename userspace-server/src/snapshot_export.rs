@@ -47,9 +47,11 @@ impl Exports for SnapshotExports {
                 ))
             }
         }
+        let chunk = u64::from(snapshot.chunk_bytes.max(1));
         Ok(Arc::new(SnapshotExport {
             state: self.state.clone(),
             changed: snapshot.changed_since_previous.clone(),
+            grown_from: snapshot.previous_bytes.map(|bytes| bytes / chunk),
             snapshot,
         }))
     }
@@ -156,6 +158,9 @@ struct SnapshotExport {
     /// Chunks changed since the previous snapshot, ascending; `None`: no previous snapshot,
     /// so every chunk counts as changed (a backup from it is a full one).
     changed: Option<Vec<u64>>,
+    /// The first chunk the volume grew into since the previous snapshot: it and every one
+    /// after it count as changed.
+    grown_from: Option<u64>,
 }
 
 impl Export for SnapshotExport {
@@ -184,6 +189,7 @@ impl Export for SnapshotExport {
         let end = offset.saturating_add(length).min(self.size());
         Ok(changed_runs(
             self.changed.as_deref(),
+            self.grown_from,
             u64::from(self.snapshot.chunk_bytes),
             offset,
             end,
@@ -192,9 +198,11 @@ impl Export for SnapshotExport {
 }
 
 /// The runs (length, flags) covering `[offset, end)` given the changed chunks (ascending;
-/// `None`: all changed), at most [`MAX_RUNS`] of them; never empty for a non-empty range.
+/// `None`: all changed) and the first chunk of the growth (it and all after it changed), at
+/// most [`MAX_RUNS`] of them; never empty for a non-empty range.
 fn changed_runs(
     changed: Option<&[u64]>,
+    grown_from: Option<u64>,
     chunk_bytes: u64,
     offset: u64,
     end: u64,
@@ -208,14 +216,16 @@ fn changed_runs(
     let mut runs: Vec<(u64, u32)> = Vec::new();
     let mut at = offset;
     let mut next = changed.partition_point(|&c| (c + 1) * chunk_bytes <= offset);
+    let grown_at = grown_from.map_or(u64::MAX, |chunk| chunk.saturating_mul(chunk_bytes));
     while at < end && runs.len() < MAX_RUNS {
         let (run_end, flags) = match changed.get(next) {
+            _ if at >= grown_at => (end, CHANGED_FLAG),
             Some(&chunk) if chunk * chunk_bytes <= at => {
                 next += 1;
                 ((chunk + 1) * chunk_bytes, CHANGED_FLAG)
             }
-            Some(&chunk) => (chunk * chunk_bytes, 0),
-            None => (end, 0),
+            Some(&chunk) => ((chunk * chunk_bytes).min(grown_at), 0),
+            None => (grown_at, 0),
         };
         let run_end = run_end.min(end);
         match runs.last_mut() {
@@ -236,7 +246,7 @@ mod tests {
     #[test]
     fn runs_cover_the_range_and_merge_neighbours() {
         let changed = [1, 2, 5];
-        let runs = changed_runs(Some(&changed), CHUNK, 0, 8 * CHUNK);
+        let runs = changed_runs(Some(&changed), None, CHUNK, 0, 8 * CHUNK);
         assert_eq!(
             runs,
             vec![
@@ -248,10 +258,38 @@ mod tests {
             ]
         );
         // From the middle of a changed chunk to the middle of an unchanged one.
-        let runs = changed_runs(Some(&changed), CHUNK, CHUNK + 100, 3 * CHUNK + 7);
+        let runs = changed_runs(Some(&changed), None, CHUNK, CHUNK + 100, 3 * CHUNK + 7);
         assert_eq!(runs, vec![(2 * CHUNK - 100, CHANGED_FLAG), (7, 0)]);
-        assert_eq!(changed_runs(None, CHUNK, 10, 20), vec![(10, CHANGED_FLAG)]);
-        assert_eq!(changed_runs(Some(&[]), CHUNK, 0, CHUNK), vec![(CHUNK, 0)]);
-        assert!(changed_runs(Some(&changed), CHUNK, 5, 5).is_empty());
+        assert_eq!(
+            changed_runs(None, None, CHUNK, 10, 20),
+            vec![(10, CHANGED_FLAG)]
+        );
+        assert_eq!(
+            changed_runs(Some(&[]), None, CHUNK, 0, CHUNK),
+            vec![(CHUNK, 0)]
+        );
+        assert!(changed_runs(Some(&changed), None, CHUNK, 5, 5).is_empty());
+    }
+
+    #[test]
+    fn the_growth_is_changed_from_its_first_chunk_on() {
+        let runs = changed_runs(Some(&[1]), Some(4), CHUNK, 0, 6 * CHUNK);
+        assert_eq!(
+            runs,
+            vec![
+                (CHUNK, 0),
+                (CHUNK, CHANGED_FLAG),
+                (2 * CHUNK, 0),
+                (2 * CHUNK, CHANGED_FLAG)
+            ]
+        );
+        // A written chunk just below the growth joins it; a range inside the growth.
+        let runs = changed_runs(Some(&[3]), Some(4), CHUNK, 0, 6 * CHUNK);
+        assert_eq!(runs, vec![(3 * CHUNK, 0), (3 * CHUNK, CHANGED_FLAG)]);
+        let runs = changed_runs(Some(&[]), Some(4), CHUNK, 5 * CHUNK + 9, 6 * CHUNK);
+        assert_eq!(runs, vec![(CHUNK - 9, CHANGED_FLAG)]);
+        // Nothing grown: the growth chunk is beyond the range.
+        let runs = changed_runs(Some(&[]), Some(8), CHUNK, 0, 6 * CHUNK);
+        assert_eq!(runs, vec![(6 * CHUNK, 0)]);
     }
 }

@@ -60,10 +60,15 @@ pub struct SnapshotRecord {
     #[serde(default)]
     pub previous: Option<u64>,
     /// Chunks (of this snapshot's size) written between the previous snapshot and this one,
-    /// ascending (copied by the previous snapshot's store before this one was taken), and
-    /// those the volume grew by since the previous one. `None` without a previous one.
+    /// ascending (copied by the previous snapshot's store before this one was taken). `None`
+    /// without a previous one.
     #[serde(default)]
     pub changed_since_previous: Option<Vec<u64>>,
+    /// The previous snapshot's size: what the volume grew by since starts there (every chunk
+    /// from the one holding that byte on counts as changed). `None` without a previous one,
+    /// or for a snapshot taken before this was kept.
+    #[serde(default)]
+    pub previous_bytes: Option<u64>,
     /// How many records each snapshot active when this one was taken had then (snapshot id,
     /// records): the chunks changed between that snapshot and this one are its first ones.
     #[serde(default)]
@@ -77,6 +82,9 @@ pub struct TakenAfter {
     pub records_of_older: Vec<(u64, u64)>,
     /// The newest active snapshot and the chunks it had copied, ascending.
     pub previous: Option<(u64, Vec<u64>)>,
+    /// That snapshot's size.
+    #[serde(default)]
+    pub previous_bytes: Option<u64>,
 }
 
 impl SnapshotRecord {
@@ -215,6 +223,7 @@ impl Store {
                 store_extents,
                 previous: None,
                 changed_since_previous: None,
+                previous_bytes: None,
                 records_of_older: Vec::new(),
             };
             snapshots.insert(id, encode(&record)?.as_slice())?;
@@ -299,6 +308,7 @@ pub(super) fn take_snapshot_in(
     if let Some((previous, changed)) = &taken.previous {
         snapshot.previous = Some(*previous);
         snapshot.changed_since_previous = Some(changed.clone());
+        snapshot.previous_bytes = taken.previous_bytes;
     }
     snapshot.records_of_older = taken.records_of_older.clone();
     snapshots.insert(snapshot_id, encode(&snapshot)?.as_slice())?;
