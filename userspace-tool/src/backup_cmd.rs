@@ -357,12 +357,6 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
                 return report(&args, context, 0, 0.0);
             }
             check_base(&args.to, &held, since, &info, &infos)?;
-            // From the first byte written on, the image is no longer `since` alone.
-            let writing = BackupRecord {
-                incomplete: Some((info.name.clone(), info.id)),
-                ..held.clone()
-            };
-            write_record(&args.to, &writing)?;
             let (chunk_bytes, chunks) =
                 changed_chunks(context, &args.volume, since, &args.snapshot).await?;
             let chunk = u64::from(chunk_bytes);
@@ -377,6 +371,13 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
                 .write(true)
                 .open(&args.to)
                 .map_err(|e| cannot_write(&args.to, e))?;
+            // From the first byte written on, the image is no longer `since` alone (a
+            // refusal before this point leaves it the complete base it was).
+            let writing = BackupRecord {
+                incomplete: Some((info.name.clone(), info.id)),
+                ..held.clone()
+            };
+            write_record(&args.to, &writing)?;
             (ranges, image)
         }
     };
