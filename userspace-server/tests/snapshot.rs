@@ -964,24 +964,11 @@ async fn a_restore_export_excludes_clients_and_writes_the_volume() {
 async fn deleting_a_volume_frees_its_snapshots() {
     let server = TestServer::start();
     let (mut setup, _) = setup(&server, 6).await;
-    let free = |devices: Vec<sanblk_proto::protocol::DeviceInfo>| -> u64 {
-        devices.iter().map(|d| d.free_bytes).sum()
-    };
-    let mut admin = server.admin().await;
-    let before: u64 = free(
-        admin
-            .call(sanblk_proto::protocol::PoolList {})
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
+    let before = server.pool_free_bytes().await;
     setup.snapshot(&server, "one", Some(4 * MIB)).await;
-    let with_snapshot = free(
-        admin
-            .call(sanblk_proto::protocol::PoolList {})
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
+    let with_snapshot = server.pool_free_bytes().await;
     assert!(with_snapshot < before, "the COW store took no space");
+    let mut admin = server.admin().await;
     admin
         .call(sanblk_proto::protocol::VolumeDelete {
             name: "vol".into(),
@@ -989,12 +976,7 @@ async fn deleting_a_volume_frees_its_snapshots() {
         })
         .await
         .unwrap_or_else(|e| panic!("volume delete: {e}"));
-    let after = free(
-        admin
-            .call(sanblk_proto::protocol::PoolList {})
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
+    let after = server.pool_free_bytes().await;
     assert_eq!(
         after,
         before + VOLUME,
@@ -1011,17 +993,14 @@ async fn deleting_a_volume_frees_its_snapshots() {
 #[cfg(debug_assertions)]
 const CRASH_AT_ENV: &str = "SAND_CRASH_AT";
 
-/// The pool's free bytes.
+/// The change's crash points, and whether the change is committed at each.
 #[cfg(debug_assertions)]
-async fn pool_free(server: &TestServer) -> u64 {
-    let devices: Vec<sanblk_proto::protocol::DeviceInfo> = server
-        .admin()
-        .await
-        .call(sanblk_proto::protocol::PoolList {})
-        .await
-        .unwrap_or_else(|e| panic!("pool list: {e}"));
-    devices.iter().map(|d| d.free_bytes).sum()
-}
+const CHANGE_CRASH_POINTS: [(&str, bool); 4] = [
+    ("change:after-record", false),
+    ("change:after-quiesce", false),
+    ("change:after-commit", true),
+    ("change:after-map-acks", true),
+];
 
 /// `snapshot create` or `snapshot delete` of "snap" with sand crashing at `crash_at` in its
 /// change, the client's agent answering like the kernel would; then a restart. A committed
@@ -1035,12 +1014,12 @@ async fn crash_during_snapshot_change(deleting: bool, crash_at: &str, committed:
     // the server since), by a server without the crash point.
     let mut first = TestServer::start();
     let (mut setup, a) = setup(&first, 11).await;
-    let free_without = pool_free(&first).await;
+    let free_without = first.pool_free_bytes().await;
     if deleting {
         setup.snapshot(&first, "snap", None).await;
         setup.write(0, &pattern(12, 2 * CHUNK as usize)).await;
     }
-    let free_before = pool_free(&first).await;
+    let free_before = first.pool_free_bytes().await;
     let secret = setup.secret.clone();
     drop(setup);
     assert!(first.stop(), "sand did not stop cleanly");
@@ -1095,14 +1074,14 @@ async fn crash_during_snapshot_change(deleting: bool, crash_at: &str, committed:
             read_export(&listed[0]).await == a,
             "{what}: the snapshot lost its point in time"
         );
-        let free = pool_free(&restarted).await;
+        let free = restarted.pool_free_bytes().await;
         assert!(free < free_without, "{what}: the COW store lost its space");
         if deleting {
             assert_eq!(free, free_before, "{what}: space changed");
         }
     } else {
         assert_eq!(
-            pool_free(&restarted).await,
+            restarted.pool_free_bytes().await,
             free_without,
             "{what}: the COW store's space was not freed"
         );
@@ -1131,12 +1110,7 @@ async fn crash_during_snapshot_change(deleting: bool, crash_at: &str, committed:
 #[cfg(debug_assertions)]
 #[tokio::test]
 async fn a_snapshot_create_interrupted_by_a_crash_is_taken_or_undone() {
-    for (crash_at, committed) in [
-        ("change:after-record", false),
-        ("change:after-quiesce", false),
-        ("change:after-commit", true),
-        ("change:after-map-acks", true),
-    ] {
+    for (crash_at, committed) in CHANGE_CRASH_POINTS {
         crash_during_snapshot_change(false, crash_at, committed).await;
     }
 }
@@ -1144,12 +1118,7 @@ async fn a_snapshot_create_interrupted_by_a_crash_is_taken_or_undone() {
 #[cfg(debug_assertions)]
 #[tokio::test]
 async fn a_snapshot_delete_interrupted_by_a_crash_is_done_or_undone() {
-    for (crash_at, committed) in [
-        ("change:after-record", false),
-        ("change:after-quiesce", false),
-        ("change:after-commit", true),
-        ("change:after-map-acks", true),
-    ] {
+    for (crash_at, committed) in CHANGE_CRASH_POINTS {
         crash_during_snapshot_change(true, crash_at, committed).await;
     }
 }

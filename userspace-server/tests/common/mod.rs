@@ -297,15 +297,24 @@ impl TestServer {
             .unwrap_or_else(|e| panic!("grant: {e}"));
     }
 
-    /// Pool device UUID -> image file.
-    pub async fn device_paths(&self) -> std::collections::HashMap<uuid::Uuid, PathBuf> {
-        let devices: Vec<sanblk_proto::protocol::DeviceInfo> = self
-            .admin()
+    /// The pool's devices, as `pool list` gives them.
+    pub async fn pool_devices(&self) -> Vec<sanblk_proto::protocol::DeviceInfo> {
+        self.admin()
             .await
             .call(sanblk_proto::protocol::PoolList {})
             .await
-            .unwrap_or_else(|e| panic!("pool list: {e}"));
-        devices
+            .unwrap_or_else(|e| panic!("pool list: {e}"))
+    }
+
+    /// The pool's free bytes.
+    pub async fn pool_free_bytes(&self) -> u64 {
+        self.pool_devices().await.iter().map(|d| d.free_bytes).sum()
+    }
+
+    /// Pool device UUID -> image file.
+    pub async fn device_paths(&self) -> std::collections::HashMap<uuid::Uuid, PathBuf> {
+        self.pool_devices()
+            .await
             .into_iter()
             .map(|d| (d.uuid, PathBuf::from(d.path)))
             .collect()
