@@ -251,21 +251,28 @@ impl CowStore {
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `offset_in_chunk` of the content kept in `slot` (blocking).
-    pub fn read_slot(
-        &self,
-        devices: &DeviceTable,
-        slot: u64,
-        offset_in_chunk: u64,
-        buf: &mut [u8],
-    ) -> io::Result<()> {
-        read_store(
-            devices,
-            &self.snapshot,
-            self.layout.slot_offset(slot) + offset_in_chunk,
-            buf,
-        )
+    pub fn layout(&self) -> CowLayout {
+        self.layout
     }
+}
+
+/// Reads `buf.len()` bytes at `offset_in_chunk` of the content kept in `slot` of
+/// `snapshot`'s store laid out as `layout` (blocking). A slot's content never changes once
+/// its record exists, so this needs no lock.
+pub fn read_slot(
+    devices: &DeviceTable,
+    snapshot: &SnapshotRecord,
+    layout: CowLayout,
+    slot: u64,
+    offset_in_chunk: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    read_store(
+        devices,
+        snapshot,
+        layout.slot_offset(slot) + offset_in_chunk,
+        buf,
+    )
 }
 
 fn layout_of(snapshot: &SnapshotRecord) -> io::Result<CowLayout> {

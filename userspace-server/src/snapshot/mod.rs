@@ -5,10 +5,12 @@
 //! host sends its first write to each chunk through the server (later ones go direct once
 //! the server acknowledged one), and the server copies the chunk's old content into every
 //! active snapshot's store before the chunk's first write (`before_write`). The copy
-//! and the check whether a chunk was copied happen under the volume's COW lock; a
-//! point-in-time read of a chunk not copied reads the origin under that lock too, so it can
-//! never see a write that started after the check (a write to an uncopied chunk must take the
-//! lock to copy it first). Writes to chunks already copied take the lock only to look.
+//! and the check whether a chunk was copied happen under the volume's COW lock, and the copy
+//! is recorded before the write reaches the origin. A point-in-time read plans under that
+//! lock where each chunk comes from, reads without it (so a backup's long reads hold up no
+//! first write), and takes it again to check that no chunk it read from the origin was
+//! copied meanwhile; such chunks are read again from the store. Writes to chunks already
+//! copied take the lock only to look.
 //!
 //! A client may also preserve chunks itself, into the stores of a volume's active snapshots
 //! (the map's COW store sections, offered while every active snapshot has the map's chunk
@@ -34,6 +36,7 @@ use log::{info, warn};
 use crate::device::{AlignedBuf, DeviceTable};
 use crate::store::{SnapshotRecord, SnapshotState, Store, StoreResult};
 use cow::{CowStore, PreserveError};
+use sanblk_uapi::cow::CowLayout;
 
 /// Reads `buf.len()` bytes of the origin volume at a byte offset (blocking).
 pub type OriginReader<'a> = &'a dyn Fn(u64, &mut [u8]) -> io::Result<()>;
@@ -210,38 +213,46 @@ impl Snapshots {
     ) -> io::Result<()> {
         let volume = self.volume(snapshot.volume_id);
         let chunk_bytes = u64::from(snapshot.chunk_bytes);
-        // One lock for the whole request; consecutive chunks from the same place (the origin,
-        // or consecutive slots) are read in one go.
-        let mut guard = self.locked(&volume, snapshot.volume_id, volume_epoch)?;
-        let client_appends = client_may_append(&guard);
-        let store = guard
-            .stores
-            .iter_mut()
-            .find(|s| s.snapshot.id == snapshot.id)
-            .ok_or_else(|| {
-                io::Error::other(format!("snapshot {} is no longer valid", snapshot.name))
-            })?;
-        // A client preserving chunks itself makes each record durable before its write
-        // reaches the origin: so after reading a chunk from the origin, a record of it
-        // read back afterwards means the origin may already hold the new data, and the
-        // request is read again, those chunks from the store. Each pass adds records, and a
-        // chunk is recorded once: this ends.
+        let chunks = offset / chunk_bytes..(offset + buf.len() as u64).div_ceil(chunk_bytes);
+        let (mut runs, mut recorded, layout) = {
+            let mut guard = self.locked(&volume, snapshot.volume_id, volume_epoch)?;
+            let store = store_of(&mut guard, snapshot)?;
+            let runs = plan_runs(store, offset, buf.len());
+            (runs, store.slots_used(), store.layout())
+        };
+        // The data is read without the lock, so requests on other connections and the
+        // copies of first writes go on meanwhile. Every copy is recorded (in memory by the
+        // server, durably by a client) before its write reaches the origin: so a chunk read
+        // from the origin that has a record made since the plan may hold new data, and the
+        // request is read again, those chunks from the store. A slot's content never changes
+        // once recorded. Each pass adds records, and a chunk is recorded once: this ends.
         loop {
-            let recorded = store.slots_used();
-            let from_origin = read_pass(&self.devices, store, offset, buf, read_origin)?;
-            if !from_origin || !client_appends {
+            let from_origin = read_runs(
+                &self.devices,
+                snapshot,
+                layout,
+                offset,
+                &runs,
+                buf,
+                read_origin,
+            )?;
+            let mut guard = self.locked(&volume, snapshot.volume_id, volume_epoch)?;
+            let client_appends = client_may_append(&guard);
+            let store = store_of(&mut guard, snapshot)?;
+            if !from_origin {
                 return Ok(());
             }
-            absorb(&self.devices, store)?;
-            if store.slots_used() == recorded {
-                return Ok(());
+            if client_appends {
+                absorb(&self.devices, store)?;
             }
-            let chunks_now_copied = (offset / chunk_bytes
-                ..(offset + buf.len() as u64).div_ceil(chunk_bytes))
+            let chunks_now_copied = chunks
+                .clone()
                 .any(|chunk| store.slot_of(chunk).is_some_and(|slot| slot >= recorded));
             if !chunks_now_copied {
                 return Ok(());
             }
+            runs = plan_runs(store, offset, buf.len());
+            recorded = store.slots_used();
         }
     }
 
@@ -367,25 +378,32 @@ fn client_may_append(stores: &VolumeStores) -> bool {
         .all(|pair| pair[0].snapshot.chunk_bytes == pair[1].snapshot.chunk_bytes)
 }
 
-/// One pass of [`Snapshots::read`]: copied chunks from the store, the rest from the origin;
-/// whether any byte came from the origin.
-fn read_pass(
-    devices: &DeviceTable,
-    store: &CowStore,
-    offset: u64,
-    buf: &mut [u8],
-    read_origin: OriginReader<'_>,
-) -> io::Result<bool> {
+/// The store of `snapshot` among the volume's loaded ones (it is gone once deleted or
+/// invalid, or its volume's epoch moved on).
+fn store_of<'a>(
+    stores: &'a mut VolumeStores,
+    snapshot: &SnapshotRecord,
+) -> io::Result<&'a mut CowStore> {
+    stores
+        .stores
+        .iter_mut()
+        .find(|s| s.snapshot.id == snapshot.id)
+        .ok_or_else(|| io::Error::other(format!("snapshot {} is no longer valid", snapshot.name)))
+}
+
+/// Where a point-in-time read of `length` bytes at `offset` finds them: runs of
+/// `(buffer offset, length, first slot)`, the slot `None` for the origin. Consecutive chunks
+/// from the same place (the origin, or consecutive slots) make one run, read in one go.
+fn plan_runs(store: &CowStore, offset: u64, length: usize) -> Vec<(usize, usize, Option<u64>)> {
     let chunk_bytes = store.chunk_bytes();
-    let mut from_origin = false;
+    let mut runs = Vec::new();
     let mut done = 0usize;
-    while done < buf.len() {
+    while done < length {
         let at = offset + done as u64;
         let first_slot = store.slot_of(at / chunk_bytes);
-        let mut length = ((chunk_bytes - at % chunk_bytes) as usize).min(buf.len() - done);
-        // Extend the run while the next chunk comes from the place right after.
-        while done + length < buf.len() {
-            let next = (at + length as u64) / chunk_bytes;
+        let mut run = ((chunk_bytes - at % chunk_bytes) as usize).min(length - done);
+        while done + run < length {
+            let next = (at + run as u64) / chunk_bytes;
             let steps = next - at / chunk_bytes;
             let continues = match (first_slot, store.slot_of(next)) {
                 (None, None) => true,
@@ -395,17 +413,39 @@ fn read_pass(
             if !continues {
                 break;
             }
-            length = (length + chunk_bytes as usize).min(buf.len() - done);
+            run = (run + chunk_bytes as usize).min(length - done);
         }
-        let target = &mut buf[done..done + length];
-        match first_slot {
-            Some(slot) => store.read_slot(devices, slot, at % chunk_bytes, target)?,
+        runs.push((done, run, first_slot));
+        done += run;
+    }
+    runs
+}
+
+/// Reads the runs of a plan into `buf` (at `offset` of the volume); whether any byte came
+/// from the origin.
+fn read_runs(
+    devices: &DeviceTable,
+    snapshot: &SnapshotRecord,
+    layout: CowLayout,
+    offset: u64,
+    runs: &[(usize, usize, Option<u64>)],
+    buf: &mut [u8],
+    read_origin: OriginReader<'_>,
+) -> io::Result<bool> {
+    let chunk_bytes = u64::from(layout.chunk_bytes);
+    let mut from_origin = false;
+    for &(start, length, slot) in runs {
+        let at = offset + start as u64;
+        let target = &mut buf[start..start + length];
+        match slot {
+            Some(slot) => {
+                cow::read_slot(devices, snapshot, layout, slot, at % chunk_bytes, target)?
+            }
             None => {
                 read_origin(at, target)?;
                 from_origin = true;
             }
         }
-        done += length;
     }
     Ok(from_origin)
 }
@@ -437,4 +477,128 @@ pub fn drop_pending(store: &Store) -> StoreResult<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ChangeKind, ChangeRecord, ChangeStep, DeviceRecord, TakenAfter};
+    use sanblk_proto::map::Layout;
+
+    const MIB: u64 = 1 << 20;
+    const CHUNK: u64 = 64 << 10;
+
+    /// A store on a 16 MiB image file holding a 1 MiB volume and an active snapshot of it.
+    fn volume_with_snapshot(name: &str) -> (std::path::PathBuf, Arc<Store>, SnapshotRecord) {
+        let dir =
+            std::env::temp_dir().join(format!("sand-snapshots-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let image = dir.join("san0.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(16 * MIB))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(&dir, &dir.join("secrets.redb")).unwrap_or_else(|e| panic!("{e}"));
+        store
+            .add_device(&DeviceRecord {
+                uuid: uuid::Uuid::from_u128(1),
+                path: image.display().to_string(),
+                size_bytes: 16 * MIB,
+                data_start: MIB,
+                state: "online".into(),
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let volume = store
+            .create_volume("v", MIB, Layout::Linear)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let pending = store
+            .reserve_snapshot(volume.id, "s", CHUNK as u32, 2 * MIB, 1)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let store = Arc::new(store);
+        CowStore::format(&DeviceTable::new(store.clone()), &pending)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let change = ChangeRecord {
+            volume_id: volume.id,
+            from_epoch: volume.epoch,
+            to_epoch: volume.epoch + 1,
+            kind: ChangeKind::SnapshotTake {
+                snapshot_id: pending.id,
+                created_unix: 1,
+                taken: TakenAfter::default(),
+            },
+            step: ChangeStep::Quiescing,
+        };
+        store
+            .commit_change(&change)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let snapshot = store
+            .snapshot_named(volume.id, "s")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(snapshot.state, SnapshotState::Active);
+        (dir, store, snapshot)
+    }
+
+    /// Reads the in-memory origin.
+    fn read_from(origin: &Mutex<Vec<u8>>, at: u64, target: &mut [u8]) -> io::Result<()> {
+        let origin = origin.lock().unwrap_or_else(|p| p.into_inner());
+        target.copy_from_slice(&origin[at as usize..at as usize + target.len()]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_first_write_during_a_point_in_time_read_neither_waits_nor_shows() {
+        let (dir, store, snapshot) = volume_with_snapshot("racing-write");
+        let snapshots = Arc::new(Snapshots::new(store));
+        let (volume_id, epoch) = (snapshot.volume_id, snapshot.epoch);
+        // The origin, in memory: pattern A everywhere.
+        let origin = Arc::new(Mutex::new(vec![0xaa_u8; MIB as usize]));
+        // While the snapshot read is reading the origin, a first write to chunk 3 arrives
+        // through the server on another thread: its copy is made (into the store), then B
+        // reaches the origin, then the read's data comes off the origin, B included.
+        let raced = std::sync::atomic::AtomicBool::new(false);
+        let read_racing = |at: u64, target: &mut [u8]| {
+            if !raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let (snapshots, origin) = (snapshots.clone(), origin.clone());
+                let (done, written) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let copied =
+                        snapshots.before_write(volume_id, epoch, 3 * CHUNK, 4096, &|at, target| {
+                            read_from(&origin, at, target)
+                        });
+                    let start = 3 * CHUNK as usize;
+                    origin.lock().unwrap_or_else(|p| p.into_inner())[start..start + 4096]
+                        .fill(0xbb);
+                    let _ = done.send(copied);
+                });
+                // Not a speed limit: a write that waits for the read never finishes at all.
+                match written.recv_timeout(std::time::Duration::from_secs(30)) {
+                    Ok(copied) => copied?,
+                    Err(_) => panic!("the first write waited for the snapshot read"),
+                }
+            }
+            read_from(&origin, at, target)
+        };
+        let mut buf = vec![0u8; (8 * CHUNK) as usize];
+        snapshots
+            .read(&snapshot, epoch, 0, &mut buf, &read_racing)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(raced.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(
+            buf.iter().all(|&b| b == 0xaa),
+            "the snapshot read showed the write made during it"
+        );
+        // The origin holds B, and a second read finds chunk 3 in the store.
+        assert_eq!(
+            origin.lock().map(|o| o[3 * CHUNK as usize]).ok(),
+            Some(0xbb)
+        );
+        let mut again = vec![0u8; (8 * CHUNK) as usize];
+        snapshots
+            .read(&snapshot, epoch, 0, &mut again, &|at, target| {
+                read_from(&origin, at, target)
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(again.iter().all(|&b| b == 0xaa));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
