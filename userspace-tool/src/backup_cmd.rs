@@ -19,6 +19,7 @@ use std::time::Instant;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 
 use sanblk_proto::map::format_size;
 use sanblk_proto::map::{Layout, VolumeMap, BLOCK_SIZE};
@@ -434,13 +435,28 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
             info.export.clone(),
         );
         readers.spawn(async move {
+            // Two buffers: the next reply is received while the last one is written out on
+            // a blocking thread, so the socket keeps draining and the server keeps reading.
             let mut data = Vec::new();
+            let mut writing: Option<JoinHandle<Result<Vec<u8>, CliError>>> = None;
             for (at, length) in mine {
                 nbd.read_into(at, length as u32, &mut data)
                     .await
                     .map_err(|e| CliError::Unreachable(format!("reading {export}: {e}")))?;
-                write_data(&image, &path, at, &data, sparse)?;
-                bar.inc(length);
+                let spare = match writing.take() {
+                    Some(written) => finished(written).await?,
+                    None => Vec::new(),
+                };
+                let full = std::mem::replace(&mut data, spare);
+                let (image, path, bar) = (image.clone(), path.clone(), bar.clone());
+                writing = Some(tokio::task::spawn_blocking(move || {
+                    write_data(&image, &path, at, &full, sparse)?;
+                    bar.inc(length);
+                    Ok(full)
+                }));
+            }
+            if let Some(written) = writing {
+                finished(written).await?;
             }
             let _ = nbd.disconnect().await;
             Ok::<(), CliError>(())
@@ -512,6 +528,13 @@ fn report(
         format_size((total as f64 / seconds) as u64)
     );
     Ok(())
+}
+
+/// The buffer a write into the image hands back once done.
+async fn finished(write: JoinHandle<Result<Vec<u8>, CliError>>) -> Result<Vec<u8>, CliError> {
+    write
+        .await
+        .map_err(|e| CliError::Local(format!("backup writer: {e}")))?
 }
 
 /// Writes `data` at `at`. Into a freshly truncated image (`sparse`), all-zero 64 KiB blocks

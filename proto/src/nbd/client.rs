@@ -235,6 +235,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
 
     /// Reads `length` bytes at `offset` into `data` (resized to `length`), so a caller that
     /// streams a device reuses one buffer instead of faulting in a fresh one per request.
+    /// After an error, what `data` holds is unspecified.
     pub async fn read_into(
         &mut self,
         offset: u64,
@@ -242,8 +243,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         data: &mut Vec<u8>,
     ) -> Result<(), NbdError> {
         self.check_range(offset, length, MAX_REQUEST_LENGTH)?;
-        data.clear();
         if length == 0 {
+            data.clear();
             return Ok(());
         }
         let request = self.request(CMD_READ, offset, length);
@@ -811,8 +812,8 @@ async fn read_read_reply<S: AsyncRead + Unpin>(
     data: &mut Vec<u8>,
 ) -> Result<(), NbdError> {
     let length = u64::from(request.length);
-    // Holes and anything not covered stay zero; success needs every byte covered.
-    data.clear();
+    // Every byte is written below: data chunks read into it, holes zeroed, and success needs
+    // every byte covered. So a reused buffer is not cleared first (4 MiB of memset a read).
     data.resize(request.length as usize, 0);
     if !read_reply_magic(stream, structured_replies).await? {
         let error = read_simple_reply(stream, request).await?;
@@ -861,6 +862,8 @@ async fn read_read_reply<S: AsyncRead + Unpin>(
                         "hole chunk empty, outside the read or overlapping",
                     ));
                 }
+                // `end <= length`, a u32, so both fit in usize.
+                data[start as usize..end as usize].fill(0);
             }
             REPLY_TYPE_NONE => check_none_chunk(&chunk)?,
             kind if kind & REPLY_TYPE_FLAG_ERROR != 0 => {
@@ -1215,8 +1218,10 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(client.size(), 1 << 20);
         assert!(client.has_changed_context());
-        let data = client
-            .read(4096, 12)
+        // A reused buffer, as a backup's: the hole must not keep its old bytes.
+        let mut data = vec![0xff_u8; 64];
+        client
+            .read_into(4096, 12, &mut data)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(data, b"abcd\0\0\0\0wxyz");
