@@ -538,7 +538,8 @@ async fn finished(write: JoinHandle<Result<Vec<u8>, CliError>>) -> Result<Vec<u8
 }
 
 /// Writes `data` at `at`. Into a freshly truncated image (`sparse`), all-zero 64 KiB blocks
-/// are skipped: they read as zeros already, and the image stays sparse.
+/// are skipped: they read as zeros already, and the image stays sparse. The blocks between
+/// are written in one call per run (a 4 MiB read of data is one write, not 64).
 fn write_data(
     image: &File,
     path: &Path,
@@ -547,15 +548,27 @@ fn write_data(
     sparse: bool,
 ) -> Result<(), CliError> {
     const BLOCK: usize = 64 << 10;
+    let mut run_start: Option<usize> = None;
     for (index, block) in data.chunks(BLOCK).enumerate() {
-        if sparse && block.iter().all(|&b| b == 0) {
-            continue;
+        let start = index * BLOCK;
+        let skipped = sparse && block.iter().all(|&b| b == 0);
+        match (skipped, run_start) {
+            (true, Some(from)) => {
+                write_run(image, path, at + from as u64, &data[from..start])?;
+                run_start = None;
+            }
+            (false, None) => run_start = Some(start),
+            _ => {}
         }
-        image
-            .write_all_at(block, at + (index * BLOCK) as u64)
-            .map_err(|e| local(path, e))?;
+    }
+    if let Some(from) = run_start {
+        write_run(image, path, at + from as u64, &data[from..])?;
     }
     Ok(())
+}
+
+fn write_run(image: &File, path: &Path, at: u64, run: &[u8]) -> Result<(), CliError> {
+    image.write_all_at(run, at).map_err(|e| local(path, e))
 }
 
 #[derive(Debug, Args)]
@@ -715,4 +728,49 @@ fn read_padded(image: &mut File, path: &Path, at: u64, buf: &mut [u8]) -> Result
     }
     buf[done..].fill(0);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn data_is_written_in_runs_around_skipped_zero_blocks() {
+        const BLOCK: usize = 64 << 10;
+        let path = std::env::temp_dir().join(format!("sanctl-write-data-{}", std::process::id()));
+        // Blocks: data, data, zero, data, zero, zero, data (the last one short).
+        let kinds = [1u8, 2, 0, 3, 0, 0, 4];
+        let mut data = Vec::new();
+        for (index, &kind) in kinds.iter().enumerate() {
+            let length = if index == kinds.len() - 1 {
+                1000
+            } else {
+                BLOCK
+            };
+            data.extend(std::iter::repeat_n(kind, length));
+        }
+        let at = 3 * BLOCK as u64;
+        for sparse in [true, false] {
+            let image = File::create(&path).unwrap_or_else(|e| panic!("{e}"));
+            image
+                .set_len(at + data.len() as u64)
+                .unwrap_or_else(|e| panic!("{e}"));
+            write_data(&image, &path, at, &data, sparse).unwrap_or_else(|e| panic!("{e}"));
+            let written = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(written[..at as usize].iter().all(|&b| b == 0));
+            assert!(written[at as usize..] == data[..], "sparse {sparse}");
+            let allocated = std::fs::metadata(&path)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .blocks()
+                * 512;
+            // Sparse: the four data blocks only (the filesystem may round up a little).
+            if sparse {
+                assert!(allocated < 5 * BLOCK as u64, "{allocated} bytes allocated");
+            } else {
+                assert!(allocated >= 6 * BLOCK as u64, "{allocated} bytes allocated");
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
 }
