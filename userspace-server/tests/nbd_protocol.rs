@@ -77,6 +77,43 @@ impl Export for PatternSnapshot {
     }
 }
 
+/// The pattern snapshot, whose reads come in pairs: each waits (up to [`PROMPT`]) until the
+/// other read of its pair is being read too, and fails if none comes. A server that reads a
+/// connection's requests one at a time fails every read of it.
+#[derive(Default)]
+struct PairedSnapshot {
+    arrived: Mutex<u64>,
+    paired: std::sync::Condvar,
+}
+
+impl Export for PairedSnapshot {
+    fn size(&self) -> u64 {
+        SNAPSHOT_SIZE
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let mut arrived = self.arrived.lock().unwrap_or_else(|p| p.into_inner());
+        *arrived += 1;
+        let pair_complete = arrived.div_ceil(2) * 2;
+        self.paired.notify_all();
+        let (arrived, waited) = self
+            .paired
+            .wait_timeout_while(arrived, PROMPT, |arrived| *arrived < pair_complete)
+            .unwrap_or_else(|p| p.into_inner());
+        drop(arrived);
+        if waited.timed_out() {
+            return Err(std::io::Error::other(
+                "no other read came while this one was read",
+            ));
+        }
+        PatternSnapshot.read(offset, buf)
+    }
+
+    fn changed(&self, offset: u64, length: u64) -> std::io::Result<Vec<(u64, u32)>> {
+        PatternSnapshot.changed(offset, length)
+    }
+}
+
 /// 1 MiB whose second half cannot be read and whose changes cannot be told.
 struct FailingSnapshot;
 
@@ -212,6 +249,7 @@ impl Exports for TestExports {
         match name {
             "snap-1" => Ok(Arc::new(PatternSnapshot)),
             "failing" => Ok(Arc::new(FailingSnapshot)),
+            "paired" => Ok(Arc::new(PairedSnapshot::default())),
             "volume" => Ok(self.volume.clone()),
             "volume-locked" => Ok(self.locked.clone()),
             "volume-failing" => Ok(self.failing.clone()),
@@ -223,6 +261,7 @@ impl Exports for TestExports {
         [
             "snap-1",
             "failing",
+            "paired",
             "volume",
             "volume-locked",
             "volume-failing",
@@ -1139,7 +1178,13 @@ async fn unknown_and_malformed_options_are_refused_and_haggling_goes_on() {
         raw.option_reply().await,
         (OPT_LIST, REP_SERVER, string32("snap-1"))
     );
-    for name in ["failing", "volume", "volume-locked", "volume-failing"] {
+    for name in [
+        "failing",
+        "paired",
+        "volume",
+        "volume-locked",
+        "volume-failing",
+    ] {
         assert_eq!(
             raw.option_reply().await,
             (OPT_LIST, REP_SERVER, string32(name))
@@ -1681,4 +1726,33 @@ async fn shutdown_closes_connections_and_stops_serving() {
     haggling.assert_closed_silently().await;
     assert!(within(client.read(0, 512)).await.is_err());
     assert!(UnixStream::connect(&socket).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_reads_are_read_together_and_answered_in_order() {
+    let server = TestServer::start();
+    let mut raw = server.raw_transmitting("paired", true, &[]).await;
+    // Two reads, then two more and a flush, each group sent before any reply is read: the
+    // export only completes a read while another one is being read.
+    raw.request(CMD_READ, 0, 1, 0, 4096).await;
+    raw.request(CMD_READ, 0, 2, 3 * MIB, 65536).await;
+    for (cookie, offset, length) in [(1, 0, 4096), (2, 3 * MIB, 65536)] {
+        let (flags, kind, got, payload) = raw.chunk().await;
+        assert_eq!(
+            (flags, kind, got),
+            (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie)
+        );
+        assert_eq!(&payload[..8], &offset.to_be_bytes());
+        assert!(payload[8..] == pattern(offset, length)[..], "read {cookie}");
+    }
+    raw.request(CMD_READ, 0, 3, 100, 1000).await;
+    raw.request(CMD_READ, 0, 4, 5 * MIB, 4096).await;
+    raw.request(CMD_FLUSH, 0, 5, 0, 0).await;
+    for cookie in [3, 4] {
+        let (_, kind, got, _) = raw.chunk().await;
+        assert_eq!((kind, got), (REPLY_TYPE_OFFSET_DATA, cookie));
+    }
+    assert_eq!(raw.simple_reply().await, (0, 5));
+    server.assert_still_serves().await;
+    server.stop().await;
 }

@@ -1,5 +1,7 @@
-//! The transmission phase: the client's requests on its export, read and answered one at a
-//! time, in order (pipelined requests simply wait their turn).
+//! The transmission phase: the client's requests on its export, answered in order. READs a
+//! client pipelines are read from the export together (up to 8 MiB in flight), so the disk
+//! reads the next while the last reply is sent; any other request waits for the READs
+//! before it.
 //!
 //! On every export READ and BLOCK_STATUS do the work. On a read-only export FLUSH has nothing
 //! to do and writes of any kind fail with EPERM. On a writable one WRITE, WRITE_ZEROES and
@@ -9,6 +11,8 @@
 //!
 //! A failed request gets an error reply and the session goes on; only what leaves the stream
 //! unreadable ends it: a bad magic, or a WRITE payload too large to read or skip.
+
+use std::collections::VecDeque;
 
 use log::{debug, warn};
 use sanblk_proto::nbd::{
@@ -20,6 +24,7 @@ use sanblk_proto::nbd::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::contexts::MetaContext;
 use super::handshake::Session;
@@ -43,8 +48,33 @@ pub(super) enum End {
 /// Largest READ buffer a connection keeps for its next READ (`sanctl backup` reads 4 MiB).
 const KEEP_READ_BUFFER: usize = 8 << 20;
 
+/// READ bytes a connection may have in flight at once (any one READ may be alone, up to the
+/// protocol's limit): a client pipelining reads gets the next from the disk while the last
+/// is sent, and the memory a connection holds stays bounded.
+const READ_AHEAD_BYTES: usize = 8 << 20;
+
+/// A READ being answered: its data coming off the export on the blocking pool, or its
+/// refusal.
+struct PendingRead {
+    request: Request,
+    data: Result<JoinHandle<std::io::Result<AlignedBuf>>, Refusal>,
+}
+
+/// What the transmission loop waits for.
+enum Event {
+    Shutdown,
+    /// A whole request header arrived.
+    Request([u8; REQUEST_LEN]),
+    /// Part of one did.
+    Partial,
+    /// The oldest pending READ's data is read (or failed).
+    ReadDone(Option<std::io::Result<AlignedBuf>>),
+}
+
 /// Serves requests until the client disconnects, the server shuts down, or the stream
-/// breaks.
+/// breaks. READs are read from the export while later requests arrive and earlier replies
+/// go out (up to [`READ_AHEAD_BYTES`]); replies keep the order of the requests, and any
+/// other request waits until the READs before it are answered.
 pub(super) async fn serve_requests<R, W>(
     reader: &mut R,
     writer: &mut W,
@@ -55,76 +85,180 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let structured = session.structured_replies;
-    // The last READ's buffer, filled again by the next: a fresh 4 MiB buffer per request is
+    // Finished READs' buffers, filled again by the next: a fresh 4 MiB buffer per request is
     // an mmap, 1024 page faults and an munmap, a large part of a backup's CPU time. Kept only
     // up to KEEP_READ_BUFFER, so an idle connection does not pin a 32 MiB one.
-    let mut spare: Option<AlignedBuf> = None;
+    let mut spares: Vec<AlignedBuf> = Vec::new();
+    let mut pending: VecDeque<PendingRead> = VecDeque::new();
+    // A request header read so far: `read` (not `read_exact`) is cancel-safe, so a header
+    // may arrive in pieces while replies are sent.
+    let mut raw = [0u8; REQUEST_LEN];
+    let mut have = 0;
     loop {
-        let mut raw = [0u8; REQUEST_LEN];
-        tokio::select! {
-            _ = shutdown_signalled(shutdown) => return Ok(End::Shutdown),
-            read = reader.read_exact(&mut raw) => { read?; }
-        }
-        let request = Request::decode(&raw)
-            .ok_or_else(|| Hangup::protocol("request without the request magic"))?;
-        match request.command {
-            CMD_DISC => return Ok(End::Disconnected),
-            CMD_READ => match read(session, &request, spare.take()).await {
-                Ok(data) => {
-                    send_data(writer, structured, &request, &data).await?;
-                    spare = (data.len() <= KEEP_READ_BUFFER).then_some(data);
+        let reading: usize = pending.iter().map(|p| p.request.length as usize).sum();
+        let may_take_request = pending.is_empty() || reading < READ_AHEAD_BYTES;
+        let event = tokio::select! {
+            biased;
+            _ = shutdown_signalled(shutdown) => Event::Shutdown,
+            done = oldest_read(&mut pending), if !pending.is_empty() => Event::ReadDone(done),
+            read = reader.read(&mut raw[have..]), if may_take_request => {
+                match read? {
+                    0 => return Err(Hangup::Io(std::io::ErrorKind::UnexpectedEof.into())),
+                    n if have + n < REQUEST_LEN => {
+                        have += n;
+                        Event::Partial
+                    }
+                    _ => {
+                        have = 0;
+                        Event::Request(raw)
+                    }
                 }
-                Err(refusal) => send_refusal(writer, structured, &request, refusal).await?,
-            },
-            CMD_BLOCK_STATUS => match block_status(session, &request).await {
-                Ok(chunks) => send_status(writer, &request, &chunks).await?,
-                Err(refusal) => send_refusal(writer, structured, &request, refusal).await?,
-            },
-            CMD_WRITE if session.writable => {
-                // The payload comes off the stream whatever the answer, or the next request
-                // would be read from the middle of it; a refused one is not even buffered.
-                let outcome = match check_write(session, &request) {
-                    Ok(()) => {
-                        let data = read_payload(reader, request.length).await?;
-                        write(session, &request, data).await
-                    }
-                    Err(refusal) => {
-                        skip_payload(reader, request.length).await?;
-                        Err(refusal)
-                    }
-                };
-                send_outcome(writer, structured, &request, outcome).await?;
             }
-            CMD_WRITE_ZEROES if session.writable => {
-                let outcome = write_zeroes(session, &request).await;
-                send_outcome(writer, structured, &request, outcome).await?;
+        };
+        let request = match event {
+            Event::Shutdown => return Ok(End::Shutdown),
+            Event::Partial => continue,
+            Event::ReadDone(done) => {
+                if let Some(entry) = pending.pop_front() {
+                    answer_read(writer, session, entry, done, &mut spares).await?;
+                    writer.flush().await?;
+                }
+                continue;
             }
-            CMD_FLUSH if session.writable => {
-                let outcome = flush(session, &request).await;
-                send_outcome(writer, structured, &request, outcome).await?;
+            Event::Request(raw) => Request::decode(&raw)
+                .ok_or_else(|| Hangup::protocol("request without the request magic"))?,
+        };
+        if request.command == CMD_READ {
+            let data = start_read(session, &request, spares.pop());
+            pending.push_back(PendingRead { request, data });
+            continue;
+        }
+        // Everything else is answered after the READs before it, in order.
+        while !pending.is_empty() {
+            let done = oldest_read(&mut pending).await;
+            if let Some(entry) = pending.pop_front() {
+                answer_read(writer, session, entry, done, &mut spares).await?;
             }
-            // Acknowledging a trim without discarding would be allowed, but a client would
-            // then believe the blocks gone; it was not offered, so it is refused.
-            CMD_TRIM if session.writable => {
-                let refusal = Refusal::invalid("NBD_CMD_TRIM is not supported by this export");
-                send_refusal(writer, structured, &request, refusal).await?;
-            }
-            CMD_FLUSH => send_simple(writer, &request, 0).await?,
-            CMD_WRITE => {
-                skip_payload(reader, request.length).await?;
-                send_refusal(writer, structured, &request, read_only()).await?;
-            }
-            CMD_TRIM | CMD_WRITE_ZEROES => {
-                send_refusal(writer, structured, &request, read_only()).await?
-            }
-            command => {
-                let refusal = Refusal::invalid(format!("unknown command {command}"));
-                send_refusal(writer, structured, &request, refusal).await?;
-            }
+        }
+        if let Some(end) = serve_other(reader, writer, session, &request).await? {
+            return Ok(end);
         }
         writer.flush().await?;
     }
+}
+
+/// Waits for the oldest pending READ's data (`None` for a refused READ: nothing to wait for).
+/// Cancel-safe: the read goes on, and is waited for again.
+async fn oldest_read(pending: &mut VecDeque<PendingRead>) -> Option<std::io::Result<AlignedBuf>> {
+    let Some(PendingRead { data: Ok(read), .. }) = pending.front_mut() else {
+        return None;
+    };
+    Some(match read.await {
+        Ok(done) => done,
+        Err(e) => Err(std::io::Error::other(format!("export task failed: {e}"))),
+    })
+}
+
+/// Answers a READ with the data read (`done`), or its refusal.
+async fn answer_read<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    session: &Session,
+    entry: PendingRead,
+    done: Option<std::io::Result<AlignedBuf>>,
+    spares: &mut Vec<AlignedBuf>,
+) -> std::io::Result<()> {
+    let structured = session.structured_replies;
+    let request = &entry.request;
+    let refusal = match (entry.data, done) {
+        (Err(refusal), _) => refusal,
+        (Ok(_), Some(Ok(data))) => {
+            send_data(writer, structured, request, &data).await?;
+            if data.len() <= KEEP_READ_BUFFER && spares.len() < 2 {
+                spares.push(data);
+            }
+            return Ok(());
+        }
+        (Ok(_), done) => {
+            let error = match done {
+                Some(Err(error)) => error,
+                _ => std::io::Error::other("the read was lost"),
+            };
+            warn!(
+                "NBD: reading {} bytes at {} of {}: {error}",
+                request.length,
+                request.offset,
+                peer_text(&session.name)
+            );
+            Refusal {
+                error: EIO,
+                message: format!("cannot read the snapshot at offset {}", request.offset),
+            }
+        }
+    };
+    send_refusal(writer, structured, request, refusal).await
+}
+
+/// Answers a request other than READ; `Some` if it ends the session.
+async fn serve_other<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    session: &Session,
+    request: &Request,
+) -> Result<Option<End>, Hangup>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let structured = session.structured_replies;
+    match request.command {
+        CMD_DISC => return Ok(Some(End::Disconnected)),
+        CMD_BLOCK_STATUS => match block_status(session, request).await {
+            Ok(chunks) => send_status(writer, request, &chunks).await?,
+            Err(refusal) => send_refusal(writer, structured, request, refusal).await?,
+        },
+        CMD_WRITE if session.writable => {
+            // The payload comes off the stream whatever the answer, or the next request
+            // would be read from the middle of it; a refused one is not even buffered.
+            let outcome = match check_write(session, request) {
+                Ok(()) => {
+                    let data = read_payload(reader, request.length).await?;
+                    write(session, request, data).await
+                }
+                Err(refusal) => {
+                    skip_payload(reader, request.length).await?;
+                    Err(refusal)
+                }
+            };
+            send_outcome(writer, structured, request, outcome).await?;
+        }
+        CMD_WRITE_ZEROES if session.writable => {
+            let outcome = write_zeroes(session, request).await;
+            send_outcome(writer, structured, request, outcome).await?;
+        }
+        CMD_FLUSH if session.writable => {
+            let outcome = flush(session, request).await;
+            send_outcome(writer, structured, request, outcome).await?;
+        }
+        // Acknowledging a trim without discarding would be allowed, but a client would
+        // then believe the blocks gone; it was not offered, so it is refused.
+        CMD_TRIM if session.writable => {
+            let refusal = Refusal::invalid("NBD_CMD_TRIM is not supported by this export");
+            send_refusal(writer, structured, request, refusal).await?;
+        }
+        CMD_FLUSH => send_simple(writer, request, 0).await?,
+        CMD_WRITE => {
+            skip_payload(reader, request.length).await?;
+            send_refusal(writer, structured, request, read_only()).await?;
+        }
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            send_refusal(writer, structured, request, read_only()).await?
+        }
+        command => {
+            let refusal = Refusal::invalid(format!("unknown command {command}"));
+            send_refusal(writer, structured, request, refusal).await?;
+        }
+    }
+    Ok(None)
 }
 
 /// Why a request failed: the error value and a message for the user (structured replies
@@ -195,12 +329,13 @@ fn check_range(
     }
 }
 
-/// Reads a READ's data into `spare` (the connection's last buffer) or a new buffer.
-async fn read(
+/// Starts reading a READ's data into `spare` (a finished READ's buffer) or a new buffer on
+/// the blocking pool, or refuses the READ.
+fn start_read(
     session: &Session,
     request: &Request,
     spare: Option<AlignedBuf>,
-) -> Result<AlignedBuf, Refusal> {
+) -> Result<JoinHandle<std::io::Result<AlignedBuf>>, Refusal> {
     // "Don't fragment" is only valid with structured replies, and always honoured: a read is
     // answered with a single data chunk.
     let allowed = if session.structured_replies {
@@ -212,7 +347,7 @@ async fn read(
     check_range(request, session.export.size(), MAX_REQUEST_LENGTH, EINVAL)?;
     let export = session.export.clone();
     let (offset, length) = (request.offset, request.length as usize);
-    blocking(move || {
+    Ok(tokio::task::spawn_blocking(move || {
         // Aligned, so the devices are read with O_DIRECT (an unaligned buffer falls back to
         // the page cache): a backup streams the whole volume once, and through the cache it
         // would evict the host's working set.
@@ -222,18 +357,7 @@ async fn read(
         };
         export.read(offset, &mut data)?;
         Ok(data)
-    })
-    .await
-    .map_err(|e| {
-        warn!(
-            "NBD: reading {length} bytes at {offset} of {}: {e}",
-            peer_text(&session.name)
-        );
-        Refusal {
-            error: EIO,
-            message: format!("cannot read the snapshot at offset {offset}"),
-        }
-    })
+    }))
 }
 
 /// Whether a WRITE may go ahead, before its payload is read. Only FUA applies to it.
