@@ -5,7 +5,8 @@ set -euo pipefail
 
 packages=(
     linux-source-6.12 clang lld llvm libclang-dev flex bison bc libelf-dev libssl-dev cpio kmod
-    qemu-system-x86 qemu-utils busybox-static fio nbdkit nbd-client dmsetup e2fsprogs iproute2 util-linux
+    qemu-system-x86 qemu-utils busybox-static fio nbdkit nbd-client libnbd-bin dmsetup e2fsprogs
+    iproute2 util-linux
     pkg-config libblkid-dev btrfs-progs
 )
 find_missing() {
@@ -29,7 +30,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "deps: still missing after installing: ${missing[*]}" >&2
     exit 1
 fi
-for tool in qemu-system-x86_64 qemu-img qemu-nbd nbd-client fio dmsetup busybox; do
+for tool in qemu-system-x86_64 qemu-img qemu-nbd nbd-client nbdcopy fio dmsetup busybox; do
     command -v "$tool" >/dev/null || { echo "deps: $tool not found after installing" >&2; exit 1; }
 done
 

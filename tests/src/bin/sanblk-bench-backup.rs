@@ -5,7 +5,8 @@
 //! --to FILE` (over NBD, 4 connections, the image synced at the end; FILE on the same disk,
 //! and in /dev/shm) against `dd iflag=direct bs=4M` of the same GiB of the image file into
 //! /dev/null (reading it), and against the same `dd` into the same places (a plain copy: what
-//! storing the data costs here at all); five rounds alternating, the median of each counts.
+//! storing the data costs here at all), and `nbdcopy -C 1` of the export (a stock client on one
+//! connection); five rounds alternating, the median of each counts.
 //!
 //! Changed-chunk list (Ceph's fast-diff takes about 11 s for the same case; the goal is under
 //! 5 s): a sparse image file of 2 TiB + 26 GiB in the pool, volume `vd` of 2 TiB, snapshot
@@ -71,8 +72,8 @@ fn gcd(a: u64, b: u64) -> u64 {
     }
 }
 
-fn snapshots(server: &SandServer) -> Result<Vec<SnapshotInfo>, String> {
-    serde_json::from_str(&server.sanctl(&["--json", "snapshot", "list", "vd"]))
+fn snapshots(server: &SandServer, volume: &str) -> Result<Vec<SnapshotInfo>, String> {
+    serde_json::from_str(&server.sanctl(&["--json", "snapshot", "list", volume]))
         .map_err(|e| format!("snapshot list json: {e}"))
 }
 
@@ -183,14 +184,34 @@ fn backup_bench() -> Result<String, String> {
             .then_some(())
             .ok_or_else(|| format!("dd: {status}"))
     };
+    // A stock client on one connection (nbdcopy's default requests, 256 KiB, 64 in flight).
+    let snapshot = snapshots(&server, "vb")?
+        .into_iter()
+        .next()
+        .ok_or("no snapshot s")?;
+    let uri = format!(
+        "nbd+unix:///{}?socket={}",
+        snapshot.export, snapshot.nbd_socket
+    );
+    let nbdcopy = || -> Result<(), String> {
+        let status = Command::new("nbdcopy")
+            .args(["-C", "1", &uri, "null:"])
+            .status()
+            .map_err(|e| format!("nbdcopy: {e}"))?;
+        status
+            .success()
+            .then_some(())
+            .ok_or_else(|| format!("nbdcopy: {status}"))
+    };
     let mut runs: Vec<Box<dyn FnMut() -> Result<(), String> + '_>> = vec![
         Box::new(|| dd(null, &[])),
         Box::new(|| backup_to(&target)),
         Box::new(|| backup_to(&in_memory)),
         Box::new(|| dd(&target, &["conv=fsync"])),
         Box::new(|| dd(&in_memory, &[])),
+        Box::new(nbdcopy),
     ];
-    // Rounds alternate the five; the median of each counts (this host's disk drifts by
+    // Rounds alternate the six; the median of each counts (this host's disk drifts by
     // half within minutes).
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); runs.len()];
     for _ in 0..ROUNDS {
@@ -205,12 +226,12 @@ fn backup_bench() -> Result<String, String> {
         samples.sort();
         samples[samples.len() / 2].as_secs_f64()
     };
-    let [read, backup, backup_memory, copy, copy_memory] = times
+    let [read, backup, backup_memory, copy, copy_memory, one_connection] = times
         .into_iter()
         .map(median)
         .collect::<Vec<f64>>()
         .try_into()
-        .map_err(|_| "five timings".to_string())?;
+        .map_err(|_| "six timings".to_string())?;
     let rate = |seconds: f64| BYTES as f64 / (1 << 20) as f64 / seconds;
     Ok(format!(
         "| copy (1 GiB, median of {ROUNDS}) | seconds | MiB/s |\n\
@@ -219,7 +240,8 @@ fn backup_bench() -> Result<String, String> {
          | `sanctl backup` over NBD, 4 connections, into a file on the same disk | {backup:.2} | {:.1} |\n\
          | `sanctl backup` into /dev/shm | {backup_memory:.2} | {:.1} |\n\
          | `dd` of the image into a file on the same disk (`conv=fsync`) | {copy:.2} | {:.1} |\n\
-         | `dd` of the image into /dev/shm | {copy_memory:.2} | {:.1} |\n\n\
+         | `dd` of the image into /dev/shm | {copy_memory:.2} | {:.1} |\n\
+         | `nbdcopy -C 1` of the snapshot to null: (one connection, stock client) | {one_connection:.2} | {:.1} |\n\n\
          Backup / sequential read: **{:.2}** into a file, **{:.2}** into memory. \
          Backup / plain copy into the same place: **{:.2}** into a file, **{:.2}** into memory\n\n",
         rate(read),
@@ -227,6 +249,7 @@ fn backup_bench() -> Result<String, String> {
         rate(backup_memory),
         rate(copy),
         rate(copy_memory),
+        rate(one_connection),
         read / backup,
         read / backup_memory,
         copy / backup,
@@ -250,7 +273,7 @@ fn diff_bench() -> Result<String, String> {
     server.pool_add(&image_path);
     server.sanctl(&["volume", "create", "vd", "2T"]);
     server.sanctl(&["snapshot", "create", "vd", "s1", "--cow-size", "24G"]);
-    let s1 = snapshots(&server)?
+    let s1 = snapshots(&server, "vd")?
         .into_iter()
         .find(|s| s.name == "s1")
         .ok_or("no snapshot s1")?;
@@ -261,7 +284,7 @@ fn diff_bench() -> Result<String, String> {
 
     let started = Instant::now();
     server.restart()?;
-    let listed = snapshots(&server)?;
+    let listed = snapshots(&server, "vd")?;
     let load = started.elapsed();
     let changed = listed.first().map_or(0, |s| s.changed_chunks);
     if changed != count {
