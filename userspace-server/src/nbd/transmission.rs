@@ -95,11 +95,13 @@ where
     let mut raw = [0u8; REQUEST_LEN];
     let mut have = 0;
     loop {
+        // At a shutdown, the READs under way are answered first; no new request is taken.
+        let stopping = *shutdown.borrow();
         let reading: usize = pending.iter().map(|p| p.request.length as usize).sum();
-        let may_take_request = pending.is_empty() || reading < READ_AHEAD_BYTES;
+        let may_take_request = !stopping && (pending.is_empty() || reading < READ_AHEAD_BYTES);
         let event = tokio::select! {
             biased;
-            _ = shutdown_signalled(shutdown) => Event::Shutdown,
+            _ = shutdown_signalled(shutdown), if pending.is_empty() => Event::Shutdown,
             done = oldest_read(&mut pending), if !pending.is_empty() => Event::ReadDone(done),
             read = reader.read(&mut raw[have..]), if may_take_request => {
                 match read? {
