@@ -36,7 +36,9 @@ const CONNECTIONS: usize = 4;
 
 #[derive(Debug, Args)]
 pub struct BackupArgs {
+    /// The snapshot's volume.
     volume: String,
+    /// The snapshot to copy (as `snapshot list` names it).
     snapshot: String,
     /// The image file to write (created if missing; a full backup truncates it), or a block
     /// device not in use, at least the snapshot's size (a full backup only: written from its

@@ -20,6 +20,7 @@ pub enum ClientCommand {
         after_help = "Examples:\n  sanctl client add host1\n  sanctl client add host1 --secret-out /etc/sanblk/host1.secret"
     )]
     Add {
+        /// Name of the client (the host's name, as its agent gives it with `--client`).
         name: String,
         /// Also write the secret to this file (created with mode 0600, must not exist).
         #[arg(long)]
@@ -28,15 +29,26 @@ pub enum ClientCommand {
     /// Allow a client to attach a volume read-only or read-write.
     #[command(after_help = "Example:\n  sanctl client grant host1 db1 rw")]
     Grant {
+        /// The client.
         name: String,
+        /// The volume it may attach.
         volume: String,
+        /// ro (read-only) or rw (read-write; a volume has one read-write attachment at a time).
         #[arg(value_parser = parse_mode)]
         mode: AccessMode,
     },
     /// Withdraw a client's grant on a volume (its connections are closed).
-    Revoke { name: String, volume: String },
+    Revoke {
+        /// The client.
+        name: String,
+        /// The volume it may no longer attach.
+        volume: String,
+    },
     /// Remove a client and its secret (its connections are closed).
-    Remove { name: String },
+    Remove {
+        /// The client to remove.
+        name: String,
+    },
     /// List clients and their grants.
     List,
 }

@@ -148,3 +148,29 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// `--help` explains every argument, positional ones included: a bare `<NAME>` leaves
+    /// the reader guessing which volume, client or snapshot it means.
+    #[test]
+    fn every_argument_of_every_command_has_help() {
+        let mut unexplained = Vec::new();
+        let mut pending = vec![(String::from("sanctl"), Cli::command())];
+        while let Some((path, command)) = pending.pop() {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    unexplained.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                pending.push((format!("{path} {}", sub.get_name()), sub.clone()));
+            }
+        }
+        assert!(unexplained.is_empty(), "without help: {unexplained:?}");
+    }
+}

@@ -17,7 +17,9 @@ pub enum SnapshotCommand {
         after_help = "Every attached host is quiesced for the moment the snapshot is taken, so all of them\nstart copying at the same point. Until the snapshot is deleted, the first write to each\nchunk waits until the chunk's old content is durable in the COW store of every snapshot\nthat lacks it (copied by the host's kernel module, or by the server when the module cannot\nreach the stores); later writes to that chunk go straight to the SAN devices. A COW store that fills up makes the snapshot invalid (shown by\n`snapshot list`); the volume keeps working. Each snapshot is exported read-only over NBD\nas VOLUME@NAME (`snapshot list` shows the socket), e.g. for `sanctl backup`.\n\nExamples:\n  sanctl snapshot create db1 monday\n  sanctl snapshot create db1 tuesday --cow-size 20G --chunk-size 128K"
     )]
     Create {
+        /// The volume to snapshot.
         volume: String,
+        /// Name of the new snapshot (unique within the volume; its NBD export is VOLUME@NAME).
         name: String,
         /// Size of the COW store (the space kept for overwritten chunks), e.g. 10G. Default:
         /// a quarter of the volume.
@@ -29,17 +31,28 @@ pub enum SnapshotCommand {
     },
     /// List a volume's snapshots: state, COW space used, chunks changed since each.
     #[command(after_help = "Example:\n  sanctl snapshot list db1")]
-    List { volume: String },
+    List {
+        /// The volume whose snapshots are listed.
+        volume: String,
+    },
     /// Delete a snapshot and free its COW store.
     #[command(after_help = "Example:\n  sanctl snapshot delete db1 monday")]
-    Delete { volume: String, name: String },
+    Delete {
+        /// The snapshot's volume.
+        volume: String,
+        /// The snapshot to delete.
+        name: String,
+    },
     /// Print the chunks written between two snapshots (the older one first).
     #[command(
         after_help = "Prints one line per run of changed chunks: byte offset and length; nothing when no chunk\nchanged (a note says so on stderr). With --json, the chunk size and the changed chunk\nnumbers.\n\nExample:\n  sanctl snapshot diff db1 monday tuesday"
     )]
     Diff {
+        /// The snapshots' volume.
         volume: String,
+        /// The older snapshot.
         from: String,
+        /// The newer snapshot: the chunks written after FROM was taken and before it.
         to: String,
     },
 }

@@ -18,6 +18,7 @@ pub enum VolumeCommand {
         after_help = "Examples:\n  sanctl volume create db1 10G\n  sanctl volume create scratch 512M --layout striped:2\n  sanctl volume create logs 1G --layout mirror"
     )]
     Create {
+        /// Name of the new volume.
         name: String,
         /// Size: bytes or with a unit (K, M, G, T; binary), a multiple of 4096.
         size: String,
@@ -27,12 +28,18 @@ pub enum VolumeCommand {
     },
     /// Grow a volume to a new total size (attached clients receive the new map).
     #[command(after_help = "Example:\n  sanctl volume grow db1 20G")]
-    Grow { name: String, size: String },
+    Grow {
+        /// The volume to grow.
+        name: String,
+        /// New total size: bytes or with a unit (K, M, G, T; binary), a multiple of 4096.
+        size: String,
+    },
     /// Delete a volume and free its space (refused while clients are attached).
     #[command(
         after_help = "A volume counts as attached while an agent holds it, and also after a server restart\nuntil its clients' agents are back: their kernels still hold its session tokens.\n\nExamples:\n  sanctl volume delete scratch\n  sanctl volume delete scratch --force"
     )]
     Delete {
+        /// The volume to delete.
         name: String,
         /// Delete it even though clients are attached: their attachments and session tokens
         /// are ended first (the server path refuses them from then on), then the space is
@@ -43,12 +50,16 @@ pub enum VolumeCommand {
     /// List volumes.
     List,
     /// Show a volume's map (extent table) and attachments.
-    Show { name: String },
+    Show {
+        /// The volume to show.
+        name: String,
+    },
     /// Move a volume's data off a device while clients keep using it.
     #[command(
         after_help = "The server copies every extent on the device to free space elsewhere (or on --to)\nwhile clients keep reading and writing: during the copy their writes to the moving\nextents go through the server, which writes old and new place. Then the new map is\npublished and the old space freed. A server restart resumes the copy.\n\nExamples:\n  sanctl volume move db1 --from /srv/san/disk0.img\n  sanctl volume move db1 --from /srv/san/disk0.img --to /srv/san/disk3.img\n  sanctl volume move db1 --cancel"
     )]
     Move {
+        /// The volume to move.
         name: String,
         /// Device to move the data off (its path or UUID, as `pool list` shows).
         #[arg(long, required_unless_present = "cancel")]
@@ -75,6 +86,7 @@ pub enum MirrorCommand {
         after_help = "Examples:\n  sanctl volume mirror add db1\n  sanctl volume mirror add db1 --cancel"
     )]
     Add {
+        /// The linear volume to mirror.
         name: String,
         /// Roll back the mirror add in progress.
         #[arg(long)]
@@ -86,6 +98,7 @@ pub enum MirrorCommand {
     /// Drop a mirrored volume's copies on a device (every extent keeps its other copy).
     #[command(after_help = "Example:\n  sanctl volume mirror remove db1 /srv/san/disk1.img")]
     Remove {
+        /// The mirrored volume.
         name: String,
         /// Device whose copies are dropped (its path or UUID).
         device: String,
