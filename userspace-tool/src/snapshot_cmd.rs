@@ -137,9 +137,18 @@ pub async fn run(command: SnapshotCommand, context: &mut Context) -> Result<(), 
             Ok(())
         }
         SnapshotCommand::List { volume } => {
-            let infos: Vec<SnapshotInfo> = context.call(SnapshotList { volume }).await?;
+            let infos: Vec<SnapshotInfo> = context
+                .call(SnapshotList {
+                    volume: volume.clone(),
+                })
+                .await?;
             if context.json {
                 return context.print_json(&infos);
+            }
+            if infos.is_empty() {
+                eprintln!(
+                    "volume {volume} has no snapshots (take one with `sanctl snapshot create {volume} NAME`)"
+                );
             }
             let rows: Vec<Vec<String>> = infos.iter().map(list_row).collect();
             print_table(

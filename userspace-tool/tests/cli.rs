@@ -682,8 +682,9 @@ fn an_incremental_backup_that_stops_midway_leaves_the_image_marked_partial() {
     ok(socket, &["restore", &out, "copy"]);
 }
 
-/// `snapshot delete` says the snapshot is deleted, also in JSON; a diff with nothing in it
-/// prints nothing on stdout, a note on stderr (none with --json, whose output stays JSON).
+/// `snapshot delete` says the snapshot is deleted, also in JSON; a diff with nothing in it,
+/// and a list of a volume without snapshots, print a note on stderr (none with --json, whose
+/// output stays JSON); the diff prints nothing on stdout.
 #[test]
 fn a_deleted_snapshot_and_an_empty_diff_say_so() {
     let server = start_server();
@@ -697,6 +698,21 @@ fn a_deleted_snapshot_and_an_empty_diff_say_so() {
         ],
     );
     ok(socket, &["volume", "create", "v", "8M"]);
+    // Before any snapshot: the table's header, and a note saying why it is empty.
+    let list = sanctl(socket, &["snapshot", "list", "v"]);
+    assert!(list.status.success(), "{list:?}");
+    assert!(
+        String::from_utf8_lossy(&list.stdout).starts_with("SNAPSHOT"),
+        "{list:?}"
+    );
+    let note = String::from_utf8_lossy(&list.stderr);
+    assert_eq!(
+        note,
+        "volume v has no snapshots (take one with `sanctl snapshot create v NAME`)\n"
+    );
+    let list = sanctl(socket, &["--json", "snapshot", "list", "v"]);
+    assert!(list.status.success() && list.stderr.is_empty(), "{list:?}");
+    assert_eq!(list.stdout, b"[]\n", "{list:?}");
     for name in ["a", "b", "c"] {
         ok(socket, &["snapshot", "create", "v", name]);
     }
