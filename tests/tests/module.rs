@@ -80,10 +80,19 @@ setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-se
     {probe} status > unprivileged-status.txt
 setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all \
     {probe} hostile > unprivileged-hostile.txt || true
-# Joining the events group needs CAP_NET_ADMIN too; root joins (and waits: cut short).
+# Joining the events group needs CAP_NET_ADMIN too: refused at once (the timeout only ends
+# a probe that joined and waits for an event). Root joins and waits: stopped once it says
+# it is listening. No short timeouts: a probe can take seconds to start in a loaded guest.
 setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all \
-    timeout 5 {probe} events 1 > unprivileged-events.txt 2>&1 || true
-timeout 2 {probe} events 1 > privileged-events.txt 2>&1 || true
+    timeout 60 {probe} events 1 > unprivileged-events.txt 2>&1 || true
+{probe} events 1 > privileged-events.txt 2>&1 &
+listener=$!
+for i in $(seq 1 600); do
+    if grep -q listening privileged-events.txt; then break; fi
+    sleep 0.1
+done
+kill $listener 2>/dev/null || true
+wait $listener 2>/dev/null || true
 rmmod sanblk
 "#,
         module = module_path().display(),
