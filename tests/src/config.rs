@@ -54,7 +54,9 @@ impl VmConfig {
             // KASAN's shadow memory and lockdep need room; 1 GiB boots comfortably.
             memory_mb: 1024,
             cpus: 2,
-            timeout: Duration::from_secs(300),
+            // A bound for a hung guest, not a speed check: on a slow host with two guests
+            // sharing 2 CPUs under TCG, the datapath layouts guest took over 300 s.
+            timeout: Duration::from_secs(900),
             env: Vec::new(),
             kernel: None,
             kernel_args: Vec::new(),

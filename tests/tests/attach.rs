@@ -122,7 +122,7 @@ rmmod sanblk
         .disk(&images[0])
         .disk(&images[1])
         .forward_port(server.port)
-        .timeout(Duration::from_secs(400));
+        .timeout(Duration::from_secs(900));
     let vm = spawn(&config).expect("guest started");
     let attached = vm.log_dir().join("attached");
     if wait_for_file(&attached, Duration::from_secs(300)) {
@@ -257,7 +257,7 @@ rmmod sanblk
         .disk(&images[0])
         .disk(&images[1])
         .forward_port(server.port)
-        .timeout(Duration::from_secs(400));
+        .timeout(Duration::from_secs(900));
     let vm = spawn(&config).expect("guest started");
     if wait_for_file(&vm.log_dir().join("attached"), Duration::from_secs(300)) {
         server.sanctl(&["volume", "grow", "vbig", &format!("{}M", 64 * 1024 + 64)]);
@@ -350,7 +350,7 @@ rmmod sanblk
     let config = VmConfig::new("attach-agent-stop", &script)
         .disk(&image)
         .forward_port(server.port)
-        .timeout(Duration::from_secs(300));
+        .timeout(Duration::from_secs(900));
     let vm = spawn(&config).expect("guest started");
     if wait_for_file(&vm.log_dir().join("attached"), Duration::from_secs(200)) {
         server.kill9();
