@@ -191,7 +191,8 @@ fn quiesce_holds_writes_until_resume_with_the_new_map() {
     // Volume offset 6 MiB: with epoch 1 (one device) at image 0 offset 7 MiB; with epoch 2
     // (two devices, second half on the second) at image 1 offset 3 + 2 MiB.
     let body = format!(
-        r#"$P create vol 1 1 linear 8 /dev/vda
+        r#"# Held bios fail after the volume's I/O timeout: give a slow guest ten minutes.
+SANBLK_IO_TIMEOUT_MS=600000 $P create vol 1 1 linear 8 /dev/vda
 $P quiesce 1 1 > quiesce.txt
 dd if={pattern} of=/dev/sanblk0 bs=64k seek=96 count=1 oflag=direct 2> dd.err &
 DD=$!
