@@ -121,8 +121,7 @@ rmmod sanblk
     let config = VmConfig::new("attach-server", &script)
         .disk(&images[0])
         .disk(&images[1])
-        .forward_port(server.port)
-        .timeout(Duration::from_secs(900));
+        .forward_port(server.port);
     let vm = spawn(&config).expect("guest started");
     let attached = vm.log_dir().join("attached");
     if wait_for_file(&attached, Duration::from_secs(300)) {
@@ -256,8 +255,7 @@ rmmod sanblk
     let config = VmConfig::new("attach-striped64", &script)
         .disk(&images[0])
         .disk(&images[1])
-        .forward_port(server.port)
-        .timeout(Duration::from_secs(900));
+        .forward_port(server.port);
     let vm = spawn(&config).expect("guest started");
     if wait_for_file(&vm.log_dir().join("attached"), Duration::from_secs(300)) {
         server.sanctl(&["volume", "grow", "vbig", &format!("{}M", 64 * 1024 + 64)]);
@@ -349,8 +347,7 @@ rmmod sanblk
     );
     let config = VmConfig::new("attach-agent-stop", &script)
         .disk(&image)
-        .forward_port(server.port)
-        .timeout(Duration::from_secs(900));
+        .forward_port(server.port);
     let vm = spawn(&config).expect("guest started");
     if wait_for_file(&vm.log_dir().join("attached"), Duration::from_secs(200)) {
         server.kill9();

@@ -269,8 +269,7 @@ dmsetup remove san0
     );
     let mut b_config = sanblk_tests::VmConfig::new("two-hosts-b", &b_script)
         .forward_port(server.port)
-        .forward_port(io_port)
-        .timeout(Duration::from_secs(900));
+        .forward_port(io_port);
     for image in &provisioned.images {
         b_config = b_config.disk(image);
     }
