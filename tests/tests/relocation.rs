@@ -196,6 +196,10 @@ $S detach vmove"#;
 /// write A makes during the copy must be on the spare in the end: the recovery's syncing map
 /// sends A's writes through the server, which writes both places in step with the copy. (A
 /// recovery that let A write san0 directly behind the copy cursor lost those writes.)
+///
+/// A rewrites the volume MiB by MiB, pass after pass, until the recovery is over; passes
+/// alternate two patterns, so a lost write leaves the previous pass's data and shows. However
+/// fast A or the copy runs, the test needs one write that started behind the copy cursor.
 #[test]
 fn a_writer_loses_nothing_when_a_reader_reports_a_failure_and_the_volume_is_recovered() {
     let provisioned = provision(
@@ -215,22 +219,38 @@ fn a_writer_loses_nothing_when_a_reader_reports_a_failure_and_the_volume_is_reco
     ]);
     server.sanctl(&["client", "grant", "host2", "vshare", "ro"]);
     let before = blocks::pattern("two-hosts-before", 1, VOLUME);
-    let during = blocks::pattern("two-hosts-during", 2, VOLUME);
+    let during = [
+        blocks::pattern("two-hosts-even-pass", 2, VOLUME),
+        blocks::pattern("two-hosts-odd-pass", 3, VOLUME),
+    ];
     fs::write(provisioned.dir.join("before.pattern"), &before).expect("pattern");
-    fs::write(provisioned.dir.join("during.pattern"), &during).expect("pattern");
+    for (parity, pattern) in during.iter().enumerate() {
+        fs::write(
+            provisioned.dir.join(format!("during{parity}.pattern")),
+            pattern,
+        )
+        .expect("pattern");
+    }
     let spare = provisioned.spare.expect("spare");
 
-    // A: fills the volume, then, once the copy runs, rewrites every MiB of it once.
+    // A: fills the volume, then, from the start of the copy until the volume is recovered,
+    // rewrites it MiB by MiB, logging each write's start and end (on the host, through 9p).
     let a_body = format!(
         r#"{WAIT_LONG}
 dd if=$D/before.pattern of=$dev bs=1M oflag=direct conv=fsync status=none
 touch filled
 wait_long $D/copying
-for i in $(seq 0 15); do
-    dd if=$D/during.pattern of=$dev bs=1M skip=$i seek=$i count=1 oflag=direct conv=fsync status=none
+pass=0
+while [ ! -e $D/recovered ]; do
+    for i in $(seq 0 15); do
+        [ -e $D/recovered ] && break
+        echo "start $pass $i" >> writes.log
+        dd if=$D/during$((pass % 2)).pattern of=$dev bs=1M skip=$i seek=$i count=1 \
+            oflag=direct conv=fsync status=none
+        echo "done $pass $i" >> writes.log
+    done
+    pass=$((pass + 1))
 done
-touch rewritten
-wait_long $D/recovered
 $S --json status > final-status.json
 $S detach vshare"#
     );
@@ -297,24 +317,43 @@ dmsetup remove san0
         std::thread::sleep(Duration::from_millis(100));
     }
     fs::write(provisioned.dir.join("copying"), b"").expect("signal");
-    wait_for_file(&a.log_dir().join("rewritten"), Duration::from_secs(300));
-    let statuses: Vec<sanblk_proto::protocol::RecoveryStatus> =
-        serde_json::from_str(&server.sanctl(&["--json", "recovery", "list"])).expect("json");
-    assert!(
-        statuses
-            .iter()
-            .all(|s| s.state != sanblk_proto::protocol::RecoveryState::Done),
-        "the copy ended before A finished writing, the test proves nothing: {statuses:?}"
-    );
-    let deadline = Instant::now() + Duration::from_secs(300);
+    // Until the volume is recovered: the copy cursor, then A's log. A write whose start was
+    // not logged yet when the cursor had passed its MiB, and was logged while the copy still
+    // ran, started behind the cursor during the copy.
+    let writes_log = a.log_dir().join("writes.log");
+    let mut cursor_before_last_read = 0;
+    let mut starts_seen = 0;
+    let mut seen_in_last_read: Vec<(u64, u64)> = Vec::new();
+    let mut writes_behind_cursor = 0;
+    let deadline = Instant::now() + Duration::from_secs(400);
     loop {
+        let statuses: Vec<sanblk_proto::protocol::RecoveryStatus> =
+            serde_json::from_str(&server.sanctl(&["--json", "recovery", "list"])).expect("json");
+        let cursor = statuses
+            .iter()
+            .filter(|s| s.volume_name == "vshare")
+            .map(|s| s.bytes_done)
+            .max()
+            .unwrap_or(cursor_before_last_read)
+            .max(cursor_before_last_read);
+        for (mib, cursor_before) in seen_in_last_read.drain(..) {
+            if cursor_before >= (mib + 1) * MIB && cursor < VOLUME {
+                writes_behind_cursor += 1;
+            }
+        }
+        let starts = a_writes(&writes_log, "start");
+        for &(_, mib) in starts.iter().skip(starts_seen) {
+            seen_in_last_read.push((mib, cursor_before_last_read));
+        }
+        starts_seen = starts.len();
+        cursor_before_last_read = cursor;
         let map = server.volume("vshare").map;
         if map.syncing.is_empty() && !on_device(&map, uuid_of(&provisioned, &provisioned.images[0]))
         {
             break;
         }
         assert!(Instant::now() < deadline, "not recovered: {map:?}");
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
     fs::write(provisioned.dir.join("recovered"), b"").expect("signal");
     a.wait().expect("guest A ran").assert_clean_success();
@@ -326,8 +365,45 @@ dmsetup remove san0
         .extents
         .iter()
         .all(|e| e.replicas.iter().all(|r| r.device_uuid == spare)));
-    let checked = blocks::verify_against_map(&map, &provisioned.by_uuid, &during);
+    let starts = a_writes(&writes_log, "start");
+    let done = a_writes(&writes_log, "done");
+    assert_eq!(starts, done, "A's writes did not all finish");
+    eprintln!(
+        "A wrote {} MiB during the recovery, {writes_behind_cursor} behind the copy cursor",
+        done.len()
+    );
+    assert!(
+        writes_behind_cursor > 0,
+        "none of A's {} writes started behind the copy cursor, the test proves nothing",
+        done.len()
+    );
+    // Each MiB holds the pattern of the last pass that wrote it.
+    let mut expected = before;
+    for (pass, mib) in done {
+        let range = (mib * MIB) as usize..((mib + 1) * MIB) as usize;
+        expected[range.clone()].copy_from_slice(&during[(pass % 2) as usize][range]);
+    }
+    let checked = blocks::verify_against_map(&map, &provisioned.by_uuid, &expected);
     assert_eq!(checked as u64, VOLUME / BLOCK);
+}
+
+/// The `(pass, MiB)` of each `kind` line ("start" or "done") guest A has logged so far.
+fn a_writes(log: &Path, kind: &str) -> Vec<(u64, u64)> {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    // A line still being written is left for the next read.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            if words.next() != Some(kind) {
+                return None;
+            }
+            let pass = words.next()?.parse().ok()?;
+            let mib = words.next()?.parse().ok()?;
+            Some((pass, mib))
+        })
+        .collect()
 }
 
 /// Waits until `volume`'s map has no syncing extent and nothing on `device`.
