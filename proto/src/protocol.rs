@@ -614,7 +614,8 @@ pub struct VolumeGrow {
 pub struct VolumeDelete {
     pub name: String,
     /// Delete even while clients are attached (live, or by a persisted session token after a
-    /// restart): their attachments and tokens are ended first, in the server's commit.
+    /// restart): their attachments and tokens are ended first, in the server's commit; and
+    /// even with snapshots, which are deleted with it. Without it either is refused (`Busy`).
     #[serde(default)]
     pub force: bool,
 }
@@ -843,6 +844,9 @@ pub enum AdminReply<T> {
 pub struct VolumeDeleted {
     /// Name of the deleted volume.
     pub deleted: String,
+    /// Its snapshots, deleted with it (only with `force`).
+    #[serde(default)]
+    pub snapshots_deleted: Vec<String>,
 }
 
 /// Answer to `client remove`.

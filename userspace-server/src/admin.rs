@@ -221,23 +221,30 @@ async fn volume_delete(
     state: &Arc<ServerState>,
 ) -> ServiceResult<VolumeDeleted> {
     let VolumeDelete { name, force } = request;
-    let record = blocking(state, move |s| {
+    let (record, snapshots) = blocking(state, move |s| {
         let volume = s.store.volume_by_name(&name)?;
         s.delete_volume(volume.id, force)
     })
     .await?;
+    let snapshots_deleted: Vec<String> = snapshots.into_iter().map(|s| s.name).collect();
     info!(
-        "volume {} (id {}) deleted{}",
+        "volume {} (id {}) deleted{}{}",
         record.name,
         record.id,
         if force {
             " (forced: its attachments were ended)"
         } else {
             ""
+        },
+        if snapshots_deleted.is_empty() {
+            String::new()
+        } else {
+            format!(" with its snapshots {}", snapshots_deleted.join(", "))
         }
     );
     Ok(VolumeDeleted {
         deleted: record.name,
+        snapshots_deleted,
     })
 }
 

@@ -965,8 +965,13 @@ impl ServerState {
     /// accepted). `force` fences them instead: the live attachments and their tokens end, and
     /// the commit that deletes the volume also drops every grant on it, which ends the
     /// persisted tokens (`Store::valid_session`). Checked and deleted under the lock, so no
-    /// attach can slip in between.
-    pub fn delete_volume(&self, volume_id: u64, force: bool) -> ServiceResult<VolumeRecord> {
+    /// attach can slip in between. A volume with snapshots is refused too; `force` deletes
+    /// them with it (and returns them).
+    pub fn delete_volume(
+        &self,
+        volume_id: u64,
+        force: bool,
+    ) -> ServiceResult<(VolumeRecord, Vec<SnapshotRecord>)> {
         let mut live = self.live();
         let mut holders: Vec<String> = live
             .volumes
@@ -999,7 +1004,7 @@ impl ServerState {
                 ),
             ));
         }
-        let deleted = self.store.delete_volume(volume_id)?;
+        let deleted = self.store.delete_volume(volume_id, force)?;
         // Committed: the persisted tokens are dead; end the live ones before answering.
         if let Some(volume) = live.volumes.remove(&volume_id) {
             for attachment in volume.attachments.values() {

@@ -73,6 +73,14 @@ async fn setup(server: &TestServer, seed: u64) -> (Setup, Vec<u8>) {
 }
 
 impl Setup {
+    /// Detaches the volume (its agent stays connected).
+    async fn detach(&mut self) {
+        self.agent
+            .detach(self.map.volume_id)
+            .await
+            .unwrap_or_else(|e| panic!("detach: {e}"));
+    }
+
     /// Deletes snapshot `name` (answering the change as the client's agent); returns the
     /// new map.
     async fn delete_snapshot(&mut self, server: &TestServer, name: &str) -> VolumeMap {
@@ -900,12 +908,7 @@ async fn a_restore_export_excludes_clients_and_writes_the_volume() {
     let socket = server.admin_socket.with_file_name("nbd.sock");
     let refused = NbdClient::connect_unix(&socket, "vol", false).await;
     assert!(refused.is_err(), "a writable export of an attached volume");
-    let volume_id = setup.map.volume_id;
-    setup
-        .agent
-        .detach(volume_id)
-        .await
-        .unwrap_or_else(|e| panic!("detach: {e}"));
+    setup.detach().await;
     let mut restore = NbdClient::connect_unix(&socket, "vol", false)
         .await
         .unwrap_or_else(|e| panic!("restore export: {e}"));
@@ -950,32 +953,50 @@ async fn a_restore_export_excludes_clients_and_writes_the_volume() {
     setup.agent = other;
     setup.map = attached.map;
     setup.snapshot(&server, "kept", None).await;
-    setup
-        .agent
-        .detach(volume_id)
-        .await
-        .unwrap_or_else(|e| panic!("detach: {e}"));
+    setup.detach().await;
     let refused = NbdClient::connect_unix(&socket, "vol", false).await;
     assert!(refused.is_err(), "restored onto a volume with a snapshot");
 }
 
-/// A deleted volume takes its snapshots with it: their COW stores' space is free again.
+/// Deleting a volume that has snapshots is refused, naming them, and changes nothing;
+/// `--force` deletes them with it: their COW stores' space is free again.
 #[tokio::test]
 async fn deleting_a_volume_frees_its_snapshots() {
     let server = TestServer::start();
     let (mut setup, _) = setup(&server, 6).await;
     let before = server.pool_free_bytes().await;
     setup.snapshot(&server, "one", Some(4 * MIB)).await;
+    setup.snapshot(&server, "two", Some(4 * MIB)).await;
     let with_snapshot = server.pool_free_bytes().await;
     assert!(with_snapshot < before, "the COW store took no space");
+    setup.detach().await;
     let mut admin = server.admin().await;
-    admin
+    let refused = admin
+        .call(sanblk_proto::protocol::VolumeDelete {
+            name: "vol".into(),
+            force: false,
+        })
+        .await;
+    let error = refused
+        .err()
+        .unwrap_or_else(|| panic!("deleted with snapshots"));
+    assert_eq!(error.server_code(), Some(ErrorCode::Busy), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("one, two") && message.contains("--force"),
+        "{message}"
+    );
+    assert_eq!(server.pool_free_bytes().await, with_snapshot);
+    let names: Vec<String> = list(&server).await.into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["one", "two"]);
+    let deleted = admin
         .call(sanblk_proto::protocol::VolumeDelete {
             name: "vol".into(),
             force: true,
         })
         .await
         .unwrap_or_else(|e| panic!("volume delete: {e}"));
+    assert_eq!(deleted.snapshots_deleted, ["one", "two"]);
     let after = server.pool_free_bytes().await;
     assert_eq!(
         after,

@@ -34,16 +34,18 @@ pub enum VolumeCommand {
         /// New total size: bytes or with a unit (K, M, G, T; binary), a multiple of 4096.
         size: String,
     },
-    /// Delete a volume and free its space (refused while clients are attached).
+    /// Delete a volume and free its space (refused while clients are attached or while it
+    /// has snapshots).
     #[command(
-        after_help = "A volume counts as attached while an agent holds it, and also after a server restart\nuntil its clients' agents are back: their kernels still hold its session tokens.\n\nExamples:\n  sanctl volume delete scratch\n  sanctl volume delete scratch --force"
+        after_help = "A volume counts as attached while an agent holds it, and also after a server restart\nuntil its clients' agents are back: their kernels still hold its session tokens.\nIts snapshots (`sanctl snapshot list NAME`) would go with it: delete them first, or use --force.\n\nExamples:\n  sanctl volume delete scratch\n  sanctl volume delete scratch --force"
     )]
     Delete {
         /// The volume to delete.
         name: String,
         /// Delete it even though clients are attached: their attachments and session tokens
         /// are ended first (the server path refuses them from then on), then the space is
-        /// freed. Their block devices stop working; data written to them is lost.
+        /// freed. Their block devices stop working; data written to them is lost. Its
+        /// snapshots, if any, are deleted with it (and their COW stores freed).
         #[arg(long)]
         force: bool,
     },
@@ -162,7 +164,14 @@ pub async fn run(command: VolumeCommand, context: &mut Context) -> Result<(), Cl
             if context.json {
                 return context.print_json(&result);
             }
-            println!("deleted volume {name}");
+            if result.snapshots_deleted.is_empty() {
+                println!("deleted volume {name}");
+            } else {
+                println!(
+                    "deleted volume {name} and its snapshot(s) {}",
+                    result.snapshots_deleted.join(", ")
+                );
+            }
             Ok(())
         }
         VolumeCommand::List => {

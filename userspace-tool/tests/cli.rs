@@ -734,6 +734,19 @@ fn a_deleted_snapshot_and_an_empty_diff_say_so() {
     assert!(said.starts_with("snapshot b of v deleted"), "{said}");
     let left = json(socket, &["snapshot", "list", "v"]);
     assert_eq!(left.as_array().map(Vec::len), Some(1), "{left}");
+
+    // The volume's last snapshot keeps it from being deleted, until --force.
+    let refused = sanctl(socket, &["volume", "delete", "v"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("volume v has 1 snapshot(s) (c)") && said.contains("--force"),
+        "{said}"
+    );
+    let left = json(socket, &["snapshot", "list", "v"]);
+    assert_eq!(left.as_array().map(Vec::len), Some(1), "{left}");
+    let said = ok(socket, &["volume", "delete", "v", "--force"]);
+    assert_eq!(said, "deleted volume v and its snapshot(s) c\n");
 }
 
 /// A loop device over a file of `size` bytes, detached when dropped.

@@ -10,7 +10,7 @@ use crate::allocator::{merge_adjacent, restripe_legacy};
 use super::clients::ClientRecord;
 use super::pool::pool_space_in;
 use super::recovery::{read_recoveries, recovery_busy};
-use super::snapshots::read_snapshots;
+use super::snapshots::{read_snapshots, SnapshotRecord};
 use super::{
     decode, decode_all, encode, not_found, take_next_id, validate_name, Store, StoreError,
     StoreResult, CLIENTS, DEVICES, META, NEXT_VOLUME_ID_KEY, RECOVERIES, SNAPSHOTS, VOLUMES,
@@ -180,10 +180,17 @@ pub(super) fn bump_epoch_in(txn: &redb::WriteTransaction, id: u64) -> StoreResul
 }
 
 impl Store {
-    /// Deletes a volume, frees its space and drops every grant on it, in one transaction.
-    pub fn delete_volume(&self, id: u64) -> StoreResult<VolumeRecord> {
+    /// Deletes a volume, frees its space and drops every grant on it, in one transaction;
+    /// with `with_snapshots` its snapshots go with it (their COW stores' space too), else a
+    /// volume with any snapshot (one being taken included) is refused. Also returns the
+    /// deleted snapshots.
+    pub fn delete_volume(
+        &self,
+        id: u64,
+        with_snapshots: bool,
+    ) -> StoreResult<(VolumeRecord, Vec<SnapshotRecord>)> {
         let txn = self.metadata.begin_write()?;
-        let record = {
+        let (record, deleted_snapshots) = {
             let recoveries = txn.open_table(RECOVERIES)?;
             if recoveries.get(id)?.is_some() {
                 return Err(recovery_busy(id));
@@ -194,6 +201,23 @@ impl Store {
                 Some(bytes) => decode(&bytes)?,
                 None => return Err(StoreError::NotFound(format!("no volume with id {id}"))),
             };
+            let mut snapshots = txn.open_table(SNAPSHOTS)?;
+            let mut of_volume: Vec<SnapshotRecord> = read_snapshots(&snapshots)?
+                .into_iter()
+                .filter(|s| s.volume_id == id)
+                .collect();
+            of_volume.sort_by_key(|s| s.id);
+            if !of_volume.is_empty() && !with_snapshots {
+                let names: Vec<String> = of_volume.iter().map(|s| s.name.clone()).collect();
+                return Err(StoreError::Busy(format!(
+                    "volume {} has {} snapshot(s) ({}); delete them first (`sanctl snapshot \
+                     delete {} NAME`), or delete with --force to delete them with it",
+                    record.name,
+                    names.len(),
+                    names.join(", "),
+                    record.name
+                )));
+            }
             let mut clients = txn.open_table(CLIENTS)?;
             let mut updated = Vec::new();
             for entry in clients.iter()? {
@@ -208,18 +232,14 @@ impl Store {
                 clients.insert(client.name.as_str(), encode(&client)?.as_slice())?;
             }
             // Its snapshots go with it: their COW stores' space is free again.
-            let mut snapshots = txn.open_table(SNAPSHOTS)?;
-            for snapshot in read_snapshots(&snapshots)?
-                .into_iter()
-                .filter(|s| s.volume_id == id)
-            {
+            for snapshot in &of_volume {
                 snapshots.remove(snapshot.id)?;
             }
-            record
+            (record, of_volume)
         };
         txn.commit()?;
         self.delete_sessions(|s| s.volume_id == id)?;
-        Ok(record)
+        Ok((record, deleted_snapshots))
     }
 
     /// Rewrites striped volumes persisted by versions that stored one single-replica extent
