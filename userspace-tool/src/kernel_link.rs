@@ -24,9 +24,10 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error(
-        "sanblk kernel module not loaded (generic netlink family '{FAMILY_NAME}' not found): {0}"
+        "sanblk kernel module not loaded (no generic netlink family '{FAMILY_NAME}'): load it \
+         first (`modprobe sanblk`, or `insmod sanblk.ko`)"
     )]
-    NotLoaded(String),
+    NotLoaded,
     #[error("netlink: {0}")]
     Netlink(String),
     #[error("kernel refused {command}: {message} ({errno_text})")]
@@ -48,6 +49,25 @@ fn unexplained_refusal(errno: i32) -> String {
             .to_string()
     } else {
         "no reason given".to_string()
+    }
+}
+
+/// The controller answers ENOENT for a family nobody registered: the module is not loaded.
+/// Any other failure is told in one line (neli's own text of an error message dumps it).
+fn family_lookup_error<T, P>(error: RouterError<T, P>) -> KernelError
+where
+    RouterError<T, P>: std::fmt::Display,
+{
+    match error {
+        RouterError::Nlmsgerr(refusal) if *refusal.error() == -libc::ENOENT => {
+            KernelError::NotLoaded
+        }
+        RouterError::Nlmsgerr(refusal) => KernelError::Netlink(format!(
+            "cannot look up the generic netlink family '{FAMILY_NAME}': {refusal}"
+        )),
+        other => KernelError::Netlink(format!(
+            "cannot look up the generic netlink family '{FAMILY_NAME}': {other}"
+        )),
     }
 }
 
@@ -392,7 +412,7 @@ impl KernelLink {
             .map_err(|e| KernelError::Netlink(e.to_string()))?;
         let family = router
             .resolve_genl_family(FAMILY_NAME)
-            .map_err(|e| KernelError::NotLoaded(e.to_string()))?;
+            .map_err(family_lookup_error)?;
         Ok(KernelLink { router, family })
     }
 
@@ -796,7 +816,7 @@ pub fn listen_events(
         .map_err(|e| KernelError::Netlink(format!("cannot open a generic netlink socket: {e}")))?;
     let group = router
         .resolve_nl_mcast_group(FAMILY_NAME, sanblk_uapi::netlink::EVENTS_GROUP)
-        .map_err(|e| KernelError::NotLoaded(e.to_string()))?;
+        .map_err(family_lookup_error)?;
     router
         .add_mcast_membership(Groups::new_groups(&[group]))
         .map_err(|e| KernelError::Netlink(format!("cannot join the events group: {e}")))?;

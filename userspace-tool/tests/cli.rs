@@ -846,3 +846,27 @@ fn a_full_backup_goes_onto_a_block_device() {
     );
     assert!(refused.contains("full backups only"), "{refused}");
 }
+
+/// Without the module, the kernel-side commands say so in one line and how to load it (not
+/// neli's dump of the controller's refusal).
+#[test]
+fn kernel_commands_without_the_module_say_how_to_load_it() {
+    if Path::new("/sys/module/sanblk").exists() {
+        eprintln!("skipped: the sanblk module is loaded on this host");
+        return;
+    }
+    const NOT_LOADED: &str = "sanblk kernel module not loaded (no generic netlink family \
+                              'sanblk'): load it first (`modprobe sanblk`, or `insmod sanblk.ko`)";
+    let output = sanctl(Path::new("/nonexistent/admin.sock"), &["status"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(output.stdout.is_empty(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        format!("sanctl: {NOT_LOADED}\n")
+    );
+    let output = sanctl(Path::new("/nonexistent/admin.sock"), &["--json", "status"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let error: serde_json::Value =
+        serde_json::from_slice(&output.stderr).unwrap_or_else(|e| panic!("{output:?}: {e}"));
+    assert_eq!(error["error"], serde_json::json!(NOT_LOADED), "{error}");
+}
