@@ -259,8 +259,10 @@ fn assert_direct_after_recovery(recovered: &serde_json::Value, later: &serde_jso
 fn server_killed_mid_recovery_restarts_and_finishes_it() {
     let mut setup = Setup::new(
         "recovery-restart",
-        // A second per 1 MiB chunk.
-        &["--recovery-max-rate", "1M"],
+        // A second per 1 MiB chunk. The lease outlasts the server's absence (kill, the 20 s
+        // allowed for the direct I/O below, restart): with the default 6 s, a slow guest's
+        // direct I/O to the healthy volume is held once the unrenewable lease lapses.
+        &["--recovery-max-rate", "1M", "--lease-ms", "40000"],
     );
     // A second volume, on the healthy spare (the device with the most free space).
     setup.server().sanctl(&["volume", "create", "vok", "4M"]);
