@@ -47,9 +47,12 @@ lint: kmod/generated/sanblk_uapi.h
 unit-test:
 	$(CARGO) test --workspace --lib --bins
 
-# QEMU tests boot the kernel that `make kernel` built (or SANBLK_KERNEL_TREE=KDIR).
+# QEMU tests boot the kernel that `make kernel` built (or SANBLK_KERNEL_TREE=KDIR). Every
+# test of the workspace runs on one cargo-nextest queue (.config/nextest.toml: two at a time,
+# the longest first); nextest does not run doc tests, cargo test does.
 test: deps kernel kmod build lint
-	SANBLK_KERNEL_TREE=$(KDIR) $(CARGO) test --workspace -- --test-threads=2
+	$(CARGO) test -q --workspace --doc
+	SANBLK_KERNEL_TREE=$(KDIR) $(CARGO) nextest run --workspace
 
 demo: deps kernel kmod build
 	$(CARGO) run -q -p sanblk-tests --bin sanblk-demo

@@ -45,6 +45,16 @@ if [ "$bindgen_ok" = 0 ]; then
     cargo install --locked bindgen-cli >&2
 fi
 
+# `make test` schedules every test of the workspace on one queue (test priorities: 0.9.91).
+nextest_ok=0
+if version=$(cargo nextest --version 2>/dev/null | awk 'NR == 1 {print $2}') && [ -n "$version" ]; then
+    if printf '0.9.91\n%s\n' "$version" | sort -V -C; then nextest_ok=1; fi
+fi
+if [ "$nextest_ok" = 0 ]; then
+    echo "deps: cargo install cargo-nextest (about 4 minutes)" >&2
+    cargo install --locked cargo-nextest >&2
+fi
+
 for component in rust-src clippy rustfmt; do
     rustup component list --installed | grep -q "^$component" || rustup component add "$component" >&2
 done
