@@ -11,6 +11,7 @@
 #   SANBLK_OUT_TAG  9p mount tag of the out share          (default: sanblkout)
 #   SANBLK_OUT      where to mount it in the guest          (default: /run/sanblk-out)
 #   SANBLK_SCRIPT   script to run, relative to SANBLK_OUT   (default: script.sh)
+#   SANBLK_SCRATCH_TAG, SANBLK_SCRATCH   9p tag and host path of the scratch dirs (optional)
 #
 # The outcome is reported as a kernel log line `SANBLK-GUEST-EXIT: <rc>`, written through
 # /dev/kmsg: printk writes to the serial console synchronously, whereas tty output may still
@@ -91,6 +92,15 @@ $bb mkdir -p "$SANBLK_OUT"
 if ! mount_fs 9p "$out_tag" "$SANBLK_OUT" trans=virtio,version=9p2000.L,msize=262144; then
     log "sanblk-guest-init: cannot mount out share '$out_tag' at $SANBLK_OUT"
     finish 126
+fi
+# The root share is cached (cache=loose in rootflags); the scratch dirs the host writes into
+# while the guest runs come over their own uncached share, mounted over their host path (after
+# the repository, which holds them, is in place).
+if [ -n "$SANBLK_SCRATCH_TAG" ] && [ -n "$SANBLK_SCRATCH" ]; then
+    if ! mount_fs 9p "$SANBLK_SCRATCH_TAG" "$SANBLK_SCRATCH" trans=virtio,version=9p2000.L,msize=262144,ro; then
+        log "sanblk-guest-init: cannot mount scratch share '$SANBLK_SCRATCH_TAG' at $SANBLK_SCRATCH"
+        finish 126
+    fi
 fi
 
 # Static networking matching QEMU user networking (restrict=on: only guestfwd targets such as

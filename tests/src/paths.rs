@@ -103,12 +103,18 @@ pub fn guestfwd_relay() -> Result<PathBuf, HarnessError> {
     }
 }
 
+/// `<repo>/target/qemu-scratch`, the parent of every [`scratch_dir`]: guests mount it at the
+/// same path as a share of its own, uncached, as the host writes into it while guests run.
+pub fn scratch_root() -> PathBuf {
+    repo_root().join("target/qemu-scratch")
+}
+
 /// A fresh, empty directory `<repo>/target/qemu-scratch/<name>-<pid>-<counter>` for a test's
-/// disk images and host-side files. Guests see it at the same path (read-only via the root
-/// share; write through disks or `$SANBLK_OUT`).
+/// disk images and host-side files. Guests see it at the same path (read-only, through the
+/// scratch share; write through disks or `$SANBLK_OUT`).
 pub fn scratch_dir(name: &str) -> io::Result<PathBuf> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = repo_root().join("target/qemu-scratch").join(format!(
+    let dir = scratch_root().join(format!(
         "{}-{}-{}",
         sanitize_name(name),
         std::process::id(),
