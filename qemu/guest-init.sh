@@ -88,8 +88,9 @@ if [ -n "$repo_aside" ]; then
     $bb mkdir -p "$SANBLK_REPO"
     $bb mount -o bind "$repo_aside" "$SANBLK_REPO"
 fi
+p9_options=trans=virtio,version=9p2000.L,msize=262144
 $bb mkdir -p "$SANBLK_OUT"
-if ! mount_fs 9p "$out_tag" "$SANBLK_OUT" trans=virtio,version=9p2000.L,msize=262144; then
+if ! mount_fs 9p "$out_tag" "$SANBLK_OUT" "$p9_options"; then
     log "sanblk-guest-init: cannot mount out share '$out_tag' at $SANBLK_OUT"
     finish 126
 fi
@@ -97,7 +98,7 @@ fi
 # while the guest runs come over their own uncached share, mounted over their host path (after
 # the repository, which holds them, is in place).
 if [ -n "$SANBLK_SCRATCH_TAG" ] && [ -n "$SANBLK_SCRATCH" ]; then
-    if ! mount_fs 9p "$SANBLK_SCRATCH_TAG" "$SANBLK_SCRATCH" trans=virtio,version=9p2000.L,msize=262144,ro; then
+    if ! mount_fs 9p "$SANBLK_SCRATCH_TAG" "$SANBLK_SCRATCH" "$p9_options,ro"; then
         log "sanblk-guest-init: cannot mount scratch share '$SANBLK_SCRATCH_TAG' at $SANBLK_SCRATCH"
         finish 126
     fi

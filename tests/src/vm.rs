@@ -368,6 +368,18 @@ fn qemu_path(path: &Path) -> Result<String, HarnessError> {
         .ok_or_else(|| HarnessError::Config(format!("path {} is not UTF-8", path.display())))
 }
 
+/// `path` as a kernel command-line value: UTF-8 without whitespace, which would split it.
+fn cmdline_path<'a>(path: &'a Path, what: &str) -> Result<&'a str, HarnessError> {
+    path.to_str()
+        .filter(|s| !s.contains(char::is_whitespace))
+        .ok_or_else(|| {
+            HarnessError::Config(format!(
+                "{what} path {} must be UTF-8 without spaces (kernel command line)",
+                path.display()
+            ))
+        })
+}
+
 /// QEMU's `-smp` value for `cpus` vCPUs. Never a machine of at most one CPU: TCG before QEMU
 /// 8.1 (Debian 12 ships 7.2) drops every guest memory barrier when `maxcpus` is 1, yet QEMU's
 /// own threads still complete virtio requests concurrently with the vCPU, so the ring
@@ -385,25 +397,9 @@ fn qemu_args(
     log_dir: &Path,
     guest_init: &Path,
 ) -> Result<Vec<String>, HarnessError> {
-    let init = guest_init
-        .to_str()
-        .filter(|s| !s.contains(char::is_whitespace))
-        .ok_or_else(|| {
-            HarnessError::Config(format!(
-                "guest init path {} must be UTF-8 without spaces (kernel command line)",
-                guest_init.display()
-            ))
-        })?;
+    let init = cmdline_path(guest_init, "guest init")?;
     let scratch_root = paths::scratch_root();
-    if scratch_root
-        .to_str()
-        .is_none_or(|s| s.contains(char::is_whitespace))
-    {
-        return Err(HarnessError::Config(format!(
-            "scratch path {} must be UTF-8 without spaces (kernel command line)",
-            scratch_root.display()
-        )));
-    }
+    let scratch = cmdline_path(&scratch_root, "scratch")?;
     let mut cmdline = vec![
         "root=hostroot".to_string(),
         "rootfstype=9p".to_string(),
@@ -426,7 +422,7 @@ fn qemu_args(
         // guest-init keeps the repository visible if it lives under a guest tmpfs (/tmp...).
         format!("SANBLK_REPO={}", crate::paths::repo_root().display()),
         format!("SANBLK_SCRATCH_TAG={SCRATCH_TAG}"),
-        format!("SANBLK_SCRATCH={}", scratch_root.display()),
+        format!("SANBLK_SCRATCH={scratch}"),
     ];
     cmdline.extend(config.kernel_args.iter().cloned());
 
