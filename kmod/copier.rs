@@ -2,7 +2,8 @@
 
 //! The volume's copier thread: while the map describes the COW stores of the volume's
 //! active snapshots, it preserves each chunk a write is the first to touch since the newest
-//! snapshot, as `sand` would, in every store that does not hold it yet: reads the chunk
+//! snapshot, as `sand` would, in every store that does not hold it yet, each store in
+//! chunks of its own snapshot's size (the stores of one size together): reads the chunk
 //! from the origin, writes it into the next free slot of the store, appends the record
 //! (chunk, slot) to the store's record sectors with PREFLUSH (the slot is durable before
 //! the record is written) and FUA (the record is durable before the origin write is
@@ -181,7 +182,7 @@ impl Copier {
                         pr_warn!(
                             "volume {}: snapshots up to {}: chunks no longer preserved by this host (errno {}): first writes go through the server\n",
                             volume.id,
-                            stores.first().map_or(0, |s| s.snapshot_id),
+                            stores.iter().map(|s| s.snapshot_id).max().unwrap_or(0),
                             -err.to_errno()
                         );
                     }
@@ -194,7 +195,9 @@ impl Copier {
     }
 
     /// Preserves every chunk the writes `ranges` touch that is not preserved yet in every
-    /// store, in groups of consecutive slots whose records share one record block.
+    /// store, the stores of one chunk size together (`stores` is sorted by it), each store
+    /// in chunks of its own size, in groups of consecutive slots whose records share one
+    /// record block; then marks the map's chunks the writes touch copied.
     fn preserve(
         &mut self,
         volume: &Volume,
@@ -203,34 +206,83 @@ impl Copier {
         copied: &CopiedChunks,
         ranges: &[(u64, u64)],
     ) -> Result {
+        let mut rest = stores;
+        while let Some(first) = rest.first() {
+            let chunk_bytes = first.chunk_bytes();
+            let same = rest
+                .iter()
+                .take_while(|s| s.chunk_bytes() == chunk_bytes)
+                .count();
+            let (sized, after) = rest.split_at(same);
+            self.preserve_sized(volume, map, (sized, stores), copied, ranges)?;
+            rest = after;
+        }
+        // Every store holds each chunk of its size the writes touch, so each map chunk they
+        // touch.
+        for &(offset, length) in ranges {
+            if let Some((first, last)) = chunks_touched(offset, length, map.chunk_bytes()) {
+                for chunk in first..=last {
+                    copied.mark_chunk(chunk);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::preserve`] into the stores `sized`, all of one chunk size (a power of two
+    /// times the map's), among all of the map's (`all`).
+    fn preserve_sized(
+        &mut self,
+        volume: &Volume,
+        map: &MapState,
+        (sized, all): (&[StoreInfo], &[StoreInfo]),
+        copied: &CopiedChunks,
+        ranges: &[(u64, u64)],
+    ) -> Result {
+        let Some(chunk_bytes) = sized.first().map(StoreInfo::chunk_bytes) else {
+            return Ok(());
+        };
+        if map.chunk_bytes() == 0 || chunk_bytes < map.chunk_bytes() {
+            return Err(EINVAL);
+        }
+        // Map chunks per chunk of these stores, as a shift.
+        let shift = (chunk_bytes / map.chunk_bytes()).trailing_zeros();
         let mut chunks = [0u64; MAX_GROUP_CHUNKS];
         let mut count = 0;
         for &(offset, length) in ranges {
-            let Some((first, last)) = chunks_touched(offset, length, map.chunk_bytes()) else {
+            let (Some((first, last)), Some((map_first, map_last))) = (
+                chunks_touched(offset, length, chunk_bytes),
+                chunks_touched(offset, length, map.chunk_bytes()),
+            ) else {
                 continue;
             };
             for chunk in first..=last {
-                if copied.is_copied(chunk) || chunks[..count].contains(&chunk) {
+                // Every store holds it if one map chunk of it is copied: those the write
+                // touches tell.
+                let from = (chunk << shift).max(map_first);
+                let to = ((chunk + 1) << shift).saturating_sub(1).min(map_last);
+                if (from..=to).all(|c| copied.is_copied(c)) || chunks[..count].contains(&chunk) {
                     continue;
                 }
                 if count == chunks.len() {
-                    self.copy_everywhere(volume, map, stores, copied, &chunks[..count])?;
+                    self.copy_everywhere(volume, map, (sized, all), copied, &chunks[..count])?;
                     count = 0;
                 }
                 chunks[count] = chunk;
                 count += 1;
             }
         }
-        self.copy_everywhere(volume, map, stores, copied, &chunks[..count])
+        self.copy_everywhere(volume, map, (sized, all), copied, &chunks[..count])
     }
 
-    /// Copies `chunks` (at most [`MAX_GROUP_CHUNKS`]) into each store that lacks them;
-    /// marks them copied once every store's records of them are durable.
+    /// Copies `chunks` (at most [`MAX_GROUP_CHUNKS`], of the stores' chunk size) into each
+    /// of the stores `stores` (one chunk size, among all of the map's, `all`) that lacks
+    /// them; returns once every store's records of them are durable.
     fn copy_everywhere(
         &mut self,
         volume: &Volume,
         map: &MapState,
-        stores: &[StoreInfo],
+        (stores, all): (&[StoreInfo], &[StoreInfo]),
         copied: &CopiedChunks,
         chunks: &[u64],
     ) -> Result {
@@ -245,7 +297,7 @@ impl Copier {
         let mut entries = [0usize; MAX_COW_STORES as usize];
         for (s, store) in stores.iter().enumerate() {
             let held = copied.store(store.snapshot_id).ok_or(EINVAL)?;
-            let entry = self.cursor_index(store.snapshot_id, stores)?;
+            let entry = self.cursor_index(store.snapshot_id, all)?;
             entries[s] = entry;
             // Which of them the store holds: its records read once per snapshot set, and
             // again (from the cursor) when it lacks one, as another host may have appended.
@@ -294,9 +346,6 @@ impl Copier {
                 }
             }
             done += group;
-        }
-        for &chunk in chunks {
-            copied.mark_chunk(chunk);
         }
         Ok(())
     }
@@ -417,7 +466,7 @@ impl Copier {
         chunks: &[u64],
         lacking: &[u8],
     ) -> Result<usize> {
-        let chunk_bytes = u64::from(map.chunk_bytes());
+        let chunk_bytes = u64::from(stores.first().ok_or(EINVAL)?.chunk_bytes());
         // Each store's next slot and room: its free slots, and the records its record block
         // still takes.
         let mut first_slots = [0u64; MAX_COW_STORES as usize];
@@ -461,8 +510,9 @@ impl Copier {
         // fail, once more one bio at a time, which finds the device that failed (and marks
         // it so).
         self.chunk.reserve(count * chunk_bytes as usize)?;
-        if self.read_chunks(volume, map, group, lacking, true).is_err() {
-            self.read_chunks(volume, map, group, lacking, false)?;
+        let chunks_read = (group, lacking, chunk_bytes);
+        if self.read_chunks(volume, map, chunks_read, true).is_err() {
+            self.read_chunks(volume, map, chunks_read, false)?;
         }
         let mut chain = Chain::new();
         let together = self
@@ -527,9 +577,9 @@ impl Copier {
         lacking: &[u8],
         mut chain: Option<&mut Chain>,
     ) -> Result {
-        let chunk_bytes = u64::from(map.chunk_bytes());
         for (s, (store, &first_slot)) in stores.iter().zip(first_slots).enumerate() {
             let lacks = |i: usize| lacking.get(i).is_some_and(|mask| mask & (1 << s) != 0);
+            let chunk_bytes = u64::from(store.chunk_bytes());
             let mut slot = first_slot;
             let mut i = 0;
             while i < lacking.len() {
@@ -587,18 +637,17 @@ impl Copier {
         Ok(())
     }
 
-    /// Reads the `chunks` some store lacks (`lacking`) from the origin as they are now, chunk
-    /// i at i chunks into the buffer (the part of a last chunk beyond the volume reads as
-    /// zero): with `together`, every bio in flight at once, else one after the other.
+    /// Reads the `chunks` (of `chunk_bytes`) some store lacks (`lacking`) from the origin as
+    /// they are now, chunk i at i chunks into the buffer (the part of a last chunk beyond
+    /// the volume reads as zero): with `together`, every bio in flight at once, else one
+    /// after the other.
     fn read_chunks(
         &self,
         volume: &Volume,
         map: &MapState,
-        chunks: &[u64],
-        lacking: &[u8],
+        (chunks, lacking, chunk_bytes): (&[u64], &[u8], u64),
         together: bool,
     ) -> Result {
-        let chunk_bytes = u64::from(map.chunk_bytes());
         let mut chain = Chain::new();
         for (i, (&chunk, _)) in chunks
             .iter()

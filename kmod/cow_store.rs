@@ -20,9 +20,9 @@ pub(crate) struct StoreInfo {
 }
 
 impl StoreInfo {
-    /// The stores a parsed map describes, newest first; none without sections, or when a
-    /// store holds no chunk of the map's copy-on-write chunk size (the server then makes
-    /// every copy).
+    /// The stores a parsed map describes, by ascending chunk size (the copier takes the
+    /// stores of one chunk size together); none without sections, or when a store holds no
+    /// chunk of its size (the server then makes every copy).
     pub(crate) fn all_from_view(view: &MapView<'_>) -> Result<KVec<StoreInfo>> {
         let count = view.cow_store_count();
         let mut stores = KVec::with_capacity(count as usize, GFP_KERNEL)?;
@@ -30,8 +30,7 @@ impl StoreInfo {
             let Some(section) = view.cow_store(index) else {
                 return Ok(KVec::new());
             };
-            let Some(layout) = CowLayout::new(section.store_bytes, view.header().cow_chunk_bytes)
-            else {
+            let Some(layout) = CowLayout::new(section.store_bytes, section.chunk_bytes) else {
                 return Ok(KVec::new());
             };
             let mut extents = KVec::with_capacity(section.extent_count as usize, GFP_KERNEL)?;
@@ -48,7 +47,13 @@ impl StoreInfo {
                 GFP_KERNEL,
             )?;
         }
+        stores.sort_unstable_by_key(StoreInfo::chunk_bytes);
         Ok(stores)
+    }
+
+    /// The store's chunk size: its records count chunks of this size.
+    pub(crate) fn chunk_bytes(&self) -> u32 {
+        self.layout.chunk_bytes
     }
 
     /// Where `length` bytes at store `offset` begin: the map device index, the device offset

@@ -43,7 +43,7 @@ pub(crate) struct MapState {
     /// `None` with snapshots when the bits could not be had (every write then goes through
     /// the server).
     copied: Option<Arc<CopiedChunks>>,
-    /// The stores of the active snapshots, newest first, when the map describes them: the
+    /// The stores of the active snapshots, by ascending chunk size, when the map describes them: the
     /// copier preserves chunks into them itself.
     stores: KVec<StoreInfo>,
 }

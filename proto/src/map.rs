@@ -271,11 +271,11 @@ pub struct CopyOnWrite {
     pub generation: u64,
     /// The smallest chunk size of the active snapshots.
     pub chunk_bytes: u32,
-    /// Set while every active snapshot of the volume has `chunk_bytes` chunks: where each
-    /// one's store lies, the newest snapshot's (id `generation`) first, then older ones by
-    /// descending id, so a client may preserve chunks into each store that lacks them
-    /// itself (see `sanblk_uapi::map::MapCowStore`). Empty otherwise (the server makes every
-    /// copy), and then left out of the JSON.
+    /// Where each active snapshot's store lies and its chunk size, the newest snapshot's
+    /// (id `generation`) first, then older ones by descending id, so a client may preserve
+    /// chunks into each store that lacks them itself (see `sanblk_uapi::map::MapCowStore`).
+    /// Empty when the server makes every copy (more stores than a kernel map describes, or
+    /// a snapshot's chunk smaller than a block), and then left out of the JSON.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stores: Vec<CowStoreLocation>,
 }
@@ -289,6 +289,9 @@ pub struct CowStoreLocation {
     /// The record sector to start looking for the end of the records at: every one before
     /// it is full.
     pub scan_from_sector: u32,
+    /// The snapshot's chunk size (its records count chunks of this size): a power of two,
+    /// a multiple of the map's `chunk_bytes`.
+    pub chunk_bytes: u32,
     /// In store order (`volume_offset` is the offset in the store), one replica each.
     pub extents: Vec<Extent>,
 }
@@ -458,6 +461,7 @@ mod tests {
             snapshot_id,
             store_bytes: BLOCK_SIZE * devices.len() as u64,
             scan_from_sector: 0,
+            chunk_bytes: 65536,
             extents: devices
                 .iter()
                 .enumerate()

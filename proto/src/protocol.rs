@@ -11,8 +11,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::map::{AccessMode, Extent, Layout, VolumeMap};
 
 /// Version carried in every frame; a frame with another version is rejected. 2: maps carry
-/// striped extents (an agent of version 1 would take their members for mirror copies).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// striped extents (an agent of version 1 would take their members for mirror copies). 3:
+/// each COW store in a map has its own chunk size (an agent of version 2 would describe a
+/// store of larger chunks with the map's and the module would write it in the wrong place).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest accepted frame payload. A length prefix above this closes the connection.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// Largest frame a server accepts from a peer that has not authenticated yet: the handshake

@@ -14,7 +14,8 @@
 //!   members of (device index u32, reserved u32, device offset u64);
 //! - with [`MAP_FLAG_COW_STORE`]: 1..=[`MAX_COW_STORES`] COW store sections, one after the
 //!   other, each [`COW_STORE_LEN`] bytes (snapshot id u64, store size in bytes u64, record
-//!   sector to start scanning at u32, store extent count u32, reserved (zero) u64), then
+//!   sector to start scanning at u32, store extent count u32, the store's chunk size in bytes
+//!   u32 (0: the header's), reserved (zero) u32), then
 //!   [`STORE_EXTENT_LEN`] bytes per store extent: device index u32, reserved u32, device
 //!   offset u64, length u64, in store order. The first section is the newest snapshot's (its
 //!   id is the header's copy-on-write generation), the others older ones' (smaller ids).
@@ -29,12 +30,12 @@
 //! which preserves the chunk before writing it; once the server has acknowledged a write
 //! covering a chunk, later writes to it go direct.
 //!
-//! The COW store sections, sent while every active snapshot of the volume has the map's
-//! chunk size, say where each snapshot's store (format: `cow.rs`) lies on the devices, so a
-//! client may preserve chunks into them itself: append records to each store that does not
-//! hold the chunk yet, after the last record it finds (scanning from the given record
-//! sector), each slot's data before its record, every record durable before the origin
-//! write. The server reads such records back before anything that depends on them.
+//! The COW store sections say where each snapshot's store (format: `cow.rs`) lies on the
+//! devices and its chunk size (a multiple of the map's, which is the smallest), so a client
+//! may preserve chunks into them itself: append records to each store that does not hold the
+//! chunk (of that store's size) yet, after the last record it finds (scanning from the given
+//! record sector), each slot's data before its record, every record durable before the
+//! origin write. The server reads such records back before anything that depends on them.
 
 /// Magic of an encoded map.
 pub const MAP_MAGIC: u32 = u32::from_le_bytes(*b"SBLM");
@@ -195,6 +196,9 @@ pub struct MapCowStore {
     pub scan_from_sector: u32,
     /// Entries in the store extent table.
     pub extent_count: u32,
+    /// The store's chunk size: a power of two of at least the header's
+    /// `cow_chunk_bytes`, at most [`MAX_CHUNK_BYTES`]; encoded as 0 when it is the header's.
+    pub chunk_bytes: u32,
 }
 
 /// One piece of a COW store: `length` bytes at `offset` of device `device`, in store order.
@@ -410,6 +414,11 @@ pub fn encode_with_stores(
         put_u64(out, at + 8, section.store_bytes);
         put_u32(out, at + 16, section.scan_from_sector);
         put_u32(out, at + 20, store_extents.len() as u32);
+        let own_chunk = match section.chunk_bytes == header.cow_chunk_bytes {
+            true => 0,
+            false => section.chunk_bytes,
+        };
+        put_u32(out, at + 24, own_chunk);
         at += COW_STORE_LEN;
         for extent in store_extents.iter() {
             put_u32(out, at, extent.device);
@@ -729,7 +738,10 @@ impl<'a> MapView<'a> {
         {
             return Err(MapError::BadCowStore);
         }
-        if get_u64(self.bytes, section_at + 24) != 0 {
+        if get_u32(self.bytes, section_at + 28) != 0
+            || !valid_chunk_bytes(section.chunk_bytes)
+            || section.chunk_bytes < self.header.cow_chunk_bytes
+        {
             return Err(MapError::BadCowStore);
         }
         let mut total = 0u64;
@@ -824,6 +836,10 @@ impl<'a> MapView<'a> {
             store_bytes: get_u64(b, 8),
             scan_from_sector: get_u32(b, 16),
             extent_count: get_u32(b, 20),
+            chunk_bytes: match get_u32(b, 24) {
+                0 => self.header.cow_chunk_bytes,
+                own => own,
+            },
         })
     }
 
@@ -1291,6 +1307,7 @@ mod tests {
             store_bytes,
             scan_from_sector: 3,
             extent_count: extents as u32,
+            chunk_bytes: 65536,
         }
     }
 
@@ -1413,12 +1430,22 @@ mod tests {
         // Reserved bytes, an unknown flag, a count that disagrees with the length.
         let (buf, len) = encode_store(&h, &d, &e, &section(4 * MIB, 1), &one);
         let at = encoded_len(2, 1);
-        let mut reserved = buf;
-        reserved[at + 24] = 1;
-        assert_eq!(
-            MapView::parse(&reserved[..len]).err(),
-            Some(MapError::BadCowStore)
-        );
+        for bad_field in [
+            (24, 1u32),
+            (24, 32768),
+            (24, 65536 + 4096),
+            (24, 2 << 20),
+            (28, 1),
+        ] {
+            let (offset, value) = bad_field;
+            let mut reserved = buf;
+            reserved[at + offset..at + offset + 4].copy_from_slice(&value.to_le_bytes());
+            assert_eq!(
+                MapView::parse(&reserved[..len]).err(),
+                Some(MapError::BadCowStore),
+                "{bad_field:?}"
+            );
+        }
         let mut reserved = buf;
         reserved[at + COW_STORE_LEN + 4] = 1;
         assert_eq!(
@@ -1488,21 +1515,28 @@ mod tests {
             (
                 MapCowStore {
                     extent_count: 2,
+                    chunk_bytes: 1 << 20,
                     ..section_of(5, 2 * MIB)
                 },
                 &older[..],
             ),
-            (section_of(2, 4 * MIB), &oldest[..]),
+            (
+                MapCowStore {
+                    chunk_bytes: 256 << 10,
+                    ..section_of(2, 4 * MIB)
+                },
+                &oldest[..],
+            ),
         ];
         let (buf, len) = encode_stores(&h, &d, &e, &stores);
         let view = MapView::parse(&buf[..len]).expect("valid");
         assert_eq!(view.cow_store_count(), 3);
+        // A store of the header's chunk size says so with 0 (what older agents sent).
+        let first_section = encoded_len(2, 1);
+        assert_eq!(get_u32(&buf, first_section + 24), 0);
         for (index, (section, extents)) in stores.iter().enumerate() {
             let index = index as u32;
-            assert_eq!(
-                view.cow_store(index).map(|s| s.snapshot_id),
-                Some(section.snapshot_id)
-            );
+            assert_eq!(view.cow_store(index).as_ref(), Some(section));
             for (i, extent) in extents.iter().enumerate() {
                 assert_eq!(view.store_extent(index, i as u32), *extent);
             }

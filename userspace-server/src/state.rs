@@ -828,9 +828,11 @@ impl ServerState {
         }
         // While snapshots are active, each chunk's first write goes through the server,
         // which copies the chunk to every active snapshot's store before writing it, unless
-        // the client preserves it itself into each store lacking it: offered while every
-        // active snapshot has the map's chunk size (newest snapshot first, then older ones
-        // by descending id), none otherwise.
+        // the client preserves it itself into each store lacking it, in that store's chunk
+        // size: offered (newest snapshot first, then older ones by descending id) while
+        // the kernel map can describe every store and no snapshot's chunk is smaller than a
+        // block (the map's chunk size, the smallest of them, is then every store's or a
+        // divisor of it), none otherwise.
         let snapshots = self.store.snapshots_of(record.id)?;
         let mut active: Vec<&SnapshotRecord> = snapshots
             .iter()
@@ -847,7 +849,7 @@ impl ServerState {
                 // covers.
                 let chunk_bytes = chunk_bytes.max(block_size);
                 let offered = active.len() <= MAX_COW_STORES as usize
-                    && active.iter().all(|s| s.chunk_bytes == chunk_bytes);
+                    && active.iter().all(|s| s.chunk_bytes >= block_size);
                 let stores = match offered {
                     true => active
                         .iter()
@@ -855,6 +857,7 @@ impl ServerState {
                             snapshot_id: s.id,
                             store_bytes: s.store_bytes,
                             scan_from_sector: self.snapshots.scan_hint(record.id, s.id),
+                            chunk_bytes: s.chunk_bytes,
                             extents: s.store_extents.clone(),
                         })
                         .collect(),

@@ -329,7 +329,9 @@ async fn large_frames_before_authentication_are_refused_at_once() {
     let (server, secret) = server_with_rw_client().await;
     for announced in [64 * 1024u32, 1024 * 1024] {
         let mut bytes = announced.to_be_bytes().to_vec();
-        bytes.extend_from_slice(br#"{"v":2,"type":"hello","client":""#);
+        bytes.extend_from_slice(
+            format!(r#"{{"v":{PROTOCOL_VERSION},"type":"hello","client":""#).as_bytes(),
+        );
         let started = Instant::now();
         let (reply, closed) = send_raw(&server, &bytes, Duration::from_millis(700)).await;
         match reply {

@@ -409,7 +409,12 @@ fn preserve_as_a_client(
         .flat_map(|c| c.stores.iter())
         .find(|s| s.snapshot_id == snapshot_id)
         .unwrap_or_else(|| panic!("no COW store offered for snapshot {snapshot_id}: {map:?}"));
-    let layout = CowLayout::new(store.store_bytes, CHUNK as u32).expect("store layout");
+    assert_eq!(
+        old.len() as u64,
+        u64::from(store.chunk_bytes),
+        "a chunk of the store's"
+    );
+    let layout = CowLayout::new(store.store_bytes, store.chunk_bytes).expect("store layout");
     // Store offset -> (file, offset) through the store's extents.
     let locate = |at: u64| {
         let extent = store
@@ -699,17 +704,19 @@ async fn changed_chunks_are_marked_in_the_snapshots_chunks_and_growth_counts() {
     assert_eq!(changed.chunks, [2, 5], "a diff lists written chunks only");
 }
 
-/// The map offers the COW stores of every active snapshot only while they all have its
-/// chunk size: with one of larger chunks, the server makes every copy.
+/// The map offers the COW store of every active snapshot, each with its own chunk size (the
+/// map's is the smallest): a client preserves a chunk of a coarse store in that store's
+/// chunks, and the server reads it back.
 #[tokio::test]
-async fn stores_are_offered_only_while_every_snapshot_has_the_maps_chunk_size() {
+async fn stores_of_every_chunk_size_are_offered_each_with_its_own() {
     let server = TestServer::start();
-    let (mut setup, _) = setup(&server, 7).await;
+    let (mut setup, a) = setup(&server, 7).await;
     let first = setup.snapshot(&server, "first", None).await;
     let offered = offered_stores;
     assert_eq!(offered(&setup.map), [first.id], "{:?}", setup.map);
+    const COARSE: u64 = 4 * CHUNK;
     let coarse = setup
-        .snapshot_of_chunks(&server, "coarse", 2 * CHUNK as u32)
+        .snapshot_of_chunks(&server, "coarse", COARSE as u32)
         .await;
     let map = setup.map.clone();
     let cow = map
@@ -717,18 +724,60 @@ async fn stores_are_offered_only_while_every_snapshot_has_the_maps_chunk_size() 
         .as_ref()
         .unwrap_or_else(|| panic!("no copy-on-write in {map:?}"));
     assert_eq!((cow.generation, cow.chunk_bytes), (coarse.id, CHUNK as u32));
-    assert!(cow.stores.is_empty(), "{map:?}");
-    // Without the first snapshot, the coarse one's store is offered (at its chunk size).
+    let sizes: Vec<(u64, u32)> = cow
+        .stores
+        .iter()
+        .map(|s| (s.snapshot_id, s.chunk_bytes))
+        .collect();
+    assert_eq!(
+        sizes,
+        [(coarse.id, COARSE as u32), (first.id, CHUNK as u32)],
+        "{map:?}"
+    );
+    // A client's first write to volume chunk 9 (coarse chunk 2): chunk 9 into the fine
+    // store, coarse chunk 2 (volume chunks 8 to 11) whole into the coarse one, then the
+    // write straight to the origin.
+    let paths = server.device_paths().await;
+    let range = |offset: u64, length: u64| offset as usize..(offset + length) as usize;
+    preserve_as_a_client(&paths, &map, first.id, 9, &a[range(9 * CHUNK, CHUNK)]);
+    preserve_as_a_client(&paths, &map, coarse.id, 2, &a[range(2 * COARSE, COARSE)]);
+    let fresh = pattern(700, CHUNK as usize);
+    write_direct(&paths, &map, 9 * CHUNK, &fresh);
+    assert!(read_export(&first).await == a, "first lost chunk 9");
+    assert!(read_export(&coarse).await == a, "coarse lost its chunk 2");
+    let listed = list(&server).await;
+    let changed = |name: &str| {
+        listed
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.changed_chunks)
+    };
+    assert_eq!(changed("first"), Some(1), "{listed:?}");
+    assert_eq!(changed("coarse"), Some(1), "{listed:?}");
+    // A write through the server to volume chunk 10: coarse chunk 2 is held already, so
+    // only the fine store takes a copy.
+    setup.write(10 * CHUNK, &pattern(701, 4096)).await;
+    let listed = list(&server).await;
+    let used: Vec<(String, u64)> = listed
+        .iter()
+        .map(|s| (s.name.clone(), s.cow_used_bytes))
+        .collect();
+    assert!(
+        used.contains(&("first".into(), 2 * CHUNK)) && used.contains(&("coarse".into(), COARSE)),
+        "{used:?}"
+    );
+    assert!(read_export(&coarse).await == a, "coarse lost its chunk 2");
+    // Without the first snapshot, the coarse store alone, and the map's chunk is its.
     let map = setup.delete_snapshot(&server, "first").await;
     assert_eq!(offered(&map), [coarse.id], "{map:?}");
     assert_eq!(
         map.copy_on_write.as_ref().map(|c| c.chunk_bytes),
-        Some(2 * CHUNK as u32)
+        Some(COARSE as u32)
     );
     // Two of the same chunk size again: both, the newest first.
     setup.map = map;
     let coarse2 = setup
-        .snapshot_of_chunks(&server, "coarse2", 2 * CHUNK as u32)
+        .snapshot_of_chunks(&server, "coarse2", COARSE as u32)
         .await;
     assert_eq!(
         offered(&setup.map),

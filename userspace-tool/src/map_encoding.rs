@@ -112,13 +112,19 @@ pub fn scan_paths(paths: &[PathBuf]) -> HashMap<Uuid, LocalDevice> {
 
 /// The kernel map's COW store section for `store`, adding the store's devices to `order`;
 /// `None` (and `order` unchanged) if a store device is not on this host, an extent is not a
-/// single replica, or the section or device table would grow too large.
+/// single replica, the store's chunk size is not one the module takes in a map of
+/// `map_chunk_bytes` chunks, or the section or device table would grow too large.
 fn store_section(
     store: &CowStoreLocation,
+    map_chunk_bytes: u32,
     devices: &HashMap<Uuid, LocalDevice>,
     order: &mut Vec<Uuid>,
 ) -> Option<(MapCowStore, Vec<StoreExtent>)> {
-    if store.extents.is_empty() || store.extents.len() > wire::MAX_STORE_EXTENTS as usize {
+    if store.extents.is_empty()
+        || store.extents.len() > wire::MAX_STORE_EXTENTS as usize
+        || !wire::valid_chunk_bytes(store.chunk_bytes)
+        || store.chunk_bytes < map_chunk_bytes
+    {
         return None;
     }
     let mut grown = order.clone();
@@ -152,6 +158,7 @@ fn store_section(
         store_bytes: store.store_bytes,
         scan_from_sector: store.scan_from_sector,
         extent_count: store_extents.len() as u32,
+        chunk_bytes: store.chunk_bytes,
     };
     Some((section, store_extents))
 }
@@ -162,6 +169,7 @@ fn store_section(
 /// or sends every first write through the server, which then makes the copies.
 fn store_sections(
     stores: &[CowStoreLocation],
+    map_chunk_bytes: u32,
     devices: &HashMap<Uuid, LocalDevice>,
     order: &mut Vec<Uuid>,
 ) -> Vec<(MapCowStore, Vec<StoreExtent>)> {
@@ -171,7 +179,7 @@ fn store_sections(
     let mut grown = order.clone();
     let Some(sections) = stores
         .iter()
-        .map(|store| store_section(store, devices, &mut grown))
+        .map(|store| store_section(store, map_chunk_bytes, devices, &mut grown))
         .collect::<Option<Vec<_>>>()
     else {
         return Vec::new();
@@ -246,13 +254,11 @@ pub fn encode(
     // through the server, so stores this host cannot all reach (or the kernel map cannot
     // describe) are left out, all of them, rather than failing the map.
     let volume_devices = order.len();
-    let mut sections = store_sections(
-        map.copy_on_write
-            .as_ref()
-            .map_or(&[][..], |c| c.stores.as_slice()),
-        devices,
-        &mut order,
-    );
+    let (stores, map_chunk_bytes) = map
+        .copy_on_write
+        .as_ref()
+        .map_or((&[][..], 0), |c| (c.stores.as_slice(), c.chunk_bytes));
+    let mut sections = store_sections(stores, map_chunk_bytes, devices, &mut order);
     let device_table = |order: &[Uuid]| -> Vec<wire::Device> {
         order
             .iter()
@@ -535,6 +541,7 @@ mod tests {
             snapshot_id: 5,
             store_bytes: 6 * MIB,
             scan_from_sector: 2,
+            chunk_bytes: 65536,
             extents: vec![
                 Extent::replicated(0, 4 * MIB, vec![replica(2, MIB)]),
                 Extent::replicated(4 * MIB, 2 * MIB, vec![replica(0, 8 * MIB)]),
@@ -585,12 +592,14 @@ mod tests {
             snapshot_id: 9,
             store_bytes: 4 * MIB,
             scan_from_sector: 1,
+            chunk_bytes: 65536,
             extents: vec![Extent::replicated(0, 4 * MIB, vec![replica(2, MIB)])],
         };
         let older = CowStoreLocation {
             snapshot_id: 4,
             store_bytes: 3 * MIB,
             scan_from_sector: 7,
+            chunk_bytes: 256 << 10,
             extents: vec![
                 Extent::replicated(0, 2 * MIB, vec![replica(3, 0)]),
                 Extent::replicated(2 * MIB, MIB, vec![replica(2, 8 * MIB)]),
@@ -609,7 +618,7 @@ mod tests {
         let encoded = encode(&map, &local).expect("encodes");
         let view = wire::MapView::parse(&encoded.bytes).expect("valid");
         assert_eq!(view.cow_store_count(), 2);
-        let sections: Vec<(u64, u64, u32, u32)> = (0..2)
+        let sections: Vec<(u64, u64, u32, u32, u32)> = (0..2)
             .filter_map(|i| view.cow_store(i))
             .map(|s| {
                 (
@@ -617,10 +626,14 @@ mod tests {
                     s.store_bytes,
                     s.scan_from_sector,
                     s.extent_count,
+                    s.chunk_bytes,
                 )
             })
             .collect();
-        assert_eq!(sections, [(9, 4 * MIB, 1, 1), (4, 3 * MIB, 7, 2)]);
+        assert_eq!(
+            sections,
+            [(9, 4 * MIB, 1, 1, 65536), (4, 3 * MIB, 7, 2, 256 << 10)]
+        );
         // Store devices shared between stores get one device table entry.
         assert_eq!(encoded.device_paths.len(), 3);
         let path_of = |extent: StoreExtent| encoded.device_paths[extent.device as usize].clone();
@@ -636,7 +649,8 @@ mod tests {
             (8 * MIB, MIB)
         );
         // One store the kernel map cannot take leaves every store out: a device this host
-        // does not see, a mirrored store extent, too many extents, too many stores.
+        // does not see, a mirrored store extent, too many extents, too many stores, a chunk
+        // smaller than the map's or no power of two.
         let mut mirrored = older.clone();
         mirrored.extents[1].replicas.push(replica(1, 0));
         let mut fragmented = older.clone();
@@ -649,10 +663,21 @@ mod tests {
                 snapshot_id: 9 - i,
                 store_bytes: MIB,
                 scan_from_sector: 0,
+                chunk_bytes: 65536,
                 extents: vec![Extent::replicated(0, MIB, vec![replica(3, i * MIB)])],
             })
             .collect();
+        let small_chunk = CowStoreLocation {
+            chunk_bytes: 32768,
+            ..older.clone()
+        };
+        let odd_chunk = CowStoreLocation {
+            chunk_bytes: 65536 * 3,
+            ..older.clone()
+        };
         for (what, stores) in [
+            ("small chunk", vec![newest.clone(), small_chunk]),
+            ("odd chunk", vec![newest.clone(), odd_chunk]),
             ("mirrored", vec![newest.clone(), mirrored]),
             ("fragmented", vec![newest.clone(), fragmented]),
             ("too many", many),

@@ -787,6 +787,7 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
                     store_bytes: length,
                     scan_from_sector: 0,
                     extent_count: 1,
+                    chunk_bytes: h.cow_chunk_bytes,
                 };
                 (section, &extents[..])
             })

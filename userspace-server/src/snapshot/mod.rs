@@ -13,8 +13,8 @@
 //! copied take the lock only to look.
 //!
 //! A client may also preserve chunks itself, into the stores of a volume's active snapshots
-//! (the map's COW store sections, offered while every active snapshot has the map's chunk
-//! size), appending records to each store that lacks the chunk without that lock: slot data,
+//! (the map's COW store sections, each store in its own snapshot's chunk size), appending
+//! records to each store that lacks the chunk without that lock: slot data,
 //! then the record, every record durable before its write reaches the origin or the server.
 //! The server reads such records back (`CowStore::absorb`) before copying a chunk itself,
 //! after reading a point-in-time chunk from the origin (reading it again from the store if a
@@ -148,7 +148,6 @@ impl Snapshots {
             return Ok(());
         }
         let mut invalidated = Vec::new();
-        let client_appends = client_may_append(&guard);
         let stores = &mut guard.stores;
         // Chunk sizes may differ between snapshots: each store walks its own chunks.
         for (index, store) in stores.iter_mut().enumerate() {
@@ -165,7 +164,7 @@ impl Snapshots {
                 }
                 // The client may have preserved it itself (the map's COW store section):
                 // its record is durable before its write reaches the origin or the server.
-                if client_appends && !absorbed {
+                if !absorbed {
                     absorbed = true;
                     if let Err(error) = absorb(&self.devices, store) {
                         invalidated.push((index, format!("reading its COW records: {error}")));
@@ -237,14 +236,11 @@ impl Snapshots {
                 read_origin,
             )?;
             let mut guard = self.locked(&volume, snapshot.volume_id, volume_epoch)?;
-            let client_appends = client_may_append(&guard);
             let store = store_of(&mut guard, snapshot)?;
             if !from_origin {
                 return Ok(());
             }
-            if client_appends {
-                absorb(&self.devices, store)?;
-            }
+            absorb(&self.devices, store)?;
             let chunks_now_copied = chunks
                 .clone()
                 .any(|chunk| store.slot_of(chunk).is_some_and(|slot| slot >= recorded));
@@ -267,7 +263,6 @@ impl Snapshots {
     ) -> io::Result<Option<T>> {
         let volume = self.volume(volume_id);
         let mut guard = self.locked(&volume, volume_id, epoch)?;
-        let client_appends = client_may_append(&guard);
         let Some(store) = guard
             .stores
             .iter_mut()
@@ -275,9 +270,7 @@ impl Snapshots {
         else {
             return Ok(None);
         };
-        if client_appends {
-            absorb(&self.devices, store)?;
-        }
+        absorb(&self.devices, store)?;
         Ok(Some(f(store)))
     }
 
@@ -362,20 +355,6 @@ impl Snapshots {
         let first = usize::try_from(records).unwrap_or(usize::MAX);
         self.with_store(volume_id, epoch, snapshot_id, |store| store.chunks(first))
     }
-}
-
-/// Whether a client may append records to the volume's stores, so they must be read back
-/// before relying on what they hold: clients are offered every active snapshot's store while
-/// all of them have the map's chunk size (`ServerState::client_map`), none otherwise. True
-/// whenever the loaded stores share one chunk size: a superset of that rule (the stores
-/// loaded are the active snapshots', or fewer once some were invalidated; the map's chunk
-/// size is never below a block), and reading records back needlessly is harmless. A new
-/// snapshot is taken with the clients quiesced, and its epoch reloads every store whole.
-fn client_may_append(stores: &VolumeStores) -> bool {
-    stores
-        .stores
-        .windows(2)
-        .all(|pair| pair[0].snapshot.chunk_bytes == pair[1].snapshot.chunk_bytes)
 }
 
 /// The store of `snapshot` among the volume's loaded ones (it is gone once deleted or
