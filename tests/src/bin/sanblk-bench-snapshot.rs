@@ -28,7 +28,11 @@
 //! with the device again under a third snapshot while the second is kept, over the second
 //! half: the module copies each chunk into both stores (the row "uncopied, two snapshots";
 //! its dm-snapshot figure: two persistent snapshots of one origin, a store on each half of
-//! the COW disk, the same job over the second half).
+//! the COW disk, the same job over the second half). Last, both deleted, two new snapshots
+//! of 64 KiB and 256 KiB chunks and the same job: the module copies each write's 64 KiB
+//! chunk into one store and, for every fourth write, its 256 KiB chunk into the other (the
+//! row "uncopied, two snapshots of 64K and 256K chunks"; dm-snapshot: the same two chunk
+//! sizes).
 //!
 //! Settings: SANBLK_BENCH_KERNEL and SANBLK_BENCH_MODULE (as for `sanblk-bench-datapath`).
 
@@ -129,6 +133,12 @@ wait_long $D/snapshot3.taken
 job sanblk-two-uncopied $dev write:60k "--offset=32M --size=32M --io_size=2M"
 $S --json status > status-two.json
 touch two.done
+# Under two new snapshots of different chunk sizes: each first write to a 64 KiB chunk is
+# copied into the 64K store, each fourth one's 256 KiB chunk into the 256K store too.
+wait_long $D/mixed.taken
+job sanblk-mixed-uncopied $dev write:60k "--offset=32M --size=32M --io_size=2M"
+$S --json status > status-mixed.json
+touch mixed.done
 wait_long $D/snapshot2.deleted
 SECTORS=$(blockdev --getsz /dev/vdc)
 dmsetup create dmbase --table "0 $SECTORS linear /dev/vdc 0"
@@ -161,6 +171,16 @@ dmsetup create dmsnap1 --table "0 $SECTORS snapshot /dev/vdc /dev/mapper/dmcow1 
 dmsetup create dmsnap2 --table "0 $SECTORS snapshot /dev/vdc /dev/mapper/dmcow2 P 128"
 job dm-two-uncopied /dev/mapper/dmorigin write:60k "--offset=32M --size=32M --io_size=2M"
 dmsetup status dmsnap1 dmsnap2 > dmsnap-two-status.txt
+dmsetup remove dmsnap2
+dmsetup remove dmsnap1
+# Again with fresh stores of 64 KiB and 256 KiB chunks.
+for store in dmcow1 dmcow2; do
+    dd if=/dev/zero of=/dev/mapper/$store bs=64k count=1 oflag=direct status=none
+done
+dmsetup create dmsnap1 --table "0 $SECTORS snapshot /dev/vdc /dev/mapper/dmcow1 P 128"
+dmsetup create dmsnap2 --table "0 $SECTORS snapshot /dev/vdc /dev/mapper/dmcow2 P 512"
+job dm-mixed-uncopied /dev/mapper/dmorigin write:60k "--offset=32M --size=32M --io_size=2M"
+dmsetup status dmsnap1 dmsnap2 > dmsnap-mixed-status.txt
 for target in dmsnap2 dmsnap1 dmorigin dmcow2 dmcow1; do
     dmsetup remove $target
 done
@@ -247,6 +267,22 @@ $S detach vs
     wait_for_path(&log_dir.join("two.done"), Duration::from_secs(1200))?;
     server.sanctl(&["snapshot", "delete", "vs", "bench3"]);
     server.sanctl(&["snapshot", "delete", "vs", "bench2"]);
+    for (name, chunk) in [("fine", "64K"), ("coarse", "256K")] {
+        server.sanctl(&[
+            "snapshot",
+            "create",
+            "vs",
+            name,
+            "--cow-size",
+            &format!("{}M", VOLUME_MIB / 2 + 4),
+            "--chunk-size",
+            chunk,
+        ]);
+    }
+    std::fs::write(dir.join("mixed.taken"), b"").map_err(|e| e.to_string())?;
+    wait_for_path(&log_dir.join("mixed.done"), Duration::from_secs(1200))?;
+    server.sanctl(&["snapshot", "delete", "vs", "coarse"]);
+    server.sanctl(&["snapshot", "delete", "vs", "fine"]);
     std::fs::write(dir.join("snapshot2.deleted"), b"").map_err(|e| e.to_string())?;
 
     let outcome = vm.wait().map_err(|e| format!("{e:?}"))?;
@@ -318,6 +354,13 @@ $S detach vs
         sanblk_plain / sanblk_two,
         dm_plain / dm_two
     ));
+    let sanblk_mixed = value("sanblk-mixed-uncopied", fio::Metric::WriteIops)?;
+    let dm_mixed = value("dm-mixed-uncopied", fio::Metric::WriteIops)?;
+    report.push_str(&format!(
+        "| uncopied, two snapshots of 64K and 256K chunks | {sanblk_plain:.0} IOPS | {sanblk_mixed:.0} IOPS | {:.2} | {dm_plain:.0} IOPS | {dm_mixed:.0} IOPS | {:.2} |\n",
+        sanblk_plain / sanblk_mixed,
+        dm_plain / dm_mixed
+    ));
     // Who made the copies: the module's counters after each snapshot phase.
     let counters = |file: &str| -> Result<(u64, u64), String> {
         let text = outcome
@@ -331,11 +374,13 @@ $S detach vs
     let (module_preserved, module_redirected) = counters("status.json")?;
     let (server_preserved, server_redirected) = counters("status-server.json")?;
     let (two_preserved, two_redirected) = counters("status-two.json")?;
+    let (mixed_preserved, mixed_redirected) = counters("status-mixed.json")?;
     report.push_str(&format!(
         "\nChunks the module preserved / I/Os through the server: {module_preserved} / \
          {module_redirected} in the snapshot jobs, {server_preserved} / {server_redirected} in \
          the server-copies job, {two_preserved} / {two_redirected} in the two-snapshot job \
-         (one copy per chunk and store).\n"
+         (one copy per chunk and store), {mixed_preserved} / {mixed_redirected} after the job \
+         under 64K and 256K chunks (counters since the attach before the two-snapshot job).\n"
     ));
     let mib = VOLUME_MIB as f64;
     report.push_str(&format!(
