@@ -471,7 +471,9 @@ fio --name=sizes --filename=$dev --direct=1 --ioengine=libaio --iodepth=16 --rw=
     --randrepeat=0 --output-format=json --output=fio-sizes.json
 $S --json status > status-after.json
 dd if=$dev of=after.img bs=1M iflag=direct status=none
-touch done"#
+touch done
+wait_long $D/last-taken
+$S detach vsnap"#
     );
     let vm = guest(&provisioned, "snapshot-sizes", &body, &[]);
     let out = vm.log_dir().to_path_buf();
@@ -497,7 +499,19 @@ touch done"#
     }
     fs::write(dir.join("snapped"), b"").expect("signal");
     wait_for_file(&out.join("done"), Duration::from_secs(400));
-    drop(vm);
+    // One more, of yet another chunk size, once the guest has written.
+    server.sanctl(&[
+        "snapshot",
+        "create",
+        "vsnap",
+        "s128k",
+        "--cow-size",
+        "4M",
+        "--chunk-size",
+        "128K",
+    ]);
+    fs::write(dir.join("last-taken"), b"").expect("signal");
+    vm.wait().expect("guest ran").assert_clean_success();
     assert_fio_clean(&out.join("fio-sizes.json"));
     let after = fs::read(out.join("after.img")).expect("after.img");
     assert!(
@@ -529,5 +543,23 @@ touch done"#
         during("preserved_chunks"),
         copies,
         "chunk copies the module made (each snapshot's written chunks)"
+    );
+    // Across chunk sizes: the diff is the older snapshot's written chunks, in its chunks,
+    // and an incremental backup onto a full one of it equals the newer snapshot.
+    let diff: serde_json::Value = serde_json::from_str(
+        &server.sanctl(&["--json", "snapshot", "diff", "vsnap", "s16k", "s128k"]),
+    )
+    .expect("diff json");
+    assert_eq!(diff["chunk_bytes"], 16 << 10, "{diff}");
+    assert_eq!(
+        diff["chunks"].as_array().map(Vec::len),
+        Some(chunks_differing(&a, &after, 16 << 10) as usize),
+        "{diff}"
+    );
+    let image = dir.join("sizes-backup.img");
+    assert!(backup(&provisioned, "s16k", &image, None) == a);
+    assert!(
+        backup(&provisioned, "s128k", &image, Some("s16k")) == after,
+        "s16k's backup + the changes since, in 16K chunks, is not s128k"
     );
 }

@@ -6,7 +6,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
 
-use sanblk_proto::map::format_size;
 use sanblk_proto::protocol::{
     ErrorBody, ErrorCode, SnapshotChanges, SnapshotCreate, SnapshotDelete, SnapshotDiff,
     SnapshotInfo, SnapshotList,
@@ -296,7 +295,9 @@ pub async fn snapshot_diff(
     })
 }
 
-/// The chunks written after `from` was taken and before `to` was, ascending.
+/// The chunks written after `from` was taken and before `to` was, ascending, and their size:
+/// `from`'s (its records are the ground truth; the list `to` keeps of its previous
+/// snapshot's changes, in `to`'s chunk size, serves when the two sizes are one).
 pub fn changed_between(
     s: &ServerState,
     volume_id: u64,
@@ -313,26 +314,12 @@ pub fn changed_between(
             ),
         ));
     }
-    if from.chunk_bytes != to.chunk_bytes {
-        return Err(ErrorBody::new(
-            ErrorCode::BadRequest,
-            format!(
-                "snapshots {} and {} have different chunk sizes ({} and {}), so what changed \
-                 between them is not known: only snapshots taken with the same --chunk-size \
-                 can be compared",
-                from.name,
-                to.name,
-                format_size(u64::from(from.chunk_bytes)),
-                format_size(u64::from(to.chunk_bytes))
-            ),
-        ));
-    }
     // A chunk `from` had only part of, and the volume grew into, counts as grown for block
     // status; whether it was written, the records say.
     let chunk = u64::from(to.chunk_bytes);
     let grown_within_a_chunk =
         to.origin_bytes > from.origin_bytes && !from.origin_bytes.is_multiple_of(chunk);
-    if to.previous == Some(from.id) && !grown_within_a_chunk {
+    if to.previous == Some(from.id) && from.chunk_bytes == to.chunk_bytes && !grown_within_a_chunk {
         if let Some(changed) = &to.changed_since_previous {
             let end = from.origin_bytes.div_ceil(chunk);
             let written = changed.iter().copied().filter(|&c| c < end).collect();
@@ -351,7 +338,7 @@ pub fn changed_between(
             .map_err(|e| ErrorBody::new(ErrorCode::Io, e.to_string()))?,
         _ => None,
     };
-    copied.map(|chunks| (to.chunk_bytes, chunks)).ok_or_else(|| {
+    copied.map(|chunks| (from.chunk_bytes, chunks)).ok_or_else(|| {
         ErrorBody::new(
             ErrorCode::BadRequest,
             format!(

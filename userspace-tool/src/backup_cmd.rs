@@ -302,15 +302,6 @@ fn check_base(
             )));
         }
     }
-    if base.chunk_bytes != info.chunk_bytes {
-        return Err(CliError::Usage(format!(
-            "snapshots {since} and {} have different chunk sizes ({} and {}), so what changed \
-             between them is not known; {full}",
-            info.name,
-            format_size(u64::from(base.chunk_bytes)),
-            format_size(u64::from(info.chunk_bytes))
-        )));
-    }
     Ok(())
 }
 
@@ -357,7 +348,7 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
             let held = read_record(&args.to)?;
             if held.holds(&info) {
                 // Run again after it succeeded: nothing is left to copy.
-                return report(&args, context, 0, 0.0);
+                return report(&args, context, (0, true), 0.0);
             }
             check_base(&args.to, &held, since, &info, &infos)?;
             let (chunk_bytes, chunks) =
@@ -483,23 +474,36 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
             },
         )?;
     }
-    report(&args, context, total, started.elapsed().as_secs_f64())
+    report(
+        &args,
+        context,
+        (total, false),
+        started.elapsed().as_secs_f64(),
+    )
 }
 
 /// Prints what a backup copied (`total` bytes in `seconds`).
+/// Prints what was copied; `held_already`: the image held the snapshot before this run.
 fn report(
     args: &BackupArgs,
     context: &mut Context,
-    total: u64,
+    (total, held_already): (u64, bool),
     seconds: f64,
 ) -> Result<(), CliError> {
     let seconds = seconds.max(1e-6);
     if total == 0 && args.since.is_some() && !context.json {
         println!(
-            "{} holds {}@{} already: nothing to copy",
+            "{} holds {}@{}: nothing to copy ({})",
             args.to.display(),
             args.volume,
-            args.snapshot
+            args.snapshot,
+            match held_already {
+                true => "it did already".to_string(),
+                false => format!(
+                    "nothing changed since {}",
+                    args.since.as_deref().unwrap_or_default()
+                ),
+            }
         );
         return Ok(());
     }

@@ -45,7 +45,7 @@ pub enum SnapshotCommand {
     },
     /// Print the chunks written between two snapshots (the older one first).
     #[command(
-        after_help = "Prints one line per run of changed chunks: byte offset and length; nothing when no chunk\nchanged (a note says so on stderr). With --json, the chunk size and the changed chunk\nnumbers.\n\nExample:\n  sanctl snapshot diff db1 monday tuesday"
+        after_help = "Prints one line per run of changed chunks: byte offset and length; nothing when no chunk\nchanged (a note says so on stderr). With --json, the chunk size (FROM's, which may differ from\nTO's) and the changed chunk numbers.\n\nExample:\n  sanctl snapshot diff db1 monday tuesday"
     )]
     Diff {
         /// The snapshots' volume.

@@ -570,8 +570,11 @@ fn backups_refuse_a_base_they_cannot_build_on_and_say_what_to_do() {
         socket,
         &["backup", "wk", "tuesday", "--to", &out, "--since", "monday"],
     );
-    assert!(again.contains("nothing to copy"), "{again}");
-    // Backwards, or across chunk sizes: refused with the way out.
+    assert!(
+        again.contains("nothing to copy (it did already)"),
+        "{again}"
+    );
+    // Backwards: refused with the way out.
     let refused = fails(
         socket,
         &["backup", "wk", "monday", "--to", &out, "--since", "tuesday"],
@@ -585,13 +588,21 @@ fn backups_refuse_a_base_they_cannot_build_on_and_say_what_to_do() {
         socket,
         &["snapshot", "create", "wk", "fine", "--chunk-size", "4K"],
     );
-    let refused = fails(
+    // Across chunk sizes: what changed since tuesday (nothing), and the image is fine's.
+    let printed = ok(
         socket,
         &["backup", "wk", "fine", "--to", &out, "--since", "tuesday"],
-        2,
     );
-    assert!(refused.contains("different chunk sizes"), "{refused}");
-    assert!(refused.contains("make a full backup"), "{refused}");
+    assert!(
+        printed.contains("nothing changed since tuesday"),
+        "{printed}"
+    );
+    let full = dir.join("fine-full.img").display().to_string();
+    ok(socket, &["backup", "wk", "fine", "--to", &full]);
+    assert!(
+        std::fs::read(&out).ok() == std::fs::read(&full).ok(),
+        "the incremental backup across chunk sizes differs from a full one"
+    );
 
     // A target in a missing directory, or a directory.
     let missing = dir.join("no-such-dir").join("x.img").display().to_string();
