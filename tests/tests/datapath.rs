@@ -462,14 +462,18 @@ rmmod sanblk
         "cow-generation-without-chunk",
         "update-bad-cow-chunk",
     ];
-    // A COW store section the module could be led to write over data with, or copy into one
-    // store twice with.
+    // A COW store section the module could be led to write over data with, copy into one
+    // store twice with, or lay a store's slots out wrongly with.
     let bad_store = [
         "cow-store-beyond-device",
         "cow-store-other-snapshot",
         "cow-store-without-cow",
         "cow-store-misaligned",
         "cow-store-same-snapshot-twice",
+        "cow-store-chunk-below-map",
+        "cow-store-chunk-not-power-of-two",
+        "cow-store-chunk-absurd",
+        "cow-store-reserved-set",
     ];
     let reasons = unknown_flags
         .iter()

@@ -906,6 +906,20 @@ fn hostile_maps(link: &Link, paths: &[String]) -> Result<bool, String> {
         let bytes = encode_with_stores(&cow, &[(3, 0, 16 * MIB, 4 * MIB), second])?;
         cases.push((name, Command::Create, with_map(bytes)));
     }
+    // A store's own chunk size (a u32 at byte 24 of its section) below the map's, no power
+    // of two or absurd (the module would lay slots out wrongly), and the reserved u32 after
+    // it set.
+    let section_at = map::encoded_len(devices.len(), one_extent.len());
+    for (name, at, value) in [
+        ("cow-store-chunk-below-map", 24, 32768u32),
+        ("cow-store-chunk-not-power-of-two", 24, 3 * 65536),
+        ("cow-store-chunk-absurd", 24, u32::MAX),
+        ("cow-store-reserved-set", 28, 1),
+    ] {
+        let mut bytes = encode_with_stores(&cow, &[(3, 0, 16 * MIB, 4 * MIB)])?;
+        bytes[section_at + at..section_at + at + 4].copy_from_slice(&value.to_le_bytes());
+        cases.push((name, Command::Create, with_map(bytes)));
+    }
     let unknown = vec![extent(0, 8 * MIB, r, 0, &[member(9, MIB)])];
     cases.push((
         "unknown-device-index",
