@@ -482,8 +482,8 @@ pub async fn backup(args: BackupArgs, context: &mut Context) -> Result<(), CliEr
     )
 }
 
-/// Prints what a backup copied (`total` bytes in `seconds`).
-/// Prints what was copied; `held_already`: the image held the snapshot before this run.
+/// Prints what a backup copied (`total` bytes in `seconds`); `held_already`: the image held
+/// the snapshot before this run.
 fn report(
     args: &BackupArgs,
     context: &mut Context,
